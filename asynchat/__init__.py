@@ -1,0 +1,31 @@
+"""asynchat: an async, coroutine-based execution engine for PyTorch training and prediction.
+
+The public names live here; the implementation is in private modules.
+"""
+
+from asynchat._callback import Callback, Hook, PipeBase
+from asynchat._loop import LoopBase
+from asynchat._phase import Phase
+from asynchat._processor import BasicBatchProcessor, BatchProcessor, MultiBatchProcessor
+from asynchat._state import LoopState, LoopStatus
+from asynchat._trainer import Predictor, Trainer
+from asynchat._transfer import to_host
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBatchProcessor",
+    "BatchProcessor",
+    "Callback",
+    "Hook",
+    "LoopBase",
+    "LoopState",
+    "LoopStatus",
+    "MultiBatchProcessor",
+    "Phase",
+    "PipeBase",
+    "Predictor",
+    "Trainer",
+    "__version__",
+    "to_host",
+]

@@ -1,0 +1,133 @@
+"""Callbacks and the pipe that knows, per phase, which hooks run and on which thread."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+from asynchat._phase import Phase
+
+if TYPE_CHECKING:
+    from asynchat._state import LoopState
+
+
+class Callback:
+    """Base class for callbacks: override any of the eight ``on_*`` hooks.
+
+    A hook written as ``async def`` is awaited on the event loop thread, so it may do network
+    or file I/O with ``await``; a plain ``def`` hook runs on the loop's compute thread, in
+    order with the steps, and may do torch work on the model. Hooks that are not overridden
+    cost nothing: the engine only calls what a callback defines.
+    """
+
+    def on_loop_begin(self, state: LoopState) -> Awaitable[None] | None:
+        """Before the first epoch."""
+
+    def on_epoch_begin(self, state: LoopState) -> Awaitable[None] | None:
+        """Before the first step of each epoch."""
+
+    def on_step_begin(self, state: LoopState) -> Awaitable[None] | None:
+        """Before the batch processor runs a step; ``state.batch`` is on the device."""
+
+    def on_batch_begin(self, state: LoopState) -> Awaitable[None] | None:
+        """Before each batch's forward pass, inside the batch processor."""
+
+    def on_batch_end(self, state: LoopState) -> Awaitable[None] | None:
+        """After each batch's forward (and backward), before the optimizer update."""
+
+    def on_step_end(self, state: LoopState) -> Awaitable[None] | None:
+        """After the step's optimizer update (when one was due)."""
+
+    def on_epoch_end(self, state: LoopState) -> Awaitable[None] | None:
+        """After the last step of each epoch (also of an epoch cut short by ``stop()``)."""
+
+    def on_loop_end(self, state: LoopState) -> Awaitable[None] | None:
+        """On every way out of the loop; see the table in :class:`~asynchat.LoopBase`."""
+
+
+class Hook(NamedTuple):
+    """One overridden hook: the bound method and where it runs."""
+
+    callback: Callback
+    fn: Callable[[LoopState], object]
+    is_async: bool
+
+    def __repr__(self) -> str:
+        where = "event loop" if self.is_async else "compute thread"
+        return f"<hook {type(self.callback).__name__}.{self.fn.__name__} on the {where}>"
+
+
+def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
+    attr = inspect.getattr_static(type(callback), phase.value, None)
+    if attr is None or attr is getattr(Callback, phase.value):
+        return None
+    fn = getattr(callback, phase.value)
+    if not callable(fn):
+        raise TypeError(
+            f"{type(callback).__name__}.{phase.value} must be a method taking `state`, "
+            f"got {fn!r}"
+        )
+    if inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{type(callback).__name__}.{phase.value} is an async generator; hooks must be "
+            "`def` or `async def` functions"
+        )
+    return Hook(callback, fn, inspect.iscoroutinefunction(fn))
+
+
+class PipeBase:
+    """Holds the callbacks of a loop and, per :class:`Phase`, the hooks to run in order.
+
+    The callbacks are checked when the pipe is built: each must be a :class:`Callback`
+    instance. For each phase the pipe records which callbacks override the hook and whether
+    the hook is ``async def`` (awaited on the event loop) or ``def`` (run on the compute
+    thread). Within a phase, hooks run in the order the callbacks were given.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        if isinstance(callbacks, Callback):
+            raise TypeError(
+                f"callbacks must be a sequence of Callback instances, got the single callback "
+                f"{callbacks!r}; pass callbacks=[{type(callbacks).__name__}(...)]"
+            )
+        if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, Iterable):
+            raise TypeError(
+                f"callbacks must be a sequence of Callback instances, got {callbacks!r}"
+            )
+        checked: list[Callback] = []
+        for i, callback in enumerate(callbacks):
+            if isinstance(callback, type) and issubclass(callback, Callback):
+                raise TypeError(
+                    f"callbacks[{i}] is the class {callback.__name__}, not an instance; "
+                    f"pass {callback.__name__}() instead"
+                )
+            if not isinstance(callback, Callback):
+                raise TypeError(
+                    f"callbacks[{i}] must be an asynchat.Callback instance, got "
+                    f"{callback!r} of type {type(callback).__name__}; subclass "
+                    "asynchat.Callback and override its on_* hooks"
+                )
+            checked.append(callback)
+        self._callbacks: tuple[Callback, ...] = tuple(checked)
+        self._hooks: dict[Phase, tuple[Hook, ...]] = {
+            phase: tuple(
+                hook
+                for callback in self._callbacks
+                if (hook := _overridden_hook(callback, phase)) is not None
+            )
+            for phase in Phase
+        }
+
+    @property
+    def callbacks(self) -> tuple[Callback, ...]:
+        """The callbacks, in the order they were given."""
+        return self._callbacks
+
+    def hooks(self, phase: Phase) -> tuple[Hook, ...]:
+        """The hooks that run at ``phase``, in order."""
+        return self._hooks[phase]
+
+    def has_async_hooks(self, phase: Phase) -> bool:
+        """Whether any hook at ``phase`` is ``async def`` (and so needs the event loop)."""
+        return any(hook.is_async for hook in self._hooks[phase])

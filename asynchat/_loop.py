@@ -1,0 +1,386 @@
+"""LoopBase: the loop, written once, for trainers and predictors alike."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+import torch
+
+from asynchat._callback import Callback, Hook, PipeBase
+from asynchat._compute import ComputeThread, JobCancelled
+from asynchat._device import resolve_device
+from asynchat._phase import Phase
+from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
+from asynchat._processor import BatchProcessor
+from asynchat._state import LoopState, LoopStatus
+from asynchat._transfer import to_host
+
+T = TypeVar("T")
+
+_names = itertools.count()
+
+
+class LoopBase(PipeBase):
+    """The execution flow shared by :class:`~asynchat.Trainer` and :class:`~asynchat.Predictor`.
+
+    ``await loop.fit()`` runs, on the compute thread::
+
+        prepare: model to device, optimizer, batch processor setup   (no hooks yet)
+        on_loop_begin
+        for each epoch, until num_epochs epochs or num_steps steps:
+            on_epoch_begin
+            for each item of the data loader (prefetched on another thread):
+                on_step_begin
+                batch_processor.step(...)    # on_batch_begin / on_batch_end inside
+                global_step += 1
+                on_step_end
+            on_epoch_end
+        on_loop_end
+
+    The event loop owns the run: it starts and joins the compute thread, awaits every
+    ``async def`` hook when the compute thread reaches it, and turns :meth:`stop` and
+    cancellation into requests that the compute thread honours at step boundaries. A step is
+    never abandoned half-way except by an error.
+
+    Which phases run on each way out:
+
+    ==================  ====================  ===================  ==============  ===========
+    way out             step in progress      its on_step_end      on_epoch_end    on_loop_end
+    ==================  ====================  ===================  ==============  ===========
+    normal end          (none)                yes                  yes             yes
+    ``stop()``          completes             yes                  yes (cut short) yes
+    cancellation        completes             ``def`` hooks only   no              yes [1]_
+    error               abandoned at error    no                   no              yes [2]_
+    ==================  ====================  ===================  ==============  ===========
+
+    .. [1] Once cancellation is requested, ``async def`` hooks not yet started are skipped
+       (one already running is cancelled); ``on_loop_end``'s ``async def`` hooks run shielded
+       from the cancellation, so keep them short. ``fit()`` then re-raises the cancellation.
+    .. [2] ``state.exception`` holds the error during ``on_loop_end``; then ``fit()`` raises
+       it as itself. If ``on_loop_end`` raises too, that error propagates, chained to the
+       first one (``__context__``). An error while preparing (before ``on_loop_begin``) runs
+       no hook at all.
+
+    After ``stop()`` ``fit()`` returns normally, with ``state.stop_reason`` set.
+    """
+
+    training: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader: Iterable[Any],
+        *,
+        batch_processor: BatchProcessor,
+        device: str | torch.device | int | None = None,
+        num_epochs: int | None = None,
+        num_steps: int | None = None,
+        callbacks: Iterable[Callback] = (),
+        prefetch: int = 2,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(callbacks)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_data_loader(data_loader, num_epochs)
+        if not isinstance(batch_processor, BatchProcessor):
+            raise TypeError(
+                "batch_processor must be an asynchat.BatchProcessor, got "
+                f"{batch_processor!r}"
+            )
+        _check_bounds(num_epochs, num_steps)
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(
+                f"prefetch must be an int >= 0 (0: no prefetch thread), got {prefetch!r}"
+            )
+        self.model = model
+        self.data_loader = data_loader
+        self.batch_processor = batch_processor
+        self.device = resolve_device(device)
+        self.prefetch = prefetch
+        self.name = name if name is not None else f"{type(self).__name__.lower()}-{next(_names)}"
+        self.state = LoopState(
+            loop=self,
+            model=model,
+            optimizer=None,
+            device=self.device,
+            training=self.training,
+            num_epochs=num_epochs,
+            num_steps=num_steps,
+            steps_per_epoch=_length(data_loader),
+        )
+        self._status = LoopStatus.CREATED
+        self._stop_requested = False
+        self._cancel_requested = False
+        self._compute: ComputeThread | None = None
+        self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self._status}>"
+
+    # -- control, from the event loop or from hooks ---------------------------------------
+
+    @property
+    def status(self) -> LoopStatus:
+        """Where the loop is in its life; see :class:`~asynchat.LoopStatus`."""
+        return self._status
+
+    def stop(self, reason: str | None = None) -> None:
+        """End the loop after the step in progress; ``fit()`` then returns normally.
+
+        Safe to call from any thread and from any hook. Called before ``fit()``, the loop
+        runs ``on_loop_begin`` and ``on_loop_end`` and no step. Once the loop is done it is a
+        no-op.
+        """
+        if self._status.done or self._stop_requested:
+            return
+        self._stop_requested = True
+        self.state.stop_reason = reason if reason is not None else "stop() called"
+        if self._status is LoopStatus.RUNNING:
+            self._status = LoopStatus.STOPPING
+        self._interrupt_data_wait()
+
+    async def to_host(self, obj: T) -> T:
+        """Host copies of the tensors in ``obj``, awaited without blocking the event loop.
+
+        For ``async def`` hooks: ``loss = await state.loop.to_host(state.loss)``. On CUDA the
+        copy is ordered after the work queued so far on the compute stream.
+        """
+        stream = self._compute.stream if self._compute is not None else None
+        return await to_host(obj, after=stream)
+
+    # -- the run, on the event loop ---------------------------------------------------------
+
+    async def fit(self) -> LoopState:
+        """Run the loop to its end and return the final :class:`~asynchat.LoopState`."""
+        if self._status is not LoopStatus.CREATED:
+            raise RuntimeError(
+                f"{self.name}: fit() was already called (status {self._status}); a loop runs "
+                f"once, so create a new {type(self).__name__} to run again"
+            )
+        self._status = LoopStatus.STOPPING if self._stop_requested else LoopStatus.RUNNING
+        try:
+            async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
+                self._compute = compute
+                await compute.run(self._run, on_cancel=self._request_cancel)
+        except anyio.get_cancelled_exc_class():
+            self._status = LoopStatus.CANCELLED
+            raise
+        except BaseException:
+            self._status = LoopStatus.FAILED
+            raise
+        finally:
+            self._compute = None
+        self._status = LoopStatus.FINISHED
+        return self.state
+
+    def _request_cancel(self) -> None:
+        self._cancel_requested = True
+        self.state.stop_reason = "cancelled"
+        self._status = LoopStatus.STOPPING
+        self._interrupt_data_wait()
+
+    def _interrupt_data_wait(self) -> None:
+        batches = self._batches
+        if batches is not None:
+            batches.interrupt()
+
+    async def _await_hook(self, hook: Hook, phase: Phase) -> None:
+        if self._cancel_requested and phase is not Phase.ON_LOOP_END:
+            return  # a cancelled loop skips the async hooks it has not started
+        await hook.fn(self.state)  # type: ignore[misc]
+
+    # -- the run, on the compute thread ------------------------------------------------------
+
+    def run_phase(self, phase: Phase) -> None:
+        """Run the hooks of ``phase`` in order: ``def`` ones here, ``async def`` ones on the
+        event loop (this thread waits for them). Called on the compute thread only."""
+        state = self.state
+        state.phase = phase
+        for hook in self._hooks[phase]:
+            if hook.is_async:
+                assert self._compute is not None
+                self._compute.call_async(functools.partial(self._await_hook, hook, phase))
+            else:
+                hook.fn(state)
+
+    def _prepare(self) -> None:
+        """Get the model, optimizer and processor ready; on the compute thread, before hooks."""
+        self.model.to(self.device)
+        self.batch_processor.setup(self)
+
+    @contextlib.contextmanager
+    def _mode(self) -> Iterator[None]:
+        """Train or eval mode and grad mode for the run (grad mode is per thread)."""
+        was_training = self.model.training
+        self.model.train(self.training)
+        try:
+            with torch.set_grad_enabled(self.training):
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _run(self) -> None:
+        with self._mode():
+            self._prepare()
+            try:
+                self.run_phase(Phase.ON_LOOP_BEGIN)
+                self._run_epochs()
+            except JobCancelled:
+                raise
+            except BaseException as exc:
+                self.state.exception = exc
+                raise
+            finally:
+                if self._status is LoopStatus.RUNNING:
+                    self._status = LoopStatus.STOPPING
+                self.run_phase(Phase.ON_LOOP_END)
+
+    def _run_epochs(self) -> None:
+        state = self.state
+        epochs_done = 0
+        while not self._stop_requested and not self._reached_bound(epochs_done):
+            self._check_cancel()
+            state.epoch = epochs_done
+            state.step = 0
+            self.run_phase(Phase.ON_EPOCH_BEGIN)
+            steps = self._run_steps()
+            self._check_cancel()  # a cancelled loop skips on_epoch_end
+            if steps == 0 and state.num_steps is not None and not self._stop_requested:
+                raise RuntimeError(
+                    f"{self.name}: data_loader yielded no batch in epoch {state.epoch}, so "
+                    f"num_steps={state.num_steps} can never be reached"
+                )
+            self.run_phase(Phase.ON_EPOCH_END)
+            epochs_done += 1
+
+    def _reached_bound(self, epochs_done: int) -> bool:
+        state = self.state
+        if state.num_epochs is not None:
+            return epochs_done >= state.num_epochs
+        assert state.num_steps is not None
+        return state.global_step >= state.num_steps
+
+    def _run_steps(self) -> int:
+        """Run the steps of one epoch; return how many ran."""
+        state = self.state
+        limit = None if state.num_steps is None else state.num_steps - state.global_step
+        steps = 0
+        with self._open_batches() as batches:
+            self._batches = batches
+            try:
+                if self._end_requested():
+                    return 0  # asked to end during on_epoch_begin
+                for staged, is_last in _with_last(batches, limit, state.steps_per_epoch):
+                    state.step = steps
+                    state.is_last_step = is_last
+                    state.batch = DeviceStager.take(staged)
+                    self._run_step()
+                    steps += 1
+                    if self._end_requested():
+                        break
+            except Interrupted:
+                pass  # stop() or cancellation while waiting for data
+            finally:
+                self._batches = None
+                state.batch = None
+        return steps
+
+    def _run_step(self) -> None:
+        state = self.state
+        self.run_phase(Phase.ON_STEP_BEGIN)
+        self.batch_processor.step(state, self.run_phase)
+        state.global_step += 1
+        self.run_phase(Phase.ON_STEP_END)
+
+    def _open_batches(self) -> Prefetcher[Staged] | InlineBatches[Staged]:
+        stager = DeviceStager(self.device)
+        if self.prefetch == 0:
+            return InlineBatches(self.data_loader, stage=stager.stage)
+        return Prefetcher(
+            self.data_loader,
+            stage=stager.stage,
+            depth=self.prefetch,
+            name=f"asynchat-{self.name}-data",
+        )
+
+    def _end_requested(self) -> bool:
+        """Whether stop() or a cancellation asks the loop to end (read between steps)."""
+        return self._stop_requested or self._cancel_requested
+
+    def _check_cancel(self) -> None:
+        if self._cancel_requested:
+            raise JobCancelled
+
+
+def _with_last(
+    items: Iterator[T], limit: int | None, length: int | None
+) -> Iterator[tuple[T, bool]]:
+    """Yield ``(item, is_last)`` for at most ``limit`` items of an epoch of ``length`` items.
+
+    With a known length the last item is counted; without one it is found by reading one
+    item ahead (so a data loader without ``len()`` is read one item early).
+    """
+    if length is not None:
+        bound = length if limit is None else min(length, limit)
+        for count, item in enumerate(items, start=1):
+            yield item, count >= bound
+            if count >= bound:
+                return
+        return
+    try:
+        current = next(items)
+    except StopIteration:
+        return
+    count = 1
+    while True:
+        if limit is not None and count >= limit:
+            yield current, True
+            return
+        try:
+            following = next(items)
+        except StopIteration:
+            yield current, True
+            return
+        yield current, False
+        current = following
+        count += 1
+
+
+def _length(data_loader: Iterable[Any]) -> int | None:
+    try:
+        return len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_data_loader(data_loader: object, num_epochs: int | None) -> None:
+    if not isinstance(data_loader, Iterable):
+        raise TypeError(
+            f"data_loader must be iterable (a DataLoader, a list of batches, ...), got "
+            f"{type(data_loader).__name__}"
+        )
+    if isinstance(data_loader, Iterator) and num_epochs != 1:
+        raise TypeError(
+            f"data_loader is an iterator ({type(data_loader).__name__}), which can be read "
+            "only once, but the loop may need several epochs; pass a re-iterable such as a "
+            "DataLoader or a list, or num_epochs=1"
+        )
+
+
+def _check_bounds(num_epochs: int | None, num_steps: int | None) -> None:
+    if (num_epochs is None) == (num_steps is None):
+        raise ValueError(
+            "pass exactly one of num_epochs and num_steps, got "
+            f"num_epochs={num_epochs!r} and num_steps={num_steps!r}"
+        )
+    for name, value in (("num_epochs", num_epochs), ("num_steps", num_steps)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")

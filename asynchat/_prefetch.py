@@ -1,0 +1,194 @@
+"""Iterating the data loader off the event loop, and staging batches on the device ahead of use.
+
+A :class:`Prefetcher` runs the user's iterable on a thread of its own, ``depth`` items ahead of
+the compute thread, and stages each item with a :class:`DeviceStager`. On CUDA the stager pins
+the batch's tensors and copies them to the device on a copy stream with ``non_blocking=True``;
+the compute thread makes its stream wait on the copy's event (a device-side wait, not a host
+sync), so the copy of batch N+1 overlaps the compute of batch N.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import torch
+
+from asynchat._tree import iter_tensors, map_tensors
+
+T = TypeVar("T")
+
+
+class Staged(NamedTuple):
+    """A batch on its way to the device: ``ready`` is the copy's CUDA event, if any."""
+
+    batch: Any
+    ready: torch.cuda.Event | None
+
+
+class DeviceStager:
+    """Moves batches to ``device``: asynchronously on CUDA, as they are on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def stage(self, batch: Any) -> Staged:
+        """Start moving ``batch`` to the device (on the prefetch thread)."""
+        if self._copy_stream is None:
+            return Staged(batch, None)
+        with torch.cuda.stream(self._copy_stream):
+            moved = map_tensors(self._copy_to_device, batch)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return Staged(moved, ready)
+
+    def _copy_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == self.device:
+            return tensor
+        if tensor.device.type == "cpu" and not tensor.is_pinned():
+            # Only a copy from pinned memory is truly asynchronous; from pageable memory
+            # CUDA would stage it through a bounce buffer and block this thread.
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def take(staged: Staged) -> Any:
+        """Make the batch usable on the current (compute) stream; on the compute thread."""
+        if staged.ready is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(staged.ready)  # device-side wait: the host does not block
+            for tensor in iter_tensors(staged.batch):
+                # The tensors were allocated on the copy stream; tell the caching allocator
+                # they are used on the compute stream too, so it won't reuse them early.
+                tensor.record_stream(stream)
+        return staged.batch
+
+
+class Interrupted(Exception):
+    """The consumer of a :class:`Prefetcher` was interrupted while waiting for an item."""
+
+
+class _End(NamedTuple):
+    error: BaseException | None
+
+
+class Prefetcher(Generic[T]):
+    """Iterates ``iterable`` on a thread, ``depth`` items ahead, applying ``stage`` to each.
+
+    Use as a context manager; leaving it stops the thread (after the item it is fetching) and
+    joins it. Exceptions from the iterable or from ``stage`` are raised by ``next()`` as
+    themselves, in order, after the items that came before them. :meth:`interrupt` (from any
+    thread) makes a waiting ``next()`` raise :class:`Interrupted`.
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        *,
+        stage: Callable[[Any], T],
+        depth: int,
+        name: str = "asynchat-prefetch",
+    ) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth!r}")
+        self._iterable = iterable
+        self._stage = stage
+        self._depth = depth
+        self._items: collections.deque[T | _End] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False
+        self._interrupted = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=False)
+
+    def __enter__(self) -> Prefetcher[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        with self._cond:
+            while not self._items:
+                if self._interrupted:
+                    raise Interrupted
+                self._cond.wait()
+            item = self._items.popleft()
+            self._cond.notify_all()
+        if isinstance(item, _End):
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        return item
+
+    def interrupt(self) -> None:
+        with self._cond:
+            self._interrupted = True
+            self._cond.notify_all()
+
+    def _push(self, item: T | _End) -> bool:
+        with self._cond:
+            while len(self._items) >= self._depth and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def _main(self) -> None:
+        try:
+            iterator = iter(self._iterable)
+            while True:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    break
+                if not self._push(self._stage(item)):
+                    return
+            self._push(_End(None))
+        except BaseException as exc:
+            self._push(_End(exc))
+        # Leaving drops the iterator: a DataLoader's iterator shuts its worker processes
+        # down when it is released.
+
+
+class InlineBatches(Generic[T]):
+    """The ``depth=0`` counterpart of :class:`Prefetcher`: iterates on the consumer's thread."""
+
+    def __init__(self, iterable: Iterable[Any], *, stage: Callable[[Any], T]) -> None:
+        self._iterable = iterable
+        self._stage = stage
+        self._iterator: Iterator[Any] | None = None
+
+    def __enter__(self) -> InlineBatches[T]:
+        self._iterator = iter(self._iterable)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._iterator = None
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        assert self._iterator is not None
+        return self._stage(next(self._iterator))
+
+    def interrupt(self) -> None:
+        """Nothing to wake: the consumer is the thread that iterates."""

@@ -1,0 +1,77 @@
+"""The loop's state: what callbacks and batch processors read and write."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from asynchat._phase import Phase
+
+if TYPE_CHECKING:
+    from asynchat._loop import LoopBase
+
+
+class LoopStatus(str, enum.Enum):
+    """Where a loop is in its life: ``created -> running -> stopping -> finished|failed|cancelled``.
+
+    ``stopping`` covers every way out before the end: a ``stop()`` request, a cancellation or an
+    error being unwound (``on_loop_end`` runs in this status).
+    """
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self in (LoopStatus.FINISHED, LoopStatus.FAILED, LoopStatus.CANCELLED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class LoopState:
+    """Everything a callback sees; one instance per loop, updated in place as the loop runs.
+
+    Counters:
+
+    - ``epoch``: index of the current epoch (0-based); after the loop, of the last epoch run.
+    - ``step``: index of the current step within its epoch (0-based).
+    - ``global_step``: steps completed so far in the loop. It is incremented as soon as the batch
+      processor has finished a step, so ``on_step_end`` of the first step sees 1 and
+      ``on_loop_end`` sees the total.
+    - ``batch_idx``: index of the current batch within the step (always 0 for
+      :class:`~asynchat.BasicBatchProcessor`).
+
+    ``batch``, ``outputs`` and ``loss`` hold device tensors. Reading their values on the host
+    from an ``async def`` hook goes through ``await state.loop.to_host(...)``, which never
+    blocks the event loop.
+    """
+
+    loop: LoopBase
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    device: torch.device
+    training: bool
+    num_epochs: int | None
+    num_steps: int | None
+    steps_per_epoch: int | None = None
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    batch_idx: int = 0
+    is_last_step: bool = False
+    batch: Any = None
+    outputs: Any = None
+    loss: torch.Tensor | None = None
+    phase: Phase | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    stop_reason: str | None = None
+    exception: BaseException | None = None

@@ -1,0 +1,67 @@
+"""Bring device tensors to the host from the event loop without blocking it."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import anyio
+import torch
+
+from asynchat._tree import iter_tensors, map_tensors
+
+T = TypeVar("T")
+
+_FIRST_POLL_S = 50e-6
+_MAX_POLL_S = 1e-3
+
+
+async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
+    """Return ``obj`` with every tensor in it replaced by a host (CPU) copy, without blocking.
+
+    CUDA tensors are copied into pinned memory on a side stream with ``non_blocking=True``
+    after the work already queued on ``after`` (the loop's compute stream), and the event
+    loop awaits the copy's CUDA event by polling it, so no host/device sync ever stalls the
+    loop. CPU tensors are cloned, so the result never changes under the caller. Meant for
+    scalars and small tensors (losses, metrics, a few predictions).
+
+    From a callback use ``await state.loop.to_host(value)``, which passes the loop's stream.
+    """
+    cuda_devices = {t.device for t in iter_tensors(obj) if t.is_cuda}
+    if not cuda_devices:
+        result: T = map_tensors(_clone_detached, obj)
+        await anyio.lowlevel.checkpoint()
+        return result
+    events = []
+    streams = {}
+    for device in cuda_devices:
+        stream = torch.cuda.Stream(device)
+        # The copy must see the values the compute stream is still producing: order it after
+        # that stream's queued work on the device, without waiting for it here.
+        stream.wait_stream(after if after is not None else torch.cuda.current_stream(device))
+        streams[device] = stream
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_cuda:
+            return _clone_detached(tensor)
+        stream = streams[tensor.device]
+        with torch.cuda.stream(stream):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor.detach(), non_blocking=True)
+            tensor.record_stream(stream)  # keep the source alive until the copy has run
+        return host
+
+    result = map_tensors(copy, obj)
+    for stream in streams.values():
+        event = torch.cuda.Event()
+        event.record(stream)
+        events.append(event)
+    delay = _FIRST_POLL_S
+    for event in events:
+        while not event.query():  # non-blocking: asks whether the copy has run
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _MAX_POLL_S)
+    return result
+
+
+def _clone_detached(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
