@@ -104,6 +104,9 @@ class ComputeThread:
         self.device = device
         self.name = name
         self.stream: torch.cuda.Stream | None = None
+        # Intra-op parallelism is a per-thread setting for a new thread; the compute thread
+        # takes its creator's, so torch.set_num_threads(n) before fit() applies to training.
+        self._num_threads = torch.get_num_threads()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: Mailbox[tuple[_Kind, Any]] | None = None
         self._thread: threading.Thread | None = None
@@ -219,6 +222,7 @@ class ComputeThread:
         assert self._outbox is not None
         outbox = self._outbox
         try:
+            torch.set_num_threads(self._num_threads)
             self._select_device()
         except BaseException as exc:
             outbox.put((_Kind.EXITED, exc))

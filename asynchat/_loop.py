@@ -324,7 +324,8 @@ def _with_last(
     """Yield ``(item, is_last)`` for at most ``limit`` items of an epoch of ``length`` items.
 
     With a known length the last item is counted; without one it is found by reading one
-    item ahead (so a data loader without ``len()`` is read one item early).
+    item ahead (so a data loader without ``len()`` is read one item early). An error from
+    reading ahead is raised after the item already read has been yielded.
     """
     if length is not None:
         bound = length if limit is None else min(length, limit)
@@ -347,6 +348,11 @@ def _with_last(
         except StopIteration:
             yield current, True
             return
+        except Interrupted:
+            raise  # stop() or cancellation: the current item's step has not begun
+        except BaseException:
+            yield current, True  # train on what was read before the error, then raise it
+            raise
         yield current, False
         current = following
         count += 1

@@ -103,6 +103,7 @@ class Prefetcher(Generic[T]):
         self._closing = False
         self._interrupted = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=False)
+        self._num_threads = torch.get_num_threads()  # collation runs torch ops here too
 
     def __enter__(self) -> Prefetcher[T]:
         self._thread.start()
@@ -153,6 +154,7 @@ class Prefetcher(Generic[T]):
 
     def _main(self) -> None:
         try:
+            torch.set_num_threads(self._num_threads)
             iterator = iter(self._iterable)
             while True:
                 try:

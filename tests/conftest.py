@@ -1,0 +1,63 @@
+"""Shared fixtures: the three event-loop backends, small data, and a thread-leak check."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+def _engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("asynchat-")]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    """Every test must end with no compute or data thread of the engine still alive."""
+    assert _engine_threads() == [], f"threads alive before the test: {_engine_threads()}"
+    yield
+    # Threads are joined before fit() returns or raises; nothing should be left even briefly.
+    left = _engine_threads()
+    if left:
+        time.sleep(0.5)  # report what is *still* there, not a race in the report itself
+        pytest.fail(f"threads left behind: {_engine_threads()}")
+
+
+def make_data(n: int = 96, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def make_loader(
+    n: int = 96, batch_size: int = 16, *, shuffle: bool = False, seed: int = 0
+) -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(make_data(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def make_model(seed: int = 0, features: int = 8, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

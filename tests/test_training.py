@@ -1,0 +1,276 @@
+"""The engine computes what a hand-written PyTorch loop computes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_loader, make_model, sgd
+from torch import nn
+
+from asynchat import (
+    BasicBatchProcessor,
+    Callback,
+    LoopState,
+    MultiBatchProcessor,
+    Predictor,
+    Trainer,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def hand_written_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    *,
+    accumulate: int = 1,
+    amp: torch.dtype | None = None,
+) -> None:
+    loss_fn = nn.CrossEntropyLoss()
+    batches = list(loader)
+    for i, (inputs, targets) in enumerate(batches):
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            loss = loss_fn(model(inputs), targets)
+        (loss / accumulate).backward()
+        if (i + 1) % accumulate == 0 or i == len(batches) - 1:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), f"parameter {name} differs"
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_one_epoch_equals_a_hand_written_loop(prefetch: int) -> None:
+    reference = make_model(seed=3)
+    hand_written_epoch(reference, sgd(reference), make_loader(96, 16, shuffle=True, seed=7))
+
+    model = make_model(seed=3)
+    trainer = Trainer(
+        model, make_loader(96, 16, shuffle=True, seed=7), sgd,
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=1, prefetch=prefetch,
+    )
+    state = await trainer.fit()
+    assert state.global_step == 6
+    assert_same_parameters(model, reference)
+    assert not any(p.grad is not None for p in model.parameters()), "grads zeroed with set_to_none"
+
+
+async def test_an_optimizer_instance_is_used_as_given() -> None:
+    reference = make_model(seed=4)
+    hand_written_epoch(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), make_loader())
+    model = make_model(seed=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = Trainer(model, make_loader(), optimizer, loss_fn=nn.CrossEntropyLoss(), num_epochs=1)
+    assert trainer.optimizer is optimizer
+    state = await trainer.fit()
+    assert state.optimizer is optimizer
+    assert_same_parameters(model, reference)
+
+
+async def test_gradient_accumulation_equals_hand_written_accumulation() -> None:
+    # 7 batches with accumulation over 3: updates after batches 3, 6 and the last one (7).
+    reference = make_model(seed=5)
+    hand_written_epoch(reference, sgd(reference), make_loader(112, 16), accumulate=3)
+
+    updates: list[int] = []
+
+    class CountUpdates(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if all(p.grad is None for p in state.model.parameters()):
+                updates.append(state.step)
+
+    model = make_model(seed=5)
+    trainer = Trainer(
+        model, make_loader(112, 16), sgd,
+        batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=3),
+        num_epochs=1, callbacks=[CountUpdates()],
+    )
+    await trainer.fit()
+    assert updates == [2, 5, 6]
+    assert_same_parameters(model, reference)
+
+
+async def test_multi_batch_processor_takes_one_update_per_step() -> None:
+    loader_a, loader_b = make_loader(48, 16, seed=1), make_loader(48, 16, seed=2)
+    items = list(zip(loader_a, loader_b, strict=True))
+
+    reference = make_model(seed=6)
+    optimizer = sgd(reference)
+    loss_fn = nn.CrossEntropyLoss()
+    for sub_batches in items:
+        for inputs, targets in sub_batches:
+            loss_fn(reference(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    losses: list[float] = []
+
+    class StepLoss(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            assert isinstance(state.outputs, tuple) and len(state.outputs) == 2
+            losses.append(float(await state.loop.to_host(state.loss)))
+
+    model = make_model(seed=6)
+    trainer = Trainer(
+        model, items, sgd, batch_processor=MultiBatchProcessor(nn.CrossEntropyLoss()),
+        num_epochs=1, callbacks=[StepLoss()],
+    )
+    await trainer.fit()
+    assert_same_parameters(model, reference)
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+
+
+async def test_multi_batch_processor_with_one_loss_per_task() -> None:
+    items = [(b, b) for b in make_loader(32, 16)]
+    ce = nn.CrossEntropyLoss()
+    halved = lambda out, tgt: 0.5 * ce(out, tgt)  # noqa: E731
+    per_batch: list[float] = []
+
+    class BatchLoss(Callback):
+        async def on_batch_end(self, state: LoopState) -> None:
+            per_batch.append(float(await state.loop.to_host(state.loss)))
+
+    trainer = Trainer(
+        make_model(), items, sgd, batch_processor=MultiBatchProcessor([ce, halved]),
+        num_epochs=1, callbacks=[BatchLoss()],
+    )
+    await trainer.fit()
+    # Within a step both sub-batches are the same batch on the same weights.
+    assert per_batch[1] == pytest.approx(per_batch[0] / 2)
+
+
+async def test_bf16_autocast_equals_a_hand_written_autocast_loop() -> None:
+    reference = make_model(seed=8)
+    hand_written_epoch(reference, sgd(reference), make_loader(), amp=torch.bfloat16)
+    model = make_model(seed=8)
+    trainer = Trainer(
+        model, make_loader(), sgd,
+        batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), amp="bf16"),
+        num_epochs=1,
+    )
+    await trainer.fit()
+    assert_same_parameters(model, reference)
+
+
+async def test_fp16_uses_a_grad_scaler_and_trains() -> None:
+    processor = BasicBatchProcessor(nn.CrossEntropyLoss(), amp="fp16")
+    model = make_model(seed=9)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, make_loader(), sgd, batch_processor=processor, num_epochs=2)
+    await trainer.fit()
+    assert processor.scaler is not None
+    assert processor.scaler.get_scale() > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+async def test_training_reduces_the_loss() -> None:
+    epoch_losses: list[float] = []
+
+    class MeanLoss(Callback):
+        def on_epoch_begin(self, state: LoopState) -> None:
+            self.total = torch.zeros(())
+
+        def on_step_end(self, state: LoopState) -> None:
+            assert state.loss is not None
+            self.total += state.loss.detach()
+
+        async def on_epoch_end(self, state: LoopState) -> None:
+            epoch_losses.append(float(await state.loop.to_host(self.total)))
+
+    trainer = Trainer(
+        make_model(), make_loader(96, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=8, callbacks=[MeanLoss()],
+    )
+    await trainer.fit()
+    assert epoch_losses[-1] < epoch_losses[0]
+
+
+async def test_predictor_runs_in_eval_mode_without_grad_and_restores_the_mode() -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    class Look(Callback):
+        def on_batch_end(self, state: LoopState) -> None:
+            seen.append((state.model.training, torch.is_grad_enabled()))
+
+    model = nn.Sequential(nn.Linear(8, 3), nn.Dropout(0.5))
+    model.train()
+    outputs: list[torch.Tensor] = []
+
+    class Collect(Callback):
+        async def on_batch_end(self, state: LoopState) -> None:
+            outputs.append(await state.loop.to_host(state.outputs))
+
+    predictor = Predictor(model, make_loader(48, 16), callbacks=[Look(), Collect()])
+    await predictor.fit()
+    assert seen == [(False, False)] * 3
+    assert model.training, "the model's train mode is restored"
+    predictions = torch.cat(outputs)
+    expected = model.eval()(torch.cat([x for x, _ in make_loader(48, 16)]))
+    assert torch.equal(predictions, expected.detach())
+    assert not predictions.requires_grad
+
+
+async def test_predictor_loss_with_targets() -> None:
+    losses: list[float] = []
+
+    class Loss(Callback):
+        async def on_batch_end(self, state: LoopState) -> None:
+            losses.append(float(await state.loop.to_host(state.loss)))
+
+    await Predictor(
+        make_model(), make_loader(32, 16), loss_fn=nn.CrossEntropyLoss(), callbacks=[Loss()]
+    ).fit()
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
+async def test_predictor_accepts_inputs_only_and_dict_batches() -> None:
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * scale
+
+    x = torch.randn(4, 8)
+    got: list[Any] = []
+
+    class Collect(Callback):
+        def on_batch_end(self, state: LoopState) -> None:
+            got.append(state.outputs)
+
+    model = Kw()
+    await Predictor(model, [{"x": x, "scale": torch.tensor(2.0)}], callbacks=[Collect()]).fit()
+    await Predictor(model.linear, [x, [x]], callbacks=[Collect()]).fit()
+    assert torch.allclose(got[0], model.linear(x) * 2)
+    assert torch.equal(got[1], got[2])
+
+
+async def test_dict_batches_with_targets_train() -> None:
+    batches = [{"input": x, "targets": y} for x, y in make_loader(32, 16)]
+
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return self.net(input)  # type: ignore[no-any-return]
+
+    state = await Trainer(Kw(), batches, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1).fit()
+    assert state.global_step == 2
+
+
+async def test_device_none_picks_cuda_when_available_else_cpu() -> None:
+    trainer = Trainer(make_model(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_steps=1)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert trainer.device.type == expected
+    state = await trainer.fit()
+    assert all(p.device.type == expected for p in state.model.parameters())
