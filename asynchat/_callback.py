@@ -65,8 +65,7 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
     fn = getattr(callback, phase.value)
     if not callable(fn):
         raise TypeError(
-            f"{type(callback).__name__}.{phase.value} must be a method taking `state`, "
-            f"got {fn!r}"
+            f"{type(callback).__name__}.{phase.value} must be a method taking `state`, got {fn!r}"
         )
     if inspect.isasyncgenfunction(fn):
         raise TypeError(

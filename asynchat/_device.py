@@ -8,8 +8,11 @@ import torch
 def resolve_device(device: str | torch.device | int | None) -> torch.device:
     """``None`` picks CUDA when available, else the CPU; anything else must be a usable device."""
     if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
             else torch.device("cpu")
+        )
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:

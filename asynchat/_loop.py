@@ -90,8 +90,7 @@ class LoopBase(PipeBase):
         _check_data_loader(data_loader, num_epochs)
         if not isinstance(batch_processor, BatchProcessor):
             raise TypeError(
-                "batch_processor must be an asynchat.BatchProcessor, got "
-                f"{batch_processor!r}"
+                f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
             )
         _check_bounds(num_epochs, num_steps)
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:

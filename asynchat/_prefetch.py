@@ -130,7 +130,8 @@ class Prefetcher(Generic[T]):
                     raise Interrupted
                 self._cond.wait()
             item = self._items.popleft()
-            self._cond.notify_all()
+            if len(self._items) <= self._depth // 2:
+                self._cond.notify_all()
         if isinstance(item, _End):
             if item.error is not None:
                 raise item.error
@@ -144,8 +145,12 @@ class Prefetcher(Generic[T]):
 
     def _push(self, item: T | _End) -> bool:
         with self._cond:
-            while len(self._items) >= self._depth and not self._closing:
-                self._cond.wait()
+            if len(self._items) >= self._depth:
+                # Full: sleep until the consumer has drained half of the queue, then refill in
+                # a burst. Each wake-up of this thread makes it compete with the compute
+                # thread for the GIL, so fewer, longer turns cost the compute thread less.
+                while len(self._items) > self._depth // 2 and not self._closing:
+                    self._cond.wait()
             if self._closing:
                 return False
             self._items.append(item)

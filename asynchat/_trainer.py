@@ -83,8 +83,10 @@ class Trainer(LoopBase):
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer; ``None`` before the run when a factory was given."""
-        return self.state.optimizer if self.state.optimizer is not None else (
-            self._optimizer if isinstance(self._optimizer, torch.optim.Optimizer) else None
+        return (
+            self.state.optimizer
+            if self.state.optimizer is not None
+            else (self._optimizer if isinstance(self._optimizer, torch.optim.Optimizer) else None)
         )
 
     def _prepare(self) -> None:
@@ -94,8 +96,7 @@ class Trainer(LoopBase):
             optimizer = optimizer(self.model)
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(
-                    "the optimizer factory must return a torch.optim.Optimizer, got "
-                    f"{optimizer!r}"
+                    f"the optimizer factory must return a torch.optim.Optimizer, got {optimizer!r}"
                 )
         self.state.optimizer = optimizer
 

@@ -1,32 +1,36 @@
 """The engine's own cost per step, and the event loop's lateness while it trains (CPU).
 
-(a) A tiny model (``nn.Linear(32, 32)``, batch 32, one torch thread) trained by a hand-written
-    loop and by the engine with no hook, a ``def`` hook and an ``async def`` hook at
-    ``on_step_end``. Runs are interleaved and repeated; the table shows the median time per
-    step and its ratio to the hand-written loop measured in the same run.
-(b) A coroutine sleeping 1 ms in a loop while the engine trains: how late each wake-up is
-    (p50/p99), against the same coroutine on an idle loop.
+(a) A tiny model (``nn.Linear(32, 32)``, batch 32, Adam, one torch thread) trained by a
+    hand-written loop and by the engine with no hook, a ``def`` hook and an ``async def`` hook
+    at ``on_step_end``; once from a list of ready batches (the engine's own cost) and once
+    from a ``DataLoader`` (what users run). Short runs of every variant are interleaved and
+    repeated, so a noisy machine slows all of them alike; the table shows the median time per
+    step and its ratio to the hand-written loop over the same data, measured in the same run.
+(b) A coroutine sleeping 1 ms in a loop while the engine trains, on asyncio and uvloop: how
+    late each wake-up is (p50/p99/max) against the same coroutine on an idle loop.
 
-Run: python benchmarks/step_overhead.py [--steps N] [--repeats R]
+Run: python benchmarks/step_overhead.py [--steps 500] [--rounds 15] [--seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
 import torch
 from _common import machine, median, percentile, table
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from asynchat import Callback, LoopState, Trainer
 
+UVLOOP = {"use_uvloop": True}
 
-class SyncHook(Callback):
+
+class DefHook(Callback):
     def __init__(self) -> None:
         self.calls = 0
 
@@ -42,38 +46,51 @@ class AsyncHook(Callback):
         self.calls += 1
 
 
-def make_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+HOOKS: dict[str, Callable[[], list[Callback]]] = {
+    "no hook": list,
+    "def hook": lambda: [DefHook()],
+    "async hook": lambda: [AsyncHook()],
+}
+
+
+def ready_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(32, 32, generator=g), torch.randn(32, 32, generator=g)) for _ in range(steps)]
+    return [
+        (torch.randn(32, 32, generator=g), torch.randn(32, 32, generator=g)) for _ in range(steps)
+    ]
 
 
-def make_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+def data_loader(steps: int) -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(32 * steps, 32, generator=g), torch.randn(32 * steps, 32, generator=g)
+    )
+    return DataLoader(data, batch_size=32, shuffle=True, generator=g)
+
+
+def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Linear(32, 32)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def hand_written(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    model, optimizer = make_model()
+def hand_written(data: Iterable[Any], steps: int) -> float:
+    model, optimizer = model_and_optimizer()
     loss_fn = nn.MSELoss()
     start = time.perf_counter()
-    for inputs, targets in batches:
+    for inputs, targets in data:
         loss = loss_fn(model(inputs), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / len(batches)
+    return (time.perf_counter() - start) / steps
 
 
-async def engine(
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    callbacks: list[Callback],
-    prefetch: int,
-) -> float:
-    model, optimizer = make_model()
+def engine(data: Iterable[Any], steps: int, callbacks: list[Callback], prefetch: int = 2) -> float:
+    model, optimizer = model_and_optimizer()
     trainer = Trainer(
         model,
-        batches,
+        data,
         optimizer,
         loss_fn=nn.MSELoss(),
         num_epochs=1,
@@ -82,87 +99,121 @@ async def engine(
         device="cpu",
     )
     start = time.perf_counter()
-    await trainer.fit()
-    return (time.perf_counter() - start) / len(batches)
+    state = anyio.run(trainer.fit, backend="asyncio", backend_options=UVLOOP)
+    elapsed = time.perf_counter() - start
+    assert state.global_step == steps
+    return elapsed / steps
 
 
-async def lateness(train: Callable[[], Coroutine[Any, Any, object]] | None, seconds: float) -> list[float]:
+def cost_per_step(steps: int, rounds: int) -> str:
+    sources = {"ready batches": ready_batches(steps), "DataLoader": data_loader(steps)}
+    variants: dict[tuple[str, str], Callable[[], float]] = {}
+    for source, data in sources.items():
+        variants[(source, "hand-written loop")] = lambda data=data: hand_written(data, steps)
+        for label, hooks in HOOKS.items():
+            variants[(source, f"engine, {label}")] = lambda data=data, hooks=hooks: engine(
+                data, steps, hooks()
+            )
+        variants[(source, "engine, no hook, prefetch=0")] = lambda data=data: engine(
+            data, steps, [], prefetch=0
+        )
+    for run in variants.values():  # warm-up: allocator, autograd, thread machinery
+        run()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
+    for _ in range(rounds):
+        for key, run in variants.items():
+            times[key].append(run())
+    rows = []
+    for (source, label), values in times.items():
+        base = median(times[(source, "hand-written loop")])
+        rows.append(
+            (
+                source,
+                label,
+                f"{median(values) * 1e6:.1f}",
+                f"{min(values) * 1e6:.1f}",
+                f"{median(values) / base:.3f}x",
+            )
+        )
+    return table(["data", "loop", "median us/step", "min us/step", "ratio (medians)"], rows)
+
+
+async def _lateness(seconds: float, train: Callable[[], Any] | None) -> list[float]:
     late: list[float] = []
-    done = anyio.Event()
+    stop = anyio.Event()
 
     async def ticker() -> None:
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline and not (train is not None and done.is_set()):
+        while not stop.is_set():
             before = time.perf_counter()
             await anyio.sleep(0.001)
             late.append(time.perf_counter() - before - 0.001)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        if train is not None:
+        if train is None:
+            await anyio.sleep(seconds)
+        else:
             await train()
-            done.set()
+        stop.set()
     return late
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    batches = make_batches(args.steps)
-    for _ in range(2):  # warm up allocator, autograd and the thread machinery
-        hand_written(batches[:200])
-        anyio.run(engine, batches[:200], [AsyncHook()], 2, backend_options={"use_uvloop": True})
+def lateness(seconds: float) -> str:
+    steps = 20_000
 
-    configs: dict[str, Callable[[], float]] = {
-        "hand-written loop": lambda: hand_written(batches),
-    }
-    for prefetch in (2, 0):
-        for label, make in (("no hook", list), ("def hook", lambda: [SyncHook()]),
-                            ("async hook", lambda: [AsyncHook()])):
-            configs[f"engine, {label}, prefetch={prefetch}"] = (
-                lambda make=make, prefetch=prefetch: anyio.run(
-                    engine, batches, make(), prefetch, backend_options={"use_uvloop": True}
-                )
-            )
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(args.repeats):
-        for name, run in configs.items():
-            times[name].append(run())
-    base = median(times["hand-written loop"])
-    rows = [
-        (name, f"{median(ts) * 1e6:.1f}", f"{median(ts) / base:.3f}x")
-        for name, ts in times.items()
-    ]
-    print(f"machine: {machine()}")
-    print(f"(a) cost per step, nn.Linear(32, 32), batch 32, Adam, 1 torch thread, "
-          f"{args.steps} steps x {args.repeats} interleaved repeats (median), uvloop")
-    print(table(["loop", "us/step", "vs hand-written"], rows))
+    def trainer(hooks: list[Callback]) -> Callable[[], Any]:
+        model, optimizer = model_and_optimizer()
+        data = ready_batches(200)
+        t = Trainer(model, data, optimizer, loss_fn=nn.MSELoss(), num_steps=steps, callbacks=hooks)
 
-    train_steps = make_batches(args.steps * 3)
+        async def run() -> None:
+            with anyio.move_on_after(seconds):
+                await t.fit()
 
-    async def train() -> None:
-        await engine(train_steps, [AsyncHook()], 2)
-
-    async def train_sync() -> None:
-        await engine(train_steps, [], 2)
+        return run
 
     rows = []
-    for backend, options in (("asyncio", {}), ("uvloop", {"use_uvloop": True})):
-        idle = anyio.run(lateness, None, 2.0, backend="asyncio", backend_options=options)
-        busy = anyio.run(lateness, train_sync, 30.0, backend="asyncio", backend_options=options)
-        busy_async = anyio.run(lateness, train, 30.0, backend="asyncio", backend_options=options)
-        for label, late in (("idle", idle), ("training, no hook", busy),
-                            ("training, async hook per step", busy_async)):
-            rows.append((backend, label, len(late), f"{percentile(late, 50) * 1e3:.3f}",
-                         f"{percentile(late, 99) * 1e3:.3f}", f"{max(late) * 1e3:.3f}"))
-    print()
-    print("(b) event-loop lateness of `await anyio.sleep(0.001)` in a loop (ms late)")
-    print(table(["backend", "while", "wake-ups", "p50 ms", "p99 ms", "max ms"], rows))
+    for backend, options in (("asyncio", {}), ("uvloop", UVLOOP)):
+        cases = {
+            "idle loop": None,
+            "training, no hook": trainer([]),
+            "training, async hook per step": trainer([AsyncHook()]),
+        }
+        for label, train in cases.items():
+            late = anyio.run(_lateness, seconds, train, backend="asyncio", backend_options=options)
+            rows.append(
+                (
+                    backend,
+                    label,
+                    len(late),
+                    f"{percentile(late, 50) * 1e3:.3f}",
+                    f"{percentile(late, 99) * 1e3:.3f}",
+                    f"{max(late) * 1e3:.3f}",
+                )
+            )
+    return table(
+        ["backend", "while", "wake-ups", "p50 ms late", "p99 ms late", "max ms late"], rows
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=500, help="steps per run")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved runs per variant")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each lateness run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}")
+    print(
+        f"\n(a) cost per step: nn.Linear(32, 32), batch 32, Adam, 1 torch thread, uvloop; "
+        f"{args.rounds} interleaved runs of {args.steps} steps per variant"
+    )
+    print(cost_per_step(args.steps, args.rounds))
+    print("\n(b) event-loop lateness of `await anyio.sleep(0.001)` in a loop, same model")
+    print(lateness(args.seconds))
 
 
 if __name__ == "__main__":
-    asyncio.set_event_loop_policy(None)
     main()

@@ -30,8 +30,12 @@ class Boom(Exception):
 def trainer_with(*callbacks: Callback, loader: Any = None, **kwargs: Any) -> Trainer:
     kwargs.setdefault("num_epochs", 3)
     return Trainer(
-        make_model(), loader if loader is not None else make_loader(96, 16), sgd,
-        loss_fn=nn.CrossEntropyLoss(), callbacks=list(callbacks), **kwargs,
+        make_model(),
+        loader if loader is not None else make_loader(96, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        callbacks=list(callbacks),
+        **kwargs,
     )
 
 
@@ -64,6 +68,7 @@ async def test_stop_from_a_hook_ends_after_that_step(hook_kind: str) -> None:
     if hook_kind == "def":
         StopAt.on_step_end = StopAt.stop_if_due  # type: ignore[method-assign,assignment]
     else:
+
         async def on_step_end(self: StopAt, state: LoopState) -> None:
             self.stop_if_due(state)
 
@@ -145,6 +150,7 @@ async def test_stop_while_waiting_for_data_waits_only_for_the_batch_being_read()
 
     started = 0.0
     async with anyio.create_task_group() as tg:
+
         async def run_stopper() -> None:
             nonlocal started
             started = await stopper()
@@ -270,8 +276,9 @@ async def test_an_error_in_on_loop_end_during_cancellation_propagates() -> None:
     assert trainer.status is LoopStatus.FAILED
 
 
-@pytest.mark.parametrize("anyio_backend", [("asyncio", {}), ("asyncio", {"use_uvloop": True})],
-                         ids=["asyncio", "uvloop"])
+@pytest.mark.parametrize(
+    "anyio_backend", [("asyncio", {}), ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
 async def test_native_asyncio_cancellation_with_wait_for() -> None:
     recorder = SyncRecorder()
     trainer = trainer_with(recorder, num_epochs=100_000)
@@ -286,13 +293,18 @@ async def test_native_asyncio_cancellation_with_wait_for() -> None:
 
 def failing_callback(phase: Phase, kind: str, error: BaseException) -> Callback:
     def fail(self: Callback, state: LoopState) -> None:
-        if state.global_step >= 2 or phase in (Phase.ON_LOOP_BEGIN, Phase.ON_LOOP_END,
-                                               Phase.ON_EPOCH_BEGIN, Phase.ON_EPOCH_END):
+        if state.global_step >= 2 or phase in (
+            Phase.ON_LOOP_BEGIN,
+            Phase.ON_LOOP_END,
+            Phase.ON_EPOCH_BEGIN,
+            Phase.ON_EPOCH_END,
+        ):
             raise error
 
     if kind == "def":
         hook: Any = fail
     else:
+
         async def hook(self: Callback, state: LoopState) -> None:
             await anyio.lowlevel.checkpoint()
             fail(self, state)
@@ -340,8 +352,14 @@ async def test_an_error_in_the_model_propagates_as_itself() -> None:
             return self.linear(x)  # type: ignore[no-any-return]
 
     recorder = AsyncRecorder()
-    trainer = Trainer(Broken(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
-                      callbacks=[recorder])
+    trainer = Trainer(
+        Broken(),
+        make_loader(),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        callbacks=[recorder],
+    )
     with pytest.raises(Boom) as info:
         await trainer.fit()
     assert info.value is error
@@ -392,8 +410,14 @@ async def test_an_optimizer_factory_error_runs_no_hook() -> None:
     def factory(model: nn.Module) -> torch.optim.Optimizer:
         raise Boom("no optimizer")
 
-    trainer = Trainer(make_model(), make_loader(), factory, loss_fn=nn.CrossEntropyLoss(),
-                      num_epochs=1, callbacks=[recorder])
+    trainer = Trainer(
+        make_model(),
+        make_loader(),
+        factory,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        callbacks=[recorder],
+    )
     with pytest.raises(Boom, match="no optimizer"):
         await trainer.fit()
     assert recorder.events == []

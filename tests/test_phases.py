@@ -18,8 +18,12 @@ pytestmark = pytest.mark.anyio
 async def test_epoch_bounded_phase_order_and_counts(recorder_type: type[Recorder]) -> None:
     recorder = recorder_type()
     trainer = Trainer(
-        make_model(), make_loader(96, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=3, callbacks=[recorder],
+        make_model(),
+        make_loader(96, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=3,
+        callbacks=[recorder],
     )
     state = await trainer.fit()
     assert recorder.phases() == expected_phases([6, 6, 6])
@@ -35,8 +39,12 @@ async def test_epoch_bounded_phase_order_and_counts(recorder_type: type[Recorder
 async def test_step_bounded_loop_ends_in_a_partial_epoch(recorder_type: type[Recorder]) -> None:
     recorder = recorder_type()
     trainer = Trainer(
-        make_model(), make_loader(96, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_steps=14, callbacks=[recorder],
+        make_model(),
+        make_loader(96, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_steps=14,
+        callbacks=[recorder],
     )
     state = await trainer.fit()
     assert recorder.phases() == expected_phases([6, 6, 2])
@@ -48,8 +56,12 @@ async def test_step_bounded_loop_ends_in_a_partial_epoch(recorder_type: type[Rec
 async def test_step_bound_inside_the_first_epoch() -> None:
     recorder = SyncRecorder()
     trainer = Trainer(
-        make_model(), make_loader(96, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_steps=3, callbacks=[recorder],
+        make_model(),
+        make_loader(96, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_steps=3,
+        callbacks=[recorder],
     )
     await trainer.fit()
     assert recorder.phases() == expected_phases([3])
@@ -59,8 +71,12 @@ async def test_async_hooks_run_on_the_event_loop_and_def_hooks_on_the_compute_th
     loop_thread = threading.current_thread().name
     sync, async_ = SyncRecorder(), AsyncRecorder()
     trainer = Trainer(
-        make_model(), make_loader(32, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=1, callbacks=[sync, async_],
+        make_model(),
+        make_loader(32, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        callbacks=[sync, async_],
     )
     await trainer.fit()
     async_threads = {e[4] for e in async_.events}
@@ -87,8 +103,12 @@ async def test_hooks_run_in_the_order_given_across_threads() -> None:
             order.append("C")
 
     trainer = Trainer(
-        make_model(), make_loader(32, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=1, callbacks=[A(), B(), C(), B()],
+        make_model(),
+        make_loader(32, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        callbacks=[A(), B(), C(), B()],
     )
     await trainer.fit()
     assert order == ["A", "B", "C", "B"] * 2
@@ -107,8 +127,12 @@ async def test_state_phase_and_values_seen_by_hooks() -> None:
             assert state.batch is not None and state.phase is Phase.ON_STEP_BEGIN
 
     trainer = Trainer(
-        make_model(), make_loader(32, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=1, callbacks=[Look()],
+        make_model(),
+        make_loader(32, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        callbacks=[Look()],
     )
     await trainer.fit()
     assert seen == [(Phase.ON_BATCH_END, True, True)] * 2
@@ -119,9 +143,12 @@ async def test_multi_batch_processor_runs_batch_phases_per_sub_batch() -> None:
     loader_a, loader_b = make_loader(48, 16, seed=1), make_loader(48, 16, seed=2)
     items = list(zip(loader_a, loader_b, strict=True))  # each step: (task-a batch, task-b batch)
     trainer = Trainer(
-        make_model(), items, sgd,
+        make_model(),
+        items,
+        sgd,
         batch_processor=MultiBatchProcessor(nn.CrossEntropyLoss()),
-        num_epochs=2, callbacks=[recorder],
+        num_epochs=2,
+        callbacks=[recorder],
     )
     await trainer.fit()
     assert recorder.phases() == expected_phases([3, 3], batches_per_step=2)
@@ -151,8 +178,12 @@ async def test_unknown_length_loader_gets_the_same_phases() -> None:
 
     recorder = SyncRecorder()
     trainer = Trainer(
-        make_model(), NoLen(), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_steps=6, callbacks=[recorder, Last()],
+        make_model(),
+        NoLen(),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_steps=6,
+        callbacks=[recorder, Last()],
     )
     await trainer.fit()
     assert recorder.phases() == expected_phases([4, 2])

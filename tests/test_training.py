@@ -52,8 +52,12 @@ async def test_one_epoch_equals_a_hand_written_loop(prefetch: int) -> None:
 
     model = make_model(seed=3)
     trainer = Trainer(
-        model, make_loader(96, 16, shuffle=True, seed=7), sgd,
-        loss_fn=nn.CrossEntropyLoss(), num_epochs=1, prefetch=prefetch,
+        model,
+        make_loader(96, 16, shuffle=True, seed=7),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        prefetch=prefetch,
     )
     state = await trainer.fit()
     assert state.global_step == 6
@@ -87,9 +91,12 @@ async def test_gradient_accumulation_equals_hand_written_accumulation() -> None:
 
     model = make_model(seed=5)
     trainer = Trainer(
-        model, make_loader(112, 16), sgd,
+        model,
+        make_loader(112, 16),
+        sgd,
         batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=3),
-        num_epochs=1, callbacks=[CountUpdates()],
+        num_epochs=1,
+        callbacks=[CountUpdates()],
     )
     await trainer.fit()
     assert updates == [2, 5, 6]
@@ -118,8 +125,12 @@ async def test_multi_batch_processor_takes_one_update_per_step() -> None:
 
     model = make_model(seed=6)
     trainer = Trainer(
-        model, items, sgd, batch_processor=MultiBatchProcessor(nn.CrossEntropyLoss()),
-        num_epochs=1, callbacks=[StepLoss()],
+        model,
+        items,
+        sgd,
+        batch_processor=MultiBatchProcessor(nn.CrossEntropyLoss()),
+        num_epochs=1,
+        callbacks=[StepLoss()],
     )
     await trainer.fit()
     assert_same_parameters(model, reference)
@@ -137,8 +148,12 @@ async def test_multi_batch_processor_with_one_loss_per_task() -> None:
             per_batch.append(float(await state.loop.to_host(state.loss)))
 
     trainer = Trainer(
-        make_model(), items, sgd, batch_processor=MultiBatchProcessor([ce, halved]),
-        num_epochs=1, callbacks=[BatchLoss()],
+        make_model(),
+        items,
+        sgd,
+        batch_processor=MultiBatchProcessor([ce, halved]),
+        num_epochs=1,
+        callbacks=[BatchLoss()],
     )
     await trainer.fit()
     # Within a step both sub-batches are the same batch on the same weights.
@@ -150,7 +165,9 @@ async def test_bf16_autocast_equals_a_hand_written_autocast_loop() -> None:
     hand_written_epoch(reference, sgd(reference), make_loader(), amp=torch.bfloat16)
     model = make_model(seed=8)
     trainer = Trainer(
-        model, make_loader(), sgd,
+        model,
+        make_loader(),
+        sgd,
         batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), amp="bf16"),
         num_epochs=1,
     )
@@ -185,8 +202,12 @@ async def test_training_reduces_the_loss() -> None:
             epoch_losses.append(float(await state.loop.to_host(self.total)))
 
     trainer = Trainer(
-        make_model(), make_loader(96, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=8, callbacks=[MeanLoss()],
+        make_model(),
+        make_loader(96, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=8,
+        callbacks=[MeanLoss()],
     )
     await trainer.fit()
     assert epoch_losses[-1] < epoch_losses[0]

@@ -1,0 +1,187 @@
+"""Every bad argument gets an error that names it, shows the value and says what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_loader, make_model, sgd
+from torch import nn
+
+from asynchat import (
+    BasicBatchProcessor,
+    Callback,
+    LoopState,
+    MultiBatchProcessor,
+    Predictor,
+    Trainer,
+)
+
+
+def trainer(**overrides: Any) -> Trainer:
+    kwargs: dict[str, Any] = dict(
+        model=make_model(),
+        data_loader=make_loader(),
+        optimizer=sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+    )
+    kwargs.update(overrides)
+    return Trainer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"model": "resnet"}, TypeError, r"model must be a torch.nn.Module, got str"),
+        ({"data_loader": 42}, TypeError, r"data_loader must be iterable.*int"),
+        (
+            {"data_loader": iter([1, 2]), "num_epochs": 2},
+            TypeError,
+            r"data_loader is an iterator .*num_epochs=1",
+        ),
+        (
+            {"num_epochs": None},
+            ValueError,
+            r"exactly one of num_epochs and num_steps, got num_epochs=None and num_steps=None",
+        ),
+        (
+            {"num_steps": 5},
+            ValueError,
+            r"exactly one of num_epochs and num_steps, got num_epochs=1 and num_steps=5",
+        ),
+        ({"num_epochs": 0}, ValueError, r"num_epochs must be a positive int, got 0"),
+        ({"num_epochs": -3}, ValueError, r"num_epochs must be a positive int, got -3"),
+        ({"num_epochs": 2.5}, ValueError, r"num_epochs must be a positive int, got 2.5"),
+        ({"num_epochs": True}, ValueError, r"num_epochs must be a positive int, got True"),
+        (
+            {"num_epochs": None, "num_steps": 0},
+            ValueError,
+            r"num_steps must be a positive int, got 0",
+        ),
+        ({"loss_fn": None}, ValueError, r"Trainer needs a loss: pass loss_fn="),
+        (
+            {"batch_processor": BasicBatchProcessor(nn.MSELoss())},
+            ValueError,
+            r"either loss_fn or batch_processor, not both",
+        ),
+        (
+            {"loss_fn": None, "batch_processor": "basic"},
+            TypeError,
+            r"batch_processor must be an asynchat.BatchProcessor, got 'basic'",
+        ),
+        (
+            {"optimizer": 42},
+            TypeError,
+            r"optimizer must be a torch.optim.Optimizer or a factory .* got 42",
+        ),
+        (
+            {"callbacks": [object()]},
+            TypeError,
+            r"callbacks\[0\] must be an asynchat.Callback instance, got <object object",
+        ),
+        (
+            {"callbacks": [Callback(), Callback]},
+            TypeError,
+            r"callbacks\[1\] is the class Callback, not an instance; pass Callback\(\) instead",
+        ),
+        ({"callbacks": Callback()}, TypeError, r"got the single callback .* pass callbacks=\["),
+        ({"callbacks": "progress"}, TypeError, r"callbacks must be a sequence of Callback"),
+        ({"device": "tpu"}, ValueError, r"device must be None, .* got 'tpu'"),
+        ({"device": "meta"}, ValueError, r"device='meta': asynchat runs on 'cpu' or 'cuda'"),
+        ({"prefetch": -1}, ValueError, r"prefetch must be an int >= 0 .*got -1"),
+        ({"loss_fn": "mse"}, TypeError, r"loss_fn must be callable, got 'mse'"),
+    ],
+)
+def test_bad_trainer_arguments(
+    overrides: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        trainer(**overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_device_without_cuda() -> None:
+    with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available"):
+        trainer(device="cuda")
+
+
+def test_callback_with_a_non_callable_hook() -> None:
+    class Odd(Callback):
+        on_step_end = 3  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"Odd.on_step_end must be a method taking `state`, got 3"):
+        trainer(callbacks=[Odd()])
+
+
+def test_callback_with_an_async_generator_hook() -> None:
+    class Gen(Callback):
+        async def on_step_end(self, state: LoopState):  # type: ignore[no-untyped-def,override]
+            yield
+
+    with pytest.raises(TypeError, match=r"Gen.on_step_end is an async generator"):
+        trainer(callbacks=[Gen()])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"grad_accumulation_steps": 0},
+            ValueError,
+            r"grad_accumulation_steps must be an int >= 1, got 0",
+        ),
+        ({"grad_accumulation_steps": 1.0}, ValueError, r"grad_accumulation_steps .* got 1.0"),
+        ({"amp": "fp8"}, ValueError, r"amp must be None, 'bf16' or 'fp16', got 'fp8'"),
+    ],
+)
+def test_bad_processor_arguments(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        BasicBatchProcessor(nn.MSELoss(), **kwargs)
+
+
+def test_multi_batch_processor_loss_list_must_be_callables() -> None:
+    with pytest.raises(TypeError, match=r"loss_fn\[1\] must be callable, got None"):
+        MultiBatchProcessor([nn.MSELoss(), None])  # type: ignore[list-item]
+
+
+@pytest.mark.anyio
+class TestErrorsFoundWhileRunning:
+    async def test_optimizer_factory_returning_something_else(self) -> None:
+        with pytest.raises(
+            TypeError, match=r"factory must return a torch.optim.Optimizer, got 'adam'"
+        ):
+            await trainer(optimizer=lambda model: "adam").fit()
+
+    async def test_batch_that_cannot_be_split(self) -> None:
+        batches = [(torch.randn(2, 8), torch.zeros(2), torch.zeros(2))]
+        with pytest.raises(TypeError, match=r"cannot split a batch of type tuple and length 3"):
+            await trainer(data_loader=batches).fit()
+
+    async def test_training_batch_without_targets(self) -> None:
+        with pytest.raises(ValueError, match=r"cannot train on a batch without a loss"):
+            await trainer(data_loader=[torch.randn(2, 8)]).fit()
+
+    async def test_multi_batch_item_that_is_not_a_tuple(self) -> None:
+        processor = MultiBatchProcessor(nn.CrossEntropyLoss())
+        with pytest.raises(TypeError, match=r"non-empty tuple of sub-batches, got Tensor"):
+            await trainer(
+                loss_fn=None, batch_processor=processor, data_loader=[torch.randn(2, 8)]
+            ).fit()
+
+    async def test_multi_batch_loss_count_mismatch(self) -> None:
+        processor = MultiBatchProcessor([nn.CrossEntropyLoss()] * 3)
+        items = [(b, b) for b in make_loader(16, 16)]
+        with pytest.raises(ValueError, match=r"got 3 loss functions for a step of 2 sub-batches"):
+            await trainer(loss_fn=None, batch_processor=processor, data_loader=items).fit()
+
+    async def test_step_bound_with_an_empty_loader(self) -> None:
+        with pytest.raises(RuntimeError, match=r"yielded no batch in epoch 0, so num_steps=5"):
+            await trainer(data_loader=[], num_epochs=None, num_steps=5).fit()
+
+    async def test_predictor_over_an_empty_loader_runs_no_step(self) -> None:
+        state = await Predictor(make_model(), []).fit()
+        assert state.global_step == 0
