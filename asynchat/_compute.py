@@ -19,16 +19,27 @@ import collections
 import contextvars
 import enum
 import queue
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
-import sniffio
 import torch
 
 T = TypeVar("T")
+
+
+def _running_trio_token() -> Any:
+    """The running trio loop's token, or None under asyncio (trio need not be installed)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:  # trio is imported but this is not a trio run
+        return None
 
 
 class Mailbox(Generic[T]):
@@ -45,13 +56,10 @@ class Mailbox(Generic[T]):
         self._items: collections.deque[T] = collections.deque()
         self._future: asyncio.Future[None] | None = None
         self._event: anyio.Event | None = None
-        if sniffio.current_async_library() == "trio":
-            import trio
-
+        trio_token = _running_trio_token()
+        if trio_token is not None:
             self._loop: asyncio.AbstractEventLoop | None = None
-            self._schedule: Callable[[Callable[[], None]], object] = (
-                trio.lowlevel.current_trio_token().run_sync_soon
-            )
+            self._schedule: Callable[[Callable[[], None]], object] = trio_token.run_sync_soon
         else:
             self._loop = asyncio.get_running_loop()
             self._schedule = self._loop.call_soon_threadsafe
