@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from asynchat import Callback, Trainer
+
 try:
     import trio  # noqa: F401
 
@@ -70,3 +72,17 @@ def make_model(seed: int = 0, features: int = 8, classes: int = 3) -> nn.Module:
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def make_trainer(*callbacks: Callback, loader: Any = None, **kwargs: Any) -> Trainer:
+    """A small classifier trainer (96 samples, batches of 16, 6 steps an epoch)."""
+    if "num_steps" not in kwargs:
+        kwargs.setdefault("num_epochs", 3)
+    return Trainer(
+        make_model(),
+        loader if loader is not None else make_loader(96, 16),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        callbacks=list(callbacks),
+        **kwargs,
+    )

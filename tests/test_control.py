@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_loader, make_model, sgd
+from conftest import make_loader, make_model, make_trainer, sgd
 from recorders import AsyncRecorder, SyncRecorder
 from torch import nn
 
@@ -25,18 +25,6 @@ pytestmark = pytest.mark.anyio
 
 class Boom(Exception):
     pass
-
-
-def trainer_with(*callbacks: Callback, loader: Any = None, **kwargs: Any) -> Trainer:
-    kwargs.setdefault("num_epochs", 3)
-    return Trainer(
-        make_model(),
-        loader if loader is not None else make_loader(96, 16),
-        sgd,
-        loss_fn=nn.CrossEntropyLoss(),
-        callbacks=list(callbacks),
-        **kwargs,
-    )
 
 
 class SlowLoader:
@@ -75,7 +63,7 @@ async def test_stop_from_a_hook_ends_after_that_step(hook_kind: str) -> None:
         StopAt.on_step_end = on_step_end  # type: ignore[method-assign,assignment]
 
     recorder = SyncRecorder()
-    trainer = trainer_with(StopAt(), recorder)
+    trainer = make_trainer(StopAt(), recorder)
     state = await trainer.fit()
     assert trainer.status is LoopStatus.FINISHED
     assert state.stop_reason == "reached 8"
@@ -96,7 +84,7 @@ async def test_stop_from_another_task() -> None:
                 await anyio.sleep(0.01)
 
     recorder = SyncRecorder()
-    trainer = trainer_with(Signal(), recorder, num_epochs=1000)
+    trainer = make_trainer(Signal(), recorder, num_epochs=1000)
 
     async def stopper() -> None:
         await reached.wait()
@@ -114,7 +102,7 @@ async def test_stop_from_another_task() -> None:
 
 async def test_stop_before_fit_runs_no_step() -> None:
     recorder = AsyncRecorder()
-    trainer = trainer_with(recorder)
+    trainer = make_trainer(recorder)
     trainer.stop()
     state = await trainer.fit()
     assert recorder.phases() == ["on_loop_begin", "on_loop_end"]
@@ -128,7 +116,7 @@ async def test_stop_in_on_epoch_begin_runs_no_step_of_that_epoch() -> None:
                 state.loop.stop()
 
     recorder = SyncRecorder()
-    state = await trainer_with(StopSecondEpoch(), recorder).fit()
+    state = await make_trainer(StopSecondEpoch(), recorder).fit()
     assert state.global_step == 6
     assert recorder.phases()[-3:] == ["on_epoch_begin", "on_epoch_end", "on_loop_end"]
 
@@ -141,7 +129,7 @@ async def test_stop_while_waiting_for_data_waits_only_for_the_batch_being_read()
             if state.global_step == 2:
                 first_steps.set()
 
-    trainer = trainer_with(Signal(), loader=SlowLoader(fast=2, delay=3.0), num_epochs=1)
+    trainer = make_trainer(Signal(), loader=SlowLoader(fast=2, delay=3.0), num_epochs=1)
 
     async def stopper() -> float:
         await first_steps.wait()
@@ -163,7 +151,7 @@ async def test_stop_while_waiting_for_data_waits_only_for_the_batch_being_read()
 
 
 async def test_fit_twice_is_an_error() -> None:
-    trainer = trainer_with(num_steps=1, num_epochs=None)
+    trainer = make_trainer(num_steps=1, num_epochs=None)
     await trainer.fit()
     with pytest.raises(RuntimeError, match=r"fit\(\) was already called"):
         await trainer.fit()
@@ -193,7 +181,7 @@ async def test_cancellation_runs_on_loop_end_and_reraises() -> None:
             loop_end_statuses.append(state.loop.status)
 
     with anyio.CancelScope() as scope:
-        trainer = trainer_with(recorder, CancelAfter(scope, 4), SeeStatus(), num_epochs=100)
+        trainer = make_trainer(recorder, CancelAfter(scope, 4), SeeStatus(), num_epochs=100)
         await trainer.fit()
         pytest.fail("fit() returned although it was cancelled")  # pragma: no cover
     assert scope.cancelled_caught
@@ -214,7 +202,7 @@ async def test_move_on_after_cancels_a_running_loop() -> None:
         def on_step_end(self, state: LoopState) -> None:
             time.sleep(0.01)
 
-    trainer = trainer_with(Slow(), recorder, num_epochs=10_000)
+    trainer = make_trainer(Slow(), recorder, num_epochs=10_000)
     with anyio.move_on_after(0.3) as scope:
         await trainer.fit()
     assert scope.cancelled_caught
@@ -245,7 +233,7 @@ async def test_cancelling_a_running_async_hook_completes_the_step_and_skips_the_
         async def on_step_end(self, state: LoopState) -> None:
             skipped_hook_ran.append(state.global_step)
 
-    trainer = trainer_with(Hang(), Later(), num_epochs=10)
+    trainer = make_trainer(Hang(), Later(), num_epochs=10)
     with anyio.move_on_after(0.5) as scope:
         await trainer.fit()
     assert scope.cancelled_caught and hook_cancelled.is_set()
@@ -255,7 +243,7 @@ async def test_cancelling_a_running_async_hook_completes_the_step_and_skips_the_
 
 
 async def test_cancellation_while_waiting_for_data_waits_only_for_the_batch_being_read() -> None:
-    trainer = trainer_with(loader=SlowLoader(fast=2, delay=2.0), num_epochs=1)
+    trainer = make_trainer(loader=SlowLoader(fast=2, delay=2.0), num_epochs=1)
     started = time.monotonic()
     with anyio.move_on_after(0.5) as scope:
         await trainer.fit()
@@ -270,7 +258,7 @@ async def test_an_error_in_on_loop_end_during_cancellation_propagates() -> None:
             raise Boom("cleanup failed")
 
     with anyio.CancelScope() as scope:
-        trainer = trainer_with(CancelAfter(scope, 2), FailAtEnd(), num_epochs=100)
+        trainer = make_trainer(CancelAfter(scope, 2), FailAtEnd(), num_epochs=100)
         with pytest.raises(Boom, match="cleanup failed"):
             await trainer.fit()
     assert trainer.status is LoopStatus.FAILED
@@ -281,7 +269,7 @@ async def test_an_error_in_on_loop_end_during_cancellation_propagates() -> None:
 )
 async def test_native_asyncio_cancellation_with_wait_for() -> None:
     recorder = SyncRecorder()
-    trainer = trainer_with(recorder, num_epochs=100_000)
+    trainer = make_trainer(recorder, num_epochs=100_000)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(trainer.fit(), timeout=0.3)
     assert trainer.status is LoopStatus.CANCELLED
@@ -325,7 +313,7 @@ async def test_an_error_in_any_hook_propagates_as_itself_after_on_loop_end(
         def on_loop_end(self, state: LoopState) -> None:
             seen_exception.append(state.exception)
 
-    trainer = trainer_with(recorder, SeeError(), failing_callback(phase, kind, error))
+    trainer = make_trainer(recorder, SeeError(), failing_callback(phase, kind, error))
     with pytest.raises(Boom) as info:
         await trainer.fit()
     assert info.value is error
@@ -380,7 +368,7 @@ async def test_an_error_in_the_data_loader_propagates_as_itself(prefetch: int) -
                 yield batch
 
     recorder = SyncRecorder()
-    trainer = trainer_with(recorder, loader=BadData(), prefetch=prefetch)
+    trainer = make_trainer(recorder, loader=BadData(), prefetch=prefetch)
     with pytest.raises(Boom) as info:
         await trainer.fit()
     assert info.value is error
@@ -399,7 +387,7 @@ async def test_an_error_in_on_loop_end_after_an_error_is_chained() -> None:
             raise second
 
     with pytest.raises(Boom) as info:
-        await trainer_with(Both()).fit()
+        await make_trainer(Both()).fit()
     assert info.value is second
     assert info.value.__context__ is first
 
@@ -424,8 +412,8 @@ async def test_an_optimizer_factory_error_runs_no_hook() -> None:
 
 
 async def test_errors_in_one_loop_do_not_affect_another() -> None:
-    failing = trainer_with(failing_callback(Phase.ON_STEP_END, "async", Boom("one")))
-    healthy = trainer_with(num_epochs=2)
+    failing = make_trainer(failing_callback(Phase.ON_STEP_END, "async", Boom("one")))
+    healthy = make_trainer(num_epochs=2)
     results: dict[str, Any] = {}
 
     async def run(name: str, trainer: Trainer) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import make_loader, make_model, sgd
+from conftest import make_loader, make_model, make_trainer, sgd
 from recorders import AsyncRecorder, Recorder, SyncRecorder, expected_phases
 from torch import nn
 
@@ -17,14 +17,7 @@ pytestmark = pytest.mark.anyio
 @pytest.mark.parametrize("recorder_type", [SyncRecorder, AsyncRecorder], ids=["def", "async"])
 async def test_epoch_bounded_phase_order_and_counts(recorder_type: type[Recorder]) -> None:
     recorder = recorder_type()
-    trainer = Trainer(
-        make_model(),
-        make_loader(96, 16),
-        sgd,
-        loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=3,
-        callbacks=[recorder],
-    )
+    trainer = make_trainer(recorder, num_epochs=3)
     state = await trainer.fit()
     assert recorder.phases() == expected_phases([6, 6, 6])
     assert state.global_step == 18
@@ -38,14 +31,7 @@ async def test_epoch_bounded_phase_order_and_counts(recorder_type: type[Recorder
 @pytest.mark.parametrize("recorder_type", [SyncRecorder, AsyncRecorder], ids=["def", "async"])
 async def test_step_bounded_loop_ends_in_a_partial_epoch(recorder_type: type[Recorder]) -> None:
     recorder = recorder_type()
-    trainer = Trainer(
-        make_model(),
-        make_loader(96, 16),
-        sgd,
-        loss_fn=nn.CrossEntropyLoss(),
-        num_steps=14,
-        callbacks=[recorder],
-    )
+    trainer = make_trainer(recorder, num_steps=14)
     state = await trainer.fit()
     assert recorder.phases() == expected_phases([6, 6, 2])
     assert state.global_step == 14
@@ -55,14 +41,7 @@ async def test_step_bounded_loop_ends_in_a_partial_epoch(recorder_type: type[Rec
 
 async def test_step_bound_inside_the_first_epoch() -> None:
     recorder = SyncRecorder()
-    trainer = Trainer(
-        make_model(),
-        make_loader(96, 16),
-        sgd,
-        loss_fn=nn.CrossEntropyLoss(),
-        num_steps=3,
-        callbacks=[recorder],
-    )
+    trainer = make_trainer(recorder, num_steps=3)
     await trainer.fit()
     assert recorder.phases() == expected_phases([3])
 
