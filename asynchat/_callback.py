@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from asynchat._phase import Phase
 
@@ -44,6 +44,18 @@ class Callback:
 
     def on_loop_end(self, state: LoopState) -> Awaitable[None] | None:
         """On every way out of the loop; see the table in :class:`~asynchat.LoopBase`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in checkpoints; override it (with :meth:`load_state_dict`) to resume.
+
+        Called on the compute thread. Return tensors, numbers, strings, lists and dicts only
+        (checkpoints load with ``torch.load(weights_only=True)``). Callbacks are matched by
+        class name (``Name#1`` for a second one of the same class).
+        """
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, before the resumed loop begins."""
 
 
 class Hook(NamedTuple):

@@ -127,6 +127,7 @@ class ComputeThread:
         # Intra-op parallelism is a per-thread setting for a new thread; the compute thread
         # takes its creator's, so torch.set_num_threads(n) before fit() applies to training.
         self._num_threads = torch.get_num_threads()
+        self._on_cancel: Callable[[], None] = lambda: None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: Mailbox[tuple[_Kind, Any]] | None = None
         self._thread: threading.Thread | None = None
@@ -168,16 +169,18 @@ class ComputeThread:
         ``fn`` runs in a copy of the caller's context (so context variables set in the task
         are visible to it). Its exception propagates as itself. If the awaiting task is
         cancelled, ``on_cancel()`` is called once; ``fn``'s requests are then still served,
-        shielded, until it returns, and the cancellation is re-raised. If ``fn`` raises
+        shielded, until it returns, and the cancellation is re-raised. If the cancellation
+        interrupts a request, ``on_cancel()`` is called before the thread is released. If ``fn`` raises
         while being cancelled, that exception propagates instead.
         """
         assert self._outbox is not None, "use `async with ComputeThread(...)` first"
         context = contextvars.copy_context()
+        self._on_cancel = on_cancel
         self._inbox.put(lambda: context.run(fn))
         try:
             return await self._serve()  # type: ignore[no-any-return]
         except anyio.get_cancelled_exc_class():
-            on_cancel()
+            on_cancel()  # again if a request already did: on_cancel must be idempotent
             with anyio.CancelScope(shield=True):
                 await self._serve_until_done()
             raise
@@ -213,8 +216,9 @@ class ComputeThread:
         try:
             result = await request()
         except anyio.get_cancelled_exc_class():
-            # The request was interrupted: tell the thread it is done (and skipped), then let
-            # the cancellation reach `run`, which asks the job to end.
+            # The request was interrupted. Ask the job to end *before* releasing the thread,
+            # so it cannot start another step first; then tell it the request is done.
+            self._on_cancel()
             self._inbox.put((_Reply.VALUE, None))
             raise
         except BaseException as exc:

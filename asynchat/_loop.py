@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import anyio
 import torch
 
 from asynchat._callback import Callback, Hook, PipeBase
+from asynchat._checkpoint_io import FORMAT, VERSION, load_checkpoint
 from asynchat._compute import ComputeThread, JobCancelled
 from asynchat._device import resolve_device
 from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
 from asynchat._processor import BatchProcessor
+from asynchat._rng import capture_rng, restore_rng
+from asynchat._skip import loader_generators, skip_batches
 from asynchat._state import LoopState, LoopStatus
 from asynchat._transfer import to_host
+from asynchat._tree import map_tensors
 
 T = TypeVar("T")
 
@@ -83,6 +91,7 @@ class LoopBase(PipeBase):
         callbacks: Iterable[Callback] = (),
         prefetch: int = 2,
         name: str | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(callbacks)
         if not isinstance(model, torch.nn.Module):
@@ -118,6 +127,14 @@ class LoopBase(PipeBase):
         self._cancel_requested = False
         self._compute: ComputeThread | None = None
         self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.resumed_from: Path | None = None  # the checkpoint file actually loaded
+        # Where the loop is in its data, for checkpoints: (epoch, steps done in it, whether
+        # its data ran out), and the generator states its data order was drawn from.
+        self._position: tuple[int, int, bool] = (0, 0, False)
+        self._epoch_rng: dict[str, Any] | None = None
+        self._epoch_generators: list[torch.Tensor] = []
+        self._resume: _ResumePoint | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._status}>"
@@ -211,7 +228,98 @@ class LoopBase(PipeBase):
     def _prepare(self) -> None:
         """Get the model, optimizer and processor ready; on the compute thread, before hooks."""
         self.model.to(self.device)
+        self._configure()
         self.batch_processor.setup(self)
+        if self.resume_from is not None:
+            checkpoint, self.resumed_from = load_checkpoint(self.resume_from)
+            self.load_state_dict(checkpoint)
+
+    # -- checkpoints: on the compute thread -------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this run, copied to host memory.
+
+        Call it on the compute thread (from a ``def`` hook), where it cannot race a step:
+        model, batch processor (grad scaler), callbacks with state, metrics, counters, the
+        position in the data and every RNG state. :class:`~asynchat.Trainer` adds the
+        optimizer. The result loads with ``torch.load(weights_only=True)``.
+        """
+        state = self.state
+        epoch, steps_done, exhausted = self._position
+        checkpoint: dict[str, Any] = _to_host_copy(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "progress": {
+                    "epoch": epoch,
+                    "steps_in_epoch": steps_done,
+                    "epoch_exhausted": exhausted,
+                    "global_step": state.global_step,
+                },
+                "metrics": dict(state.metrics),
+                "model": self.model.state_dict(),
+                "processor": self.batch_processor.state_dict(),
+                "callbacks": {
+                    key: cb.state_dict() for key, cb in self._stateful_callbacks().items()
+                },
+                "rng": capture_rng(),
+                "epoch_rng": self._epoch_rng,
+                "epoch_generators": self._epoch_generators,
+                **self._extra_state(),
+            },
+            self.device,
+        )
+        return checkpoint
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the loop then resumes where it was taken."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.batch_processor.load_state_dict(checkpoint["processor"])
+        self._load_extra_state(checkpoint)
+        saved = checkpoint["callbacks"]
+        for key, callback in self._stateful_callbacks().items():
+            if key in saved:
+                callback.load_state_dict(saved[key])
+        state = self.state
+        state.metrics.update(checkpoint["metrics"])
+        progress = checkpoint["progress"]
+        state.global_step = progress["global_step"]
+        state.epoch = progress["epoch"]
+        if progress["epoch_exhausted"]:
+            # Resume at the next epoch: the generators are as they were when the checkpoint
+            # was taken, which is what the next epoch's data order is drawn from.
+            self._resume = _ResumePoint(progress["epoch"] + 1, 0, None, [], None)
+            restore_rng(checkpoint["rng"])
+        else:
+            self._resume = _ResumePoint(
+                progress["epoch"],
+                progress["steps_in_epoch"],
+                checkpoint["epoch_rng"],
+                checkpoint["epoch_generators"],
+                checkpoint["rng"],
+            )
+
+    def _stateful_callbacks(self) -> dict[str, Callback]:
+        """Callbacks that define ``state_dict``, keyed by class name (``Name#1`` for repeats)."""
+        seen: collections.Counter[str] = collections.Counter()
+        keyed: dict[str, Callback] = {}
+        for callback in self.callbacks:
+            name = type(callback).__qualname__
+            key = name if seen[name] == 0 else f"{name}#{seen[name]}"
+            seen[name] += 1
+            if type(callback).state_dict is not Callback.state_dict:
+                keyed[key] = callback
+        return keyed
+
+    def _configure(self) -> None:
+        """Subclasses build what needs the model on its device (the Trainer: its optimizer)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Subclasses add to the checkpoint here (the Trainer: its optimizer)."""
+        return {}
+
+    def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
+        """Subclasses restore what :meth:`_extra_state` added."""
 
     @contextlib.contextmanager
     def _mode(self) -> Iterator[None]:
@@ -242,15 +350,20 @@ class LoopBase(PipeBase):
 
     def _run_epochs(self) -> None:
         state = self.state
-        epochs_done = 0
+        resume, self._resume = self._resume, None
+        epochs_done = resume.epoch if resume is not None else 0
         while not self._stop_requested and not self._reached_bound(epochs_done):
             self._check_cancel()
+            skip = resume.steps_done if resume is not None and resume.epoch == epochs_done else 0
             state.epoch = epochs_done
-            state.step = 0
+            state.step = skip
             self.run_phase(Phase.ON_EPOCH_BEGIN)
-            steps = self._run_steps()
+            steps = self._run_steps(
+                resume if resume is not None and resume.epoch == epochs_done else None
+            )
+            resume = None
             self._check_cancel()  # a cancelled loop skips on_epoch_end
-            if steps == 0 and state.num_steps is not None and not self._stop_requested:
+            if steps == 0 and not skip and state.num_steps is not None and not self._stop_requested:
                 raise RuntimeError(
                     f"{self.name}: data_loader yielded no batch in epoch {state.epoch}, so "
                     f"num_steps={state.num_steps} can never be reached"
@@ -265,29 +378,54 @@ class LoopBase(PipeBase):
         assert state.num_steps is not None
         return state.global_step >= state.num_steps
 
-    def _run_steps(self) -> int:
-        """Run the steps of one epoch; return how many ran."""
+    def _run_steps(self, resume: _ResumePoint | None) -> int:
+        """Run the steps of one epoch (its remaining steps when resuming); return how many ran."""
         state = self.state
+        skip = resume.steps_done if resume is not None else 0
         limit = None if state.num_steps is None else state.num_steps - state.global_step
+        length = None if state.steps_per_epoch is None else max(0, state.steps_per_epoch - skip)
+        generators = loader_generators(self.data_loader)
+        if resume is not None and resume.epoch_rng is not None:
+            # Re-draw this epoch's data order: put the generators back as they were when it
+            # was first drawn; the skipped batches' indices are drawn, their data never read.
+            restore_rng(resume.epoch_rng)
+            for generator, saved in zip(generators, resume.epoch_generators, strict=False):
+                generator.set_state(saved)
+        self._epoch_rng = capture_rng()
+        self._epoch_generators = [g.get_state() for g in generators]
+        self._position = (state.epoch, skip, False)
+        step_rng = resume.step_rng if resume is not None else None
         steps = 0
-        with self._open_batches() as batches:
+        ran_out = False
+        with self._open_batches(skip_batches(self.data_loader, skip)) as batches:
             self._batches = batches
             try:
                 if self._end_requested():
                     return 0  # asked to end during on_epoch_begin
-                for staged, is_last in _with_last(batches, limit, state.steps_per_epoch):
-                    state.step = steps
+                for staged, is_last in _with_last(batches, limit, length):
+                    if step_rng is not None:  # the data order is drawn: now the step's RNG
+                        restore_rng(step_rng)
+                        step_rng = None
+                    state.step = skip + steps
                     state.is_last_step = is_last
                     state.batch = DeviceStager.take(staged)
                     self._run_step()
                     steps += 1
+                    self._position = (state.epoch, skip + steps, False)
                     if self._end_requested():
                         break
+                else:
+                    ran_out = (
+                        steps == length if length is not None else limit is None or steps < limit
+                    )
             except Interrupted:
                 pass  # stop() or cancellation while waiting for data
             finally:
                 self._batches = None
                 state.batch = None
+        if step_rng is not None:
+            restore_rng(step_rng)
+        self._position = (state.epoch, skip + steps, ran_out)
         return steps
 
     def _run_step(self) -> None:
@@ -297,12 +435,12 @@ class LoopBase(PipeBase):
         state.global_step += 1
         self.run_phase(Phase.ON_STEP_END)
 
-    def _open_batches(self) -> Prefetcher[Staged] | InlineBatches[Staged]:
+    def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
         stager = DeviceStager(self.device)
         if self.prefetch == 0:
-            return InlineBatches(self.data_loader, stage=stager.stage)
+            return InlineBatches(source, stage=stager.stage)
         return Prefetcher(
-            self.data_loader,
+            source,
             stage=stager.stage,
             depth=self.prefetch,
             name=f"asynchat-{self.name}-data",
@@ -315,6 +453,45 @@ class LoopBase(PipeBase):
     def _check_cancel(self) -> None:
         if self._cancel_requested:
             raise JobCancelled
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResumePoint:
+    """Where a resumed run starts: ``steps_done`` steps into ``epoch``, and the RNG states to
+    re-draw that epoch's data order (``epoch_rng``) and to continue from (``step_rng``)."""
+
+    epoch: int
+    steps_done: int
+    epoch_rng: dict[str, Any] | None
+    epoch_generators: list[torch.Tensor]
+    step_rng: dict[str, Any] | None
+
+
+def _to_host_copy(obj: Any, device: torch.device) -> Any:
+    """A copy of ``obj`` whose tensors are in host memory, detached from the live ones."""
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_cuda:  # into pinned memory, queued on the compute stream
+            return tensor.detach().to("cpu", non_blocking=True)
+        return tensor.detach().clone()
+
+    copied = map_tensors(copy, obj)
+    if device.type == "cuda":
+        # Host/device sync, on purpose: the copies above are queued on the compute stream and
+        # must have landed before the checkpoint is handed to a writer thread. This is the
+        # only pause a checkpoint causes.
+        torch.cuda.current_stream(device).synchronize()
+    _copy_metadata(obj, copied)
+    return copied
+
+
+def _copy_metadata(original: Any, copied: Any) -> None:
+    """Keep ``state_dict()._metadata`` (module versions) that a plain dict copy drops."""
+    if isinstance(original, dict) and isinstance(copied, dict):
+        if hasattr(original, "_metadata"):
+            copied._metadata = original._metadata  # type: ignore[attr-defined]
+        for key, value in original.items():
+            _copy_metadata(value, copied.get(key))
 
 
 def _with_last(

@@ -37,6 +37,13 @@ class BatchProcessor(abc.ABC):
     def setup(self, loop: LoopBase) -> None:  # noqa: B027 - optional, does nothing by default
         """Prepare for a run of ``loop`` (e.g. create a grad scaler)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in checkpoints (e.g. the grad scaler's)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Restore what :meth:`state_dict` returned; called after :meth:`setup`."""
+
     @abc.abstractmethod
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         """Run one step on ``state.batch``.
@@ -117,6 +124,13 @@ class BasicBatchProcessor(BatchProcessor):
         self._device_type = loop.device.type
         if self.amp == "fp16" and loop.training:
             self.scaler = torch.amp.GradScaler(self._device_type)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
 
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         state.batch_idx = 0

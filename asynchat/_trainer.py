@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from asynchat._callback import Callback
+from asynchat._checkpoint_io import CheckpointError
 from asynchat._loop import LoopBase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 
@@ -31,6 +33,10 @@ class Trainer(LoopBase):
         prefetch: how many batches to read and stage ahead on a data thread (0: read them on
             the compute thread).
         name: used in thread names, errors and ``repr``.
+        resume_from: a checkpoint file, or a directory whose newest valid checkpoint is used
+            (see :class:`asynchat.callbacks.Checkpoint`). Model, optimizer, grad scaler,
+            callbacks with state, counters, RNG states and the position in the data are
+            restored; ``num_epochs``/``num_steps`` count from the start of the first run.
     """
 
     training: ClassVar[bool] = True
@@ -49,6 +55,7 @@ class Trainer(LoopBase):
         callbacks: Iterable[Callback] = (),
         prefetch: int = 2,
         name: str | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         if batch_processor is None:
             if loss_fn is None:
@@ -77,6 +84,7 @@ class Trainer(LoopBase):
             callbacks=callbacks,
             prefetch=prefetch,
             name=name,
+            resume_from=resume_from,
         )
         self._optimizer = optimizer
 
@@ -89,8 +97,7 @@ class Trainer(LoopBase):
             else (self._optimizer if isinstance(self._optimizer, torch.optim.Optimizer) else None)
         )
 
-    def _prepare(self) -> None:
-        super()._prepare()
+    def _configure(self) -> None:
         optimizer = self._optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(self.model)
@@ -99,6 +106,18 @@ class Trainer(LoopBase):
                     f"the optimizer factory must return a torch.optim.Optimizer, got {optimizer!r}"
                 )
         self.state.optimizer = optimizer
+
+    def _extra_state(self) -> dict[str, Any]:
+        assert self.state.optimizer is not None
+        return {"optimizer": self.state.optimizer.state_dict()}
+
+    def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
+        if "optimizer" not in checkpoint:
+            raise CheckpointError(
+                "the checkpoint has no optimizer state; was it saved by a Predictor?"
+            )
+        assert self.state.optimizer is not None
+        self.state.optimizer.load_state_dict(checkpoint["optimizer"])
 
 
 class Predictor(LoopBase):

@@ -169,6 +169,10 @@ class CancelAfter(Callback):
     async def on_step_end(self, state: LoopState) -> None:
         if state.global_step == self.at:
             self.scope.cancel()
+            # The cancellation is delivered at the next await, where it interrupts this hook;
+            # the loop then ends before another step. (Returning without an await would let
+            # the compute thread start the next step first.)
+            await anyio.lowlevel.checkpoint()
 
 
 async def test_cancellation_runs_on_loop_end_and_reraises() -> None:

@@ -1,0 +1,95 @@
+"""Resuming inside an epoch: skip the batches already trained on without loading them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+class _SkipFirst:
+    """A sampler (or batch sampler) without its first ``count`` items: indices, not data."""
+
+    def __init__(self, sampler: Iterable[Any], count: int) -> None:
+        self.sampler = sampler
+        self.count = count
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = iter(self.sampler)  # draws the epoch's permutation, exactly as before
+        for _ in itertools.islice(indices, self.count):
+            pass
+        return indices
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.count)  # type: ignore[arg-type]
+
+
+class _Islice:
+    """Any re-iterable without its first ``count`` items (reads and drops them)."""
+
+    def __init__(self, iterable: Iterable[Any], count: int) -> None:
+        self.iterable = iterable
+        self.count = count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.iterable), self.count, None)
+
+
+def skip_batches(data_loader: Iterable[Any], count: int) -> Iterable[Any]:
+    """``data_loader`` without its first ``count`` batches.
+
+    A map-style ``DataLoader`` skips them in its sampler, so their data is never loaded or
+    collated; a sequence is sliced; anything else (an ``IterableDataset``, a generator-backed
+    iterable) is read and the first batches dropped.
+    """
+    if count == 0:
+        return data_loader
+    if isinstance(data_loader, DataLoader) and not isinstance(data_loader.dataset, IterableDataset):
+        return _clone_skipping(data_loader, count)
+    if isinstance(data_loader, Sequence):
+        return data_loader[count:]
+    return _Islice(data_loader, count)
+
+
+def _clone_skipping(loader: DataLoader[Any], count: int) -> DataLoader[Any]:
+    kwargs: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        # The same generator object: the base seed and the permutation are drawn from it in
+        # the same order as in an un-skipped epoch.
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+    }
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    if loader.batch_sampler is not None:
+        return DataLoader(
+            loader.dataset, batch_sampler=_SkipFirst(loader.batch_sampler, count), **kwargs
+        )
+    return DataLoader(
+        loader.dataset, batch_size=None, sampler=_SkipFirst(loader.sampler, count), **kwargs
+    )
+
+
+def loader_generators(data_loader: Iterable[Any]) -> list[torch.Generator]:
+    """The generators a DataLoader draws its order and worker seeds from, if it has its own."""
+    if not isinstance(data_loader, DataLoader):
+        return []
+    found: list[torch.Generator] = []
+    for owner in (
+        data_loader,
+        data_loader.sampler,
+        getattr(data_loader.batch_sampler, "sampler", None),
+    ):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
