@@ -168,10 +168,10 @@ class ComputeThread:
 
         ``fn`` runs in a copy of the caller's context (so context variables set in the task
         are visible to it). Its exception propagates as itself. If the awaiting task is
-        cancelled, ``on_cancel()`` is called once; ``fn``'s requests are then still served,
-        shielded, until it returns, and the cancellation is re-raised. If the cancellation
-        interrupts a request, ``on_cancel()`` is called before the thread is released. If ``fn`` raises
-        while being cancelled, that exception propagates instead.
+        cancelled, ``on_cancel()`` is called (before the thread is released, if the
+        cancellation interrupts one of its requests); ``fn``'s requests are then still served,
+        shielded, until it returns, and the cancellation is re-raised. If ``fn`` raises while
+        being cancelled, that exception propagates instead.
         """
         assert self._outbox is not None, "use `async with ComputeThread(...)` first"
         context = contextvars.copy_context()

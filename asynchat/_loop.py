@@ -411,7 +411,6 @@ class LoopBase(PipeBase):
                     state.batch = DeviceStager.take(staged)
                     self._run_step()
                     steps += 1
-                    self._position = (state.epoch, skip + steps, False)
                     if self._end_requested():
                         break
                 else:
@@ -433,6 +432,7 @@ class LoopBase(PipeBase):
         self.run_phase(Phase.ON_STEP_BEGIN)
         self.batch_processor.step(state, self.run_phase)
         state.global_step += 1
+        self._position = (state.epoch, state.step + 1, False)  # a checkpoint now resumes after it
         self.run_phase(Phase.ON_STEP_END)
 
     def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:

@@ -18,10 +18,13 @@ class _SkipFirst:
         self.count = count
 
     def __iter__(self) -> Iterator[Any]:
-        indices = iter(self.sampler)  # draws the epoch's permutation, exactly as before
+        # A generator, so nothing is drawn before the first batch is asked for: a DataLoader
+        # draws its workers' base seed when iterated and the sampler's order at the first
+        # batch, and a resumed epoch must draw them in that same order.
+        indices = iter(self.sampler)
         for _ in itertools.islice(indices, self.count):
             pass
-        return indices
+        yield from indices
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.count)  # type: ignore[arg-type]

@@ -1,0 +1,270 @@
+"""Checkpoint and resume: exactness, atomicity, fallbacks, retention, every way out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_trainer
+from torch import nn
+
+from asynchat import Callback, LoopState
+from asynchat.callbacks import Checkpoint, CheckpointError, CheckpointWarning, load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_job(mode: str, out: Path, total: int, k: int, directory: Path, shuffle: str) -> None:
+    subprocess.run(
+        [sys.executable, str(HERE / "resume_job.py"), mode, str(out), str(total), str(k),
+         str(directory), shuffle],
+        check=True, timeout=300, cwd=HERE,
+    )  # fmt: skip
+
+
+def assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path} keys differ"
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("k", "shuffle"),
+    [(5, "global"), (6, "generator"), (9, "generator"), (12, "global")],
+    ids=["mid-epoch-global-rng", "epoch-boundary-generator", "mid-epoch-2-generator",
+         "epoch-boundary-2-global-rng"],
+)  # fmt: skip
+def test_resume_in_a_new_process_is_bitwise_exact(tmp_path: Path, k: int, shuffle: str) -> None:
+    """N steps straight == k steps, checkpoint, stop, resume in a new process up to N."""
+    total = 16  # 6 steps an epoch: the run ends inside its third epoch
+    out, directory = tmp_path / "result", tmp_path / "checkpoints"
+    run_job("straight+first", out, total, k, directory, shuffle)
+    run_job("resume", out, total, k, directory, shuffle)
+    straight = torch.load(f"{out}.straight", weights_only=True)
+    first = torch.load(f"{out}.first", weights_only=True)
+    resumed = torch.load(f"{out}.resume", weights_only=True)
+    assert first["global_step"] == k
+    assert resumed["global_step"] == straight["global_step"] == total
+    assert_bitwise_equal(resumed["model"], straight["model"], "model")
+    assert_bitwise_equal(resumed["optimizer"], straight["optimizer"], "optimizer")
+    assert_bitwise_equal(resumed["counter"], straight["counter"], "callback state")
+    assert_bitwise_equal(resumed["torch_rng"], straight["torch_rng"], "torch RNG")
+
+
+def read_manifest(directory: Path) -> list[dict[str, Any]]:
+    return json.loads((directory / "manifest.json").read_text())["checkpoints"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.anyio
+async def test_every_n_steps_writes_loadable_checkpoints_with_a_manifest(tmp_path: Path) -> None:
+    checkpoint = Checkpoint(tmp_path, every_n_steps=4, keep_last=10, save_on_end=True)
+    await make_trainer(checkpoint, num_epochs=2).fit()  # 12 steps
+    entries = read_manifest(tmp_path)
+    assert [e["global_step"] for e in entries] == [4, 8, 12]
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "step-000000004.ckpt", "step-000000008.ckpt", "step-000000012.ckpt",
+    ]  # fmt: skip
+    assert checkpoint.checkpoints == [tmp_path / e["file"] for e in entries]
+    for entry in entries:
+        data = torch.load(tmp_path / entry["file"], weights_only=True)
+        assert data["progress"]["global_step"] == entry["global_step"]
+        assert len(entry["sha256"]) == 64 and entry["bytes"] > 0
+    final = torch.load(tmp_path / "step-000000012.ckpt", weights_only=True)
+    # Taken at the last step's on_step_end: the epoch's on_epoch_end has not run yet, so a
+    # resumed run re-enters the epoch (with nothing left to read) and runs it.
+    assert final["progress"] == {
+        "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": False, "global_step": 12,
+    }  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_every_n_epochs_saves_after_the_epoch(tmp_path: Path) -> None:
+    await make_trainer(Checkpoint(tmp_path, every_n_epochs=2, save_on_end=False)).fit()
+    (entry,) = read_manifest(tmp_path)
+    data = torch.load(tmp_path / entry["file"], weights_only=True)
+    assert data["progress"] == {
+        "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": True, "global_step": 12,
+    }  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_keep_last_and_keep_best(tmp_path: Path) -> None:
+    scores = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6, 5: 0.4, 6: 0.3}
+
+    class Score(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            state.metrics["val/accuracy"] = scores[state.global_step]
+
+    checkpoint = Checkpoint(
+        tmp_path, every_n_steps=1, keep_last=2, monitor="val/accuracy", mode="max",
+        keep_best=2, save_on_end=False,
+    )  # fmt: skip
+    await make_trainer(Score(), checkpoint, num_epochs=1).fit()
+    kept = [e["global_step"] for e in read_manifest(tmp_path)]
+    assert kept == [2, 3, 5, 6]  # best two (0.9, 0.7) and last two
+    assert sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("*.ckpt")) == kept
+
+
+@pytest.mark.anyio
+async def test_save_on_end_after_stop_and_cancellation_but_not_after_an_error(
+    tmp_path: Path,
+) -> None:
+    class StopAt3(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                state.loop.stop()
+
+    await make_trainer(StopAt3(), Checkpoint(tmp_path / "stop")).fit()
+    assert [e["global_step"] for e in read_manifest(tmp_path / "stop")] == [3]
+
+    class Cancel(Callback):
+        def __init__(self, scope: anyio.CancelScope) -> None:
+            self.scope = scope
+
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 4:
+                self.scope.cancel()
+                await anyio.lowlevel.checkpoint()
+
+    with anyio.CancelScope() as scope:
+        await make_trainer(Cancel(scope), Checkpoint(tmp_path / "cancel")).fit()
+    assert scope.cancelled_caught
+    assert [e["global_step"] for e in read_manifest(tmp_path / "cancel")] == [4]
+
+    class Fail(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 2:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await make_trainer(Fail(), Checkpoint(tmp_path / "error")).fit()
+    assert not list((tmp_path / "error").glob("*.ckpt"))
+
+
+@pytest.mark.anyio
+async def test_a_failing_write_is_raised_not_dropped(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    checkpoint = Checkpoint(tmp_path, every_n_steps=2, save_on_end=False)
+    checkpoint.save_dir = blocker  # writes into a file path: they fail on the writer thread
+    trainer = make_trainer(checkpoint, num_epochs=1)
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        await trainer.fit()
+
+
+def make_checkpoints(directory: Path, steps: int = 6) -> None:
+    anyio.run(
+        make_trainer(Checkpoint(directory, every_n_steps=2, keep_last=5), num_steps=steps).fit
+    )
+
+
+def test_corrupt_or_truncated_newest_checkpoint_falls_back(tmp_path: Path) -> None:
+    make_checkpoints(tmp_path)
+    newest = tmp_path / "step-000000006.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with pytest.warns(CheckpointWarning, match="step-000000006.ckpt does not match its manifest"):
+        checkpoint, file = load_checkpoint(tmp_path)
+    assert file.name == "step-000000004.ckpt" and checkpoint["progress"]["global_step"] == 4
+
+    (tmp_path / "manifest.json").unlink()  # without a manifest, the files are tried by name
+    with pytest.warns(CheckpointWarning, match="step-000000006.ckpt is not a loadable checkpoint"):
+        _, file = load_checkpoint(tmp_path)
+    assert file.name == "step-000000004.ckpt"
+
+
+def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(tmp_path: Path) -> None:
+    make_checkpoints(tmp_path)
+    (tmp_path / "step-000000006.ckpt").write_bytes(b"garbage")
+    trainer = make_trainer(num_steps=8, resume_from=tmp_path)
+    with pytest.warns(CheckpointWarning):
+        state = anyio.run(trainer.fit)
+    assert trainer.resumed_from == tmp_path / "step-000000004.ckpt"
+    assert state.global_step == 8
+
+
+def test_no_valid_checkpoint_and_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint .*holds no checkpoint"):
+        load_checkpoint(tmp_path)
+    weights = tmp_path / "weights.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), weights)
+    with pytest.raises(CheckpointError, match=r"weights\.pt is not an asynchat checkpoint"):
+        load_checkpoint(weights)
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    trainer = make_trainer(num_steps=2, resume_from=weights)
+    with pytest.raises(CheckpointError, match="not an asynchat checkpoint"):
+        anyio.run(trainer.fit)
+
+
+def test_bad_checkpoint_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="every_n_steps must be a positive int or None, got 0"):
+        Checkpoint(tmp_path, every_n_steps=0)
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max', got 'best'"):
+        Checkpoint(tmp_path, mode="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keep_last must be an int >= 0, got -1"):
+        Checkpoint(tmp_path, keep_last=-1)
+    with pytest.raises(ValueError, match="Checkpoint never saves"):
+        Checkpoint(tmp_path, save_on_end=False)
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+import torch
+from asynchat._checkpoint_io import atomic_write, serialize
+directory = Path(sys.argv[1])
+payload = {"format": "asynchat-checkpoint", "version": 1, "weights": torch.randn(8_000_000)}
+step = 0
+while True:
+    step += 1
+    payload["step"] = step
+    data, _ = serialize(payload)
+    atomic_write(directory / f"step-{step:09d}.ckpt", data)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.23, 0.61])
+def test_a_writer_killed_mid_write_leaves_complete_checkpoints_only(
+    tmp_path: Path, delay: float
+) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # one checkpoint is complete
+        assert first.strip() == "1"
+        time.sleep(delay)  # then kill it somewhere inside a later write (32 MB each)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        completed = [1, *map(int, process.stdout.read().split())]
+    assert process.returncode == -signal.SIGKILL
+    finals = sorted(tmp_path.glob("*.ckpt"))
+    steps = [int(p.stem.split("-")[1]) for p in finals]
+    # Every write reported complete is there; at most one more was renamed before the kill.
+    assert set(completed) <= set(steps) <= {*completed, max(completed) + 1}
+    for file in finals:  # every file under a final name is complete and loadable
+        data = torch.load(file, weights_only=True)
+        assert data["weights"].numel() == 8_000_000
+    leftovers = [p.name for p in tmp_path.iterdir() if p.suffix != ".ckpt"]
+    assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers)
