@@ -36,6 +36,9 @@ class Callback:
     def on_batch_end(self, state: LoopState) -> Awaitable[None] | None:
         """After each batch's forward (and backward), before the optimizer update."""
 
+    def on_before_update(self, state: LoopState) -> Awaitable[None] | None:
+        """When an optimizer update is due: gradients complete (and unscaled), before the step."""
+
     def on_step_end(self, state: LoopState) -> Awaitable[None] | None:
         """After the step's optimizer update (when one was due)."""
 

@@ -228,13 +228,17 @@ class ComputeThread:
 
     # -- compute thread side ---------------------------------------------------------------
 
+    def on_thread(self) -> bool:
+        """Whether the caller is running on this compute thread."""
+        return threading.current_thread() is self._thread
+
     def call_async(self, fn: Callable[[], Awaitable[T]]) -> T:
         """From the running job: await ``fn()`` on the event loop and return its result.
 
         Blocks this thread until the event loop has awaited it; an exception it raises is
         raised here as itself.
         """
-        assert threading.current_thread() is self._thread, "call_async is for the compute thread"
+        assert self.on_thread(), "call_async is for the compute thread"
         assert self._outbox is not None
         self._outbox.put((_Kind.REQUEST, fn))
         outcome, value = self._inbox.get()
@@ -254,10 +258,17 @@ class ComputeThread:
         outbox.put((_Kind.DONE, None))
         while (job := self._inbox.get()) is not _STOP:
             try:
-                outbox.put((_Kind.DONE, (_Reply.VALUE, job())))
+                result = (_Reply.VALUE, job())
             except BaseException as exc:
-                outbox.put((_Kind.DONE, (_Reply.ERROR, exc)))
+                result = (_Reply.ERROR, exc)
             del job
+            if self.stream is not None:
+                # Host/device sync, once per job, on this thread (never the event loop's):
+                # the job's kernels must be done before another thread's stream uses what
+                # they wrote (the next loop on this device, a checkpoint reader).
+                self.stream.synchronize()
+            outbox.put((_Kind.DONE, result))
+            del result
         outbox.put((_Kind.EXITED, None))
 
     def _select_device(self) -> None:
@@ -265,5 +276,9 @@ class ComputeThread:
             # Current device and stream are per thread: this thread computes on its own
             # stream, leaving the default stream free and letting copy streams overlap.
             torch.cuda.set_device(self.device)
+            # Host/device sync, once per loop, on this new thread: work that other threads
+            # queued on their streams (a loop that ran before, the model's .to(device)) must
+            # be done before this thread's own stream reads its results.
+            torch.cuda.synchronize(self.device)
             self.stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(self.stream)

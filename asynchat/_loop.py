@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -125,6 +126,7 @@ class LoopBase(PipeBase):
         self._status = LoopStatus.CREATED
         self._stop_requested = False
         self._cancel_requested = False
+        self._parent: LoopBase | None = None  # the loop this one runs inside (run_inline)
         self._compute: ComputeThread | None = None
         self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
         self.resume_from = Path(resume_from) if resume_from is not None else None
@@ -195,6 +197,39 @@ class LoopBase(PipeBase):
         self._status = LoopStatus.FINISHED
         return self.state
 
+    def run_inline(self, parent: LoopBase) -> LoopState:
+        """Run this loop to its end on the compute thread of the running loop ``parent``.
+
+        For ``def`` hooks that run a loop inside another, e.g. validation between a
+        trainer's steps: no thread is started, the model stays on its device and stream, and
+        this loop's ``async def`` hooks are awaited through ``parent``'s event loop. It ends
+        early (raising the parent's cancellation) if ``parent`` is cancelled.
+        """
+        compute = parent._compute
+        if compute is None or not compute.on_thread():
+            raise RuntimeError(
+                f"{self.name}.run_inline({parent.name}) must be called from a def hook of the "
+                f"running loop {parent.name} (on its compute thread); from async code use "
+                "`await loop.fit()`"
+            )
+        if self._status is not LoopStatus.CREATED:
+            raise RuntimeError(f"{self.name}: a loop runs once (status {self._status})")
+        self._status = LoopStatus.RUNNING
+        self._parent = parent
+        self._compute = compute
+        try:
+            self._run()
+        except JobCancelled:
+            self._status = LoopStatus.CANCELLED
+            raise
+        except BaseException:
+            self._status = LoopStatus.FAILED
+            raise
+        finally:
+            self._compute = None
+        self._status = LoopStatus.FINISHED
+        return self.state
+
     def _request_cancel(self) -> None:
         self._cancel_requested = True
         self.state.stop_reason = "cancelled"
@@ -207,7 +242,7 @@ class LoopBase(PipeBase):
             batches.interrupt()
 
     async def _await_hook(self, hook: Hook, phase: Phase) -> None:
-        if self._cancel_requested and phase is not Phase.ON_LOOP_END:
+        if self._cancelling() and phase is not Phase.ON_LOOP_END:
             return  # a cancelled loop skips the async hooks it has not started
         await hook.fn(self.state)  # type: ignore[misc]
 
@@ -402,7 +437,9 @@ class LoopBase(PipeBase):
             try:
                 if self._end_requested():
                     return 0  # asked to end during on_epoch_begin
+                waiting_since = time.perf_counter()
                 for staged, is_last in _with_last(batches, limit, length):
+                    state.data_time = time.perf_counter() - waiting_since
                     if step_rng is not None:  # the data order is drawn: now the step's RNG
                         restore_rng(step_rng)
                         step_rng = None
@@ -413,6 +450,7 @@ class LoopBase(PipeBase):
                     steps += 1
                     if self._end_requested():
                         break
+                    waiting_since = time.perf_counter()
                 else:
                     ran_out = (
                         steps == length if length is not None else limit is None or steps < limit
@@ -446,12 +484,16 @@ class LoopBase(PipeBase):
             name=f"asynchat-{self.name}-data",
         )
 
+    def _cancelling(self) -> bool:
+        parent = self._parent
+        return self._cancel_requested or (parent is not None and parent._cancelling())
+
     def _end_requested(self) -> bool:
         """Whether stop() or a cancellation asks the loop to end (read between steps)."""
-        return self._stop_requested or self._cancel_requested
+        return self._stop_requested or self._cancelling()
 
     def _check_cancel(self) -> None:
-        if self._cancel_requested:
+        if self._cancelling():
             raise JobCancelled
 
 

@@ -136,7 +136,7 @@ class BasicBatchProcessor(BatchProcessor):
         state.batch_idx = 0
         self.run_batch(state, state.batch, self.loss_fn, run_phase)
         if state.training:
-            self.update_if_due(state)
+            self.update_if_due(state, run_phase)
 
     # -- the pieces, shared with MultiBatchProcessor ---------------------------------------
 
@@ -168,13 +168,18 @@ class BasicBatchProcessor(BatchProcessor):
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         run_phase(Phase.ON_BATCH_END)
 
-    def update_if_due(self, state: LoopState) -> None:
-        """Step the optimizer and zero its gradients if this step ends an accumulation."""
+    def update_if_due(self, state: LoopState, run_phase: RunPhase) -> None:
+        """If this step ends an accumulation: ``on_before_update``, optimizer step, zero grads."""
         due = state.is_last_step or (state.step + 1) % self.grad_accumulation_steps == 0
         if not due:
             return
         optimizer = state.optimizer
         assert optimizer is not None
+        if self.scaler is not None:
+            # Hooks at on_before_update see true gradients (clipping needs them); scaler.step
+            # knows they are unscaled already and does not unscale them again.
+            self.scaler.unscale_(optimizer)
+        run_phase(Phase.ON_BEFORE_UPDATE)
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -253,4 +258,4 @@ class MultiBatchProcessor(BasicBatchProcessor):
         state.outputs = tuple(outputs)
         state.loss = torch.stack(losses).sum() if losses else None
         if state.training:
-            self.update_if_due(state)
+            self.update_if_due(state, run_phase)

@@ -50,6 +50,9 @@ class LoopState:
     - ``batch_idx``: index of the current batch within the step (always 0 for
       :class:`~asynchat.BasicBatchProcessor`).
 
+    ``data_time`` is how long the current step waited for its batch (seconds), for
+    :class:`~asynchat.callbacks.StatsMonitor`.
+
     ``batch``, ``outputs`` and ``loss`` hold device tensors. Reading their values on the host
     from an ``async def`` hook goes through ``await state.loop.to_host(...)``, which never
     blocks the event loop.
@@ -68,6 +71,7 @@ class LoopState:
     global_step: int = 0
     batch_idx: int = 0
     is_last_step: bool = False
+    data_time: float = 0.0
     batch: Any = None
     outputs: Any = None
     loss: torch.Tensor | None = None

@@ -65,3 +65,35 @@ async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
 
 def _clone_detached(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone()
+
+
+class PendingCopy:
+    """A device-to-host copy of one tensor in flight, for ``def`` hooks on the compute thread.
+
+    Started with :func:`start_host_copy`; :meth:`ready` asks without blocking whether it has
+    landed, :meth:`value` returns it (waiting only if it has not).
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self._event: torch.cuda.Event | None = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)  # queued on the current stream
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.clone()
+
+    def ready(self) -> bool:
+        return self._event is None or bool(self._event.query())
+
+    def value(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()  # host sync, only if asked before the copy landed
+        return self._host
+
+
+def start_host_copy(tensor: torch.Tensor) -> PendingCopy:
+    """Start copying ``tensor`` to the host without waiting for it (see :class:`PendingCopy`)."""
+    return PendingCopy(tensor)

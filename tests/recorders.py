@@ -55,14 +55,18 @@ SyncRecorder = type("SyncRecorder", (Recorder,), {p: _make_sync(p) for p in ALL_
 AsyncRecorder = type("AsyncRecorder", (Recorder,), {p: _make_async(p) for p in ALL_PHASES})
 
 
-def expected_phases(steps_per_epoch: list[int], batches_per_step: int = 1) -> list[str]:
-    """The phase sequence of a loop whose epochs ran the given numbers of steps."""
+def expected_phases(
+    steps_per_epoch: list[int], batches_per_step: int = 1, *, training: bool = True
+) -> list[str]:
+    """The phase sequence of a loop whose epochs ran the given numbers of steps (each step
+    of a trainer ending in an optimizer update)."""
     out = ["on_loop_begin"]
     for steps in steps_per_epoch:
         out.append("on_epoch_begin")
         for _ in range(steps):
             out.append("on_step_begin")
             out += ["on_batch_begin", "on_batch_end"] * batches_per_step
+            out += ["on_before_update"] if training else []
             out.append("on_step_end")
         out.append("on_epoch_end")
     out.append("on_loop_end")

@@ -137,7 +137,7 @@ async def test_predictor_runs_one_epoch_of_phases() -> None:
     recorder = AsyncRecorder()
     predictor = Predictor(make_model(), make_loader(40, 16), callbacks=[recorder])
     state = await predictor.fit()
-    assert recorder.phases() == expected_phases([3])
+    assert recorder.phases() == expected_phases([3], training=False)
     assert state.global_step == 3
 
 

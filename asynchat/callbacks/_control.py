@@ -1,0 +1,116 @@
+"""EarlyStopping and TerminateOnNaN: decisions that end the loop."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+
+from asynchat._callback import Callback
+from asynchat._state import LoopState
+
+
+class EarlyStopping(Callback):
+    """Stops the loop when ``state.metrics[monitor]`` has not improved for ``patience`` checks.
+
+    Checked at the end of each epoch (list it after the :class:`Validation` that publishes the
+    metric). An improvement is a change beyond ``min_delta`` in the direction of ``mode``.
+    The loop ends through ``stop()``, so ``fit()`` returns normally, with
+    ``state.stop_reason`` saying why. Its state is kept in checkpoints.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        *,
+        patience: int = 3,
+        mode: Literal["min", "max"] = "min",
+        min_delta: float = 0.0,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive int, got {patience!r}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.mode = mode
+        self.min_delta = min_delta
+        self.best: float | None = None
+        self.bad_checks = 0
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if self.monitor not in state.metrics:
+            raise KeyError(
+                f"EarlyStopping(monitor={self.monitor!r}): no such metric at the end of epoch "
+                f"{state.epoch}; known: {sorted(state.metrics)}. Put the callback that publishes "
+                "it (e.g. Validation) before EarlyStopping"
+            )
+        value = state.metrics[self.monitor]
+        if self.best is None or self._improved(value, self.best):
+            self.best, self.bad_checks = value, 0
+            return
+        self.bad_checks += 1
+        if self.bad_checks >= self.patience:
+            state.loop.stop(
+                f"early stopping: {self.monitor} did not improve on {self.best:.6g} for "
+                f"{self.patience} epoch(s)"
+            )
+
+    def _improved(self, value: float, best: float) -> bool:
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_checks": self.bad_checks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.bad_checks = state_dict["best"], state_dict["bad_checks"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class TerminateOnNaN(Callback):
+    """Ends the loop with :class:`NonFiniteLossError` when the loss becomes NaN or infinite.
+
+    Each step's check stays on the device (no host sync): the first bad step is recorded in
+    a device tensor. The host looks every ``check_every_n_steps`` steps and at each epoch's
+    end, so the error (naming the first bad step) comes at most that many steps late.
+    """
+
+    def __init__(self, *, check_every_n_steps: int = 20) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps!r}")
+        self.check_every_n_steps = check_every_n_steps
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=state.device)
+        self.first_value = torch.zeros((), device=state.device)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.loss is None:
+            return
+        loss = state.loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(new, state.global_step, self.first_bad)
+        self.first_value = torch.where(new, loss, self.first_value)
+        if state.global_step % self.check_every_n_steps == 0:
+            self.check(state)
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.check(state)
+
+    def check(self, state: LoopState) -> None:
+        step = int(self.first_bad)  # host sync, every check_every_n_steps steps
+        if step >= 0:
+            value = float(self.first_value)
+            kind = "NaN" if math.isnan(value) else "infinite"
+            raise NonFiniteLossError(
+                f"the loss became {kind} ({value}) at global step {step} (epoch {state.epoch}); "
+                "lower the learning rate, clip gradients (GradClip) or check the data"
+            )

@@ -1,0 +1,119 @@
+"""Loggers: TensorBoard event files and JSON Lines, fed without per-step host syncs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from asynchat._callback import Callback
+from asynchat._state import LoopState
+from asynchat._transfer import PendingCopy, start_host_copy
+
+
+class ScalarLogger(Callback):
+    """Base for loggers: the loss every ``every_n_steps`` steps, ``state.metrics`` per epoch.
+
+    The loss is brought to the host with a non-blocking copy started on the compute thread and
+    written once it has landed (checked without blocking at later steps, and waited for at
+    the end of each epoch), so logging costs no host/device sync per step. Subclasses
+    implement :meth:`write` and :meth:`close`.
+    """
+
+    def __init__(self, *, every_n_steps: int = 10, prefix: str = "train/") -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self._pending: list[tuple[int, PendingCopy]] = []
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.loss is not None and state.global_step % self.every_n_steps == 0:
+            self._pending.append((state.global_step, start_host_copy(state.loss)))
+        self._flush(wait=False)
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self._flush(wait=True)
+        if state.metrics:
+            self.write(state.global_step, dict(state.metrics))
+
+    def on_loop_end(self, state: LoopState) -> None:
+        try:
+            self._flush(wait=True)
+        finally:
+            self.close()
+
+    def _flush(self, *, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].ready()):
+            step, copy = self._pending.pop(0)
+            self.write(step, {self.prefix + "loss": float(copy.value())})
+
+
+class TensorBoardLogger(ScalarLogger):
+    """Writes scalars to TensorBoard event files in ``log_dir``.
+
+    Uses ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` package), whose
+    own thread writes the event files, so neither the event loop nor the compute thread waits
+    on the disk.
+    """
+
+    def __init__(
+        self, log_dir: str | os.PathLike[str], *, every_n_steps: int = 10, prefix: str = "train/"
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix)
+        self.log_dir = Path(log_dir)
+        self._writer: Any = None
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(self.log_dir))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class JSONLinesLogger(ScalarLogger):
+    """Appends one JSON object per log to ``path``.
+
+    Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, every_n_steps: int = 10, prefix: str = "train/"
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix)
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        super().on_epoch_end(state)
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,94 @@
+"""MetricUpdater: torchmetrics metrics updated on the compute thread, without per-step syncs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from asynchat._callback import Callback
+from asynchat._processor import split_batch
+from asynchat._state import LoopState
+
+if TYPE_CHECKING:
+    import torchmetrics
+
+Select = Callable[[LoopState], tuple[Any, Any]]
+
+
+def outputs_and_targets(state: LoopState) -> tuple[Any, Any]:
+    """``(state.outputs, targets of state.batch)``: what most metrics are updated with."""
+    _, targets = split_batch(state.batch)
+    return state.outputs, targets
+
+
+class MetricUpdater(Callback):
+    """Updates ``torchmetrics`` metrics at ``on_batch_end`` and publishes them to ``state.metrics``.
+
+    Updates run on the compute thread and stay on the device. Values are computed (one host
+    sync, on the compute thread) every ``log_every_n_steps`` steps, if given, and at the end of
+    each epoch, then published as ``state.metrics[prefix + name]``; the metrics are reset at the
+    start of each epoch.
+
+    Args:
+        metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10), ...}``;
+            moved to the loop's device when the loop begins.
+        prefix: prepended to each name in ``state.metrics`` (``"train/"``).
+        log_every_n_steps: also compute every n steps (an epoch-so-far value).
+        select: ``select(state) -> (preds, target)`` for ``metric.update``; default
+            ``(state.outputs, targets of the batch)``.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, torchmetrics.Metric],
+        *,
+        prefix: str = "train/",
+        log_every_n_steps: int | None = None,
+        select: Select = outputs_and_targets,
+    ) -> None:
+        import torchmetrics
+
+        if not metrics:
+            raise ValueError("metrics must name at least one torchmetrics.Metric")
+        for name, metric in metrics.items():
+            if not isinstance(metric, torchmetrics.Metric):
+                raise TypeError(f"metrics[{name!r}] must be a torchmetrics.Metric, got {metric!r}")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps!r}")
+        self.metrics = dict(metrics)
+        self.prefix = prefix
+        self.log_every_n_steps = log_every_n_steps
+        self.select = select
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        for metric in self.metrics.values():
+            metric.to(state.device)
+
+    def on_epoch_begin(self, state: LoopState) -> None:
+        self.reset()
+
+    def on_batch_end(self, state: LoopState) -> None:
+        preds, target = self.select(state)
+        for metric in self.metrics.values():
+            metric.update(preds, target)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.log_every_n_steps is not None and state.global_step % self.log_every_n_steps == 0:
+            self.publish(state)
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.publish(state)
+
+    def publish(self, state: LoopState) -> dict[str, float]:
+        """Compute every metric and put the values into ``state.metrics``."""
+        values = {
+            self.prefix + name: float(metric.compute())  # host sync: once per publish
+            for name, metric in self.metrics.items()
+            if metric.update_called
+        }
+        state.metrics.update(values)
+        return values
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()

@@ -1,0 +1,162 @@
+"""Callbacks that act on the model: ExponentialMovingAverage, GradClip, FreezeModule."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from asynchat._callback import Callback
+from asynchat._loop import LoopBase
+from asynchat._state import LoopState
+
+
+class ExponentialMovingAverage(Callback):
+    """Keeps an exponential moving average of the model's parameters and buffers.
+
+    After each step (on the compute thread, with fused ``foreach`` ops on the device):
+    ``ema = decay * ema + (1 - decay) * weights``. Buffers (BatchNorm statistics) are copied.
+    ``Validation(use_ema=True)`` validates the averaged weights; :meth:`swapped_in` swaps them
+    into the model for any other use, and :meth:`copy_to` writes them for good. The average
+    is kept in checkpoints.
+
+    Args:
+        decay: weight of the old average, in [0, 1).
+        every_n_steps: update every n steps.
+        warmup: ramp the decay as ``min(decay, (1 + n) / (10 + n))`` over the first updates,
+            so early averages are not dominated by the random initialization.
+    """
+
+    def __init__(
+        self, decay: float = 0.999, *, every_n_steps: int = 1, warmup: bool = True
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps!r}")
+        self.decay = decay
+        self.every_n_steps = every_n_steps
+        self.warmup = warmup
+        self.updates = 0
+        self.shadow: list[torch.Tensor] = []
+        self._loaded: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def find(loop: LoopBase) -> ExponentialMovingAverage:
+        for callback in loop.callbacks:
+            if isinstance(callback, ExponentialMovingAverage):
+                return callback
+        raise LookupError(
+            f"{loop.name} has no ExponentialMovingAverage callback; add one to use_ema=True"
+        )
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        live = self._tensors(state.model)
+        if self._loaded is not None:
+            self.shadow = [t.to(state.device) for t in self._loaded]
+            self._loaded = None
+        elif not self.shadow:
+            self.shadow = [t.detach().clone() for t in live]
+
+    @torch.no_grad()
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step % self.every_n_steps:
+            return
+        self.updates += 1
+        decay = (
+            min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        )
+        live = [t.detach() for t in self._tensors(state.model)]
+        torch._foreach_lerp_(self.shadow, live, 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Use the averaged weights inside the block; the model's own come back after."""
+        live = self._tensors(model)
+        saved = [t.detach().clone() for t in live]
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, saved)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's weights with the average."""
+        torch._foreach_copy_(self._tensors(model), self.shadow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": [t.detach().clone() for t in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = list(state_dict["shadow"])
+        self.updates = state_dict["updates"]
+
+
+class GradClip(Callback):
+    """Clips the gradient norm to ``max_norm`` before each optimizer update.
+
+    Runs at ``on_before_update``, where fp16 gradients are already unscaled, so the norm is
+    the true one. ``state.metrics["grad_norm"]`` is not published: reading the norm would be a
+    host sync every step (``torch.nn.utils.clip_grad_norm_`` itself does not sync).
+    """
+
+    def __init__(self, max_norm: float, *, norm_type: float = 2.0) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self.last_norm: torch.Tensor | None = None
+
+    def on_before_update(self, state: LoopState) -> None:
+        self.last_norm = torch.nn.utils.clip_grad_norm_(
+            state.model.parameters(), self.max_norm, norm_type=self.norm_type
+        )
+
+
+class FreezeModule(Callback):
+    """Freezes submodules (no gradients, eval mode) for the first ``until_epoch`` epochs, or
+    for the whole run.
+
+    Args:
+        names: dotted submodule names, e.g. ``["backbone", "head.0"]``.
+        until_epoch: unfreeze when this epoch begins (``None``: frozen throughout).
+        eval_mode: also keep the frozen modules in ``eval()`` mode (BatchNorm, Dropout).
+    """
+
+    def __init__(
+        self, names: Sequence[str], *, until_epoch: int | None = None, eval_mode: bool = True
+    ) -> None:
+        if isinstance(names, str) or not names:
+            raise ValueError(f"names must be a non-empty list of submodule names, got {names!r}")
+        self.names = list(names)
+        self.until_epoch = until_epoch
+        self.eval_mode = eval_mode
+
+    def _modules(self, model: nn.Module) -> list[nn.Module]:
+        found = dict(model.named_modules())
+        missing = [name for name in self.names if name not in found]
+        if missing:
+            raise KeyError(
+                f"FreezeModule: no submodule named {missing}; the model has "
+                f"{sorted(n for n in found if n)[:20]}"
+            )
+        return [found[name] for name in self.names]
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self._modules(state.model)  # fail early on a wrong name
+
+    def on_epoch_begin(self, state: LoopState) -> None:
+        frozen = self.until_epoch is None or state.epoch < self.until_epoch
+        for module in self._modules(state.model):
+            module.requires_grad_(not frozen)
+            if self.eval_mode and state.training:
+                module.train(not frozen)

@@ -1,0 +1,93 @@
+"""Progress: a rich progress bar on a terminal, plain periodic lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from asynchat._callback import Callback
+from asynchat._state import LoopState
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+
+
+class Progress(Callback):
+    """Shows how far the loop is, with the latest ``state.metrics``.
+
+    On a terminal (``stream.isatty()``) a ``rich`` progress bar is drawn by rich's own refresh
+    thread, started at ``on_loop_begin`` and stopped at ``on_loop_end``; the compute thread only
+    advances a counter. Elsewhere (CI logs, files) a plain line is printed every
+    ``every_n_steps`` steps (if given) and at the end of each epoch. Losses are not read per
+    step: the line shows what callbacks such as :class:`MetricUpdater`, :class:`Validation` and
+    :class:`StatsMonitor` published.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        stream: TextIO | None = None,
+        rich: bool | None = None,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.stream = stream
+        self.rich = rich
+        self._bar: Any = None
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stdout
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self._started = time.perf_counter()
+        use_rich = self.rich if self.rich is not None else self._out().isatty()
+        if use_rich:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            total = None
+            if state.num_steps is not None:
+                total = state.num_steps
+            elif state.num_epochs is not None and state.steps_per_epoch is not None:
+                total = state.num_epochs * state.steps_per_epoch
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=Console(file=self._out()),
+            )  # fmt: skip
+            self._task = self._bar.add_task(state.loop.name, total=total, info="")
+            self._task_completed = state.global_step
+            self._bar.update(self._task, completed=state.global_step)
+            self._bar.start()
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self._bar is not None:
+            self._bar.update(
+                self._task, completed=state.global_step, description=f"epoch {state.epoch + 1}"
+            )
+        elif self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+            self._line(state, f"step {state.global_step}")
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, info=_format_metrics(state.metrics))
+        else:
+            total = f"/{state.num_epochs}" if state.num_epochs is not None else ""
+            self._line(state, f"epoch {state.epoch + 1}{total} done, step {state.global_step}")
+
+    def on_loop_end(self, state: LoopState) -> None:
+        if self._bar is not None:
+            self._bar.stop()  # joins rich's refresh thread
+            self._bar = None
+
+    def _line(self, state: LoopState, what: str) -> None:
+        elapsed = time.perf_counter() - self._started
+        metrics = _format_metrics(state.metrics)
+        print(
+            f"[{state.loop.name}] {what}  {metrics}  ({elapsed:.1f} s)".rstrip(),
+            file=self._out(),
+            flush=True,
+        )

@@ -1,0 +1,127 @@
+"""LRSchedule: drives any torch.optim.lr_scheduler per step or per epoch, with warmup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch.optim.lr_scheduler import ConstantLR, LambdaLR, LinearLR, LRScheduler, SequentialLR
+
+from asynchat._callback import Callback
+from asynchat._state import LoopState
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler]
+
+
+class LRSchedule(Callback):
+    """Steps a learning-rate scheduler after every step (``interval="step"``) or epoch.
+
+    The scheduler is built from ``scheduler(optimizer)`` when the loop begins (the optimizer
+    may itself come from a factory). A warmup of ``warmup_steps`` scheduler steps ramps the
+    rate linearly from ``warmup_start_factor`` times the base rate (``warmup="linear"``) or
+    holds it there (``"constant"``), then hands over to the scheduler. Per-step scheduling runs
+    on the compute thread, right after the step. The scheduler's state is kept in checkpoints.
+
+    HAT's updaters are expressed with the helpers :func:`step_decay`, :func:`cosine`,
+    :func:`poly` and :func:`one_cycle`::
+
+        LRSchedule(cosine(total_steps=10_000), warmup_steps=500)
+    """
+
+    def __init__(
+        self,
+        scheduler: SchedulerFactory,
+        *,
+        interval: Literal["step", "epoch"] = "step",
+        warmup_steps: int = 0,
+        warmup: Literal["linear", "constant"] = "linear",
+        warmup_start_factor: float = 0.01,
+    ) -> None:
+        if not callable(scheduler):
+            raise TypeError(f"scheduler must be a factory scheduler(optimizer), got {scheduler!r}")
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        if warmup not in ("linear", "constant"):
+            raise ValueError(f"warmup must be 'linear' or 'constant', got {warmup!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        if not 0 < warmup_start_factor <= 1:
+            raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor!r}")
+        self.factory = scheduler
+        self.interval = interval
+        self.warmup_steps = warmup_steps
+        self.warmup = warmup
+        self.warmup_start_factor = warmup_start_factor
+        self.scheduler: LRScheduler | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        optimizer = state.optimizer
+        if optimizer is None:
+            raise TypeError("LRSchedule needs a Trainer (the loop has no optimizer)")
+        if self._loaded is not None:
+            # Building schedulers rescales the (already restored) learning rates: start from
+            # the initial ones so the rebuilt chain matches the saved one, then load it.
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        main = self.factory(optimizer)
+        if self.warmup_steps:
+            warm: LRScheduler
+            if self.warmup == "linear":
+                warm = LinearLR(optimizer, self.warmup_start_factor, 1.0, self.warmup_steps)
+            else:
+                warm = ConstantLR(optimizer, self.warmup_start_factor, self.warmup_steps)
+            main = SequentialLR(optimizer, [warm, main], milestones=[self.warmup_steps])
+        self.scheduler = main
+        if self._loaded is not None:
+            main.load_state_dict(self._loaded)
+            for group, lr in zip(optimizer.param_groups, main.get_last_lr(), strict=True):
+                group["lr"] = lr
+            self._loaded = None
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.interval == "step" and self.scheduler is not None:
+            self.scheduler.step()
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if self.interval == "epoch" and self.scheduler is not None:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict or None
+
+
+def step_decay(step_size: int, gamma: float = 0.1) -> SchedulerFactory:
+    """Multiply the rate by ``gamma`` every ``step_size`` scheduler steps (HAT's StepDecay)."""
+    return lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size, gamma)
+
+
+def cosine(total_steps: int, min_lr: float = 0.0) -> SchedulerFactory:
+    """Cosine annealing to ``min_lr`` over ``total_steps`` scheduler steps (HAT's Cosine)."""
+    return lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, total_steps, eta_min=min_lr
+    )
+
+
+def poly(total_steps: int, power: float = 1.0) -> SchedulerFactory:
+    """``(1 - t / total_steps) ** power`` decay to zero (HAT's Polynomial)."""
+    return lambda optimizer: torch.optim.lr_scheduler.PolynomialLR(optimizer, total_steps, power)
+
+
+def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3) -> SchedulerFactory:
+    """Leslie Smith's one-cycle policy (HAT's OneCycle); use without extra warmup."""
+    return lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr, total_steps=total_steps, pct_start=pct_start
+    )
+
+
+def constant() -> SchedulerFactory:
+    """The base rate throughout (for warmup-only schedules)."""
+    return lambda optimizer: LambdaLR(optimizer, lambda _: 1.0)
+
+
+__all__ = ["LRSchedule", "constant", "cosine", "one_cycle", "poly", "step_decay"]

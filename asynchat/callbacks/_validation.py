@@ -1,0 +1,118 @@
+"""Validation: a Predictor over held-out data, run between a trainer's steps."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from asynchat._callback import Callback
+from asynchat._processor import BatchProcessor, LossFn
+from asynchat._state import LoopState
+from asynchat._trainer import Predictor
+from asynchat.callbacks._metrics import MetricUpdater
+
+if TYPE_CHECKING:
+    import torchmetrics
+
+
+class Validation(Callback):
+    """Runs a :class:`~asynchat.Predictor` on the training model and publishes its metrics.
+
+    The predictor runs inline on the trainer's compute thread (:meth:`LoopBase.run_inline`),
+    so the model stays on its device and stream and no thread is started. Its metrics land
+    in the trainer's ``state.metrics`` as ``prefix + name`` (``"val/accuracy"``), where
+    :class:`Checkpoint` and :class:`EarlyStopping` can monitor them: list Validation before
+    them. With ``loss_fn``, the mean validation loss is published as ``prefix + "loss"``.
+
+    Args:
+        data_loader: the validation batches.
+        every_n_epochs: validate after every n-th epoch (``None``: never by epoch).
+        every_n_steps: validate after every n-th step (``None``: never by step).
+        metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10)}``.
+        loss_fn: also compute the mean loss.
+        use_ema: validate the weights of the trainer's
+            :class:`ExponentialMovingAverage` callback instead of the raw ones.
+        batch_processor: for batches that ``BasicBatchProcessor`` does not understand.
+        callbacks: more callbacks for the predictor.
+    """
+
+    def __init__(
+        self,
+        data_loader: Iterable[Any],
+        *,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        metrics: Mapping[str, torchmetrics.Metric] | None = None,
+        loss_fn: LossFn | None = None,
+        use_ema: bool = False,
+        prefix: str = "val/",
+        batch_processor: BatchProcessor | None = None,
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if every_n_epochs is None and every_n_steps is None:
+            raise ValueError("Validation never runs: give every_n_epochs or every_n_steps")
+        if not metrics and loss_fn is None:
+            raise ValueError("Validation needs metrics=... or loss_fn=... to report something")
+        if batch_processor is not None and loss_fn is not None:
+            raise ValueError("pass either loss_fn or batch_processor, not both")
+        self.data_loader = data_loader
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.updater = MetricUpdater(metrics, prefix=prefix) if metrics else None
+        self.loss_fn = loss_fn
+        self.use_ema = use_ema
+        self.prefix = prefix
+        self.batch_processor = batch_processor
+        self.callbacks = list(callbacks)
+
+    def on_step_end(self, state: LoopState) -> None:
+        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+            self.run(state)
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if self.every_n_epochs is not None and (state.epoch + 1) % self.every_n_epochs == 0:
+            self.run(state)
+
+    def run(self, state: LoopState) -> dict[str, float]:
+        """Validate now (from a ``def`` hook of the trainer) and publish the metrics."""
+        from asynchat.callbacks._model import ExponentialMovingAverage
+
+        loss = _MeanLoss()
+        callbacks: list[Callback] = [*self.callbacks, loss]
+        if self.updater is not None:
+            callbacks.insert(0, self.updater)
+        predictor = Predictor(
+            state.model,
+            self.data_loader,
+            batch_processor=self.batch_processor,
+            loss_fn=self.loss_fn,
+            device=state.device,
+            callbacks=callbacks,
+            name=f"{state.loop.name}-validation",
+        )
+        ema = ExponentialMovingAverage.find(state.loop) if self.use_ema else None
+        with ema.swapped_in(state.model) if ema is not None else contextlib.nullcontext():
+            predictor.run_inline(state.loop)
+        values = dict(predictor.state.metrics)
+        if self.loss_fn is not None and loss.count:
+            values[self.prefix + "loss"] = loss.mean()
+        state.metrics.update(values)
+        return values
+
+
+class _MeanLoss(Callback):
+    def on_loop_begin(self, state: LoopState) -> None:
+        self.total: Any = 0.0
+        self.count = 0
+
+    def on_batch_end(self, state: LoopState) -> None:
+        if state.loss is not None:
+            self.total = self.total + state.loss.detach()  # stays on the device
+            self.count += 1
+
+    def mean(self) -> float:
+        return float(self.total) / self.count  # host sync: once per validation

@@ -1,0 +1,356 @@
+"""The shipped callbacks, each against real training (and real files where they write)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+import torchmetrics
+from conftest import make_loader, make_model, make_trainer, sgd
+from torch import nn
+
+from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat.callbacks import (
+    EarlyStopping,
+    ExponentialMovingAverage,
+    FreezeModule,
+    GradClip,
+    JSONLinesLogger,
+    LRSchedule,
+    MetricUpdater,
+    NonFiniteLossError,
+    Progress,
+    StatsMonitor,
+    TensorBoardLogger,
+    TerminateOnNaN,
+    Validation,
+    cosine,
+    step_decay,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def accuracy() -> torchmetrics.Metric:
+    return torchmetrics.classification.MulticlassAccuracy(num_classes=3, average="micro")
+
+
+def manual_accuracy(model: nn.Module, loader: Any) -> float:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
+        model.train(was)
+    return correct / sum(len(y) for _, y in loader)
+
+
+class Record(Callback):
+    """Copies chosen values of state.metrics at each epoch end."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.epochs.append(dict(state.metrics))
+
+
+async def test_metric_updater_publishes_epoch_values_and_resets() -> None:
+    seen: list[float] = []
+
+    class Check(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            seen.append(state.metrics["train/accuracy"])
+
+    updater = MetricUpdater({"accuracy": accuracy()}, log_every_n_steps=2)
+    await make_trainer(updater, Check(), num_epochs=2).fit()
+    assert len(seen) == 2 and all(0.0 <= v <= 1.0 for v in seen)
+    # Reset per epoch: the epoch-2 value covers epoch 2's batches only (6 batches x 16).
+    assert updater.metrics["accuracy"].tp.sum() + updater.metrics["accuracy"].fn.sum() == 96
+
+
+async def test_validation_publishes_metrics_inline_on_the_compute_thread() -> None:
+    val_loader = make_loader(48, 16, seed=3)
+    threads: list[str] = []
+
+    class WhereAmI(Callback):
+        def on_batch_end(self, state: LoopState) -> None:
+            threads.append(threading.current_thread().name)
+            assert not state.model.training and not torch.is_grad_enabled()
+
+    record = Record()
+    validation = Validation(
+        val_loader, metrics={"accuracy": accuracy()}, loss_fn=nn.CrossEntropyLoss(),
+        callbacks=[WhereAmI()],
+    )  # fmt: skip
+    trainer = make_trainer(validation, record, num_epochs=2)
+    await trainer.fit()
+    assert [sorted(e) for e in record.epochs] == [["val/accuracy", "val/loss"]] * 2
+    assert record.epochs[-1]["val/accuracy"] == pytest.approx(
+        manual_accuracy(trainer.model, val_loader)
+    )
+    assert set(threads) == {f"asynchat-{trainer.name}"}, "no thread of its own"
+    assert trainer.model.training
+
+
+async def test_validation_every_n_steps_and_with_ema_weights() -> None:
+    ema = ExponentialMovingAverage(decay=0.5, warmup=False)
+    seen_weights: list[torch.Tensor] = []
+
+    class Weights(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            seen_weights.append(next(state.model.parameters()).detach().clone())
+
+    validation = Validation(
+        make_loader(32, 16), every_n_epochs=None, every_n_steps=4, loss_fn=nn.CrossEntropyLoss(),
+        use_ema=True, callbacks=[Weights()],
+    )  # fmt: skip
+    trainer = make_trainer(ema, validation, num_epochs=1)
+    await trainer.fit()
+    assert len(seen_weights) == 1  # step 4 of 6
+    first_weight = next(trainer.model.parameters())
+    assert not torch.equal(seen_weights[0], first_weight.detach()), "validated the EMA weights"
+    assert "val/loss" in trainer.state.metrics
+
+
+async def test_early_stopping_stops_after_patience() -> None:
+    scores = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.7])
+
+    class FakeValidation(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            state.metrics["val/accuracy"] = next(scores)
+
+    stopper = EarlyStopping("val/accuracy", patience=3, mode="max")
+    state = await make_trainer(FakeValidation(), stopper, num_epochs=6).fit()
+    assert state.epoch == 4  # epochs 2, 3, 4 (0-based) brought no improvement over 0.6
+    assert state.stop_reason is not None and "val/accuracy did not improve" in state.stop_reason
+    assert stopper.state_dict() == {"best": 0.6, "bad_checks": 3}
+
+
+async def test_early_stopping_names_a_missing_metric() -> None:
+    with pytest.raises(KeyError, match=r"no such metric .*Put the callback that publishes"):
+        await make_trainer(EarlyStopping("val/loss")).fit()
+
+
+async def test_terminate_on_nan_names_the_first_bad_step_without_syncing_each_step() -> None:
+    ce = nn.CrossEntropyLoss()
+    calls = 0
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        loss = ce(outputs, targets)
+        return loss * float("nan") if calls == 7 else loss
+
+    trainer = Trainer(
+        make_model(), make_loader(), sgd, loss_fn=loss_fn, num_epochs=5,
+        callbacks=[TerminateOnNaN(check_every_n_steps=4)],
+    )  # fmt: skip
+    with pytest.raises(
+        NonFiniteLossError, match=r"became NaN \(nan\) at global step 7 \(epoch 1\)"
+    ):
+        await trainer.fit()
+    assert trainer.state.global_step == 8, "noticed at the next check, not at every step"
+
+
+async def test_lr_schedule_with_warmup_matches_the_torch_chain() -> None:
+    lrs: list[float] = []
+
+    class LR(Callback):
+        def on_step_begin(self, state: LoopState) -> None:
+            assert state.optimizer is not None
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    schedule = LRSchedule(cosine(total_steps=10), warmup_steps=4, warmup_start_factor=0.1)
+    await make_trainer(schedule, LR(), num_steps=14).fit()
+    reference = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    chain = torch.optim.lr_scheduler.SequentialLR(
+        reference,
+        [torch.optim.lr_scheduler.LinearLR(reference, 0.1, 1.0, 4),
+         torch.optim.lr_scheduler.CosineAnnealingLR(reference, 10)],
+        milestones=[4],
+    )  # fmt: skip
+    expected = []
+    for _ in range(14):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        chain.step()
+    assert lrs == pytest.approx(expected)
+    assert lrs[0] == pytest.approx(0.01) and max(lrs) == pytest.approx(0.1)
+
+
+async def test_lr_schedule_per_epoch() -> None:
+    lrs: list[float] = []
+
+    class LR(Callback):
+        def on_epoch_begin(self, state: LoopState) -> None:
+            assert state.optimizer is not None
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    await make_trainer(LRSchedule(step_decay(1, gamma=0.5), interval="epoch"), LR()).fit()
+    assert lrs == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_callbacks_with_state_resume_exactly(tmp_path: Path) -> None:
+    """EMA, LR schedule and early stopping resume where they were (in one process)."""
+    from asynchat.callbacks import Checkpoint
+
+    def run(
+        total: int, *extra: Callback, resume: bool = False
+    ) -> tuple[Trainer, ExponentialMovingAverage]:
+        torch.manual_seed(0)
+        ema = ExponentialMovingAverage(decay=0.9)
+        schedule = LRSchedule(cosine(total_steps=20), warmup_steps=5)
+        trainer = make_trainer(
+            ema, schedule, *extra, num_steps=total, resume_from=tmp_path if resume else None
+        )
+        anyio.run(trainer.fit)
+        return trainer, ema
+
+    straight, straight_ema = run(16)
+
+    class StopAt(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 9:
+                state.loop.stop()
+
+    run(16, Checkpoint(tmp_path, every_n_steps=9, save_on_end=False), StopAt())
+    resumed, resumed_ema = run(16, resume=True)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight_ema.shadow, resumed_ema.shadow, strict=True):
+        assert torch.equal(a, b)
+    assert straight.optimizer is not None and resumed.optimizer is not None
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+async def test_ema_follows_the_formula() -> None:
+    ema = ExponentialMovingAverage(decay=0.8, warmup=False)
+    expected: list[torch.Tensor] = []
+
+    class Manual(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            expected.extend(t.detach().clone() for t in state.model.parameters())
+
+        def on_step_end(self, state: LoopState) -> None:
+            for e, p in zip(expected, state.model.parameters(), strict=True):
+                e.mul_(0.8).add_(p.detach(), alpha=0.2)
+
+    await make_trainer(ema, Manual(), num_epochs=1).fit()
+    for shadow, manual in zip(ema.shadow, expected, strict=True):
+        assert torch.allclose(shadow, manual, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", [None, "fp16"])
+async def test_grad_clip_bounds_the_true_gradient_norm(amp: Any) -> None:
+    norms: list[float] = []
+
+    class Norm(Callback):
+        def on_before_update(self, state: LoopState) -> None:
+            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    clip = GradClip(max_norm=0.05)
+    trainer = Trainer(
+        make_model(), make_loader(), lambda m: torch.optim.SGD(m.parameters(), lr=1.0),
+        batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), amp=amp),
+        num_epochs=1, callbacks=[clip, Norm()],
+    )  # fmt: skip
+    await trainer.fit()
+    assert len(norms) == 6
+    assert all(n <= 0.05 * (1 + 1e-4) for n in norms)
+    assert clip.last_norm is not None and float(clip.last_norm) > 0.05, "clipping was needed"
+
+
+async def test_freeze_module_until_an_epoch() -> None:
+    model = make_model()
+    first_layer = model[0].weight.detach().clone()
+    snapshots: list[torch.Tensor] = []
+
+    class Snap(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            snapshots.append(state.model[0].weight.detach().clone())
+
+    trainer = Trainer(
+        model, make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=3,
+        callbacks=[FreezeModule(["0"], until_epoch=2), Snap()],
+    )  # fmt: skip
+    await trainer.fit()
+    assert torch.equal(snapshots[0], first_layer) and torch.equal(snapshots[1], first_layer)
+    assert not torch.equal(snapshots[2], first_layer)
+    with pytest.raises(KeyError, match=r"no submodule named \['backbone'\]"):
+        await make_trainer(FreezeModule(["backbone"])).fit()
+
+
+async def test_stats_monitor_publishes_timing() -> None:
+    record = Record()
+    await make_trainer(StatsMonitor(every_n_steps=2), record, num_epochs=2).fit()
+    stats = record.epochs[0]
+    assert stats["stats/step_time"] > 0 and stats["stats/samples_per_s"] > 0
+    assert 0.0 <= stats["stats/data_wait"] <= 1.0
+    assert record.epochs[0]["stats/eta_s"] > record.epochs[1]["stats/eta_s"] == 0.0
+
+
+async def test_progress_plain_lines_and_rich_bar() -> None:
+    plain = io.StringIO()
+    await make_trainer(Progress(every_n_steps=3, stream=plain), num_epochs=2).fit()
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 6  # steps 3, 6, 9, 12 and two epoch ends
+    assert "epoch 2/2 done, step 12" in lines[-1]
+
+    fancy = io.StringIO()
+    progress = Progress(stream=fancy, rich=True)
+    await make_trainer(progress, num_epochs=1).fit()
+    assert "6/6" in fancy.getvalue()
+    assert progress._bar is None, "the bar (and rich's refresh thread) is stopped"
+
+
+async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    record = Record()
+    trainer = make_trainer(
+        Validation(make_loader(32, 16), loss_fn=nn.CrossEntropyLoss()),
+        TensorBoardLogger(tmp_path, every_n_steps=2),
+        record,
+        num_epochs=2,
+    )
+    await trainer.fit()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "val/loss"}
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    val = events.Scalars("val/loss")
+    assert [e.step for e in val] == [6, 12]
+    assert val[-1].value == pytest.approx(record.epochs[-1]["val/loss"], rel=1e-6)
+
+
+async def test_json_lines_logger(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "train.jsonl"
+    await make_trainer(JSONLinesLogger(path, every_n_steps=3), num_epochs=1).fit()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(math.isfinite(r["train/loss"]) for r in rows)
+
+
+def test_bad_callback_arguments() -> None:
+    with pytest.raises(ValueError, match=r"Validation needs metrics=\.\.\. or loss_fn="):
+        Validation([])
+    with pytest.raises(TypeError, match=r"metrics\['acc'\] must be a torchmetrics.Metric"):
+        MetricUpdater({"acc": "accuracy"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="patience must be a positive int, got 0"):
+        EarlyStopping("val/loss", patience=0)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\), got 1.5"):
+        ExponentialMovingAverage(decay=1.5)
+    with pytest.raises(ValueError, match="max_norm must be > 0, got 0"):
+        GradClip(0)
+    with pytest.raises(ValueError, match="interval must be 'step' or 'epoch', got 'batch'"):
+        LRSchedule(cosine(10), interval="batch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="names must be a non-empty list"):
+        FreezeModule("backbone")
