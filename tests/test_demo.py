@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -25,11 +26,19 @@ def load_example() -> ModuleType:
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
-async def test_digits_demo_reaches_95_percent(tmp_path: Path) -> None:
+async def test_digits_demo_reaches_95_percent_and_resumes(tmp_path: Path) -> None:
     digits = load_example()
     accuracy = await digits.train(epochs=15, out=tmp_path)
     assert accuracy >= 0.95
-    weights = torch.load(tmp_path / "best.pt", weights_only=True)
+    manifest = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    best = max(manifest["checkpoints"], key=lambda e: e["metric"])
+    assert best["metric"] == accuracy, "the most accurate epoch's checkpoint is kept"
+    checkpoint = torch.load(tmp_path / "checkpoints" / best["file"], weights_only=True)
     model = digits.make_model()
-    model.load_state_dict(weights)
-    assert not list(tmp_path.glob("*.tmp")), "no partial file is left behind"
+    model.load_state_dict(checkpoint["model"])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+    resumed = await digits.train(epochs=16, out=tmp_path, resume=True)  # one more epoch
+    manifest = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert max(e["global_step"] for e in manifest["checkpoints"]) == 16 * 45
+    assert resumed >= 0.95
