@@ -389,20 +389,17 @@ class LoopBase(PipeBase):
         epochs_done = resume.epoch if resume is not None else 0
         while not self._stop_requested and not self._reached_bound(epochs_done):
             self._check_cancel()
-            skip = resume.steps_done if resume is not None and resume.epoch == epochs_done else 0
             state.epoch = epochs_done
-            state.step = skip
+            state.step = resume.steps_done if resume is not None else 0
             self.run_phase(Phase.ON_EPOCH_BEGIN)
-            steps = self._run_steps(
-                resume if resume is not None and resume.epoch == epochs_done else None
-            )
-            resume = None
+            steps = self._run_steps(resume)
             self._check_cancel()  # a cancelled loop skips on_epoch_end
-            if steps == 0 and not skip and state.num_steps is not None and not self._stop_requested:
+            if steps == 0 and resume is None and state.num_steps and not self._stop_requested:
                 raise RuntimeError(
                     f"{self.name}: data_loader yielded no batch in epoch {state.epoch}, so "
                     f"num_steps={state.num_steps} can never be reached"
                 )
+            resume = None  # only the first epoch of a resumed run is a partial one
             self.run_phase(Phase.ON_EPOCH_END)
             epochs_done += 1
 
