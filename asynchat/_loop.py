@@ -176,25 +176,10 @@ class LoopBase(PipeBase):
 
     async def fit(self) -> LoopState:
         """Run the loop to its end and return the final :class:`~asynchat.LoopState`."""
-        if self._status is not LoopStatus.CREATED:
-            raise RuntimeError(
-                f"{self.name}: fit() was already called (status {self._status}); a loop runs "
-                f"once, so create a new {type(self).__name__} to run again"
-            )
-        self._status = LoopStatus.STOPPING if self._stop_requested else LoopStatus.RUNNING
-        try:
+        with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
             async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
                 self._compute = compute
                 await compute.run(self._run, on_cancel=self._request_cancel)
-        except anyio.get_cancelled_exc_class():
-            self._status = LoopStatus.CANCELLED
-            raise
-        except BaseException:
-            self._status = LoopStatus.FAILED
-            raise
-        finally:
-            self._compute = None
-        self._status = LoopStatus.FINISHED
         return self.state
 
     def run_inline(self, parent: LoopBase) -> LoopState:
@@ -212,14 +197,25 @@ class LoopBase(PipeBase):
                 f"running loop {parent.name} (on its compute thread); from async code use "
                 "`await loop.fit()`"
             )
-        if self._status is not LoopStatus.CREATED:
-            raise RuntimeError(f"{self.name}: a loop runs once (status {self._status})")
-        self._status = LoopStatus.RUNNING
-        self._parent = parent
-        self._compute = compute
-        try:
+        with self._lifecycle(cancelled=JobCancelled):
+            self._parent = parent
+            self._compute = compute
             self._run()
-        except JobCancelled:
+        return self.state
+
+    @contextlib.contextmanager
+    def _lifecycle(self, *, cancelled: type[BaseException]) -> Iterator[None]:
+        """``created -> running``, then ``finished``, ``failed`` or ``cancelled`` by how the
+        block ends."""
+        if self._status is not LoopStatus.CREATED:
+            raise RuntimeError(
+                f"{self.name} has already run (status {self._status}); a loop runs once, so "
+                f"create a new {type(self).__name__} to run again"
+            )
+        self._status = LoopStatus.STOPPING if self._stop_requested else LoopStatus.RUNNING
+        try:
+            yield
+        except cancelled:
             self._status = LoopStatus.CANCELLED
             raise
         except BaseException:
@@ -228,7 +224,6 @@ class LoopBase(PipeBase):
         finally:
             self._compute = None
         self._status = LoopStatus.FINISHED
-        return self.state
 
     def _request_cancel(self) -> None:
         self._cancel_requested = True

@@ -153,7 +153,7 @@ async def test_stop_while_waiting_for_data_waits_only_for_the_batch_being_read()
 async def test_fit_twice_is_an_error() -> None:
     trainer = make_trainer(num_steps=1, num_epochs=None)
     await trainer.fit()
-    with pytest.raises(RuntimeError, match=r"fit\(\) was already called"):
+    with pytest.raises(RuntimeError, match=r"already run \(status finished\); a loop runs once"):
         await trainer.fit()
 
 
