@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -126,6 +127,8 @@ class LoopBase(PipeBase):
         self._status = LoopStatus.CREATED
         self._stop_requested = False
         self._cancel_requested = False
+        self._resumed = threading.Event()  # cleared by pause(); steps wait for it
+        self._resumed.set()
         self._parent: LoopBase | None = None  # the loop this one runs inside (run_inline)
         self._compute: ComputeThread | None = None
         self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
@@ -159,9 +162,25 @@ class LoopBase(PipeBase):
             return
         self._stop_requested = True
         self.state.stop_reason = reason if reason is not None else "stop() called"
-        if self._status is LoopStatus.RUNNING:
+        if self._status in (LoopStatus.RUNNING, LoopStatus.PAUSED):
             self._status = LoopStatus.STOPPING
         self._interrupt_data_wait()
+        self._resumed.set()  # a paused loop wakes up to stop
+
+    def pause(self) -> None:
+        """Hold the loop at the next step boundary until :meth:`resume` (from any thread).
+
+        While paused, no step runs and the compute thread waits idle; the model, optimizer and
+        data position stay as they are, and the status is ``paused``. ``stop()`` and
+        cancellation still end a paused loop. Pausing before ``fit()`` holds it before its
+        first step; pausing a loop that is done does nothing.
+        """
+        if not self._status.done:
+            self._resumed.clear()
+
+    def resume(self) -> None:
+        """Let a paused loop go on (a no-op if it is not paused)."""
+        self._resumed.set()
 
     async def to_host(self, obj: T) -> T:
         """Host copies of the tensors in ``obj``, awaited without blocking the event loop.
@@ -230,6 +249,7 @@ class LoopBase(PipeBase):
         self.state.stop_reason = "cancelled"
         self._status = LoopStatus.STOPPING
         self._interrupt_data_wait()
+        self._resumed.set()
 
     def _interrupt_data_wait(self) -> None:
         batches = self._batches
@@ -432,6 +452,8 @@ class LoopBase(PipeBase):
                 waiting_since = time.perf_counter()
                 for staged, is_last in _with_last(batches, limit, length):
                     state.data_time = time.perf_counter() - waiting_since
+                    if not self._resumed.is_set() and self._wait_while_paused():
+                        break
                     if step_rng is not None:  # the data order is drawn: now the step's RNG
                         restore_rng(step_rng)
                         step_rng = None
@@ -475,6 +497,15 @@ class LoopBase(PipeBase):
             depth=self.prefetch,
             name=f"asynchat-{self.name}-data",
         )
+
+    def _wait_while_paused(self) -> bool:
+        """Block this (compute) thread while paused; return whether to end the loop now."""
+        if self._status is LoopStatus.RUNNING:
+            self._status = LoopStatus.PAUSED
+        self._resumed.wait()  # woken by resume(), stop() or a cancellation
+        if self._status is LoopStatus.PAUSED:
+            self._status = LoopStatus.RUNNING
+        return self._end_requested()
 
     def _cancelling(self) -> bool:
         parent = self._parent

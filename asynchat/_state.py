@@ -17,12 +17,16 @@ if TYPE_CHECKING:
 class LoopStatus(str, enum.Enum):
     """Where a loop is in its life: ``created -> running -> stopping -> finished|failed|cancelled``.
 
+    ``running <-> paused`` while :meth:`~asynchat.LoopBase.pause` holds the loop at a step
+    boundary.
+
     ``stopping`` covers every way out before the end: a ``stop()`` request, a cancellation or an
     error being unwound (``on_loop_end`` runs in this status).
     """
 
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     FINISHED = "finished"
     FAILED = "failed"
