@@ -133,6 +133,14 @@ class PipeBase:
             for phase in Phase
         }
 
+    def _append_callback(self, callback: Callback) -> None:
+        """Add a callback after the given ones (before the loop runs)."""
+        self._callbacks += (callback,)
+        for phase in Phase:
+            hook = _overridden_hook(callback, phase)
+            if hook is not None:
+                self._hooks[phase] += (hook,)
+
     @property
     def callbacks(self) -> tuple[Callback, ...]:
         """The callbacks, in the order they were given."""

@@ -21,7 +21,7 @@ import enum
 import queue
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -93,6 +93,7 @@ class Mailbox(Generic[T]):
 class _Kind(enum.Enum):
     DONE = enum.auto()  # the job returned or raised
     REQUEST = enum.auto()  # the job asks the event loop to await a coroutine
+    ITEM = enum.auto()  # the job hands an item to the task iterating `run_streaming`
     EXITED = enum.auto()  # the thread left its main loop
 
 
@@ -128,6 +129,8 @@ class ComputeThread:
         # takes its creator's, so torch.set_num_threads(n) before fit() applies to training.
         self._num_threads = torch.get_num_threads()
         self._on_cancel: Callable[[], None] = lambda: None
+        self._slots = threading.Semaphore(0)  # unread items a job may still emit
+        self._discarding = False  # nobody reads emitted items any more
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: Mailbox[tuple[_Kind, Any]] | None = None
         self._thread: threading.Thread | None = None
@@ -185,6 +188,52 @@ class ComputeThread:
                 await self._serve_until_done()
             raise
 
+    async def run_streaming(
+        self,
+        fn: Callable[[], object],
+        *,
+        on_cancel: Callable[[], None],
+        on_close: Callable[[], None],
+        buffer: int,
+    ) -> AsyncGenerator[Any, None]:
+        """Run ``fn()`` like :meth:`run`, yielding the items it hands over with :meth:`emit`.
+
+        At most ``buffer`` items wait unread: then :meth:`emit` blocks the job (backpressure).
+        If the iteration is closed early (the consumer breaks out), ``on_close()`` asks the job
+        to end, its further items are dropped, and the job is served until it returns.
+        """
+        assert self._outbox is not None, "use `async with ComputeThread(...)` first"
+        context = contextvars.copy_context()
+        self._on_cancel = on_cancel
+        self._slots = threading.Semaphore(buffer)
+        self._discarding = False
+        self._inbox.put(lambda: context.run(fn))
+        try:
+            while True:
+                kind, value = await self._outbox.get()
+                if kind is _Kind.ITEM:
+                    self._slots.release()
+                    yield value
+                elif kind is _Kind.REQUEST:
+                    await self._answer(value)
+                elif kind is _Kind.DONE:
+                    outcome, result = value
+                    if outcome is _Reply.ERROR:
+                        raise result
+                    return
+        except anyio.get_cancelled_exc_class():
+            self._discarding = True
+            on_cancel()
+            with anyio.CancelScope(shield=True):
+                await self._serve_until_done()
+            raise
+        except GeneratorExit:
+            self._discarding = True
+            on_close()
+            with anyio.CancelScope(shield=True):
+                await self._serve_until_done()
+            raise
+
     async def _serve_until_done(self) -> None:
         """Serve the cancelled job until it ends; its own exception, if any, propagates."""
         while True:
@@ -209,6 +258,8 @@ class ComputeThread:
                 return result
             if kind is _Kind.REQUEST:
                 await self._answer(value)
+            elif kind is _Kind.ITEM:
+                self._slots.release()  # an item nobody reads any more: dropped
             elif kind is _Kind.EXITED:  # pragma: no cover - the main loop never exits mid-job
                 raise RuntimeError(f"{self.name} exited while running a job") from value
 
@@ -227,6 +278,19 @@ class ComputeThread:
             self._inbox.put((_Reply.VALUE, result))
 
     # -- compute thread side ---------------------------------------------------------------
+
+    def emit(self, item: object) -> bool:
+        """From the running job: hand ``item`` to the task iterating :meth:`run_streaming`.
+
+        Blocks while the consumer has ``buffer`` items unread; returns False, dropping the
+        item, once nobody reads any more (the iteration was closed or cancelled).
+        """
+        assert self._outbox is not None and self.on_thread()
+        while not self._slots.acquire(timeout=0.05):
+            if self._discarding:
+                return False
+        self._outbox.put((_Kind.ITEM, item))
+        return True
 
     def on_thread(self) -> bool:
         """Whether the caller is running on this compute thread."""

@@ -237,6 +237,9 @@ class LoopBase(PipeBase):
         except cancelled:
             self._status = LoopStatus.CANCELLED
             raise
+        except GeneratorExit:  # a stream closed early: the loop was stopped
+            self._status = LoopStatus.FINISHED
+            raise
         except BaseException:
             self._status = LoopStatus.FAILED
             raise

@@ -97,3 +97,30 @@ class PendingCopy:
 def start_host_copy(tensor: torch.Tensor) -> PendingCopy:
     """Start copying ``tensor`` to the host without waiting for it (see :class:`PendingCopy`)."""
     return PendingCopy(tensor)
+
+
+def start_host_copies(obj: T) -> tuple[T, torch.cuda.Event | None]:
+    """On the compute thread: ``obj`` with its tensors copied to the host, and the event that
+    marks the copies done (``None`` if nothing was on a CUDA device). The copies are queued on
+    the current stream without waiting; hand the event to :func:`wait_for_event`."""
+    if not any(t.is_cuda for t in iter_tensors(obj)):
+        return map_tensors(_clone_detached, obj), None
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_cuda:
+            return _clone_detached(tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor.detach(), non_blocking=True)
+
+    result: T = map_tensors(copy, obj)
+    event = torch.cuda.Event()
+    event.record()
+    return result, event
+
+
+async def wait_for_event(event: torch.cuda.Event | None) -> None:
+    """Await a CUDA event by polling it, without blocking the event loop."""
+    delay = _FIRST_POLL_S
+    while event is not None and not event.query():
+        await anyio.sleep(delay)
+        delay = min(delay * 2, _MAX_POLL_S)
