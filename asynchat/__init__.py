@@ -4,6 +4,7 @@ The public names live here; the implementation is in private modules.
 """
 
 from asynchat._callback import Callback, Hook, PipeBase
+from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._loop import LoopBase
 from asynchat._phase import Phase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, MultiBatchProcessor
@@ -17,8 +18,11 @@ __all__ = [
     "BasicBatchProcessor",
     "BatchProcessor",
     "Callback",
+    "EventKind",
     "Hook",
     "LoopBase",
+    "LoopEvent",
+    "LoopSnapshot",
     "LoopState",
     "LoopStatus",
     "MultiBatchProcessor",

@@ -52,8 +52,10 @@ class Mailbox(Generic[T]):
     ``async def`` hook at a step-level phase costs two of these hops per step.
     """
 
-    def __init__(self) -> None:
-        self._items: collections.deque[T] = collections.deque()
+    def __init__(self, maxlen: int | None = None) -> None:
+        # With maxlen, a full mailbox drops its oldest message for each new one (`dropped`).
+        self._items: collections.deque[T] = collections.deque(maxlen=maxlen)
+        self.dropped = 0
         self._future: asyncio.Future[None] | None = None
         self._event: anyio.Event | None = None
         trio_token = _running_trio_token()
@@ -65,6 +67,8 @@ class Mailbox(Generic[T]):
             self._schedule = self._loop.call_soon_threadsafe
 
     def put(self, item: T) -> None:
+        if len(self._items) == self._items.maxlen:
+            self.dropped += 1
         self._items.append(item)
         self._schedule(self._wake)
 

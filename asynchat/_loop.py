@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import math
 import os
 import threading
 import time
@@ -19,8 +20,9 @@ import torch
 
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._checkpoint_io import FORMAT, VERSION, load_checkpoint
-from asynchat._compute import ComputeThread, JobCancelled
+from asynchat._compute import ComputeThread, JobCancelled, Mailbox
 from asynchat._device import resolve_device
+from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
 from asynchat._processor import BatchProcessor
@@ -28,7 +30,7 @@ from asynchat._rng import capture_rng, restore_rng
 from asynchat._skip import loader_generators, skip_batches
 from asynchat._state import LoopState, LoopStatus
 from asynchat._transfer import to_host
-from asynchat._tree import map_tensors
+from asynchat._tree import batch_size, map_tensors
 
 T = TypeVar("T")
 
@@ -125,6 +127,11 @@ class LoopBase(PipeBase):
             steps_per_epoch=_length(data_loader),
         )
         self._status = LoopStatus.CREATED
+        self._subscribers: list[Mailbox[LoopEvent]] = []
+        self._subscribers_lock = threading.Lock()
+        self._started_at: float | None = None
+        self._steps_before_start = 0
+        self._batch_size = 0  # of the current epoch's first batch, for samples/s
         self._stop_requested = False
         self._cancel_requested = False
         self._resumed = threading.Event()  # cleared by pause(); steps wait for it
@@ -151,6 +158,64 @@ class LoopBase(PipeBase):
         """Where the loop is in its life; see :class:`~asynchat.LoopStatus`."""
         return self._status
 
+    def snapshot(self) -> LoopSnapshot:
+        """Where the loop is now: status, counters, throughput and the last metrics."""
+        state = self.state
+        elapsed = time.perf_counter() - self._started_at if self._started_at is not None else 0.0
+        steps_per_s = (state.global_step - self._steps_before_start) / elapsed if elapsed else 0.0
+        return LoopSnapshot(
+            name=self.name,
+            status=self._status,
+            epoch=state.epoch,
+            step=state.step,
+            global_step=state.global_step,
+            num_epochs=state.num_epochs,
+            num_steps=state.num_steps,
+            steps_per_s=steps_per_s,
+            samples_per_s=steps_per_s * self._batch_size,
+            metrics=dict(state.metrics),
+            stop_reason=state.stop_reason,
+            error=repr(state.exception) if state.exception is not None else None,
+        )
+
+    def events(self, *, buffer: int = 64, progress_every: float | None = 1.0) -> EventStream:
+        """Subscribe to this loop's events: ``async for event in loop.events(): ...``.
+
+        Status changes, each epoch's begin and end, and a ``progress`` event every
+        ``progress_every`` seconds while nothing else happens (made for this subscriber, at
+        its own pace); the ``end`` event (finished, failed or cancelled) is the last, and
+        iteration stops there. The subscription starts when ``events()`` is called (from
+        async code), so nothing after that is missed. Any number of subscribers may iterate
+        at once and none can slow the loop down: each has a buffer of ``buffer`` events, and
+        when a subscriber falls that far behind, its oldest unread events are dropped and the
+        next event it reads says how many (``dropped``); ``end`` is never dropped.
+        """
+        if not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"buffer must be a positive int, got {buffer!r}")
+        return EventStream(self, buffer, progress_every)
+
+    def _set_status(self, status: LoopStatus) -> None:
+        self._status = status
+        self._publish(EventKind.END if status.done else EventKind.STATUS)
+
+    def _publish(self, kind: EventKind) -> None:
+        """Hand an event to every subscriber (from any thread; never blocks)."""
+        if not self._subscribers:
+            return
+        event = LoopEvent(kind, self.snapshot())
+        with self._subscribers_lock:
+            for mailbox in self._subscribers:
+                mailbox.put(event)
+
+    def _subscribe(self, mailbox: Mailbox[LoopEvent]) -> None:
+        with self._subscribers_lock:
+            self._subscribers.append(mailbox)
+
+    def _unsubscribe(self, mailbox: Mailbox[LoopEvent]) -> None:
+        with self._subscribers_lock:
+            if mailbox in self._subscribers:
+                self._subscribers.remove(mailbox)
+
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
 
@@ -163,7 +228,7 @@ class LoopBase(PipeBase):
         self._stop_requested = True
         self.state.stop_reason = reason if reason is not None else "stop() called"
         if self._status in (LoopStatus.RUNNING, LoopStatus.PAUSED):
-            self._status = LoopStatus.STOPPING
+            self._set_status(LoopStatus.STOPPING)
         self._interrupt_data_wait()
         self._resumed.set()  # a paused loop wakes up to stop
 
@@ -231,26 +296,28 @@ class LoopBase(PipeBase):
                 f"{self.name} has already run (status {self._status}); a loop runs once, so "
                 f"create a new {type(self).__name__} to run again"
             )
-        self._status = LoopStatus.STOPPING if self._stop_requested else LoopStatus.RUNNING
+        self._started_at = time.perf_counter()
+        self._steps_before_start = self.state.global_step
+        self._set_status(LoopStatus.STOPPING if self._stop_requested else LoopStatus.RUNNING)
         try:
             yield
         except cancelled:
-            self._status = LoopStatus.CANCELLED
+            self._set_status(LoopStatus.CANCELLED)
             raise
         except GeneratorExit:  # a stream closed early: the loop was stopped
-            self._status = LoopStatus.FINISHED
+            self._set_status(LoopStatus.FINISHED)
             raise
         except BaseException:
-            self._status = LoopStatus.FAILED
+            self._set_status(LoopStatus.FAILED)
             raise
         finally:
             self._compute = None
-        self._status = LoopStatus.FINISHED
+        self._set_status(LoopStatus.FINISHED)
 
     def _request_cancel(self) -> None:
         self._cancel_requested = True
         self.state.stop_reason = "cancelled"
-        self._status = LoopStatus.STOPPING
+        self._set_status(LoopStatus.STOPPING)
         self._interrupt_data_wait()
         self._resumed.set()
 
@@ -398,7 +465,7 @@ class LoopBase(PipeBase):
                 raise
             finally:
                 if self._status is LoopStatus.RUNNING:
-                    self._status = LoopStatus.STOPPING
+                    self._set_status(LoopStatus.STOPPING)
                 self.run_phase(Phase.ON_LOOP_END)
 
     def _run_epochs(self) -> None:
@@ -410,6 +477,7 @@ class LoopBase(PipeBase):
             state.epoch = epochs_done
             state.step = resume.steps_done if resume is not None else 0
             self.run_phase(Phase.ON_EPOCH_BEGIN)
+            self._publish(EventKind.EPOCH_BEGIN)
             steps = self._run_steps(resume)
             self._check_cancel()  # a cancelled loop skips on_epoch_end
             if steps == 0 and resume is None and state.num_steps and not self._stop_requested:
@@ -419,6 +487,7 @@ class LoopBase(PipeBase):
                 )
             resume = None  # only the first epoch of a resumed run is a partial one
             self.run_phase(Phase.ON_EPOCH_END)
+            self._publish(EventKind.EPOCH_END)
             epochs_done += 1
 
     def _reached_bound(self, epochs_done: int) -> bool:
@@ -463,6 +532,8 @@ class LoopBase(PipeBase):
                     state.step = skip + steps
                     state.is_last_step = is_last
                     state.batch = DeviceStager.take(staged)
+                    if steps == 0:
+                        self._batch_size = batch_size(state.batch)
                     self._run_step()
                     steps += 1
                     if self._end_requested():
@@ -504,10 +575,10 @@ class LoopBase(PipeBase):
     def _wait_while_paused(self) -> bool:
         """Block this (compute) thread while paused; return whether to end the loop now."""
         if self._status is LoopStatus.RUNNING:
-            self._status = LoopStatus.PAUSED
+            self._set_status(LoopStatus.PAUSED)
         self._resumed.wait()  # woken by resume(), stop() or a cancellation
         if self._status is LoopStatus.PAUSED:
-            self._status = LoopStatus.RUNNING
+            self._set_status(LoopStatus.RUNNING)
         return self._end_requested()
 
     def _cancelling(self) -> bool:
@@ -521,6 +592,52 @@ class LoopBase(PipeBase):
     def _check_cancel(self) -> None:
         if self._cancelling():
             raise JobCancelled
+
+
+class EventStream:
+    """A subscription to a loop's events (see :meth:`LoopBase.events`); an async iterator,
+    also usable as ``async with loop.events() as events:`` to unsubscribe on leaving."""
+
+    def __init__(self, loop: LoopBase, buffer: int, progress_every: float | None) -> None:
+        self._loop = loop
+        self._progress_every = progress_every if progress_every else math.inf
+        # A full buffer drops its oldest event: `end`, the last one put, is never dropped.
+        self._mailbox: Mailbox[LoopEvent] = Mailbox(maxlen=buffer)
+        self._reported_drops = 0
+        self._ended = False
+        loop._subscribe(self._mailbox)
+        if loop.status.done:  # subscribed after the end: the end is all there is to see
+            self._mailbox.put(LoopEvent(EventKind.END, loop.snapshot()))
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> LoopEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        event = None
+        with anyio.move_on_after(self._progress_every):
+            event = await self._mailbox.get()
+        if event is None:
+            event = LoopEvent(EventKind.PROGRESS, self._loop.snapshot())
+        dropped = self._mailbox.dropped - self._reported_drops
+        if dropped:
+            event = dataclasses.replace(event, dropped=dropped)
+            self._reported_drops = self._mailbox.dropped
+        if event.kind is EventKind.END:
+            self._ended = True
+            self._loop._unsubscribe(self._mailbox)
+        return event
+
+    async def aclose(self) -> None:
+        self._ended = True
+        self._loop._unsubscribe(self._mailbox)
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 @dataclasses.dataclass(frozen=True)

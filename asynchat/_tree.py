@@ -32,3 +32,10 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, Mapping):
         for value in obj.values():
             yield from iter_tensors(value)
+
+
+def batch_size(batch: Any) -> int:
+    """The leading dimension of the first tensor in ``batch`` (0 if it holds none)."""
+    for tensor in iter_tensors(batch):
+        return int(tensor.shape[0]) if tensor.ndim else 1
+    return 0

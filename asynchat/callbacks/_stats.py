@@ -6,14 +6,7 @@ import time
 
 from asynchat._callback import Callback
 from asynchat._state import LoopState
-from asynchat._tree import iter_tensors
-
-
-def batch_size(batch: object) -> int:
-    """The leading dimension of the first tensor in the batch (0 if there is none)."""
-    for tensor in iter_tensors(batch):
-        return int(tensor.shape[0]) if tensor.ndim else 1
-    return 0
+from asynchat._tree import batch_size
 
 
 class StatsMonitor(Callback):
