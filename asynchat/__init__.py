@@ -8,6 +8,7 @@ from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._loop import LoopBase
 from asynchat._phase import Phase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, MultiBatchProcessor
+from asynchat._signals import stop_on_signals
 from asynchat._state import LoopState, LoopStatus
 from asynchat._trainer import Predictor, Trainer
 from asynchat._transfer import to_host
@@ -31,5 +32,6 @@ __all__ = [
     "Predictor",
     "Trainer",
     "__version__",
+    "stop_on_signals",
     "to_host",
 ]

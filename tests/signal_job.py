@@ -1,0 +1,29 @@
+"""A job for the signal test: trains until SIGTERM, then stops with a final checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anyio
+from conftest import make_trainer
+
+from asynchat import Callback, LoopState, stop_on_signals
+from asynchat.callbacks import Checkpoint
+
+
+class Announce(Callback):
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == 3:
+            print("training", flush=True)
+
+
+async def main(directory: Path) -> None:
+    trainer = make_trainer(Announce(), Checkpoint(directory), num_epochs=100_000)
+    async with stop_on_signals(trainer):
+        state = await trainer.fit()
+    print(f"stopped: {state.stop_reason} at step {state.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    anyio.run(main, Path(sys.argv[2]), backend=sys.argv[1])

@@ -1,0 +1,74 @@
+"""stop_on_signals(): SIGTERM in a real process becomes a graceful stop with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import HAVE_TRIO, make_trainer
+
+from asynchat import stop_on_signals
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["asyncio", pytest.param("trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio"))],
+)
+def test_sigterm_stops_the_loop_gracefully(tmp_path: Path, backend: str) -> None:
+    with subprocess.Popen(
+        [sys.executable, str(HERE / "signal_job.py"), backend, str(tmp_path)],
+        cwd=HERE, stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "training"
+        os.kill(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, "the process ended normally, not by the signal"
+    assert out.startswith("stopped: received SIGTERM at step ")
+    step = int(out.split()[-1])
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]
+    assert entry["global_step"] == step, "the final checkpoint is the last step"
+
+
+def test_only_in_the_main_thread_and_with_a_loop() -> None:
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        async def use() -> None:
+            async with stop_on_signals(make_trainer()):
+                pass
+
+        try:
+            anyio.run(use)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "must run in the main thread" in str(errors[0])
+
+    async def without_loops() -> None:
+        async with stop_on_signals():
+            pass
+
+    with pytest.raises(ValueError, match="needs at least one loop"):
+        anyio.run(without_loops)
+
+
+def test_no_handler_is_installed_at_import() -> None:
+    code = (
+        "import signal; before = signal.getsignal(signal.SIGTERM); import asynchat, "
+        "asynchat.callbacks; assert signal.getsignal(signal.SIGTERM) is before; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
