@@ -140,6 +140,9 @@ class JobManager:
             loss_fn=nn.CrossEntropyLoss(),
             num_epochs=spec["epochs"],
             name=job_id,
+            # The data is a small in-memory tensor set: reading it on the compute thread is
+            # cheaper than a prefetch thread competing for the GIL with the server.
+            prefetch=0,
             callbacks=[
                 Validation(val, loss_fn=nn.CrossEntropyLoss()),
                 Checkpoint(self.runs / job_id, every_n_epochs=5, keep_last=1),
