@@ -5,6 +5,7 @@ The public names live here; the implementation is in private modules.
 
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
+from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
 from asynchat._phase import Phase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, MultiBatchProcessor
@@ -21,6 +22,7 @@ __all__ = [
     "Callback",
     "EventKind",
     "Hook",
+    "LaunchError",
     "LoopBase",
     "LoopEvent",
     "LoopSnapshot",
@@ -32,6 +34,8 @@ __all__ = [
     "Predictor",
     "Trainer",
     "__version__",
+    "launch",
+    "launch_async",
     "stop_on_signals",
     "to_host",
 ]
