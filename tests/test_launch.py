@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pytest
 import rank_jobs
 
 from asynchat import LaunchError, launch, launch_async
+from asynchat._launch import free_port
+
+HERE = Path(__file__).resolve().parent
 
 
 def rank_processes() -> list[multiprocessing.process.BaseProcess]:
@@ -69,6 +74,39 @@ async def test_launch_async_runs_in_a_running_loop_and_cancelling_it_kills_the_r
     assert len(pids) == 2, "both ranks were seen running"
     assert rank_processes() == []
     assert_gone(sorted(pids))
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
+    """`torchrun --nnodes=2 --nproc-per-node=1` twice on 127.0.0.1, like two machines."""
+    port = str(free_port())
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                str(HERE / "torchrun_job.py"),
+                str(tmp_path),
+            ],
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = []
+    for agent in agents:
+        out, _ = agent.communicate(timeout=120)
+        outputs.append(out)
+    assert [a.returncode for a in agents] == [0, 0], outputs
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == ["2 3.0", "2 3.0"]
 
 
 def test_bad_arguments() -> None:
