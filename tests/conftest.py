@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -49,6 +53,17 @@ def no_thread_left_behind() -> Iterator[None]:
     if left:
         time.sleep(0.5)  # report what is *still* there, not a race in the report itself
         pytest.fail(f"threads left behind: {_engine_threads()}")
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import ``examples/<filename>`` (the examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / filename
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_data(n: int = 96, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("digits_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
 async def test_digits_demo_reaches_95_percent_and_resumes(tmp_path: Path) -> None:
-    digits = load_example()
+    digits = load_example("digits.py")
     accuracy = await digits.train(epochs=15, out=tmp_path)
     assert accuracy >= 0.95
     manifest = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 import uvicorn
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "service.py"
+from conftest import load_example
 
 pytestmark = [
     pytest.mark.anyio,
@@ -24,18 +20,9 @@ pytestmark = [
 ]
 
 
-def load_service() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("service_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @asynccontextmanager
 async def running_server(runs: Path) -> AsyncIterator[httpx.AsyncClient]:
-    app = load_service().create_app(runs)
+    app = load_example("service.py").create_app(runs)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
