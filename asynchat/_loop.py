@@ -434,6 +434,9 @@ class LoopBase(PipeBase):
     def _configure(self) -> None:
         """Subclasses build what needs the model on its device (the Trainer: its optimizer)."""
 
+    def _begin_epoch_data(self, epoch: int) -> None:
+        """Subclasses prepare the data loader for ``epoch`` before its order is drawn."""
+
     def _extra_state(self) -> dict[str, Any]:
         """Subclasses add to the checkpoint here (the Trainer: its optimizer)."""
         return {}
@@ -503,6 +506,7 @@ class LoopBase(PipeBase):
         skip = resume.steps_done if resume is not None else 0
         limit = None if state.num_steps is None else state.num_steps - state.global_step
         length = None if state.steps_per_epoch is None else max(0, state.steps_per_epoch - skip)
+        self._begin_epoch_data(state.epoch)
         generators = loader_generators(self.data_loader)
         if resume is not None and resume.epoch_rng is not None:
             # Re-draw this epoch's data order: put the generators back as they were when it

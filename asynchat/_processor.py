@@ -163,15 +163,23 @@ class BasicBatchProcessor(BatchProcessor):
                     "cannot train on a batch without a loss: BasicBatchProcessor needs "
                     "loss_fn=... and batches with targets"
                 )
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.grad_accumulation_steps > 1:
                 loss = loss / self.grad_accumulation_steps
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                if not self.update_due(state) and hasattr(state.model, "no_sync"):
+                    # DDP: no gradient all-reduce until the update step.
+                    sync = state.model.no_sync()  # type: ignore[operator]
+            with sync:
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         run_phase(Phase.ON_BATCH_END)
+
+    def update_due(self, state: LoopState) -> bool:
+        """Whether this step ends an accumulation (and so updates the optimizer)."""
+        return state.is_last_step or (state.step + 1) % self.grad_accumulation_steps == 0
 
     def update_if_due(self, state: LoopState, run_phase: RunPhase) -> None:
         """If this step ends an accumulation: ``on_before_update``, optimizer step, zero grads."""
-        due = state.is_last_step or (state.step + 1) % self.grad_accumulation_steps == 0
-        if not due:
+        if not self.update_due(state):
             return
         optimizer = state.optimizer
         assert optimizer is not None

@@ -1,0 +1,102 @@
+"""DistributedDataParallelTrainer: the Trainer, one rank of a torch.distributed job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from asynchat._trainer import OptimizerFactory, Trainer
+
+
+class DistributedDataParallelTrainer(Trainer):
+    """A :class:`~asynchat.Trainer` for one rank of a job started by :func:`asynchat.launch`
+    or ``torchrun``: the model is wrapped in ``DistributedDataParallel`` on the rank's device.
+
+    A ``DataLoader`` whose sampler is not a ``DistributedSampler`` is rebuilt with one (shuffled
+    if the original was), and ``set_epoch`` is called before each epoch's order is drawn; each
+    rank reads its shard with the loader's batch size. With gradient accumulation the
+    all-reduce is skipped (``no_sync``) until the update step. ``stop()`` on any rank, and a
+    cancellation, end the loop on every rank after the same step: the ranks agree at every
+    step boundary with a one-element all-reduce, so they never diverge or hang.
+    ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
+    Other arguments are :class:`~asynchat.Trainer`'s.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader: Iterable[Any],
+        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        *,
+        sync_batchnorm: bool = False,
+        find_unused_parameters: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "DistributedDataParallelTrainer needs an initialised process group: create it "
+                "inside a function run by asynchat.launch(...) or under torchrun"
+            )
+        if sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+        super().__init__(model, _sharded(data_loader), optimizer, **kwargs)
+        self.find_unused_parameters = find_unused_parameters
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def _configure(self) -> None:
+        super()._configure()
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.state.model = DistributedDataParallel(
+            self.model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
+        )
+
+    def _begin_epoch_data(self, epoch: int) -> None:
+        sampler = getattr(self.data_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
+    def _end_requested(self) -> bool:
+        """Agreed by all ranks: the loop ends on every rank if any rank asks it to."""
+        local = super()._end_requested()
+        flag = torch.tensor([1.0 if local else 0.0], device=self._collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank calls this at the same point
+        agreed = bool(flag.item())  # host sync, once per step: the decision steers the loop
+        if agreed and not local:
+            self.stop("stopped on another rank")
+        return agreed
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _sharded(data_loader: Iterable[Any]) -> Iterable[Any]:
+    if not isinstance(data_loader, DataLoader) or isinstance(
+        data_loader.sampler, DistributedSampler
+    ):
+        return data_loader
+    if data_loader.batch_sampler is None:
+        raise ValueError(
+            "a DataLoader with batch_size=None cannot be sharded; pass a DistributedSampler"
+        )
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        data_loader.dataset,
+        shuffle=isinstance(data_loader.sampler, RandomSampler),
+        drop_last=data_loader.drop_last,
+    )
+    return DataLoader(
+        data_loader.dataset,
+        batch_size=data_loader.batch_size,
+        sampler=sampler,
+        num_workers=data_loader.num_workers,
+        collate_fn=data_loader.collate_fn,
+        pin_memory=data_loader.pin_memory,
+        drop_last=data_loader.drop_last,
+        worker_init_fn=data_loader.worker_init_fn,
+        generator=data_loader.generator,
+    )
