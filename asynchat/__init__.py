@@ -4,7 +4,7 @@ The public names live here; the implementation is in private modules.
 """
 
 from asynchat._callback import Callback, Hook, PipeBase
-from asynchat._distributed import DistributedDataParallelTrainer
+from asynchat._distributed import DataParallelTrainer, DistributedDataParallelTrainer
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
@@ -21,6 +21,7 @@ __all__ = [
     "BasicBatchProcessor",
     "BatchProcessor",
     "Callback",
+    "DataParallelTrainer",
     "DistributedDataParallelTrainer",
     "EventKind",
     "Hook",

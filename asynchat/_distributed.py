@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ class DistributedDataParallelTrainer(Trainer):
     cancellation, end the loop on every rank after the same step: the ranks agree at every
     step boundary with a one-element all-reduce, so they never diverge or hang.
     ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
+    Callbacks that write files (Checkpoint, the loggers, Progress) write on rank 0 only
+    (``loop.is_rank_zero``); decisions such as TerminateOnNaN's are agreed with
+    ``loop.any_rank``.
     Other arguments are :class:`~asynchat.Trainer`'s.
     """
 
@@ -46,7 +49,7 @@ class DistributedDataParallelTrainer(Trainer):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
         super().__init__(model, _sharded(data_loader), optimizer, **kwargs)
         self.find_unused_parameters = find_unused_parameters
-        self.rank = dist.get_rank()
+        self._rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
     def _configure(self) -> None:
@@ -61,12 +64,19 @@ class DistributedDataParallelTrainer(Trainer):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
 
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self._collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # every rank calls this at the same point
+        return bool(value.item())  # host sync: the decision steers the loop on every rank
+
     def _end_requested(self) -> bool:
         """Agreed by all ranks: the loop ends on every rank if any rank asks it to."""
         local = super()._end_requested()
-        flag = torch.tensor([1.0 if local else 0.0], device=self._collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank calls this at the same point
-        agreed = bool(flag.item())  # host sync, once per step: the decision steers the loop
+        agreed = self.any_rank(local)
         if agreed and not local:
             self.stop("stopped on another rank")
         return agreed
@@ -100,3 +110,34 @@ def _sharded(data_loader: Iterable[Any]) -> Iterable[Any]:
         worker_init_fn=data_loader.worker_init_fn,
         generator=data_loader.generator,
     )
+
+
+class DataParallelTrainer(Trainer):
+    """A :class:`~asynchat.Trainer` that splits each batch over several GPUs of one process
+    with ``torch.nn.DataParallel`` (HAT's DataParallelTrainer).
+
+    ``device_ids`` defaults to every visible GPU; with fewer than two (or on the CPU) it is the
+    plain Trainer. ``state.model`` is the wrapper; ``trainer.model`` and checkpoints the module.
+    For more than one machine, or for speed on one, prefer :class:`DistributedDataParallelTrainer`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader: Iterable[Any],
+        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        *,
+        device_ids: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        available = list(range(torch.cuda.device_count()))
+        self.device_ids = list(device_ids) if device_ids is not None else available
+        unknown = [i for i in self.device_ids if i not in available]
+        if unknown:
+            raise ValueError(f"device_ids {unknown} are not visible CUDA devices ({available})")
+
+    def _configure(self) -> None:
+        super()._configure()
+        if self.device.type == "cuda" and len(self.device_ids) > 1:
+            self.state.model = torch.nn.DataParallel(self.model, device_ids=self.device_ids)

@@ -194,6 +194,21 @@ class LoopBase(PipeBase):
             raise ValueError(f"buffer must be a positive int, got {buffer!r}")
         return EventStream(self, buffer, progress_every)
 
+    @property
+    def rank(self) -> int:
+        """This process's rank in a distributed run (0 otherwise)."""
+        return 0
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """Whether this loop should do what only one process of a job does (write files)."""
+        return self.rank == 0
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` agreed by all ranks: True on every rank if it is True on any (a
+        collective in a distributed run: every rank must call it at the same point)."""
+        return flag
+
     def _set_status(self, status: LoopStatus) -> None:
         self._status = status
         self._publish(EventKind.END if status.done else EventKind.STATUS)

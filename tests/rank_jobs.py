@@ -41,23 +41,38 @@ def ddp_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 
 
-async def ddp_train(rank: int, world_size: int, out: str, stop_at: int) -> None:
-    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+async def ddp_train(
+    rank: int,
+    world_size: int,
+    out: str,
+    stop_at: int,
+    checkpoints: str = "",
+    resume: bool = False,
+    accumulate: int = 1,
+) -> None:
+    from asynchat import BasicBatchProcessor, Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint
 
     class StopOnRankZero(Callback):
         def on_step_end(self, state: LoopState) -> None:
             if rank == 0 and state.global_step == stop_at:
                 state.loop.stop("rank 0 had enough")
 
-    loader = torch.utils.data.DataLoader(ddp_data(), batch_size=8)  # 8 per rank: 16 in all
+    callbacks: list[Callback] = [StopOnRankZero()]
+    if checkpoints and not resume:
+        callbacks.append(Checkpoint(checkpoints, every_n_steps=3, save_on_end=False))
+    loader = torch.utils.data.DataLoader(ddp_data(), batch_size=8, shuffle=True)  # 8 per rank
     trainer = DistributedDataParallelTrainer(
         ddp_model(),
         loader,
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-        loss_fn=torch.nn.CrossEntropyLoss(),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        batch_processor=BasicBatchProcessor(
+            torch.nn.CrossEntropyLoss(), grad_accumulation_steps=accumulate
+        ),
         num_epochs=2,
         device="cpu",
-        callbacks=[StopOnRankZero()],
+        callbacks=callbacks,
+        resume_from=checkpoints if resume else None,
     )
     state = await trainer.fit()
     torch.save(
@@ -65,3 +80,26 @@ async def ddp_train(rank: int, world_size: int, out: str, stop_at: int) -> None:
          "stop_reason": state.stop_reason},
         Path(out, f"rank{rank}.pt"),
     )  # fmt: skip
+
+
+async def predict_shard(rank: int, world_size: int, out: str) -> None:
+    from asynchat import Callback, LoopState, Predictor
+
+    class Collect(Callback):
+        def __init__(self) -> None:
+            self.rows: list[torch.Tensor] = []
+
+        def on_batch_end(self, state: LoopState) -> None:
+            self.rows.append(state.batch[0])
+
+    dataset = ddp_data()
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
+    collect = Collect()
+    await Predictor(
+        ddp_model(), torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler),
+        callbacks=[collect],
+    ).fit()  # fmt: skip
+    shards: list[torch.Tensor | None] = [None] * world_size
+    dist.all_gather_object(shards, torch.cat(collect.rows))
+    if rank == 0:
+        torch.save(torch.cat([s for s in shards if s is not None]), Path(out, "gathered.pt"))

@@ -14,23 +14,29 @@ from asynchat import DistributedDataParallelTrainer, launch
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), -1))
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["every-step", "accumulate-2-no-sync"])
+def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumulate: int) -> None:
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), -1, "", False, accumulate))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8  # 64 / (2 x 8) x 2 epochs
     for name, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][name]), "the replicas stay identical"
 
-    # One process, batches of 16: DistributedSampler(shuffle=False) gives rank r the samples
-    # r, r + 2, ..., so each step's two shards together are 16 consecutive samples.
+    # One process, batches of 16 in the same order: each epoch's DistributedSampler permutation
+    # (seed 0 + epoch) gives rank r the positions r, r + 2, ..., so each step's two shards
+    # together are 16 consecutive entries of the permutation.
     reference = rank_jobs.ddp_model()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    for _ in range(2):
-        for inputs, targets in DataLoader(rank_jobs.ddp_data(), batch_size=16):
-            loss_fn(reference(inputs), targets).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    data = rank_jobs.ddp_data()
+    for epoch in range(2):
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch)).tolist()
+        for step, start in enumerate(range(0, 64, 16)):
+            inputs, targets = data[order[start : start + 16]]
+            (loss_fn(reference(inputs), targets) / accumulate).backward()
+            if (step + 1) % accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad()
     for name, value in reference.state_dict().items():
         assert torch.allclose(value, ranks[0]["model"][name], atol=1e-6), name
 
@@ -42,6 +48,52 @@ def test_stop_on_rank_zero_stops_every_rank_after_the_same_step(tmp_path: Path) 
     assert [r["global_step"] for r in ranks] == [3, 3]
     assert ranks[0]["stop_reason"] == "rank 0 had enough"
     assert ranks[1]["stop_reason"] == "stopped on another rank"
+
+
+@pytest.mark.slow
+def test_resume_across_the_same_world_size(tmp_path: Path) -> None:
+    straight, first, resumed = (tmp_path / name for name in ("straight", "first", "resumed"))
+    for directory in (straight, first, resumed):
+        directory.mkdir()
+    checkpoints = str(tmp_path / "checkpoints")
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(straight), -1))
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(first), 3, checkpoints))
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(resumed), -1, checkpoints, True))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.ckpt"))] == [
+        "step-000000003.ckpt"
+    ], "rank 0 alone wrote the checkpoint"
+    for rank in range(2):
+        a = torch.load(straight / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)
+        assert a["global_step"] == b["global_step"] == 8
+        for name, value in a["model"].items():
+            assert torch.equal(value, b["model"][name]), (rank, name)
+
+
+def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
+    launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    assert gathered.shape == (64, 8)
+    rows = {tuple(row.tolist()) for row in gathered}
+    assert rows == {tuple(row.tolist()) for row in rank_jobs.ddp_data().tensors[0]}
+
+
+def test_data_parallel_trainer_is_the_plain_trainer_without_several_gpus() -> None:
+    import anyio
+
+    from asynchat import DataParallelTrainer, Trainer
+
+    models = [rank_jobs.ddp_model(), rank_jobs.ddp_model()]
+    for cls, model in zip((DataParallelTrainer, Trainer), models, strict=True):
+        loader = DataLoader(rank_jobs.ddp_data(), batch_size=16)
+        trainer = cls(model, loader, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                      loss_fn=nn.CrossEntropyLoss(), num_epochs=1, device="cpu")  # fmt: skip
+        anyio.run(trainer.fit)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"device_ids \[7\] are not visible CUDA devices"):
+        DataParallelTrainer(rank_jobs.ddp_model(), [], lambda m: torch.optim.SGD(m.parameters()),
+                            loss_fn=nn.MSELoss(), num_epochs=1, device_ids=[7])  # fmt: skip
 
 
 def test_needs_a_process_group() -> None:

@@ -44,6 +44,7 @@ def test_a_failing_rank_stops_the_others_and_is_named() -> None:
     assert info.value.rank == 1
     assert "Traceback" in str(info.value)
     assert time.monotonic() - started < 60, "rank 0 did not wait out its collective"
+    assert rank_processes() == [], "no rank process is left"
 
 
 @pytest.mark.anyio

@@ -129,6 +129,8 @@ class Checkpoint(Callback):
         return [self.save_dir / e["file"] for e in self._entries]
 
     def on_loop_begin(self, state: LoopState) -> None:
+        if not state.loop.is_rank_zero:
+            return
         self.save_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._entries = read_manifest(self.save_dir)  # a resumed run keeps managing them
@@ -151,8 +153,8 @@ class Checkpoint(Callback):
 
     def save(self, state: LoopState) -> None:
         """Snapshot now (on the compute thread) and write in the background."""
-        if self._last_saved_step == state.global_step:
-            return
+        if self._last_saved_step == state.global_step or not state.loop.is_rank_zero:
+            return  # in a distributed run, rank 0 writes (the replicas are identical)
         snapshot = state.loop.state_dict()
         metric = state.metrics.get(self.monitor) if self.monitor is not None else None
         self._writer.submit(functools.partial(self._write, snapshot, metric))

@@ -107,7 +107,12 @@ class TerminateOnNaN(Callback):
 
     def check(self, state: LoopState) -> None:
         step = int(self.first_bad)  # host sync, every check_every_n_steps steps
-        if step >= 0:
+        if state.loop.any_rank(step >= 0):  # all ranks end together, none waits in a collective
+            if step < 0:
+                raise NonFiniteLossError(
+                    f"the loss became NaN or infinite on another rank by global step "
+                    f"{state.global_step} (epoch {state.epoch})"
+                )
             value = float(self.first_value)
             kind = "NaN" if math.isnan(value) else "infinite"
             raise NonFiniteLossError(

@@ -16,6 +16,8 @@ from asynchat._transfer import PendingCopy, start_host_copy
 class ScalarLogger(Callback):
     """Base for loggers: the loss every ``every_n_steps`` steps, ``state.metrics`` per epoch.
 
+    In a distributed run only rank 0 logs.
+
     The loss is brought to the host with a non-blocking copy started on the compute thread and
     written once it has landed (checked without blocking at later steps, and waited for at
     the end of each epoch), so logging costs no host/device sync per step. Subclasses
@@ -36,11 +38,15 @@ class ScalarLogger(Callback):
         """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
 
     def on_step_end(self, state: LoopState) -> None:
+        if not state.loop.is_rank_zero:
+            return
         if state.loss is not None and state.global_step % self.every_n_steps == 0:
             self._pending.append((state.global_step, start_host_copy(state.loss)))
         self._flush(wait=False)
 
     def on_epoch_end(self, state: LoopState) -> None:
+        if not state.loop.is_rank_zero:
+            return
         self._flush(wait=True)
         if state.metrics:
             self.write(state.global_step, dict(state.metrics))
@@ -75,7 +81,8 @@ class TensorBoardLogger(ScalarLogger):
     def on_loop_begin(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(self.log_dir))
+        if state.loop.is_rank_zero:
+            self._writer = SummaryWriter(str(self.log_dir))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
@@ -101,8 +108,9 @@ class JSONLinesLogger(ScalarLogger):
         self._file: IO[str] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        if state.loop.is_rank_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._file is not None

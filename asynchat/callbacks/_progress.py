@@ -42,6 +42,9 @@ class Progress(Callback):
 
     def on_loop_begin(self, state: LoopState) -> None:
         self._started = time.perf_counter()
+        self._quiet = not state.loop.is_rank_zero  # one process of a distributed job reports
+        if self._quiet:
+            return
         use_rich = self.rich if self.rich is not None else self._out().isatty()
         if use_rich:
             from rich.console import Console
@@ -64,6 +67,8 @@ class Progress(Callback):
             self._bar.start()
 
     def on_step_end(self, state: LoopState) -> None:
+        if self._quiet:
+            return
         if self._bar is not None:
             self._bar.update(
                 self._task, completed=state.global_step, description=f"epoch {state.epoch + 1}"
@@ -72,6 +77,8 @@ class Progress(Callback):
             self._line(state, f"step {state.global_step}")
 
     def on_epoch_end(self, state: LoopState) -> None:
+        if self._quiet:
+            return
         if self._bar is not None:
             self._bar.update(self._task, info=_format_metrics(state.metrics))
         else:
