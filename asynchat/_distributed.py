@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from asynchat._device import resolve_device
 from asynchat._trainer import OptimizerFactory, Trainer
 
 
@@ -40,6 +41,11 @@ class DistributedDataParallelTrainer(Trainer):
         find_unused_parameters: bool = False,
         **kwargs: Any,
     ) -> None:
+        if sync_batchnorm and resolve_device(kwargs.get("device")).type != "cuda":
+            raise ValueError(
+                "sync_batchnorm=True needs a CUDA device: torch's SyncBatchNorm runs on GPUs "
+                "only; on the CPU keep sync_batchnorm=False"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "DistributedDataParallelTrainer needs an initialised process group: create it "

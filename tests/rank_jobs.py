@@ -103,3 +103,24 @@ async def predict_shard(rank: int, world_size: int, out: str) -> None:
     dist.all_gather_object(shards, torch.cat(collect.rows))
     if rank == 0:
         torch.save(torch.cat([s for s in shards if s is not None]), Path(out, "gathered.pt"))
+
+
+async def nan_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1's loss turns NaN; TerminateOnNaN must end both ranks (agreed), none hanging."""
+    from asynchat import DistributedDataParallelTrainer
+    from asynchat.callbacks import TerminateOnNaN
+
+    ce = torch.nn.CrossEntropyLoss()
+    calls = 0
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return ce(outputs, targets) * (float("nan") if rank == 1 and calls == 3 else 1.0)
+
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=loss_fn, num_epochs=50,
+        device="cpu", callbacks=[TerminateOnNaN(check_every_n_steps=2)],
+    )  # fmt: skip
+    await trainer.fit()

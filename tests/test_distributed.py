@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asynchat import DistributedDataParallelTrainer, launch
+from asynchat import DistributedDataParallelTrainer, LaunchError, launch
 
 
 @pytest.mark.slow
@@ -94,6 +95,24 @@ def test_data_parallel_trainer_is_the_plain_trainer_without_several_gpus() -> No
     with pytest.raises(ValueError, match=r"device_ids \[7\] are not visible CUDA devices"):
         DataParallelTrainer(rank_jobs.ddp_model(), [], lambda m: torch.optim.SGD(m.parameters()),
                             loss_fn=nn.MSELoss(), num_epochs=1, device_ids=[7])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_ends_every_rank() -> None:
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match="NonFiniteLossError"):
+        launch(rank_jobs.nan_on_rank_one, nprocs=2)
+    assert time.monotonic() - started < 60, "no rank waited in a collective"
+
+
+def test_sync_batchnorm_needs_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU error")
+    with pytest.raises(ValueError, match="sync_batchnorm=True needs a CUDA device"):
+        DistributedDataParallelTrainer(
+            nn.Linear(2, 2), [], lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=nn.MSELoss(), num_epochs=1, sync_batchnorm=True,
+        )  # fmt: skip
 
 
 def test_needs_a_process_group() -> None:
