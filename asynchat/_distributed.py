@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from asynchat._device import resolve_device
+from asynchat._skip import loader_settings
 from asynchat._trainer import OptimizerFactory, Trainer
 
 
@@ -109,12 +110,8 @@ def _sharded(data_loader: Iterable[Any]) -> Iterable[Any]:
         data_loader.dataset,
         batch_size=data_loader.batch_size,
         sampler=sampler,
-        num_workers=data_loader.num_workers,
-        collate_fn=data_loader.collate_fn,
-        pin_memory=data_loader.pin_memory,
         drop_last=data_loader.drop_last,
-        worker_init_fn=data_loader.worker_init_fn,
-        generator=data_loader.generator,
+        **loader_settings(data_loader),
     )
 
 

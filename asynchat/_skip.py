@@ -57,8 +57,10 @@ def skip_batches(data_loader: Iterable[Any], count: int) -> Iterable[Any]:
     return _Islice(data_loader, count)
 
 
-def _clone_skipping(loader: DataLoader[Any], count: int) -> DataLoader[Any]:
-    kwargs: dict[str, Any] = {
+def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``loader`` around another sampler: everything but
+    the dataset and how it is sampled and batched."""
+    settings: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
@@ -66,13 +68,18 @@ def _clone_skipping(loader: DataLoader[Any], count: int) -> DataLoader[Any]:
         "worker_init_fn": loader.worker_init_fn,
         "multiprocessing_context": loader.multiprocessing_context,
         # The same generator object: the base seed and the permutation are drawn from it in
-        # the same order as in an un-skipped epoch.
+        # the same order as in the original loader.
         "generator": loader.generator,
         "persistent_workers": loader.persistent_workers,
         "pin_memory_device": loader.pin_memory_device,
     }
     if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
+        settings["prefetch_factor"] = loader.prefetch_factor
+    return settings
+
+
+def _clone_skipping(loader: DataLoader[Any], count: int) -> DataLoader[Any]:
+    kwargs = loader_settings(loader)
     if loader.batch_sampler is not None:
         return DataLoader(
             loader.dataset, batch_sampler=_SkipFirst(loader.batch_sampler, count), **kwargs
