@@ -5,6 +5,7 @@ The public names live here; the implementation is in private modules.
 
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._distributed import DataParallelTrainer, DistributedDataParallelTrainer
+from asynchat._errors import AsynchatError, CheckpointError
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
@@ -18,9 +19,11 @@ from asynchat._transfer import to_host
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsynchatError",
     "BasicBatchProcessor",
     "BatchProcessor",
     "Callback",
+    "CheckpointError",
     "DataParallelTrainer",
     "DistributedDataParallelTrainer",
     "EventKind",

@@ -1,10 +1,17 @@
 """Checkpoint files: atomic writes, a manifest with checksums, and finding the newest valid one.
 
-A checkpoint directory holds ``step-000001234.ckpt`` files and ``manifest.json``. Every file is
-written to a hidden temporary name in the same directory, fsynced, renamed into place and the
-directory fsynced, so a crash at any moment leaves each completed checkpoint intact and never
-a partial file under a checkpoint's name. The manifest lists each checkpoint with its step,
-epoch, monitored metric and SHA-256, and is replaced the same way after each checkpoint.
+A checkpoint directory holds ``step-000001234.ckpt`` files, ``manifest.json`` and a lock file.
+Every file is written to a hidden temporary name unique to its writer, fsynced, renamed into
+place and the directory fsynced, so a crash at any moment leaves each completed checkpoint
+intact and never a partial file under a checkpoint's name. The manifest lists each checkpoint
+with its step, epoch, monitored metric and the SHA-256 of the file, and is replaced the same
+way after each checkpoint.
+
+Nothing in the directory is trusted: the manifest is data anyone with write access could have
+written. Only names this module makes (``step-<digits>.ckpt``, regular files, in the directory
+itself) are ever loaded or deleted; any other entry is skipped with a
+:class:`CheckpointWarning`. Each checkpoint also carries a digest of its own content, so a
+flipped bit is caught even when the manifest is lost.
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import re
+import socket
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,29 +32,48 @@ from typing import Any
 
 import torch
 
+from asynchat._errors import CheckpointError, CheckpointWarning
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the directory lock is not available
+    fcntl = None  # type: ignore[assignment]
+
 FORMAT = "asynchat-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: each file carries its content digest ("integrity")
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+LOCK = ".asynchat.lock"
 SUFFIX = ".ckpt"
+_NAME = re.compile(r"step-(\d{9,})\.ckpt")
+_TEMPORARY = re.compile(r"\.(step-\d{9,}\.ckpt|manifest\.json)\.[0-9a-f-]+\.tmp")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-
-class CheckpointError(Exception):
-    """A checkpoint could not be found, read or used."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (corrupt, truncated or missing) and an older one used."""
+__all__ = ["CheckpointError", "CheckpointWarning"]
 
 
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:09d}{SUFFIX}"
 
 
+def step_of(name: str) -> int | None:
+    """The global step in a checkpoint name this module made, else None."""
+    match = _NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete.
+
+    The temporary name is unique to this call (pid and a random part), so two writers never
+    touch each other's temporary file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -67,35 +97,161 @@ def fsync_dir(directory: Path) -> None:
 
 
 def remove_temporaries(directory: Path) -> None:
-    """Delete temporary files a killed writer left behind (they never hold a checkpoint)."""
-    for tmp in directory.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete temporary files a killed writer left behind (they never hold a checkpoint).
+
+    Only names :func:`atomic_write` makes for checkpoints and the manifest are touched. Call
+    it while holding the directory's :class:`DirectoryLock`, so no live writer owns them.
+    """
+    for tmp in directory.iterdir():
+        if _TEMPORARY.fullmatch(tmp.name) and not tmp.is_symlink() and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 over a checkpoint's structure, numbers, strings and tensor bytes.
+
+    Computed before saving and again after loading: it does not depend on how ``torch.save``
+    lays the file out, so it holds inside the file itself.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        if tensor.numel():
+            raw = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().data)  # a view: no copy of the bytes
+    elif isinstance(obj, Mapping):
+        digest.update(b"{%d;" % len(obj))
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"[%d;" % len(obj))
+        for value in obj:
+            _feed(digest, value)
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
 def serialize(obj: Mapping[str, Any]) -> tuple[bytes, str]:
+    """``torch.save`` bytes of ``obj`` with its content digest inside, and the file's SHA-256."""
+    content = dict(obj)
+    content.pop("integrity", None)
+    content["integrity"] = {"sha256": content_digest(content)}
     buffer = io.BytesIO()
-    torch.save(dict(obj), buffer)
+    torch.save(content, buffer)
     data = buffer.getvalue()
     return data, hashlib.sha256(data).hexdigest()
 
 
+class DirectoryLock:
+    """One live writer per checkpoint directory, across threads and processes.
+
+    An exclusive ``flock`` on ``save_dir/.asynchat.lock``: the operating system releases it
+    when its holder dies however it dies, so a lock left by a killed process is taken over by
+    the next writer. The file records the holder (pid, host, start time) for the error a
+    second writer gets. Not available off POSIX, where the lock is a no-op.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        path = self.directory / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(
+                f"save_dir={str(self.directory)!r} is not writable: cannot create {path} ({exc})"
+            ) from exc
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CheckpointError(
+                    f"save_dir={str(self.directory)!r} is in use by another live Checkpoint "
+                    f"writer ({holder}); two runs sharing a directory would overwrite and prune "
+                    "each other's checkpoints. Give each run its own save_dir"
+                ) from None
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the file releases the flock
+
+
+# -- the manifest --------------------------------------------------------------------------
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """Why a manifest entry cannot be used, or None if it can."""
+    if not isinstance(entry, dict):
+        return f"entry {entry!r} is not an object"
+    name = entry.get("file")
+    if not isinstance(name, str) or step_of(name) is None:
+        return f"file {name!r} is not a checkpoint name this library writes"
+    step = entry.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step != step_of(name):
+        return f"global_step {step!r} does not match the file {name!r}"
+    digest = entry.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        return f"sha256 {digest!r} of {name!r} is not a SHA-256 digest"
+    metric = entry.get("metric")
+    if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
+        return f"metric {metric!r} of {name!r} is not a number"
+    if not isinstance(entry.get("time", 0.0), (int, float)):
+        return f"time {entry.get('time')!r} of {name!r} is not a number"
+    return None
+
+
 def read_manifest(directory: Path) -> list[dict[str, Any]]:
-    """The manifest's entries, oldest first; empty if there is none or it is unreadable."""
+    """The manifest's usable entries, oldest first; empty if there is none or it is unreadable.
+
+    Entries that name anything but a checkpoint file of this directory (``../x``, an absolute
+    path) or lack their keys are dropped with a :class:`CheckpointWarning`.
+    """
+    path = directory / MANIFEST
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
         entries = manifest["checkpoints"]
-        assert isinstance(entries, list)
-        return entries
+        if not isinstance(entries, list):
+            raise TypeError("'checkpoints' is not a list")
     except FileNotFoundError:
         return []
-    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         warnings.warn(
-            f"{directory / MANIFEST} is unreadable ({exc}); looking at the checkpoint files "
-            "themselves",
+            f"{path} is unreadable ({type(exc).__name__}: {exc}); looking at the checkpoint "
+            "files themselves",
             CheckpointWarning,
             stacklevel=2,
         )
         return []
+    usable = []
+    for entry in entries:
+        problem = _entry_problem(entry)
+        if problem is None:
+            usable.append(entry)
+        else:
+            warnings.warn(f"{path}: {problem}; ignored", CheckpointWarning, stacklevel=2)
+    return usable
 
 
 def write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
@@ -104,7 +260,7 @@ def write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
 
 
 def manifest_entry(
-    file: str, digest: str, size: int, progress: Mapping[str, Any], metric: float | None
+    file: str, digest: str | None, size: int, progress: Mapping[str, Any], metric: float | None
 ) -> dict[str, Any]:
     return {
         "file": file,
@@ -117,12 +273,38 @@ def manifest_entry(
     }
 
 
+def checkpoint_files(directory: Path) -> list[Path]:
+    """Checkpoint files in ``directory`` (names this module makes, regular files), by step."""
+    found = []
+    for path in directory.iterdir():
+        if step_of(path.name) is None:
+            continue
+        if path.is_symlink() or not path.is_file():
+            warnings.warn(
+                f"{path} is not a regular file (a link or a directory); it is never loaded "
+                "or deleted",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            continue
+        found.append(path)
+    return sorted(found, key=lambda p: step_of(p.name) or 0)
+
+
+def finite(metric: float | None) -> bool:
+    """Whether ``metric`` can rank a checkpoint (NaN and infinities never do)."""
+    return metric is not None and math.isfinite(metric)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """Load a checkpoint file, or the newest valid checkpoint in a directory.
 
-    In a directory, a newest checkpoint that is missing, truncated, corrupt or does not match
-    its manifest checksum is reported with a :class:`CheckpointWarning` and the next older
-    one is tried. Returns the checkpoint and the file it came from.
+    In a directory, a newest checkpoint that is missing, truncated, corrupt, incomplete or
+    does not match its checksums is reported with a :class:`CheckpointWarning` and the next
+    older one is tried. Returns the checkpoint and the file it came from.
     """
     path = Path(path)
     if path.is_dir():
@@ -133,28 +315,30 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
 
 
 def _expected_digest(path: Path) -> str | None:
-    for entry in read_manifest(path.parent):
-        if entry.get("file") == path.name:
-            return str(entry["sha256"])
+    if path.parent.is_dir():
+        for entry in read_manifest(path.parent):
+            if entry["file"] == path.name:
+                digest = entry.get("sha256")
+                return digest if isinstance(digest, str) else None
     return None
 
 
 def _load_newest(directory: Path) -> tuple[dict[str, Any], Path]:
-    entries = read_manifest(directory)
-    candidates: list[tuple[Path, str | None]] = [
-        (directory / e["file"], e.get("sha256"))
-        for e in sorted(entries, key=lambda e: (e["global_step"], e["time"]), reverse=True)
-    ]
-    listed = {p.name for p, _ in candidates}
-    unlisted = sorted(
-        (p for p in directory.glob(f"*{SUFFIX}") if p.name not in listed), reverse=True
+    digests = {e["file"]: e.get("sha256") for e in read_manifest(directory)}
+    # Newest first. Files not in the manifest were written before a crash reached it; names
+    # the manifest lists but that are gone are reported when tried.
+    names = sorted(
+        {p.name for p in checkpoint_files(directory)} | set(digests),
+        key=lambda name: step_of(name) or 0,
+        reverse=True,
     )
-    candidates += [(p, None) for p in unlisted]  # written before a crash hit the manifest
-    candidates.sort(key=lambda c: c[0].name, reverse=True)  # names sort by global step
     problems: list[str] = []
-    for file, digest in candidates:
+    for name in names:
+        file = directory / name
         try:
-            return _load_file(file, digest), file
+            if file.is_symlink():
+                raise CheckpointError(f"{file} is a symbolic link, not a checkpoint file")
+            return _load_file(file, digests.get(name)), file
         except CheckpointError as exc:
             problems.append(str(exc))
             warnings.warn(f"{exc}; trying an older checkpoint", CheckpointWarning, stacklevel=3)
@@ -180,8 +364,36 @@ def _load_file(file: Path, digest: str | None) -> dict[str, Any]:
             f"{file} is not an asynchat checkpoint (a torch file without the "
             f"'format': {FORMAT!r} entry); to load plain weights use model.load_state_dict"
         )
-    if obj.get("version") != VERSION:
+    if obj.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{file} has checkpoint version {obj.get('version')!r}, expected {VERSION}"
+            f"{file} has checkpoint version {obj.get('version')!r}; this asynchat reads "
+            f"versions {READABLE_VERSIONS}"
         )
+    _check_integrity(file, obj)
+    _check_complete(file, obj)
     return obj
+
+
+def _check_integrity(file: Path, obj: dict[str, Any]) -> None:
+    integrity = obj.pop("integrity", None)
+    if obj["version"] == 1:
+        return  # written before checkpoints carried their own digest
+    expected = integrity.get("sha256") if isinstance(integrity, dict) else None
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{file} has no content digest (its 'integrity' entry is missing)")
+    if content_digest(obj) != expected:
+        raise CheckpointError(
+            f"{file} does not match its own content digest (bit rot or tampering)"
+        )
+
+
+_PROGRESS_KEYS = ("epoch", "steps_in_epoch", "epoch_exhausted", "global_step")
+
+
+def _check_complete(file: Path, obj: dict[str, Any]) -> None:
+    progress = obj.get("progress")
+    if not isinstance(progress, dict) or any(key not in progress for key in _PROGRESS_KEYS):
+        raise CheckpointError(f"{file} has no complete 'progress' entry {_PROGRESS_KEYS}")
+    for key in ("model", "processor", "callbacks", "metrics", "rng"):
+        if key not in obj:
+            raise CheckpointError(f"{file} has no {key!r} entry")

@@ -11,8 +11,8 @@ import anyio
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import CheckpointError
 from asynchat._compute import ComputeThread
+from asynchat._errors import CheckpointError
 from asynchat._loop import LoopBase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 from asynchat._state import LoopState

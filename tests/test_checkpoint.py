@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,15 +161,36 @@ async def test_save_on_end_after_stop_and_cancellation_but_not_after_an_error(
     assert not list((tmp_path / "error").glob("*.ckpt"))
 
 
+class RemoveDirectory(Callback):
+    """Deletes the checkpoint directory before step 2, so the save after it fails."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_step_begin(self, state: LoopState) -> None:
+        if state.global_step == 1:
+            shutil.rmtree(self.directory)
+
+
 @pytest.mark.anyio
-async def test_a_failing_write_is_raised_not_dropped(tmp_path: Path) -> None:
+async def test_a_failing_write_is_raised_naming_the_file(tmp_path: Path) -> None:
+    save_dir = tmp_path / "ckpt"
+    checkpoint = Checkpoint(save_dir, every_n_steps=2, save_on_end=False)
+    trainer = make_trainer(RemoveDirectory(save_dir), checkpoint, num_epochs=1)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-000000002"):
+        await trainer.fit()
+    # Reported at the first step end after the write failed: at the latest, the next save.
+    assert trainer.state.global_step in (3, 4)
+
+
+@pytest.mark.anyio
+async def test_an_unusable_save_dir_is_refused_before_training(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    checkpoint = Checkpoint(tmp_path, every_n_steps=2, save_on_end=False)
-    checkpoint.save_dir = blocker  # writes into a file path: they fail on the writer thread
-    trainer = make_trainer(checkpoint, num_epochs=1)
-    with pytest.raises((FileExistsError, NotADirectoryError)):
+    trainer = make_trainer(Checkpoint(blocker, every_n_steps=2), num_epochs=1)
+    with pytest.raises(CheckpointError, match="not-a-directory"):
         await trainer.fit()
+    assert trainer.state.global_step == 0
 
 
 def make_checkpoints(directory: Path, steps: int = 6) -> None:

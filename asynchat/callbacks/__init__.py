@@ -7,7 +7,8 @@ when a callback that needs them is created: ``torchmetrics`` (MetricUpdater, Val
 metrics), ``rich`` (Progress on a terminal), ``tensorboard`` (TensorBoardLogger).
 """
 
-from asynchat._checkpoint_io import CheckpointError, CheckpointWarning, load_checkpoint
+from asynchat._checkpoint_io import load_checkpoint
+from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat.callbacks._checkpoint import Checkpoint
 from asynchat.callbacks._control import EarlyStopping, NonFiniteLossError, TerminateOnNaN
 from asynchat.callbacks._loggers import JSONLinesLogger, ScalarLogger, TensorBoardLogger

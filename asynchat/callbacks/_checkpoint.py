@@ -5,20 +5,26 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import (
+    DirectoryLock,
     atomic_write,
+    checkpoint_files,
     checkpoint_name,
+    finite,
     manifest_entry,
     read_manifest,
     remove_temporaries,
     serialize,
+    step_of,
     write_manifest,
 )
+from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._state import LoopState
 
 
@@ -38,6 +44,11 @@ class BackgroundWriter:
         self.wait()
         self._thread = threading.Thread(target=self._run, args=(write,), name=self.name)
         self._thread.start()
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a write that has already failed, without waiting for one."""
+        if self._error is not None:
+            self.wait()
 
     def wait(self) -> None:
         """Wait for the write in flight; raise its error, if it failed."""
@@ -62,19 +73,32 @@ class Checkpoint(Callback):
     optimizer, grad scaler, callbacks, RNG states, position in the data) is copied to host
     memory on the compute thread, the only part that pauses training, and a background
     thread serializes and writes it while training goes on. At most one write is in flight;
-    the loop waits for it before ``fit()`` returns or raises, on every way out.
+    the loop waits for it before ``fit()`` returns or raises, on every way out. A write that
+    fails is raised at the next step (as a :class:`CheckpointError` naming the file).
 
     Files are ``step-<global_step>.ckpt``, written atomically (temporary file, fsync, rename,
-    directory fsync); ``manifest.json`` lists them with step, epoch, metric and SHA-256. Resume
-    with ``Trainer(..., resume_from=save_dir)``.
+    directory fsync), each carrying a digest of its own content; ``manifest.json`` lists them
+    with step, epoch, metric and SHA-256. Resume with ``Trainer(..., resume_from=save_dir)``.
+
+    The directory belongs to one run at a time: a second live writer (another trainer, or
+    another process) is refused at ``on_loop_begin``, before training, with an error naming
+    the directory; the lock of a process that died is taken over. Only files this callback
+    names (``step-*.ckpt``) are ever deleted, never anything a manifest points to elsewhere.
+
+    Retention: the newest checkpoint is always kept (so nothing is pruned before a newer one
+    is safely written), plus the newest ``keep_last`` and the best ``keep_best`` by
+    ``monitor``. A metric that is NaN or infinite never ranks as best.
 
     Args:
         save_dir: directory for checkpoints (created if missing).
         every_n_steps: save after every n-th step (at ``on_step_end``).
-        every_n_epochs: save after every n-th epoch (at ``on_epoch_end``; put validation
-            callbacks before this one so their metrics are in the checkpoint).
-        keep_last: keep the newest this many checkpoints.
+        every_n_epochs: save after every n-th complete epoch (at ``on_epoch_end``; put
+            validation callbacks before this one so their metrics are in the checkpoint).
+        keep_last: keep the newest this many checkpoints (``None``: keep every one).
         monitor: a key of ``state.metrics`` (e.g. ``"val/accuracy"``) to rank checkpoints by.
+            Missing at a save, it is an error when another metric with its prefix exists (a
+            typo) or when ``keep_last=0`` (nothing else would keep the checkpoint); otherwise
+            (not published yet) the checkpoint is kept unranked, with a warning once.
         mode: ``"min"`` or ``"max"``: which ``monitor`` value is best.
         keep_best: keep the best this many checkpoints by ``monitor`` (besides the newest).
         save_on_end: save when the loop ends normally, by ``stop()`` or by cancellation (not
@@ -87,22 +111,32 @@ class Checkpoint(Callback):
         *,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
-        keep_last: int = 3,
+        keep_last: int | None = 3,
         monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
         keep_best: int = 1,
         save_on_end: bool = True,
     ) -> None:
+        if not isinstance(save_dir, (str, os.PathLike)) or not os.fspath(save_dir):
+            raise ValueError(
+                f"save_dir must be a non-empty path (a str or os.PathLike), got {save_dir!r}"
+            )
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
+            if name == "keep_last" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor must be a metric name (a str) or None, got {monitor!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(save_on_end, bool):
+            raise TypeError(f"save_on_end must be True or False, got {save_on_end!r}")
         if keep_last == 0 and (monitor is None or keep_best == 0):
             raise ValueError(
                 "keep_last=0 keeps no checkpoint unless monitor=... and keep_best >= 1 are given"
@@ -120,64 +154,145 @@ class Checkpoint(Callback):
         self.keep_best = keep_best
         self.save_on_end = save_on_end
         self._writer = BackgroundWriter("asynchat-checkpoint-writer")
+        self._lock = DirectoryLock(self.save_dir)
         self._entries: list[dict[str, Any]] = []
         self._last_saved_step: int | None = None
+        self._warned_unranked = False
 
     @property
     def checkpoints(self) -> list[Path]:
         """The checkpoint files kept so far, oldest first (complete once the loop has ended)."""
         return [self.save_dir / e["file"] for e in self._entries]
 
+    @property
+    def best_path(self) -> Path | None:
+        """The kept checkpoint with the best ``monitor`` value (None without one)."""
+        ranked = [e for e in self._entries if finite(e.get("metric"))]
+        if not ranked:
+            return None
+        pick = max if self.mode == "max" else min
+        best: dict[str, Any] = pick(ranked, key=lambda e: float(e["metric"]))
+        return self.save_dir / str(best["file"])
+
+    @property
+    def last_path(self) -> Path | None:
+        """The newest kept checkpoint (None before the first save)."""
+        return self.save_dir / self._entries[-1]["file"] if self._entries else None
+
     def on_loop_begin(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
             return
-        self.save_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"save_dir={str(self.save_dir)!r} cannot be created: {exc}"
+            ) from exc
+        self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
-        self._entries = read_manifest(self.save_dir)  # a resumed run keeps managing them
+        self._entries = self._adopt(read_manifest(self.save_dir))
         self._last_saved_step = None
 
+    def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The manifest's entries plus checkpoint files a crash kept out of it (so that they
+        are pruned like the others), oldest first."""
+        listed = {e["file"] for e in entries}
+        for path in checkpoint_files(self.save_dir):
+            if path.name not in listed:
+                step = step_of(path.name)
+                entries.append(
+                    {"file": path.name, "global_step": step, "epoch": None, "metric": None,
+                     "sha256": None, "bytes": path.stat().st_size, "time": path.stat().st_mtime}
+                )  # fmt: skip
+        return sorted(entries, key=lambda e: e["global_step"])
+
     def on_step_end(self, state: LoopState) -> None:
+        self._writer.raise_if_failed()  # a failed write is reported at the next step
         if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
             self.save(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if self.every_n_epochs is not None and (state.epoch + 1) % self.every_n_epochs == 0:
+        if (
+            self.every_n_epochs is not None
+            and state.epoch_complete
+            and (state.epoch + 1) % self.every_n_epochs == 0
+        ):
             self.save(state)
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
-            if self.save_on_end and state.exception is None:
+            if self.save_on_end and state.exception is None and self._lock.held:
                 self.save(state)
         finally:
-            self._writer.wait()  # on every way out: no write outlives the loop
+            try:
+                self._writer.wait()  # on every way out: no write outlives the loop
+            finally:
+                self._lock.release()
 
     def save(self, state: LoopState) -> None:
         """Snapshot now (on the compute thread) and write in the background."""
         if self._last_saved_step == state.global_step or not state.loop.is_rank_zero:
             return  # in a distributed run, rank 0 writes (the replicas are identical)
+        metric, missing = self._metric(state)
         snapshot = state.loop.state_dict()
-        metric = state.metrics.get(self.monitor) if self.monitor is not None else None
         self._writer.submit(functools.partial(self._write, snapshot, metric))
         self._last_saved_step = state.global_step
+        if missing is not None:
+            raise missing  # after the write is on its way: the checkpoint is not lost
+
+    def _metric(self, state: LoopState) -> tuple[float | None, CheckpointError | None]:
+        """The monitored value at this save, and the error to raise if it is missing."""
+        if self.monitor is None:
+            return None, None
+        value = state.metrics.get(self.monitor)
+        if value is not None:
+            return float(value), None
+        prefix = self.monitor.rpartition("/")[0]
+        siblings = sorted(k for k in state.metrics if k.rpartition("/")[0] == prefix)
+        if siblings or self.keep_last == 0:
+            return None, CheckpointError(
+                f"Checkpoint(monitor={self.monitor!r}): no such metric at global step "
+                f"{state.global_step}; the metrics are {sorted(state.metrics)}. Fix the name, "
+                "or list the callback that publishes it (e.g. Validation) before Checkpoint"
+            )
+        if not self._warned_unranked:
+            self._warned_unranked = True
+            warnings.warn(
+                f"Checkpoint(monitor={self.monitor!r}): not published yet at global step "
+                f"{state.global_step} (metrics: {sorted(state.metrics)}); checkpoints saved "
+                "before it appears are kept by keep_last only",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        return None, None
 
     def _write(self, snapshot: dict[str, Any], metric: float | None) -> None:
         """On the writer thread: write the file, then the manifest, then prune."""
-        data, digest = serialize(snapshot)
         name = checkpoint_name(snapshot["progress"]["global_step"])
-        atomic_write(self.save_dir / name, data)
-        entries = [e for e in self._entries if e["file"] != name]
-        entries.append(manifest_entry(name, digest, len(data), snapshot["progress"], metric))
-        kept = self._retain(entries)
-        write_manifest(self.save_dir, kept)
-        for entry in entries:
-            if entry not in kept:
-                (self.save_dir / entry["file"]).unlink(missing_ok=True)
+        path = self.save_dir / name
+        try:
+            data, digest = serialize(snapshot)
+            atomic_write(path, data)
+            entries = [e for e in self._entries if e["file"] != name]
+            entries.append(manifest_entry(name, digest, len(data), snapshot["progress"], metric))
+            kept = self._retain(entries)
+            write_manifest(self.save_dir, kept)
+        except OSError as exc:
+            raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
         self._entries = kept
+        for entry in entries:
+            if not any(entry is k for k in kept):
+                (self.save_dir / entry["file"]).unlink(missing_ok=True)
 
     def _retain(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_step = sorted(entries, key=lambda e: e["global_step"])
-        keep = by_step[-self.keep_last :] if self.keep_last else []
-        ranked = [e for e in entries if e["metric"] is not None]
-        ranked.sort(key=lambda e: e["metric"], reverse=self.mode == "max")
-        keep += ranked[: self.keep_best] if self.monitor is not None else []
+        keep = [by_step[-1]]  # the newest, just written, is never pruned
+        if self.keep_last is None:
+            keep += by_step
+        elif self.keep_last:
+            keep += by_step[-self.keep_last :]
+        if self.monitor is not None and self.keep_best:
+            ranked = [e for e in entries if finite(e["metric"])]
+            ranked.sort(key=lambda e: e["metric"], reverse=self.mode == "max")
+            keep += ranked[: self.keep_best]
         return [e for e in by_step if any(e is k for k in keep)]

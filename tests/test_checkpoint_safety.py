@@ -1,0 +1,296 @@
+"""Checkpoint directories under hostile files, typos and two writers (reliability probe 2d-2k)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_trainer
+
+from asynchat import Callback, LoopState
+from asynchat._checkpoint_io import serialize
+from asynchat.callbacks import Checkpoint, CheckpointError, CheckpointWarning, load_checkpoint
+
+
+def manifest(directory: Path) -> list[dict[str, Any]]:
+    return json.loads((directory / "manifest.json").read_text())["checkpoints"]  # type: ignore[no-any-return]
+
+
+def write_manifest(directory: Path, entries: list[Any]) -> None:
+    (directory / "manifest.json").write_text(json.dumps({"checkpoints": entries}))
+
+
+def train(directory: Path, *callbacks: Callback, **kwargs: Any) -> LoopState:
+    kwargs.setdefault("num_steps", 6)
+    checkpoint_args = kwargs.pop("checkpoint", {"every_n_steps": 2, "keep_last": 5})
+    trainer = make_trainer(*callbacks, Checkpoint(directory, **checkpoint_args), **kwargs)
+    return anyio.run(trainer.fit)
+
+
+def steps_on_disk(directory: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in directory.glob("step-*.ckpt"))
+
+
+# -- the manifest is data, not instructions ------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_manifest_entries_outside_save_dir_are_never_deleted_or_loaded(
+    tmp_path: Path, where: str
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    other = tmp_path / "other"
+    train(other)  # a real checkpoint elsewhere, at step 6
+    save_dir = tmp_path / "run" / "ckpt"
+    save_dir.mkdir(parents=True)
+    foreign = [
+        {"file": "../../victim.txt" if where == "relative" else str(victim),
+         "global_step": 99999, "epoch": 0, "metric": None, "sha256": None, "time": 0},
+        {"file": str(other / "step-000000006.ckpt"), "global_step": 6, "epoch": 0,
+         "metric": None, "sha256": None, "time": 0},
+    ]  # fmt: skip
+    write_manifest(save_dir, foreign)
+    with (
+        pytest.warns(CheckpointWarning, match="not a checkpoint name"),
+        pytest.raises(CheckpointError, match="no valid checkpoint"),
+    ):
+        load_checkpoint(save_dir)  # the other directory's checkpoint is not loaded
+    with pytest.warns(CheckpointWarning, match="not a checkpoint name"):
+        train(save_dir, checkpoint={"every_n_steps": 1, "keep_last": 1})
+    assert victim.read_text() == "precious"
+    assert (other / "step-000000006.ckpt").exists()
+    assert [e["file"] for e in manifest(save_dir)] == ["step-000000006.ckpt"]
+
+
+def test_a_symlink_named_like_a_checkpoint_is_neither_loaded_nor_deleted(tmp_path: Path) -> None:
+    other, save_dir = tmp_path / "other", tmp_path / "ckpt"
+    train(other)
+    train(save_dir, num_steps=2, checkpoint={"every_n_steps": 2})
+    link = save_dir / "step-000000009.ckpt"
+    link.symlink_to(other / "step-000000006.ckpt")
+    with pytest.warns(CheckpointWarning, match="not a regular file"):
+        _, loaded = load_checkpoint(save_dir)
+    assert loaded.name == "step-000000002.ckpt"
+    with pytest.warns(CheckpointWarning, match="not a regular file"):
+        train(save_dir, num_steps=2, checkpoint={"every_n_steps": 1, "keep_last": 1})
+    assert link.is_symlink() and (other / "step-000000006.ckpt").exists()
+
+
+def flip_tensor_bytes(file: Path) -> None:
+    """Flip 16 bytes inside the largest tensor record of a torch zip file."""
+    data = bytearray(file.read_bytes())
+    weights = torch.load(file, weights_only=True)["model"]["0.weight"]
+    raw = weights.numpy().tobytes()
+    at = data.find(raw[:64])
+    assert at > 0, "tensor bytes not found in the file"
+    for i in range(at + 32, at + 48):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_bit_flipped_weights_are_caught_without_the_manifest(tmp_path: Path) -> None:
+    train(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    flip_tensor_bytes(tmp_path / "step-000000006.ckpt")
+    with pytest.raises(CheckpointError, match="content digest"):
+        load_checkpoint(tmp_path / "step-000000006.ckpt")
+    with pytest.warns(CheckpointWarning, match="content digest"):
+        checkpoint, path = load_checkpoint(tmp_path)
+    assert path.name == "step-000000004.ckpt"
+    assert checkpoint["progress"]["global_step"] == 4
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [{"file": "step-000000006.ckpt"}],  # keys missing
+        ["step-000000006.ckpt"],  # entries are strings
+        [{"file": "step-000000006.ckpt", "global_step": "6", "sha256": None}],  # wrong types
+    ],
+    ids=["missing-keys", "strings", "wrong-types"],
+)
+def test_a_malformed_manifest_falls_back_to_the_files(tmp_path: Path, entries: list[Any]) -> None:
+    train(tmp_path)
+    write_manifest(tmp_path, entries)
+    with pytest.warns(CheckpointWarning, match="ignored"):
+        _, path = load_checkpoint(tmp_path)
+    assert path.name == "step-000000006.ckpt"
+    with pytest.warns(CheckpointWarning):  # and a trainer resumes from it, no KeyError
+        state = anyio.run(make_trainer(num_steps=8, resume_from=tmp_path).fit)
+    assert state.global_step == 8
+
+
+def test_a_manifest_that_is_a_directory_falls_back_with_a_warning(tmp_path: Path) -> None:
+    train(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").mkdir()
+    with pytest.warns(CheckpointWarning, match="unreadable"):
+        _, path = load_checkpoint(tmp_path)
+    assert path.name == "step-000000006.ckpt"
+
+
+def test_a_newest_checkpoint_without_progress_falls_back(tmp_path: Path) -> None:
+    train(tmp_path)
+    newest = tmp_path / "step-000000006.ckpt"
+    content = torch.load(newest, weights_only=True)
+    del content["progress"]
+    newest.write_bytes(serialize(content)[0])  # valid digest, incomplete content
+    (tmp_path / "manifest.json").unlink()
+    with pytest.warns(CheckpointWarning, match="progress"):
+        _, path = load_checkpoint(tmp_path)
+    assert path.name == "step-000000004.ckpt"
+
+
+# -- retention never loses the checkpoints that matter ------------------------------------
+
+
+class Publish(Callback):
+    """Publishes ``values[i]`` as ``name`` at the i-th step end (before Checkpoint)."""
+
+    def __init__(self, name: str, values: list[float]) -> None:
+        self.name, self.values = name, values
+
+    def on_step_end(self, state: LoopState) -> None:
+        state.metrics[self.name] = self.values[state.global_step - 1]
+
+
+def test_a_typo_in_monitor_is_an_error_and_the_checkpoint_is_kept(tmp_path: Path) -> None:
+    publish = Publish("val/accuracy", [0.5] * 6)
+    checkpoint = {"every_n_steps": 2, "keep_last": 0, "monitor": "val/acc", "mode": "max"}
+    with pytest.raises(CheckpointError, match=r"monitor='val/acc'.*val/accuracy"):
+        train(tmp_path, publish, checkpoint=checkpoint)
+    assert steps_on_disk(tmp_path) == [2]  # the first save is written, not pruned
+
+
+def test_keep_last_0_with_a_monitor_never_published_is_an_error(tmp_path: Path) -> None:
+    checkpoint = {"every_n_steps": 2, "keep_last": 0, "monitor": "val/acc"}
+    with pytest.raises(CheckpointError, match="no such metric"):
+        train(tmp_path, checkpoint=checkpoint)
+    assert steps_on_disk(tmp_path) == [2]
+
+
+def test_a_monitor_not_yet_published_warns_once_and_keeps_by_keep_last(tmp_path: Path) -> None:
+    late = Publish("val/loss", [float("nan")] * 3 + [0.4, 0.3, 0.5])
+    late.on_step_end = lambda state: (  # type: ignore[method-assign]
+        state.metrics.update({"val/loss": late.values[state.global_step - 1]})
+        if state.global_step > 3
+        else None
+    )
+    checkpoint = {"every_n_steps": 1, "keep_last": 1, "monitor": "val/loss"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tmp_path, late, checkpoint=checkpoint)
+    unranked = [w for w in caught if "not published yet" in str(w.message)]
+    assert len(unranked) == 1
+    assert steps_on_disk(tmp_path) == [5, 6]  # best (0.3 at step 5) and the newest
+
+
+def test_nan_and_inf_never_rank_as_best(tmp_path: Path) -> None:
+    publish = Publish("val/loss", [float("nan"), 0.5, 0.3, float("-inf"), 0.9, float("nan")])
+    checkpoint = {"every_n_steps": 1, "keep_last": 1, "monitor": "val/loss", "keep_best": 1}
+    train(tmp_path, publish, checkpoint=checkpoint)
+    assert steps_on_disk(tmp_path) == [3, 6]  # 0.3 is the best; 6 is the newest
+
+
+def test_keep_last_none_keeps_every_checkpoint(tmp_path: Path) -> None:
+    train(tmp_path, checkpoint={"every_n_steps": 1, "keep_last": None})
+    assert steps_on_disk(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_a_crash_kept_out_of_the_manifest_is_pruned_later(tmp_path: Path) -> None:
+    train(tmp_path, checkpoint={"every_n_steps": 2, "keep_last": 2})
+    entries = manifest(tmp_path)
+    write_manifest(tmp_path, entries[:-1])  # the crash came between file and manifest
+    assert steps_on_disk(tmp_path) == [4, 6]
+    train(tmp_path, num_steps=4, checkpoint={"every_n_steps": 2, "keep_last": 2})
+    assert steps_on_disk(tmp_path) == [4, 6]  # step 6 adopted; 2 written, then pruned
+    assert sorted(e["global_step"] for e in manifest(tmp_path)) == [4, 6]
+
+
+# -- one live writer per directory ----------------------------------------------------------
+
+
+class Gate(Callback):
+    """Holds the loop at its first step until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.reached = anyio.Event()
+        self.release = anyio.Event()
+
+    async def on_step_begin(self, state: LoopState) -> None:
+        if state.global_step == 0:
+            self.reached.set()
+            await self.release.wait()
+
+
+@pytest.mark.anyio
+async def test_a_second_writer_in_the_same_process_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    gate = Gate()
+    first = make_trainer(gate, Checkpoint(tmp_path, every_n_steps=1), num_steps=4)
+    second = make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=4)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.fit)
+        await gate.reached.wait()
+        with pytest.raises(CheckpointError, match=r"in use by another live Checkpoint writer"):
+            await second.fit()
+        assert second.state.global_step == 0
+        gate.release.set()
+    assert steps_on_disk(tmp_path) == [2, 3, 4]
+    state = await make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=5).fit()
+    assert state.global_step == 5  # released at the end of the first run
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from asynchat._checkpoint_io import DirectoryLock
+DirectoryLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_writer_in_another_process_is_refused_and_its_lock_taken_over_when_it_dies(
+    tmp_path: Path,
+) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match=rf"pid {holder.pid}"):
+            train(tmp_path)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    state = train(tmp_path)  # the dead holder's lock is taken over
+    assert state.global_step == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
+
+
+def test_temporary_names_are_unique_per_writer(tmp_path: Path) -> None:
+    from asynchat._checkpoint_io import atomic_write
+
+    seen: list[str] = []
+    original = os.replace
+
+    def spy(src: Any, dst: Any) -> None:
+        seen.append(Path(src).name)
+        original(src, dst)
+
+    os.replace = spy  # type: ignore[assignment]
+    try:
+        atomic_write(tmp_path / "step-000000001.ckpt", b"a")
+        atomic_write(tmp_path / "step-000000001.ckpt", b"b")
+    finally:
+        os.replace = original
+    assert len(set(seen)) == 2 and all(str(os.getpid()) in name for name in seen)
