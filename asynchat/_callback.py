@@ -43,7 +43,8 @@ class Callback:
         """After the step's optimizer update (when one was due)."""
 
     def on_epoch_end(self, state: LoopState) -> Awaitable[None] | None:
-        """After the last step of each epoch (also of an epoch cut short by ``stop()``)."""
+        """After the last step of each epoch; also of an epoch cut short by ``stop()`` or
+        ``num_steps``, with ``state.epoch_complete`` False (the resumed run finishes it)."""
 
     def on_loop_end(self, state: LoopState) -> Awaitable[None] | None:
         """On every way out of the loop; see the table in :class:`~asynchat.LoopBase`."""

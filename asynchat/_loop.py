@@ -11,6 +11,7 @@ import math
 import os
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -22,7 +23,9 @@ from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._checkpoint_io import FORMAT, VERSION, load_checkpoint
 from asynchat._compute import ComputeThread, JobCancelled, Mailbox
 from asynchat._device import resolve_device
+from asynchat._errors import add_note
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
+from asynchat._heartbeat import beat
 from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
 from asynchat._processor import BatchProcessor
@@ -65,7 +68,7 @@ class LoopBase(PipeBase):
     way out             step in progress      its on_step_end      on_epoch_end    on_loop_end
     ==================  ====================  ===================  ==============  ===========
     normal end          (none)                yes                  yes             yes
-    ``stop()``          completes             yes                  yes (cut short) yes
+    ``stop()``          completes             yes                  yes [3]_        yes
     cancellation        completes             ``def`` hooks only   no              yes [1]_
     error               abandoned at error    no                   no              yes [2]_
     ==================  ====================  ===================  ==============  ===========
@@ -78,6 +81,10 @@ class LoopBase(PipeBase):
        first one (``__context__``). An error while preparing (before ``on_loop_begin``) runs
        no hook at all.
 
+    .. [3] with ``state.epoch_complete`` False when the stop cut the epoch short; a run
+       resumed from that checkpoint finishes the epoch and its ``on_epoch_end`` sees True.
+
+    ``on_loop_end`` runs every callback's hook even if one raises; the first error propagates.
     After ``stop()`` ``fit()`` returns normally, with ``state.stop_reason`` set.
     """
 
@@ -322,8 +329,11 @@ class LoopBase(PipeBase):
         except GeneratorExit:  # a stream closed early: the loop was stopped
             self._set_status(LoopStatus.FINISHED)
             raise
-        except BaseException:
-            self._set_status(LoopStatus.FAILED)
+        except BaseException as exc:
+            # Ctrl-C that reached the event loop (trio raises it there) wound the loop down
+            # like a cancellation; one raised by a hook on the compute thread is an error.
+            interrupted = isinstance(exc, KeyboardInterrupt) and self._cancel_requested
+            self._set_status(LoopStatus.CANCELLED if interrupted else LoopStatus.FAILED)
             raise
         finally:
             self._compute = None
@@ -350,15 +360,45 @@ class LoopBase(PipeBase):
 
     def run_phase(self, phase: Phase) -> None:
         """Run the hooks of ``phase`` in order: ``def`` ones here, ``async def`` ones on the
-        event loop (this thread waits for them). Called on the compute thread only."""
+        event loop (this thread waits for them). Called on the compute thread only.
+
+        ``on_loop_end`` is teardown: every hook runs even when an earlier one raises (so each
+        callback joins its threads and closes its files); the first error then propagates as
+        itself, with the later ones attached to it as notes.
+        """
         state = self.state
         state.phase = phase
+        # Progress for launch(hang_timeout=...), on entering and on leaving the phase, so a
+        # rank stuck in a hook is behind a rank that waits in the collective after it. A
+        # no-op outside launched ranks.
+        beat()
+        if phase is Phase.ON_LOOP_END:
+            self._run_every_hook(phase)
+        else:
+            for hook in self._hooks[phase]:
+                self._call_hook(hook, phase)
+        beat()
+
+    def _call_hook(self, hook: Hook, phase: Phase) -> None:
+        if hook.is_async:
+            assert self._compute is not None
+            self._compute.call_async(functools.partial(self._await_hook, hook, phase))
+        else:
+            hook.fn(self.state)
+
+    def _run_every_hook(self, phase: Phase) -> None:
+        first: BaseException | None = None
         for hook in self._hooks[phase]:
-            if hook.is_async:
-                assert self._compute is not None
-                self._compute.call_async(functools.partial(self._await_hook, hook, phase))
-            else:
-                hook.fn(state)
+            try:
+                self._call_hook(hook, phase)
+            except BaseException as exc:
+                if first is None:
+                    first = exc
+                else:
+                    trace = "".join(traceback.format_exception(exc)).rstrip()
+                    add_note(first, f"{hook!r} also raised, at {phase.value}:\n{trace}")
+        if first is not None:
+            raise first
 
     def _prepare(self) -> None:
         """Get the model, optimizer and processor ready; on the compute thread, before hooks."""
@@ -400,6 +440,7 @@ class LoopBase(PipeBase):
                 "rng": capture_rng(),
                 "epoch_rng": self._epoch_rng,
                 "epoch_generators": self._epoch_generators,
+                "generators": [g.get_state() for g in loader_generators(self.data_loader)],
                 **self._extra_state(),
             },
             self.device,
@@ -421,10 +462,14 @@ class LoopBase(PipeBase):
         state.global_step = progress["global_step"]
         state.epoch = progress["epoch"]
         if progress["epoch_exhausted"]:
-            # Resume at the next epoch: the generators are as they were when the checkpoint
-            # was taken, which is what the next epoch's data order is drawn from.
+            # Resume at the next epoch: the generators (global and the data loader's own) are
+            # put back as they were when the checkpoint was taken, which is what the next
+            # epoch's data order is drawn from.
             self._resume = _ResumePoint(progress["epoch"] + 1, 0, None, [], None)
             restore_rng(checkpoint["rng"])
+            generators = loader_generators(self.data_loader)
+            for generator, saved in zip(generators, checkpoint.get("generators", []), strict=False):
+                generator.set_state(saved)
         else:
             self._resume = _ResumePoint(
                 progress["epoch"],
@@ -480,6 +525,14 @@ class LoopBase(PipeBase):
                 raise
             except BaseException as exc:
                 self.state.exception = exc
+                if isinstance(exc, Exception):
+                    state = self.state
+                    phase = state.phase.value if state.phase is not None else "prepare"
+                    add_note(
+                        exc,
+                        f"asynchat: raised in {self.name} at epoch {state.epoch}, step "
+                        f"{state.step} (global step {state.global_step}), phase {phase}",
+                    )
                 raise
             finally:
                 if self._status is LoopStatus.RUNNING:
@@ -494,9 +547,10 @@ class LoopBase(PipeBase):
             self._check_cancel()
             state.epoch = epochs_done
             state.step = resume.steps_done if resume is not None else 0
+            state.epoch_complete = False
             self.run_phase(Phase.ON_EPOCH_BEGIN)
             self._publish(EventKind.EPOCH_BEGIN)
-            steps = self._run_steps(resume)
+            steps, ran_out = self._run_steps(resume)
             self._check_cancel()  # a cancelled loop skips on_epoch_end
             if steps == 0 and resume is None and state.num_steps and not self._stop_requested:
                 raise RuntimeError(
@@ -504,6 +558,11 @@ class LoopBase(PipeBase):
                     f"num_steps={state.num_steps} can never be reached"
                 )
             resume = None  # only the first epoch of a resumed run is a partial one
+            # Only now is the epoch over for a checkpoint: one taken before on_epoch_end ran
+            # (a cancellation just above) resumes into this epoch and runs its end then.
+            state.epoch_complete = ran_out
+            if ran_out:
+                self._position = (state.epoch, self._position[1], True)
             self.run_phase(Phase.ON_EPOCH_END)
             self._publish(EventKind.EPOCH_END)
             epochs_done += 1
@@ -515,8 +574,9 @@ class LoopBase(PipeBase):
         assert state.num_steps is not None
         return state.global_step >= state.num_steps
 
-    def _run_steps(self, resume: _ResumePoint | None) -> int:
-        """Run the steps of one epoch (its remaining steps when resuming); return how many ran."""
+    def _run_steps(self, resume: _ResumePoint | None) -> tuple[int, bool]:
+        """Run the steps of one epoch (its remaining steps when resuming); return how many ran
+        and whether the epoch's data ran out (rather than ``stop()`` or ``num_steps``)."""
         state = self.state
         skip = resume.steps_done if resume is not None else 0
         limit = None if state.num_steps is None else state.num_steps - state.global_step
@@ -539,9 +599,9 @@ class LoopBase(PipeBase):
             self._batches = batches
             try:
                 if self._end_requested():
-                    return 0  # asked to end during on_epoch_begin
+                    return 0, False  # asked to end during on_epoch_begin
                 waiting_since = time.perf_counter()
-                for staged, is_last in _with_last(batches, limit, length):
+                for staged, is_last, ends_data in _with_last(batches, limit, length):
                     state.data_time = time.perf_counter() - waiting_since
                     if not self._resumed.is_set() and self._wait_while_paused():
                         break
@@ -555,13 +615,12 @@ class LoopBase(PipeBase):
                         self._batch_size = batch_size(state.batch)
                     self._run_step()
                     steps += 1
+                    ran_out = ends_data
                     if self._end_requested():
                         break
                     waiting_since = time.perf_counter()
-                else:
-                    ran_out = (
-                        steps == length if length is not None else limit is None or steps < limit
-                    )
+                else:  # the data ended, unless the loop's num_steps did
+                    ran_out = ran_out or limit is None or steps < limit
             except Interrupted:
                 pass  # stop() or cancellation while waiting for data
             finally:
@@ -569,8 +628,8 @@ class LoopBase(PipeBase):
                 state.batch = None
         if step_rng is not None:
             restore_rng(step_rng)
-        self._position = (state.epoch, skip + steps, ran_out)
-        return steps
+        self._position = (state.epoch, skip + steps, False)
+        return steps, ran_out
 
     def _run_step(self) -> None:
         state = self.state
@@ -700,8 +759,10 @@ def _copy_metadata(original: Any, copied: Any) -> None:
 
 def _with_last(
     items: Iterator[T], limit: int | None, length: int | None
-) -> Iterator[tuple[T, bool]]:
-    """Yield ``(item, is_last)`` for at most ``limit`` items of an epoch of ``length`` items.
+) -> Iterator[tuple[T, bool, bool]]:
+    """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
+    ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
+    have run out.
 
     With a known length the last item is counted; without one it is found by reading one
     item ahead (so a data loader without ``len()`` is read one item early). An error from
@@ -710,7 +771,7 @@ def _with_last(
     if length is not None:
         bound = length if limit is None else min(length, limit)
         for count, item in enumerate(items, start=1):
-            yield item, count >= bound
+            yield item, count >= bound, count >= length
             if count >= bound:
                 return
         return
@@ -721,19 +782,19 @@ def _with_last(
     count = 1
     while True:
         if limit is not None and count >= limit:
-            yield current, True
+            yield current, True, False
             return
         try:
             following = next(items)
         except StopIteration:
-            yield current, True
+            yield current, True, True
             return
         except Interrupted:
             raise  # stop() or cancellation: the current item's step has not begun
         except BaseException:
-            yield current, True  # train on what was read before the error, then raise it
+            yield current, True, False  # train on what was read before the error, then raise
             raise
-        yield current, False
+        yield current, False, False
         current = following
         count += 1
 

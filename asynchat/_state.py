@@ -54,6 +54,13 @@ class LoopState:
     - ``batch_idx``: index of the current batch within the step (always 0 for
       :class:`~asynchat.BasicBatchProcessor`).
 
+    ``epoch_complete`` tells ``on_epoch_end`` whether the epoch's data ran out (True) or the
+    epoch was cut short by ``stop()`` or by ``num_steps`` (False). A cut-short epoch is
+    finished by the run that resumes from its checkpoint, whose ``on_epoch_end`` then sees
+    True; so epoch-level work that must happen once per epoch (an epoch LR schedule,
+    validation, early stopping, epoch checkpoints: every shipped callback) acts only when it
+    is True.
+
     ``data_time`` is how long the current step waited for its batch (seconds), for
     :class:`~asynchat.callbacks.StatsMonitor`.
 
@@ -75,6 +82,7 @@ class LoopState:
     global_step: int = 0
     batch_idx: int = 0
     is_last_step: bool = False
+    epoch_complete: bool = False
     data_time: float = 0.0
     batch: Any = None
     outputs: Any = None

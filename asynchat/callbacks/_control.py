@@ -8,15 +8,16 @@ from typing import Any, Literal
 import torch
 
 from asynchat._callback import Callback
+from asynchat._errors import AsynchatError
 from asynchat._state import LoopState
 
 
 class EarlyStopping(Callback):
     """Stops the loop when ``state.metrics[monitor]`` has not improved for ``patience`` checks.
 
-    Checked at the end of each epoch (list it after the :class:`Validation` that publishes the
-    metric). An improvement is a change beyond ``min_delta`` in the direction of ``mode``.
-    The loop ends through ``stop()``, so ``fit()`` returns normally, with
+    Checked at the end of each complete epoch (list it after the :class:`Validation` that
+    publishes the metric). An improvement is a change beyond ``min_delta`` in the direction
+    of ``mode``. The loop ends through ``stop()``, so ``fit()`` returns normally, with
     ``state.stop_reason`` saying why. Its state is kept in checkpoints.
     """
 
@@ -42,6 +43,8 @@ class EarlyStopping(Callback):
         self.bad_checks = 0
 
     def on_epoch_end(self, state: LoopState) -> None:
+        if not state.epoch_complete:
+            return  # a cut-short epoch is judged once, when the resumed run ends it
         if self.monitor not in state.metrics:
             raise KeyError(
                 f"EarlyStopping(monitor={self.monitor!r}): no such metric at the end of epoch "
@@ -71,7 +74,7 @@ class EarlyStopping(Callback):
         self.best, self.bad_checks = state_dict["best"], state_dict["bad_checks"]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(AsynchatError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 

@@ -14,7 +14,8 @@ from asynchat._transfer import PendingCopy, start_host_copy
 
 
 class ScalarLogger(Callback):
-    """Base for loggers: the loss every ``every_n_steps`` steps, ``state.metrics`` per epoch.
+    """Base for loggers: the loss every ``every_n_steps`` steps, ``state.metrics`` per
+    complete epoch.
 
     In a distributed run only rank 0 logs.
 
@@ -48,7 +49,7 @@ class ScalarLogger(Callback):
         if not state.loop.is_rank_zero:
             return
         self._flush(wait=True)
-        if state.metrics:
+        if state.metrics and state.epoch_complete:  # a cut-short epoch is logged when resumed
             self.write(state.global_step, dict(state.metrics))
 
     def on_loop_end(self, state: LoopState) -> None:

@@ -83,7 +83,8 @@ class Progress(Callback):
             self._bar.update(self._task, info=_format_metrics(state.metrics))
         else:
             total = f"/{state.num_epochs}" if state.num_epochs is not None else ""
-            self._line(state, f"epoch {state.epoch + 1}{total} done, step {state.global_step}")
+            done = "done" if state.epoch_complete else "cut short"
+            self._line(state, f"epoch {state.epoch + 1}{total} {done}, step {state.global_step}")
 
     def on_loop_end(self, state: LoopState) -> None:
         if self._bar is not None:

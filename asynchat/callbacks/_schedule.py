@@ -6,16 +6,31 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from torch.optim.lr_scheduler import ConstantLR, LambdaLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    LambdaLR,
+    LinearLR,
+    LRScheduler,
+    ReduceLROnPlateau,
+    SequentialLR,
+)
 
 from asynchat._callback import Callback
 from asynchat._state import LoopState
 
-SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler]
+SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler | ReduceLROnPlateau]
 
 
 class LRSchedule(Callback):
     """Steps a learning-rate scheduler after every step (``interval="step"``) or epoch.
+
+    With ``interval="epoch"`` the scheduler steps at the end of each *complete* epoch: an
+    epoch cut short by ``stop()`` steps it once, in the run that resumes and finishes it.
+
+    Metric-driven schedulers such as ``ReduceLROnPlateau`` take ``monitor``: the scheduler is
+    stepped with ``state.metrics[monitor]`` (list the :class:`Validation` that publishes it
+    before this callback). Such a scheduler without ``monitor`` is refused when the loop
+    begins, before any training.
 
     The scheduler is built from ``scheduler(optimizer)`` when the loop begins (the optimizer
     may itself come from a factory). A warmup of ``warmup_steps`` scheduler steps ramps the
@@ -37,6 +52,7 @@ class LRSchedule(Callback):
         warmup_steps: int = 0,
         warmup: Literal["linear", "constant"] = "linear",
         warmup_start_factor: float = 0.01,
+        monitor: str | None = None,
     ) -> None:
         if not callable(scheduler):
             raise TypeError(f"scheduler must be a factory scheduler(optimizer), got {scheduler!r}")
@@ -44,8 +60,12 @@ class LRSchedule(Callback):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
         if warmup not in ("linear", "constant"):
             raise ValueError(f"warmup must be 'linear' or 'constant', got {warmup!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor must be a metric name (a str) or None, got {monitor!r}")
+        if monitor is not None and warmup_steps:
+            raise ValueError("warmup_steps cannot be combined with a metric-driven monitor=...")
         if not 0 < warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor!r}")
         self.factory = scheduler
@@ -53,7 +73,8 @@ class LRSchedule(Callback):
         self.warmup_steps = warmup_steps
         self.warmup = warmup
         self.warmup_start_factor = warmup_start_factor
-        self.scheduler: LRScheduler | None = None
+        self.monitor = monitor
+        self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
@@ -66,7 +87,17 @@ class LRSchedule(Callback):
             for group in optimizer.param_groups:
                 group["lr"] = group.get("initial_lr", group["lr"])
         main = self.factory(optimizer)
+        if isinstance(main, ReduceLROnPlateau) != (self.monitor is not None):
+            raise TypeError(
+                f"LRSchedule: the scheduler {type(main).__name__} "
+                + (
+                    "steps on a metric: pass monitor='val/loss' (or another published metric)"
+                    if self.monitor is None
+                    else f"does not take a metric, so monitor={self.monitor!r} cannot drive it"
+                )
+            )
         if self.warmup_steps:
+            assert not isinstance(main, ReduceLROnPlateau)
             warm: LRScheduler
             if self.warmup == "linear":
                 warm = LinearLR(optimizer, self.warmup_start_factor, 1.0, self.warmup_steps)
@@ -81,12 +112,28 @@ class LRSchedule(Callback):
             self._loaded = None
 
     def on_step_end(self, state: LoopState) -> None:
-        if self.interval == "step" and self.scheduler is not None:
-            self.scheduler.step()
+        if self.interval == "step":
+            self._step(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if self.interval == "epoch" and self.scheduler is not None:
-            self.scheduler.step()
+        if self.interval == "epoch" and state.epoch_complete:
+            self._step(state)
+
+    def _step(self, state: LoopState) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        if not isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step()
+            return
+        assert self.monitor is not None
+        if self.monitor not in state.metrics:
+            raise KeyError(
+                f"LRSchedule(monitor={self.monitor!r}): no such metric at global step "
+                f"{state.global_step}; known: {sorted(state.metrics)}. Put the callback that "
+                "publishes it (e.g. Validation) before LRSchedule"
+            )
+        scheduler.step(state.metrics[self.monitor])
 
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict() if self.scheduler is not None else {}

@@ -27,7 +27,7 @@ class Validation(Callback):
 
     Args:
         data_loader: the validation batches.
-        every_n_epochs: validate after every n-th epoch (``None``: never by epoch).
+        every_n_epochs: validate after every n-th complete epoch (``None``: never by epoch).
         every_n_steps: validate after every n-th step (``None``: never by step).
         metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10)}``.
         loss_fn: also compute the mean loss.
@@ -74,7 +74,11 @@ class Validation(Callback):
             self.run(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if self.every_n_epochs is not None and (state.epoch + 1) % self.every_n_epochs == 0:
+        if (
+            self.every_n_epochs is not None
+            and state.epoch_complete  # a cut-short epoch is validated when a resumed run ends it
+            and (state.epoch + 1) % self.every_n_epochs == 0
+        ):
             self.run(state)
 
     def run(self, state: LoopState) -> dict[str, float]:

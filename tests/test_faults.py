@@ -1,0 +1,213 @@
+"""Fault injection, short: errors in every phase with every shipped callback present, teardown
+that loses nothing, and resources checked over many fits. The long version of each is
+``benchmarks/faults.py``."""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_loader, make_trainer
+from torch import nn
+
+from asynchat import Callback, LoopState, LoopStatus, Phase
+from asynchat.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    ExponentialMovingAverage,
+    GradClip,
+    JSONLinesLogger,
+    LRSchedule,
+    Progress,
+    StatsMonitor,
+    TerminateOnNaN,
+    Validation,
+    cosine,
+    load_checkpoint,
+)
+
+
+class Boom(Exception):
+    pass
+
+
+def raising(phase: str, *, is_async: bool) -> Callback:
+    """A callback whose ``phase`` hook raises Boom (once), as ``def`` or ``async def``."""
+
+    def fail(state: LoopState) -> None:
+        raise Boom(f"{phase} ({'async' if is_async else 'def'})")
+
+    async def fail_async(self: Callback, state: LoopState) -> None:
+        fail(state)
+
+    def fail_sync(self: Callback, state: LoopState) -> None:
+        fail(state)
+
+    cls = type("Raising", (Callback,), {phase: fail_async if is_async else fail_sync})
+    return cls()  # type: ignore[no-any-return]
+
+
+def every_shipped_callback(tmp_path: Path) -> list[Callback]:
+    return [
+        Validation(make_loader(32, 16), loss_fn=nn.CrossEntropyLoss()),
+        LRSchedule(cosine(100)),
+        GradClip(1.0),
+        ExponentialMovingAverage(0.9),
+        TerminateOnNaN(check_every_n_steps=2),
+        StatsMonitor(every_n_steps=2),
+        EarlyStopping("val/loss", patience=100),
+        JSONLinesLogger(tmp_path / "log.jsonl", every_n_steps=1),
+        Progress(stream=io.StringIO()),
+        Checkpoint(tmp_path / "ckpt", every_n_steps=2),
+    ]
+
+
+PHASES = [p.value for p in Phase]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["def", "async"])
+@pytest.mark.parametrize("phase", PHASES)
+async def test_an_error_in_any_phase_with_every_callback_present_loses_nothing(
+    tmp_path: Path, phase: str, is_async: bool
+) -> None:
+    callbacks = [raising(phase, is_async=is_async), *every_shipped_callback(tmp_path)]
+    trainer = make_trainer(*callbacks, num_epochs=2)
+    with pytest.raises(Boom) as caught:
+        await trainer.fit()
+    assert trainer.status is LoopStatus.FAILED
+    note = "".join(getattr(caught.value, "__notes__", []))
+    assert f"phase {phase}" in note or phase == "on_loop_end"
+    # Every callback's teardown ran: the writer joined, the log closed, no thread left.
+    assert not [t for t in threading.enumerate() if t.name.startswith("asynchat-")]
+    log: Any = callbacks[8]
+    assert log._file is None
+    checkpoints = sorted((tmp_path / "ckpt").glob("step-*.ckpt"))
+    for file in checkpoints:  # whatever was written is complete
+        load_checkpoint(file)
+    if phase == "on_loop_end":
+        # The error came after training: the final checkpoint of the last step is there.
+        assert checkpoints[-1].name == f"step-{trainer.state.global_step:09d}.ckpt"
+
+
+class RaisingAtLoopEnd(Callback):
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def on_loop_end(self, state: LoopState) -> None:
+        raise Boom(self.message)
+
+
+class AsyncRaisingAtLoopEnd(Callback):
+    async def on_loop_end(self, state: LoopState) -> None:
+        raise ValueError("async teardown failed too")
+
+
+@pytest.mark.anyio
+async def test_every_on_loop_end_runs_and_the_first_error_carries_the_others(
+    tmp_path: Path,
+) -> None:
+    first, checkpoint = RaisingAtLoopEnd("first"), Checkpoint(tmp_path, every_n_steps=4)
+    log = JSONLinesLogger(tmp_path / "log.jsonl", every_n_steps=1)
+    trainer = make_trainer(
+        first, AsyncRaisingAtLoopEnd(), RaisingAtLoopEnd("third"), checkpoint, log, num_steps=6
+    )
+    with pytest.raises(Boom, match="first") as caught:
+        await trainer.fit()
+    notes = "\n".join(caught.value.__notes__)
+    assert "async teardown failed too" in notes and "Boom: third" in notes
+    assert (tmp_path / "step-000000006.ckpt").exists()  # Checkpoint's final save ran
+    assert log._file is None  # and the logger closed its file
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.anyio
+async def test_a_step_error_says_where_it_happened_and_stays_itself() -> None:
+    error = Boom("in the model")
+
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 3)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 9:
+                raise error
+            return self.linear(x)  # type: ignore[no-any-return]
+
+    trainer = make_trainer(num_epochs=3)
+    trainer.model = Failing()
+    trainer.state.model = trainer.model
+    with pytest.raises(Boom) as caught:
+        await trainer.fit()
+    assert caught.value is error
+    assert caught.value.__notes__ == [
+        f"asynchat: raised in {trainer.name} at epoch 1, step 2 (global step 8), phase "
+        "on_batch_begin"
+    ]
+
+
+def test_many_fits_leave_no_threads_fds_or_growing_memory(tmp_path: Path) -> None:
+    """The short version of the 200-fit soak in benchmarks/faults.py."""
+
+    def fd_count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def fit(i: int) -> None:
+        trainer = make_trainer(
+            Checkpoint(tmp_path / f"run-{i % 3}", every_n_steps=3),
+            JSONLinesLogger(tmp_path / "log.jsonl"),
+            num_steps=6,
+        )
+        anyio.run(trainer.fit)
+
+    for i in range(5):  # warm-up: torch and the allocator settle
+        fit(i)
+    gc.collect()
+    threads, fds = threading.active_count(), fd_count()
+    objects = len(gc.get_objects())
+    for i in range(30):
+        fit(i)
+    gc.collect()
+    assert threading.active_count() == threads
+    assert fd_count() <= fds
+    assert len(gc.get_objects()) < objects * 1.05
+
+
+class RaisingStream:
+    """Stands in for a CUDA stream whose synchronize() hits a sticky error."""
+
+    def synchronize(self) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("job_fails", [False, True], ids=["job-ok", "job-raises"])
+async def test_an_error_from_the_end_of_job_stream_sync_reaches_fit(
+    monkeypatch: pytest.MonkeyPatch, job_fails: bool
+) -> None:
+    from asynchat._compute import ComputeThread
+
+    def select(self: ComputeThread) -> None:
+        self.stream = RaisingStream()  # type: ignore[assignment]
+
+    monkeypatch.setattr(ComputeThread, "_select_device", select)
+    callbacks = [raising("on_step_end", is_async=False)] if job_fails else []
+    trainer = make_trainer(*callbacks, num_steps=3)
+    with anyio.fail_after(30):  # before the fix the compute thread died and fit() hung
+        with pytest.raises((RuntimeError, Boom)) as caught:
+            await trainer.fit()
+    if job_fails:  # the job's own error wins; the sync error is attached
+        assert isinstance(caught.value, Boom)
+        assert "illegal memory access" in "".join(caught.value.__notes__)
+    else:
+        assert "illegal memory access" in str(caught.value)

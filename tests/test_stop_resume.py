@@ -1,0 +1,133 @@
+"""stop() then resume acts on each epoch's end exactly once: the same weights, learning rates,
+validations and decisions as a run that was never stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_loader, make_model, sgd
+from torch import nn
+
+from asynchat import Callback, LoopState, Trainer
+from asynchat.callbacks import Checkpoint, EarlyStopping, LRSchedule, Validation
+
+STEPS_PER_EPOCH = 6
+EPOCHS = 4
+
+
+class EpochLog(Callback):
+    """What each epoch end saw: (epoch, complete, lr, val/loss); kept in checkpoints."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, float, float | None]] = []
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        assert state.optimizer is not None
+        lr = state.optimizer.param_groups[0]["lr"]
+        self.seen.append((state.epoch, state.epoch_complete, lr, state.metrics.get("val/loss")))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": [list(s) for s in self.seen]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seen = [tuple(s) for s in state_dict["seen"]]  # type: ignore[misc]
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.step:
+            state.loop.stop("test")
+
+
+def schedule(kind: str) -> LRSchedule:
+    if kind == "epoch-steplr":
+        return LRSchedule(
+            lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), interval="epoch"
+        )
+    return LRSchedule(
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt,
+            factor=0.5,
+            patience=0,
+            threshold=10.0,  # never "improves": halves every epoch
+        ),
+        interval="epoch",
+        monitor="val/loss",
+    )
+
+
+def trainer(kind: str, directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+    return Trainer(
+        make_model(),
+        make_loader(96, 16, shuffle=True),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=EPOCHS,
+        callbacks=[
+            *extra,
+            Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss()),
+            schedule(kind),
+            EarlyStopping("val/loss", patience=100),
+            EpochLog(),
+            Checkpoint(directory, save_on_end=True, keep_last=2),
+        ],
+        resume_from=directory if resume else None,
+    )
+
+
+def log_of(t: Trainer) -> EpochLog:
+    return next(c for c in t.callbacks if isinstance(c, EpochLog))
+
+
+@pytest.mark.parametrize("kind", ["epoch-steplr", "plateau"])
+@pytest.mark.parametrize("stop_at", [3, 6, 7, 12, 23])
+def test_stop_then_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, kind: str, stop_at: int
+) -> None:
+    straight = trainer(kind, tmp_path / "straight")
+    anyio.run(straight.fit)
+
+    first = trainer(kind, tmp_path / "stopped", StopAt(stop_at))
+    anyio.run(first.fit)
+    assert first.state.global_step == stop_at
+    # The cut-short epoch was not acted on: no entry claims it complete.
+    complete_epochs = stop_at // STEPS_PER_EPOCH
+    assert [s[0] for s in log_of(first).seen if s[1]] == list(range(complete_epochs))
+
+    resumed = trainer(kind, tmp_path / "stopped", resume=True)
+    anyio.run(resumed.fit)
+    assert resumed.state.global_step == straight.state.global_step == EPOCHS * STEPS_PER_EPOCH
+
+    def complete(t: Trainer) -> list[Any]:
+        return [s for s in log_of(t).seen if s[1]]
+
+    assert complete(resumed) == complete(straight)  # lr and val/loss at each epoch end
+    weights = zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)
+    assert resumed.state.metrics == straight.state.metrics
+    assert resumed.state.optimizer is not None and straight.state.optimizer is not None
+    lr = resumed.state.optimizer.param_groups[0]["lr"]
+    assert lr == straight.state.optimizer.param_groups[0]["lr"] == 0.1 * 0.5**EPOCHS
+
+
+def test_a_metric_scheduler_without_monitor_is_refused_before_training(tmp_path: Path) -> None:
+    t = Trainer(
+        make_model(),
+        make_loader(),
+        sgd,
+        loss_fn=nn.CrossEntropyLoss(),
+        num_epochs=1,
+        callbacks=[LRSchedule(lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt))],
+    )
+    with pytest.raises(TypeError, match="monitor='val/loss'"):
+        anyio.run(t.fit)
+    assert t.state.global_step == 0
