@@ -10,6 +10,21 @@ Cancellation: the task awaiting :meth:`ComputeThread.run` cannot interrupt Pytho
 on another thread. It calls the job's ``on_cancel`` (which asks the loop to end at its next
 safe point), then keeps serving the job's requests inside a shielded scope until the job
 returns, and re-raises the cancellation. No thread outlives ``async with ComputeThread()``.
+
+Interrupts: trio delivers Ctrl-C as ``KeyboardInterrupt`` raised into whatever its main task
+awaits, shield or not, so it can land here while the job runs. It is handled like a
+cancellation (the job winds down: its step completes, ``on_loop_end`` runs) and then
+re-raised. A second one while winding down forces the exit: the task stops waiting and
+raises at once; the thread finishes its step and ``def`` teardown hooks (``async def`` ones
+are skipped, nobody is left to await them) and ends by itself. Likewise, if the event loop
+goes away while the job waits on it, the job's requests fail with :class:`JobCancelled`
+instead of blocking forever, and the thread ends after the job.
+
+Why not ``anyio.to_thread.run_sync`` and ``anyio.from_thread``: the loop needs one long-lived
+thread that owns the CUDA device and stream for a whole run (a worker pool hands out any
+thread); an ``async def`` hook must be awaited inside the ``fit()`` task itself, in its cancel
+scope and context, not in a new task per hop; and each hop through a portal costs several
+times the bare "call soon" wake-up this module uses (see ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -27,6 +42,8 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import torch
+
+from asynchat._errors import add_note
 
 T = TypeVar("T")
 
@@ -66,11 +83,24 @@ class Mailbox(Generic[T]):
             self._loop = asyncio.get_running_loop()
             self._schedule = self._loop.call_soon_threadsafe
 
-    def put(self, item: T) -> None:
+    def put(self, item: T) -> bool:
+        """Queue ``item`` and wake the receiver; False if its event loop is gone."""
         if len(self._items) == self._items.maxlen:
             self.dropped += 1
         self._items.append(item)
-        self._schedule(self._wake)
+        try:
+            self._schedule(self._wake)
+        except RuntimeError:  # asyncio: "Event loop is closed"; trio: RunFinishedError
+            return False
+        return True
+
+    def receiver_alive(self) -> bool:
+        """Whether the event loop that reads this mailbox still runs."""
+        try:
+            self._schedule(_nothing)
+        except RuntimeError:
+            return False
+        return True
 
     def _wake(self) -> None:  # on the event loop thread
         if self._future is not None and not self._future.done():
@@ -107,6 +137,12 @@ class _Reply(enum.Enum):
 
 
 _STOP = object()
+_GONE = object()  # no reply will come: the event loop that would send it has ended
+_POLL_S = 0.25  # how often a waiting compute thread checks that its event loop is alive
+
+
+def _nothing() -> None:
+    pass
 
 
 class JobCancelled(BaseException):
@@ -138,6 +174,14 @@ class ComputeThread:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: Mailbox[tuple[_Kind, Any]] | None = None
         self._thread: threading.Thread | None = None
+        # Set by the event loop when a second interrupt makes it stop serving the job; read
+        # by the compute thread before each request. `_request_pending` is the compute
+        # thread's. Both change under `_abandon_lock`, so a request is either refused or
+        # answered (never left waiting).
+        self._abandoned = False
+        self._request_pending = False
+        self._abandon_lock = threading.Lock()
+        self._job_done = False  # the current job has reported DONE (its outcome is final)
 
     # -- event loop side -------------------------------------------------------------------
 
@@ -160,6 +204,8 @@ class ComputeThread:
     ) -> None:
         assert self._outbox is not None and self._thread is not None
         self._inbox.put(_STOP)
+        if self._abandoned:
+            return  # a forced exit: the thread ends by itself after the job's step
         with anyio.CancelScope(shield=True):  # the thread is always joined
             while (await self._outbox.get())[0] is not _Kind.EXITED:
                 pass
@@ -183,10 +229,14 @@ class ComputeThread:
         assert self._outbox is not None, "use `async with ComputeThread(...)` first"
         context = contextvars.copy_context()
         self._on_cancel = on_cancel
+        self._job_done = False
         self._inbox.put(lambda: context.run(fn))
         try:
             return await self._serve()  # type: ignore[no-any-return]
-        except anyio.get_cancelled_exc_class():
+        except BaseException:
+            if self._job_done:
+                raise  # the job's own outcome
+            # Cancelled, or interrupted (trio's Ctrl-C), while the job runs: wind it down.
             on_cancel()  # again if a request already did: on_cancel must be idempotent
             with anyio.CancelScope(shield=True):
                 await self._serve_until_done()
@@ -209,6 +259,7 @@ class ComputeThread:
         assert self._outbox is not None, "use `async with ComputeThread(...)` first"
         context = contextvars.copy_context()
         self._on_cancel = on_cancel
+        self._job_done = False
         self._slots = threading.Semaphore(buffer)
         self._discarding = False
         self._inbox.put(lambda: context.run(fn))
@@ -221,19 +272,24 @@ class ComputeThread:
                 elif kind is _Kind.REQUEST:
                     await self._answer(value)
                 elif kind is _Kind.DONE:
+                    self._job_done = True
                     outcome, result = value
                     if outcome is _Reply.ERROR:
                         raise result
                     return
-        except anyio.get_cancelled_exc_class():
+        except GeneratorExit:
+            if self._job_done:
+                raise
             self._discarding = True
-            on_cancel()
+            on_close()
             with anyio.CancelScope(shield=True):
                 await self._serve_until_done()
             raise
-        except GeneratorExit:
+        except BaseException:
+            if self._job_done:
+                raise
             self._discarding = True
-            on_close()
+            on_cancel()
             with anyio.CancelScope(shield=True):
                 await self._serve_until_done()
             raise
@@ -246,16 +302,30 @@ class ComputeThread:
             except JobCancelled:
                 pass
             except anyio.get_cancelled_exc_class():
+                if self._job_done:
+                    raise
                 # Only a second native asyncio cancellation gets through the shield; the job
                 # still runs on the thread, so keep serving it (the mailbox loses nothing).
                 continue
+            except KeyboardInterrupt:
+                if not self._job_done:
+                    self._abandon()  # a second Ctrl-C: stop waiting, force the exit
+                raise
             return
+
+    def _abandon(self) -> None:
+        """Stop serving the job: its pending and future requests fail with JobCancelled."""
+        with self._abandon_lock:
+            self._abandoned = True
+            if self._request_pending:
+                self._inbox.put((_Reply.ERROR, JobCancelled()))
 
     async def _serve(self) -> Any:
         assert self._outbox is not None
         while True:
             kind, value = await self._outbox.get()
             if kind is _Kind.DONE:
+                self._job_done = True
                 outcome, result = value
                 if outcome is _Reply.ERROR:
                     raise result
@@ -270,16 +340,23 @@ class ComputeThread:
     async def _answer(self, request: Callable[[], Awaitable[object]]) -> None:
         try:
             result = await request()
-        except anyio.get_cancelled_exc_class():
-            # The request was interrupted. Ask the job to end *before* releasing the thread,
-            # so it cannot start another step first; then tell it the request is done.
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
+            # The request was cancelled or interrupted (trio raises Ctrl-C into the hook it
+            # awaits). Ask the job to end *before* releasing the thread, so it cannot start
+            # another step first; then tell it the request is done.
             self._on_cancel()
-            self._inbox.put((_Reply.VALUE, None))
+            self._reply((_Reply.VALUE, None))
             raise
         except BaseException as exc:
-            self._inbox.put((_Reply.ERROR, exc))
+            self._reply((_Reply.ERROR, exc))
         else:
-            self._inbox.put((_Reply.VALUE, result))
+            self._reply((_Reply.VALUE, result))
+
+    def _reply(self, reply: tuple[_Reply, Any]) -> None:
+        with self._abandon_lock:
+            if self._request_pending:  # not already answered by _abandon
+                self._request_pending = False
+                self._inbox.put(reply)
 
     # -- compute thread side ---------------------------------------------------------------
 
@@ -308,11 +385,29 @@ class ComputeThread:
         """
         assert self.on_thread(), "call_async is for the compute thread"
         assert self._outbox is not None
-        self._outbox.put((_Kind.REQUEST, fn))
-        outcome, value = self._inbox.get()
+        with self._abandon_lock:
+            if self._abandoned:
+                raise JobCancelled  # nobody serves requests any more
+            self._request_pending = True
+        if not self._outbox.put((_Kind.REQUEST, fn)):
+            raise JobCancelled  # the event loop is gone
+        reply = self._receive()
+        if reply is _GONE:
+            raise JobCancelled
+        outcome, value = reply
         if outcome is _Reply.ERROR:
             raise value
         return value  # type: ignore[no-any-return]
+
+    def _receive(self) -> Any:
+        """The next message from the event loop, or ``_GONE`` once that loop has ended."""
+        assert self._outbox is not None
+        while True:
+            try:
+                return self._inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._outbox.receiver_alive():
+                    return _GONE
 
     def _main(self) -> None:
         assert self._outbox is not None
@@ -324,20 +419,33 @@ class ComputeThread:
             outbox.put((_Kind.EXITED, exc))
             return
         outbox.put((_Kind.DONE, None))
-        while (job := self._inbox.get()) is not _STOP:
+        try:
+            while (job := self._receive()) is not _STOP and job is not _GONE:
+                result = self._run_job(job)
+                del job
+                outbox.put((_Kind.DONE, result))
+                del result
+        finally:
+            outbox.put((_Kind.EXITED, None))  # on every way out: the owner never waits forever
+
+    def _run_job(self, job: Callable[[], object]) -> tuple[_Reply, Any]:
+        try:
+            result: tuple[_Reply, Any] = (_Reply.VALUE, job())
+        except BaseException as exc:
+            result = (_Reply.ERROR, exc)
+        if self.stream is not None:
+            # Host/device sync, once per job, on this thread (never the event loop's): the
+            # job's kernels must be done before another thread's stream uses what they
+            # wrote (the next loop on this device, a checkpoint reader). A sticky CUDA error
+            # raises here too: it becomes the job's error rather than killing the thread.
             try:
-                result = (_Reply.VALUE, job())
-            except BaseException as exc:
-                result = (_Reply.ERROR, exc)
-            del job
-            if self.stream is not None:
-                # Host/device sync, once per job, on this thread (never the event loop's):
-                # the job's kernels must be done before another thread's stream uses what
-                # they wrote (the next loop on this device, a checkpoint reader).
                 self.stream.synchronize()
-            outbox.put((_Kind.DONE, result))
-            del result
-        outbox.put((_Kind.EXITED, None))
+            except BaseException as exc:
+                if result[0] is _Reply.VALUE:
+                    result = (_Reply.ERROR, exc)
+                else:
+                    add_note(result[1], f"and the end-of-job stream sync raised: {exc!r}")
+        return result
 
     def _select_device(self) -> None:
         if self.device.type == "cuda":

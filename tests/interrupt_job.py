@@ -1,0 +1,59 @@
+"""A job for the Ctrl-C tests: trains until SIGINT arrives, with no signal handling of its own.
+
+    python interrupt_job.py BACKEND DIRECTORY [asynchook] [slowend]
+
+Prints ``training`` once steps run, and after fit() raised: the exception, the loop's status
+and its global step. With ``slowend`` an ``async def`` on_loop_end hook prints ``winding down``
+and then sleeps 60 s, so that a second Ctrl-C can cut it short.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+from conftest import make_trainer
+
+from asynchat import Callback, LoopState
+from asynchat.callbacks import Checkpoint
+
+
+class Announce(Callback):
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == 3:
+            print("training", flush=True)
+
+
+class AsyncStep(Callback):
+    async def on_step_end(self, state: LoopState) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+class SlowEnd(Callback):
+    async def on_loop_end(self, state: LoopState) -> None:
+        print("winding down", flush=True)
+        await anyio.sleep(60)
+
+
+def main() -> None:
+    backend, directory, options = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    callbacks: list[Callback] = [Announce()]
+    if "asynchook" in options:
+        callbacks.append(AsyncStep())
+    if "slowend" in options:
+        callbacks.append(SlowEnd())
+    callbacks.append(Checkpoint(directory, every_n_steps=50))
+    trainer = make_trainer(*callbacks, num_epochs=1_000_000)
+    name, options_ = (backend, {}) if backend != "uvloop" else ("asyncio", {"use_uvloop": True})
+    try:
+        anyio.run(trainer.fit, backend=name, backend_options=options_)
+    except KeyboardInterrupt:
+        print(f"KeyboardInterrupt {trainer.status} {trainer.state.global_step}", flush=True)
+    else:
+        print(f"returned {trainer.status} {trainer.state.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Ctrl-C without stop_on_signals: training ends promptly on every backend, on_loop_end runs
+(the final checkpoint is the last step), and KeyboardInterrupt is raised; a second Ctrl-C
+while the loop winds down forces the exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import HAVE_TRIO
+
+HERE = Path(__file__).resolve().parent
+BACKENDS = [
+    "asyncio",
+    "uvloop",
+    pytest.param("trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio")),
+]
+
+
+def start(backend: str, directory: Path, *options: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "interrupt_job.py"), backend, str(directory), *options],
+        cwd=HERE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "training"
+    return process
+
+
+def newest_checkpoint(directory: Path) -> int:
+    entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
+    return max(e["global_step"] for e in entries)
+
+
+@pytest.mark.parametrize("hooks", ["def", "asynchook"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_ends_training_promptly_with_a_final_checkpoint(
+    tmp_path: Path, backend: str, hooks: str
+) -> None:
+    with start(backend, tmp_path, hooks) as process:
+        time.sleep(0.3)
+        sent = time.monotonic()
+        os.kill(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    assert process.returncode == 0
+    word, status, step = out.split()
+    assert (word, status) == ("KeyboardInterrupt", "cancelled")
+    assert newest_checkpoint(tmp_path) == int(step), "on_loop_end saved the last step"
+    assert took < 15, f"took {took:.1f} s to wind down"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_ctrl_c_cuts_a_slow_wind_down_short(tmp_path: Path, backend: str) -> None:
+    with start(backend, tmp_path, "slowend") as process:
+        assert process.stdout is not None
+        os.kill(process.pid, signal.SIGINT)
+        assert process.stdout.readline().strip() == "winding down"  # sleeping 60 s
+        sent = time.monotonic()
+        os.kill(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    assert process.returncode == 0
+    assert out.split()[0] == "KeyboardInterrupt"
+    assert took < 15, f"took {took:.1f} s after the second Ctrl-C"
+    # The def hooks after the cut one still ran: the final checkpoint is the last step.
+    assert newest_checkpoint(tmp_path) == int(out.split()[2])
