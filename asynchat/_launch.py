@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import faulthandler
+import inspect
+import multiprocessing.connection as mp_connection
 import os
+import pickle
+import shutil
 import signal
 import socket
+import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,18 +24,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from asynchat import _heartbeat as heartbeat
+from asynchat._errors import AsynchatError
+
 RankFn = Callable[..., Awaitable[object]]
 
 _POLL_S = 0.05
 _GRACE_S = 5.0
+_SETTLE_S = 0.3  # after a first failure, how long the launcher listens for the others
 
 
-class LaunchError(RuntimeError):
-    """A rank failed; the message names the rank and carries its traceback."""
+class LaunchError(AsynchatError, RuntimeError):
+    """A rank failed or hung. ``rank`` is the first to fail (or the hung rank the others
+    wait for); the message says how it ended, with its traceback or stacks, and how the
+    others ended. ``hung`` lists the ranks found hung (empty for a failure)."""
 
-    def __init__(self, rank: int, description: str) -> None:
-        super().__init__(f"rank {rank} failed:\n{description}")
+    def __init__(self, rank: int, description: str, *, hung: Sequence[int] = ()) -> None:
+        super().__init__(f"rank {rank} {'hung' if hung else 'failed'}:\n{description}")
         self.rank = rank
+        self.hung = list(hung)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,6 +101,35 @@ def _child(
     addr: str,
     port: int,
     errors: Any,
+    lifeline: Any,
+    beats: Any,
+    dump: str,
+) -> None:
+    # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
+    threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
+    heartbeat.install(beats, rank)
+    with open(dump, "w") as stacks:
+        if hasattr(signal, "SIGUSR1"):  # the launcher asks a hung rank for its stacks
+            faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        _run_child(rank, fn, world_size, args, backend, timeout, addr, port, errors)
+
+
+def _watch_launcher(lifeline: Any) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv_bytes()  # nothing is ever sent: this returns when the launcher is gone
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _run_child(
+    rank: int,
+    fn: RankFn,
+    world_size: int,
+    args: Sequence[Any],
+    backend: str,
+    timeout: datetime.timedelta,
+    addr: str,
+    port: int,
+    errors: Any,
 ) -> None:
     os.environ.update(
         MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
@@ -95,7 +139,7 @@ def _child(
 
     def report(exc: BaseException) -> None:
         reported.append(exc)
-        errors.put((rank, "".join(traceback.format_exception(exc))))
+        errors.put((rank, time.time(), "".join(traceback.format_exception(exc))))
 
     try:
         run_rank(fn, rank, world_size, args, backend=backend, timeout=timeout, on_error=report)
@@ -106,7 +150,14 @@ def _child(
 
 
 class _Ranks:
-    """The rank processes of one launch: started, watched, and always reaped."""
+    """The rank processes of one launch: started, watched, and always reaped.
+
+    Each rank holds the read end of a pipe (its lifeline) whose write end only the launcher
+    holds, and kills itself when it reads end-of-file: the ranks die with the launcher on
+    every way it can die, SIGKILL included. Each rank reports the time of its error; the
+    launcher records when it saw each process exit, so the rank named is the first to fail,
+    not a survivor whose collective failed because a peer had died.
+    """
 
     def __init__(
         self,
@@ -117,38 +168,149 @@ class _Ranks:
         timeout: datetime.timedelta,
         addr: str,
         port: int,
+        hang_timeout: float | None,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.errors = ctx.SimpleQueue()
-        self.processes = [
-            ctx.Process(
-                target=_child,
-                args=(rank, fn, nprocs, tuple(args), backend, timeout, addr, port, self.errors),
-                name=f"asynchat-rank-{rank}",
+        self.hang_timeout = hang_timeout
+        self.beats = ctx.Array("d", 2 * nprocs, lock=False)  # [time, count] per rank
+        for rank in range(nprocs):  # start-up counts towards hang_timeout
+            self.beats[2 * rank] = time.monotonic()
+        self.started = time.time()
+        self.exited_at: dict[int, float] = {}
+        self.reports: dict[int, tuple[float, str]] = {}
+        self._dumps = tempfile.mkdtemp(prefix="asynchat-launch-")
+        self._lifelines = []
+        self.processes = []
+        for rank in range(nprocs):
+            reader, writer = ctx.Pipe(duplex=False)
+            self.processes.append(
+                ctx.Process(
+                    target=_child,
+                    args=(
+                        rank,
+                        fn,
+                        nprocs,
+                        tuple(args),
+                        backend,
+                        timeout,
+                        addr,
+                        port,
+                        self.errors,
+                        reader,
+                        self.beats,
+                        self._dump_path(rank),
+                    ),
+                    name=f"asynchat-rank-{rank}",
+                )
             )
-            for rank in range(nprocs)
-        ]
+            self._lifelines.append((reader, writer))
         for process in self.processes:
             process.start()
+        for reader, _ in self._lifelines:
+            reader.close()  # the ranks hold the read ends; the launcher keeps the writers
+
+    def _dump_path(self, rank: int) -> str:
+        return os.path.join(self._dumps, f"rank-{rank}.txt")
 
     def poll(self) -> bool:
-        """True once every rank has exited 0; raise LaunchError as soon as one fails."""
-        for rank, process in enumerate(self.processes):
-            if process.exitcode not in (None, 0):
-                self.terminate()
-                raise self._error(rank, process.exitcode)
+        """Wait up to a poll interval; True once every rank has exited 0, LaunchError as soon
+        as one fails (or, with a hang timeout, stops making progress)."""
+        waiting = [p.sentinel for p in self.processes if p.exitcode is None]
+        reader = self.errors._reader  # type: ignore[attr-defined]
+        mp_connection.wait([*waiting, reader], timeout=_POLL_S)
+        self._observe()
+        if any(p.exitcode not in (None, 0) for p in self.processes) or self.reports:
+            error = self._failure()
+            self.terminate()
+            raise error
+        if self.hang_timeout is not None:
+            hung = self._hung(self.hang_timeout)
+            if hung is not None:
+                raise hung
         return all(p.exitcode == 0 for p in self.processes)
 
-    def _error(self, rank: int, exitcode: int) -> LaunchError:
-        if not self.errors.empty():
-            failed_rank, text = self.errors.get()
-            return LaunchError(failed_rank, text)
+    def _observe(self) -> None:
+        now = time.time()
+        for rank, process in enumerate(self.processes):
+            if process.exitcode is not None and rank not in self.exited_at:
+                self.exited_at[rank] = now
+        while not self.errors.empty():
+            rank, when, text = self.errors.get()
+            self.reports.setdefault(rank, (when, text))
+
+    def _failure(self) -> LaunchError:
+        """LaunchError naming the rank that failed first, with how the others ended."""
+        time.sleep(_SETTLE_S)  # let a dying rank's report arrive before judging the order
+        self._observe()
+        failures: dict[int, tuple[float, str]] = dict(self.reports)
+        for rank, process in enumerate(self.processes):
+            if rank not in failures and process.exitcode not in (None, 0):
+                failures[rank] = (self.exited_at[rank], self._how(process.exitcode))
+        first = min(failures, key=lambda r: failures[r][0])
+        when, text = failures[first]
+        others = []
+        for rank in sorted(set(failures) - {first}):
+            other_when, other_text = failures[rank]
+            summary = other_text.strip().splitlines()[-1]
+            others.append(f"rank {rank}, {other_when - when:+.2f} s later: {summary}")
+        for rank, at in sorted(self.exited_at.items()):
+            if rank not in failures and at <= when:
+                others.append(f"rank {rank} had exited normally (code 0) {when - at:.2f} s before")
+        if others:
+            text += "\nThe other ranks, most likely as a consequence:\n  " + "\n  ".join(others)
+        return LaunchError(first, text)
+
+    @staticmethod
+    def _how(exitcode: int) -> str:
         how = (
             f"killed by {signal.Signals(-exitcode).name}"
             if exitcode < 0
             else f"exit code {exitcode}"
         )
-        return LaunchError(rank, f"the process died ({how}) without a Python traceback")
+        return f"the process died ({how}) without a Python traceback"
+
+    def _hung(self, hang_timeout: float) -> LaunchError | None:
+        now = time.monotonic()
+        alive = [r for r, p in enumerate(self.processes) if p.exitcode is None]
+        if not alive:
+            return None
+        beats = {r: (self.beats[2 * r], self.beats[2 * r + 1]) for r in alive}
+        counts = {r: count for r, (_, count) in beats.items()}
+        behind = min(counts.values())
+        # The rank furthest behind is the one the others wait for (in a collective): a hang
+        # is that rank silent for hang_timeout. A rank that is ahead and waits is not hung.
+        hung = [r for r in alive if counts[r] == behind]
+        if all(now - beats[r][0] <= hang_timeout for r in hung):
+            return None
+        stacks = self._stacks(hung)
+        self.terminate()
+        quiet = max(now - beats[r][0] for r in hung)
+        if len(hung) == len(self.processes) > 1:
+            what = f"all ranks made no progress for {quiet:.1f} s (hang_timeout={hang_timeout:g})"
+        else:
+            what = (
+                f"made no progress for {quiet:.1f} s (hang_timeout={hang_timeout:g}), "
+                f"behind ranks {sorted(set(alive) - set(hung))} that wait for it"
+            )
+        return LaunchError(hung[0], f"{what}.\n{stacks}", hung=hung)
+
+    def _stacks(self, ranks: list[int]) -> str:
+        if not hasattr(signal, "SIGUSR1"):  # pragma: no cover - not POSIX
+            return ""
+        for rank in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.processes[rank].pid or 0, signal.SIGUSR1)
+        time.sleep(_SETTLE_S)
+        parts = []
+        for rank in ranks:
+            try:
+                with open(self._dump_path(rank)) as file:
+                    stacks = file.read().strip() or "(none written)"
+            except FileNotFoundError:
+                stacks = "(none: the rank had not started running Python code)"
+            parts.append(f"Stacks of rank {rank}:\n{stacks}")
+        return "\n".join(parts)
 
     def terminate(self) -> None:
         """Stop the ranks still running (SIGTERM, SIGKILL after a grace period); reap all."""
@@ -162,6 +324,13 @@ class _Ranks:
                 process.kill()
                 process.join()
 
+    def close(self) -> None:
+        """After terminate(): drop the lifelines and the stack files."""
+        for _, writer in self._lifelines:
+            writer.close()
+        self._lifelines = []
+        shutil.rmtree(self._dumps, ignore_errors=True)
+
 
 def launch(
     fn: RankFn,
@@ -172,32 +341,44 @@ def launch(
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
     collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+    hang_timeout: float | datetime.timedelta | None = None,
 ) -> None:
     """Run ``async def fn(rank, world_size, *args)`` in ``nprocs`` processes, one per rank.
 
     Each process initialises the default process group (``backend`` defaults to NCCL with
     CUDA, gloo otherwise; rendezvous on ``master_addr`` and a free port), selects its CUDA
     device, and runs ``fn`` in an event loop of its own (uvloop where available). ``fn`` must
-    be importable (a module-level function), since ranks are started with ``spawn``.
+    be importable (a module-level function), since ranks are started with ``spawn``; the
+    arguments are checked here, before any process starts.
 
     If a rank raises or dies, the others are terminated at once (no rank waits out a
-    collective) and :class:`LaunchError` is raised naming the rank, with its traceback.
-    ``collective_timeout`` bounds each collective. Under ``torchrun`` (``RANK`` and
-    ``WORLD_SIZE`` set) only the current rank runs, in this process, so one script scales to
-    several machines.
+    collective) and :class:`LaunchError` is raised naming the first rank to fail, how it
+    ended (its traceback, or the exit code or signal), and how the others ended.
+    ``collective_timeout`` bounds each collective. ``hang_timeout`` (seconds; off by
+    default) bounds how long a rank may go without its loops reaching a phase (a step, an
+    epoch end, ...): the rank the others wait for is then reported as hung, with its stacks,
+    and so is a job whose ranks all hang. Set it above the longest stretch without a step:
+    start-up (rendezvous, building the model) and a full validation included.
+
+    The ranks die with the launcher however it ends (SIGTERM, SIGKILL, a crash): each
+    watches a pipe only the launcher holds. Under ``torchrun`` (``RANK`` and ``WORLD_SIZE``
+    set) only the current rank runs, in this process, so one script scales to several
+    machines; the agent then watches the ranks.
     """
+    hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         run_rank(
             fn, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args,
             backend=backend or default_backend(), timeout=collective_timeout,
         )  # fmt: skip
         return
-    ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout)
+    ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
     try:
         while not ranks.poll():
-            time.sleep(_POLL_S)
+            pass
     finally:
         ranks.terminate()
+        ranks.close()
 
 
 async def launch_async(
@@ -209,19 +390,76 @@ async def launch_async(
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
     collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+    hang_timeout: float | datetime.timedelta | None = None,
 ) -> None:
     """:func:`launch` from a running event loop, without blocking it.
 
-    The ranks are watched by polling; cancelling the awaiting task terminates them (and
-    waits until they are reaped) before the cancellation propagates.
+    The ranks are watched from a worker thread; cancelling the awaiting task terminates them
+    (and waits until they are reaped) before the cancellation propagates.
     """
-    ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout)
+    hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
+    ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
     try:
-        while not ranks.poll():  # noqa: ASYNC110 - processes signal nothing the loop can await
-            await anyio.sleep(_POLL_S)
+        # Each poll waits up to a poll interval on a worker thread; a cancellation takes
+        # effect when it returns.
+        while not await anyio.to_thread.run_sync(ranks.poll):
+            pass
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(ranks.terminate)
+            ranks.close()
+
+
+def _check_arguments(
+    fn: RankFn,
+    nprocs: int,
+    args: Sequence[Any],
+    master_port: int | None,
+    collective_timeout: datetime.timedelta,
+    hang_timeout: float | datetime.timedelta | None,
+) -> float | None:
+    """Check launch()'s arguments in the launcher, before any process starts; return the
+    hang timeout in seconds."""
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be an async function fn(rank, world_size, *args), got {fn!r}")
+    call = getattr(fn, "__call__", None)  # noqa: B004 - also an object with async __call__
+    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)):
+        raise TypeError(
+            f"fn must be an async function (async def fn(rank, world_size, *args)), got {fn!r}"
+        )
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise TypeError(f"args must be a tuple or list of extra arguments, got {args!r}")
+    for what, value in (("fn", fn), ("args", tuple(args))):
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            raise TypeError(
+                f"{what} must be picklable, since ranks start with spawn (a module-level "
+                f"async function and plain arguments): {type(exc).__name__}: {exc}"
+            ) from exc
+    if master_port is not None and (
+        not isinstance(master_port, int) or isinstance(master_port, bool)
+        or not 1 <= master_port <= 65535
+    ):  # fmt: skip
+        raise ValueError(f"master_port must be an int in 1..65535 or None, got {master_port!r}")
+    if not isinstance(collective_timeout, datetime.timedelta) or collective_timeout <= (
+        datetime.timedelta(0)
+    ):
+        raise TypeError(
+            f"collective_timeout must be a positive datetime.timedelta, got {collective_timeout!r}"
+        )
+    if isinstance(hang_timeout, datetime.timedelta):
+        hang_timeout = hang_timeout.total_seconds()
+    if hang_timeout is not None and (
+        isinstance(hang_timeout, bool) or not isinstance(hang_timeout, (int, float))
+        or not hang_timeout > 0
+    ):  # fmt: skip
+        raise ValueError(
+            f"hang_timeout must be a positive number of seconds or None, got {hang_timeout!r}"
+        )
+    return None if hang_timeout is None else float(hang_timeout)
 
 
 def _start(
@@ -232,10 +470,9 @@ def _start(
     master_addr: str,
     master_port: int | None,
     timeout: datetime.timedelta,
+    hang_timeout: float | None,
 ) -> _Ranks:
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
-        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
-    if not callable(fn):
-        raise TypeError(f"fn must be an async function fn(rank, world_size, *args), got {fn!r}")
     port = master_port if master_port is not None else free_port(master_addr)
-    return _Ranks(fn, nprocs, args, backend or default_backend(), timeout, master_addr, port)
+    return _Ranks(
+        fn, nprocs, args, backend or default_backend(), timeout, master_addr, port, hang_timeout
+    )

@@ -124,3 +124,32 @@ async def nan_on_rank_one(rank: int, world_size: int) -> None:
         device="cpu", callbacks=[TerminateOnNaN(check_every_n_steps=2)],
     )  # fmt: skip
     await trainer.fit()
+
+
+async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> None:
+    """DDP training that goes wrong at global step 5: ``sigkill`` or ``hang`` on rank 1,
+    ``hang-all`` on every rank. With ``out``, each rank writes its pid there first."""
+    import os
+    import signal
+    import time
+
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+
+    if out:
+        Path(out, f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    class Fault(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step != 5 or (rank != 1 and fault != "hang-all"):
+                return
+            if fault == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault.startswith("hang"):
+                time.sleep(3600)  # a hook stuck in Python: no phase is reached any more
+
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=1_000_000, device="cpu", callbacks=[Fault()],
+    )  # fmt: skip
+    await trainer.fit()

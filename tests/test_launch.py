@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -113,3 +115,75 @@ def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="nprocs must be a positive int, got 0"):
         launch(rank_jobs.sleep_forever, nprocs=0)
+    started = time.monotonic()  # each is caught in the launcher, before any process starts
+    with pytest.raises(TypeError, match="fn must be an async function"):
+        launch(rank_jobs.ddp_data, nprocs=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fn must be picklable"):
+        launch(_local_async_function(), nprocs=2)
+    with pytest.raises(TypeError, match="collective_timeout must be a positive"):
+        launch(rank_jobs.sleep_forever, nprocs=2, collective_timeout=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"master_port must be an int in 1\.\.65535"):
+        launch(rank_jobs.sleep_forever, nprocs=2, master_port=70000)
+    with pytest.raises(TypeError, match="args must be a tuple or list"):
+        launch(rank_jobs.sleep_forever, nprocs=2, args="abc")
+    with pytest.raises(ValueError, match="hang_timeout must be a positive number"):
+        launch(rank_jobs.sleep_forever, nprocs=2, hang_timeout=0)
+    assert time.monotonic() - started < 2 and rank_processes() == []
+
+
+def _local_async_function() -> Any:
+    async def local(rank: int, world_size: int) -> None:
+        pass
+
+    return local
+
+
+def test_the_first_rank_to_die_is_named_with_how_it_died() -> None:
+    with pytest.raises(LaunchError, match=r"^rank 1 failed:\n.*killed by SIGKILL") as info:
+        launch(rank_jobs.ddp_fault, nprocs=2, args=("sigkill",))
+    assert info.value.rank == 1 and info.value.hung == []
+    assert "rank 0" in str(info.value), "the survivor's error is listed as a consequence"
+    assert rank_processes() == []
+
+
+@pytest.mark.parametrize("fault", ["hang", "hang-all"])
+def test_a_hung_rank_is_reported_within_hang_timeout_with_its_stacks(fault: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.ddp_fault, nprocs=2, args=(fault,), hang_timeout=8)
+    text = str(info.value)
+    assert time.monotonic() - started < 60
+    if fault == "hang":
+        assert info.value.rank == 1 and info.value.hung == [1]
+        assert text.startswith("rank 1 hung:") and "behind ranks [0]" in text
+    else:
+        assert info.value.hung == [0, 1] and "all ranks made no progress" in text
+    assert "Stacks of rank 1" in text and "in on_step_end" in text  # where it is stuck
+    assert rank_processes() == []
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> None:
+    with subprocess.Popen([sys.executable, str(HERE / "launcher_job.py"), str(tmp_path)],
+                          cwd=HERE) as launcher:  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        assert all(alive(pid) for pid in pids)
+        launcher.send_signal(how)
+        launcher.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "a rank outlived its launcher"
