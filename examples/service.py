@@ -1,6 +1,7 @@
 """A training service: start, watch, pause, resume, stop and cancel jobs over HTTP.
 
     python examples/service.py [--host 127.0.0.1] [--port 8000] [--runs runs/service]
+                               [--max-running 4] [--keep-finished 100]
 
 An ASGI app (Starlette, served by uvicorn) whose training jobs run in the same event loop as
 the server, each on its own compute thread, so every route answers while models train:
@@ -15,17 +16,25 @@ the server, each on its own compute thread, so every route answers while models 
 
 A spec is ``{"epochs": 20, "lr": 0.002, "batch_size": 32, "hidden": 128}`` (all optional);
 jobs train an MLP on scikit-learn's digits with validation and checkpoints. A bad spec gets a
-422 naming the field. Shutting the server down stops every job gracefully (each writes its
-final checkpoint) and waits for them.
+422 naming the field (also for JSON nested too deep or numbers too long to parse), a body
+over 64 KiB a 413, a new job past ``--max-running`` running ones a 429.
+
+Each job gets a fresh id (unique across restarts) and a run directory of its own under
+``--runs``, so no job ever prunes another's checkpoints. Only the newest ``--keep-finished``
+finished jobs stay listed; older ones are forgotten (their files stay on disk).
+
+SIGINT or SIGTERM stops every job gracefully at once (each writes its final checkpoint),
+which also ends every open event stream, then the server exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
-import itertools
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,7 @@ import torch
 import uvicorn
 from sklearn.datasets import load_digits
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from torch import nn
@@ -53,8 +62,28 @@ LIMITS: dict[str, tuple[type, float, float]] = {
 }
 
 
+MAX_BODY = 64 * 1024
+
+
 class SpecError(ValueError):
     pass
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, refusing (BodyTooLarge) to read more than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
 
 
 def parse_spec(body: Any) -> dict[str, Any]:
@@ -118,17 +147,43 @@ class Job:
         }
 
 
-class JobManager:
-    """Owns the jobs: each runs as a task in the manager's task group."""
+class TooBusy(Exception):
+    pass
 
-    def __init__(self, runs: Path, tg: anyio.abc.TaskGroup) -> None:
+
+class JobManager:
+    """Owns the jobs: each runs as a task in the manager's task group.
+
+    At most ``max_running`` jobs run at once; of the finished ones, the newest
+    ``keep_finished`` stay listed, so memory stays bounded however many jobs come and go.
+    """
+
+    def __init__(
+        self, runs: Path, tg: anyio.abc.TaskGroup, *, max_running: int, keep_finished: int
+    ) -> None:
         self.runs = runs
         self.tg = tg
+        self.max_running = max_running
+        self.keep_finished = keep_finished
         self.jobs: dict[str, Job] = {}
-        self._ids = itertools.count(1)
+        self.closing = False
+
+    def running(self) -> int:
+        return sum(not job.done.is_set() for job in self.jobs.values())
+
+    def _new_run_dir(self) -> tuple[str, Path]:
+        """A fresh id and a directory no job (of this or an earlier server) has used."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        while True:
+            job_id = f"job-{uuid.uuid4().hex[:12]}"
+            with contextlib.suppress(FileExistsError):
+                (self.runs / job_id).mkdir()
+                return job_id, self.runs / job_id
 
     def start(self, spec: dict[str, Any]) -> Job:
-        job_id = f"job-{next(self._ids)}"
+        if self.running() >= self.max_running:
+            raise TooBusy(f"{self.max_running} jobs are running (the most allowed); retry later")
+        job_id, run_dir = self._new_run_dir()
         train, val = digits_data(spec["batch_size"])
         model = nn.Sequential(
             nn.Linear(64, spec["hidden"]), nn.ReLU(), nn.Linear(spec["hidden"], 10)
@@ -145,7 +200,7 @@ class JobManager:
             prefetch=0,
             callbacks=[
                 Validation(val, loss_fn=nn.CrossEntropyLoss()),
-                Checkpoint(self.runs / job_id, every_n_epochs=5, keep_last=1),
+                Checkpoint(run_dir, every_n_epochs=5, keep_last=1),
             ],
         )
         job = Job(job_id, spec, trainer)
@@ -161,23 +216,38 @@ class JobManager:
             job.error = repr(exc)
         finally:
             job.done.set()
+            self._evict()
+
+    def _evict(self) -> None:
+        finished = [job_id for job_id, job in self.jobs.items() if job.done.is_set()]
+        for job_id in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self.jobs[job_id]  # oldest first: dicts keep insertion order
+
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs and stop the running ones: their event streams end with them."""
+        self.closing = True
+        for job in self.jobs.values():
+            job.trainer.stop("the service is shutting down")
 
     async def shutdown(self) -> None:
         """Stop every job gracefully (final checkpoints included) and wait for them."""
-        for job in self.jobs.values():
-            job.trainer.stop("the service is shutting down")
-        for job in self.jobs.values():
+        self.begin_shutdown()
+        for job in list(self.jobs.values()):
             await job.done.wait()
 
 
-def create_app(runs: Path) -> Starlette:
+def create_app(runs: Path, *, max_running: int = 4, keep_finished: int = 100) -> Starlette:
+    """The service. ``app.state.begin_shutdown()`` (from any thread, e.g. a signal handler)
+    stops every job at once, so that open event streams end instead of holding the server."""
     manager: JobManager | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal manager
+        loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
-            manager = JobManager(runs, tg)
+            manager = JobManager(runs, tg, max_running=max_running, keep_finished=keep_finished)
+            app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(manager.begin_shutdown)
             try:
                 yield
             finally:
@@ -193,11 +263,26 @@ def create_app(runs: Path) -> Starlette:
 
     async def create_job(request: Request) -> Response:
         assert manager is not None
+        if manager.closing:
+            return JSONResponse({"error": "the service is shutting down"}, status_code=503)
         try:
-            spec = parse_spec(json.loads(await request.body() or b"{}"))
-        except (SpecError, json.JSONDecodeError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=422)
-        job = manager.start(spec)
+            spec = parse_spec(json.loads(await read_body(request) or b"{}"))
+        except BodyTooLarge:
+            return JSONResponse(
+                {"error": f"the body is over {MAX_BODY} bytes; a spec is a small JSON object"},
+                status_code=413,
+            )
+        except (SpecError, ValueError, RecursionError) as exc:
+            # ValueError: invalid JSON or UTF-8, or an integer too long to convert;
+            # RecursionError: JSON nested deeper than the parser goes.
+            reason = str(exc) if isinstance(exc, ValueError) else "JSON nested too deeply"
+            return JSONResponse({"error": f"invalid job spec: {reason}"}, status_code=422)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        try:
+            job = manager.start(spec)
+        except TooBusy as exc:
+            return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": "5"})
         return JSONResponse(job.describe(), status_code=201)
 
     async def list_jobs(request: Request) -> Response:
@@ -263,6 +348,21 @@ def create_app(runs: Path) -> Starlette:
     )
 
 
+class ServiceServer(uvicorn.Server):
+    """uvicorn's server, but SIGINT/SIGTERM first stops the jobs: uvicorn would otherwise
+    wait for open event streams to close before the app's shutdown could end them."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        begin = getattr(self.app.state, "begin_shutdown", None)
+        if begin is not None:  # set once the app has started
+            begin()
+        super().handle_exit(sig, frame)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -270,10 +370,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--runs", type=Path, default=Path("runs/service"))
+    parser.add_argument("--max-running", type=int, default=4)
+    parser.add_argument("--keep-finished", type=int, default=100)
     args = parser.parse_args()
-    uvicorn.run(
-        create_app(args.runs), host=args.host, port=args.port, loop="uvloop", log_level="info"
-    )
+    app = create_app(args.runs, max_running=args.max_running, keep_finished=args.keep_finished)
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", log_level="info")
+    ServiceServer(config, app).run()
 
 
 if __name__ == "__main__":
