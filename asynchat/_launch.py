@@ -154,9 +154,9 @@ class _Ranks:
 
     Each rank holds the read end of a pipe (its lifeline) whose write end only the launcher
     holds, and kills itself when it reads end-of-file: the ranks die with the launcher on
-    every way it can die, SIGKILL included. Each rank reports the time of its error; the
-    launcher records when it saw each process exit, so the rank named is the first to fail,
-    not a survivor whose collective failed because a peer had died.
+    every way it can die, SIGKILL included. Each rank reports its error with the time; a
+    rank that died without one (killed, crashed) is the cause, so the rank named is the first
+    to fail, not a survivor whose collective failed because a peer had died.
     """
 
     def __init__(
@@ -240,20 +240,26 @@ class _Ranks:
             self.reports.setdefault(rank, (when, text))
 
     def _failure(self) -> LaunchError:
-        """LaunchError naming the rank that failed first, with how the others ended."""
-        time.sleep(_SETTLE_S)  # let a dying rank's report arrive before judging the order
+        """LaunchError naming the rank that failed first, with how the others ended.
+
+        A rank that died without a Python traceback (a signal, a native crash) is taken as
+        the cause: a peer's failure shows in the others as Python errors (a collective
+        failing), never as a signal, and the launcher cannot time such a death better than
+        when it saw it. Within each kind, the earliest is named.
+        """
+        time.sleep(_SETTLE_S)  # let a dying rank's exit or report arrive before judging
         self._observe()
         failures: dict[int, tuple[float, str]] = dict(self.reports)
         for rank, process in enumerate(self.processes):
             if rank not in failures and process.exitcode not in (None, 0):
                 failures[rank] = (self.exited_at[rank], self._how(process.exitcode))
-        first = min(failures, key=lambda r: failures[r][0])
+        hard = [rank for rank in failures if rank not in self.reports]
+        first = min(hard or failures, key=lambda r: failures[r][0])
         when, text = failures[first]
-        others = []
-        for rank in sorted(set(failures) - {first}):
-            other_when, other_text = failures[rank]
-            summary = other_text.strip().splitlines()[-1]
-            others.append(f"rank {rank}, {other_when - when:+.2f} s later: {summary}")
+        others = [
+            f"rank {rank}: {failures[rank][1].strip().splitlines()[-1]}"
+            for rank in sorted(set(failures) - {first})
+        ]
         for rank, at in sorted(self.exited_at.items()):
             if rank not in failures and at <= when:
                 others.append(f"rank {rank} had exited normally (code 0) {when - at:.2f} s before")

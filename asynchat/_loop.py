@@ -21,6 +21,8 @@ import torch
 
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._checkpoint_io import FORMAT, VERSION, load_checkpoint
+from asynchat._checks import path as check_path
+from asynchat._checks import positive_int, positive_number
 from asynchat._compute import ComputeThread, JobCancelled, Mailbox
 from asynchat._device import resolve_device
 from asynchat._errors import add_note
@@ -146,6 +148,8 @@ class LoopBase(PipeBase):
         self._parent: LoopBase | None = None  # the loop this one runs inside (run_inline)
         self._compute: ComputeThread | None = None
         self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
+        if resume_from is not None:
+            check_path("resume_from", resume_from)
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.resumed_from: Path | None = None  # the checkpoint file actually loaded
         # Where the loop is in its data, for checkpoints: (epoch, steps done in it, whether
@@ -197,8 +201,8 @@ class LoopBase(PipeBase):
         when a subscriber falls that far behind, its oldest unread events are dropped and the
         next event it reads says how many (``dropped``); ``end`` is never dropped.
         """
-        if not isinstance(buffer, int) or buffer < 1:
-            raise ValueError(f"buffer must be a positive int, got {buffer!r}")
+        positive_int("buffer", buffer)
+        positive_number("progress_every", progress_every, allow_none=True)
         return EventStream(self, buffer, progress_every)
 
     @property
@@ -648,6 +652,7 @@ class LoopBase(PipeBase):
             stage=stager.stage,
             depth=self.prefetch,
             name=f"asynchat-{self.name}-data",
+            label=f"{self.name}'s data_loader {self.data_loader!r}",
         )
 
     def _wait_while_paused(self) -> bool:

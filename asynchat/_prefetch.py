@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -68,6 +69,10 @@ class DeviceStager:
         return staged.batch
 
 
+# How long leaving a Prefetcher waits for its thread to come back from the data loader.
+JOIN_TIMEOUT_S = 10.0
+
+
 class Interrupted(Exception):
     """The consumer of a :class:`Prefetcher` was interrupted while waiting for an item."""
 
@@ -83,6 +88,11 @@ class Prefetcher(Generic[T]):
     joins it. Exceptions from the iterable or from ``stage`` are raised by ``next()`` as
     themselves, in order, after the items that came before them. :meth:`interrupt` (from any
     thread) makes a waiting ``next()`` raise :class:`Interrupted`.
+
+    A data loader blocked in ``__next__`` cannot be interrupted: after ``JOIN_TIMEOUT_S``
+    seconds, leaving gives up on the thread with a ``RuntimeWarning`` naming the loader. The
+    thread is a daemon, so it is left blocked until the loader returns (it then drops the
+    item and ends) or the process exits; the loop ends meanwhile.
     """
 
     def __init__(
@@ -92,6 +102,7 @@ class Prefetcher(Generic[T]):
         stage: Callable[[Any], T],
         depth: int,
         name: str = "asynchat-prefetch",
+        label: str = "the data loader",
     ) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth!r}")
@@ -102,7 +113,8 @@ class Prefetcher(Generic[T]):
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
         self._interrupted = False
-        self._thread = threading.Thread(target=self._main, name=name, daemon=False)
+        self._label = label
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._num_threads = torch.get_num_threads()  # collation runs torch ops here too
 
     def __enter__(self) -> Prefetcher[T]:
@@ -118,7 +130,15 @@ class Prefetcher(Generic[T]):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(JOIN_TIMEOUT_S)
+        if self._thread.is_alive():
+            warnings.warn(
+                f"{self._label} did not return from __next__ within {JOIN_TIMEOUT_S:g} s of "
+                f"the loop leaving the epoch; its thread {self._thread.name!r} is left blocked "
+                "there (a daemon thread: it ends when __next__ returns, or with the process)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __iter__(self) -> Iterator[T]:
         return self

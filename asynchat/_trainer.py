@@ -11,6 +11,7 @@ import anyio
 import torch
 
 from asynchat._callback import Callback
+from asynchat._checks import optimizer_trains
 from asynchat._compute import ComputeThread
 from asynchat._errors import CheckpointError
 from asynchat._loop import LoopBase
@@ -36,7 +37,9 @@ class Trainer(LoopBase):
         num_epochs, num_steps: exactly one bounds the loop.
         callbacks: :class:`~asynchat.Callback` instances, run in this order within a phase.
         prefetch: how many batches to read and stage ahead on a data thread (0: read them on
-            the compute thread).
+            the compute thread). With a data thread, ``stop()`` and cancellation end the loop
+            even while the data loader is blocked in ``__next__`` (after a 10 s grace and a
+            warning naming it); with 0 they wait for the loader to return.
         name: used in thread names, errors and ``repr``.
         resume_from: a checkpoint file, or a directory whose newest valid checkpoint is used
             (see :class:`asynchat.callbacks.Checkpoint`). Model, optimizer, grad scaler,
@@ -91,6 +94,8 @@ class Trainer(LoopBase):
             name=name,
             resume_from=resume_from,
         )
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer_trains(optimizer, model)
         self._optimizer = optimizer
 
     @property
@@ -110,6 +115,7 @@ class Trainer(LoopBase):
                 raise TypeError(
                     f"the optimizer factory must return a torch.optim.Optimizer, got {optimizer!r}"
                 )
+            optimizer_trains(optimizer, self.model)
         self.state.optimizer = optimizer
 
     def _extra_state(self) -> dict[str, Any]:

@@ -3,6 +3,9 @@
     python resume_job.py straight OUT TOTAL K DIR SHUFFLE   # TOTAL steps in one go
     python resume_job.py first    OUT TOTAL K DIR SHUFFLE   # K steps, checkpoint, stop()
     python resume_job.py resume   OUT TOTAL K DIR SHUFFLE   # resume from DIR up to TOTAL
+    python resume_job.py killable OUT TOTAL K DIR SHUFFLE   # a checkpoint every step, each
+                                                            # step announced: made to be
+                                                            # SIGKILLed at any moment
 
 SHUFFLE is "global" (the DataLoader's order comes from torch's global RNG) or "generator"
 (from a generator of its own). The model has dropout, so the RNG state matters every step.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,14 @@ class CountSteps(Callback):
         self.steps, self.noise = state_dict["steps"], state_dict["noise"]
 
 
+class Announce(Callback):
+    """Prints each step and slows the job down a little, for a killer to aim at."""
+
+    def on_step_end(self, state: LoopState) -> None:
+        print(f"step {state.global_step}", flush=True)
+        time.sleep(0.01)
+
+
 def job(mode: str, total: int, k: int, directory: Path, shuffle: str) -> dict[str, Any]:
     torch.manual_seed(0)
     random.seed(0)
@@ -65,6 +77,8 @@ def job(mode: str, total: int, k: int, directory: Path, shuffle: str) -> dict[st
     callbacks: list[Callback] = [counter]
     if mode == "first":
         callbacks += [Checkpoint(directory, every_n_steps=k, save_on_end=False), StopAt(k)]
+    if mode == "killable":
+        callbacks += [Checkpoint(directory, every_n_steps=1, keep_last=2), Announce()]
     trainer = Trainer(
         model,
         loader,

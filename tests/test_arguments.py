@@ -17,6 +17,7 @@ from asynchat import (
     Predictor,
     Trainer,
 )
+from asynchat.callbacks import Checkpoint, LRSchedule
 
 
 def trainer(**overrides: Any) -> Trainer:
@@ -185,3 +186,43 @@ class TestErrorsFoundWhileRunning:
     async def test_predictor_over_an_empty_loader_runs_no_step(self) -> None:
         state = await Predictor(make_model(), []).fit()
         assert state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: Checkpoint(""), ValueError, r"save_dir must be a non-empty path.*got ''"),
+        (lambda: Checkpoint(5), ValueError, r"save_dir must be a non-empty path.*got 5"),
+        (lambda: Checkpoint("d", save_on_end="no"), TypeError, r"save_on_end must be True or"),
+        (lambda: Checkpoint("d", monitor=5), ValueError, r"monitor must be a metric name.*5"),
+        (lambda: Checkpoint("d", keep_last=-1), ValueError, r"keep_last must be an int >= 0"),
+        (lambda: trainer(resume_from=""), ValueError, r"resume_from must be a non-empty path"),
+        (lambda: trainer(resume_from=5), ValueError, r"resume_from must be a non-empty path"),
+        (lambda: trainer().events(progress_every=-1), ValueError, r"progress_every must be a"),
+        (lambda: trainer().events(progress_every="x"), ValueError, r"progress_every.*'x'"),
+        (lambda: trainer().events(buffer=True), ValueError, r"buffer must be a positive int"),
+        (
+            lambda: trainer(optimizer=sgd(make_model(seed=1))),
+            ValueError,
+            r"optimizer SGD holds none of the model's parameters",
+        ),
+        (
+            lambda: LRSchedule(lambda o: None, monitor=""),  # type: ignore[arg-type,return-value]
+            ValueError,
+            r"monitor must be a metric name",
+        ),
+    ],
+)
+def test_hardened_arguments(make: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_an_optimizer_factory_over_another_model_fails_before_training() -> None:
+    import anyio
+
+    other = make_model(seed=1)
+    t = trainer(optimizer=lambda model: sgd(other))
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        anyio.run(t.fit)
+    assert t.state.global_step == 0

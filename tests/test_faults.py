@@ -8,6 +8,7 @@ import gc
 import io
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,87 @@ async def test_an_error_from_the_end_of_job_stream_sync_reaches_fit(
         assert "illegal memory access" in "".join(caught.value.__notes__)
     else:
         assert "illegal memory access" in str(caught.value)
+
+
+class BlockingLoader:
+    """Three batches, then ``__next__`` blocks until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.data = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(3)]
+
+    def __iter__(self) -> Any:
+        yield from self.data
+        self.release.wait()
+
+    def __repr__(self) -> str:
+        return "<BlockingLoader>"
+
+
+class StopAfter(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    async def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.step:
+            state.loop.stop("enough")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_a_loader_blocked_forever_does_not_hold_stop_or_cancel(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    from asynchat import _prefetch
+
+    monkeypatch.setattr(_prefetch, "JOIN_TIMEOUT_S", 0.5)
+    loader = BlockingLoader()
+    # No len(): the loop reads one item ahead, so step 3 waits for the 4th, which never comes.
+    callbacks = [StopAfter(2)] if how == "stop" else []
+    trainer = make_trainer(*callbacks, loader=loader, num_epochs=1)
+    try:
+        with (
+            pytest.warns(RuntimeWarning, match=r"<BlockingLoader> did not return from __next__"),
+            anyio.fail_after(20),
+        ):
+            if how == "stop":
+                await trainer.fit()
+            else:
+                with anyio.move_on_after(1.0):
+                    await trainer.fit()
+        assert trainer.status is (LoopStatus.FINISHED if how == "stop" else LoopStatus.CANCELLED)
+        assert trainer.state.global_step == 2
+    finally:
+        loader.release.set()  # the data thread left behind ends once the loader returns
+        for thread in threading.enumerate():
+            if thread.name.endswith("-data"):
+                thread.join(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.137])
+def test_sigkill_at_a_random_moment_of_saving_then_resume_is_bitwise(
+    tmp_path: Path, delay: float
+) -> None:
+    """The short version of the 25-kill run in benchmarks/faults.py."""
+    import subprocess
+    import sys
+
+    from test_checkpoint import HERE, assert_bitwise_equal, run_job
+
+    out, directory, total = tmp_path / "result", tmp_path / "ckpt", 30
+    run_job("straight", out, total, 0, directory, "generator")
+    command = [sys.executable, str(HERE / "resume_job.py"), "killable", str(out), str(total),
+               "0", str(directory), "generator"]  # fmt: skip
+    with subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, text=True) as job:
+        assert job.stdout is not None
+        while job.stdout.readline().strip() != "step 3":  # a save is complete by now
+            pass
+        time.sleep(delay)
+        job.kill()
+    run_job("resume", out, total, 0, directory, "generator")
+    straight = torch.load(f"{out}.straight", weights_only=True)
+    resumed = torch.load(f"{out}.resume", weights_only=True)
+    assert resumed["global_step"] == total
+    for key in ("model", "optimizer", "counter", "torch_rng"):
+        assert_bitwise_equal(resumed[key], straight[key], key)
