@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,9 +23,12 @@ class DistributedDataParallelTrainer(Trainer):
     A ``DataLoader`` whose sampler is not a ``DistributedSampler`` is rebuilt with one (shuffled
     if the original was), and ``set_epoch`` is called before each epoch's order is drawn; each
     rank reads its shard with the loader's batch size. With gradient accumulation the
-    all-reduce is skipped (``no_sync``) until the update step. ``stop()`` on any rank, and a
-    cancellation, end the loop on every rank after the same step: the ranks agree at every
-    step boundary with a one-element all-reduce, so they never diverge or hang.
+    all-reduce is skipped (``no_sync``) until the update step. ``stop()``, ``pause()`` and a
+    cancellation on any rank act on every rank at the same boundary: the ranks agree at each
+    epoch and step boundary in one all-reduce of ``[stop, cancel, pause]`` on a CPU (gloo)
+    group, so they never diverge or hang, and agreeing costs no device sync under NCCL. A
+    rank paused holds them all until it resumes. ``device=None`` is the rank's GPU
+    (``LOCAL_RANK``), or the CPU without CUDA.
     ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
     Callbacks that write files (Checkpoint, the loggers, Progress) write on rank 0 only
     (``loop.is_rank_zero``); decisions such as TerminateOnNaN's are agreed with
@@ -54,10 +58,15 @@ class DistributedDataParallelTrainer(Trainer):
             )
         if sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+        if kwargs.get("device") is None:
+            kwargs["device"] = _rank_device()
         super().__init__(model, _sharded(data_loader), optimizer, **kwargs)
         self.find_unused_parameters = find_unused_parameters
-        self._rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
+        # per step under NCCL. Every rank builds its trainer at the same point, so every
+        # rank creates this group (a collective call) in step.
+        self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._control.agree = self._agree
 
     def _configure(self) -> None:
         super()._configure()
@@ -71,25 +80,23 @@ class DistributedDataParallelTrainer(Trainer):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
 
-    @property
-    def rank(self) -> int:
-        return self._rank
-
     def any_rank(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0], device=self._collective_device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # every rank calls this at the same point
-        return bool(value.item())  # host sync: the decision steers the loop on every rank
+        return self._agree([flag])[0]
 
-    def _end_requested(self) -> bool:
-        """Agreed by all ranks: the loop ends on every rank if any rank asks it to."""
-        local = super()._end_requested()
-        agreed = self.any_rank(local)
-        if agreed and not local:
-            self.stop("stopped on another rank")
-        return agreed
+    def _agree(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag True on every rank if it is True on any: one MAX all-reduce on the CPU
+        (every rank calls this at the same point)."""
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
+        return [bool(v) for v in values.tolist()]
 
-    def _collective_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+def _rank_device() -> torch.device:
+    """This rank's device: its GPU by LOCAL_RANK (as torchrun and launch set it), else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+    return torch.device("cuda", local)
 
 
 def _sharded(data_loader: Iterable[Any]) -> Iterable[Any]:

@@ -6,7 +6,31 @@ import dataclasses
 import enum
 import time
 
-from asynchat._state import LoopStatus
+
+class LoopStatus(str, enum.Enum):
+    """Where a loop is in its life: ``created -> running -> stopping -> finished|failed|cancelled``.
+
+    ``running <-> paused`` while :meth:`~asynchat.LoopBase.pause` holds the loop at a step
+    boundary.
+
+    ``stopping`` covers every way out before the end: a ``stop()`` request, a cancellation or an
+    error being unwound (``on_loop_end`` runs in this status).
+    """
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self in (LoopStatus.FINISHED, LoopStatus.FAILED, LoopStatus.CANCELLED)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

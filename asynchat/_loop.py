@@ -18,12 +18,15 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio
 import torch
+import torch.distributed as dist
 
+from asynchat import _transfer as transfer
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._checkpoint_io import FORMAT, VERSION, load_checkpoint
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, positive_number
 from asynchat._compute import ComputeThread, JobCancelled, Mailbox
+from asynchat._control import Decision, LoopControl
 from asynchat._device import resolve_device
 from asynchat._errors import add_note
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
@@ -40,6 +43,7 @@ from asynchat._tree import batch_size, map_tensors
 T = TypeVar("T")
 
 _names = itertools.count()
+_RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
 
 
 class LoopBase(PipeBase):
@@ -135,18 +139,14 @@ class LoopBase(PipeBase):
             num_steps=num_steps,
             steps_per_epoch=_length(data_loader),
         )
-        self._status = LoopStatus.CREATED
+        self._control = LoopControl(on_status=self._on_status)
         self._subscribers: list[Mailbox[LoopEvent]] = []
         self._subscribers_lock = threading.Lock()
         self._started_at: float | None = None
         self._steps_before_start = 0
         self._batch_size = 0  # of the current epoch's first batch, for samples/s
-        self._stop_requested = False
-        self._cancel_requested = False
-        self._resumed = threading.Event()  # cleared by pause(); steps wait for it
-        self._resumed.set()
-        self._parent: LoopBase | None = None  # the loop this one runs inside (run_inline)
         self._compute: ComputeThread | None = None
+        self._stager: DeviceStager | None = None  # made at the first epoch, kept for the run
         self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
         if resume_from is not None:
             check_path("resume_from", resume_from)
@@ -160,14 +160,14 @@ class LoopBase(PipeBase):
         self._resume: _ResumePoint | None = None
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} {self._status}>"
+        return f"<{type(self).__name__} {self.name!r} {self._control.status}>"
 
     # -- control, from the event loop or from hooks ---------------------------------------
 
     @property
     def status(self) -> LoopStatus:
         """Where the loop is in its life; see :class:`~asynchat.LoopStatus`."""
-        return self._status
+        return self._control.status
 
     def snapshot(self) -> LoopSnapshot:
         """Where the loop is now: status, counters, throughput and the last metrics."""
@@ -176,7 +176,7 @@ class LoopBase(PipeBase):
         steps_per_s = (state.global_step - self._steps_before_start) / elapsed if elapsed else 0.0
         return LoopSnapshot(
             name=self.name,
-            status=self._status,
+            status=self._control.status,
             epoch=state.epoch,
             step=state.step,
             global_step=state.global_step,
@@ -207,8 +207,17 @@ class LoopBase(PipeBase):
 
     @property
     def rank(self) -> int:
-        """This process's rank in a distributed run (0 otherwise)."""
-        return 0
+        """This process's rank in the default process group (0 without one).
+
+        A property of the process, not of the loop's class: a Predictor under ``launch``, or
+        Validation's inside a distributed trainer, knows its rank too.
+        """
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes in the default process group (1 without one)."""
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @property
     def is_rank_zero(self) -> bool:
@@ -216,12 +225,14 @@ class LoopBase(PipeBase):
         return self.rank == 0
 
     def any_rank(self, flag: bool) -> bool:
-        """``flag`` agreed by all ranks: True on every rank if it is True on any (a
-        collective in a distributed run: every rank must call it at the same point)."""
+        """``flag`` agreed by the loop's ranks: True on every rank if it is True on any.
+
+        In a distributed trainer this is a collective (every rank must call it at the same
+        point); other loops, such as a Predictor over a rank's own shard, decide alone.
+        """
         return flag
 
-    def _set_status(self, status: LoopStatus) -> None:
-        self._status = status
+    def _on_status(self, status: LoopStatus) -> None:
         self._publish(EventKind.END if status.done else EventKind.STATUS)
 
     def _publish(self, kind: EventKind) -> None:
@@ -249,14 +260,9 @@ class LoopBase(PipeBase):
         runs ``on_loop_begin`` and ``on_loop_end`` and no step. Once the loop is done it is a
         no-op.
         """
-        if self._status.done or self._stop_requested:
-            return
-        self._stop_requested = True
-        self.state.stop_reason = reason if reason is not None else "stop() called"
-        if self._status in (LoopStatus.RUNNING, LoopStatus.PAUSED):
-            self._set_status(LoopStatus.STOPPING)
-        self._interrupt_data_wait()
-        self._resumed.set()  # a paused loop wakes up to stop
+        if self._control.request_stop(reason if reason is not None else "stop() called"):
+            self.state.stop_reason = self._control.stop_reason
+            self._interrupt_data_wait()
 
     def pause(self) -> None:
         """Hold the loop at the next step boundary until :meth:`resume` (from any thread).
@@ -266,12 +272,11 @@ class LoopBase(PipeBase):
         cancellation still end a paused loop. Pausing before ``fit()`` holds it before its
         first step; pausing a loop that is done does nothing.
         """
-        if not self._status.done:
-            self._resumed.clear()
+        self._control.pause()
 
     def resume(self) -> None:
         """Let a paused loop go on (a no-op if it is not paused)."""
-        self._resumed.set()
+        self._control.resume()
 
     async def to_host(self, obj: T) -> T:
         """Host copies of the tensors in ``obj``, awaited without blocking the event loop.
@@ -289,7 +294,12 @@ class LoopBase(PipeBase):
         with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
             async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
                 self._compute = compute
-                await compute.run(self._run, on_cancel=self._request_cancel)
+                # asynchat.to_host() in this task (our async hooks) orders after our stream.
+                token = transfer.compute_stream.set(compute.stream)
+                try:
+                    await compute.run(self._run, on_cancel=self._request_cancel)
+                finally:
+                    transfer.compute_stream.reset(token)
         return self.state
 
     def run_inline(self, parent: LoopBase) -> LoopState:
@@ -308,7 +318,8 @@ class LoopBase(PipeBase):
                 "`await loop.fit()`"
             )
         with self._lifecycle(cancelled=JobCancelled):
-            self._parent = parent
+            self._control.parent = parent._control
+            self._control.parent_loop = parent
             self._compute = compute
             self._run()
         return self.state
@@ -317,48 +328,60 @@ class LoopBase(PipeBase):
     def _lifecycle(self, *, cancelled: type[BaseException]) -> Iterator[None]:
         """``created -> running``, then ``finished``, ``failed`` or ``cancelled`` by how the
         block ends."""
-        if self._status is not LoopStatus.CREATED:
+        control = self._control
+        if control.status is not LoopStatus.CREATED:
             raise RuntimeError(
-                f"{self.name} has already run (status {self._status}); a loop runs once, so "
+                f"{self.name} has already run (status {control.status}); a loop runs once, so "
                 f"create a new {type(self).__name__} to run again"
             )
         self._started_at = time.perf_counter()
         self._steps_before_start = self.state.global_step
-        self._set_status(LoopStatus.STOPPING if self._stop_requested else LoopStatus.RUNNING)
+        control.transition(LoopStatus.STOPPING if control.stop_requested else LoopStatus.RUNNING)
         try:
             yield
         except cancelled:
-            self._set_status(LoopStatus.CANCELLED)
+            control.transition(LoopStatus.CANCELLED)
             raise
         except GeneratorExit:  # a stream closed early: the loop was stopped
-            self._set_status(LoopStatus.FINISHED)
+            control.transition(LoopStatus.FINISHED)
             raise
         except BaseException as exc:
             # Ctrl-C that reached the event loop (trio raises it there) wound the loop down
             # like a cancellation; one raised by a hook on the compute thread is an error.
-            interrupted = isinstance(exc, KeyboardInterrupt) and self._cancel_requested
-            self._set_status(LoopStatus.CANCELLED if interrupted else LoopStatus.FAILED)
+            interrupted = isinstance(exc, KeyboardInterrupt) and control.cancel_requested
+            control.transition(LoopStatus.CANCELLED if interrupted else LoopStatus.FAILED)
             raise
         finally:
             self._compute = None
-        self._set_status(LoopStatus.FINISHED)
+        control.transition(LoopStatus.FINISHED)
 
     def _request_cancel(self) -> None:
-        self._cancel_requested = True
-        self.state.stop_reason = "cancelled"
-        self._set_status(LoopStatus.STOPPING)
+        self._control.request_cancel()
+        self.state.stop_reason = self._control.stop_reason
         self._interrupt_data_wait()
-        self._resumed.set()
 
     def _interrupt_data_wait(self) -> None:
+        """Wake a compute thread waiting for data, so a stop or cancellation needs no batch.
+        Only alone: a rank of a group must run the step its peers run, then agree."""
         batches = self._batches
-        if batches is not None:
+        if batches is not None and self._control.agree is None:
             batches.interrupt()
 
-    async def _await_hook(self, hook: Hook, phase: Phase) -> None:
-        if self._cancelling() and phase is not Phase.ON_LOOP_END:
-            return  # a cancelled loop skips the async hooks it has not started
+    async def _await_hook(
+        self, hook: Hook, phase: Phase, ready: torch.cuda.Event | None
+    ) -> torch.cuda.Event | None:
+        if self._control.cancelling() and phase is not Phase.ON_LOOP_END:
+            return None  # a cancelled loop skips the async hooks it has not started
+        if ready is None:
+            await hook.fn(self.state)  # type: ignore[misc]
+            return None
+        # On CUDA: whatever the hook queues on this thread's stream runs after the step's
+        # work so far, and the compute stream will wait for it (device-side, both ways).
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(ready)
         await hook.fn(self.state)  # type: ignore[misc]
+        done: torch.cuda.Event = stream.record_event()
+        return done
 
     # -- the run, on the compute thread ------------------------------------------------------
 
@@ -384,11 +407,16 @@ class LoopBase(PipeBase):
         beat()
 
     def _call_hook(self, hook: Hook, phase: Phase) -> None:
-        if hook.is_async:
-            assert self._compute is not None
-            self._compute.call_async(functools.partial(self._await_hook, hook, phase))
-        else:
+        if not hook.is_async:
             hook.fn(self.state)
+            return
+        compute = self._compute
+        assert compute is not None
+        stream = compute.stream
+        ready = stream.record_event() if stream is not None else None
+        done = compute.call_async(functools.partial(self._await_hook, hook, phase, ready))
+        if stream is not None and done is not None:
+            stream.wait_event(done)
 
     def _run_every_hook(self, phase: Phase) -> None:
         first: BaseException | None = None
@@ -446,8 +474,7 @@ class LoopBase(PipeBase):
                 "epoch_generators": self._epoch_generators,
                 "generators": [g.get_state() for g in loader_generators(self.data_loader)],
                 **self._extra_state(),
-            },
-            self.device,
+            }
         )
         return checkpoint
 
@@ -539,37 +566,48 @@ class LoopBase(PipeBase):
                     )
                 raise
             finally:
-                if self._status is LoopStatus.RUNNING:
-                    self._set_status(LoopStatus.STOPPING)
+                self._control.transition(LoopStatus.STOPPING, only_from=_RUNNING)
                 self.run_phase(Phase.ON_LOOP_END)
 
     def _run_epochs(self) -> None:
         state = self.state
         resume, self._resume = self._resume, None
         epochs_done = resume.epoch if resume is not None else 0
-        while not self._stop_requested and not self._reached_bound(epochs_done):
-            self._check_cancel()
+        while not self._reached_bound(epochs_done):
+            if self._decide() is not Decision.CONTINUE:  # the epoch boundary
+                return
             state.epoch = epochs_done
             state.step = resume.steps_done if resume is not None else 0
             state.epoch_complete = False
             self.run_phase(Phase.ON_EPOCH_BEGIN)
             self._publish(EventKind.EPOCH_BEGIN)
-            steps, ran_out = self._run_steps(resume)
-            self._check_cancel()  # a cancelled loop skips on_epoch_end
-            if steps == 0 and resume is None and state.num_steps and not self._stop_requested:
+            steps, ran_out, decision = self._run_steps(resume)
+            if decision is Decision.PEER_CANCEL:
+                return  # like the cancelled rank: no on_epoch_end
+            if steps == 0 and resume is None and state.num_steps and decision is Decision.CONTINUE:
                 raise RuntimeError(
                     f"{self.name}: data_loader yielded no batch in epoch {state.epoch}, so "
                     f"num_steps={state.num_steps} can never be reached"
                 )
             resume = None  # only the first epoch of a resumed run is a partial one
             # Only now is the epoch over for a checkpoint: one taken before on_epoch_end ran
-            # (a cancellation just above) resumes into this epoch and runs its end then.
+            # (a cancellation in the last step) resumes into this epoch and runs its end then.
             state.epoch_complete = ran_out
             if ran_out:
                 self._position = (state.epoch, self._position[1], True)
             self.run_phase(Phase.ON_EPOCH_END)
             self._publish(EventKind.EPOCH_END)
             epochs_done += 1
+
+    def _decide(self) -> Decision:
+        """The decision at a boundary (agreed by all ranks in a distributed run); a
+        cancellation of this loop raises JobCancelled."""
+        decision = self._control.decide()
+        if decision is Decision.CANCEL:
+            raise JobCancelled
+        if decision is not Decision.CONTINUE:
+            self.state.stop_reason = self._control.stop_reason
+        return decision
 
     def _reached_bound(self, epochs_done: int) -> bool:
         state = self.state
@@ -578,9 +616,10 @@ class LoopBase(PipeBase):
         assert state.num_steps is not None
         return state.global_step >= state.num_steps
 
-    def _run_steps(self, resume: _ResumePoint | None) -> tuple[int, bool]:
-        """Run the steps of one epoch (its remaining steps when resuming); return how many ran
-        and whether the epoch's data ran out (rather than ``stop()`` or ``num_steps``)."""
+    def _run_steps(self, resume: _ResumePoint | None) -> tuple[int, bool, Decision]:
+        """Run the steps of one epoch (its remaining steps when resuming); return how many ran,
+        whether the epoch's data ran out (rather than ``stop()`` or ``num_steps``), and the
+        decision that ended them (``CONTINUE`` when the data or ``num_steps`` did)."""
         state = self.state
         skip = resume.steps_done if resume is not None else 0
         limit = None if state.num_steps is None else state.num_steps - state.global_step
@@ -599,41 +638,44 @@ class LoopBase(PipeBase):
         step_rng = resume.step_rng if resume is not None else None
         steps = 0
         ran_out = False
-        with self._open_batches(skip_batches(self.data_loader, skip)) as batches:
-            self._batches = batches
-            try:
-                if self._end_requested():
-                    return 0, False  # asked to end during on_epoch_begin
-                waiting_since = time.perf_counter()
-                for staged, is_last, ends_data in _with_last(batches, limit, length):
-                    state.data_time = time.perf_counter() - waiting_since
-                    if not self._resumed.is_set() and self._wait_while_paused():
-                        break
-                    if step_rng is not None:  # the data order is drawn: now the step's RNG
-                        restore_rng(step_rng)
-                        step_rng = None
-                    state.step = skip + steps
-                    state.is_last_step = is_last
-                    state.batch = DeviceStager.take(staged)
-                    if steps == 0:
-                        self._batch_size = batch_size(state.batch)
-                    self._run_step()
-                    steps += 1
-                    ran_out = ends_data
-                    if self._end_requested():
-                        break
+        decision = Decision.CONTINUE
+        try:
+            with self._open_batches(skip_batches(self.data_loader, skip)) as batches:
+                self._batches = batches
+                try:
+                    decision = self._decide()  # before the first step
+                    if decision is not Decision.CONTINUE:
+                        return 0, False, decision
                     waiting_since = time.perf_counter()
-                else:  # the data ended, unless the loop's num_steps did
-                    ran_out = ran_out or limit is None or steps < limit
-            except Interrupted:
-                pass  # stop() or cancellation while waiting for data
-            finally:
-                self._batches = None
-                state.batch = None
-        if step_rng is not None:
-            restore_rng(step_rng)
-        self._position = (state.epoch, skip + steps, False)
-        return steps, ran_out
+                    for staged, is_last, ends_data in _with_last(batches, limit, length):
+                        state.data_time = time.perf_counter() - waiting_since
+                        if step_rng is not None:  # the data order is drawn: now the step's RNG
+                            restore_rng(step_rng)
+                            step_rng = None
+                        state.step = skip + steps
+                        state.is_last_step = is_last
+                        state.batch = DeviceStager.take(staged)
+                        if steps == 0:
+                            self._batch_size = batch_size(state.batch)
+                        self._run_step()
+                        steps += 1
+                        ran_out = ends_data
+                        decision = self._decide()  # the step boundary
+                        if decision is not Decision.CONTINUE:
+                            break
+                        waiting_since = time.perf_counter()
+                    else:  # the data ended, unless the loop's num_steps did
+                        ran_out = ran_out or limit is None or steps < limit
+                except Interrupted:  # stop() or cancellation while waiting for data (alone)
+                    decision = self._decide()
+                finally:
+                    self._batches = None
+                    state.batch = None
+        finally:
+            if step_rng is not None:  # no step ran: a checkpoint must hold the step's RNG
+                restore_rng(step_rng)
+            self._position = (state.epoch, skip + steps, False)
+        return steps, ran_out, decision
 
     def _run_step(self) -> None:
         state = self.state
@@ -644,7 +686,11 @@ class LoopBase(PipeBase):
         self.run_phase(Phase.ON_STEP_END)
 
     def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
-        stager = DeviceStager(self.device)
+        if self._stager is None:  # one copy stream for the run, not one per epoch
+            parent = self._control.parent_loop
+            same = parent is not None and parent.device == self.device
+            self._stager = parent._stager if same and parent._stager else DeviceStager(self.device)
+        stager = self._stager
         if self.prefetch == 0:
             return InlineBatches(source, stage=stager.stage)
         return Prefetcher(
@@ -654,27 +700,6 @@ class LoopBase(PipeBase):
             name=f"asynchat-{self.name}-data",
             label=f"{self.name}'s data_loader {self.data_loader!r}",
         )
-
-    def _wait_while_paused(self) -> bool:
-        """Block this (compute) thread while paused; return whether to end the loop now."""
-        if self._status is LoopStatus.RUNNING:
-            self._set_status(LoopStatus.PAUSED)
-        self._resumed.wait()  # woken by resume(), stop() or a cancellation
-        if self._status is LoopStatus.PAUSED:
-            self._set_status(LoopStatus.RUNNING)
-        return self._end_requested()
-
-    def _cancelling(self) -> bool:
-        parent = self._parent
-        return self._cancel_requested or (parent is not None and parent._cancelling())
-
-    def _end_requested(self) -> bool:
-        """Whether stop() or a cancellation asks the loop to end (read between steps)."""
-        return self._stop_requested or self._cancelling()
-
-    def _check_cancel(self) -> None:
-        if self._cancelling():
-            raise JobCancelled
 
 
 class EventStream:
@@ -735,20 +760,23 @@ class _ResumePoint:
     step_rng: dict[str, Any] | None
 
 
-def _to_host_copy(obj: Any, device: torch.device) -> Any:
+def _to_host_copy(obj: Any) -> Any:
     """A copy of ``obj`` whose tensors are in host memory, detached from the live ones."""
 
+    devices: set[torch.device] = set()
+
     def copy(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_cuda:  # into pinned memory, queued on the compute stream
+        if tensor.is_cuda:  # into pinned memory, queued on its device's current stream
+            devices.add(tensor.device)
             return tensor.detach().to("cpu", non_blocking=True)
         return tensor.detach().clone()
 
     copied = map_tensors(copy, obj)
-    if device.type == "cuda":
-        # Host/device sync, on purpose: the copies above are queued on the compute stream and
-        # must have landed before the checkpoint is handed to a writer thread. This is the
-        # only pause a checkpoint causes.
-        torch.cuda.current_stream(device).synchronize()
+    for each in devices:
+        # Host/device sync, on purpose: the copies above are queued on each device's current
+        # stream (the compute stream for the loop's device) and must have landed before the
+        # checkpoint is handed to a writer thread. This is the only pause a checkpoint causes.
+        torch.cuda.current_stream(each).synchronize()
     _copy_metadata(obj, copied)
     return copied
 

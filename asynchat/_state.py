@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from asynchat._events import LoopStatus
 from asynchat._phase import Phase
 
 if TYPE_CHECKING:
     from asynchat._loop import LoopBase
 
-
-class LoopStatus(str, enum.Enum):
-    """Where a loop is in its life: ``created -> running -> stopping -> finished|failed|cancelled``.
-
-    ``running <-> paused`` while :meth:`~asynchat.LoopBase.pause` holds the loop at a step
-    boundary.
-
-    ``stopping`` covers every way out before the end: a ``stop()`` request, a cancellation or an
-    error being unwound (``on_loop_end`` runs in this status).
-    """
-
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def done(self) -> bool:
-        return self in (LoopStatus.FINISHED, LoopStatus.FAILED, LoopStatus.CANCELLED)
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["LoopState", "LoopStatus"]
 
 
 @dataclasses.dataclass(slots=True, eq=False)

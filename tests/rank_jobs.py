@@ -153,3 +153,58 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
         num_epochs=1_000_000, device="cpu", callbacks=[Fault()],
     )  # fmt: skip
     await trainer.fit()
+
+
+async def ddp_control(rank: int, world_size: int, out: str, scenario: str) -> None:
+    """Control on one rank of two: ``pause`` (rank 0 pauses 1 s after step 3),
+    ``stop-at-epoch-end`` (rank 0 stops during its first on_epoch_end), ``freeze`` (the first
+    layer frozen by its unwrapped name), ``predictor`` (a Predictor's rank under launch)."""
+    import threading
+
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState, Predictor
+    from asynchat.callbacks import FreezeModule
+
+    if scenario == "predictor":
+        predictor = Predictor(ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8))
+        Path(out, f"rank{rank}.txt").write_text(
+            f"{predictor.rank} {predictor.world_size} {predictor.is_rank_zero}"
+        )
+        return
+
+    class Control(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if scenario == "pause" and rank == 0 and state.global_step == 3:
+                state.loop.pause()
+                threading.Timer(1.0, state.loop.resume).start()
+
+        def on_epoch_end(self, state: LoopState) -> None:
+            if scenario == "stop-at-epoch-end" and rank == 0 and state.epoch == 0:
+                state.loop.stop("rank 0 decided at the epoch's end")
+
+    statuses: list[str] = []
+    callbacks: list[Callback] = [Control()]
+    if scenario == "freeze":
+        callbacks.append(FreezeModule(["0"]))
+    loader = torch.utils.data.DataLoader(ddp_data(), batch_size=8)
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(), loader, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=3, device="cpu", callbacks=callbacks,
+        find_unused_parameters=scenario == "freeze",
+    )  # fmt: skip
+    started = trainer.snapshot()
+    assert started.status.value == "created"
+
+    async def watch() -> None:
+        async for event in trainer.events(progress_every=None):
+            statuses.append(event.snapshot.status.value)
+
+    import anyio
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        state = await trainer.fit()
+    torch.save(
+        {"model": trainer.model.state_dict(), "global_step": state.global_step,
+         "stop_reason": state.stop_reason, "statuses": statuses},
+        Path(out, f"rank{rank}.pt"),
+    )  # fmt: skip

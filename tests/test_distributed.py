@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rank_jobs
@@ -121,3 +123,41 @@ def test_needs_a_process_group() -> None:
             nn.Linear(2, 2), [], lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
             loss_fn=nn.MSELoss(), num_epochs=1,
         )  # fmt: skip
+
+
+def control_results(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
+    launch(rank_jobs.ddp_control, nprocs=2, args=(str(tmp_path), scenario),
+           collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_pausing_one_rank_holds_every_rank_and_both_finish_equal(tmp_path: Path) -> None:
+    results = control_results(tmp_path, "pause")
+    assert [r["global_step"] for r in results] == [12, 12]  # 3 epochs of 4 steps each
+    for a, b in zip(results[0]["model"].values(), results[1]["model"].values(), strict=True):
+        assert torch.equal(a, b)
+    for r in results:  # both were held: paused, then running again
+        assert "paused" in r["statuses"] and r["statuses"][-1] == "finished"
+
+
+def test_a_stop_during_one_ranks_on_epoch_end_ends_every_rank_after_the_same_step(
+    tmp_path: Path,
+) -> None:
+    results = control_results(tmp_path, "stop-at-epoch-end")
+    assert [r["global_step"] for r in results] == [4, 4]
+    assert results[0]["stop_reason"] == "rank 0 decided at the epoch's end"
+    assert results[1]["stop_reason"] == "stopped on another rank"
+
+
+def test_freeze_module_takes_the_unwrapped_names_under_ddp(tmp_path: Path) -> None:
+    results = control_results(tmp_path, "freeze")
+    initial = rank_jobs.ddp_model().state_dict()
+    for r in results:
+        assert torch.equal(r["model"]["0.weight"], initial["0.weight"]), "frozen"
+        assert not torch.equal(r["model"]["2.weight"], initial["2.weight"]), "trained"
+
+
+def test_a_predictor_under_launch_knows_its_rank(tmp_path: Path) -> None:
+    launch(rank_jobs.ddp_control, nprocs=2, args=(str(tmp_path), "predictor"))
+    assert (tmp_path / "rank0.txt").read_text() == "0 2 True"
+    assert (tmp_path / "rank1.txt").read_text() == "1 2 False"

@@ -127,7 +127,9 @@ class FreezeModule(Callback):
     for the whole run.
 
     Args:
-        names: dotted submodule names, e.g. ``["backbone", "head.0"]``.
+        names: dotted submodule names of the model as given to the trainer (not of a DDP
+            wrapper), e.g. ``["backbone", "head.0"]``. Under DDP, parameters frozen while
+            others train need ``find_unused_parameters=True``.
         until_epoch: unfreeze when this epoch begins (``None``: frozen throughout).
         eval_mode: also keep the frozen modules in ``eval()`` mode (BatchNorm, Dropout).
     """
@@ -152,11 +154,13 @@ class FreezeModule(Callback):
         return [found[name] for name in self.names]
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self._modules(state.model)  # fail early on a wrong name
+        self._modules(state.loop.model)  # fail early on a wrong name
 
     def on_epoch_begin(self, state: LoopState) -> None:
         frozen = self.until_epoch is None or state.epoch < self.until_epoch
-        for module in self._modules(state.model):
+        # The unwrapped module's names: under DDP/DP `state.model` is the wrapper, whose
+        # names carry a `module.` prefix.
+        for module in self._modules(state.loop.model):
             module.requires_grad_(not frozen)
             if self.eval_mode and state.training:
                 module.train(not frozen)

@@ -1,0 +1,185 @@
+"""LoopControl: a loop's status, the requests that end or hold it, and the one decision per
+boundary that honours them.
+
+Requests arrive from any thread at any time: ``stop()`` and ``pause()``/``resume()`` from user
+code or hooks, a cancellation from the event loop. They take effect only where the loop asks
+:meth:`LoopControl.decide`, which it does at fixed boundaries: at the top of each epoch, before
+an epoch's first step, and after each step. In a distributed run ``decide`` agrees the
+requests of every rank in one collective (a MAX all-reduce of ``[stop, cancel, pause]``), so
+every rank makes the same decision at the same boundary, and no rank ever makes a collective
+the others don't (pausing one rank holds them all; stopping one during ``on_epoch_end`` ends
+them all after the same epoch).
+
+Status transitions go through :meth:`LoopControl.transition` under a lock, checked against
+:data:`ALLOWED`, so concurrent requests cannot produce an impossible sequence (a stopping loop
+never turns paused again).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from asynchat._events import LoopStatus
+
+Agree = Callable[[Sequence[bool]], Sequence[bool]]
+
+# Poll interval of a paused rank that must keep agreeing with its peers.
+_GROUP_PAUSE_POLL_S = 0.05
+
+ALLOWED: dict[LoopStatus, frozenset[LoopStatus]] = {
+    LoopStatus.CREATED: frozenset({LoopStatus.RUNNING, LoopStatus.STOPPING}),
+    LoopStatus.RUNNING: frozenset(
+        {
+            LoopStatus.PAUSED,
+            LoopStatus.STOPPING,
+            LoopStatus.FINISHED,
+            LoopStatus.FAILED,
+            LoopStatus.CANCELLED,
+        }
+    ),
+    LoopStatus.PAUSED: frozenset(
+        {LoopStatus.RUNNING, LoopStatus.STOPPING, LoopStatus.FAILED, LoopStatus.CANCELLED}
+    ),
+    LoopStatus.STOPPING: frozenset({LoopStatus.FINISHED, LoopStatus.FAILED, LoopStatus.CANCELLED}),
+    LoopStatus.FINISHED: frozenset(),
+    LoopStatus.FAILED: frozenset(),
+    LoopStatus.CANCELLED: frozenset(),
+}
+
+
+class Decision(enum.Enum):
+    """What the loop does at a boundary."""
+
+    CONTINUE = enum.auto()
+    STOP = enum.auto()  # end normally (on_epoch_end of a cut-short epoch still runs)
+    CANCEL = enum.auto()  # this loop was cancelled: raise JobCancelled
+    PEER_CANCEL = enum.auto()  # another rank was cancelled: end like it, skipping on_epoch_end
+
+
+class LoopControl:
+    """The control state of one loop, shared by the event loop, the compute thread and any
+    thread that calls ``stop``/``pause``/``resume``.
+
+    Fields, who writes them and from where:
+
+    - ``status``: any thread, only through :meth:`transition` (under ``_lock``).
+    - ``stop_reason``: the first :meth:`request_stop` (any thread); also set when a peer's
+      request ends the loop.
+    - ``stop_requested``: :meth:`request_stop`, any thread; never cleared.
+    - ``cancel_requested``: :meth:`request_cancel`, the event loop; never cleared.
+    - ``_unpaused``: cleared by :meth:`pause`, set by :meth:`resume`, :meth:`request_stop`
+      and :meth:`request_cancel`; the compute thread waits on it in :meth:`decide`.
+    - ``parent``: the loop this one runs inside (``run_inline``), set on the compute thread
+      before the run; its cancellation cancels this loop too.
+    - ``agree``: set once, before the run, by a distributed trainer; ``None`` runs alone.
+
+    Invariant: the loop ends or holds only where :meth:`decide` says so, and in a
+    distributed run every rank calls :meth:`decide` at the same boundaries.
+    """
+
+    def __init__(self, on_status: Callable[[LoopStatus], None]) -> None:
+        self._lock = threading.Lock()
+        self._on_status = on_status
+        self.status = LoopStatus.CREATED
+        self.stop_reason: str | None = None
+        self.stop_requested = False
+        self.cancel_requested = False
+        self._unpaused = threading.Event()
+        self._unpaused.set()
+        self.parent: LoopControl | None = None
+        self.parent_loop: Any = None  # the LoopBase of `parent`, for sharing its resources
+        self.agree: Agree | None = None
+
+    # -- status --------------------------------------------------------------------------------
+
+    def transition(
+        self, new: LoopStatus, *, only_from: frozenset[LoopStatus] | None = None
+    ) -> bool:
+        """Move to ``new`` if allowed (and if the status is in ``only_from``, when given);
+        return whether it moved. Subscribers hear of it in order."""
+        with self._lock:
+            if new not in ALLOWED[self.status]:
+                return False
+            if only_from is not None and self.status not in only_from:
+                return False
+            self.status = new
+            self._on_status(new)  # under the lock: events go out in the order of changes
+            return True
+
+    # -- requests, from any thread ------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> bool:
+        """Ask the loop to end at the next boundary; False if it is done or already asked."""
+        with self._lock:
+            if self.status.done or self.stop_requested:
+                return False
+            self.stop_requested = True
+            self.stop_reason = reason
+        self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
+        self._unpaused.set()  # a paused loop wakes up to stop
+        return True
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self.stop_reason = "cancelled"
+        self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
+        self._unpaused.set()
+
+    def pause(self) -> None:
+        if not self.status.done:
+            self._unpaused.clear()
+
+    def resume(self) -> None:
+        self._unpaused.set()
+
+    def cancelling(self) -> bool:
+        """Whether this loop, or one it runs inside, is being cancelled."""
+        parent = self.parent
+        return self.cancel_requested or (parent is not None and parent.cancelling())
+
+    # -- the decision, on the compute thread ---------------------------------------------------
+
+    def decide(self) -> Decision:
+        """The loop's decision at a boundary: agreed with the peers, and after any pause."""
+        stop, cancel, pause = self._agreed()
+        if pause and not (stop or cancel):
+            stop, cancel = self._hold()
+        if cancel:
+            return Decision.CANCEL if self.cancelling() else Decision.PEER_CANCEL
+        if stop:
+            if not self.stop_requested:
+                self.request_stop("stopped on another rank")
+            return Decision.STOP
+        return Decision.CONTINUE
+
+    def _local(self) -> tuple[bool, bool, bool]:
+        return self.stop_requested, self.cancelling(), not self._unpaused.is_set()
+
+    def _agreed(self) -> tuple[bool, bool, bool]:
+        flags = self._local()
+        if self.agree is None:
+            return flags
+        stop, cancel, pause = self.agree(flags)
+        return bool(stop), bool(cancel), bool(pause)
+
+    def _hold(self) -> tuple[bool, bool]:
+        """Wait while paused (here or, agreed, on any rank); return (stop, cancel) after."""
+        self.transition(LoopStatus.PAUSED, only_from=frozenset({LoopStatus.RUNNING}))
+        try:
+            while True:
+                if self.agree is None:
+                    self._unpaused.wait()  # woken by resume(), stop() or a cancellation
+                else:
+                    # Peers must keep agreeing in step: poll, one collective per round.
+                    self._unpaused.wait(_GROUP_PAUSE_POLL_S)
+                stop, cancel, pause = self._agreed()
+                if stop or cancel or not pause:
+                    return stop, cancel
+        finally:
+            self.transition(LoopStatus.RUNNING, only_from=frozenset({LoopStatus.PAUSED}))
+
+
+_ACTIVE = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
