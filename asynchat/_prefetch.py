@@ -41,6 +41,10 @@ class DeviceStager:
         """Start moving ``batch`` to the device (on the prefetch thread)."""
         if self._copy_stream is None:
             return Staged(batch, None)
+        # A batch whose tensors are already on the device was written by kernels queued on
+        # this thread's stream (a collate or dataset working on the GPU); pool streams do not
+        # wait for it by themselves. A device-side wait: the host does not block.
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             moved = map_tensors(self._copy_to_device, batch)
             ready = torch.cuda.Event()

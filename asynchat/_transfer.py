@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from typing import TypeVar
 
 import anyio
@@ -14,6 +16,25 @@ T = TypeVar("T")
 _FIRST_POLL_S = 50e-6
 _MAX_POLL_S = 1e-3
 
+# The compute stream of the loop whose fit() runs in this context (its async hooks run in it),
+# so that asynchat.to_host(x) without `after` is ordered after the step that produced x.
+compute_stream: contextvars.ContextVar[torch.cuda.Stream | None] = contextvars.ContextVar(
+    "asynchat_compute_stream", default=None
+)
+
+# One side stream per device for host copies, made once: a new pool stream per call would
+# strand cached blocks on streams nobody uses again.
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+_side_streams_lock = threading.Lock()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    with _side_streams_lock:
+        stream = _side_streams.get(device)
+        if stream is None:
+            stream = _side_streams[device] = torch.cuda.Stream(device)
+        return stream
+
 
 async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
     """Return ``obj`` with every tensor in it replaced by a host (CPU) copy, without blocking.
@@ -24,7 +45,9 @@ async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
     loop. CPU tensors are cloned, so the result never changes under the caller. Meant for
     scalars and small tensors (losses, metrics, a few predictions).
 
-    From a callback use ``await state.loop.to_host(value)``, which passes the loop's stream.
+    Without ``after``, the copy is ordered after the compute stream of the loop whose
+    ``fit()`` runs in the calling task (so ``await asynchat.to_host(state.loss)`` in an
+    ``async def`` hook is correct), else after the caller's current stream.
     """
     cuda_devices = {t.device for t in iter_tensors(obj) if t.is_cuda}
     if not cuda_devices:
@@ -33,11 +56,14 @@ async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
         return result
     events = []
     streams = {}
+    if after is None:
+        after = compute_stream.get()
     for device in cuda_devices:
-        stream = torch.cuda.Stream(device)
+        stream = _side_stream(device)
         # The copy must see the values the compute stream is still producing: order it after
         # that stream's queued work on the device, without waiting for it here.
-        stream.wait_stream(after if after is not None else torch.cuda.current_stream(device))
+        producer = after if after is not None and after.device == device else None
+        stream.wait_stream(producer if producer is not None else torch.cuda.current_stream(device))
         streams[device] = stream
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,10 +104,11 @@ class PendingCopy:
         tensor = tensor.detach()
         self._event: torch.cuda.Event | None = None
         if tensor.is_cuda:
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)  # queued on the current stream
-            self._event = torch.cuda.Event()
-            self._event.record()
+            with torch.cuda.device(tensor.device):  # the tensor's device, not the current one
+                self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._host.copy_(tensor, non_blocking=True)  # queued on that device's stream
+                self._event = torch.cuda.Event()
+                self._event.record(torch.cuda.current_stream(tensor.device))
         else:
             self._host = tensor.clone()
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from conftest import make_loader, make_model, sgd
@@ -50,26 +57,221 @@ async def test_compute_runs_on_its_own_stream_with_batches_already_on_the_device
     assert seen and all(own and on_device for own, on_device in seen)
 
 
-async def test_no_host_device_sync_per_step() -> None:
-    model = make_model().cuda()
-    losses: list[float] = []
+class SyncCheckOn(Callback):
+    """First callback: from step ``after`` on, any synchronizing CUDA call raises."""
 
-    class Log(Callback):
-        async def on_step_end(self, state: LoopState) -> None:
-            losses.append(float(await state.loop.to_host(state.loss)))
+    def __init__(self, after: int = 2) -> None:
+        self.after = after
+        self.checked = 0
 
-    trainer = Trainer(
-        model,
-        make_loader(),
-        sgd,
-        loss_fn=nn.CrossEntropyLoss(),
-        num_epochs=1,
-        device="cuda",
-        callbacks=[Log()],
-    )
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    def on_step_begin(self, state: LoopState) -> None:
+        if state.global_step >= self.after:
+            torch.cuda.set_sync_debug_mode("error")
+            self.checked += 1
+
+
+class SyncCheckOff(Callback):
+    """Last callback: the check ends with each step (the job's final sync is on purpose)."""
+
+    def on_step_end(self, state: LoopState) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def on_loop_end(self, state: LoopState) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def sync_free_trainer(kind: str, tmp_path: Path) -> tuple[Trainer, SyncCheckOn]:
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from asynchat import BasicBatchProcessor
+    from asynchat.callbacks import JSONLinesLogger, MetricUpdater, Progress
+
+    on = SyncCheckOn()
+    callbacks: list[Callback] = [on]
+    optimizer: Any = sgd
+    processor = BasicBatchProcessor(nn.CrossEntropyLoss())
+    if kind == "fp16-fused":
+        optimizer = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, fused=True)  # noqa: E731
+        processor = BasicBatchProcessor(nn.CrossEntropyLoss(), amp="fp16")
+    if kind == "metrics-loggers-progress":
+        # Non-syncing settings: no argument validation, micro average (no bincount).
+        accuracy = MulticlassAccuracy(3, average="micro", validate_args=False)
+        callbacks += [
+            MetricUpdater({"accuracy": accuracy}, log_every_n_steps=1000),
+            JSONLinesLogger(tmp_path / "log.jsonl", every_n_steps=1),
+            Progress(stream=io.StringIO(), every_n_steps=1),
+        ]
+    callbacks.append(SyncCheckOff())
+    trainer = Trainer(make_model(), make_loader(256, 16), optimizer, batch_processor=processor,
+                      num_epochs=1, device="cuda", callbacks=callbacks)  # fmt: skip
+    return trainer, on
+
+
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype:UserWarning")
+@pytest.mark.parametrize("kind", ["plain", "fp16-fused", "metrics-loggers-progress"])
+async def test_steady_state_steps_make_no_host_device_sync(kind: str, tmp_path: Path) -> None:
+    trainer, on = sync_free_trainer(kind, tmp_path)
     try:
         await trainer.fit()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    assert on.checked == 16 - 2  # every step after the warm-up ran under the check
+
+
+DDP_SYNC_JOB = """
+import anyio, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from conftest import make_loader, make_model, sgd
+from test_cuda import SyncCheckOff, SyncCheckOn
+from asynchat import DistributedDataParallelTrainer
+import warnings; warnings.simplefilter("ignore", UserWarning)
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=0, world_size=1)
+on = SyncCheckOn()
+trainer = DistributedDataParallelTrainer(make_model(), make_loader(256, 16), sgd,
+    loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1, callbacks=[on, SyncCheckOff()])
+anyio.run(trainer.fit)
+dist.destroy_process_group()
+print("checked", on.checked)
+"""
+
+
+def test_ddp_single_rank_nccl_steady_state_makes_no_host_device_sync() -> None:
+    from asynchat._launch import free_port
+
+    here = str(Path(__file__).resolve().parent)
+    done = subprocess.run([sys.executable, "-c", DDP_SYNC_JOB, here, str(free_port())],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["checked", "14"]
+
+
+async def test_the_host_runs_ahead_of_the_device() -> None:
+    """With a 20 ms GPU sleep in every step, the host enqueues steps far ahead of the device."""
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.cuda._sleep(20_000_000)  # about 20 ms of device time at ~1 GHz or more
+            return self.linear(x)  # type: ignore[no-any-return]
+
+    host_times: list[float] = []
+
+    class Clock(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            host_times.append(time.perf_counter())
+
+    started = time.perf_counter()
+    await Trainer(Slow(), make_loader(160, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
+                  num_epochs=1, device="cuda", callbacks=[Clock()]).fit()  # fmt: skip
+    total = time.perf_counter() - started
+    # The job's end waits for the device (10 steps x ~20 ms); the host reached step 5 long
+    # before the device could have run 5 steps.
+    assert total > 0.15
+    assert host_times[4] - started < 0.5 * total
+
+
+async def test_batches_already_on_the_device_are_ordered_before_the_step() -> None:
+    def cuda_collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        x = torch.stack([x for x, _ in items]).cuda()
+        for _ in range(50):  # a slow device-side augmentation on the data thread's stream
+            x = x * 1.0001 - 0.0001 * x
+        return x, torch.stack([y for _, y in items]).cuda()
+
+    data = make_loader(96, 16).dataset
+    results = []
+    for prefetch in (0, 2):
+        model = make_model(seed=3)
+        loader = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=cuda_collate)
+        await Trainer(model, loader, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+                      device="cuda", prefetch=prefetch).fit()  # fmt: skip
+        results.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+async def test_to_host_and_item_in_async_hooks_see_the_steps_values() -> None:
+    from asynchat import to_host
+
+    seen: list[tuple[float, float, float]] = []
+
+    class Look(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            torch.cuda._sleep(5_000_000)  # the compute stream is still busy when the hook runs
+            self.expected = state.loss.detach() * 1.0  # type: ignore[union-attr]
+
+    class AsyncRead(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            plain = float(await to_host(look.expected))  # no `after`: the loop's stream
+            item = look.expected.item()  # blocks the loop (not advised), but is right
+            seen.append((plain, item, float(await state.loop.to_host(look.expected))))
+
+    look = Look()
+    await Trainer(make_model(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(),
+                  num_epochs=1, device="cuda", callbacks=[look, AsyncRead()]).fit()  # fmt: skip
+    assert len(seen) == 6
+    for plain, item, via_loop in seen:
+        assert plain == item == via_loop and plain > 0
+
+
+async def test_one_copy_stream_per_run_across_epochs_and_validation() -> None:
+    from asynchat.callbacks import Validation
+
+    streams: set[int] = set()
+
+    class Look(Callback):
+        def on_step_begin(self, state: LoopState) -> None:
+            stager = state.loop._stager  # type: ignore[attr-defined]
+            streams.add(id(stager._copy_stream))
+
+    await Trainer(make_model(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(),
+                  num_epochs=3, device="cuda",
+                  callbacks=[Look(), Validation(make_loader(32, 16), loss_fn=nn.CrossEntropyLoss(),
+                                                callbacks=[Look()])]).fit()  # fmt: skip
+    assert len(streams) == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+async def test_checkpoint_snapshots_wait_for_every_device(tmp_path: Path) -> None:
+    from asynchat.callbacks import Checkpoint, load_checkpoint
+
+    class TwoDevices(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 16).to("cuda:0")
+            self.b = nn.Linear(16, 3).to("cuda:1")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)).to("cuda:1")).to("cuda:0")  # type: ignore[no-any-return]
+
+    model = TwoDevices()
+    await Trainer(model, make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
+                  device="cuda:0", callbacks=[Checkpoint(tmp_path)]).fit()  # fmt: skip
+    saved, _ = load_checkpoint(tmp_path)
+    assert torch.equal(saved["model"]["b.weight"], model.b.weight.detach().cpu())
+
+
+STICKY_ERROR_JOB = """
+import anyio, sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import make_model, sgd
+from asynchat import Trainer
+x = torch.randn(32, 8)
+y = torch.full((32,), 7)  # out of range for 3 classes: a device-side assert
+loader = [(x, y)] * 4
+trainer = Trainer(make_model(), loader, sgd, loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1,
+                  device="cuda")
+try:
+    anyio.run(trainer.fit)
+except RuntimeError as exc:
+    print("raised", trainer.status)
+"""
+
+
+def test_a_sticky_cuda_error_reaches_fit_instead_of_hanging() -> None:
+    here = str(Path(__file__).resolve().parent)
+    done = subprocess.run([sys.executable, "-c", STICKY_ERROR_JOB, here], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.stdout.strip() == "raised failed", done.stderr

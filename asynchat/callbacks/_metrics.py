@@ -1,4 +1,4 @@
-"""MetricUpdater: torchmetrics metrics updated on the compute thread, without per-step syncs."""
+"""MetricUpdater: torchmetrics metrics updated on the compute thread, on the device."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ class MetricUpdater(Callback):
     sync, on the compute thread) every ``log_every_n_steps`` steps, if given, and at the end of
     each epoch, then published as ``state.metrics[prefix + name]``; the metrics are reset at the
     start of each epoch.
+
+    Whether an update syncs is the metric's doing: torchmetrics' classification defaults
+    (``validate_args=True``; ``average="macro"``, which counts with ``bincount``) read values
+    on the host at every update on CUDA. For sync-free steps build them with
+    ``validate_args=False`` and ``average="micro"`` (e.g.
+    ``MulticlassAccuracy(10, average="micro", validate_args=False)``).
 
     Args:
         metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10), ...}``;
