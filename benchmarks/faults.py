@@ -68,10 +68,15 @@ def sigkill_during_saves(trials: int, rng: random.Random) -> Row:
                 job.stdout.readline()  # the first step ran: kill anywhere from here on
                 time.sleep(rng.uniform(0.0, 0.6))
                 job.kill()
-            try:
-                run_job("resume", out, total, 0, directory, "generator")
-            except subprocess.CalledProcessError:
-                refused += 1  # killed before the first checkpoint was complete
+            command = [sys.executable, str(TESTS / "resume_job.py"), "resume", str(out),
+                       str(total), "0", str(directory), "generator"]  # fmt: skip
+            done = subprocess.run(command, cwd=TESTS, capture_output=True, text=True)
+            if done.returncode != 0:
+                # Killed before the first checkpoint was complete: resume must say so.
+                if "CheckpointError" in done.stderr and "no valid checkpoint" in done.stderr:
+                    refused += 1
+                else:
+                    lost += 1
                 continue
             result = torch.load(f"{out}.resume", weights_only=True)
             try:

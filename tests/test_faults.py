@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 from conftest import make_loader, make_trainer
@@ -296,3 +297,31 @@ def test_sigkill_at_a_random_moment_of_saving_then_resume_is_bitwise(
     assert resumed["global_step"] == total
     for key in ("model", "optimizer", "counter", "torch_rng"):
         assert_bitwise_equal(resumed[key], straight[key], key)
+
+
+class AsyncStep(Callback):
+    async def on_step_end(self, state: LoopState) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_cancel_at_a_random_moment_keeps_the_last_step(tmp_path: Path, seed: int) -> None:
+    """The short version of the 50 random cancellations in benchmarks/faults.py."""
+    import random
+
+    delay = random.Random(seed).uniform(0.05, 0.5)
+    trainer = make_trainer(AsyncStep(), Checkpoint(tmp_path, every_n_steps=3), num_epochs=10_000)
+    async with anyio.create_task_group() as tg:
+
+        async def subscribe() -> None:
+            async for _ in trainer.events(progress_every=0.05):
+                pass
+
+        tg.start_soon(subscribe)
+        with anyio.move_on_after(delay):
+            await trainer.fit()
+    assert trainer.status is LoopStatus.CANCELLED
+    newest = max(tmp_path.glob("step-*.ckpt"))
+    assert newest.name == f"step-{trainer.state.global_step:09d}.ckpt"
+    load_checkpoint(newest)
