@@ -10,10 +10,11 @@ from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
 from asynchat._phase import Phase
+from asynchat._predictor import Predictor
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, MultiBatchProcessor
 from asynchat._signals import stop_on_signals
 from asynchat._state import LoopState, LoopStatus
-from asynchat._trainer import Predictor, Trainer
+from asynchat._trainer import Trainer
 from asynchat._transfer import to_host
 
 __version__ = "0.1.0"

@@ -29,99 +29,21 @@ times the bare "call soon" wake-up this module uses (see ``benchmarks/RESULTS.md
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextvars
 import enum
 import queue
-import sys
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import torch
 
 from asynchat._errors import add_note
+from asynchat._mailbox import Mailbox
 
 T = TypeVar("T")
-
-
-def _running_trio_token() -> Any:
-    """The running trio loop's token, or None under asyncio (trio need not be installed)."""
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return None
-    try:
-        return trio.lowlevel.current_trio_token()
-    except RuntimeError:  # trio is imported but this is not a trio run
-        return None
-
-
-class Mailbox(Generic[T]):
-    """Messages from other threads to one task on the event loop that created the mailbox.
-
-    ``put`` never blocks and may be called from any thread; ``get`` is awaited on the event
-    loop. Each message schedules a wake-up with the backend's thread-safe "call soon"
-    (``call_soon_threadsafe`` on asyncio and uvloop, the trio token's ``run_sync_soon``). On
-    asyncio the waiter is a bare future, the cheapest wake-up there; it matters because an
-    ``async def`` hook at a step-level phase costs two of these hops per step.
-    """
-
-    def __init__(self, maxlen: int | None = None) -> None:
-        # With maxlen, a full mailbox drops its oldest message for each new one (`dropped`).
-        self._items: collections.deque[T] = collections.deque(maxlen=maxlen)
-        self.dropped = 0
-        self._future: asyncio.Future[None] | None = None
-        self._event: anyio.Event | None = None
-        trio_token = _running_trio_token()
-        if trio_token is not None:
-            self._loop: asyncio.AbstractEventLoop | None = None
-            self._schedule: Callable[[Callable[[], None]], object] = trio_token.run_sync_soon
-        else:
-            self._loop = asyncio.get_running_loop()
-            self._schedule = self._loop.call_soon_threadsafe
-
-    def put(self, item: T) -> bool:
-        """Queue ``item`` and wake the receiver; False if its event loop is gone."""
-        if len(self._items) == self._items.maxlen:
-            self.dropped += 1
-        self._items.append(item)
-        try:
-            self._schedule(self._wake)
-        except RuntimeError:  # asyncio: "Event loop is closed"; trio: RunFinishedError
-            return False
-        return True
-
-    def receiver_alive(self) -> bool:
-        """Whether the event loop that reads this mailbox still runs."""
-        try:
-            self._schedule(_nothing)
-        except RuntimeError:
-            return False
-        return True
-
-    def _wake(self) -> None:  # on the event loop thread
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)
-        elif self._event is not None:
-            self._event.set()
-
-    async def get(self) -> T:
-        # No message can arrive unnoticed between the check and the wait: _wake runs on this
-        # thread, so a message put meanwhile wakes the waiter created below.
-        while not self._items:
-            try:
-                if self._loop is not None:
-                    self._future = self._loop.create_future()
-                    await self._future
-                else:
-                    self._event = anyio.Event()
-                    await self._event.wait()
-            finally:
-                self._future = self._event = None
-        return self._items.popleft()
 
 
 class _Kind(enum.Enum):
@@ -139,10 +61,6 @@ class _Reply(enum.Enum):
 _STOP = object()
 _GONE = object()  # no reply will come: the event loop that would send it has ended
 _POLL_S = 0.25  # how often a waiting compute thread checks that its event loop is alive
-
-
-def _nothing() -> None:
-    pass
 
 
 class JobCancelled(BaseException):

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 
+from asynchat._data import shard_loader
 from asynchat._device import resolve_device
-from asynchat._skip import loader_settings
 from asynchat._trainer import OptimizerFactory, Trainer
 
 
@@ -60,7 +60,7 @@ class DistributedDataParallelTrainer(Trainer):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
         if kwargs.get("device") is None:
             kwargs["device"] = _rank_device()
-        super().__init__(model, _sharded(data_loader), optimizer, **kwargs)
+        super().__init__(model, shard_loader(data_loader), optimizer, **kwargs)
         self.find_unused_parameters = find_unused_parameters
         # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
         # per step under NCCL. Every rank builds its trainer at the same point, so every
@@ -97,29 +97,6 @@ def _rank_device() -> torch.device:
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
     return torch.device("cuda", local)
-
-
-def _sharded(data_loader: Iterable[Any]) -> Iterable[Any]:
-    if not isinstance(data_loader, DataLoader) or isinstance(
-        data_loader.sampler, DistributedSampler
-    ):
-        return data_loader
-    if data_loader.batch_sampler is None:
-        raise ValueError(
-            "a DataLoader with batch_size=None cannot be sharded; pass a DistributedSampler"
-        )
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        data_loader.dataset,
-        shuffle=isinstance(data_loader.sampler, RandomSampler),
-        drop_last=data_loader.drop_last,
-    )
-    return DataLoader(
-        data_loader.dataset,
-        batch_size=data_loader.batch_size,
-        sampler=sampler,
-        drop_last=data_loader.drop_last,
-        **loader_settings(data_loader),
-    )
 
 
 class DataParallelTrainer(Trainer):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import threading
 import time
+from collections.abc import Callable
+
+import anyio
+
+from asynchat._mailbox import Mailbox
 
 
 class LoopStatus(str, enum.Enum):
@@ -77,3 +84,80 @@ class LoopEvent:
     kind: EventKind
     snapshot: LoopSnapshot
     dropped: int = 0
+
+
+class EventHub:
+    """The subscribers of one loop's events: :meth:`publish` hands an event to each of them
+    from any thread and never blocks (each has a bounded, lossy mailbox)."""
+
+    def __init__(self, snapshot: Callable[[], LoopSnapshot]) -> None:
+        self.snapshot = snapshot
+        self._subscribers: list[Mailbox[LoopEvent]] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, buffer: int, progress_every: float | None) -> EventStream:
+        return EventStream(self, buffer, progress_every)
+
+    def publish(self, kind: EventKind) -> None:
+        if not self._subscribers:
+            return
+        event = LoopEvent(kind, self.snapshot())
+        with self._lock:
+            for mailbox in self._subscribers:
+                mailbox.put(event)
+
+    def _add(self, mailbox: Mailbox[LoopEvent]) -> None:
+        with self._lock:
+            self._subscribers.append(mailbox)
+
+    def _remove(self, mailbox: Mailbox[LoopEvent]) -> None:
+        with self._lock:
+            if mailbox in self._subscribers:
+                self._subscribers.remove(mailbox)
+
+
+class EventStream:
+    """A subscription to a loop's events (see :meth:`LoopBase.events`); an async iterator,
+    also usable as ``async with loop.events() as events:`` to unsubscribe on leaving."""
+
+    def __init__(self, hub: EventHub, buffer: int, progress_every: float | None) -> None:
+        self._hub = hub
+        self._progress_every = progress_every if progress_every else math.inf
+        # A full buffer drops its oldest event: `end`, the last one put, is never dropped.
+        self._mailbox: Mailbox[LoopEvent] = Mailbox(maxlen=buffer)
+        self._reported_drops = 0
+        self._ended = False
+        hub._add(self._mailbox)
+        snapshot = hub.snapshot()
+        if snapshot.status.done:  # subscribed after the end: the end is all there is to see
+            self._mailbox.put(LoopEvent(EventKind.END, snapshot))
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> LoopEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        event = None
+        with anyio.move_on_after(self._progress_every):
+            event = await self._mailbox.get()
+        if event is None:
+            event = LoopEvent(EventKind.PROGRESS, self._hub.snapshot())
+        dropped = self._mailbox.dropped - self._reported_drops
+        if dropped:
+            event = dataclasses.replace(event, dropped=dropped)
+            self._reported_drops = self._mailbox.dropped
+        if event.kind is EventKind.END:
+            self._ended = True
+            self._hub._remove(self._mailbox)
+        return event
+
+    async def aclose(self) -> None:
+        self._ended = True
+        self._hub._remove(self._mailbox)
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

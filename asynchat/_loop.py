@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import functools
 import itertools
-import math
 import os
-import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -22,23 +18,24 @@ import torch.distributed as dist
 
 from asynchat import _transfer as transfer
 from asynchat._callback import Callback, Hook, PipeBase
-from asynchat._checkpoint_io import FORMAT, VERSION, load_checkpoint
+from asynchat._checkpoint_io import load_checkpoint
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, positive_number
-from asynchat._compute import ComputeThread, JobCancelled, Mailbox
+from asynchat._compute import ComputeThread, JobCancelled
 from asynchat._control import Decision, LoopControl
+from asynchat._data import check_data_loader, data_length, skip_batches, with_last
 from asynchat._device import resolve_device
 from asynchat._errors import add_note
-from asynchat._events import EventKind, LoopEvent, LoopSnapshot
+from asynchat._events import EventHub, EventKind, EventStream, LoopSnapshot
 from asynchat._heartbeat import beat
 from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
 from asynchat._processor import BatchProcessor
-from asynchat._rng import capture_rng, restore_rng
-from asynchat._skip import loader_generators, skip_batches
+from asynchat._resume import DataTracker, ResumePoint, apply_checkpoint, build_checkpoint
+from asynchat._rng import restore_rng
 from asynchat._state import LoopState, LoopStatus
 from asynchat._transfer import to_host
-from asynchat._tree import batch_size, map_tensors
+from asynchat._tree import batch_size
 
 T = TypeVar("T")
 
@@ -113,7 +110,7 @@ class LoopBase(PipeBase):
         super().__init__(callbacks)
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_data_loader(data_loader, num_epochs)
+        check_data_loader(data_loader, num_epochs)
         if not isinstance(batch_processor, BatchProcessor):
             raise TypeError(
                 f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
@@ -137,11 +134,10 @@ class LoopBase(PipeBase):
             training=self.training,
             num_epochs=num_epochs,
             num_steps=num_steps,
-            steps_per_epoch=_length(data_loader),
+            steps_per_epoch=data_length(data_loader),
         )
         self._control = LoopControl(on_status=self._on_status)
-        self._subscribers: list[Mailbox[LoopEvent]] = []
-        self._subscribers_lock = threading.Lock()
+        self._events = EventHub(self.snapshot)
         self._started_at: float | None = None
         self._steps_before_start = 0
         self._batch_size = 0  # of the current epoch's first batch, for samples/s
@@ -154,10 +150,8 @@ class LoopBase(PipeBase):
         self.resumed_from: Path | None = None  # the checkpoint file actually loaded
         # Where the loop is in its data, for checkpoints: (epoch, steps done in it, whether
         # its data ran out), and the generator states its data order was drawn from.
-        self._position: tuple[int, int, bool] = (0, 0, False)
-        self._epoch_rng: dict[str, Any] | None = None
-        self._epoch_generators: list[torch.Tensor] = []
-        self._resume: _ResumePoint | None = None
+        self._data = DataTracker()
+        self._resume: ResumePoint | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._control.status}>"
@@ -203,7 +197,7 @@ class LoopBase(PipeBase):
         """
         positive_int("buffer", buffer)
         positive_number("progress_every", progress_every, allow_none=True)
-        return EventStream(self, buffer, progress_every)
+        return self._events.subscribe(buffer, progress_every)
 
     @property
     def rank(self) -> int:
@@ -233,25 +227,7 @@ class LoopBase(PipeBase):
         return flag
 
     def _on_status(self, status: LoopStatus) -> None:
-        self._publish(EventKind.END if status.done else EventKind.STATUS)
-
-    def _publish(self, kind: EventKind) -> None:
-        """Hand an event to every subscriber (from any thread; never blocks)."""
-        if not self._subscribers:
-            return
-        event = LoopEvent(kind, self.snapshot())
-        with self._subscribers_lock:
-            for mailbox in self._subscribers:
-                mailbox.put(event)
-
-    def _subscribe(self, mailbox: Mailbox[LoopEvent]) -> None:
-        with self._subscribers_lock:
-            self._subscribers.append(mailbox)
-
-    def _unsubscribe(self, mailbox: Mailbox[LoopEvent]) -> None:
-        with self._subscribers_lock:
-            if mailbox in self._subscribers:
-                self._subscribers.remove(mailbox)
+        self._events.publish(EventKind.END if status.done else EventKind.STATUS)
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
@@ -452,75 +428,31 @@ class LoopBase(PipeBase):
         optimizer. The result loads with ``torch.load(weights_only=True)``.
         """
         state = self.state
-        epoch, steps_done, exhausted = self._position
-        checkpoint: dict[str, Any] = _to_host_copy(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "progress": {
-                    "epoch": epoch,
-                    "steps_in_epoch": steps_done,
-                    "epoch_exhausted": exhausted,
-                    "global_step": state.global_step,
-                },
-                "metrics": dict(state.metrics),
-                "model": self.model.state_dict(),
-                "processor": self.batch_processor.state_dict(),
-                "callbacks": {
-                    key: cb.state_dict() for key, cb in self._stateful_callbacks().items()
-                },
-                "rng": capture_rng(),
-                "epoch_rng": self._epoch_rng,
-                "epoch_generators": self._epoch_generators,
-                "generators": [g.get_state() for g in loader_generators(self.data_loader)],
-                **self._extra_state(),
-            }
+        return build_checkpoint(
+            tracker=self._data,
+            global_step=state.global_step,
+            metrics=state.metrics,
+            model=self.model,
+            processor_state=self.batch_processor.state_dict(),
+            callbacks=self.callbacks,
+            data_loader=self.data_loader,
+            extra=self._extra_state(),
         )
-        return checkpoint
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the loop then resumes where it was taken."""
-        self.model.load_state_dict(checkpoint["model"])
-        self.batch_processor.load_state_dict(checkpoint["processor"])
+        self._resume = apply_checkpoint(
+            checkpoint,
+            model=self.model,
+            load_processor=self.batch_processor.load_state_dict,
+            callbacks=self.callbacks,
+            data_loader=self.data_loader,
+        )
         self._load_extra_state(checkpoint)
-        saved = checkpoint["callbacks"]
-        for key, callback in self._stateful_callbacks().items():
-            if key in saved:
-                callback.load_state_dict(saved[key])
         state = self.state
         state.metrics.update(checkpoint["metrics"])
-        progress = checkpoint["progress"]
-        state.global_step = progress["global_step"]
-        state.epoch = progress["epoch"]
-        if progress["epoch_exhausted"]:
-            # Resume at the next epoch: the generators (global and the data loader's own) are
-            # put back as they were when the checkpoint was taken, which is what the next
-            # epoch's data order is drawn from.
-            self._resume = _ResumePoint(progress["epoch"] + 1, 0, None, [], None)
-            restore_rng(checkpoint["rng"])
-            generators = loader_generators(self.data_loader)
-            for generator, saved in zip(generators, checkpoint.get("generators", []), strict=False):
-                generator.set_state(saved)
-        else:
-            self._resume = _ResumePoint(
-                progress["epoch"],
-                progress["steps_in_epoch"],
-                checkpoint["epoch_rng"],
-                checkpoint["epoch_generators"],
-                checkpoint["rng"],
-            )
-
-    def _stateful_callbacks(self) -> dict[str, Callback]:
-        """Callbacks that define ``state_dict``, keyed by class name (``Name#1`` for repeats)."""
-        seen: collections.Counter[str] = collections.Counter()
-        keyed: dict[str, Callback] = {}
-        for callback in self.callbacks:
-            name = type(callback).__qualname__
-            key = name if seen[name] == 0 else f"{name}#{seen[name]}"
-            seen[name] += 1
-            if type(callback).state_dict is not Callback.state_dict:
-                keyed[key] = callback
-        return keyed
+        state.global_step = checkpoint["progress"]["global_step"]
+        state.epoch = checkpoint["progress"]["epoch"]
 
     def _configure(self) -> None:
         """Subclasses build what needs the model on its device (the Trainer: its optimizer)."""
@@ -580,7 +512,7 @@ class LoopBase(PipeBase):
             state.step = resume.steps_done if resume is not None else 0
             state.epoch_complete = False
             self.run_phase(Phase.ON_EPOCH_BEGIN)
-            self._publish(EventKind.EPOCH_BEGIN)
+            self._events.publish(EventKind.EPOCH_BEGIN)
             steps, ran_out, decision = self._run_steps(resume)
             if decision is Decision.PEER_CANCEL:
                 return  # like the cancelled rank: no on_epoch_end
@@ -594,9 +526,9 @@ class LoopBase(PipeBase):
             # (a cancellation in the last step) resumes into this epoch and runs its end then.
             state.epoch_complete = ran_out
             if ran_out:
-                self._position = (state.epoch, self._position[1], True)
+                self._data.epoch_ended()
             self.run_phase(Phase.ON_EPOCH_END)
-            self._publish(EventKind.EPOCH_END)
+            self._events.publish(EventKind.EPOCH_END)
             epochs_done += 1
 
     def _decide(self) -> Decision:
@@ -616,7 +548,7 @@ class LoopBase(PipeBase):
         assert state.num_steps is not None
         return state.global_step >= state.num_steps
 
-    def _run_steps(self, resume: _ResumePoint | None) -> tuple[int, bool, Decision]:
+    def _run_steps(self, resume: ResumePoint | None) -> tuple[int, bool, Decision]:
         """Run the steps of one epoch (its remaining steps when resuming); return how many ran,
         whether the epoch's data ran out (rather than ``stop()`` or ``num_steps``), and the
         decision that ended them (``CONTINUE`` when the data or ``num_steps`` did)."""
@@ -625,17 +557,7 @@ class LoopBase(PipeBase):
         limit = None if state.num_steps is None else state.num_steps - state.global_step
         length = None if state.steps_per_epoch is None else max(0, state.steps_per_epoch - skip)
         self._begin_epoch_data(state.epoch)
-        generators = loader_generators(self.data_loader)
-        if resume is not None and resume.epoch_rng is not None:
-            # Re-draw this epoch's data order: put the generators back as they were when it
-            # was first drawn; the skipped batches' indices are drawn, their data never read.
-            restore_rng(resume.epoch_rng)
-            for generator, saved in zip(generators, resume.epoch_generators, strict=False):
-                generator.set_state(saved)
-        self._epoch_rng = capture_rng()
-        self._epoch_generators = [g.get_state() for g in generators]
-        self._position = (state.epoch, skip, False)
-        step_rng = resume.step_rng if resume is not None else None
+        step_rng = self._data.begin_epoch(state.epoch, self.data_loader, resume)
         steps = 0
         ran_out = False
         decision = Decision.CONTINUE
@@ -647,7 +569,7 @@ class LoopBase(PipeBase):
                     if decision is not Decision.CONTINUE:
                         return 0, False, decision
                     waiting_since = time.perf_counter()
-                    for staged, is_last, ends_data in _with_last(batches, limit, length):
+                    for staged, is_last, ends_data in with_last(batches, limit, length):
                         state.data_time = time.perf_counter() - waiting_since
                         if step_rng is not None:  # the data order is drawn: now the step's RNG
                             restore_rng(step_rng)
@@ -674,7 +596,7 @@ class LoopBase(PipeBase):
         finally:
             if step_rng is not None:  # no step ran: a checkpoint must hold the step's RNG
                 restore_rng(step_rng)
-            self._position = (state.epoch, skip + steps, False)
+            self._data.step_done(state.epoch, skip + steps)
         return steps, ran_out, decision
 
     def _run_step(self) -> None:
@@ -682,7 +604,7 @@ class LoopBase(PipeBase):
         self.run_phase(Phase.ON_STEP_BEGIN)
         self.batch_processor.step(state, self.run_phase)
         state.global_step += 1
-        self._position = (state.epoch, state.step + 1, False)  # a checkpoint now resumes after it
+        self._data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
         self.run_phase(Phase.ON_STEP_END)
 
     def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
@@ -699,157 +621,6 @@ class LoopBase(PipeBase):
             depth=self.prefetch,
             name=f"asynchat-{self.name}-data",
             label=f"{self.name}'s data_loader {self.data_loader!r}",
-        )
-
-
-class EventStream:
-    """A subscription to a loop's events (see :meth:`LoopBase.events`); an async iterator,
-    also usable as ``async with loop.events() as events:`` to unsubscribe on leaving."""
-
-    def __init__(self, loop: LoopBase, buffer: int, progress_every: float | None) -> None:
-        self._loop = loop
-        self._progress_every = progress_every if progress_every else math.inf
-        # A full buffer drops its oldest event: `end`, the last one put, is never dropped.
-        self._mailbox: Mailbox[LoopEvent] = Mailbox(maxlen=buffer)
-        self._reported_drops = 0
-        self._ended = False
-        loop._subscribe(self._mailbox)
-        if loop.status.done:  # subscribed after the end: the end is all there is to see
-            self._mailbox.put(LoopEvent(EventKind.END, loop.snapshot()))
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> LoopEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        event = None
-        with anyio.move_on_after(self._progress_every):
-            event = await self._mailbox.get()
-        if event is None:
-            event = LoopEvent(EventKind.PROGRESS, self._loop.snapshot())
-        dropped = self._mailbox.dropped - self._reported_drops
-        if dropped:
-            event = dataclasses.replace(event, dropped=dropped)
-            self._reported_drops = self._mailbox.dropped
-        if event.kind is EventKind.END:
-            self._ended = True
-            self._loop._unsubscribe(self._mailbox)
-        return event
-
-    async def aclose(self) -> None:
-        self._ended = True
-        self._loop._unsubscribe(self._mailbox)
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-@dataclasses.dataclass(frozen=True)
-class _ResumePoint:
-    """Where a resumed run starts: ``steps_done`` steps into ``epoch``, and the RNG states to
-    re-draw that epoch's data order (``epoch_rng``) and to continue from (``step_rng``)."""
-
-    epoch: int
-    steps_done: int
-    epoch_rng: dict[str, Any] | None
-    epoch_generators: list[torch.Tensor]
-    step_rng: dict[str, Any] | None
-
-
-def _to_host_copy(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are in host memory, detached from the live ones."""
-
-    devices: set[torch.device] = set()
-
-    def copy(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_cuda:  # into pinned memory, queued on its device's current stream
-            devices.add(tensor.device)
-            return tensor.detach().to("cpu", non_blocking=True)
-        return tensor.detach().clone()
-
-    copied = map_tensors(copy, obj)
-    for each in devices:
-        # Host/device sync, on purpose: the copies above are queued on each device's current
-        # stream (the compute stream for the loop's device) and must have landed before the
-        # checkpoint is handed to a writer thread. This is the only pause a checkpoint causes.
-        torch.cuda.current_stream(each).synchronize()
-    _copy_metadata(obj, copied)
-    return copied
-
-
-def _copy_metadata(original: Any, copied: Any) -> None:
-    """Keep ``state_dict()._metadata`` (module versions) that a plain dict copy drops."""
-    if isinstance(original, dict) and isinstance(copied, dict):
-        if hasattr(original, "_metadata"):
-            copied._metadata = original._metadata  # type: ignore[attr-defined]
-        for key, value in original.items():
-            _copy_metadata(value, copied.get(key))
-
-
-def _with_last(
-    items: Iterator[T], limit: int | None, length: int | None
-) -> Iterator[tuple[T, bool, bool]]:
-    """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
-    ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
-    have run out.
-
-    With a known length the last item is counted; without one it is found by reading one
-    item ahead (so a data loader without ``len()`` is read one item early). An error from
-    reading ahead is raised after the item already read has been yielded.
-    """
-    if length is not None:
-        bound = length if limit is None else min(length, limit)
-        for count, item in enumerate(items, start=1):
-            yield item, count >= bound, count >= length
-            if count >= bound:
-                return
-        return
-    try:
-        current = next(items)
-    except StopIteration:
-        return
-    count = 1
-    while True:
-        if limit is not None and count >= limit:
-            yield current, True, False
-            return
-        try:
-            following = next(items)
-        except StopIteration:
-            yield current, True, True
-            return
-        except Interrupted:
-            raise  # stop() or cancellation: the current item's step has not begun
-        except BaseException:
-            yield current, True, False  # train on what was read before the error, then raise
-            raise
-        yield current, False, False
-        current = following
-        count += 1
-
-
-def _length(data_loader: Iterable[Any]) -> int | None:
-    try:
-        return len(data_loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _check_data_loader(data_loader: object, num_epochs: int | None) -> None:
-    if not isinstance(data_loader, Iterable):
-        raise TypeError(
-            f"data_loader must be iterable (a DataLoader, a list of batches, ...), got "
-            f"{type(data_loader).__name__}"
-        )
-    if isinstance(data_loader, Iterator) and num_epochs != 1:
-        raise TypeError(
-            f"data_loader is an iterator ({type(data_loader).__name__}), which can be read "
-            "only once, but the loop may need several epochs; pass a re-iterable such as a "
-            "DataLoader or a list, or num_epochs=1"
         )
 
 

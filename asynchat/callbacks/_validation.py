@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback
+from asynchat._predictor import Predictor
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._state import LoopState
-from asynchat._trainer import Predictor
 from asynchat.callbacks._metrics import MetricUpdater
 
 if TYPE_CHECKING:

@@ -1,13 +1,19 @@
-"""Resuming inside an epoch: skip the batches already trained on without loading them."""
+"""Data loaders: checking them, reading an epoch with its last item known, skipping the
+batches a resumed epoch already trained on (without loading them), and rebuilding a
+DataLoader with another sampler."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
+
+from asynchat._prefetch import Interrupted
+
+T = TypeVar("T")
 
 
 class _SkipFirst:
@@ -103,3 +109,91 @@ def loader_generators(data_loader: Iterable[Any]) -> list[torch.Generator]:
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
     return found
+
+
+def with_last(
+    items: Iterator[T], limit: int | None, length: int | None
+) -> Iterator[tuple[T, bool, bool]]:
+    """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
+    ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
+    have run out.
+
+    With a known length the last item is counted; without one it is found by reading one
+    item ahead (so a data loader without ``len()`` is read one item early). An error from
+    reading ahead is raised after the item already read has been yielded.
+    """
+    if length is not None:
+        bound = length if limit is None else min(length, limit)
+        for count, item in enumerate(items, start=1):
+            yield item, count >= bound, count >= length
+            if count >= bound:
+                return
+        return
+    try:
+        current = next(items)
+    except StopIteration:
+        return
+    count = 1
+    while True:
+        if limit is not None and count >= limit:
+            yield current, True, False
+            return
+        try:
+            following = next(items)
+        except StopIteration:
+            yield current, True, True
+            return
+        except Interrupted:
+            raise  # stop() or cancellation: the current item's step has not begun
+        except BaseException:
+            yield current, True, False  # train on what was read before the error, then raise
+            raise
+        yield current, False, False
+        current = following
+        count += 1
+
+
+def data_length(data_loader: Iterable[Any]) -> int | None:
+    try:
+        return len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
+    if not isinstance(data_loader, Iterable):
+        raise TypeError(
+            f"data_loader must be iterable (a DataLoader, a list of batches, ...), got "
+            f"{type(data_loader).__name__}"
+        )
+    if isinstance(data_loader, Iterator) and num_epochs != 1:
+        raise TypeError(
+            f"data_loader is an iterator ({type(data_loader).__name__}), which can be read "
+            "only once, but the loop may need several epochs; pass a re-iterable such as a "
+            "DataLoader or a list, or num_epochs=1"
+        )
+
+
+def shard_loader(data_loader: Iterable[Any]) -> Iterable[Any]:
+    """For a rank of a distributed job: a DataLoader rebuilt with a DistributedSampler
+    (shuffled if the original was); anything else as it is."""
+    if not isinstance(data_loader, DataLoader) or isinstance(
+        data_loader.sampler, DistributedSampler
+    ):
+        return data_loader
+    if data_loader.batch_sampler is None:
+        raise ValueError(
+            "a DataLoader with batch_size=None cannot be sharded; pass a DistributedSampler"
+        )
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        data_loader.dataset,
+        shuffle=isinstance(data_loader.sampler, RandomSampler),
+        drop_last=data_loader.drop_last,
+    )
+    return DataLoader(
+        data_loader.dataset,
+        batch_size=data_loader.batch_size,
+        sampler=sampler,
+        drop_last=data_loader.drop_last,
+        **loader_settings(data_loader),
+    )

@@ -1,0 +1,104 @@
+"""Predictor: LoopBase in eval mode without gradients, with a streaming way to read outputs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any, ClassVar
+
+import anyio
+import torch
+
+from asynchat._callback import Callback
+from asynchat._compute import ComputeThread
+from asynchat._loop import LoopBase
+from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
+from asynchat._state import LoopState
+from asynchat._transfer import start_host_copies, wait_for_event
+
+
+class Predictor(LoopBase):
+    """Runs ``model`` over ``data_loader`` once, in ``eval()`` mode under ``torch.no_grad()``.
+
+    The model's train/eval mode is restored afterwards, so a Predictor can validate a model
+    between a Trainer's epochs. ``fit()`` is HAT's name for the run: here it predicts.
+
+    Args:
+        model, data_loader, batch_processor, device, callbacks, prefetch, name: as for
+            :class:`~asynchat.Trainer` (a Predictor has no optimizer, always one epoch, and
+            does not resume).
+        loss_fn: shortcut for ``BasicBatchProcessor(loss_fn)``: batches that carry targets
+            get a ``state.loss``.
+    """
+
+    training: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader: Iterable[Any],
+        *,
+        batch_processor: BatchProcessor | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device | int | None = None,
+        callbacks: Iterable[Callback] = (),
+        prefetch: int = 2,
+        name: str | None = None,
+    ) -> None:
+        if batch_processor is None:
+            batch_processor = BasicBatchProcessor(loss_fn)
+        elif loss_fn is not None:
+            raise ValueError("pass either loss_fn or batch_processor, not both")
+        super().__init__(
+            model,
+            data_loader,
+            batch_processor=batch_processor,
+            device=device,
+            num_epochs=1,
+            callbacks=callbacks,
+            prefetch=prefetch,
+            name=name,
+        )
+
+    async def stream(self, *, buffer: int = 8) -> AsyncGenerator[Any, None]:
+        """Run the predictor, yielding each batch's outputs, on the host, as they are computed.
+
+        ::
+
+            async with contextlib.aclosing(predictor.stream()) as outputs:
+                async for batch_outputs in outputs:
+                    ...
+
+        Each batch's outputs are copied to the host on the compute thread (a non-blocking copy
+        on CUDA, awaited here without blocking the event loop). At most ``buffer`` batches wait
+        unread; past that the predictor waits for the consumer, so nothing is dropped. Leaving
+        the loop early stops the predictor after the step in progress (``aclosing`` makes that
+        happen at once rather than when the generator is garbage-collected).
+        """
+        if not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"buffer must be a positive int, got {buffer!r}")
+        self._append_callback(_EmitOutputs())
+        with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
+            async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
+                self._compute = compute
+                items = compute.run_streaming(
+                    self._run,
+                    on_cancel=self._request_cancel,
+                    on_close=lambda: self.stop("the stream was closed"),
+                    buffer=buffer,
+                )
+                # aclosing: when this generator is closed early, the inner one must be closed
+                # too (it stops the job and serves it to its end) before the thread is joined.
+                async with contextlib.aclosing(items):
+                    async for host, copied in items:
+                        await wait_for_event(copied)
+                        yield host
+
+
+class _EmitOutputs(Callback):
+    """The last hook at ``on_batch_end`` of a streaming Predictor: hands the outputs over."""
+
+    def on_batch_end(self, state: LoopState) -> None:
+        compute = state.loop._compute
+        assert compute is not None
+        compute.emit(start_host_copies(state.outputs))

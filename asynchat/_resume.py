@@ -1,0 +1,213 @@
+"""Resume: where a loop is in its data, and what a checkpoint holds to go on from there.
+
+A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
+``torch.load(weights_only=True)``:
+
+====================  ======================================================================
+``format, version``   ``"asynchat-checkpoint"``, 2
+``progress``          ``epoch``, ``steps_in_epoch``, ``epoch_exhausted`` (the epoch's end has
+                      run), ``global_step``
+``metrics``           ``state.metrics``
+``model``             the (unwrapped) model's ``state_dict()``
+``processor``         the batch processor's state (the grad scaler)
+``callbacks``         ``{"ClassName": state, "ClassName#1": ...}`` for callbacks with state
+``rng``               every global generator's state now
+``epoch_rng``,        the global and the data loader's generator states the current epoch's
+``epoch_generators``  data order was drawn from (to draw it again when resuming inside it)
+``generators``        the data loader's generator states now (for the next epoch's order)
+``optimizer``         the Trainer's optimizer (added by :class:`~asynchat.Trainer`)
+``integrity``         a digest of everything above (added when written)
+====================  ======================================================================
+
+Resuming inside an epoch re-draws its order from ``epoch_rng``/``epoch_generators``, skips
+the batches already trained on in the sampler (their data is never read), then restores
+``rng`` before the first step; resuming after an epoch's end restores ``rng`` and
+``generators`` and starts the next epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from asynchat._callback import Callback
+from asynchat._checkpoint_io import FORMAT, VERSION
+from asynchat._data import loader_generators
+from asynchat._rng import capture_rng, restore_rng
+from asynchat._tree import map_tensors
+
+
+@dataclasses.dataclass(slots=True)
+class DataPosition:
+    """Where the loop is in its data, for a checkpoint taken now."""
+
+    epoch: int = 0
+    steps_done: int = 0  # steps of `epoch` completed
+    epoch_ended: bool = False  # its on_epoch_end is running or has run: resume at the next
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a resumed run starts: ``steps_done`` steps into ``epoch``, and the RNG states to
+    re-draw that epoch's data order (``epoch_rng``) and to continue from (``step_rng``)."""
+
+    epoch: int
+    steps_done: int
+    epoch_rng: dict[str, Any] | None
+    epoch_generators: list[torch.Tensor]
+    step_rng: dict[str, Any] | None
+
+
+class DataTracker:
+    """The loop's position in its data and the generator states its epochs were drawn from;
+    updated on the compute thread as the loop goes, read by :func:`build_checkpoint`."""
+
+    def __init__(self) -> None:
+        self.position = DataPosition()
+        self.epoch_rng: dict[str, Any] | None = None
+        self.epoch_generators: list[torch.Tensor] = []
+
+    def begin_epoch(
+        self, epoch: int, data_loader: Iterable[Any], resume: ResumePoint | None
+    ) -> dict[str, Any] | None:
+        """Before the epoch's order is drawn: put the generators back for a resumed epoch and
+        remember what this epoch draws from. Returns the RNG state to restore before the
+        epoch's first step (a resumed epoch's), if any."""
+        generators = loader_generators(data_loader)
+        if resume is not None and resume.epoch_rng is not None:
+            # Re-draw this epoch's data order: put the generators back as they were when it
+            # was first drawn; the skipped batches' indices are drawn, their data never read.
+            restore_rng(resume.epoch_rng)
+            for generator, saved in zip(generators, resume.epoch_generators, strict=False):
+                generator.set_state(saved)
+        self.epoch_rng = capture_rng()
+        self.epoch_generators = [g.get_state() for g in generators]
+        skip = resume.steps_done if resume is not None else 0
+        self.position = DataPosition(epoch, skip)
+        return resume.step_rng if resume is not None else None
+
+    def step_done(self, epoch: int, steps_done: int) -> None:
+        self.position = DataPosition(epoch, steps_done)
+
+    def epoch_ended(self) -> None:
+        self.position = dataclasses.replace(self.position, epoch_ended=True)
+
+
+def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Callback]:
+    """Callbacks that define ``state_dict``, keyed by class name (``Name#1`` for repeats)."""
+    seen: collections.Counter[str] = collections.Counter()
+    keyed: dict[str, Callback] = {}
+    for callback in callbacks:
+        name = type(callback).__qualname__
+        key = name if seen[name] == 0 else f"{name}#{seen[name]}"
+        seen[name] += 1
+        if type(callback).state_dict is not Callback.state_dict:
+            keyed[key] = callback
+    return keyed
+
+
+def build_checkpoint(
+    *,
+    tracker: DataTracker,
+    global_step: int,
+    metrics: Mapping[str, float],
+    model: torch.nn.Module,
+    processor_state: dict[str, Any],
+    callbacks: Iterable[Callback],
+    data_loader: Iterable[Any],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Everything needed to resume, copied to host memory (on the compute thread)."""
+    position = tracker.position
+    checkpoint: dict[str, Any] = to_host_copy(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "progress": {
+                "epoch": position.epoch,
+                "steps_in_epoch": position.steps_done,
+                "epoch_exhausted": position.epoch_ended,
+                "global_step": global_step,
+            },
+            "metrics": dict(metrics),
+            "model": model.state_dict(),
+            "processor": processor_state,
+            "callbacks": {
+                key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()
+            },
+            "rng": capture_rng(),
+            "epoch_rng": tracker.epoch_rng,
+            "epoch_generators": tracker.epoch_generators,
+            "generators": [g.get_state() for g in loader_generators(data_loader)],
+            **extra,
+        }
+    )
+    return checkpoint
+
+
+def apply_checkpoint(
+    checkpoint: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    load_processor: Callable[[dict[str, Any]], None],
+    callbacks: Iterable[Callback],
+    data_loader: Iterable[Any],
+) -> ResumePoint:
+    """Restore the model, processor and callbacks; return where the loop resumes (the
+    counters and metrics are the caller's to restore from ``checkpoint["progress"]``)."""
+    model.load_state_dict(checkpoint["model"])
+    load_processor(checkpoint["processor"])
+    saved = checkpoint["callbacks"]
+    for key, callback in stateful_callbacks(callbacks).items():
+        if key in saved:
+            callback.load_state_dict(saved[key])
+    progress = checkpoint["progress"]
+    if progress["epoch_exhausted"]:
+        # Resume at the next epoch: the generators (global and the data loader's own) are put
+        # back as they were when the checkpoint was taken, which is what the next epoch's
+        # data order is drawn from.
+        restore_rng(checkpoint["rng"])
+        generators = loader_generators(data_loader)
+        for generator, state in zip(generators, checkpoint.get("generators", []), strict=False):
+            generator.set_state(state)
+        return ResumePoint(progress["epoch"] + 1, 0, None, [], None)
+    return ResumePoint(
+        progress["epoch"],
+        progress["steps_in_epoch"],
+        checkpoint["epoch_rng"],
+        checkpoint["epoch_generators"],
+        checkpoint["rng"],
+    )
+
+
+def to_host_copy(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are in host memory, detached from the live ones."""
+    devices: set[torch.device] = set()
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_cuda:  # into pinned memory, queued on its device's current stream
+            devices.add(tensor.device)
+            return tensor.detach().to("cpu", non_blocking=True)
+        return tensor.detach().clone()
+
+    copied = map_tensors(copy, obj)
+    for each in devices:
+        # Host/device sync, on purpose: the copies above are queued on each device's current
+        # stream (the compute stream for the loop's device) and must have landed before the
+        # checkpoint is handed to a writer thread. This is the only pause a checkpoint causes.
+        torch.cuda.current_stream(each).synchronize()
+    _copy_metadata(obj, copied)
+    return copied
+
+
+def _copy_metadata(original: Any, copied: Any) -> None:
+    """Keep ``state_dict()._metadata`` (module versions) that a plain dict copy drops."""
+    if isinstance(original, dict) and isinstance(copied, dict):
+        if hasattr(original, "_metadata"):
+            copied._metadata = original._metadata  # type: ignore[attr-defined]
+        for key, value in original.items():
+            _copy_metadata(value, copied.get(key))
