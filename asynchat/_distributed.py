@@ -11,8 +11,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from asynchat._callback import Callback
 from asynchat._data import shard_loader
 from asynchat._device import resolve_device
+from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerFactory, Trainer
 
 
@@ -42,11 +44,21 @@ class DistributedDataParallelTrainer(Trainer):
         data_loader: Iterable[Any],
         optimizer: torch.optim.Optimizer | OptimizerFactory,
         *,
+        batch_processor: BatchProcessor | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device | int | None = None,
+        num_epochs: int | None = None,
+        num_steps: int | None = None,
+        callbacks: Iterable[Callback] = (),
+        prefetch: int = 2,
+        name: str | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
         sync_batchnorm: bool = False,
         find_unused_parameters: bool = False,
-        **kwargs: Any,
     ) -> None:
-        if sync_batchnorm and resolve_device(kwargs.get("device")).type != "cuda":
+        if device is None and dist.is_available() and dist.is_initialized():
+            device = _rank_device()
+        if sync_batchnorm and resolve_device(device).type != "cuda":
             raise ValueError(
                 "sync_batchnorm=True needs a CUDA device: torch's SyncBatchNorm runs on GPUs "
                 "only; on the CPU keep sync_batchnorm=False"
@@ -58,9 +70,11 @@ class DistributedDataParallelTrainer(Trainer):
             )
         if sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
-        if kwargs.get("device") is None:
-            kwargs["device"] = _rank_device()
-        super().__init__(model, shard_loader(data_loader), optimizer, **kwargs)
+        super().__init__(
+            model, shard_loader(data_loader), optimizer, batch_processor=batch_processor,
+            loss_fn=loss_fn, device=device, num_epochs=num_epochs, num_steps=num_steps,
+            callbacks=callbacks, prefetch=prefetch, name=name, resume_from=resume_from,
+        )  # fmt: skip
         self.find_unused_parameters = find_unused_parameters
         # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
         # per step under NCCL. Every rank builds its trainer at the same point, so every
@@ -114,15 +128,38 @@ class DataParallelTrainer(Trainer):
         data_loader: Iterable[Any],
         optimizer: torch.optim.Optimizer | OptimizerFactory,
         *,
+        batch_processor: BatchProcessor | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device | int | None = None,
+        num_epochs: int | None = None,
+        num_steps: int | None = None,
+        callbacks: Iterable[Callback] = (),
+        prefetch: int = 2,
+        name: str | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
         device_ids: Sequence[int] | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(model, data_loader, optimizer, **kwargs)
         available = list(range(torch.cuda.device_count()))
-        self.device_ids = list(device_ids) if device_ids is not None else available
-        unknown = [i for i in self.device_ids if i not in available]
+        ids = list(device_ids) if device_ids is not None else available
+        unknown = [i for i in ids if i not in available]
         if unknown:
             raise ValueError(f"device_ids {unknown} are not visible CUDA devices ({available})")
+        if len(ids) > 1:
+            # nn.DataParallel gathers on device_ids[0]: the loop's device must be that one.
+            first = torch.device("cuda", ids[0])
+            if device is None:
+                device = first
+            elif resolve_device(device) != first:
+                raise ValueError(
+                    f"device={device!r} must be device_ids[0] (cuda:{ids[0]}) for "
+                    "DataParallel, which gathers outputs there; pass device=None"
+                )
+        super().__init__(
+            model, data_loader, optimizer, batch_processor=batch_processor, loss_fn=loss_fn,
+            device=device, num_epochs=num_epochs, num_steps=num_steps, callbacks=callbacks,
+            prefetch=prefetch, name=name, resume_from=resume_from,
+        )  # fmt: skip
+        self.device_ids = ids
 
     def _configure(self) -> None:
         super()._configure()

@@ -134,7 +134,9 @@ class BasicBatchProcessor(BatchProcessor):
 
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         state.batch_idx = 0
-        self.run_batch(state, state.batch, self.loss_fn, run_phase)
+        self.run_batch(
+            state, state.batch, self.loss_fn, run_phase, sync_grads=self.update_due(state)
+        )
         if state.training:
             self.update_if_due(state, run_phase)
 
@@ -146,30 +148,38 @@ class BasicBatchProcessor(BatchProcessor):
         batch: Any,
         loss_fn: LossFn | None,
         run_phase: RunPhase,
+        *,
+        sync_grads: bool = True,
     ) -> None:
-        """``on_batch_begin``, forward, loss, backward (when training), ``on_batch_end``."""
+        """``on_batch_begin``, forward, loss, backward (when training), ``on_batch_end``.
+
+        ``sync_grads=False`` skips DDP's gradient all-reduce in this backward (``no_sync``):
+        for every backward of an update but its last one (accumulation steps, sub-batches).
+        """
         run_phase(Phase.ON_BATCH_BEGIN)
         inputs, targets = split_batch(batch)
-        with self._autocast():
-            outputs = state.model(**inputs) if isinstance(inputs, Mapping) else state.model(inputs)
-            loss = None
-            if loss_fn is not None and targets is not None:
-                loss = loss_fn(outputs, targets)
-        state.outputs = outputs
-        state.loss = loss
-        if state.training:
-            if loss is None:
-                raise ValueError(
-                    "cannot train on a batch without a loss: BasicBatchProcessor needs "
-                    "loss_fn=... and batches with targets"
-                )
-            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if self.grad_accumulation_steps > 1:
-                loss = loss / self.grad_accumulation_steps
-                if not self.update_due(state) and hasattr(state.model, "no_sync"):
-                    # DDP: no gradient all-reduce until the update step.
-                    sync = state.model.no_sync()  # type: ignore[operator]
-            with sync:
+        sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if state.training and not sync_grads and hasattr(state.model, "no_sync"):
+            # DDP: no gradient all-reduce until the update's last backward. The context must
+            # hold the forward too: DDP prepares its reducer there.
+            sync = state.model.no_sync()  # type: ignore[operator]
+        with sync:
+            with self._autocast():
+                model = state.model
+                outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+                loss = None
+                if loss_fn is not None and targets is not None:
+                    loss = loss_fn(outputs, targets)
+            state.outputs = outputs
+            state.loss = loss
+            if state.training:
+                if loss is None:
+                    raise ValueError(
+                        "cannot train on a batch without a loss: BasicBatchProcessor needs "
+                        "loss_fn=... and batches with targets"
+                    )
+                if self.grad_accumulation_steps > 1:
+                    loss = loss / self.grad_accumulation_steps
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         run_phase(Phase.ON_BATCH_END)
 
@@ -257,7 +267,9 @@ class MultiBatchProcessor(BasicBatchProcessor):
                 state.batch_idx = i
                 state.batch = batch
                 loss_fn = self.loss_fns[i] if self.loss_fns is not None else self.loss_fn
-                self.run_batch(state, batch, loss_fn, run_phase)
+                # One gradient all-reduce per update, at its last sub-batch (HAT's delay_sync).
+                last = i == len(item) - 1 and self.update_due(state)
+                self.run_batch(state, batch, loss_fn, run_phase, sync_grads=last)
                 outputs.append(state.outputs)
                 if state.loss is not None:
                     losses.append(state.loss.detach())

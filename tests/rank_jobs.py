@@ -208,3 +208,43 @@ async def ddp_control(rank: int, world_size: int, out: str, scenario: str) -> No
          "stop_reason": state.stop_reason, "statuses": statuses},
         Path(out, f"rank{rank}.pt"),
     )  # fmt: skip
+
+
+async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:
+    """Count gradient all-reduces under DDP (a comm hook sees each bucket's; this small model
+    has one bucket): ``multi``: a MultiBatchProcessor of two sub-batches per step;
+    ``accumulate``: a BasicBatchProcessor accumulating over two steps."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from asynchat import (
+        BasicBatchProcessor,
+        Callback,
+        DistributedDataParallelTrainer,
+        LoopState,
+        MultiBatchProcessor,
+    )
+
+    calls = 0
+
+    def counting(state, bucket):  # type: ignore[no-untyped-def]  # torch checks annotations
+        nonlocal calls
+        calls += 1
+        return allreduce_hook(state, bucket)
+
+    class CountAllReduces(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            state.model.register_comm_hook(None, counting)  # type: ignore[operator]
+
+    data = ddp_data()
+    items = [((data[i : i + 4][0], data[i : i + 4][1]), (data[i + 4 : i + 8][0],
+              data[i + 4 : i + 8][1])) for i in range(0, 32, 8)]  # fmt: skip
+    processor: BasicBatchProcessor = MultiBatchProcessor(torch.nn.CrossEntropyLoss())
+    if mode == "accumulate":
+        items = [sub for item in items for sub in item]  # 8 steps of one batch
+        processor = BasicBatchProcessor(torch.nn.CrossEntropyLoss(), grad_accumulation_steps=2)
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(), items, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        batch_processor=processor, num_epochs=1, device="cpu", callbacks=[CountAllReduces()],
+    )  # fmt: skip
+    state = await trainer.fit()
+    Path(out, f"rank{rank}.txt").write_text(f"{state.global_step} {calls}")

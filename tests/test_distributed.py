@@ -161,3 +161,23 @@ def test_a_predictor_under_launch_knows_its_rank(tmp_path: Path) -> None:
     launch(rank_jobs.ddp_control, nprocs=2, args=(str(tmp_path), "predictor"))
     assert (tmp_path / "rank0.txt").read_text() == "0 2 True"
     assert (tmp_path / "rank1.txt").read_text() == "1 2 False"
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("multi", "4 4"), ("accumulate", "8 4")])
+def test_gradients_are_all_reduced_once_per_update_under_ddp(
+    tmp_path: Path, mode: str, expected: str
+) -> None:
+    """Two sub-batches per step, or two steps per update: one all-reduce per update."""
+    launch(rank_jobs.ddp_multibatch, nprocs=2, args=(str(tmp_path), mode))
+    results = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
+    assert results == [expected, expected]  # "steps all-reduces"
+
+
+def test_data_parallel_device_must_be_the_first_of_device_ids() -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from asynchat import DataParallelTrainer
+
+    with pytest.raises(ValueError, match=r"must be device_ids\[0\]"):
+        DataParallelTrainer(nn.Linear(2, 2), [], torch.optim.SGD, loss_fn=nn.MSELoss(),
+                            num_epochs=1, device="cuda:1", device_ids=[0, 1])  # fmt: skip
