@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """Base class for callbacks: override any of the eight ``on_*`` hooks.
+    """Base class for callbacks: override any of the nine ``on_*`` hooks (see
+    :class:`~asynchat.Phase`).
 
     A hook written as ``async def`` is awaited on the event loop thread, so it may do network
     or file I/O with ``await``; a plain ``def`` hook runs on the loop's compute thread, in

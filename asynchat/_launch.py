@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from asynchat import _heartbeat as heartbeat
+from asynchat._checks import positive_int
 from asynchat._errors import AsynchatError
 
 RankFn = Callable[..., Awaitable[object]]
@@ -426,8 +427,7 @@ def _check_arguments(
 ) -> float | None:
     """Check launch()'s arguments in the launcher, before any process starts; return the
     hang timeout in seconds."""
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
-        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
+    positive_int("nprocs", nprocs)
     if not callable(fn):
         raise TypeError(f"fn must be an async function fn(rank, world_size, *args), got {fn!r}")
     call = getattr(fn, "__call__", None)  # noqa: B004 - also an object with async __call__

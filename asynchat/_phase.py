@@ -1,4 +1,4 @@
-"""The eight phases of a loop, in the order they run."""
+"""The phases of a loop, in the order they run: the one place the loop's diagram lives."""
 
 from __future__ import annotations
 
@@ -8,27 +8,34 @@ import enum
 class Phase(str, enum.Enum):
     """A point in the loop where callbacks run; the value is the hook's method name.
 
-    HAT's eight phases keep their names and order; ``on_before_update`` is an extra phase
-    inside the batch processor, run only when an optimizer update is due, after the
-    gradients are complete (and unscaled, with fp16) and before ``optimizer.step()``: the
-    place for gradient clipping.
-
-    ::
+    The loop, with every phase in its place (this is the one copy of the diagram: the README's
+    is checked against it by a test)::
 
         on_loop_begin
-        for each epoch:
+        for each epoch:                         # until num_epochs epochs or num_steps steps
             on_epoch_begin
-            for each step:
+            for each step:                      # one item of the data loader
                 on_step_begin
-                for each batch in the step:      # inside the batch processor
+                for each batch in the step:     # inside the batch processor
                     on_batch_begin
                     forward / loss / backward
                     on_batch_end
-                on_before_update             # extra phase: only when an update is due
+                on_before_update                # extra: only when an update is due; grads unscaled
                 optimizer update (when due)
                 on_step_end
             on_epoch_end
         on_loop_end
+
+    ``on_before_update`` runs inside the batch processor only when an optimizer update is due,
+    after the gradients are complete (and unscaled, with fp16) and before
+    ``optimizer.step()``: the place for gradient clipping.
+
+    From HAT: the eight other phases keep HAT's names and order. HAT's ``CallbackMixin`` has
+    13 hooks; its ``on_optimizer_step_begin`` is ``on_before_update`` here, and its
+    ``on_forward_begin/end`` and ``on_backward_begin/end`` have no phase (write a
+    :class:`~asynchat.BatchProcessor` for work between forward and backward). HAT's
+    ``global_step_id`` is 0 at the first ``on_step_end``; ``state.global_step`` counts steps
+    completed, so it is 1 there.
     """
 
     ON_LOOP_BEGIN = "on_loop_begin"

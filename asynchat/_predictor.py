@@ -10,6 +10,7 @@ import anyio
 import torch
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
 from asynchat._compute import ComputeThread
 from asynchat._loop import LoopBase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
@@ -75,12 +76,11 @@ class Predictor(LoopBase):
         the loop early stops the predictor after the step in progress (``aclosing`` makes that
         happen at once rather than when the generator is garbage-collected).
         """
-        if not isinstance(buffer, int) or buffer < 1:
-            raise ValueError(f"buffer must be a positive int, got {buffer!r}")
-        self._append_callback(_EmitOutputs())
+        positive_int("buffer", buffer)
         with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
             async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
                 self._compute = compute
+                self._append_callback(_EmitOutputs(compute))  # once the run is ours alone
                 items = compute.run_streaming(
                     self._run,
                     on_cancel=self._request_cancel,
@@ -98,7 +98,8 @@ class Predictor(LoopBase):
 class _EmitOutputs(Callback):
     """The last hook at ``on_batch_end`` of a streaming Predictor: hands the outputs over."""
 
+    def __init__(self, compute: ComputeThread) -> None:
+        self.compute = compute
+
     def on_batch_end(self, state: LoopState) -> None:
-        compute = state.loop._compute
-        assert compute is not None
-        compute.emit(start_host_copies(state.outputs))
+        self.compute.emit(start_host_copies(state.outputs))

@@ -106,7 +106,7 @@ class Prefetcher(Generic[T]):
         stage: Callable[[Any], T],
         depth: int,
         name: str = "asynchat-prefetch",
-        label: str = "the data loader",
+        label: Callable[[], str] = lambda: "the data loader",
     ) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth!r}")
@@ -137,7 +137,7 @@ class Prefetcher(Generic[T]):
         self._thread.join(JOIN_TIMEOUT_S)
         if self._thread.is_alive():
             warnings.warn(
-                f"{self._label} did not return from __next__ within {JOIN_TIMEOUT_S:g} s of "
+                f"{self._label()} did not return from __next__ within {JOIN_TIMEOUT_S:g} s of "
                 f"the loop leaving the epoch; its thread {self._thread.name!r} is left blocked "
                 "there (a daemon thread: it ends when __next__ returns, or with the process)",
                 RuntimeWarning,

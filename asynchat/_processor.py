@@ -10,15 +10,14 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
+from asynchat._checks import positive_int
+from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
 from asynchat._state import LoopState
-
-if TYPE_CHECKING:
-    from asynchat._loop import LoopBase
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 RunPhase = Callable[[Phase], None]
@@ -34,7 +33,7 @@ class BatchProcessor(abc.ABC):
     thread, after the model is on its device and before ``on_loop_begin``.
     """
 
-    def setup(self, loop: LoopBase) -> None:  # noqa: B027 - optional, does nothing by default
+    def setup(self, loop: LoopHandle) -> None:  # noqa: B027 - optional, does nothing by default
         """Prepare for a run of ``loop`` (e.g. create a grad scaler)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,14 +102,7 @@ class BasicBatchProcessor(BatchProcessor):
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        if (
-            not isinstance(grad_accumulation_steps, int)
-            or isinstance(grad_accumulation_steps, bool)
-            or grad_accumulation_steps < 1
-        ):
-            raise ValueError(
-                f"grad_accumulation_steps must be an int >= 1, got {grad_accumulation_steps!r}"
-            )
+        positive_int("grad_accumulation_steps", grad_accumulation_steps)
         if amp is not None and amp not in _AMP_DTYPES:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
         self.loss_fn = loss_fn
@@ -120,7 +112,7 @@ class BasicBatchProcessor(BatchProcessor):
         self.scaler: torch.amp.GradScaler | None = None
         self._device_type = "cpu"
 
-    def setup(self, loop: LoopBase) -> None:
+    def setup(self, loop: LoopHandle) -> None:
         self._device_type = loop.device.type
         if self.amp == "fp16" and loop.training:
             self.scaler = torch.amp.GradScaler(self._device_type)

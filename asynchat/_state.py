@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from asynchat._events import LoopStatus
+from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
-
-if TYPE_CHECKING:
-    from asynchat._loop import LoopBase
 
 __all__ = ["LoopState", "LoopStatus"]
 
@@ -45,7 +43,7 @@ class LoopState:
     blocks the event loop.
     """
 
-    loop: LoopBase
+    loop: LoopHandle
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None
     device: torch.device

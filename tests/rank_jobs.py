@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -211,11 +212,11 @@ async def ddp_control(rank: int, world_size: int, out: str, scenario: str) -> No
 
 
 async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:
-    """Count gradient all-reduces under DDP (a comm hook sees each bucket's; this small model
-    has one bucket): ``multi``: a MultiBatchProcessor of two sub-batches per step;
-    ``accumulate``: a BasicBatchProcessor accumulating over two steps."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
+    """Whether each backward all-reduced under DDP, seen in the gradients: right after a
+    backward that must not (``no_sync``), the ranks' gradients differ (each saw its own data);
+    at ``on_before_update`` (after the update's last backward) they are equal. ``multi``: a
+    MultiBatchProcessor of two sub-batches per step; ``accumulate``: a BasicBatchProcessor
+    accumulating over two steps."""
     from asynchat import (
         BasicBatchProcessor,
         Callback,
@@ -224,27 +225,34 @@ async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "mult
         MultiBatchProcessor,
     )
 
-    calls = 0
+    def equal_on_all_ranks(model: torch.nn.Module) -> bool:
+        flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        gathered = [torch.zeros_like(flat) for _ in range(world_size)]
+        dist.all_gather(gathered, flat)  # every rank calls this at the same point
+        return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
-    def counting(state, bucket):  # type: ignore[no-untyped-def]  # torch checks annotations
-        nonlocal calls
-        calls += 1
-        return allreduce_hook(state, bucket)
+    seen: list[str] = []
 
-    class CountAllReduces(Callback):
-        def on_loop_begin(self, state: LoopState) -> None:
-            state.model.register_comm_hook(None, counting)  # type: ignore[operator]
+    class Look(Callback):
+        def on_batch_end(self, state: LoopState) -> None:
+            first_of_update = state.batch_idx == 0 if mode == "multi" else state.step % 2 == 0
+            if first_of_update:  # a backward that must not have all-reduced
+                seen.append("synced" if equal_on_all_ranks(state.model) else "local")
 
-    data = ddp_data()
-    items = [((data[i : i + 4][0], data[i : i + 4][1]), (data[i + 4 : i + 8][0],
-              data[i + 4 : i + 8][1])) for i in range(0, 32, 8)]  # fmt: skip
+        def on_before_update(self, state: LoopState) -> None:
+            seen.append("update " + ("synced" if equal_on_all_ranks(state.model) else "local"))
+
+    g = torch.Generator().manual_seed(rank)  # each rank its own data: local grads differ
+    pairs = [(torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+             for _ in range(8)]  # fmt: skip
+    items: list[Any] = [(pairs[i], pairs[i + 1]) for i in range(0, 8, 2)]
     processor: BasicBatchProcessor = MultiBatchProcessor(torch.nn.CrossEntropyLoss())
     if mode == "accumulate":
-        items = [sub for item in items for sub in item]  # 8 steps of one batch
+        items = pairs  # 8 steps of one batch, an update every 2
         processor = BasicBatchProcessor(torch.nn.CrossEntropyLoss(), grad_accumulation_steps=2)
     trainer = DistributedDataParallelTrainer(
         ddp_model(), items, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-        batch_processor=processor, num_epochs=1, device="cpu", callbacks=[CountAllReduces()],
+        batch_processor=processor, num_epochs=1, device="cpu", callbacks=[Look()],
     )  # fmt: skip
-    state = await trainer.fit()
-    Path(out, f"rank{rank}.txt").write_text(f"{state.global_step} {calls}")
+    await trainer.fit()
+    Path(out, f"rank{rank}.txt").write_text(" ".join(seen))

@@ -17,7 +17,14 @@ from asynchat import (
     Predictor,
     Trainer,
 )
-from asynchat.callbacks import Checkpoint, LRSchedule
+from asynchat.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    JSONLinesLogger,
+    LRSchedule,
+    Progress,
+    StatsMonitor,
+)
 
 
 def trainer(**overrides: Any) -> Trainer:
@@ -131,7 +138,7 @@ def test_callback_with_an_async_generator_hook() -> None:
         (
             {"grad_accumulation_steps": 0},
             ValueError,
-            r"grad_accumulation_steps must be an int >= 1, got 0",
+            r"grad_accumulation_steps must be a positive int, got 0",
         ),
         ({"grad_accumulation_steps": 1.0}, ValueError, r"grad_accumulation_steps .* got 1.0"),
         ({"amp": "fp8"}, ValueError, r"amp must be None, 'bf16' or 'fp16', got 'fp8'"),
@@ -206,6 +213,10 @@ class TestErrorsFoundWhileRunning:
             ValueError,
             r"optimizer SGD holds none of the model's parameters",
         ),
+        (lambda: Progress(every_n_steps=0), ValueError, r"every_n_steps must be a positive int"),
+        (lambda: JSONLinesLogger("x", every_n_steps=2.5), ValueError, r"every_n_steps.*2\.5"),
+        (lambda: StatsMonitor(every_n_steps="5"), ValueError, r"every_n_steps.*'5'"),
+        (lambda: EarlyStopping("m", patience=True), ValueError, r"patience must be a positive"),
         (
             lambda: LRSchedule(lambda o: None, monitor=""),  # type: ignore[arg-type,return-value]
             ValueError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import anyio
@@ -104,3 +105,28 @@ async def test_subscribing_after_the_end_yields_the_end_at_once() -> None:
     assert event.kind is EventKind.END and event.snapshot.global_step == 2
     snapshot = trainer.snapshot()
     assert snapshot.status is LoopStatus.FINISHED and snapshot.name == trainer.name
+
+
+@pytest.mark.anyio
+async def test_a_debug_trace_shows_phases_status_hops_and_decisions(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Hop(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            state.loop.stop("enough")
+
+    trainer = make_trainer(Hop(), num_epochs=3)
+    with caplog.at_level(logging.DEBUG, logger="asynchat"):
+        await trainer.fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == f"asynchat.loop.{trainer.name}"]
+    assert "status running" in lines and lines[-1] == "status finished"
+    assert any(line.startswith("on_step_end epoch=0 step=5 global_step=6") for line in lines)
+    assert any("hop to the event loop" in line and "Hop.on_epoch_end" in line for line in lines)
+    assert "decision at global_step=6: STOP" in lines
+
+
+@pytest.mark.anyio
+async def test_no_trace_is_recorded_unless_asked(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="asynchat"):
+        await make_trainer(num_epochs=1).fit()
+    assert not [r for r in caplog.records if r.name.startswith("asynchat.")]

@@ -34,3 +34,16 @@ def test_readme_commands_are_what_ci_runs() -> None:
     assert len(commands) >= 2
     assert commands[1] in ci.splitlines(), "the README's test command is the one .ci/run runs"
     assert readme.index(commands[0]) < readme.index(commands[1])
+
+
+def test_the_readme_loop_diagram_is_the_one_in_phase() -> None:
+    import inspect
+
+    from asynchat import Phase
+
+    readme = README.read_text()
+    section = readme[readme.index("## The loop") :]
+    block = re.findall(r"```\n(.*?)\n```", section, re.S)[0]
+    doc = inspect.cleandoc(Phase.__doc__ or "")
+    diagram = doc.split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    assert block == inspect.cleandoc("\n" + diagram)

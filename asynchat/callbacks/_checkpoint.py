@@ -24,7 +24,10 @@ from asynchat._checkpoint_io import (
     step_of,
     write_manifest,
 )
+from asynchat._checks import path as check_path
+from asynchat._checks import positive_int
 from asynchat._errors import CheckpointError, CheckpointWarning
+from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._state import LoopState
 
 
@@ -117,15 +120,9 @@ class Checkpoint(Callback):
         keep_best: int = 1,
         save_on_end: bool = True,
     ) -> None:
-        if not isinstance(save_dir, (str, os.PathLike)) or not os.fspath(save_dir):
-            raise ValueError(
-                f"save_dir must be a non-empty path (a str or os.PathLike), got {save_dir!r}"
-            )
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1
-            ):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        check_path("save_dir", save_dir)
+        positive_int("every_n_steps", every_n_steps, allow_none=True)
+        positive_int("every_n_epochs", every_n_epochs, allow_none=True)
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if name == "keep_last" and value is None:
                 continue
@@ -208,15 +205,11 @@ class Checkpoint(Callback):
 
     def on_step_end(self, state: LoopState) -> None:
         self._writer.raise_if_failed()  # a failed write is reported at the next step
-        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+        if every_n_steps(state, self.every_n_steps):
             self.save(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if (
-            self.every_n_epochs is not None
-            and state.epoch_complete
-            and (state.epoch + 1) % self.every_n_epochs == 0
-        ):
+        if every_n_epochs(state, self.every_n_epochs):
             self.save(state)
 
     def on_loop_end(self, state: LoopState) -> None:

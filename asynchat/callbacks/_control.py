@@ -8,7 +8,9 @@ from typing import Any, Literal
 import torch
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
 from asynchat._errors import AsynchatError
+from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 
 
@@ -31,8 +33,7 @@ class EarlyStopping(Callback):
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive int, got {patience!r}")
+        positive_int("patience", patience)
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
         self.monitor = monitor
@@ -87,8 +88,7 @@ class TerminateOnNaN(Callback):
     """
 
     def __init__(self, *, check_every_n_steps: int = 20) -> None:
-        if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps!r}")
+        positive_int("check_every_n_steps", check_every_n_steps)
         self.check_every_n_steps = check_every_n_steps
 
     def on_loop_begin(self, state: LoopState) -> None:
@@ -102,7 +102,7 @@ class TerminateOnNaN(Callback):
         new = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad = torch.where(new, state.global_step, self.first_bad)
         self.first_value = torch.where(new, loss, self.first_value)
-        if state.global_step % self.check_every_n_steps == 0:
+        if every_n_steps(state, self.check_every_n_steps):
             self.check(state)
 
     def on_epoch_end(self, state: LoopState) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
+from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import PendingCopy, start_host_copy
 
@@ -26,8 +28,7 @@ class ScalarLogger(Callback):
     """
 
     def __init__(self, *, every_n_steps: int = 10, prefix: str = "train/") -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps!r}")
+        positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self._pending: list[tuple[int, PendingCopy]] = []
@@ -41,7 +42,7 @@ class ScalarLogger(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
             return
-        if state.loss is not None and state.global_step % self.every_n_steps == 0:
+        if state.loss is not None and every_n_steps(state, self.every_n_steps):
             self._pending.append((state.global_step, start_host_copy(state.loss)))
         self._flush(wait=False)
 

@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
+from asynchat._every import every_n_steps
 from asynchat._processor import split_batch
 from asynchat._state import LoopState
 
@@ -59,8 +61,7 @@ class MetricUpdater(Callback):
         for name, metric in metrics.items():
             if not isinstance(metric, torchmetrics.Metric):
                 raise TypeError(f"metrics[{name!r}] must be a torchmetrics.Metric, got {metric!r}")
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps!r}")
+        positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.metrics = dict(metrics)
         self.prefix = prefix
         self.log_every_n_steps = log_every_n_steps
@@ -79,7 +80,7 @@ class MetricUpdater(Callback):
             metric.update(preds, target)
 
     def on_step_end(self, state: LoopState) -> None:
-        if self.log_every_n_steps is not None and state.global_step % self.log_every_n_steps == 0:
+        if every_n_steps(state, self.log_every_n_steps):
             self.publish(state)
 
     def on_epoch_end(self, state: LoopState) -> None:

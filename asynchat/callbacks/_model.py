@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from asynchat._callback import Callback
-from asynchat._loop import LoopBase
+from asynchat._checks import positive_int
+from asynchat._every import every_n_steps
+from asynchat._handle import LoopHandle
 from asynchat._state import LoopState
 
 
@@ -35,8 +37,7 @@ class ExponentialMovingAverage(Callback):
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps!r}")
+        positive_int("every_n_steps", every_n_steps)
         self.decay = decay
         self.every_n_steps = every_n_steps
         self.warmup = warmup
@@ -45,7 +46,7 @@ class ExponentialMovingAverage(Callback):
         self._loaded: list[torch.Tensor] | None = None
 
     @staticmethod
-    def find(loop: LoopBase) -> ExponentialMovingAverage:
+    def find(loop: LoopHandle) -> ExponentialMovingAverage:
         for callback in loop.callbacks:
             if isinstance(callback, ExponentialMovingAverage):
                 return callback
@@ -67,7 +68,7 @@ class ExponentialMovingAverage(Callback):
 
     @torch.no_grad()
     def on_step_end(self, state: LoopState) -> None:
-        if state.global_step % self.every_n_steps:
+        if not every_n_steps(state, self.every_n_steps):
             return
         self.updates += 1
         decay = (

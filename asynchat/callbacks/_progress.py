@@ -7,6 +7,8 @@ import time
 from typing import Any, TextIO
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
+from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 
 
@@ -32,6 +34,7 @@ class Progress(Callback):
         stream: TextIO | None = None,
         rich: bool | None = None,
     ) -> None:
+        positive_int("every_n_steps", every_n_steps, allow_none=True)
         self.every_n_steps = every_n_steps
         self.stream = stream
         self.rich = rich
@@ -73,7 +76,7 @@ class Progress(Callback):
             self._bar.update(
                 self._task, completed=state.global_step, description=f"epoch {state.epoch + 1}"
             )
-        elif self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+        elif every_n_steps(state, self.every_n_steps):
             self._line(state, f"step {state.global_step}")
 
     def on_epoch_end(self, state: LoopState) -> None:

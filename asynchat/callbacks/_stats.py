@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
 from asynchat._state import LoopState
 from asynchat._tree import batch_size
 
@@ -20,8 +21,7 @@ class StatsMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps!r}")
+        positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
 
     def on_loop_begin(self, state: LoopState) -> None:

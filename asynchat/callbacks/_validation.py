@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
+from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._state import LoopState
@@ -50,9 +52,8 @@ class Validation(Callback):
         batch_processor: BatchProcessor | None = None,
         callbacks: Iterable[Callback] = (),
     ) -> None:
-        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        positive_int("every_n_steps", every_n_steps, allow_none=True)
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("Validation never runs: give every_n_epochs or every_n_steps")
         if not metrics and loss_fn is None:
@@ -70,15 +71,11 @@ class Validation(Callback):
         self.callbacks = list(callbacks)
 
     def on_step_end(self, state: LoopState) -> None:
-        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+        if every_n_steps(state, self.every_n_steps):
             self.run(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if (
-            self.every_n_epochs is not None
-            and state.epoch_complete  # a cut-short epoch is validated when a resumed run ends it
-            and (state.epoch + 1) % self.every_n_epochs == 0
-        ):
+        if every_n_epochs(state, self.every_n_epochs):  # complete epochs only
             self.run(state)
 
     def run(self, state: LoopState) -> dict[str, float]:

@@ -1,0 +1,61 @@
+"""LoopHandle: what callbacks and batch processors may use of the loop they run in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from asynchat._events import LoopStatus
+
+T = TypeVar("T")
+
+
+class LoopHandle(Protocol):
+    """``state.loop``: the running loop, as callbacks and batch processors see it.
+
+    A narrow view of :class:`~asynchat.LoopBase` (which implements it): enough to know where
+    the loop runs, to stop, pause or agree with it, and to read its state, and nothing of its
+    machinery. ``model`` is the model as given (unwrapped); ``state.model`` may be a DDP or
+    DataParallel wrapper around it.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def training(self) -> bool: ...
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def callbacks(self) -> Sequence[Any]: ...
+
+    @property
+    def status(self) -> LoopStatus: ...
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def is_rank_zero(self) -> bool: ...
+
+    def stop(self, reason: str | None = None) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def any_rank(self, flag: bool) -> bool: ...
+
+    async def to_host(self, obj: T) -> T: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
