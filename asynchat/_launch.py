@@ -77,6 +77,9 @@ def run_rank(
     try:
         options = {"use_uvloop": True} if _have_uvloop() else {}
         anyio.run(fn, rank, world_size, *args, backend="asyncio", backend_options=options)
+        # An orderly end: no rank tears the group down (rank 0 hosts its rendezvous store)
+        # while another still uses it.
+        dist.barrier()
     except BaseException as exc:
         on_error(exc)
         raise
@@ -109,10 +112,14 @@ def _child(
     # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
     threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
     heartbeat.install(beats, rank)
-    with open(dump, "w") as stacks:
-        if hasattr(signal, "SIGUSR1"):  # the launcher asks a hung rank for its stacks
-            faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-        _run_child(rank, fn, world_size, args, backend, timeout, addr, port, errors)
+    # Python stacks for the launcher: on SIGUSR1 (it asks a hung rank) and on a fatal signal
+    # (a native crash or abort), where no Python traceback would tell what the rank was doing.
+    # Kept open until the process ends: faulthandler writes to it from a signal handler.
+    stacks = open(dump, "w")  # noqa: SIM115
+    faulthandler.enable(file=stacks, all_threads=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    _run_child(rank, fn, world_size, args, backend, timeout, addr, port, errors)
 
 
 def _watch_launcher(lifeline: Any) -> None:
@@ -253,7 +260,11 @@ class _Ranks:
         failures: dict[int, tuple[float, str]] = dict(self.reports)
         for rank, process in enumerate(self.processes):
             if rank not in failures and process.exitcode not in (None, 0):
-                failures[rank] = (self.exited_at[rank], self._how(process.exitcode))
+                how = self._how(process.exitcode)
+                stacks = self._read_stacks(rank)
+                if stacks:
+                    how += f"\nIts Python stacks when it died:\n{stacks}"
+                failures[rank] = (self.exited_at[rank], how)
         hard = [rank for rank in failures if rank not in self.reports]
         first = min(hard or failures, key=lambda r: failures[r][0])
         when, text = failures[first]
@@ -311,13 +322,16 @@ class _Ranks:
         time.sleep(_SETTLE_S)
         parts = []
         for rank in ranks:
-            try:
-                with open(self._dump_path(rank)) as file:
-                    stacks = file.read().strip() or "(none written)"
-            except FileNotFoundError:
-                stacks = "(none: the rank had not started running Python code)"
+            stacks = self._read_stacks(rank) or "(none written: Python code had not started)"
             parts.append(f"Stacks of rank {rank}:\n{stacks}")
         return "\n".join(parts)
+
+    def _read_stacks(self, rank: int) -> str:
+        try:
+            with open(self._dump_path(rank)) as file:
+                return file.read().strip()
+        except FileNotFoundError:
+            return ""
 
     def terminate(self) -> None:
         """Stop the ranks still running (SIGTERM, SIGKILL after a grace period); reap all."""

@@ -128,7 +128,7 @@ async def nan_on_rank_one(rank: int, world_size: int) -> None:
 
 
 async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> None:
-    """DDP training that goes wrong at global step 5: ``sigkill`` or ``hang`` on rank 1,
+    """DDP training that goes wrong at global step 5: ``sigkill``, ``abort`` or ``hang`` on rank 1,
     ``hang-all`` on every rank. With ``out``, each rank writes its pid there first."""
     import os
     import signal
@@ -145,6 +145,8 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
                 return
             if fault == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "abort":
+                os.abort()  # a native crash as far as the launcher can tell
             if fault.startswith("hang"):
                 time.sleep(3600)  # a hook stuck in Python: no phase is reached any more
 

@@ -146,6 +146,14 @@ def test_the_first_rank_to_die_is_named_with_how_it_died() -> None:
     assert rank_processes() == []
 
 
+def test_a_rank_that_crashes_natively_is_reported_with_its_python_stacks() -> None:
+    with pytest.raises(LaunchError, match=r"^rank 1 failed:\n.*killed by SIGABRT") as info:
+        launch(rank_jobs.ddp_fault, nprocs=2, args=("abort",))
+    text = str(info.value)
+    assert "Its Python stacks when it died" in text and "in on_step_end" in text
+    assert rank_processes() == []
+
+
 @pytest.mark.parametrize("fault", ["hang", "hang-all"])
 def test_a_hung_rank_is_reported_within_hang_timeout_with_its_stacks(fault: str) -> None:
     started = time.monotonic()
