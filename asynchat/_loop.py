@@ -44,6 +44,7 @@ from asynchat._tree import batch_size
 T = TypeVar("T")
 
 _names = itertools.count()
+_LOG = logging.getLogger("asynchat.loop")
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
 
 
@@ -131,9 +132,10 @@ class LoopBase(PipeBase):
             steps_per_epoch=data_length(data_loader),
         )
         self._control = LoopControl(on_status=self._on_status)
-        # Debug trace (standard logging, off unless configured): phases, status changes,
-        # thread hops and boundary decisions. Whether it is on is read once per run.
-        self.log = logging.getLogger(f"asynchat.loop.{self.name}")
+        # Debug trace (the "asynchat.loop" logger, off unless configured): phases, status
+        # changes, thread hops and boundary decisions, each line led by the loop's name.
+        # One logger for all loops: a logger per loop would stay in logging's registry
+        # forever. Whether the trace is on is read once per run.
         self._trace = False
         self._events = EventHub(self.snapshot)
         self._started_at: float | None = None
@@ -226,7 +228,7 @@ class LoopBase(PipeBase):
 
     def _on_status(self, status: LoopStatus) -> None:
         if self._trace:
-            self.log.debug("status %s", status)
+            _LOG.debug("%s: status %s", self.name, status)
         self._events.publish(EventKind.END if status.done else EventKind.STATUS)
 
     def stop(self, reason: str | None = None) -> None:
@@ -312,7 +314,7 @@ class LoopBase(PipeBase):
                 f"{self.name} has already run (status {control.status}); a loop runs once, so "
                 f"create a new {type(self).__name__} to run again"
             )
-        self._trace = self.log.isEnabledFor(logging.DEBUG)
+        self._trace = _LOG.isEnabledFor(logging.DEBUG)
         self._started_at = time.perf_counter()
         self._steps_before_start = self.state.global_step
         control.transition(LoopStatus.STOPPING if control.stop_requested else LoopStatus.RUNNING)
@@ -375,8 +377,8 @@ class LoopBase(PipeBase):
         state = self.state
         state.phase = phase
         if self._trace:
-            self.log.debug(
-                "%s epoch=%d step=%d global_step=%d on %s", phase.value, state.epoch,
+            _LOG.debug(
+                "%s: %s epoch=%d step=%d global_step=%d on %s", self.name, phase.value, state.epoch,
                 state.step, state.global_step, threading.current_thread().name,
             )  # fmt: skip
         # Progress for launch(hang_timeout=...), on entering and on leaving the phase, so a
@@ -398,7 +400,7 @@ class LoopBase(PipeBase):
         assert compute is not None
         stream = compute.stream
         if self._trace:
-            self.log.debug("%s: hop to the event loop for %r", phase.value, hook)
+            _LOG.debug("%s: %s: hop to the event loop for %r", self.name, phase.value, hook)
         ready = stream.record_event() if stream is not None else None
         done = compute.call_async(functools.partial(self._await_hook, hook, phase, ready))
         if stream is not None and done is not None:
@@ -546,7 +548,12 @@ class LoopBase(PipeBase):
         cancellation of this loop raises JobCancelled."""
         decision = self._control.decide()
         if self._trace and decision is not Decision.CONTINUE:
-            self.log.debug("decision at global_step=%d: %s", self.state.global_step, decision.name)
+            _LOG.debug(
+                "%s: decision at global_step=%d: %s",
+                self.name,
+                self.state.global_step,
+                decision.name,
+            )
         if decision is Decision.CANCEL:
             raise JobCancelled
         if decision is not Decision.CONTINUE:

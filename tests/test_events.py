@@ -118,11 +118,18 @@ async def test_a_debug_trace_shows_phases_status_hops_and_decisions(
     trainer = make_trainer(Hop(), num_epochs=3)
     with caplog.at_level(logging.DEBUG, logger="asynchat"):
         await trainer.fit()
-    lines = [r.getMessage() for r in caplog.records if r.name == f"asynchat.loop.{trainer.name}"]
+    mine = f"{trainer.name}: "
+    lines = [
+        r.getMessage()[len(mine) :]
+        for r in caplog.records
+        if r.name == "asynchat.loop" and r.getMessage().startswith(mine)
+    ]
     assert "status running" in lines and lines[-1] == "status finished"
     assert any(line.startswith("on_step_end epoch=0 step=5 global_step=6") for line in lines)
     assert any("hop to the event loop" in line and "Hop.on_epoch_end" in line for line in lines)
     assert "decision at global_step=6: STOP" in lines
+    # One logger for every loop: none is left in logging's registry per loop.
+    assert not [name for name in logging.Logger.manager.loggerDict if trainer.name in name]
 
 
 @pytest.mark.anyio
