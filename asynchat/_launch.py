@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import faulthandler
+import gc
 import inspect
 import multiprocessing.connection as mp_connection
 import os
@@ -85,6 +86,12 @@ def run_rank(
         raise
     finally:
         dist.destroy_process_group()
+        # That drops the registry's reference only: the group lives on while anything holds
+        # it, e.g. a DDP model in a reference cycle with its trainer. Collect those now, while
+        # the interpreter is whole; destroyed during finalization, gloo's work objects need
+        # the GIL to release their tensors and the process aborts (seen here as a rare
+        # SIGABRT of a rank whose work was done; pytorch/pytorch#179291 describes it).
+        gc.collect()
 
 
 def _have_uvloop() -> bool:
