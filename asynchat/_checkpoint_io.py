@@ -49,8 +49,6 @@ _NAME = re.compile(r"step-(\d{9,})\.ckpt")
 _TEMPORARY = re.compile(r"\.(step-\d{9,}\.ckpt|manifest\.json)\.[0-9a-f-]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-__all__ = ["CheckpointError", "CheckpointWarning"]
-
 
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:09d}{SUFFIX}"

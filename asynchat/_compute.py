@@ -195,19 +195,12 @@ class ComputeThread:
                     if outcome is _Reply.ERROR:
                         raise result
                     return
-        except GeneratorExit:
+        except BaseException as exc:
             if self._job_done:
                 raise
+            # Closed early (the consumer left), cancelled or interrupted: wind the job down.
             self._discarding = True
-            on_close()
-            with anyio.CancelScope(shield=True):
-                await self._serve_until_done()
-            raise
-        except BaseException:
-            if self._job_done:
-                raise
-            self._discarding = True
-            on_cancel()
+            (on_close if isinstance(exc, GeneratorExit) else on_cancel)()
             with anyio.CancelScope(shield=True):
                 await self._serve_until_done()
             raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from asynchat._events import LoopStatus
 
@@ -90,7 +89,6 @@ class LoopControl:
         self._unpaused = threading.Event()
         self._unpaused.set()
         self.parent: LoopControl | None = None
-        self.parent_loop: Any = None  # the LoopBase of `parent`, for sharing its resources
         self.agree: Agree | None = None
 
     # -- status --------------------------------------------------------------------------------

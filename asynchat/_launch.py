@@ -116,36 +116,7 @@ def _child(
     beats: Any,
     dump: str,
 ) -> None:
-    # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
-    threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
-    heartbeat.install(beats, rank)
-    # Python stacks for the launcher: on SIGUSR1 (it asks a hung rank) and on a fatal signal
-    # (a native crash or abort), where no Python traceback would tell what the rank was doing.
-    # Kept open until the process ends: faulthandler writes to it from a signal handler.
-    stacks = open(dump, "w")  # noqa: SIM115
-    faulthandler.enable(file=stacks, all_threads=True)
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    _run_child(rank, fn, world_size, args, backend, timeout, addr, port, errors)
-
-
-def _watch_launcher(lifeline: Any) -> None:
-    with contextlib.suppress(EOFError, OSError):
-        lifeline.recv_bytes()  # nothing is ever sent: this returns when the launcher is gone
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _run_child(
-    rank: int,
-    fn: RankFn,
-    world_size: int,
-    args: Sequence[Any],
-    backend: str,
-    timeout: datetime.timedelta,
-    addr: str,
-    port: int,
-    errors: Any,
-) -> None:
+    _prepare_rank(rank, lifeline, beats, dump)
     os.environ.update(
         MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -162,6 +133,27 @@ def _run_child(
         if not reported:  # failed before fn ran, e.g. in the rendezvous
             report(exc)
         raise SystemExit(1) from None
+
+
+def _prepare_rank(rank: int, lifeline: Any, beats: Any, dump: str) -> None:
+    """What a launched rank sets up before it joins the group: the lifeline, progress beats
+    and the file its Python stacks go to."""
+    # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
+    threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
+    heartbeat.install(beats, rank)
+    # Python stacks for the launcher: on SIGUSR1 (it asks a hung rank) and on a fatal signal
+    # (a native crash or abort), where no Python traceback would tell what the rank was doing.
+    # Kept open until the process ends: faulthandler writes to it from a signal handler.
+    stacks = open(dump, "w")  # noqa: SIM115
+    faulthandler.enable(file=stacks, all_threads=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+
+
+def _watch_launcher(lifeline: Any) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv_bytes()  # nothing is ever sent: this returns when the launcher is gone
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Ranks:

@@ -299,7 +299,8 @@ class LoopBase(PipeBase):
             )
         with self._lifecycle(cancelled=JobCancelled):
             self._control.parent = parent._control
-            self._control.parent_loop = parent
+            if parent.device == self.device:
+                self._stager = parent._stager  # its copy stream, if it has made one
             self._compute = compute
             self._run()
         return self.state
@@ -628,9 +629,7 @@ class LoopBase(PipeBase):
 
     def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
         if self._stager is None:  # one copy stream for the run, not one per epoch
-            parent = self._control.parent_loop
-            same = parent is not None and parent.device == self.device
-            self._stager = parent._stager if same and parent._stager else DeviceStager(self.device)
+            self._stager = DeviceStager(self.device)
         stager = self._stager
         if self.prefetch == 0:
             return InlineBatches(source, stage=stager.stage)

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
 
 import anyio
 import torch
@@ -40,11 +39,18 @@ sys.path.insert(0, str(TESTS))  # the job scripts and helpers the tests use
 import rank_jobs  # noqa: E402
 from conftest import make_trainer  # noqa: E402
 from test_checkpoint import assert_bitwise_equal, run_job  # noqa: E402
-from test_faults import PHASES, Boom, every_shipped_callback, raising  # noqa: E402
+from test_faults import (  # noqa: E402
+    PHASES,
+    Boom,
+    assert_cancelled_with_the_last_step_saved,
+    every_shipped_callback,
+    fit_cancelled_after,
+    raising,
+)
 from test_launch import alive  # noqa: E402
 
-from asynchat import Callback, LaunchError, LoopState, LoopStatus, launch  # noqa: E402
-from asynchat.callbacks import Checkpoint, load_checkpoint  # noqa: E402
+from asynchat import LaunchError, LoopStatus, launch  # noqa: E402
+from asynchat.callbacks import Checkpoint  # noqa: E402
 
 Row = tuple[str, int, int, int, str]
 
@@ -92,40 +98,19 @@ def sigkill_during_saves(trials: int, rng: random.Random) -> Row:
 BACKENDS = [("asyncio", {}), ("asyncio", {"use_uvloop": True}), ("trio", {})]
 
 
-class AsyncStep(Callback):
-    async def on_step_end(self, state: LoopState) -> None:
-        await anyio.lowlevel.checkpoint()
-
-
 def random_cancels(trials: int, rng: random.Random) -> Row:
     survived = lost = 0
     problems: list[str] = []
     with TemporaryDirectory() as tmp:
         for trial in range(trials):
             directory = Path(tmp, f"c{trial}")
-            trainer = make_trainer(
-                AsyncStep(), Checkpoint(directory, every_n_steps=3), num_epochs=10_000
-            )
-            delay = rng.uniform(0.05, 0.8)
-
-            async def run(trainer: Any = trainer, delay: float = delay) -> None:
-                async with anyio.create_task_group() as tg:
-
-                    async def subscribe() -> None:
-                        async for _ in trainer.events(progress_every=0.05):
-                            pass
-
-                    tg.start_soon(subscribe)
-                    with anyio.move_on_after(delay):
-                        await trainer.fit()
-
             name, options = BACKENDS[trial % 3]
-            anyio.run(run, backend=name, backend_options=options)
+            trainer = anyio.run(
+                fit_cancelled_after, directory, rng.uniform(0.05, 0.8),
+                backend=name, backend_options=options,
+            )  # fmt: skip
             try:
-                assert trainer.status is LoopStatus.CANCELLED, trainer.status
-                newest = max(directory.glob("step-*.ckpt"))
-                assert newest.name == f"step-{trainer.state.global_step:09d}.ckpt", newest
-                load_checkpoint(newest)
+                assert_cancelled_with_the_last_step_saved(trainer, directory)
                 assert not engine_threads(), engine_threads()
                 survived += 1
             except AssertionError as exc:

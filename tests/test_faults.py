@@ -19,7 +19,7 @@ import torch
 from conftest import make_loader, make_trainer
 from torch import nn
 
-from asynchat import Callback, LoopState, LoopStatus, Phase
+from asynchat import Callback, LoopState, LoopStatus, Phase, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -304,14 +304,10 @@ class AsyncStep(Callback):
         await anyio.lowlevel.checkpoint()
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_cancel_at_a_random_moment_keeps_the_last_step(tmp_path: Path, seed: int) -> None:
-    """The short version of the 50 random cancellations in benchmarks/faults.py."""
-    import random
-
-    delay = random.Random(seed).uniform(0.05, 0.5)
-    trainer = make_trainer(AsyncStep(), Checkpoint(tmp_path, every_n_steps=3), num_epochs=10_000)
+async def fit_cancelled_after(directory: Path, delay: float) -> Trainer:
+    """A trainer with an ``async def`` step hook, a checkpoint every 3 steps and an event
+    subscriber, cancelled ``delay`` seconds into its run; returned once it has ended."""
+    trainer = make_trainer(AsyncStep(), Checkpoint(directory, every_n_steps=3), num_epochs=10_000)
     async with anyio.create_task_group() as tg:
 
         async def subscribe() -> None:
@@ -321,7 +317,21 @@ async def test_cancel_at_a_random_moment_keeps_the_last_step(tmp_path: Path, see
         tg.start_soon(subscribe)
         with anyio.move_on_after(delay):
             await trainer.fit()
-    assert trainer.status is LoopStatus.CANCELLED
-    newest = max(tmp_path.glob("step-*.ckpt"))
-    assert newest.name == f"step-{trainer.state.global_step:09d}.ckpt"
+    return trainer
+
+
+def assert_cancelled_with_the_last_step_saved(trainer: Trainer, directory: Path) -> None:
+    assert trainer.status is LoopStatus.CANCELLED, trainer.status
+    newest = max(directory.glob("step-*.ckpt"))
+    assert newest.name == f"step-{trainer.state.global_step:09d}.ckpt", newest
     load_checkpoint(newest)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_cancel_at_a_random_moment_keeps_the_last_step(tmp_path: Path, seed: int) -> None:
+    """The short version of the 50 random cancellations in benchmarks/faults.py."""
+    import random
+
+    trainer = await fit_cancelled_after(tmp_path, random.Random(seed).uniform(0.05, 0.5))
+    assert_cancelled_with_the_last_step_saved(trainer, tmp_path)
