@@ -17,9 +17,10 @@ never turns paused again).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from asynchat._events import LoopStatus
 
@@ -106,6 +107,28 @@ class LoopControl:
             self.status = new
             self._on_status(new)  # under the lock: events go out in the order of changes
             return True
+
+    @contextlib.contextmanager
+    def running(self, *, cancelled: type[BaseException]) -> Iterator[None]:
+        """The run's life: ``created -> running`` (``stopping`` if a stop came first), then
+        ``finished``, ``failed`` or ``cancelled`` by how the block ends; ``cancelled`` is the
+        exception that means a cancellation where the block runs."""
+        self.transition(LoopStatus.STOPPING if self.stop_requested else LoopStatus.RUNNING)
+        try:
+            yield
+        except cancelled:
+            self.transition(LoopStatus.CANCELLED)
+            raise
+        except GeneratorExit:  # a stream closed early: the loop was stopped
+            self.transition(LoopStatus.FINISHED)
+            raise
+        except BaseException as exc:
+            # Ctrl-C that reached the event loop (trio raises it there) wound the loop down
+            # like a cancellation; one raised by a hook on the compute thread is an error.
+            interrupted = isinstance(exc, KeyboardInterrupt) and self.cancel_requested
+            self.transition(LoopStatus.CANCELLED if interrupted else LoopStatus.FAILED)
+            raise
+        self.transition(LoopStatus.FINISHED)
 
     # -- requests, from any thread ------------------------------------------------------------
 

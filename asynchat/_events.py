@@ -63,6 +63,32 @@ class LoopSnapshot:
     time: float = dataclasses.field(default_factory=time.time)
 
 
+class Throughput:
+    """Steps and samples per second of a run so far, for :class:`LoopSnapshot`.
+
+    :meth:`start` runs once, before the run; ``batch_size`` is written on the compute thread
+    at each epoch's first batch; :meth:`rates` is read from any thread (a torn read costs at
+    most one stale figure).
+    """
+
+    def __init__(self) -> None:
+        self._started_at: float | None = None
+        self._steps_before = 0
+        self.batch_size = 0
+
+    def start(self, global_step: int) -> None:
+        self._started_at = time.perf_counter()
+        self._steps_before = global_step
+
+    def rates(self, global_step: int) -> tuple[float, float]:
+        """``(steps_per_s, samples_per_s)`` since :meth:`start` (zeros before it)."""
+        if self._started_at is None:
+            return 0.0, 0.0
+        elapsed = time.perf_counter() - self._started_at
+        steps_per_s = (global_step - self._steps_before) / elapsed if elapsed else 0.0
+        return steps_per_s, steps_per_s * self.batch_size
+
+
 class EventKind(str, enum.Enum):
     """What a :class:`LoopEvent` reports."""
 

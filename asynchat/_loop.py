@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
-import reprlib
-import threading
-import time
-import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -20,32 +15,28 @@ import torch
 import torch.distributed as dist
 
 from asynchat import _transfer as transfer
-from asynchat._callback import Callback, Hook, PipeBase
+from asynchat._callback import Callback, PipeBase
 from asynchat._checkpoint_io import load_checkpoint
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, positive_number
 from asynchat._compute import ComputeThread, JobCancelled
-from asynchat._control import Decision, LoopControl
-from asynchat._data import check_data_loader, data_length, skip_batches, with_last
+from asynchat._control import LoopControl
+from asynchat._data import check_data_loader, data_length
 from asynchat._device import resolve_device
-from asynchat._errors import add_note
-from asynchat._events import EventHub, EventKind, EventStream, LoopSnapshot
+from asynchat._events import EventHub, EventKind, EventStream, LoopSnapshot, Throughput
 from asynchat._handle import LoopHandle
-from asynchat._heartbeat import beat
+from asynchat._hooks import LOG as _LOG
+from asynchat._hooks import HookRunner
 from asynchat._phase import Phase
-from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint, apply_checkpoint, build_checkpoint
-from asynchat._rng import restore_rng
+from asynchat._run import LoopRun
 from asynchat._state import LoopState, LoopStatus
 from asynchat._transfer import to_host
-from asynchat._tree import batch_size
 
 T = TypeVar("T")
 
 _names = itertools.count()
-_LOG = logging.getLogger("asynchat.loop")
-_RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
 
 
 class LoopBase(PipeBase):
@@ -103,24 +94,17 @@ class LoopBase(PipeBase):
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(callbacks)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_data_loader(data_loader, num_epochs)
-        if not isinstance(batch_processor, BatchProcessor):
-            raise TypeError(
-                f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
-            )
-        _check_bounds(num_epochs, num_steps)
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-            raise ValueError(
-                f"prefetch must be an int >= 0 (0: no prefetch thread), got {prefetch!r}"
-            )
+        _check_arguments(model, data_loader, batch_processor, num_epochs, num_steps, prefetch)
+        if resume_from is not None:
+            check_path("resume_from", resume_from)
         self.model = model
         self.data_loader = data_loader
         self.batch_processor = batch_processor
         self.device = resolve_device(device)
         self.prefetch = prefetch
         self.name = name if name is not None else f"{type(self).__name__.lower()}-{next(_names)}"
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.resumed_from: Path | None = None  # the checkpoint file actually loaded
         self.state = LoopState(
             loop=self,
             model=model,
@@ -132,26 +116,15 @@ class LoopBase(PipeBase):
             steps_per_epoch=data_length(data_loader),
         )
         self._control = LoopControl(on_status=self._on_status)
-        # Debug trace (the "asynchat.loop" logger, off unless configured): phases, status
-        # changes, thread hops and boundary decisions, each line led by the loop's name.
-        # One logger for all loops: a logger per loop would stay in logging's registry
-        # forever. Whether the trace is on is read once per run.
-        self._trace = False
         self._events = EventHub(self.snapshot)
-        self._started_at: float | None = None
-        self._steps_before_start = 0
-        self._batch_size = 0  # of the current epoch's first batch, for samples/s
+        self._throughput = Throughput()
+        # Runs the phases' hooks; its `trace` switches the debug trace (the "asynchat.loop"
+        # logger, read once per run): phases, status changes, thread hops and decisions.
+        self._hooks_runner = HookRunner(self.name, self._hooks, self.state, self._cancelling)
         self._compute: ComputeThread | None = None
-        self._stager: DeviceStager | None = None  # made at the first epoch, kept for the run
-        self._batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
-        if resume_from is not None:
-            check_path("resume_from", resume_from)
-        self.resume_from = Path(resume_from) if resume_from is not None else None
-        self.resumed_from: Path | None = None  # the checkpoint file actually loaded
-        # Where the loop is in its data, for checkpoints: (epoch, steps done in it, whether
-        # its data ran out), and the generator states its data order was drawn from.
-        self._data = DataTracker()
-        self._resume: ResumePoint | None = None
+        self._run: LoopRun | None = None  # the compute thread's half, during the run
+        self._data = DataTracker()  # where the loop is in its data, for checkpoints
+        self._resume: ResumePoint | None = None  # where a resumed run starts
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._control.status}>"
@@ -166,8 +139,7 @@ class LoopBase(PipeBase):
     def snapshot(self) -> LoopSnapshot:
         """Where the loop is now: status, counters, throughput and the last metrics."""
         state = self.state
-        elapsed = time.perf_counter() - self._started_at if self._started_at is not None else 0.0
-        steps_per_s = (state.global_step - self._steps_before_start) / elapsed if elapsed else 0.0
+        steps_per_s, samples_per_s = self._throughput.rates(state.global_step)
         return LoopSnapshot(
             name=self.name,
             status=self._control.status,
@@ -177,7 +149,7 @@ class LoopBase(PipeBase):
             num_epochs=state.num_epochs,
             num_steps=state.num_steps,
             steps_per_s=steps_per_s,
-            samples_per_s=steps_per_s * self._batch_size,
+            samples_per_s=samples_per_s,
             metrics=dict(state.metrics),
             stop_reason=state.stop_reason,
             error=repr(state.exception) if state.exception is not None else None,
@@ -226,11 +198,6 @@ class LoopBase(PipeBase):
         """
         return flag
 
-    def _on_status(self, status: LoopStatus) -> None:
-        if self._trace:
-            _LOG.debug("%s: status %s", self.name, status)
-        self._events.publish(EventKind.END if status.done else EventKind.STATUS)
-
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
 
@@ -265,17 +232,35 @@ class LoopBase(PipeBase):
         stream = self._compute.stream if self._compute is not None else None
         return await to_host(obj, after=stream)
 
+    def _on_status(self, status: LoopStatus) -> None:
+        if self._hooks_runner.trace:
+            _LOG.debug("%s: status %s", self.name, status)
+        self._events.publish(EventKind.END if status.done else EventKind.STATUS)
+
+    def _cancelling(self) -> bool:
+        return self._control.cancelling()
+
+    def _request_cancel(self) -> None:
+        self._control.request_cancel()
+        self.state.stop_reason = self._control.stop_reason
+        self._interrupt_data_wait()
+
+    def _interrupt_data_wait(self) -> None:
+        run = self._run
+        if run is not None:
+            run.interrupt()
+
     # -- the run, on the event loop ---------------------------------------------------------
 
     async def fit(self) -> LoopState:
         """Run the loop to its end and return the final :class:`~asynchat.LoopState`."""
         with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
             async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
-                self._compute = compute
+                run = self._attach(compute)
                 # asynchat.to_host() in this task (our async hooks) orders after our stream.
                 token = transfer.compute_stream.set(compute.stream)
                 try:
-                    await compute.run(self._run, on_cancel=self._request_cancel)
+                    await compute.run(run.run, on_cancel=self._request_cancel)
                 finally:
                     transfer.compute_stream.reset(token)
         return self.state
@@ -299,71 +284,49 @@ class LoopBase(PipeBase):
             )
         with self._lifecycle(cancelled=JobCancelled):
             self._control.parent = parent._control
-            if parent.device == self.device:
-                self._stager = parent._stager  # its copy stream, if it has made one
-            self._compute = compute
-            self._run()
+            run = self._attach(compute)
+            if parent.device == self.device and parent._run is not None:
+                run.stager = parent._run.stager  # its copy stream, if it has made one
+            run.run()
         return self.state
 
     @contextlib.contextmanager
     def _lifecycle(self, *, cancelled: type[BaseException]) -> Iterator[None]:
-        """``created -> running``, then ``finished``, ``failed`` or ``cancelled`` by how the
-        block ends."""
-        control = self._control
-        if control.status is not LoopStatus.CREATED:
+        """The run's status from start to end (see :meth:`LoopControl.running`); runs once."""
+        if self._control.status is not LoopStatus.CREATED:
             raise RuntimeError(
-                f"{self.name} has already run (status {control.status}); a loop runs once, so "
-                f"create a new {type(self).__name__} to run again"
+                f"{self.name} has already run (status {self._control.status}); a loop runs "
+                f"once, so create a new {type(self).__name__} to run again"
             )
-        self._trace = _LOG.isEnabledFor(logging.DEBUG)
-        self._started_at = time.perf_counter()
-        self._steps_before_start = self.state.global_step
-        control.transition(LoopStatus.STOPPING if control.stop_requested else LoopStatus.RUNNING)
+        self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)
+        self._throughput.start(self.state.global_step)
         try:
-            yield
-        except cancelled:
-            control.transition(LoopStatus.CANCELLED)
-            raise
-        except GeneratorExit:  # a stream closed early: the loop was stopped
-            control.transition(LoopStatus.FINISHED)
-            raise
-        except BaseException as exc:
-            # Ctrl-C that reached the event loop (trio raises it there) wound the loop down
-            # like a cancellation; one raised by a hook on the compute thread is an error.
-            interrupted = isinstance(exc, KeyboardInterrupt) and control.cancel_requested
-            control.transition(LoopStatus.CANCELLED if interrupted else LoopStatus.FAILED)
-            raise
+            with self._control.running(cancelled=cancelled):
+                yield
         finally:
-            self._compute = None
-        control.transition(LoopStatus.FINISHED)
+            self._detach()
 
-    def _request_cancel(self) -> None:
-        self._control.request_cancel()
-        self.state.stop_reason = self._control.stop_reason
-        self._interrupt_data_wait()
+    def _attach(self, compute: ComputeThread) -> LoopRun:
+        """The run's compute-thread half, going through ``compute``."""
+        self._compute = self._hooks_runner.compute = compute
+        self._run = LoopRun(
+            self,
+            data_loader=self.data_loader,
+            batch_processor=self.batch_processor,
+            prefetch=self.prefetch,
+            prepare=self._prepare,
+            begin_epoch_data=self._begin_epoch_data,
+            control=self._control,
+            hooks=self._hooks_runner,
+            events=self._events,
+            data=self._data,
+            throughput=self._throughput,
+        )
+        return self._run
 
-    def _interrupt_data_wait(self) -> None:
-        """Wake a compute thread waiting for data, so a stop or cancellation needs no batch.
-        Only alone: a rank of a group must run the step its peers run, then agree."""
-        batches = self._batches
-        if batches is not None and self._control.agree is None:
-            batches.interrupt()
-
-    async def _await_hook(
-        self, hook: Hook, phase: Phase, ready: torch.cuda.Event | None
-    ) -> torch.cuda.Event | None:
-        if self._control.cancelling() and phase is not Phase.ON_LOOP_END:
-            return None  # a cancelled loop skips the async hooks it has not started
-        if ready is None:
-            await hook.fn(self.state)  # type: ignore[misc]
-            return None
-        # On CUDA: whatever the hook queues on this thread's stream runs after the step's
-        # work so far, and the compute stream will wait for it (device-side, both ways).
-        stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(ready)
-        await hook.fn(self.state)  # type: ignore[misc]
-        done: torch.cuda.Event = stream.record_event()
-        return done
+    def _detach(self) -> None:
+        self._compute = self._hooks_runner.compute = None
+        self._run = None
 
     # -- the run, on the compute thread ------------------------------------------------------
 
@@ -371,66 +334,10 @@ class LoopBase(PipeBase):
         """Run the hooks of ``phase`` in order: ``def`` ones here, ``async def`` ones on the
         event loop (this thread waits for them). Called on the compute thread only.
 
-        ``on_loop_end`` is teardown: every hook runs even when an earlier one raises (so each
-        callback joins its threads and closes its files); the first error then propagates as
-        itself, with the later ones attached to it as notes.
+        ``on_loop_end`` is teardown: every hook runs even when an earlier one raises; the
+        first error then propagates as itself, with the later ones attached as notes.
         """
-        state = self.state
-        state.phase = phase
-        if self._trace:
-            _LOG.debug(
-                "%s: %s epoch=%d step=%d global_step=%d on %s", self.name, phase.value, state.epoch,
-                state.step, state.global_step, threading.current_thread().name,
-            )  # fmt: skip
-        # Progress for launch(hang_timeout=...), on entering and on leaving the phase, so a
-        # rank stuck in a hook is behind a rank that waits in the collective after it. A
-        # no-op outside launched ranks.
-        beat()
-        if phase is Phase.ON_LOOP_END:
-            self._run_every_hook(phase)
-        else:
-            for hook in self._hooks[phase]:
-                self._call_hook(hook, phase)
-        beat()
-
-    def _call_hook(self, hook: Hook, phase: Phase) -> None:
-        if not hook.is_async:
-            hook.fn(self.state)
-            return
-        compute = self._compute
-        assert compute is not None
-        stream = compute.stream
-        if self._trace:
-            _LOG.debug("%s: %s: hop to the event loop for %r", self.name, phase.value, hook)
-        ready = stream.record_event() if stream is not None else None
-        done = compute.call_async(functools.partial(self._await_hook, hook, phase, ready))
-        if stream is not None and done is not None:
-            stream.wait_event(done)
-
-    def _run_every_hook(self, phase: Phase) -> None:
-        first: BaseException | None = None
-        for hook in self._hooks[phase]:
-            try:
-                self._call_hook(hook, phase)
-            except BaseException as exc:
-                if first is None:
-                    first = exc
-                else:
-                    trace = "".join(traceback.format_exception(exc)).rstrip()
-                    add_note(first, f"{hook!r} also raised, at {phase.value}:\n{trace}")
-        if first is not None:
-            raise first
-
-    def _prepare(self) -> None:
-        """Get the model, optimizer and processor ready; on the compute thread, before hooks."""
-        self.model.to(self.device)
-        self._configure()
-        self.batch_processor.setup(self)
-        if self.resume_from is not None:
-            checkpoint, self.resumed_from = load_checkpoint(self.resume_from)
-            self.load_state_dict(checkpoint)
-
-    # -- checkpoints: on the compute thread -------------------------------------------------
+        self._hooks_runner.run_phase(phase)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this run, copied to host memory.
@@ -440,11 +347,10 @@ class LoopBase(PipeBase):
         position in the data and every RNG state. :class:`~asynchat.Trainer` adds the
         optimizer. The result loads with ``torch.load(weights_only=True)``.
         """
-        state = self.state
         return build_checkpoint(
             tracker=self._data,
-            global_step=state.global_step,
-            metrics=state.metrics,
+            global_step=self.state.global_step,
+            metrics=self.state.metrics,
             model=self.model,
             processor_state=self.batch_processor.state_dict(),
             callbacks=self.callbacks,
@@ -462,189 +368,53 @@ class LoopBase(PipeBase):
             data_loader=self.data_loader,
         )
         self._load_extra_state(checkpoint)
-        state = self.state
-        state.metrics.update(checkpoint["metrics"])
-        state.global_step = checkpoint["progress"]["global_step"]
-        state.epoch = checkpoint["progress"]["epoch"]
+        self.state.metrics.update(checkpoint["metrics"])
+        self.state.global_step = checkpoint["progress"]["global_step"]
+        self.state.epoch = checkpoint["progress"]["epoch"]
+
+    def _prepare(self) -> ResumePoint | None:
+        """The model, optimizer and processor ready, and the resume checkpoint loaded (no
+        hook has run yet); returns where a resumed run starts."""
+        self.model.to(self.device)
+        self._configure()
+        self.batch_processor.setup(self)
+        if self.resume_from is not None:
+            checkpoint, self.resumed_from = load_checkpoint(self.resume_from)
+            self.load_state_dict(checkpoint)
+        resume, self._resume = self._resume, None
+        return resume
+
+    # Template hooks for subclasses, called on the compute thread.
 
     def _configure(self) -> None:
-        """Subclasses build what needs the model on its device (the Trainer: its optimizer)."""
+        """Build what needs the model on its device (the Trainer: its optimizer)."""
 
     def _begin_epoch_data(self, epoch: int) -> None:
-        """Subclasses prepare the data loader for ``epoch`` before its order is drawn."""
+        """Prepare the data loader for ``epoch`` before its order is drawn."""
 
     def _extra_state(self) -> dict[str, Any]:
-        """Subclasses add to the checkpoint here (the Trainer: its optimizer)."""
+        """Add to the checkpoint (the Trainer: its optimizer)."""
         return {}
 
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
-        """Subclasses restore what :meth:`_extra_state` added."""
+        """Restore what :meth:`_extra_state` added."""
 
-    @contextlib.contextmanager
-    def _mode(self) -> Iterator[None]:
-        """Train or eval mode and grad mode for the run (grad mode is per thread)."""
-        was_training = self.model.training
-        self.model.train(self.training)
-        try:
-            with torch.set_grad_enabled(self.training):
-                yield
-        finally:
-            self.model.train(was_training)
 
-    def _run(self) -> None:
-        with self._mode():
-            self._prepare()
-            try:
-                self.run_phase(Phase.ON_LOOP_BEGIN)
-                self._run_epochs()
-            except JobCancelled:
-                raise
-            except BaseException as exc:
-                self.state.exception = exc
-                if isinstance(exc, Exception):
-                    state = self.state
-                    phase = state.phase.value if state.phase is not None else "prepare"
-                    add_note(
-                        exc,
-                        f"asynchat: raised in {self.name} at epoch {state.epoch}, step "
-                        f"{state.step} (global step {state.global_step}), phase {phase}",
-                    )
-                raise
-            finally:
-                self._control.transition(LoopStatus.STOPPING, only_from=_RUNNING)
-                self.run_phase(Phase.ON_LOOP_END)
-
-    def _run_epochs(self) -> None:
-        state = self.state
-        resume, self._resume = self._resume, None
-        epochs_done = resume.epoch if resume is not None else 0
-        while not self._reached_bound(epochs_done):
-            if self._decide() is not Decision.CONTINUE:  # the epoch boundary
-                return
-            state.epoch = epochs_done
-            state.step = resume.steps_done if resume is not None else 0
-            state.epoch_complete = False
-            self.run_phase(Phase.ON_EPOCH_BEGIN)
-            self._events.publish(EventKind.EPOCH_BEGIN)
-            steps, ran_out, decision = self._run_steps(resume)
-            if decision is Decision.PEER_CANCEL:
-                return  # like the cancelled rank: no on_epoch_end
-            if steps == 0 and resume is None and state.num_steps and decision is Decision.CONTINUE:
-                raise RuntimeError(
-                    f"{self.name}: data_loader yielded no batch in epoch {state.epoch}, so "
-                    f"num_steps={state.num_steps} can never be reached"
-                )
-            resume = None  # only the first epoch of a resumed run is a partial one
-            # Only now is the epoch over for a checkpoint: one taken before on_epoch_end ran
-            # (a cancellation in the last step) resumes into this epoch and runs its end then.
-            state.epoch_complete = ran_out
-            if ran_out:
-                self._data.epoch_ended()
-            self.run_phase(Phase.ON_EPOCH_END)
-            self._events.publish(EventKind.EPOCH_END)
-            epochs_done += 1
-
-    def _decide(self) -> Decision:
-        """The decision at a boundary (agreed by all ranks in a distributed run); a
-        cancellation of this loop raises JobCancelled."""
-        decision = self._control.decide()
-        if self._trace and decision is not Decision.CONTINUE:
-            _LOG.debug(
-                "%s: decision at global_step=%d: %s",
-                self.name,
-                self.state.global_step,
-                decision.name,
-            )
-        if decision is Decision.CANCEL:
-            raise JobCancelled
-        if decision is not Decision.CONTINUE:
-            self.state.stop_reason = self._control.stop_reason
-        return decision
-
-    def _reached_bound(self, epochs_done: int) -> bool:
-        state = self.state
-        if state.num_epochs is not None:
-            return epochs_done >= state.num_epochs
-        assert state.num_steps is not None
-        return state.global_step >= state.num_steps
-
-    def _run_steps(self, resume: ResumePoint | None) -> tuple[int, bool, Decision]:
-        """Run the steps of one epoch (its remaining steps when resuming); return how many ran,
-        whether the epoch's data ran out (rather than ``stop()`` or ``num_steps``), and the
-        decision that ended them (``CONTINUE`` when the data or ``num_steps`` did)."""
-        state = self.state
-        skip = resume.steps_done if resume is not None else 0
-        limit = None if state.num_steps is None else state.num_steps - state.global_step
-        length = None if state.steps_per_epoch is None else max(0, state.steps_per_epoch - skip)
-        self._begin_epoch_data(state.epoch)
-        step_rng = self._data.begin_epoch(state.epoch, self.data_loader, resume)
-        steps = 0
-        ran_out = False
-        decision = Decision.CONTINUE
-        try:
-            with self._open_batches(skip_batches(self.data_loader, skip)) as batches:
-                self._batches = batches
-                try:
-                    decision = self._decide()  # before the first step
-                    if decision is not Decision.CONTINUE:
-                        return 0, False, decision
-                    waiting_since = time.perf_counter()
-                    for staged, is_last, ends_data in with_last(batches, limit, length):
-                        state.data_time = time.perf_counter() - waiting_since
-                        if step_rng is not None:  # the data order is drawn: now the step's RNG
-                            restore_rng(step_rng)
-                            step_rng = None
-                        state.step = skip + steps
-                        state.is_last_step = is_last
-                        state.batch = DeviceStager.take(staged)
-                        if steps == 0:
-                            self._batch_size = batch_size(state.batch)
-                        self._run_step()
-                        steps += 1
-                        ran_out = ends_data
-                        decision = self._decide()  # the step boundary
-                        if decision is not Decision.CONTINUE:
-                            break
-                        waiting_since = time.perf_counter()
-                    else:  # the data ended, unless the loop's num_steps did
-                        ran_out = ran_out or limit is None or steps < limit
-                except Interrupted:  # stop() or cancellation while waiting for data (alone)
-                    decision = self._decide()
-                finally:
-                    self._batches = None
-                    state.batch = None
-        finally:
-            if step_rng is not None:  # no step ran: a checkpoint must hold the step's RNG
-                restore_rng(step_rng)
-            self._data.step_done(state.epoch, skip + steps)
-        return steps, ran_out, decision
-
-    def _run_step(self) -> None:
-        state = self.state
-        self.run_phase(Phase.ON_STEP_BEGIN)
-        self.batch_processor.step(state, self.run_phase)
-        state.global_step += 1
-        self._data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
-        self.run_phase(Phase.ON_STEP_END)
-
-    def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
-        if self._stager is None:  # one copy stream for the run, not one per epoch
-            self._stager = DeviceStager(self.device)
-        stager = self._stager
-        if self.prefetch == 0:
-            return InlineBatches(source, stage=stager.stage)
-        return Prefetcher(
-            source,
-            stage=stager.stage,
-            depth=self.prefetch,
-            name=f"asynchat-{self.name}-data",
-            # Only if a warning needs it, and short: a repr of a list of batches would print
-            # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).
-            label=lambda: f"{self.name}'s data_loader {reprlib.repr(self.data_loader)}",
+def _check_arguments(
+    model: torch.nn.Module,
+    data_loader: Iterable[Any],
+    batch_processor: BatchProcessor,
+    num_epochs: int | None,
+    num_steps: int | None,
+    prefetch: int,
+) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_data_loader(data_loader, num_epochs)
+    if not isinstance(batch_processor, BatchProcessor):
+        raise TypeError(
+            f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
         )
-
-
-def _check_bounds(num_epochs: int | None, num_steps: int | None) -> None:
     if (num_epochs is None) == (num_steps is None):
         raise ValueError(
             "pass exactly one of num_epochs and num_steps, got "
@@ -653,3 +423,5 @@ def _check_bounds(num_epochs: int | None, num_steps: int | None) -> None:
     for name, value in (("num_epochs", num_epochs), ("num_steps", num_steps)):
         if value is not None:  # exactly one is given
             positive_int(name, value)
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0 (0: no prefetch thread), got {prefetch!r}")

@@ -15,7 +15,7 @@ from asynchat._compute import ComputeThread
 from asynchat._loop import LoopBase
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 from asynchat._state import LoopState
-from asynchat._transfer import start_host_copies, wait_for_event
+from asynchat._transfer import HostCopy
 
 
 class Predictor(LoopBase):
@@ -79,10 +79,10 @@ class Predictor(LoopBase):
         positive_int("buffer", buffer)
         with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
             async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
-                self._compute = compute
+                run = self._attach(compute)
                 self._append_callback(_EmitOutputs(compute))  # once the run is ours alone
                 items = compute.run_streaming(
-                    self._run,
+                    run.run,
                     on_cancel=self._request_cancel,
                     on_close=lambda: self.stop("the stream was closed"),
                     buffer=buffer,
@@ -90,9 +90,8 @@ class Predictor(LoopBase):
                 # aclosing: when this generator is closed early, the inner one must be closed
                 # too (it stops the job and serves it to its end) before the thread is joined.
                 async with contextlib.aclosing(items):
-                    async for host, copied in items:
-                        await wait_for_event(copied)
-                        yield host
+                    async for copied in items:
+                        yield await copied.landed()
 
 
 class _EmitOutputs(Callback):
@@ -102,4 +101,4 @@ class _EmitOutputs(Callback):
         self.compute = compute
 
     def on_batch_end(self, state: LoopState) -> None:
-        self.compute.emit(start_host_copies(state.outputs))
+        self.compute.emit(HostCopy(state.outputs))

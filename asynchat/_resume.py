@@ -38,7 +38,7 @@ from asynchat._callback import Callback
 from asynchat._checkpoint_io import FORMAT, VERSION
 from asynchat._data import loader_generators
 from asynchat._rng import capture_rng, restore_rng
-from asynchat._tree import map_tensors
+from asynchat._transfer import HostCopy
 
 
 @dataclasses.dataclass(slots=True)
@@ -70,13 +70,13 @@ class DataTracker:
         self.position = DataPosition()
         self.epoch_rng: dict[str, Any] | None = None
         self.epoch_generators: list[torch.Tensor] = []
+        self._step_rng: dict[str, Any] | None = None  # to restore once the order is drawn
 
     def begin_epoch(
         self, epoch: int, data_loader: Iterable[Any], resume: ResumePoint | None
-    ) -> dict[str, Any] | None:
+    ) -> None:
         """Before the epoch's order is drawn: put the generators back for a resumed epoch and
-        remember what this epoch draws from. Returns the RNG state to restore before the
-        epoch's first step (a resumed epoch's), if any."""
+        remember what this epoch draws from."""
         generators = loader_generators(data_loader)
         if resume is not None and resume.epoch_rng is not None:
             # Re-draw this epoch's data order: put the generators back as they were when it
@@ -88,10 +88,23 @@ class DataTracker:
         self.epoch_generators = [g.get_state() for g in generators]
         skip = resume.steps_done if resume is not None else 0
         self.position = DataPosition(epoch, skip)
-        return resume.step_rng if resume is not None else None
+        self._step_rng = resume.step_rng if resume is not None else None
+
+    def order_drawn(self) -> None:
+        """The epoch's first batch is in hand, so its order is drawn: a resumed epoch's steps
+        go on with the RNG state the interrupted run had."""
+        if self._step_rng is not None:
+            restore_rng(self._step_rng)
+            self._step_rng = None
 
     def step_done(self, epoch: int, steps_done: int) -> None:
         self.position = DataPosition(epoch, steps_done)
+
+    def steps_ended(self, epoch: int, steps_done: int) -> None:
+        """The epoch's steps are over (however they ended); a checkpoint taken from now on
+        must hold the step RNG even when no step ran."""
+        self.order_drawn()
+        self.step_done(epoch, steps_done)
 
     def epoch_ended(self) -> None:
         self.position = dataclasses.replace(self.position, epoch_ended=True)
@@ -186,20 +199,10 @@ def apply_checkpoint(
 
 def to_host_copy(obj: Any) -> Any:
     """A copy of ``obj`` whose tensors are in host memory, detached from the live ones."""
-    devices: set[torch.device] = set()
-
-    def copy(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_cuda:  # into pinned memory, queued on its device's current stream
-            devices.add(tensor.device)
-            return tensor.detach().to("cpu", non_blocking=True)
-        return tensor.detach().clone()
-
-    copied = map_tensors(copy, obj)
-    for each in devices:
-        # Host/device sync, on purpose: the copies above are queued on each device's current
-        # stream (the compute stream for the loop's device) and must have landed before the
-        # checkpoint is handed to a writer thread. This is the only pause a checkpoint causes.
-        torch.cuda.current_stream(each).synchronize()
+    # Host/device sync, on purpose: the copies are queued on each device's current stream
+    # (the compute stream for the loop's device) and must have landed before the checkpoint
+    # is handed to a writer thread. This is the only pause a checkpoint causes.
+    copied = HostCopy(obj).wait()
     _copy_metadata(obj, copied)
     return copied
 

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from asynchat._callback import Callback
 from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
-from asynchat._transfer import PendingCopy, start_host_copy
+from asynchat._transfer import HostCopy
 
 
 class ScalarLogger(Callback):
@@ -31,7 +33,7 @@ class ScalarLogger(Callback):
         positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.prefix = prefix
-        self._pending: list[tuple[int, PendingCopy]] = []
+        self._pending: list[tuple[int, HostCopy[torch.Tensor]]] = []
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
@@ -43,7 +45,7 @@ class ScalarLogger(Callback):
         if not state.loop.is_rank_zero:
             return
         if state.loss is not None and every_n_steps(state, self.every_n_steps):
-            self._pending.append((state.global_step, start_host_copy(state.loss)))
+            self._pending.append((state.global_step, HostCopy(state.loss)))
         self._flush(wait=False)
 
     def on_epoch_end(self, state: LoopState) -> None:
@@ -62,7 +64,7 @@ class ScalarLogger(Callback):
     def _flush(self, *, wait: bool) -> None:
         while self._pending and (wait or self._pending[0][1].ready()):
             step, copy = self._pending.pop(0)
-            self.write(step, {self.prefix + "loss": float(copy.value())})
+            self.write(step, {self.prefix + "loss": float(copy.wait())})
 
 
 class TensorBoardLogger(ScalarLogger):

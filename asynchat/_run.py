@@ -1,0 +1,261 @@
+"""LoopRun: one run of a loop, on its compute thread.
+
+:class:`~asynchat.LoopBase` is the half of a loop that the event loop and other threads touch
+(configuration, ``stop``/``pause``, events, ``fit``); :class:`LoopRun` is the other half, and
+everything in it runs on the compute thread: the phases, the epochs and their steps, and the
+decision at every boundary. It is made for one run and given the loop's collaborators (its
+control, hook runner, event hub, data tracker) explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import reprlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from asynchat._compute import JobCancelled
+from asynchat._control import Decision, LoopControl
+from asynchat._data import skip_batches, with_last
+from asynchat._errors import add_note
+from asynchat._events import EventHub, EventKind, LoopStatus, Throughput
+from asynchat._handle import LoopHandle
+from asynchat._hooks import HookRunner
+from asynchat._phase import Phase
+from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
+from asynchat._processor import BatchProcessor
+from asynchat._resume import DataTracker, ResumePoint
+from asynchat._tree import batch_size
+
+_LOG = logging.getLogger("asynchat.loop")
+_RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
+
+
+@dataclasses.dataclass(slots=True)
+class _EpochRun:
+    """How one epoch's steps went: written by the step loop, read when the epoch ends."""
+
+    skip: int  # steps of this epoch done before (a resumed epoch)
+    steps: int = 0  # steps run now
+    ran_out: bool = False  # the epoch's data ran out (rather than stop() or num_steps)
+    decision: Decision = Decision.CONTINUE  # what ended the steps
+
+
+class LoopRun:
+    """Runs a loop from preparation to ``on_loop_end``: :meth:`run`, on the compute thread.
+
+    ``prepare`` gets the model, optimizer and processor ready (no hook has run yet) and
+    returns where a resumed run starts; ``begin_epoch_data`` prepares the data loader for an
+    epoch before its order is drawn (a distributed sampler's epoch).
+
+    Fields, who writes them and from where:
+
+    - ``batches``: the current epoch's batch source; set and cleared by the compute thread
+      around each epoch's steps, read by :meth:`interrupt` from any thread.
+    - ``stager``: the copy stream's owner, made at the first epoch (or the parent run's, for
+      ``run_inline`` on the same device) and kept for the run; compute thread only.
+    """
+
+    def __init__(
+        self,
+        loop: LoopHandle,
+        *,
+        data_loader: Iterable[Any],
+        batch_processor: BatchProcessor,
+        prefetch: int,
+        prepare: Callable[[], ResumePoint | None],
+        begin_epoch_data: Callable[[int], None],
+        control: LoopControl,
+        hooks: HookRunner,
+        events: EventHub,
+        data: DataTracker,
+        throughput: Throughput,
+        stager: DeviceStager | None = None,
+    ) -> None:
+        self.loop = loop
+        self.state = hooks.state
+        self.data_loader = data_loader
+        self.batch_processor = batch_processor
+        self.prefetch = prefetch
+        self.prepare = prepare
+        self.begin_epoch_data = begin_epoch_data
+        self.control = control
+        self.hooks = hooks
+        self.events = events
+        self.data = data
+        self.throughput = throughput
+        self.stager = stager
+        self.batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
+
+    def interrupt(self) -> None:
+        """Wake the compute thread if it waits for data, so a stop or cancellation needs no
+        batch. Only alone: a rank of a group must run the step its peers run, then agree."""
+        batches = self.batches
+        if batches is not None and self.control.agree is None:
+            batches.interrupt()
+
+    def run(self) -> None:
+        with _mode(self.loop.model, self.loop.training):
+            resume = self.prepare()
+            try:
+                self.hooks.run_phase(Phase.ON_LOOP_BEGIN)
+                self._run_epochs(resume)
+            except JobCancelled:
+                raise
+            except BaseException as exc:
+                self.state.exception = exc
+                self._note_where(exc)
+                raise
+            finally:
+                self.control.transition(LoopStatus.STOPPING, only_from=_RUNNING)
+                self.hooks.run_phase(Phase.ON_LOOP_END)
+
+    def _note_where(self, exc: BaseException) -> None:
+        if isinstance(exc, Exception):
+            state = self.state
+            phase = state.phase.value if state.phase is not None else "prepare"
+            add_note(
+                exc,
+                f"asynchat: raised in {self.loop.name} at epoch {state.epoch}, step "
+                f"{state.step} (global step {state.global_step}), phase {phase}",
+            )
+
+    def _run_epochs(self, resume: ResumePoint | None) -> None:
+        state = self.state
+        epochs_done = resume.epoch if resume is not None else 0
+        while not self._reached_bound(epochs_done):
+            if self._decide() is not Decision.CONTINUE:  # the epoch boundary
+                return
+            state.epoch = epochs_done
+            state.step = resume.steps_done if resume is not None else 0
+            state.epoch_complete = False
+            self.hooks.run_phase(Phase.ON_EPOCH_BEGIN)
+            self.events.publish(EventKind.EPOCH_BEGIN)
+            steps, ran_out, decision = self._run_steps(resume)
+            if decision is Decision.PEER_CANCEL:
+                return  # like the cancelled rank: no on_epoch_end
+            if steps == 0 and resume is None and state.num_steps and decision is Decision.CONTINUE:
+                raise RuntimeError(
+                    f"{self.loop.name}: data_loader yielded no batch in epoch {state.epoch}, so "
+                    f"num_steps={state.num_steps} can never be reached"
+                )
+            resume = None  # only the first epoch of a resumed run is a partial one
+            # Only now is the epoch over for a checkpoint: one taken before on_epoch_end ran
+            # (a cancellation in the last step) resumes into this epoch and runs its end then.
+            state.epoch_complete = ran_out
+            if ran_out:
+                self.data.epoch_ended()
+            self.hooks.run_phase(Phase.ON_EPOCH_END)
+            self.events.publish(EventKind.EPOCH_END)
+            epochs_done += 1
+
+    def _decide(self) -> Decision:
+        """The decision at a boundary (agreed by all ranks in a distributed run); a
+        cancellation of this loop raises JobCancelled."""
+        decision = self.control.decide()
+        if self.hooks.trace and decision is not Decision.CONTINUE:
+            _LOG.debug("%s: decision at global_step=%d: %s", self.loop.name,
+                       self.state.global_step, decision.name)  # fmt: skip
+        if decision is Decision.CANCEL:
+            raise JobCancelled
+        if decision is not Decision.CONTINUE:
+            self.state.stop_reason = self.control.stop_reason
+        return decision
+
+    def _reached_bound(self, epochs_done: int) -> bool:
+        state = self.state
+        if state.num_epochs is not None:
+            return epochs_done >= state.num_epochs
+        assert state.num_steps is not None
+        return state.global_step >= state.num_steps
+
+    def _run_steps(self, resume: ResumePoint | None) -> tuple[int, bool, Decision]:
+        """Run the steps of one epoch (its remaining steps when resuming); return how many ran,
+        whether the epoch's data ran out (rather than ``stop()`` or ``num_steps``), and the
+        decision that ended them (``CONTINUE`` when the data or ``num_steps`` did)."""
+        state = self.state
+        skip = resume.steps_done if resume is not None else 0
+        self.begin_epoch_data(state.epoch)
+        self.data.begin_epoch(state.epoch, self.data_loader, resume)
+        epoch = _EpochRun(skip)
+        try:
+            with self._open_batches(skip_batches(self.data_loader, skip)) as batches:
+                self.batches = batches
+                try:
+                    epoch.decision = self._decide()  # before the first step
+                    if epoch.decision is Decision.CONTINUE:
+                        self._step_through(batches, epoch)
+                except Interrupted:  # stop() or cancellation while waiting for data (alone)
+                    epoch.decision = self._decide()
+                finally:
+                    self.batches = None
+                    state.batch = None
+        finally:
+            self.data.steps_ended(state.epoch, skip + epoch.steps)
+        return epoch.steps, epoch.ran_out, epoch.decision
+
+    def _step_through(self, batches: Iterator[Staged], epoch: _EpochRun) -> None:
+        """The epoch's steps, one per batch, each followed by the boundary's decision."""
+        state = self.state
+        limit = None if state.num_steps is None else state.num_steps - state.global_step
+        length = state.steps_per_epoch
+        length = None if length is None else max(0, length - epoch.skip)
+        waiting_since = time.perf_counter()
+        for staged, is_last, ends_data in with_last(batches, limit, length):
+            state.data_time = time.perf_counter() - waiting_since
+            self.data.order_drawn()
+            state.step = epoch.skip + epoch.steps
+            state.is_last_step = is_last
+            state.batch = DeviceStager.take(staged)
+            if epoch.steps == 0:
+                self.throughput.batch_size = batch_size(state.batch)
+            self._run_step()
+            epoch.steps += 1
+            epoch.ran_out = ends_data
+            epoch.decision = self._decide()  # the step boundary
+            if epoch.decision is not Decision.CONTINUE:
+                return
+            waiting_since = time.perf_counter()
+        # The data ended, unless the loop's num_steps did.
+        epoch.ran_out = epoch.ran_out or limit is None or epoch.steps < limit
+
+    def _run_step(self) -> None:
+        state, run_phase = self.state, self.hooks.run_phase
+        run_phase(Phase.ON_STEP_BEGIN)
+        self.batch_processor.step(state, run_phase)
+        state.global_step += 1
+        self.data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
+        run_phase(Phase.ON_STEP_END)
+
+    def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
+        name = self.loop.name
+        if self.stager is None:  # one copy stream for the run, not one per epoch
+            self.stager = DeviceStager(self.loop.device)
+        if self.prefetch == 0:
+            return InlineBatches(source, stage=self.stager.stage)
+        return Prefetcher(
+            source,
+            stage=self.stager.stage,
+            depth=self.prefetch,
+            name=f"asynchat-{name}-data",
+            # Only if a warning needs it, and short: a repr of a list of batches would print
+            # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).
+            label=lambda: f"{name}'s data_loader {reprlib.repr(self.data_loader)}",
+        )
+
+
+@contextlib.contextmanager
+def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """Train or eval mode and grad mode for the run (grad mode is per thread)."""
+    was_training = model.training
+    model.train(training)
+    try:
+        with torch.set_grad_enabled(training):
+            yield
+    finally:
+        model.train(was_training)
