@@ -11,7 +11,12 @@ from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
 from asynchat._phase import Phase
 from asynchat._predictor import Predictor
-from asynchat._processor import BasicBatchProcessor, BatchProcessor, MultiBatchProcessor
+from asynchat._processor import (
+    BasicBatchProcessor,
+    BatchProcessor,
+    MultiBatchProcessor,
+    RunPhase,
+)
 from asynchat._signals import stop_on_signals
 from asynchat._state import LoopState, LoopStatus
 from asynchat._trainer import Trainer
@@ -39,6 +44,7 @@ __all__ = [
     "Phase",
     "PipeBase",
     "Predictor",
+    "RunPhase",
     "Trainer",
     "__version__",
     "launch",

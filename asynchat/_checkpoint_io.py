@@ -40,8 +40,10 @@ except ImportError:  # pragma: no cover - not POSIX: the directory lock is not a
     fcntl = None  # type: ignore[assignment]
 
 FORMAT = "asynchat-checkpoint"
-VERSION = 2  # 2: each file carries its content digest ("integrity")
-READABLE_VERSIONS = (1, 2)
+# 2: each file carries its content digest ("integrity"); 3: "optimizers" maps each of a
+# Trainer's optimizers by name (1 and 2 held one "optimizer", read as the one named "default").
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 LOCK = ".asynchat.lock"
 SUFFIX = ".ckpt"
@@ -252,9 +254,25 @@ def read_manifest(directory: Path) -> list[dict[str, Any]]:
     return usable
 
 
-def write_manifest(directory: Path, entries: list[dict[str, Any]]) -> None:
-    text = json.dumps({"format": FORMAT, "version": VERSION, "checkpoints": entries}, indent=1)
-    atomic_write(directory / MANIFEST, text.encode())
+def write_manifest(
+    directory: Path, entries: list[dict[str, Any]], *, monitor: str | None, mode: str
+) -> None:
+    manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+    if monitor is not None:  # what "metric" means, for find_checkpoint(best=True)
+        manifest.update(monitor=monitor, mode=mode)
+    manifest["checkpoints"] = entries
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _manifest_ranking(directory: Path) -> tuple[str, str] | None:
+    """``(monitor, mode)`` as the manifest records them, if it ranks its checkpoints."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    monitor, mode = manifest.get("monitor"), manifest.get("mode")
+    ok = isinstance(monitor, str) and mode in ("min", "max")
+    return (monitor, mode) if ok else None
 
 
 def manifest_entry(
@@ -310,6 +328,69 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     if not path.exists():
         raise CheckpointError(f"resume_from={str(path)!r}: no such file or directory")
     return _load_file(path, _expected_digest(path)), path
+
+
+def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) -> Path:
+    """The newest valid checkpoint file in ``directory`` or, with ``best=True``, the valid
+    one with the best monitored metric (as the :class:`~asynchat.callbacks.Checkpoint` that
+    wrote the directory ranked them: its ``monitor`` and ``mode`` are in the manifest).
+
+    "Valid" means it loads and matches its checksums (each candidate is read to check);
+    an invalid best is skipped with a :class:`CheckpointWarning` for the next best. Raises
+    :class:`CheckpointError` when there is none.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"find_checkpoint: {str(directory)!r} is not a directory")
+    if not best:
+        return _load_newest(directory)[1]
+    ranking = _manifest_ranking(directory)
+    if ranking is None:
+        raise CheckpointError(
+            f"{directory}: its manifest ranks no checkpoint (written without monitor=...); "
+            "use best=False for the newest"
+        )
+    monitor, mode = ranking
+    ranked = [e for e in read_manifest(directory) if finite(e["metric"])]
+    ranked.sort(key=lambda e: float(e["metric"]), reverse=mode == "max")
+    for entry in ranked:
+        file: Path = directory / str(entry["file"])
+        try:
+            if file.is_symlink():
+                raise CheckpointError(f"{file} is a symbolic link, not a checkpoint file")
+            _load_file(file, entry.get("sha256"))
+            return file
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; trying the next best", CheckpointWarning, stacklevel=2)
+    raise CheckpointError(f"{directory}: no valid checkpoint has a {monitor!r} value")
+
+
+def load_weights(
+    module: torch.nn.Module,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    prefix: str = "",
+    strict: bool = True,
+) -> None:
+    """Load a checkpoint's model weights into ``module``, e.g. to evaluate or deploy it.
+
+    ``checkpoint`` is a checkpoint file, a directory (its newest valid checkpoint; use
+    :func:`find_checkpoint` for the best) or a checkpoint already loaded. ``prefix`` takes
+    one submodule's weights out of the whole model's: ``load_weights(generator, path,
+    prefix="generator.")`` loads the entries named ``generator.*`` with the prefix removed.
+    ``strict`` is passed to ``module.load_state_dict``.
+    """
+    loaded = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)[0]
+    weights = loaded.get("model")
+    if not isinstance(weights, Mapping):
+        raise CheckpointError("the checkpoint has no 'model' entry of weights")
+    chosen = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not chosen:
+        tops = sorted({k.split(".", 1)[0] + "." for k in weights})
+        raise CheckpointError(
+            f"no weights start with prefix={prefix!r}; the checkpoint's model has {tops}"
+        )
+    module.load_state_dict(chosen, strict=strict)
 
 
 def _expected_digest(path: Path) -> str | None:

@@ -41,13 +41,15 @@ def path(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a non-empty path (a str or os.PathLike), got {value!r}")
 
 
-def optimizer_trains(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+def optimizer_trains(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, name: str = "optimizer"
+) -> None:
     """An optimizer that holds none of the model's parameters would train nothing."""
     mine = {id(p) for p in model.parameters()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
     if mine and held and not any(id(p) in mine for p in held):
         raise ValueError(
-            f"optimizer {type(optimizer).__name__} holds none of the model's parameters (was "
+            f"{name} {type(optimizer).__name__} holds none of the model's parameters (was "
             "it built over another model, or a copy?); pass a factory that builds it over the "
             "model it trains: optimizer=lambda model: torch.optim.SGD(model.parameters(), ...)"
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from asynchat._callback import Callback
 from asynchat._data import shard_loader
 from asynchat._device import resolve_device
 from asynchat._processor import BatchProcessor, LossFn
-from asynchat._trainer import OptimizerFactory, Trainer
+from asynchat._trainer import OptimizerSpec, Trainer
 
 
 class DistributedDataParallelTrainer(Trainer):
@@ -42,7 +42,7 @@ class DistributedDataParallelTrainer(Trainer):
         self,
         model: torch.nn.Module,
         data_loader: Iterable[Any],
-        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
         batch_processor: BatchProcessor | None = None,
         loss_fn: LossFn | None = None,
@@ -126,7 +126,7 @@ class DataParallelTrainer(Trainer):
         self,
         model: torch.nn.Module,
         data_loader: Iterable[Any],
-        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
         batch_processor: BatchProcessor | None = None,
         loss_fn: LossFn | None = None,

@@ -102,6 +102,7 @@ class LoopBase(PipeBase):
         self.batch_processor = batch_processor
         self.device = resolve_device(device)
         self.prefetch = prefetch
+        self._train_mode = self.training  # the model's mode in the run (a Predictor may differ)
         self.name = name if name is not None else f"{type(self).__name__.lower()}-{next(_names)}"
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.resumed_from: Path | None = None  # the checkpoint file actually loaded
@@ -314,6 +315,7 @@ class LoopBase(PipeBase):
             data_loader=self.data_loader,
             batch_processor=self.batch_processor,
             prefetch=self.prefetch,
+            train_mode=self._train_mode,
             prepare=self._prepare,
             begin_epoch_data=self._begin_epoch_data,
             control=self._control,

@@ -19,7 +19,8 @@ from asynchat._transfer import HostCopy
 
 
 class Predictor(LoopBase):
-    """Runs ``model`` over ``data_loader`` once, in ``eval()`` mode under ``torch.no_grad()``.
+    """Runs ``model`` over ``data_loader`` once, in ``eval()`` mode (unless ``train_mode``)
+    under ``torch.no_grad()``.
 
     The model's train/eval mode is restored afterwards, so a Predictor can validate a model
     between a Trainer's epochs. ``fit()`` is HAT's name for the run: here it predicts.
@@ -30,6 +31,9 @@ class Predictor(LoopBase):
             does not resume).
         loss_fn: shortcut for ``BasicBatchProcessor(loss_fn)``: batches that carry targets
             get a ``state.loss``.
+        train_mode: run the model in ``train()`` mode (still without gradients), e.g. to
+            sample a GAN's generator with batch statistics as DCGAN does. BatchNorm layers
+            then update their running statistics.
     """
 
     training: ClassVar[bool] = False
@@ -45,6 +49,7 @@ class Predictor(LoopBase):
         callbacks: Iterable[Callback] = (),
         prefetch: int = 2,
         name: str | None = None,
+        train_mode: bool = False,
     ) -> None:
         if batch_processor is None:
             batch_processor = BasicBatchProcessor(loss_fn)
@@ -60,6 +65,9 @@ class Predictor(LoopBase):
             prefetch=prefetch,
             name=name,
         )
+        if not isinstance(train_mode, bool):
+            raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
+        self._train_mode = train_mode
 
     async def stream(self, *, buffer: int = 8) -> AsyncGenerator[Any, None]:
         """Run the predictor, yielding each batch's outputs, on the host, as they are computed.

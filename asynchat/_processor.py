@@ -27,30 +27,166 @@ _AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.flo
 
 
 class BatchProcessor(abc.ABC):
-    """The protocol: what a loop calls once per step, on its compute thread.
+    """What a loop calls once per step, on its compute thread; subclass it for custom steps.
 
-    Subclasses implement :meth:`step`; :meth:`setup` is called once per run, on the compute
-    thread, after the model is on its device and before ``on_loop_begin``.
+    Subclasses implement :meth:`step`. :meth:`setup` is called once per run, on the compute
+    thread, after the model is on its device and before ``on_loop_begin``; a subclass that
+    overrides :meth:`setup`, :meth:`state_dict` or :meth:`load_state_dict` calls ``super()``'s
+    (they hold the grad scaler).
+
+    **The step API.** A custom :meth:`step` makes its updates with the same machinery as the
+    built-in processors, so mixed precision, gradient accumulation, DDP's gradient sync and
+    the ``on_before_update`` phase behave the same in every step::
+
+        def step(self, state, run_phase):
+            run_phase(Phase.ON_BATCH_BEGIN)
+            with self.no_sync(state), self.autocast():
+                loss = ...
+            self.backward(state, loss)      # scaled for fp16, divided for accumulation
+            self.update(state, run_phase, "d")   # on_before_update, step, zero_grad
+            ...
+            run_phase(Phase.ON_BATCH_END)
+
+    Args:
+        amp: ``None``, ``"bf16"`` or ``"fp16"``: :meth:`autocast` runs under
+            ``torch.autocast`` with that dtype; ``"fp16"`` scales losses with one
+            ``torch.amp.GradScaler`` for all optimizers when training (its scale is updated
+            once per step, after the step's last update, as PyTorch's AMP recipe for several
+            optimizers says).
+        grad_accumulation_steps: :meth:`update` steps the optimizer every this many steps
+            (and at the last step of each epoch); :meth:`backward` divides each loss by it.
+        set_to_none: passed to ``optimizer.zero_grad`` after each update.
     """
 
-    def setup(self, loop: LoopHandle) -> None:  # noqa: B027 - optional, does nothing by default
-        """Prepare for a run of ``loop`` (e.g. create a grad scaler)."""
+    # Class-level defaults: a subclass that does not call __init__ gets plain fp32 steps.
+    amp: Amp | None = None
+    grad_accumulation_steps: int = 1
+    set_to_none: bool = True
+    scaler: torch.amp.GradScaler | None = None
+    _device_type: str = "cpu"
+    _scaler_stepped: bool = False
+
+    def __init__(
+        self,
+        *,
+        amp: Amp | None = None,
+        grad_accumulation_steps: int = 1,
+        set_to_none: bool = True,
+    ) -> None:
+        positive_int("grad_accumulation_steps", grad_accumulation_steps)
+        if amp is not None and amp not in _AMP_DTYPES:
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        self.amp = amp
+        self.grad_accumulation_steps = grad_accumulation_steps
+        self.set_to_none = set_to_none
+
+    def setup(self, loop: LoopHandle) -> None:
+        """Prepare for a run of ``loop``: the grad scaler when training in fp16."""
+        self._device_type = loop.device.type
+        if self.amp == "fp16" and loop.training:
+            self.scaler = torch.amp.GradScaler(self._device_type)
 
     def state_dict(self) -> dict[str, Any]:
-        """State to keep in checkpoints (e.g. the grad scaler's)."""
-        return {}
+        """State to keep in checkpoints (the grad scaler's)."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: B027 - optional
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; called after :meth:`setup`."""
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
 
     @abc.abstractmethod
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         """Run one step on ``state.batch``.
 
         Call ``run_phase(Phase.ON_BATCH_BEGIN)`` and ``run_phase(Phase.ON_BATCH_END)`` around
-        each batch, set ``state.outputs`` and ``state.loss``, and, when ``state.training``,
-        update ``state.optimizer`` when an update is due.
+        each batch, set ``state.outputs`` and ``state.loss`` (and ``state.losses`` for a step
+        with several updates), and, when ``state.training``, make the updates with
+        :meth:`update`.
         """
+
+    def end_step(self, state: LoopState) -> None:
+        """Called by the loop after :meth:`step`: updates the grad scale once per step."""
+        if self._scaler_stepped:
+            assert self.scaler is not None
+            self.scaler.update()
+            self._scaler_stepped = False
+
+    # -- the step API ----------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The configured mixed precision for a forward pass (a no-op without ``amp``)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=_AMP_DTYPES[self.amp])
+
+    def update_due(self, state: LoopState) -> bool:
+        """Whether this step ends an accumulation (and so :meth:`update` steps)."""
+        return state.is_last_step or (state.step + 1) % self.grad_accumulation_steps == 0
+
+    def no_sync(
+        self, state: LoopState, model: torch.nn.Module | None = None, *, final: bool = True
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Hold DDP's gradient all-reduce for a forward and backward that no update follows.
+
+        Wrap the forward *and* the backward (DDP prepares its reducer in the forward).
+        ``model`` defaults to ``state.model``; ``final=False`` holds the sync even when an
+        update is due (for all but the last of several backwards before one update). A
+        no-op for a model that is not DDP-wrapped, and when not training.
+        """
+        model = state.model if model is None else model
+        sync = final and self.update_due(state)
+        if state.training and not sync and hasattr(model, "no_sync"):
+            return model.no_sync()  # type: ignore[no-any-return, operator]
+        return contextlib.nullcontext()
+
+    def backward(self, state: LoopState, loss: torch.Tensor) -> None:
+        """``loss.backward()``, divided by ``grad_accumulation_steps`` and scaled for fp16."""
+        if self.grad_accumulation_steps > 1:
+            loss = loss / self.grad_accumulation_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self, state: LoopState, run_phase: RunPhase, optimizer: str | None = None) -> bool:
+        """Step the optimizer named ``optimizer`` if an update is due; return whether it did.
+
+        Unscales its gradients (fp16), sets ``state.optimizer``/``state.optimizer_name`` to
+        it, runs ``on_before_update`` (so clipping sees true gradients), steps it (through
+        the grad scaler for fp16) and zeroes its gradients. ``optimizer`` may be left out
+        when the loop has a single optimizer. Gradients that a backward left on parameters
+        of *other* optimizers are not touched: clear them where your step needs it.
+        """
+        name, chosen = _pick_optimizer(state, optimizer)
+        if not self.update_due(state):
+            return False
+        state.optimizer, state.optimizer_name = chosen, name
+        if self.scaler is not None:
+            # Hooks at on_before_update see true gradients (clipping needs them); scaler.step
+            # knows they are unscaled already and does not unscale them again.
+            self.scaler.unscale_(chosen)
+        run_phase(Phase.ON_BEFORE_UPDATE)
+        if self.scaler is not None:
+            self.scaler.step(chosen)
+            self._scaler_stepped = True
+        else:
+            chosen.step()
+        chosen.zero_grad(set_to_none=self.set_to_none)
+        return True
+
+
+def _pick_optimizer(state: LoopState, name: str | None) -> tuple[str, torch.optim.Optimizer]:
+    optimizers = state.optimizers
+    if name is None:
+        if len(optimizers) == 1:
+            return next(iter(optimizers.items()))
+        if not optimizers:
+            raise RuntimeError("update() needs a Trainer: this loop has no optimizer")
+        raise ValueError(
+            f"this Trainer has several optimizers, {sorted(optimizers)}: name the one to "
+            "update, e.g. self.update(state, run_phase, 'g')"
+        )
+    if name not in optimizers:
+        raise ValueError(f"no optimizer named {name!r}; the Trainer has {sorted(optimizers)}")
+    return name, optimizers[name]
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -82,14 +218,12 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 class BasicBatchProcessor(BatchProcessor):
     """One batch per step: forward, loss, backward, and an optimizer update when due.
 
+    Written on the step API of :class:`BatchProcessor` (one path for every update).
+
     Args:
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``. Needed to train; optional to
             predict (then ``state.loss`` is computed only when the batch has targets).
-        grad_accumulation_steps: update the optimizer every this many steps (and at the last
-            step of each epoch), with each step's loss divided by it.
-        amp: ``None``, ``"bf16"`` or ``"fp16"`` for mixed precision under ``torch.autocast``;
-            ``"fp16"`` scales the loss with a ``torch.amp.GradScaler`` when training.
-        set_to_none: passed to ``optimizer.zero_grad`` after each update.
+        grad_accumulation_steps, amp, set_to_none: as for :class:`BatchProcessor`.
     """
 
     def __init__(
@@ -102,37 +236,16 @@ class BasicBatchProcessor(BatchProcessor):
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
-        positive_int("grad_accumulation_steps", grad_accumulation_steps)
-        if amp is not None and amp not in _AMP_DTYPES:
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        super().__init__(
+            amp=amp, grad_accumulation_steps=grad_accumulation_steps, set_to_none=set_to_none
+        )
         self.loss_fn = loss_fn
-        self.grad_accumulation_steps = grad_accumulation_steps
-        self.amp = amp
-        self.set_to_none = set_to_none
-        self.scaler: torch.amp.GradScaler | None = None
-        self._device_type = "cpu"
-
-    def setup(self, loop: LoopHandle) -> None:
-        self._device_type = loop.device.type
-        if self.amp == "fp16" and loop.training:
-            self.scaler = torch.amp.GradScaler(self._device_type)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.scaler is not None and "scaler" in state_dict:
-            self.scaler.load_state_dict(state_dict["scaler"])
 
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         state.batch_idx = 0
-        self.run_batch(
-            state, state.batch, self.loss_fn, run_phase, sync_grads=self.update_due(state)
-        )
+        self.run_batch(state, state.batch, self.loss_fn, run_phase)
         if state.training:
-            self.update_if_due(state, run_phase)
-
-    # -- the pieces, shared with MultiBatchProcessor ---------------------------------------
+            self.update(state, run_phase)
 
     def run_batch(
         self,
@@ -141,22 +254,17 @@ class BasicBatchProcessor(BatchProcessor):
         loss_fn: LossFn | None,
         run_phase: RunPhase,
         *,
-        sync_grads: bool = True,
+        final: bool = True,
     ) -> None:
         """``on_batch_begin``, forward, loss, backward (when training), ``on_batch_end``.
 
-        ``sync_grads=False`` skips DDP's gradient all-reduce in this backward (``no_sync``):
-        for every backward of an update but its last one (accumulation steps, sub-batches).
+        ``final=False`` holds DDP's gradient all-reduce even when an update is due: for every
+        backward of an update but its last (sub-batches); see :meth:`no_sync`.
         """
         run_phase(Phase.ON_BATCH_BEGIN)
         inputs, targets = split_batch(batch)
-        sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if state.training and not sync_grads and hasattr(state.model, "no_sync"):
-            # DDP: no gradient all-reduce until the update's last backward. The context must
-            # hold the forward too: DDP prepares its reducer there.
-            sync = state.model.no_sync()  # type: ignore[operator]
-        with sync:
-            with self._autocast():
+        with self.no_sync(state, final=final):
+            with self.autocast():
                 model = state.model
                 outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
                 loss = None
@@ -170,37 +278,8 @@ class BasicBatchProcessor(BatchProcessor):
                         "cannot train on a batch without a loss: BasicBatchProcessor needs "
                         "loss_fn=... and batches with targets"
                     )
-                if self.grad_accumulation_steps > 1:
-                    loss = loss / self.grad_accumulation_steps
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                self.backward(state, loss)
         run_phase(Phase.ON_BATCH_END)
-
-    def update_due(self, state: LoopState) -> bool:
-        """Whether this step ends an accumulation (and so updates the optimizer)."""
-        return state.is_last_step or (state.step + 1) % self.grad_accumulation_steps == 0
-
-    def update_if_due(self, state: LoopState, run_phase: RunPhase) -> None:
-        """If this step ends an accumulation: ``on_before_update``, optimizer step, zero grads."""
-        if not self.update_due(state):
-            return
-        optimizer = state.optimizer
-        assert optimizer is not None
-        if self.scaler is not None:
-            # Hooks at on_before_update see true gradients (clipping needs them); scaler.step
-            # knows they are unscaled already and does not unscale them again.
-            self.scaler.unscale_(optimizer)
-        run_phase(Phase.ON_BEFORE_UPDATE)
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=self.set_to_none)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device_type, dtype=_AMP_DTYPES[self.amp])
 
 
 class MultiBatchProcessor(BasicBatchProcessor):
@@ -260,8 +339,8 @@ class MultiBatchProcessor(BasicBatchProcessor):
                 state.batch = batch
                 loss_fn = self.loss_fns[i] if self.loss_fns is not None else self.loss_fn
                 # One gradient all-reduce per update, at its last sub-batch (HAT's delay_sync).
-                last = i == len(item) - 1 and self.update_due(state)
-                self.run_batch(state, batch, loss_fn, run_phase, sync_grads=last)
+                last = i == len(item) - 1
+                self.run_batch(state, batch, loss_fn, run_phase, final=last)
                 outputs.append(state.outputs)
                 if state.loss is not None:
                     losses.append(state.loss.detach())
@@ -270,4 +349,4 @@ class MultiBatchProcessor(BasicBatchProcessor):
         state.outputs = tuple(outputs)
         state.loss = torch.stack(losses).sum() if losses else None
         if state.training:
-            self.update_if_due(state, run_phase)
+            self.update(state, run_phase)

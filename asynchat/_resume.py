@@ -4,7 +4,7 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``torch.load(weights_only=True)``:
 
 ====================  ======================================================================
-``format, version``   ``"asynchat-checkpoint"``, 2
+``format, version``   ``"asynchat-checkpoint"``, 3
 ``progress``          ``epoch``, ``steps_in_epoch``, ``epoch_exhausted`` (the epoch's end has
                       run), ``global_step``
 ``metrics``           ``state.metrics``
@@ -15,7 +15,8 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``epoch_rng``,        the global and the data loader's generator states the current epoch's
 ``epoch_generators``  data order was drawn from (to draw it again when resuming inside it)
 ``generators``        the data loader's generator states now (for the next epoch's order)
-``optimizer``         the Trainer's optimizer (added by :class:`~asynchat.Trainer`)
+``optimizers``        ``{name: state}`` of every optimizer of a :class:`~asynchat.Trainer`
+                      (versions 1 and 2 held one ``optimizer``)
 ``integrity``         a digest of everything above (added when written)
 ====================  ======================================================================
 

@@ -50,7 +50,8 @@ class LoopRun:
     """Runs a loop from preparation to ``on_loop_end``: :meth:`run`, on the compute thread.
 
     ``prepare`` gets the model, optimizer and processor ready (no hook has run yet) and
-    returns where a resumed run starts; ``begin_epoch_data`` prepares the data loader for an
+    returns where a resumed run starts; ``train_mode`` is the model's mode during the run
+    (gradients are on only in a training loop); ``begin_epoch_data`` prepares the data loader for an
     epoch before its order is drawn (a distributed sampler's epoch).
 
     Fields, who writes them and from where:
@@ -68,6 +69,7 @@ class LoopRun:
         data_loader: Iterable[Any],
         batch_processor: BatchProcessor,
         prefetch: int,
+        train_mode: bool,
         prepare: Callable[[], ResumePoint | None],
         begin_epoch_data: Callable[[int], None],
         control: LoopControl,
@@ -82,6 +84,7 @@ class LoopRun:
         self.data_loader = data_loader
         self.batch_processor = batch_processor
         self.prefetch = prefetch
+        self.train_mode = train_mode
         self.prepare = prepare
         self.begin_epoch_data = begin_epoch_data
         self.control = control
@@ -100,7 +103,7 @@ class LoopRun:
             batches.interrupt()
 
     def run(self) -> None:
-        with _mode(self.loop.model, self.loop.training):
+        with _mode(self.loop.model, train=self.train_mode, grad=self.loop.training):
             resume = self.prepare()
             try:
                 self.hooks.run_phase(Phase.ON_LOOP_BEGIN)
@@ -226,8 +229,11 @@ class LoopRun:
 
     def _run_step(self) -> None:
         state, run_phase = self.state, self.hooks.run_phase
+        if state.losses:
+            state.losses = {}  # a new dict: a hook may still hold the last step's
         run_phase(Phase.ON_STEP_BEGIN)
         self.batch_processor.step(state, run_phase)
+        self.batch_processor.end_step(state)
         state.global_step += 1
         self.data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
         run_phase(Phase.ON_STEP_END)
@@ -250,12 +256,13 @@ class LoopRun:
 
 
 @contextlib.contextmanager
-def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
-    """Train or eval mode and grad mode for the run (grad mode is per thread)."""
+def _mode(model: torch.nn.Module, *, train: bool, grad: bool) -> Iterator[None]:
+    """Train or eval mode and grad mode for the run (grad mode is per thread); the model's
+    mode is put back afterwards."""
     was_training = model.training
-    model.train(training)
+    model.train(train)
     try:
-        with torch.set_grad_enabled(training):
+        with torch.set_grad_enabled(grad):
             yield
     finally:
         model.train(was_training)

@@ -38,9 +38,18 @@ class LoopState:
     ``data_time`` is how long the current step waited for its batch (seconds), for
     :class:`~asynchat.callbacks.StatsMonitor`.
 
-    ``batch``, ``outputs`` and ``loss`` hold device tensors. Reading their values on the host
-    from an ``async def`` hook goes through ``await state.loop.to_host(...)``, which never
-    blocks the event loop.
+    Optimizers: ``optimizers`` maps each optimizer's name to it (a Trainer given one
+    optimizer names it ``"default"``; a Predictor has none). ``optimizer`` is the only one when
+    there is one; with several, it is the one whose update is in progress or came last (so
+    ``on_before_update`` sees the optimizer about to step), with ``optimizer_name`` its name.
+
+    ``loss`` is the step's loss as the batch processor defines it; ``losses`` holds named
+    per-update losses of a step that makes several updates (e.g. ``{"d": ..., "g": ...}``),
+    set by the processor and emptied by the loop before each step.
+
+    ``batch``, ``outputs``, ``loss`` and ``losses`` hold device tensors. Reading their values
+    on the host from an ``async def`` hook goes through ``await state.loop.to_host(...)``,
+    which never blocks the event loop.
     """
 
     loop: LoopHandle
@@ -61,6 +70,9 @@ class LoopState:
     batch: Any = None
     outputs: Any = None
     loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
+    optimizer_name: str | None = None
     phase: Phase | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     stop_reason: str | None = None

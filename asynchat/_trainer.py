@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -12,9 +12,11 @@ from asynchat._callback import Callback
 from asynchat._checks import optimizer_trains
 from asynchat._errors import CheckpointError
 from asynchat._loop import LoopBase
-from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
+from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn, MultiBatchProcessor
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+OptimizerSpec = torch.optim.Optimizer | OptimizerFactory
+DEFAULT = "default"  # the name of a Trainer's only optimizer
 
 
 class Trainer(LoopBase):
@@ -25,7 +27,11 @@ class Trainer(LoopBase):
             starts.
         data_loader: a re-iterable of batches, e.g. a ``torch.utils.data.DataLoader``.
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or a factory
-            ``optimizer(model)`` called once the model is on its device.
+            ``optimizer(model)`` called once the model is on its device; or a mapping of
+            names to either, for a step with several updates (``{"d": ..., "g": ...}``; see
+            :class:`~asynchat.BatchProcessor`'s step API). ``state.optimizers`` maps the
+            names to the optimizers (one optimizer is named ``"default"``); checkpoints hold
+            every optimizer's state by name.
         batch_processor: what one step does; default ``BasicBatchProcessor(loss_fn)``.
         loss_fn: shortcut for ``batch_processor=BasicBatchProcessor(loss_fn=loss_fn)``.
         device: ``None`` picks CUDA when available, else the CPU.
@@ -48,7 +54,7 @@ class Trainer(LoopBase):
         self,
         model: torch.nn.Module,
         data_loader: Iterable[Any],
-        optimizer: torch.optim.Optimizer | OptimizerFactory,
+        optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
         batch_processor: BatchProcessor | None = None,
         loss_fn: LossFn | None = None,
@@ -60,23 +66,8 @@ class Trainer(LoopBase):
         name: str | None = None,
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
-        if batch_processor is None:
-            if loss_fn is None:
-                raise ValueError(
-                    "Trainer needs a loss: pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss()) "
-                    "or batch_processor=..."
-                )
-            batch_processor = BasicBatchProcessor(loss_fn)
-        elif loss_fn is not None:
-            raise ValueError(
-                "pass either loss_fn or batch_processor, not both: loss_fn is a shortcut for "
-                "batch_processor=BasicBatchProcessor(loss_fn=...)"
-            )
-        if not isinstance(optimizer, torch.optim.Optimizer) and not callable(optimizer):
-            raise TypeError(
-                "optimizer must be a torch.optim.Optimizer or a factory optimizer(model), got "
-                f"{optimizer!r}"
-            )
+        specs = _optimizer_specs(optimizer)
+        batch_processor = _step_processor(batch_processor, loss_fn, specs)
         super().__init__(
             model,
             data_loader,
@@ -89,38 +80,129 @@ class Trainer(LoopBase):
             name=name,
             resume_from=resume_from,
         )
-        if isinstance(optimizer, torch.optim.Optimizer):
-            optimizer_trains(optimizer, model)
-        self._optimizer = optimizer
+        for key, spec in specs.items():
+            if isinstance(spec, torch.optim.Optimizer):
+                optimizer_trains(spec, model, name=_label(specs, key))
+        self._optimizer_specs = specs
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer; ``None`` before the run when a factory was given."""
-        return (
-            self.state.optimizer
-            if self.state.optimizer is not None
-            else (self._optimizer if isinstance(self._optimizer, torch.optim.Optimizer) else None)
-        )
+        """The optimizer (with several: the one whose update came last); ``None`` before the
+        run when it comes from a factory."""
+        if self.state.optimizers:
+            return self.state.optimizer
+        only = next(iter(self._optimizer_specs.values()))
+        if len(self._optimizer_specs) == 1 and isinstance(only, torch.optim.Optimizer):
+            return only
+        return None
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers by name, once the run has built them (see ``state.optimizers``)."""
+        return dict(self.state.optimizers)
 
     def _configure(self) -> None:
-        optimizer = self._optimizer
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = optimizer(self.model)
+        optimizers = {}
+        for name, spec in self._optimizer_specs.items():
+            optimizer = spec
             if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    f"the optimizer factory must return a torch.optim.Optimizer, got {optimizer!r}"
-                )
-            optimizer_trains(optimizer, self.model)
-        self.state.optimizer = optimizer
+                optimizer = spec(self.model)  # type: ignore[operator]
+                if not isinstance(optimizer, torch.optim.Optimizer):
+                    hint = (
+                        "; for several optimizers pass a mapping of names to factories"
+                        if isinstance(optimizer, (list, tuple))
+                        else ""
+                    )
+                    raise TypeError(
+                        f"the {_label(self._optimizer_specs, name)} factory must return a "
+                        f"torch.optim.Optimizer, got {_short(optimizer)}{hint}"
+                    )
+                optimizer_trains(optimizer, self.model, name=_label(self._optimizer_specs, name))
+            optimizers[name] = optimizer
+        self.state.optimizers = optimizers
+        self.state.optimizer = optimizers[DEFAULT] if len(optimizers) == 1 else None
 
     def _extra_state(self) -> dict[str, Any]:
-        assert self.state.optimizer is not None
-        return {"optimizer": self.state.optimizer.state_dict()}
+        return {"optimizers": {name: o.state_dict() for name, o in self.state.optimizers.items()}}
 
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
-        if "optimizer" not in checkpoint:
+        optimizers = self.state.optimizers
+        saved = checkpoint.get("optimizers")
+        if saved is None and "optimizer" in checkpoint:  # format 1 and 2: one optimizer
+            saved = {DEFAULT: checkpoint["optimizer"]}
+        if saved is None:
             raise CheckpointError(
                 "the checkpoint has no optimizer state; was it saved by a Predictor?"
             )
-        assert self.state.optimizer is not None
-        self.state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if set(saved) != set(optimizers):
+            raise CheckpointError(
+                f"the checkpoint holds the optimizers {sorted(saved)} but this Trainer has "
+                f"{sorted(optimizers)}: resume with the same optimizer names"
+            )
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved[name])
+
+
+_ONE_UPDATE_STEPS = (BasicBatchProcessor.step, MultiBatchProcessor.step)
+
+
+def _step_processor(
+    batch_processor: BatchProcessor | None, loss_fn: LossFn | None, specs: Mapping[str, Any]
+) -> BatchProcessor:
+    """The processor a Trainer runs: the one given, or ``BasicBatchProcessor(loss_fn)``."""
+    if batch_processor is None:
+        if loss_fn is None:
+            raise ValueError(
+                "Trainer needs a loss: pass loss_fn=... (e.g. torch.nn.CrossEntropyLoss()) "
+                "or batch_processor=..."
+            )
+        batch_processor = BasicBatchProcessor(loss_fn)
+    elif loss_fn is not None:
+        raise ValueError(
+            "pass either loss_fn or batch_processor, not both: loss_fn is a shortcut for "
+            "batch_processor=BasicBatchProcessor(loss_fn=...)"
+        )
+    if len(specs) > 1 and type(batch_processor).step in _ONE_UPDATE_STEPS:
+        raise ValueError(
+            f"{type(batch_processor).__name__} makes one update per step, but the Trainer "
+            f"has the optimizers {sorted(specs)}: write a BatchProcessor whose step() "
+            "updates each by name (self.update(state, run_phase, 'g'); see the README's "
+            "'Custom steps')"
+        )
+    return batch_processor
+
+
+def _optimizer_specs(optimizer: Any) -> dict[str, OptimizerSpec]:
+    """The optimizers (or factories) by name, checked; one optimizer is named ``"default"``."""
+    if isinstance(optimizer, Mapping):
+        if not optimizer:
+            raise ValueError("optimizer must not be an empty mapping: name at least one")
+        specs = dict(optimizer)
+        for name in specs:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"optimizer names must be non-empty strings, got {name!r}")
+    else:
+        specs = {DEFAULT: optimizer}
+    for name, spec in specs.items():
+        if not isinstance(spec, torch.optim.Optimizer) and not callable(spec):
+            got = _short(spec)
+            hint = (
+                "; for several optimizers pass a mapping of names, optimizer={'d': ..., 'g': ...}"
+                if isinstance(spec, (list, tuple))
+                else ""
+            )
+            raise TypeError(
+                f"{_label(specs, name)} must be a torch.optim.Optimizer or a factory "
+                f"optimizer(model), got {got}{hint}"
+            )
+    return specs
+
+
+def _short(value: Any) -> str:
+    """``value``'s repr if short, else its type (an optimizer's repr runs to many lines)."""
+    text = repr(value)
+    return text if len(text) <= 60 and "\n" not in text else f"a {type(value).__name__}"
+
+
+def _label(specs: Mapping[str, Any], name: str) -> str:
+    return "optimizer" if len(specs) == 1 and name == DEFAULT else f"optimizer[{name!r}]"

@@ -7,7 +7,7 @@ when a callback that needs them is created: ``torchmetrics`` (MetricUpdater, Val
 metrics), ``rich`` (Progress on a terminal), ``tensorboard`` (TensorBoardLogger).
 """
 
-from asynchat._checkpoint_io import load_checkpoint
+from asynchat._checkpoint_io import find_checkpoint, load_checkpoint, load_weights
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat.callbacks._checkpoint import Checkpoint
 from asynchat.callbacks._control import EarlyStopping, NonFiniteLossError, TerminateOnNaN
@@ -23,7 +23,7 @@ from asynchat.callbacks._schedule import (
     poly,
     step_decay,
 )
-from asynchat.callbacks._stats import StatsMonitor
+from asynchat.callbacks._stats import LossMonitor, StatsMonitor
 from asynchat.callbacks._validation import Validation
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "GradClip",
     "JSONLinesLogger",
     "LRSchedule",
+    "LossMonitor",
     "MetricUpdater",
     "NonFiniteLossError",
     "Progress",
@@ -46,7 +47,9 @@ __all__ = [
     "Validation",
     "constant",
     "cosine",
+    "find_checkpoint",
     "load_checkpoint",
+    "load_weights",
     "one_cycle",
     "poly",
     "step_decay",

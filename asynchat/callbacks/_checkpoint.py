@@ -269,7 +269,7 @@ class Checkpoint(Callback):
             entries = [e for e in self._entries if e["file"] != name]
             entries.append(manifest_entry(name, digest, len(data), snapshot["progress"], metric))
             kept = self._retain(entries)
-            write_manifest(self.save_dir, kept)
+            write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
         self._entries = kept

@@ -12,6 +12,7 @@ from asynchat._checks import positive_int
 from asynchat._errors import AsynchatError
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
+from asynchat.callbacks._stats import step_losses
 
 
 class EarlyStopping(Callback):
@@ -80,7 +81,8 @@ class NonFiniteLossError(AsynchatError, FloatingPointError):
 
 
 class TerminateOnNaN(Callback):
-    """Ends the loop with :class:`NonFiniteLossError` when the loss becomes NaN or infinite.
+    """Ends the loop with :class:`NonFiniteLossError` when the loss becomes NaN or infinite
+    (``state.loss``, and each of ``state.losses`` in a step with several updates).
 
     Each step's check stays on the device (no host sync): the first bad step is recorded in
     a device tensor. The host looks every ``check_every_n_steps`` steps and at each epoch's
@@ -96,9 +98,11 @@ class TerminateOnNaN(Callback):
         self.first_value = torch.zeros((), device=state.device)
 
     def on_step_end(self, state: LoopState) -> None:
-        if state.loss is None:
+        losses = [loss.float() for loss in step_losses(state).values()]
+        if not losses:
             return
-        loss = state.loss.detach().float()
+        # With several (state.losses), their sum: NaN or infinite when any of them is.
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         new = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad = torch.where(new, state.global_step, self.first_bad)
         self.first_value = torch.where(new, loss, self.first_value)

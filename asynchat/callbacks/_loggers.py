@@ -15,11 +15,12 @@ from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
+from asynchat.callbacks._stats import step_losses
 
 
 class ScalarLogger(Callback):
-    """Base for loggers: the loss every ``every_n_steps`` steps, ``state.metrics`` per
-    complete epoch.
+    """Base for loggers: the step's losses every ``every_n_steps`` steps (``loss``, and
+    ``loss/<name>`` for each of ``state.losses``), ``state.metrics`` per complete epoch.
 
     In a distributed run only rank 0 logs.
 
@@ -33,7 +34,7 @@ class ScalarLogger(Callback):
         positive_int("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.prefix = prefix
-        self._pending: list[tuple[int, HostCopy[torch.Tensor]]] = []
+        self._pending: list[tuple[int, HostCopy[dict[str, torch.Tensor]]]] = []
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
@@ -44,8 +45,10 @@ class ScalarLogger(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
             return
-        if state.loss is not None and every_n_steps(state, self.every_n_steps):
-            self._pending.append((state.global_step, HostCopy(state.loss)))
+        if every_n_steps(state, self.every_n_steps):
+            losses = step_losses(state)
+            if losses:
+                self._pending.append((state.global_step, HostCopy(losses)))
         self._flush(wait=False)
 
     def on_epoch_end(self, state: LoopState) -> None:
@@ -64,7 +67,7 @@ class ScalarLogger(Callback):
     def _flush(self, *, wait: bool) -> None:
         while self._pending and (wait or self._pending[0][1].ready()):
             step, copy = self._pending.pop(0)
-            self.write(step, {self.prefix + "loss": float(copy.wait())})
+            self.write(step, {self.prefix + k: float(v) for k, v in copy.wait().items()})
 
 
 class TensorBoardLogger(ScalarLogger):

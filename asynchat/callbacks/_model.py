@@ -106,20 +106,41 @@ class GradClip(Callback):
     """Clips the gradient norm to ``max_norm`` before each optimizer update.
 
     Runs at ``on_before_update``, where fp16 gradients are already unscaled, so the norm is
-    the true one. ``state.metrics["grad_norm"]`` is not published: reading the norm would be a
-    host sync every step (``torch.nn.utils.clip_grad_norm_`` itself does not sync).
+    the true one, over the parameters of the optimizer about to step (``state.optimizer``).
+    With several optimizers, ``optimizer="g"`` clips only at that optimizer's updates (and
+    only its parameters); without it every update is clipped, each over its own parameters.
+    ``state.metrics["grad_norm"]`` is not published: reading the norm would be a host sync
+    every step (``torch.nn.utils.clip_grad_norm_`` itself does not sync); ``last_norm`` holds
+    the last norm as a device tensor.
     """
 
-    def __init__(self, max_norm: float, *, norm_type: float = 2.0) -> None:
+    def __init__(
+        self, max_norm: float, *, norm_type: float = 2.0, optimizer: str | None = None
+    ) -> None:
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+        if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):
+            raise ValueError(f"optimizer must be an optimizer's name or None, got {optimizer!r}")
         self.max_norm = max_norm
         self.norm_type = norm_type
+        self.optimizer = optimizer
         self.last_norm: torch.Tensor | None = None
 
+    def on_loop_begin(self, state: LoopState) -> None:
+        if self.optimizer is not None and self.optimizer not in state.optimizers:
+            raise ValueError(
+                f"GradClip(optimizer={self.optimizer!r}): the loop's optimizers are "
+                f"{sorted(state.optimizers)}"
+            )
+
     def on_before_update(self, state: LoopState) -> None:
+        if self.optimizer is not None and state.optimizer_name != self.optimizer:
+            return
+        optimizer = state.optimizer
+        assert optimizer is not None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         self.last_norm = torch.nn.utils.clip_grad_norm_(
-            state.model.parameters(), self.max_norm, norm_type=self.norm_type
+            params, self.max_norm, norm_type=self.norm_type
         )
 
 

@@ -32,11 +32,13 @@ class LRSchedule(Callback):
     before this callback). Such a scheduler without ``monitor`` is refused when the loop
     begins, before any training.
 
-    The scheduler is built from ``scheduler(optimizer)`` when the loop begins (the optimizer
-    may itself come from a factory). A warmup of ``warmup_steps`` scheduler steps ramps the
-    rate linearly from ``warmup_start_factor`` times the base rate (``warmup="linear"``) or
-    holds it there (``"constant"``), then hands over to the scheduler. Per-step scheduling runs
-    on the compute thread, right after the step. The scheduler's state is kept in checkpoints.
+    The scheduler is built from ``scheduler(optimizer)`` when the loop begins (the optimizer may
+    itself come from a factory). A Trainer with several optimizers needs ``optimizer="g"``: the
+    name of the one to schedule (one LRSchedule per optimizer). A warmup of ``warmup_steps``
+    scheduler steps ramps the rate linearly from ``warmup_start_factor`` times the base rate
+    (``warmup="linear"``) or holds it there (``"constant"``), then hands over to the scheduler.
+    Per-step scheduling runs on the compute thread, right after the step. The scheduler's state
+    is kept in checkpoints.
 
     HAT's updaters are expressed with the helpers :func:`step_decay`, :func:`cosine`,
     :func:`poly` and :func:`one_cycle`::
@@ -53,6 +55,7 @@ class LRSchedule(Callback):
         warmup: Literal["linear", "constant"] = "linear",
         warmup_start_factor: float = 0.01,
         monitor: str | None = None,
+        optimizer: str | None = None,
     ) -> None:
         if not callable(scheduler):
             raise TypeError(f"scheduler must be a factory scheduler(optimizer), got {scheduler!r}")
@@ -66,6 +69,8 @@ class LRSchedule(Callback):
             raise ValueError(f"monitor must be a metric name (a str) or None, got {monitor!r}")
         if monitor is not None and warmup_steps:
             raise ValueError("warmup_steps cannot be combined with a metric-driven monitor=...")
+        if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):
+            raise ValueError(f"optimizer must be an optimizer's name or None, got {optimizer!r}")
         if not 0 < warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor!r}")
         self.factory = scheduler
@@ -74,13 +79,12 @@ class LRSchedule(Callback):
         self.warmup = warmup
         self.warmup_start_factor = warmup_start_factor
         self.monitor = monitor
+        self.optimizer = optimizer
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
-        optimizer = state.optimizer
-        if optimizer is None:
-            raise TypeError("LRSchedule needs a Trainer (the loop has no optimizer)")
+        optimizer = self._optimizer(state)
         if self._loaded is not None:
             # Building schedulers rescales the (already restored) learning rates: start from
             # the initial ones so the rebuilt chain matches the saved one, then load it.
@@ -110,6 +114,24 @@ class LRSchedule(Callback):
             for group, lr in zip(optimizer.param_groups, main.get_last_lr(), strict=True):
                 group["lr"] = lr
             self._loaded = None
+
+    def _optimizer(self, state: LoopState) -> torch.optim.Optimizer:
+        optimizers = state.optimizers
+        if not optimizers:
+            raise TypeError("LRSchedule needs a Trainer (the loop has no optimizer)")
+        if self.optimizer is None:
+            if len(optimizers) > 1:
+                raise ValueError(
+                    f"LRSchedule: the Trainer has the optimizers {sorted(optimizers)}; name "
+                    "the one to schedule, e.g. LRSchedule(..., optimizer='g')"
+                )
+            return next(iter(optimizers.values()))
+        if self.optimizer not in optimizers:
+            raise ValueError(
+                f"LRSchedule(optimizer={self.optimizer!r}): the loop's optimizers are "
+                f"{sorted(optimizers)}"
+            )
+        return optimizers[self.optimizer]
 
     def on_step_end(self, state: LoopState) -> None:
         if self.interval == "step":

@@ -1,12 +1,17 @@
-"""StatsMonitor: step time, throughput, time waiting for data, and ETA."""
+"""StatsMonitor (step time, throughput, time waiting for data, ETA) and LossMonitor (the
+mean training losses of each interval)."""
 
 from __future__ import annotations
 
 import time
 
+import torch
+
 from asynchat._callback import Callback
 from asynchat._checks import positive_int
+from asynchat._every import every_n_steps
 from asynchat._state import LoopState
+from asynchat._transfer import HostCopy
 from asynchat._tree import batch_size
 
 
@@ -64,3 +69,62 @@ def _remaining_steps(state: LoopState) -> int | None:
     if state.num_epochs is not None and state.steps_per_epoch is not None:
         return max(0, state.num_epochs * state.steps_per_epoch - state.global_step)
     return None
+
+
+def step_losses(state: LoopState) -> dict[str, torch.Tensor]:
+    """The step's losses by scalar name: ``loss`` (``state.loss``) and ``loss/<name>`` for each
+    of ``state.losses`` (a step with several updates), detached, still on the device."""
+    losses = {f"loss/{name}": loss.detach() for name, loss in state.losses.items()}
+    if state.loss is not None:
+        losses["loss"] = state.loss.detach()
+    return losses
+
+
+class LossMonitor(Callback):
+    """Publishes the mean training losses of every ``every_n_steps`` steps to
+    ``state.metrics``, so :class:`Progress`, the loggers and ``loop.snapshot()`` show them.
+
+    ``train/mean_loss`` is the mean of ``state.loss`` over the interval, and
+    ``train/mean_loss/<name>`` the mean of each of ``state.losses`` (a step with several
+    updates, e.g. a GAN's ``d`` and ``g``). The sums stay on the device; at the end of each
+    interval their means are copied to the host without waiting and published once they have
+    landed (checked without blocking at later steps, waited for at the end of each epoch), so
+    the monitor costs no host/device sync per step and a figure appears at most an interval
+    late on a GPU. (The loggers write each logged step's own losses as ``train/loss...``.)
+    """
+
+    def __init__(self, every_n_steps: int = 50, *, prefix: str = "train/mean_") -> None:
+        positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._pending: list[HostCopy[dict[str, torch.Tensor]]] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        for name, loss in step_losses(state).items():
+            total = self._sums.get(name)
+            value = loss.float()
+            self._sums[name] = value.clone() if total is None else total.add_(value)
+            self._counts[name] = self._counts.get(name, 0) + 1
+        if every_n_steps(state, self.every_n_steps):
+            self._close_interval()
+        self._publish(state, wait=False)
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self._publish(state, wait=True)
+
+    def on_loop_end(self, state: LoopState) -> None:
+        self._close_interval()
+        self._publish(state, wait=True)
+
+    def _close_interval(self) -> None:
+        if self._sums:
+            means = {name: total / self._counts[name] for name, total in self._sums.items()}
+            self._pending.append(HostCopy(means))
+        self._sums, self._counts = {}, {}
+
+    def _publish(self, state: LoopState, *, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0].ready()):
+            means = self._pending.pop(0).wait()
+            state.metrics.update({self.prefix + name: float(v) for name, v in means.items()})

@@ -1,0 +1,339 @@
+"""Several optimizers in one step: named optimizers, the step API for custom processors,
+callbacks per optimizer, per-update losses, and checkpoints holding every optimizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_loader
+from torch import nn
+
+from asynchat import (
+    BasicBatchProcessor,
+    BatchProcessor,
+    Callback,
+    CheckpointError,
+    LoopState,
+    Phase,
+    Predictor,
+    RunPhase,
+    Trainer,
+)
+from asynchat.callbacks import (
+    Checkpoint,
+    GradClip,
+    JSONLinesLogger,
+    LossMonitor,
+    LRSchedule,
+    TerminateOnNaN,
+    find_checkpoint,
+    load_weights,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> Any:
+    return ("asyncio", {})
+
+
+class TwoHeads(nn.Module):
+    """Two independent parts, each trained by its own optimizer on its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 3)
+
+
+def two_optimizers() -> dict[str, Any]:
+    return {
+        "a": lambda m: torch.optim.SGD(m.a.parameters(), lr=0.1, momentum=0.9),
+        "b": lambda m: torch.optim.Adam(m.b.parameters(), lr=0.01),
+    }
+
+
+class TwoUpdates(BatchProcessor):
+    """Update "a" on its loss, then "b" on its own: the parts never influence each other."""
+
+    def step(self, state: LoopState, run_phase: RunPhase) -> None:
+        x, y = state.batch
+        model: Any = state.model
+        run_phase(Phase.ON_BATCH_BEGIN)
+        losses = {}
+        for name in ("a", "b"):
+            with self.no_sync(state), self.autocast():
+                loss = F.cross_entropy(getattr(model, name)(x), y)
+            self.backward(state, loss)
+            self.update(state, run_phase, name)
+            losses[name] = loss.detach()
+        state.losses = losses
+        state.loss = losses["a"] + losses["b"]
+        run_phase(Phase.ON_BATCH_END)
+
+
+class SeeUpdates(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, int]] = []
+
+    def on_before_update(self, state: LoopState) -> None:
+        assert state.optimizer is state.optimizers[state.optimizer_name or ""]
+        self.seen.append((state.optimizer_name, state.global_step))
+
+
+def trainer(*callbacks: Callback, steps: int = 6, **kwargs: Any) -> Trainer:
+    return Trainer(
+        TwoHeads(),
+        make_loader(96, 16),
+        two_optimizers(),
+        batch_processor=kwargs.pop("batch_processor", TwoUpdates()),
+        num_steps=steps,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+async def test_each_named_optimizer_updates_in_order_with_its_name_in_the_state() -> None:
+    seen = SeeUpdates()
+    loop = trainer(seen)
+    before = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    state = await loop.fit()
+    assert sorted(state.optimizers) == ["a", "b"]
+    assert seen.seen == [(name, step) for step in range(6) for name in ("a", "b")]
+    after = loop.model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before), "both parts trained"
+    assert state.optimizers["a"].state[next(iter(loop.model.a.parameters()))]  # momentum
+    assert loop.optimizers.keys() == {"a", "b"}
+
+
+async def test_the_step_api_equals_a_hand_written_loop_bitwise() -> None:
+    loop = trainer(steps=12)
+    await loop.fit()
+    model = TwoHeads()
+    opt_a = torch.optim.SGD(model.a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.Adam(model.b.parameters(), lr=0.01)
+    batches = list(make_loader(96, 16))
+    for step in range(12):
+        x, y = batches[step % len(batches)]
+        for part, opt in (("a", opt_a), ("b", opt_b)):
+            F.cross_entropy(getattr(model, part)(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loop.model.state_dict()[key]), key
+
+
+async def test_a_schedule_and_a_clip_on_one_optimizer_leave_the_other_untouched() -> None:
+    plain = trainer()
+    await plain.fit()
+    clip = GradClip(1e-3, optimizer="b")
+    tuned = trainer(
+        LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), optimizer="b"), clip
+    )
+    state = await tuned.fit()
+    assert state.optimizers["a"].param_groups[0]["lr"] == 0.1
+    assert state.optimizers["b"].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**6)
+    for key, value in plain.model.a.state_dict().items():
+        assert torch.equal(value, tuned.model.a.state_dict()[key]), f"a.{key} was touched"
+    for key, value in plain.model.b.state_dict().items():
+        assert not torch.equal(value, tuned.model.b.state_dict()[key]), f"b.{key} untouched"
+    assert clip.last_norm is not None and float(clip.last_norm) > 1e-3  # b's own norm
+
+
+async def test_fp16_scales_every_update_and_updates_the_scale_once_per_step() -> None:
+    processor = TwoUpdates(amp="fp16")
+    state = await trainer(batch_processor=processor, steps=5).fit()
+    assert processor.scaler is not None
+    # One scaler.update() per step (after both updates), as PyTorch's recipe for several
+    # optimizers says: the growth tracker counts clean updates of the scale.
+    assert processor.scaler._growth_tracker.item() == 5  # type: ignore[attr-defined]
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+async def test_losses_are_published_per_update_without_a_per_step_sync(tmp_path: Path) -> None:
+    record: list[dict[str, float]] = []
+
+    class Record(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            record.append({k: float(v) for k, v in state.losses.items()})
+
+    monitor = LossMonitor(every_n_steps=3)
+    log = tmp_path / "log.jsonl"
+    state = await trainer(Record(), monitor, JSONLinesLogger(log, every_n_steps=3)).fit()
+    last = record[3:6]
+    for name in ("a", "b"):
+        expected = sum(r[name] for r in last) / 3
+        assert state.metrics[f"train/mean_loss/{name}"] == pytest.approx(expected, rel=1e-6)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    written = [line for line in lines if "train/loss/a" in line]
+    assert [line["step"] for line in written] == [3, 6]
+    assert written[-1]["train/loss/b"] == pytest.approx(record[5]["b"], rel=1e-6)
+
+
+async def test_terminate_on_nan_watches_each_update_loss() -> None:
+    class PoisonB(TwoUpdates):
+        def step(self, state: LoopState, run_phase: RunPhase) -> None:
+            super().step(state, run_phase)
+            if state.global_step == 2:
+                state.losses["b"] = torch.tensor(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="NaN"):
+        await trainer(TerminateOnNaN(check_every_n_steps=1), batch_processor=PoisonB()).fit()
+
+
+async def test_checkpoints_hold_every_optimizer_and_resume_checks_the_names(
+    tmp_path: Path,
+) -> None:
+    await trainer(Checkpoint(tmp_path, every_n_steps=3)).fit()
+    checkpoint = torch.load(find_checkpoint(tmp_path), weights_only=True)
+    assert sorted(checkpoint["optimizers"]) == ["a", "b"]
+    assert checkpoint["optimizers"]["b"]["state"], "Adam's moments are saved"
+    resumed = trainer(steps=9, resume_from=tmp_path)
+    state = await resumed.fit()
+    assert state.global_step == 9
+    assert state.optimizers["b"].state_dict()["state"][0]["step"].item() == 9
+
+    renamed = Trainer(
+        TwoHeads(),
+        make_loader(96, 16),
+        {"d": lambda m: torch.optim.SGD(m.a.parameters(), 0.1), "g": two_optimizers()["b"]},
+        batch_processor=TwoUpdates(),
+        num_steps=9,
+        resume_from=tmp_path,
+    )
+    with pytest.raises(CheckpointError, match=r"\['a', 'b'\].*\['d', 'g'\]"):
+        await renamed.fit()
+
+
+async def test_a_version_2_checkpoint_with_one_optimizer_still_resumes(tmp_path: Path) -> None:
+    from asynchat._checkpoint_io import serialize
+
+    def single(steps: int, **kwargs: Any) -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(
+            nn.Linear(8, 3),
+            make_loader(96, 16),
+            lambda m: torch.optim.Adam(m.parameters(), 1e-2),
+            loss_fn=nn.CrossEntropyLoss(),
+            num_steps=steps,
+            **kwargs,
+        )
+
+    await single(4, callbacks=[Checkpoint(tmp_path / "new", save_on_end=True)]).fit()
+    checkpoint = torch.load(find_checkpoint(tmp_path / "new"), weights_only=True)
+    old = {k: v for k, v in checkpoint.items() if k not in ("optimizers", "integrity")}
+    old.update(version=2, optimizer=checkpoint["optimizers"]["default"])
+    data, _ = serialize(old)
+    (tmp_path / "old.ckpt").write_bytes(data)
+    state = await single(6, resume_from=tmp_path / "old.ckpt").fit()
+    assert state.optimizer is not None
+    assert state.optimizer.state_dict()["state"][0]["step"].item() == 6
+
+
+async def test_mistakes_are_named_before_training() -> None:
+    model, loader = TwoHeads(), make_loader(96, 16)
+    with pytest.raises(TypeError, match="mapping of names"):
+        Trainer(model, loader, [torch.optim.SGD(model.a.parameters(), 0.1)], loss_fn=F.mse_loss,
+                num_steps=1)  # fmt: skip
+    with pytest.raises(TypeError, match="got None"):
+        Trainer(model, loader, None, loss_fn=F.mse_loss, num_steps=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"one update per step.*'a', 'b'"):
+        Trainer(model, loader, two_optimizers(), loss_fn=F.cross_entropy, num_steps=1)
+    with pytest.raises(ValueError, match=r"optimizer\['b'\] SGD holds none"):
+        Trainer(model, loader, {"a": torch.optim.SGD(model.a.parameters(), 0.1),
+                                "b": torch.optim.SGD(nn.Linear(1, 1).parameters(), 0.1)},
+                batch_processor=TwoUpdates(), num_steps=1)  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer must be an optimizer's name"):
+        GradClip(1.0, optimizer="")
+
+    def pair(m: nn.Module) -> Any:
+        return torch.optim.SGD(m.a.parameters(), 0.1), torch.optim.SGD(m.b.parameters(), 0.1)
+
+    with pytest.raises(TypeError, match="got a tuple; for several optimizers pass a mapping"):
+        await Trainer(model, loader, pair, batch_processor=TwoUpdates(), num_steps=1).fit()
+
+
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (GradClip(1.0, optimizer="c"), r"GradClip\(optimizer='c'\).*\['a', 'b'\]"),
+        (LRSchedule(lambda o: torch.optim.lr_scheduler.StepLR(o, 1)), "name the one to schedule"),
+    ],
+    ids=["clip-unknown-name", "schedule-without-name"],
+)
+async def test_a_callback_naming_no_optimizer_fails_before_the_first_step(
+    callback: Callback, message: str
+) -> None:
+    seen = SeeUpdates()
+    with pytest.raises(ValueError, match=message):
+        await trainer(callback, seen).fit()
+    assert seen.seen == []
+
+
+async def test_update_without_a_name_needs_a_single_optimizer() -> None:
+    class Unnamed(TwoUpdates):
+        def step(self, state: LoopState, run_phase: RunPhase) -> None:
+            x, y = state.batch
+            self.backward(state, F.cross_entropy(state.model.a(x), y))  # type: ignore[operator]
+            self.update(state, run_phase)
+
+    with pytest.raises(ValueError, match=r"several optimizers.*name the one"):
+        await trainer(batch_processor=Unnamed()).fit()
+
+
+async def test_update_follows_gradient_accumulation() -> None:
+    seen = SeeUpdates()
+    await trainer(seen, batch_processor=TwoUpdates(grad_accumulation_steps=3), steps=6).fit()
+    assert seen.seen == [("a", 2), ("b", 2), ("a", 5), ("b", 5)]
+
+
+async def test_predictor_in_train_mode_uses_batch_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+    x = torch.randn(16, 8)
+    expected = model.train()(x).detach()
+    model[1].reset_running_stats()
+    model.eval()
+    state = await Predictor(model, [x], train_mode=True).fit()
+    assert torch.allclose(state.outputs, expected)
+    assert float(model[1].num_batches_tracked) == 1, "BatchNorm ran in train mode"
+    assert not model.training, "the model's own mode is put back"
+    evaluated = await Predictor(model, [x]).fit()
+    assert not torch.allclose(evaluated.outputs, expected)
+
+
+async def test_one_submodules_weights_and_the_best_checkpoint_are_one_call_away(
+    tmp_path: Path,
+) -> None:
+    class Score(Callback):  # a made-up metric that is best (lowest) at step 3
+        def on_step_end(self, state: LoopState) -> None:
+            state.metrics["score"] = abs(state.global_step - 3)
+
+    loop = trainer(Score(), Checkpoint(tmp_path, every_n_steps=1, keep_last=1, monitor="score"))
+    await loop.fit()
+    best = find_checkpoint(tmp_path, best=True)
+    assert best.name == "step-000000003.ckpt"
+    assert find_checkpoint(tmp_path).name == "step-000000006.ckpt"
+    head = nn.Linear(8, 3)
+    load_weights(head, tmp_path, prefix="b.")
+    assert torch.equal(head.weight, loop.model.b.weight)
+    with pytest.raises(CheckpointError, match=r"prefix='c\.'.*\['a\.', 'b\.'\]"):
+        load_weights(head, best, prefix="c.")
+    other = tmp_path / "unranked"
+    await trainer(Checkpoint(other, save_on_end=True), steps=1).fit()
+    with pytest.raises(CheckpointError, match="ranks no checkpoint"):
+        find_checkpoint(other, best=True)
+
+
+def test_basic_processor_keeps_one_update_per_step() -> None:
+    processor = BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=2)
+    assert processor.grad_accumulation_steps == 2 and processor.amp is None
+    with pytest.raises(ValueError, match="amp must be"):
+        TwoUpdates(amp="fp8")  # type: ignore[arg-type]
