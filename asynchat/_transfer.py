@@ -55,8 +55,8 @@ class HostCopy(Generic[T]):
 
         def copy(tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.detach()
-            if not tensor.is_cuda:
-                return tensor.clone()
+            if not tensor.is_cuda:  # a CPU clone; from another accelerator, a waiting copy
+                return tensor.to("cpu", copy=True)
             stream = used.get(tensor.device)
             if stream is None:
                 side = streams.get(tensor.device) if streams is not None else None

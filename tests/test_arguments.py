@@ -97,7 +97,7 @@ def trainer(**overrides: Any) -> Trainer:
         ({"callbacks": Callback()}, TypeError, r"got the single callback .* pass callbacks=\["),
         ({"callbacks": "progress"}, TypeError, r"callbacks must be a sequence of Callback"),
         ({"device": "tpu"}, ValueError, r"device must be None, .* got 'tpu'"),
-        ({"device": "meta"}, ValueError, r"device='meta': asynchat runs on 'cpu' or 'cuda'"),
+        ({"device": "meta"}, ValueError, r"device='meta' but torch.accelerator has no 'meta'"),
         ({"prefetch": -1}, ValueError, r"prefetch must be an int >= 0 .*got -1"),
         ({"loss_fn": "mse"}, TypeError, r"loss_fn must be callable, got 'mse'"),
     ],
@@ -113,6 +113,28 @@ def test_bad_trainer_arguments(
 def test_cuda_device_without_cuda() -> None:
     with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available"):
         trainer(device="cuda")
+
+
+def test_devices_come_from_torch_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another accelerator (mps here, pretended) is picked by device=None and accepted by
+    name; one the machine lacks is refused naming what it has."""
+    from asynchat._device import accelerator, resolve_device
+
+    if accelerator() is None:  # a machine without any accelerator
+        assert resolve_device(None) == torch.device("cpu")
+        with pytest.raises(ValueError, match=r"no 'mps' device \(it finds none\)"):
+            resolve_device("mps")
+    monkeypatch.setattr(
+        torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("mps")
+    )
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    assert resolve_device(None) == torch.device("mps", 0)
+    assert resolve_device("mps") == torch.device("mps", 0)
+    with pytest.raises(ValueError, match=r"only 1 mps device"):
+        resolve_device("mps:1")
+    with pytest.raises(ValueError, match=r"no 'xpu' device \(this machine's is mps\)"):
+        resolve_device("xpu")
 
 
 def test_callback_with_a_non_callable_hook() -> None:
