@@ -31,7 +31,7 @@ from asynchat._phase import Phase
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint, apply_checkpoint, build_checkpoint
 from asynchat._run import LoopRun
-from asynchat._state import LoopState, LoopStatus
+from asynchat._state import LoopState, LoopStatus, Metrics
 from asynchat._transfer import to_host
 
 T = TypeVar("T")
@@ -116,6 +116,7 @@ class LoopBase(PipeBase):
             num_steps=num_steps,
             steps_per_epoch=data_length(data_loader),
         )
+        self.state.metrics = Metrics(lambda: self.state.global_step)
         self._control = LoopControl(on_status=self._on_status)
         self._events = EventHub(self.snapshot)
         self._throughput = Throughput()
@@ -232,6 +233,11 @@ class LoopBase(PipeBase):
         """
         stream = self._compute.stream if self._compute is not None else None
         return await to_host(obj, after=stream)
+
+    def samples_in(self, batch: Any) -> int:
+        """How many samples ``batch`` holds, as the batch processor counts them (its
+        ``samples`` function; by default the first dimension of the first tensor)."""
+        return self.batch_processor.samples_in(batch)
 
     def _on_status(self, status: LoopStatus) -> None:
         if self._hooks_runner.trace:
@@ -370,8 +376,8 @@ class LoopBase(PipeBase):
             data_loader=self.data_loader,
         )
         self._load_extra_state(checkpoint)
-        self.state.metrics.update(checkpoint["metrics"])
         self.state.global_step = checkpoint["progress"]["global_step"]
+        self.state.metrics.restore(checkpoint["metrics"], step=self.state.global_step)
         self.state.epoch = checkpoint["progress"]["epoch"]
 
     def _prepare(self) -> ResumePoint | None:

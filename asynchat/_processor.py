@@ -18,6 +18,7 @@ from asynchat._checks import positive_int
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
 from asynchat._state import LoopState
+from asynchat._tree import batch_size
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 RunPhase = Callable[[Phase], None]
@@ -56,12 +57,17 @@ class BatchProcessor(abc.ABC):
         grad_accumulation_steps: :meth:`update` steps the optimizer every this many steps
             (and at the last step of each epoch); :meth:`backward` divides each loss by it.
         set_to_none: passed to ``optimizer.zero_grad`` after each update.
+        samples: ``samples(batch) -> int``, how many samples a batch holds, for throughput
+            (``samples_per_s``) and sample-weighted means such as Validation's loss; default:
+            the first dimension of the batch's first tensor. For time-major batches
+            (``seq_len x batch``) pass ``lambda batch: batch[0].shape[1]``.
     """
 
     # Class-level defaults: a subclass that does not call __init__ gets plain fp32 steps.
     amp: Amp | None = None
     grad_accumulation_steps: int = 1
     set_to_none: bool = True
+    samples: Callable[[Any], int] | None = None
     scaler: torch.amp.GradScaler | None = None
     _device_type: str = "cpu"
     _scaler_stepped: bool = False
@@ -72,13 +78,28 @@ class BatchProcessor(abc.ABC):
         amp: Amp | None = None,
         grad_accumulation_steps: int = 1,
         set_to_none: bool = True,
+        samples: Callable[[Any], int] | None = None,
     ) -> None:
         positive_int("grad_accumulation_steps", grad_accumulation_steps)
         if amp is not None and amp not in _AMP_DTYPES:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        if samples is not None and not callable(samples):
+            raise TypeError(f"samples must be a function samples(batch) -> int, got {samples!r}")
         self.amp = amp
         self.grad_accumulation_steps = grad_accumulation_steps
         self.set_to_none = set_to_none
+        self.samples = samples
+
+    def samples_in(self, batch: Any) -> int:
+        """How many samples ``batch`` holds (see ``samples``)."""
+        return self.samples(batch) if self.samples is not None else batch_size(batch)
+
+    def on_epoch_begin(self, state: LoopState) -> None:  # noqa: B027 - optional
+        """Called by the loop at each epoch's begin, before the callbacks' ``on_epoch_begin``
+        (e.g. to reset the hidden state a stateful step carries across batches)."""
+
+    def on_epoch_end(self, state: LoopState) -> None:  # noqa: B027 - optional
+        """Called by the loop at each epoch's end, after the callbacks' ``on_epoch_end``."""
 
     def setup(self, loop: LoopHandle) -> None:
         """Prepare for a run of ``loop``: the grad scaler when training in fp16."""
@@ -223,7 +244,7 @@ class BasicBatchProcessor(BatchProcessor):
     Args:
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``. Needed to train; optional to
             predict (then ``state.loss`` is computed only when the batch has targets).
-        grad_accumulation_steps, amp, set_to_none: as for :class:`BatchProcessor`.
+        grad_accumulation_steps, amp, set_to_none, samples: as for :class:`BatchProcessor`.
     """
 
     def __init__(
@@ -233,11 +254,15 @@ class BasicBatchProcessor(BatchProcessor):
         grad_accumulation_steps: int = 1,
         amp: Amp | None = None,
         set_to_none: bool = True,
+        samples: Callable[[Any], int] | None = None,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         super().__init__(
-            amp=amp, grad_accumulation_steps=grad_accumulation_steps, set_to_none=set_to_none
+            amp=amp,
+            grad_accumulation_steps=grad_accumulation_steps,
+            set_to_none=set_to_none,
+            samples=samples,
         )
         self.loss_fn = loss_fn
 
@@ -303,6 +328,7 @@ class MultiBatchProcessor(BasicBatchProcessor):
         grad_accumulation_steps: int = 1,
         amp: Amp | None = None,
         set_to_none: bool = True,
+        samples: Callable[[Any], int] | None = None,
     ) -> None:
         loss_fns: tuple[LossFn, ...] | None = None
         if isinstance(loss_fn, Sequence):
@@ -316,6 +342,7 @@ class MultiBatchProcessor(BasicBatchProcessor):
             grad_accumulation_steps=grad_accumulation_steps,
             amp=amp,
             set_to_none=set_to_none,
+            samples=samples,
         )
         self.loss_fns = loss_fns
 

@@ -30,7 +30,6 @@ from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint
-from asynchat._tree import batch_size
 
 _LOG = logging.getLogger("asynchat.loop")
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
@@ -137,6 +136,7 @@ class LoopRun:
             state.epoch = epochs_done
             state.step = resume.steps_done if resume is not None else 0
             state.epoch_complete = False
+            self.batch_processor.on_epoch_begin(state)
             self.hooks.run_phase(Phase.ON_EPOCH_BEGIN)
             self.events.publish(EventKind.EPOCH_BEGIN)
             steps, ran_out, decision = self._run_steps(resume)
@@ -154,6 +154,7 @@ class LoopRun:
             if ran_out:
                 self.data.epoch_ended()
             self.hooks.run_phase(Phase.ON_EPOCH_END)
+            self.batch_processor.on_epoch_end(state)
             self.events.publish(EventKind.EPOCH_END)
             epochs_done += 1
 
@@ -216,7 +217,7 @@ class LoopRun:
             state.is_last_step = is_last
             state.batch = DeviceStager.take(staged)
             if epoch.steps == 0:
-                self.throughput.batch_size = batch_size(state.batch)
+                self.throughput.batch_size = self.batch_processor.samples_in(state.batch)
             self._run_step()
             epoch.steps += 1
             epoch.ran_out = ends_data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -11,7 +12,37 @@ from asynchat._events import LoopStatus
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
 
-__all__ = ["LoopState", "LoopStatus"]
+__all__ = ["LoopState", "LoopStatus", "Metrics"]
+
+
+class Metrics(dict[str, float]):
+    """``state.metrics``: a dict of the last published values that also remembers the global
+    step at which each was set, so a reader can tell a fresh value from an old one (a
+    checkpoint saved between validations must not be ranked by the last validation's loss).
+    """
+
+    def __init__(self, clock: Callable[[], int] = lambda: 0) -> None:
+        super().__init__()
+        self._clock = clock
+        self._steps: dict[str, int] = {}
+
+    def __setitem__(self, name: str, value: float) -> None:
+        super().__setitem__(name, value)
+        self._steps[name] = self._clock()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
+
+    def restore(self, saved: Mapping[str, float], *, step: int) -> None:
+        """Put back values saved in a checkpoint at global step ``step`` (measured then or
+        before: older than anything measured after the resume)."""
+        super().update(saved)
+        self._steps.update(dict.fromkeys(saved, step))
+
+    def measured_at(self, name: str) -> int | None:
+        """The global step at which ``name`` was last set (None: unknown, or never)."""
+        return self._steps.get(name)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -74,6 +105,6 @@ class LoopState:
     optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
     optimizer_name: str | None = None
     phase: Phase | None = None
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
     stop_reason: str | None = None
     exception: BaseException | None = None

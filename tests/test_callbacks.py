@@ -340,7 +340,7 @@ async def test_json_lines_logger(tmp_path: Path) -> None:
 
 
 def test_bad_callback_arguments() -> None:
-    with pytest.raises(ValueError, match=r"Validation needs metrics=\.\.\. or loss_fn="):
+    with pytest.raises(ValueError, match=r"Validation needs metrics=\.\.\., loss_fn="):
         Validation([])
     with pytest.raises(TypeError, match=r"metrics\['acc'\] must be a torchmetrics.Metric"):
         MetricUpdater({"acc": "accuracy"})  # type: ignore[dict-item]

@@ -15,11 +15,18 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import make_loader, make_trainer
 from torch import nn
 
 from asynchat import Callback, LoopState
-from asynchat.callbacks import Checkpoint, CheckpointError, CheckpointWarning, load_checkpoint
+from asynchat.callbacks import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointWarning,
+    Validation,
+    find_checkpoint,
+    load_checkpoint,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -123,6 +130,33 @@ async def test_keep_last_and_keep_best(tmp_path: Path) -> None:
     kept = [e["global_step"] for e in read_manifest(tmp_path)]
     assert kept == [2, 3, 5, 6]  # best two (0.9, 0.7) and last two
     assert sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("*.ckpt")) == kept
+
+
+@pytest.mark.anyio
+async def test_a_checkpoint_is_ranked_only_by_a_metric_measured_on_its_weights(
+    tmp_path: Path,
+) -> None:
+    """Validation each epoch (6 steps), saves every 4 steps and each epoch: the save at step
+    8 carries step 6's val/loss and must not rank; the one at 12 (a step save before the
+    epoch's validation) is saved again with the fresh value."""
+    checkpoint = Checkpoint(
+        tmp_path, every_n_steps=4, every_n_epochs=1, keep_last=None, monitor="val/loss"
+    )
+    validation = Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss())
+    with pytest.warns(CheckpointWarning) as caught:
+        state = await make_trainer(validation, checkpoint, num_epochs=2).fit()
+    entries = {e["global_step"]: e["metric"] for e in read_manifest(tmp_path)}
+    assert entries.keys() == {4, 6, 8, 12}
+    assert entries[4] is None and entries[8] is None  # not yet measured / measured at 6
+    assert entries[12] == state.metrics["val/loss"]
+    assert entries[6] is not None and entries[6] != entries[12]
+    messages = [str(w.message) for w in caught]
+    assert any("its value is from step 6" in m for m in messages), messages
+    assert find_checkpoint(tmp_path, best=True).name in (
+        "step-000000006.ckpt",
+        "step-000000012.ckpt",
+    )
+    assert state.metrics.measured_at("val/loss") == 12
 
 
 @pytest.mark.anyio

@@ -155,6 +155,8 @@ class Checkpoint(Callback):
         self._entries: list[dict[str, Any]] = []
         self._last_saved_step: int | None = None
         self._warned_unranked = False
+        self._warned_stale = False
+        self._last_ranked = False
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -224,12 +226,20 @@ class Checkpoint(Callback):
 
     def save(self, state: LoopState) -> None:
         """Snapshot now (on the compute thread) and write in the background."""
-        if self._last_saved_step == state.global_step or not state.loop.is_rank_zero:
+        if not state.loop.is_rank_zero:
             return  # in a distributed run, rank 0 writes (the replicas are identical)
+        again = self._last_saved_step == state.global_step
+        if again and (self._last_ranked or self.monitor is None):
+            return
         metric, missing = self._metric(state)
+        if again and metric is None:
+            return  # saved at this step already, and still nothing fresh to rank it by
+        # (Saved again only when a step save came before the epoch's validation at the same
+        # step: this one has the fresh metric.)
         snapshot = state.loop.state_dict()
         self._writer.submit(functools.partial(self._write, snapshot, metric))
         self._last_saved_step = state.global_step
+        self._last_ranked = metric is not None
         if missing is not None:
             raise missing  # after the write is on its way: the checkpoint is not lost
 
@@ -239,7 +249,21 @@ class Checkpoint(Callback):
             return None, None
         value = state.metrics.get(self.monitor)
         if value is not None:
-            return float(value), None
+            measured_at = getattr(state.metrics, "measured_at", lambda _: None)(self.monitor)
+            if measured_at is None or measured_at == state.global_step:
+                return float(value), None
+            if not self._warned_stale:
+                self._warned_stale = True
+                warnings.warn(
+                    f"Checkpoint(monitor={self.monitor!r}): at global step "
+                    f"{state.global_step} its value is from step {measured_at}, not of these "
+                    "weights; such checkpoints are kept unranked (by keep_last only). Save "
+                    "when the metric is measured, e.g. every_n_epochs=1 after an epoch's "
+                    "Validation",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+            return None, None
         prefix = self.monitor.rpartition("/")[0]
         siblings = sorted(k for k in state.metrics if k.rpartition("/")[0] == prefix)
         if siblings or self.keep_last == 0:

@@ -12,7 +12,6 @@ from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
-from asynchat._tree import batch_size
 
 
 class StatsMonitor(Callback):
@@ -39,7 +38,7 @@ class StatsMonitor(Callback):
         self._data_time = 0.0
 
     def on_step_begin(self, state: LoopState) -> None:
-        self._samples += batch_size(state.batch)
+        self._samples += state.loop.samples_in(state.batch)
         self._data_time += state.data_time
 
     def on_step_end(self, state: LoopState) -> None:

@@ -25,17 +25,25 @@ class Validation(Callback):
     so the model stays on its device and stream and no thread is started. Its metrics land
     in the trainer's ``state.metrics`` as ``prefix + name`` (``"val/accuracy"``), where
     :class:`Checkpoint` and :class:`EarlyStopping` can monitor them: list Validation before
-    them. With ``loss_fn``, the mean validation loss is published as ``prefix + "loss"``.
+    them.
+
+    The mean validation loss is published as ``prefix + "loss"`` whenever the batches have a
+    loss: with ``loss_fn`` (the default processor computes it), or with a custom
+    ``batch_processor`` that sets ``state.loss``. It is a mean over samples, not over
+    batches: each batch's loss (a mean over its samples, as ``reduction="mean"`` gives) is
+    weighted by its sample count (the processor's ``samples_in``), so a short last batch
+    counts for what it holds.
 
     Args:
         data_loader: the validation batches.
         every_n_epochs: validate after every n-th complete epoch (``None``: never by epoch).
         every_n_steps: validate after every n-th step (``None``: never by step).
         metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10)}``.
-        loss_fn: also compute the mean loss.
+        loss_fn: the loss for the default processor (a custom processor computes its own).
         use_ema: validate the weights of the trainer's
             :class:`ExponentialMovingAverage` callback instead of the raw ones.
-        batch_processor: for batches that ``BasicBatchProcessor`` does not understand.
+        batch_processor: for batches that ``BasicBatchProcessor`` does not understand; its
+            ``state.loss``, when it sets one, is published as the loss.
         callbacks: more callbacks for the predictor.
     """
 
@@ -56,10 +64,16 @@ class Validation(Callback):
         positive_int("every_n_steps", every_n_steps, allow_none=True)
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("Validation never runs: give every_n_epochs or every_n_steps")
-        if not metrics and loss_fn is None:
-            raise ValueError("Validation needs metrics=... or loss_fn=... to report something")
+        if not metrics and loss_fn is None and batch_processor is None:
+            raise ValueError(
+                "Validation needs metrics=..., loss_fn=... or a batch_processor that sets "
+                "state.loss, to report something"
+            )
         if batch_processor is not None and loss_fn is not None:
-            raise ValueError("pass either loss_fn or batch_processor, not both")
+            raise ValueError(
+                "pass either loss_fn or batch_processor, not both: a custom batch_processor "
+                "computes its own state.loss, which Validation publishes as the loss"
+            )
         self.data_loader = data_loader
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -99,21 +113,29 @@ class Validation(Callback):
         with ema.swapped_in(state.model) if ema is not None else contextlib.nullcontext():
             predictor.run_inline(state.loop)
         values = dict(predictor.state.metrics)
-        if self.loss_fn is not None and loss.count:
+        if loss.samples:
             values[self.prefix + "loss"] = loss.mean()
+        elif not values:
+            raise ValueError(
+                f"Validation published nothing: no metrics, and its batch processor "
+                f"{type(predictor.batch_processor).__name__} set no state.loss"
+            )
         state.metrics.update(values)
         return values
 
 
 class _MeanLoss(Callback):
+    """The per-sample mean of the batches' losses (each a mean over its batch)."""
+
     def on_loop_begin(self, state: LoopState) -> None:
         self.total: Any = 0.0
-        self.count = 0
+        self.samples = 0
 
     def on_batch_end(self, state: LoopState) -> None:
         if state.loss is not None:
-            self.total = self.total + state.loss.detach()  # stays on the device
-            self.count += 1
+            count = state.loop.samples_in(state.batch)
+            self.total = self.total + state.loss.detach().float() * count  # on the device
+            self.samples += count
 
     def mean(self) -> float:
-        return float(self.total) / self.count  # host sync: once per validation
+        return float(self.total) / self.samples  # host sync: once per validation
