@@ -1,0 +1,55 @@
+"""The character-level language model example: learns well past the unigram baseline,
+samples text from an async hook, and resumes exactly after a stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import load_example
+
+from asynchat import Callback, LoopState
+from asynchat.callbacks import CheckpointWarning
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture
+def anyio_backend() -> Any:
+    return ("asyncio", {})
+
+
+class StopAt(Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at:
+            state.loop.stop("stop here")
+
+
+async def test_charlm_beats_the_unigram_baseline_and_resumes_exactly(tmp_path: Path) -> None:
+    charlm = load_example("charlm.py")
+    corpus = charlm.Corpus.load(max_chars=300_000)
+    run = charlm.Run(steps=120, layers=2, width=64, warmup=20, eval_every=60, val_batches=8)
+
+    straight = charlm.make_trainer(corpus, run, tmp_path / "straight", progress=False)
+    state = await straight.fit()
+    baseline = corpus.unigram_loss()
+    assert state.metrics["val/loss"] < baseline - 0.4, (state.metrics, baseline)
+    test = await charlm.test_loss(corpus, run, tmp_path / "straight" / "checkpoints")
+    assert test < baseline - 0.4
+    (sampler,) = [c for c in straight.callbacks if isinstance(c, charlm.SampleText)]
+    assert len(sampler.samples) == 2 and all(len(s) == 4 + 160 for s in sampler.samples)
+
+    first = charlm.make_trainer(
+        corpus, run, tmp_path / "resumed", progress=False, extra=(StopAt(50),)
+    )
+    with pytest.warns(CheckpointWarning, match="not published yet"):  # saved before validating
+        assert (await first.fit()).global_step == 50
+    resumed = charlm.make_trainer(corpus, run, tmp_path / "resumed", resume=True, progress=False)
+    assert (await resumed.fit()).global_step == 120
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
