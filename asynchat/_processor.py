@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -245,6 +247,12 @@ class BasicBatchProcessor(BatchProcessor):
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``. Needed to train; optional to
             predict (then ``state.loss`` is computed only when the batch has targets).
         grad_accumulation_steps, amp, set_to_none, samples: as for :class:`BatchProcessor`.
+        compile: ``True`` or a dict of ``torch.compile`` options (``{"mode":
+            "max-autotune"}``) to compile the forward and the loss (their backward is
+            compiled with them); the optimizer step stays eager. Compilation happens on the
+            compute thread at the first batch (expect seconds to minutes); the options are
+            checked against ``torch.compile``'s signature here. With
+            ``mode="reduce-overhead"`` on CUDA each step is marked for CUDA-graph trees.
     """
 
     def __init__(
@@ -255,6 +263,7 @@ class BasicBatchProcessor(BatchProcessor):
         amp: Amp | None = None,
         set_to_none: bool = True,
         samples: Callable[[Any], int] | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
@@ -265,6 +274,8 @@ class BasicBatchProcessor(BatchProcessor):
             samples=samples,
         )
         self.loss_fn = loss_fn
+        self.compile_options = _compile_options(compile)
+        self._compiled: dict[tuple[int, int], Callable[[Any, Any], Any]] = {}
 
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         state.batch_idx = 0
@@ -290,11 +301,10 @@ class BasicBatchProcessor(BatchProcessor):
         inputs, targets = split_batch(batch)
         with self.no_sync(state, final=final):
             with self.autocast():
-                model = state.model
-                outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-                loss = None
-                if loss_fn is not None and targets is not None:
-                    loss = loss_fn(outputs, targets)
+                if self.compile_options is None:
+                    outputs, loss = _forward(state.model, loss_fn, inputs, targets)
+                else:
+                    outputs, loss = self._compiled_forward(state, loss_fn)(inputs, targets)
             state.outputs = outputs
             state.loss = loss
             if state.training:
@@ -305,6 +315,46 @@ class BasicBatchProcessor(BatchProcessor):
                     )
                 self.backward(state, loss)
         run_phase(Phase.ON_BATCH_END)
+
+    def _compiled_forward(
+        self, state: LoopState, loss_fn: LossFn | None
+    ) -> Callable[[Any, Any], Any]:
+        """The forward and loss of ``state.model`` compiled, once per model and loss."""
+        model, options = state.model, self.compile_options
+        assert options is not None
+        key = (id(model), id(loss_fn))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = torch.compile(functools.partial(_forward, model, loss_fn), **options)
+            self._compiled[key] = compiled
+        if options.get("mode") == "reduce-overhead" and state.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for cudagraph trees
+        return compiled
+
+
+def _forward(
+    model: torch.nn.Module, loss_fn: LossFn | None, inputs: Any, targets: Any
+) -> tuple[Any, torch.Tensor | None]:
+    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if loss_fn is None or targets is None:
+        return outputs, None
+    return outputs, loss_fn(outputs, targets)
+
+
+def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """``None`` (eager) or the keyword arguments for ``torch.compile``, checked."""
+    if isinstance(compile, bool):
+        return {} if compile else None
+    if not isinstance(compile, Mapping):
+        raise TypeError(
+            f"compile must be True, False or a dict of torch.compile options, got {compile!r}"
+        )
+    options = dict(compile)
+    try:
+        inspect.signature(torch.compile).bind(_forward, **options)
+    except TypeError as exc:
+        raise TypeError(f"compile={options!r}: not torch.compile's options ({exc})") from None
+    return options
 
 
 class MultiBatchProcessor(BasicBatchProcessor):

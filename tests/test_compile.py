@@ -1,0 +1,63 @@
+"""Compiled steps: BasicBatchProcessor(compile=...) trains like eager, compiling on the
+compute thread; bad options are named at construction."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_loader, make_model
+from torch import nn
+
+from asynchat import BasicBatchProcessor, Trainer
+
+
+@pytest.fixture
+def anyio_backend() -> Any:
+    return ("asyncio", {})
+
+
+def trainer(compile: bool | dict[str, Any]) -> Trainer:
+    return Trainer(
+        make_model(),
+        make_loader(96, 16),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), compile=compile),
+        num_epochs=3,
+        device="cpu",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+# torch's own inductor import warns (torch.utils.mkldnn uses torch.jit.script_method).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+async def test_a_compiled_step_trains_like_eager_and_compiles_on_the_compute_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled_on: list[str] = []
+    real_compile = torch.compile
+
+    def recording_compile(*args: Any, **kwargs: Any) -> Any:
+        compiled_on.append(threading.current_thread().name)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    eager = await trainer(False).fit()
+    assert compiled_on == []
+    compiled_trainer = trainer({"dynamic": False})
+    compiled = await compiled_trainer.fit()
+    assert compiled_on == [f"asynchat-{compiled_trainer.name}"], "once, on the compute thread"
+    for key, value in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert compiled.global_step == eager.global_step == 18
+
+
+def test_compile_options_are_checked_at_construction() -> None:
+    with pytest.raises(TypeError, match=r"compile=\{'modee': 'max-autotune'\}: not torch"):
+        BasicBatchProcessor(nn.MSELoss(), compile={"modee": "max-autotune"})
+    with pytest.raises(TypeError, match="compile must be True, False or a dict"):
+        BasicBatchProcessor(nn.MSELoss(), compile="yes")  # type: ignore[arg-type]
+    assert BasicBatchProcessor(nn.MSELoss(), compile={"mode": "reduce-overhead"}).compile_options
