@@ -330,6 +330,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     return _load_file(path, _expected_digest(path)), path
 
 
+def resumable(directory: str | os.PathLike[str]) -> Path | None:
+    """``directory`` if it holds a checkpoint to resume from, else None (it does not exist
+    yet, or holds no checkpoint file): the one way for a script to say "resume if there is
+    something to resume, else start fresh", as a restarted worker of an elastic job must::
+
+        Trainer(..., resume_from=resumable("runs/exp/ckpt"),
+                callbacks=[Checkpoint("runs/exp/ckpt", every_n_steps=100)])
+
+    Only whether a checkpoint file is there is checked: loading it (and falling back from a
+    damaged newest one) is the loop's, so a directory whose checkpoints are all damaged
+    fails the run rather than silently starting it over.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        if directory.exists():
+            raise CheckpointError(f"resumable: {str(directory)!r} is not a directory")
+        return None
+    return directory if checkpoint_files(directory) else None
+
+
 def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) -> Path:
     """The newest valid checkpoint file in ``directory`` or, with ``best=True``, the valid
     one with the best monitored metric (as the :class:`~asynchat.callbacks.Checkpoint` that

@@ -24,6 +24,7 @@ import anyio
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 
 from asynchat import _heartbeat as heartbeat
 from asynchat._checks import positive_int
@@ -66,15 +67,17 @@ def run_rank(
     backend: str,
     timeout: datetime.timedelta,
     on_error: Callable[[BaseException], None] = lambda exc: None,
+    store: Store | None = None,
 ) -> None:
     """In a rank's process (MASTER_ADDR/MASTER_PORT set): init the group, run ``fn``, tear down.
 
     ``on_error`` sees an error before the process group is torn down: tearing it down makes
     the other ranks' collectives fail too, and the launcher reports the first error it hears.
+    ``store`` is the rendezvous store to use instead of ``env://`` (torchrun restarts).
     """
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, store=store)
     try:
         options = {"use_uvloop": True} if _have_uvloop() else {}
         anyio.run(fn, rank, world_size, *args, backend="asyncio", backend_options=options)
@@ -92,6 +95,27 @@ def run_rank(
         # the GIL to release their tensors and the process aborts (seen here as a rare
         # SIGABRT of a rank whose work was done; pytorch/pytorch#179291 describes it).
         gc.collect()
+
+
+def elastic_store(rank: int, world_size: int, timeout: datetime.timedelta) -> Store | None:
+    """Under torchrun's elastic agent, the rendezvous store with a prefix of this attempt's
+    own (None elsewhere: ``env://`` as usual).
+
+    The agent keeps one store for every attempt of a job (``TORCHELASTIC_USE_AGENT_STORE``),
+    and a group restarted after a rank died reads the dead attempt's gloo addresses from it
+    under the same keys: every restart failed with "Gloo connectFullMesh failed ... Connection
+    refused" (torch 2.13, reproduced without asynchat). Keys under
+    ``asynchat/attempt-<TORCHELASTIC_RESTART_COUNT>/`` keep each attempt apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    base = TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=not hosted_by_agent and rank == 0, timeout=timeout, multi_tenant=True,
+    )  # fmt: skip
+    return PrefixStore(f"asynchat/attempt-{attempt}", base)
 
 
 def _have_uvloop() -> bool:
@@ -387,9 +411,10 @@ def launch(
     """
     hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         run_rank(
-            fn, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args,
-            backend=backend or default_backend(), timeout=collective_timeout,
+            fn, rank, world_size, args, backend=backend or default_backend(),
+            timeout=collective_timeout, store=elastic_store(rank, world_size, collective_timeout),
         )  # fmt: skip
         return
     ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)

@@ -7,7 +7,7 @@ when a callback that needs them is created: ``torchmetrics`` (MetricUpdater, Val
 metrics), ``rich`` (Progress on a terminal), ``tensorboard`` (TensorBoardLogger).
 """
 
-from asynchat._checkpoint_io import find_checkpoint, load_checkpoint, load_weights
+from asynchat._checkpoint_io import find_checkpoint, load_checkpoint, load_weights, resumable
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat.callbacks._checkpoint import Checkpoint
 from asynchat.callbacks._control import EarlyStopping, NonFiniteLossError, TerminateOnNaN
@@ -52,5 +52,6 @@ __all__ = [
     "load_weights",
     "one_cycle",
     "poly",
+    "resumable",
     "step_decay",
 ]
