@@ -17,6 +17,7 @@ from asynchat._processor import (
     MultiBatchProcessor,
     RunPhase,
 )
+from asynchat._sharded import FullyShardedDataParallelTrainer
 from asynchat._signals import stop_on_signals
 from asynchat._state import LoopState, LoopStatus
 from asynchat._trainer import Trainer
@@ -33,6 +34,7 @@ __all__ = [
     "DataParallelTrainer",
     "DistributedDataParallelTrainer",
     "EventKind",
+    "FullyShardedDataParallelTrainer",
     "Hook",
     "LaunchError",
     "LoopBase",

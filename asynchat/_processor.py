@@ -11,10 +11,11 @@ import abc
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from asynchat._checks import positive_int
 from asynchat._handle import LoopHandle
@@ -152,14 +153,19 @@ class BatchProcessor(abc.ABC):
     ) -> contextlib.AbstractContextManager[Any]:
         """Hold DDP's gradient all-reduce for a forward and backward that no update follows.
 
-        Wrap the forward *and* the backward (DDP prepares its reducer in the forward).
-        ``model`` defaults to ``state.model``; ``final=False`` holds the sync even when an
-        update is due (for all but the last of several backwards before one update). A
-        no-op for a model that is not DDP-wrapped, and when not training.
+        Wrap the forward *and* the backward (DDP prepares its reducer in the forward; an
+        FSDP2 module then neither reduce-scatters nor reshards). ``model`` defaults to
+        ``state.model``; ``final=False`` holds the sync even when an update is due (for all
+        but the last of several backwards before one update). A no-op for a model that is
+        not distributed, and when not training.
         """
         model = state.model if model is None else model
         sync = final and self.update_due(state)
-        if state.training and not sync and hasattr(model, "no_sync"):
+        if not state.training or sync:
+            return contextlib.nullcontext()
+        if isinstance(model, FSDPModule):
+            return _fsdp_accumulating(model)
+        if hasattr(model, "no_sync"):
             return model.no_sync()  # type: ignore[no-any-return, operator]
         return contextlib.nullcontext()
 
@@ -194,6 +200,19 @@ class BatchProcessor(abc.ABC):
             chosen.step()
         chosen.zero_grad(set_to_none=self.set_to_none)
         return True
+
+
+@contextlib.contextmanager
+def _fsdp_accumulating(model: FSDPModule) -> Iterator[None]:
+    """An FSDP2 backward that neither reduce-scatters nor reshards: gradients accumulate
+    unsharded until the micro-batch that updates."""
+    model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
 
 
 def _pick_optimizer(state: LoopState, name: str | None) -> tuple[str, torch.optim.Optimizer]:

@@ -1,0 +1,119 @@
+"""FullyShardedDataParallelTrainer: one rank of a job whose model is sharded with FSDP2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from asynchat._callback import Callback
+from asynchat._distributed import DistributedDataParallelTrainer
+from asynchat._processor import BatchProcessor, LossFn
+from asynchat._trainer import OptimizerFactory
+
+ShardPolicy = Sequence[str] | Callable[[nn.Module], Iterable[nn.Module]]
+
+
+class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
+    """A :class:`~asynchat.Trainer` for one rank of a job whose model does not fit one device:
+    parameters, gradients and optimizer state are sharded over the ranks with FSDP2
+    (``torch.distributed.fsdp.fully_shard``; parameters become ``DTensor``s).
+
+    Sharding happens on the compute thread once the model is on the rank's device: each
+    module of ``shard`` gets its own ``fully_shard`` (its parameters are gathered for its
+    forward and backward only), then the root. ``shard`` is a list of submodule names, or a
+    function ``shard(model) -> modules``; by default every child of the root that holds
+    parameters. The optimizer must be a factory (or a mapping of factories): it is called
+    after sharding, over the sharded parameters. ``mixed_precision="bf16"`` computes in
+    bfloat16 with float32 gradient reduction (FSDP's ``MixedPrecisionPolicy``).
+
+    As in :class:`DistributedDataParallelTrainer`: the DataLoader is re-sharded with a
+    ``DistributedSampler``; ``stop()``, ``pause()`` and cancellation are agreed by every rank
+    at each boundary; files are written on rank 0. Gradient accumulation neither reduces
+    nor reshards between micro-batches (the processor's ``no_sync``). ``state.model`` and
+    ``trainer.model`` are the sharded module. Checkpoints of sharded state are not written
+    yet: a :class:`~asynchat.callbacks.Checkpoint` is refused before training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable[Any],
+        optimizer: OptimizerFactory | Mapping[str, OptimizerFactory],
+        *,
+        batch_processor: BatchProcessor | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device | int | None = None,
+        num_epochs: int | None = None,
+        num_steps: int | None = None,
+        callbacks: Iterable[Callback] = (),
+        prefetch: int = 2,
+        name: str | None = None,
+        shard: ShardPolicy | None = None,
+        mixed_precision: Literal["bf16"] | None = None,
+    ) -> None:
+        factories = optimizer.values() if isinstance(optimizer, Mapping) else [optimizer]
+        if any(isinstance(f, torch.optim.Optimizer) for f in factories):
+            raise TypeError(
+                "FullyShardedDataParallelTrainer needs optimizer factories "
+                "(optimizer=lambda model: torch.optim.AdamW(model.parameters(), ...)): an "
+                "optimizer built before sharding would hold the unsharded parameters"
+            )
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(f"mixed_precision must be None or 'bf16', got {mixed_precision!r}")
+        from asynchat.callbacks._checkpoint import Checkpoint
+
+        callbacks = list(callbacks)
+        if any(isinstance(c, Checkpoint) for c in callbacks):
+            raise NotImplementedError(
+                "FullyShardedDataParallelTrainer does not write checkpoints of sharded state "
+                "yet (torch.distributed.checkpoint support is planned); train without "
+                "Checkpoint, or use DistributedDataParallelTrainer"
+            )
+        self.shard = _check_shard(shard)
+        self.mixed_precision = mixed_precision
+        super().__init__(
+            model, data_loader, optimizer, batch_processor=batch_processor, loss_fn=loss_fn,
+            device=device, num_epochs=num_epochs, num_steps=num_steps, callbacks=callbacks,
+            prefetch=prefetch, name=name,
+        )  # fmt: skip
+
+    def _configure(self) -> None:
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.mixed_precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
+        for module in _shard_units(self.model, self.shard):
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        self.state.model = self.model
+        super(DistributedDataParallelTrainer, self)._configure()  # the optimizers, sharded
+
+
+def _check_shard(shard: ShardPolicy | None) -> ShardPolicy | None:
+    if shard is None or callable(shard):
+        return shard
+    if isinstance(shard, str) or not all(isinstance(name, str) for name in shard):
+        raise TypeError(f"shard must be a list of submodule names or a function, got {shard!r}")
+    return list(shard)
+
+
+def _shard_units(model: nn.Module, shard: ShardPolicy | None) -> list[nn.Module]:
+    """The modules that get a ``fully_shard`` of their own, before the root."""
+    if shard is None:
+        return [child for child in model.children() if any(True for _ in child.parameters())]
+    if callable(shard):
+        return list(shard(model))
+    found = dict(model.named_modules())
+    missing = [name for name in shard if name not in found]
+    if missing:
+        known = sorted(n for n in found if n)[:20]
+        raise KeyError(f"shard: no submodule named {missing}; the model has {known}")
+    return [found[name] for name in shard]

@@ -1,0 +1,59 @@
+"""FullyShardedDataParallelTrainer (FSDP2) with real gloo process groups in real processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import rank_jobs
+import torch
+from conftest import make_loader
+from torch import nn
+
+from asynchat import FullyShardedDataParallelTrainer, launch
+from asynchat.callbacks import Checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["every-step", "accumulate-2"])
+def test_two_sharded_ranks_match_one_process_on_the_global_batch(
+    tmp_path: Path, accumulate: int
+) -> None:
+    """2 ranks x 16 samples a step == 1 process x 32, after 16 updates (rtol 1e-4)."""
+    launch(rank_jobs.fsdp_train, nprocs=2, args=(str(tmp_path), accumulate))
+    result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    assert result["global_step"] == 16 * accumulate
+    # Rank 0's shard of each parameter: the first half of its rows (rounded up).
+    expected = [-(-p.shape[0] // 2) * p[0].numel() for p in rank_jobs.ddp_model().parameters()]
+    assert result["shards"] == expected, "each rank held about half of each parameter"
+
+    reference = rank_jobs.ddp_model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    inputs, targets = rank_jobs.ddp_data().tensors
+    for step in range(16):  # DistributedSampler without shuffling: rank r takes r, r + 2...
+        start = (step * 32) % 64
+        nn.CrossEntropyLoss()(reference(inputs[start : start + 32]),
+                              targets[start : start + 32]).backward()  # fmt: skip
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(result["model"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_sharding_needs_factories_and_no_checkpoint_yet() -> None:
+    model = rank_jobs.ddp_model()
+    with pytest.raises(TypeError, match="needs optimizer factories"):
+        FullyShardedDataParallelTrainer(
+            model, make_loader(), torch.optim.SGD(model.parameters(), 0.1), num_steps=1,
+            loss_fn=nn.CrossEntropyLoss(),
+        )  # fmt: skip
+    with pytest.raises(NotImplementedError, match="checkpoints of sharded state"):
+        FullyShardedDataParallelTrainer(
+            model, make_loader(), lambda m: torch.optim.SGD(m.parameters(), 0.1), num_steps=1,
+            loss_fn=nn.CrossEntropyLoss(), callbacks=[Checkpoint("unused")],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="mixed_precision must be None or 'bf16'"):
+        FullyShardedDataParallelTrainer(
+            model, make_loader(), lambda m: torch.optim.SGD(m.parameters(), 0.1), num_steps=1,
+            loss_fn=nn.CrossEntropyLoss(), mixed_precision="fp16",  # type: ignore[arg-type]
+        )  # fmt: skip
