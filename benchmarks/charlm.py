@@ -5,10 +5,10 @@ Both train ``examples/charlm.py``'s model on the same text with the same AdamW, 
 warmup-then-cosine learning rate, gradients clipped at 1 and the validation loss every
 ``--eval-every`` steps: the hand-written loop as nanoGPT's would, the engine through
 ``Trainer`` with ``GradClip``, ``LRSchedule`` and ``Validation``. A third row runs the
-example as shipped (also LossMonitor, text sampled from an async hook and a checkpoint at
-each validation). Runs are interleaved and repeated; the table shows the median time per
-step, its ratio to the hand-written loop measured in the same run, the final validation
-loss, and whether the final weights are bitwise equal to the loop's.
+example as shipped (also LossMonitor, text sampled and published by an async hook, and a
+checkpoint at each validation). Runs are interleaved and repeated; the table shows the
+median time per step, its ratio to the hand-written loop measured in the same run, the
+final validation loss, and whether the final weights are bitwise equal to the loop's.
 
 Run: python benchmarks/charlm.py [--steps 200] [--rounds 3] [--eval-every 100]
 """

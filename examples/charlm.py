@@ -5,11 +5,12 @@ standard library's own source files: a corpus every Python ships.
 
 AdamW with a cosine learning rate after a linear warmup, gradient clipping, the validation
 loss every ``--eval-every`` steps (with the best checkpoint kept), bf16 autocast on GPUs,
-and an ``async def`` hook that samples a few lines of Python at each validation, yielding to
-the event loop between tokens. Ctrl-C stops after the step in progress with a final
-checkpoint; ``--resume`` goes on from the newest. At the end the *best* checkpoint (by
-validation loss) is loaded and scored on held-out test text, next to the unigram baseline
-(the loss of predicting each character from its frequency alone).
+and a few lines of Python sampled at each validation: generated on the compute thread (a
+``def`` hook: the model is the compute thread's), published by an ``async def`` hook that
+brings them to the host without blocking the event loop. Ctrl-C stops after the step in
+progress with a final checkpoint; ``--resume`` goes on from the newest. At the end the
+*best* checkpoint (by validation loss) is loaded and scored on held-out test text, next to
+the unigram baseline (the loss of predicting each character from its frequency alone).
 """
 
 from __future__ import annotations
@@ -154,25 +155,23 @@ def next_char_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-# -- sampling, from an async hook -----------------------------------------------------------
+# -- sampling at each validation --------------------------------------------------------
 
 
 class SampleText(Callback):
-    """At each validation, samples ``chars`` characters after a prompt, one forward per
-    character, yielding to the event loop between them (so a server beside the trainer stays
-    responsive); the ids stay on the device until one copy at the end. Runs while the compute
-    thread waits for it, so the model is not in use; its own generator leaves training's RNG
-    untouched (resume stays exact)."""
+    """At each validation, samples ``chars`` characters after a prompt (``def``: on the
+    compute thread, which owns the model; the event loop stays free meanwhile). One forward
+    per character, the ids kept on the device (no host sync per character); its own
+    generator leaves training's RNG untouched, so resume stays exact."""
 
     def __init__(self, corpus: Corpus, every_n_steps: int, chars: int = 160) -> None:
         self.corpus, self.every_n_steps, self.chars = corpus, every_n_steps, chars
-        self.samples: list[str] = []
+        self.pending: torch.Tensor | None = None
 
-    async def on_step_end(self, state: LoopState) -> None:
+    def on_step_end(self, state: LoopState) -> None:
         if state.global_step % self.every_n_steps or not state.loop.is_rank_zero:
             return
         model: Any = state.loop.model
-        block = model.config.block
         index = {c: i for i, c in enumerate(self.corpus.vocab)}
         ids = torch.tensor([[index[c] for c in "def "]], device=state.device)
         generator = torch.Generator(state.device).manual_seed(state.global_step)
@@ -181,16 +180,30 @@ class SampleText(Callback):
         try:
             with torch.no_grad():
                 for _ in range(self.chars):
-                    logits = model(ids[:, -block:])[:, -1].float()
+                    logits = model(ids[:, -model.config.block :])[:, -1].float()
                     nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
                     ids = torch.cat([ids, nxt], dim=1)
-                    await anyio.lowlevel.checkpoint()  # let the event loop run between characters
         finally:
             model.train(was_training)
-        text = self.corpus.decode((await state.loop.to_host(ids))[0].tolist())
+        self.pending = ids
+
+
+class PublishSamples(Callback):
+    """The ``async def`` half: brings each new sample to the host without blocking the event
+    loop (``await state.loop.to_host``), decodes and prints it; a service would send it to
+    its clients here."""
+
+    def __init__(self, sampler: SampleText) -> None:
+        self.sampler = sampler
+        self.samples: list[str] = []
+
+    async def on_step_end(self, state: LoopState) -> None:
+        ids, self.sampler.pending = self.sampler.pending, None
+        if ids is None:
+            return
+        text = self.sampler.corpus.decode((await state.loop.to_host(ids))[0].tolist())
         self.samples.append(text)
-        if state.loop.is_rank_zero:
-            print(f"--- sample at step {state.global_step} ---\n{text}\n---", flush=True)
+        print(f"--- sample at step {state.global_step} ---\n{text}\n---", flush=True)
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -248,7 +261,8 @@ def make_trainer(
             LossMonitor(every_n_steps=50),
             Validation(val, every_n_epochs=None, every_n_steps=run.eval_every,
                        loss_fn=next_char_loss),
-            SampleText(corpus, run.eval_every),
+            sampler := SampleText(corpus, run.eval_every),
+            PublishSamples(sampler),
             Checkpoint(checkpoints, every_n_steps=run.eval_every, keep_last=1, monitor="val/loss"),
             *((Progress(every_n_steps=run.eval_every),) if progress else ()),
         ],

@@ -1,5 +1,5 @@
 """The character-level language model example: learns well past the unigram baseline,
-samples text from an async hook, and resumes exactly after a stop."""
+samples text (published by an async hook), and resumes exactly after a stop."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ async def test_charlm_beats_the_unigram_baseline_and_resumes_exactly(tmp_path: P
     assert state.metrics["val/loss"] < baseline - 0.4, (state.metrics, baseline)
     test = await charlm.test_loss(corpus, run, tmp_path / "straight" / "checkpoints")
     assert test < baseline - 0.4
-    (sampler,) = [c for c in straight.callbacks if isinstance(c, charlm.SampleText)]
-    assert len(sampler.samples) == 2 and all(len(s) == 4 + 160 for s in sampler.samples)
+    (published,) = [c for c in straight.callbacks if isinstance(c, charlm.PublishSamples)]
+    assert len(published.samples) == 2 and all(len(s) == 4 + 160 for s in published.samples)
 
     first = charlm.make_trainer(
         corpus, run, tmp_path / "resumed", progress=False, extra=(StopAt(50),)
