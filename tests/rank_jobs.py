@@ -284,3 +284,54 @@ async def fsdp_train(rank: int, world_size: int, out: str, accumulate: int) -> N
     if rank == 0:
         torch.save({"model": full, "shards": shards, "global_step": state.global_step},
                    Path(out, "fsdp.pt"))  # fmt: skip
+
+
+async def ddp_two_optimizers(rank: int, world_size: int, out: str) -> None:
+    """A DDP trainer with two named optimizers and a step that updates each: saves each
+    rank's weights and the update order it saw."""
+    import torch.nn.functional as F
+
+    from asynchat import (
+        BatchProcessor,
+        Callback,
+        DistributedDataParallelTrainer,
+        LoopState,
+        Phase,
+        RunPhase,
+    )
+
+    class TwoParts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    class TwoUpdates(BatchProcessor):
+        def step(self, state: LoopState, run_phase: RunPhase) -> None:
+            x, y = state.batch
+            run_phase(Phase.ON_BATCH_BEGIN)
+            with self.no_sync(state):
+                loss = F.cross_entropy(state.model(x), y)
+            self.backward(state, loss)
+            self.update(state, run_phase, "a")
+            self.update(state, run_phase, "b")
+            state.loss = loss.detach()
+            run_phase(Phase.ON_BATCH_END)
+
+    seen: list[str] = []
+
+    class See(Callback):
+        def on_before_update(self, state: LoopState) -> None:
+            seen.append(state.optimizer_name or "")
+
+    trainer = DistributedDataParallelTrainer(
+        TwoParts(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        {"a": lambda m: torch.optim.SGD(m.a.parameters(), lr=0.1),
+         "b": lambda m: torch.optim.Adam(m.b.parameters(), lr=0.01)},
+        batch_processor=TwoUpdates(), num_steps=4, device="cpu", callbacks=[See()],
+    )  # fmt: skip
+    await trainer.fit()
+    torch.save({"model": trainer.model.state_dict(), "seen": seen}, Path(out, f"rank{rank}.pt"))

@@ -337,3 +337,16 @@ def test_basic_processor_keeps_one_update_per_step() -> None:
     assert processor.grad_accumulation_steps == 2 and processor.amp is None
     with pytest.raises(ValueError, match="amp must be"):
         TwoUpdates(amp="fp8")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_named_optimizers_under_ddp_keep_the_replicas_identical(tmp_path: Path) -> None:
+    import rank_jobs
+
+    from asynchat import launch
+
+    launch(rank_jobs.ddp_two_optimizers, nprocs=2, args=(str(tmp_path),))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["seen"] == ranks[1]["seen"] == ["a", "b"] * 4
+    for name, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][name]), name
