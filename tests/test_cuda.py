@@ -275,3 +275,41 @@ def test_a_sticky_cuda_error_reaches_fit_instead_of_hanging() -> None:
     done = subprocess.run([sys.executable, "-c", STICKY_ERROR_JOB, here], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.stdout.strip() == "raised failed", done.stderr
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+async def test_two_named_optimizers_step_on_cuda_with_mixed_precision(amp: str) -> None:
+    """The step API on the GPU: two updates a step under autocast; with fp16 one grad
+    scaler for both, its scale updated once per step."""
+    from test_optimizers import TwoHeads, TwoUpdates
+
+    processor = TwoUpdates(amp=amp)  # type: ignore[arg-type]
+    model = TwoHeads()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = await Trainer(
+        model, make_loader(96, 16),
+        {"a": lambda m: torch.optim.SGD(m.a.parameters(), lr=0.1),
+         "b": lambda m: torch.optim.Adam(m.b.parameters(), lr=0.01, fused=True)},
+        batch_processor=processor, num_steps=6, device="cuda",
+    ).fit()  # fmt: skip
+    assert all(not torch.equal(a, b.cpu()) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert state.losses["a"].is_cuda and state.losses["b"].is_cuda
+    if amp == "fp16":
+        assert processor.scaler is not None
+        assert processor.scaler._growth_tracker.item() == 6  # type: ignore[attr-defined]
+
+
+async def test_the_character_lm_example_learns_on_cuda_in_bf16(tmp_path: Path) -> None:
+    """The example as it runs on a GPU (bf16 autocast, sampling with a CUDA generator)."""
+    from conftest import load_example
+
+    charlm = load_example("charlm.py")
+    corpus = charlm.Corpus.load(max_chars=300_000)
+    run = charlm.Run(steps=120, layers=2, width=64, warmup=20, eval_every=60, val_batches=8)
+    trainer = charlm.make_trainer(corpus, run, tmp_path, progress=False)
+    assert trainer.batch_processor.amp == "bf16"
+    state = await trainer.fit()
+    assert state.metrics["val/loss"] < corpus.unigram_loss() - 0.4
+    (published,) = [c for c in trainer.callbacks if isinstance(c, charlm.PublishSamples)]
+    assert len(published.samples) == 2
