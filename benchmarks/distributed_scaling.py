@@ -1,8 +1,12 @@
-"""Samples/s of 2 ranks against 1 rank (DistributedDataParallelTrainer, gloo, CPU).
+"""Samples/s of 2 ranks against 1 rank, DDP and FSDP2 (gloo, CPU), and the model state each
+rank holds.
 
-A compute-bound MLP (1024-2048-2048-10, batch 256 per rank, one torch thread per rank) trains
-for ``--steps`` steps per rank under ``asynchat.launch``; each rank times its own loop and
-rank 0 reports. Ideal scaling is 2.0x; gradient all-reduce over gloo costs the rest.
+A compute-bound MLP (1024-2048-2048-10, batch 256 per rank, one torch thread per rank, Adam)
+trains for ``--steps`` steps per rank under ``asynchat.launch`` with
+DistributedDataParallelTrainer or FullyShardedDataParallelTrainer; each rank times its own
+loop and rank 0 reports its samples/s, its peak RSS and the bytes of model state it holds
+(parameters, gradients and Adam's two moments: its shards under FSDP). Ideal scaling is
+2.0x; the collectives over gloo cost the rest.
 
 Run: python benchmarks/distributed_scaling.py [--steps 20] [--rounds 3]
 """
@@ -10,6 +14,7 @@ Run: python benchmarks/distributed_scaling.py [--steps 20] [--rounds 3]
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -21,12 +26,18 @@ from _common import machine, median, table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asynchat import DistributedDataParallelTrainer, launch
+from asynchat import (
+    Callback,
+    DistributedDataParallelTrainer,
+    FullyShardedDataParallelTrainer,
+    LoopState,
+    launch,
+)
 
 BATCH = 256  # per rank: enough compute per step that the gradient all-reduce does not dominate
 
 
-async def train(rank: int, world_size: int, steps: int, out: str) -> None:
+async def train(rank: int, world_size: int, steps: int, out: str, kind: str = "ddp") -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(rank)
     data = TensorDataset(
@@ -40,15 +51,40 @@ async def train(rank: int, world_size: int, steps: int, out: str) -> None:
     # The batch size is per rank (the trainer shards the data): the global batch is
     # BATCH x world_size, so each rank does the same work per step as a single rank does.
     loader = DataLoader(data, batch_size=BATCH)
-    trainer = DistributedDataParallelTrainer(
-        model, loader, lambda m: torch.optim.SGD(m.parameters(), lr=0.01),
-        loss_fn=nn.CrossEntropyLoss(), num_steps=steps, device="cpu",
+    held = StateBytes()
+    kind_of = FullyShardedDataParallelTrainer if kind == "fsdp" else DistributedDataParallelTrainer
+    trainer = kind_of(
+        model, loader, lambda m: torch.optim.Adam(m.parameters(), lr=1e-4),
+        loss_fn=nn.CrossEntropyLoss(), num_steps=steps, device="cpu", callbacks=[held],
     )  # fmt: skip
     start = time.perf_counter()
     await trainer.fit()
     elapsed = time.perf_counter() - start
     if rank == 0:
-        await anyio.Path(out).write_text(str(world_size * BATCH * steps / elapsed))
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result = f"{world_size * BATCH * steps / elapsed} {held.bytes / 2**20} {rss_mib}"
+        await anyio.Path(out).write_text(result)
+
+
+class StateBytes(Callback):
+    """The model state this rank holds at its last update: parameters, gradients and the
+    optimizer's state, counting only the local shard of a sharded tensor."""
+
+    bytes = 0
+
+    def on_before_update(self, state: LoopState) -> None:
+        def local(t: torch.Tensor) -> int:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        params = list(state.model.parameters())
+        total = sum(local(p) for p in params) + sum(
+            local(p.grad) for p in params if p.grad is not None
+        )
+        assert state.optimizer is not None
+        for values in state.optimizer.state.values():
+            total += sum(local(v) for v in values.values() if isinstance(v, torch.Tensor))
+        self.bytes = total
 
 
 def _matmuls(seconds: list[float]) -> None:
@@ -80,11 +116,13 @@ def machine_ceiling() -> float:
         return 2 * one[0] / max(two)
 
 
-def samples_per_s(nprocs: int, steps: int) -> float:
+def measure(nprocs: int, steps: int, kind: str) -> tuple[float, float, float]:
+    """(samples/s, model state MiB on rank 0, peak RSS MiB of rank 0)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "result")
-        launch(train, nprocs=nprocs, args=(steps, str(out)))
-        return float(out.read_text())
+        launch(train, nprocs=nprocs, args=(steps, str(out), kind))
+        speed, state_mib, rss_mib = (float(x) for x in out.read_text().split())
+        return speed, state_mib, rss_mib
 
 
 def main() -> None:
@@ -94,16 +132,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    results: dict[int, list[float]] = {1: [], 2: []}
+    variants = [(kind, n) for kind in ("ddp", "fsdp") for n in (1, 2)]
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for nprocs in (1, 2):
-            results[nprocs].append(samples_per_s(nprocs, args.steps))
-    one = median(results[1])
-    rows = [(n, f"{median(v):,.0f}", f"{median(v) / one:.2f}x") for n, v in results.items()]
+        for kind, nprocs in variants:
+            results[(kind, nprocs)].append(measure(nprocs, args.steps, kind))
+    one = median([r[0] for r in results[("ddp", 1)]])
+    rows = [
+        (kind.upper(), n, f"{median([r[0] for r in v]):,.0f}",
+         f"{median([r[0] for r in v]) / one:.2f}x", f"{v[-1][1]:.1f}",
+         f"{median([r[2] for r in v]):.0f}")
+        for (kind, n), v in results.items()
+    ]  # fmt: skip
     print(f"machine: {machine()}")
-    print(f"MLP 1024-2048-2048-10, batch 256 per rank, 1 torch thread per rank, gloo; "
+    print(f"MLP 1024-2048-2048-10, Adam, batch 256 per rank, 1 torch thread per rank, gloo; "
           f"{args.steps} steps, {args.rounds} interleaved rounds, medians")  # fmt: skip
-    print(table(["ranks", "samples/s", "vs 1 rank"], rows))
+    print(table(["trainer", "ranks", "samples/s", "vs 1 DDP rank", "model state MiB/rank",
+                 "peak RSS MiB"], rows))  # fmt: skip
     print(f"machine ceiling (2 independent matmul processes vs 1): {machine_ceiling():.2f}x")
 
 
