@@ -14,6 +14,7 @@ from torch.utils.data import DistributedSampler
 from asynchat._callback import Callback
 from asynchat._data import shard_loader
 from asynchat._device import resolve_device
+from asynchat._loop import Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerSpec, Trainer
 
@@ -40,7 +41,7 @@ class DistributedDataParallelTrainer(Trainer):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Models,
         data_loader: Iterable[Any],
         optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
@@ -68,6 +69,8 @@ class DistributedDataParallelTrainer(Trainer):
                 "DistributedDataParallelTrainer needs an initialised process group: create it "
                 "inside a function run by asynchat.launch(...) or under torchrun"
             )
+        several_models = isinstance(model, Mapping) and not isinstance(model, torch.nn.Module)
+        model = as_module(model)
         if sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
         super().__init__(
@@ -76,6 +79,7 @@ class DistributedDataParallelTrainer(Trainer):
             callbacks=callbacks, prefetch=prefetch, name=name, resume_from=resume_from,
         )  # fmt: skip
         self.find_unused_parameters = find_unused_parameters
+        self._several_models = several_models
         # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
         # per step under NCCL. Every rank builds its trainer at the same point, so every
         # rank creates this group (a collective call) in step.
@@ -84,9 +88,18 @@ class DistributedDataParallelTrainer(Trainer):
 
     def _configure(self) -> None:
         super()._configure()
+        if self._several_models:  # each model its own DDP: a step may call them one by one
+            self.state.model = torch.nn.ModuleDict(
+                {name: self._wrap(module) if _trains(module) else module
+                 for name, module in self.model.items()}  # type: ignore[operator]
+            )  # fmt: skip
+        else:
+            self.state.model = self._wrap(self.model)
+
+    def _wrap(self, module: torch.nn.Module) -> DistributedDataParallel:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.state.model = DistributedDataParallel(
-            self.model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
+        return DistributedDataParallel(
+            module, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
         )
 
     def _begin_epoch_data(self, epoch: int) -> None:
@@ -103,6 +116,10 @@ class DistributedDataParallelTrainer(Trainer):
         values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
         return [bool(v) for v in values.tolist()]
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _rank_device() -> torch.device:
@@ -124,7 +141,7 @@ class DataParallelTrainer(Trainer):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Models,
         data_loader: Iterable[Any],
         optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,

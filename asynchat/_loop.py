@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -81,7 +81,7 @@ class LoopBase(PipeBase):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Models,
         data_loader: Iterable[Any],
         *,
         batch_processor: BatchProcessor,
@@ -94,6 +94,7 @@ class LoopBase(PipeBase):
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(callbacks)
+        model = as_module(model)
         _check_arguments(model, data_loader, batch_processor, num_epochs, num_steps, prefetch)
         if resume_from is not None:
             check_path("resume_from", resume_from)
@@ -408,6 +409,28 @@ class LoopBase(PipeBase):
         """Restore what :meth:`_extra_state` added."""
 
 
+Models = torch.nn.Module | Mapping[str, torch.nn.Module]
+
+
+def as_module(model: Models) -> torch.nn.Module:
+    """The loop's model: a module, or a mapping of names to modules (several models, e.g. a
+    GAN's ``{"generator": ..., "discriminator": ...}``) made one ``nn.ModuleDict``, whose
+    checkpoint keys are ``<name>.<parameter>`` and whose models ``state.model.<name>``
+    reaches."""
+    if isinstance(model, Mapping) and not isinstance(model, torch.nn.Module):
+        if not model:
+            raise ValueError("model must not be an empty mapping: name at least one model")
+        for name, module in model.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise TypeError(f"model names must be non-empty strings without dots, got {name!r}")
+            if not isinstance(module, torch.nn.Module):
+                raise TypeError(
+                    f"model[{name!r}] must be a torch.nn.Module, got {type(module).__name__}"
+                )
+        return torch.nn.ModuleDict(dict(model))
+    return model  # checked with the other arguments
+
+
 def _check_arguments(
     model: torch.nn.Module,
     data_loader: Iterable[Any],
@@ -417,7 +440,10 @@ def _check_arguments(
     prefetch: int,
 ) -> None:
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            "model must be a torch.nn.Module or a mapping of names to modules, got "
+            f"{type(model).__name__}"
+        )
     check_data_loader(data_loader, num_epochs)
     if not isinstance(batch_processor, BatchProcessor):
         raise TypeError(

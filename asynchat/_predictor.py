@@ -12,7 +12,7 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checks import positive_int
 from asynchat._compute import ComputeThread
-from asynchat._loop import LoopBase
+from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
@@ -40,7 +40,7 @@ class Predictor(LoopBase):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Models,
         data_loader: Iterable[Any],
         *,
         batch_processor: BatchProcessor | None = None,

@@ -163,11 +163,7 @@ class BatchProcessor(abc.ABC):
         sync = final and self.update_due(state)
         if not state.training or sync:
             return contextlib.nullcontext()
-        if isinstance(model, FSDPModule):
-            return _fsdp_accumulating(model)
-        if hasattr(model, "no_sync"):
-            return model.no_sync()  # type: ignore[no-any-return, operator]
-        return contextlib.nullcontext()
+        return _held_sync(model)
 
     def backward(self, state: LoopState, loss: torch.Tensor) -> None:
         """``loss.backward()``, divided by ``grad_accumulation_steps`` and scaled for fp16."""
@@ -200,6 +196,21 @@ class BatchProcessor(abc.ABC):
             chosen.step()
         chosen.zero_grad(set_to_none=self.set_to_none)
         return True
+
+
+def _held_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """The context that holds ``model``'s gradient sync: DDP's ``no_sync``, FSDP2's flags,
+    or each model's own for several models (a ``ModuleDict`` of wrappers)."""
+    if isinstance(model, FSDPModule):
+        return _fsdp_accumulating(model)
+    if hasattr(model, "no_sync"):
+        return model.no_sync()  # type: ignore[no-any-return, operator]
+    if isinstance(model, torch.nn.ModuleDict):
+        stack = contextlib.ExitStack()
+        for each in model.values():
+            stack.enter_context(_held_sync(each))
+        return stack
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

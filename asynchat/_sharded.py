@@ -57,6 +57,11 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         shard: ShardPolicy | None = None,
         mixed_precision: Literal["bf16"] | None = None,
     ) -> None:
+        if isinstance(model, Mapping) and not isinstance(model, nn.Module):
+            raise NotImplementedError(
+                "FullyShardedDataParallelTrainer does not take a mapping of models yet: give "
+                "one module that holds them (each child is sharded on its own)"
+            )
         factories = optimizer.values() if isinstance(optimizer, Mapping) else [optimizer]
         if any(isinstance(f, torch.optim.Optimizer) for f in factories):
             raise TypeError(

@@ -11,7 +11,7 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checks import optimizer_trains
 from asynchat._errors import CheckpointError
-from asynchat._loop import LoopBase
+from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn, MultiBatchProcessor
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
@@ -23,8 +23,10 @@ class Trainer(LoopBase):
     """Trains ``model`` on ``data_loader`` for ``num_epochs`` epochs or ``num_steps`` steps.
 
     Args:
-        model: the module to train; moved to ``device`` on the compute thread when the run
-            starts.
+        model: the module to train, moved to ``device`` on the compute thread when the run
+            starts; or a mapping of names to modules (several models, such as a GAN's two),
+            held as one ``nn.ModuleDict`` (``state.model.generator``), each wrapped on its
+            own by the distributed trainers.
         data_loader: a re-iterable of batches, e.g. a ``torch.utils.data.DataLoader``.
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or a factory
             ``optimizer(model)`` called once the model is on its device; or a mapping of
@@ -52,7 +54,7 @@ class Trainer(LoopBase):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Models,
         data_loader: Iterable[Any],
         optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
@@ -82,7 +84,7 @@ class Trainer(LoopBase):
         )
         for key, spec in specs.items():
             if isinstance(spec, torch.optim.Optimizer):
-                optimizer_trains(spec, model, name=_label(specs, key))
+                optimizer_trains(spec, self.model, name=_label(specs, key))
         self._optimizer_specs = specs
 
     @property

@@ -335,3 +335,48 @@ async def ddp_two_optimizers(rank: int, world_size: int, out: str) -> None:
     )  # fmt: skip
     await trainer.fit()
     torch.save({"model": trainer.model.state_dict(), "seen": seen}, Path(out, f"rank{rank}.pt"))
+
+
+async def ddp_two_models(rank: int, world_size: int, out: str) -> None:
+    """A GAN-shaped step over a mapping of two models, each wrapped in its own DDP: the
+    discriminator runs twice before its backward, the generator's loss goes through it.
+    The noise comes from the batch, so one process with the global batch can replay it."""
+    from asynchat import DistributedDataParallelTrainer
+
+    torch.manual_seed(0)
+    models = {"generator": torch.nn.Linear(4, 8), "discriminator": torch.nn.Linear(8, 1)}
+    trainer = DistributedDataParallelTrainer(
+        models, torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        {"d": lambda m: torch.optim.SGD(m.discriminator.parameters(), lr=0.1),
+         "g": lambda m: torch.optim.SGD(m.generator.parameters(), lr=0.1)},
+        batch_processor=gan_step(), num_steps=4, device="cpu",
+    )  # fmt: skip
+    await trainer.fit()
+    assert isinstance(trainer.state.model.generator, torch.nn.parallel.DistributedDataParallel)
+    torch.save({"model": trainer.model.state_dict()}, Path(out, f"rank{rank}.pt"))
+
+
+def gan_step() -> Any:
+    import torch.nn.functional as F
+
+    from asynchat import BatchProcessor, LoopState, Phase, RunPhase
+
+    class GanStep(BatchProcessor):
+        def step(self, state: LoopState, run_phase: RunPhase) -> None:
+            real, _ = state.batch
+            gan: Any = state.model
+            run_phase(Phase.ON_BATCH_BEGIN)
+            noise = real[:, :4] * 0.5  # from the batch: the same on one process and on two
+            state.optimizers["d"].zero_grad(set_to_none=True)
+            fake = gan.generator(noise)
+            loss_d = (F.softplus(-gan.discriminator(real)).mean()
+                      + F.softplus(gan.discriminator(fake.detach())).mean())  # fmt: skip
+            self.backward(state, loss_d)
+            self.update(state, run_phase, "d")
+            loss_g = F.softplus(-gan.discriminator(fake)).mean()
+            self.backward(state, loss_g)
+            self.update(state, run_phase, "g")
+            state.losses = {"d": loss_d.detach(), "g": loss_g.detach()}
+            run_phase(Phase.ON_BATCH_END)
+
+    return GanStep()

@@ -42,7 +42,11 @@ def trainer(**overrides: Any) -> Trainer:
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"model": "resnet"}, TypeError, r"model must be a torch.nn.Module, got str"),
+        (
+            {"model": "resnet"},
+            TypeError,
+            r"model must be a torch.nn.Module or a mapping .*, got str",
+        ),
         ({"data_loader": 42}, TypeError, r"data_loader must be iterable.*int"),
         (
             {"data_loader": iter([1, 2]), "num_epochs": 2},

@@ -57,3 +57,9 @@ def test_sharding_needs_factories_and_no_checkpoint_yet() -> None:
             model, make_loader(), lambda m: torch.optim.SGD(m.parameters(), 0.1), num_steps=1,
             loss_fn=nn.CrossEntropyLoss(), mixed_precision="fp16",  # type: ignore[arg-type]
         )  # fmt: skip
+
+    with pytest.raises(NotImplementedError, match="mapping of models"):
+        FullyShardedDataParallelTrainer(
+            {"a": model}, make_loader(), lambda m: torch.optim.SGD(m.parameters(), 0.1),  # type: ignore[arg-type]
+            num_steps=1, loss_fn=nn.CrossEntropyLoss(),
+        )  # fmt: skip

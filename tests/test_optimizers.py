@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,11 @@ async def test_mistakes_are_named_before_training() -> None:
                 batch_processor=TwoUpdates(), num_steps=1)  # fmt: skip
     with pytest.raises(ValueError, match="optimizer must be an optimizer's name"):
         GradClip(1.0, optimizer="")
+    with pytest.raises(TypeError, match=r"model\['g'\] must be a torch.nn.Module, got str"):
+        Trainer({"g": "generator"}, loader, two_optimizers(), batch_processor=TwoUpdates(),  # type: ignore[dict-item]
+                num_steps=1)  # fmt: skip
+    with pytest.raises(ValueError, match="model must not be an empty mapping"):
+        Trainer({}, loader, two_optimizers(), batch_processor=TwoUpdates(), num_steps=1)
 
     def pair(m: nn.Module) -> Any:
         return torch.optim.SGD(m.a.parameters(), 0.1), torch.optim.SGD(m.b.parameters(), 0.1)
@@ -350,3 +356,41 @@ def test_named_optimizers_under_ddp_keep_the_replicas_identical(tmp_path: Path) 
     assert ranks[0]["seen"] == ranks[1]["seen"] == ["a", "b"] * 4
     for name, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][name]), name
+
+
+@pytest.mark.slow
+def test_a_mapping_of_models_is_wrapped_model_by_model_under_ddp(tmp_path: Path) -> None:
+    """Two ranks of 8 samples a step equal one process of 16: each model's gradients are
+    all-reduced although the step calls the two models one by one."""
+    import rank_jobs
+
+    from asynchat import launch
+
+    launch(rank_jobs.ddp_two_models, nprocs=2, args=(str(tmp_path),))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][name]), f"the replicas differ at {name}"
+    assert sorted(ranks[0]["model"]) == [
+        "discriminator.bias", "discriminator.weight", "generator.bias", "generator.weight",
+    ]  # fmt: skip
+
+    torch.manual_seed(0)
+    models = {"generator": nn.Linear(4, 8), "discriminator": nn.Linear(8, 1)}
+    one = Trainer(
+        models, _global_batches(),
+        {"d": lambda m: torch.optim.SGD(m.discriminator.parameters(), lr=0.1),
+         "g": lambda m: torch.optim.SGD(m.generator.parameters(), lr=0.1)},
+        batch_processor=rank_jobs.gan_step(), num_steps=4, device="cpu",
+    )  # fmt: skip
+    anyio.run(one.fit)
+    for name, value in one.model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["model"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def _global_batches() -> list[Any]:
+    """Each step's two shards together, as DistributedSampler without shuffling deals them:
+    rank r takes entries r, r + 2, ...; a step of 8 per rank covers 16 consecutive entries."""
+    import rank_jobs
+
+    inputs, targets = rank_jobs.ddp_data().tensors
+    return [(inputs[i : i + 16], targets[i : i + 16]) for i in range(0, 64, 16)]
