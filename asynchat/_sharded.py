@@ -13,6 +13,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from asynchat._callback import Callback
 from asynchat._distributed import DistributedDataParallelTrainer
+from asynchat._loop import Models
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerFactory
 
@@ -22,7 +23,8 @@ ShardPolicy = Sequence[str] | Callable[[nn.Module], Iterable[nn.Module]]
 class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
     """A :class:`~asynchat.Trainer` for one rank of a job whose model does not fit one device:
     parameters, gradients and optimizer state are sharded over the ranks with FSDP2
-    (``torch.distributed.fsdp.fully_shard``; parameters become ``DTensor``s).
+    (``torch.distributed.fsdp.fully_shard``; parameters become ``DTensor``s). A mapping of
+    models (a GAN's two) shards each model as a root of its own.
 
     Sharding happens on the compute thread once the model is on the rank's device: each
     module of ``shard`` gets its own ``fully_shard`` (its parameters are gathered for its
@@ -42,7 +44,7 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Models,
         data_loader: Iterable[Any],
         optimizer: OptimizerFactory | Mapping[str, OptimizerFactory],
         *,
@@ -57,11 +59,6 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         shard: ShardPolicy | None = None,
         mixed_precision: Literal["bf16"] | None = None,
     ) -> None:
-        if isinstance(model, Mapping) and not isinstance(model, nn.Module):
-            raise NotImplementedError(
-                "FullyShardedDataParallelTrainer does not take a mapping of models yet: give "
-                "one module that holds them (each child is sharded on its own)"
-            )
         factories = optimizer.values() if isinstance(optimizer, Mapping) else [optimizer]
         if any(isinstance(f, torch.optim.Optimizer) for f in factories):
             raise TypeError(
@@ -95,9 +92,18 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
             if self.mixed_precision == "bf16"
             else MixedPrecisionPolicy()
         )
-        for module in _shard_units(self.model, self.shard):
+        # Several models (a mapping): each is a root of its own, as a step calls them one by
+        # one; the ModuleDict holding them never runs a forward.
+        roots = list(self.model.values()) if self._several_models else [self.model]  # type: ignore[operator]
+        units = (
+            _shard_units(self.model, self.shard)
+            if self.shard is not None
+            else [unit for root in roots for unit in _shard_units(root, None)]
+        )
+        for module in units:
             fully_shard(module, mesh=mesh, mp_policy=policy)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        for root in roots:
+            fully_shard(root, mesh=mesh, mp_policy=policy)
         self.state.model = self.model
         super(DistributedDataParallelTrainer, self)._configure()  # the optimizers, sharded
 

@@ -380,3 +380,21 @@ def gan_step() -> Any:
             run_phase(Phase.ON_BATCH_END)
 
     return GanStep()
+
+
+async def fsdp_two_models(rank: int, world_size: int, out: str) -> None:
+    """The GAN-shaped step over a mapping of two models, each sharded as its own root."""
+    from asynchat import FullyShardedDataParallelTrainer
+
+    torch.manual_seed(0)
+    models = {"generator": torch.nn.Linear(4, 8), "discriminator": torch.nn.Linear(8, 1)}
+    trainer = FullyShardedDataParallelTrainer(
+        models, torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        {"d": lambda m: torch.optim.SGD(m.discriminator.parameters(), lr=0.1),
+         "g": lambda m: torch.optim.SGD(m.generator.parameters(), lr=0.1)},
+        batch_processor=gan_step(), num_steps=4, device="cpu",
+    )  # fmt: skip
+    await trainer.fit()
+    full = {k: v.full_tensor() for k, v in trainer.model.state_dict().items()}  # collective
+    if rank == 0:
+        torch.save({"model": full}, Path(out, "fsdp_gan.pt"))
