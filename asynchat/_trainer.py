@@ -42,7 +42,9 @@ class Trainer(LoopBase):
         prefetch: how many batches to read and stage ahead on a data thread (0: read them on
             the compute thread). With a data thread, ``stop()`` and cancellation end the loop
             even while the data loader is blocked in ``__next__`` (after a 10 s grace and a
-            warning naming it); with 0 they wait for the loader to return.
+            warning naming it); with 0 they wait for the loader to return. A list or tuple
+            of batches on the CPU is always read on the compute thread: with nothing to
+            load, a data thread would only contend for the cores.
         name: used in thread names, errors and ``repr``.
         resume_from: a checkpoint file, or a directory whose newest valid checkpoint is used
             (see :class:`asynchat.callbacks.Checkpoint`). Model, optimizer, grad scaler,

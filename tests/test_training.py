@@ -65,6 +65,28 @@ async def test_one_epoch_equals_a_hand_written_loop(prefetch: int) -> None:
     assert not any(p.grad is not None for p in model.parameters()), "grads zeroed with set_to_none"
 
 
+async def test_batches_in_memory_on_the_cpu_are_read_without_a_data_thread() -> None:
+    """A list of ready batches has nothing to load: no data thread; a DataLoader gets one."""
+    import threading
+
+    seen: list[bool] = []
+
+    class DataThread(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            names = [t.name for t in threading.enumerate()]
+            seen.append(any(n == f"asynchat-{state.loop.name}-data" for n in names))
+
+    batches = list(make_loader(96, 16))
+    for data in (batches, tuple(batches), make_loader(96, 16)):
+        seen.clear()
+        await Trainer(make_model(), data, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
+                      callbacks=[DataThread()], device="cpu").fit()  # fmt: skip
+        if isinstance(data, (list, tuple)):
+            assert seen == [False] * 6, type(data).__name__
+        else:  # at the first step the thread still has 5 batches to hand over, 2 at a time
+            assert seen[0], "a DataLoader is read on a data thread"
+
+
 async def test_an_optimizer_instance_is_used_as_given() -> None:
     reference = make_model(seed=4)
     hand_written_epoch(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), make_loader())
