@@ -248,6 +248,8 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     A dict's ``"targets"`` (or ``"target"``/``"labels"``) entry is the targets and the rest is
     passed to the model as keyword arguments.
     """
+    if type(batch) in (tuple, list) and len(batch) == 2:  # the common case, checked cheaply
+        return batch[0], batch[1]
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, Mapping):
