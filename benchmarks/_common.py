@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import torch
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import ``examples/<filename>`` (the examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / filename
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine() -> str:

@@ -16,8 +16,6 @@ Run: python benchmarks/charlm.py [--steps 200] [--rounds 3] [--eval-every 100]
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,21 +24,11 @@ from typing import Any
 
 import anyio
 import torch
-from _common import machine, median, table
+from _common import load_example, machine, median, table
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from asynchat import BasicBatchProcessor, Trainer
 from asynchat.callbacks import GradClip, LRSchedule, Validation, cosine
-
-
-def load_charlm() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "examples" / "charlm.py"
-    spec = importlib.util.spec_from_file_location("charlm_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_for(charlm: ModuleType, corpus: Any, run: Any) -> torch.nn.Module:
@@ -121,7 +109,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eval-every", type=int, default=100)
     args = parser.parse_args()
-    charlm = load_charlm()
+    charlm = load_example("charlm.py")
     corpus = charlm.Corpus.load()
     run = charlm.Run(steps=args.steps, eval_every=args.eval_every, warmup=min(100, args.steps // 5))
     variants = {

@@ -16,8 +16,6 @@ Run: python benchmarks/dcgan.py [--steps 87] [--rounds 5] [--device cpu|cuda]
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,20 +25,10 @@ from typing import Any
 import anyio
 import torch
 import torch.nn.functional as F
-from _common import machine, median, table
+from _common import load_example, machine, median, table
 
 from asynchat import Trainer
 from asynchat.callbacks import GradClip
-
-
-def load_dcgan() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "examples" / "dcgan.py"
-    spec = importlib.util.spec_from_file_location("dcgan_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def sync(device: torch.device) -> None:
@@ -118,7 +106,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dcgan = load_dcgan()
+    dcgan = load_example("dcgan.py")
     variants = {
         "hand-written loop": lambda: hand_written(dcgan, args.steps, device),
         "engine, GanStep + GradClip": lambda: engine(dcgan, args.steps, device, full=False),

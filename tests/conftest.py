@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asynchat import Callback, Trainer
+from asynchat import Callback, LoopState, Trainer
 
 try:
     import trio  # noqa: F401
@@ -53,6 +53,17 @@ def no_thread_left_behind() -> Iterator[None]:
     if left:
         time.sleep(0.5)  # report what is *still* there, not a race in the report itself
         pytest.fail(f"threads left behind: {_engine_threads()}")
+
+
+class StopAt(Callback):
+    """Calls ``stop(reason)`` at the end of global step ``at``."""
+
+    def __init__(self, at: int, reason: str = "stop here") -> None:
+        self.at, self.reason = at, reason
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at:
+            state.loop.stop(self.reason)
 
 
 def load_example(filename: str) -> ModuleType:

@@ -15,18 +15,9 @@ from typing import Any
 
 import anyio
 import torch
-from conftest import load_example
+from conftest import StopAt, load_example
 
-from asynchat import Callback, LoopState
-
-
-class StopAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.at:
-            state.loop.stop("stop here")
+from asynchat import LoopState
 
 
 def result(state: LoopState) -> dict[str, Any]:

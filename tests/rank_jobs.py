@@ -343,17 +343,39 @@ async def ddp_two_models(rank: int, world_size: int, out: str) -> None:
     The noise comes from the batch, so one process with the global batch can replay it."""
     from asynchat import DistributedDataParallelTrainer
 
-    torch.manual_seed(0)
-    models = {"generator": torch.nn.Linear(4, 8), "discriminator": torch.nn.Linear(8, 1)}
     trainer = DistributedDataParallelTrainer(
-        models, torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        {"d": lambda m: torch.optim.SGD(m.discriminator.parameters(), lr=0.1),
-         "g": lambda m: torch.optim.SGD(m.generator.parameters(), lr=0.1)},
+        gan_models(), torch.utils.data.DataLoader(ddp_data(), batch_size=8), gan_optimizers(),
         batch_processor=gan_step(), num_steps=4, device="cpu",
     )  # fmt: skip
     await trainer.fit()
     assert isinstance(trainer.state.model.generator, torch.nn.parallel.DistributedDataParallel)
     torch.save({"model": trainer.model.state_dict()}, Path(out, f"rank{rank}.pt"))
+
+
+def gan_models() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    return {"generator": torch.nn.Linear(4, 8), "discriminator": torch.nn.Linear(8, 1)}
+
+
+def gan_optimizers() -> dict[str, Any]:
+    return {
+        "d": lambda m: torch.optim.SGD(m.discriminator.parameters(), lr=0.1),
+        "g": lambda m: torch.optim.SGD(m.generator.parameters(), lr=0.1),
+    }
+
+
+def gan_reference() -> dict[str, torch.Tensor]:
+    """The GAN-shaped step in one process on the global batch: each step's two shards
+    together, as DistributedSampler without shuffling deals them (rank r takes entries r,
+    r + 2, ...; a step of 8 per rank covers 16 consecutive entries)."""
+    from asynchat import Trainer
+
+    inputs, targets = ddp_data().tensors
+    batches = [(inputs[i : i + 16], targets[i : i + 16]) for i in range(0, 64, 16)]
+    one = Trainer(gan_models(), batches, gan_optimizers(), batch_processor=gan_step(),
+                  num_steps=4, device="cpu")  # fmt: skip
+    anyio.run(one.fit)
+    return one.model.state_dict()
 
 
 def gan_step() -> Any:
@@ -386,12 +408,8 @@ async def fsdp_two_models(rank: int, world_size: int, out: str) -> None:
     """The GAN-shaped step over a mapping of two models, each sharded as its own root."""
     from asynchat import FullyShardedDataParallelTrainer
 
-    torch.manual_seed(0)
-    models = {"generator": torch.nn.Linear(4, 8), "discriminator": torch.nn.Linear(8, 1)}
     trainer = FullyShardedDataParallelTrainer(
-        models, torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        {"d": lambda m: torch.optim.SGD(m.discriminator.parameters(), lr=0.1),
-         "g": lambda m: torch.optim.SGD(m.generator.parameters(), lr=0.1)},
+        gan_models(), torch.utils.data.DataLoader(ddp_data(), batch_size=8), gan_optimizers(),
         batch_processor=gan_step(), num_steps=4, device="cpu",
     )  # fmt: skip
     await trainer.fit()

@@ -22,20 +22,12 @@ from typing import Any
 import anyio
 import numpy as np
 import torch
+from conftest import StopAt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from asynchat import Callback, LoopState, Trainer
 from asynchat.callbacks import Checkpoint
-
-
-class StopAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.at:
-            state.loop.stop("pause here")
 
 
 class CountSteps(Callback):
@@ -76,7 +68,10 @@ def job(mode: str, total: int, k: int, directory: Path, shuffle: str) -> dict[st
     counter = CountSteps()
     callbacks: list[Callback] = [counter]
     if mode == "first":
-        callbacks += [Checkpoint(directory, every_n_steps=k, save_on_end=False), StopAt(k)]
+        callbacks += [
+            Checkpoint(directory, every_n_steps=k, save_on_end=False),
+            StopAt(k, "pause here"),
+        ]
     if mode == "killable":
         callbacks += [Checkpoint(directory, every_n_steps=1, keep_last=2), Announce()]
     trainer = Trainer(

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import StopAt, load_example
 
-from asynchat import Callback, LoopState
 from asynchat.callbacks import CheckpointWarning
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -19,15 +18,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 @pytest.fixture
 def anyio_backend() -> Any:
     return ("asyncio", {})
-
-
-class StopAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.at:
-            state.loop.stop("stop here")
 
 
 async def test_charlm_beats_the_unigram_baseline_and_resumes_exactly(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_loader, make_model, sgd
+from conftest import StopAt, make_loader, make_model, sgd
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
@@ -35,15 +35,6 @@ class EpochLog(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seen = [tuple(s) for s in state_dict["seen"]]  # type: ignore[misc]
-
-
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.step:
-            state.loop.stop("test")
 
 
 def schedule(kind: str) -> LRSchedule:
@@ -94,7 +85,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run(
     straight = trainer(kind, tmp_path / "straight")
     anyio.run(straight.fit)
 
-    first = trainer(kind, tmp_path / "stopped", StopAt(stop_at))
+    first = trainer(kind, tmp_path / "stopped", StopAt(stop_at, "test"))
     anyio.run(first.fit)
     assert first.state.global_step == stop_at
     # The cut-short epoch was not acted on: no entry claims it complete.
