@@ -1,6 +1,8 @@
 """Checkpoint files: atomic writes, a manifest with checksums, and finding the newest valid one.
 
-A checkpoint directory holds ``step-000001234.ckpt`` files, ``manifest.json`` and a lock file.
+A checkpoint directory holds ``step-000001234.ckpt`` files (or, written by a trainer whose
+state is sharded, ``step-000001234.dcp`` directories: see :mod:`asynchat._dcp`),
+``manifest.json`` and a lock file.
 Every file is written to a hidden temporary name unique to its writer, fsynced, renamed into
 place and the directory fsynced, so a crash at any moment leaves each completed checkpoint
 intact and never a partial file under a checkpoint's name. The manifest lists each checkpoint
@@ -9,7 +11,7 @@ way after each checkpoint.
 
 Nothing in the directory is trusted: the manifest is data anyone with write access could have
 written. Only names this module makes (``step-<digits>.ckpt``, regular files, in the directory
-itself) are ever loaded or deleted; any other entry is skipped with a
+itself; directories for ``.dcp``) are ever loaded or deleted; any other entry is skipped with a
 :class:`CheckpointWarning`. Each checkpoint also carries a digest of its own content, so a
 flipped bit is caught even when the manifest is lost.
 """
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -47,13 +50,19 @@ READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 LOCK = ".asynchat.lock"
 SUFFIX = ".ckpt"
-_NAME = re.compile(r"step-(\d{9,})\.ckpt")
-_TEMPORARY = re.compile(r"\.(step-\d{9,}\.ckpt|manifest\.json)\.[0-9a-f-]+\.tmp")
+SHARDED_SUFFIX = ".dcp"
+EXTRAS = "asynchat.pt"  # in a sharded checkpoint: everything but the shards
+_NAME = re.compile(r"step-(\d{9,})\.(?:ckpt|dcp)")
+_TEMPORARY = re.compile(r"\.(step-\d{9,}\.(?:ckpt|dcp)|manifest\.json)\.[0-9a-f-]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def checkpoint_name(global_step: int) -> str:
-    return f"step-{global_step:09d}{SUFFIX}"
+def checkpoint_name(global_step: int, *, sharded: bool = False) -> str:
+    return f"step-{global_step:09d}{SHARDED_SUFFIX if sharded else SUFFIX}"
+
+
+def is_sharded(name: str) -> bool:
+    return name.endswith(SHARDED_SUFFIX)
 
 
 def step_of(name: str) -> int | None:
@@ -97,14 +106,53 @@ def fsync_dir(directory: Path) -> None:
 
 
 def remove_temporaries(directory: Path) -> None:
-    """Delete temporary files a killed writer left behind (they never hold a checkpoint).
+    """Delete temporary files (and sharded checkpoints' temporary directories) a killed
+    writer left behind: they never hold a checkpoint.
 
-    Only names :func:`atomic_write` makes for checkpoints and the manifest are touched. Call
-    it while holding the directory's :class:`DirectoryLock`, so no live writer owns them.
+    Only names :func:`atomic_write` and sharded saves make are touched. Call it while
+    holding the directory's :class:`DirectoryLock`, so no live writer owns them.
     """
     for tmp in directory.iterdir():
-        if _TEMPORARY.fullmatch(tmp.name) and not tmp.is_symlink() and tmp.is_file():
-            tmp.unlink(missing_ok=True)
+        if _TEMPORARY.fullmatch(tmp.name) and not tmp.is_symlink():
+            remove(tmp)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file, or a sharded checkpoint's directory (never a link's target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of each file in a sharded checkpoint's directory but :data:`EXTRAS`."""
+    return {
+        path.name: _sha256(path)
+        for path in sorted(directory.iterdir())
+        if path.name != EXTRAS and path.is_file()
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def commit_directory(temporary: Path, final: Path) -> None:
+    """Rename a complete sharded checkpoint into place (replacing one of the same step)."""
+    fsync_dir(temporary)
+    displaced = None
+    if final.is_dir() and not final.is_symlink():
+        displaced = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+        os.replace(final, displaced)
+    os.replace(temporary, final)
+    fsync_dir(final.parent)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
 
 
 def content_digest(obj: Any) -> str:
@@ -290,14 +338,17 @@ def manifest_entry(
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    """Checkpoint files in ``directory`` (names this module makes, regular files), by step."""
+    """Checkpoints in ``directory`` (names this module makes: regular files, and directories
+    for sharded ones), by step."""
     found = []
     for path in directory.iterdir():
         if step_of(path.name) is None:
             continue
-        if path.is_symlink() or not path.is_file():
+        right_kind = path.is_dir() if is_sharded(path.name) else path.is_file()
+        if path.is_symlink() or not right_kind:
+            kind = "directory" if is_sharded(path.name) else "regular file"
             warnings.warn(
-                f"{path} is not a regular file (a link or a directory); it is never loaded "
+                f"{path} is not a {kind} (a link, or the other kind); it is never loaded "
                 "or deleted",
                 CheckpointWarning,
                 stacklevel=2,
@@ -316,14 +367,16 @@ def finite(metric: float | None) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
-    """Load a checkpoint file, or the newest valid checkpoint in a directory.
+    """Load a checkpoint file (or one sharded checkpoint's ``step-*.dcp`` directory), or the
+    newest valid checkpoint in a directory of checkpoints.
 
     In a directory, a newest checkpoint that is missing, truncated, corrupt, incomplete or
     does not match its checksums is reported with a :class:`CheckpointWarning` and the next
     older one is tried. Returns the checkpoint and the file it came from.
     """
     path = Path(path)
-    if path.is_dir():
+    one_sharded = is_sharded(path.name) and (path / EXTRAS).is_file()
+    if path.is_dir() and not one_sharded:
         return _load_newest(path)
     if not path.exists():
         raise CheckpointError(f"resume_from={str(path)!r}: no such file or directory")
@@ -401,6 +454,11 @@ def load_weights(
     ``strict`` is passed to ``module.load_state_dict``.
     """
     loaded = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)[0]
+    if isinstance(loaded.get("sharded"), Mapping):
+        from asynchat._dcp import load_module
+
+        load_module(Path(loaded["sharded"]["path"]), module, prefix=prefix, strict=strict)
+        return
     weights = loaded.get("model")
     if not isinstance(weights, Mapping):
         raise CheckpointError("the checkpoint has no 'model' entry of weights")
@@ -446,6 +504,31 @@ def _load_newest(directory: Path) -> tuple[dict[str, Any], Path]:
 
 
 def _load_file(file: Path, digest: str | None) -> dict[str, Any]:
+    """Read and check a checkpoint file, or a sharded checkpoint's :data:`EXTRAS` and shard
+    files (then ``checkpoint["sharded"]["path"]`` is its directory, for DCP to load)."""
+    sharded = is_sharded(file.name)
+    obj = _read_checkpoint(file / EXTRAS if sharded else file, digest)
+    _check_complete(file, obj, sharded)
+    if sharded:
+        _check_shards(file, obj)
+        obj["sharded"]["path"] = str(file)
+    return obj
+
+
+def _check_shards(directory: Path, obj: dict[str, Any]) -> None:
+    """Each of DCP's files there and unchanged (their digests are in :data:`EXTRAS`)."""
+    digests = obj["sharded"].get("files")
+    if not isinstance(digests, Mapping) or ".metadata" not in digests:
+        raise CheckpointError(f"{directory} does not list its shard files")
+    for name, expected in digests.items():
+        path = directory / str(name)
+        if "/" in str(name) or path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"{directory}: its shard file {name!r} is missing")
+        if _sha256(path) != expected:
+            raise CheckpointError(f"{path} does not match its checksum (truncated or corrupt)")
+
+
+def _read_checkpoint(file: Path, digest: str | None) -> dict[str, Any]:
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -469,7 +552,6 @@ def _load_file(file: Path, digest: str | None) -> dict[str, Any]:
             f"versions {READABLE_VERSIONS}"
         )
     _check_integrity(file, obj)
-    _check_complete(file, obj)
     return obj
 
 
@@ -489,10 +571,12 @@ def _check_integrity(file: Path, obj: dict[str, Any]) -> None:
 _PROGRESS_KEYS = ("epoch", "steps_in_epoch", "epoch_exhausted", "global_step")
 
 
-def _check_complete(file: Path, obj: dict[str, Any]) -> None:
+def _check_complete(file: Path, obj: dict[str, Any], sharded: bool) -> None:
     progress = obj.get("progress")
     if not isinstance(progress, dict) or any(key not in progress for key in _PROGRESS_KEYS):
         raise CheckpointError(f"{file} has no complete 'progress' entry {_PROGRESS_KEYS}")
-    for key in ("model", "processor", "callbacks", "metrics", "rng"):
+    if sharded and not isinstance(obj.get("sharded"), dict):
+        raise CheckpointError(f"{file} has no 'sharded' entry")
+    for key in ("sharded" if sharded else "model", "processor", "callbacks", "metrics", "rng"):
         if key not in obj:
             raise CheckpointError(f"{file} has no {key!r} entry")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -61,3 +63,8 @@ class LoopHandle(Protocol):
     def samples_in(self, batch: Any) -> int: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    @property
+    def shards_state(self) -> bool: ...
+
+    def save_shards(self, directory: Path) -> Future[Any]: ...

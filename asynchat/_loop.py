@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -22,7 +23,9 @@ from asynchat._checks import positive_int, positive_number
 from asynchat._compute import ComputeThread, JobCancelled
 from asynchat._control import LoopControl
 from asynchat._data import check_data_loader, data_length
+from asynchat._dcp import load_sharded, sharded_state, start_save
 from asynchat._device import resolve_device
+from asynchat._errors import CheckpointError
 from asynchat._events import EventHub, EventKind, EventStream, LoopSnapshot, Throughput
 from asynchat._handle import LoopHandle
 from asynchat._hooks import LOG as _LOG
@@ -78,6 +81,9 @@ class LoopBase(PipeBase):
     """
 
     training: ClassVar[bool] = False
+    #: Whether each rank holds only shards of the model (FSDP): checkpoints are then written
+    #: by every rank with torch.distributed.checkpoint, as a directory (see ``asynchat._dcp``).
+    shards_state: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -355,26 +361,47 @@ class LoopBase(PipeBase):
         model, batch processor (grad scaler), callbacks with state, metrics, counters, the
         position in the data and every RNG state. :class:`~asynchat.Trainer` adds the
         optimizer. The result loads with ``torch.load(weights_only=True)``.
+
+        When the state is sharded (:attr:`shards_state`), the model and the optimizers are
+        left out: they are :meth:`sharded_state_dict`'s, which every rank saves with DCP.
         """
         return build_checkpoint(
             tracker=self._data,
             global_step=self.state.global_step,
+            world_size=self.world_size,
             metrics=self.state.metrics,
-            model=self.model,
+            model=None if self.shards_state else self.model,
             processor_state=self.batch_processor.state_dict(),
             callbacks=self.callbacks,
             data_loader=self.data_loader,
             extra=self._extra_state(),
         )
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The model's and the optimizers' state as this rank holds it (``DTensor`` shards
+        when :attr:`shards_state`), for ``torch.distributed.checkpoint``; not copied."""
+        return sharded_state(self.model, self._optimizer_map())
+
+    def save_shards(self, directory: Path) -> Future[Any]:
+        """Every rank, on the compute thread: copy this rank's :meth:`sharded_state_dict` to
+        host memory now and write it into ``directory`` with DCP on a thread of DCP's; the
+        future is done when it is written (on rank 0: when every rank's is)."""
+        return start_save(self.sharded_state_dict(), directory, self._checkpoint_group())
+
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the loop then resumes where it was taken."""
+        """Restore a :meth:`state_dict`; the loop then resumes where it was taken.
+
+        A sharded checkpoint (``checkpoint["sharded"]``, as :func:`load_checkpoint` reads
+        one) loads its model and optimizers from its directory with DCP, resharded to this
+        job's ranks; call it on every rank then.
+        """
         self._resume = apply_checkpoint(
             checkpoint,
-            model=self.model,
+            load_model=self._load_model_state,
             load_processor=self.batch_processor.load_state_dict,
             callbacks=self.callbacks,
             data_loader=self.data_loader,
+            world_size=self.world_size,
         )
         self._load_extra_state(checkpoint)
         self.state.global_step = checkpoint["progress"]["global_step"]
@@ -404,6 +431,32 @@ class LoopBase(PipeBase):
     def _extra_state(self) -> dict[str, Any]:
         """Add to the checkpoint (the Trainer: its optimizer)."""
         return {}
+
+    def _optimizer_map(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers by name (none for a loop that does not train)."""
+        return {}
+
+    def _checkpoint_group(self) -> dist.ProcessGroup | None:
+        """The CPU group sharded checkpoints' collectives use (None: the default one)."""
+        return None
+
+    def _load_model_state(self, checkpoint: dict[str, Any]) -> None:
+        """The model's weights, and a sharded checkpoint's optimizers, from ``checkpoint``."""
+        sharded = checkpoint.get("sharded")
+        if sharded is None:
+            if self.shards_state:
+                raise CheckpointError(
+                    f"{self.resumed_from or 'the checkpoint'} holds the whole model (written "
+                    f"by a trainer that does not shard); {type(self).__name__} resumes from "
+                    "sharded checkpoints (step-*.dcp). To start from its weights, "
+                    "asynchat.callbacks.load_weights(model, path) before training"
+                )
+            self.model.load_state_dict(checkpoint["model"])
+            return
+        load_sharded(
+            Path(sharded["path"]), self.model, self._optimizer_map(),
+            list(sharded["optimizers"]), self._checkpoint_group(),
+        )  # fmt: skip
 
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
         """Restore what :meth:`_extra_state` added."""

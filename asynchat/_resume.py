@@ -6,9 +6,10 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ====================  ======================================================================
 ``format, version``   ``"asynchat-checkpoint"``, 3
 ``progress``          ``epoch``, ``steps_in_epoch``, ``epoch_exhausted`` (the epoch's end has
-                      run), ``global_step``
+                      run), ``global_step``, ``world_size`` and the data loader's
+                      ``batch_size`` (to resume inside an epoch on another number of ranks)
 ``metrics``           ``state.metrics``
-``model``             the (unwrapped) model's ``state_dict()``
+``model``             the (unwrapped) model's ``state_dict()`` (not in a sharded checkpoint)
 ``processor``         the batch processor's state (the grad scaler)
 ``callbacks``         ``{"ClassName": state, "ClassName#1": ...}`` for callbacks with state
 ``rng``               every global generator's state now
@@ -16,13 +17,16 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``epoch_generators``  data order was drawn from (to draw it again when resuming inside it)
 ``generators``        the data loader's generator states now (for the next epoch's order)
 ``optimizers``        ``{name: state}`` of every optimizer of a :class:`~asynchat.Trainer`
-                      (versions 1 and 2 held one ``optimizer``)
+                      (versions 1 and 2 held one ``optimizer``; not in a sharded checkpoint)
+``sharded``           a sharded checkpoint only: ``optimizers`` (their names) and ``files``
+                      (the SHA-256 of each of DCP's files); see :mod:`asynchat._dcp`
 ``integrity``         a digest of everything above (added when written)
 ====================  ======================================================================
 
 Resuming inside an epoch re-draws its order from ``epoch_rng``/``epoch_generators``, skips
-the batches already trained on in the sampler (their data is never read), then restores
-``rng`` before the first step; resuming after an epoch's end restores ``rng`` and
+the batches already trained on in the sampler (their data is never read; on another number
+of ranks, or with another batch size, as many batches as hold the samples already trained
+on), then restores ``rng`` before the first step; resuming after an epoch's end restores ``rng`` and
 ``generators`` and starts the next epoch.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,6 +43,7 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import FORMAT, VERSION
 from asynchat._data import loader_generators
+from asynchat._errors import CheckpointWarning
 from asynchat._rng import capture_rng, restore_rng
 from asynchat._transfer import HostCopy
 
@@ -128,15 +134,18 @@ def build_checkpoint(
     *,
     tracker: DataTracker,
     global_step: int,
+    world_size: int,
     metrics: Mapping[str, float],
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     processor_state: dict[str, Any],
     callbacks: Iterable[Callback],
     data_loader: Iterable[Any],
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Everything needed to resume, copied to host memory (on the compute thread)."""
+    """Everything needed to resume, copied to host memory (on the compute thread); without
+    the model when it is None (a sharded checkpoint saves it with DCP)."""
     position = tracker.position
+    weights = {"model": model.state_dict()} if model is not None else {}
     checkpoint: dict[str, Any] = to_host_copy(
         {
             "format": FORMAT,
@@ -146,9 +155,11 @@ def build_checkpoint(
                 "steps_in_epoch": position.steps_done,
                 "epoch_exhausted": position.epoch_ended,
                 "global_step": global_step,
+                "world_size": world_size,
+                "batch_size": getattr(data_loader, "batch_size", None),
             },
             "metrics": dict(metrics),
-            "model": model.state_dict(),
+            **weights,
             "processor": processor_state,
             "callbacks": {
                 key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()
@@ -166,14 +177,15 @@ def build_checkpoint(
 def apply_checkpoint(
     checkpoint: dict[str, Any],
     *,
-    model: torch.nn.Module,
+    load_model: Callable[[dict[str, Any]], None],
     load_processor: Callable[[dict[str, Any]], None],
     callbacks: Iterable[Callback],
     data_loader: Iterable[Any],
+    world_size: int,
 ) -> ResumePoint:
     """Restore the model, processor and callbacks; return where the loop resumes (the
     counters and metrics are the caller's to restore from ``checkpoint["progress"]``)."""
-    model.load_state_dict(checkpoint["model"])
+    load_model(checkpoint)
     load_processor(checkpoint["processor"])
     saved = checkpoint["callbacks"]
     for key, callback in stateful_callbacks(callbacks).items():
@@ -191,11 +203,42 @@ def apply_checkpoint(
         return ResumePoint(progress["epoch"] + 1, 0, None, [], None)
     return ResumePoint(
         progress["epoch"],
-        progress["steps_in_epoch"],
+        steps_to_skip(progress, world_size, getattr(data_loader, "batch_size", None)),
         checkpoint["epoch_rng"],
         checkpoint["epoch_generators"],
         checkpoint["rng"],
     )
+
+
+def steps_to_skip(progress: Mapping[str, Any], world_size: int, batch_size: int | None) -> int:
+    """The steps of the interrupted epoch this rank skips: those of the checkpoint, or, on
+    another number of ranks or batch size, as many as hold the samples the job had trained
+    on in the epoch (a ``DistributedSampler`` deals one order out rank by rank, so the first
+    ``k * batch * ranks`` samples of an epoch are the same set at any world size)."""
+    steps = int(progress["steps_in_epoch"])
+    old = (progress.get("world_size", world_size), progress.get("batch_size", batch_size))
+    if old == (world_size, batch_size) or not steps:
+        return steps
+    if not all(isinstance(n, int) for n in (*old, batch_size)):
+        warnings.warn(
+            f"the checkpoint was written with {old[0]} rank(s) and now there are {world_size}; "
+            f"without both batch sizes ({old[1]!r}, {batch_size!r}) the interrupted epoch "
+            f"resumes after {steps} steps of this rank",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+        return steps
+    samples = steps * int(old[0]) * int(old[1])
+    skip, left = divmod(samples, world_size * int(batch_size))  # type: ignore[arg-type]
+    if left:
+        warnings.warn(
+            f"the interrupted epoch's {samples} samples are not a whole number of steps of "
+            f"{world_size} rank(s) x {batch_size}; resuming after {skip} steps, so "
+            f"{left} samples are trained on again",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    return skip
 
 
 def to_host_copy(obj: Any) -> Any:

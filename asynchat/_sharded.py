@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -38,9 +39,19 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
     ``DistributedSampler``; ``stop()``, ``pause()`` and cancellation are agreed by every rank
     at each boundary; files are written on rank 0. Gradient accumulation neither reduces
     nor reshards between micro-batches (the processor's ``no_sync``). ``state.model`` and
-    ``trainer.model`` are the sharded module. Checkpoints of sharded state are not written
-    yet: a :class:`~asynchat.callbacks.Checkpoint` is refused before training.
+    ``trainer.model`` are the sharded module.
+
+    Checkpoints: :class:`~asynchat.callbacks.Checkpoint` works unchanged, and writes a
+    directory ``step-<global_step>.dcp`` per checkpoint with ``torch.distributed.checkpoint``:
+    every rank stages its own shards to host memory (the only pause) and writes them on a
+    thread while training goes on; rank 0 commits the directory by renaming it into place
+    once every rank's files are written, then writes the manifest. ``resume_from`` loads
+    such a checkpoint on any number of ranks (DCP reshards it; an interrupted epoch resumes
+    after the samples already trained on), and
+    :func:`~asynchat.callbacks.load_weights` loads its model into a module of one process.
     """
+
+    shards_state = True
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         callbacks: Iterable[Callback] = (),
         prefetch: int = 2,
         name: str | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
         shard: ShardPolicy | None = None,
         mixed_precision: Literal["bf16"] | None = None,
     ) -> None:
@@ -68,22 +80,20 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
             )
         if mixed_precision not in (None, "bf16"):
             raise ValueError(f"mixed_precision must be None or 'bf16', got {mixed_precision!r}")
-        from asynchat.callbacks._checkpoint import Checkpoint
-
-        callbacks = list(callbacks)
-        if any(isinstance(c, Checkpoint) for c in callbacks):
-            raise NotImplementedError(
-                "FullyShardedDataParallelTrainer does not write checkpoints of sharded state "
-                "yet (torch.distributed.checkpoint support is planned); train without "
-                "Checkpoint, or use DistributedDataParallelTrainer"
-            )
         self.shard = _check_shard(shard)
         self.mixed_precision = mixed_precision
         super().__init__(
             model, data_loader, optimizer, batch_processor=batch_processor, loss_fn=loss_fn,
             device=device, num_epochs=num_epochs, num_steps=num_steps, callbacks=callbacks,
-            prefetch=prefetch, name=name,
+            prefetch=prefetch, name=name, resume_from=resume_from,
         )  # fmt: skip
+        # Sharded checkpoints' collectives run on DCP's writer thread while steps run FSDP's
+        # on the default group: a group of their own (gloo: DCP's async save needs a CPU
+        # one), created by every rank here, in step.
+        self._dcp_group: dist.ProcessGroup | None = dist.new_group(backend="gloo")
+
+    def _checkpoint_group(self) -> dist.ProcessGroup | None:
+        return self._dcp_group
 
     def _configure(self) -> None:
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))

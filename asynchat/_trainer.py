@@ -127,9 +127,16 @@ class Trainer(LoopBase):
         self.state.optimizer = optimizers[DEFAULT] if len(optimizers) == 1 else None
 
     def _extra_state(self) -> dict[str, Any]:
+        if self.shards_state:  # the optimizers' state is in the shards; their names here
+            return {"sharded": {"optimizers": sorted(self.state.optimizers)}}
         return {"optimizers": {name: o.state_dict() for name, o in self.state.optimizers.items()}}
 
+    def _optimizer_map(self) -> dict[str, torch.optim.Optimizer]:
+        return dict(self.state.optimizers)
+
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
+        if "sharded" in checkpoint:
+            return  # loaded with the model, from the shards
         optimizers = self.state.optimizers
         saved = checkpoint.get("optimizers")
         if saved is None and "optimizer" in checkpoint:  # format 1 and 2: one optimizer

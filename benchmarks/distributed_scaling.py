@@ -8,6 +8,11 @@ loop and rank 0 reports its samples/s, its peak RSS and the bytes of model state
 (parameters, gradients and Adam's two moments: its shards under FSDP). Ideal scaling is
 2.0x; the collectives over gloo cost the rest.
 
+Then the checkpoint stall of sharded saves: the FSDP trainer on 2 ranks saving every 5
+steps, with asynchat's Checkpoint (DCP ``async_save``: each rank stages its shards and a
+thread writes them) against a hand-written callback calling DCP's synchronous ``save``;
+the pause each save puts in training (median, on rank 0) and samples/s with the saves.
+
 Run: python benchmarks/distributed_scaling.py [--steps 20] [--rounds 3]
 """
 
@@ -19,9 +24,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import torch
+import torch.distributed.checkpoint as dcp
 from _common import machine, median, table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,11 +40,12 @@ from asynchat import (
     LoopState,
     launch,
 )
+from asynchat.callbacks import Checkpoint
 
 BATCH = 256  # per rank: enough compute per step that the gradient all-reduce does not dominate
 
 
-async def train(rank: int, world_size: int, steps: int, out: str, kind: str = "ddp") -> None:
+def setup(rank: int, steps: int) -> tuple[nn.Module, DataLoader[Any]]:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(rank)
     data = TensorDataset(
@@ -50,7 +58,11 @@ async def train(rank: int, world_size: int, steps: int, out: str, kind: str = "d
     )
     # The batch size is per rank (the trainer shards the data): the global batch is
     # BATCH x world_size, so each rank does the same work per step as a single rank does.
-    loader = DataLoader(data, batch_size=BATCH)
+    return model, DataLoader(data, batch_size=BATCH)
+
+
+async def train(rank: int, world_size: int, steps: int, out: str, kind: str = "ddp") -> None:
+    model, loader = setup(rank, steps)
     held = StateBytes()
     kind_of = FullyShardedDataParallelTrainer if kind == "fsdp" else DistributedDataParallelTrainer
     trainer = kind_of(
@@ -64,6 +76,60 @@ async def train(rank: int, world_size: int, steps: int, out: str, kind: str = "d
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result = f"{world_size * BATCH * steps / elapsed} {held.bytes / 2**20} {rss_mib}"
         await anyio.Path(out).write_text(result)
+
+
+class TimedCheckpoint(Checkpoint):
+    """asynchat's Checkpoint, timing the pause each save puts in training."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stalls: list[float] = []
+
+    def save(self, state: LoopState) -> None:
+        start = time.perf_counter()
+        super().save(state)
+        self.stalls.append(time.perf_counter() - start)
+
+
+class SyncSave(Callback):
+    """What one writes by hand: DCP's synchronous save of the sharded state, every n steps."""
+
+    def __init__(self, directory: str, every: int) -> None:
+        self.directory, self.every = directory, every
+        self.stalls: list[float] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step % self.every == 0 or state.is_last_step:
+            start = time.perf_counter()
+            dcp.save(
+                state.loop.sharded_state_dict(),  # type: ignore[attr-defined]
+                checkpoint_id=f"{self.directory}/step-{state.global_step}",
+            )
+            self.stalls.append(time.perf_counter() - start)
+
+
+async def train_saving(
+    rank: int, world_size: int, steps: int, out: str, directory: str, mode: str
+) -> None:
+    """The FSDP trainer saving every 5 steps and at the end: ``mode`` "async" (Checkpoint),
+    "sync" (DCP's save by hand) or "none"."""
+    model, loader = setup(rank, steps)
+    saver: TimedCheckpoint | SyncSave | None = None
+    if mode == "async":
+        saver = TimedCheckpoint(directory, every_n_steps=5, keep_last=None, save_on_end=False)
+    elif mode == "sync":
+        saver = SyncSave(directory, every=5)
+    trainer = FullyShardedDataParallelTrainer(
+        model, loader, lambda m: torch.optim.Adam(m.parameters(), lr=1e-4),
+        loss_fn=nn.CrossEntropyLoss(), num_steps=steps, device="cpu",
+        callbacks=[saver] if saver is not None else [],
+    )  # fmt: skip
+    start = time.perf_counter()
+    await trainer.fit()  # returns once the last write is on disk, in every mode
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        stall = median(saver.stalls) if saver is not None else 0.0
+        await anyio.Path(out).write_text(f"{world_size * BATCH * steps / elapsed} {stall}")
 
 
 class StateBytes(Callback):
@@ -125,6 +191,15 @@ def measure(nprocs: int, steps: int, kind: str) -> tuple[float, float, float]:
         return speed, state_mib, rss_mib
 
 
+def measure_saving(steps: int, mode: str) -> tuple[float, float]:
+    """(samples/s, median stall per save in seconds) of 2 FSDP ranks saving in ``mode``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "result")
+        launch(train_saving, nprocs=2, args=(steps, str(out), str(Path(tmp, "ckpt")), mode))
+        speed, stall = (float(x) for x in out.read_text().split())
+        return speed, stall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,6 +225,23 @@ def main() -> None:
     print(table(["trainer", "ranks", "samples/s", "vs 1 DDP rank", "model state MiB/rank",
                  "peak RSS MiB"], rows))  # fmt: skip
     print(f"machine ceiling (2 independent matmul processes vs 1): {machine_ceiling():.2f}x")
+
+    modes = ["none", "sync", "async"]
+    saving: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            saving[mode].append(measure_saving(args.steps, mode))
+    base = median([r[0] for r in saving["none"]])
+    labels = {"none": "no checkpoint", "sync": "dcp.save by hand (sync)",
+              "async": "Checkpoint (DCP async_save)"}  # fmt: skip
+    rows = [
+        (labels[m], f"{median([r[1] for r in v]) * 1e3:.1f}" if m != "none" else "-",
+         f"{median([r[0] for r in v]):,.0f}", f"{median([r[0] for r in v]) / base:.2f}x")
+        for m, v in saving.items()
+    ]  # fmt: skip
+    print(f"\nFSDP, 2 ranks, a save every 5 steps of {args.steps}, the pause "
+          "per save on rank 0")  # fmt: skip
+    print(table(["saving", "pause per save ms", "samples/s", "vs no checkpoint"], rows))
 
 
 if __name__ == "__main__":

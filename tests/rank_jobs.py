@@ -416,3 +416,51 @@ async def fsdp_two_models(rank: int, world_size: int, out: str) -> None:
     full = {k: v.full_tensor() for k, v in trainer.model.state_dict().items()}  # collective
     if rank == 0:
         torch.save({"model": full}, Path(out, "fsdp_gan.pt"))
+
+
+def shuffled_data() -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return torch.utils.data.TensorDataset(
+        torch.randn(320, 8, generator=g), torch.randint(0, 3, (320,), generator=g)
+    )
+
+
+async def fsdp_checkpointed(
+    rank: int,
+    world_size: int,
+    out: str,
+    checkpoints: str,
+    stop_at: int,
+    resume: bool,
+    batch: int = 0,
+) -> None:
+    """FSDP2 with Adam on shuffled data (320 samples: 10 steps an epoch on 2 ranks x 16 or
+    1 x 32), to 16 updates; checkpoints every 4 steps and at a stop; a resumed run starts
+    from the newest in ``checkpoints``. Rank 0 saves the gathered weights to ``out``, and
+    every rank the samples (their first feature) it trained on in each epoch."""
+    from conftest import StopAt
+
+    from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint, resumable
+
+    seen: list[tuple[int, float]] = []
+
+    class Seen(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            seen.extend((state.epoch, x) for x in state.batch[0][:, 0].tolist())
+
+    loader = torch.utils.data.DataLoader(
+        shuffled_data(), batch_size=batch or 32 // world_size, shuffle=True
+    )
+    trainer = FullyShardedDataParallelTrainer(
+        ddp_model(), loader, lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
+        loss_fn=torch.nn.CrossEntropyLoss(), num_steps=16, device="cpu",
+        callbacks=[Checkpoint(checkpoints, every_n_steps=4, keep_last=2), StopAt(stop_at),
+                   Seen()],
+        resume_from=resumable(checkpoints) if resume else None,
+    )  # fmt: skip
+    state = await trainer.fit()
+    full = {k: v.full_tensor() for k, v in trainer.model.state_dict().items()}  # collective
+    torch.save(seen, f"{out}.seen{rank}")
+    if rank == 0:
+        torch.save({"model": full, "global_step": state.global_step}, out)

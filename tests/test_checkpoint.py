@@ -101,6 +101,7 @@ async def test_every_n_steps_writes_loadable_checkpoints_with_a_manifest(tmp_pat
     # resumed run re-enters the epoch (with nothing left to read) and runs it.
     assert final["progress"] == {
         "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": False, "global_step": 12,
+        "world_size": 1, "batch_size": 16,
     }  # fmt: skip
 
 
@@ -111,6 +112,7 @@ async def test_every_n_epochs_saves_after_the_epoch(tmp_path: Path) -> None:
     data = torch.load(tmp_path / entry["file"], weights_only=True)
     assert data["progress"] == {
         "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": True, "global_step": 12,
+        "world_size": 1, "batch_size": 16,
     }  # fmt: skip
 
 
@@ -324,3 +326,21 @@ def test_a_writer_killed_mid_write_leaves_complete_checkpoints_only(
         assert data["weights"].numel() == 8_000_000
     leftovers = [p.name for p in tmp_path.iterdir() if p.suffix != ".ckpt"]
     assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_steps_to_skip_on_another_number_of_ranks_or_batch_size() -> None:
+    """An interrupted epoch resumes after the samples already trained on: the same steps on
+    the same ranks and batch; rescaled when either changes; with a warning when they are
+    not a whole number of the new steps, or when a batch size is unknown."""
+    from asynchat._resume import steps_to_skip
+
+    progress = {"steps_in_epoch": 7, "world_size": 2, "batch_size": 16}
+    assert steps_to_skip(progress, 2, 16) == 7
+    assert steps_to_skip(progress, 1, 32) == 7
+    assert steps_to_skip(progress, 1, 16) == 14
+    assert steps_to_skip(progress, 4, 8) == 7
+    assert steps_to_skip({"steps_in_epoch": 7}, 3, 5) == 7  # written before this was recorded
+    with pytest.warns(CheckpointWarning, match="224 samples are not a whole number of steps"):
+        assert steps_to_skip(progress, 1, 24) == 9
+    with pytest.warns(CheckpointWarning, match="without both batch sizes"):
+        assert steps_to_skip(progress, 1, None) == 7

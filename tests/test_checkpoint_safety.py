@@ -86,6 +86,29 @@ def test_a_symlink_named_like_a_checkpoint_is_neither_loaded_nor_deleted(tmp_pat
     assert link.is_symlink() and (other / "step-000000006.ckpt").exists()
 
 
+def test_sharded_names_that_are_links_or_leftovers(tmp_path: Path) -> None:
+    """A link named like a sharded checkpoint (step-*.dcp) is never loaded nor deleted, nor
+    is a link named like a sharded save's temporary directory (nor what it points to); a real
+    temporary directory a killed save left is removed when the next run begins."""
+    outside, save_dir = tmp_path / "outside", tmp_path / "ckpt"
+    outside.mkdir()
+    (outside / "precious").write_text("precious")
+    train(save_dir, num_steps=2, checkpoint={"every_n_steps": 2})
+    link = save_dir / "step-000000009.dcp"
+    link.symlink_to(outside, target_is_directory=True)
+    leftover = save_dir / ".step-000000004.dcp.3.tmp"
+    leftover.mkdir()
+    (leftover / "__0_0.distcp").write_bytes(b"half")
+    temporary_link = save_dir / ".step-000000005.dcp.1.tmp"
+    temporary_link.symlink_to(outside, target_is_directory=True)
+    with pytest.warns(CheckpointWarning, match=r"step-000000009\.dcp is not a directory"):
+        assert load_checkpoint(save_dir)[1].name == "step-000000002.ckpt"
+    with pytest.warns(CheckpointWarning, match="is not a directory"):
+        train(save_dir, num_steps=2, checkpoint={"every_n_steps": 1, "keep_last": 1})
+    assert link.is_symlink() and (outside / "precious").read_text() == "precious"
+    assert not leftover.exists() and temporary_link.is_symlink()
+
+
 def flip_tensor_bytes(file: Path) -> None:
     """Flip 16 bytes inside the largest tensor record of a torch zip file."""
     data = bytearray(file.read_bytes())

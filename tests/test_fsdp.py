@@ -11,7 +11,6 @@ from conftest import make_loader
 from torch import nn
 
 from asynchat import FullyShardedDataParallelTrainer, launch
-from asynchat.callbacks import Checkpoint
 
 
 @pytest.mark.slow
@@ -40,17 +39,12 @@ def test_two_sharded_ranks_match_one_process_on_the_global_batch(
         torch.testing.assert_close(result["model"][name], value, rtol=1e-4, atol=1e-6)
 
 
-def test_sharding_needs_factories_and_no_checkpoint_yet() -> None:
+def test_sharding_needs_factories() -> None:
     model = rank_jobs.ddp_model()
     with pytest.raises(TypeError, match="needs optimizer factories"):
         FullyShardedDataParallelTrainer(
             model, make_loader(), torch.optim.SGD(model.parameters(), 0.1), num_steps=1,
             loss_fn=nn.CrossEntropyLoss(),
-        )  # fmt: skip
-    with pytest.raises(NotImplementedError, match="checkpoints of sharded state"):
-        FullyShardedDataParallelTrainer(
-            model, make_loader(), lambda m: torch.optim.SGD(m.parameters(), 0.1), num_steps=1,
-            loss_fn=nn.CrossEntropyLoss(), callbacks=[Checkpoint("unused")],
         )  # fmt: skip
     with pytest.raises(ValueError, match="mixed_precision must be None or 'bf16'"):
         FullyShardedDataParallelTrainer(

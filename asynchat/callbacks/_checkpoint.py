@@ -7,18 +7,23 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import (
+    EXTRAS,
     DirectoryLock,
     atomic_write,
     checkpoint_files,
     checkpoint_name,
+    commit_directory,
+    file_digests,
     finite,
     manifest_entry,
     read_manifest,
+    remove,
     remove_temporaries,
     serialize,
     step_of,
@@ -154,9 +159,10 @@ class Checkpoint(Callback):
         self._lock = DirectoryLock(self.save_dir)
         self._entries: list[dict[str, Any]] = []
         self._last_saved_step: int | None = None
-        self._warned_unranked = False
-        self._warned_stale = False
+        self._warned_unranked = self._warned_stale = False  # warned once each
         self._last_ranked = False
+        self._sharded_saves = 0
+        self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -179,6 +185,8 @@ class Checkpoint(Callback):
         return self.save_dir / self._entries[-1]["file"] if self._entries else None
 
     def on_loop_begin(self, state: LoopState) -> None:
+        self._sharded_saves = 0
+        self._began = state.loop.shards_state  # every rank of a sharded job saves
         if not state.loop.is_rank_zero:
             return
         try:
@@ -191,6 +199,7 @@ class Checkpoint(Callback):
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._entries = self._adopt(read_manifest(self.save_dir))
         self._last_saved_step = None
+        self._began = True
 
     def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The manifest's entries plus checkpoint files a crash kept out of it (so that they
@@ -216,7 +225,7 @@ class Checkpoint(Callback):
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
-            if self.save_on_end and state.exception is None and self._lock.held:
+            if self.save_on_end and state.exception is None and self._began:
                 self.save(state)
         finally:
             try:
@@ -225,23 +234,85 @@ class Checkpoint(Callback):
                 self._lock.release()
 
     def save(self, state: LoopState) -> None:
-        """Snapshot now (on the compute thread) and write in the background."""
-        if not state.loop.is_rank_zero:
-            return  # in a distributed run, rank 0 writes (the replicas are identical)
-        again = self._last_saved_step == state.global_step
-        if again and (self._last_ranked or self.monitor is None):
+        """Snapshot now (on the compute thread) and write in the background.
+
+        In a distributed run rank 0 writes (the replicas are identical), unless the state is
+        sharded: then every rank must call this at the same point (as the hooks do), rank 0
+        decides whether to save and every rank writes its shards.
+        """
+        loop = state.loop
+        if not loop.is_rank_zero and not loop.shards_state:
             return
-        metric, missing = self._metric(state)
-        if again and metric is None:
-            return  # saved at this step already, and still nothing fresh to rank it by
-        # (Saved again only when a step save came before the epoch's validation at the same
-        # step: this one has the fresh metric.)
-        snapshot = state.loop.state_dict()
-        self._writer.submit(functools.partial(self._write, snapshot, metric))
+        decision = self._decide(state) if loop.is_rank_zero else None
+        if loop.shards_state and not loop.any_rank(decision is not None):
+            return  # one agreement per save, not per step: every rank saves, or none
+        if loop.is_rank_zero and decision is None:
+            return
+        metric, missing = decision if decision is not None else (None, None)
+        if loop.shards_state:
+            self._save_sharded(state, metric)
+        else:
+            snapshot = loop.state_dict()
+            self._writer.submit(functools.partial(self._write, snapshot, metric))
         self._last_saved_step = state.global_step
         self._last_ranked = metric is not None
         if missing is not None:
             raise missing  # after the write is on its way: the checkpoint is not lost
+
+    def _decide(self, state: LoopState) -> tuple[float | None, CheckpointError | None] | None:
+        """None to skip this save, else the metric to rank it by and the error to raise."""
+        again = self._last_saved_step == state.global_step
+        if again and (self._last_ranked or self.monitor is None):
+            return None
+        metric, missing = self._metric(state)
+        if again and metric is None:
+            return None  # saved at this step already, and still nothing fresh to rank it by
+        # (Saved again only when a step save came before the epoch's validation at the same
+        # step: this one has the fresh metric.)
+        return metric, missing
+
+    def _save_sharded(self, state: LoopState, metric: float | None) -> None:
+        """Every rank: stage its shards now, write them on DCP's thread; rank 0 then
+        commits the directory (see :mod:`asynchat._dcp`)."""
+        loop = state.loop
+        self._writer.wait()  # DCP's collectives of the last save are over before these
+        self._sharded_saves += 1  # the same count on every rank: the same directory name
+        name = checkpoint_name(state.global_step, sharded=True)
+        temporary = self.save_dir / f".{name}.{self._sharded_saves}.tmp"
+        extras = loop.state_dict() if loop.is_rank_zero else None
+        try:
+            written = loop.save_shards(temporary)
+        except Exception as exc:
+            raise CheckpointError(f"could not save sharded checkpoint {name}: {exc}") from exc
+        finish = functools.partial(self._finish_sharded, written, temporary, extras, metric)
+        self._writer.submit(finish)
+
+    def _finish_sharded(
+        self,
+        written: Future[Any],
+        temporary: Path,
+        extras: dict[str, Any] | None,
+        metric: float | None,
+    ) -> None:
+        """On the writer thread: wait for this rank's shards; rank 0 then writes the rest
+        into the directory, renames it into place, writes the manifest and prunes."""
+        name = checkpoint_name(extras["progress"]["global_step"], sharded=True) if extras else ""
+        try:
+            written.result()  # DCP's coordinator (rank 0) returns once every rank's are written
+        except Exception as exc:
+            raise CheckpointError(f"could not write sharded checkpoint {temporary}: {exc}") from exc
+        if extras is None:
+            return  # not rank 0
+        path = self.save_dir / name
+        try:
+            extras["sharded"]["files"] = file_digests(temporary)
+            data, digest = serialize(extras)
+            atomic_write(temporary / EXTRAS, data)
+            commit_directory(temporary, path)
+            size = sum(f.stat().st_size for f in path.iterdir())
+            self._record(name, digest, size, extras["progress"], metric)
+        except OSError as exc:
+            raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
 
     def _metric(self, state: LoopState) -> tuple[float | None, CheckpointError | None]:
         """The monitored value at this save, and the error to raise if it is missing."""
@@ -290,16 +361,22 @@ class Checkpoint(Callback):
         try:
             data, digest = serialize(snapshot)
             atomic_write(path, data)
-            entries = [e for e in self._entries if e["file"] != name]
-            entries.append(manifest_entry(name, digest, len(data), snapshot["progress"], metric))
-            kept = self._retain(entries)
-            write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
+            self._record(name, digest, len(data), snapshot["progress"], metric)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+
+    def _record(
+        self, name: str, digest: str, size: int, progress: dict[str, Any], metric: float | None
+    ) -> None:
+        """A checkpoint is in place: list it in the manifest, then prune what is not kept."""
+        entries = [e for e in self._entries if e["file"] != name]
+        entries.append(manifest_entry(name, digest, size, progress, metric))
+        kept = self._retain(entries)
+        write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
         self._entries = kept
         for entry in entries:
             if not any(entry is k for k in kept):
-                (self.save_dir / entry["file"]).unlink(missing_ok=True)
+                remove(self.save_dir / entry["file"])
 
     def _retain(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_step = sorted(entries, key=lambda e: e["global_step"])
