@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from asynchat._phase import Phase
 
@@ -20,7 +20,15 @@ class Callback:
     or file I/O with ``await``; a plain ``def`` hook runs on the loop's compute thread, in
     order with the steps, and may do torch work on the model. Hooks that are not overridden
     cost nothing: the engine only calls what a callback defines.
+
+    Two class attributes tell a :class:`~asynchat.CudaGraphBatchProcessor` what it needs to
+    know: ``graph_safe`` (its ``on_before_update`` is a ``def`` hook that only launches
+    sync-free kernels, so it may run inside a captured graph) and ``sets_lr`` (it changes
+    the optimizer's learning rate while training).
     """
+
+    graph_safe: ClassVar[bool] = False
+    sets_lr: ClassVar[bool] = False
 
     def on_loop_begin(self, state: LoopState) -> Awaitable[None] | None:
         """Before the first epoch."""

@@ -18,6 +18,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 
+from asynchat._capture import GATE
 from asynchat._tree import iter_tensors, map_tensors
 
 T = TypeVar("T")
@@ -44,11 +45,12 @@ class DeviceStager:
         # A batch whose tensors are already on the device was written by kernels queued on
         # this thread's stream (a collate or dataset working on the GPU); pool streams do not
         # wait for it by themselves. A device-side wait: the host does not block.
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy_stream):
-            moved = map_tensors(self._copy_to_device, batch)
-            ready = torch.cuda.Event()
-            ready.record(self._copy_stream)
+        with GATE.work():  # never while a CUDA graph is being captured
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                moved = map_tensors(self._copy_to_device, batch)
+                ready = torch.cuda.Event()
+                ready.record(self._copy_stream)
         return Staged(moved, ready)
 
     def _copy_to_device(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,22 @@ class Trainer(LoopBase):
                 f"{sorted(optimizers)}: resume with the same optimizer names"
             )
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(saved[name])
+            load_optimizer(optimizer, saved[name])
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping its tensor hyper-parameters (a tensor
+    ``lr``) as the same tensors on their device, given the saved values: torch would put
+    the loaded (host) tensors in their place, where a captured graph no longer reads."""
+    kept = [
+        {k: v for k, v in g.items() if isinstance(v, torch.Tensor)} for g in optimizer.param_groups
+    ]
+    optimizer.load_state_dict(saved)
+    for group, tensors in zip(optimizer.param_groups, kept, strict=True):
+        for key, tensor in tensors.items():
+            with torch.no_grad():
+                tensor.copy_(group[key])
+            group[key] = tensor
 
 
 _ONE_UPDATE_STEPS = (BasicBatchProcessor.step, MultiBatchProcessor.step)

@@ -16,14 +16,13 @@ run. Run: python benchmarks/gpu.py [--steps 300] [--rounds 3]   (needs a CUDA de
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import torch
-from _common import machine, median, table
+from _common import device_arguments, machine, median, table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -206,12 +205,7 @@ TUNED = "tuned loop (pinned, copy stream, no sync)"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cuda")
+    parser = device_arguments(__doc__)
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)

@@ -26,11 +26,11 @@ python3 -c 'import torch; print("torch", torch.__version__, "on", torch.cuda.get
     | tee -a "$summary"
 
 # 1. The CUDA tests: only the files that hold them (others import packages this image lacks,
-#    such as uvicorn), at most 120 s a test and 200 s in all.
-timeout -k 10 200 python3 -m pytest -p no:cacheprovider -o timeout=120 -rs -q -m cuda \
-    tests/test_cuda.py tests/test_transfer.py 2>&1 | tee "$out/cuda_tests.txt"
+#    such as uvicorn), at most 120 s a test and 180 s in all.
+timeout -k 10 180 python3 -m pytest -p no:cacheprovider -o timeout=120 -rs -q -m cuda \
+    tests/test_cuda.py tests/test_transfer.py tests/test_graphs.py 2>&1 | tee "$out/cuda_tests.txt"
 tests=${PIPESTATUS[0]}
-[ "$tests" = 124 ] && note "FAIL: the CUDA tests ran past 200 s (a hang?)"
+[ "$tests" = 124 ] && note "FAIL: the CUDA tests ran past 180 s (a hang?)"
 # Skips allowed on one GPU: trio (not in the image) and the two-GPU test.
 unexpected=$(grep '^SKIPPED' "$out/cuda_tests.txt" | grep -v -e 'needs trio' -e 'needs two GPUs')
 if [ -n "$unexpected" ]; then
@@ -40,9 +40,16 @@ if [ -n "$unexpected" ]; then
 fi
 note "cuda tests: exit $tests; $(tail -n 1 "$out/cuda_tests.txt")"
 
-# 2. The benchmark: at most 240 s.
-timeout -k 10 240 python3 benchmarks/gpu.py "$@" 2>&1 | tee "$out/gpu_bench.txt"
+# 2. The eager benchmark: at most 150 s.
+timeout -k 10 150 python3 benchmarks/gpu.py --steps 200 "$@" 2>&1 | tee "$out/gpu_bench.txt"
 bench=${PIPESTATUS[0]}
-[ "$bench" = 124 ] && note "FAIL: the benchmark ran past 240 s"
+[ "$bench" = 124 ] && note "FAIL: the benchmark ran past 150 s"
 note "benchmark: exit $bench"
-exit $((tests || bench))
+
+# 3. Graphs and compiled steps against the hand-written graph: at most 120 s.
+timeout -k 10 120 python3 benchmarks/graphs.py --steps 200 --rounds 2 2>&1 \
+    | tee "$out/graphs_bench.txt"
+graphs=${PIPESTATUS[0]}
+[ "$graphs" = 124 ] && note "FAIL: the graph benchmark ran past 120 s"
+note "graph benchmark: exit $graphs"
+exit $((tests || bench || graphs))

@@ -112,7 +112,12 @@ class GradClip(Callback):
     ``state.metrics["grad_norm"]`` is not published: reading the norm would be a host sync
     every step (``torch.nn.utils.clip_grad_norm_`` itself does not sync); ``last_norm`` holds
     the last norm as a device tensor.
+
+    Graph-safe: under a :class:`~asynchat.CudaGraphBatchProcessor` the clipping runs inside
+    the captured update (``last_norm`` is then a buffer each replay rewrites).
     """
+
+    graph_safe = True
 
     def __init__(
         self, max_norm: float, *, norm_type: float = 2.0, optimizer: str | None = None

@@ -21,6 +21,14 @@ from asynchat._state import LoopState
 SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler | ReduceLROnPlateau]
 
 
+def set_lr(group: dict[str, Any], lr: float | torch.Tensor) -> None:
+    """Set a param group's learning rate; a tensor one in place (a CUDA graph reads it)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
 class LRSchedule(Callback):
     """Steps a learning-rate scheduler after every step (``interval="step"``) or epoch.
 
@@ -44,7 +52,12 @@ class LRSchedule(Callback):
     :func:`poly` and :func:`one_cycle`::
 
         LRSchedule(cosine(total_steps=10_000), warmup_steps=500)
+
+    A tensor learning rate (``lr=torch.tensor(...)``, as a CUDA-graph step needs) is
+    updated in place, never replaced.
     """
+
+    sets_lr = True
 
     def __init__(
         self,
@@ -89,7 +102,7 @@ class LRSchedule(Callback):
             # Building schedulers rescales the (already restored) learning rates: start from
             # the initial ones so the rebuilt chain matches the saved one, then load it.
             for group in optimizer.param_groups:
-                group["lr"] = group.get("initial_lr", group["lr"])
+                set_lr(group, group.get("initial_lr", group["lr"]))
         main = self.factory(optimizer)
         if isinstance(main, ReduceLROnPlateau) != (self.monitor is not None):
             raise TypeError(
@@ -112,7 +125,7 @@ class LRSchedule(Callback):
         if self._loaded is not None:
             main.load_state_dict(self._loaded)
             for group, lr in zip(optimizer.param_groups, main.get_last_lr(), strict=True):
-                group["lr"] = lr
+                set_lr(group, lr)
             self._loaded = None
 
     def _optimizer(self, state: LoopState) -> torch.optim.Optimizer:

@@ -1,0 +1,184 @@
+"""The launch bound: CUDA-graph steps and compiled steps against eager and the graph floor.
+
+The workloads of ``gpu.py`` (an MLP at batch 256; ResNet-18 on 3x32x32 at batch 256, fp32
+and bf16), with the batches already on the device (a list: the engine reads it inline),
+SGD with momentum, trained by:
+
+- eager engine: ``BasicBatchProcessor``;
+- graph processor: ``CudaGraphBatchProcessor`` (3 eager warm-up steps, then replays);
+- compiled engine: ``BasicBatchProcessor(compile={"mode": "reduce-overhead"})``;
+- the floor: a hand-written whole-step CUDA graph (static inputs, one ``replay()`` a step).
+
+The compiled engine and the graph processor are warmed (compiled, captured) in an untimed
+run first. During each engine run a task on the event loop sleeps 1 ms at a time and
+records how late it wakes: the p99 lateness says whether the loop stayed responsive.
+
+Prints ms/step and each variant's time against the hand-written graph.
+Run: python benchmarks/graphs.py [--steps 300] [--rounds 3]   (``--device cpu --steps 3
+--rounds 1`` smoke-tests the eager and compiled paths on a CPU; the graphs need CUDA)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import torch
+from _common import device_arguments, machine, median, table
+from gpu import WORKLOADS, dataset
+from torch import nn
+
+from asynchat import BasicBatchProcessor, BatchProcessor, CudaGraphBatchProcessor, Trainer
+
+DEVICE = torch.device("cuda")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def batches(shape: tuple[int, ...], batch: int, steps: int) -> list[tuple[torch.Tensor, ...]]:
+    data = dataset(shape, batch, steps).tensors
+    return [
+        (data[0][i : i + batch].to(DEVICE), data[1][i : i + batch].to(DEVICE))
+        for i in range(0, batch * steps, batch)
+    ]
+
+
+def setup(make: Callable[[], nn.Module]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = make().to(DEVICE)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def hand_graph(make: Callable[[], nn.Module], data: list[Any], amp: str | None) -> float:
+    """The floor: one captured whole step, replayed with each batch copied in."""
+    model, optimizer = setup(make)
+    loss_fn = nn.CrossEntropyLoss()
+    static_x, static_y = (t.clone() for t in data[0])
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp == "bf16", cache_enabled=False):
+            loss = loss_fn(model(static_x), static_y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for x, y in data:
+        static_x.copy_(x, non_blocking=True)
+        static_y.copy_(y, non_blocking=True)
+        graph.replay()
+    synchronize()
+    return time.perf_counter() - start
+
+
+async def lateness(samples: list[float]) -> None:
+    while True:
+        start = time.perf_counter()
+        await anyio.sleep(0.001)
+        samples.append(time.perf_counter() - start - 0.001)
+
+
+def engine(
+    make: Callable[[], nn.Module], data: list[Any], processor: BatchProcessor
+) -> tuple[float, float]:
+    """Seconds for the data, and the event loop's p99 lateness (s) meanwhile."""
+    model, optimizer = setup(make)
+    trainer = Trainer(
+        model, data, optimizer, batch_processor=processor, num_epochs=1, device=DEVICE
+    )  # fmt: skip
+    late: list[float] = []
+
+    async def run() -> float:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lateness, late)
+            synchronize()
+            start = time.perf_counter()
+            await trainer.fit()
+            synchronize()
+            elapsed = time.perf_counter() - start
+            tasks.cancel_scope.cancel()
+        return elapsed
+
+    elapsed = anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})
+    late.sort()
+    return elapsed, late[int(0.99 * (len(late) - 1))] if late else 0.0
+
+
+def variants(amp: Any) -> dict[str, Callable[[], BatchProcessor]]:
+    loss = nn.CrossEntropyLoss()
+    found: dict[str, Callable[[], BatchProcessor]] = {
+        "eager engine": lambda: BasicBatchProcessor(loss, amp=amp),
+        'engine, compile={"mode": "reduce-overhead"}': lambda: BasicBatchProcessor(
+            loss, amp=amp, compile={"mode": "reduce-overhead"}
+        ),
+    }
+    if DEVICE.type == "cuda":
+        found["engine, CudaGraphBatchProcessor"] = lambda: CudaGraphBatchProcessor(loss, amp=amp)
+    return found
+
+
+def measure(
+    make: Callable[[], nn.Module], data: list[Any], amp: str | None, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Median (seconds, p99 lateness) per variant for one workload."""
+    makers = variants(amp)
+    for maker in makers.values():
+        engine(make, data[:20], maker())  # compile, capture, autotune: untimed
+    times: dict[str, list[tuple[float, float]]] = {key: [] for key in makers}
+    floor = "hand-written graph replay"
+    if DEVICE.type == "cuda":
+        times[floor] = []
+    for _ in range(rounds):
+        for key, maker in makers.items():
+            times[key].append(engine(make, data, maker()))
+        if DEVICE.type == "cuda":
+            times[floor].append((hand_graph(make, data, amp), 0.0))
+    return {
+        key: (median([t for t, _ in values]), median([late for _, late in values]))
+        for key, values in times.items()
+    }
+
+
+def main() -> None:
+    parser = device_arguments(__doc__)
+    parser.add_argument("--only", default="", help="run the workloads whose name has this")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    print(f"machine: {machine()}")
+    rows = []
+    for name, (make, shape, batch, amp) in WORKLOADS.items():
+        if args.only not in name:
+            continue
+        data = batches(shape, batch, args.steps)
+        results = measure(make, data, amp, args.rounds)
+        base = results.get("hand-written graph replay", results["eager engine"])[0]
+        for key, (seconds, late) in results.items():
+            rows.append((
+                name, key, f"{1000 * seconds / args.steps:.3f}", f"{seconds / base:.2f}x",
+                f"{1000 * late:.2f}" if key != "hand-written graph replay" else "-",
+            ))  # fmt: skip
+    print(f"{args.rounds} interleaved rounds of {args.steps} steps, batches on the device; medians")
+    print(table(["workload", "loop", "ms/step", "time vs floor", "loop p99 late ms"], rows))
+
+
+if __name__ == "__main__":
+    main()

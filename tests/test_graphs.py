@@ -1,0 +1,225 @@
+"""CudaGraphBatchProcessor: its checks and the capture gate everywhere, the graphs
+themselves on a GPU (those tests are marked ``cuda`` and skip without one)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_loader, make_model
+from torch import nn
+
+from asynchat import Callback, CudaGraphBatchProcessor, LoopState, Trainer
+from asynchat._capture import CaptureGate
+from asynchat._graphs import check_graphable, signature
+from asynchat.callbacks import Checkpoint, FreezeModule, GradClip, LRSchedule, cosine
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_without_cuda_construction_fails_naming_cuda() -> None:
+    with pytest.raises(RuntimeError, match=r"needs CUDA .*BasicBatchProcessor"):
+        CudaGraphBatchProcessor(nn.CrossEntropyLoss())
+
+
+def adam(**kwargs: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(make_model().parameters(), lr=1e-3, **kwargs)
+
+
+class Unsafe(Callback):
+    def on_before_update(self, state: LoopState) -> None:
+        pass
+
+
+class AsyncMarkedSafe(Callback):
+    graph_safe = True
+
+    async def on_before_update(self, state: LoopState) -> None:
+        pass
+
+
+def test_check_graphable_names_what_to_change() -> None:
+    ok = {"default": adam(capturable=True)}
+    check_graphable(ok, [GradClip(1.0), Callback()], None)  # nothing to refuse
+    check_graphable({"default": torch.optim.SGD(make_model().parameters(), lr=0.1)}, [], None)
+    cases: list[tuple[Any, list[Any], Any, str]] = [
+        ({"a": adam(capturable=True), "b": adam(capturable=True)}, [], None, "one optimizer"),
+        ({"default": adam()}, [], None, r"Adam must be built with capturable=True"),
+        ({"default": adam(capturable=True)}, [], "fp16", r"amp='fp16'\) needs a fused"),
+        (ok, [LRSchedule(cosine(10))], None, "needs a tensor learning rate"),
+        ({"default": torch.optim.SGD(make_model().parameters(), lr=torch.tensor(0.1))},
+         [LRSchedule(cosine(10))], None, "SGD reads a tensor learning rate"),
+        (ok, [Unsafe()], None, r"Unsafe\.on_before_update would run inside"),
+        (ok, [AsyncMarkedSafe()], None, r"AsyncMarkedSafe\.on_before_update"),
+    ]  # fmt: skip
+    for optimizers, callbacks, amp, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_graphable(optimizers, callbacks, amp)
+    scheduled = torch.optim.Adam(
+        make_model().parameters(), lr=torch.tensor(1e-3), capturable=True
+    )  # fmt: skip
+    check_graphable({"default": scheduled}, [LRSchedule(cosine(10))], None)
+
+
+def test_a_batch_signature_is_each_tensor_shape_dtype_and_device() -> None:
+    batch = (torch.zeros(4, 3), {"y": torch.zeros(4, dtype=torch.long)})
+    assert signature(batch) == (((4, 3), torch.float32, torch.device("cpu")),
+                                ((4,), torch.int64, torch.device("cpu")))  # fmt: skip
+    assert signature(batch) != signature((torch.zeros(2, 3), {"y": torch.zeros(2)}))
+
+
+def test_the_capture_gate_holds_staging_during_a_capture_and_waits_for_it() -> None:
+    """A capture waits for staging in progress; staging waits for the capture; two
+    captures never overlap."""
+    gate = CaptureGate()
+    log: list[str] = []
+    staging = threading.Event()
+
+    def stage(name: str, hold: float) -> None:
+        with gate.work():
+            log.append(f"{name} in")
+            staging.set()
+            time.sleep(hold)
+            log.append(f"{name} out")
+
+    def capture(name: str) -> None:
+        with gate.capturing():
+            log.append(f"{name} in")
+            time.sleep(0.1)
+            log.append(f"{name} out")
+
+    first = threading.Thread(target=stage, args=("stage1", 0.2))
+    first.start()
+    staging.wait()
+    captures = [threading.Thread(target=capture, args=(f"capture{i}",)) for i in (1, 2)]
+    for thread in captures:
+        thread.start()
+    time.sleep(0.05)
+    second = threading.Thread(target=stage, args=("stage2", 0.0))
+    second.start()
+    for thread in (first, *captures, second):
+        thread.join()
+    assert log[:2] == ["stage1 in", "stage1 out"]  # the captures waited for it
+    captured = log[2:6]
+    assert captured[0].endswith(" in") and captured[1] == captured[0].replace(" in", " out")
+    assert captured[2].endswith(" in") and captured[3] == captured[2].replace(" in", " out")
+    assert "stage2 in" in log[2:] and log.index("stage2 in") > log.index("capture1 in")
+
+
+def test_lr_schedule_updates_a_tensor_learning_rate_in_place_also_on_resume(tmp_path: Any) -> None:
+    """A graph reads the lr tensor it captured: the schedule must never replace it, when
+    stepping nor when a resumed run rebuilds it."""
+    lrs: list[torch.Tensor] = []
+
+    def tensor_sgd(model: nn.Module) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return optimizer
+
+    def trainer(steps: int, resume: bool, directory: Any = tmp_path) -> Trainer:
+        return Trainer(
+            make_model(), make_loader(), tensor_sgd, loss_fn=nn.CrossEntropyLoss(),
+            num_steps=steps, resume_from=directory if resume else None,
+            callbacks=[LRSchedule(cosine(12), warmup_steps=2), Checkpoint(directory)],
+        )  # fmt: skip
+
+    first = trainer(4, resume=False)
+    anyio.run(first.fit)
+    assert first.optimizers["default"].param_groups[0]["lr"] is lrs[0]
+    second = trainer(8, resume=True)
+    anyio.run(second.fit)
+    group = second.optimizers["default"].param_groups[0]
+    assert group["lr"] is lrs[1]
+    whole = trainer(8, resume=False, directory=tmp_path / "whole")
+    anyio.run(whole.fit)
+    assert 0 < group["lr"].item() < 0.1
+    assert group["lr"].item() == whole.optimizers["default"].param_groups[0]["lr"].item()
+
+
+# -- on a GPU --------------------------------------------------------------------------
+
+
+def cuda_pair(amp: str | None = None, fused: bool = True, lr: Any = 1e-2) -> tuple[nn.Module, Any]:
+    model = make_model(seed=3)
+
+    def optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        rate = torch.tensor(lr, device="cuda") if isinstance(lr, str) else lr
+        return torch.optim.AdamW(m.parameters(), lr=rate, capturable=True, fused=fused)
+
+    return model, optimizer
+
+
+async def train_cuda(processor: Any, *, amp: str | None = None, steps: int = 12,
+                     callbacks: Any = (), batch_size: int = 16, n: int = 96,
+                     lr: Any = 1e-2) -> tuple[nn.Module, LoopState]:  # fmt: skip
+    model, optimizer = cuda_pair(amp, lr=lr)
+    state = await Trainer(
+        model, make_loader(n, batch_size), optimizer, batch_processor=processor,
+        num_steps=steps, device="cuda", callbacks=list(callbacks),
+    ).fit()  # fmt: skip
+    return model, state
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.anyio
+@pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+async def test_graphed_steps_train_like_eager_steps(amp: str | None, accumulate: int) -> None:
+    """Warm-up 3, then replays: the weights after 12 steps equal eager training's (same
+    kernels, so to float tolerance), with GradClip inside the graph."""
+    from asynchat import BasicBatchProcessor
+
+    eager, _ = await train_cuda(
+        BasicBatchProcessor(nn.CrossEntropyLoss(), amp=amp, grad_accumulation_steps=accumulate,
+                            set_to_none=False),
+        callbacks=[GradClip(1.0)],
+    )  # fmt: skip
+    graph = CudaGraphBatchProcessor(
+        nn.CrossEntropyLoss(),
+        amp=amp,
+        grad_accumulation_steps=accumulate,  # type: ignore[arg-type]
+    )
+    graphed, state = await train_cuda(graph, callbacks=[GradClip(1.0)])
+    assert graph._graphs is not None, "the step was captured"
+    tolerance = 1e-5 if amp is None else 2e-2
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    assert state.loss is not None and torch.isfinite(state.loss).item()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.anyio
+async def test_a_partial_batch_runs_eagerly_and_a_schedule_reaches_the_graph() -> None:
+    """100 samples in batches of 16: the last batch of 4 runs eagerly with one warning; a
+    tensor lr follows the schedule through the replays."""
+    graph = CudaGraphBatchProcessor(nn.CrossEntropyLoss(), warmup_steps=2)
+    with pytest.warns(RuntimeWarning, match="does not fit the graph"):
+        _, state = await train_cuda(graph, steps=14, n=100, lr="tensor",
+                                    callbacks=[LRSchedule(cosine(14))])  # fmt: skip
+    lr = state.optimizers["default"].param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.item() < 1e-4  # the cosine's end
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.anyio
+async def test_freezing_a_module_recaptures() -> None:
+    captures: list[Any] = []  # the graphs of each step, kept alive (so ids are unique)
+
+    class Count(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if graph._graphs is not None:
+                captures.append(graph._graphs)
+
+    graph = CudaGraphBatchProcessor(nn.CrossEntropyLoss(), warmup_steps=1)
+    model, _ = await train_cuda(graph, steps=18, callbacks=[FreezeModule(["0"], until_epoch=1),
+                                                             Count()])  # fmt: skip
+    assert len({id(c) for c in captures}) == 2, "captured again once the module thawed"
+    assert model[0].weight.requires_grad
