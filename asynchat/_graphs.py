@@ -176,6 +176,7 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
             )
         super().setup(loop)
         self._stream = torch.cuda.Stream(loop.device)  # type: ignore[no-untyped-call]
+        self._checked, self._params = False, ()  # a new run: its optimizer, its model
         self.invalidate()
 
     def invalidate(self) -> None:

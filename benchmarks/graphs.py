@@ -1,8 +1,8 @@
 """The launch bound: CUDA-graph steps and compiled steps against eager and the graph floor.
 
 The workloads of ``gpu.py`` (an MLP at batch 256; ResNet-18 on 3x32x32 at batch 256, fp32
-and bf16), with the batches already on the device (a list: the engine reads it inline),
-SGD with momentum, trained by:
+and bf16), with the batches already on the device (a list of them), SGD with momentum,
+trained by:
 
 - eager engine: ``BasicBatchProcessor``;
 - graph processor: ``CudaGraphBatchProcessor`` (3 eager warm-up steps, then replays);
