@@ -45,7 +45,7 @@ class Metrics(dict[str, float]):
         return self._steps.get(name)
 
 
-@dataclasses.dataclass(slots=True, eq=False)
+@dataclasses.dataclass(slots=True, eq=False, repr=False)
 class LoopState:
     """Everything a callback sees; one instance per loop, updated in place as the loop runs.
 
@@ -108,3 +108,15 @@ class LoopState:
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     stop_reason: str | None = None
     exception: BaseException | None = None
+
+    def __repr__(self) -> str:
+        # Where the loop is, never its tensors: formatting a batch or the outputs costs
+        # milliseconds, and Python formats this whenever it formats the task that returned
+        # it (asyncio.run does, restoring its SIGINT handler, at the end of every fit()).
+        phase = self.phase.value if self.phase is not None else None
+        return (
+            f"LoopState(loop={self.loop.name!r}, epoch={self.epoch}, step={self.step}, "
+            f"global_step={self.global_step}, phase={phase!r}, training={self.training}, "
+            f"metrics={dict(self.metrics)!r})"
+        )
+

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_loader, make_model, sgd
+from conftest import make_data, make_loader, make_model, sgd
 from torch import nn
 
 from asynchat import (
@@ -65,8 +66,18 @@ async def test_one_epoch_equals_a_hand_written_loop(prefetch: int) -> None:
     assert not any(p.grad is not None for p in model.parameters()), "grads zeroed with set_to_none"
 
 
-async def test_batches_in_memory_on_the_cpu_are_read_without_a_data_thread() -> None:
-    """A list of ready batches has nothing to load: no data thread; a DataLoader gets one."""
+class Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """An iterable dataset (which could wait on a socket): 96 samples."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        inputs, targets = make_data(96).tensors
+        return iter(zip(inputs, targets, strict=True))
+
+
+async def test_on_the_cpu_data_read_in_process_needs_no_data_thread() -> None:
+    """Batches in memory, and a DataLoader without workers over a map-style dataset, leave
+    a data thread nothing to overlap: they are read on the compute thread. An iterable
+    dataset (a stream that may wait) gets a data thread."""
     import threading
 
     seen: list[bool] = []
@@ -77,14 +88,15 @@ async def test_batches_in_memory_on_the_cpu_are_read_without_a_data_thread() -> 
             seen.append(any(n == f"asynchat-{state.loop.name}-data" for n in names))
 
     batches = list(make_loader(96, 16))
-    for data in (batches, tuple(batches), make_loader(96, 16)):
+    streamed = torch.utils.data.DataLoader(Stream(), batch_size=16)
+    for data in (batches, tuple(batches), make_loader(96, 16), streamed):
         seen.clear()
         await Trainer(make_model(), data, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
                       callbacks=[DataThread()], device="cpu").fit()  # fmt: skip
-        if isinstance(data, (list, tuple)):
+        if data is not streamed:
             assert seen == [False] * 6, type(data).__name__
         else:  # at the first step the thread still has 5 batches to hand over, 2 at a time
-            assert seen[0], "a DataLoader is read on a data thread"
+            assert seen[0], "an iterable dataset is read on a data thread"
 
 
 async def test_an_optimizer_instance_is_used_as_given() -> None:
@@ -317,3 +329,13 @@ async def test_device_none_picks_cuda_when_available_else_cpu() -> None:
     assert trainer.device.type == expected
     state = await trainer.fit()
     assert all(p.device.type == expected for p in state.model.parameters())
+
+
+async def test_the_state_repr_says_where_the_loop_is_without_formatting_tensors() -> None:
+    """asyncio formats the task that returned the state at the end of every fit(), so the
+    repr must be cheap: no batch, outputs or model in it (it took milliseconds)."""
+    state = await Trainer(make_model(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(),
+                          num_steps=2, name="reprs").fit()  # fmt: skip
+    text = repr(state)
+    assert text.startswith("LoopState(loop='reprs', epoch=0, step=1, global_step=2")
+    assert "tensor(" not in text and "Linear" not in text
