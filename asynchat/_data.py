@@ -127,6 +127,11 @@ def with_last(
         for count, item in enumerate(items, start=1):
             yield item, count >= bound, count >= length
             if count >= bound:
+                if count >= length:
+                    # The data ran out: let the iterator end as a data thread would have
+                    # (a sampler may draw from its generator at its end: RandomSampler does,
+                    # so the next epoch's order depends on it).
+                    next(items, None)
                 return
         return
     try:

@@ -339,3 +339,21 @@ async def test_the_state_repr_says_where_the_loop_is_without_formatting_tensors(
     text = repr(state)
     assert text.startswith("LoopState(loop='reprs', epoch=0, step=1, global_step=2")
     assert "tensor(" not in text and "Linear" not in text
+
+
+def test_an_epoch_read_to_its_length_lets_the_loader_end_as_a_full_pass_does() -> None:
+    """A RandomSampler with its own generator draws from it once more at its end, so the
+    next epoch's order depends on the loader being read to its end, as a data thread does
+    and as a loop reading on the compute thread must too (it counts steps by len())."""
+    from asynchat._data import with_last
+
+    def loader() -> torch.utils.data.DataLoader[Any]:
+        g = torch.Generator().manual_seed(7)
+        return torch.utils.data.DataLoader(make_data(96), batch_size=16, shuffle=True,
+                                           generator=g)  # fmt: skip
+
+    full, counted = loader(), loader()
+    list(full)
+    steps = [last for _, last, _ in with_last(iter(counted), None, len(counted))]
+    assert steps == [False] * 5 + [True]
+    assert torch.equal(full.generator.get_state(), counted.generator.get_state())
