@@ -507,6 +507,8 @@ def _load_file(file: Path, digest: str | None) -> dict[str, Any]:
     """Read and check a checkpoint file, or a sharded checkpoint's :data:`EXTRAS` and shard
     files (then ``checkpoint["sharded"]["path"]`` is its directory, for DCP to load)."""
     sharded = is_sharded(file.name)
+    if sharded and (file / EXTRAS).is_symlink():
+        raise CheckpointError(f"{file / EXTRAS} is a symbolic link, not a checkpoint file")
     obj = _read_checkpoint(file / EXTRAS if sharded else file, digest)
     _check_complete(file, obj, sharded)
     if sharded:

@@ -104,6 +104,19 @@ def _check_update_hooks(callbacks: Sequence[Any]) -> None:
             )
 
 
+def _check_model(model: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, FSDPModule)) or any(
+        isinstance(m, FSDPModule) for m in model.modules()
+    ):
+        raise ValueError(
+            "CudaGraphBatchProcessor does not capture DDP's or FSDP's collectives yet; use "
+            "it with Trainer on one device, or BasicBatchProcessor(compile=...) on several"
+        )
+
+
 def _not_overridden(callback: Any, name: str) -> bool:
     from asynchat._callback import Callback
 
@@ -131,11 +144,13 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
     runs eagerly, with a warning once. :meth:`invalidate` re-warms and re-captures: call it
     after parameters, gradients or optimizer state were replaced; a change of which
     parameters require gradients (FreezeModule) is noticed by itself. Prediction and
-    validation steps run eagerly.
+    validation steps run eagerly. One device: a DDP or FSDP model is refused (their
+    collectives are not captured yet).
 
     Args:
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
-        warmup_steps: eager steps before the capture (they create the optimizer state).
+        warmup_steps: eager optimizer updates before the capture (they create the
+            optimizer's state and the grad scale).
         amp, grad_accumulation_steps, samples: as for :class:`BasicBatchProcessor`.
     """
 
@@ -194,6 +209,7 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
             super().step(state, run_phase)
             return
         if not self._checked:
+            _check_model(state.model)
             check_graphable(state.optimizers, state.loop.callbacks, self.amp)
             self._checked = True
         self._notice_changes(state)
@@ -238,8 +254,10 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
         run_phase(Phase.ON_BATCH_END)
         if due:
             self._update(state, run_phase)
-        if self._graphs is None:
-            self._warm += 1
+            # Warm-up counts updates: the optimizer's state (and the grad scale) must exist
+            # before the capture, or the graph would hold their initialisation and replay it.
+            if self._graphs is None:
+                self._warm += 1
 
     def _accumulate(self, state: LoopState, batch: Any) -> tuple[Any, torch.Tensor]:
         """What the accumulate graph holds: forward, loss, backward into ``.grad``."""

@@ -119,4 +119,3 @@ class LoopState:
             f"global_step={self.global_step}, phase={phase!r}, training={self.training}, "
             f"metrics={dict(self.metrics)!r})"
         )
-

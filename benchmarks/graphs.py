@@ -5,7 +5,7 @@ and bf16), with the batches already on the device (a list of them), SGD with mom
 trained by:
 
 - eager engine: ``BasicBatchProcessor``;
-- graph processor: ``CudaGraphBatchProcessor`` (3 eager warm-up steps, then replays);
+- graph processor: ``CudaGraphBatchProcessor`` (3 eager warm-up updates, then replays);
 - compiled engine: ``BasicBatchProcessor(compile={"mode": "reduce-overhead"})``;
 - the floor: a hand-written whole-step CUDA graph (static inputs, one ``replay()`` a step).
 

@@ -107,6 +107,13 @@ def test_sharded_names_that_are_links_or_leftovers(tmp_path: Path) -> None:
         train(save_dir, num_steps=2, checkpoint={"every_n_steps": 1, "keep_last": 1})
     assert link.is_symlink() and (outside / "precious").read_text() == "precious"
     assert not leftover.exists() and temporary_link.is_symlink()
+    # A sharded checkpoint whose asynchat.pt is a link (to another checkpoint) is not read.
+    borrowed = save_dir / "step-000000099.dcp"
+    borrowed.mkdir()
+    (borrowed / "asynchat.pt").symlink_to(save_dir / "step-000000002.ckpt")
+    with pytest.warns(CheckpointWarning) as caught:
+        assert load_checkpoint(save_dir)[1].name == "step-000000002.ckpt"
+    assert any("asynchat.pt is a symbolic link" in str(w.message) for w in caught)
 
 
 def flip_tensor_bytes(file: Path) -> None:

@@ -19,14 +19,14 @@ HERE = Path(__file__).resolve().parent
 TOTAL, KILL_AT = 16, 10  # 4 steps an epoch: killed inside the third
 
 
-def torchrun(directory: Path, kill_at: int, restarts: int) -> dict[str, Any]:
+def torchrun(directory: Path, kill_at: int, restarts: int, kind: str = "ddp") -> dict[str, Any]:
     directory.mkdir()
     out = directory / "result.pt"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
          f"--max-restarts={restarts}", "--monitor-interval=0.2", "--master-addr=127.0.0.1",
          f"--master-port={free_port()}", str(HERE / "elastic_job.py"), str(directory),
-         str(out), str(TOTAL), str(kill_at)],
+         str(out), str(TOTAL), str(kill_at), kind],
         cwd=HERE, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -50,6 +50,23 @@ def test_a_killed_rank_is_restarted_and_the_job_resumes_by_itself_bitwise(
     assert elastic["global_step"] == straight["global_step"] == TOTAL
     assert_bitwise_equal(elastic["model"], straight["model"], "model")
     assert_bitwise_equal(elastic["optimizer"], straight["optimizer"], "optimizer")
+
+
+@pytest.mark.slow
+def test_a_sharded_job_is_restarted_and_resumes_from_its_sharded_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """The same with FSDP: both ranks write each checkpoint (step-*.dcp); rank 1 dies with
+    rank 0's last save unfinished (it needs rank 1's shards), so the job resumes from the
+    newest complete one, at or before step 10, and still ends bitwise where it would have."""
+    straight = torchrun(tmp_path / "straight", kill_at=0, restarts=0, kind="fsdp")
+    elastic = torchrun(tmp_path / "elastic", kill_at=KILL_AT, restarts=1, kind="fsdp")
+    assert (tmp_path / "elastic" / "killed").exists(), "rank 1 did die"
+    assert (straight["starts"], elastic["starts"]) == (1, 2)
+    resumed = Path(elastic["resumed_from"]).name
+    assert resumed.endswith(".dcp") and 1 <= int(resumed[5:14]) <= KILL_AT, resumed
+    assert elastic["global_step"] == straight["global_step"] == TOTAL
+    assert_bitwise_equal(elastic["model"], straight["model"], "model")
 
 
 def test_resumable_says_whether_there_is_anything_to_resume(tmp_path: Path) -> None:

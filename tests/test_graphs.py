@@ -223,3 +223,21 @@ async def test_freezing_a_module_recaptures() -> None:
                                                              Count()])  # fmt: skip
     assert len({id(c) for c in captures}) == 2, "captured again once the module thawed"
     assert model[0].weight.requires_grad
+
+
+def test_a_distributed_model_is_refused(tmp_path: Any) -> None:
+    """DDP's (and FSDP's) collectives are not captured: refused, naming compile= instead."""
+    import torch.distributed as dist
+
+    from asynchat._graphs import _check_model
+
+    _check_model(make_model())  # one device: fine
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )  # fmt: skip
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(make_model())
+        with pytest.raises(ValueError, match=r"does not capture DDP's or FSDP's .*compile="):
+            _check_model(wrapped)
+    finally:
+        dist.destroy_process_group()
