@@ -111,6 +111,15 @@ def loader_generators(data_loader: Iterable[Any]) -> list[torch.Generator]:
     return found
 
 
+def _run_out(items: Iterator[Any]) -> BaseException | None:
+    """Read ``items`` past its end; return the error that raised instead, if any."""
+    try:
+        next(items, None)
+    except BaseException as exc:
+        return exc
+    return None
+
+
 def with_last(
     items: Iterator[T], limit: int | None, length: int | None
 ) -> Iterator[tuple[T, bool, bool]]:
@@ -125,13 +134,16 @@ def with_last(
     if length is not None:
         bound = length if limit is None else min(length, limit)
         for count, item in enumerate(items, start=1):
+            # With this item the data runs out: let the iterator end now, as a data thread
+            # reading ahead does, before the step (which may stop the loop): a sampler may
+            # draw from its generator at its end (RandomSampler does), and the next epoch's
+            # order, or a checkpoint's generator state, depends on it. An error it raises
+            # there follows the item's step.
+            failed = _run_out(items) if count >= length else None
             yield item, count >= bound, count >= length
+            if failed is not None:
+                raise failed
             if count >= bound:
-                if count >= length:
-                    # The data ran out: let the iterator end as a data thread would have
-                    # (a sampler may draw from its generator at its end: RandomSampler does,
-                    # so the next epoch's order depends on it).
-                    next(items, None)
                 return
         return
     try:
