@@ -2,6 +2,7 @@
 standard library's own source files: a corpus every Python ships.
 
     python examples/charlm.py [--steps 1000] [--layers 3] [--width 96] [--out DIR] [--resume]
+                              [--cuda-graphs]
 
 AdamW with a cosine learning rate after a linear warmup, gradient clipping, the validation
 loss every ``--eval-every`` steps (with the best checkpoint kept), bf16 autocast on GPUs,
@@ -11,6 +12,9 @@ brings them to the host without blocking the event loop. Ctrl-C stops after the 
 progress with a final checkpoint; ``--resume`` goes on from the newest. At the end the
 *best* checkpoint (by validation loss) is loaded and scored on held-out test text, next to
 the unigram baseline (the loss of predicting each character from its frequency alone).
+On a GPU, ``--cuda-graphs`` replays each training step as CUDA graphs
+(``CudaGraphBatchProcessor``: a capturable, fused AdamW with a tensor learning rate, which
+the schedule updates in place; GradClip runs inside the graph).
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from asynchat import BasicBatchProcessor, Callback, LoopState, Predictor, Trainer
+from asynchat import (
+    BasicBatchProcessor,
+    BatchProcessor,
+    Callback,
+    CudaGraphBatchProcessor,
+    LoopState,
+    Predictor,
+    Trainer,
+)
 from asynchat.callbacks import (
     Checkpoint,
     GradClip,
@@ -245,20 +257,34 @@ def loaders(corpus: Corpus, run: Run) -> tuple[DataLoader[Any], DataLoader[Any],
     return train, val, test
 
 
+def step_setup(run: Run, graphs: bool) -> tuple[BatchProcessor, Any]:
+    """The batch processor and the optimizer factory: eager, or replayed as CUDA graphs."""
+    amp = "bf16" if torch.cuda.is_available() else None
+    if not graphs:
+        return BasicBatchProcessor(next_char_loss, amp=amp), lambda m: torch.optim.AdamW(
+            m.parameters(), lr=run.lr, betas=(0.9, 0.99), weight_decay=0.1
+        )
+    processor = CudaGraphBatchProcessor(next_char_loss, amp=amp)  # needs CUDA: says so
+    return processor, lambda m: torch.optim.AdamW(
+        m.parameters(), lr=torch.tensor(run.lr, device="cuda"), betas=(0.9, 0.99),
+        weight_decay=0.1, capturable=True, fused=True,
+    )  # fmt: skip
+
+
 def make_trainer(
     corpus: Corpus, run: Run, out: Path, *, resume: bool = False, progress: bool = True,
-    extra: tuple[Callback, ...] = (),
+    extra: tuple[Callback, ...] = (), graphs: bool = False,
 ) -> Trainer:  # fmt: skip
     torch.manual_seed(0)
     train, val, _ = loaders(corpus, run)
     config = Config(len(corpus.vocab), run.block, run.layers, max(1, run.width // 32), run.width)
     checkpoints = out / "checkpoints"
-    amp = "bf16" if torch.cuda.is_available() else None
+    processor, optimizer = step_setup(run, graphs)
     return Trainer(
         CharGPT(config),
         train,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=run.lr, betas=(0.9, 0.99), weight_decay=0.1),
-        batch_processor=BasicBatchProcessor(next_char_loss, amp=amp),
+        optimizer,
+        batch_processor=processor,
         num_steps=run.steps,
         resume_from=checkpoints if resume and checkpoints.is_dir() else None,
         callbacks=[
@@ -296,9 +322,9 @@ async def test_loss(corpus: Corpus, run: Run, checkpoints: Path) -> float:
     return float(total) / count
 
 
-async def main_async(run: Run, out: Path, resume: bool) -> dict[str, float]:
+async def main_async(run: Run, out: Path, resume: bool, graphs: bool = False) -> dict[str, float]:
     corpus = Corpus.load(run.max_chars)
-    trainer = make_trainer(corpus, run, out, resume=resume)
+    trainer = make_trainer(corpus, run, out, resume=resume, graphs=graphs)
     state = await trainer.fit()
     baseline = corpus.unigram_loss()
     test = await test_loss(corpus, run, out / "checkpoints")
@@ -321,9 +347,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=Run.eval_every)
     parser.add_argument("--out", type=Path, default=Path("runs/charlm"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay steps as CUDA graphs")
     args = parser.parse_args()
     run = Run(steps=args.steps, layers=args.layers, width=args.width, eval_every=args.eval_every)
-    anyio.run(main_async, run, args.out, args.resume)
+    anyio.run(main_async, run, args.out, args.resume, args.cuda_graphs)
 
 
 if __name__ == "__main__":
