@@ -191,20 +191,6 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
         )
 
 
-def loads_in_process(data_loader: Iterable[Any]) -> bool:
-    """Whether reading ``data_loader`` is Python work in this process that cannot block
-    for long: batches in memory (a list or tuple), or a DataLoader without worker
-    processes over a map-style dataset. An IterableDataset (a stream, maybe a socket) or
-    a loader with workers may wait for data, which a data thread overlaps and interrupts."""
-    if isinstance(data_loader, (list, tuple)):
-        return True
-    return (
-        isinstance(data_loader, DataLoader)
-        and data_loader.num_workers == 0
-        and not isinstance(data_loader.dataset, IterableDataset)
-    )
-
-
 def shard_loader(data_loader: Iterable[Any]) -> Iterable[Any]:
     """For a rank of a distributed job: a DataLoader rebuilt with a DistributedSampler
     (shuffled if the original was); anything else as it is."""
