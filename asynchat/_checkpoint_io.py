@@ -152,7 +152,7 @@ def commit_directory(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
     fsync_dir(final.parent)
     if displaced is not None:
-        shutil.rmtree(displaced, ignore_errors=True)
+        remove(displaced)
 
 
 def content_digest(obj: Any) -> str:

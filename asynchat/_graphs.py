@@ -179,6 +179,7 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
         self._stream: torch.cuda.Stream | None = None
         self._graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
         self._static: tuple[Any, Any, torch.Tensor] | None = None  # batch, outputs, loss
+        self._signature: tuple[tuple[Any, ...], ...] = ()  # of the static batch
         self._checked = False
         self._warm = 0
         self._params: tuple[bool, ...] = ()
@@ -235,14 +236,14 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
             self._params = params
 
     def _fits(self, batch: Any) -> bool:
-        assert self._static is not None
-        if signature(batch) == signature(self._static[0]):
+        shapes = signature(batch)
+        if shapes == self._signature:
             return True
         if not self._warned_shape:
             self._warned_shape = True
             warnings.warn(
-                f"CudaGraphBatchProcessor: a batch of shapes {signature(batch)} does not fit "
-                f"the graph's {signature(self._static[0])}; such batches run eagerly "
+                f"CudaGraphBatchProcessor: a batch of shapes {shapes} does not fit "
+                f"the graph's {self._signature}; such batches run eagerly "
                 "(slower). drop_last=True avoids the last, partial one",
                 RuntimeWarning,
                 stacklevel=3,
@@ -320,3 +321,4 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
         compute.wait_stream(self._stream)
         self._graphs = (accumulate, update)
         self._static = (static_batch, outputs, loss)
+        self._signature = signature(static_batch)

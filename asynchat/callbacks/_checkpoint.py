@@ -284,19 +284,19 @@ class Checkpoint(Callback):
             written = loop.save_shards(temporary)
         except Exception as exc:
             raise CheckpointError(f"could not save sharded checkpoint {name}: {exc}") from exc
-        finish = functools.partial(self._finish_sharded, written, temporary, extras, metric)
+        finish = functools.partial(self._finish_sharded, written, temporary, name, extras, metric)
         self._writer.submit(finish)
 
     def _finish_sharded(
         self,
         written: Future[Any],
         temporary: Path,
+        name: str,
         extras: dict[str, Any] | None,
         metric: float | None,
     ) -> None:
         """On the writer thread: wait for this rank's shards; rank 0 then writes the rest
         into the directory, renames it into place, writes the manifest and prunes."""
-        name = checkpoint_name(extras["progress"]["global_step"], sharded=True) if extras else ""
         try:
             written.result()  # DCP's coordinator (rank 0) returns once every rank's are written
         except Exception as exc:
