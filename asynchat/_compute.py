@@ -1,6 +1,7 @@
-"""The compute thread: one long-lived thread per running loop that owns the device.
+"""The compute thread: the thread that owns the device while a loop runs.
 
-The event loop hands the thread one job (the loop body) and awaits it without blocking. While
+``async with ComputeThread(device)`` leases a worker thread for one run of a loop, and the
+event loop hands it one job (the loop body) and awaits it without blocking. While
 the job runs, the thread may ask the event loop to await a coroutine for it (an ``async def``
 hook) with :meth:`ComputeThread.call_async`; the awaiting task serves those requests. This is
 the only traffic between the two threads, and it happens only where an ``async def`` hook is
@@ -9,7 +10,17 @@ registered, so a loop whose step-level hooks are all plain ``def`` never hops th
 Cancellation: the task awaiting :meth:`ComputeThread.run` cannot interrupt Python code running
 on another thread. It calls the job's ``on_cancel`` (which asks the loop to end at its next
 safe point), then keeps serving the job's requests inside a shielded scope until the job
-returns, and re-raises the cancellation. No thread outlives ``async with ComputeThread()``.
+returns, and re-raises the cancellation. No job outlives ``async with ComputeThread()``.
+
+Workers live across loops: leaving ``async with`` hands the idle worker back to a
+process-wide pool, and the next loop on the same device takes it (the one used last), with
+its current device and stream already set and whatever the thread keeps in thread-local
+state: ``torch.compile``'s CUDA-graph trees (``mode="reduce-overhead"``) are per thread, so
+a new thread per ``fit()`` would record them again. Loops that run at the same time on one
+device each take a worker of their own. A worker left idle for :data:`IDLE_TIMEOUT_S`
+seconds ends, and the idle ones end at interpreter exit (before its join of non-daemon
+threads). Idle workers are named ``asynchat-idle-<device>``; a leased one takes the loop's
+name.
 
 Interrupts: trio delivers Ctrl-C as ``KeyboardInterrupt`` raised into whatever its main task
 awaits, shield or not, so it can land here while the job runs. It is handled like a
@@ -18,19 +29,22 @@ re-raised. A second one while winding down forces the exit: the task stops waiti
 raises at once; the thread finishes its step and ``def`` teardown hooks (``async def`` ones
 are skipped, nobody is left to await them) and ends by itself. Likewise, if the event loop
 goes away while the job waits on it, the job's requests fail with :class:`JobCancelled`
-instead of blocking forever, and the thread ends after the job.
+instead of blocking forever, and the thread ends after the job (neither of these two
+workers goes back to the pool).
 
 Why not ``anyio.to_thread.run_sync`` and ``anyio.from_thread``: the loop needs one long-lived
-thread that owns the CUDA device and stream for a whole run (a worker pool hands out any
-thread); an ``async def`` hook must be awaited inside the ``fit()`` task itself, in its cancel
-scope and context, not in a new task per hop; and each hop through a portal costs several
-times the bare "call soon" wake-up this module uses (see ``benchmarks/RESULTS.md``).
+thread that owns the CUDA device and stream for a whole run, and the same thread for the
+next run on that device (anyio's pool hands out any thread); an ``async def`` hook must be
+awaited inside the ``fit()`` task itself, in its cancel scope and context, not in a new
+task per hop; and each hop through a portal costs several times the bare "call soon" wake-up
+this module uses (see ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import contextvars
 import enum
+import os
 import queue
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -58,9 +72,12 @@ class _Reply(enum.Enum):
     ERROR = enum.auto()
 
 
-_STOP = object()
+_STOP = object()  # to a worker: end once the job in progress (if any) is done
+_RELEASE = object()  # to a leased worker: the lease is over, wait in the pool
 _GONE = object()  # no reply will come: the event loop that would send it has ended
 _POLL_S = 0.25  # how often a waiting compute thread checks that its event loop is alive
+IDLE_TIMEOUT_S = 300.0
+"""How long an idle worker waits in the pool for the next loop on its device before it ends."""
 
 
 class JobCancelled(BaseException):
@@ -71,8 +88,117 @@ class JobCancelled(BaseException):
     """
 
 
+class _Worker:
+    """One thread for one device, serving leases (:class:`ComputeThread`) one at a time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream: torch.cuda.Stream | None = None  # made on the thread, at its first lease
+        self.broken = False  # its stream's sync raised (a sticky CUDA error): never reused
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._main, name=_idle_name(device), daemon=False)
+
+    def _main(self) -> None:
+        while True:
+            try:
+                message = self.inbox.get(timeout=IDLE_TIMEOUT_S)
+            except queue.Empty:
+                if _POOL.retire(self):
+                    return
+                continue  # just taken from the pool: its lease is on the way
+            if message is _STOP or not message.serve(self):
+                return
+
+    def prepare(self, num_threads: int) -> None:
+        """At the start of each lease, on this thread: the device, and a clean slate.
+
+        A lease starts where a new thread would: the lessor's intra-op threads, the worker's
+        own stream current (grad mode is the run's to set). On CUDA, one host/device sync
+        per lease: work that other threads queued on their streams (a loop that ran before,
+        the model's ``.to(device)``) must be done before this thread's stream reads its
+        results.
+        """
+        torch.set_num_threads(num_threads)
+        if self.device.type != "cuda":
+            return
+        # Current device and stream are per thread: this thread computes on its own stream,
+        # leaving the default stream free and letting copy streams overlap.
+        torch.cuda.set_device(self.device)
+        torch.cuda.synchronize(self.device)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        torch.cuda.set_stream(self.stream)
+
+
+def _idle_name(device: torch.device) -> str:
+    return f"asynchat-idle-{device}"
+
+
+class _Pool:
+    """The idle workers of the process, per device; the last one back is the first out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[torch.device, list[_Worker]] = {}
+        self._closed = False  # the interpreter is exiting: no worker waits any more
+        self._exit_hook = False
+
+    def take(self, device: torch.device) -> tuple[_Worker, bool]:
+        """An idle worker for ``device``, or a new one (not started); and whether it is new."""
+        with self._lock:
+            idle = self._idle.get(device)
+            if idle:
+                return idle.pop(), False
+            if not self._exit_hook:
+                self._exit_hook = True
+                # Called at interpreter exit before non-daemon threads are joined (what
+                # concurrent.futures uses for its workers), so idle workers do not hold the
+                # exit up for IDLE_TIMEOUT_S.
+                try:
+                    threading._register_atexit(self.close)  # type: ignore[attr-defined]
+                except RuntimeError:  # the interpreter is already exiting
+                    self._closed = True
+        return _Worker(device), True
+
+    def give_back(self, worker: _Worker) -> None:
+        """Put a worker whose lease has ended back, or end it if the interpreter is exiting."""
+        worker.thread.name = _idle_name(worker.device)
+        with self._lock:
+            if not self._closed:
+                self._idle.setdefault(worker.device, []).append(worker)
+                return
+        worker.inbox.put(_STOP)
+
+    def retire(self, worker: _Worker) -> bool:
+        """Take an idle worker out for good; False if a lease has just taken it."""
+        with self._lock:
+            idle = self._idle.get(worker.device, [])
+            if worker in idle:
+                idle.remove(worker)
+                return True
+            return False
+
+    def close(self) -> None:
+        """End every idle worker (at interpreter exit)."""
+        with self._lock:
+            self._closed = True
+            idle = [worker for workers in self._idle.values() for worker in workers]
+            self._idle.clear()
+        for worker in idle:
+            worker.inbox.put(_STOP)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's workers are not threads of this process."""
+        self._lock = threading.Lock()
+        self._idle = {}
+
+
+_POOL = _Pool()
+os.register_at_fork(after_in_child=_POOL.forget)
+
+
 class ComputeThread:
-    """A worker thread that runs the batch processor and every plain ``def`` hook.
+    """A worker thread, leased for one run, that runs the batch processor and ``def`` hooks.
 
     Use it as ``async with ComputeThread(device) as compute: await compute.run(fn)``. On a CUDA
     device the thread makes that device current and computes on a stream of its own
@@ -83,15 +209,15 @@ class ComputeThread:
         self.device = device
         self.name = name
         self.stream: torch.cuda.Stream | None = None
-        # Intra-op parallelism is a per-thread setting for a new thread; the compute thread
-        # takes its creator's, so torch.set_num_threads(n) before fit() applies to training.
+        # Intra-op parallelism is a per-thread setting; the compute thread takes its lessor's,
+        # so torch.set_num_threads(n) before fit() applies to training.
         self._num_threads = torch.get_num_threads()
         self._on_cancel: Callable[[], None] = lambda: None
         self._slots = threading.Semaphore(0)  # unread items a job may still emit
         self._discarding = False  # nobody reads emitted items any more
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._worker: _Worker | None = None  # the one leased (kept after the lease ends)
+        self._leased = False
         self._outbox: Mailbox[tuple[_Kind, Any]] | None = None
-        self._thread: threading.Thread | None = None
         # Set by the event loop when a second interrupt makes it stop serving the job; read
         # by the compute thread before each request. `_request_pending` is the compute
         # thread's. Both change under `_abandon_lock`, so a request is either refused or
@@ -99,19 +225,25 @@ class ComputeThread:
         self._abandoned = False
         self._request_pending = False
         self._abandon_lock = threading.Lock()
-        self._job_done = False  # the current job has reported DONE (its outcome is final)
+        self._job_done = True  # no job is running (the last one has reported DONE)
 
     # -- event loop side -------------------------------------------------------------------
 
     async def __aenter__(self) -> ComputeThread:
         self._outbox = Mailbox()
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=False)
-        self._thread.start()
-        with anyio.CancelScope(shield=True):  # a started thread is never left behind
+        worker, new = _POOL.take(self.device)
+        self._worker, self._leased = worker, True
+        worker.thread.name = self.name
+        worker.inbox.put(self)
+        if new:
+            worker.thread.start()
+        with anyio.CancelScope(shield=True):  # a started lease is never left behind
             kind, error = await self._outbox.get()  # sent once the device is selected
         if kind is _Kind.EXITED:
-            self._thread.join()
+            worker.thread.join()
+            self._leased = False
             raise RuntimeError(f"{self.name} could not select device {self.device}") from error
+        self.stream = worker.stream
         return self
 
     async def __aexit__(
@@ -120,14 +252,23 @@ class ComputeThread:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._outbox is not None and self._thread is not None
-        self._inbox.put(_STOP)
+        worker = self._worker
+        assert self._outbox is not None and worker is not None
+        self._leased = False
         if self._abandoned:
-            return  # a forced exit: the thread ends by itself after the job's step
-        with anyio.CancelScope(shield=True):  # the thread is always joined
+            worker.inbox.put(_STOP)  # a forced exit: the thread ends by itself after the job
+            return
+        if self._job_done and not worker.broken:
+            worker.inbox.put(_RELEASE)  # it has nothing left to do: back to the pool
+            _POOL.give_back(worker)
+            return
+        # Not reached by run() and run_streaming(), which serve their job to its end; should
+        # a job still run, the worker is not reused: wait for the job, then the thread, to end.
+        worker.inbox.put(_STOP)
+        with anyio.CancelScope(shield=True):
             while (await self._outbox.get())[0] is not _Kind.EXITED:
                 pass
-        self._thread.join()  # returns at once: the thread has left its main loop
+        worker.thread.join()
 
     async def run(
         self,
@@ -148,7 +289,7 @@ class ComputeThread:
         context = contextvars.copy_context()
         self._on_cancel = on_cancel
         self._job_done = False
-        self._inbox.put(lambda: context.run(fn))
+        self._worker_inbox().put(lambda: context.run(fn))
         try:
             return await self._serve()  # type: ignore[no-any-return]
         except BaseException:
@@ -180,7 +321,7 @@ class ComputeThread:
         self._job_done = False
         self._slots = threading.Semaphore(buffer)
         self._discarding = False
-        self._inbox.put(lambda: context.run(fn))
+        self._worker_inbox().put(lambda: context.run(fn))
         try:
             while True:
                 kind, value = await self._outbox.get()
@@ -229,7 +370,7 @@ class ComputeThread:
         with self._abandon_lock:
             self._abandoned = True
             if self._request_pending:
-                self._inbox.put((_Reply.ERROR, JobCancelled()))
+                self._worker_inbox().put((_Reply.ERROR, JobCancelled()))
 
     async def _serve(self) -> Any:
         assert self._outbox is not None
@@ -247,6 +388,10 @@ class ComputeThread:
                 self._slots.release()  # an item nobody reads any more: dropped
             elif kind is _Kind.EXITED:  # pragma: no cover - the main loop never exits mid-job
                 raise RuntimeError(f"{self.name} exited while running a job") from value
+
+    def _worker_inbox(self) -> queue.SimpleQueue[Any]:
+        assert self._worker is not None, "use `async with ComputeThread(...)` first"
+        return self._worker.inbox
 
     async def _answer(self, request: Callable[[], Awaitable[object]]) -> None:
         try:
@@ -267,7 +412,7 @@ class ComputeThread:
         with self._abandon_lock:
             if self._request_pending:  # not already answered by _abandon
                 self._request_pending = False
-                self._inbox.put(reply)
+                self._worker_inbox().put(reply)
 
     # -- compute thread side ---------------------------------------------------------------
 
@@ -285,8 +430,9 @@ class ComputeThread:
         return True
 
     def on_thread(self) -> bool:
-        """Whether the caller is running on this compute thread."""
-        return threading.current_thread() is self._thread
+        """Whether the caller is running on this compute thread (and it is leased here)."""
+        worker = self._worker
+        return self._leased and worker is not None and threading.current_thread() is worker.thread
 
     def call_async(self, fn: Callable[[], Awaitable[T]]) -> T:
         """From the running job: await ``fn()`` on the event loop and return its result.
@@ -313,59 +459,56 @@ class ComputeThread:
     def _receive(self) -> Any:
         """The next message from the event loop, or ``_GONE`` once that loop has ended."""
         assert self._outbox is not None
+        inbox = self._worker_inbox()
         while True:
             try:
-                return self._inbox.get(timeout=_POLL_S)
+                return inbox.get(timeout=_POLL_S)
             except queue.Empty:
                 if not self._outbox.receiver_alive():
                     return _GONE
 
-    def _main(self) -> None:
+    def serve(self, worker: _Worker) -> bool:
+        """The lease, on ``worker``'s thread: its jobs until it ends. True: back to the pool."""
         assert self._outbox is not None
         outbox = self._outbox
+        reuse = False
         try:
-            torch.set_num_threads(self._num_threads)
-            self._select_device()
-        except BaseException as exc:
-            outbox.put((_Kind.EXITED, exc))
-            return
-        outbox.put((_Kind.DONE, None))
-        try:
-            while (job := self._receive()) is not _STOP and job is not _GONE:
-                result = self._run_job(job)
+            try:
+                worker.prepare(self._num_threads)
+            except BaseException as exc:
+                outbox.put((_Kind.EXITED, exc))
+                return False
+            outbox.put((_Kind.DONE, None))
+            while (job := self._receive()) is not _RELEASE:
+                if job is _STOP or job is _GONE:
+                    return False
+                result = self._run_job(job, worker)
                 del job
                 outbox.put((_Kind.DONE, result))
                 del result
+            reuse = True
+            return True
         finally:
-            outbox.put((_Kind.EXITED, None))  # on every way out: the owner never waits forever
+            if not reuse:  # on every other way out: the lessor never waits forever
+                outbox.put((_Kind.EXITED, None))
 
-    def _run_job(self, job: Callable[[], object]) -> tuple[_Reply, Any]:
+    def _run_job(self, job: Callable[[], object], worker: _Worker) -> tuple[_Reply, Any]:
         try:
             result: tuple[_Reply, Any] = (_Reply.VALUE, job())
         except BaseException as exc:
             result = (_Reply.ERROR, exc)
-        if self.stream is not None:
+        if worker.stream is not None:
             # Host/device sync, once per job, on this thread (never the event loop's): the
             # job's kernels must be done before another thread's stream uses what they
             # wrote (the next loop on this device, a checkpoint reader). A sticky CUDA error
-            # raises here too: it becomes the job's error rather than killing the thread.
+            # raises here too: it becomes the job's error rather than killing the thread,
+            # and the worker is not lent again.
             try:
-                self.stream.synchronize()
+                worker.stream.synchronize()
             except BaseException as exc:
+                worker.broken = True
                 if result[0] is _Reply.VALUE:
                     result = (_Reply.ERROR, exc)
                 else:
                     add_note(result[1], f"and the end-of-job stream sync raised: {exc!r}")
         return result
-
-    def _select_device(self) -> None:
-        if self.device.type == "cuda":
-            # Current device and stream are per thread: this thread computes on its own
-            # stream, leaving the default stream free and letting copy streams overlap.
-            torch.cuda.set_device(self.device)
-            # Host/device sync, once per loop, on this new thread: work that other threads
-            # queued on their streams (a loop that ran before, the model's .to(device)) must
-            # be done before this thread's own stream reads its results.
-            torch.cuda.synchronize(self.device)
-            self.stream = torch.cuda.Stream(self.device)
-            torch.cuda.set_stream(self.stream)

@@ -56,7 +56,12 @@ Row = tuple[str, int, int, int, str]
 
 
 def engine_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("asynchat-")]
+    """The engine's threads at work (not the idle compute workers waiting for a loop)."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith("asynchat-") and not t.name.startswith("asynchat-idle-")
+    ]
 
 
 def sigkill_during_saves(trials: int, rng: random.Random) -> Row:

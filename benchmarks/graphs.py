@@ -13,13 +13,17 @@ The compiled engine and the graph processor are warmed (compiled, captured) in a
 run first. During each engine run a task on the event loop sleeps 1 ms at a time and
 records how late it wakes: the p99 lateness says whether the loop stayed responsive.
 
-Prints ms/step and each variant's time against the hand-written graph.
+Prints ms/step and each variant's time against the hand-written graph. Then, for the
+compiled engine, a second ``fit()`` with the same model and batch processor: on the compute
+thread of the first (what the engine does: CUDA-graph trees are per thread) against a new
+thread (the idle one held by another lease meanwhile), to show what keeping the thread saves.
 Run: python benchmarks/graphs.py [--steps 300] [--rounds 3]   (``--device cpu --steps 3
 --rounds 1`` smoke-tests the eager and compiled paths on a CPU; the graphs need CUDA)
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +35,7 @@ from gpu import WORKLOADS, dataset
 from torch import nn
 
 from asynchat import BasicBatchProcessor, BatchProcessor, CudaGraphBatchProcessor, Trainer
+from asynchat._compute import ComputeThread
 
 DEVICE = torch.device("cuda")
 
@@ -156,9 +161,42 @@ def measure(
     }
 
 
+def second_fit(make: Callable[[], nn.Module], data: list[Any], amp: str | None) -> list[str]:
+    """ms for a second compiled ``fit()`` of ``data``: on the first's thread, on a new one."""
+    model, optimizer = setup(make)
+    processor = BasicBatchProcessor(
+        nn.CrossEntropyLoss(), amp=amp, compile={"mode": "reduce-overhead"}
+    )
+
+    def fit() -> Any:
+        return Trainer(
+            model, data, optimizer, batch_processor=processor, num_epochs=1, device=DEVICE
+        ).fit()
+
+    async def run() -> tuple[float, float]:
+        await fit()  # compiles and records the trees on the device's compute thread
+        seconds = []
+        for new_thread in (False, True):
+            async with contextlib.AsyncExitStack() as stack:
+                if new_thread:  # hold the idle worker, so the fit() below starts another
+                    await stack.enter_async_context(ComputeThread(DEVICE))
+                synchronize()
+                start = time.perf_counter()
+                await fit()
+                synchronize()
+                seconds.append(time.perf_counter() - start)
+        return seconds[0], seconds[1]
+
+    same, new = anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})
+    return [f"{1000 * same:.1f}", f"{1000 * new:.1f}", f"{new / same:.2f}x"]
+
+
 def main() -> None:
     parser = device_arguments(__doc__)
     parser.add_argument("--only", default="", help="run the workloads whose name has this")
+    parser.add_argument(
+        "--second-fit", default="MLP", help="workloads (names with this) for the second-fit table"
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -178,6 +216,13 @@ def main() -> None:
             ))  # fmt: skip
     print(f"{args.rounds} interleaved rounds of {args.steps} steps, batches on the device; medians")
     print(table(["workload", "loop", "ms/step", "time vs floor", "loop p99 late ms"], rows))
+    refits = [
+        (name, *second_fit(make, batches(shape, batch, 20), amp))
+        for name, (make, shape, batch, amp) in WORKLOADS.items()
+        if args.only in name and args.second_fit in name
+    ]
+    print('a second compile={"mode": "reduce-overhead"} fit() of 20 steps, same model, processor')
+    print(table(["workload", "same thread ms", "new thread ms", "new vs same"], refits))
 
 
 if __name__ == "__main__":

@@ -39,20 +39,26 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-def _engine_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("asynchat-")]
+def engine_threads() -> list[threading.Thread]:
+    """The engine's threads at work: compute threads of a loop, data threads; not the idle
+    compute workers waiting in the pool for the next loop (``asynchat-idle-<device>``)."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("asynchat-") and not t.name.startswith("asynchat-idle-")
+    ]
 
 
 @pytest.fixture(autouse=True)
 def no_thread_left_behind() -> Iterator[None]:
-    """Every test must end with no compute or data thread of the engine still alive."""
-    assert _engine_threads() == [], f"threads alive before the test: {_engine_threads()}"
+    """Every test must end with no compute or data thread of the engine at work."""
+    assert engine_threads() == [], f"threads alive before the test: {engine_threads()}"
     yield
     # Threads are joined before fit() returns or raises; nothing should be left even briefly.
-    left = _engine_threads()
+    left = engine_threads()
     if left:
         time.sleep(0.5)  # report what is *still* there, not a race in the report itself
-        pytest.fail(f"threads left behind: {_engine_threads()}")
+        pytest.fail(f"threads left behind: {engine_threads()}")
 
 
 class StopAt(Callback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,34 @@ async def test_compute_runs_on_its_own_stream_with_batches_already_on_the_device
         callbacks=[Look()],
     ).fit()
     assert seen and all(own and on_device for own, on_device in seen)
+
+
+async def test_the_next_loop_runs_on_the_same_thread_and_stream_after_the_hosts_writes() -> None:
+    """A reused compute thread orders its stream after work other threads queued since its
+    last loop (here: a slow write on the event loop's default stream)."""
+    seen: list[tuple[Any, int, torch.Tensor]] = []
+
+    class Look(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            weight = next(state.model.parameters())
+            seen.append((threading.current_thread(), torch.cuda.current_stream().cuda_stream,
+                         weight.detach().clone()))  # fmt: skip
+
+    model = make_model().cuda()
+
+    def fit() -> Any:
+        return Trainer(model, make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_steps=2,
+                       device="cuda", callbacks=[Look()]).fit()  # fmt: skip
+
+    await fit()
+    weight = next(model.parameters())
+    torch.cuda._sleep(50_000_000)  # on this thread's (default) stream, before the write
+    with torch.no_grad():
+        weight.fill_(0.5)
+    await fit()
+    (thread, stream, _), (thread_again, stream_again, read) = seen
+    assert thread_again is thread and stream_again == stream
+    assert torch.equal(read.cpu(), torch.full_like(read, 0.5).cpu())
 
 
 class SyncCheckOn(Callback):

@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import make_loader, make_trainer
+from conftest import engine_threads, make_loader, make_trainer
 from torch import nn
 
 from asynchat import Callback, LoopState, LoopStatus, Phase, Trainer
@@ -88,7 +88,7 @@ async def test_an_error_in_any_phase_with_every_callback_present_loses_nothing(
     note = "".join(getattr(caught.value, "__notes__", []))
     assert f"phase {phase}" in note or phase == "on_loop_end"
     # Every callback's teardown ran: the writer joined, the log closed, no thread left.
-    assert not [t for t in threading.enumerate() if t.name.startswith("asynchat-")]
+    assert not engine_threads()
     log: Any = callbacks[8]
     assert log._file is None
     checkpoints = sorted((tmp_path / "ckpt").glob("step-*.ckpt"))
@@ -197,14 +197,20 @@ class RaisingStream:
 async def test_an_error_from_the_end_of_job_stream_sync_reaches_fit(
     monkeypatch: pytest.MonkeyPatch, job_fails: bool
 ) -> None:
-    from asynchat._compute import ComputeThread
+    from asynchat._compute import _Worker
 
-    def select(self: ComputeThread) -> None:
+    def prepare(self: _Worker, num_threads: int) -> None:
         self.stream = RaisingStream()  # type: ignore[assignment]
 
-    monkeypatch.setattr(ComputeThread, "_select_device", select)
+    monkeypatch.setattr(_Worker, "prepare", prepare)
+    threads: list[threading.Thread] = []
+
+    class Remember(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            threads.append(threading.current_thread())
+
     callbacks = [raising("on_step_end", is_async=False)] if job_fails else []
-    trainer = make_trainer(*callbacks, num_steps=3)
+    trainer = make_trainer(Remember(), *callbacks, num_steps=3)
     with anyio.fail_after(30):  # before the fix the compute thread died and fit() hung
         with pytest.raises((RuntimeError, Boom)) as caught:
             await trainer.fit()
@@ -213,6 +219,10 @@ async def test_an_error_from_the_end_of_job_stream_sync_reaches_fit(
         assert "illegal memory access" in "".join(caught.value.__notes__)
     else:
         assert "illegal memory access" in str(caught.value)
+    # A worker whose device may be broken is not lent to the next loop: its thread ends.
+    (thread,) = threads
+    thread.join(5)
+    assert not thread.is_alive()
 
 
 class BlockingLoader:
