@@ -5,7 +5,9 @@ on disk, damage."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -36,12 +38,40 @@ def run(tmp_path: Path, name: str, ranks: int, checkpoints: str, stop_at: int = 
     return dict(result["model"])
 
 
-def test_stop_and_resume_on_the_same_ranks_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+class Runs:
+    """The launches several tests start from, made once for the module on first use (each is
+    seconds of spawned ranks): uninterrupted, or stopped at a step. A test that resumes from
+    or damages a run's checkpoints works on its own copy of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, ranks: int, stop_at: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+        """The run's final weights and its name (its checkpoints are ``root / name``)."""
+        name = f"{ranks}-ranks" + (f"-stopped-at-{stop_at}" if stop_at else "")
+        if name not in self.weights:
+            self.weights[name] = run(self.root, name, ranks, name, stop_at=stop_at)
+        return self.weights[name], name
+
+    def copy(self, name: str, tmp_path: Path) -> Path:
+        """A copy of the run's checkpoint directory, in ``tmp_path``."""
+        return Path(shutil.copytree(self.root / name, tmp_path / f"{name}-copy"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    yield Runs(tmp_path_factory.mktemp("fsdp-runs"))
+
+
+def test_stop_and_resume_on_the_same_ranks_equals_an_uninterrupted_run(
+    runs: Runs, tmp_path: Path
+) -> None:
     """2 ranks stop at step 7 (inside the first epoch, Adam's state in the shards); 2 new
     ranks resume from the directory to 16: bitwise the weights of a run never stopped."""
-    whole = run(tmp_path, "whole", 2, "whole")
-    run(tmp_path, "part", 2, "ckpt", stop_at=7)
-    directory = tmp_path / "ckpt"
+    whole, _ = runs.get(2)
+    _, part = runs.get(2, stop_at=7)
+    directory = runs.root / part
     saved = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
     assert saved == ["manifest.json", "step-000000004.dcp", "step-000000007.dcp"]
     files = sorted(p.name for p in (directory / "step-000000007.dcp").iterdir())
@@ -50,7 +80,8 @@ def test_stop_and_resume_on_the_same_ranks_equals_an_uninterrupted_run(tmp_path:
     assert [e["file"] for e in manifest["checkpoints"]] == saved[1:]
     assert not any(p.name.endswith(".tmp") for p in directory.iterdir())
 
-    resumed = run(tmp_path, "resumed", 2, "ckpt", resume=True)
+    directory = runs.copy(part, tmp_path)
+    resumed = run(tmp_path, "resumed", 2, directory.name, resume=True)
     assert resumed.keys() == whole.keys()
     for name, value in whole.items():
         assert torch.equal(resumed[name], value), name
@@ -59,27 +90,28 @@ def test_stop_and_resume_on_the_same_ranks_equals_an_uninterrupted_run(tmp_path:
     assert left == ["step-000000012.dcp", "step-000000016.dcp"]
 
 
-def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path: Path) -> None:
+def test_a_checkpoint_resumes_on_another_number_of_ranks(runs: Runs, tmp_path: Path) -> None:
     """DCP reshards: written by 2 ranks x 16, resumed on 1 x 32 (and the other way round),
     the interrupted epoch going on after the samples already trained on; equal to a run
     never stopped on the resuming side's ranks (rtol 1e-4: the mean over 32 samples is
     reduced in another order)."""
-    one = run(tmp_path, "one", 1, "one")
-    two = run(tmp_path, "two", 2, "two")
-    run(tmp_path, "part-two", 2, "from-two", stop_at=7)
-    run(tmp_path, "part-one", 1, "from-one", stop_at=7)
-    two_to_one = run(tmp_path, "two-to-one", 1, "from-two", resume=True)
-    one_to_two = run(tmp_path, "one-to-two", 2, "from-one", resume=True)
+    (one, _), (two, _) = runs.get(1), runs.get(2)
+    from_two = runs.copy(runs.get(2, stop_at=7)[1], tmp_path).name
+    from_one = runs.copy(runs.get(1, stop_at=7)[1], tmp_path).name
+    two_to_one = run(tmp_path, "two-to-one", 1, from_two, resume=True)
+    one_to_two = run(tmp_path, "one-to-two", 2, from_one, resume=True)
     for name in one:
         torch.testing.assert_close(two_to_one[name], one[name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(one_to_two[name], two[name], rtol=1e-4, atol=1e-6)
 
 
-def test_load_weights_gathers_a_sharded_checkpoint_and_damage_is_caught(tmp_path: Path) -> None:
+def test_load_weights_gathers_a_sharded_checkpoint_and_damage_is_caught(
+    runs: Runs, tmp_path: Path
+) -> None:
     """Outside any job, load_weights puts a 2-rank checkpoint's weights into a plain module;
     a flipped byte in a shard makes the newest invalid and the next older is used."""
-    final = run(tmp_path, "final", 2, "ckpt")
-    directory = tmp_path / "ckpt"
+    final, name = runs.get(2)
+    directory = runs.copy(name, tmp_path)
     module = rank_jobs.ddp_model()
     load_weights(module, directory)  # the newest: step 16, the final weights
     for name, value in module.state_dict().items():
@@ -109,20 +141,22 @@ def test_load_weights_gathers_a_sharded_checkpoint_and_damage_is_caught(tmp_path
             load_weights(module, directory / "step-000000016.dcp")
 
 
-def seen(tmp_path: Path, name: str, ranks: int, epoch: int) -> list[float]:
+def seen(directory: Path, name: str, ranks: int, epoch: int) -> list[float]:
     """The samples (their first feature) the run ``name`` trained on in ``epoch``."""
-    return [x for r in range(ranks) for e, x in torch.load(tmp_path / f"{name}.pt.seen{r}")
+    return [x for r in range(ranks) for e, x in torch.load(directory / f"{name}.pt.seen{r}")
             if e == epoch]  # fmt: skip
 
 
 def test_another_global_batch_resumes_after_the_samples_already_trained_on(
-    tmp_path: Path,
+    runs: Runs, tmp_path: Path
 ) -> None:
     """2 ranks x 16 stop 7 steps (224 samples) into the first epoch; 1 rank x 16 resumes
     after 14 of its steps: it trains on exactly the 96 samples the first run had not."""
-    run(tmp_path, "before", 2, "ckpt", stop_at=7)
-    run(tmp_path, "after", 1, "ckpt", resume=True, batch=16)
-    before, after = seen(tmp_path, "before", 2, 0), seen(tmp_path, "after", 1, 0)
+    _, before_run = runs.get(2, stop_at=7)
+    directory = runs.copy(before_run, tmp_path)
+    run(tmp_path, "after", 1, directory.name, resume=True, batch=16)
+    before = seen(runs.root, before_run, 2, 0)
+    after = seen(tmp_path, "after", 1, 0)
     everything = rank_jobs.shuffled_data().tensors[0][:, 0].tolist()
     assert (len(before), len(after)) == (224, 96)
     assert sorted(before + after) == sorted(everything)
