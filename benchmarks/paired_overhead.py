@@ -8,7 +8,10 @@ cancels out of. Same model as ``step_overhead.py`` (``nn.Linear(32, 32)``, batch
 one torch thread), default engine settings, uvloop; over ready batches (a list) and over a
 shuffled ``DataLoader`` without workers. Then the fixed cost of one ``fit()`` (one step):
 from ``anyio.run`` to its return, and inside an event loop that runs on (a service's case,
-where the compute thread of the last loop is reused).
+where the compute thread of the last loop is reused). Last, the engine's own Python per step
+with a no-op step (a batch processor that only runs the batch phases, against a plain
+``for`` loop calling the same function): at the CUDA-graph floor (about 0.1 ms a step on an
+H100) the host must stay under the device's time per step, and this is what it spends.
 
 Run: python benchmarks/paired_overhead.py [--pairs 30] [--steps 300]
 """
@@ -27,7 +30,8 @@ from _common import machine, median, table
 from step_overhead import UVLOOP, data_loader, hand_written, model_and_optimizer, ready_batches
 from torch import nn
 
-from asynchat import Trainer
+from asynchat import BatchProcessor, LoopState, Phase, Trainer
+from asynchat._processor import RunPhase
 
 
 def engine(data: Iterable[Any], steps: int) -> float:
@@ -65,6 +69,38 @@ def fixed_costs(fits: int) -> tuple[float, float]:
 
     inside = anyio.run(in_a_loop, backend="asyncio", backend_options=UVLOOP)
     return median(alone[3:]), median(inside[3:])
+
+
+class NoOpStep(BatchProcessor):
+    """A step that does no torch work: the batch phases, and the batch as the outputs."""
+
+    def step(self, state: LoopState, run_phase: RunPhase) -> None:
+        run_phase(Phase.ON_BATCH_BEGIN)
+        state.outputs = state.batch
+        run_phase(Phase.ON_BATCH_END)
+
+
+def no_op_step(batch: Any) -> Any:
+    return batch
+
+
+def engine_no_op(steps: int) -> float:
+    model = nn.Linear(1, 1)
+    trainer = Trainer(
+        model, list(range(steps)), torch.optim.SGD(model.parameters()), num_epochs=1,
+        batch_processor=NoOpStep(samples=lambda batch: 1), device="cpu",
+    )  # fmt: skip
+    start = time.perf_counter()
+    anyio.run(trainer.fit, backend="asyncio", backend_options=UVLOOP)
+    return (time.perf_counter() - start) / steps
+
+
+def hand_written_no_op(steps: int) -> float:
+    data = list(range(steps))
+    start = time.perf_counter()
+    for batch in data:
+        no_op_step(batch)
+    return (time.perf_counter() - start) / steps
 
 
 def paired(
@@ -112,6 +148,9 @@ def main() -> None:
             f"{median(ratios):.3f}x", f"{q1:.3f}-{q3:.3f}",
         ))  # fmt: skip
     one, inside = fixed_costs(40)
+    engine_floor, loop_floor = paired(
+        lambda: engine_no_op(10 * steps), lambda: hand_written_no_op(10 * steps), args.pairs
+    )
     print(f"machine: {machine()}")
     print(f"nn.Linear(32, 32), batch 32, Adam, 1 torch thread, uvloop; {args.pairs} pairs of "
           f"{steps}-step runs, engine at default settings")  # fmt: skip
@@ -121,6 +160,11 @@ def main() -> None:
         f"one fit() of one step, from anyio.run to its return: {one * 1e3:.2f} ms "
         f"(in the runs above: {one / steps * 1e6:.1f} us a step); inside a running event "
         f"loop: {inside * 1e3:.2f} ms"
+    )
+    print(
+        f"a no-op step, {10 * steps} steps a run: the engine {median(engine_floor) * 1e6:.1f} us "
+        f"a step, a plain for loop {median(loop_floor) * 1e6:.2f} us (fit()'s fixed cost "
+        f"included: {one / (10 * steps) * 1e6:.1f} us a step)"
     )
 
 
