@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import functools
 import inspect
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -285,6 +285,8 @@ class BasicBatchProcessor(BatchProcessor):
             compute thread at the first batch (expect seconds to minutes); the options are
             checked against ``torch.compile``'s signature here. With
             ``mode="reduce-overhead"`` on CUDA each step is marked for CUDA-graph trees.
+            Each processor compiles into a cache of its own (and its own limit of
+            recompiles); reuse the processor to reuse its compiled step.
     """
 
     def __init__(
@@ -357,7 +359,7 @@ class BasicBatchProcessor(BatchProcessor):
         key = (id(model), id(loss_fn))
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = torch.compile(functools.partial(_forward, model, loss_fn), **options)
+            compiled = torch.compile(_own_forward(model, loss_fn), **options)
             self._compiled[key] = compiled
         if options.get("mode") == "reduce-overhead" and state.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new step for cudagraph trees
@@ -371,6 +373,30 @@ def _forward(
     if loss_fn is None or targets is None:
         return outputs, None
     return outputs, loss_fn(outputs, targets)
+
+
+def _own_forward(model: torch.nn.Module, loss_fn: LossFn | None) -> Callable[[Any, Any], Any]:
+    """``_forward`` bound to ``model`` and ``loss_fn``, as a function with a code object of
+    its own, for ``torch.compile``.
+
+    Dynamo keeps its compiled graphs, and its recompile limit (8), per code object. Bound with
+    ``functools.partial`` (compiled through torch's one wrapper function) or a closure (one
+    code object for all), every compiled step of the process would share a single cache:
+    in a service that trains a ninth model architecture with ``compile=True``, that step
+    would silently run eager. With its own code object, each batch processor's compiled
+    step has its own cache and limit, and its graphs go when the processor does.
+    """
+
+    def forward(inputs: Any, targets: Any) -> tuple[Any, torch.Tensor | None]:
+        return _forward(model, loss_fn, inputs, targets)
+
+    return types.FunctionType(
+        forward.__code__.replace(),  # a copy: a new code object
+        forward.__globals__,
+        forward.__name__,
+        forward.__defaults__,
+        forward.__closure__,
+    )
 
 
 def _compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:

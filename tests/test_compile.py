@@ -61,3 +61,29 @@ def test_compile_options_are_checked_at_construction() -> None:
     with pytest.raises(TypeError, match="compile must be True, False or a dict"):
         BasicBatchProcessor(nn.MSELoss(), compile="yes")  # type: ignore[arg-type]
     assert BasicBatchProcessor(nn.MSELoss(), compile={"mode": "reduce-overhead"}).compile_options
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+async def test_each_processor_compiles_in_a_cache_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch.compile keeps graphs, and a limit of recompiles, per code object: shared by every
+    processor, a service's ninth model architecture would run eager without a word. Here the
+    limit is 1, so two architectures in one cache would leave the second eager."""
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    counters = torch._dynamo.utils.counters["stats"]
+    graphs = counters["unique_graphs"]
+    for hidden in (1, 3):  # two architectures: 1 and 3 hidden layers
+        layers = [
+            nn.Linear(8, 16),
+            *(nn.Sequential(nn.ReLU(), nn.Linear(16, 16)) for _ in range(hidden)),
+        ]
+        model = nn.Sequential(*layers, nn.Linear(16, 3))
+        processor = BasicBatchProcessor(nn.CrossEntropyLoss(), compile={"dynamic": False})
+        await Trainer(model, make_loader(32, 16), lambda m: torch.optim.SGD(m.parameters()),
+                      batch_processor=processor, num_steps=2, device="cpu").fit()  # fmt: skip
+    assert counters["unique_graphs"] - graphs == 2, "both architectures ran compiled"
