@@ -211,16 +211,17 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     print(f"machine: {machine()}")
-    rows = []
+    print(f"{args.rounds} interleaved rounds of {args.steps} steps; medians", flush=True)
     for name, (make, shape, batch, amp) in WORKLOADS.items():
         seconds = measure(make, shape, batch, amp, args.steps, args.rounds)
-        for key, value in seconds.items():
-            rows.append((
-                name, key, f"{1000 * value / args.steps:.3f}", f"{batch * args.steps / value:,.0f}",
-                f"{value / seconds[TUNED]:.3f}x",
-            ))  # fmt: skip
-    print(f"{args.rounds} interleaved rounds of {args.steps} steps; medians")
-    print(table(["workload", "loop", "ms/step", "samples/s", "time vs tuned"], rows))
+        rows = [
+            (key, f"{1000 * value / args.steps:.3f}", f"{batch * args.steps / value:,.0f}",
+             f"{value / seconds[TUNED]:.3f}x")
+            for key, value in seconds.items()
+        ]  # fmt: skip
+        # A table per workload, printed as it is done: a run cut short still shows these.
+        print(f"\n{name}")
+        print(table(["loop", "ms/step", "samples/s", "time vs tuned"], rows), flush=True)
 
 
 if __name__ == "__main__":
