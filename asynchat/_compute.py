@@ -18,9 +18,9 @@ its current device and stream already set and whatever the thread keeps in threa
 state: ``torch.compile``'s CUDA-graph trees (``mode="reduce-overhead"``) are per thread, so
 a new thread per ``fit()`` would record them again. Loops that run at the same time on one
 device each take a worker of their own. A worker left idle for :data:`IDLE_TIMEOUT_S`
-seconds ends, and the idle ones end at interpreter exit (before its join of non-daemon
-threads). Idle workers are named ``asynchat-idle-<device>``; a leased one takes the loop's
-name.
+seconds ends, so does the longest idle one past :data:`MAX_IDLE_PER_DEVICE` on a device,
+and the idle ones end at interpreter exit (before its join of non-daemon threads). Idle
+workers are named ``asynchat-idle-<device>``; a leased one takes the loop's name.
 
 Interrupts: trio delivers Ctrl-C as ``KeyboardInterrupt`` raised into whatever its main task
 awaits, shield or not, so it can land here while the job runs. It is handled like a
@@ -78,6 +78,8 @@ _GONE = object()  # no reply will come: the event loop that would send it has en
 _POLL_S = 0.25  # how often a waiting compute thread checks that its event loop is alive
 IDLE_TIMEOUT_S = 300.0
 """How long an idle worker waits in the pool for the next loop on its device before it ends."""
+MAX_IDLE_PER_DEVICE = 8
+"""How many idle workers a device keeps; past that, the one idle longest ends."""
 
 
 class JobCancelled(BaseException):
@@ -164,10 +166,15 @@ class _Pool:
         """Put a worker whose lease has ended back, or end it if the interpreter is exiting."""
         worker.thread.name = _idle_name(worker.device)
         with self._lock:
-            if not self._closed:
-                self._idle.setdefault(worker.device, []).append(worker)
-                return
-        worker.inbox.put(_STOP)
+            if self._closed:
+                surplus = [worker]
+            else:
+                idle = self._idle.setdefault(worker.device, [])
+                idle.append(worker)
+                surplus = idle[:-MAX_IDLE_PER_DEVICE]  # the longest idle first
+                del idle[:-MAX_IDLE_PER_DEVICE]
+        for each in surplus:
+            each.inbox.put(_STOP)
 
     def retire(self, worker: _Worker) -> bool:
         """Take an idle worker out for good; False if a lease has just taken it."""

@@ -70,6 +70,28 @@ async def test_loops_running_at_the_same_time_take_threads_of_their_own() -> Non
     assert after.thread in (a.thread, b.thread)
 
 
+async def test_a_device_keeps_at_most_max_idle_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst of loops at the same time, the surplus threads end (the longest idle
+    first); the pool does not keep one per loop the burst had."""
+    monkeypatch.setattr(compute_module, "MAX_IDLE_PER_DEVICE", 2)
+    barrier = threading.Barrier(4, timeout=20)
+    loops = [Where(barrier=barrier) for _ in range(4)]
+    async with anyio.create_task_group() as group:
+        for where in loops:
+            group.start_soon(make_trainer(where, num_steps=2).fit)
+    threads = [where.thread for where in loops if where.thread is not None]
+    assert len(set(threads)) == 4
+
+    def alive_after_a_while() -> int:
+        deadline = time.monotonic() + 10
+        while sum(t.is_alive() for t in threads) > 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return sum(t.is_alive() for t in threads)
+
+    assert await anyio.to_thread.run_sync(alive_after_a_while) == 2
+    assert len([t for t in threading.enumerate() if t.name == "asynchat-idle-cpu"]) == 2
+
+
 async def test_a_lease_starts_where_a_new_thread_would() -> None:
     class Careless(Callback):
         """Changes thread-local torch settings and leaves them so."""
