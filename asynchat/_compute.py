@@ -478,25 +478,27 @@ class ComputeThread:
         """The lease, on ``worker``'s thread: its jobs until it ends. True: back to the pool."""
         assert self._outbox is not None
         outbox = self._outbox
-        reuse = False
         try:
-            try:
-                worker.prepare(self._num_threads)
-            except BaseException as exc:
-                outbox.put((_Kind.EXITED, exc))
-                return False
-            outbox.put((_Kind.DONE, None))
-            while (job := self._receive()) is not _RELEASE:
+            worker.prepare(self._num_threads)
+        except BaseException as exc:
+            outbox.put((_Kind.EXITED, exc))
+            return False
+        outbox.put((_Kind.DONE, None))
+        released = False
+        try:
+            while True:
+                job = self._receive()
+                if job is _RELEASE:
+                    released = True
+                    return True
                 if job is _STOP or job is _GONE:
                     return False
                 result = self._run_job(job, worker)
                 del job
                 outbox.put((_Kind.DONE, result))
                 del result
-            reuse = True
-            return True
         finally:
-            if not reuse:  # on every other way out: the lessor never waits forever
+            if not released:  # on every other way out: the lessor never waits forever
                 outbox.put((_Kind.EXITED, None))
 
     def _run_job(self, job: Callable[[], object], worker: _Worker) -> tuple[_Reply, Any]:

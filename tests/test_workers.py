@@ -170,3 +170,25 @@ def test_a_forked_child_starts_workers_of_its_own() -> None:
         child.kill()
         child.join()
     assert child.exitcode == 0
+
+
+async def test_a_worker_that_cannot_take_the_device_ends_and_the_next_loop_gets_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = Where()
+    await make_trainer(first, num_steps=2).fit()  # an idle worker is in the pool now
+    prepare = compute_module._Worker.prepare
+
+    def failing(self: compute_module._Worker, num_threads: int) -> None:
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(compute_module._Worker, "prepare", failing)
+    trainer = make_trainer(num_steps=2)
+    with pytest.raises(RuntimeError, match="could not select device cpu") as caught:
+        await trainer.fit()
+    assert "no CUDA-capable device" in str(caught.value.__cause__)
+    assert first.thread is not None and not first.thread.is_alive(), "it ended, joined"
+    monkeypatch.setattr(compute_module._Worker, "prepare", prepare)
+    again = Where()
+    await make_trainer(again, num_steps=2).fit()
+    assert again.thread is not None and again.thread is not first.thread
