@@ -108,7 +108,7 @@ class _Worker:
                 if _POOL.retire(self):
                     return
                 continue  # just taken from the pool: its lease is on the way
-            if message is _STOP or not message.serve(self):
+            if message is _STOP or not message.run_lease(self):
                 return
 
     def prepare(self, num_threads: int) -> None:
@@ -143,7 +143,6 @@ class _Pool:
         self._lock = threading.Lock()
         self._idle: dict[torch.device, list[_Worker]] = {}
         self._closed = False  # the interpreter is exiting: no worker waits any more
-        self._exit_hook = False
 
     def take(self, device: torch.device) -> tuple[_Worker, bool]:
         """An idle worker for ``device``, or a new one (not started); and whether it is new."""
@@ -151,15 +150,6 @@ class _Pool:
             idle = self._idle.get(device)
             if idle:
                 return idle.pop(), False
-            if not self._exit_hook:
-                self._exit_hook = True
-                # Called at interpreter exit before non-daemon threads are joined (what
-                # concurrent.futures uses for its workers), so idle workers do not hold the
-                # exit up for IDLE_TIMEOUT_S.
-                try:
-                    threading._register_atexit(self.close)  # type: ignore[attr-defined]
-                except RuntimeError:  # the interpreter is already exiting
-                    self._closed = True
         return _Worker(device), True
 
     def give_back(self, worker: _Worker) -> None:
@@ -202,6 +192,9 @@ class _Pool:
 
 _POOL = _Pool()
 os.register_at_fork(after_in_child=_POOL.forget)
+# Called at interpreter exit before non-daemon threads are joined (what concurrent.futures
+# uses for its workers), so idle workers do not hold the exit up for IDLE_TIMEOUT_S.
+threading._register_atexit(_POOL.close)  # type: ignore[attr-defined]
 
 
 class ComputeThread:
@@ -474,7 +467,7 @@ class ComputeThread:
                 if not self._outbox.receiver_alive():
                     return _GONE
 
-    def serve(self, worker: _Worker) -> bool:
+    def run_lease(self, worker: _Worker) -> bool:
         """The lease, on ``worker``'s thread: its jobs until it ends. True: back to the pool."""
         assert self._outbox is not None
         outbox = self._outbox

@@ -37,7 +37,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))  # the job scripts and helpers the tests use
 
 import rank_jobs  # noqa: E402
-from conftest import make_trainer  # noqa: E402
+from conftest import engine_threads, make_trainer  # noqa: E402
 from test_checkpoint import assert_bitwise_equal, run_job  # noqa: E402
 from test_faults import (  # noqa: E402
     PHASES,
@@ -53,15 +53,6 @@ from asynchat import LaunchError, LoopStatus, launch  # noqa: E402
 from asynchat.callbacks import Checkpoint  # noqa: E402
 
 Row = tuple[str, int, int, int, str]
-
-
-def engine_threads() -> list[str]:
-    """The engine's threads at work (not the idle compute workers waiting for a loop)."""
-    return [
-        t.name
-        for t in threading.enumerate()
-        if t.name.startswith("asynchat-") and not t.name.startswith("asynchat-idle-")
-    ]
 
 
 def sigkill_during_saves(trials: int, rng: random.Random) -> Row:
