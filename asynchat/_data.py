@@ -170,6 +170,31 @@ def with_last(
         count += 1
 
 
+def read_inline(data_loader: Iterable[Any], device: torch.device) -> bool:
+    """Whether a loop reads ``data_loader`` on its compute thread even with ``prefetch>0``.
+
+    - A list or tuple of batches on the CPU: there is nothing to load, and a data thread
+      would only contend for the GIL and the cores.
+    - A map-style ``DataLoader`` without workers: its dataset, sampler and ``collate_fn``
+      run in this process, and whatever they draw from the global RNGs (a random
+      augmentation: torch's, ``random``'s, numpy's) would interleave with the step's draws
+      (dropout) by thread timing, so a seeded run would not repeat. Read on the compute
+      thread they draw in the order a hand-written loop draws, bitwise; each batch is
+      bounded local work, so ``stop()`` waits at most for one.
+
+    A ``DataLoader`` with workers (its code runs in worker processes that it seeds; the
+    thread waits for their batches) and any other iterable (a stream that may wait: on a
+    data thread that wait stays interruptible) are read on the data thread.
+    """
+    if isinstance(data_loader, (list, tuple)):
+        return device.type == "cpu"
+    return (
+        isinstance(data_loader, DataLoader)
+        and data_loader.num_workers == 0
+        and not isinstance(data_loader.dataset, IterableDataset)
+    )
+
+
 def data_length(data_loader: Iterable[Any]) -> int | None:
     try:
         return len(data_loader)  # type: ignore[arg-type]

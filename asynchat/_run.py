@@ -21,7 +21,7 @@ import torch
 
 from asynchat._compute import JobCancelled
 from asynchat._control import Decision, LoopControl
-from asynchat._data import skip_batches, with_last
+from asynchat._data import read_inline, skip_batches, with_last
 from asynchat._errors import add_note
 from asynchat._events import EventHub, EventKind, LoopStatus, Throughput
 from asynchat._handle import LoopHandle
@@ -243,14 +243,11 @@ class LoopRun:
         name = self.loop.name
         if self.stager is None:  # one copy stream for the run, not one per epoch
             self.stager = DeviceStager(self.loop.device)
-        # Batches already in memory (a list or tuple) on the CPU leave a data thread nothing
-        # to overlap: it would only contend for the GIL and the cores (measured: 1.07-1.10x
-        # the hand-written loop's step with it, 0.98-1.06x without; RESULTS.md). A DataLoader
-        # keeps its thread even without workers: its collation overlaps the kernels of a
-        # real step, which release the GIL (the digits CNN: 5% faster with the thread, a
-        # tiny Linear step 4.5% slower; RESULTS.md).
-        in_memory = isinstance(self.data_loader, (list, tuple)) and self.loop.device.type == "cpu"
-        if self.prefetch == 0 or in_memory:
+        # Measured (RESULTS.md): a list on the CPU 1.07-1.10x the hand-written loop's tiny
+        # step with a data thread, 0.98-1.06x without; a DataLoader without workers 1.5x
+        # with it (its collation holds the GIL between the step's kernels), and its random
+        # augmentations drawn out of order.
+        if self.prefetch == 0 or read_inline(self.data_loader, self.loop.device):
             return InlineBatches(source, stage=self.stager.stage)
         return Prefetcher(
             source,

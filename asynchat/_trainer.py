@@ -43,8 +43,10 @@ class Trainer(LoopBase):
             the compute thread). With a data thread, ``stop()`` and cancellation end the loop
             even while the data loader is blocked in ``__next__`` (after a 10 s grace and a
             warning naming it); with 0 they wait for the loader to return. A list or tuple
-            of batches on the CPU is always read on the compute thread: with nothing to
-            load, a data thread would only contend for the cores.
+            of batches on the CPU and a map-style ``DataLoader`` without workers are always
+            read on the compute thread: the first has nothing to load, and the second's
+            random augmentations then draw from the global RNGs in the order a
+            hand-written loop draws them (a seeded run repeats bitwise).
         name: used in thread names, errors and ``repr``.
         resume_from: a checkpoint file, or a directory whose newest valid checkpoint is used
             (see :class:`asynchat.callbacks.Checkpoint`). Model, optimizer, grad scaler,

@@ -74,10 +74,10 @@ class Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]
         return iter(zip(inputs, targets, strict=True))
 
 
-async def test_on_the_cpu_batches_in_memory_need_no_data_thread() -> None:
-    """A list or tuple of batches leaves a data thread nothing to overlap: it is read on the
-    compute thread. A DataLoader (its collation overlaps a step's kernels) and an iterable
-    dataset (a stream that may wait) get a data thread."""
+async def test_which_data_is_read_on_a_data_thread() -> None:
+    """A list or tuple of batches (nothing to load) and a map-style DataLoader without
+    workers (bounded local work, random draws kept in order) are read on the compute thread;
+    an iterable dataset (a stream that may wait) gets a data thread."""
     import threading
 
     seen: list[bool] = []
@@ -93,10 +93,61 @@ async def test_on_the_cpu_batches_in_memory_need_no_data_thread() -> None:
         seen.clear()
         await Trainer(make_model(), data, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
                       callbacks=[DataThread()], device="cpu").fit()  # fmt: skip
-        if isinstance(data, (list, tuple)):
+        if data is streamed:  # at the first step the thread still has 5 batches to hand over
+            assert seen[0], "an iterable dataset is read on a data thread"
+        else:
             assert seen == [False] * 6, type(data).__name__
-        else:  # at the first step the thread still has 5 batches to hand over, 2 at a time
-            assert seen[0], "a DataLoader is read on a data thread"
+
+
+class Augmented(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A dataset with random augmentations drawn from the global RNGs (torch, random, numpy),
+    as torchvision's transforms draw them."""
+
+    def __init__(self) -> None:
+        self.data = make_data(96)
+
+    def __len__(self) -> int:
+        return 96
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import random
+
+        import numpy as np
+
+        inputs, target = self.data[i]
+        scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return inputs * scale + 0.1 * torch.randn_like(inputs), target
+
+
+async def test_random_augmentations_draw_as_in_a_hand_written_loop() -> None:
+    """Regression: a DataLoader without workers was read on a data thread, so its dataset's
+    random draws interleaved with the model's dropout by thread timing: a seeded run gave
+    other weights than the hand-written loop, and than itself the next time."""
+    import random
+
+    import numpy as np
+
+    def seeded_model() -> nn.Module:
+        for seed in (torch.manual_seed, random.seed, np.random.seed):
+            seed(11)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+
+    def loader() -> torch.utils.data.DataLoader[Any]:
+        return torch.utils.data.DataLoader(Augmented(), batch_size=8, shuffle=True)
+
+    reference = seeded_model()
+    optimizer, loss_fn, data = sgd(reference), nn.CrossEntropyLoss(), loader()
+    for _ in range(2):
+        for inputs, targets in data:  # each batch drawn right before its step
+            loss_fn(reference(inputs), targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for _ in range(2):
+        model = seeded_model()
+        trainer = Trainer(model, loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+                          device="cpu")  # fmt: skip
+        await trainer.fit()
+        assert_same_parameters(model, reference)
 
 
 async def test_an_optimizer_instance_is_used_as_given() -> None:
