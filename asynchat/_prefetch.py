@@ -42,11 +42,14 @@ class DeviceStager:
         """Start moving ``batch`` to the device (on the prefetch thread)."""
         if self._copy_stream is None:
             return Staged(batch, None)
-        # A batch whose tensors are already on the device was written by kernels queued on
-        # this thread's stream (a collate or dataset working on the GPU); pool streams do not
-        # wait for it by themselves. A device-side wait: the host does not block.
         with GATE.work():  # never while a CUDA graph is being captured
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            if any(tensor.is_cuda for tensor in iter_tensors(batch)):
+                # Written by kernels queued on this thread's stream (a collate or dataset
+                # working on the GPU); pool streams do not wait for it by themselves. A
+                # device-side wait: the host does not block. Only then: read on the compute
+                # thread, this stream is the compute stream, and a copy from the host made
+                # to wait for it would no longer overlap the step in flight.
+                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copy_stream):
                 moved = map_tensors(self._copy_to_device, batch)
                 ready = torch.cuda.Event()

@@ -209,16 +209,59 @@ async def test_batches_already_on_the_device_are_ordered_before_the_step() -> No
             x = x * 1.0001 - 0.0001 * x
         return x, torch.stack([y for _, y in items]).cuda()
 
+    class ViaDataThread:
+        """Not a DataLoader, so read on the data thread (its stream: the default one)."""
+
+        def __init__(self, loader: Any) -> None:
+            self.loader = loader
+
+        def __iter__(self) -> Any:
+            return iter(self.loader)
+
     data = make_loader(96, 16).dataset
     results = []
-    for prefetch in (0, 2):
+    # On the compute thread (a DataLoader without workers; prefetch=0), and on the data thread.
+    for wrap, prefetch in ((lambda x: x, 2), (lambda x: x, 0), (ViaDataThread, 2)):
         model = make_model(seed=3)
         loader = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=cuda_collate)
-        await Trainer(model, loader, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+        await Trainer(model, wrap(loader), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
                       device="cuda", prefetch=prefetch).fit()  # fmt: skip
         results.append([p.detach().cpu() for p in model.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+async def test_a_host_batch_is_copied_while_the_last_step_runs() -> None:
+    """The copy of batch N+1 from host memory does not wait for step N's kernels (a
+    DataLoader without workers is read on the compute thread, whose stream is the compute
+    stream: waiting on it would serialize copies and steps)."""
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.cuda._sleep(50_000_000)  # about 50 ms of device time at ~1 GHz or more
+            return self.linear(x)  # type: ignore[no-any-return]
+
+    seen: list[tuple[bool, bool]] = []
+
+    class Look(Callback):
+        def on_step_begin(self, state: LoopState) -> None:
+            if state.step == 0:
+                return
+            run = state.loop._run  # type: ignore[attr-defined]
+            time.sleep(0.005)  # ample for a 16 x 8 copy, short of a step's device time
+            copied = run.stager._copy_stream.query()
+            seen.append((copied, torch.cuda.current_stream().query()))
+
+    await Trainer(Slow(), make_loader(64, 16), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
+                  device="cuda", callbacks=[Look()]).fit()  # fmt: skip
+    assert len(seen) == 3
+    assert not any(compute_done for _, compute_done in seen), "the steps ran too fast"
+    assert all(copied for copied, _ in seen), seen
 
 
 async def test_to_host_and_item_in_async_hooks_see_the_steps_values() -> None:
