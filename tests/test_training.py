@@ -77,7 +77,8 @@ class Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]
 async def test_which_data_is_read_on_a_data_thread() -> None:
     """A list or tuple of batches (nothing to load) and a map-style DataLoader without
     workers (bounded local work, random draws kept in order) are read on the compute thread;
-    an iterable dataset (a stream that may wait) gets a data thread."""
+    an iterable dataset (a stream that may wait) and a DataLoader with workers (the thread
+    waits for their batches) get a data thread."""
     import threading
 
     seen: list[bool] = []
@@ -89,12 +90,14 @@ async def test_which_data_is_read_on_a_data_thread() -> None:
 
     batches = list(make_loader(96, 16))
     streamed = torch.utils.data.DataLoader(Stream(), batch_size=16)
-    for data in (batches, tuple(batches), make_loader(96, 16), streamed):
+    workers = torch.utils.data.DataLoader(make_data(96), batch_size=16, num_workers=1,
+                                          multiprocessing_context="fork")  # fmt: skip
+    for data in (batches, tuple(batches), make_loader(96, 16), streamed, workers):
         seen.clear()
         await Trainer(make_model(), data, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
                       callbacks=[DataThread()], device="cpu").fit()  # fmt: skip
-        if data is streamed:  # at the first step the thread still has 5 batches to hand over
-            assert seen[0], "an iterable dataset is read on a data thread"
+        if data is streamed or data is workers:  # at the first step 5 batches are to come
+            assert seen[0], "read on a data thread"
         else:
             assert seen == [False] * 6, type(data).__name__
 
