@@ -4,6 +4,7 @@ DataLoader with another sampler."""
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -170,29 +171,43 @@ def with_last(
         count += 1
 
 
-def read_inline(data_loader: Iterable[Any], device: torch.device) -> bool:
-    """Whether a loop reads ``data_loader`` on its compute thread even with ``prefetch>0``.
+class Reading(enum.Enum):
+    """How a loop with ``prefetch>0`` reads its data loader; see :func:`reading`."""
 
-    - A list or tuple of batches on the CPU: there is nothing to load, and a data thread
-      would only contend for the GIL and the cores.
-    - A map-style ``DataLoader`` without workers: its dataset, sampler and ``collate_fn``
-      run in this process, and whatever they draw from the global RNGs (a random
-      augmentation: torch's, ``random``'s, numpy's) would interleave with the step's draws
-      (dropout) by thread timing, so a seeded run would not repeat. Read on the compute
-      thread they draw in the order a hand-written loop draws, bitwise; each batch is
-      bounded local work, so ``stop()`` waits at most for one.
+    INLINE = "on the compute thread"
+    ON_REQUEST = "on the data thread, each batch when the step asks for it"
+    AHEAD = "on the data thread, ahead of the steps"
 
-    A ``DataLoader`` with workers (its code runs in worker processes that it seeds; the
-    thread waits for their batches) and any other iterable (a stream that may wait: on a
-    data thread that wait stays interruptible) are read on the data thread.
+
+def reading(data_loader: Iterable[Any], device: torch.device) -> Reading:
+    """How a loop with ``prefetch>0`` reads ``data_loader``.
+
+    - ``INLINE``: a list or tuple of batches on the CPU (nothing to load: a data thread
+      would only contend for the GIL and the cores), and a map-style ``DataLoader`` without
+      workers. Its dataset, sampler and ``collate_fn`` then never run alongside a step, so
+      what they draw from the global RNGs (a random augmentation: torch's, ``random``'s,
+      numpy's) comes in the order a hand-written loop draws it rather than interleaved with
+      the step's draws (dropout) by thread timing, and a seeded run repeats bitwise. Its
+      reads index local data, so ``stop()`` waits at most for one batch; a hand-off to a
+      thread would cost more than the read (measured: 35-70 us a round trip here).
+    - ``AHEAD``, ``prefetch`` batches ahead on the data thread, where none of the user's
+      code runs in the reading: a ``DataLoader`` with workers (they run its dataset and
+      ``collate_fn``, seeded by the DataLoader; the thread waits for their batches and
+      stages them) and a list or tuple of batches for an accelerator (the thread pins and
+      copies them).
+    - ``ON_REQUEST``, on the data thread one batch at a time, while the step loop waits for
+      it: anything else (an ``IterableDataset``, a generator: a stream that may wait). Its
+      code never runs alongside a step either, and a stop or a cancellation still ends a
+      loop whose read blocks.
     """
     if isinstance(data_loader, (list, tuple)):
-        return device.type == "cpu"
-    return (
-        isinstance(data_loader, DataLoader)
-        and data_loader.num_workers == 0
-        and not isinstance(data_loader.dataset, IterableDataset)
-    )
+        return Reading.INLINE if device.type == "cpu" else Reading.AHEAD
+    if isinstance(data_loader, DataLoader):
+        if data_loader.num_workers > 0:
+            return Reading.AHEAD
+        if not isinstance(data_loader.dataset, IterableDataset):
+            return Reading.INLINE
+    return Reading.ON_REQUEST
 
 
 def data_length(data_loader: Iterable[Any]) -> int | None:

@@ -1,7 +1,8 @@
 """Iterating the data loader off the event loop, and staging batches on the device ahead of use.
 
 A :class:`Prefetcher` runs the user's iterable on a thread of its own, ``depth`` items ahead of
-the compute thread, and stages each item with a :class:`DeviceStager`. On CUDA the stager pins
+the compute thread (or each item when it is asked for), and stages each item with a
+:class:`DeviceStager`. On CUDA the stager pins
 the batch's tensors and copies them to the device on a copy stream with ``non_blocking=True``;
 the compute thread makes its stream wait on the copy's event (a device-side wait, not a host
 sync), so the copy of batch N+1 overlaps the compute of batch N.
@@ -93,6 +94,11 @@ class _End(NamedTuple):
 class Prefetcher(Generic[T]):
     """Iterates ``iterable`` on a thread, ``depth`` items ahead, applying ``stage`` to each.
 
+    With ``ahead=False`` the thread reads an item only when ``next()`` asks for it (and calls
+    ``iter()`` at the first): the iterable's code then never runs while the consumer does, so
+    what it draws from the global RNGs comes in the order a plain ``for`` loop draws it,
+    while a consumer waiting for a blocked read can still be interrupted.
+
     Use as a context manager; leaving it stops the thread (after the item it is fetching) and
     joins it. Exceptions from the iterable or from ``stage`` are raised by ``next()`` as
     themselves, in order, after the items that came before them. :meth:`interrupt` (from any
@@ -110,6 +116,7 @@ class Prefetcher(Generic[T]):
         *,
         stage: Callable[[Any], T],
         depth: int,
+        ahead: bool = True,
         name: str = "asynchat-prefetch",
         label: Callable[[], str] = lambda: "the data loader",
     ) -> None:
@@ -117,10 +124,12 @@ class Prefetcher(Generic[T]):
             raise ValueError(f"prefetch depth must be >= 1, got {depth!r}")
         self._iterable = iterable
         self._stage = stage
-        self._depth = depth
+        self._ahead = ahead
+        self._depth = depth if ahead else 1
         self._items: collections.deque[T | _End] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
+        self._wanted = False  # ahead=False: the consumer waits for an item not yet read
         self._interrupted = False
         self._label = label
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -154,6 +163,9 @@ class Prefetcher(Generic[T]):
 
     def __next__(self) -> T:
         with self._cond:
+            if not self._ahead and not self._items:
+                self._wanted = True
+                self._cond.notify_all()
             while not self._items:
                 if self._interrupted:
                     raise Interrupted
@@ -183,19 +195,32 @@ class Prefetcher(Generic[T]):
             if self._closing:
                 return False
             self._items.append(item)
+            self._wanted = False
             self._cond.notify_all()
             return True
+
+    def _asked(self) -> bool:
+        """Whether to read the next item: at once when reading ahead; else once the consumer
+        asks for it. False once the consumer has left."""
+        if self._ahead:
+            return True
+        with self._cond:
+            while not self._wanted and not self._closing:
+                self._cond.wait()
+            return not self._closing
 
     def _main(self) -> None:
         try:
             torch.set_num_threads(self._num_threads)
+            if not self._asked():
+                return
             iterator = iter(self._iterable)
             while True:
                 try:
                     item = next(iterator)
                 except StopIteration:
                     break
-                if not self._push(self._stage(item)):
+                if not self._push(self._stage(item)) or not self._asked():
                     return
             self._push(_End(None))
         except BaseException as exc:

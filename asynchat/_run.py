@@ -21,7 +21,7 @@ import torch
 
 from asynchat._compute import JobCancelled
 from asynchat._control import Decision, LoopControl
-from asynchat._data import read_inline, skip_batches, with_last
+from asynchat._data import Reading, reading, skip_batches, with_last
 from asynchat._errors import add_note
 from asynchat._events import EventHub, EventKind, LoopStatus, Throughput
 from asynchat._handle import LoopHandle
@@ -243,16 +243,14 @@ class LoopRun:
         name = self.loop.name
         if self.stager is None:  # one copy stream for the run, not one per epoch
             self.stager = DeviceStager(self.loop.device)
-        # Measured (RESULTS.md): a list on the CPU 1.07-1.10x the hand-written loop's tiny
-        # step with a data thread, 0.98-1.06x without; a DataLoader without workers 1.5x
-        # with it (its collation holds the GIL between the step's kernels), and its random
-        # augmentations drawn out of order.
-        if self.prefetch == 0 or read_inline(self.data_loader, self.loop.device):
+        how = Reading.INLINE if self.prefetch == 0 else reading(self.data_loader, self.loop.device)
+        if how is Reading.INLINE:
             return InlineBatches(source, stage=self.stager.stage)
         return Prefetcher(
             source,
             stage=self.stager.stage,
             depth=self.prefetch,
+            ahead=how is Reading.AHEAD,
             name=f"asynchat-{name}-data",
             # Only if a warning needs it, and short: a repr of a list of batches would print
             # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).

@@ -39,14 +39,16 @@ class Trainer(LoopBase):
         device: ``None`` picks CUDA when available, else the CPU.
         num_epochs, num_steps: exactly one bounds the loop.
         callbacks: :class:`~asynchat.Callback` instances, run in this order within a phase.
-        prefetch: how many batches to read and stage ahead on a data thread (0: read them on
-            the compute thread). With a data thread, ``stop()`` and cancellation end the loop
-            even while the data loader is blocked in ``__next__`` (after a 10 s grace and a
-            warning naming it); with 0 they wait for the loader to return. A list or tuple
-            of batches on the CPU and a map-style ``DataLoader`` without workers are always
-            read on the compute thread: the first has nothing to load, and the second's
-            random augmentations then draw from the global RNGs in the order a
-            hand-written loop draws them (a seeded run repeats bitwise).
+        prefetch: how many batches to read and stage ahead on a data thread where none of
+            the user's code runs in the reading (a DataLoader with workers; a list of
+            batches for a GPU); 0: read everything on the compute thread. A map-style
+            DataLoader without workers and a list or tuple of batches on the CPU are always
+            read on the compute thread, an ``IterableDataset`` or a generator on the data
+            thread one batch at a time while the step waits: the user's data code never runs
+            alongside a step, so its random draws keep a hand-written loop's order. With a
+            data thread, ``stop()`` and cancellation end the loop even while the data loader
+            is blocked in ``__next__`` (after a 10 s grace and a warning naming it); on the
+            compute thread they wait for the read.
         name: used in thread names, errors and ``repr``.
         resume_from: a checkpoint file, or a directory whose newest valid checkpoint is used
             (see :class:`asynchat.callbacks.Checkpoint`). Model, optimizer, grad scaler,

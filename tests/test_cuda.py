@@ -209,8 +209,8 @@ async def test_batches_already_on_the_device_are_ordered_before_the_step() -> No
             x = x * 1.0001 - 0.0001 * x
         return x, torch.stack([y for _, y in items]).cuda()
 
-    class ViaDataThread:
-        """Not a DataLoader, so read on the data thread (its stream: the default one)."""
+    class Stream:
+        """Not a DataLoader: read on the data thread, when the step loop asks."""
 
         def __init__(self, loader: Any) -> None:
             self.loader = loader
@@ -220,12 +220,17 @@ async def test_batches_already_on_the_device_are_ordered_before_the_step() -> No
 
     data = make_loader(96, 16).dataset
     results = []
-    # On the compute thread (a DataLoader without workers; prefetch=0), and on the data thread.
-    for wrap, prefetch in ((lambda x: x, 2), (lambda x: x, 0), (ViaDataThread, 2)):
+    # Read on the compute thread (a DataLoader without workers), on the data thread when
+    # asked (a stream), and ahead on the data thread (a list of batches made on this thread).
+    for kind in ("DataLoader", "stream", "list"):
         model = make_model(seed=3)
-        loader = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=cuda_collate)
-        await Trainer(model, wrap(loader), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
-                      device="cuda", prefetch=prefetch).fit()  # fmt: skip
+        loader: Any = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=cuda_collate)
+        if kind == "stream":
+            loader = Stream(loader)
+        elif kind == "list":
+            loader = list(loader)
+        await Trainer(model, loader, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+                      device="cuda").fit()  # fmt: skip
         results.append([p.detach().cpu() for p in model.parameters()])
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):

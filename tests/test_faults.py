@@ -240,39 +240,46 @@ class BlockingLoader:
         return "<BlockingLoader>"
 
 
-class StopAfter(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    async def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.step:
-            state.loop.stop("enough")
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("how", ["stop", "cancel"])
 async def test_a_loader_blocked_forever_does_not_hold_stop_or_cancel(
     monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
+    """The loop waits in a read that never returns: stop() and cancellation end it anyway."""
     from asynchat import _prefetch
 
     monkeypatch.setattr(_prefetch, "JOIN_TIMEOUT_S", 0.5)
-    loader = BlockingLoader()
     # No len(): the loop reads one item ahead, so step 3 waits for the 4th, which never comes.
-    callbacks = [StopAfter(2)] if how == "stop" else []
-    trainer = make_trainer(*callbacks, loader=loader, num_epochs=1)
+    loader = BlockingLoader()
+    steps = 2
+    stepped = anyio.Event()
+
+    class Stepped(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == steps:
+                stepped.set()
+
+    trainer = make_trainer(Stepped(), loader=loader, num_epochs=1)
+
+    async def stop_once_blocked() -> None:
+        await stepped.wait()
+        await anyio.sleep(0.2)  # the loop now waits in the read
+        trainer.stop("enough")
+
     try:
         with (
             pytest.warns(RuntimeWarning, match=r"<BlockingLoader> did not return from __next__"),
             anyio.fail_after(20),
         ):
             if how == "stop":
-                await trainer.fit()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stop_once_blocked)
+                    await trainer.fit()
             else:
                 with anyio.move_on_after(1.0):
                     await trainer.fit()
         assert trainer.status is (LoopStatus.FINISHED if how == "stop" else LoopStatus.CANCELLED)
-        assert trainer.state.global_step == 2
+        assert trainer.state.global_step == steps
     finally:
         loader.release.set()  # the data thread left behind ends once the loader returns
         for thread in threading.enumerate():

@@ -75,10 +75,9 @@ class Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]
 
 
 async def test_which_data_is_read_on_a_data_thread() -> None:
-    """A list or tuple of batches (nothing to load) and a map-style DataLoader without
-    workers (bounded local work, random draws kept in order) are read on the compute thread;
-    an iterable dataset (a stream that may wait) and a DataLoader with workers (the thread
-    waits for their batches) get a data thread."""
+    """A list or tuple of batches on the CPU (nothing to load) and a map-style DataLoader
+    without workers are read on the compute thread; an iterable dataset (a stream that may
+    wait) and a DataLoader with workers get a data thread."""
     import threading
 
     seen: list[bool] = []
@@ -102,6 +101,40 @@ async def test_which_data_is_read_on_a_data_thread() -> None:
             assert seen == [False] * 6, type(data).__name__
 
 
+async def test_a_stream_is_read_on_the_data_thread_only_while_the_step_waits() -> None:
+    """Its code never runs alongside a step: each batch is read on the data thread when the
+    step loop asks for it (so random draws keep a hand-written loop's order)."""
+    import threading
+
+    order: list[str] = []
+    readers: set[str] = set()
+
+    batches = list(make_loader(96, 16))
+
+    class Logged:
+        def __len__(self) -> int:
+            return 6
+
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for batch in batches:
+                order.append("read")
+                readers.add(threading.current_thread().name)
+                yield batch
+
+    class Step(Callback):
+        def on_step_begin(self, state: LoopState) -> None:
+            order.append("begin")
+
+        def on_step_end(self, state: LoopState) -> None:
+            order.append("end")
+
+    trainer = Trainer(make_model(), Logged(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+                      callbacks=[Step()], device="cpu", name="logged")  # fmt: skip
+    await trainer.fit()
+    assert order == ["read", "begin", "end"] * 12
+    assert readers == {"asynchat-logged-data"}
+
+
 class Augmented(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """A dataset with random augmentations drawn from the global RNGs (torch, random, numpy),
     as torchvision's transforms draw them."""
@@ -122,10 +155,22 @@ class Augmented(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return inputs * scale + 0.1 * torch.randn_like(inputs), target
 
 
-async def test_random_augmentations_draw_as_in_a_hand_written_loop() -> None:
-    """Regression: a DataLoader without workers was read on a data thread, so its dataset's
-    random draws interleaved with the model's dropout by thread timing: a seeded run gave
-    other weights than the hand-written loop, and than itself the next time."""
+class AugmentedStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The same as a stream (read on the data thread)."""
+
+    def __len__(self) -> int:
+        return 96
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        augmented = Augmented()
+        return (augmented[i] for i in range(96))
+
+
+@pytest.mark.parametrize("kind", ["map-style", "iterable"])
+async def test_random_augmentations_draw_as_in_a_hand_written_loop(kind: str) -> None:
+    """Regression: a DataLoader without workers was read ahead on a data thread, so its
+    dataset's random draws interleaved with the model's dropout by thread timing: a seeded
+    run gave other weights than the hand-written loop, and than itself the next time."""
     import random
 
     import numpy as np
@@ -136,6 +181,8 @@ async def test_random_augmentations_draw_as_in_a_hand_written_loop() -> None:
         return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
 
     def loader() -> torch.utils.data.DataLoader[Any]:
+        if kind == "iterable":
+            return torch.utils.data.DataLoader(AugmentedStream(), batch_size=8)
         return torch.utils.data.DataLoader(Augmented(), batch_size=8, shuffle=True)
 
     reference = seeded_model()
