@@ -34,7 +34,11 @@ RankFn = Callable[..., Awaitable[object]]
 
 _POLL_S = 0.05
 _GRACE_S = 5.0
-_SETTLE_S = 0.3  # after a first failure, how long the launcher listens for the others
+# After a first failure, at most how long the launcher waits for the other ranks to report or
+# exit before it judges (it goes on as soon as each has); a rank that is stopped earlier would
+# be missing from the report, whose survivors' errors tell what the failure did to them.
+_SETTLE_S = 3.0
+_DUMP_WAIT_S = 0.3  # how long ranks asked for their stacks get to write them
 
 
 class LaunchError(AsynchatError, RuntimeError):
@@ -278,8 +282,7 @@ class _Ranks:
         failing), never as a signal, and the launcher cannot time such a death better than
         when it saw it. Within each kind, the earliest is named.
         """
-        time.sleep(_SETTLE_S)  # let a dying rank's exit or report arrive before judging
-        self._observe()
+        self._settle()
         failures: dict[int, tuple[float, str]] = dict(self.reports)
         for rank, process in enumerate(self.processes):
             if rank not in failures and process.exitcode not in (None, 0):
@@ -301,6 +304,23 @@ class _Ranks:
         if others:
             text += "\nThe other ranks, most likely as a consequence:\n  " + "\n  ".join(others)
         return LaunchError(first, text)
+
+    def _settle(self) -> None:
+        """Let the other ranks' reports and exits arrive: until every rank has reported an
+        error or exited, for at most ``_SETTLE_S``."""
+        deadline = time.monotonic() + _SETTLE_S
+        reader = self.errors._reader  # type: ignore[attr-defined]
+        while True:
+            self._observe()
+            pending = [
+                p.sentinel
+                for rank, p in enumerate(self.processes)
+                if p.exitcode is None and rank not in self.reports
+            ]
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return
+            mp_connection.wait([*pending, reader], timeout=left)
 
     @staticmethod
     def _how(exitcode: int) -> str:
@@ -342,7 +362,7 @@ class _Ranks:
         for rank in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.processes[rank].pid or 0, signal.SIGUSR1)
-        time.sleep(_SETTLE_S)
+        time.sleep(_DUMP_WAIT_S)
         parts = []
         for rank in ranks:
             stacks = self._read_stacks(rank) or "(none written: Python code had not started)"

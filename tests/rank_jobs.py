@@ -129,7 +129,9 @@ async def nan_on_rank_one(rank: int, world_size: int) -> None:
 
 async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> None:
     """DDP training that goes wrong at global step 5: ``sigkill``, ``abort`` or ``hang`` on rank 1,
-    ``hang-all`` on every rank. With ``out``, each rank writes its pid there first."""
+    ``hang-all`` on every rank; ``sigkill-slow``: rank 1 is killed and rank 0 takes a second
+    to wind down (its on_loop_end) before its error is reported. With ``out``, each rank
+    writes its pid there first."""
     import os
     import signal
     import time
@@ -143,12 +145,16 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
         def on_step_end(self, state: LoopState) -> None:
             if state.global_step != 5 or (rank != 1 and fault != "hang-all"):
                 return
-            if fault == "sigkill":
+            if fault.startswith("sigkill"):
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault == "abort":
                 os.abort()  # a native crash as far as the launcher can tell
             if fault.startswith("hang"):
                 time.sleep(3600)  # a hook stuck in Python: no phase is reached any more
+
+        def on_loop_end(self, state: LoopState) -> None:
+            if fault == "sigkill-slow" and rank == 0:
+                time.sleep(1.0)
 
     trainer = DistributedDataParallelTrainer(
         ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
