@@ -2,10 +2,10 @@
 
 A :class:`Prefetcher` runs the user's iterable on a thread of its own, ``depth`` items ahead of
 the compute thread (or each item when it is asked for), and stages each item with a
-:class:`DeviceStager`. On CUDA the stager pins
-the batch's tensors and copies them to the device on a copy stream with ``non_blocking=True``;
-the compute thread makes its stream wait on the copy's event (a device-side wait, not a host
-sync), so the copy of batch N+1 overlaps the compute of batch N.
+:class:`DeviceStager`. On CUDA the stager pins the batch's tensors and copies them to the
+device on a copy stream with ``non_blocking=True``; the compute thread makes its stream wait
+on the copy's event (a device-side wait, not a host sync), so the copy of batch N+1 overlaps
+the compute of batch N.
 """
 
 from __future__ import annotations

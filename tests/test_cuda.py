@@ -174,17 +174,22 @@ def test_ddp_single_rank_nccl_steady_state_makes_no_host_device_sync() -> None:
     assert done.stdout.split() == ["checked", "14"]
 
 
+class SlowLinear(nn.Module):
+    """``nn.Linear(8, 3)`` after a GPU sleep of ``cycles`` clock cycles (at ~1 GHz or more,
+    20_000_000 is about 20 ms of device time) in every forward."""
+
+    def __init__(self, cycles: int) -> None:
+        super().__init__()
+        self.cycles = cycles
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.cuda._sleep(self.cycles)
+        return self.linear(x)  # type: ignore[no-any-return]
+
+
 async def test_the_host_runs_ahead_of_the_device() -> None:
     """With a 20 ms GPU sleep in every step, the host enqueues steps far ahead of the device."""
-
-    class Slow(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            torch.cuda._sleep(20_000_000)  # about 20 ms of device time at ~1 GHz or more
-            return self.linear(x)  # type: ignore[no-any-return]
 
     host_times: list[float] = []
 
@@ -193,8 +198,9 @@ async def test_the_host_runs_ahead_of_the_device() -> None:
             host_times.append(time.perf_counter())
 
     started = time.perf_counter()
-    await Trainer(Slow(), make_loader(160, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
-                  num_epochs=1, device="cuda", callbacks=[Clock()]).fit()  # fmt: skip
+    await Trainer(SlowLinear(20_000_000), make_loader(160, 16), sgd,
+                  loss_fn=nn.CrossEntropyLoss(), num_epochs=1, device="cuda",
+                  callbacks=[Clock()]).fit()  # fmt: skip
     total = time.perf_counter() - started
     # The job's end waits for the device (10 steps x ~20 ms); the host reached step 5 long
     # before the device could have run 5 steps.
@@ -242,15 +248,6 @@ async def test_a_host_batch_is_copied_while_the_last_step_runs() -> None:
     DataLoader without workers is read on the compute thread, whose stream is the compute
     stream: waiting on it would serialize copies and steps)."""
 
-    class Slow(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            torch.cuda._sleep(50_000_000)  # about 50 ms of device time at ~1 GHz or more
-            return self.linear(x)  # type: ignore[no-any-return]
-
     seen: list[tuple[bool, bool]] = []
 
     class Look(Callback):
@@ -262,8 +259,9 @@ async def test_a_host_batch_is_copied_while_the_last_step_runs() -> None:
             copied = run.stager._copy_stream.query()
             seen.append((copied, torch.cuda.current_stream().query()))
 
-    await Trainer(Slow(), make_loader(64, 16), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
-                  device="cuda", callbacks=[Look()]).fit()  # fmt: skip
+    await Trainer(SlowLinear(50_000_000), make_loader(64, 16), sgd,
+                  loss_fn=nn.CrossEntropyLoss(), num_epochs=1, device="cuda",
+                  callbacks=[Look()]).fit()  # fmt: skip
     assert len(seen) == 3
     assert not any(compute_done for _, compute_done in seen), "the steps ran too fast"
     assert all(copied for copied, _ in seen), seen
