@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import logging
 import os
 import queue
 import threading
@@ -58,6 +59,7 @@ from asynchat._errors import add_note
 from asynchat._mailbox import Mailbox
 
 T = TypeVar("T")
+_LOG = logging.getLogger("asynchat.loop")
 
 
 class _Kind(enum.Enum):
@@ -488,11 +490,28 @@ class ComputeThread:
                     return False
                 result = self._run_job(job, worker)
                 del job
-                outbox.put((_Kind.DONE, result))
+                if not outbox.put((_Kind.DONE, result)) or self._abandoned:
+                    self._report_unheard(result)
                 del result
         finally:
             if not released:  # on every other way out: the lessor never waits forever
                 outbox.put((_Kind.EXITED, None))
+
+    def _report_unheard(self, result: tuple[_Reply, Any]) -> None:
+        """Log the error of a job that nobody awaits any more (after a second Ctrl-C, or once
+        its event loop has gone): its ``def`` teardown hooks ran on alone, and their failures
+        (a last checkpoint that could not be written) must not vanish. A bare
+        :class:`JobCancelled` is the forced exit itself; notes on it are hooks that failed."""
+        outcome, error = result
+        if outcome is _Reply.VALUE:
+            return
+        if isinstance(error, JobCancelled) and not getattr(error, "__notes__", None):
+            return
+        _LOG.error(
+            "%s: the loop went on alone after fit() stopped waiting for it, and failed",
+            self.name,
+            exc_info=error,
+        )
 
     def _run_job(self, job: Callable[[], object], worker: _Worker) -> tuple[_Reply, Any]:
         try:

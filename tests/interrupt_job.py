@@ -1,10 +1,11 @@
 """A job for the Ctrl-C tests: trains until SIGINT arrives, with no signal handling of its own.
 
-    python interrupt_job.py BACKEND DIRECTORY [asynchook] [slowend]
+    python interrupt_job.py BACKEND DIRECTORY [asynchook] [slowend] [failend]
 
 Prints ``training`` once steps run, and after fit() raised: the exception, the loop's status
 and its global step. With ``slowend`` an ``async def`` on_loop_end hook prints ``winding down``
-and then sleeps 60 s, so that a second Ctrl-C can cut it short.
+and then sleeps 60 s, so that a second Ctrl-C can cut it short; with ``failend`` a ``def``
+on_loop_end hook after it raises ``RuntimeError("the teardown failed")``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class SlowEnd(Callback):
         await anyio.sleep(60)
 
 
+class FailEnd(Callback):
+    def on_loop_end(self, state: LoopState) -> None:
+        raise RuntimeError("the teardown failed")
+
+
 def main() -> None:
     backend, directory, options = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     callbacks: list[Callback] = [Announce()]
@@ -44,6 +50,8 @@ def main() -> None:
         callbacks.append(AsyncStep())
     if "slowend" in options:
         callbacks.append(SlowEnd())
+    if "failend" in options:
+        callbacks.append(FailEnd())
     callbacks.append(Checkpoint(directory, every_n_steps=50))
     trainer = make_trainer(*callbacks, num_epochs=1_000_000)
     name, options_ = (backend, {}) if backend != "uvloop" else ("asyncio", {"use_uvloop": True})

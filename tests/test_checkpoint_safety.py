@@ -324,3 +324,28 @@ def test_temporary_names_are_unique_per_writer(tmp_path: Path) -> None:
     finally:
         os.replace = original
     assert len(set(seen)) == 2 and all(str(os.getpid()) in name for name in seen)
+
+
+def test_checkpoints_are_written_when_no_writer_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.12 refuses new threads once the interpreter shuts down: then a loop cut short
+    # by a second Ctrl-C saves its last checkpoint (failed there: no file, no error shown).
+    import threading
+
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def start_unless_writer(thread: threading.Thread) -> None:
+        if thread.name == "asynchat-checkpoint-writer":
+            refused.append(threading.current_thread().name)
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_unless_writer)
+    state = train(tmp_path, num_steps=6)
+    assert state.global_step == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
+    assert [e["global_step"] for e in manifest(tmp_path)] == [2, 4, 6]
+    checkpoint, _ = load_checkpoint(tmp_path / "step-000000006.ckpt")
+    assert checkpoint["progress"]["global_step"] == 6
+    assert len(refused) == 3  # each write was asked of a thread, and done where it was asked

@@ -23,10 +23,12 @@ BACKENDS = [
 ]
 
 
-def start(backend: str, directory: Path, *options: str) -> subprocess.Popen[str]:
+def start(
+    backend: str, directory: Path, *options: str, stderr: int | None = None
+) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, str(HERE / "interrupt_job.py"), backend, str(directory), *options],
-        cwd=HERE, stdout=subprocess.PIPE, text=True,
+        cwd=HERE, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )  # fmt: skip
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "training"
@@ -71,3 +73,20 @@ def test_a_second_ctrl_c_cuts_a_slow_wind_down_short(tmp_path: Path, backend: st
     assert took < 15, f"took {took:.1f} s after the second Ctrl-C"
     # The def hooks after the cut one still ran: the final checkpoint is the last step.
     assert newest_checkpoint(tmp_path) == int(out.split()[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_teardown_error_after_a_second_ctrl_c_is_logged(tmp_path: Path, backend: str) -> None:
+    # fit() no longer waits for the loop after a second Ctrl-C, and the def hooks of
+    # on_loop_end run on alone: their errors were dropped without a word.
+    with start(backend, tmp_path, "slowend", "failend", stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        os.kill(process.pid, signal.SIGINT)
+        assert process.stdout.readline().strip() == "winding down"
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert out.split()[0] == "KeyboardInterrupt"
+    # Logged by asynchat ("the loop went on alone ... and failed"), or, when asyncio.run's
+    # shutdown still awaited the task, reported by asyncio's handler: never lost.
+    assert "RuntimeError: the teardown failed" in err
+    assert newest_checkpoint(tmp_path) == int(out.split()[2])  # the hooks after it still ran

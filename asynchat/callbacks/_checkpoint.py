@@ -49,9 +49,20 @@ class BackgroundWriter:
         self._error: BaseException | None = None
 
     def submit(self, write: Callable[[], None]) -> None:
+        """Start ``write`` on the writer thread; here, if no thread can start.
+
+        Python 3.12 refuses new threads once the interpreter shuts down, which is when the
+        compute thread of a loop cut short by a second Ctrl-C saves its last checkpoint
+        (``on_loop_end``): that write then happens here, before the thread ends.
+        """
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(write,), name=self.name)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, args=(write,), name=self.name)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown", or none left
+            self._run(write)
+            return
+        self._thread = thread
 
     def raise_if_failed(self) -> None:
         """Raise the error of a write that has already failed, without waiting for one."""
