@@ -7,6 +7,7 @@ from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._distributed import DataParallelTrainer, DistributedDataParallelTrainer
 from asynchat._errors import AsynchatError, CheckpointError
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
+from asynchat._every import every
 from asynchat._graphs import CudaGraphBatchProcessor
 from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
@@ -51,6 +52,7 @@ __all__ = [
     "RunPhase",
     "Trainer",
     "__version__",
+    "every",
     "launch",
     "launch_async",
     "stop_on_signals",

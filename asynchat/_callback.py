@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from asynchat._every import Every
 from asynchat._phase import Phase
 
 if TYPE_CHECKING:
@@ -72,11 +73,13 @@ class Callback:
 
 
 class Hook(NamedTuple):
-    """One overridden hook: the bound method and where it runs."""
+    """One overridden hook: the bound method, where it runs, and when (``due``: None for
+    every time its phase comes, else the test that :func:`~asynchat.every` made)."""
 
     callback: Callback
     fn: Callable[[LoopState], object]
     is_async: bool
+    due: Callable[[LoopState], bool] | None = None
 
     def __repr__(self) -> str:
         where = "event loop" if self.is_async else "compute thread"
@@ -97,7 +100,10 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
             f"{type(callback).__name__}.{phase.value} is an async generator; hooks must be "
             "`def` or `async def` functions"
         )
-    return Hook(callback, fn, inspect.iscoroutinefunction(fn))
+    rule: Every | None = getattr(fn, "__asynchat_every__", None)
+    name = f"{type(callback).__name__}.{phase.value}"
+    due = rule.due(phase, name) if rule is not None else None
+    return Hook(callback, fn, inspect.iscoroutinefunction(fn), due)
 
 
 class PipeBase:

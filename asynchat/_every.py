@@ -1,11 +1,25 @@
-"""The one rule for "every n steps" and "every n epochs", used by every shipped callback."""
+"""The one rule for "every n steps" and "every n epochs", used by every shipped callback, and
+:func:`every`, the same rule as a decorator for a hook of one's own."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from asynchat._checks import positive_int
+from asynchat._phase import Phase
 
 if TYPE_CHECKING:
     from asynchat._state import LoopState
+
+F = TypeVar("F", bound=Callable[..., object])
+
+_STEP_PHASES = frozenset({
+    Phase.ON_STEP_BEGIN, Phase.ON_BATCH_BEGIN, Phase.ON_BATCH_END, Phase.ON_BEFORE_UPDATE,
+    Phase.ON_STEP_END,
+})  # fmt: skip
+_EPOCH_PHASES = frozenset({Phase.ON_EPOCH_BEGIN, Phase.ON_EPOCH_END})
 
 
 def every_n_steps(state: LoopState, n: int | None) -> bool:
@@ -18,3 +32,67 @@ def every_n_epochs(state: LoopState, n: int | None) -> bool:
     """At ``on_epoch_end``: whether an every-``n``-epochs action is due. Only a complete
     epoch counts: one cut short by ``stop()`` is acted on by the run that finishes it."""
     return n is not None and state.epoch_complete and (state.epoch + 1) % n == 0
+
+
+def every(*, steps: int | None = None, epochs: int | None = None) -> Callable[[F], F]:
+    """Run the decorated hook only every ``steps`` steps or every ``epochs`` epochs.
+
+    The loop decides on its compute thread whether the hook is due, so on the steps between,
+    an ``async def`` hook costs no hop to the event loop (and a ``def`` hook no call)::
+
+        class Report(Callback):
+            @every(steps=100)
+            async def on_step_end(self, state):  # after steps 100, 200, ...
+                await client.post("/progress", json={"step": state.global_step})
+
+    The rule is the shipped callbacks' (``Checkpoint(every_n_steps=...)``): ``steps=n`` runs
+    the hook for every n-th step of the loop (``global_step`` n, 2n, ..., counted across
+    epochs and resumes), at any step-level phase (``on_step_begin`` to ``on_step_end``);
+    ``epochs=n`` runs it at ``on_epoch_begin`` of every n-th epoch, or at ``on_epoch_end``
+    of every n-th epoch that ran to its end (an epoch cut short by ``stop()`` is acted on by
+    the run that finishes it).
+    """
+    if (steps is None) == (epochs is None):
+        raise TypeError(
+            f"every() takes one of steps=... or epochs=..., got steps={steps!r}, epochs={epochs!r}"
+        )
+    positive_int("steps", steps, allow_none=True)
+    positive_int("epochs", epochs, allow_none=True)
+    rule = Every(steps, epochs)
+
+    def mark(fn: F) -> F:
+        if not callable(fn):
+            raise TypeError(f"@every(...) decorates a hook method, got {fn!r}")
+        fn.__asynchat_every__ = rule  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+    """What :func:`every` asks of a hook: one of ``steps`` or ``epochs``."""
+
+    steps: int | None
+    epochs: int | None
+
+    def __str__(self) -> str:
+        return f"@every(steps={self.steps})" if self.steps else f"@every(epochs={self.epochs})"
+
+    def due(self, phase: Phase, hook: str) -> Callable[[LoopState], bool]:
+        """Whether the hook ``hook`` at ``phase`` is due, as a test of the loop's state."""
+        if self.steps is not None and phase in _STEP_PHASES:
+            n = self.steps
+            if phase is Phase.ON_STEP_END:  # the step is counted in global_step already
+                return lambda state: state.global_step % n == 0
+            return lambda state: (state.global_step + 1) % n == 0
+        if self.epochs is not None and phase in _EPOCH_PHASES:
+            n = self.epochs
+            if phase is Phase.ON_EPOCH_END:
+                return lambda state: every_n_epochs(state, n)
+            return lambda state: (state.epoch + 1) % n == 0
+        if self.steps is not None:
+            where = "step-level hooks (on_step_begin .. on_step_end)"
+        else:
+            where = "on_epoch_begin and on_epoch_end"
+        raise TypeError(f"{hook}: {self} applies to {where} only, not to {phase.value}")

@@ -102,6 +102,12 @@ def _check_update_hooks(callbacks: Sequence[Any]) -> None:
                 "def hooks that launch sync-free kernels may (set graph_safe = True on the "
                 "class, as GradClip does); move other work to on_step_end"
             )
+        if getattr(hook, "__asynchat_every__", None) is not None:
+            raise ValueError(
+                f"CudaGraphBatchProcessor: {type(callback).__name__}.on_before_update has "
+                "@every(...), but it runs inside the captured graph, which replays it at every "
+                "update or never; drop @every, or move the work to on_step_end"
+            )
 
 
 def _check_model(model: torch.nn.Module) -> None:

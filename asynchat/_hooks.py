@@ -75,7 +75,8 @@ class HookRunner:
             self._run_every_hook(phase)
         else:
             for hook in hooks:
-                self._call_hook(hook, phase)
+                if hook.due is None or hook.due(state):
+                    self._call_hook(hook, phase)
         beat()
 
     def _call_hook(self, hook: Hook, phase: Phase) -> None:

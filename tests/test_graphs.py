@@ -13,7 +13,7 @@ import torch
 from conftest import make_loader, make_model
 from torch import nn
 
-from asynchat import Callback, CudaGraphBatchProcessor, LoopState, Trainer
+from asynchat import Callback, CudaGraphBatchProcessor, LoopState, Trainer, every
 from asynchat._capture import CaptureGate
 from asynchat._graphs import check_graphable, signature
 from asynchat.callbacks import Checkpoint, FreezeModule, GradClip, LRSchedule, cosine
@@ -32,6 +32,14 @@ def adam(**kwargs: Any) -> torch.optim.Optimizer:
 
 
 class Unsafe(Callback):
+    def on_before_update(self, state: LoopState) -> None:
+        pass
+
+
+class EveryMarkedSafe(Callback):
+    graph_safe = True
+
+    @every(steps=10)
     def on_before_update(self, state: LoopState) -> None:
         pass
 
@@ -56,6 +64,7 @@ def test_check_graphable_names_what_to_change() -> None:
          [LRSchedule(cosine(10))], None, "SGD reads a tensor learning rate"),
         (ok, [Unsafe()], None, r"Unsafe\.on_before_update would run inside"),
         (ok, [AsyncMarkedSafe()], None, r"AsyncMarkedSafe\.on_before_update"),
+        (ok, [EveryMarkedSafe()], None, r"EveryMarkedSafe\.on_before_update has @every"),
     ]  # fmt: skip
     for optimizers, callbacks, amp, message in cases:
         with pytest.raises(ValueError, match=message):
