@@ -10,11 +10,7 @@ import torch
 
 def accelerator() -> torch.device | None:
     """The machine's usable accelerator type (``cuda``, ``mps``, ``xpu``...), or None."""
-    finder = getattr(torch, "accelerator", None)
-    if finder is None:  # torch < 2.6
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    found: torch.device | None = finder.current_accelerator(check_available=True)
-    return found
+    return torch.accelerator.current_accelerator(check_available=True)
 
 
 def resolve_device(device: str | torch.device | int | None) -> torch.device:

@@ -14,7 +14,7 @@ import anyio
 from asynchat._mailbox import Mailbox
 
 
-class LoopStatus(str, enum.Enum):
+class LoopStatus(enum.StrEnum):
     """Where a loop is in its life: ``created -> running -> stopping -> finished|failed|cancelled``.
 
     ``running <-> paused`` while :meth:`~asynchat.LoopBase.pause` holds the loop at a step
@@ -35,9 +35,6 @@ class LoopStatus(str, enum.Enum):
     @property
     def done(self) -> bool:
         return self in (LoopStatus.FINISHED, LoopStatus.FAILED, LoopStatus.CANCELLED)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,7 +86,7 @@ class Throughput:
         return steps_per_s, steps_per_s * self.batch_size
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     """What a :class:`LoopEvent` reports."""
 
     STATUS = "status"  # the status changed (running, paused, stopping)
@@ -97,9 +94,6 @@ class EventKind(str, enum.Enum):
     EPOCH_END = "epoch_end"  # the snapshot has the epoch's metrics
     PROGRESS = "progress"  # periodic, made for each subscriber while nothing else happens
     END = "end"  # the final outcome: finished, failed or cancelled; always the last event
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     """A point in the loop where callbacks run; the value is the hook's method name.
 
     The loop, with every phase in its place (this is the one copy of the diagram: the README's
@@ -47,6 +47,3 @@ class Phase(str, enum.Enum):
     ON_STEP_END = "on_step_end"
     ON_EPOCH_END = "on_epoch_end"
     ON_LOOP_END = "on_loop_end"
-
-    def __str__(self) -> str:
-        return self.value
