@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from asynchat._every import Every
+from asynchat._every import rule_of
 from asynchat._phase import Phase
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
             f"{type(callback).__name__}.{phase.value} is an async generator; hooks must be "
             "`def` or `async def` functions"
         )
-    rule: Every | None = getattr(fn, "__asynchat_every__", None)
+    rule = rule_of(fn)
     name = f"{type(callback).__name__}.{phase.value}"
     due = rule.due(phase, name) if rule is not None else None
     return Hook(callback, fn, inspect.iscoroutinefunction(fn), due)

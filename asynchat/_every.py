@@ -20,6 +20,7 @@ _STEP_PHASES = frozenset({
     Phase.ON_STEP_END,
 })  # fmt: skip
 _EPOCH_PHASES = frozenset({Phase.ON_EPOCH_BEGIN, Phase.ON_EPOCH_END})
+_RULE = "__asynchat_every__"  # the attribute @every sets on the hook's function
 
 
 def every_n_steps(state: LoopState, n: int | None) -> bool:
@@ -63,10 +64,15 @@ def every(*, steps: int | None = None, epochs: int | None = None) -> Callable[[F
     def mark(fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@every(...) decorates a hook method, got {fn!r}")
-        fn.__asynchat_every__ = rule  # type: ignore[attr-defined]
+        setattr(fn, _RULE, rule)
         return fn
 
     return mark
+
+
+def rule_of(hook: Callable[..., object]) -> Every | None:
+    """The :func:`every` rule a hook method carries, or None."""
+    return getattr(hook, _RULE, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,7 @@ class Every:
         if self.steps is not None and phase in _STEP_PHASES:
             n = self.steps
             if phase is Phase.ON_STEP_END:  # the step is counted in global_step already
-                return lambda state: state.global_step % n == 0
+                return lambda state: every_n_steps(state, n)
             return lambda state: (state.global_step + 1) % n == 0
         if self.epochs is not None and phase in _EPOCH_PHASES:
             n = self.epochs

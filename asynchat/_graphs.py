@@ -26,6 +26,7 @@ import torch
 
 from asynchat._capture import GATE
 from asynchat._checks import positive_int
+from asynchat._every import rule_of
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
 from asynchat._processor import (
@@ -102,7 +103,7 @@ def _check_update_hooks(callbacks: Sequence[Any]) -> None:
                 "def hooks that launch sync-free kernels may (set graph_safe = True on the "
                 "class, as GradClip does); move other work to on_step_end"
             )
-        if getattr(hook, "__asynchat_every__", None) is not None:
+        if rule_of(hook) is not None:
             raise ValueError(
                 f"CudaGraphBatchProcessor: {type(callback).__name__}.on_before_update has "
                 "@every(...), but it runs inside the captured graph, which replays it at every "
