@@ -14,6 +14,7 @@ from asynchat._callback import Hook
 from asynchat._compute import ComputeThread
 from asynchat._errors import add_note
 from asynchat._heartbeat import beat
+from asynchat._in_use import in_hook_of
 from asynchat._phase import Phase
 from asynchat._state import LoopState
 
@@ -98,16 +99,18 @@ class HookRunner:
     ) -> torch.cuda.Event | None:
         if self.cancelling() and phase is not Phase.ON_LOOP_END:
             return None  # a cancelled loop skips the async hooks it has not started
-        if ready is None:
+        # A loop started in the hook (a predictor on this loop's model) runs inside this one.
+        with in_hook_of(self.state.loop):
+            if ready is None:
+                await hook.fn(self.state)  # type: ignore[misc]
+                return None
+            # On CUDA: whatever the hook queues on this thread's stream runs after the step's
+            # work so far, and the compute stream will wait for it (device-side, both ways).
+            stream = torch.cuda.current_stream(self.state.device)
+            stream.wait_event(ready)
             await hook.fn(self.state)  # type: ignore[misc]
-            return None
-        # On CUDA: whatever the hook queues on this thread's stream runs after the step's
-        # work so far, and the compute stream will wait for it (device-side, both ways).
-        stream = torch.cuda.current_stream(self.state.device)
-        stream.wait_event(ready)
-        await hook.fn(self.state)  # type: ignore[misc]
-        done: torch.cuda.Event = stream.record_event()
-        return done
+            done: torch.cuda.Event = stream.record_event()
+            return done
 
     def _run_every_hook(self, phase: Phase) -> None:
         first: BaseException | None = None

@@ -30,6 +30,7 @@ from asynchat._events import EventHub, EventKind, EventStream, LoopSnapshot, Thr
 from asynchat._handle import LoopHandle
 from asynchat._hooks import LOG as _LOG
 from asynchat._hooks import HookRunner
+from asynchat._in_use import Claim, claim
 from asynchat._phase import Phase
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint, apply_checkpoint, build_checkpoint
@@ -78,6 +79,17 @@ class LoopBase(PipeBase):
 
     ``on_loop_end`` runs every callback's hook even if one raises; the first error propagates.
     After ``stop()`` ``fit()`` returns normally, with ``state.stop_reason`` set.
+
+    **One model, several loops.** A loop holds its model from ``fit()`` to its end (a paused
+    loop too). Another loop on the same model, or on a model sharing a submodule or a weight
+    with it, is refused with a ``RuntimeError`` naming both, and stays unstarted to run
+    later, unless both predict in ``eval()`` mode on one device, or the new loop runs inside
+    the holder: from its ``def`` hooks with :meth:`run_inline`, or awaited in its ``async
+    def`` hooks (the holder's compute thread waits for the hook). Two trainers updating one
+    model from two threads would crash the process; a mode change under a running loop
+    would silently change what it computes. Each loop puts back every submodule's own
+    ``train()``/``eval()`` mode when it ends (the last of several predictors sharing a
+    model does), so layers frozen in ``eval()`` stay frozen through a validation.
     """
 
     training: ClassVar[bool] = False
@@ -134,6 +146,7 @@ class LoopBase(PipeBase):
         self._run: LoopRun | None = None  # the compute thread's half, during the run
         self._data = DataTracker()  # where the loop is in its data, for checkpoints
         self._resume: ResumePoint | None = None  # where a resumed run starts
+        self._claim: Claim | None = None  # this loop's use of its model, during the run
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._control.status}>"
@@ -296,7 +309,7 @@ class LoopBase(PipeBase):
                 f"running loop {parent.name} (on its compute thread); from async code use "
                 "`await loop.fit()`"
             )
-        with self._lifecycle(cancelled=JobCancelled):
+        with self._lifecycle(cancelled=JobCancelled, inside=parent._claim):
             self._control.parent = parent._control
             run = self._attach(compute)
             if parent.device == self.device and parent._run is not None:
@@ -305,13 +318,25 @@ class LoopBase(PipeBase):
         return self.state
 
     @contextlib.contextmanager
-    def _lifecycle(self, *, cancelled: type[BaseException]) -> Iterator[None]:
-        """The run's status from start to end (see :meth:`LoopControl.running`); runs once."""
+    def _lifecycle(
+        self, *, cancelled: type[BaseException], inside: Claim | None = None
+    ) -> Iterator[None]:
+        """The run's status from start to end (see :meth:`LoopControl.running`); runs once.
+
+        The model is claimed first (``asynchat._in_use``): a run refused because another loop
+        uses the model leaves this loop unstarted, to run once the other is done. ``inside``:
+        the claim of the loop this one runs inline in.
+        """
         if self._control.status is not LoopStatus.CREATED:
             raise RuntimeError(
                 f"{self.name} has already run (status {self._control.status}); a loop runs "
                 f"once, so create a new {type(self).__name__} to run again"
             )
+        use = claim(
+            self, self.model, self.device, trains=self._train_mode, updates=self.training,
+            inside=inside,
+        )  # fmt: skip
+        self._claim = use
         self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)
         self._throughput.start(self.state.global_step)
         try:
@@ -319,16 +344,19 @@ class LoopBase(PipeBase):
                 yield
         finally:
             self._detach()
+            self._claim = None
+            use.release()  # the modes as they were, submodule by submodule
 
     def _attach(self, compute: ComputeThread) -> LoopRun:
         """The run's compute-thread half, going through ``compute``."""
+        assert self._claim is not None, "attached in _lifecycle, which claims the model"
         self._compute = self._hooks_runner.compute = compute
         self._run = LoopRun(
             self,
             data_loader=self.data_loader,
             batch_processor=self.batch_processor,
             prefetch=self.prefetch,
-            train_mode=self._train_mode,
+            modes=self._claim.modes,
             prepare=self._prepare,
             begin_epoch_data=self._begin_epoch_data,
             control=self._control,

@@ -22,8 +22,10 @@ class Predictor(LoopBase):
     """Runs ``model`` over ``data_loader`` once, in ``eval()`` mode (unless ``train_mode``)
     under ``torch.no_grad()``.
 
-    The model's train/eval mode is restored afterwards, so a Predictor can validate a model
-    between a Trainer's epochs. ``fit()`` is HAT's name for the run: here it predicts.
+    Every submodule's train/eval mode is put back afterwards, so a Predictor can validate a
+    model between a Trainer's epochs (see *One model, several loops* in
+    :class:`~asynchat.LoopBase`: predictors in ``eval()`` mode may share a model; one in
+    ``train_mode`` holds it alone). ``fit()`` is HAT's name for the run: here it predicts.
 
     Args:
         model, data_loader, batch_processor, device, callbacks, prefetch, name: as for

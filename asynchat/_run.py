@@ -49,9 +49,11 @@ class LoopRun:
     """Runs a loop from preparation to ``on_loop_end``: :meth:`run`, on the compute thread.
 
     ``prepare`` gets the model, optimizer and processor ready (no hook has run yet) and
-    returns where a resumed run starts; ``train_mode`` is the model's mode during the run
-    (gradients are on only in a training loop); ``begin_epoch_data`` prepares the data loader for an
-    epoch before its order is drawn (a distributed sampler's epoch).
+    returns where a resumed run starts; ``modes`` puts the model in the loop's train/eval
+    mode for the run and every module's mode back afterwards (``asynchat._in_use``;
+    gradients are on only in a training loop);
+    ``begin_epoch_data`` prepares the data loader for an epoch before its order is drawn (a
+    distributed sampler's epoch).
 
     Fields, who writes them and from where:
 
@@ -68,7 +70,7 @@ class LoopRun:
         data_loader: Iterable[Any],
         batch_processor: BatchProcessor,
         prefetch: int,
-        train_mode: bool,
+        modes: Callable[[], contextlib.AbstractContextManager[None]],
         prepare: Callable[[], ResumePoint | None],
         begin_epoch_data: Callable[[int], None],
         control: LoopControl,
@@ -83,7 +85,7 @@ class LoopRun:
         self.data_loader = data_loader
         self.batch_processor = batch_processor
         self.prefetch = prefetch
-        self.train_mode = train_mode
+        self.modes = modes
         self.prepare = prepare
         self.begin_epoch_data = begin_epoch_data
         self.control = control
@@ -102,7 +104,7 @@ class LoopRun:
             batches.interrupt()
 
     def run(self) -> None:
-        with _mode(self.loop.model, train=self.train_mode, grad=self.loop.training):
+        with self.modes(), torch.set_grad_enabled(self.loop.training):  # grad: per thread
             resume = self.prepare()
             try:
                 self.hooks.run_phase(Phase.ON_LOOP_BEGIN)
@@ -256,16 +258,3 @@ class LoopRun:
             # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).
             label=lambda: f"{name}'s data_loader {reprlib.repr(self.data_loader)}",
         )
-
-
-@contextlib.contextmanager
-def _mode(model: torch.nn.Module, *, train: bool, grad: bool) -> Iterator[None]:
-    """Train or eval mode and grad mode for the run (grad mode is per thread); the model's
-    mode is put back afterwards."""
-    was_training = model.training
-    model.train(train)
-    try:
-        with torch.set_grad_enabled(grad):
-            yield
-    finally:
-        model.train(was_training)

@@ -26,7 +26,12 @@ class Trainer(LoopBase):
         model: the module to train, moved to ``device`` on the compute thread when the run
             starts; or a mapping of names to modules (several models, such as a GAN's two),
             held as one ``nn.ModuleDict`` (``state.model.generator``), each wrapped on its
-            own by the distributed trainers.
+            own by the distributed trainers. A model in ``eval()`` mode (one just loaded) is
+            put in ``train()`` mode; in a model already in ``train()`` mode, submodules you
+            put in ``eval()`` (frozen layers) stay so. Every submodule's mode is put back
+            when the run ends. While it trains, no other loop may run on the model (or on a
+            submodule or weight of it) except from this trainer's hooks: see
+            :class:`~asynchat.LoopBase`.
         data_loader: a re-iterable of batches, e.g. a ``torch.utils.data.DataLoader``.
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or a factory
             ``optimizer(model)`` called once the model is on its device; or a mapping of

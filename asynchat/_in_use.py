@@ -1,0 +1,230 @@
+"""Which models running loops use, and the train/eval mode each loop puts them in.
+
+Two loops that run on one model at the same time must not step on each other. Two trainers
+updating the same parameters from two compute threads crash the process (a segmentation
+fault in the optimizer, seen with two Trainers over one ``nn.Linear``), and a predictor's
+``eval()`` turns dropout and BatchNorm statistics off under a trainer that is still
+training. Modes are set on modules, not per thread, so the same is true of two predictors:
+the first to end would put the model back in ``train()`` mode under the other, whose
+BatchNorm layers then update their running statistics from its batches.
+
+So a loop *claims* its model for its run (:func:`claim`, from ``fit()``), module by module
+and parameter by parameter, so that models sharing a submodule or a tied weight conflict
+too. A claim is refused, with an error naming both loops, when the model is in use by a
+loop that trains it (or predicts in ``train()`` mode), unless the new loop runs *inside*
+that one: from one of its ``async def`` hooks (the holder's compute thread waits for the
+hook) or through ``run_inline`` from one of its ``def`` hooks. Predictors in ``eval()`` mode
+on the same device share a model.
+
+The claim is taken on the event loop (a refused loop stays unstarted); the modes are set on
+the compute thread, where the run begins (:meth:`Claim.modes`): the model in the loop's
+mode, then, when the run ends, every submodule's own mode put back as it was, so layers a
+user froze in ``eval()`` stay so after a validation. Runs that overlap form a stack per
+module: one that ends while a later one still runs on a module hands what it saved for that
+module to the later one, which puts it back when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+#: The loops whose ``async def`` hook is running in this task (innermost last): a loop
+#: started there runs inside each of them (they wait for the hook).
+_awaiting: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "asynchat_awaiting_hooks_of", default=()
+)
+
+
+@contextlib.contextmanager
+def in_hook_of(loop: Any) -> Iterator[None]:
+    """Around an ``async def`` hook of ``loop``: loops started in it run inside ``loop``."""
+    token = _awaiting.set((*_awaiting.get(), loop))
+    try:
+        yield
+    finally:
+        _awaiting.reset(token)
+
+
+class Claim:
+    """One loop's use of its model, from :func:`claim` to :meth:`release`; in between, on the
+    compute thread, :meth:`modes` puts the model in the loop's mode and back."""
+
+    def __init__(
+        self,
+        loop: Any,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        trains: bool,
+        updates: bool,
+        within: tuple[Any, ...],
+    ) -> None:
+        self.loop = loop  # the LoopBase (its name, for errors; its identity, for nesting)
+        self.model = model
+        self.device = device
+        self.trains = trains  # the model in train() mode (a Trainer; a train_mode Predictor)
+        self.updates = updates  # it changes parameters (a Trainer)
+        self.within = within  # the loops it runs inside, outermost first
+        self.modules, self.keys = _walk(model)
+        self.saved: list[bool] | None = None  # each module's mode before modes() set it
+
+    def shares_with(self, other: Claim) -> bool:
+        """Whether both may run on the model at once: predictors in eval() mode, on one
+        device, or one inside the other."""
+        if other.loop in self.within or self.loop in other.within:
+            return True
+        return not (self.trains or other.trains) and self.device == other.device
+
+    def release(self) -> None:
+        """Let other loops use the model (once the run is over; a second call does nothing)."""
+        _REGISTRY.release(self)
+
+    @contextlib.contextmanager
+    def modes(self) -> Iterator[None]:
+        """The model in the loop's mode for the run, then every module's mode put back."""
+        _REGISTRY.set_modes(self)
+        try:
+            yield
+        finally:
+            _REGISTRY.restore_modes(self)
+
+
+class _Registry:
+    """The claims of the process's running loops, and those whose modes are set, in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: list[Claim] = []
+        self._moded: list[Claim] = []  # claims whose modes are set, oldest first
+
+    def claim(self, new: Claim) -> None:
+        with self._lock:
+            for other in self._claims:
+                if not new.keys.isdisjoint(other.keys) and not new.shares_with(other):
+                    _refuse(new, other)
+            self._claims.append(new)
+
+    def release(self, claim: Claim) -> None:
+        with self._lock:
+            if claim in self._claims:
+                self._claims.remove(claim)
+
+    def set_modes(self, claim: Claim) -> None:
+        with self._lock:
+            claim.saved = [module.training for module in claim.modules]
+            self._moded.append(claim)
+        try:
+            _set_mode(claim.model, train=claim.trains)  # may run a module's own train()
+        except BaseException:
+            self.restore_modes(claim)
+            raise
+
+    def restore_modes(self, claim: Claim) -> None:
+        """Put back what ``claim`` saved; where a later claim's modes are still set on a
+        module, hand it the saved mode instead, to put back when it ends."""
+        with self._lock:
+            if claim.saved is None:
+                return
+            saved, claim.saved = claim.saved, None
+            later = self._moded[self._moded.index(claim) + 1 :]
+            self._moded.remove(claim)
+            heirs = [
+                (other.saved, {id(module): i for i, module in enumerate(other.modules)})
+                for other in later
+                if other.saved is not None and not claim.keys.isdisjoint(other.keys)
+            ]
+            for module, mode in zip(claim.modules, saved, strict=True):
+                for heir, index in heirs:
+                    i = index.get(id(module))
+                    if i is not None:
+                        heir[i] = mode
+                        break
+                else:
+                    if module.training is not mode:
+                        module.training = mode
+
+
+_REGISTRY = _Registry()
+
+
+def claim(
+    loop: Any,
+    model: torch.nn.Module,
+    device: torch.device,
+    *,
+    trains: bool,
+    updates: bool,
+    inside: Claim | None = None,
+) -> Claim:
+    """Claim ``model`` for a run of ``loop``; raise RuntimeError if a running loop uses it
+    (or part of it) in a way this run cannot share.
+
+    ``inside``: the claim of the loop this one runs inline in (``run_inline``); a loop
+    started from an ``async def`` hook runs inside that hook's loop without saying so.
+    """
+    within = (*inside.within, inside.loop) if inside is not None else _awaiting.get()
+    new = Claim(loop, model, device, trains=trains, updates=updates, within=within)
+    _REGISTRY.claim(new)
+    return new
+
+
+def _walk(model: torch.nn.Module) -> tuple[list[torch.nn.Module], frozenset[int]]:
+    """The modules of ``model`` (each once), and the ids of them and of their parameters.
+
+    On the event loop, once per run: read from the modules' own tables, which is 4-5x faster
+    than ``modules()`` and ``parameters()`` (measured: 2 ms against 9 ms for 3000 modules).
+    """
+    seen = {id(model)}
+    modules, stack = [model], [model]
+    while stack:
+        for child in stack.pop()._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                modules.append(child)
+                stack.append(child)
+    for module in modules:
+        seen.update(id(p) for p in module._parameters.values() if p is not None)
+    return modules, frozenset(seen)
+
+
+def _set_mode(model: torch.nn.Module, *, train: bool) -> None:
+    """eval() for a predictor. For a loop in train() mode: ``train()`` on a model in eval()
+    mode (one just loaded, or after a predictor); a model already in train() mode is left as
+    it is, so submodules the user put in eval() (frozen layers) stay there."""
+    if not train:
+        model.eval()
+    elif not model.training:
+        model.train()
+
+
+def _refuse(new: Claim, other: Claim) -> None:
+    doing = (
+        "training" if other.updates else "predicting with, in train() mode," if other.trains
+        else "predicting with"
+    )  # fmt: skip
+    raise RuntimeError(
+        f"{new.loop.name} cannot run: {other.loop.name} is {doing} "
+        f"{_what(new, other)} (on {other.device}). Two loops may use one model "
+        "at once only if both predict in eval() mode on one device: a trainer's updates, or "
+        "a change of mode, would corrupt the other's run. Await the other loop's fit() first, "
+        "run this one from its hooks (loop.run_inline(state.loop) in a def hook, await fit() "
+        "in an async def hook), or give it a copy of the model (copy.deepcopy)"
+    )
+
+
+def _what(new: Claim, other: Claim) -> str:
+    """What the other loop uses of the new loop's model: all of it, a submodule, a weight."""
+    model, both = new.model, new.keys & other.keys
+    if id(model) in both:
+        return "its model"
+    for name, module in model.named_modules():
+        if id(module) in both:
+            return f"its model's submodule {name!r}"
+    name = next(n for n, p in model.named_parameters() if id(p) in both)
+    return f"its model's parameter {name!r}"

@@ -1,0 +1,254 @@
+"""One model, several loops: which may run on it at once, and the train/eval modes they leave.
+
+Two Trainers over one model at once crashed the process (a segmentation fault in the
+optimizer's step, 3 runs of 3); two Predictors over one model left the second in train()
+mode when the first ended; a Validation between steps put layers frozen in eval() back in
+train() mode. Refusals are checked against a trainer paused before its first step, which
+holds its model while doing nothing, so the old code fails these tests without crashing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from torch import nn
+
+from asynchat import Callback, LoopBase, LoopState, LoopStatus, Predictor, Trainer
+from asynchat._in_use import claim
+from asynchat.callbacks import FreezeModule, Validation
+
+pytestmark = pytest.mark.anyio
+
+
+class Net(nn.Module):
+    def __init__(self, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = backbone or nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # type: ignore[no-any-return]
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 8, generator=g) + 3, torch.randint(0, 3, (16,), generator=g))
+            for _ in range(n)]  # fmt: skip
+
+
+def trainer(model: nn.Module, *callbacks: Callback, steps: int = 6, **kwargs: Any) -> Trainer:
+    return Trainer(
+        model, batches(steps), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=1, callbacks=list(callbacks), **kwargs,
+    )  # fmt: skip
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+class Modes(Callback):
+    """Records the modes of ``model``'s modules at every batch (on the compute thread)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.seen: list[dict[str, bool]] = []
+
+    def on_batch_begin(self, state: LoopState) -> None:
+        self.seen.append(modes(self.model))
+
+
+@asynccontextmanager
+async def paused(loop: LoopBase) -> AsyncIterator[None]:
+    """``loop`` running and held before its first step (it holds its model); then run out."""
+    loop.pause()
+    events = loop.events(progress_every=None)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(loop.fit)
+        with anyio.fail_after(10):
+            async for event in events:
+                if event.snapshot.status is LoopStatus.PAUSED:
+                    break
+        yield
+        loop.resume()
+
+
+async def test_a_second_trainer_on_a_model_in_training_is_refused_and_can_run_later() -> None:
+    model = Net()
+    first, second = trainer(model, name="first"), trainer(model, name="second")
+    async with paused(first):
+        with pytest.raises(RuntimeError, match="second cannot run: first is training its model"):
+            await second.fit()
+        assert second.status is LoopStatus.CREATED, "a refused loop has not started"
+    assert first.state.global_step == 6
+    assert (await second.fit()).global_step == 6, "it runs once the first is done"
+
+
+async def test_models_sharing_a_submodule_or_a_weight_do_not_train_at_once() -> None:
+    model = Net()
+    sharing = Net(backbone=model.backbone)
+    tied = nn.Linear(8, 3)
+    tied.weight = model.head[1].weight
+    async with paused(trainer(model, name="first")):
+        with pytest.raises(RuntimeError, match="is training its model's submodule 'backbone'"):
+            await trainer(sharing).fit()
+        with pytest.raises(RuntimeError, match="is training its model's parameter 'weight'"):
+            await Predictor(tied, [torch.randn(4, 8)]).fit()
+        # A model of its own trains meanwhile.
+        assert (await trainer(Net()).fit()).global_step == 6
+
+
+async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_hook() -> None:
+    model = Net()
+    model.train()
+    model.backbone.eval()  # frozen by the user: stays in eval() mode while training
+    inside: list[dict[str, bool]] = []
+
+    class PredictAtEpochEnd(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            recorder = Modes(model)
+            await Predictor(model, [torch.randn(4, 8)], callbacks=[recorder]).fit()
+            inside.extend(recorder.seen)
+
+    during = Modes(model)
+    training = trainer(model, PredictAtEpochEnd(), during, name="training")
+    async with paused(training):
+        with pytest.raises(RuntimeError, match="cannot run: training is training its model"):
+            await Predictor(model, [torch.randn(4, 8)]).fit()
+    evaluating = {name: False for name in modes(model)}
+    assert inside == [evaluating], "the predictor in the trainer's hook ran, in eval() mode"
+    frozen = {"": True, "backbone": False, "backbone.0": False, "backbone.1": False,
+              "head": True, "head.0": True, "head.1": True}  # fmt: skip
+    assert during.seen == [frozen] * 6
+    assert modes(model) == frozen
+
+
+async def test_predictors_sharing_a_model_keep_it_in_eval_mode_until_the_last_ends() -> None:
+    model = Net()  # in train() mode, with BatchNorm: a step in train() mode moves its stats
+    stats = model.backbone[1].running_mean.clone()
+    first_done, second_began = threading.Event(), threading.Event()
+    first_began = anyio.Event()
+
+    class At(Callback):
+        def __init__(self, step: int, do: Callable[[], None]) -> None:
+            self.step, self.do = step, do
+
+        def on_batch_begin(self, state: LoopState) -> None:
+            if state.step == self.step:
+                self.do()
+
+    def wait(event: threading.Event) -> Callable[[], None]:
+        return lambda: event.wait(10) or pytest.fail("the other predictor did not get there")
+
+    seen = Modes(model)
+
+    class Began(Callback):
+        async def on_loop_begin(self, state: LoopState) -> None:
+            first_began.set()
+
+    first = Predictor(
+        model, [torch.randn(16, 8)] * 2, callbacks=[Began(), At(1, wait(second_began))]
+    )
+    second = Predictor(
+        model, [torch.randn(16, 8)] * 4,
+        callbacks=[At(0, second_began.set), At(1, wait(first_done)), seen],
+    )  # fmt: skip
+
+    async def run_first() -> None:
+        await first.fit()
+        first_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_first)
+        await first_began.wait()  # the first holds the model before...
+        tg.start_soon(second.fit)  # ...the second joins, and outlives it
+    assert seen.seen == [{name: False for name in modes(model)}] * 4
+    assert torch.equal(model.backbone[1].running_mean, stats), "no batch moved the BN stats"
+    assert all(modes(model).values()), "back in train() mode once both are done"
+
+
+async def test_a_validation_between_steps_leaves_frozen_layers_frozen() -> None:
+    model = Net()
+    stats = model.backbone[1].running_mean.clone()
+    seen = Modes(model)
+    validation = Validation(
+        batches(2), every_n_steps=2, every_n_epochs=None, loss_fn=nn.CrossEntropyLoss()
+    )
+    await trainer(model, FreezeModule(["backbone"]), validation, seen).fit()
+    assert [step["backbone.1"] for step in seen.seen] == [False] * 6
+    assert [step["head.0"] for step in seen.seen] == [True] * 6
+    assert torch.equal(model.backbone[1].running_mean, stats), "frozen BatchNorm stats moved"
+    assert all(modes(model).values()), "the modes before fit(), back"
+
+
+async def test_a_trainer_puts_a_model_in_eval_mode_in_train_mode_and_back() -> None:
+    model = Net().eval()  # e.g. just loaded from a pretrained checkpoint
+    seen = Modes(model)
+    await trainer(model, seen).fit()
+    assert seen.seen == [{name: True for name in modes(model)}] * 6
+    assert not any(modes(model).values())
+
+
+class Loop:
+    """What a claim needs of a loop, for the registry's pure-logic tests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_predictors_share_a_model_only_in_eval_mode_on_one_device() -> None:
+    model = Net()
+    cpu = torch.device("cpu")
+    evaluating = claim(Loop("a"), model, cpu, trains=False, updates=False)
+    try:
+        with pytest.raises(RuntimeError, match="b cannot run: a is predicting with its model"):
+            claim(Loop("b"), model, torch.device("cuda", 0), trains=False, updates=False)
+        with pytest.raises(RuntimeError, match="c cannot run: a is predicting with its model"):
+            claim(Loop("c"), model, cpu, trains=True, updates=False)
+        claim(Loop("d"), model, cpu, trains=False, updates=False).release()
+    finally:
+        evaluating.release()
+    sampling = claim(Loop("e"), model, cpu, trains=True, updates=False)
+    try:
+        with pytest.raises(RuntimeError, match=r"e is predicting with, in train\(\) mode, its"):
+            claim(Loop("f"), model, cpu, trains=False, updates=False)
+    finally:
+        sampling.release()
+    assert all(modes(model).values())
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 0, 2), (0, 2, 1)])
+def test_modes_come_back_whatever_order_the_runs_end_in(order: tuple[int, ...]) -> None:
+    model = Net()
+    model.backbone.eval()
+    before = modes(model)
+    device = torch.device("cpu")
+    outer = claim(Loop("t"), model, device, trains=True, updates=True)
+    # Two predictors inside the trainer (as from its async hook), sharing with each other.
+    inner = [
+        claim(Loop(f"p{i}"), model, device, trains=False, updates=False, inside=outer)
+        for i in range(2)
+    ]
+    runs = []
+    for each in (outer, *inner):
+        run = contextlib.ExitStack()
+        run.enter_context(each.modes())
+        run.callback(each.release)
+        runs.append(run)
+    evaluating = dict.fromkeys(before, False)
+    assert modes(model) == evaluating
+    open_runs = {0, 1, 2}
+    for i in order:
+        runs[i].close()
+        open_runs.remove(i)
+        # While a predictor runs, the model is in eval() mode; the trainer alone (which
+        # keeps the user's frozen backbone) or nobody: the modes from before.
+        assert modes(model) == (evaluating if open_runs & {1, 2} else before)
