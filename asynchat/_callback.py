@@ -26,10 +26,17 @@ class Callback:
     know: ``graph_safe`` (its ``on_before_update`` is a ``def`` hook that only launches
     sync-free kernels, so it may run inside a captured graph) and ``sets_lr`` (it changes
     the optimizer's learning rate while training).
+
+    One instance serves one running loop at a time: most callbacks keep state for the run
+    (a scheduler bound to its optimizer, an open file, counters), so a loop whose callback
+    serves another running loop is refused when it starts, with an error naming both (a
+    loop run inside the other, e.g. from its hooks, may share). A callback that keeps no
+    per-run state may say so with ``shared_across_loops = True`` on its class.
     """
 
     graph_safe: ClassVar[bool] = False
     sets_lr: ClassVar[bool] = False
+    shared_across_loops: ClassVar[bool] = False
 
     def on_loop_begin(self, state: LoopState) -> Awaitable[None] | None:
         """Before the first epoch."""

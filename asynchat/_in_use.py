@@ -29,10 +29,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from asynchat._callback import Callback
 
 #: The loops whose ``async def`` hook is running in this task (innermost last): a loop
 #: started there runs inside each of them (they wait for the hook).
@@ -64,6 +66,7 @@ class Claim:
         trains: bool,
         updates: bool,
         within: tuple[Any, ...],
+        callbacks: Iterable[Callback] = (),
     ) -> None:
         self.loop = loop  # the LoopBase (its name, for errors; its identity, for nesting)
         self.model = model
@@ -72,12 +75,20 @@ class Claim:
         self.updates = updates  # it changes parameters (a Trainer)
         self.within = within  # the loops it runs inside, outermost first
         self.modules, self.keys = _walk(model)
+        # id -> (position in the loop's callbacks, callback), for those that serve one loop
+        self.callbacks = {
+            id(c): (i, c) for i, c in enumerate(callbacks) if not c.shared_across_loops
+        }
         self.saved: list[bool] | None = None  # each module's mode before modes() set it
 
-    def shares_with(self, other: Claim) -> bool:
+    def inside(self, other: Claim) -> bool:
+        """Whether one of the two loops runs inside the other (which waits for it)."""
+        return other.loop in self.within or self.loop in other.within
+
+    def shares_model_with(self, other: Claim) -> bool:
         """Whether both may run on the model at once: predictors in eval() mode, on one
         device, or one inside the other."""
-        if other.loop in self.within or self.loop in other.within:
+        if self.inside(other):
             return True
         return not (self.trains or other.trains) and self.device == other.device
 
@@ -106,8 +117,11 @@ class _Registry:
     def claim(self, new: Claim) -> None:
         with self._lock:
             for other in self._claims:
-                if not new.keys.isdisjoint(other.keys) and not new.shares_with(other):
+                if not new.keys.isdisjoint(other.keys) and not new.shares_model_with(other):
                     _refuse(new, other)
+                both = new.callbacks.keys() & other.callbacks.keys()
+                if both and not new.inside(other):
+                    _refuse_callback(new, other, *min(new.callbacks[key] for key in both))
             self._claims.append(new)
 
     def release(self, claim: Claim) -> None:
@@ -161,15 +175,19 @@ def claim(
     trains: bool,
     updates: bool,
     inside: Claim | None = None,
+    callbacks: Iterable[Callback] = (),
 ) -> Claim:
-    """Claim ``model`` for a run of ``loop``; raise RuntimeError if a running loop uses it
-    (or part of it) in a way this run cannot share.
+    """Claim ``model`` and ``callbacks`` for a run of ``loop``; raise RuntimeError if a
+    running loop uses the model (or part of it) in a way this run cannot share, or one of the
+    callbacks (unless the callback is ``shared_across_loops``).
 
     ``inside``: the claim of the loop this one runs inline in (``run_inline``); a loop
     started from an ``async def`` hook runs inside that hook's loop without saying so.
     """
     within = (*inside.within, inside.loop) if inside is not None else _awaiting.get()
-    new = Claim(loop, model, device, trains=trains, updates=updates, within=within)
+    new = Claim(
+        loop, model, device, trains=trains, updates=updates, within=within, callbacks=callbacks
+    )
     _REGISTRY.claim(new)
     return new
 
@@ -215,6 +233,16 @@ def _refuse(new: Claim, other: Claim) -> None:
         "a change of mode, would corrupt the other's run. Await the other loop's fit() first, "
         "run this one from its hooks (loop.run_inline(state.loop) in a def hook, await fit() "
         "in an async def hook), or give it a copy of the model (copy.deepcopy)"
+    )
+
+
+def _refuse_callback(new: Claim, other: Claim, position: int, callback: Callback) -> None:
+    raise RuntimeError(
+        f"{new.loop.name} cannot run: its callbacks[{position}] "
+        f"({type(callback).__name__}) serves {other.loop.name}, which is running. A callback "
+        "keeps state for its run (LRSchedule its scheduler, a logger its open file): give "
+        "each loop instances of its own. A callback that keeps none may say so with "
+        "`shared_across_loops = True` on its class"
     )
 
 

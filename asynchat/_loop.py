@@ -89,7 +89,8 @@ class LoopBase(PipeBase):
     model from two threads would crash the process; a mode change under a running loop
     would silently change what it computes. Each loop puts back every submodule's own
     ``train()``/``eval()`` mode when it ends (the last of several predictors sharing a
-    model does), so layers frozen in ``eval()`` stay frozen through a validation.
+    model does), so layers frozen in ``eval()`` stay frozen through a validation. A loop's
+    callbacks are held the same way (see :class:`~asynchat.Callback`).
     """
 
     training: ClassVar[bool] = False
@@ -334,7 +335,7 @@ class LoopBase(PipeBase):
             )
         use = claim(
             self, self.model, self.device, trains=self._train_mode, updates=self.training,
-            inside=inside,
+            inside=inside, callbacks=self.callbacks,
         )  # fmt: skip
         self._claim = use
         self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)

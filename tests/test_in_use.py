@@ -22,7 +22,7 @@ from torch import nn
 
 from asynchat import Callback, LoopBase, LoopState, LoopStatus, Predictor, Trainer
 from asynchat._in_use import claim
-from asynchat.callbacks import FreezeModule, Validation
+from asynchat.callbacks import FreezeModule, LRSchedule, Validation
 
 pytestmark = pytest.mark.anyio
 
@@ -112,19 +112,28 @@ async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_
     model.backbone.eval()  # frozen by the user: stays in eval() mode while training
     inside: list[dict[str, bool]] = []
 
+    class Tally(Callback):  # one instance in both loops: the predictor runs inside
+        batches = 0
+
+        def on_batch_end(self, state: LoopState) -> None:
+            self.batches += 1
+
+    tally = Tally()
+
     class PredictAtEpochEnd(Callback):
         async def on_epoch_end(self, state: LoopState) -> None:
             recorder = Modes(model)
-            await Predictor(model, [torch.randn(4, 8)], callbacks=[recorder]).fit()
+            await Predictor(model, [torch.randn(4, 8)], callbacks=[recorder, tally]).fit()
             inside.extend(recorder.seen)
 
     during = Modes(model)
-    training = trainer(model, PredictAtEpochEnd(), during, name="training")
+    training = trainer(model, PredictAtEpochEnd(), during, tally, name="training")
     async with paused(training):
         with pytest.raises(RuntimeError, match="cannot run: training is training its model"):
             await Predictor(model, [torch.randn(4, 8)]).fit()
     evaluating = {name: False for name in modes(model)}
     assert inside == [evaluating], "the predictor in the trainer's hook ran, in eval() mode"
+    assert tally.batches == 6 + 1
     frozen = {"": True, "backbone": False, "backbone.0": False, "backbone.1": False,
               "head": True, "head.0": True, "head.1": True}  # fmt: skip
     assert during.seen == [frozen] * 6
@@ -195,6 +204,34 @@ async def test_a_trainer_puts_a_model_in_eval_mode_in_train_mode_and_back() -> N
     await trainer(model, seen).fit()
     assert seen.seen == [{name: True for name in modes(model)}] * 6
     assert not any(modes(model).values())
+
+
+async def test_a_callback_serves_one_running_loop_unless_it_says_it_may_serve_many() -> None:
+    # One LRSchedule in two trainers at once: the second rebound it to its own optimizer,
+    # so the first trainer's steps decayed the second's learning rate, and its own never.
+    schedule = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+
+    class Count(Callback):
+        shared_across_loops = True  # keeps no per-run state worth guarding
+
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def on_step_end(self, state: LoopState) -> None:
+            self.steps += 1
+
+    count = Count()
+    first = trainer(Net(), schedule, count, name="first")
+    second = trainer(Net(), count, schedule, name="second")
+    async with paused(first):
+        with pytest.raises(RuntimeError, match=r"second cannot run: its callbacks\[1\] "
+                           r"\(LRSchedule\) serves first, which is running"):  # fmt: skip
+            await second.fit()
+        assert (await trainer(Net(), count).fit()).global_step == 6, "Count serves both"
+    assert count.steps == 12
+    await second.fit()  # once the first is done
+    for done in (first, second):
+        assert done.state.optimizers["default"].param_groups[0]["lr"] == 0.1 * 0.5**6
 
 
 class Loop:

@@ -161,6 +161,8 @@ class FreezeModule(Callback):
         eval_mode: also keep the frozen modules in ``eval()`` mode (BatchNorm, Dropout).
     """
 
+    shared_across_loops = True  # it keeps no state of a run: one instance may serve many
+
     def __init__(
         self, names: Sequence[str], *, until_epoch: int | None = None, eval_mode: bool = True
     ) -> None:
