@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from asynchat._callback import Callback
 
@@ -67,6 +68,8 @@ class Claim:
         updates: bool,
         within: tuple[Any, ...],
         callbacks: Iterable[Callback] = (),
+        data: object = None,
+        reading: Callable[[], bool] = lambda: False,
     ) -> None:
         self.loop = loop  # the LoopBase (its name, for errors; its identity, for nesting)
         self.model = model
@@ -79,6 +82,9 @@ class Claim:
         self.callbacks = {
             id(c): (i, c) for i, c in enumerate(callbacks) if not c.shared_across_loops
         }
+        # Data that every reader reads from one position, which is then this loop's alone.
+        self.data = data if _read_once(data) else None
+        self.reading = reading  # whether the loop is in an epoch's reading now
         self.saved: list[bool] | None = None  # each module's mode before modes() set it
 
     def inside(self, other: Claim) -> bool:
@@ -122,6 +128,10 @@ class _Registry:
                 both = new.callbacks.keys() & other.callbacks.keys()
                 if both and not new.inside(other):
                     _refuse_callback(new, other, *min(new.callbacks[key] for key in both))
+                # A loop inside the other may read its data between its epochs, not in one.
+                same_data = new.data is not None and new.data is other.data
+                if same_data and (not new.inside(other) or other.reading()):
+                    _refuse_data(new, other)
             self._claims.append(new)
 
     def release(self, claim: Claim) -> None:
@@ -176,18 +186,24 @@ def claim(
     updates: bool,
     inside: Claim | None = None,
     callbacks: Iterable[Callback] = (),
+    data: object = None,
+    reading: Callable[[], bool] = lambda: False,
 ) -> Claim:
-    """Claim ``model`` and ``callbacks`` for a run of ``loop``; raise RuntimeError if a
-    running loop uses the model (or part of it) in a way this run cannot share, or one of the
-    callbacks (unless the callback is ``shared_across_loops``).
+    """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise RuntimeError
+    if a running loop uses the model (or part of it) in a way this run cannot share, one of
+    the callbacks (unless the callback is ``shared_across_loops``), or the data, where its
+    readers share one position (an iterator; a DataLoader with persistent workers): a loop
+    inside the one reading it may read it only between that one's epochs (``reading``: whether
+    ``loop`` is in an epoch's reading now).
 
     ``inside``: the claim of the loop this one runs inline in (``run_inline``); a loop
     started from an ``async def`` hook runs inside that hook's loop without saying so.
     """
     within = (*inside.within, inside.loop) if inside is not None else _awaiting.get()
     new = Claim(
-        loop, model, device, trains=trains, updates=updates, within=within, callbacks=callbacks
-    )
+        loop, model, device, trains=trains, updates=updates, within=within,
+        callbacks=callbacks, data=data, reading=reading,
+    )  # fmt: skip
     _REGISTRY.claim(new)
     return new
 
@@ -243,6 +259,30 @@ def _refuse_callback(new: Claim, other: Claim, position: int, callback: Callback
         "keeps state for its run (LRSchedule its scheduler, a logger its open file): give "
         "each loop instances of its own. A callback that keeps none may say so with "
         "`shared_across_loops = True` on its class"
+    )
+
+
+def _read_once(data: object) -> bool:
+    """Whether the readers of ``data`` share one position: an iterator (a generator) is read
+    once, and a DataLoader with persistent workers hands every ``iter()`` the same iterator,
+    reset to the start (measured: a second reader restarted the first one's epoch)."""
+    if isinstance(data, Iterator):
+        return True
+    return isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0
+
+
+def _refuse_data(new: Claim, other: Claim) -> None:
+    what = (
+        "an iterator, which is read once"
+        if isinstance(new.data, Iterator)
+        else "a DataLoader with persistent workers, whose every iter() is the same iterator, "
+        "reset to the start"
+    )
+    raise RuntimeError(
+        f"{new.loop.name} cannot run: its data_loader is the one {other.loop.name} reads, "
+        f"which is running, and it is {what}: the two would split (or restart) each other's "
+        "epochs. Give each loop a data loader of its own (a DataLoader over the same "
+        "dataset), or run this one between the other's epochs (at on_epoch_end)"
     )
 
 

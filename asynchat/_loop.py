@@ -90,7 +90,8 @@ class LoopBase(PipeBase):
     would silently change what it computes. Each loop puts back every submodule's own
     ``train()``/``eval()`` mode when it ends (the last of several predictors sharing a
     model does), so layers frozen in ``eval()`` stay frozen through a validation. A loop's
-    callbacks are held the same way (see :class:`~asynchat.Callback`).
+    callbacks are held the same way (see :class:`~asynchat.Callback`), and its data loader
+    where its readers share one position (an iterator; a DataLoader with persistent workers).
     """
 
     training: ClassVar[bool] = False
@@ -335,7 +336,8 @@ class LoopBase(PipeBase):
             )
         use = claim(
             self, self.model, self.device, trains=self._train_mode, updates=self.training,
-            inside=inside, callbacks=self.callbacks,
+            inside=inside, callbacks=self.callbacks, data=self.data_loader,
+            reading=lambda: self._run is not None and self._run.batches is not None,
         )  # fmt: skip
         self._claim = use
         self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)

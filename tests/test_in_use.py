@@ -19,6 +19,7 @@ import anyio
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from asynchat import Callback, LoopBase, LoopState, LoopStatus, Predictor, Trainer
 from asynchat._in_use import claim
@@ -232,6 +233,52 @@ async def test_a_callback_serves_one_running_loop_unless_it_says_it_may_serve_ma
     await second.fit()  # once the first is done
     for done in (first, second):
         assert done.state.optimizers["default"].param_groups[0]["lr"] == 0.1 * 0.5**6
+
+
+async def test_data_read_from_one_position_serves_one_running_loop() -> None:
+    # A DataLoader with persistent workers hands every iter() the same iterator, reset to
+    # its start: a second loop over it restarted the first one's epoch and took its batches.
+    dataset = TensorDataset(*batches(1)[0])
+    persistent = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True)
+    plain = DataLoader(dataset, batch_size=4)
+    stream = iter(batches(3))
+    first = Trainer(
+        Net(), persistent, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=1, name="first",
+    )  # fmt: skip
+    reading = Predictor(Net(), stream, name="reading")
+    async with paused(first), paused(reading):
+        refused = "its data_loader is the one first reads, which is running, and it is a "
+        with pytest.raises(RuntimeError, match=refused + "DataLoader with persistent workers"):
+            await Predictor(Net(), persistent).fit()
+        with pytest.raises(RuntimeError, match=r"the one reading reads, .* an iterator"):
+            await Predictor(Net(), stream).fit()
+        predicted = await Predictor(Net(), plain).fit()  # a loader without them is shared
+        assert predicted.global_step == 4
+    assert first.state.global_step == 4 and reading.state.global_step == 3
+
+
+async def test_a_validation_reads_the_training_data_between_epochs_only() -> None:
+    """Validating on the training data in the middle of an epoch, where its readers share one
+    position, would take the epoch's batches (or restart it); at the epoch's end nothing
+    reads it any more. (The mid-epoch case reads a generator: a DataLoader with persistent
+    workers left mid-epoch by the failure takes seconds to shut its workers down.)"""
+
+    def with_validation(loader: Any, num_epochs: int, **every: Any) -> Trainer:
+        validation = Validation(loader, loss_fn=nn.CrossEntropyLoss(), **every)
+        return Trainer(
+            Net(), loader, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(), num_epochs=num_epochs, callbacks=[validation],
+        )  # fmt: skip
+
+    mid_epoch = with_validation(iter(batches(6)), 1, every_n_steps=2, every_n_epochs=None)
+    with pytest.raises(RuntimeError, match=r"its data_loader is the one trainer-.* reads"):
+        await mid_epoch.fit()
+    assert mid_epoch.state.global_step == 2
+    dataset = TensorDataset(*batches(1)[0])
+    persistent = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True)
+    at_epoch_end = await with_validation(persistent, 2, every_n_epochs=1).fit()
+    assert at_epoch_end.global_step == 8 and "val/loss" in at_epoch_end.metrics
 
 
 class Loop:
