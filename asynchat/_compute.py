@@ -110,7 +110,13 @@ class _Worker:
                 if _POOL.retire(self):
                     return
                 continue  # just taken from the pool: its lease is on the way
-            if message is _STOP or not message.run_lease(self):
+            if message is _STOP:
+                return
+            back = message.run_lease(self)
+            # The ended lease refers to its loop (model, optimizer, data): an idle worker must
+            # not keep a finished job's memory for its IDLE_TIMEOUT_S.
+            del message
+            if not back:
                 return
 
     def prepare(self, num_threads: int) -> None:
@@ -132,6 +138,10 @@ class _Worker:
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         torch.cuda.set_stream(self.stream)
+
+
+def _nothing() -> None:
+    """The cancel callback of a lease with no job."""
 
 
 def _idle_name(device: torch.device) -> str:
@@ -214,7 +224,7 @@ class ComputeThread:
         # Intra-op parallelism is a per-thread setting; the compute thread takes its lessor's,
         # so torch.set_num_threads(n) before fit() applies to training.
         self._num_threads = torch.get_num_threads()
-        self._on_cancel: Callable[[], None] = lambda: None
+        self._on_cancel: Callable[[], None] = _nothing
         self._slots = threading.Semaphore(0)  # unread items a job may still emit
         self._discarding = False  # nobody reads emitted items any more
         self._worker: _Worker | None = None  # the one leased (kept after the lease ends)
@@ -257,6 +267,7 @@ class ComputeThread:
         worker = self._worker
         assert self._outbox is not None and worker is not None
         self._leased = False
+        self._on_cancel = _nothing  # the loop's: nothing is left to cancel
         if self._abandoned:
             worker.inbox.put(_STOP)  # a forced exit: the thread ends by itself after the job
             return

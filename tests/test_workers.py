@@ -4,6 +4,7 @@ their timeout, at interpreter exit) without holding anything up."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import textwrap
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import anyio
@@ -57,6 +59,21 @@ async def test_the_next_loop_on_a_device_runs_on_the_same_thread() -> None:
         pass
     assert second.thread is first.thread and third.thread is first.thread
     assert (second.name, third.name) == (f"asynchat-{again.name}", f"asynchat-{predictor.name}")
+
+
+async def test_an_idle_worker_keeps_nothing_of_the_loop_it_ran() -> None:
+    """A finished job's model, optimizer and data go when its caller drops them, though its
+    compute thread waits in the pool (the thread used to hold its last lease, and through
+    it the loop, for IDLE_TIMEOUT_S: 5 minutes of a service's memory)."""
+    where = Where()
+    trainer = make_trainer(where, num_steps=3)
+    await trainer.fit()
+    assert where.thread is not None and where.thread.name == "asynchat-idle-cpu"
+    model, loop = weakref.ref(trainer.model), weakref.ref(trainer)
+    del trainer
+    gc.collect()  # a loop's objects refer to each other (state.loop): a cycle
+    assert loop() is None and model() is None
+    assert where.thread.is_alive(), "while the worker waits for the next loop"
 
 
 async def test_loops_running_at_the_same_time_take_threads_of_their_own() -> None:
