@@ -21,7 +21,13 @@ import torch
 
 from asynchat._compute import JobCancelled
 from asynchat._control import Decision, LoopControl
-from asynchat._data import Reading, reading, skip_batches, with_last
+from asynchat._data import (
+    Reading,
+    reading,
+    skip_batches,
+    with_last,
+    workers_stop_with_loader,
+)
 from asynchat._errors import add_note
 from asynchat._events import EventHub, EventKind, LoopStatus, Throughput
 from asynchat._handle import LoopHandle
@@ -190,7 +196,8 @@ class LoopRun:
         self.data.begin_epoch(state.epoch, self.data_loader, resume)
         epoch = _EpochRun(skip)
         try:
-            with self._open_batches(skip_batches(self.data_loader, skip)) as batches:
+            source = workers_stop_with_loader(skip_batches(self.data_loader, skip))
+            with self._open_batches(source) as batches:
                 self.batches = batches
                 try:
                     epoch.decision = self._decide()  # before the first step
