@@ -436,7 +436,10 @@ class LoopBase(PipeBase):
         )
         self._load_extra_state(checkpoint)
         self.state.global_step = checkpoint["progress"]["global_step"]
-        self.state.metrics.restore(checkpoint["metrics"], step=self.state.global_step)
+        self.state.metrics.restore(
+            checkpoint["metrics"], step=self.state.global_step,
+            steps=checkpoint.get("metric_steps"),
+        )  # fmt: skip
         self.state.epoch = checkpoint["progress"]["epoch"]
 
     def _prepare(self) -> ResumePoint | None:

@@ -9,6 +9,8 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
                       run), ``global_step``, ``world_size`` and the data loader's
                       ``batch_size`` (to resume inside an epoch on another number of ranks)
 ``metrics``           ``state.metrics``
+``metric_steps``      the global step at which each metric was measured (absent from older
+                      checkpoints: the checkpoint's step stands in)
 ``model``             the (unwrapped) model's ``state_dict()`` (not in a sharded checkpoint)
 ``processor``         the batch processor's state (the grad scaler)
 ``callbacks``         ``{"ClassName": state, "ClassName#1": ...}`` for callbacks with state
@@ -45,6 +47,7 @@ from asynchat._checkpoint_io import FORMAT, VERSION
 from asynchat._data import loader_generators
 from asynchat._errors import CheckpointWarning
 from asynchat._rng import capture_rng, restore_rng
+from asynchat._state import Metrics
 from asynchat._transfer import HostCopy
 
 
@@ -159,6 +162,8 @@ def build_checkpoint(
                 "batch_size": getattr(data_loader, "batch_size", None),
             },
             "metrics": dict(metrics),
+            # When each was measured: a monitor acts on a value once, resumed or not.
+            "metric_steps": metrics.steps() if isinstance(metrics, Metrics) else {},
             **weights,
             "processor": processor_state,
             "callbacks": {

@@ -34,11 +34,19 @@ class Metrics(dict[str, float]):
         for name, value in dict(*args, **kwargs).items():
             self[name] = value
 
-    def restore(self, saved: Mapping[str, float], *, step: int) -> None:
-        """Put back values saved in a checkpoint at global step ``step`` (measured then or
-        before: older than anything measured after the resume)."""
+    def restore(
+        self, saved: Mapping[str, float], *, step: int, steps: Mapping[str, int] | None = None
+    ) -> None:
+        """Put back values saved in a checkpoint at global step ``step``, each measured at
+        its step in ``steps`` (checkpoints before those were kept: at ``step``, older than
+        anything measured after the resume)."""
         super().update(saved)
-        self._steps.update(dict.fromkeys(saved, step))
+        measured = steps or {}
+        self._steps.update({name: int(measured.get(name, step)) for name in saved})
+
+    def steps(self) -> dict[str, int]:
+        """The global step at which each metric was last set (for checkpoints)."""
+        return dict(self._steps)
 
     def measured_at(self, name: str) -> int | None:
         """The global step at which ``name`` was last set (None: unknown, or never)."""

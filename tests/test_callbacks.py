@@ -13,11 +13,12 @@ import anyio
 import pytest
 import torch
 import torchmetrics
-from conftest import make_loader, make_model, make_trainer, sgd
+from conftest import StopAt, make_loader, make_model, make_trainer, sgd
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
 from asynchat.callbacks import (
+    Checkpoint,
     EarlyStopping,
     ExponentialMovingAverage,
     FreezeModule,
@@ -130,12 +131,79 @@ async def test_early_stopping_stops_after_patience() -> None:
     state = await make_trainer(FakeValidation(), stopper, num_epochs=6).fit()
     assert state.epoch == 4  # epochs 2, 3, 4 (0-based) brought no improvement over 0.6
     assert state.stop_reason is not None and "val/accuracy did not improve" in state.stop_reason
-    assert stopper.state_dict() == {"best": 0.6, "bad_checks": 3}
+    assert stopper.state_dict() == {"best": 0.6, "bad_checks": 3, "acted_at": 30}
 
 
-async def test_early_stopping_names_a_missing_metric() -> None:
-    with pytest.raises(KeyError, match=r"no such metric .*Put the callback that publishes"):
-        await make_trainer(EarlyStopping("val/loss")).fit()
+class EveryOtherEpoch(Callback):
+    """A stand-in for Validation(every_n_epochs=2): publishes ``val/loss`` (the same value,
+    or ``values`` in turn) at the end of epochs 0, 2, 4, ..."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values) or [1.0]
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        if state.epoch % 2 == 0:
+            state.metrics["val/loss"] = self.values[(state.epoch // 2) % len(self.values)]
+
+
+async def test_early_stopping_counts_validations_not_the_epochs_between() -> None:
+    # Before, an epoch without a validation failed (KeyError at the end of epoch 0), or,
+    # once a value existed, counted it again as a check without improvement.
+    stopper = EarlyStopping("val/loss", patience=2)
+    state = await make_trainer(EveryOtherEpoch(), stopper, num_epochs=10).fit()
+    assert state.epoch == 4, "stopped at the third validation: the second without improvement"
+    assert state.stop_reason == "early stopping: val/loss did not improve on 1 for 2 check(s)"
+
+
+async def test_a_resumed_early_stopping_does_not_count_a_validation_twice(tmp_path: Path) -> None:
+    def run(directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+        return make_trainer(
+            EveryOtherEpoch(), EarlyStopping("val/loss", patience=100), *extra,
+            Checkpoint(directory, save_on_end=True), num_epochs=4,
+            resume_from=directory if resume else None,
+        )  # fmt: skip
+
+    whole = run(tmp_path / "whole")
+    await whole.fit()
+    cut = await run(tmp_path / "cut", StopAt(9)).fit()  # checked epoch 0's value (of step 6)
+    assert cut.global_step == 9
+    resumed = run(tmp_path / "cut", resume=True)
+    await resumed.fit()  # epoch 1 ends without a validation: nothing to count
+    assert resumed.resumed_from is not None and resumed.resumed_from.name == "step-000000009.ckpt"
+    stoppers = [
+        next(c for c in t.callbacks if isinstance(c, EarlyStopping)) for t in (whole, resumed)
+    ]
+    expected = {"best": 1.0, "bad_checks": 1, "acted_at": 18}  # checks at epochs 0 and 2
+    assert stoppers[1].state_dict() == stoppers[0].state_dict() == expected
+
+
+async def test_early_stopping_names_a_misspelled_metric_and_warns_of_one_never_published() -> None:
+    class Loss(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            state.metrics["val/loss"] = 1.0
+
+    with pytest.raises(KeyError, match=r"no such metric .*the metrics are \['val/loss'\]"):
+        await make_trainer(Loss(), EarlyStopping("val/los")).fit()
+    with pytest.warns(UserWarning, match="'valid/loss' was never published in this run"):
+        await make_trainer(Loss(), EarlyStopping("valid/loss")).fit()
+    await make_trainer(EarlyStopping("val/loss"), num_steps=2).fit()  # no metric yet: quiet
+
+
+async def test_a_plateau_schedule_steps_once_per_new_value_whatever_the_interval() -> None:
+    """ReduceLROnPlateau never sees an improvement here (threshold 10): it halves the rate
+    at every value after the first. Stepped at every step end (the default interval) with
+    the last value, it failed at step 1 before, and would have halved the rate every step."""
+    for interval in ("step", "epoch"):
+        schedule = LRSchedule(
+            lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, factor=0.5, patience=0, threshold=10.0, threshold_mode="abs"
+            ),
+            interval=interval, monitor="val/loss",
+        )  # fmt: skip
+        state = await make_trainer(EveryOtherEpoch(), schedule, num_epochs=6).fit()
+        assert isinstance(schedule.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        assert schedule.scheduler.last_epoch == 3, "values at epochs 0, 2 and 4"
+        assert state.optimizers["default"].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
 async def test_terminate_on_nan_names_the_first_bad_step_without_syncing_each_step() -> None:

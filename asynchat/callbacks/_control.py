@@ -12,16 +12,21 @@ from asynchat._checks import positive_int
 from asynchat._errors import AsynchatError
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
+from asynchat.callbacks._monitor import Monitor
 from asynchat.callbacks._stats import step_losses
 
 
 class EarlyStopping(Callback):
     """Stops the loop when ``state.metrics[monitor]`` has not improved for ``patience`` checks.
 
-    Checked at the end of each complete epoch (list it after the :class:`Validation` that
-    publishes the metric). An improvement is a change beyond ``min_delta`` in the direction
-    of ``mode``. The loop ends through ``stop()``, so ``fit()`` returns normally, with
-    ``state.stop_reason`` saying why. Its state is kept in checkpoints.
+    Checked at the end of each complete epoch that has a new value of the metric (list it
+    after the :class:`Validation` that publishes it): with a Validation every few epochs,
+    ``patience`` counts validations, and an epoch without one is not a check. A misspelled
+    ``monitor`` (``val/los`` beside ``val/loss``) is an error at the first check; one never
+    published in a run that published others is a warning at its end. An improvement is a
+    change beyond ``min_delta`` in the direction of ``mode``. The loop ends through
+    ``stop()``, so ``fit()`` returns normally, with ``state.stop_reason`` saying why. Its
+    state is kept in checkpoints (a resumed run does not check a value again).
     """
 
     def __init__(
@@ -43,17 +48,17 @@ class EarlyStopping(Callback):
         self.min_delta = min_delta
         self.best: float | None = None
         self.bad_checks = 0
+        self._metric = Monitor(f"EarlyStopping(monitor={monitor!r})", monitor)
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self._metric.begin(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
         if not state.epoch_complete:
             return  # a cut-short epoch is judged once, when the resumed run ends it
-        if self.monitor not in state.metrics:
-            raise KeyError(
-                f"EarlyStopping(monitor={self.monitor!r}): no such metric at the end of epoch "
-                f"{state.epoch}; known: {sorted(state.metrics)}. Put the callback that publishes "
-                "it (e.g. Validation) before EarlyStopping"
-            )
-        value = state.metrics[self.monitor]
+        value = self._metric.new_value(state)
+        if value is None:
+            return  # no validation since the last check
         if self.best is None or self._improved(value, self.best):
             self.best, self.bad_checks = value, 0
             return
@@ -61,8 +66,11 @@ class EarlyStopping(Callback):
         if self.bad_checks >= self.patience:
             state.loop.stop(
                 f"early stopping: {self.monitor} did not improve on {self.best:.6g} for "
-                f"{self.patience} epoch(s)"
+                f"{self.patience} check(s)"
             )
+
+    def on_loop_end(self, state: LoopState) -> None:
+        self._metric.warn_if_unseen(state)
 
     def _improved(self, value: float, best: float) -> bool:
         if self.mode == "min":
@@ -70,10 +78,11 @@ class EarlyStopping(Callback):
         return value > best + self.min_delta
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_checks": self.bad_checks}
+        return {"best": self.best, "bad_checks": self.bad_checks, "acted_at": self._metric.acted_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.bad_checks = state_dict["best"], state_dict["bad_checks"]
+        self._metric.acted_at = state_dict.get("acted_at")  # absent from older checkpoints
 
 
 class NonFiniteLossError(AsynchatError, FloatingPointError):

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import (
 
 from asynchat._callback import Callback
 from asynchat._state import LoopState
+from asynchat.callbacks._monitor import Monitor
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler | ReduceLROnPlateau]
 
@@ -36,9 +37,12 @@ class LRSchedule(Callback):
     epoch cut short by ``stop()`` steps it once, in the run that resumes and finishes it.
 
     Metric-driven schedulers such as ``ReduceLROnPlateau`` take ``monitor``: the scheduler is
-    stepped with ``state.metrics[monitor]`` (list the :class:`Validation` that publishes it
-    before this callback). Such a scheduler without ``monitor`` is refused when the loop
-    begins, before any training.
+    stepped once with each new value of ``state.metrics[monitor]``, right after the hook that
+    publishes it (list the :class:`Validation` before this callback), at a step's or an
+    epoch's end whatever the ``interval``; so its ``patience`` counts validations, never the
+    steps or epochs between them. A misspelled ``monitor`` is an error at the first step; one
+    never published in a run that published others, a warning at its end. Such a scheduler
+    without ``monitor`` is refused when the loop begins, before any training.
 
     The scheduler is built from ``scheduler(optimizer)`` when the loop begins (the optimizer may
     itself come from a factory). A Trainer with several optimizers needs ``optimizer="g"``: the
@@ -95,8 +99,11 @@ class LRSchedule(Callback):
         self.optimizer = optimizer
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
+        self._metric = Monitor(f"LRSchedule(monitor={monitor!r})", monitor) if monitor else None
 
     def on_loop_begin(self, state: LoopState) -> None:
+        if self._metric is not None:
+            self._metric.begin(state)
         optimizer = self._optimizer(state)
         if self._loaded is not None:
             # Building schedulers rescales the (already restored) learning rates: start from
@@ -147,34 +154,42 @@ class LRSchedule(Callback):
         return optimizers[self.optimizer]
 
     def on_step_end(self, state: LoopState) -> None:
-        if self.interval == "step":
+        if self._metric is not None or self.interval == "step":
             self._step(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if self.interval == "epoch" and state.epoch_complete:
+        if self._metric is not None or (self.interval == "epoch" and state.epoch_complete):
             self._step(state)
+
+    def on_loop_end(self, state: LoopState) -> None:
+        if self._metric is not None:
+            self._metric.warn_if_unseen(state)
 
     def _step(self, state: LoopState) -> None:
         scheduler = self.scheduler
         if scheduler is None:
             return
-        if not isinstance(scheduler, ReduceLROnPlateau):
+        if self._metric is None:
+            assert not isinstance(scheduler, ReduceLROnPlateau)
             scheduler.step()
             return
-        assert self.monitor is not None
-        if self.monitor not in state.metrics:
-            raise KeyError(
-                f"LRSchedule(monitor={self.monitor!r}): no such metric at global step "
-                f"{state.global_step}; known: {sorted(state.metrics)}. Put the callback that "
-                "publishes it (e.g. Validation) before LRSchedule"
-            )
-        scheduler.step(state.metrics[self.monitor])
+        value = self._metric.new_value(state)
+        if value is not None:  # once per value: a plateau is measured in validations
+            assert isinstance(scheduler, ReduceLROnPlateau)
+            scheduler.step(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict() if self.scheduler is not None else {}
+        if self.scheduler is None:
+            return {}
+        if self._metric is None:
+            return self.scheduler.state_dict()
+        return {"scheduler": self.scheduler.state_dict(), "acted_at": self._metric.acted_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict or None
+        if self._metric is not None and state_dict.keys() == {"scheduler", "acted_at"}:
+            self._metric.acted_at = state_dict["acted_at"]
+            state_dict = state_dict["scheduler"]
+        self._loaded = state_dict or None  # a monitored one's, before: the scheduler's own
 
 
 def step_decay(step_size: int, gamma: float = 0.1) -> SchedulerFactory:

@@ -1,0 +1,71 @@
+"""A monitored metric, read by callbacks that act on it: each new value once, a misspelled
+name at once, a name never published by the end of the run with a warning."""
+
+from __future__ import annotations
+
+import warnings
+
+from asynchat._state import LoopState
+
+
+class Monitor:
+    """``state.metrics[name]`` as a callback that acts on each value once reads it.
+
+    A value is new when it was measured after the one last acted on (``acted_at``, the global
+    step it was measured at; kept in the callback's checkpoint state), so a check between two
+    validations does not count the last one again, and a resumed run does not act again on a
+    value it acted on before the checkpoint. A name missing while a metric with its prefix
+    exists (``val/los`` beside ``val/loss``) is a misspelling: a ``KeyError`` naming the
+    metrics. Missing otherwise, it is not published yet (a Validation every few epochs):
+    nothing to act on; a run that ends without ever seeing it, though it saw others, warns
+    (:meth:`warn_if_unseen`).
+    """
+
+    def __init__(self, owner: str, name: str) -> None:
+        self.owner = owner  # e.g. "EarlyStopping(monitor='val/loss')", for messages
+        self.name = name
+        self.acted_at: int | None = None
+        self._seen = False  # in this run
+
+    def begin(self, state: LoopState) -> None:
+        """At the loop's begin: a value acted on after this step was another run's (the
+        instance is reused by a new loop, whose steps count from 0 again)."""
+        if self.acted_at is not None and self.acted_at > state.global_step:
+            self.acted_at = None
+
+    def new_value(self, state: LoopState) -> float | None:
+        """The metric's value if it is new (then it counts as acted on), else None."""
+        metrics = state.metrics
+        if self.name not in metrics:
+            self._missing(state)
+            return None
+        self._seen = True
+        measured_at = metrics.measured_at(self.name)
+        if measured_at is None:
+            measured_at = state.global_step
+        if self.acted_at is not None and measured_at <= self.acted_at:
+            return None
+        self.acted_at = measured_at
+        return float(metrics[self.name])
+
+    def _missing(self, state: LoopState) -> None:
+        prefix = self.name.rpartition("/")[0]
+        if any(key.rpartition("/")[0] == prefix for key in state.metrics):
+            raise KeyError(
+                f"{self.owner}: no such metric at global step {state.global_step}; the "
+                f"metrics are {sorted(state.metrics)}. Fix the name, or list the callback "
+                "that publishes it (e.g. Validation) before this one"
+            )
+
+    def warn_if_unseen(self, state: LoopState) -> None:
+        """At the end of a run that went well: warn if the metric never appeared in it while
+        others did (a name misspelled beyond its prefix: ``valid/loss`` for ``val/loss``).
+        A run cut short before any metric was published says nothing."""
+        seen, self._seen = self._seen or self.name in state.metrics, False
+        if not seen and state.metrics and state.exception is None:
+            warnings.warn(
+                f"{self.owner}: {self.name!r} was never published in this run (metrics: "
+                f"{sorted(state.metrics)}), so it never acted. Check the name, and that the "
+                "callback that publishes it (e.g. Validation) runs before the run ends",
+                stacklevel=3,
+            )
