@@ -25,10 +25,12 @@ class Metrics(dict[str, float]):
         super().__init__()
         self._clock = clock
         self._steps: dict[str, int] = {}
+        self.version = 0  # bumped at every change: a reader can skip an unchanged dict
 
     def __setitem__(self, name: str, value: float) -> None:
         super().__setitem__(name, value)
         self._steps[name] = self._clock()
+        self.version += 1
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for name, value in dict(*args, **kwargs).items():
@@ -43,6 +45,7 @@ class Metrics(dict[str, float]):
         super().update(saved)
         measured = steps or {}
         self._steps.update({name: int(measured.get(name, step)) for name in saved})
+        self.version += 1
 
     def steps(self) -> dict[str, int]:
         """The global step at which each metric was last set (for checkpoints)."""

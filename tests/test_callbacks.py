@@ -407,6 +407,42 @@ async def test_json_lines_logger(tmp_path: Path) -> None:
     assert all(math.isfinite(r["train/loss"]) for r in rows)
 
 
+async def test_loggers_write_each_metric_value_once_at_the_step_it_was_measured(
+    tmp_path: Path,
+) -> None:
+    """A Validation every 4 steps reaches the log at steps 4, 8, 12 (before, only the last
+    value of each epoch did, at the epoch's end); one every other epoch is not logged again
+    at the epochs between; a resumed run does not log again what it restored."""
+
+    def val_rows(path: Path) -> list[tuple[int, float]]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+
+    every_4 = tmp_path / "every-4-steps.jsonl"
+    validation = Validation(
+        make_loader(32, 16), every_n_steps=4, every_n_epochs=None, loss_fn=nn.CrossEntropyLoss()
+    )
+    await make_trainer(validation, JSONLinesLogger(every_4), num_epochs=2).fit()
+    assert [step for step, _ in val_rows(every_4)] == [4, 8, 12]
+
+    other = tmp_path / "every-other-epoch.jsonl"
+    await make_trainer(EveryOtherEpoch(1.0, 0.5), JSONLinesLogger(other), num_epochs=4).fit()
+    assert val_rows(other) == [(6, 1.0), (18, 0.5)]
+
+    cut = tmp_path / "cut.jsonl"
+
+    def run(*extra: Callback, resume: bool = False) -> Trainer:
+        return make_trainer(
+            EveryOtherEpoch(1.0, 0.5), JSONLinesLogger(cut), *extra,
+            Checkpoint(tmp_path / "checkpoints", save_on_end=True), num_epochs=4,
+            resume_from=tmp_path / "checkpoints" if resume else None,
+        )  # fmt: skip
+
+    await run(StopAt(9)).fit()
+    await run(resume=True).fit()
+    assert val_rows(cut) == [(6, 1.0), (18, 0.5)]
+
+
 def test_bad_callback_arguments() -> None:
     with pytest.raises(ValueError, match=r"Validation needs metrics=\.\.\., loss_fn="):
         Validation([])

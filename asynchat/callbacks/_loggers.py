@@ -20,7 +20,10 @@ from asynchat.callbacks._stats import step_losses
 
 class ScalarLogger(Callback):
     """Base for loggers: the step's losses every ``every_n_steps`` steps (``loss``, and
-    ``loss/<name>`` for each of ``state.losses``), ``state.metrics`` per complete epoch.
+    ``loss/<name>`` for each of ``state.losses``), and each value of ``state.metrics`` once,
+    at the step it was measured at (a Validation every n steps, or a MetricUpdater's interval,
+    reach the log as they are published; an epoch without a validation logs no old value
+    again). Metrics a resumed run restores were logged by the run that measured them.
 
     In a distributed run only rank 0 logs.
 
@@ -35,12 +38,20 @@ class ScalarLogger(Callback):
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self._pending: list[tuple[int, HostCopy[dict[str, torch.Tensor]]]] = []
+        self._logged: dict[str, int] = {}  # metric -> the step of its last value logged
+        self._version = -1  # of state.metrics when last looked at
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        # What is there already (restored by a resume) was logged when it was measured.
+        metrics = state.metrics
+        self._logged = {name: _measured_at(state, name) for name in metrics}
+        self._version = metrics.version
 
     def on_step_end(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
@@ -50,13 +61,27 @@ class ScalarLogger(Callback):
             if losses:
                 self._pending.append((state.global_step, HostCopy(losses)))
         self._flush(wait=False)
+        self._write_new_metrics(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
             return
         self._flush(wait=True)
-        if state.metrics and state.epoch_complete:  # a cut-short epoch is logged when resumed
-            self.write(state.global_step, dict(state.metrics))
+        self._write_new_metrics(state)
+
+    def _write_new_metrics(self, state: LoopState) -> None:
+        metrics = state.metrics
+        if metrics.version == self._version:  # the common case at a step: nothing new
+            return
+        self._version = metrics.version
+        new: dict[int, dict[str, float]] = {}
+        for name, value in metrics.items():
+            step = _measured_at(state, name)
+            if self._logged.get(name, -1) < step:
+                self._logged[name] = step
+                new.setdefault(step, {})[name] = float(value)
+        for step in sorted(new):
+            self.write(step, new[step])
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
@@ -68,6 +93,11 @@ class ScalarLogger(Callback):
         while self._pending and (wait or self._pending[0][1].ready()):
             step, copy = self._pending.pop(0)
             self.write(step, {self.prefix + k: float(v) for k, v in copy.wait().items()})
+
+
+def _measured_at(state: LoopState, name: str) -> int:
+    step = state.metrics.measured_at(name)
+    return state.global_step if step is None else step
 
 
 class TensorBoardLogger(ScalarLogger):
@@ -88,6 +118,7 @@ class TensorBoardLogger(ScalarLogger):
     def on_loop_begin(self, state: LoopState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        super().on_loop_begin(state)
         if state.loop.is_rank_zero:
             self._writer = SummaryWriter(str(self.log_dir))
 
@@ -115,6 +146,7 @@ class JSONLinesLogger(ScalarLogger):
         self._file: IO[str] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
+        super().on_loop_begin(state)
         if state.loop.is_rank_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
