@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -173,8 +174,16 @@ class _Registry:
                     if module.training is not mode:
                         module.training = mode
 
+    def forget(self) -> None:
+        """In a forked child: the parent's loops do not run here (the models are copies),
+        and the lock may have been held by a thread the child does not have."""
+        self._lock = threading.Lock()
+        self._claims = []
+        self._moded = []
+
 
 _REGISTRY = _Registry()
+os.register_at_fork(after_in_child=_REGISTRY.forget)
 
 
 def claim(

@@ -10,7 +10,11 @@ holds its model while doing nothing, so the old code fails these tests without c
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import sys
 import threading
+import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -279,6 +283,44 @@ async def test_a_validation_reads_the_training_data_between_epochs_only() -> Non
     persistent = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True)
     at_epoch_end = await with_validation(persistent, 2, every_n_epochs=1).fit()
     assert at_epoch_end.global_step == 8 and "val/loss" in at_epoch_end.metrics
+
+
+def _train_in_child(model: nn.Module) -> None:
+    try:
+        anyio.run(trainer(model, name="child").fit)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(3)
+
+
+def test_a_forked_child_trains_its_copy_of_a_model_the_parent_is_training() -> None:
+    """The parent's claims are not the child's: its model is a copy (before, the child was
+    refused, 'parent is training its model', by a loop that does not run in it)."""
+    model = Net()
+    parent = trainer(model, name="parent")
+    parent.pause()
+    thread = threading.Thread(target=anyio.run, args=(parent.fit,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while parent.status is not LoopStatus.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert parent.status is LoopStatus.PAUSED
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork() with threads alive
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child = multiprocessing.get_context("fork").Process(
+                target=_train_in_child, args=(model,)
+            )
+            child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    finally:
+        parent.resume()
+        thread.join(60)
+    assert child.exitcode == 0
+    assert parent.state.global_step == 6
 
 
 class Loop:
