@@ -177,6 +177,15 @@ async def test_a_resumed_early_stopping_does_not_count_a_validation_twice(tmp_pa
     assert stoppers[1].state_dict() == stoppers[0].state_dict() == expected
 
 
+async def test_an_early_stopping_reused_by_a_new_run_starts_afresh() -> None:
+    stopper = EarlyStopping("val/loss", patience=1)
+    await make_trainer(EveryOtherEpoch(0.1), stopper, num_epochs=2).fit()
+    assert stopper.best == 0.1
+    # A new model whose loss never reaches the last one's best trains until it stalls.
+    state = await make_trainer(EveryOtherEpoch(1.0, 0.9, 0.8), stopper, num_epochs=6).fit()
+    assert state.stop_reason is None and stopper.best == 0.8
+
+
 async def test_early_stopping_names_a_misspelled_metric_and_warns_of_one_never_published() -> None:
     class Loss(Callback):
         def on_epoch_end(self, state: LoopState) -> None:

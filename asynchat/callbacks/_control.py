@@ -26,7 +26,8 @@ class EarlyStopping(Callback):
     published in a run that published others is a warning at its end. An improvement is a
     change beyond ``min_delta`` in the direction of ``mode``. The loop ends through
     ``stop()``, so ``fit()`` returns normally, with ``state.stop_reason`` saying why. Its
-    state is kept in checkpoints (a resumed run does not check a value again).
+    state is kept in checkpoints (a resumed run does not check a value again); an instance
+    reused by a new run (not a resumed one) starts afresh.
     """
 
     def __init__(
@@ -51,7 +52,8 @@ class EarlyStopping(Callback):
         self._metric = Monitor(f"EarlyStopping(monitor={monitor!r})", monitor)
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self._metric.begin(state)
+        if self._metric.begin(state):  # reused by a new run: another model's best
+            self.best, self.bad_checks = None, 0
 
     def on_epoch_end(self, state: LoopState) -> None:
         if not state.epoch_complete:

@@ -27,11 +27,14 @@ class Monitor:
         self.acted_at: int | None = None
         self._seen = False  # in this run
 
-    def begin(self, state: LoopState) -> None:
+    def begin(self, state: LoopState) -> bool:
         """At the loop's begin: a value acted on after this step was another run's (the
-        instance is reused by a new loop, whose steps count from 0 again)."""
+        instance is reused by a new loop, whose steps count from 0 again); forget it, and
+        return True so the owner forgets what it made of it."""
         if self.acted_at is not None and self.acted_at > state.global_step:
             self.acted_at = None
+            return True
+        return False
 
     def new_value(self, state: LoopState) -> float | None:
         """The metric's value if it is new (then it counts as acted on), else None."""
