@@ -106,12 +106,14 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def make_trainer(*callbacks: Callback, loader: Any = None, **kwargs: Any) -> Trainer:
+def make_trainer(
+    *callbacks: Callback, loader: Any = None, model: nn.Module | None = None, **kwargs: Any
+) -> Trainer:
     """A small classifier trainer (96 samples, batches of 16, 6 steps an epoch)."""
     if "num_steps" not in kwargs:
         kwargs.setdefault("num_epochs", 3)
     return Trainer(
-        make_model(),
+        model if model is not None else make_model(),
         loader if loader is not None else make_loader(96, 16),
         sgd,
         loss_fn=nn.CrossEntropyLoss(),

@@ -120,6 +120,21 @@ async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     assert "val/loss" in trainer.state.metrics
 
 
+async def test_an_ema_reused_by_a_new_run_averages_the_new_model() -> None:
+    # Before, it went on from the last model's average: another model's weights (or, for
+    # another shape, a RuntimeError in the first update).
+    ema = ExponentialMovingAverage(decay=0.5, warmup=False)
+    await make_trainer(ema, num_steps=3).fit()
+    wider = make_model(seed=1, classes=5)
+    before = [t.detach().clone() for t in wider.state_dict().values()]
+    await make_trainer(ema, model=wider, num_steps=1).fit()
+    after = list(wider.state_dict().values())
+    assert all(
+        torch.allclose(s, 0.5 * b + 0.5 * a)
+        for s, b, a in zip(ema.shadow, before, after, strict=True)
+    )
+
+
 async def test_early_stopping_stops_after_patience() -> None:
     scores = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.7])
 

@@ -23,7 +23,7 @@ class ExponentialMovingAverage(Callback):
     ``ema = decay * ema + (1 - decay) * weights``. Buffers (BatchNorm statistics) are copied.
     ``Validation(use_ema=True)`` validates the averaged weights; :meth:`swapped_in` swaps them
     into the model for any other use, and :meth:`copy_to` writes them for good. The average
-    is kept in checkpoints.
+    is kept in checkpoints; a run that does not resume starts it from the model's weights.
 
     Args:
         decay: weight of the old average, in [0, 1).
@@ -63,8 +63,9 @@ class ExponentialMovingAverage(Callback):
         if self._loaded is not None:
             self.shadow = [t.to(state.device) for t in self._loaded]
             self._loaded = None
-        elif not self.shadow:
+        else:  # a new run (an instance reused by one kept another model's average)
             self.shadow = [t.detach().clone() for t in live]
+            self.updates = 0
 
     @torch.no_grad()
     def on_step_end(self, state: LoopState) -> None:
