@@ -9,9 +9,10 @@ loss every ``--eval-every`` steps (with the best checkpoint kept), bf16 autocast
 and a few lines of Python sampled at each validation: generated on the compute thread (a
 ``def`` hook: the model is the compute thread's), published by an ``async def`` hook that
 brings them to the host without blocking the event loop. Ctrl-C stops after the step in
-progress with a final checkpoint; ``--resume`` goes on from the newest. At the end the
-*best* checkpoint (by validation loss) is loaded and scored on held-out test text, next to
-the unigram baseline (the loss of predicting each character from its frequency alone).
+progress with a final checkpoint; ``--resume`` goes on from the newest (without it a run
+starts over, removing the last run's checkpoints). At the end the *best* checkpoint (by
+validation loss) is loaded and scored on held-out test text, next to the unigram baseline
+(the loss of predicting each character from its frequency alone).
 On a GPU, ``--cuda-graphs`` replays each training step as CUDA graphs
 (``CudaGraphBatchProcessor``: a capturable, fused AdamW with a tensor learning rate, which
 the schedule updates in place; GradClip runs inside the graph).
@@ -20,6 +21,7 @@ the schedule updates in place; GradClip runs inside the graph).
 from __future__ import annotations
 
 import os
+import shutil
 
 # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the engine's
 # compute thread keeps the cores (on 2 CPU cores a step costs up to 20% less; see
@@ -279,6 +281,8 @@ def make_trainer(
     train, val, _ = loaders(corpus, run)
     config = Config(len(corpus.vocab), run.block, run.layers, max(1, run.width // 32), run.width)
     checkpoints = out / "checkpoints"
+    if not resume and checkpoints.exists():  # a run that starts over replaces the last one's
+        shutil.rmtree(checkpoints)
     processor, optimizer = step_setup(run, graphs)
     return Trainer(
         CharGPT(config),

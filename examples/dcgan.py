@@ -11,11 +11,13 @@ both optimizers come from the engine. Every epoch a grid of 64 samples from a fi
 written to ``<out>/samples/epoch-NNN.png``; ``LossMonitor`` publishes the mean ``d`` and
 ``g`` losses, which the progress lines show. Checkpoints go to ``<out>/checkpoints``;
 ``--resume`` continues from the newest, exactly where it stopped (stop it with Ctrl-C).
+Without it a run starts over, and removes the last run's checkpoints first.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the engine's
 # compute thread keeps the cores (on 2 CPU cores a step costs up to 20% less; see
@@ -184,6 +186,8 @@ def make_trainer(
 ) -> Trainer:
     torch.manual_seed(0)
     checkpoints = out / "checkpoints"
+    if not resume and checkpoints.exists():  # a run that starts over replaces the last one's
+        shutil.rmtree(checkpoints)
     on_gpu = (
         torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     )

@@ -6,12 +6,15 @@ The data ships inside scikit-learn (no download). The shipped callbacks do the r
 validation accuracy after every epoch (a Predictor run between epochs), a cosine learning
 rate schedule with warmup, progress (a bar on a terminal, plain lines otherwise), TensorBoard
 logs in ``<out>/tb``, and checkpoints in ``<out>/checkpoints`` written in the background,
-keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint.
+keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint;
+without it a run starts over and first removes the last run's checkpoints (the Checkpoint
+callback refuses a directory holding a run further on than its own).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the engine's
 # compute thread keeps the cores (on 2 CPU cores a step costs up to 20% less; see
@@ -72,6 +75,9 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
     torch.manual_seed(0)
     train_loader, val_loader = digits_loaders()
     checkpoints = out / "checkpoints"
+    if not resume and checkpoints.exists():
+        print(f"starting over: removing the last run's checkpoints in {checkpoints}")
+        shutil.rmtree(checkpoints)
     trainer = Trainer(
         make_model(),
         train_loader,

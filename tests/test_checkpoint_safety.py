@@ -82,7 +82,8 @@ def test_a_symlink_named_like_a_checkpoint_is_neither_loaded_nor_deleted(tmp_pat
         _, loaded = load_checkpoint(save_dir)
     assert loaded.name == "step-000000002.ckpt"
     with pytest.warns(CheckpointWarning, match="not a regular file"):
-        train(save_dir, num_steps=2, checkpoint={"every_n_steps": 1, "keep_last": 1})
+        train(save_dir, num_steps=4, resume_from=save_dir,
+              checkpoint={"every_n_steps": 1, "keep_last": 1})  # fmt: skip
     assert link.is_symlink() and (other / "step-000000006.ckpt").exists()
 
 
@@ -104,15 +105,16 @@ def test_sharded_names_that_are_links_or_leftovers(tmp_path: Path) -> None:
     with pytest.warns(CheckpointWarning, match=r"step-000000009\.dcp is not a directory"):
         assert load_checkpoint(save_dir)[1].name == "step-000000002.ckpt"
     with pytest.warns(CheckpointWarning, match="is not a directory"):
-        train(save_dir, num_steps=2, checkpoint={"every_n_steps": 1, "keep_last": 1})
+        train(save_dir, num_steps=4, resume_from=save_dir,
+              checkpoint={"every_n_steps": 1, "keep_last": 1})  # fmt: skip
     assert link.is_symlink() and (outside / "precious").read_text() == "precious"
     assert not leftover.exists() and temporary_link.is_symlink()
     # A sharded checkpoint whose asynchat.pt is a link (to another checkpoint) is not read.
     borrowed = save_dir / "step-000000099.dcp"
     borrowed.mkdir()
-    (borrowed / "asynchat.pt").symlink_to(save_dir / "step-000000002.ckpt")
+    (borrowed / "asynchat.pt").symlink_to(save_dir / "step-000000004.ckpt")
     with pytest.warns(CheckpointWarning) as caught:
-        assert load_checkpoint(save_dir)[1].name == "step-000000002.ckpt"
+        assert load_checkpoint(save_dir)[1].name == "step-000000004.ckpt"
     assert any("asynchat.pt is a symbolic link" in str(w.message) for w in caught)
 
 
@@ -242,9 +244,10 @@ def test_a_checkpoint_a_crash_kept_out_of_the_manifest_is_pruned_later(tmp_path:
     entries = manifest(tmp_path)
     write_manifest(tmp_path, entries[:-1])  # the crash came between file and manifest
     assert steps_on_disk(tmp_path) == [4, 6]
-    train(tmp_path, num_steps=4, checkpoint={"every_n_steps": 2, "keep_last": 2})
-    assert steps_on_disk(tmp_path) == [4, 6]  # step 6 adopted; 2 written, then pruned
-    assert sorted(e["global_step"] for e in manifest(tmp_path)) == [4, 6]
+    train(tmp_path, num_steps=10, resume_from=tmp_path,
+          checkpoint={"every_n_steps": 2, "keep_last": 2})  # fmt: skip
+    assert steps_on_disk(tmp_path) == [8, 10]  # step 6 adopted, then pruned like the others
+    assert sorted(e["global_step"] for e in manifest(tmp_path)) == [8, 10]
 
 
 # -- one live writer per directory ----------------------------------------------------------
@@ -278,8 +281,8 @@ async def test_a_second_writer_in_the_same_process_is_refused_before_training(
         assert second.state.global_step == 0
         gate.release.set()
     assert steps_on_disk(tmp_path) == [2, 3, 4]
-    state = await make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=5).fit()
-    assert state.global_step == 5  # released at the end of the first run
+    resumed = make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=5, resume_from=tmp_path)
+    assert (await resumed.fit()).global_step == 5  # released at the end of the first run
 
 
 HOLDER = """
@@ -349,3 +352,30 @@ def test_checkpoints_are_written_when_no_writer_thread_can_start(
     checkpoint, _ = load_checkpoint(tmp_path / "step-000000006.ckpt")
     assert checkpoint["progress"]["global_step"] == 6
     assert len(refused) == 3  # each write was asked of a thread, and done where it was asked
+
+
+@pytest.mark.anyio
+async def test_a_run_further_back_than_the_directory_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    """A fresh run into a used directory ranked its checkpoints below the other run's and
+    pruned each as it was written (a 2-epoch run into a 3-epoch run's directory kept none of
+    its own); it is refused before training, and the directory is left as it was."""
+
+    def run(epochs: int, **kwargs: Any) -> Any:
+        return make_trainer(
+            Checkpoint(tmp_path, every_n_epochs=1, keep_last=2), num_epochs=epochs, **kwargs
+        )
+
+    await run(3).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    fresh = run(2)
+    with pytest.raises(CheckpointError, match=r"a run further on than this one "
+                       r"\(step-000000018\.ckpt, global step 18; this run is at 0\)"):  # fmt: skip
+        await fresh.fit()
+    assert fresh.state.global_step == 0, "refused before any step"
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after.keys() - {".lock"} == before.keys() - {".lock"}
+    assert all(after[name] == before[name] for name in before if name != ".lock")
+    resumed = run(4, resume_from=tmp_path)
+    assert (await resumed.fit()).global_step == 24, "continuing it is fine"

@@ -104,6 +104,10 @@ class Checkpoint(Callback):
     the directory; the lock of a process that died is taken over. Only files this callback
     names (``step-*.ckpt``) are ever deleted, never anything a manifest points to elsewhere.
 
+    A run further back than the directory's newest checkpoint (a fresh run into a used
+    directory, or one resumed from an older file) is refused at ``on_loop_begin``, before
+    training: its checkpoints would rank as older than the other run's and be pruned.
+
     Retention: the newest checkpoint is always kept (so nothing is pruned before a newer one
     is safely written), plus the newest ``keep_last`` and the best ``keep_best`` by
     ``monitor``. A metric that is NaN or infinite never ranks as best.
@@ -209,8 +213,24 @@ class Checkpoint(Callback):
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._entries = self._adopt(read_manifest(self.save_dir))
+        self._refuse_a_later_run(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
+
+    def _refuse_a_later_run(self, state: LoopState) -> None:
+        """A run that does not continue the directory's newest checkpoint must not write
+        there: ranked by global step, its checkpoints would be pruned as older the moment
+        they were written (measured: a fresh 2-epoch run into a 5-epoch run's directory kept
+        none of its own), and the same step's file of the other run would be overwritten."""
+        later = [e for e in self._entries if e["global_step"] > state.global_step]
+        if later:
+            newest = later[-1]
+            raise CheckpointError(
+                f"Checkpoint(save_dir={str(self.save_dir)!r}): the directory holds checkpoints "
+                f"of a run further on than this one ({newest['file']}, global step "
+                f"{newest['global_step']}; this run is at {state.global_step}). Resume from "
+                "it (resume_from=save_dir), save into another directory, or remove them"
+            )
 
     def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The manifest's entries plus checkpoint files a crash kept out of it (so that they
