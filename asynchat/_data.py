@@ -8,7 +8,7 @@ import enum
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
@@ -96,12 +96,16 @@ class _WorkersStopWithLoader:
         return iterator
 
 
+def has_persistent_workers(data: object) -> TypeGuard[DataLoader[Any]]:
+    """Whether ``data`` is a DataLoader that keeps its worker processes, and so one iterator,
+    across epochs (every ``iter()`` returns that iterator, reset to its start)."""
+    return isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0
+
+
 def workers_stop_with_loader(source: Iterable[Any]) -> Iterable[Any]:
     """``source``, iterated so that a DataLoader's persistent workers stop when it goes (see
     :class:`_WorkersStopWithLoader`); any other iterable as it is."""
-    if isinstance(source, DataLoader) and source.persistent_workers and source.num_workers > 0:
-        return _WorkersStopWithLoader(source)
-    return source
+    return _WorkersStopWithLoader(source) if has_persistent_workers(source) else source
 
 
 def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:

@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from asynchat._callback import Callback
+from asynchat._data import has_persistent_workers
 
 #: The loops whose ``async def`` hook is running in this task (innermost last): a loop
 #: started there runs inside each of them (they wait for the hook).
@@ -157,8 +157,9 @@ class _Registry:
             if claim.saved is None:
                 return
             saved, claim.saved = claim.saved, None
-            later = self._moded[self._moded.index(claim) + 1 :]
-            self._moded.remove(claim)
+            at = self._moded.index(claim)
+            later = self._moded[at + 1 :]
+            del self._moded[at]
             heirs = [
                 (other.saved, {id(module): i for i, module in enumerate(other.modules)})
                 for other in later
@@ -275,9 +276,7 @@ def _read_once(data: object) -> bool:
     """Whether the readers of ``data`` share one position: an iterator (a generator) is read
     once, and a DataLoader with persistent workers hands every ``iter()`` the same iterator,
     reset to the start (measured: a second reader restarted the first one's epoch)."""
-    if isinstance(data, Iterator):
-        return True
-    return isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0
+    return isinstance(data, Iterator) or has_persistent_workers(data)
 
 
 def _refuse_data(new: Claim, other: Claim) -> None:

@@ -348,7 +348,7 @@ class LoopBase(PipeBase):
         finally:
             self._detach()
             self._claim = None
-            use.release()  # the modes as they were, submodule by submodule
+            use.release()  # other loops may use the model (its modes: Claim.modes, in the run)
 
     def _attach(self, compute: ComputeThread) -> LoopRun:
         """The run's compute-thread half, going through ``compute``."""

@@ -57,9 +57,8 @@ class LoopRun:
     ``prepare`` gets the model, optimizer and processor ready (no hook has run yet) and
     returns where a resumed run starts; ``modes`` puts the model in the loop's train/eval
     mode for the run and every module's mode back afterwards (``asynchat._in_use``;
-    gradients are on only in a training loop);
-    ``begin_epoch_data`` prepares the data loader for an epoch before its order is drawn (a
-    distributed sampler's epoch).
+    gradients are on only in a training loop); ``begin_epoch_data`` prepares the data loader
+    for an epoch before its order is drawn (a distributed sampler's epoch).
 
     Fields, who writes them and from where:
 

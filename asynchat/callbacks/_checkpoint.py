@@ -34,6 +34,7 @@ from asynchat._checks import positive_int
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._state import LoopState
+from asynchat.callbacks._monitor import measured_at, misspelled
 
 
 class BackgroundWriter:
@@ -351,14 +352,14 @@ class Checkpoint(Callback):
             return None, None
         value = state.metrics.get(self.monitor)
         if value is not None:
-            measured_at = getattr(state.metrics, "measured_at", lambda _: None)(self.monitor)
-            if measured_at is None or measured_at == state.global_step:
+            step = measured_at(state, self.monitor)
+            if step == state.global_step:
                 return float(value), None
             if not self._warned_stale:
                 self._warned_stale = True
                 warnings.warn(
                     f"Checkpoint(monitor={self.monitor!r}): at global step "
-                    f"{state.global_step} its value is from step {measured_at}, not of these "
+                    f"{state.global_step} its value is from step {step}, not of these "
                     "weights; such checkpoints are kept unranked (by keep_last only). Save "
                     "when the metric is measured, e.g. every_n_epochs=1 after an epoch's "
                     "Validation",
@@ -366,9 +367,7 @@ class Checkpoint(Callback):
                     stacklevel=2,
                 )
             return None, None
-        prefix = self.monitor.rpartition("/")[0]
-        siblings = sorted(k for k in state.metrics if k.rpartition("/")[0] == prefix)
-        if siblings or self.keep_last == 0:
+        if misspelled(state, self.monitor) or self.keep_last == 0:
             return None, CheckpointError(
                 f"Checkpoint(monitor={self.monitor!r}): no such metric at global step "
                 f"{state.global_step}; the metrics are {sorted(state.metrics)}. Fix the name, "

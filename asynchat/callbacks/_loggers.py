@@ -15,6 +15,7 @@ from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
+from asynchat.callbacks._monitor import measured_at
 from asynchat.callbacks._stats import step_losses
 
 
@@ -50,7 +51,7 @@ class ScalarLogger(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         # What is there already (restored by a resume) was logged when it was measured.
         metrics = state.metrics
-        self._logged = {name: _measured_at(state, name) for name in metrics}
+        self._logged = {name: measured_at(state, name) for name in metrics}
         self._version = metrics.version
 
     def on_step_end(self, state: LoopState) -> None:
@@ -76,7 +77,7 @@ class ScalarLogger(Callback):
         self._version = metrics.version
         new: dict[int, dict[str, float]] = {}
         for name, value in metrics.items():
-            step = _measured_at(state, name)
+            step = measured_at(state, name)
             if self._logged.get(name, -1) < step:
                 self._logged[name] = step
                 new.setdefault(step, {})[name] = float(value)
@@ -93,11 +94,6 @@ class ScalarLogger(Callback):
         while self._pending and (wait or self._pending[0][1].ready()):
             step, copy = self._pending.pop(0)
             self.write(step, {self.prefix + k: float(v) for k, v in copy.wait().items()})
-
-
-def _measured_at(state: LoopState, name: str) -> int:
-    step = state.metrics.measured_at(name)
-    return state.global_step if step is None else step
 
 
 class TensorBoardLogger(ScalarLogger):

@@ -8,6 +8,19 @@ import warnings
 from asynchat._state import LoopState
 
 
+def measured_at(state: LoopState, name: str) -> int:
+    """The global step ``state.metrics[name]`` was measured at (now, if not known)."""
+    step = state.metrics.measured_at(name)
+    return state.global_step if step is None else step
+
+
+def misspelled(state: LoopState, name: str) -> bool:
+    """Whether a missing metric ``name`` looks misspelled: another metric with its prefix
+    exists (``val/los`` beside ``val/loss``), so it is not just not published yet."""
+    prefix = name.rpartition("/")[0]
+    return any(key.rpartition("/")[0] == prefix for key in state.metrics)
+
+
 class Monitor:
     """``state.metrics[name]`` as a callback that acts on each value once reads it.
 
@@ -43,17 +56,14 @@ class Monitor:
             self._missing(state)
             return None
         self._seen = True
-        measured_at = metrics.measured_at(self.name)
-        if measured_at is None:
-            measured_at = state.global_step
-        if self.acted_at is not None and measured_at <= self.acted_at:
+        step = measured_at(state, self.name)
+        if self.acted_at is not None and step <= self.acted_at:
             return None
-        self.acted_at = measured_at
+        self.acted_at = step
         return float(metrics[self.name])
 
     def _missing(self, state: LoopState) -> None:
-        prefix = self.name.rpartition("/")[0]
-        if any(key.rpartition("/")[0] == prefix for key in state.metrics):
+        if misspelled(state, self.name):
             raise KeyError(
                 f"{self.owner}: no such metric at global step {state.global_step}; the "
                 f"metrics are {sorted(state.metrics)}. Fix the name, or list the callback "
