@@ -225,6 +225,7 @@ class ComputeThread:
         # so torch.set_num_threads(n) before fit() applies to training.
         self._num_threads = torch.get_num_threads()
         self._on_cancel: Callable[[], None] = _nothing
+        self._on_force: Callable[[], None] = _nothing
         self._slots = threading.Semaphore(0)  # unread items a job may still emit
         self._discarding = False  # nobody reads emitted items any more
         self._worker: _Worker | None = None  # the one leased (kept after the lease ends)
@@ -267,7 +268,7 @@ class ComputeThread:
         worker = self._worker
         assert self._outbox is not None and worker is not None
         self._leased = False
-        self._on_cancel = _nothing  # the loop's: nothing is left to cancel
+        self._on_cancel = self._on_force = _nothing  # the loop's: nothing is left to cancel
         if self._abandoned:
             worker.inbox.put(_STOP)  # a forced exit: the thread ends by itself after the job
             return
@@ -288,6 +289,7 @@ class ComputeThread:
         fn: Callable[[], T],
         *,
         on_cancel: Callable[[], None] = lambda: None,
+        on_force: Callable[[], None] = lambda: None,
     ) -> T:
         """Run ``fn()`` on the thread, serving its :meth:`call_async` requests meanwhile.
 
@@ -296,11 +298,13 @@ class ComputeThread:
         cancelled, ``on_cancel()`` is called (before the thread is released, if the
         cancellation interrupts one of its requests); ``fn``'s requests are then still served,
         shielded, until it returns, and the cancellation is re-raised. If ``fn`` raises while
-        being cancelled, that exception propagates instead.
+        being cancelled, that exception propagates instead. A second interrupt or native
+        cancellation while it winds down calls ``on_force()`` (end even where a cancellation
+        would wait); an interrupt also stops serving it and is raised at once.
         """
         assert self._outbox is not None, "use `async with ComputeThread(...)` first"
         context = contextvars.copy_context()
-        self._on_cancel = on_cancel
+        self._on_cancel, self._on_force = on_cancel, on_force
         self._job_done = False
         self._worker_inbox().put(lambda: context.run(fn))
         try:
@@ -369,8 +373,11 @@ class ComputeThread:
             except anyio.get_cancelled_exc_class():
                 if self._job_done:
                     raise
-                # Only a second native asyncio cancellation gets through the shield; the job
-                # still runs on the thread, so keep serving it (the mailbox loses nothing).
+                # Only a second native asyncio cancellation gets through the shield (asyncio.run
+                # cancels its tasks so after a second Ctrl-C): the job is to end as soon as it
+                # can; it still runs on the thread, so keep serving it (the mailbox loses
+                # nothing).
+                self._on_force()
                 continue
             except KeyboardInterrupt:
                 if not self._job_done:
@@ -384,6 +391,7 @@ class ComputeThread:
             self._abandoned = True
             if self._request_pending:
                 self._worker_inbox().put((_Reply.ERROR, JobCancelled()))
+        self._on_force()
 
     async def _serve(self) -> Any:
         assert self._outbox is not None

@@ -5,10 +5,16 @@ Requests arrive from any thread at any time: ``stop()`` and ``pause()``/``resume
 code or hooks, a cancellation from the event loop. They take effect only where the loop asks
 :meth:`LoopControl.decide`, which it does at fixed boundaries: at the top of each epoch, before
 an epoch's first step, and after each step. In a distributed run ``decide`` agrees the
-requests of every rank in one collective (a MAX all-reduce of ``[stop, cancel, pause]``), so
-every rank makes the same decision at the same boundary, and no rank ever makes a collective
-the others don't (pausing one rank holds them all; stopping one during ``on_epoch_end`` ends
-them all after the same epoch).
+requests of every rank in one collective (a MAX all-reduce of ``[stop, cancel, pause,
+forced]``), so every rank makes the same decision at the same boundary, and no rank ever makes
+a collective the others don't (pausing one rank holds them all; stopping one during
+``on_epoch_end`` ends them all after the same epoch).
+
+A gradient-accumulation window is one unit for ending: after a step whose gradients wait for
+a later update, ``decide(window_open=True)`` holds a stop or a cancellation until the step that
+updates, since no checkpoint holds those gradients (a run resumed from one taken inside the
+window would update with its last micro-batches only). A forced exit (a second Ctrl-C) does
+not wait. Pausing inside a window is fine: the gradients stay where they are.
 
 Status transitions go through :meth:`LoopControl.transition` under a lock, checked against
 :data:`ALLOWED`, so concurrent requests cannot produce an impossible sequence (a stopping loop
@@ -70,6 +76,9 @@ class LoopControl:
       request ends the loop.
     - ``stop_requested``: :meth:`request_stop`, any thread; never cleared.
     - ``cancel_requested``: :meth:`request_cancel`, the event loop; never cleared.
+    - ``forced``: :meth:`request_cancel` with ``now=True`` (a forced exit); never cleared.
+    - ``holding``: :meth:`decide`, on the compute thread: whether it held an end to the
+      window's last step.
     - ``_unpaused``: cleared by :meth:`pause`, set by :meth:`resume`, :meth:`request_stop`
       and :meth:`request_cancel`; the compute thread waits on it in :meth:`decide`.
     - ``parent``: the loop this one runs inside (``run_inline``), set on the compute thread
@@ -87,6 +96,8 @@ class LoopControl:
         self.stop_reason: str | None = None
         self.stop_requested = False
         self.cancel_requested = False
+        self.forced = False
+        self.holding = False  # the last decision held a stop or cancellation to the update
         self._unpaused = threading.Event()
         self._unpaused.set()
         self.parent: LoopControl | None = None
@@ -143,7 +154,10 @@ class LoopControl:
         self._unpaused.set()  # a paused loop wakes up to stop
         return True
 
-    def request_cancel(self) -> None:
+    def request_cancel(self, *, now: bool = False) -> None:
+        """Ask the loop to end at the next boundary; ``now``: even inside an accumulation
+        window (a forced exit)."""
+        self.forced = self.forced or now
         self.cancel_requested = True
         self.stop_reason = "cancelled"
         self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
@@ -163,11 +177,16 @@ class LoopControl:
 
     # -- the decision, on the compute thread ---------------------------------------------------
 
-    def decide(self) -> Decision:
-        """The loop's decision at a boundary: agreed with the peers, and after any pause."""
-        stop, cancel, pause = self._agreed()
+    def decide(self, *, window_open: bool = False) -> Decision:
+        """The loop's decision at a boundary: agreed with the peers, and after any pause.
+        ``window_open``: the last step left gradients for a later update; a stop or a
+        cancellation (not a forced one) then waits for the step that updates."""
+        stop, cancel, pause, forced = self._agreed()
         if pause and not (stop or cancel):
-            stop, cancel = self._hold()
+            stop, cancel, forced = self._hold()
+        self.holding = window_open and not forced and (stop or cancel)
+        if self.holding:
+            return Decision.CONTINUE
         if cancel:
             return Decision.CANCEL if self.cancelling() else Decision.PEER_CANCEL
         if stop:
@@ -176,18 +195,24 @@ class LoopControl:
             return Decision.STOP
         return Decision.CONTINUE
 
-    def _local(self) -> tuple[bool, bool, bool]:
-        return self.stop_requested, self.cancelling(), not self._unpaused.is_set()
+    def forcing(self) -> bool:
+        """Whether this loop, or one it runs inside, is being forced to end."""
+        parent = self.parent
+        return self.forced or (parent is not None and parent.forcing())
 
-    def _agreed(self) -> tuple[bool, bool, bool]:
+    def _local(self) -> tuple[bool, bool, bool, bool]:
+        return self.stop_requested, self.cancelling(), not self._unpaused.is_set(), self.forcing()
+
+    def _agreed(self) -> tuple[bool, bool, bool, bool]:
         flags = self._local()
         if self.agree is None:
             return flags
-        stop, cancel, pause = self.agree(flags)
-        return bool(stop), bool(cancel), bool(pause)
+        stop, cancel, pause, forced = self.agree(flags)
+        return bool(stop), bool(cancel), bool(pause), bool(forced)
 
-    def _hold(self) -> tuple[bool, bool]:
-        """Wait while paused (here or, agreed, on any rank); return (stop, cancel) after."""
+    def _hold(self) -> tuple[bool, bool, bool]:
+        """Wait while paused (here or, agreed, on any rank); return (stop, cancel, forced)
+        after."""
         self.transition(LoopStatus.PAUSED, only_from=frozenset({LoopStatus.RUNNING}))
         try:
             while True:
@@ -196,9 +221,9 @@ class LoopControl:
                 else:
                     # Peers must keep agreeing in step: poll, one collective per round.
                     self._unpaused.wait(_GROUP_PAUSE_POLL_S)
-                stop, cancel, pause = self._agreed()
+                stop, cancel, pause, forced = self._agreed()
                 if stop or cancel or not pause:
-                    return stop, cancel
+                    return stop, cancel, forced
         finally:
             self.transition(LoopStatus.RUNNING, only_from=frozenset({LoopStatus.PAUSED}))
 

@@ -16,7 +16,9 @@ class CheckpointError(AsynchatError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint or manifest entry was skipped (corrupt, foreign or missing)."""
+    """A checkpoint or manifest entry was skipped (corrupt, foreign or missing), or a
+    checkpoint was saved inside a gradient-accumulation window (it lacks the window's
+    gradients)."""
 
 
 def add_note(exc: BaseException, note: str) -> None:

@@ -29,6 +29,24 @@ def every_n_steps(state: LoopState, n: int | None) -> bool:
     return n is not None and state.global_step % n == 0
 
 
+class UpdateDue:
+    """An every-``n``-steps action that acts on the weights or saves them, held inside a
+    gradient-accumulation window to the window's last step (``state.accumulating`` False):
+    only there have the weights changed, and only there is the state whole (the window's
+    gradients are in no checkpoint). Without accumulation, :func:`every_n_steps` itself."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def __call__(self, state: LoopState, n: int | None) -> bool:
+        """At ``on_step_end``: whether the action is due now."""
+        self.pending = self.pending or every_n_steps(state, n)
+        if self.pending and not state.accumulating:
+            self.pending = False
+            return True
+        return False
+
+
 def every_n_epochs(state: LoopState, n: int | None) -> bool:
     """At ``on_epoch_end``: whether an every-``n``-epochs action is due. Only a complete
     epoch counts: one cut short by ``stop()`` is acted on by the run that finishes it."""
@@ -46,12 +64,13 @@ def every(*, steps: int | None = None, epochs: int | None = None) -> Callable[[F
             async def on_step_end(self, state):  # after steps 100, 200, ...
                 await client.post("/progress", json={"step": state.global_step})
 
-    The rule is the shipped callbacks' (``Checkpoint(every_n_steps=...)``): ``steps=n`` runs
+    The rule is the shipped callbacks' (``LossMonitor(every_n_steps=...)``): ``steps=n`` runs
     the hook for every n-th step of the loop (``global_step`` n, 2n, ..., counted across
     epochs and resumes), at any step-level phase (``on_step_begin`` to ``on_step_end``);
     ``epochs=n`` runs it at ``on_epoch_begin`` of every n-th epoch, or at ``on_epoch_end``
     of every n-th epoch that ran to its end (an epoch cut short by ``stop()`` is acted on by
-    the run that finishes it).
+    the run that finishes it). (Checkpoint holds its own to the end of a gradient-accumulation
+    window: :class:`UpdateDue`.)
     """
     if (steps is None) == (epochs is None):
         raise TypeError(

@@ -77,6 +77,12 @@ class LoopBase(PipeBase):
     .. [3] with ``state.epoch_complete`` False when the stop cut the epoch short; a run
        resumed from that checkpoint finishes the epoch and its ``on_epoch_end`` sees True.
 
+    Inside a gradient-accumulation window (``state.accumulating``), ``stop()`` and
+    cancellation take effect after the window's last step, the one that updates: the
+    window's gradients are in no checkpoint. The steps between run as usual (with ``def``
+    hooks only, once cancelled), and a log line on ``asynchat.loop`` says why the loop goes
+    on. A forced exit (a second Ctrl-C) does not wait for the window.
+
     ``on_loop_end`` runs every callback's hook even if one raises; the first error propagates.
     After ``stop()`` ``fit()`` returns normally, with ``state.stop_reason`` set.
 
@@ -225,9 +231,10 @@ class LoopBase(PipeBase):
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
 
-        Safe to call from any thread and from any hook. Called before ``fit()``, the loop
-        runs ``on_loop_begin`` and ``on_loop_end`` and no step. Once the loop is done it is a
-        no-op.
+        Inside a gradient-accumulation window, after the window's last step (whose update
+        uses its gradients; no checkpoint holds them). Safe to call from any thread and from
+        any hook. Called before ``fit()``, the loop runs ``on_loop_begin`` and
+        ``on_loop_end`` and no step. Once the loop is done it is a no-op.
         """
         if self._control.request_stop(reason if reason is not None else "stop() called"):
             self.state.stop_reason = self._control.stop_reason
@@ -274,6 +281,11 @@ class LoopBase(PipeBase):
         self.state.stop_reason = self._control.stop_reason
         self._interrupt_data_wait()
 
+    def _force_cancel(self) -> None:
+        """A second interrupt: end even inside an accumulation window (nobody waits)."""
+        self._control.request_cancel(now=True)
+        self._interrupt_data_wait()
+
     def _interrupt_data_wait(self) -> None:
         run = self._run
         if run is not None:
@@ -289,7 +301,9 @@ class LoopBase(PipeBase):
                 # asynchat.to_host() in this task (our async hooks) orders after our stream.
                 token = transfer.compute_stream.set(compute.stream)
                 try:
-                    await compute.run(run.run, on_cancel=self._request_cancel)
+                    await compute.run(
+                        run.run, on_cancel=self._request_cancel, on_force=self._force_cancel
+                    )
                 finally:
                     transfer.compute_stream.reset(token)
         return self.state

@@ -102,7 +102,9 @@ class Prefetcher(Generic[T]):
     Use as a context manager; leaving it stops the thread (after the item it is fetching) and
     joins it. Exceptions from the iterable or from ``stage`` are raised by ``next()`` as
     themselves, in order, after the items that came before them. :meth:`interrupt` (from any
-    thread) makes a waiting ``next()`` raise :class:`Interrupted`.
+    thread) makes a waiting ``next()`` raise :class:`Interrupted` when ``interruptible()``,
+    asked on the consuming thread, says so (else it waits on, and asks again at the next
+    interrupt: a loop inside a gradient-accumulation window needs the window's batches).
 
     A data loader blocked in ``__next__`` cannot be interrupted: after ``JOIN_TIMEOUT_S``
     seconds, leaving gives up on the thread with a ``RuntimeWarning`` naming the loader. The
@@ -119,6 +121,7 @@ class Prefetcher(Generic[T]):
         ahead: bool = True,
         name: str = "asynchat-prefetch",
         label: Callable[[], str] = lambda: "the data loader",
+        interruptible: Callable[[], bool] = lambda: True,
     ) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth!r}")
@@ -131,6 +134,7 @@ class Prefetcher(Generic[T]):
         self._closing = False
         self._wanted = False  # ahead=False: the consumer waits for an item not yet read
         self._interrupted = False
+        self._interruptible = interruptible
         self._label = label
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._num_threads = torch.get_num_threads()  # collation runs torch ops here too
@@ -167,7 +171,7 @@ class Prefetcher(Generic[T]):
                 self._wanted = True
                 self._cond.notify_all()
             while not self._items:
-                if self._interrupted:
+                if self._interrupted and self._interruptible():
                     raise Interrupted
                 self._cond.wait()
             item = self._items.popleft()

@@ -100,6 +100,7 @@ class LoopRun:
         self.throughput = throughput
         self.stager = stager
         self.batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
+        self.held_to_update = False  # said why an end waits for the accumulation window
 
     def interrupt(self) -> None:
         """Wake the compute thread if it waits for data, so a stop or cancellation needs no
@@ -165,10 +166,18 @@ class LoopRun:
             self.events.publish(EventKind.EPOCH_END)
             epochs_done += 1
 
-    def _decide(self) -> Decision:
+    def _decide(self, *, window_open: bool = False) -> Decision:
         """The decision at a boundary (agreed by all ranks in a distributed run); a
-        cancellation of this loop raises JobCancelled."""
-        decision = self.control.decide()
+        cancellation of this loop raises JobCancelled. Inside an accumulation window
+        (``window_open``) only a forced exit ends the loop."""
+        decision = self.control.decide(window_open=window_open)
+        if self.control.holding and not self.held_to_update:
+            self.held_to_update = True
+            _LOG.warning(
+                "%s: ending after the gradient-accumulation window in progress (global step "
+                "%d): its gradients would be lost (interrupt again to end now)",
+                self.loop.name, self.state.global_step,
+            )  # fmt: skip
         if self.hooks.trace and decision is not Decision.CONTINUE:
             _LOG.debug("%s: decision at global_step=%d: %s", self.loop.name,
                        self.state.global_step, decision.name)  # fmt: skip
@@ -229,7 +238,7 @@ class LoopRun:
             self._run_step()
             epoch.steps += 1
             epoch.ran_out = ends_data
-            epoch.decision = self._decide()  # the step boundary
+            epoch.decision = self._decide(window_open=state.accumulating)  # the step boundary
             if epoch.decision is not Decision.CONTINUE:
                 return
             waiting_since = time.perf_counter()
@@ -243,6 +252,7 @@ class LoopRun:
         run_phase(Phase.ON_STEP_BEGIN)
         self.batch_processor.step(state, run_phase)
         self.batch_processor.end_step(state)
+        state.accumulating = state.training and not self.batch_processor.update_due(state)
         state.global_step += 1
         self.data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
         run_phase(Phase.ON_STEP_END)
@@ -263,4 +273,6 @@ class LoopRun:
             # Only if a warning needs it, and short: a repr of a list of batches would print
             # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).
             label=lambda: f"{name}'s data_loader {reprlib.repr(self.data_loader)}",
+            # Inside an accumulation window a stop waits for the window's batches.
+            interruptible=lambda: not self.state.accumulating or self.control.forcing(),
         )

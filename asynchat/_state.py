@@ -77,6 +77,11 @@ class LoopState:
     validation, early stopping, epoch checkpoints: every shipped callback) acts only when it
     is True.
 
+    ``accumulating`` is True after a training step whose gradients wait for a later update
+    (inside a gradient-accumulation window: the processor's ``update_due`` was False). Such
+    gradients are in no checkpoint, so ``stop()`` and a cancellation end the loop at the
+    window's last step, and :class:`~asynchat.callbacks.Checkpoint` saves there.
+
     ``data_time`` is how long the current step waited for its batch (seconds), for
     :class:`~asynchat.callbacks.StatsMonitor`.
 
@@ -108,6 +113,7 @@ class LoopState:
     batch_idx: int = 0
     is_last_step: bool = False
     epoch_complete: bool = False
+    accumulating: bool = False
     data_time: float = 0.0
     batch: Any = None
     outputs: Any = None

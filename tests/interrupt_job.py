@@ -1,11 +1,12 @@
 """A job for the Ctrl-C tests: trains until SIGINT arrives, with no signal handling of its own.
 
-    python interrupt_job.py BACKEND DIRECTORY [asynchook] [slowend] [failend]
+    python interrupt_job.py BACKEND DIRECTORY [asynchook] [slowend] [failend] [window]
 
 Prints ``training`` once steps run, and after fit() raised: the exception, the loop's status
 and its global step. With ``slowend`` an ``async def`` on_loop_end hook prints ``winding down``
 and then sleeps 60 s, so that a second Ctrl-C can cut it short; with ``failend`` a ``def``
-on_loop_end hook after it raises ``RuntimeError("the teardown failed")``.
+on_loop_end hook after it raises ``RuntimeError("the teardown failed")``; with ``window`` the
+whole run is one gradient-accumulation window (200000 steps), which a first Ctrl-C waits for.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
-from conftest import make_trainer
+import torch
+from conftest import make_loader, make_model, make_trainer, sgd
 
-from asynchat import Callback, LoopState
+from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
 from asynchat.callbacks import Checkpoint
 
 
@@ -53,7 +55,16 @@ def main() -> None:
     if "failend" in options:
         callbacks.append(FailEnd())
     callbacks.append(Checkpoint(directory, every_n_steps=50))
-    trainer = make_trainer(*callbacks, num_epochs=1_000_000)
+    if "window" in options:
+        model = make_model()
+        trainer = Trainer(
+            model, [next(iter(make_loader()))] * 200_000, sgd, num_epochs=1, callbacks=callbacks,
+            batch_processor=BasicBatchProcessor(
+                torch.nn.CrossEntropyLoss(), grad_accumulation_steps=1_000_000
+            ),
+        )  # fmt: skip
+    else:
+        trainer = make_trainer(*callbacks, num_epochs=1_000_000)
     name, options_ = (backend, {}) if backend != "uvloop" else ("asyncio", {"use_uvloop": True})
     try:
         anyio.run(trainer.fit, backend=name, backend_options=options_)

@@ -45,26 +45,43 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumul
 
 
 @pytest.mark.slow
-def test_stop_on_rank_zero_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), 3))
+@pytest.mark.parametrize(
+    ("accumulate", "ends_at"), [(1, 3), (2, 4)], ids=["every-step", "accumulate-2"]
+)
+def test_stop_on_rank_zero_stops_every_rank_after_the_same_step(
+    tmp_path: Path, accumulate: int, ends_at: int
+) -> None:
+    # With accumulation, every rank goes on to the window's update (after global step 4).
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), 3, "", False, accumulate))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert [r["global_step"] for r in ranks] == [ends_at, ends_at]
     assert ranks[0]["stop_reason"] == "rank 0 had enough"
     assert ranks[1]["stop_reason"] == "stopped on another rank"
 
 
 @pytest.mark.slow
-def test_resume_across_the_same_world_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("accumulate", "stop_at", "saved"),
+    [(1, 3, [3]), (2, 5, [4, 6])],
+    ids=["every-step", "accumulate-2"],
+)
+def test_resume_across_the_same_world_size(
+    tmp_path: Path, accumulate: int, stop_at: int, saved: list[int]
+) -> None:
+    # Checkpoints every 3 steps; with accumulation each is saved at its window's end (4, 6),
+    # and the stop at 5 waits for the update after 6.
     straight, first, resumed = (tmp_path / name for name in ("straight", "first", "resumed"))
     for directory in (straight, first, resumed):
         directory.mkdir()
     checkpoints = str(tmp_path / "checkpoints")
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(straight), -1))
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(first), 3, checkpoints))
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(resumed), -1, checkpoints, True))
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(straight), -1, "", False, accumulate))
+    launch(
+        rank_jobs.ddp_train, nprocs=2, args=(str(first), stop_at, checkpoints, False, accumulate)
+    )
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(resumed), -1, checkpoints, True, accumulate))
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.ckpt"))] == [
-        "step-000000003.ckpt"
-    ], "rank 0 alone wrote the checkpoint"
+        f"step-{step:09d}.ckpt" for step in saved
+    ], "rank 0 alone wrote the checkpoints"
     for rank in range(2):
         a = torch.load(straight / f"rank{rank}.pt", weights_only=True)
         b = torch.load(resumed / f"rank{rank}.pt", weights_only=True)

@@ -76,6 +76,33 @@ def test_a_second_ctrl_c_cuts_a_slow_wind_down_short(tmp_path: Path, backend: st
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_waits_for_the_accumulation_window_and_a_second_one_does_not(
+    tmp_path: Path, backend: str
+) -> None:
+    # The first Ctrl-C is held to the window's end (its gradients are in no checkpoint): the
+    # loop says so and goes on. The second forces the exit after the step in progress; the
+    # final checkpoint then says what it lacks.
+    with start(backend, tmp_path, "window", stderr=subprocess.PIPE) as process:
+        assert process.stderr is not None
+        os.kill(process.pid, signal.SIGINT)
+        line = process.stderr.readline()
+        assert "ending after the gradient-accumulation window in progress" in line
+        time.sleep(0.5)
+        assert process.poll() is None, "the first Ctrl-C waits for the window"
+        sent = time.monotonic()
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    assert process.returncode == 0
+    word, status, step = out.split()
+    assert (word, status) == ("KeyboardInterrupt", "cancelled")
+    assert took < 15, f"took {took:.1f} s after the second Ctrl-C"
+    assert "inside a gradient-accumulation window" in err
+    # fit() raised at once; the thread then finished the step in progress and saved.
+    assert int(step) <= newest_checkpoint(tmp_path) <= int(step) + 1 < 200_000
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_teardown_error_after_a_second_ctrl_c_is_logged(tmp_path: Path, backend: str) -> None:
     # fit() no longer waits for the loop after a second Ctrl-C, and the def hooks of
     # on_loop_end run on alone: their errors were dropped without a word.

@@ -32,7 +32,7 @@ from asynchat._checkpoint_io import (
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int
 from asynchat._errors import CheckpointError, CheckpointWarning
-from asynchat._every import every_n_epochs, every_n_steps
+from asynchat._every import UpdateDue, every_n_epochs
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import measured_at, misspelled
 
@@ -115,7 +115,9 @@ class Checkpoint(Callback):
 
     Args:
         save_dir: directory for checkpoints (created if missing).
-        every_n_steps: save after every n-th step (at ``on_step_end``).
+        every_n_steps: save after every n-th step (at ``on_step_end``); inside a
+            gradient-accumulation window, after its last step (its gradients are in no
+            checkpoint, so only there does a resumed run go on exactly).
         every_n_epochs: save after every n-th complete epoch (at ``on_epoch_end``; put
             validation callbacks before this one so their metrics are in the checkpoint).
         keep_last: keep the newest this many checkpoints (``None``: keep every one).
@@ -202,6 +204,7 @@ class Checkpoint(Callback):
 
     def on_loop_begin(self, state: LoopState) -> None:
         self._sharded_saves = 0
+        self._step_save = UpdateDue()  # on every rank: a sharded save is every rank's
         self._began = state.loop.shards_state  # every rank of a sharded job saves
         if not state.loop.is_rank_zero:
             return
@@ -248,7 +251,7 @@ class Checkpoint(Callback):
 
     def on_step_end(self, state: LoopState) -> None:
         self._writer.raise_if_failed()  # a failed write is reported at the next step
-        if every_n_steps(state, self.every_n_steps):
+        if self._step_save(state, self.every_n_steps):
             self.save(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
@@ -281,6 +284,16 @@ class Checkpoint(Callback):
         if loop.is_rank_zero and decision is None:
             return
         metric, missing = decision if decision is not None else (None, None)
+        if state.accumulating and loop.is_rank_zero:
+            warnings.warn(
+                f"Checkpoint(save_dir={str(self.save_dir)!r}): saving at global step "
+                f"{state.global_step}, inside a gradient-accumulation window (the loop ended "
+                "there, or save() was called): the window's gradients so far are not saved, "
+                "so a run resumed from this checkpoint updates with its later micro-batches "
+                "only",
+                CheckpointWarning,
+                stacklevel=2,
+            )
         if loop.shards_state:
             self._save_sharded(state, metric)
         else:

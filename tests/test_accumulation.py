@@ -1,0 +1,167 @@
+"""Gradient accumulation is one unit: a window's gradients are in no checkpoint, so the loop
+ends (stop(), cancellation) and saves (Checkpoint's every_n_steps) only at a window's last
+step."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import StopAt, make_loader, make_model, sgd
+from torch import nn
+
+from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat.callbacks import (
+    Checkpoint,
+    CheckpointWarning,
+)
+
+ACCUMULATE = 3  # 6 steps an epoch: windows end after global steps 3, 6, 9, 12
+STEPS = 12
+
+
+def trainer(
+    directory: Path, *extra: Callback, resume: bool = False, every_n_steps: int | None = None
+) -> Trainer:
+    return Trainer(
+        make_model(),
+        make_loader(96, 16, shuffle=True),
+        sgd,
+        batch_processor=BasicBatchProcessor(
+            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
+        ),
+        num_steps=STEPS,
+        callbacks=[*extra, Checkpoint(directory, every_n_steps=every_n_steps, keep_last=None)],
+        resume_from=directory if resume else None,
+    )
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+
+
+def saved_steps(directory: Path) -> list[int]:
+    return [int(p.stem.split("-")[1]) for p in sorted(directory.glob("step-*.ckpt"))]
+
+
+@pytest.mark.parametrize(("stop_at", "ends_at"), [(2, 3), (3, 3), (4, 6), (8, 9)])
+def test_stop_inside_a_window_ends_at_its_last_step_and_resumes_exactly(
+    tmp_path: Path, stop_at: int, ends_at: int
+) -> None:
+    straight = trainer(tmp_path / "straight")
+    anyio.run(straight.fit)
+
+    first = trainer(tmp_path / "stopped", StopAt(stop_at, "test"))
+    anyio.run(first.fit)
+    assert first.state.global_step == ends_at and first.state.stop_reason == "test"
+    assert not first.state.accumulating
+    assert saved_steps(tmp_path / "stopped") == [ends_at]
+
+    resumed = trainer(tmp_path / "stopped", resume=True)
+    anyio.run(resumed.fit)
+    assert resumed.state.global_step == STEPS
+    assert_same_weights(resumed.model, straight.model)
+
+
+class Streamed(torch.utils.data.IterableDataset[Any]):
+    """The same batches as a stream: read on the data thread one at a time, on request."""
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from make_loader(96, 16)
+
+
+def test_a_stop_waits_for_the_windows_batches_from_a_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stop() wakes a loop waiting for a stream's next batch; inside a window it must not:
+    # the loop ended after step 2, its checkpoint without the window's gradients.
+    streamed = Trainer(
+        make_model(),
+        torch.utils.data.DataLoader(Streamed(), batch_size=None),
+        sgd,
+        batch_processor=BasicBatchProcessor(
+            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
+        ),
+        num_steps=STEPS,
+        callbacks=[StopAt(2, "test"), Checkpoint(tmp_path)],
+    )
+    with caplog.at_level("WARNING", logger="asynchat.loop"):
+        anyio.run(streamed.fit)
+    assert streamed.state.global_step == 3
+    assert saved_steps(tmp_path) == [3]
+    assert "ending after the gradient-accumulation window in progress" in caplog.text
+
+
+def test_a_cancellation_inside_a_window_ends_at_its_last_step(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    class CancelAtTwo(Callback):
+        def __init__(self, scope: anyio.CancelScope) -> None:
+            self.scope = scope
+
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 2:
+                self.scope.cancel()
+
+    class Record(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            seen.append(state.global_step)  # a def hook: it runs in a cancelled loop too
+
+    straight = trainer(tmp_path / "straight")
+    anyio.run(straight.fit)
+
+    async def cancelled() -> Trainer:
+        with anyio.CancelScope() as scope:
+            first = trainer(tmp_path / "cancelled", CancelAtTwo(scope), Record())
+            await first.fit()
+        assert scope.cancelled_caught
+        return first
+
+    first = anyio.run(cancelled)
+    assert first.status.value == "cancelled"
+    assert first.state.global_step == 3 and seen == [1, 2, 3]
+    assert saved_steps(tmp_path / "cancelled") == [3]  # the final checkpoint, after the update
+
+    resumed = trainer(tmp_path / "cancelled", resume=True)
+    anyio.run(resumed.fit)
+    assert_same_weights(resumed.model, straight.model)
+
+
+def test_step_checkpoints_are_saved_at_the_window_end_and_resume_exactly(
+    tmp_path: Path,
+) -> None:
+    straight = trainer(tmp_path / "straight")
+    anyio.run(straight.fit)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint is saved inside a window
+        saving = trainer(tmp_path / "every2", every_n_steps=2)
+        anyio.run(saving.fit)
+    # Due after steps 2, 4, 6, 8, 10, 12; each saved at the end of its window.
+    assert saved_steps(tmp_path / "every2") == [3, 6, 9, 12]
+
+    # A run that crashed after step 10 resumes from its newest checkpoint, step 9.
+    directory = tmp_path / "crashed"
+    directory.mkdir()
+    (tmp_path / "every2" / "step-000000003.ckpt").rename(directory / "step-000000003.ckpt")
+    resumed = trainer(directory, resume=True)
+    anyio.run(resumed.fit)
+    assert_same_weights(resumed.model, straight.model)
+
+
+def test_a_checkpoint_saved_inside_a_window_says_what_it_lacks(tmp_path: Path) -> None:
+    class SaveAtOne(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 1:  # of a window of 3
+                checkpoint = next(c for c in state.loop.callbacks if isinstance(c, Checkpoint))
+                checkpoint.save(state)
+
+    with pytest.warns(CheckpointWarning, match="inside a gradient-accumulation window"):
+        anyio.run(trainer(tmp_path / "c", SaveAtOne()).fit)
+    assert saved_steps(tmp_path / "c") == [1, 12]
