@@ -69,8 +69,8 @@ def every(*, steps: int | None = None, epochs: int | None = None) -> Callable[[F
     epochs and resumes), at any step-level phase (``on_step_begin`` to ``on_step_end``);
     ``epochs=n`` runs it at ``on_epoch_begin`` of every n-th epoch, or at ``on_epoch_end``
     of every n-th epoch that ran to its end (an epoch cut short by ``stop()`` is acted on by
-    the run that finishes it). (Checkpoint holds its own to the end of a gradient-accumulation
-    window: :class:`UpdateDue`.)
+    the run that finishes it). (Checkpoint and ExponentialMovingAverage hold theirs to the
+    end of a gradient-accumulation window: :class:`UpdateDue`.)
     """
     if (steps is None) == (epochs is None):
         raise TypeError(

@@ -1,6 +1,6 @@
 """Gradient accumulation is one unit: a window's gradients are in no checkpoint, so the loop
 ends (stop(), cancellation) and saves (Checkpoint's every_n_steps) only at a window's last
-step."""
+step, and what acts on updates (a per-step LR schedule, the EMA) acts once per update."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointWarning,
+    ExponentialMovingAverage,
+    LRSchedule,
+    cosine,
 )
 
 ACCUMULATE = 3  # 6 steps an epoch: windows end after global steps 3, 6, 9, 12
@@ -165,3 +168,75 @@ def test_a_checkpoint_saved_inside_a_window_says_what_it_lacks(tmp_path: Path) -
     with pytest.warns(CheckpointWarning, match="inside a gradient-accumulation window"):
         anyio.run(trainer(tmp_path / "c", SaveAtOne()).fit)
     assert saved_steps(tmp_path / "c") == [1, 12]
+
+
+def test_a_per_step_schedule_counts_updates_as_a_hand_written_loop_does() -> None:
+    # torch's contract: scheduler.step() after optimizer.step(). Stepped at every step, the
+    # scheduler ran ahead of the updates (and torch warned that it stepped before the
+    # optimizer did: an error under this suite's filterwarnings).
+    reference = make_model(seed=2)
+    optimizer = sgd(reference)
+    scheduler = cosine(4)(optimizer)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = make_loader(96, 16, shuffle=True, seed=3)
+    for _ in range(2):
+        for step, (inputs, targets) in enumerate(loader):
+            (loss_fn(reference(inputs), targets) / ACCUMULATE).backward()
+            if (step + 1) % ACCUMULATE == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+
+    lrs: list[float] = []
+
+    class RecordLr(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            assert state.optimizer is not None
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    model = make_model(seed=2)
+    trained = Trainer(
+        model,
+        make_loader(96, 16, shuffle=True, seed=3),
+        sgd,
+        batch_processor=BasicBatchProcessor(
+            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
+        ),
+        num_epochs=2,
+        callbacks=[LRSchedule(cosine(4)), RecordLr()],
+    )
+    anyio.run(trained.fit)
+    assert lrs[0] == lrs[1] == 0.1 > lrs[2]  # stepped once, after the first update
+    assert len(set(lrs)) == 5  # the first rate, then one per update
+    assert lrs[-1] == optimizer.param_groups[0]["lr"]
+    assert_same_weights(model, reference)
+
+
+def test_the_average_moves_once_per_update() -> None:
+    weights: list[list[torch.Tensor]] = []
+
+    class RecordUpdates(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step % ACCUMULATE == 0:  # an update came last
+                weights.append([t.detach().clone() for t in state.model.state_dict().values()])
+
+    model = make_model()
+    initial = [t.detach().clone() for t in model.state_dict().values()]
+    ema = ExponentialMovingAverage(0.5, warmup=False)
+    trained = Trainer(
+        model,
+        make_loader(96, 16),
+        sgd,
+        batch_processor=BasicBatchProcessor(
+            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
+        ),
+        num_steps=6,
+        callbacks=[RecordUpdates(), ema],
+    )
+    anyio.run(trained.fit)
+    assert ema.updates == 2 and len(weights) == 2
+    expected = initial
+    for after in weights:
+        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, after, strict=True)]
+    for got, want in zip(ema.shadow, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -11,7 +11,7 @@ from torch import nn
 
 from asynchat._callback import Callback
 from asynchat._checks import positive_int
-from asynchat._every import every_n_steps
+from asynchat._every import UpdateDue
 from asynchat._handle import LoopHandle
 from asynchat._state import LoopState
 
@@ -19,15 +19,17 @@ from asynchat._state import LoopState
 class ExponentialMovingAverage(Callback):
     """Keeps an exponential moving average of the model's parameters and buffers.
 
-    After each step (on the compute thread, with fused ``foreach`` ops on the device):
-    ``ema = decay * ema + (1 - decay) * weights``. Buffers (BatchNorm statistics) are copied.
+    After each optimizer update (on the compute thread, with fused ``foreach`` ops on the
+    device): ``ema = decay * ema + (1 - decay) * weights``; with gradient accumulation, at
+    the last step of each window (the weights do not change between). Buffers (BatchNorm
+    statistics) are copied.
     ``Validation(use_ema=True)`` validates the averaged weights; :meth:`swapped_in` swaps them
     into the model for any other use, and :meth:`copy_to` writes them for good. The average
     is kept in checkpoints; a run that does not resume starts it from the model's weights.
 
     Args:
         decay: weight of the old average, in [0, 1).
-        every_n_steps: update every n steps.
+        every_n_steps: update every n steps (inside an accumulation window: at its end).
         warmup: ramp the decay as ``min(decay, (1 + n) / (10 + n))`` over the first updates,
             so early averages are not dominated by the random initialization.
     """
@@ -44,6 +46,7 @@ class ExponentialMovingAverage(Callback):
         self.updates = 0
         self.shadow: list[torch.Tensor] = []
         self._loaded: list[torch.Tensor] | None = None
+        self._due = UpdateDue()
 
     @staticmethod
     def find(loop: LoopHandle) -> ExponentialMovingAverage:
@@ -60,6 +63,7 @@ class ExponentialMovingAverage(Callback):
 
     def on_loop_begin(self, state: LoopState) -> None:
         live = self._tensors(state.model)
+        self._due = UpdateDue()
         if self._loaded is not None:
             self.shadow = [t.to(state.device) for t in self._loaded]
             self._loaded = None
@@ -69,7 +73,7 @@ class ExponentialMovingAverage(Callback):
 
     @torch.no_grad()
     def on_step_end(self, state: LoopState) -> None:
-        if not every_n_steps(state, self.every_n_steps):
+        if not self._due(state, self.every_n_steps):
             return
         self.updates += 1
         decay = (

@@ -31,7 +31,13 @@ def set_lr(group: dict[str, Any], lr: float | torch.Tensor) -> None:
 
 
 class LRSchedule(Callback):
-    """Steps a learning-rate scheduler after every step (``interval="step"``) or epoch.
+    """Steps a learning-rate scheduler after every optimizer update (``interval="step"``) or
+    epoch.
+
+    Per step, the scheduler counts updates, as torch's schedulers expect (``scheduler.step()``
+    after ``optimizer.step()``): with ``grad_accumulation_steps=k`` it steps at the last step
+    of each window, every k steps, so give its lengths (``total_steps``, ``warmup_steps``)
+    in updates, e.g. ``num_steps // k``.
 
     With ``interval="epoch"`` the scheduler steps at the end of each *complete* epoch: an
     epoch cut short by ``stop()`` steps it once, in the run that resumes and finishes it.
@@ -154,7 +160,7 @@ class LRSchedule(Callback):
         return optimizers[self.optimizer]
 
     def on_step_end(self, state: LoopState) -> None:
-        if self._metric is not None or self.interval == "step":
+        if self._metric is not None or (self.interval == "step" and not state.accumulating):
             self._step(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
