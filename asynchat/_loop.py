@@ -25,7 +25,7 @@ from asynchat._control import LoopControl
 from asynchat._data import check_data_loader, data_length
 from asynchat._dcp import load_sharded, sharded_state, start_save
 from asynchat._device import resolve_device
-from asynchat._errors import CheckpointError
+from asynchat._errors import CheckpointError, add_note
 from asynchat._events import EventHub, EventKind, EventStream, LoopSnapshot, Throughput
 from asynchat._handle import LoopHandle
 from asynchat._hooks import LOG as _LOG
@@ -440,6 +440,7 @@ class LoopBase(PipeBase):
         one) loads its model and optimizers from its directory with DCP, resharded to this
         job's ranks; call it on every rank then.
         """
+        self._check_checkpoint(checkpoint)  # before anything is overwritten
         self._resume = apply_checkpoint(
             checkpoint,
             load_model=self._load_model_state,
@@ -464,7 +465,11 @@ class LoopBase(PipeBase):
         self.batch_processor.setup(self)
         if self.resume_from is not None:
             checkpoint, self.resumed_from = load_checkpoint(self.resume_from)
-            self.load_state_dict(checkpoint)
+            try:
+                self.load_state_dict(checkpoint)
+            except Exception as exc:  # a model or optimizer that does not fit it
+                add_note(exc, f"asynchat: while resuming from {self.resumed_from}")
+                raise
         resume, self._resume = self._resume, None
         return resume
 
@@ -479,6 +484,10 @@ class LoopBase(PipeBase):
     def _extra_state(self) -> dict[str, Any]:
         """Add to the checkpoint (the Trainer: its optimizer)."""
         return {}
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint this loop cannot go on from, before anything is loaded (the
+        Trainer: other optimizers)."""
 
     def _optimizer_map(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers by name (none for a loop that does not train)."""

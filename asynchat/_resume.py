@@ -20,6 +20,8 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``generators``        the data loader's generator states now (for the next epoch's order)
 ``optimizers``        ``{name: state}`` of every optimizer of a :class:`~asynchat.Trainer`
                       (versions 1 and 2 held one ``optimizer``; not in a sharded checkpoint)
+``optimizer_classes`` ``{name: "module.Class"}`` of those optimizers (absent from older
+                      checkpoints): a run resumed with another class is refused
 ``sharded``           a sharded checkpoint only: ``optimizers`` (their names) and ``files``
                       (the SHA-256 of each of DCP's files); see :mod:`asynchat._dcp`
 ``integrity``         a digest of everything above (added when written)
@@ -193,9 +195,18 @@ def apply_checkpoint(
     load_model(checkpoint)
     load_processor(checkpoint["processor"])
     saved = checkpoint["callbacks"]
-    for key, callback in stateful_callbacks(callbacks).items():
+    stateful = stateful_callbacks(callbacks)
+    for key, callback in stateful.items():
         if key in saved:
             callback.load_state_dict(saved[key])
+    if lacking := sorted(saved.keys() - stateful.keys()):
+        warnings.warn(
+            f"the checkpoint holds the state of callbacks this run lacks: {', '.join(lacking)}; "
+            "it is not restored (give the run the same callbacks to go on with it, e.g. an "
+            "LRSchedule's position, an EMA's average)",
+            CheckpointWarning,
+            stacklevel=3,
+        )
     progress = checkpoint["progress"]
     if progress["epoch_exhausted"]:
         # Resume at the next epoch: the generators (global and the data loader's own) are put

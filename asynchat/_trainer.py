@@ -136,31 +136,59 @@ class Trainer(LoopBase):
         self.state.optimizer = optimizers[DEFAULT] if len(optimizers) == 1 else None
 
     def _extra_state(self) -> dict[str, Any]:
+        optimizers = self.state.optimizers
+        kinds = {"optimizer_classes": {name: _class_name(o) for name, o in optimizers.items()}}
         if self.shards_state:  # the optimizers' state is in the shards; their names here
-            return {"sharded": {"optimizers": sorted(self.state.optimizers)}}
-        return {"optimizers": {name: o.state_dict() for name, o in self.state.optimizers.items()}}
+            return {"sharded": {"optimizers": sorted(optimizers)}, **kinds}
+        return {"optimizers": {name: o.state_dict() for name, o in optimizers.items()}, **kinds}
 
     def _optimizer_map(self) -> dict[str, torch.optim.Optimizer]:
         return dict(self.state.optimizers)
 
+    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        optimizers = self.state.optimizers
+        names = _saved_optimizers(checkpoint)
+        if names is None:
+            raise CheckpointError(
+                f"{self.resumed_from or 'the checkpoint'} has no optimizer state; was it saved "
+                "by a Predictor?"
+            )
+        if set(names) != set(optimizers):
+            raise CheckpointError(
+                f"{self.resumed_from or 'the checkpoint'} holds the optimizers {sorted(names)} "
+                f"but this Trainer has {sorted(optimizers)}: resume with the same optimizer "
+                "names"
+            )
+        for name, kind in checkpoint.get("optimizer_classes", {}).items():
+            if kind != _class_name(optimizers[name]):
+                raise CheckpointError(
+                    f"{self.resumed_from or 'the checkpoint'} holds the state of a {kind} "
+                    f"(optimizer {name!r}), which a {_class_name(optimizers[name])} cannot go "
+                    f"on from: resume with a {kind}, or start a new run from the weights alone "
+                    "(asynchat.callbacks.load_weights(model, path) before training)"
+                )
+
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
         if "sharded" in checkpoint:
             return  # loaded with the model, from the shards
-        optimizers = self.state.optimizers
         saved = checkpoint.get("optimizers")
-        if saved is None and "optimizer" in checkpoint:  # format 1 and 2: one optimizer
+        if saved is None:  # format 1 and 2: one optimizer
             saved = {DEFAULT: checkpoint["optimizer"]}
-        if saved is None:
-            raise CheckpointError(
-                "the checkpoint has no optimizer state; was it saved by a Predictor?"
-            )
-        if set(saved) != set(optimizers):
-            raise CheckpointError(
-                f"the checkpoint holds the optimizers {sorted(saved)} but this Trainer has "
-                f"{sorted(optimizers)}: resume with the same optimizer names"
-            )
-        for name, optimizer in optimizers.items():
+        for name, optimizer in self.state.optimizers.items():
             load_optimizer(optimizer, saved[name])
+
+
+def _saved_optimizers(checkpoint: dict[str, Any]) -> list[str] | None:
+    """The names of the optimizers a checkpoint holds (None: it holds none)."""
+    if "sharded" in checkpoint:
+        return list(checkpoint["sharded"].get("optimizers", []))
+    if "optimizers" in checkpoint:
+        return list(checkpoint["optimizers"])
+    return [DEFAULT] if "optimizer" in checkpoint else None
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

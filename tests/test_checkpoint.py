@@ -15,15 +15,18 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_loader, make_trainer
+from conftest import make_loader, make_model, make_trainer
 from torch import nn
 
-from asynchat import Callback, LoopState
+from asynchat import Callback, LoopState, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
     CheckpointWarning,
+    ExponentialMovingAverage,
+    LRSchedule,
     Validation,
+    cosine,
     find_checkpoint,
     load_checkpoint,
 )
@@ -344,3 +347,47 @@ def test_steps_to_skip_on_another_number_of_ranks_or_batch_size() -> None:
         assert steps_to_skip(progress, 1, 24) == 9
     with pytest.warns(CheckpointWarning, match="without both batch sizes"):
         assert steps_to_skip(progress, 1, None) == 7
+
+
+def _saved_run(directory: Path) -> None:
+    anyio.run(
+        make_trainer(
+            ExponentialMovingAverage(), LRSchedule(cosine(100)), Checkpoint(directory),
+            num_epochs=1,
+        ).fit
+    )  # fmt: skip
+
+
+def test_resuming_with_another_optimizer_class_is_refused_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    # torch loads an SGD's state into an Adam without a word, and the Adam fails at
+    # load_state_dict's end with KeyError: 'step', the model already overwritten.
+    _saved_run(tmp_path)
+    model = make_model(seed=1)
+    before = [t.clone() for t in model.state_dict().values()]
+    trainer = Trainer(
+        model, make_loader(), lambda m: torch.optim.Adam(m.parameters()),
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=2, resume_from=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"a torch\.optim\.sgd\.SGD .* torch\.optim\.adam"):
+        anyio.run(trainer.fit)
+    weights = zip(before, model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in weights), "the model was left as it was"
+
+
+def test_a_callback_state_the_run_lacks_is_reported(tmp_path: Path) -> None:
+    _saved_run(tmp_path)
+    trainer = make_trainer(num_epochs=2, resume_from=tmp_path)
+    with pytest.warns(
+        CheckpointWarning, match="callbacks this run lacks: ExponentialMovingAverage, LRSchedule"
+    ):
+        anyio.run(trainer.fit)
+
+
+def test_a_model_that_does_not_fit_the_checkpoint_names_it(tmp_path: Path) -> None:
+    _saved_run(tmp_path)
+    trainer = make_trainer(model=make_model(classes=4), num_epochs=2, resume_from=tmp_path)
+    with pytest.raises(RuntimeError, match="size mismatch") as caught:
+        anyio.run(trainer.fit)
+    assert any("while resuming from" in note and "step-" in note for note in caught.value.__notes__)
