@@ -450,6 +450,7 @@ class LoopBase(PipeBase):
             world_size=self.world_size,
         )
         self._load_extra_state(checkpoint)
+        self._data.resumed(checkpoint)
         self.state.global_step = checkpoint["progress"]["global_step"]
         self.state.metrics.restore(
             checkpoint["metrics"], step=self.state.global_step,

@@ -83,6 +83,27 @@ class DataTracker:
         self.epoch_rng: dict[str, Any] | None = None
         self.epoch_generators: list[torch.Tensor] = []
         self._step_rng: dict[str, Any] | None = None  # to restore once the order is drawn
+        # A loaded checkpoint's RNG and generator states, which are the run's until it draws
+        # its next data order (the live ones are put back only then).
+        self._loaded: tuple[dict[str, Any], list[torch.Tensor]] | None = None
+
+    def resumed(self, checkpoint: Mapping[str, Any]) -> None:
+        """A checkpoint was loaded: until the run draws its next data order, a checkpoint
+        of it is that one (a resumed run that ends before its first step, its bound already
+        reached, would otherwise save the position of a fresh run: epoch 0, no step)."""
+        progress = checkpoint["progress"]
+        self.position = DataPosition(
+            progress["epoch"], progress["steps_in_epoch"], progress["epoch_exhausted"]
+        )
+        self.epoch_rng = checkpoint.get("epoch_rng")
+        self.epoch_generators = list(checkpoint.get("epoch_generators", []))
+        self._loaded = (checkpoint["rng"], list(checkpoint.get("generators", [])))
+
+    def now(self, data_loader: Iterable[Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The run's RNG states and its data loader's generator states now."""
+        if self._loaded is not None:
+            return self._loaded
+        return capture_rng(), [g.get_state() for g in loader_generators(data_loader)]
 
     def begin_epoch(
         self, epoch: int, data_loader: Iterable[Any], resume: ResumePoint | None
@@ -105,6 +126,7 @@ class DataTracker:
     def order_drawn(self) -> None:
         """The epoch's first batch is in hand, so its order is drawn: a resumed epoch's steps
         go on with the RNG state the interrupted run had."""
+        self._loaded = None
         if self._step_rng is not None:
             restore_rng(self._step_rng)
             self._step_rng = None
@@ -150,6 +172,7 @@ def build_checkpoint(
     """Everything needed to resume, copied to host memory (on the compute thread); without
     the model when it is None (a sharded checkpoint saves it with DCP)."""
     position = tracker.position
+    rng, generators = tracker.now(data_loader)
     weights = {"model": model.state_dict()} if model is not None else {}
     checkpoint: dict[str, Any] = to_host_copy(
         {
@@ -171,10 +194,10 @@ def build_checkpoint(
             "callbacks": {
                 key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()
             },
-            "rng": capture_rng(),
+            "rng": rng,
             "epoch_rng": tracker.epoch_rng,
             "epoch_generators": tracker.epoch_generators,
-            "generators": [g.get_state() for g in loader_generators(data_loader)],
+            "generators": generators,
             **extra,
         }
     )

@@ -391,3 +391,36 @@ def test_a_model_that_does_not_fit_the_checkpoint_names_it(tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match="size mismatch") as caught:
         anyio.run(trainer.fit)
     assert any("while resuming from" in note and "step-" in note for note in caught.value.__notes__)
+
+
+@pytest.mark.parametrize("how", ["bound reached", "stopped before its first step"])
+def test_a_resumed_run_that_takes_no_step_saves_the_position_it_loaded(
+    tmp_path: Path, how: str
+) -> None:
+    # It saved the position of a fresh run (epoch 0, no step, a fresh RNG) over the
+    # checkpoint it resumed from, at the same global step: the run that went on from there
+    # trained epoch 0's order again.
+    straight = make_trainer(num_steps=16, loader=make_loader(96, 16, shuffle=True))
+    anyio.run(straight.fit)
+
+    def trainer(steps: int, resume: bool) -> Any:
+        return make_trainer(
+            Checkpoint(tmp_path), num_steps=steps, loader=make_loader(96, 16, shuffle=True),
+            resume_from=tmp_path if resume else None,
+        )  # fmt: skip
+
+    anyio.run(trainer(10, resume=False).fit)  # mid-epoch 1
+    idle = trainer(10 if how == "bound reached" else 16, resume=True)
+    if how != "bound reached":
+        idle.stop("before the first step")
+    anyio.run(idle.fit)
+    assert idle.state.global_step == 10
+    saved = torch.load(tmp_path / "step-000000010.ckpt", weights_only=True)["progress"]
+    assert (saved["epoch"], saved["steps_in_epoch"]) == (1, 4)
+
+    resumed = trainer(16, resume=True)
+    anyio.run(resumed.fit)
+    weights = zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)
