@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import reprlib
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -161,10 +162,25 @@ class LoopRun:
             state.epoch_complete = ran_out
             if ran_out:
                 self.data.epoch_ended()
+                if state.accumulating:
+                    self._warn_window_left_open(steps)
             self.hooks.run_phase(Phase.ON_EPOCH_END)
             self.batch_processor.on_epoch_end(state)
             self.events.publish(EventKind.EPOCH_END)
             epochs_done += 1
+
+    def _warn_window_left_open(self, steps: int) -> None:
+        """The data ran out before the step its ``len()`` promised, which would have
+        updated: the last window's gradients carry into the next epoch's first update."""
+        warnings.warn(
+            f"{self.loop.name}: the data ran out after {steps} steps of epoch "
+            f"{self.state.epoch}, whose len() promised {self.state.steps_per_epoch}: the last "
+            "gradient-accumulation window was not updated at the epoch's end (its gradients "
+            "carry into the next update). Give the data loader a len() that counts its "
+            "batches",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _decide(self, *, window_open: bool = False) -> Decision:
         """The decision at a boundary (agreed by all ranks in a distributed run); a

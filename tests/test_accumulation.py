@@ -240,3 +240,30 @@ def test_the_average_moves_once_per_update() -> None:
         expected = [0.5 * e + 0.5 * w for e, w in zip(expected, after, strict=True)]
     for got, want in zip(ema.shadow, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+class ShortOfItsLength(torch.utils.data.IterableDataset[Any]):
+    """Says it holds 8 batches and yields 7."""
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from list(make_loader(112, 16))
+
+    def __len__(self) -> int:
+        return 8
+
+
+def test_data_shorter_than_its_len_says_it_leaves_a_window_unupdated() -> None:
+    # The last step is known by len(); data that runs out one batch early never reaches it,
+    # and the window it was in was never updated, without a word.
+    trainer = Trainer(
+        make_model(),
+        torch.utils.data.DataLoader(ShortOfItsLength(), batch_size=None),
+        sgd,
+        batch_processor=BasicBatchProcessor(
+            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
+        ),
+        num_epochs=1,
+    )
+    with pytest.warns(RuntimeWarning, match=r"ran out after 7 steps .* promised 8"):
+        anyio.run(trainer.fit)
+    assert trainer.state.accumulating
