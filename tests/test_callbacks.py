@@ -100,6 +100,21 @@ async def test_validation_publishes_metrics_inline_on_the_compute_thread() -> No
     assert trainer.model.training
 
 
+async def test_a_validation_and_a_test_set_publish_under_their_own_prefixes() -> None:
+    def validation(**kwargs: Any) -> Validation:
+        return Validation(make_loader(48, 16, seed=3), loss_fn=nn.CrossEntropyLoss(), **kwargs)
+
+    record = Record()
+    trainer = make_trainer(validation(), validation(prefix="test/"), record, num_epochs=1)
+    await trainer.fit()
+    assert sorted(record.epochs[-1]) == ["test/loss", "val/loss"]
+    # With one prefix the second overwrote the first's values: refused before training.
+    twins = make_trainer(validation(), validation(), num_epochs=1)
+    with pytest.raises(ValueError, match=r"two Validation callbacks publish under prefix='val/'"):
+        await twins.fit()
+    assert twins.state.global_step == 0
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

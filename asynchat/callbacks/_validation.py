@@ -42,6 +42,8 @@ class Validation(Callback):
         loss_fn: the loss for the default processor (a custom processor computes its own).
         use_ema: validate the weights of the trainer's
             :class:`ExponentialMovingAverage` callback instead of the raw ones.
+        prefix: put before each metric's name (``"test/"`` for a second Validation over a
+            test set, so its values do not overwrite the first one's).
         batch_processor: for batches that ``BasicBatchProcessor`` does not understand; its
             ``state.loss``, when it sets one, is published as the loss.
         callbacks: more callbacks for the predictor.
@@ -83,6 +85,18 @@ class Validation(Callback):
         self.prefix = prefix
         self.batch_processor = batch_processor
         self.callbacks = list(callbacks)
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        twins = [
+            c for c in state.loop.callbacks
+            if isinstance(c, Validation) and c is not self and c.prefix == self.prefix
+        ]  # fmt: skip
+        if twins:
+            raise ValueError(
+                f"two Validation callbacks publish under prefix={self.prefix!r}: the later "
+                "one's values would overwrite the earlier one's; give each its own prefix "
+                "(e.g. prefix='test/')"
+            )
 
     def on_step_end(self, state: LoopState) -> None:
         if every_n_steps(state, self.every_n_steps):
