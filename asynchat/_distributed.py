@@ -110,6 +110,11 @@ class DistributedDataParallelTrainer(Trainer):
     def any_rank(self, flag: bool) -> bool:
         return self._agree([flag])[0]
 
+    def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(totals, group=self._group)  # on the CPU, like the agreements
+        return [float(v) for v in totals.tolist()]
+
     def _agree(self, flags: Sequence[bool]) -> list[bool]:
         """Each flag True on every rank if it is True on any: one MAX all-reduce on the CPU
         (every rank calls this at the same point)."""

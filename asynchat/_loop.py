@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -227,6 +227,15 @@ class LoopBase(PipeBase):
         point); other loops, such as a Predictor over a rank's own shard, decide alone.
         """
         return flag
+
+    def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed element-wise over the loop's ranks (in float64), e.g. a loss
+        total and a sample count, for a mean over every rank's data.
+
+        In a distributed trainer this is a collective, like :meth:`any_rank`; elsewhere
+        ``values`` themselves.
+        """
+        return [float(v) for v in values]
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.

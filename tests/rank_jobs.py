@@ -83,6 +83,35 @@ async def ddp_train(
     )  # fmt: skip
 
 
+async def validate_shards(rank: int, world_size: int, out: str) -> None:
+    """A DDP trainer validating a shard of 40 samples per rank (batches of 16: a short last
+    one); each rank saves the val/loss it published and the model it validated."""
+    from asynchat import DistributedDataParallelTrainer
+    from asynchat.callbacks import Validation
+
+    validation = torch.utils.data.TensorDataset(*(t[:80] for t in ddp_data().tensors))
+    sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(),
+        torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=1,
+        device="cpu",
+        callbacks=[
+            Validation(
+                torch.utils.data.DataLoader(validation, batch_size=16, sampler=sampler),
+                loss_fn=torch.nn.CrossEntropyLoss(),
+            )
+        ],
+    )
+    state = await trainer.fit()
+    torch.save(
+        {"val/loss": state.metrics["val/loss"], "model": trainer.model.state_dict()},
+        Path(out, f"rank{rank}.pt"),
+    )
+
+
 async def predict_shard(rank: int, world_size: int, out: str) -> None:
     from asynchat import Callback, LoopState, Predictor
 

@@ -90,6 +90,22 @@ def test_resume_across_the_same_world_size(
             assert torch.equal(value, b["model"][name]), (rank, name)
 
 
+@pytest.mark.slow
+def test_validation_loss_is_the_mean_over_every_ranks_shard(tmp_path: Path) -> None:
+    # Each rank published the mean over its own shard (1.036 and 1.094 where the whole set
+    # gave 1.065): rank 0 ranked checkpoints by half the data, and EarlyStopping on each
+    # rank saw another value. The torchmetrics were global already.
+    launch(rank_jobs.validate_shards, nprocs=2, args=(str(tmp_path),))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = rank_jobs.ddp_model()
+    model.load_state_dict(ranks[0]["model"])
+    inputs, targets = (t[:80] for t in rank_jobs.ddp_data().tensors)
+    with torch.no_grad():
+        expected = nn.CrossEntropyLoss()(model(inputs), targets).item()
+    assert ranks[0]["val/loss"] == ranks[1]["val/loss"]
+    assert ranks[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
     launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)

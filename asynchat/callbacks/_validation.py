@@ -32,7 +32,9 @@ class Validation(Callback):
     ``batch_processor`` that sets ``state.loss``. It is a mean over samples, not over
     batches: each batch's loss (a mean over its samples, as ``reduction="mean"`` gives) is
     weighted by its sample count (the processor's ``samples_in``), so a short last batch
-    counts for what it holds.
+    counts for what it holds. In a distributed trainer it is the mean over every rank's
+    samples (give the data loader a ``DistributedSampler`` to validate a shard per rank),
+    as the metrics are (torchmetrics sync at ``compute()``).
 
     Args:
         data_loader: the validation batches.
@@ -107,7 +109,9 @@ class Validation(Callback):
             self.run(state)
 
     def run(self, state: LoopState) -> dict[str, float]:
-        """Validate now (from a ``def`` hook of the trainer) and publish the metrics."""
+        """Validate now (from a ``def`` hook of the trainer; in a distributed trainer, on
+        every rank at the same point, as the loss is summed over the ranks) and publish the
+        metrics."""
         from asynchat.callbacks._model import ExponentialMovingAverage
 
         loss = _MeanLoss()
@@ -127,8 +131,12 @@ class Validation(Callback):
         with ema.swapped_in(state.model) if ema is not None else contextlib.nullcontext():
             predictor.run_inline(state.loop)
         values = dict(predictor.state.metrics)
-        if loss.samples:
-            values[self.prefix + "loss"] = loss.mean()
+        # Over every rank's batches, as the torchmetrics are (their compute() syncs): each
+        # rank validating its shard had its own val/loss, and rank 0 ranked checkpoints by
+        # its half. A collective: in a distributed trainer every rank runs this hook.
+        total, samples = state.loop.sum_over_ranks([loss.total(), loss.samples])
+        if samples:
+            values[self.prefix + "loss"] = total / samples
         elif not values:
             raise ValueError(
                 f"Validation published nothing: no metrics, and its batch processor "
@@ -139,17 +147,18 @@ class Validation(Callback):
 
 
 class _MeanLoss(Callback):
-    """The per-sample mean of the batches' losses (each a mean over its batch)."""
+    """The batches' losses (each a mean over its batch) weighted by their sample counts, and
+    the count: their per-sample mean is the one over every rank's totals."""
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self.total: Any = 0.0
+        self.total_loss: Any = 0.0
         self.samples = 0
 
     def on_batch_end(self, state: LoopState) -> None:
         if state.loss is not None:
             count = state.loop.samples_in(state.batch)
-            self.total = self.total + state.loss.detach().float() * count  # on the device
+            self.total_loss = self.total_loss + state.loss.detach().float() * count  # on device
             self.samples += count
 
-    def mean(self) -> float:
-        return float(self.total) / self.samples  # host sync: once per validation
+    def total(self) -> float:
+        return float(self.total_loss)  # host sync: once per validation
