@@ -9,11 +9,19 @@ from typing import Any
 import anyio
 import pytest
 import torch
+import torchmetrics
 from conftest import StopAt, make_loader, make_model, sgd
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
-from asynchat.callbacks import Checkpoint, EarlyStopping, LRSchedule, Validation
+from asynchat.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    LossMonitor,
+    LRSchedule,
+    MetricUpdater,
+    Validation,
+)
 
 STEPS_PER_EPOCH = 6
 EPOCHS = 4
@@ -67,6 +75,13 @@ def trainer(kind: str, directory: Path, *extra: Callback, resume: bool = False) 
             schedule(kind),
             EarlyStopping("val/loss", patience=100),
             EpochLog(),
+            LossMonitor(every_n_steps=4),  # intervals across the stops: kept in checkpoints
+            MetricUpdater(  # the epoch so far: kept in checkpoints (a sum and a list state)
+                {
+                    "accuracy": torchmetrics.classification.MulticlassAccuracy(3, average="micro"),
+                    "auroc": torchmetrics.classification.MulticlassAUROC(3, thresholds=None),
+                }
+            ),
             Checkpoint(directory, save_on_end=True, keep_last=2),
         ],
         resume_from=directory if resume else None,

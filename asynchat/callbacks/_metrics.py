@@ -12,6 +12,7 @@ from asynchat._processor import split_batch
 from asynchat._state import LoopState
 
 if TYPE_CHECKING:
+    import torch
     import torchmetrics
 
 Select = Callable[[LoopState], tuple[Any, Any]]
@@ -30,6 +31,11 @@ class MetricUpdater(Callback):
     sync, on the compute thread) every ``log_every_n_steps`` steps, if given, and at the end of
     each epoch, then published as ``state.metrics[prefix + name]``; the metrics are reset at the
     start of each epoch.
+
+    The epoch so far is kept in checkpoints (each metric's states), so a run stopped inside
+    an epoch and resumed publishes at its end what an uninterrupted run does. In a
+    distributed run it is not: each rank's states are its own and the checkpoint is rank
+    0's, so the resumed epoch's values cover the batches after the resume.
 
     Whether an update syncs is the metric's doing: torchmetrics' classification defaults
     (``validate_args=True``; ``average="macro"``, which counts with ``bincount``) read values
@@ -66,13 +72,21 @@ class MetricUpdater(Callback):
         self.prefix = prefix
         self.log_every_n_steps = log_every_n_steps
         self.select = select
+        self._alone = True  # the loop runs in one process: its states are the whole epoch's
+        self._loaded: dict[str, Any] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
         for metric in self.metrics.values():
             metric.to(state.device)
+        self._alone = state.loop.world_size == 1
 
     def on_epoch_begin(self, state: LoopState) -> None:
         self.reset()
+        loaded, self._loaded = self._loaded, None
+        if loaded and state.step > 0:  # resumed inside the epoch the states were saved in
+            for name, metric in self.metrics.items():
+                if name in loaded:
+                    _restore(metric, loaded[name], state.device)
 
     def on_batch_end(self, state: LoopState) -> None:
         preds, target = self.select(state)
@@ -99,3 +113,25 @@ class MetricUpdater(Callback):
     def reset(self) -> None:
         for metric in self.metrics.values():
             metric.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self._alone:
+            return {}
+        return {
+            name: {"states": dict(metric.metric_state), "updates": metric._update_count}
+            for name, metric in self.metrics.items()
+            if metric.update_called
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+
+
+def _restore(metric: torchmetrics.Metric, saved: dict[str, Any], device: torch.device) -> None:
+    """Put back a metric's states and its count of updates (torchmetrics keeps the count in
+    ``_update_count``: ``update_called`` and ``compute()`` read it)."""
+    for key, value in saved["states"].items():
+        moved = [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
+        setattr(metric, key, moved)
+    metric._update_count = int(saved["updates"])
+    metric._computed = None

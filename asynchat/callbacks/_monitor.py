@@ -71,11 +71,13 @@ class Monitor:
             )
 
     def warn_if_unseen(self, state: LoopState) -> None:
-        """At the end of a run that went well: warn if the metric never appeared in it while
-        others did (a name misspelled beyond its prefix: ``valid/loss`` for ``val/loss``).
-        A run cut short before any metric was published says nothing."""
+        """At the end of a run that went to its end: warn if the metric never appeared in
+        it while others did (a name misspelled beyond its prefix: ``valid/loss`` for
+        ``val/loss``). A run stopped or cancelled says nothing: the metric may not have been
+        due yet (a stop before the first validation, after a cut epoch's train metrics)."""
         seen, self._seen = self._seen or self.name in state.metrics, False
-        if not seen and state.metrics and state.exception is None:
+        ended = state.exception is None and state.stop_reason is None
+        if not seen and state.metrics and ended:
             warnings.warn(
                 f"{self.owner}: {self.name!r} was never published in this run (metrics: "
                 f"{sorted(state.metrics)}), so it never acted. Check the name, and that the "

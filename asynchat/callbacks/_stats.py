@@ -4,6 +4,7 @@ mean training losses of each interval)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -90,6 +91,10 @@ class LossMonitor(Callback):
     landed (checked without blocking at later steps, waited for at the end of each epoch), so
     the monitor costs no host/device sync per step and a figure appears at most an interval
     late on a GPU. (The loggers write each logged step's own losses as ``train/loss...``.)
+
+    The interval in progress is kept in checkpoints, so a run stopped inside it and resumed
+    publishes the mean of the whole interval, as an uninterrupted run does; at the loop's
+    end the mean of the interval so far is published.
     """
 
     def __init__(self, every_n_steps: int = 50, *, prefix: str = "train/mean_") -> None:
@@ -99,6 +104,12 @@ class LossMonitor(Callback):
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._pending: list[HostCopy[dict[str, torch.Tensor]]] = []
+        self._loaded: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        sums, counts = self._loaded if self._loaded is not None else ({}, {})
+        self._sums = {name: total.to(state.device) for name, total in sums.items()}
+        self._counts, self._pending, self._loaded = dict(counts), [], None
 
     def on_step_end(self, state: LoopState) -> None:
         for name, loss in step_losses(state).items():
@@ -114,14 +125,21 @@ class LossMonitor(Callback):
         self._publish(state, wait=True)
 
     def on_loop_end(self, state: LoopState) -> None:
-        self._close_interval()
+        self._close_interval(keep=True)  # a resumed run goes on with it
         self._publish(state, wait=True)
 
-    def _close_interval(self) -> None:
+    def _close_interval(self, *, keep: bool = False) -> None:
         if self._sums:
             means = {name: total / self._counts[name] for name, total in self._sums.items()}
             self._pending.append(HostCopy(means))
-        self._sums, self._counts = {}, {}
+        if not keep:
+            self._sums, self._counts = {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self._sums), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = (dict(state_dict["sums"]), dict(state_dict["counts"]))
 
     def _publish(self, state: LoopState, *, wait: bool) -> None:
         while self._pending and (wait or self._pending[0].ready()):
