@@ -171,9 +171,19 @@ class LoopControl:
         self._unpaused.set()
 
     def cancelling(self) -> bool:
-        """Whether this loop, or one it runs inside, is being cancelled."""
+        """Whether this loop, or one it runs inside, is being cancelled (its ``async def``
+        hooks not yet started are then skipped)."""
         parent = self.parent
         return self.cancel_requested or (parent is not None and parent.cancelling())
+
+    def _ending(self) -> bool:
+        """Whether this loop is to end at its next boundary for a cancellation: its own, or
+        a forced end of the loop it runs inside. A loop run inline (a Validation) is part of
+        its parent's step, which a cancellation lets complete with its ``def`` hooks: cut
+        short, it left the checkpoint a step whose hooks had not all run (those after it at
+        that phase were skipped: the LR schedule was a step behind), and in a distributed
+        run one rank left the validation's collectives while the others were in them."""
+        return self.cancel_requested or (self.parent is not None and self.parent.forcing())
 
     # -- the decision, on the compute thread ---------------------------------------------------
 
@@ -201,7 +211,7 @@ class LoopControl:
         return self.forced or (parent is not None and parent.forcing())
 
     def _local(self) -> tuple[bool, bool, bool, bool]:
-        return self.stop_requested, self.cancelling(), not self._unpaused.is_set(), self.forcing()
+        return self.stop_requested, self._ending(), not self._unpaused.is_set(), self.forcing()
 
     def _agreed(self) -> tuple[bool, bool, bool, bool]:
         flags = self._local()

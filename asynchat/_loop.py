@@ -322,8 +322,10 @@ class LoopBase(PipeBase):
 
         For ``def`` hooks that run a loop inside another, e.g. validation between a
         trainer's steps: no thread is started, the model stays on its device and stream, and
-        this loop's ``async def`` hooks are awaited through ``parent``'s event loop. It ends
-        early (raising the parent's cancellation) if ``parent`` is cancelled.
+        this loop's ``async def`` hooks are awaited through ``parent``'s event loop. It is
+        part of ``parent``'s step: if ``parent`` is cancelled it still runs to its end (with
+        its ``def`` hooks only, as a cancelled loop does), so the step completes; a forced
+        exit (a second Ctrl-C) ends it at its next step.
         """
         if not isinstance(parent, LoopBase):
             raise TypeError(f"run_inline needs the running loop (state.loop), got {parent!r}")

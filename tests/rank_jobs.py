@@ -112,6 +112,42 @@ async def validate_shards(rank: int, world_size: int, out: str) -> None:
     )
 
 
+async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str) -> None:
+    """Rank 0 alone is cancelled at the step a Validation is due; both must end there."""
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Validation
+
+    class CancelRankZero(Callback):
+        scope: anyio.CancelScope | None = None
+
+        async def on_step_end(self, state: LoopState) -> None:
+            if rank == 0 and state.global_step == 2 and self.scope is not None:
+                self.scope.cancel()
+
+    cancel = CancelRankZero()
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(),
+        torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=1,
+        device="cpu",
+        callbacks=[
+            cancel,
+            Validation(
+                torch.utils.data.DataLoader(ddp_data(), batch_size=16),
+                loss_fn=torch.nn.CrossEntropyLoss(), every_n_steps=2, every_n_epochs=None,
+            ),
+        ],
+    )  # fmt: skip
+    with anyio.CancelScope() as cancel.scope:
+        await trainer.fit()
+    Path(out, f"rank{rank}.txt").write_text(
+        f"{trainer.status.value} {trainer.state.global_step} "
+        f"{trainer.state.metrics.measured_at('val/loss')}"
+    )
+
+
 async def predict_shard(rank: int, world_size: int, out: str) -> None:
     from asynchat import Callback, LoopState, Predictor
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,20 @@ def test_validation_loss_is_the_mean_over_every_ranks_shard(tmp_path: Path) -> N
         expected = nn.CrossEntropyLoss()(model(inputs), targets).item()
     assert ranks[0]["val/loss"] == ranks[1]["val/loss"]
     assert ranks[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_rank_cancelled_at_a_validation_ends_with_the_others(tmp_path: Path) -> None:
+    # Rank 0's validation was cut short by its own cancellation while rank 1's went on
+    # into the loss's all-reduce: the two ranks' collectives no longer matched, and the job
+    # failed on a gloo timeout. The validation is part of the step: it runs to its end.
+    launch(
+        rank_jobs.cancel_rank_zero_at_a_validation, nprocs=2, args=(str(tmp_path),),
+        collective_timeout=timedelta(seconds=30),
+    )  # fmt: skip
+    ends = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
+    assert ends[0] == ["cancelled", "2", "2"]
+    assert ends[1][1:] == ["2", "2"], "both ranks validated at step 2 and ended there"
 
 
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:

@@ -137,3 +137,52 @@ def test_a_metric_scheduler_without_monitor_is_refused_before_training(tmp_path:
     with pytest.raises(TypeError, match="monitor='val/loss'"):
         anyio.run(t.fit)
     assert t.state.global_step == 0
+
+
+def test_a_cancellation_lets_the_steps_validation_and_hooks_complete(tmp_path: Path) -> None:
+    # The Validation due at the cancelled step was cut short by the cancellation (its inline
+    # predictor raised it), and the def hooks after it at on_step_end never ran: the final
+    # checkpoint said the step was done, so the resumed LR schedule was a step behind.
+    class CancelAt(Callback):
+        def __init__(self, at: int) -> None:
+            self.at = at
+            self.scope: anyio.CancelScope | None = None
+
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == self.at and self.scope is not None:
+                self.scope.cancel()
+
+    def steps(directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+        return Trainer(
+            make_model(), make_loader(96, 16, shuffle=True), sgd,
+            loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+            callbacks=[
+                *extra,
+                Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss(),
+                           every_n_steps=4, every_n_epochs=None),
+                LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)),
+                Checkpoint(directory),
+            ],
+            resume_from=directory if resume else None,
+        )  # fmt: skip
+
+    straight = steps(tmp_path / "straight")
+    anyio.run(straight.fit)
+
+    cancel = CancelAt(8)
+    first = steps(tmp_path / "cancelled", cancel)
+
+    async def cancelled() -> None:
+        with anyio.CancelScope() as cancel.scope:
+            await first.fit()
+
+    anyio.run(cancelled)
+    assert first.status.value == "cancelled" and first.state.global_step == 8
+    assert first.state.metrics.measured_at("val/loss") == 8, "the step's validation ran"
+    resumed = steps(tmp_path / "cancelled", resume=True)
+    anyio.run(resumed.fit)
+    weights = zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)
+    assert resumed.state.metrics == straight.state.metrics
