@@ -32,11 +32,16 @@ class Callback:
     serves another running loop is refused when it starts, with an error naming both (a
     loop run inside the other, e.g. from its hooks, may share). A callback that keeps no
     per-run state may say so with ``shared_across_loops = True`` on its class.
+
+    Within a phase, hooks run in the order the callbacks were given, except that those of a
+    class with ``runs_last = True`` run after all others (:class:`~asynchat.callbacks.Checkpoint`:
+    a checkpoint then holds what the phase's other hooks did, wherever it is listed).
     """
 
     graph_safe: ClassVar[bool] = False
     sets_lr: ClassVar[bool] = False
     shared_across_loops: ClassVar[bool] = False
+    runs_last: ClassVar[bool] = False
 
     def on_loop_begin(self, state: LoopState) -> Awaitable[None] | None:
         """Before the first epoch."""
@@ -119,7 +124,8 @@ class PipeBase:
     The callbacks are checked when the pipe is built: each must be a :class:`Callback`
     instance. For each phase the pipe records which callbacks override the hook and whether
     the hook is ``async def`` (awaited on the event loop) or ``def`` (run on the compute
-    thread). Within a phase, hooks run in the order the callbacks were given.
+    thread). Within a phase, hooks run in the order the callbacks were given, those of
+    ``runs_last`` callbacks after the others.
     """
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
@@ -147,10 +153,11 @@ class PipeBase:
                 )
             checked.append(callback)
         self._callbacks: tuple[Callback, ...] = tuple(checked)
+        in_order = sorted(self._callbacks, key=lambda callback: callback.runs_last)  # stable
         self._hooks: dict[Phase, tuple[Hook, ...]] = {
             phase: tuple(
                 hook
-                for callback in self._callbacks
+                for callback in in_order
                 if (hook := _overridden_hook(callback, phase)) is not None
             )
             for phase in Phase

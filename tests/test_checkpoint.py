@@ -424,3 +424,37 @@ def test_a_resumed_run_that_takes_no_step_saves_the_position_it_loaded(
         resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
     )
     assert all(torch.equal(a, b) for a, b in weights)
+
+
+def test_a_step_checkpoint_holds_what_the_steps_later_hooks_did(tmp_path: Path) -> None:
+    # Listed before the LRSchedule, the Checkpoint saved step 4 before the plateau scheduler
+    # acted on step 4's validation: a run resumed from it acted at step 5 instead, one
+    # update late, and trained to other weights. Its hooks now run last at every phase.
+    def trainer(directory: Path, resume: bool = False) -> Trainer:
+        return make_trainer(
+            Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss(),
+                       every_n_steps=2, every_n_epochs=None),
+            Checkpoint(directory, every_n_steps=2, keep_last=None),
+            LRSchedule(
+                lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                    opt, factor=0.5, patience=0, threshold=10.0  # halves at every validation
+                ),
+                monitor="val/loss",
+            ),
+            num_steps=8, resume_from=directory if resume else None,
+        )  # fmt: skip
+
+    straight = trainer(tmp_path / "straight")
+    anyio.run(straight.fit)
+    crashed = tmp_path / "crashed"  # after step 5: its newest checkpoint is step 4's
+    crashed.mkdir()
+    shutil.copy(tmp_path / "straight" / "step-000000004.ckpt", crashed)
+    resumed = trainer(crashed, resume=True)
+    anyio.run(resumed.fit)
+    assert resumed.state.optimizer is not None and straight.state.optimizer is not None
+    lrs = [t.state.optimizer.param_groups[0]["lr"] for t in (resumed, straight)]  # type: ignore[union-attr]
+    assert lrs[0] == lrs[1] == 0.1 * 0.5**4
+    weights = zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)

@@ -105,6 +105,10 @@ class Checkpoint(Callback):
     the directory; the lock of a process that died is taken over. Only files this callback
     names (``step-*.ckpt``) are ever deleted, never anything a manifest points to elsewhere.
 
+    Its hooks run after every other callback's at each phase (``runs_last``), wherever it
+    is listed: a step's checkpoint holds what the step's other hooks did (a Validation's
+    metrics, a scheduler's step), so a run resumed from it goes on as the saved one did.
+
     A run further back than the directory's newest checkpoint (a fresh run into a used
     directory, or one resumed from an older file) is refused at ``on_loop_begin``, before
     training: its checkpoints would rank as older than the other run's and be pruned.
@@ -118,8 +122,7 @@ class Checkpoint(Callback):
         every_n_steps: save after every n-th step (at ``on_step_end``); inside a
             gradient-accumulation window, after its last step (its gradients are in no
             checkpoint, so only there does a resumed run go on exactly).
-        every_n_epochs: save after every n-th complete epoch (at ``on_epoch_end``; put
-            validation callbacks before this one so their metrics are in the checkpoint).
+        every_n_epochs: save after every n-th complete epoch (at ``on_epoch_end``).
         keep_last: keep the newest this many checkpoints (``None``: keep every one).
         monitor: a key of ``state.metrics`` (e.g. ``"val/accuracy"``) to rank checkpoints by.
             Missing at a save, it is an error when another metric with its prefix exists (a
@@ -130,6 +133,8 @@ class Checkpoint(Callback):
         save_on_end: save when the loop ends normally, by ``stop()`` or by cancellation (not
             after an error), unless the last step was just saved.
     """
+
+    runs_last = True
 
     def __init__(
         self,

@@ -111,9 +111,13 @@ class LRSchedule(Callback):
         if self._metric is not None:
             self._metric.begin(state)
         optimizer = self._optimizer(state)
+        restored: list[float] = []
         if self._loaded is not None:
-            # Building schedulers rescales the (already restored) learning rates: start from
-            # the initial ones so the rebuilt chain matches the saved one, then load it.
+            # Building schedulers rescales the learning rates: start from the initial ones so
+            # the rebuilt chain matches the saved one, load it, then put back the rates the
+            # optimizer was restored with, which are the run's whatever steps them (a
+            # scheduler's last rate is not, when another LRSchedule steps the same optimizer).
+            restored = [float(group["lr"]) for group in optimizer.param_groups]
             for group in optimizer.param_groups:
                 set_lr(group, group.get("initial_lr", group["lr"]))
         main = self.factory(optimizer)
@@ -137,7 +141,7 @@ class LRSchedule(Callback):
         self.scheduler = main
         if self._loaded is not None:
             main.load_state_dict(self._loaded)
-            for group, lr in zip(optimizer.param_groups, main.get_last_lr(), strict=True):
+            for group, lr in zip(optimizer.param_groups, restored, strict=True):
                 set_lr(group, lr)
             self._loaded = None
 

@@ -25,7 +25,7 @@ class Validation(Callback):
     so the model stays on its device and stream and no thread is started. Its metrics land
     in the trainer's ``state.metrics`` as ``prefix + name`` (``"val/accuracy"``), where
     :class:`Checkpoint` and :class:`EarlyStopping` can monitor them: list Validation before
-    them.
+    EarlyStopping (a Checkpoint's hooks run last wherever it is listed).
 
     The mean validation loss is published as ``prefix + "loss"`` whenever the batches have a
     loss: with ``loss_fn`` (the default processor computes it), or with a custom
