@@ -186,3 +186,41 @@ def test_a_cancellation_lets_the_steps_validation_and_hooks_complete(tmp_path: P
     )
     assert all(torch.equal(a, b) for a, b in weights)
     assert resumed.state.metrics == straight.state.metrics
+
+
+def test_two_schedules_on_one_optimizer_resume_to_the_same_rate(tmp_path: Path) -> None:
+    # A cosine by step and a plateau on val/loss: each resumed LRSchedule set the rate to its
+    # own scheduler's last one, and the plateau's (from its last validation) undid the
+    # cosine's steps since.
+    def two(directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+        return Trainer(
+            make_model(), make_loader(96, 16, shuffle=True), sgd,
+            loss_fn=nn.CrossEntropyLoss(), num_epochs=3,
+            callbacks=[
+                *extra,
+                Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss(),
+                           every_n_steps=5, every_n_epochs=None),
+                LRSchedule(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 18)),
+                LRSchedule(
+                    lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                        opt, patience=0, threshold=10.0
+                    ),
+                    monitor="val/loss",
+                ),
+                Checkpoint(directory),
+            ],
+            resume_from=directory if resume else None,
+        )  # fmt: skip
+
+    straight = two(tmp_path / "straight")
+    anyio.run(straight.fit)
+    anyio.run(two(tmp_path / "stopped", StopAt(7)).fit)
+    resumed = two(tmp_path / "stopped", resume=True)
+    anyio.run(resumed.fit)
+    assert resumed.state.optimizer is not None and straight.state.optimizer is not None
+    lr = resumed.state.optimizer.param_groups[0]["lr"]
+    assert lr == straight.state.optimizer.param_groups[0]["lr"]
+    weights = zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)
