@@ -174,8 +174,15 @@ class Trainer(LoopBase):
         saved = checkpoint.get("optimizers")
         if saved is None:  # format 1 and 2: one optimizer
             saved = {DEFAULT: checkpoint["optimizer"]}
+        stepped = checkpoint["progress"]["global_step"] > 0
         for name, optimizer in self.state.optimizers.items():
             load_optimizer(optimizer, saved[name])
+            if stepped:
+                # The run stepped this optimizer before the checkpoint. torch's schedulers
+                # warn when they step before the optimizer has, which a run resumed at an
+                # epoch's end does (its first act is the epoch's schedule step); the flag is
+                # the one torch's wrapper of optimizer.step() sets.
+                optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
 def _saved_optimizers(checkpoint: dict[str, Any]) -> list[str] | None:

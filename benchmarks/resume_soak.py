@@ -1,0 +1,82 @@
+"""Stop or cancel, then resume, many random configurations: the long version of
+tests/test_resume_soak.py.
+
+Each trial draws a configuration (gradient accumulation, validation by step or epoch, early
+stopping, schedules by step or epoch and a plateau schedule on the same optimizer, an EMA,
+step checkpoints, LossMonitor, MetricUpdater, clipping, TerminateOnNaN, bf16, DataLoader
+workers, read-ahead) and one or two interruptions (``stop()`` or a cancellation at a random
+step), runs it straight and interrupted-then-resumed, and compares weights, metrics, learning
+rate, EMA and global step bitwise. The table counts trials, mismatches and trials that
+raised a warning, by feature; each is printed with its configuration (rerun with ``--seed``).
+
+Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from _common import machine, table
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))  # the configurations and the comparison the test uses
+
+from test_resume_soak import Config, Interruption, draw_interruptions, trial  # noqa: E402
+
+FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
+    "every trial": lambda c, i: True,
+    "gradient accumulation": lambda c, i: c.accumulate > 1,
+    "a cancellation": lambda c, i: any(how == "cancel" for how, _ in i),
+    "two interruptions": lambda c, i: len(i) == 2,
+    "validation by step": lambda c, i: c.validate_every is not None,
+    "two schedules on one optimizer": lambda c, i: c.plateau and c.schedule is not None,
+    "EMA": lambda c, i: c.ema,
+    "step checkpoints": lambda c, i: c.checkpoint_every is not None,
+    "MetricUpdater": lambda c, i: c.train_metrics_every != 0,
+    "bf16": lambda c, i: c.amp is not None,
+    "DataLoader workers": lambda c, i: c.workers,
+    "read inline (prefetch=0)": lambda c, i: c.prefetch == 0,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"# {machine()}")
+    started = time.monotonic()
+    counts = {name: [0, 0, 0] for name in FEATURES}
+    for n in range(args.trials):
+        rng = random.Random(f"{args.seed}-{n}")
+        config = Config.draw(rng)
+        interruptions = draw_interruptions(config, rng)
+        with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            differ = trial(config, interruptions, Path(tmp))
+        if differ:
+            print(f"MISMATCH trial {n}: {config} {interruptions}: {differ}", flush=True)
+        if warned:
+            print(f"WARNED trial {n}: {config} {interruptions}: {warned[0].message}", flush=True)
+        for name, has in FEATURES.items():
+            if has(config, interruptions):
+                counts[name][0] += 1
+                counts[name][1] += bool(differ)
+                counts[name][2] += bool(warned)
+        if (n + 1) % 10 == 0:
+            print(f"  {n + 1} trials ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    rows = [
+        (name, total, total - bad, bad, warned) for name, (total, bad, warned) in counts.items()
+    ]
+    print(table(["with", "trials", "resumed exactly", "differed", "warned"], rows))
+
+
+if __name__ == "__main__":
+    main()

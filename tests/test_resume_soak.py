@@ -1,0 +1,224 @@
+"""Stopped or cancelled, then resumed, any number of times: the same weights, metrics, rate
+and average as a run that was never interrupted, whatever the shipped callbacks do.
+
+A configuration draws gradient accumulation, validation by step or by epoch, early
+stopping, a learning-rate schedule by step or epoch, a plateau schedule on the same
+optimizer, an EMA, step checkpoints, LossMonitor, MetricUpdater, gradient clipping,
+TerminateOnNaN, mixed precision, DataLoader workers and read-ahead; a run is interrupted
+once or twice (``stop()`` or a cancellation, from a hook at a random step) and resumed from
+its checkpoints. These few fixed seeds are the short version of
+``benchmarks/resume_soak.py``, which draws many (it found each defect fixed with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import pytest
+import torch
+import torchmetrics
+from conftest import StopAt, make_data, make_loader, make_model, sgd
+from torch import nn
+from torch.utils.data import DataLoader
+
+from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    ExponentialMovingAverage,
+    GradClip,
+    LossMonitor,
+    LRSchedule,
+    MetricUpdater,
+    TerminateOnNaN,
+    Validation,
+    cosine,
+)
+
+STEPS_PER_EPOCH = 6  # 96 samples in batches of 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    accumulate: int = 1
+    epochs: int = 2
+    validate_every: int | None = None  # steps; None: every epoch
+    early_stopping: bool = False
+    schedule: Literal["step", "epoch"] | None = None
+    plateau: bool = False  # a second LRSchedule on the optimizer, on val/loss
+    ema: bool = False
+    checkpoint_every: int | None = None
+    train_metrics_every: int | None = None  # 0: no MetricUpdater
+    clip: bool = False
+    nan_check: int | None = None
+    workers: bool = False
+    amp: Literal["bf16"] | None = None
+    prefetch: int = 2
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Config:
+        return cls(
+            accumulate=rng.choice([1, 2, 3, 4]),
+            epochs=rng.choice([2, 3]),
+            validate_every=rng.choice([None, None, 2, 5]),
+            early_stopping=rng.random() < 0.5,
+            schedule=rng.choice([None, "step", "epoch"]),
+            plateau=rng.random() < 0.3,
+            ema=rng.random() < 0.5,
+            checkpoint_every=rng.choice([None, 2, 5]),
+            train_metrics_every=rng.choice([0, None, 4]),
+            clip=rng.random() < 0.3,
+            nan_check=rng.choice([None, 3]),
+            workers=rng.random() < 0.15,
+            amp=rng.choice([None, None, "bf16"]),
+            prefetch=rng.choice([0, 2]),
+        )
+
+
+Interruption = tuple[Literal["stop", "cancel"], int]
+
+
+def draw_interruptions(config: Config, rng: random.Random) -> list[Interruption]:
+    steps = sorted(rng.sample(range(1, STEPS_PER_EPOCH * config.epochs), rng.choice([1, 2])))
+    return [(rng.choice(["stop", "stop", "cancel"]), step) for step in steps]
+
+
+class CancelAt(Callback):
+    """Cancels the scope ``fit()`` runs in at the end of global step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.scope: anyio.CancelScope | None = None
+
+    async def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at and self.scope is not None:
+            self.scope.cancel()
+
+
+def trainer(config: Config, directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+    callbacks: list[Callback] = [*extra]
+    if config.train_metrics_every != 0:
+        accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+        callbacks.append(
+            MetricUpdater({"accuracy": accuracy}, log_every_n_steps=config.train_metrics_every)
+        )
+    if config.clip:
+        callbacks.append(GradClip(0.5))
+    if config.nan_check:
+        callbacks.append(TerminateOnNaN(check_every_n_steps=config.nan_check))
+    by_steps = config.validate_every is not None
+    callbacks.append(
+        Validation(
+            make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss(),
+            every_n_steps=config.validate_every, every_n_epochs=None if by_steps else 1,
+        )
+    )  # fmt: skip
+    if config.early_stopping:
+        callbacks.append(EarlyStopping("val/loss", patience=100))
+    if config.schedule is not None:
+        callbacks.append(LRSchedule(cosine(40), interval=config.schedule))
+    if config.plateau:
+        callbacks.append(
+            LRSchedule(
+                lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                    opt, patience=0, threshold=10.0
+                ),
+                monitor="val/loss",
+            )
+        )
+    if config.ema:
+        callbacks.append(ExponentialMovingAverage(0.9))
+    callbacks.append(Checkpoint(directory, every_n_steps=config.checkpoint_every, keep_last=None))
+    callbacks.append(LossMonitor(every_n_steps=3))
+    loader: Any = make_loader(96, 16, shuffle=True)
+    if config.workers:
+        generator = torch.Generator().manual_seed(0)
+        loader = DataLoader(
+            make_data(96), batch_size=16, shuffle=True, generator=generator, num_workers=2
+        )
+    return Trainer(
+        make_model(), loader, sgd,
+        batch_processor=BasicBatchProcessor(
+            nn.CrossEntropyLoss(), grad_accumulation_steps=config.accumulate, amp=config.amp
+        ),
+        num_epochs=config.epochs, callbacks=callbacks, prefetch=config.prefetch,
+        resume_from=directory if resume else None,
+    )  # fmt: skip
+
+
+def interrupted_run(config: Config, directory: Path, interruptions: list[Interruption]) -> Trainer:
+    """Run with each interruption in turn (each run resumed from the last), then to the end."""
+    for i, (how, step) in enumerate(interruptions):
+        cancel = CancelAt(step)
+        run = trainer(config, directory, StopAt(step) if how == "stop" else cancel, resume=i > 0)
+
+        async def fit(run: Trainer = run, cancel: CancelAt = cancel) -> None:
+            with anyio.CancelScope() as cancel.scope:
+                await run.fit()
+
+        anyio.run(fit)
+    last = trainer(config, directory, resume=True)
+    anyio.run(last.fit)
+    return last
+
+
+def outcome(run: Trainer) -> dict[str, Any]:
+    ema = [c for c in run.callbacks if isinstance(c, ExponentialMovingAverage)]
+    assert run.state.optimizer is not None
+    return {
+        "weights": [t.clone() for t in run.model.state_dict().values()],
+        "metrics": dict(run.state.metrics),
+        "lr": run.state.optimizer.param_groups[0]["lr"],
+        "ema": [t.clone() for t in ema[0].shadow] if ema else [],
+        "global_step": run.state.global_step,
+    }
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs between two outcomes, by name (empty: the same, bitwise)."""
+    differ = []
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, list):
+            same = len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+        else:
+            same = x == y
+        if not same:
+            differ.append(
+                key if key != "metrics" else f"metrics {sorted(set(x.items()) ^ set(y.items()))}"
+            )
+    return differ
+
+
+def trial(config: Config, interruptions: list[Interruption], directory: Path) -> list[str]:
+    """Run ``config`` straight and interrupted; return what differs."""
+    straight = trainer(config, directory / "straight")
+    anyio.run(straight.fit)
+    resumed = interrupted_run(config, directory / "interrupted", interruptions)
+    return differences(outcome(resumed), outcome(straight))
+
+
+@pytest.mark.parametrize("seed", [3, 4, 11, 25])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    config = Config.draw(rng)
+    interruptions = draw_interruptions(config, rng)
+    assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
+
+
+def test_a_run_resumed_at_an_epochs_end_steps_its_schedule_without_torchs_warning(
+    tmp_path: Path,
+) -> None:
+    # Cancelled at an epoch's last step, the run saved before on_epoch_end; resumed, its
+    # first act was the epoch's scheduler step, before this process had stepped the
+    # optimizer, and torch warned "Detected call of lr_scheduler.step() before
+    # optimizer.step()" (an error under this suite's filterwarnings).
+    config = Config(schedule="epoch")
+    resumed = interrupted_run(config, tmp_path / "interrupted", [("cancel", STEPS_PER_EPOCH)])
+    straight = trainer(config, tmp_path / "straight")
+    anyio.run(straight.fit)
+    assert differences(outcome(resumed), outcome(straight)) == []
