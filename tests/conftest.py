@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from torch import nn
@@ -70,6 +71,20 @@ class StopAt(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if state.global_step == self.at:
             state.loop.stop(self.reason)
+
+
+class CancelAt(Callback):
+    """Cancels the scope ``fit()`` runs in at the end of global step ``at`` (from an
+    ``async def`` hook, on the event loop): ``with anyio.CancelScope() as cancel.scope:
+    await loop.fit()``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.scope: anyio.CancelScope | None = None
+
+    async def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at and self.scope is not None:
+            self.scope.cancel()
 
 
 def load_example(filename: str) -> ModuleType:

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import StopAt, make_loader, make_model, sgd
+from conftest import CancelAt, StopAt, make_loader, make_model, sgd
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
@@ -104,14 +104,6 @@ def test_a_stop_waits_for_the_windows_batches_from_a_stream(
 def test_a_cancellation_inside_a_window_ends_at_its_last_step(tmp_path: Path) -> None:
     seen: list[int] = []
 
-    class CancelAtTwo(Callback):
-        def __init__(self, scope: anyio.CancelScope) -> None:
-            self.scope = scope
-
-        async def on_step_end(self, state: LoopState) -> None:
-            if state.global_step == 2:
-                self.scope.cancel()
-
     class Record(Callback):
         def on_step_end(self, state: LoopState) -> None:
             seen.append(state.global_step)  # a def hook: it runs in a cancelled loop too
@@ -120,10 +112,11 @@ def test_a_cancellation_inside_a_window_ends_at_its_last_step(tmp_path: Path) ->
     anyio.run(straight.fit)
 
     async def cancelled() -> Trainer:
-        with anyio.CancelScope() as scope:
-            first = trainer(tmp_path / "cancelled", CancelAtTwo(scope), Record())
+        cancel = CancelAt(2)
+        first = trainer(tmp_path / "cancelled", cancel, Record())
+        with anyio.CancelScope() as cancel.scope:
             await first.fit()
-        assert scope.cancelled_caught
+        assert cancel.scope.cancelled_caught
         return first
 
     first = anyio.run(cancelled)

@@ -21,11 +21,11 @@ import anyio
 import pytest
 import torch
 import torchmetrics
-from conftest import StopAt, make_data, make_loader, make_model, sgd
+from conftest import CancelAt, StopAt, make_data, make_loader, make_model, sgd
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat import BasicBatchProcessor, Callback, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -85,18 +85,6 @@ Interruption = tuple[Literal["stop", "cancel"], int]
 def draw_interruptions(config: Config, rng: random.Random) -> list[Interruption]:
     steps = sorted(rng.sample(range(1, STEPS_PER_EPOCH * config.epochs), rng.choice([1, 2])))
     return [(rng.choice(["stop", "stop", "cancel"]), step) for step in steps]
-
-
-class CancelAt(Callback):
-    """Cancels the scope ``fit()`` runs in at the end of global step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.scope: anyio.CancelScope | None = None
-
-    async def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.at and self.scope is not None:
-            self.scope.cancel()
 
 
 def trainer(config: Config, directory: Path, *extra: Callback, resume: bool = False) -> Trainer:

@@ -10,7 +10,7 @@ import anyio
 import pytest
 import torch
 import torchmetrics
-from conftest import StopAt, make_loader, make_model, sgd
+from conftest import CancelAt, StopAt, make_loader, make_model, sgd
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
@@ -143,15 +143,6 @@ def test_a_cancellation_lets_the_steps_validation_and_hooks_complete(tmp_path: P
     # The Validation due at the cancelled step was cut short by the cancellation (its inline
     # predictor raised it), and the def hooks after it at on_step_end never ran: the final
     # checkpoint said the step was done, so the resumed LR schedule was a step behind.
-    class CancelAt(Callback):
-        def __init__(self, at: int) -> None:
-            self.at = at
-            self.scope: anyio.CancelScope | None = None
-
-        async def on_step_end(self, state: LoopState) -> None:
-            if state.global_step == self.at and self.scope is not None:
-                self.scope.cancel()
-
     def steps(directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
         return Trainer(
             make_model(), make_loader(96, 16, shuffle=True), sgd,
