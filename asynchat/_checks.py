@@ -53,3 +53,17 @@ def optimizer_trains(
             "it built over another model, or a copy?); pass a factory that builds it over the "
             "model it trains: optimizer=lambda model: torch.optim.SGD(model.parameters(), ...)"
         )
+
+
+def loss_function(name: str, value: Any) -> None:
+    """``value`` must be callable, and not a loss *class* (``nn.CrossEntropyLoss`` for
+    ``nn.CrossEntropyLoss()``: callable too, it builds a module from the outputs and
+    targets, and failed with "Boolean value of Tensor with more than one value is
+    ambiguous")."""
+    if isinstance(value, type):
+        raise TypeError(
+            f"{name} is the class {value.__name__}, not a loss function; pass an instance: "
+            f"{value.__name__}()"
+        )
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {value!r}")

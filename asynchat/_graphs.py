@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from asynchat._capture import GATE
-from asynchat._checks import positive_int
+from asynchat._checks import loss_function, positive_int
 from asynchat._every import rule_of
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
@@ -175,8 +175,7 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
                 "CudaGraphBatchProcessor needs CUDA (torch.cuda.is_available() is False); "
                 "on this machine use BasicBatchProcessor, or BasicBatchProcessor(compile=True)"
             )
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        loss_function("loss_fn", loss_fn)
         positive_int("warmup_steps", warmup_steps)
         super().__init__(
             loss_fn, amp=amp, grad_accumulation_steps=grad_accumulation_steps,

@@ -554,7 +554,7 @@ def as_module(model: Models) -> torch.nn.Module:
 
 
 def _check_arguments(
-    model: torch.nn.Module,
+    model: object,
     data_loader: Iterable[Any],
     batch_processor: BatchProcessor,
     num_epochs: int | None,
@@ -562,9 +562,13 @@ def _check_arguments(
     prefetch: int,
 ) -> None:
     if not isinstance(model, torch.nn.Module):
+        got = (
+            f"the class {model.__name__}, not an instance"
+            if isinstance(model, type)
+            else type(model).__name__
+        )
         raise TypeError(
-            "model must be a torch.nn.Module or a mapping of names to modules, got "
-            f"{type(model).__name__}"
+            f"model must be a torch.nn.Module or a mapping of names to modules, got {got}"
         )
     check_data_loader(data_loader, num_epochs)
     if not isinstance(batch_processor, BatchProcessor):

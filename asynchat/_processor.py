@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from asynchat._checks import positive_int
+from asynchat._checks import loss_function, positive_int
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
 from asynchat._state import LoopState
@@ -299,8 +299,8 @@ class BasicBatchProcessor(BatchProcessor):
         samples: Callable[[Any], int] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        if loss_fn is not None:
+            loss_function("loss_fn", loss_fn)
         super().__init__(
             amp=amp,
             grad_accumulation_steps=grad_accumulation_steps,
@@ -442,8 +442,7 @@ class MultiBatchProcessor(BasicBatchProcessor):
         if isinstance(loss_fn, Sequence):
             loss_fns = tuple(loss_fn)
             for i, fn in enumerate(loss_fns):
-                if not callable(fn):
-                    raise TypeError(f"loss_fn[{i}] must be callable, got {fn!r}")
+                loss_function(f"loss_fn[{i}]", fn)
             loss_fn = None
         super().__init__(
             loss_fn,

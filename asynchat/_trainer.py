@@ -254,6 +254,14 @@ def _optimizer_specs(optimizer: Any) -> dict[str, OptimizerSpec]:
     else:
         specs = {DEFAULT: optimizer}
     for name, spec in specs.items():
+        if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+            # Callable, so taken for a factory: SGD(model) failed at the first step with
+            # torch's "optimizer can only optimize Tensors, but one of the params is Linear".
+            raise TypeError(
+                f"{_label(specs, name)} is the class {spec.__name__}, not an optimizer; pass "
+                f"{spec.__name__}(model.parameters(), lr=...) or a factory "
+                f"lambda model: torch.optim.{spec.__name__}(model.parameters(), lr=...)"
+            )
         if not isinstance(spec, torch.optim.Optimizer) and not callable(spec):
             got = _short(spec)
             hint = (

@@ -24,6 +24,11 @@ from asynchat.callbacks import (
     LRSchedule,
     Progress,
     StatsMonitor,
+    Validation,
+    cosine,
+    one_cycle,
+    poly,
+    step_decay,
 )
 
 
@@ -104,6 +109,24 @@ def trainer(**overrides: Any) -> Trainer:
         ({"device": "meta"}, ValueError, r"device='meta' but torch.accelerator has no 'meta'"),
         ({"prefetch": -1}, ValueError, r"prefetch must be an int >= 0 .*got -1"),
         ({"loss_fn": "mse"}, TypeError, r"loss_fn must be callable, got 'mse'"),
+        # Classes for instances are callable too, and failed late with torch's errors: the
+        # loss at the first step ("Boolean value of Tensor ... is ambiguous"), the optimizer
+        # as a factory SGD(model) ("can only optimize Tensors, but one of the params is ...").
+        (
+            {"loss_fn": nn.CrossEntropyLoss},
+            TypeError,
+            r"loss_fn is the class CrossEntropyLoss, not a loss function; pass an instance",
+        ),
+        (
+            {"optimizer": torch.optim.SGD},
+            TypeError,
+            r"optimizer is the class SGD, not an optimizer; pass SGD\(model.parameters\(\)",
+        ),
+        (
+            {"model": nn.Linear},
+            TypeError,
+            r"model must be .* got the class Linear, not an instance",
+        ),
     ],
 )
 def test_bad_trainer_arguments(
@@ -243,6 +266,22 @@ class TestErrorsFoundWhileRunning:
         (lambda: JSONLinesLogger("x", every_n_steps=2.5), ValueError, r"every_n_steps.*2\.5"),
         (lambda: StatsMonitor(every_n_steps="5"), ValueError, r"every_n_steps.*'5'"),
         (lambda: EarlyStopping("m", patience=True), ValueError, r"patience must be a positive"),
+        # Accepted, these failed only when first used: a schedule of 0 steps at its first
+        # step, a Validation without data after the first epoch's training.
+        (lambda: cosine(0), ValueError, r"total_steps must be a positive int, got 0"),
+        (lambda: step_decay(0), ValueError, r"step_size must be a positive int, got 0"),
+        (lambda: poly(-1), ValueError, r"total_steps must be a positive int, got -1"),
+        (lambda: one_cycle(0.1, 0), ValueError, r"total_steps must be a positive int, got 0"),
+        (
+            lambda: Validation(None, loss_fn=nn.CrossEntropyLoss()),  # type: ignore[arg-type]
+            TypeError,
+            r"data_loader must be iterable .* got NoneType",
+        ),
+        (
+            lambda: MultiBatchProcessor([nn.MSELoss(), nn.MSELoss]),  # type: ignore[list-item]
+            TypeError,
+            r"loss_fn\[1\] is the class MSELoss, not a loss function",
+        ),
         (
             lambda: LRSchedule(lambda o: None, monitor=""),  # type: ignore[arg-type,return-value]
             ValueError,

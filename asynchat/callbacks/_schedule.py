@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from asynchat._callback import Callback
+from asynchat._checks import positive_int
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import Monitor
 
@@ -204,11 +205,13 @@ class LRSchedule(Callback):
 
 def step_decay(step_size: int, gamma: float = 0.1) -> SchedulerFactory:
     """Multiply the rate by ``gamma`` every ``step_size`` scheduler steps (HAT's StepDecay)."""
+    positive_int("step_size", step_size)
     return lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size, gamma)
 
 
 def cosine(total_steps: int, min_lr: float = 0.0) -> SchedulerFactory:
     """Cosine annealing to ``min_lr`` over ``total_steps`` scheduler steps (HAT's Cosine)."""
+    positive_int("total_steps", total_steps)
     return lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, total_steps, eta_min=min_lr
     )
@@ -216,11 +219,13 @@ def cosine(total_steps: int, min_lr: float = 0.0) -> SchedulerFactory:
 
 def poly(total_steps: int, power: float = 1.0) -> SchedulerFactory:
     """``(1 - t / total_steps) ** power`` decay to zero (HAT's Polynomial)."""
+    positive_int("total_steps", total_steps)
     return lambda optimizer: torch.optim.lr_scheduler.PolynomialLR(optimizer, total_steps, power)
 
 
 def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3) -> SchedulerFactory:
     """Leslie Smith's one-cycle policy (HAT's OneCycle); use without extra warmup."""
+    positive_int("total_steps", total_steps)
     return lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr, total_steps=total_steps, pct_start=pct_start
     )

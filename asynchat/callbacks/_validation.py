@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback
 from asynchat._checks import positive_int
+from asynchat._data import check_data_loader
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
 from asynchat._processor import BatchProcessor, LossFn
@@ -64,6 +65,7 @@ class Validation(Callback):
         batch_processor: BatchProcessor | None = None,
         callbacks: Iterable[Callback] = (),
     ) -> None:
+        check_data_loader(data_loader, num_epochs=1)  # before training, not at its first use
         positive_int("every_n_epochs", every_n_epochs, allow_none=True)
         positive_int("every_n_steps", every_n_steps, allow_none=True)
         if every_n_epochs is None and every_n_steps is None:
