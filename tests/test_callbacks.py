@@ -115,6 +115,32 @@ async def test_a_validation_and_a_test_set_publish_under_their_own_prefixes() ->
     assert twins.state.global_step == 0
 
 
+async def test_metric_states_that_grow_with_the_data_stay_out_of_checkpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Exact AUROC keeps every prediction of the epoch: kept in checkpoints, every save would
+    # copy the epoch's predictions to the host. Past the limit it is left out, once said.
+    from asynchat.callbacks import _metrics
+
+    monkeypatch.setattr(_metrics, "MAX_SAVED_STATE", 100)
+    updater = MetricUpdater(
+        {
+            "accuracy": torchmetrics.classification.MulticlassAccuracy(3, average="micro"),
+            "auroc": torchmetrics.classification.MulticlassAUROC(3, thresholds=None),
+        }
+    )
+    saved: list[dict[str, Any]] = []
+
+    class Save(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            saved.append(updater.state_dict())
+
+    with pytest.warns(RuntimeWarning, match=r"metrics\['auroc'\] holds \d+ values") as warned:
+        await make_trainer(updater, Save(), num_steps=4).fit()
+    assert len(warned) == 1
+    assert [sorted(s) for s in saved] == [["accuracy", "auroc"]] + [["accuracy"]] * 3
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
     import torchmetrics
 
 Select = Callable[[LoopState], tuple[Any, Any]]
+
+# The most values of a metric's states a checkpoint keeps (64 MB of float32): a state that
+# grows with the data would make every save copy the epoch's predictions to the host.
+MAX_SAVED_STATE = 1 << 24
 
 
 def outputs_and_targets(state: LoopState) -> tuple[Any, Any]:
@@ -33,9 +38,11 @@ class MetricUpdater(Callback):
     start of each epoch.
 
     The epoch so far is kept in checkpoints (each metric's states), so a run stopped inside
-    an epoch and resumed publishes at its end what an uninterrupted run does. In a
-    distributed run it is not: each rank's states are its own and the checkpoint is rank
-    0's, so the resumed epoch's values cover the batches after the resume.
+    an epoch and resumed publishes at its end what an uninterrupted run does. Not a state
+    that grows with the data past :data:`MAX_SAVED_STATE` values (exact AUROC's
+    predictions: every save would copy them to the host), with a warning once; nor in a
+    distributed run, where each rank's states are its own and the checkpoint is rank 0's.
+    Such a resumed epoch's values cover the batches after the resume.
 
     Whether an update syncs is the metric's doing: torchmetrics' classification defaults
     (``validate_args=True``; ``average="macro"``, which counts with ``bincount``) read values
@@ -74,6 +81,7 @@ class MetricUpdater(Callback):
         self.select = select
         self._alone = True  # the loop runs in one process: its states are the whole epoch's
         self._loaded: dict[str, Any] | None = None
+        self._warned_large: set[str] = set()
 
     def on_loop_begin(self, state: LoopState) -> None:
         for metric in self.metrics.values():
@@ -117,14 +125,40 @@ class MetricUpdater(Callback):
     def state_dict(self) -> dict[str, Any]:
         if not self._alone:
             return {}
-        return {
-            name: {"states": dict(metric.metric_state), "updates": metric._update_count}
-            for name, metric in self.metrics.items()
-            if metric.update_called
-        }
+        saved = {}
+        for name, metric in self.metrics.items():
+            if not metric.update_called:
+                continue
+            states = dict(metric.metric_state)
+            size = sum(_numel(value) for value in states.values())
+            if size > MAX_SAVED_STATE:
+                self._warn_too_large(name, size)
+                continue
+            saved[name] = {"states": states, "updates": metric._update_count}
+        return saved
+
+    def _warn_too_large(self, name: str, size: int) -> None:
+        if name in self._warned_large:
+            return
+        self._warned_large.add(name)
+        warnings.warn(
+            f"MetricUpdater: metrics[{name!r}] holds {size:,} values for the epoch so far (a "
+            "state that grows with the data, such as exact AUROC's predictions), more than "
+            f"checkpoints keep ({MAX_SAVED_STATE:,}); a run resumed inside this epoch "
+            "reports it over the batches after the resume (a fixed-size state, e.g. "
+            "thresholds=..., is kept)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(int(v.numel()) for v in value)
+    return int(value.numel())
 
 
 def _restore(metric: torchmetrics.Metric, saved: dict[str, Any], device: torch.device) -> None:
