@@ -148,6 +148,51 @@ async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str)
     )
 
 
+async def loss_monitor_across_a_stop(
+    rank: int, world_size: int, out: str, directory: str, stop_at: int
+) -> None:
+    """LossMonitor(every_n_steps=4) on two ranks, stopped at ``stop_at`` (0: never) and
+    resumed from ``directory``; each rank saves its own step losses and the mean it
+    published at step 4."""
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint, LossMonitor
+
+    losses: dict[int, float] = {}  # the last run's
+    published: dict[int, float] = {}
+
+    class Record(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            losses.clear()
+
+        def on_step_end(self, state: LoopState) -> None:
+            assert state.loss is not None
+            losses[state.global_step] = float(state.loss.detach())
+            if state.global_step == 4:
+                published[4] = state.metrics["train/mean_loss"]
+
+    class StopAt(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == stop_at:
+                state.loop.stop("test")
+
+    def run(*extra: Callback, resume: bool = False) -> DistributedDataParallelTrainer:
+        return DistributedDataParallelTrainer(
+            ddp_model(),
+            torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(),
+            num_steps=4,
+            device="cpu",
+            callbacks=[*extra, LossMonitor(every_n_steps=4), Record(), Checkpoint(directory)],
+            resume_from=directory if resume else None,
+        )
+
+    if stop_at:
+        await run(StopAt()).fit()
+    await run(resume=bool(stop_at)).fit()
+    torch.save({"losses": losses, "published": published}, Path(out, f"rank{rank}.pt"))
+
+
 async def predict_shard(rank: int, world_size: int, out: str) -> None:
     from asynchat import Callback, LoopState, Predictor
 

@@ -121,6 +121,25 @@ def test_a_rank_cancelled_at_a_validation_ends_with_the_others(tmp_path: Path) -
     assert ends[1][1:] == ["2", "2"], "both ranks validated at step 2 and ended there"
 
 
+@pytest.mark.slow
+def test_a_resumed_loss_monitor_goes_on_with_each_ranks_own_interval(tmp_path: Path) -> None:
+    # The checkpoint holds rank 0's interval; rank 1 took it for its own and published a
+    # mean mixing rank 0's losses with its own. Rank 0 goes on exactly, rank 1 afresh.
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for directory in (straight, stopped):
+        directory.mkdir()
+    launch(rank_jobs.loss_monitor_across_a_stop, nprocs=2,
+           args=(str(straight), str(tmp_path / "c1"), 0))  # fmt: skip
+    launch(rank_jobs.loss_monitor_across_a_stop, nprocs=2,
+           args=(str(stopped), str(tmp_path / "c2"), 2))  # fmt: skip
+    ranks = [torch.load(stopped / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    reference = torch.load(straight / "rank0.pt", weights_only=True)
+    assert ranks[0]["published"][4] == pytest.approx(reference["published"][4], rel=1e-6)
+    own = ranks[1]["losses"]  # the resumed run's steps, 3 and 4
+    assert sorted(own) == [3, 4]
+    assert ranks[1]["published"][4] == pytest.approx((own[3] + own[4]) / 2, rel=1e-6)
+
+
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
     launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)

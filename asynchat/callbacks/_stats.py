@@ -93,8 +93,9 @@ class LossMonitor(Callback):
     late on a GPU. (The loggers write each logged step's own losses as ``train/loss...``.)
 
     The interval in progress is kept in checkpoints, so a run stopped inside it and resumed
-    publishes the mean of the whole interval, as an uninterrupted run does; at the loop's
-    end the mean of the interval so far is published.
+    publishes the mean of the whole interval, as an uninterrupted run does (in a distributed
+    run, rank 0's: the other ranks, whose losses are their own, start theirs afresh); at the
+    loop's end the mean of the interval so far is published.
     """
 
     def __init__(self, every_n_steps: int = 50, *, prefix: str = "train/mean_") -> None:
@@ -107,7 +108,10 @@ class LossMonitor(Callback):
         self._loaded: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
-        sums, counts = self._loaded if self._loaded is not None else ({}, {})
+        # A distributed run's checkpoint holds rank 0's interval: the other ranks' losses
+        # are their own, so they start theirs afresh.
+        mine = self._loaded is not None and state.loop.is_rank_zero
+        sums, counts = self._loaded if self._loaded is not None and mine else ({}, {})
         self._sums = {name: total.to(state.device) for name, total in sums.items()}
         self._counts, self._pending, self._loaded = dict(counts), [], None
 
