@@ -198,7 +198,11 @@ class LoopControl:
         if self.holding:
             return Decision.CONTINUE
         if cancel:
-            return Decision.CANCEL if self.cancelling() else Decision.PEER_CANCEL
+            if self.cancelling():
+                return Decision.CANCEL
+            with self._lock:  # says why this rank ended (a monitor's warning reads it)
+                self.stop_reason = self.stop_reason or "cancelled on another rank"
+            return Decision.PEER_CANCEL
         if stop:
             if not self.stop_requested:
                 self.request_stop("stopped on another rank")

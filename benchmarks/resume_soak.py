@@ -9,12 +9,19 @@ step), runs it straight and interrupted-then-resumed, and compares weights, metr
 rate, EMA and global step bitwise. The table counts trials, mismatches and trials that
 raised a warning, by feature; each is printed with its configuration (rerun with ``--seed``).
 
-Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0]
+With ``--ranks 2`` each run is a DistributedDataParallelTrainer over that many gloo ranks
+(started with ``launch``; a cancellation cancels rank 0 alone, and the others end with it),
+and every rank's outcome is compared; MetricUpdater is left out there (a distributed run
+does not keep its states) and so is rank 1's ``train/mean_loss`` (each rank's own; the
+checkpoint holds rank 0's interval).
+
+Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -22,13 +29,26 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 from _common import machine, table
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))  # the configurations and the comparison the test uses
 
-from test_resume_soak import Config, Interruption, draw_interruptions, trial  # noqa: E402
+import torch  # noqa: E402
+from conftest import CancelAt, StopAt  # noqa: E402
+from test_resume_soak import (  # noqa: E402
+    Config,
+    Interruption,
+    differences,
+    draw_interruptions,
+    outcome,
+    trainer,
+    trial,
+)
+
+from asynchat import DistributedDataParallelTrainer, launch  # noqa: E402
 
 FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "every trial": lambda c, i: True,
@@ -46,10 +66,55 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
 }
 
 
+async def rank_run(
+    rank: int, world_size: int, config: Config, directory: str, interruptions: list[Interruption],
+    out: str,
+) -> None:  # fmt: skip
+    """One rank of an interrupted (or, without interruptions, straight) distributed run."""
+    import anyio
+
+    def run(*extra: Any, resume: bool) -> DistributedDataParallelTrainer:
+        made = trainer(
+            config, Path(directory), *extra, resume=resume,
+            kind=DistributedDataParallelTrainer, device="cpu",
+        )  # fmt: skip
+        assert isinstance(made, DistributedDataParallelTrainer)
+        return made
+
+    for i, (how, step) in enumerate(interruptions):
+        cancel = CancelAt(step)
+        extra = [StopAt(step)] if how == "stop" else [cancel] if rank == 0 else []
+        with anyio.CancelScope() as cancel.scope:
+            await run(*extra, resume=i > 0).fit()
+    last = run(resume=bool(interruptions))
+    await last.fit()
+    torch.save(outcome(last), Path(out, f"rank{rank}.pt"))
+
+
+def distributed_trial(
+    config: Config, interruptions: list[Interruption], directory: Path, ranks: int
+) -> list[str]:
+    results = []
+    for name, cuts in (("straight", []), ("interrupted", interruptions)):
+        (directory / name).mkdir()
+        checkpoints = str(directory / f"{name}-ckpt")
+        launch(rank_run, nprocs=ranks, args=(config, checkpoints, cuts, str(directory / name)))
+        paths = [directory / name / f"rank{r}.pt" for r in range(ranks)]
+        results.append([torch.load(path, weights_only=False) for path in paths])
+    differ = []
+    for rank, (straight, resumed) in enumerate(zip(*results, strict=True)):
+        if rank:  # each rank's own training losses; the checkpoint holds rank 0's interval
+            straight["metrics"].pop("train/mean_loss", None)
+            resumed["metrics"].pop("train/mean_loss", None)
+        differ += [f"rank {rank}: {d}" for d in differences(resumed, straight)]
+    return differ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=1)
     args = parser.parse_args()
     print(f"# {machine()}")
     started = time.monotonic()
@@ -57,10 +122,15 @@ def main() -> None:
     for n in range(args.trials):
         rng = random.Random(f"{args.seed}-{n}")
         config = Config.draw(rng)
+        if args.ranks > 1:
+            config = dataclasses.replace(config, train_metrics_every=0, workers=False)
         interruptions = draw_interruptions(config, rng)
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            differ = trial(config, interruptions, Path(tmp))
+            if args.ranks > 1:
+                differ = distributed_trial(config, interruptions, Path(tmp), args.ranks)
+            else:
+                differ = trial(config, interruptions, Path(tmp))
         if differ:
             print(f"MISMATCH trial {n}: {config} {interruptions}: {differ}", flush=True)
         if warned:

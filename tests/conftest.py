@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 from torch import nn
@@ -85,6 +86,10 @@ class CancelAt(Callback):
     async def on_step_end(self, state: LoopState) -> None:
         if state.global_step == self.at and self.scope is not None:
             self.scope.cancel()
+            # Cancelled here, the hook's request makes the loop register the cancellation
+            # before the compute thread goes on: it ends at this step's boundary, whatever
+            # the threads' timing (else the event loop could register it a step late).
+            await anyio.lowlevel.checkpoint()
 
 
 def load_example(filename: str) -> ModuleType:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str)
         async def on_step_end(self, state: LoopState) -> None:
             if rank == 0 and state.global_step == 2 and self.scope is not None:
                 self.scope.cancel()
+                await anyio.lowlevel.checkpoint()  # registered before the thread goes on
 
     cancel = CancelRankZero()
     trainer = DistributedDataParallelTrainer(
@@ -142,10 +144,11 @@ async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str)
     )  # fmt: skip
     with anyio.CancelScope() as cancel.scope:
         await trainer.fit()
-    Path(out, f"rank{rank}.txt").write_text(
-        f"{trainer.status.value} {trainer.state.global_step} "
-        f"{trainer.state.metrics.measured_at('val/loss')}"
-    )
+    state = trainer.state
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps([trainer.status.value, state.global_step,
+                    state.metrics.measured_at("val/loss"), state.stop_reason])
+    )  # fmt: skip
 
 
 async def loss_monitor_across_a_stop(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -116,9 +117,11 @@ def test_a_rank_cancelled_at_a_validation_ends_with_the_others(tmp_path: Path) -
         rank_jobs.cancel_rank_zero_at_a_validation, nprocs=2, args=(str(tmp_path),),
         collective_timeout=timedelta(seconds=30),
     )  # fmt: skip
-    ends = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
-    assert ends[0] == ["cancelled", "2", "2"]
-    assert ends[1][1:] == ["2", "2"], "both ranks validated at step 2 and ended there"
+    ends = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ends[0] == ["cancelled", 2, 2, "cancelled"]
+    # Both validated at step 2 and ended there; rank 1 says why (its stop_reason was None,
+    # and a monitor's end-of-run warning took the run for one that went to its end).
+    assert ends[1][1:] == [2, 2, "cancelled on another rank"]
 
 
 @pytest.mark.slow

@@ -87,7 +87,16 @@ def draw_interruptions(config: Config, rng: random.Random) -> list[Interruption]
     return [(rng.choice(["stop", "stop", "cancel"]), step) for step in steps]
 
 
-def trainer(config: Config, directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+def trainer(
+    config: Config,
+    directory: Path,
+    *extra: Callback,
+    resume: bool = False,
+    kind: type[Trainer] = Trainer,
+    **options: Any,
+) -> Trainer:
+    """``config``'s trainer (``kind``: e.g. a DistributedDataParallelTrainer, with its
+    ``options``), checkpointing into ``directory``."""
     callbacks: list[Callback] = [*extra]
     if config.train_metrics_every != 0:
         accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
@@ -128,13 +137,13 @@ def trainer(config: Config, directory: Path, *extra: Callback, resume: bool = Fa
         loader = DataLoader(
             make_data(96), batch_size=16, shuffle=True, generator=generator, num_workers=2
         )
-    return Trainer(
+    return kind(
         make_model(), loader, sgd,
         batch_processor=BasicBatchProcessor(
             nn.CrossEntropyLoss(), grad_accumulation_steps=config.accumulate, amp=config.amp
         ),
         num_epochs=config.epochs, callbacks=callbacks, prefetch=config.prefetch,
-        resume_from=directory if resume else None,
+        resume_from=directory if resume else None, **options,
     )  # fmt: skip
 
 
