@@ -259,6 +259,19 @@ def _refuse(new: Claim, other: Claim) -> None:
         "a change of mode, would corrupt the other's run. Await the other loop's fit() first, "
         "run this one from its hooks (loop.run_inline(state.loop) in a def hook, await fit() "
         "in an async def hook), or give it a copy of the model (copy.deepcopy)"
+        + _streaming_hint(other)
+    )
+
+
+def _streaming_hint(other: Claim) -> str:
+    """A predictor whose stream a consumer left with ``break`` runs until its generator is
+    closed, which the garbage collector does when it gets to it."""
+    if not getattr(other.loop, "streaming", False):
+        return ""
+    return (
+        f". {other.loop.name} streams its outputs: a consumer that left its `async for` early "
+        "ends it only when the generator is closed; wrap the stream in "
+        "contextlib.aclosing(predictor.stream()) to close it on leaving"
     )
 
 

@@ -70,6 +70,12 @@ class Predictor(LoopBase):
         if not isinstance(train_mode, bool):
             raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
         self._train_mode = train_mode
+        self._streaming = False
+
+    @property
+    def streaming(self) -> bool:
+        """Whether :meth:`stream` runs this predictor (until its generator is closed)."""
+        return self._streaming
 
     async def stream(self, *, buffer: int = 8) -> AsyncGenerator[Any, None]:
         """Run the predictor, yielding each batch's outputs, on the host, as they are computed.
@@ -88,20 +94,25 @@ class Predictor(LoopBase):
         """
         positive_int("buffer", buffer)
         with self._lifecycle(cancelled=anyio.get_cancelled_exc_class()):
-            async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
-                run = self._attach(compute)
-                self._append_callback(_EmitOutputs(compute))  # once the run is ours alone
-                items = compute.run_streaming(
-                    run.run,
-                    on_cancel=self._request_cancel,
-                    on_close=lambda: self.stop("the stream was closed"),
-                    buffer=buffer,
-                )
-                # aclosing: when this generator is closed early, the inner one must be closed
-                # too (it stops the job and serves it to its end) before the thread is joined.
-                async with contextlib.aclosing(items):
-                    async for copied in items:
-                        yield await copied.landed()
+            self._streaming = True  # once the model is ours: a refusal names it
+            try:
+                async with ComputeThread(self.device, name=f"asynchat-{self.name}") as compute:
+                    run = self._attach(compute)
+                    self._append_callback(_EmitOutputs(compute))  # once the run is ours alone
+                    items = compute.run_streaming(
+                        run.run,
+                        on_cancel=self._request_cancel,
+                        on_close=lambda: self.stop("the stream was closed"),
+                        buffer=buffer,
+                    )
+                    # aclosing: when this generator is closed early, the inner one must be
+                    # closed too (it stops the job and serves it to its end) before the
+                    # thread is joined.
+                    async with contextlib.aclosing(items):
+                        async for copied in items:
+                            yield await copied.landed()
+            finally:
+                self._streaming = False
 
 
 class _EmitOutputs(Callback):

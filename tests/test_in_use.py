@@ -145,6 +145,23 @@ async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_
     assert modes(model) == frozen
 
 
+async def test_a_stream_left_early_is_named_in_a_refusal_with_the_way_to_close_it() -> None:
+    # Leaving `async for` does not close an async generator; the predictor runs on, holding
+    # the model, until the garbage collector closes it: a Trainer started at once is
+    # refused, and the refusal now says why and what to do.
+    model = Net()
+    predictor = Predictor(model, batches(8))
+    stream = predictor.stream()
+    async for _ in stream:
+        break
+    assert predictor.streaming
+    with pytest.raises(RuntimeError, match=r"streams its outputs: .* contextlib.aclosing"):
+        await trainer(model).fit()
+    await stream.aclose()
+    assert not predictor.streaming
+    await trainer(model).fit()  # closed: the model is free
+
+
 async def test_predictors_sharing_a_model_keep_it_in_eval_mode_until_the_last_ends() -> None:
     model = Net()  # in train() mode, with BatchNorm: a step in train() mode moves its stats
     stats = model.backbone[1].running_mean.clone()
