@@ -147,33 +147,33 @@ class Trainer(LoopBase):
 
     def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         optimizers = self.state.optimizers
-        names = _saved_optimizers(checkpoint)
+        source = self.resumed_from or "the checkpoint"
+        if "sharded" in checkpoint:  # the states are in the shards, their names here
+            names: list[str] | None = list(checkpoint["sharded"].get("optimizers", []))
+        else:
+            states = _optimizer_states(checkpoint)
+            names = None if states is None else list(states)
         if names is None:
-            raise CheckpointError(
-                f"{self.resumed_from or 'the checkpoint'} has no optimizer state; was it saved "
-                "by a Predictor?"
-            )
+            raise CheckpointError(f"{source} has no optimizer state; was it saved by a Predictor?")
         if set(names) != set(optimizers):
             raise CheckpointError(
-                f"{self.resumed_from or 'the checkpoint'} holds the optimizers {sorted(names)} "
-                f"but this Trainer has {sorted(optimizers)}: resume with the same optimizer "
-                "names"
+                f"{source} holds the optimizers {sorted(names)} but this Trainer has "
+                f"{sorted(optimizers)}: resume with the same optimizer names"
             )
         for name, kind in checkpoint.get("optimizer_classes", {}).items():
             if kind != _class_name(optimizers[name]):
                 raise CheckpointError(
-                    f"{self.resumed_from or 'the checkpoint'} holds the state of a {kind} "
-                    f"(optimizer {name!r}), which a {_class_name(optimizers[name])} cannot go "
-                    f"on from: resume with a {kind}, or start a new run from the weights alone "
+                    f"{source} holds the state of a {kind} (optimizer {name!r}), which a "
+                    f"{_class_name(optimizers[name])} cannot go on from: resume with a {kind}, "
+                    "or start a new run from the weights alone "
                     "(asynchat.callbacks.load_weights(model, path) before training)"
                 )
 
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
         if "sharded" in checkpoint:
             return  # loaded with the model, from the shards
-        saved = checkpoint.get("optimizers")
-        if saved is None:  # format 1 and 2: one optimizer
-            saved = {DEFAULT: checkpoint["optimizer"]}
+        saved = _optimizer_states(checkpoint)
+        assert saved is not None  # _check_checkpoint refused a checkpoint without them
         stepped = checkpoint["progress"]["global_step"] > 0
         for name, optimizer in self.state.optimizers.items():
             load_optimizer(optimizer, saved[name])
@@ -185,13 +185,12 @@ class Trainer(LoopBase):
                 optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
-def _saved_optimizers(checkpoint: dict[str, Any]) -> list[str] | None:
-    """The names of the optimizers a checkpoint holds (None: it holds none)."""
-    if "sharded" in checkpoint:
-        return list(checkpoint["sharded"].get("optimizers", []))
+def _optimizer_states(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The optimizers' states a whole (not sharded) checkpoint holds, by name; formats 1
+    and 2 held one, ``optimizer``. None: it holds none (a Predictor's)."""
     if "optimizers" in checkpoint:
-        return list(checkpoint["optimizers"])
-    return [DEFAULT] if "optimizer" in checkpoint else None
+        return dict(checkpoint["optimizers"])
+    return {DEFAULT: checkpoint["optimizer"]} if "optimizer" in checkpoint else None
 
 
 def _class_name(optimizer: torch.optim.Optimizer) -> str:

@@ -110,8 +110,8 @@ class LossMonitor(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         # A distributed run's checkpoint holds rank 0's interval: the other ranks' losses
         # are their own, so they start theirs afresh.
-        mine = self._loaded is not None and state.loop.is_rank_zero
-        sums, counts = self._loaded if self._loaded is not None and mine else ({}, {})
+        loaded = self._loaded if state.loop.is_rank_zero else None
+        sums, counts = loaded if loaded is not None else ({}, {})
         self._sums = {name: total.to(state.device) for name, total in sums.items()}
         self._counts, self._pending, self._loaded = dict(counts), [], None
 
