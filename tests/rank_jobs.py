@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from asynchat import DistributedDataParallelTrainer
 
 
 async def all_reduce_rank(rank: int, world_size: int, out: str) -> None:
@@ -41,6 +44,22 @@ def ddp_data() -> torch.utils.data.TensorDataset:
 def ddp_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def plain_ddp_trainer(**options: Any) -> DistributedDataParallelTrainer:
+    """The jobs' usual rank trainer: ``ddp_model()`` over ``ddp_data()`` in batches of 8 with
+    SGD (lr 0.1) and cross-entropy, on the CPU; ``options`` add to or replace those."""
+    from asynchat import DistributedDataParallelTrainer
+
+    settings: dict[str, Any] = {
+        "loss_fn": torch.nn.CrossEntropyLoss(), "device": "cpu", **options,
+    }  # fmt: skip
+    return DistributedDataParallelTrainer(
+        ddp_model(),
+        torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        **settings,
+    )
 
 
 async def ddp_train(
@@ -87,18 +106,12 @@ async def ddp_train(
 async def validate_shards(rank: int, world_size: int, out: str) -> None:
     """A DDP trainer validating a shard of 40 samples per rank (batches of 16: a short last
     one); each rank saves the val/loss it published and the model it validated."""
-    from asynchat import DistributedDataParallelTrainer
     from asynchat.callbacks import Validation
 
     validation = torch.utils.data.TensorDataset(*(t[:80] for t in ddp_data().tensors))
     sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
-    trainer = DistributedDataParallelTrainer(
-        ddp_model(),
-        torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-        loss_fn=torch.nn.CrossEntropyLoss(),
+    trainer = plain_ddp_trainer(
         num_epochs=1,
-        device="cpu",
         callbacks=[
             Validation(
                 torch.utils.data.DataLoader(validation, batch_size=16, sampler=sampler),
@@ -115,7 +128,7 @@ async def validate_shards(rank: int, world_size: int, out: str) -> None:
 
 async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str) -> None:
     """Rank 0 alone is cancelled at the step a Validation is due; both must end there."""
-    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat import Callback, LoopState
     from asynchat.callbacks import Validation
 
     class CancelRankZero(Callback):
@@ -127,13 +140,8 @@ async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str)
                 await anyio.lowlevel.checkpoint()  # registered before the thread goes on
 
     cancel = CancelRankZero()
-    trainer = DistributedDataParallelTrainer(
-        ddp_model(),
-        torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-        loss_fn=torch.nn.CrossEntropyLoss(),
+    trainer = plain_ddp_trainer(
         num_epochs=1,
-        device="cpu",
         callbacks=[
             cancel,
             Validation(
@@ -157,7 +165,7 @@ async def loss_monitor_across_a_stop(
     """LossMonitor(every_n_steps=4) on two ranks, stopped at ``stop_at`` (0: never) and
     resumed from ``directory``; each rank saves its own step losses and the mean it
     published at step 4."""
-    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat import Callback, LoopState
     from asynchat.callbacks import Checkpoint, LossMonitor
 
     losses: dict[int, float] = {}  # the last run's
@@ -179,13 +187,8 @@ async def loss_monitor_across_a_stop(
                 state.loop.stop("test")
 
     def run(*extra: Callback, resume: bool = False) -> DistributedDataParallelTrainer:
-        return DistributedDataParallelTrainer(
-            ddp_model(),
-            torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-            loss_fn=torch.nn.CrossEntropyLoss(),
+        return plain_ddp_trainer(
             num_steps=4,
-            device="cpu",
             callbacks=[*extra, LossMonitor(every_n_steps=4), Record(), Checkpoint(directory)],
             resume_from=directory if resume else None,
         )
@@ -221,7 +224,6 @@ async def predict_shard(rank: int, world_size: int, out: str) -> None:
 
 async def nan_on_rank_one(rank: int, world_size: int) -> None:
     """Rank 1's loss turns NaN; TerminateOnNaN must end both ranks (agreed), none hanging."""
-    from asynchat import DistributedDataParallelTrainer
     from asynchat.callbacks import TerminateOnNaN
 
     ce = torch.nn.CrossEntropyLoss()
@@ -232,11 +234,9 @@ async def nan_on_rank_one(rank: int, world_size: int) -> None:
         calls += 1
         return ce(outputs, targets) * (float("nan") if rank == 1 and calls == 3 else 1.0)
 
-    trainer = DistributedDataParallelTrainer(
-        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=loss_fn, num_epochs=50,
-        device="cpu", callbacks=[TerminateOnNaN(check_every_n_steps=2)],
-    )  # fmt: skip
+    trainer = plain_ddp_trainer(
+        loss_fn=loss_fn, num_epochs=50, callbacks=[TerminateOnNaN(check_every_n_steps=2)]
+    )
     await trainer.fit()
 
 
@@ -249,7 +249,7 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
     import signal
     import time
 
-    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat import Callback, LoopState
 
     if out:
         Path(out, f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -269,11 +269,7 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
             if fault == "sigkill-slow" and rank == 0:
                 time.sleep(1.0)
 
-    trainer = DistributedDataParallelTrainer(
-        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
-        num_epochs=1_000_000, device="cpu", callbacks=[Fault()],
-    )  # fmt: skip
+    trainer = plain_ddp_trainer(num_epochs=1_000_000, callbacks=[Fault()])
     await trainer.fit()
 
 

@@ -28,6 +28,11 @@ ACCUMULATE = 3  # 6 steps an epoch: windows end after global steps 3, 6, 9, 12
 STEPS = 12
 
 
+def accumulating() -> BasicBatchProcessor:
+    """Cross-entropy steps updating every ``ACCUMULATE`` steps."""
+    return BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE)
+
+
 def trainer(
     directory: Path, *extra: Callback, resume: bool = False, every_n_steps: int | None = None
 ) -> Trainer:
@@ -35,9 +40,7 @@ def trainer(
         make_model(),
         make_loader(96, 16, shuffle=True),
         sgd,
-        batch_processor=BasicBatchProcessor(
-            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
-        ),
+        batch_processor=accumulating(),
         num_steps=STEPS,
         callbacks=[*extra, Checkpoint(directory, every_n_steps=every_n_steps, keep_last=None)],
         resume_from=directory if resume else None,
@@ -88,9 +91,7 @@ def test_a_stop_waits_for_the_windows_batches_from_a_stream(
         make_model(),
         torch.utils.data.DataLoader(Streamed(), batch_size=None),
         sgd,
-        batch_processor=BasicBatchProcessor(
-            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
-        ),
+        batch_processor=accumulating(),
         num_steps=STEPS,
         callbacks=[StopAt(2, "test"), Checkpoint(tmp_path)],
     )
@@ -192,9 +193,7 @@ def test_a_per_step_schedule_counts_updates_as_a_hand_written_loop_does() -> Non
         model,
         make_loader(96, 16, shuffle=True, seed=3),
         sgd,
-        batch_processor=BasicBatchProcessor(
-            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
-        ),
+        batch_processor=accumulating(),
         num_epochs=2,
         callbacks=[LRSchedule(cosine(4)), RecordLr()],
     )
@@ -220,9 +219,7 @@ def test_the_average_moves_once_per_update() -> None:
         model,
         make_loader(96, 16),
         sgd,
-        batch_processor=BasicBatchProcessor(
-            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
-        ),
+        batch_processor=accumulating(),
         num_steps=6,
         callbacks=[RecordUpdates(), ema],
     )
@@ -252,9 +249,7 @@ def test_data_shorter_than_its_len_says_it_leaves_a_window_unupdated() -> None:
         make_model(),
         torch.utils.data.DataLoader(ShortOfItsLength(), batch_size=None),
         sgd,
-        batch_processor=BasicBatchProcessor(
-            nn.CrossEntropyLoss(), grad_accumulation_steps=ACCUMULATE
-        ),
+        batch_processor=accumulating(),
         num_epochs=1,
     )
     with pytest.warns(RuntimeWarning, match=r"ran out after 7 steps .* promised 8"):
