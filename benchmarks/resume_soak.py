@@ -4,16 +4,19 @@ tests/test_resume_soak.py.
 Each trial draws a configuration (gradient accumulation, validation by step or epoch, early
 stopping, schedules by step or epoch and a plateau schedule on the same optimizer, an EMA,
 step checkpoints, LossMonitor, MetricUpdater, clipping, TerminateOnNaN, bf16, DataLoader
-workers, read-ahead) and one or two interruptions (``stop()`` or a cancellation at a random
-step), runs it straight and interrupted-then-resumed, and compares weights, metrics, learning
-rate, EMA and global step bitwise. The table counts trials, mismatches and trials that
+workers, read-ahead; in 3 trials of 10, two models with an optimizer each, updated one after
+the other in every step) and one or two interruptions (``stop()`` or a cancellation at a
+random step), runs it straight and interrupted-then-resumed, and compares weights, metrics,
+learning rates, EMA and global step bitwise. It also resumes a run from one of the straight
+run's checkpoints, drawn at random, as a run that crashed right after saving it would, and
+compares that too. The table counts trials, mismatches and trials that
 raised a warning, by feature; each is printed with its configuration (rerun with ``--seed``).
 
 With ``--ranks 2`` each run is a DistributedDataParallelTrainer over that many gloo ranks
 (started with ``launch``; a cancellation cancels rank 0 alone, and the others end with it),
 and every rank's outcome is compared; MetricUpdater is left out there (a distributed run
-does not keep its states) and so is rank 1's ``train/mean_loss`` (each rank's own; the
-checkpoint holds rank 0's interval).
+does not keep its states) and so are rank 1's ``train/mean_loss`` metrics (each rank's own;
+the checkpoint holds rank 0's interval).
 
 Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2]
 """
@@ -63,6 +66,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "bf16": lambda c, i: c.amp is not None,
     "DataLoader workers": lambda c, i: c.workers,
     "read inline (prefetch=0)": lambda c, i: c.prefetch == 0,
+    "two models, two optimizers": lambda c, i: c.two_parts,
 }
 
 
@@ -104,8 +108,9 @@ def distributed_trial(
     differ = []
     for rank, (straight, resumed) in enumerate(zip(*results, strict=True)):
         if rank:  # each rank's own training losses; the checkpoint holds rank 0's interval
-            straight["metrics"].pop("train/mean_loss", None)
-            resumed["metrics"].pop("train/mean_loss", None)
+            for metrics in (straight["metrics"], resumed["metrics"]):
+                for name in [name for name in metrics if name.startswith("train/mean_loss")]:
+                    del metrics[name]
         differ += [f"rank {rank}: {d}" for d in differences(resumed, straight)]
     return differ
 
@@ -122,6 +127,9 @@ def main() -> None:
     for n in range(args.trials):
         rng = random.Random(f"{args.seed}-{n}")
         config = Config.draw(rng)
+        # Drawn apart, so that a seed draws the same rest as before this option existed.
+        extra = random.Random(f"{args.seed}-{n}-extra")
+        config = dataclasses.replace(config, two_parts=extra.random() < 0.3)
         if args.ranks > 1:
             config = dataclasses.replace(config, train_metrics_every=0, workers=False)
         interruptions = draw_interruptions(config, rng)
@@ -130,7 +138,7 @@ def main() -> None:
             if args.ranks > 1:
                 differ = distributed_trial(config, interruptions, Path(tmp), args.ranks)
             else:
-                differ = trial(config, interruptions, Path(tmp))
+                differ = trial(config, interruptions, Path(tmp), crash=extra)
         if differ:
             print(f"MISMATCH trial {n}: {config} {interruptions}: {differ}", flush=True)
         if warned:

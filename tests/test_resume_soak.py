@@ -25,7 +25,7 @@ from conftest import CancelAt, StopAt, make_data, make_loader, make_model, sgd
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asynchat import BasicBatchProcessor, Callback, Trainer
+from asynchat import BasicBatchProcessor, Callback, LoopState, Phase, RunPhase, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -40,6 +40,37 @@ from asynchat.callbacks import (
 )
 
 STEPS_PER_EPOCH = 6  # 96 samples in batches of 16
+
+
+class TwoParts(BasicBatchProcessor):
+    """Two models with an optimizer each, ``a`` and ``b``: ``a`` learns the classes, then
+    ``b`` learns what ``a`` (as it was before its update) leaves over. Predicts ``a + b``."""
+
+    def step(self, state: LoopState, run_phase: RunPhase) -> None:
+        run_phase(Phase.ON_BATCH_BEGIN)
+        x, y = state.batch
+        a, b = state.model["a"], state.model["b"]
+        assert self.loss_fn is not None
+        if not state.training:
+            with self.autocast():
+                state.outputs = a(x) + b(x)
+                state.loss = self.loss_fn(state.outputs, y)
+            run_phase(Phase.ON_BATCH_END)
+            return
+        with self.no_sync(state, a), self.autocast():
+            first = a(x)
+            loss_a = self.loss_fn(first, y)
+        self.backward(state, loss_a)
+        self.update(state, run_phase, "a")
+        with self.no_sync(state, b), self.autocast():
+            outputs = first.detach() + b(x)
+            loss_b = self.loss_fn(outputs, y)
+        self.backward(state, loss_b)
+        self.update(state, run_phase, "b")
+        state.outputs = outputs.detach()
+        state.losses = {"a": loss_a.detach(), "b": loss_b.detach()}
+        state.loss = state.losses["b"]
+        run_phase(Phase.ON_BATCH_END)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +89,7 @@ class Config:
     workers: bool = False
     amp: Literal["bf16"] | None = None
     prefetch: int = 2
+    two_parts: bool = False  # two models, two optimizers, two updates a step (TwoParts)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -91,13 +123,15 @@ def trainer(
     config: Config,
     directory: Path,
     *extra: Callback,
-    resume: bool = False,
+    resume: bool | Path = False,
     kind: type[Trainer] = Trainer,
     **options: Any,
 ) -> Trainer:
     """``config``'s trainer (``kind``: e.g. a DistributedDataParallelTrainer, with its
-    ``options``), checkpointing into ``directory``."""
+    ``options``), checkpointing into ``directory``; resumed from it, or from the checkpoint
+    file ``resume``."""
     callbacks: list[Callback] = [*extra]
+    two = config.two_parts
     if config.train_metrics_every != 0:
         accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
         callbacks.append(
@@ -110,14 +144,20 @@ def trainer(
     by_steps = config.validate_every is not None
     callbacks.append(
         Validation(
-            make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss(),
-            every_n_steps=config.validate_every, every_n_epochs=None if by_steps else 1,
+            make_loader(48, 16, seed=1), every_n_steps=config.validate_every,
+            every_n_epochs=None if by_steps else 1,
+            **(
+                {"batch_processor": TwoParts(nn.CrossEntropyLoss(), amp=config.amp)}
+                if config.two_parts else {"loss_fn": nn.CrossEntropyLoss()}
+            ),
         )
     )  # fmt: skip
     if config.early_stopping:
         callbacks.append(EarlyStopping("val/loss", patience=100))
     if config.schedule is not None:
-        callbacks.append(LRSchedule(cosine(40), interval=config.schedule))
+        callbacks.append(
+            LRSchedule(cosine(40), interval=config.schedule, optimizer="a" if two else None)
+        )
     if config.plateau:
         callbacks.append(
             LRSchedule(
@@ -125,6 +165,7 @@ def trainer(
                     opt, patience=0, threshold=10.0
                 ),
                 monitor="val/loss",
+                optimizer="b" if two else None,
             )
         )
     if config.ema:
@@ -137,14 +178,22 @@ def trainer(
         loader = DataLoader(
             make_data(96), batch_size=16, shuffle=True, generator=generator, num_workers=2
         )
+    processor = TwoParts if two else BasicBatchProcessor
     return kind(
-        make_model(), loader, sgd,
-        batch_processor=BasicBatchProcessor(
+        {"a": make_model(), "b": make_model(seed=1)} if two else make_model(),
+        loader,
+        {"a": lambda m: sgd(m["a"]), "b": lambda m: adam(m["b"])} if two else sgd,
+        batch_processor=processor(
             nn.CrossEntropyLoss(), grad_accumulation_steps=config.accumulate, amp=config.amp
         ),
         num_epochs=config.epochs, callbacks=callbacks, prefetch=config.prefetch,
-        resume_from=directory if resume else None, **options,
+        resume_from=resume if isinstance(resume, Path) else directory if resume else None,
+        **options,
     )  # fmt: skip
+
+
+def adam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=0.01)
 
 
 def interrupted_run(config: Config, directory: Path, interruptions: list[Interruption]) -> Trainer:
@@ -165,11 +214,10 @@ def interrupted_run(config: Config, directory: Path, interruptions: list[Interru
 
 def outcome(run: Trainer) -> dict[str, Any]:
     ema = [c for c in run.callbacks if isinstance(c, ExponentialMovingAverage)]
-    assert run.state.optimizer is not None
     return {
         "weights": [t.clone() for t in run.model.state_dict().values()],
         "metrics": dict(run.state.metrics),
-        "lr": run.state.optimizer.param_groups[0]["lr"],
+        "lr": {name: opt.param_groups[0]["lr"] for name, opt in run.state.optimizers.items()},
         "ema": [t.clone() for t in ema[0].shadow] if ema else [],
         "global_step": run.state.global_step,
     }
@@ -191,12 +239,32 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return differ
 
 
-def trial(config: Config, interruptions: list[Interruption], directory: Path) -> list[str]:
-    """Run ``config`` straight and interrupted; return what differs."""
+def trial(
+    config: Config,
+    interruptions: list[Interruption],
+    directory: Path,
+    crash: random.Random | None = None,
+) -> list[str]:
+    """Run ``config`` straight and interrupted; return what differs. With ``crash``, also
+    resume from one of the straight run's checkpoints, drawn with it, as a run that crashed
+    right after saving it would."""
     straight = trainer(config, directory / "straight")
     anyio.run(straight.fit)
+    expected = outcome(straight)
     resumed = interrupted_run(config, directory / "interrupted", interruptions)
-    return differences(outcome(resumed), outcome(straight))
+    differ = differences(outcome(resumed), expected)
+    if crash is not None:
+        saved = crash.choice(sorted((directory / "straight").glob("*.ckpt")))
+        after_crash = resumed_from(config, saved, directory / "after-crash")
+        differ += [f"from {saved.name}: {d}" for d in differences(after_crash, expected)]
+    return differ
+
+
+def resumed_from(config: Config, checkpoint: Path, directory: Path) -> dict[str, Any]:
+    """The outcome of ``config``'s run resumed from ``checkpoint``, saving into ``directory``."""
+    run = trainer(config, directory, resume=checkpoint)
+    anyio.run(run.fit)
+    return outcome(run)
 
 
 @pytest.mark.parametrize("seed", [3, 4, 11, 25])
@@ -205,6 +273,35 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tmp_path: Path, see
     config = Config.draw(rng)
     interruptions = draw_interruptions(config, rng)
     assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
+
+
+@pytest.mark.parametrize("seed", [5, 8])
+def test_two_models_with_two_optimizers_resume_alike(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    config = dataclasses.replace(Config.draw(rng), two_parts=True)
+    interruptions = draw_interruptions(config, rng)
+    assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
+
+
+@pytest.mark.parametrize("two_parts", [False, True])
+def test_a_run_resumed_from_any_of_its_checkpoints_ends_as_the_uninterrupted_one(
+    tmp_path: Path, two_parts: bool
+) -> None:
+    # A crash loses what came after the last checkpoint; whichever that is (inside an epoch,
+    # at its end, between validations, with an accumulation window just closed), the run
+    # resumed from it must go on exactly as the one that never stopped.
+    config = Config(
+        accumulate=2, validate_every=5, schedule="step", plateau=True, ema=True,
+        checkpoint_every=2, train_metrics_every=4, clip=True, two_parts=two_parts,
+    )  # fmt: skip
+    straight = trainer(config, tmp_path / "straight")
+    anyio.run(straight.fit)
+    expected = outcome(straight)
+    saved = sorted((tmp_path / "straight").glob("*.ckpt"))
+    assert len(saved) == 6  # global steps 2, 4, ..., 12
+    for checkpoint in saved:
+        after_crash = resumed_from(config, checkpoint, tmp_path / checkpoint.stem)
+        assert differences(after_crash, expected) == [], checkpoint.name
 
 
 def test_a_run_resumed_at_an_epochs_end_steps_its_schedule_without_torchs_warning(
