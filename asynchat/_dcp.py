@@ -29,21 +29,118 @@ import torch.distributed as dist
 
 from asynchat._errors import CheckpointError
 
+# In asynchat.pt, a placeholder {SHARDED: name, ...} stands for a tensor saved in the shards.
+SHARDED = "asynchat.sharded"
+
 
 def sharded_state(
-    model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
+    model: torch.nn.Module,
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    callbacks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model's and each optimizer's state as this rank holds it (``DTensor`` shards
-    under FSDP), optimizer state keyed by parameter name so that it reshards."""
+    under FSDP), optimizer state keyed by parameter name so that it reshards; and the
+    DTensors in the callbacks' states (``{key: state}``), by name."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
+    _, callback_shards = split_sharded(callbacks or {})
     return {
         "model": get_model_state_dict(model),
         "optimizers": {name: get_optimizer_state_dict(model, o) for name, o in optimizers.items()},
+        **callback_shards,
     }
+
+
+def split_sharded(callbacks: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The callbacks' states (``{key: state}``) with each ``DTensor`` in them (in dicts,
+    lists and tuples) replaced by a placeholder that names it, and those DTensors by
+    name, for DCP: every rank saves its shards of them, as of the model's weights."""
+    from torch.distributed.tensor import DTensor
+
+    shards: dict[str, torch.Tensor] = {}
+
+    def split(node: Any, path: str) -> Any:
+        if isinstance(node, DTensor):
+            shards[path] = node
+            return {
+                SHARDED: path,
+                "shape": list(node.shape),
+                "dtype": str(node.dtype).removeprefix("torch."),
+                "placements": [_placement_name(p, path) for p in node.placements],
+            }
+        if isinstance(node, dict):
+            return {key: split(value, f"{path}/{key}") for key, value in node.items()}
+        if type(node) in (list, tuple):
+            return type(node)(split(value, f"{path}/{i}") for i, value in enumerate(node))
+        return node
+
+    plain = {key: split(state, f"callbacks/{key}") for key, state in callbacks.items()}
+    return plain, shards
+
+
+def _placement_name(placement: Any, path: str) -> list[Any]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    if isinstance(placement, Shard):
+        return ["shard", placement.dim]
+    if isinstance(placement, Replicate):
+        return ["replicate"]
+    raise CheckpointError(
+        f"cannot save {path}: a DTensor placed as {placement} (only sharded or replicated "
+        "ones; redistribute it in the callback's state_dict)"
+    )
+
+
+def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An empty tensor to load into for each placeholder of :func:`split_sharded` in the
+    callbacks' states: a ``DTensor`` placed as it was, over the mesh of ``model``'s
+    parameters (DCP reshards it to this job's ranks), or a whole tensor for a model that is
+    not sharded."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, empty
+
+    mesh = next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
+    templates: dict[str, torch.Tensor] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict) and SHARDED in node:
+            dtype = getattr(torch, node["dtype"])
+            if mesh is None:
+                templates[node[SHARDED]] = torch.empty(node["shape"], dtype=dtype)
+                return
+            if len(node["placements"]) != mesh.ndim:
+                raise CheckpointError(
+                    f"{node[SHARDED]} was sharded over a {len(node['placements'])}-dimensional "
+                    f"device mesh; this model's is {mesh.ndim}-dimensional"
+                )
+            placements = [
+                Shard(p[1]) if p[0] == "shard" else Replicate() for p in node["placements"]
+            ]
+            templates[node[SHARDED]] = empty(
+                node["shape"], dtype=dtype, device_mesh=mesh, placements=placements
+            )
+        elif isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif type(node) in (list, tuple):
+            for value in node:
+                visit(value)
+
+    visit(callbacks)
+    return templates
+
+
+def _filled(node: Any, loaded: Mapping[str, torch.Tensor]) -> Any:
+    """``node`` with each placeholder of :func:`split_sharded` replaced by its tensor."""
+    if isinstance(node, dict):
+        if SHARDED in node:
+            return loaded[node[SHARDED]]
+        return {key: _filled(value, loaded) for key, value in node.items()}
+    if type(node) in (list, tuple):
+        return type(node)(_filled(value, loaded) for value in node)
+    return node
 
 
 def start_save(
@@ -65,9 +162,11 @@ def load_sharded(
     optimizers: Mapping[str, torch.optim.Optimizer],
     saved_optimizers: list[str],
     group: dist.ProcessGroup | None = None,
-) -> None:
+    callbacks: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Load a sharded checkpoint's model and optimizer state into ``model`` and
-    ``optimizers`` (sharded or not, on any number of ranks: DCP reshards)."""
+    ``optimizers`` (sharded or not, on any number of ranks: DCP reshards); return the
+    callbacks' states (as ``asynchat.pt`` holds them) with their sharded tensors loaded."""
     if optimizers and set(optimizers) != set(saved_optimizers):
         raise CheckpointError(
             f"{directory} holds the optimizers {sorted(saved_optimizers)} but this Trainer "
@@ -81,10 +180,12 @@ def load_sharded(
     state = sharded_state(model, optimizers)
     if not optimizers:
         del state["optimizers"]
-    read(state, directory, group)
+    templates = _templates(callbacks or {}, model)
+    read({**state, **templates}, directory, group)
     set_model_state_dict(model, state["model"])
     for name, optimizer in optimizers.items():
         set_optimizer_state_dict(model, optimizer, state["optimizers"][name])
+    return {key: _filled(value, templates) for key, value in (callbacks or {}).items()}
 
 
 def read(

@@ -33,7 +33,13 @@ from asynchat._hooks import HookRunner
 from asynchat._in_use import Claim, claim
 from asynchat._phase import Phase
 from asynchat._processor import BatchProcessor
-from asynchat._resume import DataTracker, ResumePoint, apply_checkpoint, build_checkpoint
+from asynchat._resume import (
+    DataTracker,
+    ResumePoint,
+    apply_checkpoint,
+    build_checkpoint,
+    callback_states,
+)
 from asynchat._run import LoopRun
 from asynchat._state import LoopState, LoopStatus, Metrics
 from asynchat._transfer import to_host
@@ -435,8 +441,9 @@ class LoopBase(PipeBase):
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """The model's and the optimizers' state as this rank holds it (``DTensor`` shards
-        when :attr:`shards_state`), for ``torch.distributed.checkpoint``; not copied."""
-        return sharded_state(self.model, self._optimizer_map())
+        when :attr:`shards_state`), and the DTensors in the callbacks' states (an
+        EMA's average), for ``torch.distributed.checkpoint``; not copied."""
+        return sharded_state(self.model, self._optimizer_map(), callback_states(self.callbacks))
 
     def save_shards(self, directory: Path) -> Future[Any]:
         """Every rank, on the compute thread: copy this rank's :meth:`sharded_state_dict` to
@@ -510,7 +517,8 @@ class LoopBase(PipeBase):
         return None
 
     def _load_model_state(self, checkpoint: dict[str, Any]) -> None:
-        """The model's weights, and a sharded checkpoint's optimizers, from ``checkpoint``."""
+        """The model's weights, and a sharded checkpoint's optimizers and the callbacks'
+        sharded tensors, from ``checkpoint``."""
         sharded = checkpoint.get("sharded")
         if sharded is None:
             if self.shards_state:
@@ -522,9 +530,11 @@ class LoopBase(PipeBase):
                 )
             self.model.load_state_dict(checkpoint["model"])
             return
-        load_sharded(
+        # The callbacks' sharded tensors too: in place of their placeholders, for the
+        # callbacks to load next (apply_checkpoint).
+        checkpoint["callbacks"] = load_sharded(
             Path(sharded["path"]), self.model, self._optimizer_map(),
-            list(sharded["optimizers"]), self._checkpoint_group(),
+            list(sharded["optimizers"]), self._checkpoint_group(), checkpoint["callbacks"],
         )  # fmt: skip
 
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``model``             the (unwrapped) model's ``state_dict()`` (not in a sharded checkpoint)
 ``processor``         the batch processor's state (the grad scaler)
 ``callbacks``         ``{"ClassName": state, "ClassName#1": ...}`` for callbacks with state
+                      (in a sharded checkpoint their DTensors are in the shards, a
+                      placeholder here: :func:`asynchat._dcp.split_sharded`)
 ``rng``               every global generator's state now
 ``epoch_rng``,        the global and the data loader's generator states the current epoch's
 ``epoch_generators``  data order was drawn from (to draw it again when resuming inside it)
@@ -47,6 +49,7 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import FORMAT, VERSION
 from asynchat._data import loader_generators
+from asynchat._dcp import split_sharded
 from asynchat._errors import CheckpointWarning
 from asynchat._rng import capture_rng, restore_rng
 from asynchat._state import Metrics
@@ -157,6 +160,11 @@ def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Callback]:
     return keyed
 
 
+def callback_states(callbacks: Iterable[Callback]) -> dict[str, Any]:
+    """``{key: state_dict()}`` of the callbacks with state (keys: :func:`stateful_callbacks`)."""
+    return {key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()}
+
+
 def build_checkpoint(
     *,
     tracker: DataTracker,
@@ -174,6 +182,9 @@ def build_checkpoint(
     position = tracker.position
     rng, generators = tracker.now(data_loader)
     weights = {"model": model.state_dict()} if model is not None else {}
+    states = callback_states(callbacks)
+    if model is None:  # sharded: their DTensors are in the shards (sharded_state)
+        states, _ = split_sharded(states)
     checkpoint: dict[str, Any] = to_host_copy(
         {
             "format": FORMAT,
@@ -191,9 +202,7 @@ def build_checkpoint(
             "metric_steps": metrics.steps() if isinstance(metrics, Metrics) else {},
             **weights,
             "processor": processor_state,
-            "callbacks": {
-                key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()
-            },
+            "callbacks": states,
             "rng": rng,
             "epoch_rng": tracker.epoch_rng,
             "epoch_generators": tracker.epoch_generators,

@@ -44,7 +44,9 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
     Checkpoints: :class:`~asynchat.callbacks.Checkpoint` works unchanged, and writes a
     directory ``step-<global_step>.dcp`` per checkpoint with ``torch.distributed.checkpoint``:
     every rank stages its own shards to host memory (the only pause) and writes them on a
-    thread while training goes on; rank 0 commits the directory by renaming it into place
+    thread while training goes on (with the sharded tensors of callbacks' states, such as
+    an :class:`~asynchat.callbacks.ExponentialMovingAverage` of the sharded model); rank 0
+    commits the directory by renaming it into place
     once every rank's files are written, then writes the manifest. ``resume_from`` loads
     such a checkpoint on any number of ranks (DCP reshards it; an interrupted epoch resumes
     after the samples already trained on), and

@@ -550,13 +550,14 @@ async def fsdp_checkpointed(
     batch: int = 0,
 ) -> None:
     """FSDP2 with Adam on shuffled data (320 samples: 10 steps an epoch on 2 ranks x 16 or
-    1 x 32), to 16 updates; checkpoints every 4 steps and at a stop; a resumed run starts
-    from the newest in ``checkpoints``. Rank 0 saves the gathered weights to ``out``, and
-    every rank the samples (their first feature) it trained on in each epoch."""
+    1 x 32), to 16 updates, with an EMA of the (sharded) weights; checkpoints every 4 steps
+    and at a stop; a resumed run starts from the newest in ``checkpoints``. Rank 0 saves the
+    gathered weights and average to ``out``, and every rank the samples (their first
+    feature) it trained on in each epoch."""
     from conftest import StopAt
 
     from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState
-    from asynchat.callbacks import Checkpoint, resumable
+    from asynchat.callbacks import Checkpoint, ExponentialMovingAverage, resumable
 
     seen: list[tuple[int, float]] = []
 
@@ -571,11 +572,34 @@ async def fsdp_checkpointed(
         ddp_model(), loader, lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
         loss_fn=torch.nn.CrossEntropyLoss(), num_steps=16, device="cpu",
         callbacks=[Checkpoint(checkpoints, every_n_steps=4, keep_last=2), StopAt(stop_at),
-                   Seen()],
+                   Seen(), ema := ExponentialMovingAverage(0.9)],
         resume_from=resumable(checkpoints) if resume else None,
     )  # fmt: skip
     state = await trainer.fit()
     full = {k: v.full_tensor() for k, v in trainer.model.state_dict().items()}  # collective
+    average = [t.full_tensor() for t in ema.shadow]
     torch.save(seen, f"{out}.seen{rank}")
     if rank == 0:
-        torch.save({"model": full, "global_step": state.global_step}, out)
+        torch.save({"model": full, "ema": average, "global_step": state.global_step}, out)
+
+
+async def split_callback_shards(rank: int, world_size: int, out: str) -> None:
+    """What a sharded checkpoint makes of DTensors in a callback's state: a placeholder in
+    ``asynchat.pt`` and the tensor by name for the shards; a Partial one is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    from asynchat._dcp import split_sharded
+    from asynchat._errors import CheckpointError
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    sharded = distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)])
+    plain, shards = split_sharded({"Kept": {"average": [sharded, 3], "updates": 5}})
+    partial = DTensor.from_local(torch.ones(2), mesh, [Partial()])
+    try:
+        split_sharded({"Summed": (partial,)})
+        refused = ""
+    except CheckpointError as exc:
+        refused = str(exc)
+    if rank == 0:
+        torch.save({"plain": plain, "names": sorted(shards), "refused": refused}, out)

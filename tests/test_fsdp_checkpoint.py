@@ -21,6 +21,7 @@ from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
     CheckpointWarning,
+    ExponentialMovingAverage,
     find_checkpoint,
     load_weights,
 )
@@ -30,12 +31,13 @@ pytestmark = pytest.mark.slow
 
 def run(tmp_path: Path, name: str, ranks: int, checkpoints: str, stop_at: int = 0,
         resume: bool = False, batch: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The run's final weights, and its EMA's average under ``"ema/<i>"``."""
     out = tmp_path / f"{name}.pt"
     launch(rank_jobs.fsdp_checkpointed, nprocs=ranks,
            args=(str(out), str(tmp_path / checkpoints), stop_at, resume, batch))  # fmt: skip
     result = torch.load(out, weights_only=True)
     assert result["global_step"] == (stop_at or 16)
-    return dict(result["model"])
+    return {**result["model"], **{f"ema/{i}": t for i, t in enumerate(result["ema"])}}
 
 
 class Runs:
@@ -67,8 +69,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
 def test_stop_and_resume_on_the_same_ranks_equals_an_uninterrupted_run(
     runs: Runs, tmp_path: Path
 ) -> None:
-    """2 ranks stop at step 7 (inside the first epoch, Adam's state in the shards); 2 new
-    ranks resume from the directory to 16: bitwise the weights of a run never stopped."""
+    """2 ranks stop at step 7 (inside the first epoch, Adam's state and the EMA's sharded
+    average in the shards); 2 new ranks resume from the directory to 16: bitwise the
+    weights and average of a run never stopped."""
     whole, _ = runs.get(2)
     _, part = runs.get(2, stop_at=7)
     directory = runs.root / part
@@ -117,14 +120,20 @@ def test_load_weights_gathers_a_sharded_checkpoint_and_damage_is_caught(
     for name, value in module.state_dict().items():
         assert torch.equal(value, final[name]), name
     assert find_checkpoint(directory).name == "step-000000016.dcp"
-    # A Trainer of one process resumes from it too: the weights and Adam's state.
+    # A Trainer of one process resumes from it too: the weights, Adam's state, and the
+    # EMA's average (sharded when saved, whole tensors here).
+    ema = ExponentialMovingAverage(0.9)
     trainer = Trainer(
         rank_jobs.ddp_model(), make_loader(), lambda m: torch.optim.Adam(m.parameters()),
         loss_fn=torch.nn.CrossEntropyLoss(), num_steps=16, resume_from=directory,
+        callbacks=[ema],
     )  # fmt: skip
     assert anyio.run(trainer.fit).global_step == 16
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, final[name]), name
+    assert len(ema.shadow) == 4
+    for i, average in enumerate(ema.shadow):
+        assert type(average) is torch.Tensor and torch.equal(average, final[f"ema/{i}"]), i
     assert all(
         s["step"] == 16 for s in trainer.optimizers["default"].state_dict()["state"].values()
     )
@@ -173,3 +182,22 @@ def test_a_whole_model_checkpoint_is_refused_with_the_way_to_use_its_weights(
     anyio.run(trainer.fit)
     with pytest.raises(Exception, match=r"holds the whole model .*load_weights"):
         run(tmp_path, "refused", 1, "ckpt", resume=True)
+
+
+def test_a_callbacks_sharded_tensors_are_named_for_the_shards_and_partial_ones_refused(
+    tmp_path: Path,
+) -> None:
+    launch(rank_jobs.split_callback_shards, nprocs=2, args=(str(tmp_path / "out.pt"),))
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert result["names"] == ["callbacks/Kept/average/0"]
+    assert result["plain"] == {
+        "Kept": {
+            "average": [
+                {"asynchat.sharded": "callbacks/Kept/average/0", "shape": [4, 2],
+                 "dtype": "float32", "placements": [["shard", 0]]},
+                3,
+            ],
+            "updates": 5,
+        }
+    }  # fmt: skip
+    assert "cannot save callbacks/Summed/0: a DTensor placed as P(sum) (only" in result["refused"]

@@ -100,7 +100,8 @@ class ExponentialMovingAverage(Callback):
         torch._foreach_copy_(self._tensors(model), self.shadow)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": [t.detach().clone() for t in self.shadow], "updates": self.updates}
+        # The live average, not a copy (a checkpoint copies it to host memory, DCP stages it).
+        return {"shadow": list(self.shadow), "updates": self.updates}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = list(state_dict["shadow"])
