@@ -170,15 +170,14 @@ class Trainer(LoopBase):
                 )
 
     def _load_extra_state(self, checkpoint: dict[str, Any]) -> None:
-        if "sharded" in checkpoint:
-            return  # loaded with the model, from the shards
-        saved = _optimizer_states(checkpoint)
-        assert saved is not None  # _check_checkpoint refused a checkpoint without them
-        stepped = checkpoint["progress"]["global_step"] > 0
-        for name, optimizer in self.state.optimizers.items():
-            load_optimizer(optimizer, saved[name])
-            if stepped:
-                # The run stepped this optimizer before the checkpoint. torch's schedulers
+        if "sharded" not in checkpoint:  # else loaded with the model, from the shards
+            saved = _optimizer_states(checkpoint)
+            assert saved is not None  # _check_checkpoint refused a checkpoint without them
+            for name, optimizer in self.state.optimizers.items():
+                load_optimizer(optimizer, saved[name])
+        if checkpoint["progress"]["global_step"] > 0:
+            for optimizer in self.state.optimizers.values():
+                # The run stepped its optimizers before the checkpoint. torch's schedulers
                 # warn when they step before the optimizer has, which a run resumed at an
                 # epoch's end does (its first act is the epoch's schedule step); the flag is
                 # the one torch's wrapper of optimizer.step() sets.

@@ -32,26 +32,20 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
 
 from _common import machine, table
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))  # the configurations and the comparison the test uses
 
-import torch  # noqa: E402
-from conftest import CancelAt, StopAt  # noqa: E402
 from test_resume_soak import (  # noqa: E402
+    KINDS,
     Config,
     Interruption,
-    differences,
+    distributed_trial,
     draw_interruptions,
-    outcome,
-    trainer,
     trial,
 )
-
-from asynchat import DistributedDataParallelTrainer, launch  # noqa: E402
 
 FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "every trial": lambda c, i: True,
@@ -70,56 +64,12 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
 }
 
 
-async def rank_run(
-    rank: int, world_size: int, config: Config, directory: str, interruptions: list[Interruption],
-    out: str,
-) -> None:  # fmt: skip
-    """One rank of an interrupted (or, without interruptions, straight) distributed run."""
-    import anyio
-
-    def run(*extra: Any, resume: bool) -> DistributedDataParallelTrainer:
-        made = trainer(
-            config, Path(directory), *extra, resume=resume,
-            kind=DistributedDataParallelTrainer, device="cpu",
-        )  # fmt: skip
-        assert isinstance(made, DistributedDataParallelTrainer)
-        return made
-
-    for i, (how, step) in enumerate(interruptions):
-        cancel = CancelAt(step)
-        extra = [StopAt(step)] if how == "stop" else [cancel] if rank == 0 else []
-        with anyio.CancelScope() as cancel.scope:
-            await run(*extra, resume=i > 0).fit()
-    last = run(resume=bool(interruptions))
-    await last.fit()
-    torch.save(outcome(last), Path(out, f"rank{rank}.pt"))
-
-
-def distributed_trial(
-    config: Config, interruptions: list[Interruption], directory: Path, ranks: int
-) -> list[str]:
-    results = []
-    for name, cuts in (("straight", []), ("interrupted", interruptions)):
-        (directory / name).mkdir()
-        checkpoints = str(directory / f"{name}-ckpt")
-        launch(rank_run, nprocs=ranks, args=(config, checkpoints, cuts, str(directory / name)))
-        paths = [directory / name / f"rank{r}.pt" for r in range(ranks)]
-        results.append([torch.load(path, weights_only=False) for path in paths])
-    differ = []
-    for rank, (straight, resumed) in enumerate(zip(*results, strict=True)):
-        if rank:  # each rank's own training losses; the checkpoint holds rank 0's interval
-            for metrics in (straight["metrics"], resumed["metrics"]):
-                for name in [name for name in metrics if name.startswith("train/mean_loss")]:
-                    del metrics[name]
-        differ += [f"rank {rank}: {d}" for d in differences(resumed, straight)]
-    return differ
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--kind", choices=sorted(KINDS), default="ddp", help="with --ranks")
     args = parser.parse_args()
     print(f"# {machine()}")
     started = time.monotonic()
@@ -136,7 +86,7 @@ def main() -> None:
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             if args.ranks > 1:
-                differ = distributed_trial(config, interruptions, Path(tmp), args.ranks)
+                differ = distributed_trial(config, interruptions, Path(tmp), args.ranks, args.kind)
             else:
                 differ = trial(config, interruptions, Path(tmp), crash=extra)
         if differ:
