@@ -191,6 +191,14 @@ class LoopControl:
         """The loop's decision at a boundary: agreed with the peers, and after any pause.
         ``window_open``: the last step left gradients for a later update; a stop or a
         cancellation (not a forced one) then waits for the step that updates."""
+        if (
+            self.agree is None
+            and self.parent is None
+            and not (self.stop_requested or self.cancel_requested or self.forced)
+            and self._unpaused.is_set()
+        ):  # the common case, after every step: a loop alone, asked nothing
+            self.holding = False
+            return Decision.CONTINUE
         stop, cancel, pause, forced = self._agreed()
         if pause and not (stop or cancel):
             stop, cancel, forced = self._hold()

@@ -369,7 +369,10 @@ class BasicBatchProcessor(BatchProcessor):
 def _forward(
     model: torch.nn.Module, loss_fn: LossFn | None, inputs: Any, targets: Any
 ) -> tuple[Any, torch.Tensor | None]:
-    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if type(inputs) is not torch.Tensor and isinstance(inputs, Mapping):  # (an ABC: slower)
+        outputs = model(**inputs)
+    else:
+        outputs = model(inputs)
     if loss_fn is None or targets is None:
         return outputs, None
     return outputs, loss_fn(outputs, targets)

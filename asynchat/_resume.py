@@ -135,7 +135,8 @@ class DataTracker:
             self._step_rng = None
 
     def step_done(self, epoch: int, steps_done: int) -> None:
-        self.position = DataPosition(epoch, steps_done)
+        position = self.position  # in place: after every step (a checkpoint reads it here)
+        position.epoch, position.steps_done, position.epoch_ended = epoch, steps_done, False
 
     def steps_ended(self, epoch: int, steps_done: int) -> None:
         """The epoch's steps are over (however they ended); a checkpoint taken from now on
