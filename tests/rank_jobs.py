@@ -603,3 +603,35 @@ async def split_callback_shards(rank: int, world_size: int, out: str) -> None:
         refused = str(exc)
     if rank == 0:
         torch.save({"plain": plain, "names": sorted(shards), "refused": refused}, out)
+
+
+async def validated_on_the_average(rank: int, world_size: int, kind: str, out: str) -> None:
+    """Two epochs with an EMA, validated on the average each epoch, under DDP or FSDP;
+    rank 0 saves the metrics, the final (gathered) weights and the average."""
+    import torchmetrics
+    from conftest import make_loader
+
+    from asynchat import DistributedDataParallelTrainer, FullyShardedDataParallelTrainer
+    from asynchat.callbacks import ExponentialMovingAverage, Validation
+
+    kinds = {"ddp": DistributedDataParallelTrainer, "fsdp": FullyShardedDataParallelTrainer}
+    accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+    trainer = kinds[kind](
+        ddp_model(), make_loader(96, 16, shuffle=True),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=2, device="cpu",
+        callbacks=[
+            ema := ExponentialMovingAverage(0.5),
+            Validation(make_loader(48, 16, seed=1), loss_fn=torch.nn.CrossEntropyLoss(),
+                       metrics={"accuracy": accuracy}, use_ema=True),
+        ],
+    )  # fmt: skip
+    state = await trainer.fit()
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t
+
+    weights = {k: whole(v) for k, v in trainer.model.state_dict().items()}  # a collective
+    average = [whole(t) for t in ema.shadow]
+    if rank == 0:
+        torch.save({"metrics": dict(state.metrics), "weights": weights, "ema": average}, out)

@@ -60,3 +60,22 @@ def test_a_mapping_of_models_is_sharded_model_by_model(tmp_path: Path) -> None:
     sharded = torch.load(tmp_path / "fsdp_gan.pt", weights_only=True)
     for name, value in rank_jobs.gan_reference().items():
         torch.testing.assert_close(sharded["model"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_on_the_average_of_a_sharded_model_equals_ddps(tmp_path: Path) -> None:
+    # Swapping the average into an FSDP model failed: DTensor has no sharding rule for
+    # _foreach_copy_ (NotImplementedError at the first validation).
+    results = {}
+    for kind in ("ddp", "fsdp"):
+        out = tmp_path / f"{kind}.pt"
+        launch(rank_jobs.validated_on_the_average, nprocs=2, args=(kind, str(out)))
+        results[kind] = torch.load(out, weights_only=True)
+    ddp, fsdp = results["ddp"], results["fsdp"]
+    assert {"val/loss", "val/accuracy"} <= fsdp["metrics"].keys()
+    for name in ("val/loss", "val/accuracy"):
+        assert fsdp["metrics"][name] == pytest.approx(ddp["metrics"][name], rel=1e-5), name
+    for name, value in ddp["weights"].items():  # the live weights came back after each swap
+        torch.testing.assert_close(fsdp["weights"][name], value, rtol=1e-5, atol=1e-6)
+    for theirs, ours in zip(ddp["ema"], fsdp["ema"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ddp["ema"][0], ddp["weights"]["0.weight"])  # an average, not a copy
