@@ -5,20 +5,22 @@ Each trial draws a configuration (gradient accumulation, validation by step or e
 stopping, schedules by step or epoch and a plateau schedule on the same optimizer, an EMA,
 step checkpoints, LossMonitor, MetricUpdater, clipping, TerminateOnNaN, bf16, DataLoader
 workers, read-ahead; in 3 trials of 10, two models with an optimizer each, updated one after
-the other in every step) and one or two interruptions (``stop()`` or a cancellation at a
-random step), runs it straight and interrupted-then-resumed, and compares weights, metrics,
-learning rates, EMA and global step bitwise. It also resumes a run from one of the straight
-run's checkpoints, drawn at random, as a run that crashed right after saving it would, and
-compares that too. The table counts trials, mismatches and trials that
-raised a warning, by feature; each is printed with its configuration (rerun with ``--seed``).
+the other in every step; in 2 of 10, validation on the EMA) and one or two interruptions
+(``stop()`` or a cancellation at a random step), runs it straight and interrupted-then-
+resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. It also
+resumes a run from one of the straight run's checkpoints, drawn at random, as a run that
+crashed right after saving it would, and compares that too. The table counts trials,
+mismatches and trials that raised a warning, by feature; each is printed with its
+configuration (rerun with ``--seed``).
 
-With ``--ranks 2`` each run is a DistributedDataParallelTrainer over that many gloo ranks
-(started with ``launch``; a cancellation cancels rank 0 alone, and the others end with it),
-and every rank's outcome is compared; MetricUpdater is left out there (a distributed run
-does not keep its states) and so are rank 1's ``train/mean_loss`` metrics (each rank's own;
-the checkpoint holds rank 0's interval).
+With ``--ranks 2`` each run is a DistributedDataParallelTrainer (``--kind fsdp``: a
+FullyShardedDataParallelTrainer) over that many gloo ranks (started with ``launch``; a
+cancellation cancels rank 0 alone, and the others end with it), and every rank's outcome is
+compared; MetricUpdater is left out there (a distributed run does not keep its states) and
+so are rank 1's ``train/mean_loss`` metrics (each rank's own; the checkpoint holds rank 0's
+interval).
 
-Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2]
+Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2 [--kind fsdp]]
 """
 
 from __future__ import annotations
@@ -54,13 +56,14 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "two interruptions": lambda c, i: len(i) == 2,
     "validation by step": lambda c, i: c.validate_every is not None,
     "two schedules on one optimizer": lambda c, i: c.plateau and c.schedule is not None,
-    "EMA": lambda c, i: c.ema,
+    "EMA": lambda c, i: c.ema or c.validate_ema,
     "step checkpoints": lambda c, i: c.checkpoint_every is not None,
     "MetricUpdater": lambda c, i: c.train_metrics_every != 0,
     "bf16": lambda c, i: c.amp is not None,
     "DataLoader workers": lambda c, i: c.workers,
     "read inline (prefetch=0)": lambda c, i: c.prefetch == 0,
     "two models, two optimizers": lambda c, i: c.two_parts,
+    "validation on the EMA": lambda c, i: c.validate_ema,
 }
 
 
@@ -79,7 +82,9 @@ def main() -> None:
         config = Config.draw(rng)
         # Drawn apart, so that a seed draws the same rest as before this option existed.
         extra = random.Random(f"{args.seed}-{n}-extra")
-        config = dataclasses.replace(config, two_parts=extra.random() < 0.3)
+        config = dataclasses.replace(
+            config, two_parts=extra.random() < 0.3, validate_ema=extra.random() < 0.2
+        )
         if args.ranks > 1:
             config = dataclasses.replace(config, train_metrics_every=0, workers=False)
         interruptions = draw_interruptions(config, rng)

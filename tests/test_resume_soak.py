@@ -101,6 +101,7 @@ class Config:
     amp: Literal["bf16"] | None = None
     prefetch: int = 2
     two_parts: bool = False  # two models, two optimizers, two updates a step (TwoParts)
+    validate_ema: bool = False  # Validation(use_ema=True), with an EMA
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -156,7 +157,7 @@ def trainer(
     callbacks.append(
         Validation(
             make_loader(48, 16, seed=1), every_n_steps=config.validate_every,
-            every_n_epochs=None if by_steps else 1,
+            every_n_epochs=None if by_steps else 1, use_ema=config.validate_ema,
             **(
                 {"batch_processor": TwoParts(nn.CrossEntropyLoss(), amp=config.amp)}
                 if config.two_parts else {"loss_fn": nn.CrossEntropyLoss()}
@@ -179,7 +180,7 @@ def trainer(
                 optimizer="b" if two else None,
             )
         )
-    if config.ema:
+    if config.ema or config.validate_ema:
         callbacks.append(ExponentialMovingAverage(0.9))
     callbacks.append(Checkpoint(directory, every_n_steps=config.checkpoint_every, keep_last=None))
     callbacks.append(LossMonitor(every_n_steps=3))
