@@ -635,3 +635,10 @@ async def validated_on_the_average(rank: int, world_size: int, kind: str, out: s
     average = [whole(t) for t in ema.shadow]
     if rank == 0:
         torch.save({"metrics": dict(state.metrics), "weights": weights, "ema": average}, out)
+
+
+async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
+    """DDP with the first layer frozen but without find_unused_parameters (refused)."""
+    from asynchat.callbacks import FreezeModule
+
+    await plain_ddp_trainer(num_steps=2, callbacks=[FreezeModule(["0"])]).fit()

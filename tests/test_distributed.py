@@ -227,6 +227,14 @@ def test_freeze_module_takes_the_unwrapped_names_under_ddp(tmp_path: Path) -> No
         assert not torch.equal(r["model"]["2.weight"], initial["2.weight"]), "trained"
 
 
+def test_freeze_module_under_ddp_without_unused_parameters_is_refused_before_a_step() -> None:
+    # It failed at the first backward with torch's "Expected to have finished reduction in
+    # the prior iteration", which names neither FreezeModule nor the fix.
+    with pytest.raises(LaunchError, match=r"FreezeModule\(\['0'\]\) under DDP needs .*"
+                       r"find_unused_parameters=True"):  # fmt: skip
+        launch(rank_jobs.frozen_without_unused_parameters, nprocs=2)
+
+
 def test_a_predictor_under_launch_knows_its_rank(tmp_path: Path) -> None:
     launch(rank_jobs.ddp_control, nprocs=2, args=(str(tmp_path), "predictor"))
     assert (tmp_path / "rank0.txt").read_text() == "0 2 True"

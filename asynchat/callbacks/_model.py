@@ -170,7 +170,8 @@ class FreezeModule(Callback):
     Args:
         names: dotted submodule names of the model as given to the trainer (not of a DDP
             wrapper), e.g. ``["backbone", "head.0"]``. Under DDP, parameters frozen while
-            others train need ``find_unused_parameters=True``.
+            others train need ``find_unused_parameters=True`` (refused before the first
+            step without it).
         until_epoch: unfreeze when this epoch begins (``None``: frozen throughout).
         eval_mode: also keep the frozen modules in ``eval()`` mode (BatchNorm, Dropout).
     """
@@ -197,7 +198,23 @@ class FreezeModule(Callback):
         return [found[name] for name in self.names]
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self._modules(state.loop.model)  # fail early on a wrong name
+        modules = self._modules(state.loop.model)  # fail early on a wrong name
+        # DDP's reducer waits for a gradient of every parameter that required one when it
+        # was wrapped; freezing such a parameter later fails at the next backward with
+        # torch's "Expected to have finished reduction in the prior iteration".
+        trained_then = {id(p) for m in modules for p in m.parameters() if p.requires_grad}
+        waiting = [
+            wrapper for wrapper in state.model.modules()
+            if isinstance(wrapper, nn.parallel.DistributedDataParallel)
+            and not wrapper.find_unused_parameters
+            and any(id(p) in trained_then for p in wrapper.module.parameters())
+        ]  # fmt: skip
+        if waiting:
+            raise ValueError(
+                f"FreezeModule({self.names!r}) under DDP needs "
+                "DistributedDataParallelTrainer(..., find_unused_parameters=True): DDP "
+                "waits for a gradient of every parameter it wrapped, and frozen ones get none"
+            )
 
     def on_epoch_begin(self, state: LoopState) -> None:
         frozen = self.until_epoch is None or state.epoch < self.until_epoch
