@@ -360,9 +360,12 @@ class LoopBase(PipeBase):
         uses the model leaves this loop unstarted, to run once the other is done. ``inside``:
         the claim of the loop this one runs inline in.
         """
-        if self._control.status is not LoopStatus.CREATED:
+        status = self._control.status
+        if status is not LoopStatus.CREATED:
             raise RuntimeError(
-                f"{self.name} has already run (status {self._control.status}); a loop runs "
+                f"{self.name} is running now (status {status.value}); await that run"
+                if not status.done
+                else f"{self.name} has already run (status {status.value}); a loop runs "
                 f"once, so create a new {type(self).__name__} to run again"
             )
         use = claim(

@@ -102,6 +102,7 @@ class LoopRun:
         self.stager = stager
         self.batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
         self.held_to_update = False  # said why an end waits for the accumulation window
+        self.warned_no_batch = False  # said that an epoch's data yielded no batch
 
     def interrupt(self) -> None:
         """Wake the compute thread if it waits for data, so a stop or cancellation needs no
@@ -151,11 +152,8 @@ class LoopRun:
             steps, ran_out, decision = self._run_steps(resume)
             if decision is Decision.PEER_CANCEL:
                 return  # like the cancelled rank: no on_epoch_end
-            if steps == 0 and resume is None and state.num_steps and decision is Decision.CONTINUE:
-                raise RuntimeError(
-                    f"{self.loop.name}: data_loader yielded no batch in epoch {state.epoch}, so "
-                    f"num_steps={state.num_steps} can never be reached"
-                )
+            if steps == 0 and resume is None and decision is Decision.CONTINUE:
+                self._no_batch()
             resume = None  # only the first epoch of a resumed run is a partial one
             # Only now is the epoch over for a checkpoint: one taken before on_epoch_end ran
             # (a cancellation in the last step) resumes into this epoch and runs its end then.
@@ -168,6 +166,23 @@ class LoopRun:
             self.batch_processor.on_epoch_end(state)
             self.events.publish(EventKind.EPOCH_END)
             epochs_done += 1
+
+    def _no_batch(self) -> None:
+        """An epoch's data yielded no batch: with ``num_steps`` the bound is out of reach; with
+        ``num_epochs`` the run goes on, said once (an empty dataset, or a filter or sampler
+        that leaves nothing, would otherwise end in a run that did nothing, silently)."""
+        where = f"{self.loop.name}: data_loader yielded no batch in epoch {self.state.epoch}"
+        if self.state.num_steps:
+            raise RuntimeError(f"{where}, so num_steps={self.state.num_steps} can never be reached")
+        if not self.warned_no_batch:
+            self.warned_no_batch = True
+            done = "nothing was trained on" if self.state.training else "nothing ran"
+            warnings.warn(
+                f"{where}: {done} (is its dataset empty, or does a sampler or filter leave "
+                "nothing?)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _warn_window_left_open(self, steps: int) -> None:
         """The data ran out before the step its ``len()`` promised, which would have

@@ -12,13 +12,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 from conftest import make_loader, make_model, make_trainer, sgd
 from recorders import AsyncRecorder, SyncRecorder
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from asynchat import Callback, LoopState, LoopStatus, Phase, Trainer
+from asynchat.callbacks import Validation
 
 pytestmark = pytest.mark.anyio
 
@@ -155,6 +158,41 @@ async def test_fit_twice_is_an_error() -> None:
     await trainer.fit()
     with pytest.raises(RuntimeError, match=r"already run \(status finished\); a loop runs once"):
         await trainer.fit()
+
+
+async def test_a_second_fit_while_the_first_runs_is_told_to_await_it() -> None:
+    started, release = anyio.Event(), anyio.Event()
+
+    class Held(Callback):
+        async def on_loop_begin(self, state: LoopState) -> None:
+            started.set()
+            await release.wait()
+
+    trainer = make_trainer(Held())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(trainer.fit)
+        await started.wait()
+        with pytest.raises(RuntimeError, match=r"is running now \(status running\); await"):
+            await trainer.fit()
+        release.set()
+    assert trainer.snapshot().status is LoopStatus.FINISHED  # the first ran to its end
+
+
+async def test_data_that_yields_no_batch_is_named() -> None:
+    # An empty dataset trained on nothing and reported success; a Validation over one said
+    # its batch processor set no loss.
+    empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
+    with pytest.warns(RuntimeWarning, match=r"trainer-\d+: data_loader yielded no batch in "
+                      r"epoch 0: nothing was trained on \(is its dataset empty"):  # fmt: skip
+        state = await make_trainer(loader=empty).fit()
+    assert (state.global_step, state.epoch) == (0, 2)  # each epoch ran, and said it once
+    validation = Validation(empty, loss_fn=nn.CrossEntropyLoss())
+    with (
+        pytest.warns(RuntimeWarning, match="validation: data_loader yielded no batch"),
+        pytest.raises(ValueError, match=r"Validation's data_loader yielded no batch, so there "
+                      "is nothing to publish"),
+    ):  # fmt: skip
+        await make_trainer(validation).fit()
 
 
 # -- cancellation ---------------------------------------------------------------------------

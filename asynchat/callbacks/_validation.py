@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import reprlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +140,11 @@ class Validation(Callback):
         total, samples = state.loop.sum_over_ranks([loss.total(), loss.samples])
         if samples:
             values[self.prefix + "loss"] = total / samples
+        elif not values and not predictor.state.global_step:
+            raise ValueError(
+                f"Validation's data_loader yielded no batch, so there is nothing to publish: "
+                f"{reprlib.repr(self.data_loader)}"
+            )
         elif not values:
             raise ValueError(
                 f"Validation published nothing: no metrics, and its batch processor "
