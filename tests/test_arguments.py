@@ -239,8 +239,10 @@ class TestErrorsFoundWhileRunning:
         with pytest.raises(RuntimeError, match=r"yielded no batch in epoch 0, so num_steps=5"):
             await trainer(data_loader=[], num_epochs=None, num_steps=5).fit()
 
-    async def test_predictor_over_an_empty_loader_runs_no_step(self) -> None:
-        state = await Predictor(make_model(), []).fit()
+    async def test_predictor_over_an_empty_loader_runs_no_step_and_says_so(self) -> None:
+        with pytest.warns(RuntimeWarning, match=r"predictor-\d+: data_loader yielded no batch "
+                          "in epoch 0: nothing ran"):  # fmt: skip
+            state = await Predictor(make_model(), []).fit()
         assert state.global_step == 0
 
 
