@@ -106,21 +106,17 @@ def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str
 
     def visit(node: Any) -> None:
         if isinstance(node, dict) and SHARDED in node:
-            dtype = getattr(torch, node["dtype"])
+            name, shape, dtype, placed = _placeholder(node)
             if mesh is None:
-                templates[node[SHARDED]] = torch.empty(node["shape"], dtype=dtype)
+                templates[name] = torch.empty(shape, dtype=dtype)
                 return
-            if len(node["placements"]) != mesh.ndim:
+            if len(placed) != mesh.ndim:
                 raise CheckpointError(
-                    f"{node[SHARDED]} was sharded over a {len(node['placements'])}-dimensional "
-                    f"device mesh; this model's is {mesh.ndim}-dimensional"
+                    f"{name} was sharded over a {len(placed)}-dimensional device mesh; this "
+                    f"model's is {mesh.ndim}-dimensional"
                 )
-            placements = [
-                Shard(p[1]) if p[0] == "shard" else Replicate() for p in node["placements"]
-            ]
-            templates[node[SHARDED]] = empty(
-                node["shape"], dtype=dtype, device_mesh=mesh, placements=placements
-            )
+            placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in placed]
+            templates[name] = empty(shape, dtype=dtype, device_mesh=mesh, placements=placements)
         elif isinstance(node, dict):
             for value in node.values():
                 visit(value)
@@ -130,6 +126,24 @@ def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str
 
     visit(callbacks)
     return templates
+
+
+def _placeholder(node: Mapping[str, Any]) -> tuple[str, list[int], torch.dtype, list[Any]]:
+    """A placeholder's name, shape, dtype and placements, checked (the file may be crafted:
+    a name outside ``callbacks/`` would replace the model's state in the load)."""
+    name, shape = node.get(SHARDED), node.get("shape")
+    dtype, placed = getattr(torch, str(node.get("dtype")), None), node.get("placements")
+    if not (
+        isinstance(name, str) and name.startswith("callbacks/")
+        and isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+        and isinstance(dtype, torch.dtype)
+        and isinstance(placed, list) and all(
+            p == ["replicate"] or (len(p) == 2 and p[0] == "shard" and type(p[1]) is int)
+            for p in placed
+        )
+    ):  # fmt: skip
+        raise CheckpointError(f"a malformed placeholder of a sharded tensor: {node!r:.300}")
+    return name, shape, dtype, placed
 
 
 def _filled(node: Any, loaded: Mapping[str, torch.Tensor]) -> Any:

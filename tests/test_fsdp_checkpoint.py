@@ -17,6 +17,7 @@ import torch
 from conftest import make_loader
 
 from asynchat import Trainer, launch
+from asynchat._checkpoint_io import serialize
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
@@ -201,3 +202,32 @@ def test_a_callbacks_sharded_tensors_are_named_for_the_shards_and_partial_ones_r
         }
     }  # fmt: skip
     assert "cannot save callbacks/Summed/0: a DTensor placed as P(sum) (only" in result["refused"]
+
+
+def test_a_crafted_placeholder_in_a_sharded_checkpoint_is_refused(
+    runs: Runs, tmp_path: Path
+) -> None:
+    # asynchat.pt names where each sharded tensor of a callback's state lies in the shards.
+    # Named "model", a placeholder's empty tensor replaced the model's whole state in the
+    # load; any name outside callbacks/ (or a shape, dtype or placement not of a tensor) is
+    # refused before anything loads. (The content digest is no signature: recomputed here.)
+    _, name = runs.get(2)
+    directory = tmp_path / "alone" / "step-000000016.dcp"  # away from the manifest's digest
+    shutil.copytree(runs.root / name / directory.name, directory)
+    extras = torch.load(directory / "asynchat.pt", weights_only=True)
+    placeholder = extras["callbacks"]["ExponentialMovingAverage"]["shadow"][0]
+    assert placeholder["asynchat.sharded"] == "callbacks/ExponentialMovingAverage/shadow/0"
+    original = dict(placeholder)
+    for crafted in ({"asynchat.sharded": "model"}, {"shape": [-1]}, {"dtype": "save"},
+                    {"placements": [["partial"]]}):  # fmt: skip
+        placeholder.update(original)
+        placeholder.update(crafted)  # one field wrong at a time
+        data, _ = serialize(extras)
+        (directory / "asynchat.pt").write_bytes(data)
+        trainer = Trainer(
+            rank_jobs.ddp_model(), make_loader(), lambda m: torch.optim.Adam(m.parameters()),
+            loss_fn=torch.nn.CrossEntropyLoss(), num_steps=16, resume_from=directory,
+            callbacks=[ExponentialMovingAverage(0.9)],
+        )  # fmt: skip
+        with pytest.raises(CheckpointError, match="a malformed placeholder of a sharded tensor"):
+            anyio.run(trainer.fit)
