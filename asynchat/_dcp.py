@@ -19,7 +19,7 @@ into a module that is not sharded at all.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -62,22 +62,20 @@ def split_sharded(callbacks: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
     shards: dict[str, torch.Tensor] = {}
 
-    def split(node: Any, path: str) -> Any:
-        if isinstance(node, DTensor):
-            shards[path] = node
-            return {
-                SHARDED: path,
-                "shape": list(node.shape),
-                "dtype": str(node.dtype).removeprefix("torch."),
-                "placements": [_placement_name(p, path) for p in node.placements],
-            }
-        if isinstance(node, dict):
-            return {key: split(value, f"{path}/{key}") for key, value in node.items()}
-        if type(node) in (list, tuple):
-            return type(node)(split(value, f"{path}/{i}") for i, value in enumerate(node))
-        return node
+    def placeholder(node: Any, path: str) -> Any:
+        if not isinstance(node, DTensor):
+            return _DESCEND
+        shards[path] = node
+        return {
+            SHARDED: path,
+            "shape": list(node.shape),
+            "dtype": str(node.dtype).removeprefix("torch."),
+            "placements": [_placement_name(p, path) for p in node.placements],
+        }
 
-    plain = {key: split(state, f"callbacks/{key}") for key, state in callbacks.items()}
+    plain = {
+        key: _rebuilt(state, f"callbacks/{key}", placeholder) for key, state in callbacks.items()
+    }
     return plain, shards
 
 
@@ -104,27 +102,23 @@ def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str
     mesh = next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
     templates: dict[str, torch.Tensor] = {}
 
-    def visit(node: Any) -> None:
-        if isinstance(node, dict) and SHARDED in node:
-            name, shape, dtype, placed = _placeholder(node)
-            if mesh is None:
-                templates[name] = torch.empty(shape, dtype=dtype)
-                return
-            if len(placed) != mesh.ndim:
-                raise CheckpointError(
-                    f"{name} was sharded over a {len(placed)}-dimensional device mesh; this "
-                    f"model's is {mesh.ndim}-dimensional"
-                )
-            placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in placed]
-            templates[name] = empty(shape, dtype=dtype, device_mesh=mesh, placements=placements)
-        elif isinstance(node, dict):
-            for value in node.values():
-                visit(value)
-        elif type(node) in (list, tuple):
-            for value in node:
-                visit(value)
+    def template(node: Any, path: str) -> Any:
+        if not (isinstance(node, dict) and SHARDED in node):
+            return _DESCEND
+        name, shape, dtype, placed = _placeholder(node)
+        if mesh is None:
+            templates[name] = torch.empty(shape, dtype=dtype)
+            return node
+        if len(placed) != mesh.ndim:
+            raise CheckpointError(
+                f"{name} was sharded over a {len(placed)}-dimensional device mesh; this "
+                f"model's is {mesh.ndim}-dimensional"
+            )
+        placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in placed]
+        templates[name] = empty(shape, dtype=dtype, device_mesh=mesh, placements=placements)
+        return node
 
-    visit(callbacks)
+    _rebuilt(callbacks, "", template)
     return templates
 
 
@@ -148,12 +142,28 @@ def _placeholder(node: Mapping[str, Any]) -> tuple[str, list[int], torch.dtype, 
 
 def _filled(node: Any, loaded: Mapping[str, torch.Tensor]) -> Any:
     """``node`` with each placeholder of :func:`split_sharded` replaced by its tensor."""
+
+    def tensor(value: Any, path: str) -> Any:
+        is_placeholder = isinstance(value, dict) and SHARDED in value
+        return loaded[value[SHARDED]] if is_placeholder else _DESCEND
+
+    return _rebuilt(node, "", tensor)
+
+
+_DESCEND = object()  # from a _rebuilt visitor: not mine, go on into it
+
+
+def _rebuilt(node: Any, path: str, visit: Callable[[Any, str], Any]) -> Any:
+    """``node`` rebuilt with ``visit(value, path)`` in place of every value, container or
+    not, for which it does not return :data:`_DESCEND`; dicts, lists and tuples it leaves
+    are rebuilt from their items (paths ``<path>/<key or index>``), anything else kept."""
+    replaced = visit(node, path)
+    if replaced is not _DESCEND:
+        return replaced
     if isinstance(node, dict):
-        if SHARDED in node:
-            return loaded[node[SHARDED]]
-        return {key: _filled(value, loaded) for key, value in node.items()}
+        return {key: _rebuilt(value, f"{path}/{key}", visit) for key, value in node.items()}
     if type(node) in (list, tuple):
-        return type(node)(_filled(value, loaded) for value in node)
+        return type(node)(_rebuilt(value, f"{path}/{i}", visit) for i, value in enumerate(node))
     return node
 
 
