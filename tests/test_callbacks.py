@@ -508,6 +508,41 @@ async def test_loggers_write_each_metric_value_once_at_the_step_it_was_measured(
     assert val_rows(cut) == [(6, 1.0), (18, 0.5)]
 
 
+async def test_a_run_resumed_after_a_crash_leaves_one_log_as_if_uninterrupted(
+    tmp_path: Path,
+) -> None:
+    # A run that crashed after its step-6 checkpoint had logged steps 7-12 (and a kill can
+    # cut the last line short); resumed from step 6, those steps were logged a second time,
+    # its first line glued to the cut one. Now the resumed run drops them first: each step
+    # once, with the values of a run never interrupted.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(name: str, resume: Path | None = None) -> Trainer:
+        checkpoints = tmp_path / f"{name}-{'resumed' if resume else 'first'}-checkpoints"
+        return make_trainer(
+            JSONLinesLogger(tmp_path / f"{name}.jsonl", every_n_steps=1),
+            TensorBoardLogger(tmp_path / f"{name}-tb", every_n_steps=1),
+            Checkpoint(checkpoints, every_n_steps=3, keep_last=None),
+            num_epochs=2, resume_from=resume,
+        )  # fmt: skip
+
+    await run("straight").fit()
+    await run("crashed").fit()  # the same run, "crashed" after it logged step 12
+    with (tmp_path / "crashed.jsonl").open("a") as log:
+        log.write('{"step": 13, "time": 17')  # cut short by the kill
+    await run("crashed", resume=tmp_path / "crashed-first-checkpoints/step-000000006.ckpt").fit()
+
+    def losses(name: str) -> list[tuple[int, float]]:
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        return [(row["step"], row["train/loss"]) for row in rows]
+
+    assert [step for step, _ in losses("crashed")] == list(range(1, 13))
+    assert losses("crashed") == losses("straight")
+    events = EventAccumulator(str(tmp_path / "crashed-tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+
+
 def test_bad_callback_arguments() -> None:
     with pytest.raises(ValueError, match=r"Validation needs metrics=\.\.\., loss_fn="):
         Validation([])

@@ -11,6 +11,7 @@ from typing import IO, Any
 import torch
 
 from asynchat._callback import Callback
+from asynchat._checkpoint_io import atomic_write
 from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
@@ -27,6 +28,10 @@ class ScalarLogger(Callback):
     again). Metrics a resumed run restores were logged by the run that measured them.
 
     In a distributed run only rank 0 logs.
+
+    A resumed run goes on from its checkpoint's step: what an earlier run logged after that
+    step (it crashed, or was killed, after the checkpoint) is dropped from the log before
+    the resumed run logs those steps again, so the log reads as one uninterrupted run.
 
     The loss is brought to the host with a non-blocking copy started on the compute thread and
     written once it has landed (checked without blocking at later steps, and waited for at
@@ -116,7 +121,10 @@ class TensorBoardLogger(ScalarLogger):
 
         super().on_loop_begin(state)
         if state.loop.is_rank_zero:
-            self._writer = SummaryWriter(str(self.log_dir))
+            # Resumed (from a checkpoint at global_step): TensorBoard drops what the event
+            # files hold for later steps, which this run logs again.
+            purge = state.global_step + 1 if state.global_step else None
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
@@ -131,7 +139,10 @@ class TensorBoardLogger(ScalarLogger):
 class JSONLinesLogger(ScalarLogger):
     """Appends one JSON object per log to ``path``.
 
-    Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``.
+    Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``. A line a
+    killed process left half-written is dropped when the next run opens the file; a
+    resumed run drops the lines of steps after its checkpoint's (see
+    :class:`ScalarLogger`).
     """
 
     def __init__(
@@ -145,6 +156,8 @@ class JSONLinesLogger(ScalarLogger):
         super().on_loop_begin(state)
         if state.loop.is_rank_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                _trim(self.path, after=state.global_step if state.global_step else None)
             self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -160,3 +173,24 @@ class JSONLinesLogger(ScalarLogger):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _trim(path: Path, *, after: int | None) -> None:
+    """Drop a last line without its newline (a write cut short by a kill) and, with
+    ``after``, the lines of later steps; rewritten atomically, only if anything goes."""
+    with path.open("rb") as file:
+        lines = file.read().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith(b"\n") and not _later(line, after)]
+    if len(kept) < len(lines):
+        atomic_write(path, b"".join(kept))
+
+
+def _later(line: bytes, after: int | None) -> bool:
+    """Whether ``line`` logs a step after ``after`` (a line that is not such a log stays)."""
+    if after is None:
+        return False
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(step, int) and step > after
