@@ -18,6 +18,7 @@ flipped bit is caught even when the manifest is lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,9 +30,10 @@ import socket
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -206,7 +208,14 @@ class DirectoryLock:
     when its holder dies however it dies, so a lock left by a killed process is taken over by
     the next writer. The file records the holder (pid, host, start time) for the error a
     second writer gets. Not available off POSIX, where the lock is a no-op.
+
+    A ``flock`` belongs to the open file, which a forked child shares: a DataLoader worker
+    forked while the lock is held (and kept alive by ``persistent_workers=True``) would hold
+    it after the writer released it, and refuse the next run of the same process. A forked
+    child therefore closes its copies at once (:func:`_forget_locks_in_child`).
     """
+
+    _held: ClassVar[weakref.WeakSet[DirectoryLock]] = weakref.WeakSet()
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -235,6 +244,7 @@ class DirectoryLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self._fd = fd
+        DirectoryLock._held.add(self)
 
     @property
     def held(self) -> bool:
@@ -242,8 +252,22 @@ class DirectoryLock:
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
+        DirectoryLock._held.discard(self)
         if fd is not None:
             os.close(fd)  # closing the file releases the flock
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child: close the inherited lock files (the parent's hold is unchanged)."""
+    for lock in list(DirectoryLock._held):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    DirectoryLock._held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 # -- the manifest --------------------------------------------------------------------------

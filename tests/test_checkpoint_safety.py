@@ -14,7 +14,8 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import make_data, make_trainer
+from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState
 from asynchat._checkpoint_io import LOCK, serialize
@@ -283,6 +284,23 @@ async def test_a_second_writer_in_the_same_process_is_refused_before_training(
     assert steps_on_disk(tmp_path) == [2, 3, 4]
     resumed = make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=5, resume_from=tmp_path)
     assert (await resumed.fit()).global_step == 5  # released at the end of the first run
+
+
+def test_a_forked_data_worker_does_not_keep_the_lock_of_a_finished_run(tmp_path: Path) -> None:
+    # DataLoader workers forked while the lock was held shared its open file; kept alive by
+    # persistent_workers, they held the flock after the run released it, and the next run
+    # of this process (a resume) was refused: "in use by another live Checkpoint writer".
+    loader = DataLoader(
+        make_data(96), batch_size=16, num_workers=1, persistent_workers=True,
+        multiprocessing_context="fork",
+    )  # fmt: skip
+    first = make_trainer(Checkpoint(tmp_path), loader=loader, num_steps=3, num_epochs=None)
+    anyio.run(first.fit)
+    assert loader._iterator is not None  # its worker process lives on, for the next run
+    resumed = make_trainer(
+        Checkpoint(tmp_path), loader=loader, num_steps=6, num_epochs=None, resume_from=tmp_path
+    )
+    assert anyio.run(resumed.fit).global_step == 6  # the workers of `loader` still live
 
 
 HOLDER = """
