@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from asynchat._prefetch import Interrupted
+from asynchat._rng import capture_rng, restore_rng
 
 T = TypeVar("T")
 
@@ -106,6 +107,30 @@ def workers_stop_with_loader(source: Iterable[Any]) -> Iterable[Any]:
     """``source``, iterated so that a DataLoader's persistent workers stop when it goes (see
     :class:`_WorkersStopWithLoader`); any other iterable as it is."""
     return _WorkersStopWithLoader(source) if has_persistent_workers(source) else source
+
+
+def start_workers_as_before(loader: Iterable[Any]) -> None:
+    """Create a persistent-worker DataLoader's iterator now, if it has none, and put every
+    generator back as it was: the epoch's order is then drawn by a reset, as in a run that
+    never stopped.
+
+    Such a loader draws its workers' base seed from its generator (or torch's) once, when
+    its one iterator is created, at the first epoch; each later epoch's ``iter()`` resets
+    that iterator and draws only the order. A run resumed after the first epoch (or its
+    loader cloned to skip a resumed epoch's first batches) creates the iterator there, and
+    the extra draw gave the epoch another order than the uninterrupted run's. The workers'
+    base seed is then drawn from the generators' state at that point, not the first
+    epoch's: random augmentations *in the workers* may still differ from the
+    uninterrupted run.
+    """
+    if not has_persistent_workers(loader) or getattr(loader, "_iterator", None) is not None:
+        return
+    generators = loader_generators(loader)
+    saved, rng = [g.get_state() for g in generators], capture_rng()
+    iter(workers_stop_with_loader(loader))
+    restore_rng(rng)
+    for generator, state in zip(generators, saved, strict=True):
+        generator.set_state(state)
 
 
 def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:

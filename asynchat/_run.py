@@ -26,6 +26,7 @@ from asynchat._data import (
     Reading,
     reading,
     skip_batches,
+    start_workers_as_before,
     with_last,
     workers_stop_with_loader,
 )
@@ -232,10 +233,13 @@ class LoopRun:
         state = self.state
         skip = resume.steps_done if resume is not None else 0
         self.begin_epoch_data(state.epoch)
+        loader = skip_batches(self.data_loader, skip)
+        if state.epoch > 0:
+            start_workers_as_before(loader)  # (a resumed run's; a run from the start has them)
         self.data.begin_epoch(state.epoch, self.data_loader, resume)
         epoch = _EpochRun(skip)
         try:
-            source = workers_stop_with_loader(skip_batches(self.data_loader, skip))
+            source = workers_stop_with_loader(loader)
             with self._open_batches(source) as batches:
                 self.batches = batches
                 try:

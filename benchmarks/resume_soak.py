@@ -4,14 +4,14 @@ tests/test_resume_soak.py.
 Each trial draws a configuration (gradient accumulation, validation by step or epoch, early
 stopping, schedules by step or epoch and a plateau schedule on the same optimizer, an EMA,
 step checkpoints, LossMonitor, MetricUpdater, clipping, TerminateOnNaN, bf16, DataLoader
-workers, read-ahead; in 3 trials of 10, two models with an optimizer each, updated one after
-the other in every step; in 2 of 10, validation on the EMA) and one or two interruptions
-(``stop()`` or a cancellation at a random step), runs it straight and interrupted-then-
-resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. It also
-resumes a run from one of the straight run's checkpoints, drawn at random, as a run that
-crashed right after saving it would, and compares that too. The table counts trials,
-mismatches and trials that raised a warning, by feature; each is printed with its
-configuration (rerun with ``--seed``).
+workers (persistent in half the trials with them), read-ahead; in 3 trials of 10, two models
+with an optimizer each, updated one after the other in every step; in 2 of 10, validation on
+the EMA) and one or two interruptions (``stop()`` or a cancellation at a random step), runs
+it straight and interrupted-then- resumed, and compares weights, metrics, learning rates,
+EMA and global step bitwise. It also resumes a run from one of the straight run's
+checkpoints, drawn at random, as a run that crashed right after saving it would, and
+compares that too. The table counts trials, mismatches and trials that raised a warning, by
+feature; each is printed with its configuration (rerun with ``--seed``).
 
 With ``--ranks 2`` each run is a DistributedDataParallelTrainer (``--kind fsdp``: a
 FullyShardedDataParallelTrainer) over that many gloo ranks (started with ``launch``; a
@@ -61,6 +61,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "MetricUpdater": lambda c, i: c.train_metrics_every != 0,
     "bf16": lambda c, i: c.amp is not None,
     "DataLoader workers": lambda c, i: c.workers,
+    "persistent workers": lambda c, i: c.workers and c.persistent_workers,
     "read inline (prefetch=0)": lambda c, i: c.prefetch == 0,
     "two models, two optimizers": lambda c, i: c.two_parts,
     "validation on the EMA": lambda c, i: c.validate_ema,
@@ -83,7 +84,10 @@ def main() -> None:
         # Drawn apart, so that a seed draws the same rest as before this option existed.
         extra = random.Random(f"{args.seed}-{n}-extra")
         config = dataclasses.replace(
-            config, two_parts=extra.random() < 0.3, validate_ema=extra.random() < 0.2
+            config,
+            two_parts=extra.random() < 0.3,
+            validate_ema=extra.random() < 0.2,
+            persistent_workers=extra.random() < 0.5,
         )
         if args.ranks > 1:
             config = dataclasses.replace(config, train_metrics_every=0, workers=False)

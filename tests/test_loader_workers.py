@@ -14,6 +14,8 @@ import multiprocessing
 import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,3 +59,33 @@ async def test_persistent_workers_stop_at_once_when_a_finished_loops_loader_goes
     assert not any(worker.is_alive() for worker in workers)
     # Before, the collection waited out the workers' status check interval.
     assert took < MP_STATUS_CHECK_INTERVAL / 2, f"the workers took {took:.1f} s to stop"
+
+
+@pytest.mark.parametrize("stop_at", [3, 7, 13])
+def test_persistent_workers_resume_to_the_uninterrupted_order(tmp_path: Path, stop_at: int) -> None:
+    # Such a loader draws its workers' base seed from its generator when its one iterator
+    # is created, at the first epoch only; a run resumed in a later epoch (or its loader
+    # cloned to skip the resumed epoch's first batches) created it there, and the extra draw
+    # gave the epoch another order: other weights from step 7 on.
+    import anyio
+    from conftest import StopAt, make_data, make_model, sgd
+
+    from asynchat.callbacks import Checkpoint
+
+    def run(directory: Path, *extra: Any, resume: bool = False) -> Trainer:
+        loader = DataLoader(
+            make_data(96), batch_size=16, shuffle=True, num_workers=1,
+            persistent_workers=True, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        trainer = Trainer(
+            make_model(), loader, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=3,
+            callbacks=[*extra, Checkpoint(directory)], resume_from=directory if resume else None,
+        )  # fmt: skip
+        anyio.run(trainer.fit)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "interrupted", StopAt(stop_at))
+    resumed = run(tmp_path / "interrupted", resume=True)  # a new loader, as a new process has
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name

@@ -102,6 +102,7 @@ class Config:
     prefetch: int = 2
     two_parts: bool = False  # two models, two optimizers, two updates a step (TwoParts)
     validate_ema: bool = False  # Validation(use_ema=True), with an EMA
+    persistent_workers: bool = False  # with workers: DataLoader(persistent_workers=True)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -188,7 +189,12 @@ def trainer(
     if config.workers:
         generator = torch.Generator().manual_seed(0)
         loader = DataLoader(
-            make_data(96), batch_size=16, shuffle=True, generator=generator, num_workers=2
+            make_data(96),
+            batch_size=16,
+            shuffle=True,
+            generator=generator,
+            num_workers=2,
+            persistent_workers=config.persistent_workers,
         )
     processor = TwoParts if two else BasicBatchProcessor
     return kind(
