@@ -92,11 +92,13 @@ def _placement_name(placement: Any, path: str) -> list[Any]:
     )
 
 
-def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An empty tensor to load into for each placeholder of :func:`split_sharded` in the
-    callbacks' states: a ``DTensor`` placed as it was, over the mesh of ``model``'s
-    parameters (DCP reshards it to this job's ranks), or a whole tensor for a model that is
-    not sharded."""
+def _with_templates(
+    callbacks: Mapping[str, Any], model: torch.nn.Module
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The callbacks' states with an empty tensor in place of each placeholder of
+    :func:`split_sharded`, and those tensors by name, for DCP to load into in place: a
+    ``DTensor`` placed as it was, over the mesh of ``model``'s parameters (DCP reshards it to
+    this job's ranks), or a whole tensor for a model that is not sharded."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, empty
 
     mesh = next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
@@ -106,9 +108,11 @@ def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str
         if not (isinstance(node, dict) and SHARDED in node):
             return _DESCEND
         name, shape, dtype, placed = _placeholder(node)
+        if name in templates:
+            return templates[name]
         if mesh is None:
             templates[name] = torch.empty(shape, dtype=dtype)
-            return node
+            return templates[name]
         if len(placed) != mesh.ndim:
             raise CheckpointError(
                 f"{name} was sharded over a {len(placed)}-dimensional device mesh; this "
@@ -116,10 +120,10 @@ def _templates(callbacks: Mapping[str, Any], model: torch.nn.Module) -> dict[str
             )
         placements = [Shard(p[1]) if p[0] == "shard" else Replicate() for p in placed]
         templates[name] = empty(shape, dtype=dtype, device_mesh=mesh, placements=placements)
-        return node
+        return templates[name]
 
-    _rebuilt(callbacks, "", template)
-    return templates
+    states = {key: _rebuilt(state, "", template) for key, state in callbacks.items()}
+    return states, templates
 
 
 def _placeholder(node: Mapping[str, Any]) -> tuple[str, list[int], torch.dtype, list[Any]]:
@@ -138,16 +142,6 @@ def _placeholder(node: Mapping[str, Any]) -> tuple[str, list[int], torch.dtype, 
     ):  # fmt: skip
         raise CheckpointError(f"a malformed placeholder of a sharded tensor: {node!r:.300}")
     return name, shape, dtype, placed
-
-
-def _filled(node: Any, loaded: Mapping[str, torch.Tensor]) -> Any:
-    """``node`` with each placeholder of :func:`split_sharded` replaced by its tensor."""
-
-    def tensor(value: Any, path: str) -> Any:
-        is_placeholder = isinstance(value, dict) and SHARDED in value
-        return loaded[value[SHARDED]] if is_placeholder else _DESCEND
-
-    return _rebuilt(node, "", tensor)
 
 
 _DESCEND = object()  # from a _rebuilt visitor: not mine, go on into it
@@ -204,12 +198,12 @@ def load_sharded(
     state = sharded_state(model, optimizers)
     if not optimizers:
         del state["optimizers"]
-    templates = _templates(callbacks or {}, model)
-    read({**state, **templates}, directory, group)
+    callback_states, templates = _with_templates(callbacks or {}, model)
+    read({**state, **templates}, directory, group)  # into the templates, in place
     set_model_state_dict(model, state["model"])
     for name, optimizer in optimizers.items():
         set_optimizer_state_dict(model, optimizer, state["optimizers"][name])
-    return {key: _filled(value, templates) for key, value in (callbacks or {}).items()}
+    return callback_states
 
 
 def read(
