@@ -41,6 +41,13 @@ def ddp_data() -> torch.utils.data.TensorDataset:
     )
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, gathered from every rank if it is an FSDP ``DTensor`` (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def ddp_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -627,9 +634,6 @@ async def validated_on_the_average(rank: int, world_size: int, kind: str, out: s
         ],
     )  # fmt: skip
     state = await trainer.fit()
-
-    def whole(t: torch.Tensor) -> torch.Tensor:
-        return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t
 
     weights = {k: whole(v) for k, v in trainer.model.state_dict().items()}  # a collective
     average = [whole(t) for t in ema.shadow]

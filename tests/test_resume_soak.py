@@ -373,12 +373,13 @@ async def rank_run(
 
 def gathered(result: dict[str, Any]) -> dict[str, Any]:
     """``result`` with FSDP's sharded tensors gathered (a collective: every rank calls it)."""
-    from torch.distributed.tensor import DTensor
+    from rank_jobs import whole
 
-    def gather(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
-
-    return {**result, "weights": gather(result["weights"]), "ema": gather(result["ema"])}
+    return {
+        **result,
+        "weights": [whole(t) for t in result["weights"]],
+        "ema": [whole(t) for t in result["ema"]],
+    }
 
 
 def distributed_trial(
