@@ -2,6 +2,7 @@
 
     python examples/service.py [--host 127.0.0.1] [--port 8000] [--runs runs/service]
                                [--max-running 4] [--keep-finished 100]
+                               [--continue-interrupted]
 
 An ASGI app (Starlette, served by uvicorn) whose training jobs run in the same event loop as
 the server, each on its own compute thread, so every route answers while models train:
@@ -20,11 +21,24 @@ jobs train an MLP on scikit-learn's digits with validation and checkpoints. A ba
 over 64 KiB a 413, a new job past ``--max-running`` running ones a 429.
 
 Each job gets a fresh id (unique across restarts) and a run directory of its own under
-``--runs``, so no job ever prunes another's checkpoints. Only the newest ``--keep-finished``
-finished jobs stay listed; older ones are forgotten (their files stay on disk).
+``--runs``, so no job ever prunes another's checkpoints; ``job.json`` there records its spec
+and, once it has ended, how. Only the newest ``--keep-finished`` ended jobs stay listed;
+older ones are forgotten (their files stay on disk). Jobs that can be continued stay listed
+until they are continued or deleted.
 
 SIGINT or SIGTERM stops every job gracefully at once (each writes its final checkpoint),
 which also ends every open event stream, then the server exits.
+
+Nothing is lost when the server goes down, gracefully or not (a SIGKILL, a power cut): a new
+server on the same ``--runs`` lists the jobs of the earlier ones, and a job that had not run
+to its end (stopped by the shutdown or over HTTP; ``"interrupted"`` if the server died under
+it) can be continued from its newest checkpoint:
+
+    POST   /jobs/{id}/continue        go on from the job's newest checkpoint -> 202
+
+``--continue-interrupted`` does that at start-up for every job the server's end interrupted
+(up to ``--max-running``; the rest stay listed, to continue over HTTP). A job stopped over
+HTTP is continued only when asked. ``DELETE`` on a job that can be continued forgets it.
 """
 
 from __future__ import annotations
@@ -34,6 +48,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,7 +68,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from asynchat import LoopEvent, LoopSnapshot, Trainer
-from asynchat.callbacks import Checkpoint, Validation
+from asynchat.callbacks import Checkpoint, Validation, resumable
+
+logger = logging.getLogger("service")
 
 DEFAULTS: dict[str, Any] = {"epochs": 20, "lr": 0.002, "batch_size": 32, "hidden": 128}
 LIMITS: dict[str, tuple[type, float, float]] = {
@@ -129,33 +148,114 @@ def digits_data(batch_size: int) -> tuple[DataLoader[Any], DataLoader[Any]]:
     )
 
 
+#: The stop reason of the jobs a shutdown stops: a later server continues them.
+SHUTDOWN = "the service is shutting down"
+JOB_FILE = "job.json"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``path`` atomically: a reader (or a later server) sees the old file or the new."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with temporary.open("w") as file:
+        json.dump(data, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def newest_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """Epoch and global step of the newest checkpoint ``manifest.json`` lists (zeros if none)."""
+    try:
+        entries = json.loads((run_dir / "manifest.json").read_text())["checkpoints"]
+        newest = max(entries, key=lambda entry: int(entry["global_step"]))
+        return {"epoch": int(newest["epoch"]), "global_step": int(newest["global_step"])}
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours to read
+        return {"epoch": 0, "global_step": 0}
+
+
+def read_jobs(runs: Path) -> list[dict[str, Any]]:
+    """What the ``job.json`` files of the run directories under ``runs`` say, with a snapshot
+    of how each job ended: as recorded, or ``"interrupted"`` at its newest checkpoint if it
+    was running when its server died. A run directory without a readable ``job.json`` is no
+    job of this service's and is skipped with a warning."""
+    jobs = []
+    for run_dir in sorted(runs.glob("job-*")) if runs.is_dir() else []:
+        try:
+            data = json.loads((run_dir / JOB_FILE).read_text())
+            spec, outcome = parse_spec(data["spec"]), data["outcome"]
+            created = float(data["created"])
+            if data["id"] != run_dir.name or not isinstance(outcome, dict | None):
+                raise ValueError("its fields do not match its directory")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: not a job this service can list (%s)", run_dir, exc)
+            continue
+        interrupted = {
+            "name": run_dir.name, "status": "interrupted", **newest_checkpoint(run_dir),
+            "step": 0, "num_epochs": spec["epochs"], "num_steps": None, "steps_per_s": 0.0,
+            "samples_per_s": 0.0, "metrics": {}, "stop_reason": None, "error": None, "time": 0.0,
+        }  # fmt: skip
+        record = interrupted if outcome is None else {**interrupted, **outcome}
+        jobs.append({"id": run_dir.name, "spec": spec, "run_dir": run_dir, "created": created,
+                     "record": record})  # fmt: skip
+    return jobs
+
+
 @dataclasses.dataclass
 class Job:
+    """A job of this server (``trainer`` set) or one an earlier server ran (``record``: what
+    its ``job.json`` says)."""
+
     id: str
     spec: dict[str, Any]
-    trainer: Trainer
+    run_dir: Path
+    created: float
+    trainer: Trainer | None = None
+    record: dict[str, Any] | None = None
     scope: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     error: str | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.trainer is not None:
+            return snapshot_json(self.trainer.snapshot())
+        assert self.record is not None
+        return self.record
+
+    def can_continue(self) -> bool:
+        """Ended before its last epoch without failing: stopped (over HTTP or by a shutdown),
+        or interrupted by the server's death."""
+        snapshot = self.snapshot()
+        stopped = snapshot["status"] == "finished" and snapshot["stop_reason"] is not None
+        return self.done.is_set() and (stopped or snapshot["status"] == "interrupted")
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "spec": self.spec,
             "error": self.error,
-            **snapshot_json(self.trainer.snapshot()),
+            **self.snapshot(),
+            "can_continue": self.can_continue(),
         }
+
+    def file(self, outcome: dict[str, Any] | None) -> dict[str, Any]:
+        """What ``job.json`` holds: the spec, and once the job has ended, how it ended."""
+        return {"id": self.id, "spec": self.spec, "created": self.created, "outcome": outcome}
 
 
 class TooBusy(Exception):
     pass
 
 
+class CannotContinue(Exception):
+    pass
+
+
 class JobManager:
     """Owns the jobs: each runs as a task in the manager's task group.
 
-    At most ``max_running`` jobs run at once; of the finished ones, the newest
-    ``keep_finished`` stay listed, so memory stays bounded however many jobs come and go.
+    At most ``max_running`` jobs run at once; of the ended ones that cannot be continued,
+    the newest ``keep_finished`` stay listed, so memory stays bounded however many jobs come
+    and go. Every job's ``job.json`` is written off the event loop.
     """
 
     def __init__(
@@ -184,50 +284,111 @@ class JobManager:
         if self.running() >= self.max_running:
             raise TooBusy(f"{self.max_running} jobs are running (the most allowed); retry later")
         job_id, run_dir = self._new_run_dir()
+        return self._launch(Job(job_id, spec, run_dir, created=time.time()), resume=False)
+
+    def continue_job(self, job: Job) -> Job:
+        """Start ``job`` again from its newest checkpoint (from the start if it has none)."""
+        if not job.can_continue():
+            status = job.snapshot()["status"]
+            if not job.done.is_set():
+                raise CannotContinue(f"job {job.id} is {status}")
+            raise CannotContinue(
+                f"job {job.id} ended {status!r} and cannot be continued: only a job stopped "
+                "before its end, or interrupted, can"
+            )
+        if self.running() >= self.max_running:
+            raise TooBusy(f"{self.max_running} jobs are running (the most allowed); retry later")
+        del self.jobs[job.id]  # listed again, as the newest
+        return self._launch(Job(job.id, job.spec, job.run_dir, job.created), resume=True)
+
+    def _launch(self, job: Job, *, resume: bool) -> Job:
+        spec = job.spec
         train, val = digits_data(spec["batch_size"])
         model = nn.Sequential(
             nn.Linear(64, spec["hidden"]), nn.ReLU(), nn.Linear(spec["hidden"], 10)
         )
-        trainer = Trainer(
+        job.trainer = Trainer(
             model,
             train,
             lambda m: torch.optim.Adam(m.parameters(), lr=spec["lr"]),
             loss_fn=nn.CrossEntropyLoss(),
             num_epochs=spec["epochs"],
-            name=job_id,
+            name=job.id,
             # The data is a small in-memory tensor set: reading it on the compute thread is
             # cheaper than a prefetch thread competing for the GIL with the server.
             prefetch=0,
+            # Continued: from the newest checkpoint, if the job had written one.
+            resume_from=resumable(job.run_dir) if resume else None,
             callbacks=[
                 Validation(val, loss_fn=nn.CrossEntropyLoss()),
-                Checkpoint(run_dir, every_n_epochs=5, keep_last=1),
+                Checkpoint(job.run_dir, every_n_epochs=5, keep_last=1),
             ],
         )
-        job = Job(job_id, spec, trainer)
-        self.jobs[job_id] = job
+        self.jobs[job.id] = job
         self.tg.start_soon(self._run, job)
         return job
 
     async def _run(self, job: Job) -> None:
+        assert job.trainer is not None
         try:
             with job.scope:
+                # Running (again): a later server finds the job interrupted unless it ends.
+                path = job.run_dir / JOB_FILE
+                await anyio.to_thread.run_sync(write_json, path, job.file(None))
                 await job.trainer.fit()
         except Exception as exc:  # one job's failure is reported on it, never on the service
             job.error = repr(exc)
         finally:
+            with anyio.CancelScope(shield=True):
+                await self._record(job)
             job.done.set()
             self._evict()
 
+    async def _record(self, job: Job) -> None:
+        """Write how ``job`` ended into its ``job.json``; a failure to is logged, not raised."""
+        outcome = {**job.snapshot(), "error": job.error}
+        try:
+            await anyio.to_thread.run_sync(write_json, job.run_dir / JOB_FILE, job.file(outcome))
+        except OSError as exc:
+            logger.error("could not record how job %s ended: %s", job.id, exc)
+
+    async def recover(self) -> list[Job]:
+        """List the jobs earlier servers ran on ``runs`` (oldest first); return those their
+        server's end interrupted (it died under them, or its shutdown stopped them)."""
+        jobs = []
+        for found in await anyio.to_thread.run_sync(read_jobs, self.runs):
+            job = Job(found["id"], found["spec"], found["run_dir"], found["created"])
+            job.record = found["record"]
+            job.error = found["record"]["error"]
+            job.done.set()
+            jobs.append(job)
+        self.jobs = {job.id: job for job in sorted(jobs, key=lambda job: job.created)}
+        self._evict()
+        return [  # stopped by a shutdown, or still running when their server died
+            job
+            for job in self.jobs.values()
+            if job.can_continue() and job.snapshot()["stop_reason"] in (None, SHUTDOWN)
+        ]
+
+    async def forget(self, job: Job) -> None:
+        """Drop an ended job that could be continued: it is recorded as cancelled."""
+        job.record = {**job.snapshot(), "status": "cancelled"}
+        job.trainer = None
+        await self._record(job)
+        self._evict()
+
     def _evict(self) -> None:
-        finished = [job_id for job_id, job in self.jobs.items() if job.done.is_set()]
-        for job_id in finished[: max(0, len(finished) - self.keep_finished)]:
+        ended = [job_id for job_id, job in self.jobs.items() if job.done.is_set()]
+        over = [job_id for job_id in ended if not self.jobs[job_id].can_continue()]
+        for job_id in over[: max(0, len(over) - self.keep_finished)]:
             del self.jobs[job_id]  # oldest first: dicts keep insertion order
 
     def begin_shutdown(self) -> None:
         """Refuse new jobs and stop the running ones: their event streams end with them."""
         self.closing = True
         for job in self.jobs.values():
-            job.trainer.stop("the service is shutting down")
+            if job.trainer is not None:
+                job.trainer.stop(SHUTDOWN)
 
     async def shutdown(self) -> None:
         """Stop every job gracefully (final checkpoints included) and wait for them."""
@@ -236,7 +397,13 @@ class JobManager:
             await job.done.wait()
 
 
-def create_app(runs: Path, *, max_running: int = 4, keep_finished: int = 100) -> Starlette:
+def create_app(
+    runs: Path,
+    *,
+    max_running: int = 4,
+    keep_finished: int = 100,
+    continue_interrupted: bool = False,
+) -> Starlette:
     """The service. ``app.state.begin_shutdown()`` (from any thread, e.g. a signal handler)
     stops every job at once, so that open event streams end instead of holding the server."""
     manager: JobManager | None = None
@@ -248,6 +415,12 @@ def create_app(runs: Path, *, max_running: int = 4, keep_finished: int = 100) ->
         async with anyio.create_task_group() as tg:
             manager = JobManager(runs, tg, max_running=max_running, keep_finished=keep_finished)
             app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(manager.begin_shutdown)
+            interrupted = await manager.recover()
+            for job in interrupted if continue_interrupted else []:
+                try:
+                    manager.continue_job(job)
+                except TooBusy:
+                    break  # the rest stay listed, to continue over HTTP
             try:
                 yield
             finally:
@@ -293,25 +466,50 @@ def create_app(runs: Path, *, max_running: int = 4, keep_finished: int = 100) ->
         return JSONResponse(job_or_404(request).describe())
 
     async def control(request: Request) -> Response:
+        assert manager is not None
         job = job_or_404(request)
         action = request.path_params["action"]
+        if action == "continue":
+            if manager.closing:
+                return JSONResponse({"error": "the service is shutting down"}, status_code=503)
+            try:
+                job = manager.continue_job(job)
+            except CannotContinue as exc:
+                return JSONResponse({"error": str(exc)}, status_code=409)
+            except TooBusy as exc:
+                return JSONResponse(
+                    {"error": str(exc)}, status_code=429, headers={"Retry-After": "5"}
+                )
+            return JSONResponse(job.describe(), status_code=202)
+        if action not in ("pause", "resume", "stop"):
+            return JSONResponse({"error": f"unknown action {action!r}"}, status_code=404)
+        if job.trainer is None:  # a job an earlier server ran
+            return JSONResponse(
+                {"error": f"job {job.id} is not running; continue it first"}, status_code=409
+            )
         if action == "pause":
             job.trainer.pause()
         elif action == "resume":
             job.trainer.resume()
-        elif action == "stop":
-            job.trainer.stop("stopped over HTTP")
         else:
-            return JSONResponse({"error": f"unknown action {action!r}"}, status_code=404)
+            job.trainer.stop("stopped over HTTP")
         return JSONResponse(job.describe(), status_code=202)
 
     async def cancel_job(request: Request) -> Response:
+        """Cancel a running job; forget one that could be continued."""
+        assert manager is not None
         job = job_or_404(request)
+        if job.can_continue():
+            await manager.forget(job)
         job.scope.cancel()
         return JSONResponse(job.describe(), status_code=202)
 
     async def job_events(request: Request) -> Response:
         job = job_or_404(request)
+        if job.trainer is None:  # a job an earlier server ran: its end is all there is
+            end = {"kind": "end", "dropped": 0, **job.snapshot()}
+            body = f"event: end\ndata: {json.dumps(end)}\n\n"
+            return Response(body, media_type="text/event-stream")
         events = job.trainer.events(progress_every=0.5)
 
         async def stream() -> AsyncIterator[str]:
@@ -372,8 +570,18 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/service"))
     parser.add_argument("--max-running", type=int, default=4)
     parser.add_argument("--keep-finished", type=int, default=100)
+    parser.add_argument(
+        "--continue-interrupted",
+        action="store_true",
+        help="at start-up, continue the jobs the last server's end interrupted",
+    )
     args = parser.parse_args()
-    app = create_app(args.runs, max_running=args.max_running, keep_finished=args.keep_finished)
+    app = create_app(
+        args.runs,
+        max_running=args.max_running,
+        keep_finished=args.keep_finished,
+        continue_interrupted=args.continue_interrupted,
+    )
     config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", log_level="info")
     ServiceServer(config, app).run()
 

@@ -31,15 +31,30 @@ pytestmark = [
 async def running_server(runs: Path, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
     app = load_example("service.py").create_app(runs, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    served = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        finally:
+            served.set()
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
+        tg.start_soon(serve)
         with anyio.fail_after(30):
             while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
                 await anyio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-        server.should_exit = True
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                yield client
+        finally:
+            # Shut the server down (its jobs too) even when the test failed: cancelled
+            # instead, its lifespan never stopped the jobs, and a job of 1000 epochs kept the
+            # test's event loop from closing.
+            server.should_exit = True
+            with anyio.CancelScope(shield=True), anyio.fail_after(60):
+                await served.wait()
 
 
 async def status_becomes(client: httpx.AsyncClient, job: str, wanted: set[str]) -> dict[str, Any]:
@@ -209,3 +224,137 @@ async def test_a_restarted_server_never_touches_the_first_ones_checkpoints(tmp_p
     assert len(kept) == 2, "job ids are unique across restarts"
     for job, files in kept.items():  # each job's checkpoint is still there, untouched
         assert sorted(p.name for p in (tmp_path / job).glob("step-*.ckpt")) == files != []
+
+
+async def wait_for_checkpoint(run_dir: Path, step: int) -> None:
+    with anyio.fail_after(60):
+        while True:
+            try:
+                entries = json.loads((run_dir / "manifest.json").read_text())["checkpoints"]
+                if any(entry["global_step"] >= step for entry in entries):
+                    return
+            except (OSError, ValueError):  # not written yet
+                pass
+            await anyio.sleep(0.02)
+
+
+async def test_a_job_the_server_died_under_is_continued_from_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # The service's jobs were gone with the server: a new one on the same --runs knew
+    # nothing of them, and their checkpoints were left for nobody to continue.
+    port = free_port()
+    server = await anyio.to_thread.run_sync(serve, tmp_path, port)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            spec = {"epochs": 1000, "batch_size": 256}  # 6 steps an epoch, a checkpoint every 5
+            job = (await client.post("/jobs", json=spec)).json()["id"]
+            await wait_for_checkpoint(tmp_path / job, 60)
+    finally:
+        server.kill()  # SIGKILL: no shutdown, no final checkpoint
+        await anyio.to_thread.run_sync(server.communicate)
+    manifest = json.loads((tmp_path / job / "manifest.json").read_text())
+    saved = max(entry["global_step"] for entry in manifest["checkpoints"])
+
+    async with running_server(tmp_path, max_running=1) as client:
+        listed = (await client.get("/jobs")).json()
+        assert [(j["id"], j["status"], j["global_step"], j["can_continue"]) for j in listed] == [
+            (job, "interrupted", saved, True)
+        ]
+        assert listed[0]["spec"] == {**spec, "lr": 0.002, "hidden": 128}
+        refused = await client.post(f"/jobs/{job}/pause")
+        assert refused.status_code == 409 and "continue it first" in refused.json()["error"]
+        ended = (await client.get(f"/jobs/{job}/events")).text
+        assert ended.startswith("event: end\n") and '"interrupted"' in ended
+
+        continued = await client.post(f"/jobs/{job}/continue")
+        assert continued.status_code == 202, continued.text
+        async with client.stream("GET", f"/jobs/{job}/events") as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and '"kind": "epoch_begin"' in line:
+                    first = json.loads(line[len("data: ") :])
+                    break
+        # It went on from its checkpoint, at an epoch's end: the next epoch.
+        assert first["global_step"] == saved and first["epoch"] == saved // 6
+        with anyio.fail_after(30):
+            while (await client.get(f"/jobs/{job}")).json()["global_step"] <= saved:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        again = await client.post(f"/jobs/{job}/continue")
+        assert again.status_code == 409 and "is running" in again.json()["error"]
+        busy = await client.post("/jobs", json={"epochs": 1})
+        assert busy.status_code == 429, "a continued job counts as running"
+        await client.post(f"/jobs/{job}/stop")
+        stopped = await status_becomes(client, job, {"finished"})
+        assert stopped["global_step"] > saved and stopped["can_continue"]
+
+    record = json.loads((tmp_path / job / "job.json").read_text())
+    assert record["outcome"]["stop_reason"] == "stopped over HTTP"
+    assert record["outcome"]["global_step"] == stopped["global_step"]
+
+
+async def test_a_new_server_continues_what_the_last_ones_shutdown_stopped(
+    tmp_path: Path,
+) -> None:
+    async with running_server(tmp_path) as client:
+        short = (await client.post("/jobs", json={"epochs": 2, "batch_size": 256})).json()["id"]
+        await status_becomes(client, short, {"finished"})
+        jobs = [(await client.post("/jobs", json={"epochs": 1000})).json()["id"] for _ in "ab"]
+        shut, stopped = jobs
+        await client.post(f"/jobs/{stopped}/stop")
+        await status_becomes(client, stopped, {"finished"})
+        await status_becomes(client, shut, {"running"})
+    # The shutdown stopped `shut` (with a final checkpoint); `stopped` was stopped over HTTP.
+    steps = {
+        job: json.loads((tmp_path / job / "job.json").read_text())["outcome"]["global_step"]
+        for job in jobs
+    }
+
+    async with running_server(tmp_path, continue_interrupted=True) as client:
+        listed = {j["id"]: j for j in (await client.get("/jobs")).json()}
+        assert list(listed) == [short, stopped, shut], "the continued job is listed as newest"
+        assert listed[short]["status"] == "finished" and not listed[short]["can_continue"]
+        assert listed[stopped]["can_continue"], "a job stopped over HTTP waits to be asked"
+        assert listed[stopped]["global_step"] == steps[stopped]
+        assert listed[shut]["status"] in {"created", "running"}
+        with anyio.fail_after(30):
+            while (await client.get(f"/jobs/{shut}")).json()["global_step"] <= steps[shut]:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+
+        finished = await client.post(f"/jobs/{short}/continue")
+        assert finished.status_code == 409 and "cannot be continued" in finished.json()["error"]
+        assert (await client.delete(f"/jobs/{stopped}")).status_code == 202
+        forgotten = (await client.get(f"/jobs/{stopped}")).json()
+        assert forgotten["status"] == "cancelled" and not forgotten["can_continue"]
+        assert (await client.post(f"/jobs/{stopped}/continue")).status_code == 409
+
+    async with running_server(tmp_path, continue_interrupted=True) as client:
+        listed = {j["id"]: j["status"] for j in (await client.get("/jobs")).json()}
+        assert listed[stopped] == "cancelled", "a forgotten job stays forgotten"
+        assert listed[shut] in {"created", "running"}, "continued again after this shutdown"
+
+
+async def test_run_directories_that_are_not_jobs_of_the_service_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(tmp_path) as client:
+        job = (await client.post("/jobs", json={"epochs": 1, "batch_size": 256})).json()["id"]
+        await status_becomes(client, job, {"finished"})
+    record = json.loads((tmp_path / job / "job.json").read_text())
+    hostile = {
+        "job-garbage": "{not json",
+        "job-renamed": json.dumps({**record, "id": job}),  # copied from another job's directory
+        "job-huge": json.dumps({**record, "id": "job-huge", "spec": {"epochs": 10**9}}),
+        "job-unknown": json.dumps({**record, "id": "job-unknown", "spec": {"layers": 3}}),
+        "job-outcome": json.dumps({**record, "id": "job-outcome", "outcome": [1]}),
+        "job-fields": json.dumps({"id": "job-fields"}),
+    }
+    for name, text in hostile.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job.json").write_text(text)
+    (tmp_path / "job-empty").mkdir()  # no job.json
+
+    async with running_server(tmp_path) as client:
+        listed = [j["id"] for j in (await client.get("/jobs")).json()]
+    assert listed == [job]
+    skipped = {r.getMessage().split(":")[0] for r in caplog.records if r.name == "service"}
+    assert skipped == {str(tmp_path / name) for name in [*hostile, "job-empty"]}
