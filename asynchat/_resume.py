@@ -48,7 +48,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import FORMAT, VERSION
-from asynchat._data import loader_generators
+from asynchat._data import data_length, loader_generators
 from asynchat._dcp import split_sharded
 from asynchat._errors import CheckpointWarning
 from asynchat._rng import capture_rng, restore_rng
@@ -252,11 +252,27 @@ def apply_checkpoint(
         return ResumePoint(progress["epoch"] + 1, 0, None, [], None)
     return ResumePoint(
         progress["epoch"],
-        steps_to_skip(progress, world_size, getattr(data_loader, "batch_size", None)),
+        _steps_into(progress, data_loader, world_size),
         checkpoint["epoch_rng"],
         checkpoint["epoch_generators"],
         checkpoint["rng"],
     )
+
+
+def _steps_into(progress: Mapping[str, Any], data_loader: Iterable[Any], world_size: int) -> int:
+    """The steps of the interrupted epoch to skip; a warning if the data has fewer."""
+    skip = steps_to_skip(progress, world_size, getattr(data_loader, "batch_size", None))
+    length = data_length(data_loader)
+    if length is not None and skip > length:  # (equal: saved before the epoch's end ran)
+        # Resumed on other data (a smaller set, a larger batch): the epoch's rest is empty.
+        warnings.warn(
+            f"the checkpoint is {skip} steps into epoch {progress['epoch']}, and the "
+            f"data_loader has {length} steps an epoch: epoch {progress['epoch']} ends with no "
+            "further step (is this the data the checkpoint was trained on?)",
+            CheckpointWarning,
+            stacklevel=4,
+        )
+    return skip
 
 
 def steps_to_skip(progress: Mapping[str, Any], world_size: int, batch_size: int | None) -> int:

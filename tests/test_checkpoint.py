@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_loader, make_model, make_trainer
+from conftest import StopAt, make_loader, make_model, make_trainer
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
@@ -347,6 +347,28 @@ def test_steps_to_skip_on_another_number_of_ranks_or_batch_size() -> None:
         assert steps_to_skip(progress, 1, 24) == 9
     with pytest.warns(CheckpointWarning, match="without both batch sizes"):
         assert steps_to_skip(progress, 1, None) == 7
+
+
+@pytest.mark.parametrize("stop_at", [1, 5, 6, 7, 12])
+def test_a_resume_into_an_epoch_the_data_has_no_steps_left_of_says_so(
+    tmp_path: Path, stop_at: int
+) -> None:
+    # Resumed 5 steps into an epoch over data of 3 steps an epoch (a smaller set), the run
+    # went on to the next epoch without a word. On the data the checkpoint was trained on,
+    # at any step (the epoch's last included), nothing is said.
+    anyio.run(make_trainer(StopAt(stop_at), Checkpoint(tmp_path), num_epochs=3).fit)
+    same = make_trainer(Checkpoint(tmp_path / "same"), num_epochs=3, resume_from=tmp_path)
+    anyio.run(same.fit)
+    assert same.state.global_step == 18
+    if stop_at % 6 == 5:
+        smaller = make_trainer(loader=make_loader(48, 16), num_epochs=3, resume_from=tmp_path)
+        with pytest.warns(
+            CheckpointWarning,
+            match=r"5 steps into epoch 0, and the data_loader has 3 steps an epoch: epoch 0 "
+            r"ends with no further step",
+        ):
+            anyio.run(smaller.fit)
+        assert smaller.state.global_step == 5 + 2 * 3
 
 
 def _saved_run(directory: Path) -> None:
