@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import torch
@@ -200,6 +201,28 @@ def read_jobs(runs: Path) -> list[dict[str, Any]]:
     return jobs
 
 
+def hold_runs(runs: Path) -> IO[str]:
+    """Lock ``runs`` for this server's life (the lock goes with the process, however it
+    ends). A second server on the same directory is refused: it would take the first one's
+    running jobs for interrupted ones."""
+    runs.mkdir(parents=True, exist_ok=True)
+    file = (runs / ".server.lock").open("a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "a server"
+        file.close()
+        raise RuntimeError(
+            f"--runs {runs} is in use by another server ({holder}); give each server a "
+            "directory of its own"
+        ) from None
+    file.truncate(0)
+    file.write(f"pid {os.getpid()}")
+    file.flush()
+    return file
+
+
 @dataclasses.dataclass
 class Job:
     """A job of this server (``trainer`` set) or one an earlier server ran (``record``: what
@@ -214,6 +237,10 @@ class Job:
     scope: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     error: str | None = None
+    #: Set once how the job ended is in its ``job.json`` (``done`` is set before that).
+    recorded: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    #: The ``recorded`` of the run this one continues: it writes ``job.json`` after that.
+    after: anyio.Event | None = None
 
     def snapshot(self) -> dict[str, Any]:
         if self.trainer is not None:
@@ -299,7 +326,8 @@ class JobManager:
         if self.running() >= self.max_running:
             raise TooBusy(f"{self.max_running} jobs are running (the most allowed); retry later")
         del self.jobs[job.id]  # listed again, as the newest
-        return self._launch(Job(job.id, job.spec, job.run_dir, job.created), resume=True)
+        again = Job(job.id, job.spec, job.run_dir, job.created, after=job.recorded)
+        return self._launch(again, resume=True)
 
     def _launch(self, job: Job, *, resume: bool) -> Job:
         spec = job.spec
@@ -332,6 +360,8 @@ class JobManager:
         assert job.trainer is not None
         try:
             with job.scope:
+                if job.after is not None:  # the run it continues has recorded its end
+                    await job.after.wait()
                 # Running (again): a later server finds the job interrupted unless it ends.
                 path = job.run_dir / JOB_FILE
                 await anyio.to_thread.run_sync(write_json, path, job.file(None))
@@ -339,10 +369,10 @@ class JobManager:
         except Exception as exc:  # one job's failure is reported on it, never on the service
             job.error = repr(exc)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._record(job)
             job.done.set()
             self._evict()
+            with anyio.CancelScope(shield=True):
+                await self._record(job)
 
     async def _record(self, job: Job) -> None:
         """Write how ``job`` ended into its ``job.json``; a failure to is logged, not raised."""
@@ -351,6 +381,8 @@ class JobManager:
             await anyio.to_thread.run_sync(write_json, job.run_dir / JOB_FILE, job.file(outcome))
         except OSError as exc:
             logger.error("could not record how job %s ended: %s", job.id, exc)
+        finally:
+            job.recorded.set()
 
     async def recover(self) -> list[Job]:
         """List the jobs earlier servers ran on ``runs`` (oldest first); return those their
@@ -361,6 +393,7 @@ class JobManager:
             job.record = found["record"]
             job.error = found["record"]["error"]
             job.done.set()
+            job.recorded.set()
             jobs.append(job)
         self.jobs = {job.id: job for job in sorted(jobs, key=lambda job: job.created)}
         self._evict()
@@ -372,10 +405,11 @@ class JobManager:
 
     async def forget(self, job: Job) -> None:
         """Drop an ended job that could be continued: it is recorded as cancelled."""
-        job.record = {**job.snapshot(), "status": "cancelled"}
+        job.record = {**job.snapshot(), "status": "cancelled"}  # no longer to continue
         job.trainer = None
-        await self._record(job)
         self._evict()
+        await job.recorded.wait()  # after its run's own record
+        await self._record(job)
 
     def _evict(self) -> None:
         ended = [job_id for job_id, job in self.jobs.items() if job.done.is_set()]
@@ -412,20 +446,24 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal manager
         loop = asyncio.get_running_loop()
-        async with anyio.create_task_group() as tg:
-            manager = JobManager(runs, tg, max_running=max_running, keep_finished=keep_finished)
-            app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(manager.begin_shutdown)
-            interrupted = await manager.recover()
-            for job in interrupted if continue_interrupted else []:
+        lock = await anyio.to_thread.run_sync(hold_runs, runs)
+        try:
+            async with anyio.create_task_group() as tg:
+                manager = JobManager(runs, tg, max_running=max_running, keep_finished=keep_finished)
+                app.state.begin_shutdown = lambda: loop.call_soon_threadsafe(manager.begin_shutdown)
+                interrupted = await manager.recover()
+                for job in interrupted if continue_interrupted else []:
+                    try:
+                        manager.continue_job(job)
+                    except TooBusy:
+                        break  # the rest stay listed, to continue over HTTP
                 try:
-                    manager.continue_job(job)
-                except TooBusy:
-                    break  # the rest stay listed, to continue over HTTP
-            try:
-                yield
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await manager.shutdown()
+                    yield
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await manager.shutdown()
+        finally:
+            lock.close()  # the next server may go on with the jobs
 
     def job_or_404(request: Request) -> Job:
         assert manager is not None

@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -58,10 +58,16 @@ async def running_server(runs: Path, **options: Any) -> AsyncIterator[httpx.Asyn
 
 
 async def status_becomes(client: httpx.AsyncClient, job: str, wanted: set[str]) -> dict[str, Any]:
+    return await job_becomes(client, job, lambda body: body["status"] in wanted)
+
+
+async def job_becomes(
+    client: httpx.AsyncClient, job: str, wanted: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
     with anyio.fail_after(30):
         while True:
             body: dict[str, Any] = (await client.get(f"/jobs/{job}")).json()
-            if body["status"] in wanted:
+            if wanted(body):
                 return body
             await anyio.sleep(0.02)
 
@@ -149,7 +155,7 @@ async def test_running_jobs_are_capped_and_finished_ones_evicted(tmp_path: Path)
         assert listed == finished[-3:], "only the newest 3 finished jobs stay listed"
         assert (await client.get(f"/jobs/{first[0]}")).status_code == 404
     # Every job had a directory of its own; evicted jobs' checkpoints stay on disk.
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*first, *finished])
+    assert sorted(p.name for p in tmp_path.glob("job-*")) == sorted([*first, *finished])
 
 
 async def test_shutdown_stops_jobs_gracefully_with_a_final_checkpoint(tmp_path: Path) -> None:
@@ -284,8 +290,8 @@ async def test_a_job_the_server_died_under_is_continued_from_its_checkpoint(
         busy = await client.post("/jobs", json={"epochs": 1})
         assert busy.status_code == 429, "a continued job counts as running"
         await client.post(f"/jobs/{job}/stop")
-        stopped = await status_becomes(client, job, {"finished"})
-        assert stopped["global_step"] > saved and stopped["can_continue"]
+        stopped = await job_becomes(client, job, lambda body: body["can_continue"])
+        assert stopped["global_step"] > saved and stopped["status"] == "finished"
 
     record = json.loads((tmp_path / job / "job.json").read_text())
     assert record["outcome"]["stop_reason"] == "stopped over HTTP"
@@ -358,3 +364,19 @@ async def test_run_directories_that_are_not_jobs_of_the_service_are_skipped(
     assert listed == [job]
     skipped = {r.getMessage().split(":")[0] for r in caplog.records if r.name == "service"}
     assert skipped == {str(tmp_path / name) for name in [*hostile, "job-empty"]}
+
+
+async def test_a_second_server_on_the_same_runs_directory_is_refused(tmp_path: Path) -> None:
+    # It would have taken the first server's running jobs for interrupted ones.
+    first = await anyio.to_thread.run_sync(serve, tmp_path, free_port())
+    try:
+        command = [sys.executable, str(EXAMPLES / "service.py"), "--runs", str(tmp_path),
+                   "--port", str(free_port()), "--continue-interrupted"]  # fmt: skip
+        second = await anyio.run_process(command, check=False)
+    finally:
+        first.terminate()
+        _, log = await anyio.to_thread.run_sync(lambda: first.communicate(timeout=30))
+    assert second.returncode != 0
+    message = f"--runs {tmp_path} is in use by another server (pid {first.pid})"
+    assert message in second.stderr.decode(), second.stderr.decode()[-2000:]
+    assert "Application shutdown complete" in log, "the first server was left alone"
