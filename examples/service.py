@@ -39,6 +39,7 @@ it) can be continued from its newest checkpoint:
 ``--continue-interrupted`` does that at start-up for every job the server's end interrupted
 (up to ``--max-running``; the rest stay listed, to continue over HTTP). A job stopped over
 HTTP is continued only when asked. ``DELETE`` on a job that can be continued forgets it.
+One server at a time uses a ``--runs`` directory: a second is refused at start-up.
 """
 
 from __future__ import annotations
