@@ -83,6 +83,14 @@ class Callback:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, before the resumed loop begins."""
 
+    def on_checkpoint(self, state: LoopState) -> None:
+        """Right before a :class:`~asynchat.callbacks.Checkpoint` takes its snapshot, on the
+        compute thread (a plain ``def``): bring files of this callback's own up to date with
+        the steps the checkpoint holds, so that a process killed after it loses none of
+        them (a resumed run goes on after the checkpoint's step and does not write them
+        again). The loggers write the values measured so far and flush.
+        """
+
 
 class Hook(NamedTuple):
     """One overridden hook: the bound method, where it runs, and when (``due``: None for
@@ -150,6 +158,11 @@ class PipeBase:
                     f"callbacks[{i}] must be an asynchat.Callback instance, got "
                     f"{callback!r} of type {type(callback).__name__}; subclass "
                     "asynchat.Callback and override its on_* hooks"
+                )
+            if inspect.iscoroutinefunction(callback.on_checkpoint):
+                raise TypeError(
+                    f"{type(callback).__name__}.on_checkpoint must be a plain def: it runs on "
+                    "the compute thread, right before a checkpoint's snapshot"
                 )
             checked.append(callback)
         self._callbacks: tuple[Callback, ...] = tuple(checked)

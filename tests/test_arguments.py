@@ -181,6 +181,16 @@ def test_callback_with_an_async_generator_hook() -> None:
         trainer(callbacks=[Gen()])
 
 
+def test_an_async_on_checkpoint_is_refused() -> None:
+    # Called on the compute thread right before the snapshot, it would never be awaited.
+    class Flusher(Callback):
+        async def on_checkpoint(self, state: LoopState) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(TypeError, match=r"Flusher.on_checkpoint must be a plain def"):
+        trainer(callbacks=[Flusher()])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -541,6 +547,87 @@ async def test_a_run_resumed_after_a_crash_leaves_one_log_as_if_uninterrupted(
     events = EventAccumulator(str(tmp_path / "crashed-tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+
+
+class KillAfterCheckpoint(Callback):
+    """SIGKILLs the process at the beginning of the step after global step ``at``, once the
+    checkpoint of step ``at`` is complete (listed in the manifest)."""
+
+    def __init__(self, at: int, directory: Path) -> None:
+        self.at, self.directory = at, directory
+
+    def on_step_begin(self, state: LoopState) -> None:
+        if state.global_step != self.at:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                manifest = json.loads((self.directory / "manifest.json").read_text())
+                if manifest["checkpoints"][-1]["global_step"] == self.at:
+                    break
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def logged_run(directory: Path, *, kill_after: int | None = None, resume: bool = False) -> Trainer:
+    """Two epochs of 6 steps, logged every step to JSON Lines and TensorBoard, validated and
+    checkpointed every 2 steps (the Validation listed after the loggers)."""
+    checkpoints = directory / "checkpoints"
+    kill = [KillAfterCheckpoint(kill_after, checkpoints)] if kill_after is not None else []
+    return make_trainer(
+        JSONLinesLogger(directory / "log.jsonl", every_n_steps=1),
+        TensorBoardLogger(directory / "tb", every_n_steps=1),
+        Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss(),
+                   every_n_steps=2, every_n_epochs=None),
+        Checkpoint(checkpoints, every_n_steps=2, keep_last=None),
+        *kill,
+        num_epochs=2, resume_from=checkpoints if resume else None,
+    )  # fmt: skip
+
+
+def test_a_process_killed_after_a_checkpoint_lost_nothing_its_log_had_logged_before_it(
+    tmp_path: Path,
+) -> None:
+    # SIGKILLed after its step-4 checkpoint, a run had lost the log of steps 1-4: the JSON
+    # Lines file was flushed at epoch ends only and TensorBoard every 2 minutes, and the
+    # step-4 validation's val/loss (published after the loggers' hooks) was to be logged at
+    # step 5. Resumed from step 4, the run logs from step 5 on: those lines were never
+    # written. The loggers now write and flush before each checkpoint's snapshot.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    anyio.run(logged_run(tmp_path / "straight").fit)
+    killed = tmp_path / "killed"
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import anyio; "
+        f"from pathlib import Path; from test_callbacks import logged_run; "
+        f"anyio.run(logged_run(Path({str(killed)!r}), kill_after=4).fit)"
+    )
+    job = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert job.returncode == -signal.SIGKILL, job.stderr[-3000:]
+    # TensorBoard reads a directory's event files in the order of their names, which start
+    # with the second each was opened in: the resumed run's must come after.
+    (events_file,) = (killed / "tb").glob("events.out.tfevents.*")
+    time.sleep(max(0.0, int(events_file.name.split(".")[3]) + 1 - time.time()))
+    resumed = logged_run(killed, resume=True)
+    anyio.run(resumed.fit)
+    assert resumed.resumed_from == killed / "checkpoints" / "step-000000004.ckpt"
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+    def scalars(name: str) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(tmp_path / name / "tb"))
+        events.Reload()
+        return {
+            tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in ("train/loss", "val/loss")
+        }
+
+    assert rows("killed") == rows("straight")
+    assert [row["step"] for row in rows("killed") if "val/loss" in row] == [2, 4, 6, 8, 10, 12]
+    assert scalars("killed") == scalars("straight")
+    assert len(scalars("killed")["train/loss"]) == 12
 
 
 def test_bad_callback_arguments() -> None:

@@ -299,6 +299,9 @@ class Checkpoint(Callback):
                 CheckpointWarning,
                 stacklevel=2,
             )
+        for callback in loop.callbacks:  # their own files up to date with the snapshot
+            if callback is not self:
+                callback.on_checkpoint(state)
         if loop.shards_state:
             self._save_sharded(state, metric)
         else:

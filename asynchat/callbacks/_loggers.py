@@ -46,9 +46,13 @@ class ScalarLogger(Callback):
         self._pending: list[tuple[int, HostCopy[dict[str, torch.Tensor]]]] = []
         self._logged: dict[str, int] = {}  # metric -> the step of its last value logged
         self._version = -1  # of state.metrics when last looked at
+        self._open = False  # between on_loop_begin and on_loop_end, on rank 0
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Hand what :meth:`write` wrote to the operating system (at each checkpoint)."""
 
     def close(self) -> None:
         """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
@@ -58,6 +62,7 @@ class ScalarLogger(Callback):
         metrics = state.metrics
         self._logged = {name: measured_at(state, name) for name in metrics}
         self._version = metrics.version
+        self._open = state.loop.is_rank_zero
 
     def on_step_end(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
@@ -89,10 +94,21 @@ class ScalarLogger(Callback):
         for step in sorted(new):
             self.write(step, new[step])
 
+    def on_checkpoint(self, state: LoopState) -> None:
+        # The log holds every value of the steps the checkpoint holds: a resumed run logs
+        # from the step after it, and assumes the values it restores were logged. Hooks
+        # listed after this logger may have published metrics at this phase, and the last
+        # losses may still be copying: waited for here, as the checkpoint's snapshot waits.
+        if self._open:
+            self._flush(wait=True)
+            self._write_new_metrics(state)
+            self.flush()
+
     def on_loop_end(self, state: LoopState) -> None:
         try:
             self._flush(wait=True)
         finally:
+            self._open = False
             self.close()
 
     def _flush(self, *, wait: bool) -> None:
@@ -129,6 +145,9 @@ class TensorBoardLogger(ScalarLogger):
     def write(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        self._writer.flush()  # waits for the writer's thread to write the event file
 
     def close(self) -> None:
         if self._writer is not None:
@@ -168,6 +187,10 @@ class JSONLinesLogger(ScalarLogger):
         super().on_epoch_end(state)
         if self._file is not None:
             self._file.flush()
+
+    def flush(self) -> None:
+        assert self._file is not None
+        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
