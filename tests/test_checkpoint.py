@@ -24,6 +24,7 @@ from asynchat.callbacks import (
     CheckpointError,
     CheckpointWarning,
     ExponentialMovingAverage,
+    JSONLinesLogger,
     LRSchedule,
     Validation,
     cosine,
@@ -100,12 +101,35 @@ async def test_every_n_steps_writes_loadable_checkpoints_with_a_manifest(tmp_pat
         assert data["progress"]["global_step"] == entry["global_step"]
         assert len(entry["sha256"]) == 64 and entry["bytes"] > 0
     final = torch.load(tmp_path / "step-000000012.ckpt", weights_only=True)
-    # Taken at the last step's on_step_end: the epoch's on_epoch_end has not run yet, so a
-    # resumed run re-enters the epoch (with nothing left to read) and runs it.
+    # Due at the epoch's last step, the save waited for the epoch's end: a resumed run goes
+    # on at the next epoch.
     assert final["progress"] == {
-        "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": False, "global_step": 12,
+        "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": True, "global_step": 12,
         "world_size": 1, "batch_size": 16,
     }  # fmt: skip
+
+
+def test_a_step_save_at_an_epochs_last_step_holds_what_the_epochs_end_did(
+    tmp_path: Path,
+) -> None:
+    # Taken at the step's end, before the epoch's end, the step-6 checkpoint held no
+    # val/loss; a run resumed from it ran epoch 0's end again, and its validation was
+    # measured and logged at step 6 a second time (a kill soak found the point twice in
+    # TensorBoard: the killed run had logged it too).
+    def run(name: str, resume: Path | None = None) -> Trainer:
+        return make_trainer(
+            Validation(make_loader(48, 16, seed=1), loss_fn=nn.CrossEntropyLoss()),
+            JSONLinesLogger(tmp_path / f"{name}.jsonl", every_n_steps=100),
+            Checkpoint(tmp_path / name, every_n_steps=6, keep_last=None, save_on_end=False),
+            num_epochs=2, resume_from=resume,
+        )  # fmt: skip
+
+    anyio.run(run("straight").fit)
+    saved = torch.load(tmp_path / "straight" / "step-000000006.ckpt", weights_only=True)
+    assert saved["progress"]["epoch_exhausted"] and "val/loss" in saved["metrics"]
+    anyio.run(run("resumed", resume=tmp_path / "straight" / "step-000000006.ckpt").fit)
+    rows = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "val/loss" in row] == [12]
 
 
 @pytest.mark.anyio

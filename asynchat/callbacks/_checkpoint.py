@@ -121,7 +121,10 @@ class Checkpoint(Callback):
         save_dir: directory for checkpoints (created if missing).
         every_n_steps: save after every n-th step (at ``on_step_end``); inside a
             gradient-accumulation window, after its last step (its gradients are in no
-            checkpoint, so only there does a resumed run go on exactly).
+            checkpoint, so only there does a resumed run go on exactly). Due at an epoch's
+            last step, the save waits for that epoch's end (``on_epoch_end``, the same global
+            step), so it holds what the epoch's end does too (a Validation's metrics) and a
+            run resumed from it never runs that epoch's end a second time.
         every_n_epochs: save after every n-th complete epoch (at ``on_epoch_end``).
         keep_last: keep the newest this many checkpoints (``None``: keep every one).
         monitor: a key of ``state.metrics`` (e.g. ``"val/accuracy"``) to rank checkpoints by.
@@ -210,6 +213,7 @@ class Checkpoint(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         self._sharded_saves = 0
         self._step_save = UpdateDue()  # on every rank: a sharded save is every rank's
+        self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.shards_state  # every rank of a sharded job saves
         if not state.loop.is_rank_zero:
             return
@@ -257,10 +261,17 @@ class Checkpoint(Callback):
     def on_step_end(self, state: LoopState) -> None:
         self._writer.raise_if_failed()  # a failed write is reported at the next step
         if self._step_save(state, self.every_n_steps):
-            self.save(state)
+            if state.is_last_step:
+                # Resumed from a save here, a run would run this epoch's end again: its
+                # validation measured and logged twice. (An error in the epoch's end loses
+                # this save, as it does every save after it.)
+                self._at_epoch_end = True
+            else:
+                self.save(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        if every_n_epochs(state, self.every_n_epochs):
+        due, self._at_epoch_end = self._at_epoch_end, False
+        if due or every_n_epochs(state, self.every_n_epochs):
             self.save(state)
 
     def on_loop_end(self, state: LoopState) -> None:
