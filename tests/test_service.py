@@ -372,7 +372,8 @@ async def test_a_second_server_on_the_same_runs_directory_is_refused(tmp_path: P
     try:
         command = [sys.executable, str(EXAMPLES / "service.py"), "--runs", str(tmp_path),
                    "--port", str(free_port()), "--continue-interrupted"]  # fmt: skip
-        second = await anyio.run_process(command, check=False)
+        with anyio.fail_after(90):  # started instead, it would serve until killed
+            second = await anyio.run_process(command, check=False)
     finally:
         first.terminate()
         _, log = await anyio.to_thread.run_sync(lambda: first.communicate(timeout=30))
