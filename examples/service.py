@@ -308,9 +308,12 @@ class JobManager:
                 (self.runs / job_id).mkdir()
                 return job_id, self.runs / job_id
 
-    def start(self, spec: dict[str, Any]) -> Job:
+    def _check_room(self) -> None:
         if self.running() >= self.max_running:
             raise TooBusy(f"{self.max_running} jobs are running (the most allowed); retry later")
+
+    def start(self, spec: dict[str, Any]) -> Job:
+        self._check_room()
         job_id, run_dir = self._new_run_dir()
         return self._launch(Job(job_id, spec, run_dir, created=time.time()), resume=False)
 
@@ -324,8 +327,7 @@ class JobManager:
                 f"job {job.id} ended {status!r} and cannot be continued: only a job stopped "
                 "before its end, or interrupted, can"
             )
-        if self.running() >= self.max_running:
-            raise TooBusy(f"{self.max_running} jobs are running (the most allowed); retry later")
+        self._check_room()
         del self.jobs[job.id]  # listed again, as the newest
         again = Job(job.id, job.spec, job.run_dir, job.created, after=job.recorded)
         return self._launch(again, resume=True)
@@ -466,6 +468,9 @@ def create_app(
         finally:
             lock.close()  # the next server may go on with the jobs
 
+    def too_busy(exc: TooBusy) -> Response:
+        return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": "5"})
+
     def job_or_404(request: Request) -> Job:
         assert manager is not None
         job = manager.jobs.get(request.path_params["job_id"])
@@ -494,7 +499,7 @@ def create_app(
         try:
             job = manager.start(spec)
         except TooBusy as exc:
-            return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": "5"})
+            return too_busy(exc)
         return JSONResponse(job.describe(), status_code=201)
 
     async def list_jobs(request: Request) -> Response:
@@ -516,9 +521,7 @@ def create_app(
             except CannotContinue as exc:
                 return JSONResponse({"error": str(exc)}, status_code=409)
             except TooBusy as exc:
-                return JSONResponse(
-                    {"error": str(exc)}, status_code=429, headers={"Retry-After": "5"}
-                )
+                return too_busy(exc)
             return JSONResponse(job.describe(), status_code=202)
         if action not in ("pause", "resume", "stop"):
             return JSONResponse({"error": f"unknown action {action!r}"}, status_code=404)

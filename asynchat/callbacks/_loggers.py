@@ -186,7 +186,7 @@ class JSONLinesLogger(ScalarLogger):
     def on_epoch_end(self, state: LoopState) -> None:
         super().on_epoch_end(state)
         if self._file is not None:
-            self._file.flush()
+            self.flush()
 
     def flush(self) -> None:
         assert self._file is not None
