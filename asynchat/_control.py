@@ -84,6 +84,8 @@ class LoopControl:
     - ``parent``: the loop this one runs inside (``run_inline``), set on the compute thread
       before the run; its cancellation cancels this loop too.
     - ``agree``: set once, before the run, by a distributed trainer; ``None`` runs alone.
+    - ``idle``: whether a boundary is a no-op (a loop alone, not paused, asked nothing); kept
+      by every change of the fields it depends on, read by the step loop after each step.
 
     Invariant: the loop ends or holds only where :meth:`decide` says so, and in a
     distributed run every rank calls :meth:`decide` at the same boundaries.
@@ -100,8 +102,38 @@ class LoopControl:
         self.holding = False  # the last decision held a stop or cancellation to the update
         self._unpaused = threading.Event()
         self._unpaused.set()
-        self.parent: LoopControl | None = None
-        self.agree: Agree | None = None
+        self._parent: LoopControl | None = None
+        self._agree: Agree | None = None
+        self.idle = True
+
+    @property
+    def parent(self) -> LoopControl | None:
+        return self._parent
+
+    @parent.setter
+    def parent(self, parent: LoopControl | None) -> None:
+        with self._lock:
+            self._parent = parent
+            self._refresh()
+
+    @property
+    def agree(self) -> Agree | None:
+        return self._agree
+
+    @agree.setter
+    def agree(self, agree: Agree | None) -> None:
+        with self._lock:
+            self._agree = agree
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute ``idle``; under ``_lock``."""
+        self.idle = (
+            self._agree is None
+            and self._parent is None
+            and not (self.stop_requested or self.cancel_requested or self.forced)
+            and self._unpaused.is_set()
+        )
 
     # -- status --------------------------------------------------------------------------------
 
@@ -150,6 +182,7 @@ class LoopControl:
                 return False
             self.stop_requested = True
             self.stop_reason = reason
+            self.idle = False
         self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
         self._unpaused.set()  # a paused loop wakes up to stop
         return True
@@ -159,16 +192,21 @@ class LoopControl:
         window (a forced exit)."""
         self.forced = self.forced or now
         self.cancel_requested = True
+        self.idle = False  # (these flags are never cleared: no lock needed to say so)
         self.stop_reason = "cancelled"
         self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
         self._unpaused.set()
 
     def pause(self) -> None:
-        if not self.status.done:
-            self._unpaused.clear()
+        with self._lock:  # with resume(): idle follows the last of them
+            if not self.status.done:
+                self._unpaused.clear()
+                self.idle = False
 
     def resume(self) -> None:
-        self._unpaused.set()
+        with self._lock:
+            self._unpaused.set()
+            self._refresh()
 
     def cancelling(self) -> bool:
         """Whether this loop, or one it runs inside, is being cancelled (its ``async def``
@@ -191,12 +229,7 @@ class LoopControl:
         """The loop's decision at a boundary: agreed with the peers, and after any pause.
         ``window_open``: the last step left gradients for a later update; a stop or a
         cancellation (not a forced one) then waits for the step that updates."""
-        if (
-            self.agree is None
-            and self.parent is None
-            and not (self.stop_requested or self.cancel_requested or self.forced)
-            and self._unpaused.is_set()
-        ):  # the common case, after every step: a loop alone, asked nothing
+        if self.idle:  # the common case, after every step: a loop alone, asked nothing
             self.holding = False
             return Decision.CONTINUE
         stop, cancel, pause, forced = self._agreed()

@@ -22,6 +22,11 @@ def install(array: Any, rank: int) -> None:
     beat()
 
 
+def installed() -> bool:
+    """Whether this process reports progress (it is a launched rank)."""
+    return _slot is not None
+
+
 def beat() -> None:
     """Record that this process made progress (a loop reached a phase)."""
     slot = _slot

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from asynchat import _heartbeat
 from asynchat._callback import Hook
 from asynchat._compute import ComputeThread
 from asynchat._errors import add_note
@@ -34,6 +35,9 @@ class HookRunner:
     - ``compute``: the compute thread of the run; set by the loop before the run starts, on
       the event loop (or on the parent's compute thread for ``run_inline``), cleared after it.
     - ``trace``: whether the debug trace is on; set once per run, before it starts.
+    - ``silent``: the phases with nothing to do (no hooks, no trace, no progress beats):
+      :meth:`run_phase` only records them in ``state.phase``. Set by :meth:`begin`, on the
+      compute thread as the run starts (after the loop's last callback was added).
     """
 
     def __init__(
@@ -49,6 +53,12 @@ class HookRunner:
         self.cancelling = cancelling
         self.compute: ComputeThread | None = None
         self.trace = False
+        self.silent: frozenset[Phase] = frozenset()
+
+    def begin(self) -> None:
+        """As a run starts: which phases are silent."""
+        quiet = not self.trace and not _heartbeat.installed()
+        self.silent = frozenset(p for p, hooks in self.hooks.items() if quiet and not hooks)
 
     def run_phase(self, phase: Phase) -> None:
         """Run the hooks of ``phase``; on the compute thread only.
@@ -59,10 +69,9 @@ class HookRunner:
         """
         state = self.state
         state.phase = phase
-        hooks = self.hooks[phase]
-        if not hooks and not self.trace:  # the common case at step-level phases: one beat
-            beat()
+        if phase in self.silent:  # the common case at step-level phases
             return
+        hooks = self.hooks[phase]
         if self.trace:
             LOG.debug(
                 "%s: %s epoch=%d step=%d global_step=%d on %s", self.name, phase.value, state.epoch,

@@ -38,6 +38,9 @@ class DeviceStager:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Whether batches need staging at all: on the CPU they are used as they come, so a
+        # loop reads them without a stage or a take per step.
+        self.moves = self._copy_stream is not None
 
     def stage(self, batch: Any) -> Staged:
         """Start moving ``batch`` to the device (on the prefetch thread)."""
@@ -116,7 +119,7 @@ class Prefetcher(Generic[T]):
         self,
         iterable: Iterable[Any],
         *,
-        stage: Callable[[Any], T],
+        stage: Callable[[Any], T] | None,
         depth: int,
         ahead: bool = True,
         name: str = "asynchat-prefetch",
@@ -224,7 +227,8 @@ class Prefetcher(Generic[T]):
                     item = next(iterator)
                 except StopIteration:
                     break
-                if not self._push(self._stage(item)) or not self._asked():
+                staged = item if self._stage is None else self._stage(item)
+                if not self._push(staged) or not self._asked():
                     return
             self._push(_End(None))
         except BaseException as exc:
@@ -233,27 +237,30 @@ class Prefetcher(Generic[T]):
         # down when it is released.
 
 
-class InlineBatches(Generic[T]):
-    """The ``depth=0`` counterpart of :class:`Prefetcher`: iterates on the consumer's thread."""
+class InlineBatches:
+    """The ``depth=0`` counterpart of :class:`Prefetcher`: iterates on the consumer's thread.
 
-    def __init__(self, iterable: Iterable[Any], *, stage: Callable[[Any], T]) -> None:
+    ``iter()`` of it is the iterable's own iterator when there is no ``stage`` (on the CPU):
+    a step then reads its batch with no Python frame of ours in between.
+    """
+
+    def __init__(self, iterable: Iterable[Any], *, stage: Callable[[Any], Any] | None) -> None:
         self._iterable = iterable
         self._stage = stage
         self._iterator: Iterator[Any] | None = None
 
-    def __enter__(self) -> InlineBatches[T]:
+    def __enter__(self) -> InlineBatches:
         self._iterator = iter(self._iterable)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._iterator = None
 
-    def __iter__(self) -> Iterator[T]:
-        return self
-
-    def __next__(self) -> T:
-        assert self._iterator is not None
-        return self._stage(next(self._iterator))
+    def __iter__(self) -> Iterator[Any]:
+        assert self._iterator is not None, "iterated inside its with block"
+        if self._stage is None:
+            return self._iterator
+        return map(self._stage, self._iterator)
 
     def interrupt(self) -> None:
         """Nothing to wake: the consumer is the thread that iterates."""

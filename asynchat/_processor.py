@@ -29,6 +29,10 @@ Amp = Literal["bf16", "fp16"]
 
 _AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# What autocast() and no_sync() return when there is nothing to do: one instance (a
+# nullcontext holds no state), not a new one per step.
+_NOTHING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
 
 class BatchProcessor(abc.ABC):
     """What a loop calls once per step, on its compute thread; subclass it for custom steps.
@@ -141,7 +145,7 @@ class BatchProcessor(abc.ABC):
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The configured mixed precision for a forward pass (a no-op without ``amp``)."""
         if self.amp is None:
-            return contextlib.nullcontext()
+            return _NOTHING
         return torch.autocast(self._device_type, dtype=_AMP_DTYPES[self.amp])
 
     def update_due(self, state: LoopState) -> bool:
@@ -162,7 +166,7 @@ class BatchProcessor(abc.ABC):
         model = state.model if model is None else model
         sync = final and self.update_due(state)
         if not state.training or sync:
-            return contextlib.nullcontext()
+            return _NOTHING
         return _held_sync(model)
 
     def backward(self, state: LoopState, loss: torch.Tensor) -> None:
@@ -210,7 +214,7 @@ def _held_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]
         for each in model.values():
             stack.enter_context(_held_sync(each))
         return stack
-    return contextlib.nullcontext()
+    return _NOTHING
 
 
 @contextlib.contextmanager

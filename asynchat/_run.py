@@ -35,7 +35,7 @@ from asynchat._events import EventHub, EventKind, LoopStatus, Throughput
 from asynchat._handle import LoopHandle
 from asynchat._hooks import HookRunner
 from asynchat._phase import Phase
-from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher, Staged
+from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint
 
@@ -101,7 +101,7 @@ class LoopRun:
         self.data = data
         self.throughput = throughput
         self.stager = stager
-        self.batches: Prefetcher[Staged] | InlineBatches[Staged] | None = None
+        self.batches: Prefetcher[Any] | InlineBatches | None = None
         self.held_to_update = False  # said why an end waits for the accumulation window
         self.warned_no_batch = False  # said that an epoch's data yielded no batch
 
@@ -113,6 +113,7 @@ class LoopRun:
             batches.interrupt()
 
     def run(self) -> None:
+        self.hooks.begin()
         with self.modes(), torch.set_grad_enabled(self.loop.training):  # grad: per thread
             resume = self.prepare()
             try:
@@ -245,7 +246,7 @@ class LoopRun:
                 try:
                     epoch.decision = self._decide()  # before the first step
                     if epoch.decision is Decision.CONTINUE:
-                        self._step_through(batches, epoch)
+                        self._step_through(iter(batches), epoch)
                 except Interrupted:  # stop() or cancellation while waiting for data (alone)
                     epoch.decision = self._decide()
                 finally:
@@ -255,27 +256,33 @@ class LoopRun:
             self.data.steps_ended(state.epoch, skip + epoch.steps)
         return epoch.steps, epoch.ran_out, epoch.decision
 
-    def _step_through(self, batches: Iterator[Staged], epoch: _EpochRun) -> None:
-        """The epoch's steps, one per batch, each followed by the boundary's decision."""
-        state = self.state
+    def _step_through(self, batches: Iterator[Any], epoch: _EpochRun) -> None:
+        """The epoch's steps, one per batch, each followed by the boundary's decision.
+
+        The per-step path of every run: what it does for a loop alone on the CPU without
+        hooks is all the engine adds to a hand-written loop (``benchmarks/paired_overhead.py``).
+        """
+        state, control = self.state, self.control
+        take = DeviceStager.take if self.stager is not None and self.stager.moves else None
         limit = None if state.num_steps is None else state.num_steps - state.global_step
         length = state.steps_per_epoch
         length = None if length is None else max(0, length - epoch.skip)
         waiting_since = time.perf_counter()
-        for staged, is_last, ends_data in with_last(batches, limit, length):
+        for item, is_last, ends_data in with_last(batches, limit, length):
             state.data_time = time.perf_counter() - waiting_since
-            self.data.order_drawn()
             state.step = epoch.skip + epoch.steps
             state.is_last_step = is_last
-            state.batch = DeviceStager.take(staged)
+            state.batch = item if take is None else take(item)
             if epoch.steps == 0:
+                self.data.order_drawn()
                 self.throughput.batch_size = self.batch_processor.samples_in(state.batch)
             self._run_step()
             epoch.steps += 1
             epoch.ran_out = ends_data
-            epoch.decision = self._decide(window_open=state.accumulating)  # the step boundary
-            if epoch.decision is not Decision.CONTINUE:
-                return
+            if not control.idle:  # (idle: alone and asked nothing, the boundary is a no-op)
+                epoch.decision = self._decide(window_open=state.accumulating)
+                if epoch.decision is not Decision.CONTINUE:
+                    return
             waiting_since = time.perf_counter()
         # The data ended, unless the loop's num_steps did.
         epoch.ran_out = epoch.ran_out or limit is None or epoch.steps < limit
@@ -292,16 +299,17 @@ class LoopRun:
         self.data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
         run_phase(Phase.ON_STEP_END)
 
-    def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Staged] | InlineBatches[Staged]:
+    def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Any] | InlineBatches:
         name = self.loop.name
         if self.stager is None:  # one copy stream for the run, not one per epoch
             self.stager = DeviceStager(self.loop.device)
         how = Reading.INLINE if self.prefetch == 0 else reading(self.data_loader, self.loop.device)
+        stage = self.stager.stage if self.stager.moves else None  # (Staged items, or batches)
         if how is Reading.INLINE:
-            return InlineBatches(source, stage=self.stager.stage)
+            return InlineBatches(source, stage=stage)
         return Prefetcher(
             source,
-            stage=self.stager.stage,
+            stage=stage,
             depth=self.prefetch,
             ahead=how is Reading.AHEAD,
             name=f"asynchat-{name}-data",

@@ -250,8 +250,9 @@ async def nan_on_rank_one(rank: int, world_size: int) -> None:
 async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> None:
     """DDP training that goes wrong at global step 5: ``sigkill``, ``abort`` or ``hang`` on rank 1,
     ``hang-all`` on every rank; ``sigkill-slow``: rank 1 is killed and rank 0 takes a second
-    to wind down (its on_loop_end) before its error is reported. With ``out``, each rank
-    writes its pid there first."""
+    to wind down (its on_loop_end) before its error is reported; ``hang-one-hooked``: rank 1
+    hangs and only rank 1 has the callback (as with a logger on one rank only). With ``out``,
+    each rank writes its pid there first."""
     import os
     import signal
     import time
@@ -276,7 +277,8 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
             if fault == "sigkill-slow" and rank == 0:
                 time.sleep(1.0)
 
-    trainer = plain_ddp_trainer(num_epochs=1_000_000, callbacks=[Fault()])
+    alone = fault == "hang-one-hooked" and rank != 1
+    trainer = plain_ddp_trainer(num_epochs=1_000_000, callbacks=[] if alone else [Fault()])
     await trainer.fit()
 
 

@@ -469,3 +469,48 @@ async def test_errors_in_one_loop_do_not_affect_another() -> None:
         tg.start_soon(run, "healthy", healthy)
     assert isinstance(results["failing"], Boom)
     assert results["healthy"].global_step == 12
+
+
+def test_a_boundary_is_skipped_only_while_a_loop_alone_is_asked_nothing() -> None:
+    """The step loop skips the boundary's decision while ``idle``: every request, from any
+    thread, must clear it, and only resume() of a loop asked nothing else may set it again."""
+    from asynchat._control import LoopControl
+
+    control = LoopControl(lambda status: None)
+    assert control.idle
+    control.pause()
+    assert not control.idle
+    control.resume()
+    assert control.idle
+
+    def toggle(first: Any, second: Any) -> None:
+        for _ in range(3000):
+            first()
+            second()
+
+    racers = [
+        threading.Thread(target=toggle, args=(control.pause, control.resume)),
+        threading.Thread(target=toggle, args=(control.resume, control.pause)),
+    ]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    paused = not control._unpaused.is_set()
+    assert control.idle is not paused, "idle must say what the last pause or resume left"
+
+    control.resume()
+    control.agree = lambda flags: flags
+    assert not control.idle
+    control.agree = None
+    control.parent = LoopControl(lambda status: None)
+    assert not control.idle
+    control.parent = None
+    assert control.idle
+    control.request_stop("asked")
+    control.resume()
+    assert not control.idle
+    cancelled = LoopControl(lambda status: None)
+    cancelled.request_cancel()
+    cancelled.resume()
+    assert not cancelled.idle
