@@ -222,33 +222,82 @@ class DirectoryLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        fd = self._open()
+        holder = self._lock(fd)
+        if holder is not None:
+            raise CheckpointError(
+                f"save_dir={str(self.directory)!r} is in use by another live Checkpoint "
+                f"writer ({holder}); two runs sharing a directory would overwrite and prune "
+                "each other's checkpoints. Give each run its own save_dir"
+            )
+        self._fd = fd
+        DirectoryLock._held.add(self)
+
+    def _open(self) -> int:
         path = self.directory / LOCK
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise CheckpointError(
                 f"save_dir={str(self.directory)!r} is not writable: cannot create {path} ({exc})"
             ) from exc
+
+    @staticmethod
+    def _lock(fd: int) -> str | None:
+        """Lock the open lock file ``fd`` and write this process into it; or, if another
+        writer holds it, close ``fd`` and return who that is."""
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise CheckpointError(
-                    f"save_dir={str(self.directory)!r} is in use by another live Checkpoint "
-                    f"writer ({holder}); two runs sharing a directory would overwrite and prune "
-                    "each other's checkpoints. Give each run its own save_dir"
-                ) from None
+                return holder
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
-        self._fd = fd
-        DirectoryLock._held.add(self)
+        return None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def check(self) -> None:
+        """Before each write: raise :class:`CheckpointError` unless this writer still holds
+        the directory.
+
+        A ``flock`` holds the open file, not its name: a lock file removed by hand (an
+        operator clearing a "stale" lock) or replaced leaves the holder locking nothing, and
+        the next writer takes the directory. A name that is gone is taken again (with a
+        warning); one now locked by another writer stops this writer's saves, before they
+        overwrite and prune the other run's checkpoints. (A directory that is gone is left
+        to the write, whose error names the file.)
+        """
+        fd = self._fd
+        if fd is None or fcntl is None or not self.directory.is_dir():
+            return
+        path = self.directory / LOCK
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return
+        taken = self._open()
+        holder = self._lock(taken)
+        if holder is not None:
+            raise CheckpointError(
+                f"save_dir={str(self.directory)!r}: its lock file {LOCK} was removed or "
+                f"replaced while this run wrote there, and another writer has taken the "
+                f"directory ({holder}). This run saves nothing more there: give each run its "
+                "own save_dir"
+            )
+        self._fd = taken
+        os.close(fd)
+        warnings.warn(
+            f"save_dir={str(self.directory)!r}: its lock file {LOCK} was removed while this "
+            "run held it (a second writer could have taken the directory meanwhile); taken "
+            "again. Do not remove the lock of a live run",
+            CheckpointWarning,
+            stacklevel=2,
+        )
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,67 @@ def test_a_writer_in_another_process_is_refused_and_its_lock_taken_over_when_it_
         holder.wait(timeout=30)
     state = train(tmp_path)  # the dead holder's lock is taken over
     assert state.global_step == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
+
+
+EVERY_STEP = {"every_n_steps": 1, "keep_last": 5}
+
+
+class RemoveLock(Callback):
+    """At global step ``at`` (before that step's save), once the last step's checkpoint is
+    written, removes the checkpoint directory's lock file (an operator clearing a "stale"
+    lock) and, with ``take``, has another process lock the directory."""
+
+    def __init__(self, directory: Path, at: int, take: bool = False) -> None:
+        self.directory, self.at, self.take = directory, at, take
+        self.holder: subprocess.Popen[str] | None = None
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step != self.at:
+            return
+        deadline = time.monotonic() + 60
+        while not self._written(self.at - 1):
+            assert time.monotonic() < deadline, "the last step's checkpoint was never written"
+            time.sleep(0.01)
+        (self.directory / LOCK).unlink()
+        if self.take:
+            self.holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, str(self.directory)], stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            assert self.holder.stdout is not None
+            assert self.holder.stdout.readline().strip() == "locked"
+
+    def _written(self, step: int) -> bool:
+        try:
+            return any(e["global_step"] == step for e in manifest(self.directory))
+        except FileNotFoundError:
+            return False
+
+
+def test_a_lock_file_removed_mid_run_is_taken_again(tmp_path: Path) -> None:
+    """Regression: the run went on locking a file that no longer had a name, so a second
+    writer could take the directory and the two would prune each other's checkpoints."""
+    with pytest.warns(CheckpointWarning, match=r"lock file .* was removed while this run held"):
+        state = train(tmp_path, RemoveLock(tmp_path, at=3), checkpoint=EVERY_STEP)
+    assert state.global_step == 6 and steps_on_disk(tmp_path) == [2, 3, 4, 5, 6]
+    assert f"pid {os.getpid()}" in (tmp_path / LOCK).read_text()
+    resumed = train(tmp_path, num_steps=8, resume_from=tmp_path, checkpoint=EVERY_STEP)
+    assert resumed.global_step == 8  # the lock taken again was released at the end
+
+
+def test_a_run_whose_directory_another_writer_took_stops_saving_there(tmp_path: Path) -> None:
+    saboteur = RemoveLock(tmp_path, at=3, take=True)
+    try:
+        with pytest.raises(CheckpointError, match=r"another writer has taken") as info:
+            train(tmp_path, saboteur, checkpoint=EVERY_STEP)
+        assert saboteur.holder is not None and f"pid {saboteur.holder.pid}" in str(info.value)
+        # Steps 1-2 were written before, and 3 was not: nothing written or pruned after.
+        assert steps_on_disk(tmp_path) == [1, 2]
+        assert [e["global_step"] for e in manifest(tmp_path)] == [1, 2]
+    finally:
+        if saboteur.holder is not None:
+            saboteur.holder.kill()
+            saboteur.holder.communicate()
 
 
 def test_temporary_names_are_unique_per_writer(tmp_path: Path) -> None:

@@ -102,8 +102,11 @@ class Checkpoint(Callback):
 
     The directory belongs to one run at a time: a second live writer (another trainer, or
     another process) is refused at ``on_loop_begin``, before training, with an error naming
-    the directory; the lock of a process that died is taken over. Only files this callback
-    names (``step-*.ckpt``) are ever deleted, never anything a manifest points to elsewhere.
+    the directory; the lock of a process that died is taken over. Each write first checks
+    that the lock is still this run's (its file removed by hand is taken again, with a
+    warning; taken by another writer, the write fails with a ``CheckpointError``). Only
+    files this callback names (``step-*.ckpt``) are ever deleted, never anything a manifest
+    points to elsewhere.
 
     Its hooks run after every other callback's at each phase (``runs_last``), wherever it
     is listed: a step's checkpoint holds what the step's other hooks did (a Validation's
@@ -369,6 +372,7 @@ class Checkpoint(Callback):
             return  # not rank 0
         path = self.save_dir / name
         try:
+            self._lock.check()
             extras["sharded"]["files"] = file_digests(temporary)
             data, digest = serialize(extras)
             atomic_write(temporary / EXTRAS, data)
@@ -421,6 +425,7 @@ class Checkpoint(Callback):
         name = checkpoint_name(snapshot["progress"]["global_step"])
         path = self.save_dir / name
         try:
+            self._lock.check()  # still this run's directory: nothing written into another's
             data, digest = serialize(snapshot)
             atomic_write(path, data)
             self._record(name, digest, len(data), snapshot["progress"], metric)
