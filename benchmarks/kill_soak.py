@@ -12,7 +12,14 @@ job's weights, metrics, learning rates, EMA and global step must equal the strai
 bitwise, and so must its logs: every JSON Lines row (but its time) and every TensorBoard
 scalar, each once.
 
-Run: python benchmarks/kill_soak.py [--trials 30] [--seed 0]
+With ``--ranks 2`` each trial is a DistributedDataParallelTrainer over that many gloo ranks
+(started with ``launch``): one rank, drawn, SIGKILLs itself a few milliseconds after a random
+step, the launcher ends the others, and the job is resumed from its directory; every rank's
+weights, metrics, learning rates, EMA and global step must equal the straight run's (no
+loggers here, and no MetricUpdater: each rank's metric states are its own and the checkpoint
+is rank 0's, as MetricUpdater's documentation says).
+
+Run: python benchmarks/kill_soak.py [--trials 30] [--seed 0] [--ranks 2]
 """
 
 from __future__ import annotations
@@ -118,6 +125,7 @@ def main() -> None:
     )
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--job", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -134,9 +142,18 @@ def main() -> None:
             two_parts=rng.random() < 0.3,
             validate_ema=rng.random() < 0.3,
         )
-        kill_at, delay = rng.randrange(1, 6 * config.epochs), rng.random() * 0.01
+        steps = soak.STEPS_PER_EPOCH * config.epochs // args.ranks
+        kill_at, delay = rng.randrange(1, steps), rng.random() * 0.01
         with TemporaryDirectory() as tmp:
-            differ, newest = trial(config, kill_at, delay, Path(tmp))
+            if args.ranks > 1:
+                victim = rng.randrange(args.ranks)
+                config = dataclasses.replace(config, train_metrics_every=0)
+                differ, listed = soak.distributed_kill_trial(
+                    config, Path(tmp), args.ranks, "ddp", victim, soak.KillAt(kill_at, delay)
+                )
+                newest = f"{listed} (rank {victim} killed)" if listed is not None else "none"
+            else:
+                differ, newest = trial(config, kill_at, delay, Path(tmp))
         results.append(differ)
         print(f"trial {n}: killed after step {kill_at} (+{delay * 1e3:.1f} ms), newest "
               f"checkpoint listed {newest}: {'differs: ' + ', '.join(differ) if differ else 'same'}"

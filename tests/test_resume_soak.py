@@ -13,7 +13,11 @@ its checkpoints. These few fixed seeds are the short version of
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
+import signal
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,7 @@ from asynchat import (
     Callback,
     DistributedDataParallelTrainer,
     FullyShardedDataParallelTrainer,
+    LaunchError,
     LoopState,
     Phase,
     RunPhase,
@@ -346,11 +351,11 @@ KINDS: dict[str, type[Trainer]] = {
 
 async def rank_run(
     rank: int, world_size: int, config: Config, directory: str, interruptions: list[Interruption],
-    out: str, kind: str,
+    out: str, kind: str, resume: bool = False,
 ) -> None:  # fmt: skip
-    """One rank of an interrupted (or, without interruptions, straight) distributed run; a
-    cancellation cancels rank 0 alone (the others end with it). Saves its outcome, and the
-    warnings it heard, for the launcher to compare."""
+    """One rank of an interrupted (or, without interruptions, straight; with ``resume``,
+    resumed) distributed run; a cancellation cancels rank 0 alone (the others end with it).
+    Saves its outcome, and the warnings it heard, for the launcher to compare."""
 
     def run(*extra: Callback, resume: bool) -> Trainer:
         return trainer(
@@ -364,7 +369,7 @@ async def rank_run(
             extra = [StopAt(step)] if how == "stop" else [cancel] if rank == 0 else []
             with anyio.CancelScope() as cancel.scope:
                 await run(*extra, resume=i > 0).fit()
-        last = run(resume=bool(interruptions))
+        last = run(resume=resume or bool(interruptions))
         await last.fit()
     result = gathered(outcome(last))
     result["warnings"] = [(w.category, str(w.message)) for w in heard]
@@ -382,20 +387,82 @@ def gathered(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class KillAt(Callback):
+    """SIGKILLs its process ``delay`` s after global step ``step``; with ``written``, first
+    waits until that directory's manifest lists the step before (or a later one)."""
+
+    def __init__(self, step: int, delay: float = 0.0, written: Path | None = None) -> None:
+        self.step, self.delay, self.written = step, delay, written
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step != self.step:
+            return
+        deadline = time.monotonic() + 60
+        while self.written is not None and (newest_listed(self.written) or 0) < self.step - 1:
+            assert time.monotonic() < deadline, f"step {self.step - 1} was never checkpointed"
+            time.sleep(0.01)
+        time.sleep(self.delay)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def newest_listed(directory: Path) -> int | None:
+    """The newest global step the manifest of ``directory`` lists (None: no manifest)."""
+    try:
+        entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
+    except FileNotFoundError:
+        return None
+    return max((e["global_step"] for e in entries), default=None)
+
+
+async def rank_killed(
+    rank: int, world_size: int, config: Config, directory: str, kind: str, victim: int,
+    kill: KillAt,
+) -> None:  # fmt: skip
+    """One rank of a run whose rank ``victim`` is SIGKILLed by ``kill``."""
+    extra = [kill] if rank == victim else []
+    await trainer(config, Path(directory), *extra, kind=KINDS[kind], device="cpu").fit()
+
+
+def distributed_kill_trial(
+    config: Config, directory: Path, ranks: int, kind: str, victim: int, kill: KillAt
+) -> tuple[list[str], int | None]:
+    """A distributed run whose rank ``victim`` is SIGKILLed (the launcher ends the others),
+    resumed from its directory and compared, rank by rank, with the straight run; and the
+    newest checkpoint listed when it was killed (None: none, and the resume was refused)."""
+    checkpoints = directory / "killed-ckpt"
+    with pytest.raises(LaunchError, match=rf"(?s)rank {victim} failed:.*killed by SIGKILL"):
+        launch(rank_killed, nprocs=ranks, args=(config, str(checkpoints), kind, victim, kill))
+    newest = newest_listed(checkpoints)
+    if newest is None:
+        with pytest.raises(LaunchError, match="no valid checkpoint"):
+            launch(rank_run, nprocs=ranks, args=(config, str(checkpoints), [], "", kind, True))
+        return [], None
+    return distributed_trial(config, [], directory, ranks, kind, resume=checkpoints), newest
+
+
 def distributed_trial(
-    config: Config, interruptions: list[Interruption], directory: Path, ranks: int, kind: str
+    config: Config,
+    interruptions: list[Interruption],
+    directory: Path,
+    ranks: int,
+    kind: str,
+    *,
+    resume: Path | None = None,
 ) -> list[str]:
     """:func:`trial` over ``ranks`` processes of a ``kind`` trainer (``"ddp"``, ``"fsdp"``);
     every rank's outcome is compared. The ranks' warnings are warned again here. Left out
     of the comparison: rank 1's ``train/mean_loss`` metrics (each rank's own; the
-    checkpoint holds rank 0's interval)."""
+    checkpoint holds rank 0's interval). With ``resume``, the second run is not interrupted
+    but resumed from that directory."""
     results = []
     for name, cuts in (("straight", []), ("interrupted", interruptions)):
         (directory / name).mkdir()
-        checkpoints = str(directory / f"{name}-ckpt")
+        resumed = resume is not None and name == "interrupted"
+        checkpoints = str(resume if resumed else directory / f"{name}-ckpt")
         launch(
-            rank_run, nprocs=ranks, args=(config, checkpoints, cuts, str(directory / name), kind)
-        )
+            rank_run, nprocs=ranks,
+            args=(config, checkpoints, cuts, str(directory / name), kind, resumed),
+        )  # fmt: skip
         paths = [directory / name / f"rank{r}.pt" for r in range(ranks)]
         results.append([torch.load(path, weights_only=False) for path in paths])
     differ = []
@@ -426,3 +493,17 @@ def test_ranks_cancelled_at_an_epochs_end_resume_to_the_uninterrupted_run(
     # 2 ranks of 48 samples each: an epoch is 3 steps, and this is the first epoch's last.
     interruptions: list[Interruption] = [("cancel", STEPS_PER_EPOCH // 2)]
     assert distributed_trial(config, interruptions, tmp_path, 2, kind) == []
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(
+    tmp_path: Path, victim: int
+) -> None:
+    """The short version of ``benchmarks/kill_soak.py --ranks 2``: one rank of a DDP job
+    SIGKILLed after step 4 (with step 3's checkpoint written), the launcher ends the other,
+    and the job resumed from the directory ends as the straight one did, on every rank."""
+    config = Config(accumulate=1, ema=True, schedule="step", checkpoint_every=1,
+                    train_metrics_every=0, validate_every=2)  # fmt: skip
+    kill = KillAt(4, written=tmp_path / "killed-ckpt")
+    differ, newest = distributed_kill_trial(config, tmp_path, 2, "ddp", victim, kill)
+    assert differ == [] and newest in (3, 4)
