@@ -19,6 +19,7 @@ flipped bit is caught even when the manifest is lost.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 import warnings
@@ -51,6 +53,7 @@ VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 LOCK = ".asynchat.lock"
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (POSIX; elsewhere the lock is a no-op)
 SUFFIX = ".ckpt"
 SHARDED_SUFFIX = ".dcp"
 EXTRAS = "asynchat.pt"  # in a sharded checkpoint: everything but the shards
@@ -234,13 +237,28 @@ class DirectoryLock:
         DirectoryLock._held.add(self)
 
     def _open(self) -> int:
+        """The lock file, opened (created if need be): a regular file in the directory and
+        never what a link there points to (the holder is written into it)."""
         path = self.directory / LOCK
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointError(self._not_a_file(path, "a symbolic link")) from None
             raise CheckpointError(
                 f"save_dir={str(self.directory)!r} is not writable: cannot create {path} ({exc})"
             ) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointError(self._not_a_file(path, "not a regular file"))
+        return fd
+
+    def _not_a_file(self, path: Path, what: str) -> str:
+        return (
+            f"save_dir={str(self.directory)!r}: its lock {path} is {what}; a Checkpoint "
+            "writes only a regular file there, never through a link. Remove it, or give the "
+            "run another save_dir"
+        )
 
     @staticmethod
     def _lock(fd: int) -> str | None:

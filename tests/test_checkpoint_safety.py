@@ -89,6 +89,28 @@ def test_a_symlink_named_like_a_checkpoint_is_neither_loaded_nor_deleted(tmp_pat
     assert link.is_symlink() and (other / "step-000000006.ckpt").exists()
 
 
+@pytest.mark.parametrize("what", ["link", "fifo", "dangling link"])
+def test_a_lock_file_that_is_a_link_or_no_file_is_refused_and_never_written_through(
+    tmp_path: Path, what: str
+) -> None:
+    """Regression: the lock was opened following links, so a ``.asynchat.lock`` linking to
+    a file outside the directory had that file truncated and overwritten with the holder's
+    pid (measured: any file the process could write)."""
+    save_dir, victim = tmp_path / "ckpt", tmp_path / "precious.txt"
+    save_dir.mkdir()
+    victim.write_text("precious")
+    lock = save_dir / LOCK
+    if what == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to(victim if what == "link" else tmp_path / "nowhere")
+    kind = "not a regular file" if what == "fifo" else "a symbolic link"
+    with pytest.raises(CheckpointError, match=rf"lock .* is {kind}"):
+        train(save_dir)
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere").exists()
+    assert steps_on_disk(save_dir) == []
+
+
 def test_sharded_names_that_are_links_or_leftovers(tmp_path: Path) -> None:
     """A link named like a sharded checkpoint (step-*.dcp) is never loaded nor deleted, nor
     is a link named like a sharded save's temporary directory (nor what it points to); a real
