@@ -207,7 +207,11 @@ def hold_runs(runs: Path) -> IO[str]:
     ends). A second server on the same directory is refused: it would take the first one's
     running jobs for interrupted ones."""
     runs.mkdir(parents=True, exist_ok=True)
-    file = (runs / ".server.lock").open("a+")
+    path = runs / ".server.lock"
+    try:  # never through a link: the pid is written into it
+        file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
+    except OSError as exc:
+        raise RuntimeError(f"--runs {runs}: cannot use {path} as its lock ({exc})") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

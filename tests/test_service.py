@@ -366,6 +366,19 @@ async def test_run_directories_that_are_not_jobs_of_the_service_are_skipped(
     assert skipped == {str(tmp_path / name) for name in [*hostile, "job-empty"]}
 
 
+async def test_a_server_lock_that_is_a_link_is_refused_and_never_written_through(
+    tmp_path: Path,
+) -> None:
+    # Regression: it was opened following links, and the server's pid overwrote the target.
+    victim, runs = tmp_path / "precious.txt", tmp_path / "runs"
+    victim.write_text("precious")
+    runs.mkdir()
+    (runs / ".server.lock").symlink_to(victim)
+    with pytest.raises(RuntimeError, match=r"cannot use .*\.server\.lock as its lock"):
+        load_example("service.py").hold_runs(runs)
+    assert victim.read_text() == "precious"
+
+
 async def test_a_second_server_on_the_same_runs_directory_is_refused(tmp_path: Path) -> None:
     # It would have taken the first server's running jobs for interrupted ones.
     first = await anyio.to_thread.run_sync(serve, tmp_path, free_port())
