@@ -225,16 +225,23 @@ class DirectoryLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = self._open()
-        holder = self._lock(fd)
+        holder = self._take()
         if holder is not None:
             raise CheckpointError(
                 f"save_dir={str(self.directory)!r} is in use by another live Checkpoint "
                 f"writer ({holder}); two runs sharing a directory would overwrite and prune "
                 "each other's checkpoints. Give each run its own save_dir"
             )
-        self._fd = fd
-        DirectoryLock._held.add(self)
+
+    def _take(self) -> str | None:
+        """Open and lock the lock file as this writer's; or, if another writer holds it,
+        leave everything as it was and return who that is."""
+        fd = self._open()
+        holder = self._lock(fd)
+        if holder is None:
+            self._fd = fd
+            DirectoryLock._held.add(self)
+        return holder
 
     def _open(self) -> int:
         """The lock file, opened (created if need be): a regular file in the directory and
@@ -298,8 +305,7 @@ class DirectoryLock:
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return
-        taken = self._open()
-        holder = self._lock(taken)
+        holder = self._take()  # (this writer keeps `fd` until it holds the new one)
         if holder is not None:
             raise CheckpointError(
                 f"save_dir={str(self.directory)!r}: its lock file {LOCK} was removed or "
@@ -307,7 +313,6 @@ class DirectoryLock:
                 f"directory ({holder}). This run saves nothing more there: give each run its "
                 "own save_dir"
             )
-        self._fd = taken
         os.close(fd)
         warnings.warn(
             f"save_dir={str(self.directory)!r}: its lock file {LOCK} was removed while this "

@@ -26,26 +26,24 @@ T = TypeVar("T")
 
 
 class Staged(NamedTuple):
-    """A batch on its way to the device: ``ready`` is the copy's CUDA event, if any."""
+    """A batch on its way to the device: ``ready`` is the copy's CUDA event."""
 
     batch: Any
-    ready: torch.cuda.Event | None
+    ready: torch.cuda.Event
 
 
 class DeviceStager:
-    """Moves batches to ``device``: asynchronously on CUDA, as they are on the CPU."""
+    """Moves batches to ``device``: asynchronously on CUDA. On the CPU (``moves`` False)
+    batches are used as they come, and a loop neither stages nor takes them."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # Whether batches need staging at all: on the CPU they are used as they come, so a
-        # loop reads them without a stage or a take per step.
         self.moves = self._copy_stream is not None
 
     def stage(self, batch: Any) -> Staged:
         """Start moving ``batch`` to the device (on the prefetch thread)."""
-        if self._copy_stream is None:
-            return Staged(batch, None)
+        assert self._copy_stream is not None, "only a stager that moves batches stages them"
         with GATE.work():  # never while a CUDA graph is being captured
             if any(tensor.is_cuda for tensor in iter_tensors(batch)):
                 # Written by kernels queued on this thread's stream (a collate or dataset
@@ -72,13 +70,12 @@ class DeviceStager:
     @staticmethod
     def take(staged: Staged) -> Any:
         """Make the batch usable on the current (compute) stream; on the compute thread."""
-        if staged.ready is not None:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(staged.ready)  # device-side wait: the host does not block
-            for tensor in iter_tensors(staged.batch):
-                # The tensors were allocated on the copy stream; tell the caching allocator
-                # they are used on the compute stream too, so it won't reuse them early.
-                tensor.record_stream(stream)
+        stream = torch.cuda.current_stream()
+        stream.wait_event(staged.ready)  # device-side wait: the host does not block
+        for tensor in iter_tensors(staged.batch):
+            # The tensors were allocated on the copy stream; tell the caching allocator
+            # they are used on the compute stream too, so it won't reuse them early.
+            tensor.record_stream(stream)
         return staged.batch
 
 
