@@ -190,9 +190,10 @@ class LoopControl:
     def request_cancel(self, *, now: bool = False) -> None:
         """Ask the loop to end at the next boundary; ``now``: even inside an accumulation
         window (a forced exit)."""
-        self.forced = self.forced or now
-        self.cancel_requested = True
-        self.idle = False  # (these flags are never cleared: no lock needed to say so)
+        with self._lock:  # with resume(): its recomputed idle cannot land after this one
+            self.forced = self.forced or now
+            self.cancel_requested = True
+            self.idle = False
         self.stop_reason = "cancelled"
         self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
         self._unpaused.set()

@@ -514,3 +514,33 @@ def test_a_boundary_is_skipped_only_while_a_loop_alone_is_asked_nothing() -> Non
     cancelled.request_cancel()
     cancelled.resume()
     assert not cancelled.idle
+
+
+def test_a_cancellation_during_a_resume_is_never_taken_for_idle() -> None:
+    """Regression: request_cancel cleared ``idle`` without the lock, so a resume() that had
+    read the flags before the cancellation wrote ``idle = True`` after it, and the step loop
+    skipped every boundary of a cancelled loop."""
+    from asynchat._control import LoopControl
+
+    control = LoopControl(lambda status: None)
+    control.pause()
+
+    class CancelWhileRefreshing(threading.Event):
+        """The resume's check of the pause, with the cancellation let in right there."""
+
+        def is_set(self) -> bool:
+            canceller = threading.Thread(target=control.request_cancel)
+            canceller.start()
+            canceller.join(timeout=0.3)  # with the lock taken by resume(), it waits for it
+            return super().is_set()
+
+    unpaused = CancelWhileRefreshing()
+    control._unpaused = unpaused
+    control.resume()
+    control._unpaused = threading.Event()  # (the canceller sets this one, as resume did)
+    control._unpaused.set()
+    deadline = time.monotonic() + 10
+    while not control.cancel_requested:
+        assert time.monotonic() < deadline, "the cancellation never happened"
+        time.sleep(0.01)
+    assert not control.idle, "a cancelled loop must decide at its next boundary"
