@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import threading
 import time
@@ -140,3 +141,21 @@ def make_trainer(
         callbacks=list(callbacks),
         **kwargs,
     )
+
+
+def newest_listed(directory: Path) -> int | None:
+    """The newest global step the checkpoint manifest of ``directory`` lists (None: none)."""
+    try:
+        entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
+    except FileNotFoundError:
+        return None
+    return max((e["global_step"] for e in entries), default=None)
+
+
+def wait_until_listed(directory: Path, step: int, timeout: float = 60) -> None:
+    """Wait (in a ``def`` hook: the loop waits) until the manifest of ``directory`` lists
+    global step ``step`` or a later one: that checkpoint is written."""
+    deadline = time.monotonic() + timeout
+    while (newest_listed(directory) or 0) < step:
+        assert time.monotonic() < deadline, f"step {step} was never checkpointed"
+        time.sleep(0.01)

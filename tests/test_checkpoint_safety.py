@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_data, make_trainer
+from conftest import make_data, make_trainer, wait_until_listed
 from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState
@@ -366,10 +365,7 @@ class RemoveLock(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if state.global_step != self.at:
             return
-        deadline = time.monotonic() + 60
-        while not self._written(self.at - 1):
-            assert time.monotonic() < deadline, "the last step's checkpoint was never written"
-            time.sleep(0.01)
+        wait_until_listed(self.directory, self.at - 1)
         (self.directory / LOCK).unlink()
         if self.take:
             self.holder = subprocess.Popen(
@@ -378,12 +374,6 @@ class RemoveLock(Callback):
             )  # fmt: skip
             assert self.holder.stdout is not None
             assert self.holder.stdout.readline().strip() == "locked"
-
-    def _written(self, step: int) -> bool:
-        try:
-            return any(e["global_step"] == step for e in manifest(self.directory))
-        except FileNotFoundError:
-            return False
 
 
 def test_a_lock_file_removed_mid_run_is_taken_again(tmp_path: Path) -> None:

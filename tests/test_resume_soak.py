@@ -13,7 +13,6 @@ its checkpoints. These few fixed seeds are the short version of
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import signal
@@ -26,7 +25,16 @@ import anyio
 import pytest
 import torch
 import torchmetrics
-from conftest import CancelAt, StopAt, make_data, make_loader, make_model, sgd
+from conftest import (
+    CancelAt,
+    StopAt,
+    make_data,
+    make_loader,
+    make_model,
+    newest_listed,
+    sgd,
+    wait_until_listed,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -397,21 +405,10 @@ class KillAt(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if state.global_step != self.step:
             return
-        deadline = time.monotonic() + 60
-        while self.written is not None and (newest_listed(self.written) or 0) < self.step - 1:
-            assert time.monotonic() < deadline, f"step {self.step - 1} was never checkpointed"
-            time.sleep(0.01)
+        if self.written is not None:
+            wait_until_listed(self.written, self.step - 1)
         time.sleep(self.delay)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def newest_listed(directory: Path) -> int | None:
-    """The newest global step the manifest of ``directory`` lists (None: no manifest)."""
-    try:
-        entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
-    except FileNotFoundError:
-        return None
-    return max((e["global_step"] for e in entries), default=None)
 
 
 async def rank_killed(
