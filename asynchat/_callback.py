@@ -33,6 +33,12 @@ class Callback:
     loop run inside the other, e.g. from its hooks, may share). A callback that keeps no
     per-run state may say so with ``shared_across_loops = True`` on its class.
 
+    In a distributed trainer a checkpoint holds the callbacks' states as rank 0 has them,
+    and every rank resumes from those, unless the class says ``state_per_rank = True``:
+    its state is each rank's own (a :class:`~asynchat.callbacks.MetricUpdater`'s counts of
+    its shard, a :class:`~asynchat.callbacks.LossMonitor`'s sums of its losses), the
+    checkpoint keeps every rank's, and each rank resumes its own.
+
     Within a phase, hooks run in the order the callbacks were given, except that those of a
     class with ``runs_last = True`` run after all others (:class:`~asynchat.callbacks.Checkpoint`:
     a checkpoint then holds what the phase's other hooks did, wherever it is listed).
@@ -42,6 +48,7 @@ class Callback:
     sets_lr: ClassVar[bool] = False
     shared_across_loops: ClassVar[bool] = False
     runs_last: ClassVar[bool] = False
+    state_per_rank: ClassVar[bool] = False
 
     def on_loop_begin(self, state: LoopState) -> Awaitable[None] | None:
         """Before the first epoch."""

@@ -678,3 +678,18 @@ def _check_complete(file: Path, obj: dict[str, Any], sharded: bool) -> None:
     for key in ("sharded" if sharded else "model", "processor", "callbacks", "metrics", "rng"):
         if key not in obj:
             raise CheckpointError(f"{file} has no {key!r} entry")
+    ranks = obj.get("ranks", [{"rng": None, "metrics": {}, "callbacks": {}}])
+    if not isinstance(ranks, list) or not ranks or not all(map(_is_rank_part, ranks)):
+        raise CheckpointError(
+            f"{file} has a malformed 'ranks' entry (each rank's part: a dict with 'rng', "
+            "'metrics' and 'callbacks')"
+        )
+
+
+def _is_rank_part(part: object) -> bool:
+    return (
+        isinstance(part, dict)
+        and "rng" in part
+        and isinstance(part.get("metrics"), dict)
+        and isinstance(part.get("callbacks"), dict)
+    )

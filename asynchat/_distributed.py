@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,8 @@ from asynchat._device import resolve_device
 from asynchat._loop import Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerSpec, Trainer
+
+T = TypeVar("T")
 
 
 class DistributedDataParallelTrainer(Trainer):
@@ -35,9 +37,13 @@ class DistributedDataParallelTrainer(Trainer):
     ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
     Callbacks that write files (Checkpoint, the loggers, Progress) write on rank 0 only
     (``loop.is_rank_zero``); decisions such as TerminateOnNaN's are agreed with
-    ``loop.any_rank``.
+    ``loop.any_rank``. A checkpoint holds what is each rank's own (its random states, so
+    ranks seeded apart draw apart again after a resume; its metrics; callbacks with
+    ``state_per_rank``), and each rank resumes from its own.
     Other arguments are :class:`~asynchat.Trainer`'s.
     """
+
+    spans_ranks = True
 
     def __init__(
         self,
@@ -109,6 +115,11 @@ class DistributedDataParallelTrainer(Trainer):
 
     def any_rank(self, flag: bool) -> bool:
         return self._agree([flag])[0]
+
+    def gather_to_rank_zero(self, obj: T) -> list[T] | None:
+        gathered: list[Any] | None = [None] * self.world_size if self.is_rank_zero else None
+        dist.gather_object(obj, gathered, dst=0, group=self._group)  # on the CPU too
+        return gathered
 
     def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
         totals = torch.tensor([float(v) for v in values], dtype=torch.float64)

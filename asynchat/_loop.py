@@ -39,6 +39,8 @@ from asynchat._resume import (
     apply_checkpoint,
     build_checkpoint,
     callback_states,
+    own_part,
+    rank_state,
 )
 from asynchat._run import LoopRun
 from asynchat._state import LoopState, LoopStatus, Metrics
@@ -110,6 +112,10 @@ class LoopBase(PipeBase):
     #: Whether each rank holds only shards of the model (FSDP): checkpoints are then written
     #: by every rank with torch.distributed.checkpoint, as a directory (see ``asynchat._dcp``).
     shards_state: ClassVar[bool] = False
+    #: Whether the loop is one rank of a job whose ranks act together (a distributed
+    #: trainer): :meth:`any_rank`, :meth:`sum_over_ranks` and :meth:`gather_to_rank_zero`
+    #: are collectives, and a checkpoint holds each rank's :meth:`rank_state_dict`.
+    spans_ranks: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -242,6 +248,14 @@ class LoopBase(PipeBase):
         ``values`` themselves.
         """
         return [float(v) for v in values]
+
+    def gather_to_rank_zero(self, obj: T) -> list[T] | None:
+        """``obj`` of every rank, by rank, on rank 0 (None on the others); picklable.
+
+        In a distributed trainer this is a collective, like :meth:`any_rank`; elsewhere
+        ``[obj]``.
+        """
+        return [obj]
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
@@ -429,17 +443,33 @@ class LoopBase(PipeBase):
 
         When the state is sharded (:attr:`shards_state`), the model and the optimizers are
         left out: they are :meth:`sharded_state_dict`'s, which every rank saves with DCP.
+        When the loop :attr:`spans_ranks`, the random states and metrics are this rank's,
+        and callbacks with ``state_per_rank`` are left out: a checkpoint adds every rank's
+        :meth:`rank_state_dict` as ``ranks`` (as :class:`~asynchat.callbacks.Checkpoint`
+        does), from which each rank resumes its own.
         """
         return build_checkpoint(
             tracker=self._data,
             global_step=self.state.global_step,
             world_size=self.world_size,
+            spans_ranks=self.spans_ranks,
             metrics=self.state.metrics,
             model=None if self.shards_state else self.model,
             processor_state=self.batch_processor.state_dict(),
             callbacks=self.callbacks,
             data_loader=self.data_loader,
             extra=self._extra_state(),
+        )
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """What of the run is this rank's own, copied to host memory: its RNG and data
+        loader generator states, its metrics, and the callbacks with ``state_per_rank``.
+        Call it on the compute thread, like :meth:`state_dict`."""
+        return rank_state(
+            tracker=self._data,
+            metrics=self.state.metrics,
+            callbacks=self.callbacks,
+            data_loader=self.data_loader,
         )
 
     def sharded_state_dict(self) -> dict[str, Any]:
@@ -459,8 +489,11 @@ class LoopBase(PipeBase):
 
         A sharded checkpoint (``checkpoint["sharded"]``, as :func:`load_checkpoint` reads
         one) loads its model and optimizers from its directory with DCP, resharded to this
-        job's ranks; call it on every rank then.
+        job's ranks; call it on every rank then. With every rank's part (``ranks``), this
+        rank resumes from its own.
         """
+        rank, world_size = (self.rank, self.world_size) if self.spans_ranks else (0, 1)
+        checkpoint = own_part(checkpoint, rank=rank, world_size=world_size)
         self._check_checkpoint(checkpoint)  # before anything is overwritten
         self._resume = apply_checkpoint(
             checkpoint,

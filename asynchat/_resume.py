@@ -20,6 +20,11 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``epoch_rng``,        the global and the data loader's generator states the current epoch's
 ``epoch_generators``  data order was drawn from (to draw it again when resuming inside it)
 ``generators``        the data loader's generator states now (for the next epoch's order)
+``ranks``             a distributed trainer's only: each rank's own part (its ``rng``,
+                      ``epoch_rng``, ``epoch_generators``, ``generators``, ``metrics``,
+                      ``metric_steps`` and, under ``callbacks``, the state of callbacks with
+                      ``state_per_rank``), by rank; the keys above hold rank 0's, and leave out
+                      the callbacks with ``state_per_rank`` (see :func:`own_part`)
 ``optimizers``        ``{name: state}`` of every optimizer of a :class:`~asynchat.Trainer`
                       (versions 1 and 2 held one ``optimizer``; not in a sharded checkpoint)
 ``optimizer_classes`` ``{name: "module.Class"}`` of those optimizers (absent from older
@@ -161,9 +166,75 @@ def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Callback]:
     return keyed
 
 
-def callback_states(callbacks: Iterable[Callback]) -> dict[str, Any]:
-    """``{key: state_dict()}`` of the callbacks with state (keys: :func:`stateful_callbacks`)."""
-    return {key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()}
+def callback_states(
+    callbacks: Iterable[Callback], *, per_rank: bool | None = None
+) -> dict[str, Any]:
+    """``{key: state_dict()}`` of the callbacks with state (keys: :func:`stateful_callbacks`);
+    with ``per_rank``, only those whose ``state_per_rank`` is that."""
+    return {
+        key: cb.state_dict()
+        for key, cb in stateful_callbacks(callbacks).items()
+        if per_rank is None or cb.state_per_rank == per_rank
+    }
+
+
+def rank_state(
+    *,
+    tracker: DataTracker,
+    metrics: Mapping[str, float],
+    callbacks: Iterable[Callback],
+    data_loader: Iterable[Any],
+) -> dict[str, Any]:
+    """This rank's own part of a distributed trainer's checkpoint (``ranks``), copied to
+    host memory: what differs from rank to rank (each rank seeds its own dropout, logs its
+    own losses, counts its own shard's metric states)."""
+    own = _own_fields(tracker, metrics, data_loader)
+    part: dict[str, Any] = to_host_copy(
+        {**own, "callbacks": callback_states(callbacks, per_rank=True)}
+    )
+    return part
+
+
+def _own_fields(
+    tracker: DataTracker, metrics: Mapping[str, float], data_loader: Iterable[Any]
+) -> dict[str, Any]:
+    """The fields of a checkpoint that may differ from rank to rank (not copied)."""
+    rng, generators = tracker.now(data_loader)
+    return {
+        "metrics": dict(metrics),
+        # When each was measured: a monitor acts on a value once, resumed or not.
+        "metric_steps": metrics.steps() if isinstance(metrics, Metrics) else {},
+        "rng": rng,
+        "epoch_rng": tracker.epoch_rng,
+        "epoch_generators": tracker.epoch_generators,
+        "generators": generators,
+    }
+
+
+def own_part(checkpoint: dict[str, Any], *, rank: int, world_size: int) -> dict[str, Any]:
+    """``checkpoint`` as rank ``rank`` of a job of ``world_size`` ranks resumes from it: its
+    own part of ``ranks`` in place of rank 0's. On another number of ranks each rank that
+    was one takes its part's random states and metrics (the others rank 0's), and the
+    callbacks with ``state_per_rank`` start afresh (a shard's metric counts do not carry
+    over to another sharding), with a warning when any had a state."""
+    ranks = checkpoint.get("ranks")
+    if ranks is None:
+        return checkpoint
+    part = ranks[rank] if rank < len(ranks) else ranks[0]
+    own = {key: value for key, value in checkpoint.items() if key != "ranks"}
+    own.update({key: value for key, value in part.items() if key != "callbacks"})
+    if len(ranks) == world_size:
+        own["callbacks"] = {**checkpoint["callbacks"], **part["callbacks"]}
+    elif lost := sorted({key for p in ranks for key, state in p["callbacks"].items() if state}):
+        warnings.warn(
+            f"the checkpoint was written by {len(ranks)} rank(s) and this run has "
+            f"{world_size}: the per-rank state of {', '.join(lost)} is not restored (each "
+            "rank's covers its own share of the data; e.g. a MetricUpdater's epoch-so-far "
+            "values cover the batches after the resume)",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    return own
 
 
 def build_checkpoint(
@@ -171,6 +242,7 @@ def build_checkpoint(
     tracker: DataTracker,
     global_step: int,
     world_size: int,
+    spans_ranks: bool,
     metrics: Mapping[str, float],
     model: torch.nn.Module | None,
     processor_state: dict[str, Any],
@@ -179,11 +251,14 @@ def build_checkpoint(
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Everything needed to resume, copied to host memory (on the compute thread); without
-    the model when it is None (a sharded checkpoint saves it with DCP)."""
+    the model when it is None (a sharded checkpoint saves it with DCP), and, when the loop
+    ``spans_ranks`` (a distributed trainer), without the callbacks with ``state_per_rank``
+    (each rank's :func:`rank_state` holds its own)."""
     position = tracker.position
-    rng, generators = tracker.now(data_loader)
     weights = {"model": model.state_dict()} if model is not None else {}
-    states = callback_states(callbacks)
+    # Those with state_per_rank are each rank's own: in ``ranks`` only (rank_state), when
+    # the loop spans ranks; one rank's for every rank would count a shard's metrics twice.
+    states = callback_states(callbacks, per_rank=False if spans_ranks else None)
     if model is None:  # sharded: their DTensors are in the shards (sharded_state)
         states, _ = split_sharded(states)
     checkpoint: dict[str, Any] = to_host_copy(
@@ -198,16 +273,10 @@ def build_checkpoint(
                 "world_size": world_size,
                 "batch_size": getattr(data_loader, "batch_size", None),
             },
-            "metrics": dict(metrics),
-            # When each was measured: a monitor acts on a value once, resumed or not.
-            "metric_steps": metrics.steps() if isinstance(metrics, Metrics) else {},
+            **_own_fields(tracker, metrics, data_loader),
             **weights,
             "processor": processor_state,
             "callbacks": states,
-            "rng": rng,
-            "epoch_rng": tracker.epoch_rng,
-            "epoch_generators": tracker.epoch_generators,
-            "generators": generators,
             **extra,
         }
     )

@@ -15,9 +15,9 @@ scalar, each once.
 With ``--ranks 2`` each trial is a DistributedDataParallelTrainer over that many gloo ranks
 (started with ``launch``): one rank, drawn, SIGKILLs itself a few milliseconds after a random
 step, the launcher ends the others, and the job is resumed from its directory; every rank's
-weights, metrics, learning rates, EMA and global step must equal the straight run's (no
-loggers here, and no MetricUpdater: each rank's metric states are its own and the checkpoint
-is rank 0's, as MetricUpdater's documentation says).
+weights, metrics (each rank's own too: a MetricUpdater's and a LossMonitor's states are
+kept per rank), learning rates, EMA and global step must equal the straight run's (no
+loggers here).
 
 Run: python benchmarks/kill_soak.py [--trials 30] [--seed 0] [--ranks 2]
 """
@@ -147,7 +147,6 @@ def main() -> None:
         with TemporaryDirectory() as tmp:
             if args.ranks > 1:
                 victim = rng.randrange(args.ranks)
-                config = dataclasses.replace(config, train_metrics_every=0)
                 differ, listed = soak.distributed_kill_trial(
                     config, Path(tmp), args.ranks, "ddp", victim, soak.KillAt(kill_at, delay)
                 )

@@ -16,9 +16,8 @@ feature; each is printed with its configuration (rerun with ``--seed``).
 With ``--ranks 2`` each run is a DistributedDataParallelTrainer (``--kind fsdp``: a
 FullyShardedDataParallelTrainer) over that many gloo ranks (started with ``launch``; a
 cancellation cancels rank 0 alone, and the others end with it), and every rank's outcome is
-compared; MetricUpdater is left out there (a distributed run does not keep its states) and
-so are rank 1's ``train/mean_loss`` metrics (each rank's own; the checkpoint holds rank 0's
-interval).
+compared, each rank's own metrics too (a MetricUpdater's and a LossMonitor's states are kept
+per rank).
 
 Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2 [--kind fsdp]]
 """
@@ -90,7 +89,7 @@ def main() -> None:
             persistent_workers=extra.random() < 0.5,
         )
         if args.ranks > 1:
-            config = dataclasses.replace(config, train_metrics_every=0, workers=False)
+            config = dataclasses.replace(config, workers=False)
         interruptions = draw_interruptions(config, rng)
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")

@@ -53,6 +53,13 @@ def ddp_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 
 
+def dropout_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3)
+    )
+
+
 def plain_ddp_trainer(**options: Any) -> DistributedDataParallelTrainer:
     """The jobs' usual rank trainer: ``ddp_model()`` over ``ddp_data()`` in batches of 8 with
     SGD (lr 0.1) and cross-entropy, on the CPU; ``options`` add to or replace those."""
@@ -204,6 +211,44 @@ async def loss_monitor_across_a_stop(
         await run(StopAt()).fit()
     await run(resume=bool(stop_at)).fit()
     torch.save({"losses": losses, "published": published}, Path(out, f"rank{rank}.pt"))
+
+
+async def seeded_apart_across_a_stop(
+    rank: int, world_size: int, out: str, directory: str, stop_at: int
+) -> None:
+    """A model with dropout trained for one epoch (4 steps) with each rank seeded apart
+    (nanoGPT's seed offset), a MetricUpdater and a LossMonitor, stopped at ``stop_at`` (0:
+    never) and resumed from ``directory``; each rank saves its weights and metrics."""
+    import torchmetrics
+
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint, LossMonitor, MetricUpdater
+
+    class StopAt(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == stop_at:
+                state.loop.stop("test")
+
+    def run(*extra: Callback, resume: bool = False) -> DistributedDataParallelTrainer:
+        model = dropout_model()
+        torch.manual_seed(100 + rank)
+        accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+        callbacks = [*extra, MetricUpdater({"accuracy": accuracy}), LossMonitor(3)]
+        return DistributedDataParallelTrainer(
+            model, torch.utils.data.DataLoader(ddp_data(), batch_size=8, shuffle=True),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(), device="cpu", num_epochs=1,
+            callbacks=[*callbacks, Checkpoint(directory)],
+            resume_from=directory if resume else None,
+        )  # fmt: skip
+
+    if stop_at:
+        await run(StopAt()).fit()
+    last = run(resume=bool(stop_at))
+    await last.fit()
+    weights = [p.detach().clone() for p in last.model.parameters()]
+    result = {"weights": weights, "metrics": dict(last.state.metrics)}
+    torch.save(result, Path(out, f"rank{rank}.pt"))
 
 
 async def predict_shard(rank: int, world_size: int, out: str) -> None:

@@ -19,6 +19,7 @@ from conftest import StopAt, make_loader, make_model, make_trainer
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
+from asynchat._checkpoint_io import serialize
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
@@ -298,6 +299,21 @@ def test_no_valid_checkpoint_and_not_a_checkpoint(tmp_path: Path) -> None:
     trainer = make_trainer(num_steps=2, resume_from=weights)
     with pytest.raises(CheckpointError, match="not an asynchat checkpoint"):
         anyio.run(trainer.fit)
+
+
+@pytest.mark.parametrize("ranks", [[], "x", [{"rng": None}], [{"rng": 0, "metrics": {}}]])
+def test_a_checkpoint_with_malformed_rank_parts_is_refused_by_name(
+    tmp_path: Path, ranks: Any
+) -> None:
+    # Crafted (its digests made to match): each rank would have resumed from a part that is
+    # not one, or failed with an IndexError deep in the resume.
+    make_checkpoints(tmp_path)
+    file = tmp_path / "step-000000006.ckpt"
+    checkpoint = torch.load(file, weights_only=True)
+    file.write_bytes(serialize({**checkpoint, "ranks": ranks})[0])
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step-000000006\.ckpt has a malformed 'ranks'"):
+        load_checkpoint(file)
 
 
 def test_bad_checkpoint_arguments(tmp_path: Path) -> None:

@@ -9,13 +9,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import rank_jobs
 import torch
+from conftest import sgd
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
 
-from asynchat import DistributedDataParallelTrainer, LaunchError, launch
+from asynchat import DistributedDataParallelTrainer, LaunchError, Trainer, launch
+from asynchat.callbacks import CheckpointWarning, LossMonitor, MetricUpdater
 
 
 @pytest.mark.slow
@@ -126,8 +130,9 @@ def test_a_rank_cancelled_at_a_validation_ends_with_the_others(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_a_resumed_loss_monitor_goes_on_with_each_ranks_own_interval(tmp_path: Path) -> None:
-    # The checkpoint holds rank 0's interval; rank 1 took it for its own and published a
-    # mean mixing rank 0's losses with its own. Rank 0 goes on exactly, rank 1 afresh.
+    # The checkpoint held rank 0's interval; rank 1 first took it for its own (a mean
+    # mixing rank 0's losses with its own), then started afresh (the mean of the steps
+    # after the resume). Each rank's interval is in the checkpoint now: both go on exactly.
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     for directory in (straight, stopped):
         directory.mkdir()
@@ -135,12 +140,45 @@ def test_a_resumed_loss_monitor_goes_on_with_each_ranks_own_interval(tmp_path: P
            args=(str(straight), str(tmp_path / "c1"), 0))  # fmt: skip
     launch(rank_jobs.loss_monitor_across_a_stop, nprocs=2,
            args=(str(stopped), str(tmp_path / "c2"), 2))  # fmt: skip
-    ranks = [torch.load(stopped / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    reference = torch.load(straight / "rank0.pt", weights_only=True)
-    assert ranks[0]["published"][4] == pytest.approx(reference["published"][4], rel=1e-6)
-    own = ranks[1]["losses"]  # the resumed run's steps, 3 and 4
-    assert sorted(own) == [3, 4]
-    assert ranks[1]["published"][4] == pytest.approx((own[3] + own[4]) / 2, rel=1e-6)
+    for rank in range(2):
+        resumed = torch.load(stopped / f"rank{rank}.pt", weights_only=True)
+        reference = torch.load(straight / f"rank{rank}.pt", weights_only=True)
+        assert sorted(resumed["losses"]) == [3, 4]  # the resumed run's steps
+        assert resumed["published"][4] == pytest.approx(reference["published"][4], rel=1e-6)
+    means = [torch.load(straight / f"rank{r}.pt", weights_only=True)["published"] for r in (0, 1)]
+    assert means[0][4] != means[1][4]  # each rank's own losses
+
+
+@pytest.mark.slow
+def test_ranks_seeded_apart_each_resume_from_their_own_state(tmp_path: Path) -> None:
+    # The checkpoint held rank 0's random states, and every rank resumed from them: ranks
+    # seeded apart (nanoGPT's seed offset) drew the same dropout masks after a resume, and
+    # the job ended with other weights than the uninterrupted one. A MetricUpdater's
+    # epoch-so-far states were left out of distributed checkpoints altogether.
+    for name, stop_at in (("straight", 0), ("stopped", 2)):
+        (tmp_path / name).mkdir()
+        checkpoints = str(tmp_path / f"{name}-ckpt")
+        launch(rank_jobs.seeded_apart_across_a_stop, nprocs=2,
+               args=(str(tmp_path / name), checkpoints, stop_at))  # fmt: skip
+    ends = {
+        name: [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for name in ("straight", "stopped")
+    }
+    for straight, resumed in zip(ends["straight"], ends["stopped"], strict=True):
+        assert all(map(torch.equal, straight["weights"], resumed["weights"]))
+        assert resumed["metrics"] == straight["metrics"]
+    # On another number of ranks a shard's states have no rank to go to: said, not lost silently.
+    trainer = Trainer(
+        rank_jobs.dropout_model(), DataLoader(rank_jobs.ddp_data(), batch_size=8), sgd,
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=2, device="cpu",
+        callbacks=[MetricUpdater({"accuracy": MulticlassAccuracy(3, average="micro")}),
+                   LossMonitor(3)],
+        resume_from=tmp_path / "stopped-ckpt",
+    )  # fmt: skip
+    lost = r"written by 2 rank\(s\) and this run has 1: the per-rank state of LossMonitor, Metric"
+    with pytest.warns(CheckpointWarning, match=lost):
+        anyio.run(trainer.fit)
+    assert trainer.state.global_step == 4 + 8  # then the second epoch, on one process
 
 
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
@@ -152,8 +190,6 @@ def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> N
 
 
 def test_data_parallel_trainer_is_the_plain_trainer_without_several_gpus() -> None:
-    import anyio
-
     from asynchat import DataParallelTrainer, Trainer
 
     models = [rank_jobs.ddp_model(), rank_jobs.ddp_model()]

@@ -44,9 +44,9 @@ def test_a_killed_rank_is_restarted_and_the_job_resumes_by_itself_bitwise(
     assert (tmp_path / "elastic" / "killed").exists(), "rank 1 did die"
     assert (straight["starts"], elastic["starts"]) == (1, 2)
     assert straight["resumed_from"] == "None"
-    # The newest checkpoint rank 0 had written when rank 1 died: step 10 (its step 11 needs
-    # rank 1's gradients, so it cannot get further).
-    assert Path(elastic["resumed_from"]).name == f"step-{KILL_AT:09d}.ckpt"
+    # The newest checkpoint written when rank 1 died: step 9 (step 10's save gathers every
+    # rank's own state, and rank 1 died at step 10's end before its part was handed over).
+    assert Path(elastic["resumed_from"]).name == f"step-{KILL_AT - 1:09d}.ckpt"
     assert elastic["global_step"] == straight["global_step"] == TOTAL
     assert_bitwise_equal(elastic["model"], straight["model"], "model")
     assert_bitwise_equal(elastic["optimizer"], straight["optimizer"], "optimizer")

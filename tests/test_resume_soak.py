@@ -447,10 +447,9 @@ def distributed_trial(
     resume: Path | None = None,
 ) -> list[str]:
     """:func:`trial` over ``ranks`` processes of a ``kind`` trainer (``"ddp"``, ``"fsdp"``);
-    every rank's outcome is compared. The ranks' warnings are warned again here. Left out
-    of the comparison: rank 1's ``train/mean_loss`` metrics (each rank's own; the
-    checkpoint holds rank 0's interval). With ``resume``, the second run is not interrupted
-    but resumed from that directory."""
+    every rank's outcome is compared, each rank's own metrics too (a LossMonitor's mean of
+    its losses). The ranks' warnings are warned again here. With ``resume``, the second run
+    is not interrupted but resumed from that directory."""
     results = []
     for name, cuts in (("straight", []), ("interrupted", interruptions)):
         (directory / name).mkdir()
@@ -467,10 +466,6 @@ def distributed_trial(
         for result in (straight, resumed):
             for category, message in result.pop("warnings"):
                 warnings.warn(f"rank {rank}: {message}", category, stacklevel=2)
-            if rank:
-                mean_losses = [m for m in result["metrics"] if m.startswith("train/mean_loss")]
-                for metric in mean_losses:
-                    del result["metrics"][metric]
         differ += [f"rank {rank}: {d}" for d in differences(resumed, straight)]
     return differ
 
@@ -484,7 +479,7 @@ def test_ranks_cancelled_at_an_epochs_end_resume_to_the_uninterrupted_run(
     # not supported for tensor subclasses"), and a sharded resume at an epoch's end made
     # torch warn that the scheduler stepped before the optimizer.
     config = Config(
-        accumulate=2, schedule="epoch", ema=True, checkpoint_every=2, train_metrics_every=0,
+        accumulate=2, schedule="epoch", ema=True, checkpoint_every=2, train_metrics_every=2,
         two_parts=True,
     )  # fmt: skip
     # 2 ranks of 48 samples each: an epoch is 3 steps, and this is the first epoch's last.
@@ -500,7 +495,7 @@ def test_a_rank_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(
     SIGKILLed after step 4 (with step 3's checkpoint written), the launcher ends the other,
     and the job resumed from the directory ends as the straight one did, on every rank."""
     config = Config(accumulate=1, ema=True, schedule="step", checkpoint_every=1,
-                    train_metrics_every=0, validate_every=2)  # fmt: skip
+                    train_metrics_every=2, validate_every=2)  # fmt: skip
     kill = KillAt(4, written=tmp_path / "killed-ckpt")
     differ, newest = distributed_kill_trial(config, tmp_path, 2, "ddp", victim, kill)
     assert differ == [] and newest in (3, 4)

@@ -112,6 +112,11 @@ class Checkpoint(Callback):
     is listed: a step's checkpoint holds what the step's other hooks did (a Validation's
     metrics, a scheduler's step), so a run resumed from it goes on as the saved one did.
 
+    In a distributed trainer rank 0 writes the file (or, sharded, every rank its shards),
+    and each save gathers into it what is every rank's own (random states, metrics, the
+    callbacks with ``state_per_rank``: one agreement and one gather on the CPU per save,
+    not per step), so each rank resumes from its own.
+
     A run further back than the directory's newest checkpoint (a fresh run into a used
     directory, or one resumed from an older file) is refused at ``on_loop_begin``, before
     training: its checkpoints would rank as older than the other run's and be pruned.
@@ -215,9 +220,9 @@ class Checkpoint(Callback):
 
     def on_loop_begin(self, state: LoopState) -> None:
         self._sharded_saves = 0
-        self._step_save = UpdateDue()  # on every rank: a sharded save is every rank's
+        self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
-        self._began = state.loop.shards_state  # every rank of a sharded job saves
+        self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
         if not state.loop.is_rank_zero:
             return
         try:
@@ -290,15 +295,16 @@ class Checkpoint(Callback):
     def save(self, state: LoopState) -> None:
         """Snapshot now (on the compute thread) and write in the background.
 
-        In a distributed run rank 0 writes (the replicas are identical), unless the state is
-        sharded: then every rank must call this at the same point (as the hooks do), rank 0
-        decides whether to save and every rank writes its shards.
+        In a distributed trainer every rank must call this at the same point (as the hooks
+        do): rank 0 decides whether to save, every rank hands it its own part
+        (:meth:`~asynchat.LoopBase.rank_state_dict`), and rank 0 writes, or, when the
+        state is sharded, every rank writes its shards.
         """
         loop = state.loop
-        if not loop.is_rank_zero and not loop.shards_state:
+        if not loop.is_rank_zero and not loop.spans_ranks:
             return
         decision = self._decide(state) if loop.is_rank_zero else None
-        if loop.shards_state and not loop.any_rank(decision is not None):
+        if loop.spans_ranks and not loop.any_rank(decision is not None):
             return  # one agreement per save, not per step: every rank saves, or none
         if loop.is_rank_zero and decision is None:
             return
@@ -316,10 +322,11 @@ class Checkpoint(Callback):
         for callback in loop.callbacks:  # their own files up to date with the snapshot
             if callback is not self:
                 callback.on_checkpoint(state)
+        ranks = loop.gather_to_rank_zero(loop.rank_state_dict()) if loop.spans_ranks else None
         if loop.shards_state:
-            self._save_sharded(state, metric)
+            self._save_sharded(state, metric, ranks)
         else:
-            snapshot = loop.state_dict()
+            snapshot = loop.state_dict() | ({"ranks": ranks} if ranks else {})
             self._writer.submit(functools.partial(self._write, snapshot, metric))
         self._last_saved_step = state.global_step
         self._last_ranked = metric is not None
@@ -338,15 +345,19 @@ class Checkpoint(Callback):
         # step: this one has the fresh metric.)
         return metric, missing
 
-    def _save_sharded(self, state: LoopState, metric: float | None) -> None:
+    def _save_sharded(
+        self, state: LoopState, metric: float | None, ranks: list[dict[str, Any]] | None
+    ) -> None:
         """Every rank: stage its shards now, write them on DCP's thread; rank 0 then
-        commits the directory (see :mod:`asynchat._dcp`)."""
+        commits the directory (see :mod:`asynchat._dcp`) with ``ranks``, every rank's part."""
         loop = state.loop
         self._writer.wait()  # DCP's collectives of the last save are over before these
         self._sharded_saves += 1  # the same count on every rank: the same directory name
         name = checkpoint_name(state.global_step, sharded=True)
         temporary = self.save_dir / f".{name}.{self._sharded_saves}.tmp"
-        extras = loop.state_dict() if loop.is_rank_zero else None
+        extras = None
+        if loop.is_rank_zero:
+            extras = loop.state_dict() | ({"ranks": ranks} if ranks else {})
         try:
             written = loop.save_shards(temporary)
         except Exception as exc:

@@ -38,11 +38,14 @@ class MetricUpdater(Callback):
     start of each epoch.
 
     The epoch so far is kept in checkpoints (each metric's states), so a run stopped inside
-    an epoch and resumed publishes at its end what an uninterrupted run does. Not a state
-    that grows with the data past :data:`MAX_SAVED_STATE` values (exact AUROC's
-    predictions: every save would copy them to the host), with a warning once; nor in a
-    distributed run, where each rank's states are its own and the checkpoint is rank 0's.
-    Such a resumed epoch's values cover the batches after the resume.
+    an epoch and resumed publishes at its end what an uninterrupted run does; in a
+    distributed trainer each rank's states, which count its own shard of the data
+    (``state_per_rank``; torchmetrics sums them over the ranks when it computes), and each
+    rank resumes its own. Not a state that grows with the data past
+    :data:`MAX_SAVED_STATE` values (exact AUROC's predictions: every save would copy them
+    to the host), with a warning once; nor a distributed job's resumed on another number
+    of ranks (a warning says so). Such a resumed epoch's values cover the batches after
+    the resume.
 
     Whether an update syncs is the metric's doing: torchmetrics' classification defaults
     (``validate_args=True``; ``average="macro"``, which counts with ``bincount``) read values
@@ -58,6 +61,8 @@ class MetricUpdater(Callback):
         select: ``select(state) -> (preds, target)`` for ``metric.update``; default
             ``(state.outputs, targets of the batch)``.
     """
+
+    state_per_rank = True
 
     def __init__(
         self,
@@ -79,14 +84,12 @@ class MetricUpdater(Callback):
         self.prefix = prefix
         self.log_every_n_steps = log_every_n_steps
         self.select = select
-        self._alone = True  # the loop runs in one process: its states are the whole epoch's
         self._loaded: dict[str, Any] | None = None
         self._warned_large: set[str] = set()
 
     def on_loop_begin(self, state: LoopState) -> None:
         for metric in self.metrics.values():
             metric.to(state.device)
-        self._alone = state.loop.world_size == 1
 
     def on_epoch_begin(self, state: LoopState) -> None:
         self.reset()
@@ -123,8 +126,6 @@ class MetricUpdater(Callback):
             metric.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        if not self._alone:
-            return {}
         saved = {}
         for name, metric in self.metrics.items():
             if not metric.update_called:

@@ -94,9 +94,11 @@ class LossMonitor(Callback):
 
     The interval in progress is kept in checkpoints, so a run stopped inside it and resumed
     publishes the mean of the whole interval, as an uninterrupted run does (in a distributed
-    run, rank 0's: the other ranks, whose losses are their own, start theirs afresh); at the
-    loop's end the mean of the interval so far is published.
+    trainer each rank's, whose losses are its own: ``state_per_rank``); at the loop's end
+    the mean of the interval so far is published.
     """
+
+    state_per_rank = True
 
     def __init__(self, every_n_steps: int = 50, *, prefix: str = "train/mean_") -> None:
         positive_int("every_n_steps", every_n_steps)
@@ -108,10 +110,7 @@ class LossMonitor(Callback):
         self._loaded: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
-        # A distributed run's checkpoint holds rank 0's interval: the other ranks' losses
-        # are their own, so they start theirs afresh.
-        loaded = self._loaded if state.loop.is_rank_zero else None
-        sums, counts = loaded if loaded is not None else ({}, {})
+        sums, counts = self._loaded if self._loaded is not None else ({}, {})
         self._sums = {name: total.to(state.device) for name, total in sums.items()}
         self._counts, self._pending, self._loaded = dict(counts), [], None
 
