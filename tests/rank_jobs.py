@@ -637,6 +637,41 @@ async def fsdp_checkpointed(
         torch.save({"model": full, "ema": average, "global_step": state.global_step}, out)
 
 
+async def fsdp_directory_taken(
+    rank: int, world_size: int, checkpoints: str, first_written: bool
+) -> None:
+    """FSDP2 saving every step; at step 2's end, before its save, another writer (a second
+    open file of this process, which flock tells apart) takes the directory's lock file on
+    rank 0: once step 1's checkpoint is listed, or with ``first_written`` False at once
+    (step 1's write may still be in flight)."""
+    import fcntl
+    import os
+
+    from conftest import wait_until_listed
+
+    from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint
+
+    class TakeLock(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 2 and rank == 0:
+                if first_written:
+                    wait_until_listed(Path(checkpoints), 1)
+                lock = Path(checkpoints, ".asynchat.lock")
+                lock.unlink()
+                self.fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+                os.write(self.fd, b"pid 1 on the other writer")
+
+    trainer = FullyShardedDataParallelTrainer(
+        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
+        loss_fn=torch.nn.CrossEntropyLoss(), num_steps=4, device="cpu",
+        callbacks=[TakeLock(), Checkpoint(checkpoints, every_n_steps=1, keep_last=None)],
+    )  # fmt: skip
+    await trainer.fit()
+
+
 async def split_callback_shards(rank: int, world_size: int, out: str) -> None:
     """What a sharded checkpoint makes of DTensors in a callback's state: a placeholder in
     ``asynchat.pt`` and the tensor by name for the shards; a Partial one is refused."""

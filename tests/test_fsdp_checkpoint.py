@@ -16,7 +16,7 @@ import rank_jobs
 import torch
 from conftest import make_loader
 
-from asynchat import Trainer, launch
+from asynchat import LaunchError, Trainer, launch
 from asynchat._checkpoint_io import serialize
 from asynchat.callbacks import (
     Checkpoint,
@@ -233,3 +233,22 @@ def test_a_crafted_placeholder_in_a_sharded_checkpoint_is_refused(
         )  # fmt: skip
         with pytest.raises(CheckpointError, match="a malformed placeholder of a sharded tensor"):
             anyio.run(trainer.fit)
+
+
+@pytest.mark.parametrize("first_written", [True, False], ids=["after-a-save", "during-a-save"])
+def test_a_sharded_save_into_a_directory_another_writer_took_leaves_nothing_there(
+    tmp_path: Path, first_written: bool
+) -> None:
+    # Every rank's shards are written before rank 0 checks the lock: refused, they were
+    # left in a hidden temporary directory of the directory another writer now owns. And
+    # with step 1's write refused while in flight, rank 1 went on to write step 2's shards
+    # (rank 0 learned of the failure only after agreeing to save) and left them there too.
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(LaunchError, match=r"(?s)rank 0 failed.*another writer has taken"):
+        launch(rank_jobs.fsdp_directory_taken, nprocs=2, args=(str(checkpoints), first_written))
+    left = sorted(p.name for p in checkpoints.iterdir())
+    written_before = [".asynchat.lock", "manifest.json", "step-000000001.dcp"]
+    if first_written:
+        assert left == written_before
+    else:
+        assert set(left) <= set(written_before), left

@@ -303,6 +303,11 @@ class Checkpoint(Callback):
         loop = state.loop
         if not loop.is_rank_zero and not loop.spans_ranks:
             return
+        if loop.shards_state:
+            # Before agreeing: a failed last save (its shards were every rank's) is raised
+            # here, so that no rank writes this one's shards for nothing; and DCP's
+            # collectives of the last save are over before this one's begin.
+            self._writer.wait()
         decision = self._decide(state) if loop.is_rank_zero else None
         if loop.spans_ranks and not loop.any_rank(decision is not None):
             return  # one agreement per save, not per step: every rank saves, or none
@@ -351,7 +356,6 @@ class Checkpoint(Callback):
         """Every rank: stage its shards now, write them on DCP's thread; rank 0 then
         commits the directory (see :mod:`asynchat._dcp`) with ``ranks``, every rank's part."""
         loop = state.loop
-        self._writer.wait()  # DCP's collectives of the last save are over before these
         self._sharded_saves += 1  # the same count on every rank: the same directory name
         name = checkpoint_name(state.global_step, sharded=True)
         temporary = self.save_dir / f".{name}.{self._sharded_saves}.tmp"
@@ -383,7 +387,7 @@ class Checkpoint(Callback):
             return  # not rank 0
         path = self.save_dir / name
         try:
-            self._lock.check()
+            self._check_lock(temporary)
             extras["sharded"]["files"] = file_digests(temporary)
             data, digest = serialize(extras)
             atomic_write(temporary / EXTRAS, data)
@@ -392,6 +396,15 @@ class Checkpoint(Callback):
             self._record(name, digest, size, extras["progress"], metric)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+
+    def _check_lock(self, temporary: Path) -> None:
+        """:meth:`DirectoryLock.check`; refused, this save's shards (written before the
+        check, by every rank) are removed, not left in a directory another run now owns."""
+        try:
+            self._lock.check()
+        except CheckpointError:
+            remove(temporary)
+            raise
 
     def _metric(self, state: LoopState) -> tuple[float | None, CheckpointError | None]:
         """The monitored value at this save, and the error to raise if it is missing."""
