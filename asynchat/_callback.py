@@ -39,6 +39,13 @@ class Callback:
     its shard, a :class:`~asynchat.callbacks.LossMonitor`'s sums of its losses), the
     checkpoint keeps every rank's, and each rank resumes its own.
 
+    A distributed trainer requires a class that says ``every_rank = True`` on every rank,
+    in the same order (checked before training, with an error naming what each rank has):
+    its hooks take part in collectives (:class:`~asynchat.callbacks.Checkpoint`,
+    Validation, MetricUpdater, TerminateOnNaN) or change what each replica computes
+    (GradClip, LRSchedule, FreezeModule, ExponentialMovingAverage). Set it on a callback
+    of your own that calls ``loop.any_rank`` or ``loop.sum_over_ranks``.
+
     Within a phase, hooks run in the order the callbacks were given, except that those of a
     class with ``runs_last = True`` run after all others (:class:`~asynchat.callbacks.Checkpoint`:
     a checkpoint then holds what the phase's other hooks did, wherever it is listed).
@@ -49,6 +56,7 @@ class Callback:
     shared_across_loops: ClassVar[bool] = False
     runs_last: ClassVar[bool] = False
     state_per_rank: ClassVar[bool] = False
+    every_rank: ClassVar[bool] = False
 
     def on_loop_begin(self, state: LoopState) -> Awaitable[None] | None:
         """Before the first epoch."""

@@ -35,11 +35,12 @@ class DistributedDataParallelTrainer(Trainer):
     rank paused holds them all until it resumes. ``device=None`` is the rank's GPU
     (``LOCAL_RANK``), or the CPU without CUDA.
     ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
-    Callbacks that write files (Checkpoint, the loggers, Progress) write on rank 0 only
-    (``loop.is_rank_zero``); decisions such as TerminateOnNaN's are agreed with
-    ``loop.any_rank``. A checkpoint holds what is each rank's own (its random states, so
-    ranks seeded apart draw apart again after a resume; its metrics; callbacks with
-    ``state_per_rank``), and each rank resumes from its own.
+    Give every rank the same callbacks: those that write files (Checkpoint, the loggers,
+    Progress) write on rank 0 only (``loop.is_rank_zero``); decisions such as
+    TerminateOnNaN's are agreed with ``loop.any_rank``; callbacks with ``every_rank`` are
+    checked alike on every rank before training. A checkpoint holds what is each rank's
+    own (its random states, so ranks seeded apart draw apart again after a resume; its
+    metrics; callbacks with ``state_per_rank``), and each rank resumes from its own.
     Other arguments are :class:`~asynchat.Trainer`'s.
     """
 
@@ -112,6 +113,26 @@ class DistributedDataParallelTrainer(Trainer):
         sampler = getattr(self.data_loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
+
+    def _check_ranks_alike(self) -> None:
+        """The callbacks with ``every_rank`` alike on every rank, in the same order: one
+        all-gather per loop, before training. A Checkpoint given to rank 0 alone paired its
+        agreement with the other ranks' step agreement; a GradClip or an LRSchedule on one
+        rank drove its replica apart."""
+        mine = [type(c).__qualname__ for c in self.callbacks if c.every_rank]
+        everyone: list[list[str] | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self._group)
+        if any(theirs != mine for theirs in everyone):
+            listed = "; ".join(
+                f"rank {rank}: {', '.join(names or []) or 'none'}"
+                for rank, names in enumerate(everyone)
+            )
+            raise ValueError(
+                f"callbacks must be alike on every rank of a {type(self).__name__}, in the "
+                f"same order, where they act together or change the training ({listed}). "
+                "Give every rank the same ones: Checkpoint, the loggers and Progress write "
+                "on rank 0 only by themselves"
+            )
 
     def any_rank(self, flag: bool) -> bool:
         return self._agree([flag])[0]

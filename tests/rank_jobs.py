@@ -251,6 +251,15 @@ async def seeded_apart_across_a_stop(
     torch.save(result, Path(out, f"rank{rank}.pt"))
 
 
+async def callbacks_unlike(rank: int, world_size: int, directory: str) -> None:
+    """Rank 0 with a Checkpoint (as one would write ``if rank == 0: save``), rank 1 with a
+    GradClip and a Progress (which the check leaves out: it writes on rank 0 by itself)."""
+    from asynchat.callbacks import Checkpoint, GradClip, Progress
+
+    callbacks = [Checkpoint(directory)] if rank == 0 else [GradClip(1.0), Progress()]
+    await plain_ddp_trainer(num_epochs=1, callbacks=callbacks).fit()
+
+
 async def predict_shard(rank: int, world_size: int, out: str) -> None:
     from asynchat import Callback, LoopState, Predictor
 

@@ -181,6 +181,21 @@ def test_ranks_seeded_apart_each_resume_from_their_own_state(tmp_path: Path) -> 
     assert trainer.state.global_step == 4 + 8  # then the second epoch, on one process
 
 
+def test_callbacks_that_act_together_must_be_alike_on_every_rank(tmp_path: Path) -> None:
+    # A Checkpoint on rank 0 alone paired its save agreement with rank 1's step agreement:
+    # the job failed after the collective timeout (20 s here, 5 min by default), at the
+    # first save. A GradClip on one rank drove its replica apart silently.
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.callbacks_unlike, nprocs=2, args=(str(tmp_path / "ckpt"),),
+               collective_timeout=timedelta(seconds=20))  # fmt: skip
+    message = str(info.value)
+    assert "callbacks must be alike on every rank of a DistributedDataParallelTrainer" in message
+    assert "(rank 0: Checkpoint; rank 1: GradClip)" in message
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "ckpt").exists(), "refused before any hook ran"
+
+
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
     launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)

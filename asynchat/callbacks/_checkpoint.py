@@ -145,6 +145,7 @@ class Checkpoint(Callback):
             after an error), unless the last step was just saved.
     """
 
+    every_rank = True
     runs_last = True
 
     def __init__(

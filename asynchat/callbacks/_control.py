@@ -100,6 +100,8 @@ class TerminateOnNaN(Callback):
     end, so the error (naming the first bad step) comes at most that many steps late.
     """
 
+    every_rank = True
+
     def __init__(self, *, check_every_n_steps: int = 20) -> None:
         positive_int("check_every_n_steps", check_every_n_steps)
         self.check_every_n_steps = check_every_n_steps

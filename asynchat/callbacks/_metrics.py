@@ -62,6 +62,7 @@ class MetricUpdater(Callback):
             ``(state.outputs, targets of the batch)``.
     """
 
+    every_rank = True
     state_per_rank = True
 
     def __init__(

@@ -35,6 +35,8 @@ class ExponentialMovingAverage(Callback):
             so early averages are not dominated by the random initialization.
     """
 
+    every_rank = True
+
     def __init__(
         self, decay: float = 0.999, *, every_n_steps: int = 1, warmup: bool = True
     ) -> None:
@@ -131,6 +133,7 @@ class GradClip(Callback):
     the captured update (``last_norm`` is then a buffer each replay rewrites).
     """
 
+    every_rank = True
     graph_safe = True
 
     def __init__(
@@ -176,6 +179,7 @@ class FreezeModule(Callback):
         eval_mode: also keep the frozen modules in ``eval()`` mode (BatchNorm, Dropout).
     """
 
+    every_rank = True
     shared_across_loops = True  # it keeps no state of a run: one instance may serve many
 
     def __init__(

@@ -68,6 +68,7 @@ class LRSchedule(Callback):
     updated in place, never replaced.
     """
 
+    every_rank = True
     sets_lr = True
 
     def __init__(

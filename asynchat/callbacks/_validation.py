@@ -53,6 +53,8 @@ class Validation(Callback):
         callbacks: more callbacks for the predictor.
     """
 
+    every_rank = True
+
     def __init__(
         self,
         data_loader: Iterable[Any],
