@@ -493,7 +493,9 @@ class LoopBase(PipeBase):
         rank resumes from its own.
         """
         rank, world_size = (self.rank, self.world_size) if self.spans_ranks else (0, 1)
-        checkpoint = own_part(checkpoint, rank=rank, world_size=world_size)
+        checkpoint = own_part(
+            checkpoint, rank=rank, world_size=world_size, callbacks=self.callbacks
+        )
         self._check_checkpoint(checkpoint)  # before anything is overwritten
         self._resume = apply_checkpoint(
             checkpoint,

@@ -211,15 +211,23 @@ def _own_fields(
     }
 
 
-def own_part(checkpoint: dict[str, Any], *, rank: int, world_size: int) -> dict[str, Any]:
+def own_part(
+    checkpoint: dict[str, Any], *, rank: int, world_size: int, callbacks: Iterable[Callback]
+) -> dict[str, Any]:
     """``checkpoint`` as rank ``rank`` of a job of ``world_size`` ranks resumes from it: its
     own part of ``ranks`` in place of rank 0's. On another number of ranks each rank that
     was one takes its part's random states and metrics (the others rank 0's), and the
-    callbacks with ``state_per_rank`` start afresh (a shard's metric counts do not carry
-    over to another sharding), with a warning when any had a state."""
+    ``callbacks`` with ``state_per_rank`` start afresh (a shard's metric counts do not
+    carry over to another sharding), with a warning when any had a state. A checkpoint
+    without ``ranks`` (written before they were kept) holds rank 0's: the other ranks'
+    such callbacks start afresh."""
     ranks = checkpoint.get("ranks")
     if ranks is None:
-        return checkpoint
+        if rank == 0:
+            return checkpoint
+        per_rank = {key for key, cb in stateful_callbacks(callbacks).items() if cb.state_per_rank}
+        kept = {k: v for k, v in checkpoint["callbacks"].items() if k not in per_rank}
+        return {**checkpoint, "callbacks": kept}
     part = ranks[rank] if rank < len(ranks) else ranks[0]
     own = {key: value for key, value in checkpoint.items() if key != "ranks"}
     own.update({key: value for key, value in part.items() if key != "callbacks"})

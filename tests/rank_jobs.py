@@ -174,11 +174,12 @@ async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str)
 
 
 async def loss_monitor_across_a_stop(
-    rank: int, world_size: int, out: str, directory: str, stop_at: int
+    rank: int, world_size: int, out: str, directory: str, stop_at: int, old_format: bool = False
 ) -> None:
     """LossMonitor(every_n_steps=4) on two ranks, stopped at ``stop_at`` (0: never) and
-    resumed from ``directory``; each rank saves its own step losses and the mean it
-    published at step 4."""
+    resumed from ``directory`` (with ``old_format``, its checkpoint first rewritten as
+    before each rank's part was kept: rank 0's state for all); each rank saves its own step
+    losses and the mean it published at step 4."""
     from asynchat import Callback, LoopState
     from asynchat.callbacks import Checkpoint, LossMonitor
 
@@ -209,8 +210,24 @@ async def loss_monitor_across_a_stop(
 
     if stop_at:
         await run(StopAt()).fit()
+    if old_format and rank == 0:
+        as_written_before_rank_parts(Path(directory))
+    dist.barrier()
     await run(resume=bool(stop_at)).fit()
     torch.save({"losses": losses, "published": published}, Path(out, f"rank{rank}.pt"))
+
+
+def as_written_before_rank_parts(directory: Path) -> None:
+    """The directory's checkpoint files rewritten without ``ranks``, rank 0's part in their
+    place (what a distributed checkpoint held before), and without a manifest."""
+    from asynchat._checkpoint_io import serialize
+
+    for file in directory.glob("step-*.ckpt"):
+        checkpoint = torch.load(file, weights_only=True)
+        rank_zero = checkpoint.pop("ranks")[0]
+        checkpoint["callbacks"].update(rank_zero["callbacks"])
+        file.write_bytes(serialize(checkpoint)[0])
+    (directory / "manifest.json").unlink()
 
 
 async def seeded_apart_across_a_stop(

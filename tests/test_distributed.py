@@ -150,6 +150,19 @@ def test_a_resumed_loss_monitor_goes_on_with_each_ranks_own_interval(tmp_path: P
 
 
 @pytest.mark.slow
+def test_a_checkpoint_written_before_rank_parts_gives_rank_zeros_interval_to_rank_zero_only(
+    tmp_path: Path,
+) -> None:
+    # Such a checkpoint holds rank 0's interval alone: rank 1 took it for its own once
+    # each rank resumed its LossMonitor, and published a mean mixing rank 0's losses.
+    launch(rank_jobs.loss_monitor_across_a_stop, nprocs=2,
+           args=(str(tmp_path), str(tmp_path / "c"), 2, True))  # fmt: skip
+    rank_one = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    own = rank_one["losses"]  # the resumed run's steps, 3 and 4: afresh
+    assert rank_one["published"][4] == pytest.approx((own[3] + own[4]) / 2, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_ranks_seeded_apart_each_resume_from_their_own_state(tmp_path: Path) -> None:
     # The checkpoint held rank 0's random states, and every rank resumed from them: ranks
     # seeded apart (nanoGPT's seed offset) drew the same dropout masks after a resume, and
