@@ -277,6 +277,15 @@ async def callbacks_unlike(rank: int, world_size: int, directory: str) -> None:
     await plain_ddp_trainer(num_epochs=1, callbacks=callbacks).fit()
 
 
+async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
+    """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
+    rank 0's may be written to."""
+    from asynchat.callbacks import Checkpoint
+
+    checkpoint = Checkpoint(Path(root, f"rank{rank}"), every_n_steps=1, keep_last=None)
+    await plain_ddp_trainer(num_epochs=1, callbacks=[checkpoint]).fit()
+
+
 async def predict_shard(rank: int, world_size: int, out: str) -> None:
     from asynchat import Callback, LoopState, Predictor
 

@@ -194,6 +194,22 @@ def test_ranks_seeded_apart_each_resume_from_their_own_state(tmp_path: Path) -> 
     assert trainer.state.global_step == 4 + 8  # then the second epoch, on one process
 
 
+def test_only_rank_zero_writes_a_ddp_checkpoint_holding_every_ranks_part(
+    tmp_path: Path,
+) -> None:
+    # Once every rank took part in a save, rank 1 went on to write the checkpoint too
+    # (without the other ranks' parts), its manifest and its pruning, into the same
+    # directory: whichever rename landed last was the checkpoint.
+    launch(rank_jobs.checkpoint_per_rank_directory, nprocs=2, args=(str(tmp_path),))
+    assert not (tmp_path / "rank1").exists()
+    files = sorted((tmp_path / "rank0").glob("step-*.ckpt"))
+    assert [f.name for f in files] == [f"step-{s:09d}.ckpt" for s in (1, 2, 3, 4)]
+    for file in files:
+        checkpoint = torch.load(file, weights_only=True)
+        assert len(checkpoint["ranks"]) == 2
+        assert checkpoint["ranks"][0]["rng"]["python"] == checkpoint["rng"]["python"]
+
+
 def test_callbacks_that_act_together_must_be_alike_on_every_rank(tmp_path: Path) -> None:
     # A Checkpoint on rank 0 alone paired its save agreement with rank 1's step agreement:
     # the job failed after the collective timeout (20 s here, 5 min by default), at the

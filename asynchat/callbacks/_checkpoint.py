@@ -331,7 +331,7 @@ class Checkpoint(Callback):
         ranks = loop.gather_to_rank_zero(loop.rank_state_dict()) if loop.spans_ranks else None
         if loop.shards_state:
             self._save_sharded(state, metric, ranks)
-        else:
+        elif loop.is_rank_zero:
             snapshot = loop.state_dict() | ({"ranks": ranks} if ranks else {})
             self._writer.submit(functools.partial(self._write, snapshot, metric))
         self._last_saved_step = state.global_step
