@@ -304,17 +304,10 @@ class Checkpoint(Callback):
         loop = state.loop
         if not loop.is_rank_zero and not loop.spans_ranks:
             return
-        if loop.shards_state:
-            # Before agreeing: a failed last save (its shards were every rank's) is raised
-            # here, so that no rank writes this one's shards for nothing; and DCP's
-            # collectives of the last save are over before this one's begin.
-            self._writer.wait()
-        decision = self._decide(state) if loop.is_rank_zero else None
-        if loop.spans_ranks and not loop.any_rank(decision is not None):
-            return  # one agreement per save, not per step: every rank saves, or none
-        if loop.is_rank_zero and decision is None:
+        decision = self._agreed(state)
+        if decision is None:
             return
-        metric, missing = decision if decision is not None else (None, None)
+        metric, missing = decision
         if state.accumulating and loop.is_rank_zero:
             warnings.warn(
                 f"Checkpoint(save_dir={str(self.save_dir)!r}): saving at global step "
@@ -325,9 +318,10 @@ class Checkpoint(Callback):
                 CheckpointWarning,
                 stacklevel=2,
             )
-        for callback in loop.callbacks:  # their own files up to date with the snapshot
-            if callback is not self:
-                callback.on_checkpoint(state)
+        if loop.is_rank_zero or loop.shards_state:  # where this save writes
+            for callback in loop.callbacks:  # their own files up to date with the snapshot
+                if callback is not self:
+                    callback.on_checkpoint(state)
         ranks = loop.gather_to_rank_zero(loop.rank_state_dict()) if loop.spans_ranks else None
         if loop.shards_state:
             self._save_sharded(state, metric, ranks)
@@ -338,6 +332,20 @@ class Checkpoint(Callback):
         self._last_ranked = metric is not None
         if missing is not None:
             raise missing  # after the write is on its way: the checkpoint is not lost
+
+    def _agreed(self, state: LoopState) -> tuple[float | None, CheckpointError | None] | None:
+        """Rank 0's decision (:meth:`_decide`), agreed by every rank of a distributed
+        trainer (the other ranks get ``(None, None)`` when it saves)."""
+        loop = state.loop
+        if loop.shards_state:
+            # Before agreeing: a failed last save (its shards were every rank's) is raised
+            # here, so that no rank writes this one's shards for nothing; and DCP's
+            # collectives of the last save are over before this one's begin.
+            self._writer.wait()
+        decision = self._decide(state) if loop.is_rank_zero else None
+        if loop.spans_ranks and not loop.any_rank(decision is not None):
+            return None  # one agreement per save, not per step: every rank saves, or none
+        return decision if loop.is_rank_zero else (None, None)
 
     def _decide(self, state: LoopState) -> tuple[float | None, CheckpointError | None] | None:
         """None to skip this save, else the metric to rank it by and the error to raise."""
