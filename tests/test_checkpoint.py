@@ -316,6 +316,32 @@ def test_a_checkpoint_with_malformed_rank_parts_is_refused_by_name(
         load_checkpoint(file)
 
 
+def test_each_rank_takes_its_own_part_and_per_rank_callbacks_only_on_as_many_ranks() -> None:
+    from asynchat._resume import own_part
+    from asynchat.callbacks import LossMonitor
+
+    def part(rank: int, interval: dict[str, Any]) -> dict[str, Any]:
+        return {"rng": f"rng{rank}", "metrics": {"m": rank}, "callbacks": {"LossMonitor": interval}}
+
+    written = {
+        "rng": "rng0", "metrics": {"m": 0}, "callbacks": {"LRSchedule": "shared"},
+        "ranks": [part(0, {"sums": 0}), part(1, {"sums": 1})],
+    }  # fmt: skip
+    callbacks = [LossMonitor()]
+    own = own_part(written, rank=1, world_size=2, callbacks=callbacks)
+    assert "ranks" not in own and (own["rng"], own["metrics"]) == ("rng1", {"m": 1})
+    assert own["callbacks"] == {"LRSchedule": "shared", "LossMonitor": {"sums": 1}}
+    with pytest.warns(CheckpointWarning, match=r"2 rank\(s\) and this run has 3: .* LossMonitor"):
+        beyond = own_part(written, rank=2, world_size=3, callbacks=callbacks)
+    assert beyond["rng"] == "rng0" and beyond["callbacks"] == {"LRSchedule": "shared"}
+    # Written before rank parts were kept: rank 0's per-rank state is rank 0's alone.
+    old = {"rng": "rng0", "metrics": {}, "callbacks": {"LRSchedule": "s", "LossMonitor": "r0"}}
+    assert own_part(old, rank=0, world_size=2, callbacks=callbacks) is old
+    assert own_part(old, rank=1, world_size=2, callbacks=callbacks)["callbacks"] == {
+        "LRSchedule": "s"
+    }
+
+
 def test_bad_checkpoint_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="every_n_steps must be a positive int or None, got 0"):
         Checkpoint(tmp_path, every_n_steps=0)
