@@ -40,7 +40,9 @@ class Callback:
     checkpoint keeps every rank's, and each rank resumes its own.
 
     A distributed trainer requires a class that says ``every_rank = True`` on every rank,
-    in the same order (checked before training, with an error naming what each rank has):
+    in the same order and on the same schedule (its ``every_n_steps``, ``every_n_epochs``,
+    ``log_every_n_steps``, ``check_every_n_steps``, ``save_on_end``, ``interval`` where it
+    has them; checked before training, with an error naming what each rank has):
     its hooks take part in collectives (:class:`~asynchat.callbacks.Checkpoint`,
     Validation, MetricUpdater, TerminateOnNaN) or change what each replica computes
     (GradClip, LRSchedule, FreezeModule, ExponentialMovingAverage). Set it on a callback

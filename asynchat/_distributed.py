@@ -115,11 +115,12 @@ class DistributedDataParallelTrainer(Trainer):
             sampler.set_epoch(epoch)
 
     def _check_ranks_alike(self) -> None:
-        """The callbacks with ``every_rank`` alike on every rank, in the same order: one
-        all-gather per loop, before training. A Checkpoint given to rank 0 alone paired its
+        """The callbacks with ``every_rank`` alike on every rank, in the same order and on
+        the same schedule: one all-gather per loop, before training. A Checkpoint given to
+        rank 0 alone (or saving every 2 steps there and every 3 on rank 1) paired its
         agreement with the other ranks' step agreement; a GradClip or an LRSchedule on one
         rank drove its replica apart."""
-        mine = [type(c).__qualname__ for c in self.callbacks if c.every_rank]
+        mine = [_alike(c) for c in self.callbacks if c.every_rank]
         everyone: list[list[str] | None] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self._group)
         if any(theirs != mine for theirs in everyone):
@@ -153,6 +154,20 @@ class DistributedDataParallelTrainer(Trainer):
         values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
         return [bool(v) for v in values.tolist()]
+
+
+# The attributes that say when a callback's hooks act (and so when its collectives run):
+# part of what must be alike on every rank.
+_SCHEDULE = ("every_n_steps", "every_n_epochs", "log_every_n_steps", "check_every_n_steps",
+             "save_on_end", "interval")  # fmt: skip
+
+
+def _alike(callback: Callback) -> str:
+    """``Name`` or ``Name(every_n_steps=2, ...)``: what must be alike on every rank."""
+    schedule = ", ".join(
+        f"{name}={getattr(callback, name)!r}" for name in _SCHEDULE if hasattr(callback, name)
+    )
+    return f"{type(callback).__qualname__}({schedule})" if schedule else type(callback).__qualname__
 
 
 def _trains(module: torch.nn.Module) -> bool:

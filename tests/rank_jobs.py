@@ -268,12 +268,19 @@ async def seeded_apart_across_a_stop(
     torch.save(result, Path(out, f"rank{rank}.pt"))
 
 
-async def callbacks_unlike(rank: int, world_size: int, directory: str) -> None:
-    """Rank 0 with a Checkpoint (as one would write ``if rank == 0: save``), rank 1 with a
-    GradClip and a Progress (which the check leaves out: it writes on rank 0 by itself)."""
+async def callbacks_unlike(rank: int, world_size: int, directory: str, how: str) -> None:
+    """``how="missing"``: rank 0 with a Checkpoint (as one would write ``if rank == 0:
+    save``), rank 1 with a GradClip and a Progress (which the check leaves out: it writes on
+    rank 0 by itself); ``"schedule"``: a Checkpoint on each, saving every 2 steps on rank 0
+    and every 3 on rank 1."""
+    from asynchat import Callback
     from asynchat.callbacks import Checkpoint, GradClip, Progress
 
-    callbacks = [Checkpoint(directory)] if rank == 0 else [GradClip(1.0), Progress()]
+    callbacks: list[Callback]
+    if how == "missing":
+        callbacks = [Checkpoint(directory)] if rank == 0 else [GradClip(1.0), Progress()]
+    else:
+        callbacks = [Checkpoint(directory, every_n_steps=2 + rank)]
     await plain_ddp_trainer(num_epochs=1, callbacks=callbacks).fit()
 
 
