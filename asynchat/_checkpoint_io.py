@@ -678,12 +678,15 @@ def _check_complete(file: Path, obj: dict[str, Any], sharded: bool) -> None:
     for key in ("sharded" if sharded else "model", "processor", "callbacks", "metrics", "rng"):
         if key not in obj:
             raise CheckpointError(f"{file} has no {key!r} entry")
-    ranks = obj.get("ranks", [{"rng": None, "metrics": {}, "callbacks": {}}])
-    if not isinstance(ranks, list) or not ranks or not all(map(_is_rank_part, ranks)):
+    if "ranks" in obj and not _are_rank_parts(obj["ranks"]):  # a distributed trainer's
         raise CheckpointError(
             f"{file} has a malformed 'ranks' entry (each rank's part: a dict with 'rng', "
             "'metrics' and 'callbacks')"
         )
+
+
+def _are_rank_parts(ranks: object) -> bool:
+    return isinstance(ranks, list) and bool(ranks) and all(map(_is_rank_part, ranks))
 
 
 def _is_rank_part(part: object) -> bool:
