@@ -180,6 +180,8 @@ async def loss_monitor_across_a_stop(
     resumed from ``directory`` (with ``old_format``, its checkpoint first rewritten as
     before each rank's part was kept: rank 0's state for all); each rank saves its own step
     losses and the mean it published at step 4."""
+    from conftest import StopAt
+
     from asynchat import Callback, LoopState
     from asynchat.callbacks import Checkpoint, LossMonitor
 
@@ -196,11 +198,6 @@ async def loss_monitor_across_a_stop(
             if state.global_step == 4:
                 published[4] = state.metrics["train/mean_loss"]
 
-    class StopAt(Callback):
-        def on_step_end(self, state: LoopState) -> None:
-            if state.global_step == stop_at:
-                state.loop.stop("test")
-
     def run(*extra: Callback, resume: bool = False) -> DistributedDataParallelTrainer:
         return plain_ddp_trainer(
             num_steps=4,
@@ -209,7 +206,7 @@ async def loss_monitor_across_a_stop(
         )
 
     if stop_at:
-        await run(StopAt()).fit()
+        await run(StopAt(stop_at)).fit()
     if old_format and rank == 0:
         as_written_before_rank_parts(Path(directory))
     dist.barrier()
@@ -237,14 +234,10 @@ async def seeded_apart_across_a_stop(
     (nanoGPT's seed offset), a MetricUpdater and a LossMonitor, stopped at ``stop_at`` (0:
     never) and resumed from ``directory``; each rank saves its weights and metrics."""
     import torchmetrics
+    from conftest import StopAt
 
-    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat import Callback, DistributedDataParallelTrainer
     from asynchat.callbacks import Checkpoint, LossMonitor, MetricUpdater
-
-    class StopAt(Callback):
-        def on_step_end(self, state: LoopState) -> None:
-            if state.global_step == stop_at:
-                state.loop.stop("test")
 
     def run(*extra: Callback, resume: bool = False) -> DistributedDataParallelTrainer:
         model = dropout_model()
@@ -260,7 +253,7 @@ async def seeded_apart_across_a_stop(
         )  # fmt: skip
 
     if stop_at:
-        await run(StopAt()).fit()
+        await run(StopAt(stop_at)).fit()
     last = run(resume=bool(stop_at))
     await last.fit()
     weights = [p.detach().clone() for p in last.model.parameters()]
