@@ -279,11 +279,18 @@ async def callbacks_unlike(rank: int, world_size: int, directory: str, how: str)
 
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
     """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
-    rank 0's may be written to."""
+    rank 0's may be written to. Each ``on_checkpoint`` call appends the step to
+    ``root/on_checkpoint.rank<r>``."""
+    from asynchat import Callback, LoopState
     from asynchat.callbacks import Checkpoint
 
+    class Files(Callback):
+        def on_checkpoint(self, state: LoopState) -> None:
+            with Path(root, f"on_checkpoint.rank{rank}").open("a") as file:
+                file.write(f"{state.global_step}\n")
+
     checkpoint = Checkpoint(Path(root, f"rank{rank}"), every_n_steps=1, keep_last=None)
-    await plain_ddp_trainer(num_epochs=1, callbacks=[checkpoint]).fit()
+    await plain_ddp_trainer(num_epochs=1, callbacks=[Files(), checkpoint]).fit()
 
 
 async def predict_shard(rank: int, world_size: int, out: str) -> None:

@@ -208,6 +208,11 @@ def test_only_rank_zero_writes_a_ddp_checkpoint_holding_every_ranks_part(
         checkpoint = torch.load(file, weights_only=True)
         assert len(checkpoint["ranks"]) == 2
         assert checkpoint["ranks"][0]["rng"]["python"] == checkpoint["rng"]["python"]
+    # A callback's own files are brought up to date where the save writes, on rank 0: once
+    # every rank took part in saves, rank 1's on_checkpoint ran too, for a save it never
+    # writes.
+    assert (tmp_path / "on_checkpoint.rank0").read_text().split() == ["1", "2", "3", "4"]
+    assert not (tmp_path / "on_checkpoint.rank1").exists()
 
 
 @pytest.mark.parametrize(
