@@ -133,7 +133,7 @@ class Trainer(LoopBase):
                 optimizer_trains(optimizer, self.model, name=_label(self._optimizer_specs, name))
             optimizers[name] = optimizer
         self.state.optimizers = optimizers
-        self.state.optimizer = optimizers[DEFAULT] if len(optimizers) == 1 else None
+        self.state.optimizer = next(iter(optimizers.values())) if len(optimizers) == 1 else None
 
     def _extra_state(self) -> dict[str, Any]:
         optimizers = self.state.optimizers

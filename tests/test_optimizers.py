@@ -293,6 +293,15 @@ async def test_update_without_a_name_needs_a_single_optimizer() -> None:
         await trainer(batch_processor=Unnamed()).fit()
 
 
+async def test_a_mapping_of_one_named_optimizer_is_the_only_one() -> None:
+    optimizer = {"adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01)}
+    loop = Trainer(nn.Linear(8, 3), make_loader(64, 16), optimizer, loss_fn=F.cross_entropy,
+                   num_steps=3, callbacks=[seen := SeeUpdates()])  # fmt: skip
+    state = await loop.fit()
+    assert state.optimizer is state.optimizers["adam"] is loop.optimizer
+    assert seen.seen == [("adam", 0), ("adam", 1), ("adam", 2)]
+
+
 async def test_update_follows_gradient_accumulation() -> None:
     seen = SeeUpdates()
     await trainer(seen, batch_processor=TwoUpdates(grad_accumulation_steps=3), steps=6).fit()
