@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import itertools
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeGuard, TypeVar
 
 import torch
@@ -191,7 +191,10 @@ def _run_out(items: Iterator[Any]) -> BaseException | None:
 
 
 def with_last(
-    items: Iterator[T], limit: int | None, length: int | None
+    items: Iterator[T],
+    limit: int | None,
+    length: int | None,
+    agree_last: Callable[[bool], bool] | None = None,
 ) -> Iterator[tuple[T, bool, bool]]:
     """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
     ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
@@ -199,26 +202,46 @@ def with_last(
 
     With a known length the last item is counted; without one it is found by reading one
     item ahead (so a data loader without ``len()`` is read one item early). An error from
-    reading ahead is raised after the item already read has been yielded.
+    reading ahead is raised after the item already read has been yielded. ``agree_last``
+    (ranks of a group whose lengths are not all known): whether an item is the last is
+    agreed before its step (``agree_last(flag)`` is True if ``flag`` is on any rank), and
+    whether there is a first one, so every rank ends the epoch at the same step, when the
+    first runs out; an error from reading ahead is raised at once then (a rank that went
+    on alone to the item's step would meet its peers in another collective).
     """
     if length is not None:
-        bound = length if limit is None else min(length, limit)
-        for count, item in enumerate(items, start=1):
-            # With this item the data runs out: let the iterator end now, as a data thread
-            # reading ahead does, before the step (which may stop the loop): a sampler may
-            # draw from its generator at its end (RandomSampler does), and the next epoch's
-            # order, or a checkpoint's generator state, depends on it. An error it raises
-            # there follows the item's step.
-            failed = _run_out(items) if count >= length else None
-            yield item, count >= bound, count >= length
-            if failed is not None:
-                raise failed
-            if count >= bound:
-                return
+        return _counted(items, limit, length)
+    return _read_ahead(items, limit, agree_last)
+
+
+def _counted(items: Iterator[T], limit: int | None, length: int) -> Iterator[tuple[T, bool, bool]]:
+    bound = length if limit is None else min(length, limit)
+    if bound <= 0:  # (an epoch the ranks agreed is empty, where this rank's is not)
         return
+    for count, item in enumerate(items, start=1):
+        # With this item the data runs out: let the iterator end now, as a data thread
+        # reading ahead does, before the step (which may stop the loop): a sampler may
+        # draw from its generator at its end (RandomSampler does), and the next epoch's
+        # order, or a checkpoint's generator state, depends on it. An error it raises
+        # there follows the item's step.
+        failed = _run_out(items) if count >= length else None
+        yield item, count >= bound, count >= length
+        if failed is not None:
+            raise failed
+        if count >= bound:
+            return
+
+
+def _read_ahead(
+    items: Iterator[T], limit: int | None, agree_last: Callable[[bool], bool] | None
+) -> Iterator[tuple[T, bool, bool]]:
     try:
         current = next(items)
     except StopIteration:
+        current = _END
+    if agree_last is not None and agree_last(current is _END):
+        return  # some rank's epoch is empty
+    if current is _END:
         return
     count = 1
     while True:
@@ -228,16 +251,24 @@ def with_last(
         try:
             following = next(items)
         except StopIteration:
-            yield current, True, True
-            return
+            following = _END
         except Interrupted:
             raise  # stop() or cancellation: the current item's step has not begun
         except BaseException:
-            yield current, True, False  # train on what was read before the error, then raise
+            if agree_last is None:
+                yield current, True, False  # train on what was read before the error
             raise
-        yield current, False, False
+        last = following is _END
+        if agree_last is not None:
+            last = agree_last(last)
+        yield current, last, last
+        if last:
+            return
         current = following
         count += 1
+
+
+_END: Any = object()  # read past the data's end
 
 
 class Reading(enum.Enum):
@@ -302,9 +333,12 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
 
 def shard_loader(data_loader: Iterable[Any]) -> Iterable[Any]:
     """For a rank of a distributed job: a DataLoader rebuilt with a DistributedSampler
-    (shuffled if the original was); anything else as it is."""
-    if not isinstance(data_loader, DataLoader) or isinstance(
-        data_loader.sampler, DistributedSampler
+    (shuffled if the original was); anything else as it is, a DataLoader over an
+    ``IterableDataset`` too (it has no sampler: the dataset reads its rank's share)."""
+    if (
+        not isinstance(data_loader, DataLoader)
+        or isinstance(data_loader.dataset, IterableDataset)
+        or isinstance(data_loader.sampler, DistributedSampler)
     ):
         return data_loader
     if data_loader.batch_sampler is None:

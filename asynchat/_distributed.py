@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -27,13 +28,16 @@ class DistributedDataParallelTrainer(Trainer):
 
     A ``DataLoader`` whose sampler is not a ``DistributedSampler`` is rebuilt with one (shuffled
     if the original was), and ``set_epoch`` is called before each epoch's order is drawn; each
-    rank reads its shard with the loader's batch size. With gradient accumulation the
-    all-reduce is skipped (``no_sync``) until the update step. ``stop()``, ``pause()`` and a
-    cancellation on any rank act on every rank at the same boundary: the ranks agree at each
-    epoch and step boundary in one all-reduce of ``[stop, cancel, pause]`` on a CPU (gloo)
-    group, so they never diverge or hang, and agreeing costs no device sync under NCCL. A
-    rank paused holds them all until it resumes. ``device=None`` is the rank's GPU
-    (``LOCAL_RANK``), or the CPU without CUDA.
+    rank reads its shard with the loader's batch size; other data (an ``IterableDataset``
+    reading its rank's share, a list) is each rank's as given. Every rank runs as many steps
+    an epoch, the fewest any rank's data has (agreed before training, or before each step
+    for data without a ``len()``), with a warning when they differ. With gradient
+    accumulation the all-reduce is skipped (``no_sync``) until the update step. ``stop()``,
+    ``pause()`` and a cancellation on any rank act on every rank at the same boundary: the
+    ranks agree at each epoch and step boundary in one all-reduce of ``[stop, cancel,
+    pause]`` on a CPU (gloo) group, so they never diverge or hang, and agreeing costs no
+    device sync under NCCL. A rank paused holds them all until it resumes. ``device=None``
+    is the rank's GPU (``LOCAL_RANK``), or the CPU without CUDA.
     ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
     Give every rank the same callbacks: those that write files (Checkpoint, the loggers,
     Progress) write on rank 0 only (``loop.is_rank_zero``); decisions such as
@@ -92,6 +96,7 @@ class DistributedDataParallelTrainer(Trainer):
         # rank creates this group (a collective call) in step.
         self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._control.agree = self._agree
+        self._cut_short = False  # said that an epoch ended before this rank's data did
 
     def _configure(self) -> None:
         super()._configure()
@@ -114,19 +119,23 @@ class DistributedDataParallelTrainer(Trainer):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
 
-    def _check_ranks_alike(self) -> None:
-        """The callbacks with ``every_rank`` alike on every rank, in the same order and on
-        the same schedule: one all-gather per loop, before training. A Checkpoint given to
-        rank 0 alone (or saving every 2 steps there and every 3 on rank 1) paired its
-        agreement with the other ranks' step agreement; a GradClip or an LRSchedule on one
-        rank drove its replica apart."""
-        mine = [_alike(c) for c in self.callbacks if c.every_rank]
-        everyone: list[list[str] | None] = [None] * self.world_size
+    def _agree_with_ranks(self) -> None:
+        """One all-gather per loop, before training: the callbacks with ``every_rank`` alike
+        on every rank, and the epochs' length agreed."""
+        mine = ([_alike(c) for c in self.callbacks if c.every_rank], self.state.steps_per_epoch)
+        everyone: list[tuple[list[str], int | None] | None] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self._group)
-        if any(theirs != mine for theirs in everyone):
+        self._check_alike([theirs[0] if theirs else [] for theirs in everyone])
+        self._agree_lengths([theirs[1] if theirs else None for theirs in everyone])
+
+    def _check_alike(self, everyone: list[list[str]]) -> None:
+        """Every rank's callbacks with ``every_rank`` the same, in the same order and on the
+        same schedule. A Checkpoint given to rank 0 alone (or saving every 2 steps there and
+        every 3 on rank 1) paired its agreement with the other ranks' step agreement; a
+        GradClip or an LRSchedule on one rank drove its replica apart."""
+        if any(theirs != everyone[self.rank] for theirs in everyone):
             listed = "; ".join(
-                f"rank {rank}: {', '.join(names or []) or 'none'}"
-                for rank, names in enumerate(everyone)
+                f"rank {rank}: {', '.join(names) or 'none'}" for rank, names in enumerate(everyone)
             )
             raise ValueError(
                 f"callbacks must be alike on every rank of a {type(self).__name__}, in the "
@@ -134,6 +143,41 @@ class DistributedDataParallelTrainer(Trainer):
                 "Give every rank the same ones: Checkpoint, the loggers and Progress write "
                 "on rank 0 only by themselves"
             )
+
+    def _agree_lengths(self, lengths: list[int | None]) -> None:
+        """Every rank runs as many steps an epoch: the fewest any rank's data has. A rank
+        that stepped on alone met its peers' next agreement with its gradient all-reduce
+        (gloo aborted the job on the size mismatch; NCCL would hang or mix the two)."""
+        if None in lengths:  # told as it happens: agreed before each step
+            self.state.steps_per_epoch = None
+            self._control.agree_last = self._agree_last
+            return
+        known = [length for length in lengths if length is not None]  # (all of them)
+        self.state.steps_per_epoch = min(known)
+        if min(known) != max(known) and self.is_rank_zero:
+            listed = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(known))
+            warnings.warn(
+                f"{self.name}: the ranks' data have different numbers of batches ({listed}): "
+                f"every rank runs {min(known)} steps an epoch and leaves the rest unread. "
+                "Give every rank as many (a DistributedSampler does; this trainer gives one "
+                "to a DataLoader without)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _agree_last(self, last: bool) -> bool:
+        """Whether the epoch ends: if it does on any rank (its data ran out)."""
+        agreed = self.any_rank(last)
+        if agreed and not last and not self._cut_short:
+            self._cut_short = True
+            warnings.warn(
+                f"{self.name}: rank {self.rank}'s data had more batches than another rank's "
+                f"in epoch {self.state.epoch}: every rank ends an epoch when the first runs "
+                "out, and this rank's further batches were not read. Give every rank as many",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return agreed
 
     def any_rank(self, flag: bool) -> bool:
         return self._agree([flag])[0]

@@ -517,7 +517,7 @@ class LoopBase(PipeBase):
     def _prepare(self) -> ResumePoint | None:
         """The model, optimizer and processor ready, and the resume checkpoint loaded (no
         hook has run yet); returns where a resumed run starts."""
-        self._check_ranks_alike()
+        self._agree_with_ranks()
         self.model.to(self.device)
         self._configure()
         self.batch_processor.setup(self)
@@ -533,9 +533,10 @@ class LoopBase(PipeBase):
 
     # Template hooks for subclasses, called on the compute thread.
 
-    def _check_ranks_alike(self) -> None:
-        """Refuse to start a loop whose ranks would not act alike (a distributed trainer:
-        callbacks with ``every_rank`` missing on some rank)."""
+    def _agree_with_ranks(self) -> None:
+        """Refuse to start a loop whose ranks would not act alike, and agree how long their
+        epochs are (a distributed trainer: callbacks with ``every_rank`` missing on some
+        rank; data loaders of different lengths)."""
 
     def _configure(self) -> None:
         """Build what needs the model on its device (the Trainer: its optimizer)."""

@@ -268,7 +268,7 @@ class LoopRun:
         length = state.steps_per_epoch
         length = None if length is None else max(0, length - epoch.skip)
         waiting_since = time.perf_counter()
-        for item, is_last, ends_data in with_last(batches, limit, length):
+        for item, is_last, ends_data in with_last(batches, limit, length, control.agree_last):
             state.data_time = time.perf_counter() - waiting_since
             state.step = epoch.skip + epoch.steps
             state.is_last_step = is_last

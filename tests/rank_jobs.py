@@ -66,13 +66,11 @@ def plain_ddp_trainer(**options: Any) -> DistributedDataParallelTrainer:
     from asynchat import DistributedDataParallelTrainer
 
     settings: dict[str, Any] = {
+        "data_loader": torch.utils.data.DataLoader(ddp_data(), batch_size=8),
         "loss_fn": torch.nn.CrossEntropyLoss(), "device": "cpu", **options,
     }  # fmt: skip
     return DistributedDataParallelTrainer(
-        ddp_model(),
-        torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-        **settings,
+        ddp_model(), optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), **settings
     )
 
 
@@ -275,6 +273,65 @@ async def callbacks_unlike(rank: int, world_size: int, directory: str, how: str)
     else:
         callbacks = [Checkpoint(directory, every_n_steps=2 + rank)]
     await plain_ddp_trainer(num_epochs=1, callbacks=callbacks).fit()
+
+
+def uneven_samples(rank: int) -> torch.utils.data.TensorDataset:
+    """Rank ``rank``'s data for the uneven-data jobs: ``4 + 3 * rank`` batches of 8."""
+    g = torch.Generator().manual_seed(100 + rank)
+    n = (4 + 3 * rank) * 8
+    return torch.utils.data.TensorDataset(
+        torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+    )
+
+
+class Stream(torch.utils.data.IterableDataset[Any]):
+    """A dataset without a length: its samples one by one."""
+
+    def __init__(self, samples: torch.utils.data.TensorDataset) -> None:
+        self.samples = samples
+
+    def __iter__(self) -> Any:
+        return iter(self.samples)
+
+
+async def uneven_data(rank: int, world_size: int, out: str, kind: str, accumulate: int) -> None:
+    """Ranks with 4 and 7 batches an epoch, two epochs: as a list (``kind="list"``, lengths
+    known) or a DataLoader over an IterableDataset (``"stream"``, no length). Writes the
+    steps run each epoch, the weights and the warnings to ``out/rank<r>.json``."""
+    import warnings
+
+    from asynchat import BasicBatchProcessor, Callback, LoopState
+
+    class Steps(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_epoch_end(self, state: LoopState) -> None:
+            self.steps.append(state.step + 1)
+
+    samples = uneven_samples(rank)
+    data: Any = torch.utils.data.DataLoader(
+        samples if kind == "list" else Stream(samples), batch_size=8
+    )
+    if kind == "list":
+        data = list(data)
+    steps = Steps()
+    trainer = plain_ddp_trainer(
+        data_loader=data, num_epochs=2, callbacks=[steps], loss_fn=None,
+        batch_processor=BasicBatchProcessor(
+            torch.nn.CrossEntropyLoss(), grad_accumulation_steps=accumulate
+        ),
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await trainer.fit()
+    result = {
+        "steps": steps.steps,
+        "global_step": trainer.state.global_step,
+        "weights": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
+        "warnings": [str(w.message) for w in caught],
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:

@@ -241,6 +241,52 @@ def test_callbacks_that_act_together_must_be_alike_on_every_rank(
     assert not (tmp_path / "ckpt").exists(), "refused before any hook ran"
 
 
+def uneven_reference(accumulate: int) -> list[torch.Tensor]:
+    """The uneven-data jobs' weights trained in one process: each step on both ranks'
+    batches at once (DDP's mean of two equal batches' gradients), 4 steps an epoch."""
+    model = rank_jobs.ddp_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ranks = [list(DataLoader(rank_jobs.uneven_samples(rank), batch_size=8)) for rank in (0, 1)]
+    for _epoch in range(2):
+        for step in range(4):
+            x, y = (torch.cat(parts) for parts in zip(ranks[0][step], ranks[1][step], strict=True))
+            (nn.functional.cross_entropy(model(x), y) / accumulate).backward()
+            if (step + 1) % accumulate == 0 or step == 3:
+                optimizer.step()
+                optimizer.zero_grad()
+    return [p.detach().flatten() for p in model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "accumulate"), [("list", 1), ("stream", 1), ("stream", 3)],
+    ids=["lengths-known", "no-length", "no-length-accumulate-3"],
+)  # fmt: skip
+def test_ranks_with_uneven_data_run_as_many_steps_as_the_shortest(
+    tmp_path: Path, kind: str, accumulate: int
+) -> None:
+    # Rank 1 has 7 batches an epoch, rank 0 has 4. Rank 1 went on alone to its fifth step,
+    # whose gradient all-reduce met rank 0's next agreement: gloo aborted the job ("Received
+    # data size doesn't match expected size"), NCCL would hang. A DataLoader over an
+    # IterableDataset was refused when the trainer tried to give it a DistributedSampler.
+    launch(rank_jobs.uneven_data, nprocs=2, args=(str(tmp_path), kind, accumulate),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [[4, 4], [4, 4]]
+    assert [r["global_step"] for r in ranks] == [8, 8]
+    reference = uneven_reference(accumulate)
+    for result in ranks:
+        for got, want in zip(result["weights"], reference, strict=True):
+            torch.testing.assert_close(torch.tensor(got), want)
+    told = {0: ranks[0]["warnings"], 1: ranks[1]["warnings"]}
+    if kind == "list":  # rank 0 names every rank's count
+        assert told[1] == [] and len(told[0]) == 1
+        assert "different numbers of batches (rank 0: 4, rank 1: 7)" in told[0][0]
+    else:  # the rank cut short says so, once
+        assert told[0] == [] and len(told[1]) == 1
+        assert "rank 1's data had more batches than another rank's in epoch 0" in told[1][0]
+
+
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
     launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
