@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 from asynchat._callback import Callback
 from asynchat._data import shard_loader
 from asynchat._device import resolve_device
-from asynchat._loop import Models, as_module
+from asynchat._loop import LoopBase, Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerSpec, Trainer
 
@@ -96,7 +96,6 @@ class DistributedDataParallelTrainer(Trainer):
         # rank creates this group (a collective call) in step.
         self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._control.agree = self._agree
-        self._cut_short = False  # said that an epoch ended before this rank's data did
 
     def _configure(self) -> None:
         super()._configure()
@@ -126,7 +125,7 @@ class DistributedDataParallelTrainer(Trainer):
         everyone: list[tuple[list[str], int | None] | None] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self._group)
         self._check_alike([theirs[0] if theirs else [] for theirs in everyone])
-        self._agree_lengths([theirs[1] if theirs else None for theirs in everyone])
+        self._agree_lengths(self, [theirs[1] if theirs else None for theirs in everyone])
 
     def _check_alike(self, everyone: list[list[str]]) -> None:
         """Every rank's callbacks with ``every_rank`` the same, in the same order and on the
@@ -144,40 +143,33 @@ class DistributedDataParallelTrainer(Trainer):
                 "on rank 0 only by themselves"
             )
 
-    def _agree_lengths(self, lengths: list[int | None]) -> None:
-        """Every rank runs as many steps an epoch: the fewest any rank's data has. A rank
-        that stepped on alone met its peers' next agreement with its gradient all-reduce
-        (gloo aborted the job on the size mismatch; NCCL would hang or mix the two)."""
+    def _agree_epochs_of(self, loop: LoopBase) -> None:
+        mine = loop.state.steps_per_epoch
+        everyone: list[int | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self._group)
+        self._agree_lengths(loop, everyone)
+
+    def _agree_lengths(self, loop: LoopBase, lengths: list[int | None]) -> None:
+        """Every rank runs as many steps an epoch of ``loop`` (this trainer, or a loop run
+        inline in it): the fewest any rank's data has. A rank that stepped on alone met its
+        peers' next agreement with its gradient all-reduce (gloo aborted the job on the size
+        mismatch; NCCL would hang or mix the two)."""
         if None in lengths:  # told as it happens: agreed before each step
-            self.state.steps_per_epoch = None
-            self._control.agree_last = self._agree_last
+            loop.state.steps_per_epoch = None
+            loop._control.agree_last = _LastAgreed(loop, self.any_rank)
             return
         known = [length for length in lengths if length is not None]  # (all of them)
-        self.state.steps_per_epoch = min(known)
+        loop.state.steps_per_epoch = min(known)
         if min(known) != max(known) and self.is_rank_zero:
             listed = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(known))
+            ours = "; this trainer gives one to a DataLoader without" if loop is self else ""
             warnings.warn(
-                f"{self.name}: the ranks' data have different numbers of batches ({listed}): "
+                f"{loop.name}: the ranks' data have different numbers of batches ({listed}): "
                 f"every rank runs {min(known)} steps an epoch and leaves the rest unread. "
-                "Give every rank as many (a DistributedSampler does; this trainer gives one "
-                "to a DataLoader without)",
+                f"Give every rank as many (a DistributedSampler does{ours})",
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-    def _agree_last(self, last: bool) -> bool:
-        """Whether the epoch ends: if it does on any rank (its data ran out)."""
-        agreed = self.any_rank(last)
-        if agreed and not last and not self._cut_short:
-            self._cut_short = True
-            warnings.warn(
-                f"{self.name}: rank {self.rank}'s data had more batches than another rank's "
-                f"in epoch {self.state.epoch}: every rank ends an epoch when the first runs "
-                "out, and this rank's further batches were not read. Give every rank as many",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return agreed
 
     def any_rank(self, flag: bool) -> bool:
         return self._agree([flag])[0]
@@ -198,6 +190,30 @@ class DistributedDataParallelTrainer(Trainer):
         values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
         return [bool(v) for v in values.tolist()]
+
+
+class _LastAgreed:
+    """``control.agree_last`` for ``loop``: whether the epoch ends with the next step, True
+    if it does on any rank (its data ran out); the rank whose data goes on says so, once."""
+
+    def __init__(self, loop: LoopBase, any_rank: Callable[[bool], bool]) -> None:
+        self.loop = loop
+        self.any_rank = any_rank
+        self.cut_short = False
+
+    def __call__(self, last: bool) -> bool:
+        agreed = self.any_rank(last)
+        if agreed and not last and not self.cut_short:
+            self.cut_short = True
+            warnings.warn(
+                f"{self.loop.name}: rank {self.loop.rank}'s data had more batches than another "
+                f"rank's in epoch {self.loop.state.epoch}: every rank ends an epoch when the "
+                "first runs out, and this rank's further batches were not read. Give every "
+                "rank as many",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return agreed
 
 
 # The attributes that say when a callback's hooks act (and so when its collectives run):

@@ -146,15 +146,9 @@ class LoopBase(PipeBase):
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.resumed_from: Path | None = None  # the checkpoint file actually loaded
         self.state = LoopState(
-            loop=self,
-            model=model,
-            optimizer=None,
-            device=self.device,
-            training=self.training,
-            num_epochs=num_epochs,
-            num_steps=num_steps,
-            steps_per_epoch=data_length(data_loader),
-        )
+            loop=self, model=model, optimizer=None, device=self.device, training=self.training,
+            num_epochs=num_epochs, num_steps=num_steps, steps_per_epoch=data_length(data_loader),
+        )  # fmt: skip
         self.state.metrics = Metrics(lambda: self.state.global_step)
         self._control = LoopControl(on_status=self._on_status)
         self._events = EventHub(self.snapshot)
@@ -167,6 +161,7 @@ class LoopBase(PipeBase):
         self._data = DataTracker()  # where the loop is in its data, for checkpoints
         self._resume: ResumePoint | None = None  # where a resumed run starts
         self._claim: Claim | None = None  # this loop's use of its model, during the run
+        self._inline_parent: LoopBase | None = None  # the loop run_inline runs this one in
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._control.status}>"
@@ -358,6 +353,7 @@ class LoopBase(PipeBase):
             )
         with self._lifecycle(cancelled=JobCancelled, inside=parent._claim):
             self._control.parent = parent._control
+            self._inline_parent = parent
             run = self._attach(compute)
             if parent.device == self.device and parent._run is not None:
                 run.stager = parent._run.stager  # its copy stream, if it has made one
@@ -536,7 +532,14 @@ class LoopBase(PipeBase):
     def _agree_with_ranks(self) -> None:
         """Refuse to start a loop whose ranks would not act alike, and agree how long their
         epochs are (a distributed trainer: callbacks with ``every_rank`` missing on some
-        rank; data loaders of different lengths)."""
+        rank; data loaders of different lengths). A loop run inline in one whose model's
+        forward is a collective (FSDP: its Validation) agrees its epoch through it."""
+        parent = self._inline_parent
+        if parent is not None and parent.shards_state:
+            parent._agree_epochs_of(self)
+
+    def _agree_epochs_of(self, loop: LoopBase) -> None:
+        """Agree the epoch's length of ``loop``, run inline in this one, with the ranks."""
 
     def _configure(self) -> None:
         """Build what needs the model on its device (the Trainer: its optimizer)."""

@@ -334,6 +334,36 @@ async def uneven_data(rank: int, world_size: int, out: str, kind: str, accumulat
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
+async def fsdp_uneven_validation(rank: int, world_size: int, out: str, kind: str) -> None:
+    """An FSDP trainer (8 steps on ``ddp_data()``) validating after its epoch on rank data
+    of 2 and 5 batches (``uneven_samples``' first ones): a list (``kind="list"``) or a
+    DataLoader over an IterableDataset (``"stream"``). Writes ``val/loss``, the gathered
+    weights and the warnings to ``out/rank<r>.pt``."""
+    import warnings
+
+    from asynchat import FullyShardedDataParallelTrainer
+    from asynchat.callbacks import Validation
+
+    x, y = uneven_samples(rank).tensors
+    samples = torch.utils.data.TensorDataset(x[: (2 + 3 * rank) * 8], y[: (2 + 3 * rank) * 8])
+    data: Any = torch.utils.data.DataLoader(samples if kind == "list" else Stream(samples), 8)
+    if kind == "list":
+        data = list(data)
+    trainer = FullyShardedDataParallelTrainer(
+        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=1, device="cpu",
+        callbacks=[Validation(data, loss_fn=torch.nn.CrossEntropyLoss())],
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = await trainer.fit()
+    weights = {k: whole(v) for k, v in trainer.model.state_dict().items()}  # collective
+    result = {"val/loss": state.metrics["val/loss"], "weights": weights,
+              "warnings": [str(w.message) for w in caught]}  # fmt: skip
+    torch.save(result, Path(out, f"rank{rank}.pt"))
+
+
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
     """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
     rank 0's may be written to. Each ``on_checkpoint`` call appends the step to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import rank_jobs
 import torch
 from conftest import make_loader
 from torch import nn
+from torch.utils.data import DataLoader
 
 from asynchat import FullyShardedDataParallelTrainer, launch
 
@@ -79,3 +81,28 @@ def test_validation_on_the_average_of_a_sharded_model_equals_ddps(tmp_path: Path
     for theirs, ours in zip(ddp["ema"], fsdp["ema"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ddp["ema"][0], ddp["weights"]["0.weight"])  # an average, not a copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["list", "stream"], ids=["lengths-known", "no-length"])
+def test_validation_of_a_sharded_model_on_uneven_data_runs_as_many_steps_on_every_rank(
+    tmp_path: Path, kind: str
+) -> None:
+    # Its forward is a collective (each module's parameters are gathered): rank 0 went on
+    # to the loss's sum over the ranks after its 2 batches while rank 1 gathered for its
+    # third; the job failed at the collective timeout (5 minutes by default).
+    launch(rank_jobs.fsdp_uneven_validation, nprocs=2, args=(str(tmp_path), kind),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    model = rank_jobs.ddp_model()
+    model.load_state_dict(ranks[0]["weights"])
+    batches = [list(DataLoader(rank_jobs.uneven_samples(r), batch_size=8))[:2] for r in (0, 1)]
+    x, y = (torch.cat(part) for part in zip(*batches[0], *batches[1], strict=True))
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y).item()
+    assert ranks[0]["val/loss"] == ranks[1]["val/loss"] == pytest.approx(expected, rel=1e-5)
+    warned = [[w for w in r["warnings"] if "validation" in w] for r in ranks]
+    if kind == "list":
+        assert warned[1] == [] and "(rank 0: 2, rank 1: 5)" in warned[0][0]
+    else:
+        assert warned[0] == [] and "rank 1's data had more batches" in warned[1][0]
