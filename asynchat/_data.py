@@ -13,6 +13,7 @@ from typing import Any, TypeGuard, TypeVar
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from asynchat._errors import add_note
 from asynchat._prefetch import Interrupted
 from asynchat._rng import capture_rng, restore_rng
 
@@ -218,18 +219,24 @@ def _counted(items: Iterator[T], limit: int | None, length: int) -> Iterator[tup
     bound = length if limit is None else min(length, limit)
     if bound <= 0:  # (an epoch the ranks agreed is empty, where this rank's is not)
         return
-    for count, item in enumerate(items, start=1):
-        # With this item the data runs out: let the iterator end now, as a data thread
-        # reading ahead does, before the step (which may stop the loop): a sampler may
-        # draw from its generator at its end (RandomSampler does), and the next epoch's
-        # order, or a checkpoint's generator state, depends on it. An error it raises
-        # there follows the item's step.
-        failed = _run_out(items) if count >= length else None
-        yield item, count >= bound, count >= length
-        if failed is not None:
-            raise failed
-        if count >= bound:
-            return
+    try:
+        for count, item in enumerate(items, start=1):
+            # With this item the data runs out: let the iterator end now, as a data thread
+            # reading ahead does, before the step (which may stop the loop): a sampler may
+            # draw from its generator at its end (RandomSampler does), and the next epoch's
+            # order, or a checkpoint's generator state, depends on it. An error it raises
+            # there follows the item's step.
+            failed = _run_out(items) if count >= length else None
+            yield item, count >= bound, count >= length
+            if failed is not None:
+                raise failed
+            if count >= bound:
+                return
+    except Interrupted:
+        raise
+    except Exception as exc:  # (the loop's steps raise where they run, not in here)
+        add_note(exc, READ_NOTE)
+        raise
 
 
 def _read_ahead(
@@ -239,6 +246,11 @@ def _read_ahead(
         current = next(items)
     except StopIteration:
         current = _END
+    except Interrupted:
+        raise
+    except Exception as exc:
+        add_note(exc, READ_NOTE)
+        raise
     if agree_last is not None and agree_last(current is _END):
         return  # some rank's epoch is empty
     if current is _END:
@@ -254,7 +266,9 @@ def _read_ahead(
             following = _END
         except Interrupted:
             raise  # stop() or cancellation: the current item's step has not begun
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                add_note(exc, READ_NOTE)
             if agree_last is None:
                 yield current, True, False  # train on what was read before the error
             raise
@@ -269,6 +283,9 @@ def _read_ahead(
 
 
 _END: Any = object()  # read past the data's end
+
+# On an error the data loader raised: the loop says where, in place of this note.
+READ_NOTE = "asynchat: raised reading the data"
 
 
 class Reading(enum.Enum):

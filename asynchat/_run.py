@@ -23,6 +23,7 @@ import torch
 from asynchat._compute import JobCancelled
 from asynchat._control import Decision, LoopControl
 from asynchat._data import (
+    READ_NOTE,
     Reading,
     reading,
     skip_batches,
@@ -130,14 +131,22 @@ class LoopRun:
                 self.hooks.run_phase(Phase.ON_LOOP_END)
 
     def _note_where(self, exc: BaseException) -> None:
-        if isinstance(exc, Exception):
-            state = self.state
-            phase = state.phase.value if state.phase is not None else "prepare"
-            add_note(
-                exc,
-                f"asynchat: raised in {self.loop.name} at epoch {state.epoch}, step "
-                f"{state.step} (global step {state.global_step}), phase {phase}",
+        if not isinstance(exc, Exception):
+            return
+        state = self.state
+        notes = getattr(exc, "__notes__", [])
+        if READ_NOTE in notes:  # the data loader's: between two steps, in no phase
+            notes[notes.index(READ_NOTE)] = (
+                f"asynchat: raised in {self.loop.name} reading its data, in epoch "
+                f"{state.epoch} after global step {state.global_step}"
             )
+            return
+        phase = state.phase.value if state.phase is not None else "prepare"
+        add_note(
+            exc,
+            f"asynchat: raised in {self.loop.name} at epoch {state.epoch}, step "
+            f"{state.step} (global step {state.global_step}), phase {phase}",
+        )
 
     def _run_epochs(self, resume: ResumePoint | None) -> None:
         state = self.state

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import engine_threads, make_loader, make_trainer
 from torch import nn
+from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState, LoopStatus, Phase, Trainer
 from asynchat.callbacks import (
@@ -156,6 +157,51 @@ async def test_a_step_error_says_where_it_happened_and_stays_itself() -> None:
         f"asynchat: raised in {trainer.name} at epoch 1, step 2 (global step 8), phase "
         "on_batch_begin"
     ]
+
+
+class BadBatch(torch.utils.data.Dataset[Any]):
+    """The data of ``make_loader()`` whose sample 80 (batch 5 of 6) raises in its second
+    epoch."""
+
+    def __init__(self) -> None:
+        self.samples = make_loader().dataset
+        self.epoch_reads = 0
+
+    def __len__(self) -> int:
+        return 96
+
+    def __getitem__(self, index: int) -> Any:
+        self.epoch_reads += index == 0
+        if index == 80 and self.epoch_reads == 2:
+            raise Boom("sample 80 is unreadable")
+        return self.samples[index]
+
+
+class Unsized:
+    """``loader`` without ``len()`` (read one batch ahead to find an epoch's last)."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Any:
+        return iter(self.loader)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("sized", [True, False], ids=["len", "no-len"])
+async def test_a_data_error_says_it_was_raised_reading_the_data(prefetch: int, sized: bool) -> None:
+    # It said "phase on_step_end": the last phase run, not where it was raised.
+    loader: Any = DataLoader(BadBatch(), batch_size=16)
+    if not sized:
+        loader = Unsized(loader)
+    trainer = make_trainer(loader=loader, num_epochs=3, prefetch=prefetch)
+    with pytest.raises(Boom, match="unreadable") as caught:
+        await trainer.fit()
+    assert caught.value.__notes__[-1] == (
+        f"asynchat: raised in {trainer.name} reading its data, in epoch 1 after global step 11"
+    )
+    assert trainer.state.global_step == 11  # every batch read before it trained
 
 
 def test_many_fits_leave_no_threads_fds_or_growing_memory(tmp_path: Path) -> None:
