@@ -18,6 +18,7 @@ flipped bit is caught even when the manifest is lost.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -696,3 +697,83 @@ def _is_rank_part(part: object) -> bool:
         and isinstance(part.get("metrics"), dict)
         and isinstance(part.get("callbacks"), dict)
     )
+
+
+def check_loadable(checkpoint: Mapping[str, Any]) -> None:
+    """Refuse, before anything is written, a checkpoint that resuming could not load: one
+    holding a value ``torch.load(weights_only=True)`` refuses (a numpy number, a dataclass,
+    an enum in a callback's ``state_dict()``). Every save of such a run succeeded and none
+    could be resumed. Its tensors are left out of the check; the rest (small) is written
+    and read back as resuming reads it, so what ``torch.serialization.add_safe_globals``
+    allows passes."""
+    if _plain(checkpoint):  # the usual case, told by a walk alone
+        return
+    skeleton = _without_tensors(checkpoint)
+    try:
+        _read_back(skeleton)
+    except Exception as exc:
+        where, value = _first_unloadable(skeleton, "checkpoint") or ("checkpoint", skeleton)
+        kind = type(value)
+        raise CheckpointError(
+            f"{where} is a {kind.__module__}.{kind.__qualname__}, which a checkpoint cannot "
+            "hold: resuming loads checkpoints with torch.load(weights_only=True), which "
+            "refuses it, so none written by this run could be resumed. Keep tensors "
+            "and plain Python values (float(x), int(x), str, lists, dicts) in state_dict(), "
+            "or allow the type, in every process that saves or resumes, with "
+            f"torch.serialization.add_safe_globals([{kind.__qualname__}])"
+        ) from exc
+
+
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` is tensors and plain values in dicts, lists, tuples and sets."""
+    kind = type(obj)
+    if kind in _PLAIN or isinstance(obj, torch.Tensor):
+        return True
+    if kind in (dict, collections.OrderedDict):
+        return all(_plain(key) and _plain(value) for key, value in obj.items())
+    if kind in (list, tuple, set, frozenset):
+        return all(_plain(value) for value in obj)
+    return False
+
+
+def _without_tensors(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists, tuples and sets made None."""
+    kind = type(obj)
+    if isinstance(obj, torch.Tensor):
+        return None
+    if kind in (dict, collections.OrderedDict):
+        return kind((key, _without_tensors(value)) for key, value in obj.items())
+    if kind in (list, tuple, set, frozenset):
+        return kind(_without_tensors(value) for value in obj)
+    return obj
+
+
+def _read_back(obj: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+
+def _first_unloadable(obj: Any, where: str) -> tuple[str, Any] | None:
+    """Where in ``obj`` the first value that does not read back is, and the value."""
+    kind = type(obj)
+    parts: list[tuple[str, Any]]
+    if kind in (dict, collections.OrderedDict):
+        parts = [(f"{where}'s key {key!r}", key) for key in obj]
+        parts += [(f"{where}[{key!r}]", value) for key, value in obj.items()]
+    elif kind in (list, tuple, set, frozenset):
+        parts = [(f"{where}[{index}]", value) for index, value in enumerate(obj)]
+    else:
+        try:
+            _read_back(obj)
+        except Exception:
+            return where, obj
+        return None
+    for path, part in parts:
+        if (found := _first_unloadable(part, path)) is not None:
+            return found
+    return None

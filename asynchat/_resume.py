@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import FORMAT, VERSION
+from asynchat._checkpoint_io import FORMAT, VERSION, check_loadable
 from asynchat._data import data_length, loader_generators
 from asynchat._dcp import split_sharded
 from asynchat._errors import CheckpointWarning
@@ -188,11 +188,13 @@ def rank_state(
     """This rank's own part of a distributed trainer's checkpoint (``ranks``), copied to
     host memory: what differs from rank to rank (each rank seeds its own dropout, logs its
     own losses, counts its own shard's metric states)."""
-    own = _own_fields(tracker, metrics, data_loader)
-    part: dict[str, Any] = to_host_copy(
-        {**own, "callbacks": callback_states(callbacks, per_rank=True)}
-    )
-    return part
+    part = {
+        **_own_fields(tracker, metrics, data_loader),
+        "callbacks": callback_states(callbacks, per_rank=True),
+    }
+    check_loadable(part)
+    copied: dict[str, Any] = to_host_copy(part)
+    return copied
 
 
 def _own_fields(
@@ -269,26 +271,26 @@ def build_checkpoint(
     states = callback_states(callbacks, per_rank=False if spans_ranks else None)
     if model is None:  # sharded: their DTensors are in the shards (sharded_state)
         states, _ = split_sharded(states)
-    checkpoint: dict[str, Any] = to_host_copy(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "progress": {
-                "epoch": position.epoch,
-                "steps_in_epoch": position.steps_done,
-                "epoch_exhausted": position.epoch_ended,
-                "global_step": global_step,
-                "world_size": world_size,
-                "batch_size": getattr(data_loader, "batch_size", None),
-            },
-            **_own_fields(tracker, metrics, data_loader),
-            **weights,
-            "processor": processor_state,
-            "callbacks": states,
-            **extra,
-        }
-    )
-    return checkpoint
+    checkpoint = {
+        "format": FORMAT,
+        "version": VERSION,
+        "progress": {
+            "epoch": position.epoch,
+            "steps_in_epoch": position.steps_done,
+            "epoch_exhausted": position.epoch_ended,
+            "global_step": global_step,
+            "world_size": world_size,
+            "batch_size": getattr(data_loader, "batch_size", None),
+        },
+        **_own_fields(tracker, metrics, data_loader),
+        **weights,
+        "processor": processor_state,
+        "callbacks": states,
+        **extra,
+    }
+    check_loadable(checkpoint)
+    copied: dict[str, Any] = to_host_copy(checkpoint)
+    return copied
 
 
 def apply_checkpoint(

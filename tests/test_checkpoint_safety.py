@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy
 import pytest
 import torch
 from conftest import make_data, make_trainer, wait_until_listed
@@ -255,6 +257,60 @@ def test_nan_and_inf_never_rank_as_best(tmp_path: Path) -> None:
     checkpoint = {"every_n_steps": 1, "keep_last": 1, "monitor": "val/loss", "keep_best": 1}
     train(tmp_path, publish, checkpoint=checkpoint)
     assert steps_on_disk(tmp_path) == [3, 6]  # 0.3 is the best; 6 is the newest
+
+
+@dataclasses.dataclass
+class Best:
+    """A callback state's value that torch.load(weights_only=True) refuses unless allowed."""
+
+    value: float
+
+
+class Holding(Callback):
+    """A callback whose state_dict() holds ``value`` (from step 3 on, as a "best so far"
+    set during training), under ``{"history": [..., {"best": value}]}``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.state: dict[str, Any] = {"history": [1.0]}
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == 3:
+            self.state = {"history": [1.0, {"best": self.value}]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(numpy.float64(0.5), "numpy.float64"), (Best(0.5), "test_checkpoint_safety.Best")],
+    ids=["numpy", "dataclass"],
+)
+def test_a_state_that_resuming_could_not_load_is_refused_at_the_save(
+    tmp_path: Path, value: Any, kind: str
+) -> None:
+    # Every save succeeded and none could be resumed: "no valid checkpoint (... is not a
+    # loadable checkpoint (UnpicklingError: Weights only load failed ...".
+    with pytest.raises(CheckpointError) as caught:
+        train(tmp_path, Holding(value), checkpoint={"every_n_steps": 2})
+    assert str(caught.value).startswith(
+        f"checkpoint['callbacks']['Holding']['history'][1]['best'] is a {kind}, which a "
+        "checkpoint cannot hold"
+    )
+    assert "add_safe_globals" in str(caught.value)
+    assert steps_on_disk(tmp_path) == [2]  # saved before the value; the one after refused
+
+
+def test_a_type_allowed_with_add_safe_globals_is_saved_and_resumed(tmp_path: Path) -> None:
+    with torch.serialization.safe_globals([Best]):
+        train(tmp_path, Holding(Best(0.5)), checkpoint={"every_n_steps": 2})
+        resumed = Holding(None)
+        train(tmp_path, resumed, num_steps=8, resume_from=tmp_path)
+    assert resumed.state == {"history": [1.0, {"best": Best(0.5)}]}
 
 
 def test_keep_last_none_keeps_every_checkpoint(tmp_path: Path) -> None:
