@@ -348,6 +348,17 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
         )
 
 
+def distributed_sampler(data_loader: Iterable[Any]) -> DistributedSampler[Any] | None:
+    """The ``DistributedSampler`` a DataLoader draws from: its sampler, or its batch
+    sampler's ``.sampler``; None if it has none."""
+    if not isinstance(data_loader, DataLoader):
+        return None
+    for sampler in (data_loader.sampler, getattr(data_loader.batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
 def shard_loader(data_loader: Iterable[Any]) -> Iterable[Any]:
     """For a rank of a distributed job: a DataLoader rebuilt with a DistributedSampler
     (shuffled if the original was); anything else as it is, a DataLoader over an
@@ -355,12 +366,19 @@ def shard_loader(data_loader: Iterable[Any]) -> Iterable[Any]:
     if (
         not isinstance(data_loader, DataLoader)
         or isinstance(data_loader.dataset, IterableDataset)
-        or isinstance(data_loader.sampler, DistributedSampler)
+        or distributed_sampler(data_loader) is not None
     ):
         return data_loader
     if data_loader.batch_sampler is None:
         raise ValueError(
             "a DataLoader with batch_size=None cannot be sharded; pass a DistributedSampler"
+        )
+    if data_loader.batch_size is None:  # a batch_sampler of the user's: its own batches
+        raise ValueError(
+            f"a DataLoader with a batch_sampler ({type(data_loader.batch_sampler).__name__}) "
+            "cannot be sharded over the ranks by the trainer: build it over a "
+            "DistributedSampler, as its .sampler (e.g. BatchSampler(DistributedSampler("
+            "dataset), batch_size, drop_last)), so that each rank batches its own shard"
         )
     sampler: DistributedSampler[Any] = DistributedSampler(
         data_loader.dataset,

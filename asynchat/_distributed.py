@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
 from asynchat._callback import Callback
-from asynchat._data import shard_loader
+from asynchat._data import distributed_sampler, shard_loader
 from asynchat._device import resolve_device
 from asynchat._loop import LoopBase, Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
@@ -114,8 +113,8 @@ class DistributedDataParallelTrainer(Trainer):
         )
 
     def _begin_epoch_data(self, epoch: int) -> None:
-        sampler = getattr(self.data_loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
+        sampler = distributed_sampler(self.data_loader)
+        if sampler is not None:
             sampler.set_epoch(epoch)
 
     def _agree_with_ranks(self) -> None:

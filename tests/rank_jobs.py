@@ -364,6 +364,36 @@ async def fsdp_uneven_validation(rank: int, world_size: int, out: str, kind: str
     torch.save(result, Path(out, f"rank{rank}.pt"))
 
 
+async def batch_sampler_shards(rank: int, world_size: int, out: str, how: str) -> None:
+    """Two epochs over ``ddp_data()`` from a DataLoader with a batch_sampler of the user's:
+    ``how="distributed"``, a BatchSampler over a shuffled DistributedSampler; ``"plain"``,
+    over a SequentialSampler. Writes the first feature of each sample each epoch trained
+    on (they tell the samples apart) to ``out/rank<r>.json``."""
+    from asynchat import Callback, LoopState
+
+    class Seen(Callback):
+        def __init__(self) -> None:
+            self.epochs: list[list[float]] = []
+
+        def on_epoch_begin(self, state: LoopState) -> None:
+            self.epochs.append([])
+
+        def on_batch_begin(self, state: LoopState) -> None:
+            self.epochs[-1].extend(state.batch[0][:, 0].tolist())
+
+    data = ddp_data()
+    sampler: Any = (
+        torch.utils.data.DistributedSampler(data, shuffle=True, seed=0)
+        if how == "distributed"
+        else torch.utils.data.SequentialSampler(data)
+    )
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=8, drop_last=False)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches)
+    seen = Seen()
+    await plain_ddp_trainer(data_loader=loader, num_epochs=2, callbacks=[seen]).fit()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen.epochs))
+
+
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
     """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
     rank 0's may be written to. Each ``on_checkpoint`` call appends the step to

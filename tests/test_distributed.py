@@ -287,6 +287,32 @@ def test_ranks_with_uneven_data_run_as_many_steps_as_the_shortest(
         assert "rank 1's data had more batches than another rank's in epoch 0" in told[1][0]
 
 
+@pytest.mark.slow
+def test_a_batch_sampler_over_a_distributed_sampler_is_each_ranks_shard_epoch_by_epoch(
+    tmp_path: Path,
+) -> None:
+    # It was rebuilt around a second DistributedSampler with batch_size=None (a
+    # batch_sampler's DataLoader has none): the default collate then stacked the parts of
+    # single samples ("stack expects each tensor to be equal size").
+    launch(rank_jobs.batch_sampler_shards, nprocs=2, args=(str(tmp_path), "distributed"))
+    firsts = rank_jobs.ddp_data().tensors[0][:, 0].tolist()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        sampler = torch.utils.data.DistributedSampler(
+            rank_jobs.ddp_data(), num_replicas=2, rank=rank, shuffle=True, seed=0
+        )
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)  # the trainer's set_epoch reached the inner sampler
+            assert [firsts.index(value) for value in seen[epoch]] == list(sampler)
+
+
+def test_a_batch_sampler_of_the_users_own_is_refused_naming_the_way(tmp_path: Path) -> None:
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.batch_sampler_shards, nprocs=2, args=(str(tmp_path), "plain"))
+    assert "a DataLoader with a batch_sampler (BatchSampler) cannot be sharded" in str(info.value)
+    assert "BatchSampler(DistributedSampler(dataset), batch_size, drop_last)" in str(info.value)
+
+
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
     launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
