@@ -217,9 +217,14 @@ def with_last(
 
 def _counted(items: Iterator[T], limit: int | None, length: int) -> Iterator[tuple[T, bool, bool]]:
     bound = length if limit is None else min(length, limit)
-    if bound <= 0:  # (an epoch the ranks agreed is empty, where this rank's is not)
-        return
     try:
+        if length <= 0:
+            # No step: an epoch resumed after its last step, or one the ranks agreed is
+            # empty where this rank's is not. The iterator is let end all the same (below),
+            # or an item the ranks do not step on is dropped.
+            if (failed := _run_out(items)) is not None:
+                raise failed
+            return
         for count, item in enumerate(items, start=1):
             # With this item the data runs out: let the iterator end now, as a data thread
             # reading ahead does, before the step (which may stop the loop): a sampler may
