@@ -41,9 +41,11 @@ class DistributedDataParallelTrainer(Trainer):
     Give every rank the same callbacks: those that write files (Checkpoint, the loggers,
     Progress) write on rank 0 only (``loop.is_rank_zero``); decisions such as
     TerminateOnNaN's are agreed with ``loop.any_rank``; callbacks with ``every_rank`` are
-    checked alike on every rank before training. A checkpoint holds what is each rank's
-    own (its random states, so ranks seeded apart draw apart again after a resume; its
-    metrics; callbacks with ``state_per_rank``), and each rank resumes from its own.
+    checked alike on every rank before training, as are the bounds (``num_epochs``,
+    ``num_steps``) and the processor's class, accumulation and ``amp``. A checkpoint
+    holds what is each rank's own (its random states, so ranks seeded apart draw apart
+    again after a resume; its metrics; callbacks with ``state_per_rank``), and each rank
+    resumes from its own.
     Other arguments are :class:`~asynchat.Trainer`'s.
     """
 
@@ -118,13 +120,41 @@ class DistributedDataParallelTrainer(Trainer):
             sampler.set_epoch(epoch)
 
     def _agree_with_ranks(self) -> None:
-        """One all-gather per loop, before training: the callbacks with ``every_rank`` alike
-        on every rank, and the epochs' length agreed."""
-        mine = ([_alike(c) for c in self.callbacks if c.every_rank], self.state.steps_per_epoch)
-        everyone: list[tuple[list[str], int | None] | None] = [None] * self.world_size
+        """One all-gather per loop, before training: the run's bounds and step alike on
+        every rank, the callbacks with ``every_rank`` too, and the epochs' length agreed."""
+        mine = (
+            self._settings(),
+            [_alike(c) for c in self.callbacks if c.every_rank],
+            self.state.steps_per_epoch,
+        )
+        everyone: list[tuple[str, list[str], int | None]] = [("", [], None)] * self.world_size
         dist.all_gather_object(everyone, mine, group=self._group)
-        self._check_alike([theirs[0] if theirs else [] for theirs in everyone])
-        self._agree_lengths(self, [theirs[1] if theirs else None for theirs in everyone])
+        self._check_settings([theirs[0] for theirs in everyone])
+        self._check_alike([theirs[1] for theirs in everyone])
+        self._agree_lengths(self, [theirs[2] for theirs in everyone])
+
+    def _settings(self) -> str:
+        """What must be alike on every rank for the ranks to step and update together."""
+        processor = self.batch_processor
+        synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
+        return (
+            f"num_epochs={self.state.num_epochs}, num_steps={self.state.num_steps}, "
+            f"batch_processor={type(processor).__qualname__}(grad_accumulation_steps="
+            f"{getattr(processor, 'grad_accumulation_steps', None)}, "
+            f"amp={getattr(processor, 'amp', None)!r}), "
+            f"sync_batchnorm={synced}"
+        )
+
+    def _check_settings(self, everyone: list[str]) -> None:
+        """A rank with more steps (or epochs) went on alone and waited in a collective for
+        the collective timeout (5 minutes by default); one accumulating over more steps
+        all-reduced its gradients while another did not (gloo aborted the job)."""
+        if any(theirs != everyone[self.rank] for theirs in everyone):
+            listed = "; ".join(f"rank {rank}: {theirs}" for rank, theirs in enumerate(everyone))
+            raise ValueError(
+                f"a {type(self).__name__} must be built alike on every rank, where its ranks "
+                f"step and update together ({listed}): give every rank the same arguments"
+            )
 
     def _check_alike(self, everyone: list[list[str]]) -> None:
         """Every rank's callbacks with ``every_rank`` the same, in the same order and on the

@@ -394,6 +394,18 @@ async def batch_sampler_shards(rank: int, world_size: int, out: str, how: str) -
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen.epochs))
 
 
+async def settings_unlike(rank: int, world_size: int, how: str) -> None:
+    """Rank 1 built with 8 steps where rank 0 has 5 (``how="steps"``), or accumulating over
+    2 steps where rank 0 updates every step (``"accumulate"``)."""
+    from asynchat import BasicBatchProcessor
+
+    processor = BasicBatchProcessor(
+        torch.nn.CrossEntropyLoss(), grad_accumulation_steps=1 + rank * (how == "accumulate")
+    )
+    steps = 5 + 3 * rank * (how == "steps")
+    await plain_ddp_trainer(num_steps=steps, loss_fn=None, batch_processor=processor).fit()
+
+
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
     """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
     rank 0's may be written to. Each ``on_checkpoint`` call appends the step to

@@ -287,6 +287,27 @@ def test_ranks_with_uneven_data_run_as_many_steps_as_the_shortest(
         assert "rank 1's data had more batches than another rank's in epoch 0" in told[1][0]
 
 
+@pytest.mark.parametrize(
+    ("how", "rank_one"),
+    [("steps", "num_steps=8, batch_processor=BasicBatchProcessor(grad_accumulation_steps=1,"),
+     ("accumulate", "num_steps=5, batch_processor=BasicBatchProcessor(grad_accumulation_steps=2,")],
+)  # fmt: skip
+def test_ranks_built_with_other_bounds_or_steps_are_refused_before_training(
+    how: str, rank_one: str
+) -> None:
+    # With more steps rank 1 went on alone and waited in a collective until the timeout (5
+    # minutes by default; 18.6 s with 15 s); accumulating apart, gloo aborted the job.
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.settings_unlike, nprocs=2, args=(how,),
+               collective_timeout=timedelta(seconds=20))  # fmt: skip
+    message = str(info.value)
+    assert "a DistributedDataParallelTrainer must be built alike on every rank" in message
+    assert "rank 0: num_epochs=None, num_steps=5, batch_processor=BasicBatchProcessor(" in message
+    assert f"rank 1: num_epochs=None, {rank_one}" in message
+    assert time.monotonic() - started < 15
+
+
 @pytest.mark.slow
 def test_a_batch_sampler_over_a_distributed_sampler_is_each_ranks_shard_epoch_by_epoch(
     tmp_path: Path,
