@@ -97,6 +97,14 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
     def _checkpoint_group(self) -> dist.ProcessGroup | None:
         return self._dcp_group
 
+    def _settings(self) -> str:
+        # Sharded apart, or reducing in other dtypes, the ranks' gathers and reductions
+        # would not pair up.
+        shard = self.shard if self.shard is None or isinstance(self.shard, list) else (
+            getattr(self.shard, "__qualname__", type(self.shard).__qualname__)
+        )  # fmt: skip
+        return f"{super()._settings()}, shard={shard!r}, mixed_precision={self.mixed_precision!r}"
+
     def _configure(self) -> None:
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         policy = (

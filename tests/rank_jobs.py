@@ -406,6 +406,18 @@ async def settings_unlike(rank: int, world_size: int, how: str) -> None:
     await plain_ddp_trainer(num_steps=steps, loss_fn=None, batch_processor=processor).fit()
 
 
+async def fsdp_settings_unlike(rank: int, world_size: int) -> None:
+    """An FSDP trainer computing in bf16 on rank 1 only."""
+    from asynchat import FullyShardedDataParallelTrainer
+
+    trainer = FullyShardedDataParallelTrainer(
+        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+        num_steps=4, device="cpu", mixed_precision="bf16" if rank == 1 else None,
+    )  # fmt: skip
+    await trainer.fit()
+
+
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
     """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
     rank 0's may be written to. Each ``on_checkpoint`` call appends the step to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import make_loader
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asynchat import FullyShardedDataParallelTrainer, launch
+from asynchat import FullyShardedDataParallelTrainer, LaunchError, launch
 
 
 @pytest.mark.slow
@@ -106,3 +107,15 @@ def test_validation_of_a_sharded_model_on_uneven_data_runs_as_many_steps_on_ever
         assert warned[1] == [] and "(rank 0: 2, rank 1: 5)" in warned[0][0]
     else:
         assert warned[0] == [] and "rank 1's data had more batches" in warned[1][0]
+
+
+def test_ranks_sharded_or_reducing_apart_are_refused_before_training() -> None:
+    # bf16 on one rank only: their gathers did not pair up and gloo aborted the job (SIGABRT).
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.fsdp_settings_unlike, nprocs=2, collective_timeout=timedelta(seconds=20))
+    message = str(info.value)
+    assert "a FullyShardedDataParallelTrainer must be built alike on every rank" in message
+    assert "shard=None, mixed_precision=None; rank 1: " in message
+    assert "shard=None, mixed_precision='bf16')" in message
+    assert time.monotonic() - started < 15
