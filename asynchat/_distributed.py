@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from asynchat._callback import Callback
-from asynchat._data import distributed_sampler, shard_loader
+from asynchat._data import data_length, distributed_sampler, shard_loader
 from asynchat._device import resolve_device
 from asynchat._loop import LoopBase, Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
@@ -29,8 +29,8 @@ class DistributedDataParallelTrainer(Trainer):
     if the original was), and ``set_epoch`` is called before each epoch's order is drawn; each
     rank reads its shard with the loader's batch size; other data (an ``IterableDataset``
     reading its rank's share, a list) is each rank's as given. Every rank runs as many steps
-    an epoch, the fewest any rank's data has (agreed before training, or before each step
-    for data without a ``len()``), with a warning when they differ. With gradient
+    an epoch, the fewest any rank's data has (agreed at each epoch's start, or before each
+    step for data without a ``len()``), with a warning when they differ. With gradient
     accumulation the all-reduce is skipped (``no_sync``) until the update step. ``stop()``,
     ``pause()`` and a cancellation on any rank act on every rank at the same boundary: the
     ranks agree at each epoch and step boundary in one all-reduce of ``[stop, cancel,
@@ -114,24 +114,20 @@ class DistributedDataParallelTrainer(Trainer):
             module, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
         )
 
-    def _begin_epoch_data(self, epoch: int) -> None:
+    def _begin_epoch_data(self, epoch: int) -> int | None:
         sampler = distributed_sampler(self.data_loader)
         if sampler is not None:
             sampler.set_epoch(epoch)
+        return self._agreed_length(self)
 
     def _agree_with_ranks(self) -> None:
         """One all-gather per loop, before training: the run's bounds and step alike on
-        every rank, the callbacks with ``every_rank`` too, and the epochs' length agreed."""
-        mine = (
-            self._settings(),
-            [_alike(c) for c in self.callbacks if c.every_rank],
-            self.state.steps_per_epoch,
-        )
-        everyone: list[tuple[str, list[str], int | None]] = [("", [], None)] * self.world_size
+        every rank, and the callbacks with ``every_rank`` too."""
+        mine = (self._settings(), [_alike(c) for c in self.callbacks if c.every_rank])
+        everyone: list[tuple[str, list[str]]] = [("", [])] * self.world_size
         dist.all_gather_object(everyone, mine, group=self._group)
         self._check_settings([theirs[0] for theirs in everyone])
         self._check_alike([theirs[1] for theirs in everyone])
-        self._agree_lengths(self, [theirs[2] for theirs in everyone])
 
     def _settings(self) -> str:
         """What must be alike on every rank for the ranks to step and update together."""
@@ -172,23 +168,22 @@ class DistributedDataParallelTrainer(Trainer):
                 "on rank 0 only by themselves"
             )
 
-    def _agree_epochs_of(self, loop: LoopBase) -> None:
-        mine = loop.state.steps_per_epoch
+    def _agreed_length(self, loop: LoopBase) -> int | None:
         everyone: list[int | None] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self._group)
-        self._agree_lengths(loop, everyone)
+        dist.all_gather_object(everyone, data_length(loop.data_loader), group=self._group)
+        return self._agree_lengths(loop, everyone)
 
-    def _agree_lengths(self, loop: LoopBase, lengths: list[int | None]) -> None:
-        """Every rank runs as many steps an epoch of ``loop`` (this trainer, or a loop run
+    def _agree_lengths(self, loop: LoopBase, lengths: list[int | None]) -> int | None:
+        """The steps every rank runs in an epoch of ``loop`` (this trainer, or a loop run
         inline in it): the fewest any rank's data has. A rank that stepped on alone met its
         peers' next agreement with its gradient all-reduce (gloo aborted the job on the size
         mismatch; NCCL would hang or mix the two)."""
         if None in lengths:  # told as it happens: agreed before each step
-            loop.state.steps_per_epoch = None
-            loop._control.agree_last = _LastAgreed(loop, self.any_rank)
-            return
+            if loop._control.agree_last is None:
+                loop._control.agree_last = _LastAgreed(loop, self.any_rank)
+            return None
+        loop._control.agree_last = None
         known = [length for length in lengths if length is not None]  # (all of them)
-        loop.state.steps_per_epoch = min(known)
         if min(known) != max(known) and self.is_rank_zero:
             listed = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(known))
             ours = "; this trainer gives one to a DataLoader without" if loop is self else ""
@@ -199,6 +194,7 @@ class DistributedDataParallelTrainer(Trainer):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        return min(known)
 
     def any_rank(self, flag: bool) -> bool:
         return self._agree([flag])[0]

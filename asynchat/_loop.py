@@ -530,22 +530,26 @@ class LoopBase(PipeBase):
     # Template hooks for subclasses, called on the compute thread.
 
     def _agree_with_ranks(self) -> None:
-        """Refuse to start a loop whose ranks would not act alike, and agree how long their
-        epochs are (a distributed trainer: callbacks with ``every_rank`` missing on some
-        rank; data loaders of different lengths). A loop run inline in one whose model's
-        forward is a collective (FSDP: its Validation) agrees its epoch through it."""
-        parent = self._inline_parent
-        if parent is not None and parent.shards_state:
-            parent._agree_epochs_of(self)
-
-    def _agree_epochs_of(self, loop: LoopBase) -> None:
-        """Agree the epoch's length of ``loop``, run inline in this one, with the ranks."""
+        """Refuse to start a loop whose ranks would not act alike (a distributed trainer:
+        other bounds, or callbacks with ``every_rank`` missing on some rank)."""
 
     def _configure(self) -> None:
         """Build what needs the model on its device (the Trainer: its optimizer)."""
 
-    def _begin_epoch_data(self, epoch: int) -> None:
-        """Prepare the data loader for ``epoch`` before its order is drawn."""
+    def _begin_epoch_data(self, epoch: int) -> int | None:
+        """Prepare the data loader for ``epoch`` before its order is drawn, and return the
+        epoch's steps, as its ``len()`` says now (a batch sampler's may change from epoch to
+        epoch); None: unknown until the data ends. A loop run inline in one whose model's
+        forward is a collective (FSDP: its Validation) agrees them through it."""
+        parent = self._inline_parent
+        if parent is not None and parent.shards_state:
+            return parent._agreed_length(self)
+        return data_length(self.data_loader)
+
+    def _agreed_length(self, loop: LoopBase) -> int | None:
+        """The steps of ``loop``'s epoch (a loop run inline in this one), as every rank that
+        must step with it runs them (a distributed trainer: the fewest any rank has)."""
+        return data_length(loop.data_loader)
 
     def _extra_state(self) -> dict[str, Any]:
         """Add to the checkpoint (the Trainer: its optimizer)."""

@@ -61,7 +61,8 @@ class LoopRun:
     returns where a resumed run starts; ``modes`` puts the model in the loop's train/eval
     mode for the run and every module's mode back afterwards (``asynchat._in_use``;
     gradients are on only in a training loop); ``begin_epoch_data`` prepares the data loader
-    for an epoch before its order is drawn (a distributed sampler's epoch).
+    for an epoch before its order is drawn (a distributed sampler's epoch) and returns the
+    epoch's steps.
 
     Fields, who writes them and from where:
 
@@ -80,7 +81,7 @@ class LoopRun:
         prefetch: int,
         modes: Callable[[], contextlib.AbstractContextManager[None]],
         prepare: Callable[[], ResumePoint | None],
-        begin_epoch_data: Callable[[int], None],
+        begin_epoch_data: Callable[[int], int | None],
         control: LoopControl,
         hooks: HookRunner,
         events: EventHub,
@@ -242,7 +243,7 @@ class LoopRun:
         decision that ended them (``CONTINUE`` when the data or ``num_steps`` did)."""
         state = self.state
         skip = resume.steps_done if resume is not None else 0
-        self.begin_epoch_data(state.epoch)
+        state.steps_per_epoch = self.begin_epoch_data(state.epoch)
         loader = skip_batches(self.data_loader, skip)
         if state.epoch > 0:
             start_workers_as_before(loader)  # (a resumed run's; a run from the start has them)

@@ -418,6 +418,44 @@ async def fsdp_settings_unlike(rank: int, world_size: int) -> None:
     await trainer.fit()
 
 
+class GrowingEpochs:
+    """Rank ``rank``'s data with ``3 + epoch + 2 * rank`` batches an epoch, as ``len()`` says
+    at each epoch."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return 3 + self.epoch + 2 * self.rank
+
+    def __iter__(self) -> Any:
+        data = torch.utils.data.DataLoader(ddp_data(), batch_size=8)
+        batches = [batch for _ in range(2) for batch in data][: len(self)]
+        self.epoch += 1
+        return iter(batches)
+
+
+async def growing_epochs(rank: int, world_size: int, out: str) -> None:
+    """Two epochs of ``GrowingEpochs``; writes the steps of each and the warnings."""
+    import warnings
+
+    from asynchat import Callback, LoopState
+
+    steps: list[int] = []
+
+    class Steps(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            steps.append(state.step + 1)
+
+    trainer = plain_ddp_trainer(data_loader=GrowingEpochs(rank), num_epochs=2, callbacks=[Steps()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await trainer.fit()
+    result = {"steps": steps, "warnings": [str(w.message) for w in caught]}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
 async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -> None:
     """A DDP job whose ranks' Checkpoints name a directory each (``root/rank<r>``): only
     rank 0's may be written to. Each ``on_checkpoint`` call appends the step to

@@ -334,6 +334,19 @@ def test_a_batch_sampler_of_the_users_own_is_refused_naming_the_way(tmp_path: Pa
     assert "BatchSampler(DistributedSampler(dataset), batch_size, drop_last)" in str(info.value)
 
 
+def test_ranks_agree_each_epochs_length_as_their_data_says_at_that_epoch(
+    tmp_path: Path,
+) -> None:
+    # Rank 0 has 3 then 4 batches, rank 1 has 5 then 6: every rank runs 3 then 4 steps.
+    launch(rank_jobs.growing_epochs, nprocs=2, args=(str(tmp_path),))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [[3, 4], [3, 4]]
+    assert ranks[1]["warnings"] == []
+    told = ranks[0]["warnings"]
+    assert len(told) == 2
+    assert "(rank 0: 3, rank 1: 5)" in told[0] and "(rank 0: 4, rank 1: 6)" in told[1]
+
+
 def test_each_rank_predicts_its_shard_and_rank_zero_gathers(tmp_path: Path) -> None:
     launch(rank_jobs.predict_shard, nprocs=2, args=(str(tmp_path),))
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)

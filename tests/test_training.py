@@ -442,6 +442,38 @@ async def test_the_state_repr_says_where_the_loop_is_without_formatting_tensors(
     assert "tensor(" not in text and "Linear" not in text
 
 
+class Growing:
+    """Data whose epoch ``e`` has ``3 + e`` batches, as its ``len()`` says at that epoch (a
+    batch sampler planning each epoch's batches anew, say by length buckets)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return 3 + self.epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = list(make_loader(16 * len(self), 16))
+        self.epoch += 1
+        return iter(batches)
+
+
+async def test_an_epoch_runs_as_many_steps_as_the_data_has_at_that_epoch() -> None:
+    # The length was read once, when the loop was built: every epoch ran 3 steps and the
+    # later epochs' last batches were dropped, without a word.
+    steps: list[int] = []
+
+    class Steps(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            steps.append(state.step + 1)
+            assert state.steps_per_epoch == state.step + 1
+
+    loop = Trainer(make_model(), Growing(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=3,
+                   callbacks=[Steps()])  # fmt: skip
+    state = await loop.fit()
+    assert steps == [3, 4, 5] and state.global_step == 12
+
+
 def test_an_epoch_read_to_its_length_lets_the_loader_end_as_a_full_pass_does() -> None:
     """A RandomSampler with its own generator draws from it once more at its end, so the
     next epoch's order depends on the loader being read to its end, as a data thread does
