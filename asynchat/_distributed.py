@@ -97,6 +97,7 @@ class DistributedDataParallelTrainer(Trainer):
         # rank creates this group (a collective call) in step.
         self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._control.agree = self._agree
+        self._told_lengths: dict[str, list[int]] = {}  # each loop's counts last warned of
 
     def _configure(self) -> None:
         super()._configure()
@@ -175,16 +176,17 @@ class DistributedDataParallelTrainer(Trainer):
 
     def _agree_lengths(self, loop: LoopBase, lengths: list[int | None]) -> int | None:
         """The steps every rank runs in an epoch of ``loop`` (this trainer, or a loop run
-        inline in it): the fewest any rank's data has. A rank that stepped on alone met its
-        peers' next agreement with its gradient all-reduce (gloo aborted the job on the size
-        mismatch; NCCL would hang or mix the two)."""
+        inline in it): the fewest any rank's data has, with a warning whenever the counts
+        differ anew. A rank that stepped on alone met its peers' next agreement with its
+        gradient all-reduce (gloo aborted the job on the size mismatch; NCCL would hang)."""
         if None in lengths:  # told as it happens: agreed before each step
             if loop._control.agree_last is None:
                 loop._control.agree_last = _LastAgreed(loop, self.any_rank)
             return None
         loop._control.agree_last = None
         known = [length for length in lengths if length is not None]  # (all of them)
-        if min(known) != max(known) and self.is_rank_zero:
+        told, self._told_lengths[loop.name] = self._told_lengths.get(loop.name), known
+        if min(known) != max(known) and self.is_rank_zero and known != told:
             listed = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(known))
             ours = "; this trainer gives one to a DataLoader without" if loop is self else ""
             warnings.warn(
