@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -525,7 +526,27 @@ class LoopBase(PipeBase):
                 add_note(exc, f"asynchat: while resuming from {self.resumed_from}")
                 raise
         resume, self._resume = self._resume, None
+        if resume is not None:
+            self._warn_past_bound(resume)
         return resume
+
+    def _warn_past_bound(self, resume: ResumePoint) -> None:
+        """A run resumed beyond its own ``num_steps`` or ``num_epochs`` trains nothing: said,
+        as it is most likely a typo (resumed exactly at its bound, a run that had finished,
+        such as an elastic job's last restart, ends quietly)."""
+        state, bound = self.state, ""
+        if state.num_steps is not None and state.global_step > state.num_steps:
+            bound = f"global step {state.global_step}, past num_steps={state.num_steps}"
+        started = resume.epoch + (resume.steps_done > 0)  # epochs begun by the checkpoint
+        if state.num_epochs is not None and started > state.num_epochs:
+            bound = f"epoch {resume.epoch}, past num_epochs={state.num_epochs}"
+        if bound:
+            warnings.warn(
+                f"{self.name}: resumed from {self.resumed_from} at {bound}: there is nothing "
+                "to train, and the run ends at once",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # Template hooks for subclasses, called on the compute thread.
 

@@ -134,6 +134,28 @@ def test_a_step_save_at_an_epochs_last_step_holds_what_the_epochs_end_did(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("bounds", "told"),
+    [({"num_steps": 12}, None), ({"num_epochs": 2}, None),
+     ({"num_steps": 7}, "at global step 12, past num_steps=7"),
+     ({"num_epochs": 1}, "at epoch 2, past num_epochs=1")],
+    ids=["at-steps", "at-epochs", "past-steps", "past-epochs"],
+)  # fmt: skip
+async def test_a_run_resumed_past_its_bound_says_it_trains_nothing(
+    tmp_path: Path, bounds: dict[str, int], told: str | None
+) -> None:
+    # It finished at once, without a word (num_steps=7 where 70 was meant, say).
+    await make_trainer(Checkpoint(tmp_path), num_epochs=2).fit()  # 12 steps, epochs 0-1
+    resumed = make_trainer(resume_from=tmp_path, **bounds)
+    if told is None:  # at its bound: a finished run resumed (an elastic job's last restart)
+        await resumed.fit()
+    else:
+        with pytest.warns(RuntimeWarning, match=f"resumed from .* {told}: there is nothing"):
+            await resumed.fit()
+    assert resumed.state.global_step == 12
+
+
+@pytest.mark.anyio
 async def test_every_n_epochs_saves_after_the_epoch(tmp_path: Path) -> None:
     await make_trainer(Checkpoint(tmp_path, every_n_epochs=2, save_on_end=False)).fit()
     (entry,) = read_manifest(tmp_path)
