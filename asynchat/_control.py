@@ -84,9 +84,9 @@ class LoopControl:
     - ``parent``: the loop this one runs inside (``run_inline``), set on the compute thread
       before the run; its cancellation cancels this loop too.
     - ``agree``: set once, before the run, by a distributed trainer; ``None`` runs alone.
-    - ``agree_last``: set once, before the run, by a distributed trainer whose ranks do not
-      all know their data's length: agrees before each step whether the epoch ends with it
-      (``with_last``); ``None`` otherwise.
+    - ``agree_last``: set at an epoch's start, on the compute thread, by a distributed
+      trainer whose ranks do not all know that epoch's length: agrees before each step
+      whether the epoch ends with it (``with_last``); ``None`` otherwise.
     - ``idle``: whether a boundary is a no-op (a loop alone, not paused, asked nothing); kept
       by every change of the fields it depends on, read by the step loop after each step.
 

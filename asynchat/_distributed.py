@@ -122,13 +122,31 @@ class DistributedDataParallelTrainer(Trainer):
         return self._agreed_length(self)
 
     def _agree_with_ranks(self) -> None:
-        """One all-gather per loop, before training: the run's bounds and step alike on
-        every rank, and the callbacks with ``every_rank`` too."""
-        mine = (self._settings(), [_alike(c) for c in self.callbacks if c.every_rank])
-        everyone: list[tuple[str, list[str]]] = [("", [])] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self._group)
-        self._check_settings([theirs[0] for theirs in everyone])
-        self._check_alike([theirs[1] for theirs in everyone])
+        """One all-gather per loop, before training, of what must be alike on every rank.
+
+        The run's bounds and step (:meth:`_settings`): a rank with more steps (or epochs)
+        went on alone and waited in a collective until the collective timeout (5 minutes by
+        default); one accumulating over more steps all-reduced its gradients while another
+        did not (gloo aborted the job). The callbacks with ``every_rank``, in the same order
+        and on the same schedule: a Checkpoint given to rank 0 alone (or saving every 2
+        steps there and every 3 on rank 1) paired its agreement with the other ranks' step
+        agreement; a GradClip or an LRSchedule on one rank drove its replica apart.
+        """
+        callbacks = ", ".join(_alike(c) for c in self.callbacks if c.every_rank) or "none"
+        everyone: list[tuple[str, str]] = [("", "")] * self.world_size
+        dist.all_gather_object(everyone, (self._settings(), callbacks), group=self._group)
+        name = type(self).__name__
+        _refuse_unlike(
+            [settings for settings, _ in everyone],
+            f"a {name} must be built alike on every rank, where its ranks step and update "
+            "together ({}): give every rank the same arguments",
+        )
+        _refuse_unlike(
+            [callbacks for _, callbacks in everyone],
+            f"callbacks must be alike on every rank of a {name}, in the same order, where "
+            "they act together or change the training ({}). Give every rank the same ones: "
+            "Checkpoint, the loggers and Progress write on rank 0 only by themselves",
+        )
 
     def _settings(self) -> str:
         """What must be alike on every rank for the ranks to step and update together."""
@@ -142,43 +160,13 @@ class DistributedDataParallelTrainer(Trainer):
             f"sync_batchnorm={synced}"
         )
 
-    def _check_settings(self, everyone: list[str]) -> None:
-        """A rank with more steps (or epochs) went on alone and waited in a collective for
-        the collective timeout (5 minutes by default); one accumulating over more steps
-        all-reduced its gradients while another did not (gloo aborted the job)."""
-        if any(theirs != everyone[self.rank] for theirs in everyone):
-            listed = "; ".join(f"rank {rank}: {theirs}" for rank, theirs in enumerate(everyone))
-            raise ValueError(
-                f"a {type(self).__name__} must be built alike on every rank, where its ranks "
-                f"step and update together ({listed}): give every rank the same arguments"
-            )
-
-    def _check_alike(self, everyone: list[list[str]]) -> None:
-        """Every rank's callbacks with ``every_rank`` the same, in the same order and on the
-        same schedule. A Checkpoint given to rank 0 alone (or saving every 2 steps there and
-        every 3 on rank 1) paired its agreement with the other ranks' step agreement; a
-        GradClip or an LRSchedule on one rank drove its replica apart."""
-        if any(theirs != everyone[self.rank] for theirs in everyone):
-            listed = "; ".join(
-                f"rank {rank}: {', '.join(names) or 'none'}" for rank, names in enumerate(everyone)
-            )
-            raise ValueError(
-                f"callbacks must be alike on every rank of a {type(self).__name__}, in the "
-                f"same order, where they act together or change the training ({listed}). "
-                "Give every rank the same ones: Checkpoint, the loggers and Progress write "
-                "on rank 0 only by themselves"
-            )
-
     def _agreed_length(self, loop: LoopBase) -> int | None:
-        everyone: list[int | None] = [None] * self.world_size
-        dist.all_gather_object(everyone, data_length(loop.data_loader), group=self._group)
-        return self._agree_lengths(loop, everyone)
-
-    def _agree_lengths(self, loop: LoopBase, lengths: list[int | None]) -> int | None:
         """The steps every rank runs in an epoch of ``loop`` (this trainer, or a loop run
         inline in it): the fewest any rank's data has, with a warning whenever the counts
         differ anew. A rank that stepped on alone met its peers' next agreement with its
         gradient all-reduce (gloo aborted the job on the size mismatch; NCCL would hang)."""
+        lengths: list[int | None] = [None] * self.world_size
+        dist.all_gather_object(lengths, data_length(loop.data_loader), group=self._group)
         if None in lengths:  # told as it happens: agreed before each step
             if loop._control.agree_last is None:
                 loop._control.agree_last = _LastAgreed(loop, self.any_rank)
@@ -217,6 +205,14 @@ class DistributedDataParallelTrainer(Trainer):
         values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
         return [bool(v) for v in values.tolist()]
+
+
+def _refuse_unlike(everyone: list[str], message: str) -> None:
+    """A ValueError unless every rank's entry of ``everyone`` is the same: ``message`` with
+    each rank's entry listed in its ``{}``."""
+    if any(theirs != everyone[0] for theirs in everyone):
+        listed = "; ".join(f"rank {rank}: {theirs}" for rank, theirs in enumerate(everyone))
+        raise ValueError(message.format(listed))
 
 
 class _LastAgreed:
