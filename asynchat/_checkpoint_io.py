@@ -724,6 +724,9 @@ def check_loadable(checkpoint: Mapping[str, Any]) -> None:
         ) from exc
 
 
+# What the check reads into, and the values it knows resuming loads without reading back.
+_MAPPINGS = (dict, collections.OrderedDict)
+_SEQUENCES = (list, tuple, set, frozenset)
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
 
@@ -732,9 +735,9 @@ def _plain(obj: Any) -> bool:
     kind = type(obj)
     if kind in _PLAIN or isinstance(obj, torch.Tensor):
         return True
-    if kind in (dict, collections.OrderedDict):
+    if kind in _MAPPINGS:
         return all(_plain(key) and _plain(value) for key, value in obj.items())
-    if kind in (list, tuple, set, frozenset):
+    if kind in _SEQUENCES:
         return all(_plain(value) for value in obj)
     return False
 
@@ -744,9 +747,9 @@ def _without_tensors(obj: Any) -> Any:
     kind = type(obj)
     if isinstance(obj, torch.Tensor):
         return None
-    if kind in (dict, collections.OrderedDict):
+    if kind in _MAPPINGS:
         return kind((key, _without_tensors(value)) for key, value in obj.items())
-    if kind in (list, tuple, set, frozenset):
+    if kind in _SEQUENCES:
         return kind(_without_tensors(value) for value in obj)
     return obj
 
@@ -762,10 +765,10 @@ def _first_unloadable(obj: Any, where: str) -> tuple[str, Any] | None:
     """Where in ``obj`` the first value that does not read back is, and the value."""
     kind = type(obj)
     parts: list[tuple[str, Any]]
-    if kind in (dict, collections.OrderedDict):
+    if kind in _MAPPINGS:
         parts = [(f"{where}'s key {key!r}", key) for key in obj]
         parts += [(f"{where}[{key!r}]", value) for key, value in obj.items()]
-    elif kind in (list, tuple, set, frozenset):
+    elif kind in _SEQUENCES:
         parts = [(f"{where}[{index}]", value) for index, value in enumerate(obj)]
     else:
         try:

@@ -247,15 +247,7 @@ def _counted(items: Iterator[T], limit: int | None, length: int) -> Iterator[tup
 def _read_ahead(
     items: Iterator[T], limit: int | None, agree_last: Callable[[bool], bool] | None
 ) -> Iterator[tuple[T, bool, bool]]:
-    try:
-        current = next(items)
-    except StopIteration:
-        current = _END
-    except Interrupted:
-        raise
-    except Exception as exc:
-        add_note(exc, READ_NOTE)
-        raise
+    current = _read(items)
     if agree_last is not None and agree_last(current is _END):
         return  # some rank's epoch is empty
     if current is _END:
@@ -266,14 +258,10 @@ def _read_ahead(
             yield current, True, False
             return
         try:
-            following = next(items)
-        except StopIteration:
-            following = _END
+            following = _read(items)
         except Interrupted:
             raise  # stop() or cancellation: the current item's step has not begun
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                add_note(exc, READ_NOTE)
+        except BaseException:
             if agree_last is None:
                 yield current, True, False  # train on what was read before the error
             raise
@@ -285,6 +273,19 @@ def _read_ahead(
             return
         current = following
         count += 1
+
+
+def _read(items: Iterator[T]) -> T:
+    """``next(items)``, or ``_END`` past the end; an error the data raised is marked."""
+    try:
+        return next(items)
+    except StopIteration:
+        return _END  # type: ignore[no-any-return]
+    except Interrupted:
+        raise
+    except Exception as exc:
+        add_note(exc, READ_NOTE)
+        raise
 
 
 _END: Any = object()  # read past the data's end
