@@ -118,6 +118,17 @@ def make_loader(
     return DataLoader(make_data(n), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+class Unsized:
+    """``data`` without ``len()``: the engine reads it one batch ahead to find an epoch's
+    last."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.data)
+
+
 def make_model(seed: int = 0, features: int = 8, classes: int = 3) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))

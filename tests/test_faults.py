@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import engine_threads, make_loader, make_trainer
+from conftest import Unsized, engine_threads, make_loader, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -175,16 +175,6 @@ class BadBatch(torch.utils.data.Dataset[Any]):
         if index == 80 and self.epoch_reads == 2:
             raise Boom("sample 80 is unreadable")
         return self.samples[index]
-
-
-class Unsized:
-    """``loader`` without ``len()`` (read one batch ahead to find an epoch's last)."""
-
-    def __init__(self, loader: DataLoader[Any]) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Any:
-        return iter(self.loader)
 
 
 @pytest.mark.anyio

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import make_loader, make_model, make_trainer, sgd
+from conftest import Unsized, make_loader, make_model, make_trainer, sgd
 from recorders import AsyncRecorder, Recorder, SyncRecorder, expected_phases
 from torch import nn
 
@@ -143,12 +143,6 @@ async def test_predictor_runs_one_epoch_of_phases() -> None:
 
 async def test_unknown_length_loader_gets_the_same_phases() -> None:
     """A data loader without len() (a generator-backed iterable) is read one item ahead."""
-    loader = make_loader(64, 16)
-
-    class NoLen:
-        def __iter__(self):  # type: ignore[no-untyped-def]
-            yield from loader
-
     last_flags: list[bool] = []
 
     class Last(Callback):
@@ -158,7 +152,7 @@ async def test_unknown_length_loader_gets_the_same_phases() -> None:
     recorder = SyncRecorder()
     trainer = Trainer(
         make_model(),
-        NoLen(),
+        Unsized(make_loader(64, 16)),
         sgd,
         loss_fn=nn.CrossEntropyLoss(),
         num_steps=6,
