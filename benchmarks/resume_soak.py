@@ -6,18 +6,20 @@ stopping, schedules by step or epoch and a plateau schedule on the same optimize
 step checkpoints, LossMonitor, MetricUpdater, clipping, TerminateOnNaN, bf16, DataLoader
 workers (persistent in half the trials with them), read-ahead; in 3 trials of 10, two models
 with an optimizer each, updated one after the other in every step; in 2 of 10, validation on
-the EMA) and one or two interruptions (``stop()`` or a cancellation at a random step), runs
-it straight and interrupted-then- resumed, and compares weights, metrics, learning rates,
-EMA and global step bitwise. It also resumes a run from one of the straight run's
-checkpoints, drawn at random, as a run that crashed right after saving it would, and
-compares that too. The table counts trials, mismatches and trials that raised a warning, by
-feature; each is printed with its configuration (rerun with ``--seed``).
+the EMA; in 3 of 10, an IterableDataset without len()) and one or two interruptions
+(``stop()`` or a cancellation at a random step), runs it straight and interrupted-then-
+resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. It also
+resumes a run from one of the straight run's checkpoints, drawn at random, as a run that
+crashed right after saving it would, and compares that too. The table counts trials,
+mismatches and trials that raised a warning, by feature; each is printed with its
+configuration (rerun with ``--seed``).
 
 With ``--ranks 2`` each run is a DistributedDataParallelTrainer (``--kind fsdp``: a
 FullyShardedDataParallelTrainer) over that many gloo ranks (started with ``launch``; a
 cancellation cancels rank 0 alone, and the others end with it), and every rank's outcome is
 compared, each rank's own metrics too (a MetricUpdater's and a LossMonitor's states are kept
-per rank).
+per rank); in half the trials the ranks' data are uneven (rank 1 has more batches: every
+rank runs as many as rank 0, agreed each epoch, or before each step for streamed data).
 
 Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2 [--kind fsdp]]
 """
@@ -64,6 +66,8 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "read inline (prefetch=0)": lambda c, i: c.prefetch == 0,
     "two models, two optimizers": lambda c, i: c.two_parts,
     "validation on the EMA": lambda c, i: c.validate_ema,
+    "streamed data (no len())": lambda c, i: c.streamed,
+    "uneven data over the ranks": lambda c, i: c.uneven,
 }
 
 
@@ -88,7 +92,10 @@ def main() -> None:
             validate_ema=extra.random() < 0.2,
             persistent_workers=extra.random() < 0.5,
         )
-        if args.ranks > 1:
+        data = random.Random(f"{args.seed}-{n}-data")  # (drawn apart, as above)
+        streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
+        config = dataclasses.replace(config, streamed=streamed, uneven=uneven)
+        if args.ranks > 1 or streamed:
             config = dataclasses.replace(config, workers=False)
         interruptions = draw_interruptions(config, rng)
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:

@@ -18,12 +18,14 @@ import random
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 import pytest
 import torch
+import torch.distributed as dist
 import torchmetrics
 from conftest import (
     CancelAt,
@@ -36,7 +38,7 @@ from conftest import (
     wait_until_listed,
 )
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from asynchat import (
     BasicBatchProcessor,
@@ -116,6 +118,8 @@ class Config:
     two_parts: bool = False  # two models, two optimizers, two updates a step (TwoParts)
     validate_ema: bool = False  # Validation(use_ema=True), with an EMA
     persistent_workers: bool = False  # with workers: DataLoader(persistent_workers=True)
+    streamed: bool = False  # an IterableDataset (no len()): each epoch's end is found by reading
+    uneven: bool = False  # over several ranks: rank r has 16 * r more samples than rank 0
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -198,11 +202,15 @@ def trainer(
         callbacks.append(ExponentialMovingAverage(0.9))
     callbacks.append(Checkpoint(directory, every_n_steps=config.checkpoint_every, keep_last=None))
     callbacks.append(LossMonitor(every_n_steps=3))
-    loader: Any = make_loader(96, 16, shuffle=True)
-    if config.workers:
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    samples = 96 + 16 * rank if config.uneven else 96
+    loader: Any = make_loader(samples, 16, shuffle=True)
+    if config.streamed:
+        loader = DataLoader(Streamed(make_data(samples), rank, world_size), batch_size=16)
+    elif config.workers:
         generator = torch.Generator().manual_seed(0)
         loader = DataLoader(
-            make_data(96),
+            make_data(samples),
             batch_size=16,
             shuffle=True,
             generator=generator,
@@ -221,6 +229,19 @@ def trainer(
         resume_from=resume if isinstance(resume, Path) else directory if resume else None,
         **options,
     )  # fmt: skip
+
+
+class Streamed(IterableDataset[tuple[torch.Tensor, ...]]):
+    """A rank's share of ``data`` (every ``world_size``-th sample), read in an order drawn
+    from torch's RNG at each epoch, as many streaming datasets do: no ``len()``, no sampler
+    (the trainer leaves it as given)."""
+
+    def __init__(self, data: TensorDataset, rank: int, world_size: int) -> None:
+        self.data, self.rank, self.world_size = data, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = torch.randperm(len(self.data))[self.rank :: self.world_size]
+        return (self.data[int(i)] for i in order)
 
 
 def adam(model: nn.Module) -> torch.optim.Optimizer:
@@ -314,6 +335,18 @@ def test_two_models_with_two_optimizers_resume_alike(tmp_path: Path, seed: int) 
     assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
 
 
+@pytest.mark.parametrize("seed", [6, 9])
+def test_an_interrupted_run_over_streamed_data_resumes_to_the_uninterrupted_one(
+    tmp_path: Path, seed: int
+) -> None:
+    # No len(): the resumed epoch reads and drops the batches already trained on, and each
+    # epoch's last step is found by reading one batch ahead.
+    rng = random.Random(seed)
+    config = dataclasses.replace(Config.draw(rng), streamed=True, workers=False)
+    interruptions = draw_interruptions(config, rng)
+    assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
+
+
 @pytest.mark.parametrize("two_parts", [False, True])
 def test_a_run_resumed_from_any_of_its_checkpoints_ends_as_the_uninterrupted_one(
     tmp_path: Path, two_parts: bool
@@ -372,6 +405,8 @@ async def rank_run(
 
     with warnings.catch_warnings(record=True) as heard:
         warnings.simplefilter("always")
+        if config.uneven:  # said by design: every rank runs as many steps as the shortest
+            warnings.filterwarnings("ignore", "(?s).*(different numbers of|had more) batches")
         for i, (how, step) in enumerate(interruptions):
             cancel = CancelAt(step)
             extra = [StopAt(step)] if how == "stop" else [cancel] if rank == 0 else []
@@ -485,6 +520,21 @@ def test_ranks_cancelled_at_an_epochs_end_resume_to_the_uninterrupted_run(
     # 2 ranks of 48 samples each: an epoch is 3 steps, and this is the first epoch's last.
     interruptions: list[Interruption] = [("cancel", STEPS_PER_EPOCH // 2)]
     assert distributed_trial(config, interruptions, tmp_path, 2, kind) == []
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_ranks_with_uneven_data_resume_to_the_uninterrupted_run(
+    tmp_path: Path, streamed: bool
+) -> None:
+    # Rank 1 has 4 batches an epoch, rank 0 has 3: every rank runs 3, agreed at each epoch's
+    # start (known lengths) or before each step (streamed), in the interrupted and resumed
+    # runs as in the straight one.
+    config = Config(
+        accumulate=2, validate_every=2, schedule="step", checkpoint_every=2,
+        train_metrics_every=2, streamed=streamed, uneven=True,
+    )  # fmt: skip
+    interruptions: list[Interruption] = [("stop", 2), ("cancel", 4)]
+    assert distributed_trial(config, interruptions, tmp_path, 2, "ddp") == []
 
 
 @pytest.mark.parametrize("victim", [0, 1])
