@@ -25,16 +25,31 @@ class Metrics(dict[str, float]):
         super().__init__()
         self._clock = clock
         self._steps: dict[str, int] = {}
+        self._per_rank: set[str] = set()
         self.version = 0  # bumped at every change: a reader can skip an unchanged dict
 
     def __setitem__(self, name: str, value: float) -> None:
         super().__setitem__(name, value)
         self._steps[name] = self._clock()
+        self._per_rank.discard(name)
         self.version += 1
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for name, value in dict(*args, **kwargs).items():
             self[name] = value
+
+    def update_per_rank(self, values: Mapping[str, float]) -> None:
+        """Set ``values`` that are this rank's own in a distributed trainer: measured on its
+        data or its clock alone (LossMonitor's means of its losses, StatsMonitor's timings),
+        so each rank's differ. Shown and logged like any other; refused where every rank
+        must act alike (an LRSchedule's ``monitor``). Set again with ``[]`` or
+        :meth:`update`, a name counts as the same on every rank."""
+        self.update(values)
+        self._per_rank.update(values)
+
+    def is_per_rank(self, name: str) -> bool:
+        """Whether ``name``'s value is this rank's own (see :meth:`update_per_rank`)."""
+        return name in self._per_rank
 
     def restore(
         self, saved: Mapping[str, float], *, step: int, steps: Mapping[str, int] | None = None

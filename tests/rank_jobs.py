@@ -138,6 +138,40 @@ async def validate_shards(rank: int, world_size: int, out: str) -> None:
     )
 
 
+async def plateau_schedule(rank: int, world_size: int, out: str, monitor: str) -> None:
+    """A DDP trainer whose ReduceLROnPlateau follows ``monitor``: Validation's val/loss
+    (every epoch, on each rank's shard) or LossMonitor's train/mean_loss (each step, of the
+    rank's own losses). It never sees an improvement (threshold 10), so each new value
+    halves the rate. Saves the rate and the model."""
+    from asynchat.callbacks import LossMonitor, LRSchedule, Validation
+
+    validation = torch.utils.data.TensorDataset(*(t[:32] for t in ddp_data().tensors))
+    sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
+    plateau = LRSchedule(
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, patience=0, factor=0.5, threshold=10.0
+        ),
+        monitor=monitor,
+    )
+    trainer = plain_ddp_trainer(
+        num_epochs=3,
+        callbacks=[
+            Validation(
+                torch.utils.data.DataLoader(validation, batch_size=8, sampler=sampler),
+                loss_fn=torch.nn.CrossEntropyLoss(),
+            ),
+            LossMonitor(every_n_steps=1),
+            plateau,
+        ],
+    )
+    state = await trainer.fit()
+    assert state.optimizer is not None
+    torch.save(
+        {"lr": state.optimizer.param_groups[0]["lr"], "model": trainer.model.state_dict()},
+        Path(out, f"rank{rank}.pt"),
+    )
+
+
 async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str) -> None:
     """Rank 0 alone is cancelled at the step a Validation is due; both must end there."""
     from asynchat import Callback, LoopState

@@ -23,6 +23,7 @@ from conftest import StopAt, make_loader, make_model, make_trainer, sgd
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat._state import Metrics
 from asynchat.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -30,6 +31,7 @@ from asynchat.callbacks import (
     FreezeModule,
     GradClip,
     JSONLinesLogger,
+    LossMonitor,
     LRSchedule,
     MetricUpdater,
     NonFiniteLossError,
@@ -275,6 +277,28 @@ async def test_a_plateau_schedule_steps_once_per_new_value_whatever_the_interval
         assert isinstance(schedule.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         assert schedule.scheduler.last_epoch == 3, "values at epochs 0, 2 and 4"
         assert state.optimizers["default"].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+async def test_one_process_may_follow_its_own_training_loss_with_a_plateau_schedule() -> None:
+    # A rank's own metric is refused only where ranks train together (test_distributed).
+    schedule = LRSchedule(
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=0.5, patience=0, threshold=10.0
+        ),
+        monitor="train/mean_loss",
+    )
+    state = await make_trainer(LossMonitor(every_n_steps=6), schedule, num_epochs=2).fit()
+    assert state.metrics.is_per_rank("train/mean_loss")
+    assert state.optimizers["default"].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_a_metric_set_again_by_anyone_is_no_longer_a_ranks_own() -> None:
+    metrics = Metrics()  # (state.metrics)
+    metrics.update_per_rank({"train/mean_loss": 1.5, "stats/step_time": 0.1})
+    metrics["val/loss"] = 2.0
+    assert [metrics.is_per_rank(n) for n in metrics] == [True, True, False]
+    metrics["train/mean_loss"] = 1.0  # e.g. a callback that averaged it over the ranks
+    assert not metrics.is_per_rank("train/mean_loss") and metrics.is_per_rank("stats/step_time")
 
 
 async def test_terminate_on_nan_names_the_first_bad_step_without_syncing_each_step() -> None:

@@ -28,6 +28,12 @@ class EarlyStopping(Callback):
     ``stop()``, so ``fit()`` returns normally, with ``state.stop_reason`` saying why. Its
     state is kept in checkpoints (a resumed run does not check a value again); an instance
     reused by a new run (not a resumed one) starts afresh.
+
+    In a distributed trainer a stop is agreed by every rank, so one rank's is enough: on a
+    metric that is each rank's own (LossMonitor's), the first rank whose value stops
+    improving stops them all. Checkpoints keep rank 0's state, which every rank resumes
+    with; monitor a metric agreed over the ranks (Validation's) for a resumed run that
+    stops where the uninterrupted one does.
     """
 
     def __init__(

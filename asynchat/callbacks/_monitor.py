@@ -32,11 +32,16 @@ class Monitor:
     metrics. Missing otherwise, it is not published yet (a Validation every few epochs):
     nothing to act on; a run that ends without ever seeing it, though it saw others, warns
     (:meth:`warn_if_unseen`).
+
+    ``alike_on_ranks``: what the owner does with a value must be alike on every rank of a
+    distributed trainer (a learning rate), so a value that is each rank's own
+    (``state.metrics.update_per_rank``) is refused with a ``ValueError``.
     """
 
-    def __init__(self, owner: str, name: str) -> None:
+    def __init__(self, owner: str, name: str, *, alike_on_ranks: bool = False) -> None:
         self.owner = owner  # e.g. "EarlyStopping(monitor='val/loss')", for messages
         self.name = name
+        self.alike_on_ranks = alike_on_ranks
         self.acted_at: int | None = None
         self._seen = False  # in this run
 
@@ -59,8 +64,21 @@ class Monitor:
         step = measured_at(state, self.name)
         if self.acted_at is not None and step <= self.acted_at:
             return None
+        if self.alike_on_ranks and metrics.is_per_rank(self.name):
+            self._refuse_per_rank(state)
         self.acted_at = step
         return float(metrics[self.name])
+
+    def _refuse_per_rank(self, state: LoopState) -> None:
+        loop = state.loop
+        if loop.spans_ranks and loop.world_size > 1:
+            raise ValueError(
+                f"{self.owner}: {self.name!r} is each rank's own value (measured on its data "
+                "or its clock alone, as LossMonitor's and StatsMonitor's are), so each rank "
+                "would act on another value and the ranks' training would drift apart. "
+                "Monitor a metric that is the same on every rank: Validation's (val/loss), or "
+                "a MetricUpdater's (torchmetrics agrees its values over the ranks)"
+            )
 
     def _missing(self, state: LoopState) -> None:
         if misspelled(state, self.name):

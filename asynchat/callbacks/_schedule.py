@@ -49,7 +49,11 @@ class LRSchedule(Callback):
     epoch's end whatever the ``interval``; so its ``patience`` counts validations, never the
     steps or epochs between them. A misspelled ``monitor`` is an error at the first step; one
     never published in a run that published others, a warning at its end. Such a scheduler
-    without ``monitor`` is refused when the loop begins, before any training.
+    without ``monitor`` is refused when the loop begins, before any training. In a
+    distributed trainer every rank's scheduler must see the same value at the same step, or
+    the ranks would train at different rates and their replicas drift apart: a metric that is
+    each rank's own (LossMonitor's, StatsMonitor's) is refused at its first value with a
+    ``ValueError``; Validation's and MetricUpdater's are agreed over the ranks.
 
     The scheduler is built from ``scheduler(optimizer)`` when the loop begins (the optimizer may
     itself come from a factory). A Trainer with several optimizers needs ``optimizer="g"``: the
@@ -107,7 +111,11 @@ class LRSchedule(Callback):
         self.optimizer = optimizer
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
-        self._metric = Monitor(f"LRSchedule(monitor={monitor!r})", monitor) if monitor else None
+        self._metric = (
+            Monitor(f"LRSchedule(monitor={monitor!r})", monitor, alike_on_ranks=True)
+            if monitor
+            else None
+        )
 
     def on_loop_begin(self, state: LoopState) -> None:
         if self._metric is not None:

@@ -22,7 +22,8 @@ class StatsMonitor(Callback):
     (the fraction of the time spent waiting for batches; high means the data loader is the
     bottleneck) and ``stats/eta_s`` (seconds to the end, when the loop's length is known),
     averaged over the last interval. Host wall-clock only: on a GPU the figures include the
-    queue of work in flight and settle after the first interval.
+    queue of work in flight and settle after the first interval. In a distributed trainer
+    they are each rank's own (``state.metrics.is_per_rank``).
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -54,12 +55,15 @@ class StatsMonitor(Callback):
     def publish(self, state: LoopState) -> None:
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         step_time = elapsed / self._steps
-        state.metrics["stats/step_time"] = step_time
-        state.metrics["stats/samples_per_s"] = self._samples / elapsed
-        state.metrics["stats/data_wait"] = min(1.0, self._data_time / elapsed)
+        values = {
+            "stats/step_time": step_time,
+            "stats/samples_per_s": self._samples / elapsed,
+            "stats/data_wait": min(1.0, self._data_time / elapsed),
+        }
         remaining = _remaining_steps(state)
         if remaining is not None:
-            state.metrics["stats/eta_s"] = remaining * step_time
+            values["stats/eta_s"] = remaining * step_time
+        state.metrics.update_per_rank(values)  # this rank's clock
         self._start_interval()
 
 
@@ -96,6 +100,14 @@ class LossMonitor(Callback):
     publishes the mean of the whole interval, as an uninterrupted run does (in a distributed
     trainer each rank's, whose losses are its own: ``state_per_rank``); at the loop's end
     the mean of the interval so far is published.
+
+    In a distributed trainer the means are each rank's own, of its own losses
+    (``state.metrics.is_per_rank``): shown and logged (rank 0's), and an
+    :class:`EarlyStopping` on them stops every rank when one rank's stops improving, but an
+    :class:`LRSchedule` refuses to follow them (the ranks would train at different rates).
+    On a GPU a mean is published when its copy has landed, so the step it appears at
+    depends on timing: what acts on it (a plateau schedule, early stopping) acts at that
+    step, which may differ from run to run.
     """
 
     state_per_rank = True
@@ -147,4 +159,6 @@ class LossMonitor(Callback):
     def _publish(self, state: LoopState, *, wait: bool) -> None:
         while self._pending and (wait or self._pending[0].ready()):
             means = self._pending.pop(0).wait()
-            state.metrics.update({self.prefix + name: float(v) for name, v in means.items()})
+            state.metrics.update_per_rank(  # this rank's losses alone
+                {self.prefix + name: float(v) for name, v in means.items()}
+            )
