@@ -11,13 +11,18 @@ directory; rank 0 writes ``asynchat.pt`` once DCP has finished (its coordinator 
 directory into place, so a checkpoint under its name is always complete.
 
 Loading goes through DCP's resharding: a checkpoint written by 2 ranks loads on 1 or 4, or
-into a module that is not sharded at all.
+into a module that is not sharded at all. It is as safe as ``torch.load(weights_only=True)``:
+``.metadata`` must unpickle into DCP's own types (:func:`check_metadata`), and the values
+DCP saved as bytes must load with ``weights_only=True`` (:func:`_weights_only_planner`).
 
 ``torch.distributed.checkpoint`` is imported when first used (it costs ~0.4 s to import).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -217,10 +222,11 @@ def read(
     """DCP's load of ``directory`` into the tensors of ``state`` (in place): by every rank
     of ``group`` together, or by this process alone (``single``, or outside a job)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
 
     single = single or not (dist.is_available() and dist.is_initialized())
-    planner = DefaultLoadPlanner(allow_partial_load=partial)
+    check_metadata(directory)
+    planner = _weights_only_planner(partial)
     try:
         with warnings.catch_warnings():
             # "torch.distributed is ... uninitialized, assuming ... a single process": yes.
@@ -229,10 +235,82 @@ def read(
                 state, checkpoint_id=directory, process_group=group, no_dist=single,
                 planner=planner,
             )  # fmt: skip
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # (DCP's is a BaseException)
+        if planner.refused is not None:
+            raise CheckpointError(f"{directory}: {planner.refused}; not loaded") from None
         raise CheckpointError(
             f"{directory} does not load into this model ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _weights_only_planner(partial: bool) -> Any:
+    """DCP's load planner, but what DCP saved as bytes (the values that are not tensors: an
+    optimizer's ``param_groups``) must load as :func:`torch.load` with ``weights_only=True``
+    would (torch's own loads them with ``weights_only=False``); ``planner.refused`` says
+    which did not."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        refused: str | None = None
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except Exception as exc:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+                what = f"refers to {found[1]}" if found else f"holds a {type(exc).__name__}"
+                self.refused = (
+                    f"{read_item.dest_index.fqn} {what}, which a weights-only load refuses "
+                    "(it could run code)"
+                )
+                raise
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return WeightsOnlyPlanner(allow_partial_load=partial)
+
+
+def check_metadata(directory: Path) -> None:
+    """Refuse ``directory``'s ``.metadata`` unless it unpickles into DCP's metadata types
+    alone: DCP reads it with :func:`pickle.load`, and a crafted one ran any code it named
+    when a checkpoint was resumed or its weights loaded (digests do not help: whoever
+    writes the directory rewrites them)."""
+    path = directory / ".metadata"
+    try:
+        with path.open("rb") as file:
+            _MetadataUnpickler(file).load()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc} (it could run code); not loaded") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not DCP metadata ({type(exc).__name__}: {exc})") from exc
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles what DCP's ``.metadata`` holds, and nothing else: its own classes, torch's
+    sizes, dtypes and layouts, and paths."""
+
+    _PLAIN = frozenset({
+        ("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+        ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath"),  # (3.13)
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._PLAIN or self._dcp_class(module, name):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"it refers to {module}.{name}, which DCP's metadata never holds")
+
+    @staticmethod
+    def _dcp_class(module: str, name: str) -> bool:
+        from torch.distributed.checkpoint import metadata
+
+        found = getattr(metadata, name, None) if module == metadata.__name__ else None
+        return isinstance(found, type) and found.__module__ == module  # its own, not imports
 
 
 def load_module(directory: Path, module: torch.nn.Module, *, prefix: str, strict: bool) -> None:

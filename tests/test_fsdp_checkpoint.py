@@ -4,20 +4,25 @@ on disk, damage."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import rank_jobs
 import torch
+import torch.distributed.checkpoint as dcp
 from conftest import make_loader
 
 from asynchat import LaunchError, Trainer, launch
 from asynchat._checkpoint_io import serialize
+from asynchat._dcp import sharded_state
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
@@ -233,6 +238,75 @@ def test_a_crafted_placeholder_in_a_sharded_checkpoint_is_refused(
         )  # fmt: skip
         with pytest.raises(CheckpointError, match="a malformed placeholder of a sharded tensor"):
             anyio.run(trainer.fit)
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_the_model_is_a_checkpoint_error(
+    runs: Runs,
+) -> None:
+    # DCP raises its CheckpointException, a BaseException: it went past the engine's
+    # handlers as itself, as an interrupt would.
+    _, name = runs.get(2)
+    wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    with pytest.raises(CheckpointError, match=r"does not load into this model \(Checkpoint"):
+        load_weights(wider, runs.root / name)
+
+
+class Touch:
+    """Unpickled, it creates ``path``: what a crafted file could do, and far worse."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def with_digests(directory: Path, extras: dict[str, Any]) -> None:
+    """Write ``extras`` as the directory's asynchat.pt, listing its DCP files' digests as
+    they are now (the crafter's last step: digests are no signature)."""
+    files = [p for p in directory.iterdir() if p.name != "asynchat.pt"]
+    extras["sharded"]["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    data, _ = serialize(extras)
+    (directory / "asynchat.pt").write_bytes(data)
+
+
+def test_a_crafted_sharded_checkpoint_cannot_run_code_when_loaded(
+    runs: Runs, tmp_path: Path
+) -> None:
+    # DCP unpickles .metadata with pickle.load, and the values it saves as bytes (an
+    # optimizer's param_groups) with torch.load(weights_only=False): resuming from a crafted
+    # directory, or loading its weights, ran whatever code it named (here: created a file).
+    _, name = runs.get(2)
+    marker = tmp_path / "ran"
+    directory = tmp_path / "alone" / "step-000000016.dcp"
+    shutil.copytree(runs.root / name / directory.name, directory)
+    extras = torch.load(directory / "asynchat.pt", weights_only=True)
+    (directory / ".metadata").write_bytes(pickle.dumps(Touch(marker)))
+    with_digests(directory, extras)
+    with pytest.raises(CheckpointError, match=r"\.metadata: it refers to pathlib\.Path\.touch"):
+        load_weights(rank_jobs.ddp_model(), directory)
+    assert not marker.exists()
+
+    # A value saved as bytes: the learning rate, re-saved by one process with DCP.
+    shutil.rmtree(directory)
+    directory.mkdir()
+    model = rank_jobs.ddp_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    state = sharded_state(model, {"default": optimizer})
+    state["optimizers"]["default"]["param_groups"][0]["lr"] = Touch(marker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is disabled"
+        dcp.save(state, checkpoint_id=directory, no_dist=True)
+    del extras["callbacks"]["ExponentialMovingAverage"]  # (its shards are not re-saved)
+    with_digests(directory, extras)
+    trainer = Trainer(
+        rank_jobs.ddp_model(), make_loader(), lambda m: torch.optim.Adam(m.parameters()),
+        loss_fn=torch.nn.CrossEntropyLoss(), num_steps=16, resume_from=directory,
+    )  # fmt: skip
+    refused = r"param_groups\.0\.lr refers to getattr, which a weights-only load refuses"
+    with pytest.raises(CheckpointError, match=refused):
+        anyio.run(trainer.fit)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("first_written", [True, False], ids=["after-a-save", "during-a-save"])
