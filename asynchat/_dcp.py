@@ -173,10 +173,36 @@ def start_save(
     on a thread of DCP's. The collectives of the write go over ``group`` (a CPU group, and
     not one a training step uses: two threads must not share a group's collectives)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     written = dcp.async_save(state, checkpoint_id=directory, process_group=group)  # type: ignore[attr-defined]
     assert isinstance(written, Future)  # (a response object only with a stager of one's own)
-    return written
+    # DCP fails the write with its CheckpointException, a BaseException, which went past
+    # every handler as an interrupt would: relayed as a CheckpointError saying each rank's.
+    relayed: Future[Any] = Future()
+
+    def relay(done: Future[Any]) -> None:
+        try:
+            relayed.set_result(done.result())
+        except CheckpointException as exc:
+            relayed.set_exception(CheckpointError(ranks_failures(exc)))
+        except BaseException as exc:
+            relayed.set_exception(exc)
+
+    written.add_done_callback(relay)
+    return relayed
+
+
+def ranks_failures(exc: BaseException) -> str:
+    """What failed on each rank in one of DCP's ``CheckpointException`` (its message holds
+    every rank's whole traceback)."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, Mapping) or not failures:
+        return f"{type(exc).__name__}: {exc}"
+    return "; ".join(
+        f"rank {rank}: {type(error).__name__}: {error}"
+        for rank, (error, _) in sorted(failures.items())
+    )
 
 
 def load_sharded(
@@ -239,7 +265,7 @@ def read(
         if planner.refused is not None:
             raise CheckpointError(f"{directory}: {planner.refused}; not loaded") from None
         raise CheckpointError(
-            f"{directory} does not load into this model ({type(exc).__name__}: {exc})"
+            f"{directory} does not load into this model ({ranks_failures(exc)})"
         ) from exc
 
 

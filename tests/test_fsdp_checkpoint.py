@@ -247,7 +247,7 @@ def test_a_sharded_checkpoint_that_does_not_fit_the_model_is_a_checkpoint_error(
     # handlers as itself, as an interrupt would.
     _, name = runs.get(2)
     wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-    with pytest.raises(CheckpointError, match=r"does not load into this model \(Checkpoint"):
+    with pytest.raises(CheckpointError, match=r"does not load into this model \(rank 0: Value"):
         load_weights(wider, runs.root / name)
 
 
@@ -307,6 +307,22 @@ def test_a_crafted_sharded_checkpoint_cannot_run_code_when_loaded(
     with pytest.raises(CheckpointError, match=refused):
         anyio.run(trainer.fit)
     assert not marker.exists()
+
+
+def test_a_sharded_save_that_fails_on_one_rank_is_a_checkpoint_error_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    # DCP failed the write with its CheckpointException, a BaseException: it reached fit()
+    # as itself, past the handler that names the checkpoint, and the half-written
+    # temporary directory stayed on the full disk until the next run.
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.fsdp_save_on_a_full_disk, nprocs=2, args=(str(checkpoints),))
+    message = str(info.value)
+    assert "CheckpointError: could not write sharded checkpoint " in message
+    # (torch.save reports the failed write as "RuntimeError: ... unexpected pos")
+    assert ".step-000000002.dcp.1.tmp: rank 1: " in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".asynchat.lock"]
 
 
 @pytest.mark.parametrize("first_written", [True, False], ids=["after-a-save", "during-a-save"])

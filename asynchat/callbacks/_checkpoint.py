@@ -391,6 +391,8 @@ class Checkpoint(Callback):
         try:
             written.result()  # DCP's coordinator (rank 0) returns once every rank's are written
         except Exception as exc:
+            if extras is not None:  # rank 0: every rank's write has ended (and told DCP so)
+                remove(temporary)
             raise CheckpointError(f"could not write sharded checkpoint {temporary}: {exc}") from exc
         if extras is None:
             return  # not rank 0
