@@ -892,28 +892,39 @@ async def fsdp_checkpointed(
         torch.save({"model": full, "ema": average, "global_step": state.global_step}, out)
 
 
-async def fsdp_save_on_a_full_disk(rank: int, world_size: int, checkpoints: str) -> None:
-    """FSDP2 saving every 2 steps where rank 1 may write no file past 64 KiB (its process's
-    RLIMIT_FSIZE: a write past it fails with EFBIG, as one on a full disk fails with
-    ENOSPC), and its shard of the first checkpoint is some 300 KiB."""
+async def fsdp_save_on_a_full_disk(
+    rank: int, world_size: int, checkpoints: str, where: str
+) -> None:
+    """FSDP2 saving every 2 steps where one rank may write no file past 64 KiB (its
+    process's RLIMIT_FSIZE: a write past it fails with EFBIG, as one on a full disk fails
+    with ENOSPC): rank 1, whose shard of the first checkpoint is some 300 KiB
+    (``where="shard"``), or rank 0, whose asynchat.pt holds a callback's 400 KiB tensor
+    (``"extras"``)."""
     import resource
     import signal
 
-    from asynchat import FullyShardedDataParallelTrainer
+    from asynchat import Callback, FullyShardedDataParallelTrainer
     from asynchat.callbacks import Checkpoint
+
+    class Holding(Callback):
+        def state_dict(self) -> dict[str, Any]:
+            return {"table": torch.zeros(100_000)}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            pass
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 64), torch.nn.ReLU(),
         torch.nn.Linear(64, 3),
-    )  # fmt: skip
+    ) if where == "shard" else ddp_model()  # fmt: skip
     trainer = FullyShardedDataParallelTrainer(
         model, torch.utils.data.DataLoader(ddp_data(), batch_size=8),
         lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
         loss_fn=torch.nn.CrossEntropyLoss(), num_steps=4, device="cpu",
-        callbacks=[Checkpoint(checkpoints, every_n_steps=2, keep_last=None)],
+        callbacks=[Holding(), Checkpoint(checkpoints, every_n_steps=2, keep_last=None)],
     )  # fmt: skip
-    if rank == 1:
+    if rank == (1 if where == "shard" else 0):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the write kills the process)
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))

@@ -309,19 +309,24 @@ def test_a_crafted_sharded_checkpoint_cannot_run_code_when_loaded(
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["shard", "extras"])
 def test_a_sharded_save_that_fails_on_one_rank_is_a_checkpoint_error_and_leaves_nothing(
-    tmp_path: Path,
+    tmp_path: Path, where: str
 ) -> None:
-    # DCP failed the write with its CheckpointException, a BaseException: it reached fit()
-    # as itself, past the handler that names the checkpoint, and the half-written
-    # temporary directory stayed on the full disk until the next run.
+    # A shard's write failing: DCP failed it with its CheckpointException, a BaseException,
+    # which reached fit() as itself, past the handler that names the checkpoint. Either
+    # way the half-written temporary directory stayed on the full disk until the next run.
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(LaunchError) as info:
-        launch(rank_jobs.fsdp_save_on_a_full_disk, nprocs=2, args=(str(checkpoints),))
+        launch(rank_jobs.fsdp_save_on_a_full_disk, nprocs=2, args=(str(checkpoints), where))
     message = str(info.value)
-    assert "CheckpointError: could not write sharded checkpoint " in message
-    # (torch.save reports the failed write as "RuntimeError: ... unexpected pos")
-    assert ".step-000000002.dcp.1.tmp: rank 1: " in message
+    if where == "shard":
+        assert "CheckpointError: could not write sharded checkpoint " in message
+        # (torch.save reports the failed write as "RuntimeError: ... unexpected pos")
+        assert ".step-000000002.dcp.1.tmp: rank 1: " in message
+    else:
+        assert "CheckpointError: could not write checkpoint " in message
+        assert "step-000000002.dcp: [Errno 27] File too large" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == [".asynchat.lock"]
 
 

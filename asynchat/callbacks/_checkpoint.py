@@ -406,6 +406,7 @@ class Checkpoint(Callback):
             size = sum(f.stat().st_size for f in path.iterdir())
             self._record(name, digest, size, extras["progress"], metric)
         except OSError as exc:
+            remove(temporary)  # (if the rename has not happened: nothing points at it)
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
 
     def _check_lock(self, temporary: Path) -> None:
