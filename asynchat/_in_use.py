@@ -71,6 +71,7 @@ class Claim:
         callbacks: Iterable[Callback] = (),
         data: object = None,
         reading: Callable[[], bool] = lambda: False,
+        collective: bool = False,
     ) -> None:
         self.loop = loop  # the LoopBase (its name, for errors; its identity, for nesting)
         self.model = model
@@ -86,6 +87,7 @@ class Claim:
         # Data that every reader reads from one position, which is then this loop's alone.
         self.data = data if _read_once(data) else None
         self.reading = reading  # whether the loop is in an epoch's reading now
+        self.collective = collective  # it steps with other ranks, through the process group
         self.saved: list[bool] | None = None  # each module's mode before modes() set it
 
     def inside(self, other: Claim) -> bool:
@@ -133,6 +135,8 @@ class _Registry:
                 same_data = new.data is not None and new.data is other.data
                 if same_data and (not new.inside(other) or other.reading()):
                     _refuse_data(new, other)
+                if new.collective and other.collective and not new.inside(other):
+                    _refuse_collectives(new, other)
             self._claims.append(new)
 
     def release(self, claim: Claim) -> None:
@@ -198,6 +202,7 @@ def claim(
     callbacks: Iterable[Callback] = (),
     data: object = None,
     reading: Callable[[], bool] = lambda: False,
+    collective: bool = False,
 ) -> Claim:
     """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise RuntimeError
     if a running loop uses the model (or part of it) in a way this run cannot share, one of
@@ -206,13 +211,16 @@ def claim(
     inside the one reading it may read it only between that one's epochs (``reading``: whether
     ``loop`` is in an epoch's reading now).
 
+    ``collective``: the loop steps with the other ranks of the process group (a
+    distributed trainer); two such loops cannot run at once, unless one inside the other.
+
     ``inside``: the claim of the loop this one runs inline in (``run_inline``); a loop
     started from an ``async def`` hook runs inside that hook's loop without saying so.
     """
     within = (*inside.within, inside.loop) if inside is not None else _awaiting.get()
     new = Claim(
         loop, model, device, trains=trains, updates=updates, within=within,
-        callbacks=callbacks, data=data, reading=reading,
+        callbacks=callbacks, data=data, reading=reading, collective=collective,
     )  # fmt: skip
     _REGISTRY.claim(new)
     return new
@@ -304,6 +312,17 @@ def _refuse_data(new: Claim, other: Claim) -> None:
         f"which is running, and it is {what}: the two would split (or restart) each other's "
         "epochs. Give each loop a data loader of its own (a DataLoader over the same "
         "dataset), or run this one between the other's epochs (at on_epoch_end)"
+    )
+
+
+def _refuse_collectives(new: Claim, other: Claim) -> None:
+    raise RuntimeError(
+        f"{new.loop.name} cannot run while {other.loop.name} runs: both step with the other "
+        "ranks through the one process group (gradient all-reduces, agreements), and the "
+        "collectives of two running at once pair up wrongly across the ranks (gloo aborted "
+        "the job; NCCL would hang, or reduce one job's tensors into the other's). Run them "
+        "one after the other (await the first's fit()), or this one from the other's "
+        "async def hooks"
     )
 
 

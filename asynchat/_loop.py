@@ -383,6 +383,7 @@ class LoopBase(PipeBase):
             self, self.model, self.device, trains=self._train_mode, updates=self.training,
             inside=inside, callbacks=self.callbacks, data=self.data_loader,
             reading=lambda: self._run is not None and self._run.batches is not None,
+            collective=self.spans_ranks and self.world_size > 1,
         )  # fmt: skip
         self._claim = use
         self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)

@@ -892,6 +892,32 @@ async def fsdp_checkpointed(
         torch.save({"model": full, "ema": average, "global_step": state.global_step}, out)
 
 
+async def two_trainers(rank: int, world_size: int, out: str, how: str) -> None:
+    """Two DDP trainers in this rank's process: started together in a task group
+    (``how="together"``), or the second from an ``async def`` hook of the first at its first
+    epoch's end (``"nested"``, when the first waits for it). Saves both models."""
+    import anyio
+
+    from asynchat import Callback, LoopState
+
+    second = plain_ddp_trainer(num_epochs=2)
+
+    class RunSecond(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            if state.epoch == 0:
+                await second.fit()
+
+    first = plain_ddp_trainer(num_epochs=2, callbacks=[RunSecond()] if how == "nested" else [])
+    async with anyio.create_task_group() as group:
+        group.start_soon(first.fit)
+        if how == "together":
+            group.start_soon(second.fit)
+    torch.save(
+        {"first": first.model.state_dict(), "second": second.model.state_dict()},
+        Path(out, f"rank{rank}.pt"),
+    )
+
+
 async def fsdp_save_on_a_full_disk(
     rank: int, world_size: int, checkpoints: str, where: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -128,6 +129,26 @@ def test_a_plateau_schedule_follows_only_a_metric_every_rank_shares(tmp_path: Pa
     assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(0.1 / 2**3)  # one a validation
     for name, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][name]), name
+
+
+def test_two_distributed_trainers_of_a_process_run_one_at_a_time(tmp_path: Path) -> None:
+    # Two DDP trainers started together in each rank's process: their gradient all-reduces
+    # and agreements paired up wrongly across the ranks, and gloo aborted the job (SIGABRT,
+    # "Received data size doesn't match expected size"). The second is refused, naming both.
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.two_trainers, nprocs=2, args=(str(tmp_path), "together"))
+    assert re.search(
+        r"RuntimeError: distributeddataparalleltrainer-\d cannot run while "
+        r"distributeddataparalleltrainer-\d runs: both step with the other ranks",
+        str(info.value),
+    )
+    # One inside the other (the first waits in its hook): both train, alike on every rank.
+    launch(rank_jobs.two_trainers, nprocs=2, args=(str(tmp_path), "nested"))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for which in ("first", "second"):
+        for name, value in ranks[0][which].items():
+            assert torch.equal(value, ranks[1][which][name]), (which, name)
+    assert not torch.equal(ranks[0]["first"]["0.weight"], rank_jobs.ddp_model()[0].weight)
 
 
 @pytest.mark.slow
