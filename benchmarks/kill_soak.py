@@ -5,7 +5,8 @@ the logs).
 Each trial draws one of tests/test_resume_soak.py's configurations (gradient accumulation,
 validation by step or epoch, schedules, an EMA, MetricUpdater, LossMonitor, clipping,
 TerminateOnNaN, bf16, DataLoader workers, read-ahead, two models with two optimizers,
-validation on the EMA), with a checkpoint every step and a JSON Lines and a TensorBoard
+validation on the EMA; in 3 trials of 10 an IterableDataset without len()), with a
+checkpoint every step and a JSON Lines and a TensorBoard
 logger. It runs the job straight in one process; then again in another, SIGKILLed a few
 milliseconds after a random step; then resumed from the directory in a third. The resumed
 job's weights, metrics, learning rates, EMA and global step must equal the straight run's
@@ -17,7 +18,7 @@ With ``--ranks 2`` each trial is a DistributedDataParallelTrainer over that many
 step, the launcher ends the others, and the job is resumed from its directory; every rank's
 weights, metrics (each rank's own too: a MetricUpdater's and a LossMonitor's states are
 kept per rank), learning rates, EMA and global step must equal the straight run's (no
-loggers here).
+loggers here); in half the trials the ranks' data are uneven (rank 1 has more batches).
 
 Run: python benchmarks/kill_soak.py [--trials 30] [--seed 0] [--ranks 2]
 """
@@ -142,6 +143,11 @@ def main() -> None:
             two_parts=rng.random() < 0.3,
             validate_ema=rng.random() < 0.3,
         )
+        data = random.Random(f"{args.seed}-{n}-data")  # drawn apart: a seed's rest is as before
+        streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
+        config = dataclasses.replace(config, streamed=streamed, uneven=uneven)
+        if streamed:
+            config = dataclasses.replace(config, workers=False)
         steps = soak.STEPS_PER_EPOCH * config.epochs // args.ranks
         kill_at, delay = rng.randrange(1, steps), rng.random() * 0.01
         with TemporaryDirectory() as tmp:
