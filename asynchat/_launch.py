@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -39,6 +39,9 @@ _GRACE_S = 5.0
 # be missing from the report, whose survivors' errors tell what the failure did to them.
 _SETTLE_S = 3.0
 _DUMP_WAIT_S = 0.3  # how long ranks asked for their stacks get to write them
+#: How long a cancelled :func:`launch_async` waits for its ranks to end as on Ctrl-C (their
+#: steps completed, their final checkpoints written) before it terminates them.
+CANCEL_GRACE_S = 60.0
 
 
 class LaunchError(AsynchatError, RuntimeError):
@@ -166,6 +169,9 @@ def _child(
 def _prepare_rank(rank: int, lifeline: Any, beats: Any, dump: str) -> None:
     """What a launched rank sets up before it joins the group: the lifeline, progress beats
     and the file its Python stacks go to."""
+    # A process group of its own: a terminal's Ctrl-C reaches the launcher alone, which
+    # passes it on once (two would be a second Ctrl-C: the forced exit).
+    os.setpgrp()
     # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
     threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
     heartbeat.install(beats, rank)
@@ -208,12 +214,12 @@ class _Ranks:
         ctx = mp.get_context("spawn")
         self.errors = ctx.SimpleQueue()
         self.hang_timeout = hang_timeout
-        self.beats = ctx.Array("d", 2 * nprocs, lock=False)  # [time, count] per rank
-        for rank in range(nprocs):  # start-up counts towards hang_timeout
-            self.beats[2 * rank] = time.monotonic()
+        self.beats = ctx.Array("d", [time.monotonic(), 0.0] * nprocs, lock=False)
+        # ([time, count] per rank: start-up counts towards hang_timeout)
         self.started = time.time()
         self.exited_at: dict[int, float] = {}
         self.reports: dict[int, tuple[float, str]] = {}
+        self.signalled: list[int] = []  # signals passed on to the ranks (see forwarding)
         self._dumps = tempfile.mkdtemp(prefix="asynchat-launch-")
         self._lifelines = []
         self.processes = []
@@ -255,6 +261,8 @@ class _Ranks:
         reader = self.errors._reader  # type: ignore[attr-defined]
         mp_connection.wait([*waiting, reader], timeout=_POLL_S)
         self._observe()
+        if self.signalled:  # told to end: each rank ends as the signal makes it
+            return all(p.exitcode is not None for p in self.processes)
         if any(p.exitcode not in (None, 0) for p in self.processes) or self.reports:
             error = self._failure()
             self.terminate()
@@ -376,6 +384,59 @@ class _Ranks:
         except FileNotFoundError:
             return ""
 
+    @contextlib.contextmanager
+    def forwarding(self) -> Iterator[None]:
+        """SIGINT and SIGTERM sent to the launcher passed on to every rank, once each time,
+        while the ranks are waited for (``signalled`` lists them: :func:`launch` delivers
+        the first to itself once the ranks have ended). The ranks are in process groups of
+        their own, so a terminal's Ctrl-C reaches the launcher alone.
+
+        Each rank then ends as the signal makes it: on SIGINT as on Ctrl-C (its step
+        completes, its final checkpoint is written), on SIGTERM as its loop says (a graceful
+        stop under :func:`~asynchat.stop_on_signals`, else at once). Before, a Ctrl-C made
+        the launcher SIGTERM the ranks in the middle of their final checkpoint, and a
+        SIGTERM to the launcher alone (a pod's) ended the ranks with no checkpoint at all.
+        Outside the main thread signals cannot be caught: nothing is forwarded.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def forward(signum: int, frame: object) -> None:
+            self.send(signum)
+
+        caught = (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.signal(signum, forward) for signum in caught}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def end_as_signalled(self) -> None:
+        """Once the ranks have ended as a signal passed on to them made them: the launcher's
+        turn, as if the signal came now (Ctrl-C: ``KeyboardInterrupt``, raised here)."""
+        if self.signalled:
+            os.kill(os.getpid(), self.signalled[0])
+            time.sleep(_POLL_S)  # (a handler runs at the next bytecode: never slept through)
+
+    def send(self, signum: int) -> None:
+        """``signum`` to every rank still running; from now on each ends as it makes it
+        (:meth:`poll` waits for them all rather than terminating the others at a failure)."""
+        self.signalled.append(signum)
+        for process in self.processes:
+            if process.exitcode is None and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    def interrupt(self, grace: float) -> None:
+        """SIGINT to every rank still running, as a Ctrl-C; wait up to ``grace`` seconds for
+        them to end."""
+        self.send(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+
     def terminate(self) -> None:
         """Stop the ranks still running (SIGTERM, SIGKILL after a grace period); reap all."""
         for process in self.processes:
@@ -424,10 +485,9 @@ def launch(
     and so is a job whose ranks all hang. Set it above the longest stretch without a step:
     start-up (rendezvous, building the model) and a full validation included.
 
-    The ranks die with the launcher however it ends (SIGTERM, SIGKILL, a crash): each
-    watches a pipe only the launcher holds. Under ``torchrun`` (``RANK`` and ``WORLD_SIZE``
-    set) only the current rank runs, in this process, so one script scales to several
-    machines; the agent then watches the ranks.
+    SIGINT and SIGTERM to the launcher go on to the ranks (:meth:`_Ranks.forwarding`). The
+    ranks die with the launcher however it dies (SIGKILL, a crash). Under ``torchrun``
+    (``RANK``, ``WORLD_SIZE`` set) only this rank runs, here; the agent watches the ranks.
     """
     hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -439,11 +499,13 @@ def launch(
         return
     ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
     try:
-        while not ranks.poll():
-            pass
+        with ranks.forwarding():
+            while not ranks.poll():
+                pass
     finally:
         ranks.terminate()
         ranks.close()
+    ranks.end_as_signalled()
 
 
 async def launch_async(
@@ -459,18 +521,26 @@ async def launch_async(
 ) -> None:
     """:func:`launch` from a running event loop, without blocking it.
 
-    The ranks are watched from a worker thread; cancelling the awaiting task terminates them
-    (and waits until they are reaped) before the cancellation propagates.
+    The ranks are watched from a worker thread. Cancelling the awaiting task ends them as
+    Ctrl-C would (SIGINT: each rank's step completes and its final checkpoint is written; a
+    rank still running after :data:`CANCEL_GRACE_S` seconds is terminated) and waits until
+    they are reaped before the cancellation propagates.
     """
     hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
     ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
+    cancelled = False
     try:
         # Each poll waits up to a poll interval on a worker thread; a cancellation takes
         # effect when it returns.
         while not await anyio.to_thread.run_sync(ranks.poll):
             pass
+    except anyio.get_cancelled_exc_class():
+        cancelled = True
+        raise
     finally:
         with anyio.CancelScope(shield=True):
+            if cancelled:  # (terminated at once before: no rank wrote its last checkpoint)
+                await anyio.to_thread.run_sync(ranks.interrupt, CANCEL_GRACE_S)
             await anyio.to_thread.run_sync(ranks.terminate)
             ranks.close()
 

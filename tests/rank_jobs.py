@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -890,6 +891,34 @@ async def fsdp_checkpointed(
     torch.save(seen, f"{out}.seen{rank}")
     if rank == 0:
         torch.save({"model": full, "ema": average, "global_step": state.global_step}, out)
+
+
+async def until_signalled(rank: int, world_size: int, directory: str, handle: bool) -> None:
+    """A DDP job that trains until a signal ends it, checkpointing only at its end (each
+    rank writes its pid first; rank 0 prints each step, and writes it to ``step``).
+    ``handle``: under ``stop_on_signals``, whose stop is graceful on SIGTERM too."""
+    import os
+
+    from asynchat import Callback, LoopState, stop_on_signals
+    from asynchat.callbacks import Checkpoint
+
+    class Announce(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if rank == 0:
+                print(f"step {state.global_step}", flush=True)
+                Path(directory, "step").write_text(str(state.global_step))
+            time.sleep(0.02)
+
+    Path(directory, f"rank{rank}.pid").write_text(str(os.getpid()))
+    trainer = plain_ddp_trainer(
+        num_epochs=10_000,
+        callbacks=[Announce(), Checkpoint(Path(directory, "checkpoints"), every_n_steps=10**6)],
+    )
+    if handle:
+        async with stop_on_signals(trainer):
+            await trainer.fit()
+    else:
+        await trainer.fit()
 
 
 async def two_trainers(rank: int, world_size: int, out: str, how: str) -> None:

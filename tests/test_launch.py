@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -77,6 +78,29 @@ async def test_launch_async_runs_in_a_running_loop_and_cancelling_it_kills_the_r
     assert len(pids) == 2, "both ranks were seen running"
     assert rank_processes() == []
     assert_gone(sorted(pids))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
+async def test_a_cancelled_launch_async_lets_its_ranks_write_their_final_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Cancelling it SIGTERMed the ranks at once: a service's cancelled job lost every step
+    # since its last checkpoint. Now the ranks end as on Ctrl-C, as a cancelled loop does.
+    async def cancel_after_step_5(scope: anyio.CancelScope) -> None:
+        step = tmp_path / "step"
+        while not step.exists() or int(step.read_text() or 0) < 5:  # noqa: ASYNC110 (a file)
+            await anyio.sleep(0.05)
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_after_step_5, scope)
+            await launch_async(rank_jobs.until_signalled, nprocs=2, args=(str(tmp_path), False))
+    assert scope.cancelled_caught
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
+    assert rank_processes() == []
 
 
 @pytest.mark.slow
@@ -183,6 +207,43 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize(
+    ("how", "handle"),
+    [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True)],
+    ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals"],
+)
+def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
+    tmp_path: Path, how: str, handle: bool
+) -> None:
+    # A terminal's Ctrl-C (SIGINT to the launcher's process group) reached the ranks and the
+    # launcher, whose KeyboardInterrupt then SIGTERMed the ranks in the middle of their
+    # final checkpoint: none was written. A SIGTERM to the launcher alone (a pod's) killed
+    # the ranks through their lifelines, stop_on_signals or not. The launcher now passes the
+    # signal on, waits for the ranks, then ends as the signal says.
+    with subprocess.Popen(
+        [sys.executable, str(HERE / "signalled_launcher.py"), str(tmp_path), str(int(handle))],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a process group of its own, as a shell's job
+    ) as launcher:  # fmt: skip
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            if line.strip() == "step 5":
+                break
+        if how == "ctrl-c":
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:
+            launcher.send_signal(signal.SIGTERM)
+        _, errors = launcher.communicate(timeout=60)
+    expected = -signal.SIGINT if how == "ctrl-c" else -signal.SIGTERM
+    assert launcher.returncode == expected, errors[-2000:]
+    if how == "ctrl-c":
+        assert errors.rstrip().endswith("KeyboardInterrupt"), errors[-2000:]
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
