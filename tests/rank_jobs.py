@@ -116,22 +116,23 @@ async def ddp_train(
     )  # fmt: skip
 
 
+def sharded_validation(samples: int, batch_size: int) -> Any:
+    """A Validation (cross-entropy) of this rank's shard of ``ddp_data()``'s first
+    ``samples``."""
+    from asynchat.callbacks import Validation
+
+    validation = torch.utils.data.TensorDataset(*(t[:samples] for t in ddp_data().tensors))
+    sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
+    return Validation(
+        torch.utils.data.DataLoader(validation, batch_size=batch_size, sampler=sampler),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+    )
+
+
 async def validate_shards(rank: int, world_size: int, out: str) -> None:
     """A DDP trainer validating a shard of 40 samples per rank (batches of 16: a short last
     one); each rank saves the val/loss it published and the model it validated."""
-    from asynchat.callbacks import Validation
-
-    validation = torch.utils.data.TensorDataset(*(t[:80] for t in ddp_data().tensors))
-    sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
-    trainer = plain_ddp_trainer(
-        num_epochs=1,
-        callbacks=[
-            Validation(
-                torch.utils.data.DataLoader(validation, batch_size=16, sampler=sampler),
-                loss_fn=torch.nn.CrossEntropyLoss(),
-            )
-        ],
-    )
+    trainer = plain_ddp_trainer(num_epochs=1, callbacks=[sharded_validation(80, 16)])
     state = await trainer.fit()
     torch.save(
         {"val/loss": state.metrics["val/loss"], "model": trainer.model.state_dict()},
@@ -144,10 +145,8 @@ async def plateau_schedule(rank: int, world_size: int, out: str, monitor: str) -
     (every epoch, on each rank's shard) or LossMonitor's train/mean_loss (each step, of the
     rank's own losses). It never sees an improvement (threshold 10), so each new value
     halves the rate. Saves the rate and the model."""
-    from asynchat.callbacks import LossMonitor, LRSchedule, Validation
+    from asynchat.callbacks import LossMonitor, LRSchedule
 
-    validation = torch.utils.data.TensorDataset(*(t[:32] for t in ddp_data().tensors))
-    sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
     plateau = LRSchedule(
         lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, patience=0, factor=0.5, threshold=10.0
@@ -157,10 +156,7 @@ async def plateau_schedule(rank: int, world_size: int, out: str, monitor: str) -
     trainer = plain_ddp_trainer(
         num_epochs=3,
         callbacks=[
-            Validation(
-                torch.utils.data.DataLoader(validation, batch_size=8, sampler=sampler),
-                loss_fn=torch.nn.CrossEntropyLoss(),
-            ),
+            sharded_validation(32, 8),
             LossMonitor(every_n_steps=1),
             plateau,
         ],
