@@ -212,14 +212,14 @@ class _Ranks:
         hang_timeout: float | None,
     ) -> None:
         ctx = mp.get_context("spawn")
-        self.errors = ctx.SimpleQueue()
-        self.hang_timeout = hang_timeout
-        self.beats = ctx.Array("d", [time.monotonic(), 0.0] * nprocs, lock=False)
-        # ([time, count] per rank: start-up counts towards hang_timeout)
+        self.errors, self.hang_timeout = ctx.SimpleQueue(), hang_timeout
+        now = time.monotonic()  # [time, count] per rank: start-up counts towards hang_timeout
+        self.beats = ctx.Array("d", [now, 0.0] * nprocs, lock=False)
         self.started = time.time()
         self.exited_at: dict[int, float] = {}
         self.reports: dict[int, tuple[float, str]] = {}
         self.signalled: list[int] = []  # signals passed on to the ranks (see forwarding)
+        self._forced_at: float | None = None  # when a second one was
         self._dumps = tempfile.mkdtemp(prefix="asynchat-launch-")
         self._lifelines = []
         self.processes = []
@@ -262,6 +262,8 @@ class _Ranks:
         mp_connection.wait([*waiting, reader], timeout=_POLL_S)
         self._observe()
         if self.signalled:  # told to end: each rank ends as the signal makes it
+            if self._forced_at is not None and time.monotonic() > self._forced_at + _GRACE_S:
+                self.terminate()  # told twice, and still running: a rank that cannot end
             return all(p.exitcode is not None for p in self.processes)
         if any(p.exitcode not in (None, 0) for p in self.processes) or self.reports:
             error = self._failure()
@@ -393,9 +395,12 @@ class _Ranks:
 
         Each rank then ends as the signal makes it: on SIGINT as on Ctrl-C (its step
         completes, its final checkpoint is written), on SIGTERM as its loop says (a graceful
-        stop under :func:`~asynchat.stop_on_signals`, else at once). Before, a Ctrl-C made
-        the launcher SIGTERM the ranks in the middle of their final checkpoint, and a
-        SIGTERM to the launcher alone (a pod's) ended the ranks with no checkpoint at all.
+        stop under :func:`~asynchat.stop_on_signals`, else at once). A second signal is
+        passed on too (a second Ctrl-C: the ranks' forced exit), and ranks still running
+        :data:`_GRACE_S` seconds after it are terminated (one stuck in a collective).
+        Before, a Ctrl-C made the launcher SIGTERM the ranks in the middle of their final
+        checkpoint, and a SIGTERM to the launcher alone (a pod's) ended the ranks with no
+        checkpoint at all.
         Outside the main thread signals cannot be caught: nothing is forwarded.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -424,6 +429,8 @@ class _Ranks:
         """``signum`` to every rank still running; from now on each ends as it makes it
         (:meth:`poll` waits for them all rather than terminating the others at a failure)."""
         self.signalled.append(signum)
+        if len(self.signalled) == 2:  # a second Ctrl-C forces: the ranks get _GRACE_S more
+            self._forced_at = time.monotonic()
         for process in self.processes:
             if process.exitcode is None and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):

@@ -917,6 +917,17 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
         await trainer.fit()
 
 
+async def ignoring_ctrl_c(rank: int, world_size: int, directory: str) -> None:
+    """A rank that ignores SIGINT (as one stuck in a collective does not answer it) and
+    waits forever, having written its pid."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Path(directory, f"rank{rank}.pid").write_text(str(os.getpid()))
+    await anyio.sleep_forever()
+
+
 async def two_trainers(rank: int, world_size: int, out: str, how: str) -> None:
     """Two DDP trainers in this rank's process: started together in a task group
     (``how="together"``), or the second from an ``async def`` hook of the first at its first

@@ -209,6 +209,16 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def ended(launcher: subprocess.Popen[str]) -> str:
+    """The launcher's stderr once it has ended (within 60 s; else it is killed, and its
+    ranks with it, through their lifelines)."""
+    try:
+        return launcher.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        raise
+
+
 @pytest.mark.parametrize(
     ("how", "handle"),
     [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True)],
@@ -235,7 +245,7 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
             os.killpg(launcher.pid, signal.SIGINT)
         else:
             launcher.send_signal(signal.SIGTERM)
-        _, errors = launcher.communicate(timeout=60)
+        errors = ended(launcher)
     expected = -signal.SIGINT if how == "ctrl-c" else -signal.SIGTERM
     assert launcher.returncode == expected, errors[-2000:]
     if how == "ctrl-c":
@@ -244,6 +254,31 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path) -> None:
+    # The launcher waits for its ranks after passing a Ctrl-C on; ranks that do not end (here
+    # they ignore SIGINT, as one stuck in a collective would not answer it) must not hold it
+    # forever: a second Ctrl-C terminates whatever still runs some seconds later.
+    with subprocess.Popen(
+        [sys.executable, str(HERE / "signalled_launcher.py"), str(tmp_path), "stubborn"],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as launcher:  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        os.killpg(launcher.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert launcher.poll() is None and all(alive(pid) for pid in pids), "it waits"
+        os.killpg(launcher.pid, signal.SIGINT)
+        started = time.monotonic()
+        errors = ended(launcher)
+    assert launcher.returncode == -signal.SIGINT, errors[-2000:]
+    assert time.monotonic() - started < 30
+    assert not any(alive(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
