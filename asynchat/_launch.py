@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 
 from asynchat import _heartbeat as heartbeat
-from asynchat._checks import positive_int
+from asynchat._checks import positive_int, positive_number
 from asynchat._errors import AsynchatError
 
 RankFn = Callable[..., Awaitable[object]]
@@ -39,8 +39,8 @@ _GRACE_S = 5.0
 # be missing from the report, whose survivors' errors tell what the failure did to them.
 _SETTLE_S = 3.0
 _DUMP_WAIT_S = 0.3  # how long ranks asked for their stacks get to write them
-#: How long a cancelled :func:`launch_async` waits for its ranks to end as on Ctrl-C (their
-#: steps completed, their final checkpoints written) before it terminates them.
+#: How long a cancelled :func:`launch_async` waits by default for its ranks to end as on
+#: Ctrl-C (their steps completed, their final checkpoints written) before it terminates them.
 CANCEL_GRACE_S = 60.0
 
 
@@ -525,14 +525,16 @@ async def launch_async(
     master_port: int | None = None,
     collective_timeout: datetime.timedelta = datetime.timedelta(minutes=5),
     hang_timeout: float | datetime.timedelta | None = None,
+    cancel_grace: float = CANCEL_GRACE_S,
 ) -> None:
     """:func:`launch` from a running event loop, without blocking it.
 
     The ranks are watched from a worker thread. Cancelling the awaiting task ends them as
     Ctrl-C would (SIGINT: each rank's step completes and its final checkpoint is written; a
-    rank still running after :data:`CANCEL_GRACE_S` seconds is terminated) and waits until
-    they are reaped before the cancellation propagates.
+    rank still running after ``cancel_grace`` seconds, 60 by default, is terminated) and
+    waits until they are reaped before the cancellation propagates.
     """
+    positive_number("cancel_grace", cancel_grace)
     hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
     ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
     cancelled = False
@@ -547,7 +549,7 @@ async def launch_async(
     finally:
         with anyio.CancelScope(shield=True):
             if cancelled:  # (terminated at once before: no rank wrote its last checkpoint)
-                await anyio.to_thread.run_sync(ranks.interrupt, CANCEL_GRACE_S)
+                await anyio.to_thread.run_sync(ranks.interrupt, cancel_grace)
             await anyio.to_thread.run_sync(ranks.terminate)
             ranks.close()
 

@@ -103,6 +103,36 @@ async def test_a_cancelled_launch_async_lets_its_ranks_write_their_final_checkpo
     assert rank_processes() == []
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
+async def test_a_cancelled_launch_async_terminates_ranks_still_running_after_its_grace(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="cancel_grace must be a positive number, got 0"):
+        await launch_async(rank_jobs.sleep_forever, nprocs=2, cancel_grace=0)
+    # Ranks that ignore the SIGINT (one stuck in a collective would not answer it either):
+    # the cancellation ends them one second later, not after the default minute.
+    cancelled_at = 0.0
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_once_started() -> None:
+                nonlocal cancelled_at
+                while len(list(tmp_path.glob("rank*.pid"))) < 2:  # noqa: ASYNC110 (files)
+                    await anyio.sleep(0.05)
+                cancelled_at = time.monotonic()
+                scope.cancel()
+
+            tg.start_soon(cancel_once_started)
+            await launch_async(
+                rank_jobs.ignoring_ctrl_c, nprocs=2, args=(str(tmp_path),), cancel_grace=1.0
+            )
+    assert scope.cancelled_caught
+    assert time.monotonic() - cancelled_at < 1.0 + 15, "the grace, then SIGTERM and reaping"
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert not any(alive(pid) for pid in pids)
+
+
 @pytest.mark.slow
 def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
     """`torchrun --nnodes=2 --nproc-per-node=1` twice on 127.0.0.1, like two machines."""
