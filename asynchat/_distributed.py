@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from asynchat._callback import Callback
-from asynchat._data import data_length, distributed_sampler, shard_loader
+from asynchat._data import distributed_sampler, shard_loader
 from asynchat._device import resolve_device
-from asynchat._loop import LoopBase, Models, as_module
+from asynchat._loop import Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerSpec, Trainer
-
-T = TypeVar("T")
 
 
 class DistributedDataParallelTrainer(Trainer):
@@ -48,8 +45,6 @@ class DistributedDataParallelTrainer(Trainer):
     resumes from its own.
     Other arguments are :class:`~asynchat.Trainer`'s.
     """
-
-    spans_ranks = True
 
     def __init__(
         self,
@@ -92,12 +87,7 @@ class DistributedDataParallelTrainer(Trainer):
         )  # fmt: skip
         self.find_unused_parameters = find_unused_parameters
         self._several_models = several_models
-        # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
-        # per step under NCCL. Every rank builds its trainer at the same point, so every
-        # rank creates this group (a collective call) in step.
-        self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        self._control.agree = self._agree
-        self._told_lengths: dict[str, list[int]] = {}  # each loop's counts last warned of
+        self._span_ranks(sharded_model=self.shards_state)  # every rank builds it in step
 
     def _configure(self) -> None:
         super()._configure()
@@ -119,138 +109,24 @@ class DistributedDataParallelTrainer(Trainer):
         sampler = distributed_sampler(self.data_loader)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        return self._agreed_length(self)
-
-    def _agree_with_ranks(self) -> None:
-        """One all-gather per loop, before training, of what must be alike on every rank.
-
-        The run's bounds and step (:meth:`_settings`): a rank with more steps (or epochs)
-        went on alone and waited in a collective until the collective timeout (5 minutes by
-        default); one accumulating over more steps all-reduced its gradients while another
-        did not (gloo aborted the job). The callbacks with ``every_rank``, in the same order
-        and on the same schedule: a Checkpoint given to rank 0 alone (or saving every 2
-        steps there and every 3 on rank 1) paired its agreement with the other ranks' step
-        agreement; a GradClip or an LRSchedule on one rank drove its replica apart.
-        """
-        callbacks = ", ".join(_alike(c) for c in self.callbacks if c.every_rank) or "none"
-        everyone: list[tuple[str, str]] = [("", "")] * self.world_size
-        dist.all_gather_object(everyone, (self._settings(), callbacks), group=self._group)
-        name = type(self).__name__
-        _refuse_unlike(
-            [settings for settings, _ in everyone],
-            f"a {name} must be built alike on every rank, where its ranks step and update "
-            "together ({}): give every rank the same arguments",
-        )
-        _refuse_unlike(
-            [callbacks for _, callbacks in everyone],
-            f"callbacks must be alike on every rank of a {name}, in the same order, where "
-            "they act together or change the training ({}). Give every rank the same ones: "
-            "Checkpoint, the loggers and Progress write on rank 0 only by themselves",
-        )
+        assert self._ranks is not None, "set in __init__"
+        hint = "; this trainer gives one to a DataLoader without"
+        return self._ranks.agreed_length(self.state, self.data_loader, self._control, hint)
 
     def _settings(self) -> str:
-        """What must be alike on every rank for the ranks to step and update together."""
-        processor = self.batch_processor
+        """What must be alike on every rank for the ranks to step and update together: the
+        run's bounds and step. A rank with more steps (or epochs) went on alone and waited in
+        a collective until the collective timeout (5 minutes by default); one accumulating
+        over more steps all-reduced its gradients while another did not (gloo aborted the
+        job). The callbacks with ``every_rank`` must be alike too (``_agree_with_ranks``): a
+        Checkpoint given to rank 0 alone (or saving every 2 steps there and every 3 on rank
+        1) paired its agreement with the other ranks' step agreement; a GradClip or an
+        LRSchedule on one rank drove its replica apart."""
         synced = any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
         return (
             f"num_epochs={self.state.num_epochs}, num_steps={self.state.num_steps}, "
-            f"batch_processor={type(processor).__qualname__}(grad_accumulation_steps="
-            f"{getattr(processor, 'grad_accumulation_steps', None)}, "
-            f"amp={getattr(processor, 'amp', None)!r}), "
-            f"sync_batchnorm={synced}"
+            f"{super()._settings()}, sync_batchnorm={synced}"
         )
-
-    def _agreed_length(self, loop: LoopBase) -> int | None:
-        """The steps every rank runs in an epoch of ``loop`` (this trainer, or a loop run
-        inline in it): the fewest any rank's data has, with a warning whenever the counts
-        differ anew. A rank that stepped on alone met its peers' next agreement with its
-        gradient all-reduce (gloo aborted the job on the size mismatch; NCCL would hang)."""
-        lengths: list[int | None] = [None] * self.world_size
-        dist.all_gather_object(lengths, data_length(loop.data_loader), group=self._group)
-        if None in lengths:  # told as it happens: agreed before each step
-            if loop._control.agree_last is None:
-                loop._control.agree_last = _LastAgreed(loop, self.any_rank)
-            return None
-        loop._control.agree_last = None
-        known = [length for length in lengths if length is not None]  # (all of them)
-        told, self._told_lengths[loop.name] = self._told_lengths.get(loop.name), known
-        if min(known) != max(known) and self.is_rank_zero and known != told:
-            listed = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(known))
-            ours = "; this trainer gives one to a DataLoader without" if loop is self else ""
-            warnings.warn(
-                f"{loop.name}: the ranks' data have different numbers of batches ({listed}): "
-                f"every rank runs {min(known)} steps an epoch and leaves the rest unread. "
-                f"Give every rank as many (a DistributedSampler does{ours})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return min(known)
-
-    def any_rank(self, flag: bool) -> bool:
-        return self._agree([flag])[0]
-
-    def gather_to_rank_zero(self, obj: T) -> list[T] | None:
-        gathered: list[Any] | None = [None] * self.world_size if self.is_rank_zero else None
-        dist.gather_object(obj, gathered, dst=0, group=self._group)  # on the CPU too
-        return gathered
-
-    def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
-        totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        dist.all_reduce(totals, group=self._group)  # on the CPU, like the agreements
-        return [float(v) for v in totals.tolist()]
-
-    def _agree(self, flags: Sequence[bool]) -> list[bool]:
-        """Each flag True on every rank if it is True on any: one MAX all-reduce on the CPU
-        (every rank calls this at the same point)."""
-        values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group)
-        return [bool(v) for v in values.tolist()]
-
-
-def _refuse_unlike(everyone: list[str], message: str) -> None:
-    """A ValueError unless every rank's entry of ``everyone`` is the same: ``message`` with
-    each rank's entry listed in its ``{}``."""
-    if any(theirs != everyone[0] for theirs in everyone):
-        listed = "; ".join(f"rank {rank}: {theirs}" for rank, theirs in enumerate(everyone))
-        raise ValueError(message.format(listed))
-
-
-class _LastAgreed:
-    """``control.agree_last`` for ``loop``: whether the epoch ends with the next step, True
-    if it does on any rank (its data ran out); the rank whose data goes on says so, once."""
-
-    def __init__(self, loop: LoopBase, any_rank: Callable[[bool], bool]) -> None:
-        self.loop = loop
-        self.any_rank = any_rank
-        self.cut_short = False
-
-    def __call__(self, last: bool) -> bool:
-        agreed = self.any_rank(last)
-        if agreed and not last and not self.cut_short:
-            self.cut_short = True
-            warnings.warn(
-                f"{self.loop.name}: rank {self.loop.rank}'s data had more batches than another "
-                f"rank's in epoch {self.loop.state.epoch}: every rank ends an epoch when the "
-                "first runs out, and this rank's further batches were not read. Give every "
-                "rank as many",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return agreed
-
-
-# The attributes that say when a callback's hooks act (and so when its collectives run):
-# part of what must be alike on every rank.
-_SCHEDULE = ("every_n_steps", "every_n_epochs", "log_every_n_steps", "check_every_n_steps",
-             "save_on_end", "interval")  # fmt: skip
-
-
-def _alike(callback: Callback) -> str:
-    """``Name`` or ``Name(every_n_steps=2, ...)``: what must be alike on every rank."""
-    schedule = ", ".join(
-        f"{name}={getattr(callback, name)!r}" for name in _SCHEDULE if hasattr(callback, name)
-    )
-    return f"{type(callback).__qualname__}({schedule})" if schedule else type(callback).__qualname__
 
 
 def _trains(module: torch.nn.Module) -> bool:

@@ -34,6 +34,7 @@ from asynchat._hooks import HookRunner
 from asynchat._in_use import Claim, claim
 from asynchat._phase import Phase
 from asynchat._processor import BatchProcessor
+from asynchat._ranks import RankGroup
 from asynchat._resume import (
     DataTracker,
     ResumePoint,
@@ -113,10 +114,6 @@ class LoopBase(PipeBase):
     #: Whether each rank holds only shards of the model (FSDP): checkpoints are then written
     #: by every rank with torch.distributed.checkpoint, as a directory (see ``asynchat._dcp``).
     shards_state: ClassVar[bool] = False
-    #: Whether the loop is one rank of a job whose ranks act together (a distributed
-    #: trainer): :meth:`any_rank`, :meth:`sum_over_ranks` and :meth:`gather_to_rank_zero`
-    #: are collectives, and a checkpoint holds each rank's :meth:`rank_state_dict`.
-    spans_ranks: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -163,6 +160,14 @@ class LoopBase(PipeBase):
         self._resume: ResumePoint | None = None  # where a resumed run starts
         self._claim: Claim | None = None  # this loop's use of its model, during the run
         self._inline_parent: LoopBase | None = None  # the loop run_inline runs this one in
+        self._ranks: RankGroup | None = None  # set by _span_ranks
+
+    def _span_ranks(self, *, sharded_model: bool) -> None:
+        """Make this loop one rank of a job whose ranks act together; every rank calls it at
+        the same point, while the loop is built. ``sharded_model``: its model's forward is a
+        collective, so loops run inline in it step together too."""
+        self._ranks = RankGroup(sharded_model=sharded_model)
+        self._control.agree = self._ranks.agree
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self._control.status}>"
@@ -228,30 +233,41 @@ class LoopBase(PipeBase):
         """Whether this loop should do what only one process of a job does (write files)."""
         return self.rank == 0
 
+    @property
+    def spans_ranks(self) -> bool:
+        """Whether the loop is one rank of a job whose ranks act together (a distributed
+        trainer; a Predictor over a model sharded over the ranks): :meth:`any_rank`,
+        :meth:`sum_over_ranks` and :meth:`gather_to_rank_zero` are collectives, and a
+        checkpoint holds each rank's :meth:`rank_state_dict`."""
+        return self._ranks is not None
+
     def any_rank(self, flag: bool) -> bool:
         """``flag`` agreed by the loop's ranks: True on every rank if it is True on any.
 
-        In a distributed trainer this is a collective (every rank must call it at the same
-        point); other loops, such as a Predictor over a rank's own shard, decide alone.
+        When the loop :attr:`spans_ranks` this is a collective (every rank must call it at
+        the same point); other loops, such as a Predictor over a rank's own shard, decide
+        alone.
         """
-        return flag
+        return self._ranks.any(flag) if self._ranks is not None else flag
 
     def sum_over_ranks(self, values: Sequence[float]) -> list[float]:
         """``values`` summed element-wise over the loop's ranks (in float64), e.g. a loss
         total and a sample count, for a mean over every rank's data.
 
-        In a distributed trainer this is a collective, like :meth:`any_rank`; elsewhere
-        ``values`` themselves.
+        When the loop :attr:`spans_ranks` this is a collective, like :meth:`any_rank`;
+        elsewhere ``values`` themselves.
         """
+        if self._ranks is not None:
+            return self._ranks.sum(values)
         return [float(v) for v in values]
 
     def gather_to_rank_zero(self, obj: T) -> list[T] | None:
         """``obj`` of every rank, by rank, on rank 0 (None on the others); picklable.
 
-        In a distributed trainer this is a collective, like :meth:`any_rank`; elsewhere
-        ``[obj]``.
+        When the loop :attr:`spans_ranks` this is a collective, like :meth:`any_rank`;
+        elsewhere ``[obj]``.
         """
-        return [obj]
+        return self._ranks.gather_to_rank_zero(obj) if self._ranks is not None else [obj]
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
@@ -552,8 +568,22 @@ class LoopBase(PipeBase):
     # Template hooks for subclasses, called on the compute thread.
 
     def _agree_with_ranks(self) -> None:
-        """Refuse to start a loop whose ranks would not act alike (a distributed trainer:
-        other bounds, or callbacks with ``every_rank`` missing on some rank)."""
+        """Refuse to start a loop whose ranks would not act alike (other bounds or
+        processors, or callbacks with ``every_rank`` missing on some rank): one all-gather,
+        when the loop spans ranks."""
+        if self._ranks is not None:
+            together = "step and update together" if self.training else "step together"
+            name = type(self).__name__
+            self._ranks.refuse_unlike(name, self._settings(), self.callbacks, together)
+
+    def _settings(self) -> str:
+        """What must be alike on every rank for the ranks to step together."""
+        processor = self.batch_processor
+        return (
+            f"batch_processor={type(processor).__qualname__}(grad_accumulation_steps="
+            f"{getattr(processor, 'grad_accumulation_steps', None)}, "
+            f"amp={getattr(processor, 'amp', None)!r})"
+        )
 
     def _configure(self) -> None:
         """Build what needs the model on its device (the Trainer: its optimizer)."""
@@ -561,17 +591,15 @@ class LoopBase(PipeBase):
     def _begin_epoch_data(self, epoch: int) -> int | None:
         """Prepare the data loader for ``epoch`` before its order is drawn, and return the
         epoch's steps, as its ``len()`` says now (a batch sampler's may change from epoch to
-        epoch); None: unknown until the data ends. A loop run inline in one whose model's
-        forward is a collective (FSDP: its Validation) agrees them through it."""
-        parent = self._inline_parent
-        if parent is not None and parent.shards_state:
-            return parent._agreed_length(self)
-        return data_length(self.data_loader)
-
-    def _agreed_length(self, loop: LoopBase) -> int | None:
-        """The steps of ``loop``'s epoch (a loop run inline in this one), as every rank that
-        must step with it runs them (a distributed trainer: the fewest any rank has)."""
-        return data_length(loop.data_loader)
+        epoch); None: unknown until the data ends. A loop that spans ranks agrees them with
+        its peers, as does one run inline in a loop whose model's forward is a collective
+        (FSDP: its Validation)."""
+        ranks, parent = self._ranks, self._inline_parent
+        if ranks is None and parent is not None and parent._ranks is not None:
+            ranks = parent._ranks if parent._ranks.sharded_model else None
+        if ranks is None:
+            return data_length(self.data_loader)
+        return ranks.agreed_length(self.state, self.data_loader, self._control)
 
     def _extra_state(self) -> dict[str, Any]:
         """Add to the checkpoint (the Trainer: its optimizer)."""

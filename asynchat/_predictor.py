@@ -14,6 +14,7 @@ from asynchat._checks import positive_int
 from asynchat._compute import ComputeThread
 from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
+from asynchat._ranks import sharded_over_ranks
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
 
@@ -26,6 +27,15 @@ class Predictor(LoopBase):
     model between a Trainer's epochs (see *One model, several loops* in
     :class:`~asynchat.LoopBase`: predictors in ``eval()`` mode may share a model; one in
     ``train_mode`` holds it alone). ``fit()`` is HAT's name for the run: here it predicts.
+
+    Under :func:`~asynchat.launch` each rank's Predictor runs over that rank's data alone,
+    unless the model is sharded over the ranks (a
+    :class:`~asynchat.FullyShardedDataParallelTrainer`'s ``trainer.model``: its forward
+    gathers the parameters from every rank). Then build one on every rank at the same point:
+    the ranks step together, as a distributed trainer's do, each running as many batches as
+    the rank with the fewest (with a warning when they differ), and ``stop()``, ``pause()``
+    or a cancellation on one rank acts on all of them at the same boundary;
+    :meth:`~asynchat.LoopBase.sum_over_ranks` then sums over the ranks.
 
     Args:
         model, data_loader, batch_processor, device, callbacks, prefetch, name: as for
@@ -71,6 +81,8 @@ class Predictor(LoopBase):
             raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
         self._train_mode = train_mode
         self._streaming = False
+        if sharded_over_ranks(self.model):  # each forward gathers: the ranks step together
+            self._span_ranks(sharded_model=True)
 
     @property
     def streaming(self) -> bool:

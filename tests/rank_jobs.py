@@ -365,34 +365,92 @@ async def uneven_data(rank: int, world_size: int, out: str, kind: str, accumulat
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-async def fsdp_uneven_validation(rank: int, world_size: int, out: str, kind: str) -> None:
+async def fsdp_uneven_validation(
+    rank: int, world_size: int, out: str, kind: str, how: str = "inline"
+) -> None:
     """An FSDP trainer (8 steps on ``ddp_data()``) validating after its epoch on rank data
     of 2 and 5 batches (``uneven_samples``' first ones): a list (``kind="list"``) or a
-    DataLoader over an IterableDataset (``"stream"``). Writes ``val/loss``, the gathered
-    weights and the warnings to ``out/rank<r>.pt``."""
+    DataLoader over an IterableDataset (``"stream"``); by its Validation (``how="inline"``)
+    or by a Predictor over the sharded model once the trainer is done (``"standalone"``).
+    Writes the validation loss (the mean of every rank's batches), the batches each rank
+    ran, the gathered weights and the warnings to ``out/rank<r>.pt``."""
     import warnings
 
-    from asynchat import FullyShardedDataParallelTrainer
+    from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState, Predictor
     from asynchat.callbacks import Validation
+
+    class Losses(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_batch_end(self, state: LoopState) -> None:
+            self.losses.append(float(state.loss))
 
     x, y = uneven_samples(rank).tensors
     samples = torch.utils.data.TensorDataset(x[: (2 + 3 * rank) * 8], y[: (2 + 3 * rank) * 8])
     data: Any = torch.utils.data.DataLoader(samples if kind == "list" else Stream(samples), 8)
     if kind == "list":
         data = list(data)
+    ce = torch.nn.CrossEntropyLoss()
+    losses = Losses()
+    validation = Validation(data, loss_fn=ce, callbacks=[losses])
     trainer = FullyShardedDataParallelTrainer(
         ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
-        num_epochs=1, device="cpu",
-        callbacks=[Validation(data, loss_fn=torch.nn.CrossEntropyLoss())],
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=ce, num_epochs=1,
+        device="cpu", callbacks=[validation] if how == "inline" else [],
     )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state = await trainer.fit()
+        await trainer.fit()
+        if how == "standalone":
+            await Predictor(trainer.model, data, loss_fn=ce, callbacks=[losses]).fit()
+    total, count = trainer.sum_over_ranks([sum(losses.losses), len(losses.losses)])
     weights = {k: whole(v) for k, v in trainer.model.state_dict().items()}  # collective
-    result = {"val/loss": state.metrics["val/loss"], "weights": weights,
+    result = {"val/loss": total / count, "published": trainer.state.metrics.get("val/loss"),
+              "batches": len(losses.losses), "weights": weights,
               "warnings": [str(w.message) for w in caught]}  # fmt: skip
     torch.save(result, Path(out, f"rank{rank}.pt"))
+
+
+async def sharded_predictor(rank: int, world_size: int, out: str, scenario: str) -> None:
+    """A Predictor on each rank over ``ddp_model()`` sharded with ``fully_shard``, 6 batches
+    a rank: rank 1 stops it after its second batch (``scenario="stop"``), or only rank 0
+    gives it a MetricUpdater (``"unlike"``). Writes the batches run, the stop reason and the
+    error to ``out/rank<r>.json``."""
+    import torchmetrics
+    from torch.distributed.fsdp import fully_shard
+
+    from asynchat import Callback, LoopState, Predictor
+    from asynchat.callbacks import MetricUpdater
+
+    class Batches(Callback):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def on_batch_end(self, state: LoopState) -> None:
+            self.count += 1
+            if scenario == "stop" and rank == 1 and state.step == 1:
+                state.loop.stop("enough")
+
+    model = ddp_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    batches = Batches()
+    callbacks: list[Callback] = [batches]
+    if scenario == "unlike" and rank == 0:
+        callbacks.append(MetricUpdater({"mse": torchmetrics.MeanSquaredError()}))
+    data = torch.utils.data.DataLoader(uneven_samples(rank), batch_size=8)
+    predictor = Predictor(model, list(data)[:6], device="cpu", callbacks=callbacks)
+    error = None
+    try:
+        state = await predictor.fit()
+    except ValueError as exc:
+        error = str(exc)
+    result = {"batches": batches.count, "error": error,
+              "stop_reason": None if error else state.stop_reason}  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 async def batch_sampler_shards(rank: int, world_size: int, out: str, how: str) -> None:

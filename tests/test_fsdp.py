@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -86,13 +87,15 @@ def test_validation_on_the_average_of_a_sharded_model_equals_ddps(tmp_path: Path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["list", "stream"], ids=["lengths-known", "no-length"])
+@pytest.mark.parametrize("how", ["inline", "standalone"])
 def test_validation_of_a_sharded_model_on_uneven_data_runs_as_many_steps_on_every_rank(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, how: str
 ) -> None:
     # Its forward is a collective (each module's parameters are gathered): rank 0 went on
     # to the loss's sum over the ranks after its 2 batches while rank 1 gathered for its
-    # third; the job failed at the collective timeout (5 minutes by default).
-    launch(rank_jobs.fsdp_uneven_validation, nprocs=2, args=(str(tmp_path), kind),
+    # third; the job failed at the collective timeout (5 minutes by default). A Predictor
+    # over the sharded model, run on each rank once the trainer was done, did the same.
+    launch(rank_jobs.fsdp_uneven_validation, nprocs=2, args=(str(tmp_path), kind, how),
            collective_timeout=timedelta(seconds=20))  # fmt: skip
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     model = rank_jobs.ddp_model()
@@ -101,12 +104,40 @@ def test_validation_of_a_sharded_model_on_uneven_data_runs_as_many_steps_on_ever
     x, y = (torch.cat(part) for part in zip(*batches[0], *batches[1], strict=True))
     with torch.no_grad():
         expected = nn.functional.cross_entropy(model(x), y).item()
+    assert [r["batches"] for r in ranks] == [2, 2]
     assert ranks[0]["val/loss"] == ranks[1]["val/loss"] == pytest.approx(expected, rel=1e-5)
-    warned = [[w for w in r["warnings"] if "validation" in w] for r in ranks]
+    if how == "inline":
+        assert ranks[0]["published"] == ranks[1]["published"] == pytest.approx(expected, 1e-5)
+    name = "validation" if how == "inline" else "predictor"
+    warned = [[w for w in r["warnings"] if name in w] for r in ranks]
     if kind == "list":
         assert warned[1] == [] and "(rank 0: 2, rank 1: 5)" in warned[0][0]
     else:
         assert warned[0] == [] and "rank 1's data had more batches" in warned[1][0]
+
+
+def test_a_predictor_over_a_sharded_model_stops_on_every_rank_when_one_stops(
+    tmp_path: Path,
+) -> None:
+    # Rank 1 ended after 2 batches while rank 0 gathered the parameters for its third,
+    # alone, until the collective timeout.
+    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), "stop"),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["batches"] for r in ranks] == [2, 2]
+    assert [r["stop_reason"] for r in ranks] == ["stopped on another rank", "enough"]
+
+
+def test_a_predictor_over_a_sharded_model_is_refused_with_callbacks_unlike(
+    tmp_path: Path,
+) -> None:
+    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), "unlike"),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["batches"] for r in ranks] == [0, 0]
+    for r in ranks:
+        assert "callbacks must be alike on every rank of a Predictor" in r["error"]
+        assert "rank 0: MetricUpdater(log_every_n_steps=None); rank 1: none" in r["error"]
 
 
 def test_ranks_sharded_or_reducing_apart_are_refused_before_training() -> None:

@@ -1,0 +1,166 @@
+"""RankGroup: the collectives by which the ranks of one loop act together.
+
+A loop spans ranks when its ranks must step in lockstep: a distributed trainer (its gradient
+all-reduce, FSDP's gathers), or a Predictor over a sharded model (each forward gathers the
+parameters). Its ranks then agree, on a CPU (gloo) group, on what each would decide alone:
+the run's settings before it starts, each epoch's length, and stop, cancel and pause at
+every boundary (``LoopControl.agree``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from asynchat._callback import Callback
+from asynchat._control import LoopControl
+from asynchat._data import data_length
+from asynchat._state import LoopState
+
+T = TypeVar("T")
+
+
+class RankGroup:
+    """The ranks of one loop, in the default process group; created by every rank at the
+    same point (with NCCL it creates a gloo group: a collective call). ``sharded_model``:
+    the loop's model is sharded over the ranks (its forward is a collective)."""
+
+    def __init__(self, *, sharded_model: bool) -> None:
+        self.sharded_model = sharded_model
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
+        # per step under NCCL.
+        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._told_lengths: dict[str, list[int]] = {}  # each loop's counts last warned of
+
+    def agree(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag True on every rank if it is True on any: one MAX all-reduce on the CPU
+        (every rank calls this at the same point)."""
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in values.tolist()]
+
+    def any(self, flag: bool) -> bool:
+        return self.agree([flag])[0]
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.group)  # on the CPU, like the agreements
+        return [float(v) for v in totals.tolist()]
+
+    def gather_to_rank_zero(self, obj: T) -> list[T] | None:
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(obj, gathered, dst=0, group=self.group)  # on the CPU too
+        return gathered
+
+    def refuse_unlike(
+        self, name: str, settings: str, callbacks: Iterable[Callback], together: str
+    ) -> None:
+        """One all-gather, before a loop (of class ``name``) runs, of what must be alike on
+        every rank: its ``settings`` and its ``callbacks`` with ``every_rank`` (in the same
+        order, on the same schedule); a ValueError listing every rank's if they differ.
+        ``together``: what its ranks do together (for the message)."""
+        alike = ", ".join(_alike(c) for c in callbacks if c.every_rank) or "none"
+        everyone: list[tuple[str, str]] = [("", "")] * self.world_size
+        dist.all_gather_object(everyone, (settings, alike), group=self.group)
+        _refuse_unlike(
+            [settings for settings, _ in everyone],
+            f"a {name} must be built alike on every rank, where its ranks {together} "
+            "({}): give every rank the same arguments",
+        )
+        _refuse_unlike(
+            [callbacks for _, callbacks in everyone],
+            f"callbacks must be alike on every rank of a {name}, in the same order, where "
+            "they act together or change the training ({}). Give every rank the same ones: "
+            "Checkpoint, the loggers and Progress write on rank 0 only by themselves",
+        )
+
+    def agreed_length(
+        self, state: LoopState, data_loader: Iterable[Any], control: LoopControl, hint: str = ""
+    ) -> int | None:
+        """The steps every rank runs in an epoch over ``data_loader`` of the loop of
+        ``state`` and ``control`` (the loop that spans the ranks, or one run inline in it):
+        the fewest any rank's data has, with a warning (ending in ``hint``) whenever the
+        counts differ anew; None (data without a ``len()`` on some rank): agreed before each
+        step instead (``control.agree_last``). A rank that stepped on alone met its peers'
+        next collective with one of its own (gloo aborted the job; NCCL would hang)."""
+        lengths: list[int | None] = [None] * self.world_size
+        dist.all_gather_object(lengths, data_length(data_loader), group=self.group)
+        if None in lengths:  # told as it happens: agreed before each step
+            if control.agree_last is None:
+                control.agree_last = _LastAgreed(state, self.any)
+            return None
+        control.agree_last = None
+        known = [length for length in lengths if length is not None]  # (all of them)
+        name = state.loop.name
+        told, self._told_lengths[name] = self._told_lengths.get(name), known
+        if min(known) != max(known) and self.rank == 0 and known != told:
+            listed = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(known))
+            warnings.warn(
+                f"{name}: the ranks' data have different numbers of batches ({listed}): "
+                f"every rank runs {min(known)} steps an epoch and leaves the rest unread. "
+                f"Give every rank as many (a DistributedSampler does{hint})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return min(known)
+
+
+def sharded_over_ranks(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds parameters sharded over more than one rank (FSDP2's, tensor
+    parallelism's ``DTensor``s): its forward is then a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) and p.device_mesh.size() > 1 for p in model.parameters())
+
+
+def _refuse_unlike(everyone: list[str], message: str) -> None:
+    """A ValueError unless every rank's entry of ``everyone`` is the same: ``message`` with
+    each rank's entry listed in its ``{}``."""
+    if any(theirs != everyone[0] for theirs in everyone):
+        listed = "; ".join(f"rank {rank}: {theirs}" for rank, theirs in enumerate(everyone))
+        raise ValueError(message.format(listed))
+
+
+class _LastAgreed:
+    """``control.agree_last`` for the loop of ``state``: whether the epoch ends with the next
+    step, True if it does on any rank (its data ran out); the rank whose data goes on says
+    so, once."""
+
+    def __init__(self, state: LoopState, any_rank: Callable[[bool], bool]) -> None:
+        self.state = state
+        self.any_rank = any_rank
+        self.cut_short = False
+
+    def __call__(self, last: bool) -> bool:
+        agreed = self.any_rank(last)
+        if agreed and not last and not self.cut_short:
+            self.cut_short = True
+            warnings.warn(
+                f"{self.state.loop.name}: rank {self.state.loop.rank}'s data had more batches "
+                f"than another rank's in epoch {self.state.epoch}: every rank ends an epoch "
+                "when the first runs out, and this rank's further batches were not read. Give "
+                "every rank as many",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return agreed
+
+
+# The attributes that say when a callback's hooks act (and so when its collectives run):
+# part of what must be alike on every rank.
+_SCHEDULE = ("every_n_steps", "every_n_epochs", "log_every_n_steps", "check_every_n_steps",
+             "save_on_end", "interval")  # fmt: skip
+
+
+def _alike(callback: Callback) -> str:
+    """``Name`` or ``Name(every_n_steps=2, ...)``: what must be alike on every rank."""
+    schedule = ", ".join(
+        f"{name}={getattr(callback, name)!r}" for name in _SCHEDULE if hasattr(callback, name)
+    )
+    return f"{type(callback).__qualname__}({schedule})" if schedule else type(callback).__qualname__
