@@ -251,14 +251,14 @@ def read(
     from torch.distributed.checkpoint.api import CheckpointException
 
     single = single or not (dist.is_available() and dist.is_initialized())
-    check_metadata(directory)
+    reader = _checked_reader(directory, check_metadata(directory))
     planner = _weights_only_planner(partial)
     try:
         with warnings.catch_warnings():
             # "torch.distributed is ... uninitialized, assuming ... a single process": yes.
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load(  # type: ignore[attr-defined]
-                state, checkpoint_id=directory, process_group=group, no_dist=single,
+                state, storage_reader=reader, process_group=group, no_dist=single,
                 planner=planner,
             )  # fmt: skip
     except (Exception, CheckpointException) as exc:  # (DCP's is a BaseException)
@@ -296,15 +296,32 @@ def _weights_only_planner(partial: bool) -> Any:
     return WeightsOnlyPlanner(allow_partial_load=partial)
 
 
-def check_metadata(directory: Path) -> None:
-    """Refuse ``directory``'s ``.metadata`` unless it unpickles into DCP's metadata types
+def _checked_reader(directory: Path, metadata: Any) -> Any:
+    """DCP's reader of ``directory``, but its metadata is ``metadata``, as
+    :func:`check_metadata` read it: DCP's own read unpickled the file again, with
+    :func:`pickle.load` (a file replaced in between was loaded unchecked)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id  # as DCP's own read sets it
+            return metadata
+
+    return CheckedReader(directory)
+
+
+def check_metadata(directory: Path) -> Any:
+    """``directory``'s ``.metadata``, refused unless it unpickles into DCP's metadata types
     alone: DCP reads it with :func:`pickle.load`, and a crafted one ran any code it named
     when a checkpoint was resumed or its weights loaded (digests do not help: whoever
     writes the directory rewrites them)."""
     path = directory / ".metadata"
     try:
         with path.open("rb") as file:
-            _MetadataUnpickler(file).load()
+            return _MetadataUnpickler(file).load()
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc} (it could run code); not loaded") from None
     except Exception as exc:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from conftest import make_loader
 
+import asynchat._dcp
 from asynchat import LaunchError, Trainer, launch
 from asynchat._checkpoint_io import serialize
 from asynchat._dcp import sharded_state
@@ -307,6 +308,31 @@ def test_a_crafted_sharded_checkpoint_cannot_run_code_when_loaded(
     with pytest.raises(CheckpointError, match=refused):
         anyio.run(trainer.fit)
     assert not marker.exists()
+
+
+def test_metadata_replaced_after_its_check_is_not_what_loads(
+    runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DCP read .metadata again, with pickle.load, after asynchat had checked it: a writer
+    # that replaced the file in between (here: at once after the check) ran its code.
+    _, name = runs.get(2)
+    marker = tmp_path / "ran"
+    directory = tmp_path / "alone" / "step-000000016.dcp"
+    shutil.copytree(runs.root / name / directory.name, directory)
+    checked = asynchat._dcp.check_metadata
+
+    def then_replaced(checking: Path) -> Any:
+        metadata = checked(checking)
+        (checking / ".metadata").write_bytes(pickle.dumps(Touch(marker)))
+        return metadata
+
+    monkeypatch.setattr(asynchat._dcp, "check_metadata", then_replaced)
+    model = rank_jobs.ddp_model()
+    load_weights(model, directory)
+    assert not marker.exists()
+    expected, _ = runs.get(2)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key])
 
 
 @pytest.mark.parametrize("where", ["shard", "extras"])
