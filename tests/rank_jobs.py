@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -414,9 +415,11 @@ async def fsdp_uneven_validation(
 
 async def sharded_predictor(rank: int, world_size: int, out: str, scenario: str) -> None:
     """A Predictor on each rank over ``ddp_model()`` sharded with ``fully_shard``, 6 batches
-    a rank: rank 1 stops it after its second batch (``scenario="stop"``), or only rank 0
-    gives it a MetricUpdater (``"unlike"``). Writes the batches run, the stop reason and the
-    error to ``out/rank<r>.json``."""
+    a rank (4 on rank 0, as ``uneven_samples``): rank 1 stops it after its second batch
+    (``scenario="stop"``), rank 0 closes its ``stream()`` after 3 batches (``"stream"``:
+    every rank has all 6 batches), or only rank 0 gives it a MetricUpdater
+    (``"unlike"``). Writes the batches run, the status, the stop reason and the error to
+    ``out/rank<r>.json``."""
     import torchmetrics
     from torch.distributed.fsdp import fully_shard
 
@@ -441,15 +444,22 @@ async def sharded_predictor(rank: int, world_size: int, out: str, scenario: str)
     callbacks: list[Callback] = [batches]
     if scenario == "unlike" and rank == 0:
         callbacks.append(MetricUpdater({"mse": torchmetrics.MeanSquaredError()}))
-    data = torch.utils.data.DataLoader(uneven_samples(rank), batch_size=8)
-    predictor = Predictor(model, list(data)[:6], device="cpu", callbacks=callbacks)
+    samples = ddp_data() if scenario == "stream" else uneven_samples(rank)
+    data = list(torch.utils.data.DataLoader(samples, batch_size=8))[:6]
+    predictor = Predictor(model, data, device="cpu", callbacks=callbacks)
     error = None
     try:
-        state = await predictor.fit()
+        if scenario == "stream":  # rank 0 reads 3 batches' outputs and closes its stream
+            async with contextlib.aclosing(predictor.stream(buffer=1)) as outputs:
+                async for _ in outputs:
+                    if rank == 0 and batches.count == 3:
+                        break
+        else:
+            await predictor.fit()
     except ValueError as exc:
         error = str(exc)
-    result = {"batches": batches.count, "error": error,
-              "stop_reason": None if error else state.stop_reason}  # fmt: skip
+    result = {"batches": batches.count, "error": error, "status": predictor.status.value,
+              "stop_reason": predictor.state.stop_reason}  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -126,6 +126,20 @@ def test_a_predictor_over_a_sharded_model_stops_on_every_rank_when_one_stops(
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["batches"] for r in ranks] == [2, 2]
     assert [r["stop_reason"] for r in ranks] == ["stopped on another rank", "enough"]
+    assert [r["status"] for r in ranks] == ["finished", "finished"]
+
+
+def test_a_stream_closed_on_one_rank_ends_every_ranks_stream_of_a_sharded_model(
+    tmp_path: Path,
+) -> None:
+    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), "stream"),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # The predictor runs ahead of the reader (by its buffer and the step in progress): both
+    # ranks run as many batches, fewer than the 6 each has.
+    assert ranks[0]["batches"] == ranks[1]["batches"] < 6
+    reasons = [r["stop_reason"] for r in ranks]
+    assert reasons == ["the stream was closed", "stopped on another rank"]
 
 
 def test_a_predictor_over_a_sharded_model_is_refused_with_callbacks_unlike(
