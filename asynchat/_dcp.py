@@ -20,9 +20,11 @@ DCP saved as bytes must load with ``weights_only=True`` (:func:`_weights_only_pl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -166,22 +168,36 @@ def _rebuilt(node: Any, path: str, visit: Callable[[Any, str], Any]) -> Any:
     return node
 
 
+# One DCP operation at a time in this process: the trainers' checkpoint group is shared
+# (asynchat._ranks.shared_group), and a trainer run nested in another's hook could save while
+# the outer's write is still going over it on DCP's thread (their collectives would pair up
+# across the two). A Lock, not an RLock: a save releases it on DCP's thread.
+_one_at_a_time = threading.Lock()
+
+
 def start_save(
     state: dict[str, Any], directory: Path, group: dist.ProcessGroup | None
 ) -> Future[Any]:
     """Every rank: copy ``state`` to host memory now (the stall), write it to ``directory``
     on a thread of DCP's. The collectives of the write go over ``group`` (a CPU group, and
-    not one a training step uses: two threads must not share a group's collectives)."""
+    not one a training step uses: two threads must not share a group's collectives), once
+    any earlier save or load over it is done (``_one_at_a_time``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    written = dcp.async_save(state, checkpoint_id=directory, process_group=group)  # type: ignore[attr-defined]
+    _one_at_a_time.acquire()  # released when the write is done, on DCP's thread
+    try:
+        written = dcp.async_save(state, checkpoint_id=directory, process_group=group)  # type: ignore[attr-defined]
+    except BaseException:
+        _one_at_a_time.release()
+        raise
     assert isinstance(written, Future)  # (a response object only with a stager of one's own)
     # DCP fails the write with its CheckpointException, a BaseException, which went past
     # every handler as an interrupt would: relayed as a CheckpointError saying each rank's.
     relayed: Future[Any] = Future()
 
     def relay(done: Future[Any]) -> None:
+        _one_at_a_time.release()
         try:
             relayed.set_result(done.result())
         except CheckpointException as exc:
@@ -254,7 +270,7 @@ def read(
     reader = _checked_reader(directory, check_metadata(directory))
     planner = _weights_only_planner(partial)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.nullcontext() if single else _one_at_a_time:
             # "torch.distributed is ... uninitialized, assuming ... a single process": yes.
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load(  # type: ignore[attr-defined]

@@ -164,8 +164,8 @@ class LoopBase(PipeBase):
 
     def _span_ranks(self, *, sharded_model: bool) -> None:
         """Make this loop one rank of a job whose ranks act together; every rank calls it at
-        the same point, while the loop is built. ``sharded_model``: its model's forward is a
-        collective, so loops run inline in it step together too."""
+        the same point (as it builds the loop, or starts it). ``sharded_model``: its model's
+        forward is a collective, so loops run inline in it step together too."""
         self._ranks = RankGroup(sharded_model=sharded_model)
         self._control.agree = self._ranks.agree
 
@@ -395,6 +395,8 @@ class LoopBase(PipeBase):
                 else f"{self.name} has already run (status {status.value}); a loop runs "
                 f"once, so create a new {type(self).__name__} to run again"
             )
+        if inside is None and self._ranks is None and self._steps_with_ranks():
+            self._span_ranks(sharded_model=True)  # every rank runs it at the same point
         use = claim(
             self, self.model, self.device, trains=self._train_mode, updates=self.training,
             inside=inside, callbacks=self.callbacks, data=self.data_loader,
@@ -566,6 +568,12 @@ class LoopBase(PipeBase):
             )
 
     # Template hooks for subclasses, called on the compute thread.
+
+    def _steps_with_ranks(self) -> bool:
+        """Whether this loop, run on its own, must step together with its peers on the other
+        ranks though it was not built to span them (a Predictor over a sharded model); run
+        inline, it follows the loop it runs in."""
+        return False
 
     def _agree_with_ranks(self) -> None:
         """Refuse to start a loop whose ranks would not act alike (other bounds or

@@ -31,11 +31,12 @@ class Predictor(LoopBase):
     Under :func:`~asynchat.launch` each rank's Predictor runs over that rank's data alone,
     unless the model is sharded over the ranks (a
     :class:`~asynchat.FullyShardedDataParallelTrainer`'s ``trainer.model``: its forward
-    gathers the parameters from every rank). Then build one on every rank at the same point:
+    gathers the parameters from every rank). Then run one on every rank at the same point:
     the ranks step together, as a distributed trainer's do, each running as many batches as
     the rank with the fewest (with a warning when they differ), and ``stop()``, ``pause()``
     or a cancellation on one rank acts on all of them at the same boundary;
-    :meth:`~asynchat.LoopBase.sum_over_ranks` then sums over the ranks.
+    :meth:`~asynchat.LoopBase.sum_over_ranks` then sums over the ranks. Run inline in a
+    distributed trainer (its Validation), it steps with the trainer's agreements instead.
 
     Args:
         model, data_loader, batch_processor, device, callbacks, prefetch, name: as for
@@ -81,8 +82,9 @@ class Predictor(LoopBase):
             raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
         self._train_mode = train_mode
         self._streaming = False
-        if sharded_over_ranks(self.model):  # each forward gathers: the ranks step together
-            self._span_ranks(sharded_model=True)
+
+    def _steps_with_ranks(self) -> bool:
+        return sharded_over_ranks(self.model)  # each forward gathers from every rank
 
     @property
     def streaming(self) -> bool:

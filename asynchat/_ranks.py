@@ -33,9 +33,7 @@ class RankGroup:
         self.sharded_model = sharded_model
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        # Control collectives go over gloo on the CPU: a CUDA tensor would cost a host sync
-        # per step under NCCL.
-        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.group = control_group()
         self._told_lengths: dict[str, list[int]] = {}  # each loop's counts last warned of
 
     def agree(self, flags: Sequence[bool]) -> list[bool]:
@@ -109,6 +107,32 @@ class RankGroup:
                 stacklevel=2,
             )
         return min(known)
+
+
+_shared_groups: dict[tuple[dist.ProcessGroup, str], dist.ProcessGroup | None] = {}
+
+
+def shared_group(purpose: str, *, unless_gloo: bool = False) -> dist.ProcessGroup | None:
+    """A gloo group of the default process group's ranks for ``purpose``, made once per
+    default group by every rank at the same point (a collective call), then shared: a group
+    per loop held its connections (5 descriptors a group on each of 2 ranks) for the life of
+    the process, so a service running jobs one after another ran out of them. None, with
+    ``unless_gloo``, when the default group is gloo already: it serves."""
+    world = dist.group.WORLD
+    assert world is not None, "a shared group needs an initialised default process group"
+    if not any(key[0] is world for key in _shared_groups):
+        _shared_groups.clear()  # a default group destroyed and made anew: its are gone
+    if (world, purpose) not in _shared_groups:
+        gloo = unless_gloo and dist.get_backend() == "gloo"
+        _shared_groups[world, purpose] = None if gloo else dist.new_group(backend="gloo")
+    return _shared_groups[world, purpose]
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """The CPU group of the loops' control collectives (:class:`RankGroup`): a CUDA tensor
+    would cost a host sync per step under NCCL. Shared by every loop: loops that span the
+    ranks run one at a time (``asynchat._in_use``), or nested, never side by side."""
+    return shared_group("control", unless_gloo=True)
 
 
 def sharded_over_ranks(model: torch.nn.Module) -> bool:

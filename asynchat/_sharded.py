@@ -16,6 +16,7 @@ from asynchat._callback import Callback
 from asynchat._distributed import DistributedDataParallelTrainer
 from asynchat._loop import Models
 from asynchat._processor import BatchProcessor, LossFn
+from asynchat._ranks import shared_group
 from asynchat._trainer import OptimizerFactory
 
 ShardPolicy = Sequence[str] | Callable[[nn.Module], Iterable[nn.Module]]
@@ -91,8 +92,9 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         )  # fmt: skip
         # Sharded checkpoints' collectives run on DCP's writer thread while steps run FSDP's
         # on the default group: a group of their own (gloo: DCP's async save needs a CPU
-        # one), created by every rank here, in step.
-        self._dcp_group: dist.ProcessGroup | None = dist.new_group(backend="gloo")
+        # one), made by every rank here, in step, or the one made for an earlier trainer
+        # (one DCP operation at a time goes over it: asynchat._dcp).
+        self._dcp_group = shared_group("checkpoints")
 
     def _checkpoint_group(self) -> dist.ProcessGroup | None:
         return self._dcp_group

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -383,6 +384,10 @@ async def fsdp_uneven_validation(
     class Losses(Callback):
         def __init__(self) -> None:
             self.losses: list[float] = []
+            self.spans_ranks: list[bool] = []
+
+        def on_loop_begin(self, state: LoopState) -> None:
+            self.spans_ranks.append(state.loop.spans_ranks)
 
         def on_batch_end(self, state: LoopState) -> None:
             self.losses.append(float(state.loss))
@@ -408,7 +413,8 @@ async def fsdp_uneven_validation(
     total, count = trainer.sum_over_ranks([sum(losses.losses), len(losses.losses)])
     weights = {k: whole(v) for k, v in trainer.model.state_dict().items()}  # collective
     result = {"val/loss": total / count, "published": trainer.state.metrics.get("val/loss"),
-              "batches": len(losses.losses), "weights": weights,
+              "batches": len(losses.losses), "spans_ranks": losses.spans_ranks,
+              "weights": weights,
               "warnings": [str(w.message) for w in caught]}  # fmt: skip
     torch.save(result, Path(out, f"rank{rank}.pt"))
 
@@ -1020,6 +1026,57 @@ async def two_trainers(rank: int, world_size: int, out: str, how: str) -> None:
         {"first": first.model.state_dict(), "second": second.model.state_dict()},
         Path(out, f"rank{rank}.pt"),
     )
+
+
+async def fsdp_jobs_one_by_one(rank: int, world_size: int, root: str, how: str) -> None:
+    """FSDP trainers (8 steps, a checkpoint every 2) in this rank's process: 4 one after
+    another, each followed by a Predictor over its model (``how="sequence"``), with the
+    process's open file descriptors counted after each; or a second started from an
+    ``async def`` hook of the first at its step 4 (``"nested"``: both save while the
+    other's writes are in flight, each file's fsync slowed down). Writes the counts and
+    each trainer's gathered weights to ``root/rank<r>.pt``; the checkpoints go to
+    ``root/<i>``."""
+    from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState, Predictor
+    from asynchat.callbacks import Checkpoint
+
+    def trainer(index: int, *callbacks: Callback) -> FullyShardedDataParallelTrainer:
+        return FullyShardedDataParallelTrainer(
+            ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1), num_steps=8, device="cpu",
+            loss_fn=torch.nn.CrossEntropyLoss(),
+            callbacks=[Checkpoint(Path(root, str(index)), every_n_steps=2), *callbacks],
+        )  # fmt: skip
+
+    descriptors: list[int] = []
+    trainers: list[FullyShardedDataParallelTrainer] = []
+    if how == "sequence":
+        for index in range(4):
+            trainers.append(trainer(index))
+            await trainers[-1].fit()
+            data = torch.utils.data.DataLoader(ddp_data(), batch_size=8)
+            await Predictor(trainers[-1].model, data, device="cpu").fit()
+            descriptors.append(len(os.listdir("/proc/self/fd")))
+    else:
+        # Every file DCP writes syncs slowly: the outer's write is still going when the
+        # inner saves.
+        fsync = os.fsync
+
+        def slow_fsync(fd: int) -> None:
+            time.sleep(0.2)
+            fsync(fd)
+
+        os.fsync = slow_fsync
+        inner = trainer(1)
+
+        class RunInner(Callback):
+            async def on_step_end(self, state: LoopState) -> None:
+                if state.global_step == 4:
+                    await inner.fit()
+
+        trainers = [trainer(0, RunInner()), inner]
+        await trainers[0].fit()
+    weights = [{k: whole(v) for k, v in t.model.state_dict().items()} for t in trainers]
+    torch.save({"descriptors": descriptors, "weights": weights}, Path(root, f"rank{rank}.pt"))
 
 
 async def fsdp_save_on_a_full_disk(

@@ -159,8 +159,11 @@ on = SyncCheckOn()
 trainer = DistributedDataParallelTrainer(make_model(), make_loader(256, 16), sgd,
     loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1, callbacks=[on, SyncCheckOff()])
 anyio.run(trainer.fit)
+second = DistributedDataParallelTrainer(make_model(), make_loader(256, 16), sgd,
+    loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1)
+group = trainer._ranks.group
 dist.destroy_process_group()
-print("checked", on.checked)
+print("checked", on.checked, "shared", group is not None and second._ranks.group is group)
 """
 
 
@@ -171,7 +174,9 @@ def test_ddp_single_rank_nccl_steady_state_makes_no_host_device_sync() -> None:
     done = subprocess.run([sys.executable, "-c", DDP_SYNC_JOB, here, str(free_port())],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["checked", "14"]
+    # Every step ran under the check; the second trainer agrees over the first's gloo group
+    # (one made per trainer was kept for the life of the process).
+    assert done.stdout.split() == ["checked", "14", "shared", "True"]
 
 
 class SlowLinear(nn.Module):

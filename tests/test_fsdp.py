@@ -105,6 +105,8 @@ def test_validation_of_a_sharded_model_on_uneven_data_runs_as_many_steps_on_ever
     with torch.no_grad():
         expected = nn.functional.cross_entropy(model(x), y).item()
     assert [r["batches"] for r in ranks] == [2, 2]
+    # Run inline, it steps with the trainer's agreements, not with collectives of its own.
+    assert [r["spans_ranks"] for r in ranks] == [[how == "standalone"]] * 2
     assert ranks[0]["val/loss"] == ranks[1]["val/loss"] == pytest.approx(expected, rel=1e-5)
     if how == "inline":
         assert ranks[0]["published"] == ranks[1]["published"] == pytest.approx(expected, 1e-5)

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,33 @@ def test_a_sharded_save_into_a_directory_another_writer_took_leaves_nothing_ther
         assert left == written_before
     else:
         assert set(left) <= set(written_before), left
+
+
+def test_fsdp_jobs_one_after_another_hold_no_more_descriptors_than_one(tmp_path: Path) -> None:
+    # Each FSDP trainer made a gloo group of its own for its checkpoints, kept for the life
+    # of the process: 5 more open descriptors a trainer on each of 2 ranks (20 after 4),
+    # until a service running jobs one after another could open no more files.
+    launch(rank_jobs.fsdp_jobs_one_by_one, nprocs=2, args=(str(tmp_path), "sequence"))
+    for rank in (0, 1):
+        counts = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["descriptors"]
+        assert len(counts) == 4 and counts[-1] <= counts[0], counts
+    for index in range(4):  # each trainer's checkpoints hold its own weights
+        weights = torch.load(tmp_path / "rank0.pt", weights_only=True)["weights"][index]
+        model = rank_jobs.ddp_model()
+        load_weights(model, tmp_path / str(index))
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, weights[name])
+
+
+def test_an_fsdp_trainer_run_inside_anothers_hook_saves_beside_its_saves(tmp_path: Path) -> None:
+    # The trainers share one checkpoint group: the inner's saves wait for the outer's write
+    # in flight over it, or their collectives would pair up across the two.
+    launch(rank_jobs.fsdp_jobs_one_by_one, nprocs=2, args=(str(tmp_path), "nested"),
+           collective_timeout=timedelta(seconds=30))  # fmt: skip
+    weights = torch.load(tmp_path / "rank0.pt", weights_only=True)["weights"]
+    for index in (0, 1):
+        assert find_checkpoint(tmp_path / str(index)).name == "step-000000008.dcp"
+        model = rank_jobs.ddp_model()
+        load_weights(model, tmp_path / str(index))
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, weights[index][name])
