@@ -5,9 +5,10 @@ steps of one epoch, under ``asynchat.launch``, on the same batches given three w
 list (its length is known: the ranks agree the epoch's length once, at its start), a
 DataLoader over an ``IterableDataset`` (no length: before each step the ranks agree whether
 the epoch ends there, one more CPU all-reduce a step), and the same with rank 1 holding
-more batches than rank 0 (every rank stops with rank 0). Each rank times ``fit()``; rank 0
-reports ms per step. Rounds alternate the kinds; the table gives medians and the ratio to
-the known-length baseline measured in the same run.
+more batches than rank 0 (every rank stops with rank 0); and, as the floor, a hand-written
+DDP loop over the list (``hand``: no agreement at all). Each rank times ``fit()`` (or its
+loop); rank 0 reports ms per step. Rounds alternate the kinds; the table gives medians and
+the ratio to the known-length baseline measured in the same run.
 
 Run: OMP_WAIT_POLICY=PASSIVE python benchmarks/uneven_data.py [--steps 600] [--rounds 3]
 """
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from asynchat import DistributedDataParallelTrainer, launch
 
 BATCH = 8
-KINDS = ("known", "no-len", "no-len-uneven")
+KINDS = ("known", "no-len", "no-len-uneven", "hand")
 
 
 class Stream(IterableDataset[Any]):
@@ -50,10 +51,14 @@ async def train(rank: int, world_size: int, kind: str, steps: int, out: str) -> 
     torch.manual_seed(0)
     count = steps + (steps // 4 if kind == "no-len-uneven" and rank == 1 else 0)
     samples = TensorDataset(torch.randn(BATCH * count, 16), torch.randint(0, 4, (BATCH * count,)))
-    data: Any = (
-        list(DataLoader(samples, BATCH)) if kind == "known" else DataLoader(Stream(samples), BATCH)
-    )
+    listed = kind in ("known", "hand")
+    data: Any = list(DataLoader(samples, BATCH)) if listed else DataLoader(Stream(samples), BATCH)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    if kind == "hand":
+        elapsed = hand_written(model, data)
+        if rank == 0:
+            await anyio.Path(out).write_text(str(elapsed / steps * 1e3))
+        return
     trainer = DistributedDataParallelTrainer(
         model, data, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         loss_fn=nn.CrossEntropyLoss(), num_epochs=1, device="cpu",
@@ -66,6 +71,20 @@ async def train(rank: int, world_size: int, kind: str, steps: int, out: str) -> 
     assert trainer.state.global_step == steps
     if rank == 0:
         await anyio.Path(out).write_text(str(elapsed / steps * 1e3))
+
+
+def hand_written(model: nn.Module, batches: list[Any]) -> float:
+    """A plain DDP loop over ``batches``: the seconds it took."""
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = loss_fn(ddp(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
 
 
 def main() -> None:
