@@ -72,6 +72,12 @@ def make_model() -> nn.Module:
     )  # fmt: skip
 
 
+def validation(loader: DataLoader[Any]) -> Validation:
+    """Validation on ``loader`` after every epoch: accuracy and loss."""
+    accuracy = torchmetrics.classification.MulticlassAccuracy(10, average="micro")
+    return Validation(loader, metrics={"accuracy": accuracy}, loss_fn=nn.CrossEntropyLoss())
+
+
 async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool = False) -> float:
     """Train and return the best validation accuracy of the run (with ``resume``, of the
     runs before it too: their best checkpoint is kept)."""
@@ -89,13 +95,7 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
         num_epochs=epochs,
         resume_from=checkpoints if resume else None,
         callbacks=[
-            Validation(
-                val_loader,
-                metrics={
-                    "accuracy": torchmetrics.classification.MulticlassAccuracy(10, average="micro")
-                },
-                loss_fn=nn.CrossEntropyLoss(),
-            ),
+            validation(val_loader),
             LRSchedule(
                 cosine(total_steps=epochs * len(train_loader)), warmup_steps=len(train_loader)
             ),
