@@ -140,6 +140,8 @@ def sharded_over_ranks(model: torch.nn.Module) -> bool:
     parallelism's ``DTensor``s): its forward is then a collective."""
     from torch.distributed.tensor import DTensor
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return False  # (no DTensor spans ranks without a process group)
     return any(isinstance(p, DTensor) and p.device_mesh.size() > 1 for p in model.parameters())
 
 
