@@ -10,6 +10,14 @@ forced]``), so every rank makes the same decision at the same boundary, and no r
 a collective the others don't (pausing one rank holds them all; stopping one during
 ``on_epoch_end`` ends them all after the same epoch).
 
+With ``agree_later`` set (a distributed trainer's ``control_lag=1``), the agreement after a
+step (``decide(lagged=True)``) is pipelined: each rank starts the all-reduce of its requests
+and decides on the one it started after the step before, whose result came in while this
+step ran, so no step waits for the round trip. A request made during a step then ends or
+holds every rank one step later. The other boundaries (an epoch's top, before its first
+step, every round of a hold) agree at once, after the pipelined one has come in: every rank
+takes each boundary the same way, so their collectives pair up.
+
 A gradient-accumulation window is one unit for ending: after a step whose gradients wait for
 a later update, ``decide(window_open=True)`` holds a stop or a cancellation until the step that
 updates, since no checkpoint holds those gradients (a run resumed from one taken inside the
@@ -31,6 +39,8 @@ from collections.abc import Callable, Iterator, Sequence
 from asynchat._events import LoopStatus
 
 Agree = Callable[[Sequence[bool]], Sequence[bool]]
+# Starts an agreement; returns what waits for its result.
+AgreeLater = Callable[[Sequence[bool]], Callable[[], Sequence[bool]]]
 
 # Poll interval of a paused rank that must keep agreeing with its peers.
 _GROUP_PAUSE_POLL_S = 0.05
@@ -84,6 +94,8 @@ class LoopControl:
     - ``parent``: the loop this one runs inside (``run_inline``), set on the compute thread
       before the run; its cancellation cancels this loop too.
     - ``agree``: set once, before the run, by a distributed trainer; ``None`` runs alone.
+      ``agree_later`` (set with it, or None): starts one without waiting; ``_pending`` (the
+      compute thread's) waits for the one started at the last step's boundary.
     - ``agree_last``: set at an epoch's start, on the compute thread, by a distributed
       trainer whose ranks do not all know that epoch's length: agrees before each step
       whether the epoch ends with it (``with_last``); ``None`` otherwise.
@@ -107,6 +119,8 @@ class LoopControl:
         self._unpaused.set()
         self._parent: LoopControl | None = None
         self._agree: Agree | None = None
+        self.agree_later: AgreeLater | None = None
+        self._pending: Callable[[], Sequence[bool]] | None = None
         self.agree_last: Callable[[bool], bool] | None = None
         self.idle = True
 
@@ -230,14 +244,16 @@ class LoopControl:
 
     # -- the decision, on the compute thread ---------------------------------------------------
 
-    def decide(self, *, window_open: bool = False) -> Decision:
+    def decide(self, *, window_open: bool = False, lagged: bool = False) -> Decision:
         """The loop's decision at a boundary: agreed with the peers, and after any pause.
         ``window_open``: the last step left gradients for a later update; a stop or a
-        cancellation (not a forced one) then waits for the step that updates."""
+        cancellation (not a forced one) then waits for the step that updates. ``lagged``
+        (after a step): with ``agree_later``, decide on the agreement started at the last
+        boundary and start this one's (see the module's doc)."""
         if self.idle:  # the common case, after every step: a loop alone, asked nothing
             self.holding = False
             return Decision.CONTINUE
-        stop, cancel, pause, forced = self._agreed()
+        stop, cancel, pause, forced = self._agreed(lagged=lagged)
         if pause and not (stop or cancel):
             stop, cancel, forced = self._hold()
         self.holding = window_open and not forced and (stop or cancel)
@@ -263,12 +279,25 @@ class LoopControl:
     def _local(self) -> tuple[bool, bool, bool, bool]:
         return self.stop_requested, self._ending(), not self._unpaused.is_set(), self.forcing()
 
-    def _agreed(self) -> tuple[bool, bool, bool, bool]:
+    def _agreed(self, *, lagged: bool = False) -> tuple[bool, bool, bool, bool]:
         flags = self._local()
         if self.agree is None:
             return flags
-        stop, cancel, pause, forced = self.agree(flags)
+        earlier = self.settle()
+        if lagged and self.agree_later is not None:
+            self._pending = self.agree_later(flags)
+            agreed = earlier if earlier is not None else (False,) * len(flags)
+        else:
+            agreed = self.agree(flags)
+        stop, cancel, pause, forced = agreed
         return bool(stop), bool(cancel), bool(pause), bool(forced)
+
+    def settle(self) -> Sequence[bool] | None:
+        """Wait for the agreement started at the last step's boundary, if one is pending,
+        and return it; at a run's end too, so it leaves no collective behind (on the compute
+        thread)."""
+        pending, self._pending = self._pending, None
+        return pending() if pending is not None else None
 
     def _hold(self) -> tuple[bool, bool, bool]:
         """Wait while paused (here or, agreed, on any rank); return (stop, cancel, forced)

@@ -43,6 +43,18 @@ class RankGroup:
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in values.tolist()]
 
+    def agree_later(self, flags: Sequence[bool]) -> Callable[[], list[bool]]:
+        """:meth:`agree`, started now; what it returns waits for the result."""
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        assert work is not None  # (async_op=True)
+
+        def result() -> list[bool]:
+            work.wait()
+            return [bool(v) for v in values.tolist()]
+
+        return result
+
     def any(self, flag: bool) -> bool:
         return self.agree([flag])[0]
 

@@ -121,7 +121,9 @@ class LoopRun:
             try:
                 self.hooks.run_phase(Phase.ON_LOOP_BEGIN)
                 self._run_epochs(resume)
-            except JobCancelled:
+                self.control.settle()  # the last step's agreement: every rank started it
+            except JobCancelled:  # (agreed at a boundary: every rank started the last one)
+                self.control.settle()
                 raise
             except BaseException as exc:
                 self.state.exception = exc
@@ -209,11 +211,12 @@ class LoopRun:
             stacklevel=2,
         )
 
-    def _decide(self, *, window_open: bool = False) -> Decision:
-        """The decision at a boundary (agreed by all ranks in a distributed run); a
-        cancellation of this loop raises JobCancelled. Inside an accumulation window
-        (``window_open``) only a forced exit ends the loop."""
-        decision = self.control.decide(window_open=window_open)
+    def _decide(self, *, window_open: bool = False, lagged: bool = False) -> Decision:
+        """The decision at a boundary (agreed by all ranks in a distributed run; ``lagged``,
+        after a step: perhaps on the agreement of the boundary before, see
+        ``asynchat._control``); a cancellation of this loop raises JobCancelled. Inside an
+        accumulation window (``window_open``) only a forced exit ends the loop."""
+        decision = self.control.decide(window_open=window_open, lagged=lagged)
         if self.control.holding and not self.held_to_update:
             self.held_to_update = True
             _LOG.warning(
@@ -290,7 +293,7 @@ class LoopRun:
             epoch.steps += 1
             epoch.ran_out = ends_data
             if not control.idle:  # (idle: alone and asked nothing, the boundary is a no-op)
-                epoch.decision = self._decide(window_open=state.accumulating)
+                epoch.decision = self._decide(window_open=state.accumulating, lagged=True)
                 if epoch.decision is not Decision.CONTINUE:
                     return
             waiting_since = time.perf_counter()

@@ -38,9 +38,9 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
 
     As in :class:`DistributedDataParallelTrainer`: the DataLoader is re-sharded with a
     ``DistributedSampler``; ``stop()``, ``pause()`` and cancellation are agreed by every rank
-    at each boundary; files are written on rank 0. Gradient accumulation neither reduces
-    nor reshards between micro-batches (the processor's ``no_sync``). ``state.model`` and
-    ``trainer.model`` are the sharded module.
+    at each boundary (``control_lag`` as there); files are written on rank 0. Gradient
+    accumulation neither reduces nor reshards between micro-batches (the processor's
+    ``no_sync``). ``state.model`` and ``trainer.model`` are the sharded module.
 
     Checkpoints: :class:`~asynchat.callbacks.Checkpoint` works unchanged, and writes a
     directory ``step-<global_step>.dcp`` per checkpoint with ``torch.distributed.checkpoint``:
@@ -73,6 +73,7 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         resume_from: str | os.PathLike[str] | None = None,
         shard: ShardPolicy | None = None,
         mixed_precision: Literal["bf16"] | None = None,
+        control_lag: int = 0,
     ) -> None:
         factories = optimizer.values() if isinstance(optimizer, Mapping) else [optimizer]
         if any(isinstance(f, torch.optim.Optimizer) for f in factories):
@@ -88,7 +89,7 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         super().__init__(
             model, data_loader, optimizer, batch_processor=batch_processor, loss_fn=loss_fn,
             device=device, num_epochs=num_epochs, num_steps=num_steps, callbacks=callbacks,
-            prefetch=prefetch, name=name, resume_from=resume_from,
+            prefetch=prefetch, name=name, resume_from=resume_from, control_lag=control_lag,
         )  # fmt: skip
         # Sharded checkpoints' collectives run on DCP's writer thread while steps run FSDP's
         # on the default group: a group of their own (gloo: DCP's async save needs a CPU

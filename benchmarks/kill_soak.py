@@ -18,7 +18,8 @@ With ``--ranks 2`` each trial is a DistributedDataParallelTrainer over that many
 step, the launcher ends the others, and the job is resumed from its directory; every rank's
 weights, metrics (each rank's own too: a MetricUpdater's and a LossMonitor's states are
 kept per rank), learning rates, EMA and global step must equal the straight run's (no
-loggers here); in half the trials the ranks' data are uneven (rank 1 has more batches).
+loggers here); in half the trials the ranks' data are uneven (rank 1 has more batches), and
+in half the trainers agree pipelined (``control_lag=1``).
 
 Run: python benchmarks/kill_soak.py [--trials 30] [--seed 0] [--ranks 2]
 """
@@ -146,6 +147,9 @@ def main() -> None:
         data = random.Random(f"{args.seed}-{n}-data")  # drawn apart: a seed's rest is as before
         streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
         config = dataclasses.replace(config, streamed=streamed, uneven=uneven)
+        if args.ranks > 1:  # (drawn apart, as above)
+            lag = random.Random(f"{args.seed}-{n}-lag").random() < 0.5
+            config = dataclasses.replace(config, control_lag=int(lag))
         if streamed:
             config = dataclasses.replace(config, workers=False)
         steps = soak.STEPS_PER_EPOCH * config.epochs // args.ranks

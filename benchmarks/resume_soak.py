@@ -19,7 +19,9 @@ FullyShardedDataParallelTrainer) over that many gloo ranks (started with ``launc
 cancellation cancels rank 0 alone, and the others end with it), and every rank's outcome is
 compared, each rank's own metrics too (a MetricUpdater's and a LossMonitor's states are kept
 per rank); in half the trials the ranks' data are uneven (rank 1 has more batches: every
-rank runs as many as rank 0, agreed each epoch, or before each step for streamed data).
+rank runs as many as rank 0, agreed each epoch, or before each step for streamed data), and
+in half the trainers agree on stops and pauses pipelined (``control_lag=1``: a stop or a
+cancellation ends every rank a step later).
 
 Run: python benchmarks/resume_soak.py [--trials 100] [--seed 0] [--ranks 2 [--kind fsdp]]
 """
@@ -68,6 +70,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "validation on the EMA": lambda c, i: c.validate_ema,
     "streamed data (no len())": lambda c, i: c.streamed,
     "uneven data over the ranks": lambda c, i: c.uneven,
+    "control_lag=1": lambda c, i: c.control_lag == 1,
 }
 
 
@@ -95,6 +98,9 @@ def main() -> None:
         data = random.Random(f"{args.seed}-{n}-data")  # (drawn apart, as above)
         streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
         config = dataclasses.replace(config, streamed=streamed, uneven=uneven)
+        if args.ranks > 1:  # (drawn apart, as above)
+            lag = random.Random(f"{args.seed}-{n}-lag").random() < 0.5
+            config = dataclasses.replace(config, control_lag=int(lag))
         if args.ranks > 1 or streamed:
             config = dataclasses.replace(config, workers=False)
         interruptions = draw_interruptions(config, rng)

@@ -1,14 +1,16 @@
-"""What agreeing an epoch's end costs a DDP step when the data has no ``len()``.
+"""What the ranks' agreements cost a DDP step: each step's boundary, and each epoch's end
+when the data has no ``len()``.
 
 Two gloo ranks train a small MLP (16-32-4, batch 8, one torch thread each) for ``--steps``
 steps of one epoch, under ``asynchat.launch``, on the same batches given three ways: a
 list (its length is known: the ranks agree the epoch's length once, at its start), a
 DataLoader over an ``IterableDataset`` (no length: before each step the ranks agree whether
 the epoch ends there, one more CPU all-reduce a step), and the same with rank 1 holding
-more batches than rank 0 (every rank stops with rank 0); and, as the floor, a hand-written
-DDP loop over the list (``hand``: no agreement at all). Each rank times ``fit()`` (or its
-loop); rank 0 reports ms per step. Rounds alternate the kinds; the table gives medians and
-the ratio to the known-length baseline measured in the same run.
+more batches than rank 0 (every rank stops with rank 0); the list again with
+``control_lag=1`` (``known-lag1``: the boundary agreement pipelined); and, as the floor, a
+hand-written DDP loop over the list (``hand``: no agreement at all). Each rank times
+``fit()`` (or its loop); rank 0 reports ms per step. Rounds alternate the kinds; the table
+gives medians and the ratio to the known-length baseline measured in the same run.
 
 Run: OMP_WAIT_POLICY=PASSIVE python benchmarks/uneven_data.py [--steps 600] [--rounds 3]
 """
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from asynchat import DistributedDataParallelTrainer, launch
 
 BATCH = 8
-KINDS = ("known", "no-len", "no-len-uneven", "hand")
+KINDS = ("known", "known-lag1", "no-len", "no-len-uneven", "hand")
 
 
 class Stream(IterableDataset[Any]):
@@ -51,7 +53,7 @@ async def train(rank: int, world_size: int, kind: str, steps: int, out: str) -> 
     torch.manual_seed(0)
     count = steps + (steps // 4 if kind == "no-len-uneven" and rank == 1 else 0)
     samples = TensorDataset(torch.randn(BATCH * count, 16), torch.randint(0, 4, (BATCH * count,)))
-    listed = kind in ("known", "hand")
+    listed = kind in ("known", "known-lag1", "hand")
     data: Any = list(DataLoader(samples, BATCH)) if listed else DataLoader(Stream(samples), BATCH)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     if kind == "hand":
@@ -62,6 +64,7 @@ async def train(rank: int, world_size: int, kind: str, steps: int, out: str) -> 
     trainer = DistributedDataParallelTrainer(
         model, data, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         loss_fn=nn.CrossEntropyLoss(), num_epochs=1, device="cpu",
+        control_lag=1 if kind == "known-lag1" else 0,
     )  # fmt: skip
     start = time.perf_counter()
     with warnings.catch_warnings():

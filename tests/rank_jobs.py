@@ -85,6 +85,7 @@ async def ddp_train(
     checkpoints: str = "",
     resume: bool = False,
     accumulate: int = 1,
+    control_lag: int = 0,
 ) -> None:
     from asynchat import BasicBatchProcessor, Callback, DistributedDataParallelTrainer, LoopState
     from asynchat.callbacks import Checkpoint
@@ -109,6 +110,7 @@ async def ddp_train(
         device="cpu",
         callbacks=callbacks,
         resume_from=checkpoints if resume else None,
+        control_lag=control_lag,
     )
     state = await trainer.fit()
     torch.save(
@@ -171,8 +173,11 @@ async def plateau_schedule(rank: int, world_size: int, out: str, monitor: str) -
     )
 
 
-async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str) -> None:
-    """Rank 0 alone is cancelled at the step a Validation is due; both must end there."""
+async def cancel_rank_zero_at_a_validation(
+    rank: int, world_size: int, out: str, control_lag: int = 0
+) -> None:
+    """Rank 0 alone is cancelled at the step a Validation is due; both must end there (a
+    step later with ``control_lag=1``)."""
     from asynchat import Callback, LoopState
     from asynchat.callbacks import Validation
 
@@ -187,6 +192,7 @@ async def cancel_rank_zero_at_a_validation(rank: int, world_size: int, out: str)
     cancel = CancelRankZero()
     trainer = plain_ddp_trainer(
         num_epochs=1,
+        control_lag=control_lag,
         callbacks=[
             cancel,
             Validation(
@@ -653,8 +659,11 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
     await trainer.fit()
 
 
-async def ddp_control(rank: int, world_size: int, out: str, scenario: str) -> None:
-    """Control on one rank of two: ``pause`` (rank 0 pauses 1 s after step 3),
+async def ddp_control(
+    rank: int, world_size: int, out: str, scenario: str, control_lag: int = 0
+) -> None:
+    """Control on one rank of two (the trainer's ``control_lag`` as given): ``pause`` (rank 0
+    pauses 1 s after step 3),
     ``stop-at-epoch-end`` (rank 0 stops during its first on_epoch_end), ``freeze`` (the first
     layer frozen by its unwrapped name), ``predictor`` (a Predictor's rank under launch)."""
     import threading
@@ -687,7 +696,7 @@ async def ddp_control(rank: int, world_size: int, out: str, scenario: str) -> No
     trainer = DistributedDataParallelTrainer(
         ddp_model(), loader, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=3, device="cpu", callbacks=callbacks,
-        find_unused_parameters=scenario == "freeze",
+        find_unused_parameters=scenario == "freeze", control_lag=control_lag,
     )  # fmt: skip
     started = trainer.snapshot()
     assert started.status.value == "created"

@@ -53,13 +53,16 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumul
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("accumulate", "ends_at"), [(1, 3), (2, 4)], ids=["every-step", "accumulate-2"]
+    ("accumulate", "lag", "ends_at"),
+    [(1, 0, 3), (2, 0, 4), (1, 1, 4), (2, 1, 4)],
+    ids=["every-step", "accumulate-2", "every-step-lag-1", "accumulate-2-lag-1"],
 )
 def test_stop_on_rank_zero_stops_every_rank_after_the_same_step(
-    tmp_path: Path, accumulate: int, ends_at: int
+    tmp_path: Path, accumulate: int, lag: int, ends_at: int
 ) -> None:
-    # With accumulation, every rank goes on to the window's update (after global step 4).
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), 3, "", False, accumulate))
+    # With accumulation, every rank goes on to the window's update (after global step 4);
+    # with control_lag=1 every rank ends a step after the one the stop was asked in.
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), 3, "", False, accumulate, lag))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["global_step"] for r in ranks] == [ends_at, ends_at]
     assert ranks[0]["stop_reason"] == "rank 0 had enough"
@@ -72,8 +75,9 @@ def test_stop_on_rank_zero_stops_every_rank_after_the_same_step(
     [(1, 3, [3]), (2, 5, [4, 6])],
     ids=["every-step", "accumulate-2"],
 )
+@pytest.mark.parametrize("lag", [0, 1], ids=["", "lag-1"])
 def test_resume_across_the_same_world_size(
-    tmp_path: Path, accumulate: int, stop_at: int, saved: list[int]
+    tmp_path: Path, accumulate: int, stop_at: int, saved: list[int], lag: int
 ) -> None:
     # Checkpoints every 3 steps; with accumulation each is saved at its window's end (4, 6),
     # and the stop at 5 waits for the update after 6.
@@ -81,11 +85,11 @@ def test_resume_across_the_same_world_size(
     for directory in (straight, first, resumed):
         directory.mkdir()
     checkpoints = str(tmp_path / "checkpoints")
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(straight), -1, "", False, accumulate))
-    launch(
-        rank_jobs.ddp_train, nprocs=2, args=(str(first), stop_at, checkpoints, False, accumulate)
-    )
-    launch(rank_jobs.ddp_train, nprocs=2, args=(str(resumed), -1, checkpoints, True, accumulate))
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(straight), -1, "", False, accumulate, lag))
+    launch(rank_jobs.ddp_train, nprocs=2,
+           args=(str(first), stop_at, checkpoints, False, accumulate, lag))  # fmt: skip
+    launch(rank_jobs.ddp_train, nprocs=2,
+           args=(str(resumed), -1, checkpoints, True, accumulate, lag))  # fmt: skip
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("*.ckpt"))] == [
         f"step-{step:09d}.ckpt" for step in saved
     ], "rank 0 alone wrote the checkpoints"
@@ -152,19 +156,21 @@ def test_two_distributed_trainers_of_a_process_run_one_at_a_time(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_a_rank_cancelled_at_a_validation_ends_with_the_others(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lag", [0, 1], ids=["", "lag-1"])
+def test_a_rank_cancelled_at_a_validation_ends_with_the_others(tmp_path: Path, lag: int) -> None:
     # Rank 0's validation was cut short by its own cancellation while rank 1's went on
     # into the loss's all-reduce: the two ranks' collectives no longer matched, and the job
     # failed on a gloo timeout. The validation is part of the step: it runs to its end.
     launch(
-        rank_jobs.cancel_rank_zero_at_a_validation, nprocs=2, args=(str(tmp_path),),
+        rank_jobs.cancel_rank_zero_at_a_validation, nprocs=2, args=(str(tmp_path), lag),
         collective_timeout=timedelta(seconds=30),
     )  # fmt: skip
     ends = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ends[0] == ["cancelled", 2, 2, "cancelled"]
-    # Both validated at step 2 and ended there; rank 1 says why (its stop_reason was None,
-    # and a monitor's end-of-run warning took the run for one that went to its end).
-    assert ends[1][1:] == [2, 2, "cancelled on another rank"]
+    assert ends[0] == ["cancelled", 2 + lag, 2, "cancelled"]
+    # Both validated at step 2 and ended there (with control_lag=1 a step later); rank 1
+    # says why (its stop_reason was None, and a monitor's end-of-run warning took the run
+    # for one that went to its end).
+    assert ends[1][1:] == [2 + lag, 2, "cancelled on another rank"]
 
 
 @pytest.mark.slow
@@ -428,6 +434,15 @@ def test_sync_batchnorm_needs_cuda() -> None:
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("lag", [2, -1, True, 0.5])
+def test_control_lag_is_0_or_1(lag: Any) -> None:
+    with pytest.raises(ValueError, match=rf"control_lag must be 0 or 1, got {lag!r}"):
+        DistributedDataParallelTrainer(
+            nn.Linear(2, 2), [], lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=nn.MSELoss(), num_epochs=1, control_lag=lag,
+        )  # fmt: skip
+
+
 def test_needs_a_process_group() -> None:
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         DistributedDataParallelTrainer(
@@ -436,14 +451,15 @@ def test_needs_a_process_group() -> None:
         )  # fmt: skip
 
 
-def control_results(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
-    launch(rank_jobs.ddp_control, nprocs=2, args=(str(tmp_path), scenario),
+def control_results(tmp_path: Path, scenario: str, lag: int = 0) -> list[dict[str, Any]]:
+    launch(rank_jobs.ddp_control, nprocs=2, args=(str(tmp_path), scenario, lag),
            collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-def test_pausing_one_rank_holds_every_rank_and_both_finish_equal(tmp_path: Path) -> None:
-    results = control_results(tmp_path, "pause")
+@pytest.mark.parametrize("lag", [0, 1], ids=["", "lag-1"])
+def test_pausing_one_rank_holds_every_rank_and_both_finish_equal(tmp_path: Path, lag: int) -> None:
+    results = control_results(tmp_path, "pause", lag)
     assert [r["global_step"] for r in results] == [12, 12]  # 3 epochs of 4 steps each
     for a, b in zip(results[0]["model"].values(), results[1]["model"].values(), strict=True):
         assert torch.equal(a, b)
@@ -451,10 +467,12 @@ def test_pausing_one_rank_holds_every_rank_and_both_finish_equal(tmp_path: Path)
         assert "paused" in r["statuses"] and r["statuses"][-1] == "finished"
 
 
+@pytest.mark.parametrize("lag", [0, 1], ids=["", "lag-1"])
 def test_a_stop_during_one_ranks_on_epoch_end_ends_every_rank_after_the_same_step(
-    tmp_path: Path,
+    tmp_path: Path, lag: int
 ) -> None:
-    results = control_results(tmp_path, "stop-at-epoch-end")
+    # The epoch's boundary agrees at once, with control_lag=1 too: no step of the next.
+    results = control_results(tmp_path, "stop-at-epoch-end", lag)
     assert [r["global_step"] for r in results] == [4, 4]
     assert results[0]["stop_reason"] == "rank 0 decided at the epoch's end"
     assert results[1]["stop_reason"] == "stopped on another rank"

@@ -120,6 +120,7 @@ class Config:
     persistent_workers: bool = False  # with workers: DataLoader(persistent_workers=True)
     streamed: bool = False  # an IterableDataset (no len()): each epoch's end is found by reading
     uneven: bool = False  # over several ranks: rank r has 16 * r more samples than rank 0
+    control_lag: int = 0  # over several ranks: the trainer's (1: the agreement pipelined)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -400,8 +401,9 @@ async def rank_run(
 
     def run(*extra: Callback, resume: bool) -> Trainer:
         return trainer(
-            config, Path(directory), *extra, resume=resume, kind=KINDS[kind], device="cpu"
-        )
+            config, Path(directory), *extra, resume=resume, kind=KINDS[kind], device="cpu",
+            control_lag=config.control_lag,
+        )  # fmt: skip
 
     with warnings.catch_warnings(record=True) as heard:
         warnings.simplefilter("always")
@@ -452,7 +454,10 @@ async def rank_killed(
 ) -> None:  # fmt: skip
     """One rank of a run whose rank ``victim`` is SIGKILLed by ``kill``."""
     extra = [kill] if rank == victim else []
-    await trainer(config, Path(directory), *extra, kind=KINDS[kind], device="cpu").fit()
+    await trainer(
+        config, Path(directory), *extra, kind=KINDS[kind], device="cpu",
+        control_lag=config.control_lag,
+    ).fit()  # fmt: skip
 
 
 def distributed_kill_trial(
@@ -522,16 +527,19 @@ def test_ranks_cancelled_at_an_epochs_end_resume_to_the_uninterrupted_run(
     assert distributed_trial(config, interruptions, tmp_path, 2, kind) == []
 
 
-@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize(
+    ("streamed", "lag"), [(False, 0), (True, 0), (True, 1)], ids=["", "streamed", "streamed-lag-1"]
+)
 def test_ranks_with_uneven_data_resume_to_the_uninterrupted_run(
-    tmp_path: Path, streamed: bool
+    tmp_path: Path, streamed: bool, lag: int
 ) -> None:
     # Rank 1 has 4 batches an epoch, rank 0 has 3: every rank runs 3, agreed at each epoch's
     # start (known lengths) or before each step (streamed), in the interrupted and resumed
-    # runs as in the straight one.
+    # runs as in the straight one; with control_lag=1 too (a stop or cancellation then
+    # ends the runs a step later).
     config = Config(
         accumulate=2, validate_every=2, schedule="step", checkpoint_every=2,
-        train_metrics_every=2, streamed=streamed, uneven=True,
+        train_metrics_every=2, streamed=streamed, uneven=True, control_lag=lag,
     )  # fmt: skip
     interruptions: list[Interruption] = [("stop", 2), ("cancel", 4)]
     assert distributed_trial(config, interruptions, tmp_path, 2, "ddp") == []
