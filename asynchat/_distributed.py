@@ -95,11 +95,9 @@ class DistributedDataParallelTrainer(Trainer):
         )  # fmt: skip
         self.find_unused_parameters = find_unused_parameters
         self._several_models = several_models
-        self._span_ranks(sharded_model=self.shards_state)  # every rank builds it in step
         self.control_lag = control_lag
-        if control_lag:
-            assert self._ranks is not None
-            self._control.agree_later = self._ranks.agree_later
+        # Every rank builds its trainer at the same point.
+        self._span_ranks(sharded_model=self.shards_state, pipelined=control_lag == 1)
 
     def _configure(self) -> None:
         super()._configure()

@@ -162,11 +162,13 @@ class LoopBase(PipeBase):
         self._inline_parent: LoopBase | None = None  # the loop run_inline runs this one in
         self._ranks: RankGroup | None = None  # set by _span_ranks
 
-    def _span_ranks(self, *, sharded_model: bool) -> None:
+    def _span_ranks(self, *, sharded_model: bool, pipelined: bool = False) -> None:
         """Make this loop one rank of a job whose ranks act together; every rank calls it at
         the same point (as it builds the loop, or starts it). ``sharded_model``: its model's
-        forward is a collective, so loops run inline in it step together too."""
+        forward is a collective, so loops run inline in it step together too.
+        ``pipelined``: the agreement after a step is pipelined (``control_lag=1``)."""
         self._ranks = RankGroup(sharded_model=sharded_model)
+        self._control.agree_later = self._ranks.agree_later if pipelined else None
         self._control.agree = self._ranks.agree
 
     def __repr__(self) -> str:
