@@ -6,6 +6,7 @@ import json
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rank_jobs
@@ -118,14 +119,19 @@ def test_validation_of_a_sharded_model_on_uneven_data_runs_as_many_steps_on_ever
         assert warned[0] == [] and "rank 1's data had more batches" in warned[1][0]
 
 
+def sharded_predictor_results(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
+    """What each rank of ``rank_jobs.sharded_predictor`` wrote for ``scenario``."""
+    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), scenario),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def test_a_predictor_over_a_sharded_model_stops_on_every_rank_when_one_stops(
     tmp_path: Path,
 ) -> None:
     # Rank 1 ended after 2 batches while rank 0 gathered the parameters for its third,
     # alone, until the collective timeout.
-    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), "stop"),
-           collective_timeout=timedelta(seconds=20))  # fmt: skip
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = sharded_predictor_results(tmp_path, "stop")
     assert [r["batches"] for r in ranks] == [2, 2]
     assert [r["stop_reason"] for r in ranks] == ["stopped on another rank", "enough"]
     assert [r["status"] for r in ranks] == ["finished", "finished"]
@@ -134,9 +140,7 @@ def test_a_predictor_over_a_sharded_model_stops_on_every_rank_when_one_stops(
 def test_a_stream_closed_on_one_rank_ends_every_ranks_stream_of_a_sharded_model(
     tmp_path: Path,
 ) -> None:
-    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), "stream"),
-           collective_timeout=timedelta(seconds=20))  # fmt: skip
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = sharded_predictor_results(tmp_path, "stream")
     # The predictor runs ahead of the reader (by its buffer and the step in progress): both
     # ranks run as many batches, fewer than the 6 each has.
     assert ranks[0]["batches"] == ranks[1]["batches"] < 6
@@ -147,9 +151,7 @@ def test_a_stream_closed_on_one_rank_ends_every_ranks_stream_of_a_sharded_model(
 def test_a_predictor_over_a_sharded_model_is_refused_with_callbacks_unlike(
     tmp_path: Path,
 ) -> None:
-    launch(rank_jobs.sharded_predictor, nprocs=2, args=(str(tmp_path), "unlike"),
-           collective_timeout=timedelta(seconds=20))  # fmt: skip
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = sharded_predictor_results(tmp_path, "unlike")
     assert [r["batches"] for r in ranks] == [0, 0]
     for r in ranks:
         assert "callbacks must be alike on every rank of a Predictor" in r["error"]
