@@ -18,6 +18,12 @@ holds every rank one step later. The other boundaries (an epoch's top, before it
 step, every round of a hold) agree at once, after the pipelined one has come in: every rank
 takes each boundary the same way, so their collectives pair up.
 
+Data without a ``len()`` on some rank has its epoch's end agreed before each step (whether
+the item read ahead exists anywhere: ``agree_last``). That agreement carries the boundary's
+requests too (:meth:`LoopControl.agree_with`: ``[stop, cancel, pause, forced, ended]`` in
+one all-reduce), and the step loop decides on them (``decide(carried=True)``) instead of
+agreeing again after the step: one collective a step, not two.
+
 A gradient-accumulation window is one unit for ending: after a step whose gradients wait for
 a later update, ``decide(window_open=True)`` holds a stop or a cancellation until the step that
 updates, since no checkpoint holds those gradients (a run resumed from one taken inside the
@@ -99,6 +105,8 @@ class LoopControl:
     - ``agree_last``: set at an epoch's start, on the compute thread, by a distributed
       trainer whose ranks do not all know that epoch's length: agrees before each step
       whether the epoch ends with it (``with_last``); ``None`` otherwise.
+    - ``carried``: the boundary's requests as :meth:`agree_with` agreed them last (compute
+      thread), for the next ``decide(carried=True)``; any other decision drops them.
     - ``idle``: whether a boundary is a no-op (a loop alone, not paused, asked nothing); kept
       by every change of the fields it depends on, read by the step loop after each step.
 
@@ -122,6 +130,7 @@ class LoopControl:
         self.agree_later: AgreeLater | None = None
         self._pending: Callable[[], Sequence[bool]] | None = None
         self.agree_last: Callable[[bool], bool] | None = None
+        self.carried: tuple[bool, bool, bool, bool] | None = None
         self.idle = True
 
     @property
@@ -244,16 +253,19 @@ class LoopControl:
 
     # -- the decision, on the compute thread ---------------------------------------------------
 
-    def decide(self, *, window_open: bool = False, lagged: bool = False) -> Decision:
+    def decide(
+        self, *, window_open: bool = False, lagged: bool = False, carried: bool = False
+    ) -> Decision:
         """The loop's decision at a boundary: agreed with the peers, and after any pause.
         ``window_open``: the last step left gradients for a later update; a stop or a
         cancellation (not a forced one) then waits for the step that updates. ``lagged``
         (after a step): with ``agree_later``, decide on the agreement started at the last
-        boundary and start this one's (see the module's doc)."""
+        boundary and start this one's (see the module's doc). ``carried``: decide on what
+        :meth:`agree_with` agreed (no collective)."""
         if self.idle:  # the common case, after every step: a loop alone, asked nothing
             self.holding = False
             return Decision.CONTINUE
-        stop, cancel, pause, forced = self._agreed(lagged=lagged)
+        stop, cancel, pause, forced = self._agreed(lagged=lagged, carried=carried)
         if pause and not (stop or cancel):
             stop, cancel, forced = self._hold()
         self.holding = window_open and not forced and (stop or cancel)
@@ -279,7 +291,12 @@ class LoopControl:
     def _local(self) -> tuple[bool, bool, bool, bool]:
         return self.stop_requested, self._ending(), not self._unpaused.is_set(), self.forcing()
 
-    def _agreed(self, *, lagged: bool = False) -> tuple[bool, bool, bool, bool]:
+    def _agreed(
+        self, *, lagged: bool = False, carried: bool = False
+    ) -> tuple[bool, bool, bool, bool]:
+        agreed_with, self.carried = self.carried, None
+        if carried and agreed_with is not None:
+            return agreed_with
         flags = self._local()
         if self.agree is None:
             return flags
@@ -291,6 +308,18 @@ class LoopControl:
             agreed = self.agree(flags)
         stop, cancel, pause, forced = agreed
         return bool(stop), bool(cancel), bool(pause), bool(forced)
+
+    def agree_with(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any rank, agreed in one all-reduce with this
+        boundary's requests, which are kept (``carried``) for the next
+        ``decide(carried=True)``: the step loop's data says whether the epoch ends, and the
+        boundary before the step costs no collective of its own (every rank calls this at
+        the same point)."""
+        assert self.agree is not None, "only a loop that agrees with its peers"
+        self.settle()
+        stop, cancel, pause, forced, agreed = self.agree((*self._local(), flag))
+        self.carried = bool(stop), bool(cancel), bool(pause), bool(forced)
+        return bool(agreed)
 
     def settle(self) -> Sequence[bool] | None:
         """Wait for the agreement started at the last step's boundary, if one is pending,

@@ -103,7 +103,10 @@ class RankGroup:
         dist.all_gather_object(lengths, data_length(data_loader), group=self.group)
         if None in lengths:  # told as it happens: agreed before each step
             if control.agree_last is None:
-                control.agree_last = _LastAgreed(state, self.any)
+                # A loop of its own ranks agrees its boundary's requests in the same
+                # all-reduce; one run inline in it (the parent decides) only the end.
+                any_rank = self.any if control.agree is None else control.agree_with
+                control.agree_last = _LastAgreed(state, any_rank)
             return None
         control.agree_last = None
         known = [length for length in lengths if length is not None]  # (all of them)

@@ -211,12 +211,15 @@ class LoopRun:
             stacklevel=2,
         )
 
-    def _decide(self, *, window_open: bool = False, lagged: bool = False) -> Decision:
+    def _decide(
+        self, *, window_open: bool = False, lagged: bool = False, carried: bool = False
+    ) -> Decision:
         """The decision at a boundary (agreed by all ranks in a distributed run; ``lagged``,
-        after a step: perhaps on the agreement of the boundary before, see
-        ``asynchat._control``); a cancellation of this loop raises JobCancelled. Inside an
-        accumulation window (``window_open``) only a forced exit ends the loop."""
-        decision = self.control.decide(window_open=window_open, lagged=lagged)
+        after a step: perhaps on the agreement of the boundary before; ``carried``: on the
+        one made with the next item's read, see ``asynchat._control``); a cancellation of
+        this loop raises JobCancelled. Inside an accumulation window (``window_open``) only
+        a forced exit ends the loop."""
+        decision = self.control.decide(window_open=window_open, lagged=lagged, carried=carried)
         if self.control.holding and not self.held_to_update:
             self.held_to_update = True
             _LOG.warning(
@@ -282,6 +285,10 @@ class LoopRun:
         length = None if length is None else max(0, length - epoch.skip)
         waiting_since = time.perf_counter()
         for item, is_last, ends_data in with_last(batches, limit, length, control.agree_last):
+            if control.carried is not None:  # the boundary, agreed as the item was read
+                epoch.decision = self._decide(window_open=state.accumulating, carried=True)
+                if epoch.decision is not Decision.CONTINUE:
+                    return
             state.data_time = time.perf_counter() - waiting_since
             state.step = epoch.skip + epoch.steps
             state.is_last_step = is_last
@@ -292,7 +299,9 @@ class LoopRun:
             self._run_step()
             epoch.steps += 1
             epoch.ran_out = ends_data
-            if not control.idle:  # (idle: alone and asked nothing, the boundary is a no-op)
+            # (idle: alone and asked nothing, the boundary is a no-op; agree_last agrees it
+            # with the next item's read, unless this step was the last)
+            if not control.idle and (control.agree_last is None or is_last):
                 epoch.decision = self._decide(window_open=state.accumulating, lagged=True)
                 if epoch.decision is not Decision.CONTINUE:
                     return

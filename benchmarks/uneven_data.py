@@ -2,11 +2,13 @@
 when the data has no ``len()``.
 
 Two gloo ranks train a small MLP (16-32-4, batch 8, one torch thread each) for ``--steps``
-steps of one epoch, under ``asynchat.launch``, on the same batches given three ways: a
+steps of one epoch, under ``asynchat.launch``, on the same batches given several ways: a
 list (its length is known: the ranks agree the epoch's length once, at its start), a
-DataLoader over an ``IterableDataset`` (no length: before each step the ranks agree whether
-the epoch ends there, one more CPU all-reduce a step), and the same with rank 1 holding
-more batches than rank 0 (every rank stops with rank 0); the list again with
+DataLoader over a map-style dataset (``loader``: its length known, each batch collated as
+it is read, the trainer shards it with a DistributedSampler), a DataLoader over an
+``IterableDataset`` (no length: before each step the ranks agree whether the epoch ends
+there, in the all-reduce that agrees the step's boundary), and the same with rank 1
+holding more batches than rank 0 (every rank stops with rank 0); the list again with
 ``control_lag=1`` (``known-lag1``: the boundary agreement pipelined); and, as the floor, a
 hand-written DDP loop over the list (``hand``: no agreement at all). Each rank times
 ``fit()`` (or its loop); rank 0 reports ms per step. Rounds alternate the kinds; the table
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from asynchat import DistributedDataParallelTrainer, launch
 
 BATCH = 8
-KINDS = ("known", "known-lag1", "no-len", "no-len-uneven", "hand")
+KINDS = ("known", "known-lag1", "loader", "no-len", "no-len-uneven", "hand")
 
 
 class Stream(IterableDataset[Any]):
@@ -52,9 +54,11 @@ async def train(rank: int, world_size: int, kind: str, steps: int, out: str) -> 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     count = steps + (steps // 4 if kind == "no-len-uneven" and rank == 1 else 0)
+    count *= world_size if kind == "loader" else 1  # (a DistributedSampler shares it out)
     samples = TensorDataset(torch.randn(BATCH * count, 16), torch.randint(0, 4, (BATCH * count,)))
-    listed = kind in ("known", "known-lag1", "hand")
-    data: Any = list(DataLoader(samples, BATCH)) if listed else DataLoader(Stream(samples), BATCH)
+    data: Any = DataLoader(samples if kind == "loader" else Stream(samples), BATCH)
+    if kind in ("known", "known-lag1", "hand"):
+        data = list(DataLoader(samples, BATCH))
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     if kind == "hand":
         elapsed = hand_written(model, data)

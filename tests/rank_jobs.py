@@ -660,12 +660,18 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
 
 
 async def ddp_control(
-    rank: int, world_size: int, out: str, scenario: str, control_lag: int = 0
+    rank: int,
+    world_size: int,
+    out: str,
+    scenario: str,
+    control_lag: int = 0,
+    streamed: bool = False,
 ) -> None:
     """Control on one rank of two (the trainer's ``control_lag`` as given): ``pause`` (rank 0
-    pauses 1 s after step 3),
-    ``stop-at-epoch-end`` (rank 0 stops during its first on_epoch_end), ``freeze`` (the first
-    layer frozen by its unwrapped name), ``predictor`` (a Predictor's rank under launch)."""
+    pauses 1 s after step 3), ``stop-at-step`` (rank 0 stops at step 6, inside the second
+    epoch), ``stop-at-epoch-end`` (rank 0 stops during its first on_epoch_end), ``freeze``
+    (the first layer frozen by its unwrapped name), ``predictor`` (a Predictor's rank under
+    launch). ``streamed``: each rank's half of the data as an IterableDataset (no length)."""
     import threading
 
     from asynchat import Callback, DistributedDataParallelTrainer, LoopState, Predictor
@@ -683,6 +689,8 @@ async def ddp_control(
             if scenario == "pause" and rank == 0 and state.global_step == 3:
                 state.loop.pause()
                 threading.Timer(1.0, state.loop.resume).start()
+            if scenario == "stop-at-step" and rank == 0 and state.global_step == 6:
+                state.loop.stop("rank 0 had enough")
 
         def on_epoch_end(self, state: LoopState) -> None:
             if scenario == "stop-at-epoch-end" and rank == 0 and state.epoch == 0:
@@ -692,7 +700,10 @@ async def ddp_control(
     callbacks: list[Callback] = [Control()]
     if scenario == "freeze":
         callbacks.append(FreezeModule(["0"]))
-    loader = torch.utils.data.DataLoader(ddp_data(), batch_size=8)
+    samples = ddp_data()
+    if streamed:  # the rank's half, as a DistributedSampler without shuffling gives it
+        samples = torch.utils.data.TensorDataset(*(t[rank::world_size] for t in samples.tensors))
+    loader = torch.utils.data.DataLoader(Stream(samples) if streamed else samples, batch_size=8)
     trainer = DistributedDataParallelTrainer(
         ddp_model(), loader, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=3, device="cpu", callbacks=callbacks,
@@ -715,6 +726,45 @@ async def ddp_control(
          "stop_reason": state.stop_reason, "statuses": statuses},
         Path(out, f"rank{rank}.pt"),
     )  # fmt: skip
+
+
+async def agreements_a_step(rank: int, world_size: int, out: str) -> None:
+    """The all-reduces (the ranks' agreements: DDP's own gradient all-reduce is not one of
+    ``torch.distributed.all_reduce``'s calls) of DDP trainers over 4 and 10 batches a rank,
+    for each data kind (``list``: known lengths, ``stream``: no ``len()``) and control lag.
+    Writes ``{"<kind>-<lag>": [calls with 4 batches, calls with 10]}`` to ``out/rank<r>.json``."""
+    import torch.distributed as dist
+
+    from asynchat import DistributedDataParallelTrainer
+
+    calls = 0
+    all_reduce = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted  # type: ignore[assignment]
+    counts: dict[str, list[int]] = {}
+    for kind in ("list", "stream"):
+        for lag in (0, 1):
+            for batches in (4, 10):
+                samples = torch.utils.data.TensorDataset(
+                    torch.randn(8 * batches, 8), torch.randint(0, 3, (8 * batches,))
+                )
+                data: Any = torch.utils.data.DataLoader(Stream(samples), batch_size=8)
+                if kind == "list":
+                    data = list(torch.utils.data.DataLoader(samples, batch_size=8))
+                trainer = DistributedDataParallelTrainer(
+                    ddp_model(), data, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                    loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1, device="cpu",
+                    control_lag=lag,
+                )  # fmt: skip
+                before = calls
+                await trainer.fit()
+                counts.setdefault(f"{kind}-{lag}", []).append(calls - before)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(counts))
 
 
 async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:
