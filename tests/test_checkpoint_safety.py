@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState
 from asynchat._checkpoint_io import LOCK, serialize
-from asynchat.callbacks import Checkpoint, CheckpointError, CheckpointWarning, load_checkpoint
+from asynchat.callbacks import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointWarning,
+    JSONLinesLogger,
+    TensorBoardLogger,
+    load_checkpoint,
+)
 
 
 def manifest(directory: Path) -> list[dict[str, Any]]:
@@ -528,3 +536,54 @@ async def test_a_run_further_back_than_the_directory_is_refused_before_training(
     assert all(after[name] == before[name] for name in before if name != LOCK)
     resumed = run(4, resume_from=tmp_path)
     assert (await resumed.fit()).global_step == 24, "continuing it is fine"
+
+
+# -- a machine crash -------------------------------------------------------------------------
+
+
+def test_the_logs_are_on_disk_before_a_checkpoint_that_covers_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Flushed at each checkpoint, the logs stayed in the operating system's memory: after a
+    # machine crash (power, a VM stopped) the checkpoint, synced, survived and the log lines
+    # of up to its last 30 s did not, and the run resumed from it logs after its step only.
+    synced: list[tuple[Path, str]] = []
+    fsync = os.fsync
+
+    def recorded(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((path, threading.current_thread().name))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    log, tensorboard = tmp_path / "log.jsonl", tmp_path / "tb"
+    loggers = JSONLinesLogger(log, every_n_steps=1), TensorBoardLogger(tensorboard)
+    train(tmp_path / "ckpt", *loggers)
+    (events,) = (p.resolve() for p in tensorboard.glob("events.out.tfevents.*"))
+    checkpoints = [i for i, (path, _) in enumerate(synced) if path.name.startswith(".step-")]
+    assert len(checkpoints) == 3  # steps 2, 4, 6
+    since = 0
+    for at in checkpoints:  # each checkpoint's logs were synced before it was written
+        assert {log.resolve(), events} <= {path for path, _ in synced[since:at]}
+        since = at + 1
+    # On the checkpoint's writer thread, not the compute thread (a sync can take long).
+    assert {thread for path, thread in synced if path in (log.resolve(), events)} == {
+        "asynchat-checkpoint-writer"
+    }
+    assert len(log.read_text().splitlines()) == 6
+
+
+def test_a_callbacks_file_that_cannot_be_synced_costs_no_checkpoint(tmp_path: Path) -> None:
+    # Gone (removed by hand), or a FIFO (an open for reading would wait for a writer): the
+    # checkpoint is written all the same, and only what could not be synced is told of.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    class OwnFiles(Callback):
+        def on_checkpoint(self, state: LoopState) -> list[Path]:
+            return [tmp_path / "gone.log", fifo]
+
+    with pytest.warns(CheckpointWarning, match=rf"could not sync {fifo} to disk") as caught:
+        train(tmp_path / "ckpt", OwnFiles())
+    assert steps_on_disk(tmp_path / "ckpt") == [2, 4, 6]
+    assert all("gone.log" not in str(w.message) for w in caught)

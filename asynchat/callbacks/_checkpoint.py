@@ -27,6 +27,7 @@ from asynchat._checkpoint_io import (
     remove_temporaries,
     serialize,
     step_of,
+    sync_files,
     write_manifest,
 )
 from asynchat._checks import path as check_path
@@ -318,20 +319,28 @@ class Checkpoint(Callback):
                 CheckpointWarning,
                 stacklevel=2,
             )
-        if loop.is_rank_zero or loop.shards_state:  # where this save writes
-            for callback in loop.callbacks:  # their own files up to date with the snapshot
-                if callback is not self:
-                    callback.on_checkpoint(state)
+        files = self._callbacks_files(state)
         ranks = loop.gather_to_rank_zero(loop.rank_state_dict()) if loop.spans_ranks else None
         if loop.shards_state:
-            self._save_sharded(state, metric, ranks)
+            self._save_sharded(state, metric, ranks, files)
         elif loop.is_rank_zero:
             snapshot = loop.state_dict() | ({"ranks": ranks} if ranks else {})
-            self._writer.submit(functools.partial(self._write, snapshot, metric))
+            self._writer.submit(functools.partial(self._write, snapshot, metric, files))
         self._last_saved_step = state.global_step
         self._last_ranked = metric is not None
         if missing is not None:
             raise missing  # after the write is on its way: the checkpoint is not lost
+
+    def _callbacks_files(self, state: LoopState) -> list[Path]:
+        """Where this save writes: the other callbacks' ``on_checkpoint`` (their own files
+        up to date with the snapshot), and the paths they return, synced to disk on the
+        writer thread before the checkpoint is written."""
+        loop, files = state.loop, []
+        if loop.is_rank_zero or loop.shards_state:
+            for callback in loop.callbacks:
+                if callback is not self:
+                    files += [Path(f) for f in callback.on_checkpoint(state) or ()]
+        return files
 
     def _agreed(self, state: LoopState) -> tuple[float | None, CheckpointError | None] | None:
         """Rank 0's decision (:meth:`_decide`), agreed by every rank of a distributed
@@ -360,7 +369,11 @@ class Checkpoint(Callback):
         return metric, missing
 
     def _save_sharded(
-        self, state: LoopState, metric: float | None, ranks: list[dict[str, Any]] | None
+        self,
+        state: LoopState,
+        metric: float | None,
+        ranks: list[dict[str, Any]] | None,
+        files: list[Path],
     ) -> None:
         """Every rank: stage its shards now, write them on DCP's thread; rank 0 then
         commits the directory (see :mod:`asynchat._dcp`) with ``ranks``, every rank's part."""
@@ -375,7 +388,9 @@ class Checkpoint(Callback):
             written = loop.save_shards(temporary)
         except Exception as exc:
             raise CheckpointError(f"could not save sharded checkpoint {name}: {exc}") from exc
-        finish = functools.partial(self._finish_sharded, written, temporary, name, extras, metric)
+        finish = functools.partial(
+            self._finish_sharded, written, temporary, name, extras, metric, files
+        )
         self._writer.submit(finish)
 
     def _finish_sharded(
@@ -385,9 +400,12 @@ class Checkpoint(Callback):
         name: str,
         extras: dict[str, Any] | None,
         metric: float | None,
+        files: list[Path],
     ) -> None:
-        """On the writer thread: wait for this rank's shards; rank 0 then writes the rest
-        into the directory, renames it into place, writes the manifest and prunes."""
+        """On the writer thread: sync the callbacks' ``files``, wait for this rank's shards;
+        rank 0 then writes the rest into the directory, renames it into place, writes the
+        manifest and prunes."""
+        sync_files(files)
         try:
             written.result()  # DCP's coordinator (rank 0) returns once every rank's are written
         except Exception as exc:
@@ -456,8 +474,10 @@ class Checkpoint(Callback):
             )
         return None, None
 
-    def _write(self, snapshot: dict[str, Any], metric: float | None) -> None:
-        """On the writer thread: write the file, then the manifest, then prune."""
+    def _write(self, snapshot: dict[str, Any], metric: float | None, files: list[Path]) -> None:
+        """On the writer thread: sync the callbacks' ``files``, write the checkpoint, then
+        the manifest, then prune."""
+        sync_files(files)  # (their lines of the checkpoint's steps survive a machine crash)
         name = checkpoint_name(snapshot["progress"]["global_step"])
         path = self.save_dir / name
         try:

@@ -54,6 +54,11 @@ class ScalarLogger(Callback):
     def flush(self) -> None:
         """Hand what :meth:`write` wrote to the operating system (at each checkpoint)."""
 
+    def files(self) -> list[Path]:
+        """The files :meth:`write` writes, synced to disk with each checkpoint (after
+        :meth:`flush`, on the checkpoint's writer thread)."""
+        return []
+
     def close(self) -> None:
         """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
 
@@ -94,15 +99,18 @@ class ScalarLogger(Callback):
         for step in sorted(new):
             self.write(step, new[step])
 
-    def on_checkpoint(self, state: LoopState) -> None:
+    def on_checkpoint(self, state: LoopState) -> list[Path]:
         # The log holds every value of the steps the checkpoint holds: a resumed run logs
         # from the step after it, and assumes the values it restores were logged. Hooks
         # listed after this logger may have published metrics at this phase, and the last
         # losses may still be copying: waited for here, as the checkpoint's snapshot waits.
-        if self._open:
-            self._flush(wait=True)
-            self._write_new_metrics(state)
-            self.flush()
+        # The Checkpoint syncs the files to disk before it writes (a machine crash too).
+        if not self._open:
+            return []
+        self._flush(wait=True)
+        self._write_new_metrics(state)
+        self.flush()
+        return self.files()
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
@@ -149,6 +157,10 @@ class TensorBoardLogger(ScalarLogger):
     def flush(self) -> None:
         self._writer.flush()  # waits for the writer's thread to write the event file
 
+    def files(self) -> list[Path]:
+        # This run's event file and any earlier run's (synced already: costs nothing).
+        return sorted(self.log_dir.glob("events.out.tfevents.*"))
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -191,6 +203,9 @@ class JSONLinesLogger(ScalarLogger):
     def flush(self) -> None:
         assert self._file is not None
         self._file.flush()
+
+    def files(self) -> list[Path]:
+        return [self.path]
 
     def close(self) -> None:
         if self._file is not None:
