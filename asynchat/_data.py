@@ -21,11 +21,13 @@ T = TypeVar("T")
 
 
 class _SkipFirst:
-    """A sampler (or batch sampler) without its first ``count`` items: indices, not data."""
+    """A sampler (or batch sampler) without its first ``count`` items: indices, not data.
+    ``skipped`` is called once they are skipped, before the next item is handed out."""
 
-    def __init__(self, sampler: Iterable[Any], count: int) -> None:
+    def __init__(self, sampler: Iterable[Any], count: int, skipped: Callable[[], None]) -> None:
         self.sampler = sampler
         self.count = count
+        self.skipped = skipped
 
     def __iter__(self) -> Iterator[Any]:
         # A generator, so nothing is drawn before the first batch is asked for: a DataLoader
@@ -34,6 +36,9 @@ class _SkipFirst:
         indices = iter(self.sampler)
         for _ in itertools.islice(indices, self.count):
             pass
+        # The order is drawn; the next batch's data, not read yet, draws from the RNG state
+        # the interrupted run had at its step (a random augmentation in the dataset).
+        self.skipped()
         yield from indices
 
     def __len__(self) -> int:
@@ -51,17 +56,20 @@ class _Islice:
         return itertools.islice(iter(self.iterable), self.count, None)
 
 
-def skip_batches(data_loader: Iterable[Any], count: int) -> Iterable[Any]:
+def skip_batches(
+    data_loader: Iterable[Any], count: int, skipped: Callable[[], None] = lambda: None
+) -> Iterable[Any]:
     """``data_loader`` without its first ``count`` batches.
 
     A map-style ``DataLoader`` skips them in its sampler, so their data is never loaded or
-    collated; a sequence is sliced; anything else (an ``IterableDataset``, a generator-backed
-    iterable) is read and the first batches dropped.
+    collated (``skipped`` is called then, before the next batch's data is read); a sequence
+    is sliced; anything else (an ``IterableDataset``, a generator-backed iterable) is read
+    and the first batches dropped.
     """
     if count == 0:
         return data_loader
     if isinstance(data_loader, DataLoader) and not isinstance(data_loader.dataset, IterableDataset):
-        return _clone_skipping(data_loader, count)
+        return _clone_skipping(data_loader, count, skipped)
     if isinstance(data_loader, Sequence):
         return data_loader[count:]
     return _Islice(data_loader, count)
@@ -155,15 +163,15 @@ def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:
     return settings
 
 
-def _clone_skipping(loader: DataLoader[Any], count: int) -> DataLoader[Any]:
+def _clone_skipping(
+    loader: DataLoader[Any], count: int, skipped: Callable[[], None]
+) -> DataLoader[Any]:
     kwargs = loader_settings(loader)
     if loader.batch_sampler is not None:
-        return DataLoader(
-            loader.dataset, batch_sampler=_SkipFirst(loader.batch_sampler, count), **kwargs
-        )
-    return DataLoader(
-        loader.dataset, batch_size=None, sampler=_SkipFirst(loader.sampler, count), **kwargs
-    )
+        skipping = _SkipFirst(loader.batch_sampler, count, skipped)
+        return DataLoader(loader.dataset, batch_sampler=skipping, **kwargs)
+    skipping = _SkipFirst(loader.sampler, count, skipped)
+    return DataLoader(loader.dataset, batch_size=None, sampler=skipping, **kwargs)
 
 
 def loader_generators(data_loader: Iterable[Any]) -> list[torch.Generator]:

@@ -135,9 +135,16 @@ class DataTracker:
         """The epoch's first batch is in hand, so its order is drawn: a resumed epoch's steps
         go on with the RNG state the interrupted run had."""
         self._loaded = None
-        if self._step_rng is not None:
-            restore_rng(self._step_rng)
-            self._step_rng = None
+        self.skipped()
+
+    def skipped(self) -> None:
+        """A resumed epoch's order is drawn and its trained batches skipped in its sampler,
+        before the next batch is read (any thread; the compute thread waits for that batch):
+        put back the RNG state the interrupted run had, which that batch's random
+        augmentations drew from then. Done once."""
+        step_rng, self._step_rng = self._step_rng, None
+        if step_rng is not None:
+            restore_rng(step_rng)
 
     def step_done(self, epoch: int, steps_done: int) -> None:
         position = self.position  # in place: after every step (a checkpoint reads it here)

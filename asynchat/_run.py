@@ -250,7 +250,7 @@ class LoopRun:
         state = self.state
         skip = resume.steps_done if resume is not None else 0
         state.steps_per_epoch = self.begin_epoch_data(state.epoch)
-        loader = skip_batches(self.data_loader, skip)
+        loader = skip_batches(self.data_loader, skip, self.data.skipped)
         if state.epoch > 0:
             start_workers_as_before(loader)  # (a resumed run's; a run from the start has them)
         self.data.begin_epoch(state.epoch, self.data_loader, resume)

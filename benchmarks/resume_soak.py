@@ -69,6 +69,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "two models, two optimizers": lambda c, i: c.two_parts,
     "validation on the EMA": lambda c, i: c.validate_ema,
     "streamed data (no len())": lambda c, i: c.streamed,
+    "augmentation in the dataset": lambda c, i: c.augmented and not (c.streamed or c.workers),
     "uneven data over the ranks": lambda c, i: c.uneven,
     "control_lag=1": lambda c, i: c.control_lag == 1,
 }

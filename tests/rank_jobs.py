@@ -728,6 +728,43 @@ async def ddp_control(
     )  # fmt: skip
 
 
+class Augmented(torch.utils.data.TensorDataset):
+    """Samples with noise from torch's global generator, drawn as each is read (a random
+    augmentation in the main process)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        x, y = super().__getitem__(index)
+        return x + 0.1 * torch.rand(x.shape), y
+
+
+async def augmented_stop_resume(rank: int, world_size: int, out: str, phase: str) -> None:
+    """Two epochs of a model with dropout over :class:`Augmented` samples, shuffled, read on
+    the compute thread: ``straight``; ``stopped`` (rank 0 stops at global step 2, and the
+    final checkpoint goes to ``out/../checkpoints``); ``resumed`` from it. Writes the
+    weights to ``out/rank<r>.pt``."""
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint
+
+    class StopOnRankZero(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if phase == "stopped" and rank == 0 and state.global_step == 2:
+                state.loop.stop("rank 0 had enough")
+
+    torch.manual_seed(0)
+    checkpoints = Path(out).parent / "checkpoints"
+    trainer = DistributedDataParallelTrainer(
+        dropout_model(),
+        torch.utils.data.DataLoader(Augmented(*ddp_data().tensors), batch_size=8, shuffle=True),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=2, device="cpu",
+        callbacks=[StopOnRankZero()] + ([Checkpoint(checkpoints)] if phase != "straight" else []),
+        resume_from=checkpoints if phase == "resumed" else None,
+    )  # fmt: skip
+    state = await trainer.fit()
+    torch.save({"model": trainer.model.state_dict(), "global_step": state.global_step},
+               Path(out, f"rank{rank}.pt"))  # fmt: skip
+
+
 async def agreements_a_step(rank: int, world_size: int, out: str) -> None:
     """The all-reduces (the ranks' agreements: DDP's own gradient all-reduce is not one of
     ``torch.distributed.all_reduce``'s calls) of DDP trainers over 4 and 10 batches a rank,

@@ -7,8 +7,10 @@
                                                             # step announced: made to be
                                                             # SIGKILLed at any moment
 
-SHUFFLE is "global" (the DataLoader's order comes from torch's global RNG) or "generator"
-(from a generator of its own). The model has dropout, so the RNG state matters every step.
+SHUFFLE is "global" (the DataLoader's order comes from torch's global RNG), "generator"
+(from a generator of its own) or "augmented" ("global", and each sample gets noise from
+torch's, Python's and NumPy's global RNGs as it is read, as a random augmentation in the
+dataset does). The model has dropout, so the RNG state matters every step.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ class CountSteps(Callback):
         self.steps, self.noise = state_dict["steps"], state_dict["noise"]
 
 
+class Augmented(TensorDataset):
+    """Samples with noise from the three global RNGs, drawn as each is read."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        x, y = super().__getitem__(index)
+        noise = torch.rand(x.shape) + random.random() + float(np.random.rand())
+        return x + 0.1 * noise, y
+
+
 class Announce(Callback):
     """Prints each step and slows the job down a little, for a killer to aim at."""
 
@@ -61,7 +72,8 @@ def job(mode: str, total: int, k: int, directory: Path, shuffle: str) -> dict[st
     random.seed(0)
     np.random.seed(0)
     g = torch.Generator().manual_seed(123)
-    data = TensorDataset(torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
+    kind = Augmented if shuffle == "augmented" else TensorDataset
+    data = kind(torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
     generator = torch.Generator().manual_seed(7) if shuffle == "generator" else None
     loader = DataLoader(data, batch_size=16, shuffle=True, generator=generator)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))

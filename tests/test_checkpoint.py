@@ -62,12 +62,17 @@ def assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("k", "shuffle"),
-    [(5, "global"), (6, "generator"), (9, "generator"), (12, "global")],
+    [(5, "global"), (6, "generator"), (9, "generator"), (12, "global"), (5, "augmented"),
+     (12, "augmented")],
     ids=["mid-epoch-global-rng", "epoch-boundary-generator", "mid-epoch-2-generator",
-         "epoch-boundary-2-global-rng"],
+         "epoch-boundary-2-global-rng", "mid-epoch-augmented", "epoch-boundary-augmented"],
 )  # fmt: skip
 def test_resume_in_a_new_process_is_bitwise_exact(tmp_path: Path, k: int, shuffle: str) -> None:
-    """N steps straight == k steps, checkpoint, stop, resume in a new process up to N."""
+    """N steps straight == k steps, checkpoint, stop, resume in a new process up to N.
+
+    "augmented": a dataset drawing noise from the global RNGs as each sample is read. A run
+    resumed mid-epoch read its first batch with the RNG state of the epoch's start (that
+    batch drew other noise), and only then put back the interrupted run's."""
     total = 16  # 6 steps an epoch: the run ends inside its third epoch
     out, directory = tmp_path / "result", tmp_path / "checkpoints"
     run_job("straight+first", out, total, k, directory, shuffle)

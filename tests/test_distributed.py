@@ -504,6 +504,27 @@ def test_a_stop_at_one_ranks_step_ends_every_rank_at_the_same_step(
     assert [r["stop_reason"] for r in results] == ["rank 0 had enough", "stopped on another rank"]
 
 
+def test_a_stop_then_resume_over_randomly_augmented_data_equals_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    # The dataset draws noise from torch's generator as each sample is read. The resumed
+    # run read its first batch with the state of the epoch's start (the order re-drawn),
+    # and only then put back the stopped run's: that batch's noise, and all after, differed.
+    runs = {phase: tmp_path / phase for phase in ("straight", "stopped", "resumed")}
+    for phase, out in runs.items():
+        out.mkdir()
+        launch(rank_jobs.augmented_stop_resume, nprocs=2, args=(str(out), phase),
+               collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    for rank in range(2):
+        straight, stopped, resumed = (
+            torch.load(out / f"rank{rank}.pt", weights_only=True) for out in runs.values()
+        )
+        steps = straight["global_step"], stopped["global_step"], resumed["global_step"]
+        assert steps == (8, 2, 8)
+        for name, value in straight["model"].items():
+            assert torch.equal(value, resumed["model"][name]), name
+
+
 def test_a_distributed_step_costs_one_agreement_with_or_without_a_data_length(
     tmp_path: Path,
 ) -> None:

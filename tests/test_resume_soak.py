@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import numpy
 import pytest
 import torch
 import torch.distributed as dist
@@ -121,6 +122,7 @@ class Config:
     streamed: bool = False  # an IterableDataset (no len()): each epoch's end is found by reading
     uneven: bool = False  # over several ranks: rank r has 16 * r more samples than rank 0
     control_lag: int = 0  # over several ranks: the trainer's (1: the agreement pipelined)
+    augmented: bool = False  # without workers or streaming: noise drawn as samples are read
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -139,6 +141,7 @@ class Config:
             workers=rng.random() < 0.15,
             amp=rng.choice([None, None, "bf16"]),
             prefetch=rng.choice([0, 2]),
+            augmented=rng.random() < 0.3,  # (drawn last: the seeds' other draws stay)
         )
 
 
@@ -206,6 +209,12 @@ def trainer(
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     samples = 96 + 16 * rank if config.uneven else 96
     loader: Any = make_loader(samples, 16, shuffle=True)
+    if config.augmented and not (config.streamed or config.workers):
+        random.seed(0)  # (torch's is seeded with the model; a resumed run restores all three)
+        numpy.random.seed(0)
+        generator = torch.Generator().manual_seed(0)
+        data = Augmented(*make_data(samples).tensors)
+        loader = DataLoader(data, batch_size=16, shuffle=True, generator=generator)
     if config.streamed:
         loader = DataLoader(Streamed(make_data(samples), rank, world_size), batch_size=16)
     elif config.workers:
@@ -230,6 +239,16 @@ def trainer(
         resume_from=resume if isinstance(resume, Path) else directory if resume else None,
         **options,
     )  # fmt: skip
+
+
+class Augmented(TensorDataset):
+    """Samples with noise from torch's, Python's and NumPy's global generators, drawn as each
+    is read (a random augmentation in the main process, reproduced by a resumed run)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        x, y = super().__getitem__(index)
+        noise = torch.rand(x.shape) + random.random() + float(numpy.random.rand())
+        return x + 0.1 * noise, y
 
 
 class Streamed(IterableDataset[tuple[torch.Tensor, ...]]):
