@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeGuard, TypeVar
@@ -102,8 +103,22 @@ class _WorkersStopWithLoader:
         stop = getattr(iterator, "_shutdown_workers", None)  # PyTorch's own clean shutdown
         if stop is not None and _GUARDED.get(self.loader) != id(iterator):
             _GUARDED[self.loader] = id(iterator)
-            weakref.finalize(self.loader, stop)
+            weakref.finalize(self.loader, _stop_in, os.getpid(), stop)
         return iterator
+
+
+def _stop_in(pid: int, stop: Callable[[], None]) -> None:
+    """``stop()`` in process ``pid``. A process forked later (the next loader's worker)
+    inherits the loader, its iterator and this finalizer, and a collection there stopped
+    workers that are not its children: Python refused ("Exception ignored ...
+    AssertionError: can only test a child process", printed by every such worker). There
+    the iterator is only marked as shut down, so that its own ``__del__`` does not try."""
+    if os.getpid() == pid:
+        stop()
+    else:
+        iterator = getattr(stop, "__self__", None)
+        if iterator is not None:
+            iterator._shutdown = True  # (what _shutdown_workers checks first)
 
 
 def has_persistent_workers(data: object) -> TypeGuard[DataLoader[Any]]:

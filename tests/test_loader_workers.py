@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import subprocess
+import sys
+import textwrap
 import time
 import weakref
 from collections.abc import Iterator
@@ -89,3 +92,36 @@ def test_persistent_workers_resume_to_the_uninterrupted_order(tmp_path: Path, st
     resumed = run(tmp_path / "interrupted", resume=True)  # a new loader, as a new process has
     for name, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_a_forked_process_never_stops_the_workers_of_its_parents_loaders() -> None:
+    # A loader's finalizer (stop its persistent workers) was inherited by processes forked
+    # after it was made, such as the workers of the next job's DataLoader: a collection in
+    # one of them ran it and printed "Exception ignored ... AssertionError: can only test a
+    # child process" (Python refuses to look at another process's children).
+    script = textwrap.dedent(
+        """
+        import gc, os, sys
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from asynchat._data import workers_stop_with_loader
+
+        data = TensorDataset(torch.randn(8, 2))
+        loader = DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+        list(workers_stop_with_loader(loader))
+        pid = os.fork()
+        if pid == 0:  # a child, as a later loader's worker is: the loader goes here
+            del loader
+            gc.collect()
+            sys.stderr.flush()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent done", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "parent done" in done.stdout
+    assert "can only test a child process" not in done.stderr, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
