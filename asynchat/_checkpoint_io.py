@@ -648,6 +648,26 @@ def _check_shards(directory: Path, obj: dict[str, Any]) -> None:
             raise CheckpointError(f"{path} does not match its checksum (truncated or corrupt)")
 
 
+def _why(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a line: torch's own message
+    advises loading it with ``weights_only=False``, which would run any code it names
+    (garbage gets that advice too)."""
+    message = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", message)
+    if found is not None:
+        allow = (
+            " (a type of yours that it holds loads once allowed with "
+            "torch.serialization.add_safe_globals)"
+            if "Unsupported global" in found.group(1)
+            else ""
+        )
+        return (
+            f"a weights-only load refused it: {found.group(1).strip()}{allow}; asynchat "
+            "never unpickles a checkpoint fully, which could run any code it names"
+        )
+    return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 def _read_checkpoint(file: Path, digest: str | None) -> dict[str, Any]:
     try:
         data = file.read_bytes()
@@ -658,9 +678,7 @@ def _read_checkpoint(file: Path, digest: str | None) -> dict[str, Any]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{file} is not a loadable checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise CheckpointError(f"{file} is not a loadable checkpoint ({_why(exc)})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(
             f"{file} is not an asynchat checkpoint (a torch file without the "

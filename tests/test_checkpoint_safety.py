@@ -313,6 +313,29 @@ def test_a_state_that_resuming_could_not_load_is_refused_at_the_save(
     assert steps_on_disk(tmp_path) == [2]  # saved before the value; the one after refused
 
 
+@pytest.mark.parametrize("content", ["garbage", "a class"])
+def test_a_file_a_weights_only_load_refuses_is_named_without_torchs_advice(
+    tmp_path: Path, content: str
+) -> None:
+    # The error quoted torch's message whole, which advises loading the file again with
+    # weights_only=False ("will likely succeed, but it can result in arbitrary code
+    # execution"): for a crafted file, the advice that runs its code.
+    file = tmp_path / "step-000000002.ckpt"
+    if content == "garbage":
+        file.write_bytes(b"garbage")
+    else:
+        torch.save({"format": "asynchat-checkpoint", "best": Best(0.5)}, file)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(file)
+    message = str(caught.value)
+    assert message.startswith(f"{file} is not a loadable checkpoint (a weights-only load refused")
+    assert "weights_only` set to `False`" not in message and "\n" not in message
+    if content == "garbage":
+        assert "Unsupported operand" in message
+    else:
+        assert "test_checkpoint_safety.Best" in message and "add_safe_globals" in message
+
+
 def test_a_type_allowed_with_add_safe_globals_is_saved_and_resumed(tmp_path: Path) -> None:
     with torch.serialization.safe_globals([Best]):
         train(tmp_path, Holding(Best(0.5)), checkpoint={"every_n_steps": 2})
