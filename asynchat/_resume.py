@@ -336,12 +336,16 @@ def apply_checkpoint(
         for generator, state in zip(generators, checkpoint.get("generators", []), strict=False):
             generator.set_state(state)
         return ResumePoint(progress["epoch"] + 1, 0, None, [], None)
+    skip = _steps_into(progress, data_loader, world_size)
     return ResumePoint(
         progress["epoch"],
-        _steps_into(progress, data_loader, world_size),
+        skip,
         checkpoint["epoch_rng"],
         checkpoint["epoch_generators"],
-        checkpoint["rng"],
+        # Saved before the epoch's first step (a stop decided before it, in on_epoch_begin
+        # say), the state is from before its order was drawn: the epoch's own, put back
+        # when it begins, draws the order and goes on as the uninterrupted run did.
+        checkpoint["rng"] if skip else None,
     )
 
 

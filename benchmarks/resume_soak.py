@@ -56,6 +56,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "every trial": lambda c, i: True,
     "gradient accumulation": lambda c, i: c.accumulate > 1,
     "a cancellation": lambda c, i: any(how == "cancel" for how, _ in i),
+    "a stop before an epoch's first step": lambda c, i: any(how == "epoch-begin" for how, _ in i),
     "two interruptions": lambda c, i: len(i) == 2,
     "validation by step": lambda c, i: c.validate_every is not None,
     "two schedules on one optimizer": lambda c, i: c.plateau and c.schedule is not None,

@@ -145,12 +145,30 @@ class Config:
         )
 
 
-Interruption = tuple[Literal["stop", "cancel"], int]
+# "stop": stop() at the end of that global step; "cancel": a cancellation there; "epoch-begin":
+# stop() in the first on_epoch_begin after it (before that epoch's first step).
+Interruption = tuple[Literal["stop", "cancel", "epoch-begin"], int]
 
 
 def draw_interruptions(config: Config, rng: random.Random) -> list[Interruption]:
     steps = sorted(rng.sample(range(1, STEPS_PER_EPOCH * config.epochs), rng.choice([1, 2])))
-    return [(rng.choice(["stop", "stop", "cancel"]), step) for step in steps]
+    return [(rng.choice(["stop", "stop", "cancel", "epoch-begin"]), step) for step in steps]
+
+
+class StopAtNextEpoch(Callback):
+    """Calls ``stop()`` in the first ``on_epoch_begin`` after global step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_epoch_begin(self, state: LoopState) -> None:
+        if state.global_step >= self.at:
+            state.loop.stop("before the epoch's first step")
+
+
+def interruption(how: str, step: int, cancel: CancelAt) -> Callback:
+    """The callback that interrupts a run as ``how`` says, at ``step``."""
+    return {"stop": StopAt(step), "epoch-begin": StopAtNextEpoch(step)}.get(how, cancel)
 
 
 def trainer(
@@ -272,7 +290,7 @@ def interrupted_run(config: Config, directory: Path, interruptions: list[Interru
     """Run with each interruption in turn (each run resumed from the last), then to the end."""
     for i, (how, step) in enumerate(interruptions):
         cancel = CancelAt(step)
-        run = trainer(config, directory, StopAt(step) if how == "stop" else cancel, resume=i > 0)
+        run = trainer(config, directory, interruption(how, step, cancel), resume=i > 0)
 
         async def fit(run: Trainer = run, cancel: CancelAt = cancel) -> None:
             with anyio.CancelScope() as cancel.scope:
@@ -430,7 +448,7 @@ async def rank_run(
             warnings.filterwarnings("ignore", "(?s).*(different numbers of|had more) batches")
         for i, (how, step) in enumerate(interruptions):
             cancel = CancelAt(step)
-            extra = [StopAt(step)] if how == "stop" else [cancel] if rank == 0 else []
+            extra = [interruption(how, step, cancel)] if how == "stop" or rank == 0 else []
             with anyio.CancelScope() as cancel.scope:
                 await run(*extra, resume=i > 0).fit()
         last = run(resume=resume or bool(interruptions))

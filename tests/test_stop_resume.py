@@ -10,8 +10,9 @@ import anyio
 import pytest
 import torch
 import torchmetrics
-from conftest import CancelAt, StopAt, make_loader, make_model, sgd
+from conftest import CancelAt, StopAt, make_data, make_loader, make_model, sgd
 from torch import nn
+from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState, Trainer
 from asynchat.callbacks import (
@@ -211,6 +212,47 @@ def test_two_schedules_on_one_optimizer_resume_to_the_same_rate(tmp_path: Path) 
     assert resumed.state.optimizer is not None and straight.state.optimizer is not None
     lr = resumed.state.optimizer.param_groups[0]["lr"]
     assert lr == straight.state.optimizer.param_groups[0]["lr"]
+    weights = zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)
+
+
+class StopAtEpochBegin(Callback):
+    """Calls ``stop()`` in ``on_epoch_begin`` of ``epoch``: before the epoch's first step."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_begin(self, state: LoopState) -> None:
+        if state.epoch == self.epoch:
+            state.loop.stop("before the epoch's first step")
+
+
+def test_a_stop_before_an_epochs_first_step_resumes_to_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    # The checkpoint is at epoch 1 with no step of it done. The resumed run drew the
+    # epoch's order, then put back the RNG state of the stop, taken before that draw: the
+    # order's draw from torch's generator was undone, and every dropout mask after differed.
+    def run(directory: Path, *extra: Callback, resume: bool = False) -> Trainer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        trainer = Trainer(
+            model, DataLoader(make_data(96), batch_size=16, shuffle=True), sgd,
+            loss_fn=nn.CrossEntropyLoss(), num_epochs=3,
+            callbacks=[*extra, Checkpoint(directory)], resume_from=directory if resume else None,
+        )  # fmt: skip
+        anyio.run(trainer.fit)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    stopped = run(tmp_path / "stopped", StopAtEpochBegin(1))
+    assert stopped.state.global_step == STEPS_PER_EPOCH
+    saved = torch.load(next((tmp_path / "stopped").glob("*.ckpt")), weights_only=True)
+    assert (saved["progress"]["epoch"], saved["progress"]["steps_in_epoch"]) == (1, 0)
+    resumed = run(tmp_path / "stopped", resume=True)
+    assert resumed.state.global_step == straight.state.global_step == 3 * STEPS_PER_EPOCH
     weights = zip(
         resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
     )
