@@ -610,3 +610,33 @@ def test_a_callbacks_file_that_cannot_be_synced_costs_no_checkpoint(tmp_path: Pa
         train(tmp_path / "ckpt", OwnFiles())
     assert steps_on_disk(tmp_path / "ckpt") == [2, 4, 6]
     assert all("gone.log" not in str(w.message) for w in caught)
+
+
+def test_on_checkpoint_may_return_one_path_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A str is a path, not the paths of its characters (they were skipped as gone, and the
+    # file went unsynced); anything but paths names the callback.
+    own = tmp_path / "own.log"
+    own.write_text("a line\n")
+    synced: list[Path] = []
+    fsync = os.fsync
+
+    def recorded(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    class OneFile(Callback):
+        def on_checkpoint(self, state: LoopState) -> str:
+            return str(own)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    train(tmp_path / "ckpt", OneFile())
+    assert synced.count(own.resolve()) == 3  # at steps 2, 4, 6
+
+    class Confused(Callback):
+        def on_checkpoint(self, state: LoopState) -> int:
+            return 42
+
+    with pytest.raises(TypeError, match=r"Confused.on_checkpoint returned 42: it may return"):
+        train(tmp_path / "other", Confused())

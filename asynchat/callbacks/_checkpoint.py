@@ -87,6 +87,21 @@ class BackgroundWriter:
             self._error = exc
 
 
+def _paths(callback: Callback, returned: object) -> list[Path]:
+    """What ``callback.on_checkpoint`` returned, as paths: None, a path, or paths."""
+    if returned is None:
+        return []
+    if isinstance(returned, (str, os.PathLike)):
+        return [Path(returned)]
+    try:
+        return [Path(path) for path in returned]  # type: ignore[attr-defined]
+    except TypeError:
+        raise TypeError(
+            f"{type(callback).__name__}.on_checkpoint returned {returned!r}: it may return "
+            "None or the paths of its files (to sync to disk before the checkpoint)"
+        ) from None
+
+
 class Checkpoint(Callback):
     """Saves resumable checkpoints into ``save_dir`` without stalling training for the write.
 
@@ -339,7 +354,7 @@ class Checkpoint(Callback):
         if loop.is_rank_zero or loop.shards_state:
             for callback in loop.callbacks:
                 if callback is not self:
-                    files += [Path(f) for f in callback.on_checkpoint(state) or ()]
+                    files += _paths(callback, callback.on_checkpoint(state))
         return files
 
     def _agreed(self, state: LoopState) -> tuple[float | None, CheckpointError | None] | None:
