@@ -238,21 +238,38 @@ class DirectoryLock:
     forked while the lock is held (and kept alive by ``persistent_workers=True``) would hold
     it after the writer released it, and refuse the next run of the same process. A forked
     child therefore closes its copies at once (:func:`_forget_locks_in_child`).
+
+    The loggers lock their outputs the same way: ``name`` (the lock file's), ``subject`` and
+    ``writer`` (what the errors name), ``in_use`` (the refusal's reason) and ``error`` say
+    how.
     """
 
     _held: ClassVar[weakref.WeakSet[DirectoryLock]] = weakref.WeakSet()
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        name: str = LOCK,
+        subject: str | None = None,
+        writer: str = "Checkpoint writer",
+        in_use: str = "two runs sharing a directory would overwrite and prune each other's "
+        "checkpoints. Give each run its own save_dir",
+        error: type[Exception] = CheckpointError,
+    ) -> None:
         self.directory = directory
+        self.path = directory / name
+        self.subject = subject if subject is not None else f"save_dir={str(directory)!r}"
+        self.writer = writer
+        self.in_use = in_use
+        self.error = error
         self._fd: int | None = None
 
     def acquire(self) -> None:
         holder = self._take()
         if holder is not None:
-            raise CheckpointError(
-                f"save_dir={str(self.directory)!r} is in use by another live Checkpoint "
-                f"writer ({holder}); two runs sharing a directory would overwrite and prune "
-                "each other's checkpoints. Give each run its own save_dir"
+            raise self.error(
+                f"{self.subject} is in use by another live {self.writer} ({holder}); {self.in_use}"
             )
 
     def _take(self) -> str | None:
@@ -268,25 +285,24 @@ class DirectoryLock:
     def _open(self) -> int:
         """The lock file, opened (created if need be): a regular file in the directory and
         never what a link there points to (the holder is written into it)."""
-        path = self.directory / LOCK
+        path = self.path
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | _NO_FOLLOW, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise CheckpointError(self._not_a_file(path, "a symbolic link")) from None
-            raise CheckpointError(
-                f"save_dir={str(self.directory)!r} is not writable: cannot create {path} ({exc})"
+                raise self.error(self._not_a_file(path, "a symbolic link")) from None
+            raise self.error(
+                f"{self.subject} is not writable: cannot create {path} ({exc})"
             ) from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise CheckpointError(self._not_a_file(path, "not a regular file"))
+            raise self.error(self._not_a_file(path, "not a regular file"))
         return fd
 
     def _not_a_file(self, path: Path, what: str) -> str:
         return (
-            f"save_dir={str(self.directory)!r}: its lock {path} is {what}; a Checkpoint "
-            "writes only a regular file there, never through a link. Remove it, or give the "
-            "run another save_dir"
+            f"{self.subject}: its lock {path} is {what}; asynchat writes only a regular file "
+            "there, never through a link. Remove it, or write elsewhere"
         )
 
     @staticmethod
@@ -323,23 +339,23 @@ class DirectoryLock:
         fd = self._fd
         if fd is None or fcntl is None or not self.directory.is_dir():
             return
-        path = self.directory / LOCK
+        path = self.path
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return
         holder = self._take()  # (this writer keeps `fd` until it holds the new one)
         if holder is not None:
-            raise CheckpointError(
-                f"save_dir={str(self.directory)!r}: its lock file {LOCK} was removed or "
-                f"replaced while this run wrote there, and another writer has taken the "
-                f"directory ({holder}). This run saves nothing more there: give each run its "
-                "own save_dir"
+            raise self.error(
+                f"{self.subject}: its lock file {path.name} was removed or replaced while "
+                f"this run wrote there, and another writer has taken the directory "
+                f"({holder}). This run saves nothing more there: give each run its own "
+                "save_dir"
             )
         os.close(fd)
         warnings.warn(
-            f"save_dir={str(self.directory)!r}: its lock file {LOCK} was removed while this "
-            "run held it (a second writer could have taken the directory meanwhile); taken "
-            "again. Do not remove the lock of a live run",
+            f"{self.subject}: its lock file {path.name} was removed while this run held it "
+            "(a second writer could have taken the directory meanwhile); taken again. Do not "
+            "remove the lock of a live run",
             CheckpointWarning,
             stacklevel=2,
         )

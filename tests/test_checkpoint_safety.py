@@ -640,3 +640,46 @@ def test_on_checkpoint_may_return_one_path_and_nothing_else(
 
     with pytest.raises(TypeError, match=r"Confused.on_checkpoint returned 42: it may return"):
         train(tmp_path / "other", Confused())
+
+
+# -- two runs, one log -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "tensorboard"])
+def test_a_second_live_logger_on_one_log_is_refused_and_the_first_logs_on(
+    tmp_path: Path, kind: str
+) -> None:
+    # Two runs given one log wrote their lines into it interleaved, each indistinguishable
+    # from the other's, and a resumed one dropped the other's lines after its checkpoint
+    # step. The checkpoints of both may share the log's directory.
+    where = tmp_path / ("log.jsonl" if kind == "jsonl" else "tb")
+
+    def logger() -> Callback:
+        if kind == "jsonl":
+            return JSONLinesLogger(where, every_n_steps=1)
+        return TensorBoardLogger(where, every_n_steps=1)
+
+    refused: list[BaseException] = []
+
+    class SecondRun(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 2:
+                second = make_trainer(logger(), Checkpoint(tmp_path / "second"), num_steps=2)
+                try:
+                    await second.fit()
+                except RuntimeError as exc:
+                    refused.append(exc)
+
+    state = train(tmp_path, SecondRun(), logger())  # its checkpoints beside the log
+    assert state.global_step == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
+    (exc,) = refused
+    subject = f"path={str(where)!r}" if kind == "jsonl" else f"log_dir={str(where)!r}"
+    assert str(exc).startswith(f"{type(logger()).__name__}({subject}) is in use by another ")
+    assert f"live logger (pid {os.getpid()} on " in str(exc)
+    assert "Give each run a log of its own" in str(exc)
+    if kind == "jsonl":  # the first run's lines only, one per step
+        assert [json.loads(line)["step"] for line in where.read_text().splitlines()] == [
+            1, 2, 3, 4, 5, 6,
+        ]  # fmt: skip
+    assert not list((tmp_path / "second").glob("step-*.ckpt")), "refused before a step"
+    train(tmp_path / "after", logger())  # the first run has ended: its log is free

@@ -11,7 +11,7 @@ from typing import IO, Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import atomic_write
+from asynchat._checkpoint_io import DirectoryLock, atomic_write
 from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
@@ -31,7 +31,9 @@ class ScalarLogger(Callback):
 
     A resumed run goes on from its checkpoint's step: what an earlier run logged after that
     step (it crashed, or was killed, after the checkpoint) is dropped from the log before
-    the resumed run logs those steps again, so the log reads as one uninterrupted run.
+    the resumed run logs those steps again, so the log reads as one uninterrupted run. So
+    a log is one run's while it runs: a second live logger on it (this process or another)
+    is refused at its loop's begin.
 
     The loss is brought to the host with a non-blocking copy started on the compute thread and
     written once it has landed (checked without blocking at later steps, and waited for at
@@ -47,6 +49,7 @@ class ScalarLogger(Callback):
         self._logged: dict[str, int] = {}  # metric -> the step of its last value logged
         self._version = -1  # of state.metrics when last looked at
         self._open = False  # between on_loop_begin and on_loop_end, on rank 0
+        self._held: DirectoryLock | None = None  # the output's, while it is open
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
@@ -58,6 +61,21 @@ class ScalarLogger(Callback):
         """The files :meth:`write` writes, synced to disk with each checkpoint (after
         :meth:`flush`, on the checkpoint's writer thread)."""
         return []
+
+    def _lock(self, directory: Path, name: str, subject: str) -> DirectoryLock:
+        """The lock of this logger's output (``directory/name``), taken: a second live
+        logger there, in this process or another, is refused before it writes a line."""
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(
+            directory, name=name, subject=f"{type(self).__name__}({subject})",
+            writer="logger",
+            in_use="two runs logging there would mix their lines, and a resumed one drops "
+            "what is logged after its checkpoint's step, the other run's lines too. Give "
+            "each run a log of its own",
+            error=RuntimeError,
+        )  # fmt: skip
+        lock.acquire()
+        return lock
 
     def close(self) -> None:
         """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
@@ -117,12 +135,21 @@ class ScalarLogger(Callback):
             self._flush(wait=True)
         finally:
             self._open = False
-            self.close()
+            try:
+                self.close()
+            finally:
+                held, self._held = self._held, None
+                if held is not None:
+                    held.release()
 
     def _flush(self, *, wait: bool) -> None:
         while self._pending and (wait or self._pending[0][1].ready()):
             step, copy = self._pending.pop(0)
             self.write(step, {self.prefix + k: float(v) for k, v in copy.wait().items()})
+
+
+# A TensorBoard log directory's lock (another name than a Checkpoint's: both may share one).
+_LOG_LOCK = ".asynchat-log.lock"
 
 
 class TensorBoardLogger(ScalarLogger):
@@ -145,6 +172,7 @@ class TensorBoardLogger(ScalarLogger):
 
         super().on_loop_begin(state)
         if state.loop.is_rank_zero:
+            self._held = self._lock(self.log_dir, _LOG_LOCK, f"log_dir={str(self.log_dir)!r}")
             # Resumed (from a checkpoint at global_step): TensorBoard drops what the event
             # files hold for later steps, which this run logs again.
             purge = state.global_step + 1 if state.global_step else None
@@ -186,7 +214,8 @@ class JSONLinesLogger(ScalarLogger):
     def on_loop_begin(self, state: LoopState) -> None:
         super().on_loop_begin(state)
         if state.loop.is_rank_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = f".{self.path.name}.lock"
+            self._held = self._lock(self.path.parent, lock, f"path={str(self.path)!r}")
             if self.path.exists():
                 _trim(self.path, after=state.global_step if state.global_step else None)
             self._file = self.path.open("a", encoding="utf-8")
