@@ -88,8 +88,8 @@ def run_rank(
     try:
         options = {"use_uvloop": True} if _have_uvloop() else {}
         anyio.run(fn, rank, world_size, *args, backend="asyncio", backend_options=options)
-        # An orderly end: no rank tears the group down (rank 0 hosts its rendezvous store)
-        # while another still uses it.
+        # An orderly end: no rank tears the group down (under torchrun, or with a
+        # master_port, rank 0 hosts the rendezvous store) while another still uses it.
         dist.barrier()
     except BaseException as exc:
         on_error(exc)
@@ -142,6 +142,7 @@ def _child(
     timeout: datetime.timedelta,
     addr: str,
     port: int,
+    hosted: bool,
     errors: Any,
     lifeline: Any,
     beats: Any,
@@ -159,7 +160,14 @@ def _child(
         errors.put((rank, time.time(), "".join(traceback.format_exception(exc))))
 
     try:
-        run_rank(fn, rank, world_size, args, backend=backend, timeout=timeout, on_error=report)
+        # ``hosted``: the launcher serves the rendezvous store (every rank is its client).
+        store = (
+            TCPStore(addr, port, world_size, is_master=False, timeout=timeout) if hosted else None
+        )
+        run_rank(
+            fn, rank, world_size, args, backend=backend, timeout=timeout, on_error=report,
+            store=store,
+        )  # fmt: skip
     except BaseException as exc:
         if not reported:  # failed before fn ran, e.g. in the rendezvous
             report(exc)
@@ -208,10 +216,16 @@ class _Ranks:
         backend: str,
         timeout: datetime.timedelta,
         addr: str,
-        port: int,
+        port: int | None,
         hang_timeout: float | None,
     ) -> None:
         ctx = mp.get_context("spawn")
+        # The rendezvous store, served here unless the caller chose a port: bound to a port
+        # the system picks before any rank hears of it. A port found free and handed on was
+        # free only then (another job, or any connection's ephemeral port, could take it
+        # before rank 0's store bound it, and that launch failed with EADDRINUSE).
+        self._store = None if port is not None else _hosted_store(addr, timeout)
+        port = port if self._store is None else self._store.port
         self.errors, self.hang_timeout = ctx.SimpleQueue(), hang_timeout
         now = time.monotonic()  # [time, count] per rank: start-up counts towards hang_timeout
         self.beats = ctx.Array("d", [now, 0.0] * nprocs, lock=False)
@@ -237,6 +251,7 @@ class _Ranks:
                         timeout,
                         addr,
                         port,
+                        self._store is not None,
                         self.errors,
                         reader,
                         self.beats,
@@ -457,11 +472,17 @@ class _Ranks:
                 process.join()
 
     def close(self) -> None:
-        """After terminate(): drop the lifelines and the stack files."""
+        """After terminate(): drop the lifelines, the store and the stack files."""
         for _, writer in self._lifelines:
             writer.close()
         self._lifelines = []
+        self._store = None  # (its server stops with the last reference)
         shutil.rmtree(self._dumps, ignore_errors=True)
+
+
+def _hosted_store(addr: str, timeout: datetime.timedelta) -> TCPStore:
+    """A rendezvous store served by this process on a port the system picks (port 0)."""
+    return TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timeout)
 
 
 def launch(
@@ -478,9 +499,10 @@ def launch(
     """Run ``async def fn(rank, world_size, *args)`` in ``nprocs`` processes, one per rank.
 
     Each process initialises the default process group (``backend`` defaults to NCCL with
-    CUDA, gloo otherwise; rendezvous on ``master_addr`` and a free port), selects its CUDA
-    device, and runs ``fn`` in an event loop of its own (uvloop where available). ``fn`` must
-    be importable (a module-level function), since ranks are started with ``spawn``; the
+    CUDA, gloo otherwise; rendezvous on ``master_addr``, through a store this process serves
+    on a port the system picks, or rank 0 on ``master_port``), selects its CUDA device, and
+    runs ``fn`` in an event loop of its own (uvloop where available). ``fn`` must be
+    importable (a module-level function), since ranks are started with ``spawn``; the
     arguments are checked here, before any process starts.
 
     If a rank raises or dies, the others are terminated at once (no rank waits out a
@@ -615,7 +637,7 @@ def _start(
     timeout: datetime.timedelta,
     hang_timeout: float | None,
 ) -> _Ranks:
-    port = master_port if master_port is not None else free_port(master_addr)
     return _Ranks(
-        fn, nprocs, args, backend or default_backend(), timeout, master_addr, port, hang_timeout
-    )
+        fn, nprocs, args, backend or default_backend(), timeout, master_addr, master_port,
+        hang_timeout,
+    )  # fmt: skip

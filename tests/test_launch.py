@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import anyio
 import pytest
 import rank_jobs
 
+import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
 from asynchat._launch import free_port
 
@@ -36,6 +38,32 @@ def test_two_ranks_share_a_process_group(tmp_path: Path) -> None:
     launch(rank_jobs.all_reduce_rank, nprocs=2, args=(str(tmp_path),))
     results = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
     assert results == ["2 3.0", "2 3.0"]
+
+
+def test_the_rendezvous_port_is_held_from_before_any_rank_hears_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The launcher found a free port, closed it, and handed it to the ranks; rank 0 bound it
+    # seconds later (after importing torch). Anything could take it meanwhile (another job's
+    # launcher, any connection's ephemeral port: two CI runs on one machine), and the launch
+    # failed with EADDRINUSE. Here the port found free is taken at once, as by such a job.
+    taken: list[socket.socket] = []
+
+    def found_then_taken(host: str = "127.0.0.1") -> int:
+        port = free_port(host)
+        interloper = socket.socket()
+        interloper.bind((host, port))
+        interloper.listen()
+        taken.append(interloper)
+        return port
+
+    monkeypatch.setattr(asynchat._launch, "free_port", found_then_taken)
+    try:
+        launch(rank_jobs.all_reduce_rank, nprocs=2, args=(str(tmp_path),))
+    finally:
+        for interloper in taken:
+            interloper.close()
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == ["2 3.0", "2 3.0"]
 
 
 def test_a_failing_rank_stops_the_others_and_is_named() -> None:
