@@ -235,36 +235,26 @@ class _Ranks:
         self.signalled: list[int] = []  # signals passed on to the ranks (see forwarding)
         self._forced_at: float | None = None  # when a second one was
         self._dumps = tempfile.mkdtemp(prefix="asynchat-launch-")
-        self._lifelines = []
-        self.processes = []
+        self._lifelines: list[tuple[Any, Any]] = []
+        self.processes: list[Any] = []
+        group = (nprocs, tuple(args), backend, timeout, addr, port, self._store is not None)
         for rank in range(nprocs):
-            reader, writer = ctx.Pipe(duplex=False)
-            self.processes.append(
-                ctx.Process(
-                    target=_child,
-                    args=(
-                        rank,
-                        fn,
-                        nprocs,
-                        tuple(args),
-                        backend,
-                        timeout,
-                        addr,
-                        port,
-                        self._store is not None,
-                        self.errors,
-                        reader,
-                        self.beats,
-                        self._dump_path(rank),
-                    ),
-                    name=f"asynchat-rank-{rank}",
-                )
-            )
-            self._lifelines.append((reader, writer))
+            self._add_rank(ctx, rank, fn, group)
         for process in self.processes:
             process.start()
         for reader, _ in self._lifelines:
             reader.close()  # the ranks hold the read ends; the launcher keeps the writers
+
+    def _add_rank(self, ctx: Any, rank: int, fn: RankFn, group: tuple[Any, ...]) -> None:
+        """Rank ``rank``'s process (not started) and its lifeline; ``group``: what every
+        rank is given alike (:func:`_child`'s arguments after ``fn``)."""
+        reader, writer = ctx.Pipe(duplex=False)
+        own = (self.errors, reader, self.beats, self._dump_path(rank))
+        process = ctx.Process(
+            target=_child, args=(rank, fn, *group, *own), name=f"asynchat-rank-{rank}"
+        )
+        self.processes.append(process)
+        self._lifelines.append((reader, writer))
 
     def _dump_path(self, rank: int) -> str:
         return os.path.join(self._dumps, f"rank-{rank}.txt")
