@@ -111,17 +111,14 @@ def sync_files(paths: Iterable[Path]) -> None:
         try:
             # (Linux syncs a file's data whichever fd asks; O_NONBLOCK: a FIFO never blocks)
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             continue
         except OSError as exc:
             warnings.warn(f"could not sync {path} to disk: {exc}", CheckpointWarning, stacklevel=2)
-            continue
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            warnings.warn(f"could not sync {path} to disk: {exc}", CheckpointWarning, stacklevel=2)
-        finally:
-            os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:

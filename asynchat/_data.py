@@ -58,7 +58,7 @@ class _Islice:
 
 
 def skip_batches(
-    data_loader: Iterable[Any], count: int, skipped: Callable[[], None] = lambda: None
+    data_loader: Iterable[Any], count: int, skipped: Callable[[], None]
 ) -> Iterable[Any]:
     """``data_loader`` without its first ``count`` batches.
 

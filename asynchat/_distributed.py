@@ -28,18 +28,18 @@ class DistributedDataParallelTrainer(Trainer):
     reading its rank's share, a list) is each rank's as given. Every rank runs as many steps
     an epoch, the fewest any rank's data has (agreed at each epoch's start, or before each
     step for data without a ``len()``, in the step boundary's all-reduce), with a warning
-    when they differ. With gradient
-    accumulation the all-reduce is skipped (``no_sync``) until the update step. ``stop()``,
-    ``pause()`` and a cancellation on any rank act on every rank at the same boundary: the
-    ranks agree at each epoch and step boundary in one all-reduce of ``[stop, cancel,
-    pause]`` on a CPU (gloo) group, so they never diverge or hang, and agreeing costs no
-    device sync under NCCL. A rank paused holds them all until it resumes. That round trip
-    is the engine's cost in a distributed step (a tiny DDP step on 2 CPU cores: 2.6 ms
-    against a hand-written loop's 1.6): ``control_lag=1`` pipelines it (each step boundary
-    starts its all-reduce and decides on the one started a step earlier, which came in while
-    the step ran; 2.1 ms there), and a stop, pause or cancellation asked during a step then
-    ends or holds every rank one step later (the epoch boundaries still act at once, and so
-    does every boundary of data without a ``len()``, agreed before each step anyway).
+    when they differ. With gradient accumulation the all-reduce is skipped (``no_sync``)
+    until the update step. ``stop()``, ``pause()`` and a cancellation on any rank act on
+    every rank at the same boundary: the ranks agree at each epoch and step boundary in one
+    all-reduce of ``[stop, cancel, pause]`` on a CPU (gloo) group, so they never diverge or
+    hang, and agreeing costs no device sync under NCCL. A rank paused holds them all until
+    it resumes. That round trip is the engine's cost in a distributed step (a tiny DDP step
+    on 2 CPU cores: 2.6 ms against a hand-written loop's 1.6): ``control_lag=1`` pipelines
+    it (each step boundary starts its all-reduce and decides on the one started a step
+    earlier, which came in while the step ran; 2.1 ms there), and a stop, pause or
+    cancellation asked during a step then ends or holds every rank one step later (the epoch
+    boundaries still act at once, and so does every boundary of data without a ``len()``,
+    agreed before each step anyway).
     ``device=None`` is the rank's GPU (``LOCAL_RANK``), or the CPU without CUDA.
     ``state.model`` is the DDP wrapper; ``trainer.model`` (and checkpoints) the module itself.
     Give every rank the same callbacks: those that write files (Checkpoint, the loggers,
