@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from asynchat import DistributedDataParallelTrainer
 
 
+def write_pid(directory: str, rank: int) -> None:
+    """Write this process's pid to ``directory/rank{rank}.pid`` whole: a test polling for the
+    file never reads it empty (written beside it, then renamed into place)."""
+    partial = Path(directory, f".rank{rank}.pid.partial")
+    partial.write_text(str(os.getpid()))
+    partial.replace(Path(directory, f"rank{rank}.pid"))
+
+
 async def all_reduce_rank(rank: int, world_size: int, out: str) -> None:
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
@@ -637,7 +645,7 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
     from asynchat import Callback, LoopState
 
     if out:
-        Path(out, f"rank{rank}.pid").write_text(str(os.getpid()))
+        write_pid(out, rank)
 
     class Fault(Callback):
         def on_step_end(self, state: LoopState) -> None:
@@ -1063,7 +1071,6 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
     """A DDP job that trains until a signal ends it, checkpointing only at its end (each
     rank writes its pid first; rank 0 prints each step, and writes it to ``step``).
     ``handle``: under ``stop_on_signals``, whose stop is graceful on SIGTERM too."""
-    import os
 
     from asynchat import Callback, LoopState, stop_on_signals
     from asynchat.callbacks import Checkpoint
@@ -1075,7 +1082,7 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
                 Path(directory, "step").write_text(str(state.global_step))
             time.sleep(0.02)
 
-    Path(directory, f"rank{rank}.pid").write_text(str(os.getpid()))
+    write_pid(directory, rank)
     trainer = plain_ddp_trainer(
         num_epochs=10_000,
         callbacks=[Announce(), Checkpoint(Path(directory, "checkpoints"), every_n_steps=10**6)],
@@ -1090,11 +1097,10 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
 async def ignoring_ctrl_c(rank: int, world_size: int, directory: str) -> None:
     """A rank that ignores SIGINT (as one stuck in a collective does not answer it) and
     waits forever, having written its pid."""
-    import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Path(directory, f"rank{rank}.pid").write_text(str(os.getpid()))
+    write_pid(directory, rank)
     await anyio.sleep_forever()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -20,6 +21,9 @@ import rank_jobs
 import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
 from asynchat._launch import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 HERE = Path(__file__).resolve().parent
 
@@ -267,6 +271,25 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+@contextlib.contextmanager
+def launcher_script(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``tests/<args[0]>`` with ``args[1:]`` run as a shell's job: a process group of its own,
+    its output piped. However the test leaves (a failed assertion too), nothing of it is left
+    running: a group still alive is killed, so no launcher outlives its test, nor do its ranks
+    (a failure used to leave Popen's exit waiting for a launcher whose ranks ignore SIGINT)."""
+    with subprocess.Popen(
+        [sys.executable, str(HERE / args[0]), *args[1:]],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as launcher:  # fmt: skip
+        try:
+            yield launcher
+        finally:
+            if launcher.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signal.SIGKILL)
+
+
 def ended(launcher: subprocess.Popen[str]) -> str:
     """The launcher's stderr once it has ended (within 60 s; else it is killed, and its
     ranks with it, through their lifelines)."""
@@ -290,11 +313,7 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # final checkpoint: none was written. A SIGTERM to the launcher alone (a pod's) killed
     # the ranks through their lifelines, stop_on_signals or not. The launcher now passes the
     # signal on, waits for the ranks, then ends as the signal says.
-    with subprocess.Popen(
-        [sys.executable, str(HERE / "signalled_launcher.py"), str(tmp_path), str(int(handle))],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # a process group of its own, as a shell's job
-    ) as launcher:  # fmt: skip
+    with launcher_script("signalled_launcher.py", str(tmp_path), str(int(handle))) as launcher:
         assert launcher.stdout is not None
         for line in launcher.stdout:
             if line.strip() == "step 5":
@@ -318,11 +337,7 @@ def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path)
     # The launcher waits for its ranks after passing a Ctrl-C on; ranks that do not end (here
     # they ignore SIGINT, as one stuck in a collective would not answer it) must not hold it
     # forever: a second Ctrl-C terminates whatever still runs some seconds later.
-    with subprocess.Popen(
-        [sys.executable, str(HERE / "signalled_launcher.py"), str(tmp_path), "stubborn"],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    ) as launcher:  # fmt: skip
+    with launcher_script("signalled_launcher.py", str(tmp_path), "stubborn") as launcher:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("rank*.pid"))) < 2:
             assert time.monotonic() < deadline and launcher.poll() is None
@@ -341,8 +356,7 @@ def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path)
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> None:
-    with subprocess.Popen([sys.executable, str(HERE / "launcher_job.py"), str(tmp_path)],
-                          cwd=HERE) as launcher:  # fmt: skip
+    with launcher_script("launcher_job.py", str(tmp_path)) as launcher:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("rank*.pid"))) < 2:
             assert time.monotonic() < deadline and launcher.poll() is None
