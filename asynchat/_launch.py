@@ -55,6 +55,35 @@ class LaunchError(AsynchatError, RuntimeError):
         self.hung = list(hung)
 
 
+#: Linux process states (``/proc/<pid>/stat``) of a process that runs no code until resumed.
+_STOPPED = frozenset("Tt")
+_NO_STACKS = {
+    "T": "(none written: the process is stopped, by a SIGSTOP or a debugger)",
+    "t": "(none written: the process is stopped, by a SIGSTOP or a debugger)",
+    "D": "(none written: the process is in an uninterruptible wait in the kernel, state D: "
+    "on a device or a network file system)",
+}
+
+
+def _signal(process: mp.Process, signum: int) -> None:
+    """Send ``signum`` to a rank's process if it runs (never to a reaped one's pid, which the
+    system may have given to another process)."""
+    if process.pid is not None and process.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+
+
+def _process_state(pid: int | None) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``D``, ``T``...), None where the
+    system does not say (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[0]  # after the command name, which may hold ")"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -356,31 +385,42 @@ class _Ranks:
         behind = min(counts.values())
         # The rank furthest behind is the one the others wait for (in a collective): a hang
         # is that rank silent for hang_timeout. A rank that is ahead and waits is not hung.
-        hung = [r for r in alive if counts[r] == behind]
+        # A stopped rank (SIGSTOP, a debugger) is the one, whatever its count: it may have
+        # reached as many phases as one that now waits for it.
+        states = {r: _process_state(self.processes[r].pid) for r in alive}
+        stopped = [r for r in alive if states[r] in _STOPPED]
+        hung = stopped or [r for r in alive if counts[r] == behind]
         if all(now - beats[r][0] <= hang_timeout for r in hung):
             return None
-        stacks = self._stacks(hung)
+        stacks = self._stacks(hung, states)
         self.terminate()
-        quiet = max(now - beats[r][0] for r in hung)
-        if len(hung) == len(self.processes) > 1:
-            what = f"all ranks made no progress for {quiet:.1f} s (hang_timeout={hang_timeout:g})"
+        quiet = f"made no progress for {max(now - beats[r][0] for r in hung):.1f} s"
+        waiting = sorted(set(alive) - set(hung))
+        if stopped:
+            what = f"is stopped (SIGSTOP, or a debugger holds it) and {quiet}"
+        elif len(hung) == len(self.processes) > 1:
+            what = f"all ranks {quiet}"
         else:
-            what = (
-                f"made no progress for {quiet:.1f} s (hang_timeout={hang_timeout:g}), "
-                f"behind ranks {sorted(set(alive) - set(hung))} that wait for it"
-            )
+            what = f"{quiet}, behind ranks {waiting} that wait for it"
+        what += f" (hang_timeout={hang_timeout:g})"
+        if stopped and waiting:
+            what += f"; ranks {waiting} wait for it"
         return LaunchError(hung[0], f"{what}.\n{stacks}", hung=hung)
 
-    def _stacks(self, ranks: list[int]) -> str:
+    def _stacks(self, ranks: list[int], states: dict[int, str | None]) -> str:
+        """The Python stacks of ``ranks``, each asked to write them; where none came, why
+        (by the process's ``states``: a stopped process cannot write them)."""
         if not hasattr(signal, "SIGUSR1"):  # pragma: no cover - not POSIX
             return ""
         for rank in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.processes[rank].pid or 0, signal.SIGUSR1)
-        time.sleep(_DUMP_WAIT_S)
+            _signal(self.processes[rank], signal.SIGUSR1)
+        if any(states[rank] not in _STOPPED for rank in ranks):
+            time.sleep(_DUMP_WAIT_S)
         parts = []
         for rank in ranks:
-            stacks = self._read_stacks(rank) or "(none written: Python code had not started)"
+            stacks = self._read_stacks(rank) or _NO_STACKS.get(
+                states[rank] or "", "(none written: Python code had not started)"
+            )
             parts.append(f"Stacks of rank {rank}:\n{stacks}")
         return "\n".join(parts)
 
@@ -437,9 +477,7 @@ class _Ranks:
         if len(self.signalled) == 2:  # a second Ctrl-C forces: the ranks get _GRACE_S more
             self._forced_at = time.monotonic()
         for process in self.processes:
-            if process.exitcode is None and process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signum)
+            _signal(process, signum)
 
     def interrupt(self, grace: float) -> None:
         """SIGINT to every rank still running, as a Ctrl-C; wait up to ``grace`` seconds for
@@ -450,10 +488,12 @@ class _Ranks:
             process.join(max(0.0, deadline - time.monotonic()))
 
     def terminate(self) -> None:
-        """Stop the ranks still running (SIGTERM, SIGKILL after a grace period); reap all."""
+        """Stop the ranks still running (SIGTERM, SIGKILL after a grace period); reap all.
+        A stopped rank is continued after the SIGTERM, so that it ends now, not at the SIGKILL."""
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
+                _signal(process, signal.SIGCONT)
         deadline = time.monotonic() + _GRACE_S
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))

@@ -636,10 +636,13 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
     """DDP training that goes wrong at global step 5: ``sigkill``, ``abort`` or ``hang`` on rank 1,
     ``hang-all`` on every rank; ``sigkill-slow``: rank 1 is killed and rank 0 takes a second
     to wind down (its on_loop_end) before its error is reported; ``hang-one-hooked``: rank 1
-    hangs and only rank 1 has the callback (as with a logger on one rank only). With ``out``,
-    each rank writes its pid there first."""
+    hangs and only rank 1 has the callback (as with a logger on one rank only); ``sigstop``:
+    rank 0 takes 3 s over step 5's end while rank 1, waiting for it in the step's boundary
+    agreement, is stopped (SIGSTOP, as by an operator or a debugger), so both ranks have
+    reached as many phases. With ``out``, each rank writes its pid there first."""
     import os
     import signal
+    import threading
     import time
 
     from asynchat import Callback, LoopState
@@ -649,7 +652,7 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
 
     class Fault(Callback):
         def on_step_end(self, state: LoopState) -> None:
-            if state.global_step != 5 or (rank != 1 and fault != "hang-all"):
+            if state.global_step != 5 or (rank != 1 and fault not in ("hang-all", "sigstop")):
                 return
             if fault.startswith("sigkill"):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -657,6 +660,12 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
                 os.abort()  # a native crash as far as the launcher can tell
             if fault.startswith("hang"):
                 time.sleep(3600)  # a hook stuck in Python: no phase is reached any more
+            if fault == "sigstop":
+                if rank == 0:
+                    time.sleep(3.0)
+                else:
+                    stop = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGSTOP))
+                    stop.start()
 
         def on_loop_end(self, state: LoopState) -> None:
             if fault == "sigkill-slow" and rank == 0:

@@ -262,6 +262,20 @@ def test_a_hung_rank_is_reported_within_hang_timeout_with_its_stacks(fault: str)
     assert rank_processes() == []
 
 
+def test_a_stopped_rank_is_named_as_the_hung_one_and_its_missing_stacks_explained() -> None:
+    """A rank stopped (SIGSTOP) while the other waits for it in a collective had reached as
+    many phases as the other: the launcher named rank 0 (the first of "all ranks") and said
+    rank 1's Python code had not started. The process's state tells: it is stopped."""
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.ddp_fault, nprocs=2, args=("sigstop",), hang_timeout=6)
+    text = str(info.value)
+    assert info.value.rank == 1 and info.value.hung == [1], text
+    assert text.startswith("rank 1 hung:\nis stopped") and "ranks [0] wait for it" in text
+    assert "Stacks of rank 1:\n(none written: the process is stopped" in text
+    assert "Stacks of rank 0" not in text, "a rank waiting for the stopped one is not hung"
+    assert rank_processes() == []
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for init to reap it counts as gone)."""
     try:
