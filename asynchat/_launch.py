@@ -117,9 +117,7 @@ def run_rank(
     try:
         options = {"use_uvloop": True} if _have_uvloop() else {}
         anyio.run(fn, rank, world_size, *args, backend="asyncio", backend_options=options)
-        # An orderly end: no rank tears the group down (under torchrun, or with a
-        # master_port, rank 0 hosts the rendezvous store) while another still uses it.
-        dist.barrier()
+        _closing_barrier(rank, timeout)
     except BaseException as exc:
         on_error(exc)
         raise
@@ -131,6 +129,23 @@ def run_rank(
         # the GIL to release their tensors and the process aborts (seen here as a rare
         # SIGABRT of a rank whose work was done; pytorch/pytorch#179291 describes it).
         gc.collect()
+
+
+def _closing_barrier(rank: int, timeout: datetime.timedelta) -> None:
+    """An orderly end: no rank tears the group down (under torchrun, or with a master_port,
+    rank 0 hosts the rendezvous store) while another still uses it. A rank whose ``fn``
+    returned while another's still runs collectives waits here until the timeout: its error
+    says so (else it reads as a failure of its own)."""
+    try:
+        dist.barrier()
+    except Exception as exc:
+        exc.add_note(
+            f"rank {rank}'s function had returned; it waited here, in launch's closing "
+            f"barrier, for the other ranks' functions to return, and they did not within the "
+            f"collective timeout ({timeout.total_seconds():g} s): did one run a collective "
+            "that this rank never joined?"
+        )
+        raise
 
 
 def elastic_store(rank: int, world_size: int, timeout: datetime.timedelta) -> Store | None:

@@ -41,6 +41,15 @@ async def fail_on_rank_one(rank: int, world_size: int) -> None:
     await anyio.sleep_forever()
 
 
+async def returns_early_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 returns at once; rank 0, 2 s later, all-reduces (a collective rank 1 never
+    joins: ranks that diverged)."""
+    if rank == 1:
+        return
+    await anyio.sleep(2.0)
+    dist.all_reduce(torch.ones(1))
+
+
 async def sleep_forever(rank: int, world_size: int) -> None:
     await anyio.sleep_forever()
 

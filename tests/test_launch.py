@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import multiprocessing
 import os
@@ -259,6 +260,21 @@ def test_a_hung_rank_is_reported_within_hang_timeout_with_its_stacks(fault: str)
     else:
         assert info.value.hung == [0, 1] and "all ranks made no progress" in text
     assert "Stacks of rank 1" in text and "in on_step_end" in text  # where it is stuck
+    assert rank_processes() == []
+
+
+def test_a_rank_that_returned_while_another_ran_a_collective_says_so() -> None:
+    """Its error was a bare barrier timeout in launch's own code, as if it had failed. (Which
+    rank the report names first depends on timing: the timed-out barrier closes the
+    connection rank 0's collective waits on, and rank 0 may report that first.)"""
+    with pytest.raises(LaunchError) as info:
+        launch(
+            rank_jobs.returns_early_on_rank_one, nprocs=2,
+            collective_timeout=datetime.timedelta(seconds=3),
+        )  # fmt: skip
+    text = str(info.value)
+    assert "rank 1's function had returned; it waited here, in launch's closing barrier" in text
+    assert "collective timeout (3 s)" in text, text
     assert rank_processes() == []
 
 
