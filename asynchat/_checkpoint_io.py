@@ -330,16 +330,21 @@ class DirectoryLock:
         operator clearing a "stale" lock) or replaced leaves the holder locking nothing, and
         the next writer takes the directory. A name that is gone is taken again (with a
         warning); one now locked by another writer stops this writer's saves, before they
-        overwrite and prune the other run's checkpoints. (A directory that is gone is left
-        to the write, whose error names the file.)
+        overwrite and prune the other run's checkpoints. A directory that is gone (removed
+        by hand, with what it held) is made again and taken (with a warning): the run goes
+        on saving rather than failing at its next save and losing all it had trained.
         """
         fd = self._fd
-        if fd is None or fcntl is None or not self.directory.is_dir():
+        if fd is None or fcntl is None:
             return
         path = self.path
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return
+        gone = not self.directory.is_dir()
+        if gone:
+            self._make_again()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    return
         holder = self._take()  # (this writer keeps `fd` until it holds the new one)
         if holder is not None:
             raise self.error(
@@ -350,12 +355,25 @@ class DirectoryLock:
             )
         os.close(fd)
         warnings.warn(
-            f"{self.subject}: its lock file {path.name} was removed while this run held it "
-            "(a second writer could have taken the directory meanwhile); taken again. Do not "
-            "remove the lock of a live run",
+            f"{self.subject}: the directory was removed while this run wrote there, with "
+            "what it held; made again, and this run goes on writing there. Do not remove the "
+            "directory of a live run"
+            if gone
+            else f"{self.subject}: its lock file {path.name} was removed while this run held "
+            "it (a second writer could have taken the directory meanwhile); taken again. Do "
+            "not remove the lock of a live run",
             CheckpointWarning,
             stacklevel=2,
         )
+
+    def _make_again(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self.error(
+                f"{self.subject}: the directory was removed while this run wrote there, and "
+                f"cannot be made again: {exc}"
+            ) from exc
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

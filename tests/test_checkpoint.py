@@ -252,22 +252,23 @@ async def test_save_on_end_after_stop_and_cancellation_but_not_after_an_error(
     assert not list((tmp_path / "error").glob("*.ckpt"))
 
 
-class RemoveDirectory(Callback):
-    """Deletes the checkpoint directory before step 2, so the save after it fails."""
+class BlockTheName(Callback):
+    """Before step 2, puts a directory (not empty) under the name step 2's checkpoint takes,
+    so that its write fails. (A directory removed is made again: see test_checkpoint_safety.)"""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     def on_step_begin(self, state: LoopState) -> None:
         if state.global_step == 1:
-            shutil.rmtree(self.directory)
+            (self.directory / "step-000000002.ckpt" / "in-the-way").mkdir(parents=True)
 
 
 @pytest.mark.anyio
 async def test_a_failing_write_is_raised_naming_the_file(tmp_path: Path) -> None:
     save_dir = tmp_path / "ckpt"
     checkpoint = Checkpoint(save_dir, every_n_steps=2, save_on_end=False)
-    trainer = make_trainer(RemoveDirectory(save_dir), checkpoint, num_epochs=1)
+    trainer = make_trainer(BlockTheName(save_dir), checkpoint, num_epochs=1)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-000000002"):
         await trainer.fit()
     # Reported at the first step end after the write failed: at the latest, the next save.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -472,6 +473,47 @@ def test_a_lock_file_removed_mid_run_is_taken_again(tmp_path: Path) -> None:
     assert f"pid {os.getpid()}" in (tmp_path / LOCK).read_text()
     resumed = train(tmp_path, num_steps=8, resume_from=tmp_path, checkpoint=EVERY_STEP)
     assert resumed.global_step == 8  # the lock taken again was released at the end
+
+
+class RemoveFiles(Callback):
+    """At global step ``at`` (before that step's save), once the last step's checkpoint is
+    listed, removes ``path`` (an operator's ``rm -rf``: a directory with all it holds)."""
+
+    def __init__(self, directory: Path, path: Path, at: int) -> None:
+        self.directory, self.path, self.at = directory, path, at
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at:
+            wait_until_listed(self.directory, self.at - 1)
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            else:
+                self.path.unlink()
+
+
+def test_a_directory_removed_mid_run_is_made_again_and_the_run_saves_on(tmp_path: Path) -> None:
+    """Regression: the next save failed (no such file or directory), and with it the run:
+    everything it had trained was lost with the checkpoints the removal took."""
+    directory = tmp_path / "run" / "checkpoints"
+    with pytest.warns(CheckpointWarning, match="the directory was removed while this run wrote"):
+        state = train(
+            directory, RemoveFiles(directory, tmp_path / "run", at=4), checkpoint=EVERY_STEP
+        )
+    assert state.global_step == 6 and steps_on_disk(directory) == [4, 5, 6]
+    assert [e["global_step"] for e in manifest(directory)] == [4, 5, 6], "only what is there"
+    assert f"pid {os.getpid()}" in (directory / LOCK).read_text(), "the lock taken again"
+    resumed = train(directory, num_steps=8, resume_from=directory, checkpoint=EVERY_STEP)
+    assert resumed.global_step == 8
+
+
+def test_a_checkpoint_removed_by_hand_leaves_the_manifest_and_counts_for_nothing(
+    tmp_path: Path,
+) -> None:
+    """The manifest listed it until pruned, and it took a place in ``keep_last``."""
+    removal = RemoveFiles(tmp_path, tmp_path / "step-000000002.ckpt", at=4)
+    state = train(tmp_path, removal, checkpoint=EVERY_STEP)
+    assert state.global_step == 6 and steps_on_disk(tmp_path) == [1, 3, 4, 5, 6]
+    assert [e["global_step"] for e in manifest(tmp_path)] == [1, 3, 4, 5, 6]
 
 
 def test_a_run_whose_directory_another_writer_took_stops_saving_there(tmp_path: Path) -> None:

@@ -506,8 +506,12 @@ class Checkpoint(Callback):
     def _record(
         self, name: str, digest: str, size: int, progress: dict[str, Any], metric: float | None
     ) -> None:
-        """A checkpoint is in place: list it in the manifest, then prune what is not kept."""
-        entries = [e for e in self._entries if e["file"] != name]
+        """A checkpoint is in place: list it in the manifest, then prune what is not kept.
+        Entries whose files are gone (removed by hand, with the directory or alone) are
+        dropped, so that the manifest lists only what can be loaded."""
+        entries = [
+            e for e in self._entries if e["file"] != name and (self.save_dir / e["file"]).exists()
+        ]
         entries.append(manifest_entry(name, digest, size, progress, metric))
         kept = self._retain(entries)
         write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
