@@ -41,6 +41,32 @@ async def fail_on_rank_one(rank: int, world_size: int) -> None:
     await anyio.sleep_forever()
 
 
+async def diverged_on_rank_one(rank: int, world_size: int, checkpoints: str, kind: str) -> None:
+    """A DDP or FSDP (``kind``) trainer saving every 2 steps whose rank 1 puts a NaN into its
+    parameters (its replica, or its shard) at step 4's end, just before that step's save:
+    rank 0's are still finite there."""
+    from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint
+
+    class Poison(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if rank == 1 and state.global_step == 4:
+                with torch.no_grad():
+                    for p in state.loop.model.parameters():
+                        getattr(p, "to_local", lambda p=p: p)().fill_(float("nan"))
+
+    callbacks = [Poison(), Checkpoint(checkpoints, every_n_steps=2)]
+    if kind == "ddp":
+        trainer = plain_ddp_trainer(num_steps=8, callbacks=callbacks)
+    else:
+        trainer = FullyShardedDataParallelTrainer(
+            ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(), num_steps=8, device="cpu", callbacks=callbacks,
+        )  # fmt: skip
+    await trainer.fit()
+
+
 async def returns_early_on_rank_one(rank: int, world_size: int) -> None:
     """Rank 1 returns at once; rank 0, 2 s later, all-reduces (a collective rank 1 never
     joins: ranks that diverged)."""

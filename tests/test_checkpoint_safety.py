@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import numpy
 import pytest
+import rank_jobs
 import torch
 from conftest import make_data, make_trainer, wait_until_listed
 from torch.utils.data import DataLoader
@@ -514,6 +515,54 @@ def test_a_checkpoint_removed_by_hand_leaves_the_manifest_and_counts_for_nothing
     state = train(tmp_path, removal, checkpoint=EVERY_STEP)
     assert state.global_step == 6 and steps_on_disk(tmp_path) == [1, 3, 4, 5, 6]
     assert [e["global_step"] for e in manifest(tmp_path)] == [1, 3, 4, 5, 6]
+
+
+class Diverge(Callback):
+    """At step ``at``'s begin, puts a NaN into the model's first trainable parameter (as a
+    diverging update would): every later step's weights are NaN."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_begin(self, state: LoopState) -> None:
+        if state.global_step == self.at - 1:
+            with torch.no_grad():
+                next(state.loop.model.parameters()).fill_(float("nan"))
+
+
+def test_a_run_that_diverged_is_not_saved_and_prunes_no_checkpoint_it_could_resume_from(
+    tmp_path: Path,
+) -> None:
+    """Regression: each save of the diverged weights pruned a good checkpoint; with the NaN
+    found by TerminateOnNaN 20 steps late (or not at all), keep_last=3 kept only NaNs."""
+    long_epochs = DataLoader(make_data(480), batch_size=16)  # 30 steps an epoch
+    with pytest.raises(CheckpointError, match=r"not saved at global step 6: the parameters hold"):
+        train(tmp_path, Diverge(at=5), loader=long_epochs, num_steps=30,
+              checkpoint={"every_n_steps": 2, "keep_last": 2})  # fmt: skip
+    assert steps_on_disk(tmp_path) == [2, 4]
+    for file in tmp_path.glob("*.ckpt"):
+        weights = torch.load(file, weights_only=True)["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values()), file.name
+    assert train(tmp_path, num_steps=8, resume_from=tmp_path).global_step == 8
+
+
+def test_a_frozen_parameter_may_hold_infinities(tmp_path: Path) -> None:
+    """Only what trains is checked: a frozen parameter used as a mask may hold -inf."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 3))
+    model.register_parameter("mask", torch.nn.Parameter(torch.full((3,), -torch.inf), False))
+    assert train(tmp_path, model=model).global_step == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_distributed_run_diverged_on_one_rank_is_saved_by_none(tmp_path: Path, kind: str) -> None:
+    from asynchat import LaunchError, launch
+
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.diverged_on_rank_one, nprocs=2, args=(str(tmp_path), kind))
+    text = str(info.value)
+    assert "not saved at global step 4: the parameters hold NaN or infinite values" in text
+    assert "'0.weight'" in text or "on another rank" in text
+    assert [e["global_step"] for e in manifest(tmp_path)] == [2]
 
 
 def test_a_run_whose_directory_another_writer_took_stops_saving_there(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import (
     EXTRAS,
@@ -140,6 +142,12 @@ class Checkpoint(Callback):
     Retention: the newest checkpoint is always kept (so nothing is pruned before a newer one
     is safely written), plus the newest ``keep_last`` and the best ``keep_best`` by
     ``monitor``. A metric that is NaN or infinite never ranks as best.
+
+    A run that diverged is never saved: a save whose trainable parameters hold a NaN or an
+    infinity fails with a ``CheckpointError`` instead (one pass over the parameters and one
+    host sync per save). Saved, such checkpoints would prune the good ones: with
+    ``keep_last=3`` a run that diverged some saves before the error that ended it kept
+    nothing it could resume from.
 
     Args:
         save_dir: directory for checkpoints (created if missing).
@@ -323,6 +331,7 @@ class Checkpoint(Callback):
         decision = self._agreed(state)
         if decision is None:
             return
+        self._refuse_diverged(state)
         metric, missing = decision
         if state.accumulating and loop.is_rank_zero:
             warnings.warn(
@@ -345,6 +354,25 @@ class Checkpoint(Callback):
         self._last_ranked = metric is not None
         if missing is not None:
             raise missing  # after the write is on its way: the checkpoint is not lost
+
+    def _refuse_diverged(self, state: LoopState) -> None:
+        """Raise CheckpointError, on every rank alike, when a trainable parameter on any rank
+        holds a NaN or an infinity (frozen ones may hold what they like, such as masks)."""
+        loop = state.loop
+        name = nonfinite_parameter(loop.model)
+        if not (loop.any_rank(name is not None) if loop.spans_ranks else name is not None):
+            return
+        newest = self._entries[-1]["global_step"] if self._entries else None
+        raise CheckpointError(
+            f"Checkpoint(save_dir={str(self.save_dir)!r}): not saved at global step "
+            f"{state.global_step}: the parameters hold NaN or infinite values ("
+            + (f"{name!r}" if name is not None else "on another rank")
+            + "); the training diverged. Saved, it would prune the checkpoints a run can "
+            "resume from"
+            + (f" (the newest kept is global step {newest})" if newest is not None else "")
+            + ". Lower the learning rate, clip gradients (GradClip), check the data, or "
+            "stop earlier with TerminateOnNaN"
+        )
 
     def _callbacks_files(self, state: LoopState) -> list[Path]:
         """Where this save writes: the other callbacks' ``on_checkpoint`` (their own files
@@ -532,3 +560,30 @@ class Checkpoint(Callback):
             ranked.sort(key=lambda e: e["metric"], reverse=self.mode == "max")
             keep += ranked[: self.keep_best]
         return [e for e in by_step if any(e is k for k in keep)]
+
+
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first trainable parameter of ``model`` holding a NaN or an infinity
+    (this rank's shard of a sharded one), or None: one host sync.
+
+    A sum is NaN or infinite when a value summed is (NaN spreads; inf - inf is NaN), and a
+    sum is several times cheaper than ``isfinite(p).all()`` (measured on the CPU: 7 ms
+    against 105 ms over 25M parameters, a copy of them 42 ms). A sum of finite values can
+    overflow, so a parameter whose sum is not finite is checked whole before it is named."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    sums = [_local(p).detach().sum().float() for _, p in named]
+    sums_finite = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))
+    for i in (~sums_finite).nonzero().flatten().tolist():
+        name, parameter = named[int(i)]
+        if not bool(torch.isfinite(_local(parameter).detach()).all()):
+            return name
+    return None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor`` (a DTensor's local shard), else ``tensor`` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    local: torch.Tensor = to_local() if callable(to_local) else tensor
+    return local
