@@ -360,15 +360,23 @@ class Checkpoint(Callback):
         holds a NaN or an infinity (frozen ones may hold what they like, such as masks)."""
         loop = state.loop
         name = nonfinite_parameter(loop.model)
-        if not (loop.any_rank(name is not None) if loop.spans_ranks else name is not None):
+        if loop.spans_ranks:  # one agreement, which says which ranks
+            flags = [0.0] * loop.world_size
+            flags[loop.rank] = float(name is not None)
+            ranks = [r for r, flag in enumerate(loop.sum_over_ranks(flags)) if flag]
+            if not ranks:
+                return
+            which = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+            what = f"the parameters of {which}" + (f" ({name!r} here)" if name else "") + " hold"
+        elif name is None:
             return
+        else:
+            what = f"parameter {name!r} holds"
         newest = self._entries[-1]["global_step"] if self._entries else None
         raise CheckpointError(
             f"Checkpoint(save_dir={str(self.save_dir)!r}): not saved at global step "
-            f"{state.global_step}: the parameters hold NaN or infinite values ("
-            + (f"{name!r}" if name is not None else "on another rank")
-            + "); the training diverged. Saved, it would prune the checkpoints a run can "
-            "resume from"
+            f"{state.global_step}: {what} NaN or infinite values; the training "
+            "diverged. Saved, it would prune the checkpoints a run can resume from"
             + (f" (the newest kept is global step {newest})" if newest is not None else "")
             + ". Lower the learning rate, clip gradients (GradClip), check the data, or "
             "stop earlier with TerminateOnNaN"
