@@ -733,7 +733,43 @@ def test_on_checkpoint_may_return_one_path_and_nothing_else(
         train(tmp_path / "other", Confused())
 
 
-# -- two runs, one log -----------------------------------------------------------------------
+# -- logs removed, and two runs on one log ---------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_a_log_removed_mid_run_is_begun_anew_and_the_run_logs_on(tmp_path: Path, what: str) -> None:
+    """Regression: the logger went on writing into the file that no longer had a name, so
+    every later line was lost without a word (after an ``rm -rf`` of the run directory the
+    checkpoints came back, the log did not)."""
+    log, checkpoints = tmp_path / "logs" / "log.jsonl", tmp_path / "checkpoints"
+    removal = RemoveFiles(checkpoints, log.parent if what == "directory" else log, at=4)
+    expected = (
+        (CheckpointWarning, "the directory was removed while this run wrote")
+        if what == "directory"
+        else (RuntimeWarning, "the log was removed while this run wrote it")
+    )
+    with pytest.warns(expected[0], match=expected[1]):
+        train(checkpoints, removal, JSONLinesLogger(log, every_n_steps=1), checkpoint=EVERY_STEP)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps[-2:] == [5, 6] and set(steps) <= {4, 5, 6}, steps
+
+
+def test_a_tensorboard_log_dir_removed_mid_run_is_made_again_and_logged_on(tmp_path: Path) -> None:
+    """Regression: its writer's next write failed (FileNotFoundError), and the run with it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir, checkpoints = tmp_path / "tb", tmp_path / "checkpoints"
+    with pytest.warns(CheckpointWarning, match="the directory was removed while this run wrote"):
+        removal, logger = (
+            RemoveFiles(checkpoints, log_dir, at=4),
+            TensorBoardLogger(log_dir, every_n_steps=1),
+        )
+        state = train(checkpoints, removal, logger, checkpoint=EVERY_STEP)
+    assert state.global_step == 6
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps[-2:] == [5, 6] and set(steps) <= {4, 5, 6}, steps
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "tensorboard"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +81,31 @@ class ScalarLogger(Callback):
     def close(self) -> None:
         """Flush and close the output (on the compute thread, at ``on_loop_end``)."""
 
+    def _output_removed(self) -> bool:
+        """Whether the output this logger writes was removed (or replaced) under it."""
+        return False
+
+    def _reopen(self) -> None:
+        """Open the output anew at its path, after it was removed (:meth:`_follow`)."""
+
+    def _follow(self) -> None:
+        """At each flush: an output removed under the live run (by hand; its directory with
+        it) is opened anew at its path, with a warning. Else the rest of the run's values
+        went into a file that no longer had a name, lost without a word."""
+        held = self._held
+        if held is None or not self._output_removed():
+            return
+        directory_gone = not held.directory.is_dir()
+        held.check()  # the directory made again (with its warning), the lock taken again
+        self._reopen()
+        if not directory_gone:
+            warnings.warn(
+                f"{held.subject}: the log was removed while this run wrote it; a new one "
+                "is begun at its path (what the removed one held is gone)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def on_loop_begin(self, state: LoopState) -> None:
         # What is there already (restored by a resume) was logged when it was measured.
         metrics = state.metrics
@@ -100,6 +126,7 @@ class ScalarLogger(Callback):
     def on_epoch_end(self, state: LoopState) -> None:
         if not state.loop.is_rank_zero:
             return
+        self._follow()
         self._flush(wait=True)
         self._write_new_metrics(state)
 
@@ -125,6 +152,7 @@ class ScalarLogger(Callback):
         # The Checkpoint syncs the files to disk before it writes (a machine crash too).
         if not self._open:
             return []
+        self._follow()
         self._flush(wait=True)
         self._write_new_metrics(state)
         self.flush()
@@ -179,8 +207,14 @@ class TensorBoardLogger(ScalarLogger):
             self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        self._follow()  # (its writer fails, here or on its thread, in a directory removed)
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
+
+    def _output_removed(self) -> bool:
+        # The writer opens its event file by name at each write: a directory made again is
+        # enough, and the file is begun anew there.
+        return self._writer is not None and not self.log_dir.is_dir()
 
     def flush(self) -> None:
         self._writer.flush()  # waits for the writer's thread to write the event file
@@ -223,6 +257,18 @@ class JSONLinesLogger(ScalarLogger):
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._file is not None
         self._file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+
+    def _output_removed(self) -> bool:
+        if self._file is None:
+            return False
+        try:
+            return not os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return True
+
+    def _reopen(self) -> None:
+        self.close()  # (the file without a name)
+        self._file = self.path.open("a", encoding="utf-8")
 
     def on_epoch_end(self, state: LoopState) -> None:
         super().on_epoch_end(state)
