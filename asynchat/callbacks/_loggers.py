@@ -97,6 +97,7 @@ class ScalarLogger(Callback):
             return
         directory_gone = not held.directory.is_dir()
         held.check()  # the directory made again (with its warning), the lock taken again
+        held.directory.mkdir(parents=True, exist_ok=True)  # (where there is no flock too)
         self._reopen()
         if not directory_gone:
             warnings.warn(
