@@ -474,6 +474,24 @@ async def test_progress_plain_lines_and_rich_bar() -> None:
     assert progress._bar is None, "the bar (and rich's refresh thread) is stopped"
 
 
+def test_progress_on_a_closed_pipe_warns_once_and_the_training_goes_on() -> None:
+    """Regression: ``python train.py | head -2`` ended the training at step 3 with a
+    BrokenPipeError from the progress line (losing what it had trained since its last
+    checkpoint, and its final one)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone, as head is after two lines
+    closed_pipe = open(write_end, "w")  # noqa: SIM115 (closed below, whatever it raises)
+    try:
+        trainer = make_trainer(Progress(every_n_steps=1, stream=closed_pipe))
+        with pytest.warns(RuntimeWarning, match="stream can no longer be written") as caught:
+            state = anyio.run(trainer.fit)
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            closed_pipe.close()  # (what the failed write left buffered cannot go either)
+    assert state.global_step == 18 and trainer.status == "finished"
+    assert len([w for w in caught if "no longer" in str(w.message)]) == 1
+
+
 async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

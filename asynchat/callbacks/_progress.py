@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, TextIO
 
 from asynchat._callback import Callback
@@ -24,7 +25,8 @@ class Progress(Callback):
     advances a counter. Elsewhere (CI logs, files) a plain line is printed every
     ``every_n_steps`` steps (if given) and at the end of each epoch. Losses are not read per
     step: the line shows what callbacks such as :class:`MetricUpdater`, :class:`Validation` and
-    :class:`StatsMonitor` published.
+    :class:`StatsMonitor` published. A stream that can no longer be written (a closed pipe,
+    ``train.py | head``) ends the lines with a ``RuntimeWarning``; the training goes on.
     """
 
     def __init__(
@@ -95,10 +97,21 @@ class Progress(Callback):
             self._bar = None
 
     def _line(self, state: LoopState, what: str) -> None:
+        """Print one line; a stream that can no longer be written (a closed pipe: ``| head``;
+        a full disk under a redirect) ends the lines with a warning, not the training."""
         elapsed = time.perf_counter() - self._started
         metrics = _format_metrics(state.metrics)
-        print(
-            f"[{state.loop.name}] {what}  {metrics}  ({elapsed:.1f} s)".rstrip(),
-            file=self._out(),
-            flush=True,
-        )
+        try:
+            print(
+                f"[{state.loop.name}] {what}  {metrics}  ({elapsed:.1f} s)".rstrip(),
+                file=self._out(),
+                flush=True,
+            )
+        except OSError as exc:
+            self._quiet = True
+            warnings.warn(
+                f"Progress: its stream can no longer be written ({exc}); the training goes "
+                "on without progress lines",
+                RuntimeWarning,
+                stacklevel=2,
+            )
