@@ -492,6 +492,36 @@ def test_progress_on_a_closed_pipe_warns_once_and_the_training_goes_on() -> None
     assert len([w for w in caught if "no longer" in str(w.message)]) == 1
 
 
+class GoneTerminal(io.StringIO):
+    """A terminal whose window closes (``gone``): from then on the loop's writes fail (EIO).
+    (Those of rich's refresh thread still land, so that no thread's error can come in.)"""
+
+    gone = False
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.gone and type(threading.current_thread()).__name__ != "_RefreshThread":
+            raise OSError(5, "Input/output error")
+        return super().write(text)
+
+
+def test_progress_bar_on_a_terminal_gone_warns_and_fit_returns() -> None:
+    """Regression: the training ran to its end (final checkpoint written), then fit()
+    raised the OSError of the bar's last refresh."""
+    terminal = GoneTerminal()
+
+    class CloseTheWindow(Callback):
+        def on_loop_end(self, state: LoopState) -> None:  # (before Progress's)
+            terminal.gone = True
+
+    trainer = make_trainer(CloseTheWindow(), Progress(stream=terminal, rich=True))
+    with pytest.warns(RuntimeWarning, match="stream can no longer be written"):
+        state = anyio.run(trainer.fit)
+    assert state.global_step == 18 and trainer.status == "finished"
+
+
 async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

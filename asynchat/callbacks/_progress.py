@@ -92,9 +92,12 @@ class Progress(Callback):
             self._line(state, f"epoch {state.epoch + 1}{total} {done}, step {state.global_step}")
 
     def on_loop_end(self, state: LoopState) -> None:
-        if self._bar is not None:
-            self._bar.stop()  # joins rich's refresh thread
-            self._bar = None
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            try:
+                bar.stop()  # stops rich's refresh thread, then draws the bar a last time
+            except OSError as exc:  # a terminal gone (the thread is stopped first)
+                self._cannot_write(exc)
 
     def _line(self, state: LoopState, what: str) -> None:
         """Print one line; a stream that can no longer be written (a closed pipe: ``| head``;
@@ -108,10 +111,13 @@ class Progress(Callback):
                 flush=True,
             )
         except OSError as exc:
-            self._quiet = True
-            warnings.warn(
-                f"Progress: its stream can no longer be written ({exc}); the training goes "
-                "on without progress lines",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._cannot_write(exc)
+
+    def _cannot_write(self, exc: OSError) -> None:
+        self._quiet = True
+        warnings.warn(
+            f"Progress: its stream can no longer be written ({exc}); the training goes on "
+            "without progress lines",
+            RuntimeWarning,
+            stacklevel=3,
+        )
