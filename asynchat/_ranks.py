@@ -160,6 +160,14 @@ def sharded_over_ranks(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) and p.device_mesh.size() > 1 for p in model.parameters())
 
 
+def local_parts(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's part of each tensor: a ``DTensor``'s local shard (FSDP2's parameters),
+    any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def _refuse_unlike(everyone: list[str], message: str) -> None:
     """A ValueError unless every rank's entry of ``everyone`` is the same: ``message`` with
     each rank's entry listed in its ``{}``."""

@@ -36,6 +36,7 @@ from asynchat._checks import path as check_path
 from asynchat._checks import positive_int
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._every import UpdateDue, every_n_epochs
+from asynchat._ranks import local_parts
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import measured_at, misspelled
 
@@ -581,17 +582,10 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         return None
-    sums = [_local(p).detach().sum().float() for _, p in named]
+    parts = [part.detach() for part in local_parts(p for _, p in named)]
+    sums = [part.sum().float() for part in parts]
     sums_finite = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))
     for i in (~sums_finite).nonzero().flatten().tolist():
-        name, parameter = named[int(i)]
-        if not bool(torch.isfinite(_local(parameter).detach()).all()):
-            return name
+        if not bool(torch.isfinite(parts[int(i)]).all()):
+            return named[int(i)][0]
     return None
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``tensor`` (a DTensor's local shard), else ``tensor`` itself."""
-    to_local = getattr(tensor, "to_local", None)
-    local: torch.Tensor = to_local() if callable(to_local) else tensor
-    return local

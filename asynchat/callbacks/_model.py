@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from asynchat._callback import Callback
 from asynchat._checks import positive_int
 from asynchat._every import UpdateDue
 from asynchat._handle import LoopHandle
+from asynchat._ranks import local_parts
 from asynchat._state import LoopState
 
 
@@ -64,13 +64,6 @@ class ExponentialMovingAverage(Callback):
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
         return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
 
-    @staticmethod
-    def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's part of each tensor (of a DTensor under FSDP, its shard, which the
-        average's matching DTensor holds alike): the ``foreach`` ops below work on those
-        (DTensor has no sharding rule for some, e.g. ``_foreach_copy_``)."""
-        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-
     def on_loop_begin(self, state: LoopState) -> None:
         live = self._tensors(state.model)
         self._due = UpdateDue()
@@ -90,12 +83,15 @@ class ExponentialMovingAverage(Callback):
             min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         )
         live = [t.detach() for t in self._tensors(state.model)]
-        torch._foreach_lerp_(self._local(self.shadow), self._local(live), 1.0 - decay)
+        # On this rank's parts (under FSDP a DTensor's shard, which the average's matching
+        # DTensor holds alike): DTensor has no sharding rule for some foreach ops
+        # (``_foreach_copy_``).
+        torch._foreach_lerp_(local_parts(self.shadow), local_parts(live), 1.0 - decay)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """Use the averaged weights inside the block; the model's own come back after."""
-        live = self._local(self._tensors(model))
+        live = local_parts(self._tensors(model))
         saved = [t.detach().clone() for t in live]
         self.copy_to(model)
         try:
@@ -107,7 +103,7 @@ class ExponentialMovingAverage(Callback):
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the model's weights with the average."""
-        torch._foreach_copy_(self._local(self._tensors(model)), self._local(self.shadow))
+        torch._foreach_copy_(local_parts(self._tensors(model)), local_parts(self.shadow))
 
     def state_dict(self) -> dict[str, Any]:
         # The live average, not a copy (a checkpoint copies it to host memory, DCP stages it).
