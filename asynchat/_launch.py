@@ -58,8 +58,7 @@ class LaunchError(AsynchatError, RuntimeError):
 #: Linux process states (``/proc/<pid>/stat``) of a process that runs no code until resumed.
 _STOPPED = frozenset("Tt")
 _NO_STACKS = {
-    "T": "(none written: the process is stopped, by a SIGSTOP or a debugger)",
-    "t": "(none written: the process is stopped, by a SIGSTOP or a debugger)",
+    **dict.fromkeys(_STOPPED, "(none written: the process is stopped, by a SIGSTOP or a debugger)"),
     "D": "(none written: the process is in an uninterruptible wait in the kernel, state D: "
     "on a device or a network file system)",
 }
@@ -396,6 +395,8 @@ class _Ranks:
         if not alive:
             return None
         beats = {r: (self.beats[2 * r], self.beats[2 * r + 1]) for r in alive}
+        if all(now - beat <= hang_timeout for beat, _ in beats.values()):
+            return None  # (the common case, every poll: no rank's state read)
         counts = {r: count for r, (_, count) in beats.items()}
         behind = min(counts.values())
         # The rank furthest behind is the one the others wait for (in a collective): a hang
