@@ -350,8 +350,7 @@ class DirectoryLock:
             raise self.error(
                 f"{self.subject}: its lock file {path.name} was removed or replaced while "
                 f"this run wrote there, and another writer has taken the directory "
-                f"({holder}). This run saves nothing more there: give each run its own "
-                "save_dir"
+                f"({holder}). This run writes nothing more there: {self.in_use}"
             )
         os.close(fd)
         warnings.warn(
