@@ -144,8 +144,8 @@ def start_workers_as_before(loader: Iterable[Any]) -> None:
     loader cloned to skip a resumed epoch's first batches) creates the iterator there, and
     the extra draw gave the epoch another order than the uninterrupted run's. The workers'
     base seed is then drawn from the generators' state at that point, not the first
-    epoch's: random augmentations *in the workers* may still differ from the
-    uninterrupted run.
+    epoch's, which does not matter where each batch seeds its worker
+    (:func:`asynchat._worker_seeds.seeded_per_batch`).
     """
     if not has_persistent_workers(loader) or getattr(loader, "_iterator", None) is not None:
         return
@@ -172,6 +172,7 @@ def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:
         "generator": loader.generator,
         "persistent_workers": loader.persistent_workers,
         "pin_memory_device": loader.pin_memory_device,
+        "in_order": loader.in_order,
     }
     if loader.num_workers > 0:
         settings["prefetch_factor"] = loader.prefetch_factor
@@ -338,7 +339,7 @@ def reading(data_loader: Iterable[Any], device: torch.device) -> Reading:
       thread would cost more than the read (measured: 35-70 us a round trip here).
     - ``AHEAD``, ``prefetch`` batches ahead on the data thread, where none of the user's
       code runs in the reading: a ``DataLoader`` with workers (they run its dataset and
-      ``collate_fn``, seeded by the DataLoader; the thread waits for their batches and
+      ``collate_fn``, seeded batch by batch; the thread waits for their batches and
       stages them) and a list or tuple of batches for an accelerator (the thread pins and
       copies them).
     - ``ON_REQUEST``, on the data thread one batch at a time, while the step loop waits for

@@ -39,6 +39,7 @@ from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint
+from asynchat._worker_seeds import seeded_per_batch
 
 _LOG = logging.getLogger("asynchat.loop")
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
@@ -250,7 +251,7 @@ class LoopRun:
         state = self.state
         skip = resume.steps_done if resume is not None else 0
         state.steps_per_epoch = self.begin_epoch_data(state.epoch)
-        loader = skip_batches(self.data_loader, skip, self.data.skipped)
+        loader = skip_batches(seeded_per_batch(self.data_loader), skip, self.data.skipped)
         if state.epoch > 0:
             start_workers_as_before(loader)  # (a resumed run's; a run from the start has them)
         self.data.begin_epoch(state.epoch, self.data_loader, resume)

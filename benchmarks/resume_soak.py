@@ -71,6 +71,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "validation on the EMA": lambda c, i: c.validate_ema,
     "streamed data (no len())": lambda c, i: c.streamed,
     "augmentation in the dataset": lambda c, i: c.augmented and not (c.streamed or c.workers),
+    "augmentation in DataLoader workers": lambda c, i: c.augmented and c.workers,
     "uneven data over the ranks": lambda c, i: c.uneven,
     "control_lag=1": lambda c, i: c.control_lag == 1,
 }

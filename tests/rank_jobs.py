@@ -789,11 +789,13 @@ class Augmented(torch.utils.data.TensorDataset):
         return x + 0.1 * torch.rand(x.shape), y
 
 
-async def augmented_stop_resume(rank: int, world_size: int, out: str, phase: str) -> None:
+async def augmented_stop_resume(
+    rank: int, world_size: int, out: str, phase: str, workers: int = 0
+) -> None:
     """Two epochs of a model with dropout over :class:`Augmented` samples, shuffled, read on
-    the compute thread: ``straight``; ``stopped`` (rank 0 stops at global step 2, and the
-    final checkpoint goes to ``out/../checkpoints``); ``resumed`` from it. Writes the
-    weights to ``out/rank<r>.pt``."""
+    the compute thread (or by ``workers`` DataLoader workers): ``straight``; ``stopped``
+    (rank 0 stops at global step 2, and the final checkpoint goes to ``out/../checkpoints``);
+    ``resumed`` from it. Writes the weights to ``out/rank<r>.pt``."""
     from asynchat import Callback, DistributedDataParallelTrainer, LoopState
     from asynchat.callbacks import Checkpoint
 
@@ -806,7 +808,9 @@ async def augmented_stop_resume(rank: int, world_size: int, out: str, phase: str
     checkpoints = Path(out).parent / "checkpoints"
     trainer = DistributedDataParallelTrainer(
         dropout_model(),
-        torch.utils.data.DataLoader(Augmented(*ddp_data().tensors), batch_size=8, shuffle=True),
+        torch.utils.data.DataLoader(
+            Augmented(*ddp_data().tensors), batch_size=8, shuffle=True, num_workers=workers
+        ),
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
         num_epochs=2, device="cpu",
         callbacks=[StopOnRankZero()] + ([Checkpoint(checkpoints)] if phase != "straight" else []),

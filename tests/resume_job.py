@@ -10,7 +10,9 @@
 SHUFFLE is "global" (the DataLoader's order comes from torch's global RNG), "generator"
 (from a generator of its own) or "augmented" ("global", and each sample gets noise from
 torch's, Python's and NumPy's global RNGs as it is read, as a random augmentation in the
-dataset does). The model has dropout, so the RNG state matters every step.
+dataset does); "augmented-workers" and "augmented-persistent" read the augmented data in
+two DataLoader workers (persistent ones in the latter). The model has dropout, so the RNG
+state matters every step.
 """
 
 from __future__ import annotations
@@ -72,10 +74,14 @@ def job(mode: str, total: int, k: int, directory: Path, shuffle: str) -> dict[st
     random.seed(0)
     np.random.seed(0)
     g = torch.Generator().manual_seed(123)
-    kind = Augmented if shuffle == "augmented" else TensorDataset
+    kind = Augmented if shuffle.startswith("augmented") else TensorDataset
     data = kind(torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
     generator = torch.Generator().manual_seed(7) if shuffle == "generator" else None
-    loader = DataLoader(data, batch_size=16, shuffle=True, generator=generator)
+    workers = 2 if shuffle in ("augmented-workers", "augmented-persistent") else 0
+    loader = DataLoader(
+        data, batch_size=16, shuffle=True, generator=generator, num_workers=workers,
+        persistent_workers=shuffle == "augmented-persistent",
+    )  # fmt: skip
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
     counter = CountSteps()
     callbacks: list[Callback] = [counter]

@@ -63,9 +63,12 @@ def assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
 @pytest.mark.parametrize(
     ("k", "shuffle"),
     [(5, "global"), (6, "generator"), (9, "generator"), (12, "global"), (5, "augmented"),
-     (12, "augmented")],
+     (12, "augmented"), (5, "augmented-workers"), (9, "augmented-persistent"),
+     (12, "augmented-persistent")],
     ids=["mid-epoch-global-rng", "epoch-boundary-generator", "mid-epoch-2-generator",
-         "epoch-boundary-2-global-rng", "mid-epoch-augmented", "epoch-boundary-augmented"],
+         "epoch-boundary-2-global-rng", "mid-epoch-augmented", "epoch-boundary-augmented",
+         "mid-epoch-augmented-in-workers", "mid-epoch-2-augmented-in-persistent-workers",
+         "epoch-boundary-augmented-in-persistent-workers"],
 )  # fmt: skip
 def test_resume_in_a_new_process_is_bitwise_exact(tmp_path: Path, k: int, shuffle: str) -> None:
     """N steps straight == k steps, checkpoint, stop, resume in a new process up to N.

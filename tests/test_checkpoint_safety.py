@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState
 from asynchat._checkpoint_io import LOCK, serialize
+from asynchat._worker_seeds import seeded_per_batch
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
@@ -407,7 +408,9 @@ def test_a_forked_data_worker_does_not_keep_the_lock_of_a_finished_run(tmp_path:
     )  # fmt: skip
     first = make_trainer(Checkpoint(tmp_path), loader=loader, num_steps=3, num_epochs=None)
     anyio.run(first.fit)
-    assert loader._iterator is not None  # its worker process lives on, for the next run
+    # Its worker process lives on, for the next run (in the copy the engine iterates, which
+    # seeds the workers batch by batch).
+    assert seeded_per_batch(loader)._iterator is not None  # type: ignore[attr-defined]
     resumed = make_trainer(
         Checkpoint(tmp_path), loader=loader, num_steps=6, num_epochs=None, resume_from=tmp_path
     )

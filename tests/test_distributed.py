@@ -504,16 +504,19 @@ def test_a_stop_at_one_ranks_step_ends_every_rank_at_the_same_step(
     assert [r["stop_reason"] for r in results] == ["rank 0 had enough", "stopped on another rank"]
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-the-main-process", "in-workers"])
 def test_a_stop_then_resume_over_randomly_augmented_data_equals_an_uninterrupted_run(
-    tmp_path: Path,
+    tmp_path: Path, workers: int
 ) -> None:
     # The dataset draws noise from torch's generator as each sample is read. The resumed
     # run read its first batch with the state of the epoch's start (the order re-drawn),
     # and only then put back the stopped run's: that batch's noise, and all after, differed.
+    # In a worker, the resumed epoch's batches met the worker's generator where the new
+    # worker's seed put it, not where the batches skipped had left it.
     runs = {phase: tmp_path / phase for phase in ("straight", "stopped", "resumed")}
     for phase, out in runs.items():
         out.mkdir()
-        launch(rank_jobs.augmented_stop_resume, nprocs=2, args=(str(out), phase),
+        launch(rank_jobs.augmented_stop_resume, nprocs=2, args=(str(out), phase, workers),
                collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
     for rank in range(2):
         straight, stopped, resumed = (

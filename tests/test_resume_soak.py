@@ -122,7 +122,7 @@ class Config:
     streamed: bool = False  # an IterableDataset (no len()): each epoch's end is found by reading
     uneven: bool = False  # over several ranks: rank r has 16 * r more samples than rank 0
     control_lag: int = 0  # over several ranks: the trainer's (1: the agreement pipelined)
-    augmented: bool = False  # without workers or streaming: noise drawn as samples are read
+    augmented: bool = False  # not streamed: noise drawn as samples are read (in workers too)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -227,18 +227,20 @@ def trainer(
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     samples = 96 + 16 * rank if config.uneven else 96
     loader: Any = make_loader(samples, 16, shuffle=True)
-    if config.augmented and not (config.streamed or config.workers):
+    augmented = config.augmented and not config.streamed
+    if augmented:
         random.seed(0)  # (torch's is seeded with the model; a resumed run restores all three)
         numpy.random.seed(0)
+    data = Augmented(*make_data(samples).tensors) if augmented else make_data(samples)
+    if augmented and not config.workers:
         generator = torch.Generator().manual_seed(0)
-        data = Augmented(*make_data(samples).tensors)
         loader = DataLoader(data, batch_size=16, shuffle=True, generator=generator)
     if config.streamed:
         loader = DataLoader(Streamed(make_data(samples), rank, world_size), batch_size=16)
     elif config.workers:
         generator = torch.Generator().manual_seed(0)
         loader = DataLoader(
-            make_data(samples),
+            data,
             batch_size=16,
             shuffle=True,
             generator=generator,
@@ -261,7 +263,8 @@ def trainer(
 
 class Augmented(TensorDataset):
     """Samples with noise from torch's, Python's and NumPy's global generators, drawn as each
-    is read (a random augmentation in the main process, reproduced by a resumed run)."""
+    is read (a random augmentation, in the main process or in DataLoader workers, reproduced
+    by a resumed run)."""
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         x, y = super().__getitem__(index)
