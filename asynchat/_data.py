@@ -220,13 +220,19 @@ def with_last(
     limit: int | None,
     length: int | None,
     agree_last: Callable[[bool], bool] | None = None,
+    *,
+    unread: bool = False,
 ) -> Iterator[tuple[T, bool, bool]]:
     """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
     ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
     have run out.
 
-    With a known length the last item is counted; without one it is found by reading one
-    item ahead (so a data loader without ``len()`` is read one item early). An error from
+    With a known length the last item is counted, and the iterator let end after it (read
+    past its end), unless ``unread``: this rank's data has more items than the ``length``
+    its group agreed to step on, and those are left unread (reading one would run its
+    random augmentations, in a run going on and not in a run stopped there, and the two
+    would go on from other RNG states). Without a length the last item is found by reading
+    one item ahead (so a data loader without ``len()`` is read one item early). An error from
     reading ahead is raised after the item already read has been yielded. ``agree_last``
     (ranks of a group whose lengths are not all known): whether an item is the last is
     agreed before its step (``agree_last(flag)`` is True if ``flag`` is on any rank), and
@@ -235,18 +241,20 @@ def with_last(
     on alone to the item's step would meet its peers in another collective).
     """
     if length is not None:
-        return _counted(items, limit, length)
+        return _counted(items, limit, length, unread)
     return _read_ahead(items, limit, agree_last)
 
 
-def _counted(items: Iterator[T], limit: int | None, length: int) -> Iterator[tuple[T, bool, bool]]:
+def _counted(
+    items: Iterator[T], limit: int | None, length: int, unread: bool
+) -> Iterator[tuple[T, bool, bool]]:
     bound = length if limit is None else min(length, limit)
     try:
         if length <= 0:
             # No step: an epoch resumed after its last step, or one the ranks agreed is
-            # empty where this rank's is not. The iterator is let end all the same (below),
-            # or an item the ranks do not step on is dropped.
-            if (failed := _run_out(items)) is not None:
+            # empty. The iterator is let end all the same (below), unless this rank's data
+            # goes on: that is left unread.
+            if not unread and (failed := _run_out(items)) is not None:
                 raise failed
             return
         for count, item in enumerate(items, start=1):
@@ -255,7 +263,7 @@ def _counted(items: Iterator[T], limit: int | None, length: int) -> Iterator[tup
             # draw from its generator at its end (RandomSampler does), and the next epoch's
             # order, or a checkpoint's generator state, depends on it. An error it raises
             # there follows the item's step.
-            failed = _run_out(items) if count >= length else None
+            failed = _run_out(items) if count >= length and not unread else None
             yield item, count >= bound, count >= length
             if failed is not None:
                 raise failed

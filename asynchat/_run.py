@@ -25,6 +25,7 @@ from asynchat._control import Decision, LoopControl
 from asynchat._data import (
     READ_NOTE,
     Reading,
+    data_length,
     reading,
     skip_batches,
     start_workers_as_before,
@@ -50,6 +51,7 @@ class _EpochRun:
     """How one epoch's steps went: written by the step loop, read when the epoch ends."""
 
     skip: int  # steps of this epoch done before (a resumed epoch)
+    unread: bool = False  # this rank's data has more steps than its group agreed to run
     steps: int = 0  # steps run now
     ran_out: bool = False  # the epoch's data ran out (rather than stop() or num_steps)
     decision: Decision = Decision.CONTINUE  # what ended the steps
@@ -250,12 +252,13 @@ class LoopRun:
         decision that ended them (``CONTINUE`` when the data or ``num_steps`` did)."""
         state = self.state
         skip = resume.steps_done if resume is not None else 0
-        state.steps_per_epoch = self.begin_epoch_data(state.epoch)
+        state.steps_per_epoch = steps = self.begin_epoch_data(state.epoch)
         loader = skip_batches(seeded_per_batch(self.data_loader), skip, self.data.skipped)
         if state.epoch > 0:
             start_workers_as_before(loader)  # (a resumed run's; a run from the start has them)
         self.data.begin_epoch(state.epoch, self.data_loader, resume)
-        epoch = _EpochRun(skip)
+        own = None if steps is None else data_length(self.data_loader)
+        epoch = _EpochRun(skip, unread=steps is not None and own is not None and own > steps)
         try:
             source = workers_stop_with_loader(loader)
             with self._open_batches(source) as batches:
@@ -285,7 +288,8 @@ class LoopRun:
         length = state.steps_per_epoch
         length = None if length is None else max(0, length - epoch.skip)
         waiting_since = time.perf_counter()
-        for item, is_last, ends_data in with_last(batches, limit, length, control.agree_last):
+        read = with_last(batches, limit, length, control.agree_last, unread=epoch.unread)
+        for item, is_last, ends_data in read:
             if control.carried is not None:  # the boundary, agreed as the item was read
                 epoch.decision = self._decide(window_open=state.accumulating, carried=True)
                 if epoch.decision is not Decision.CONTINUE:

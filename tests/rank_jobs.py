@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -818,6 +819,42 @@ async def augmented_stop_resume(
     )  # fmt: skip
     state = await trainer.fit()
     torch.save({"model": trainer.model.state_dict(), "global_step": state.global_step},
+               Path(out, f"rank{rank}.pt"))  # fmt: skip
+
+
+async def uneven_augmented_cancel_resume(rank: int, world_size: int, out: str, phase: str) -> None:
+    """Two epochs over :class:`Augmented` samples, rank 1's data a batch longer than rank
+    0's (the ranks agree on 4 steps an epoch; rank 1 leaves its fifth batch): ``straight``;
+    ``cancelled`` (rank 0's ``fit()`` cancelled at global step 4, the first epoch's last,
+    whose end then does not run; the final checkpoint goes to ``out/../checkpoints``);
+    ``resumed`` from it. Writes the weights to ``out/rank<r>.pt``."""
+    from conftest import CancelAt
+
+    from asynchat import DistributedDataParallelTrainer
+    from asynchat.callbacks import Checkpoint
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(rank)
+    samples = 32 + 8 * rank
+    data = Augmented(
+        torch.randn(samples, 8, generator=g), torch.randint(0, 3, (samples,), generator=g)
+    )
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=rank)
+    checkpoints = Path(out).parent / "checkpoints"
+    cancel = CancelAt(4)
+    callbacks: list[Any] = [cancel] if phase == "cancelled" and rank == 0 else []
+    trainer = DistributedDataParallelTrainer(
+        dropout_model(), torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
+        num_epochs=2, device="cpu",
+        callbacks=callbacks + ([Checkpoint(checkpoints)] if phase != "straight" else []),
+        resume_from=checkpoints if phase == "resumed" else None,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "(?s).*different numbers of batches")
+        with anyio.CancelScope() as cancel.scope:
+            await trainer.fit()
+    torch.save({"model": trainer.model.state_dict(), "global_step": trainer.state.global_step},
                Path(out, f"rank{rank}.pt"))  # fmt: skip
 
 

@@ -528,6 +528,30 @@ def test_a_stop_then_resume_over_randomly_augmented_data_equals_an_uninterrupted
             assert torch.equal(value, resumed["model"][name]), name
 
 
+def test_a_rank_with_more_data_resumes_from_a_cancellation_at_an_epochs_last_step(
+    tmp_path: Path,
+) -> None:
+    """Regression: a rank whose data had more batches than the ranks agreed to run read one
+    more (its random augmentation drawing from torch's RNG) after each epoch's last step.
+    Cancelled there, the epoch's end did not run and its checkpoint was inside the epoch; the
+    resumed run went on with nothing left of the epoch and read that batch again, so rank 1
+    began the next epoch from another RNG state than the uninterrupted run. The extra
+    batches are now left unread, as the ranks' agreement says."""
+    runs = {phase: tmp_path / phase for phase in ("straight", "cancelled", "resumed")}
+    for phase, out in runs.items():
+        out.mkdir()
+        launch(rank_jobs.uneven_augmented_cancel_resume, nprocs=2, args=(str(out), phase),
+               collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    for rank in range(2):
+        straight, cancelled, resumed = (
+            torch.load(out / f"rank{rank}.pt", weights_only=True) for out in runs.values()
+        )
+        steps = straight["global_step"], cancelled["global_step"], resumed["global_step"]
+        assert steps == (8, 4, 8)
+        for name, value in straight["model"].items():
+            assert torch.equal(value, resumed["model"][name]), name
+
+
 def test_a_distributed_step_costs_one_agreement_with_or_without_a_data_length(
     tmp_path: Path,
 ) -> None:
