@@ -556,6 +556,34 @@ def test_a_frozen_parameter_may_hold_infinities(tmp_path: Path) -> None:
     assert train(tmp_path, model=model).global_step == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
 
 
+class OverflowStatistics(Callback):
+    """At step ``at``'s end, makes a BatchNorm's running variance NaN, as an activation that
+    overflowed does, while the parameters stay finite."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at:
+            with torch.no_grad():
+                state.loop.model[1].running_var[0] = float("nan")
+
+
+def test_a_run_whose_batchnorm_statistics_went_nan_is_not_saved(tmp_path: Path) -> None:
+    """Regression: only the trainable parameters were checked, and a checkpoint whose running
+    variance was NaN was saved (the resumed model's every eval output NaN), pruning good
+    ones. A buffer may hold infinities: a quantization observer's start values pass."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)
+    )
+    model.register_buffer("observed", torch.tensor([torch.inf, -torch.inf]))  # min, max
+    with pytest.raises(CheckpointError, match=r"global step 4: buffer '1.running_var' holds NaN"):
+        train(tmp_path, OverflowStatistics(at=3), model=model, checkpoint={"every_n_steps": 2})
+    assert steps_on_disk(tmp_path) == [2]
+    model[1].reset_running_stats()
+    assert train(tmp_path / "again", model=model).global_step == 6
+
+
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_a_distributed_run_diverged_on_one_rank_is_saved_by_none(tmp_path: Path, kind: str) -> None:
     from asynchat import LaunchError, launch
@@ -563,7 +591,7 @@ def test_a_distributed_run_diverged_on_one_rank_is_saved_by_none(tmp_path: Path,
     with pytest.raises(LaunchError) as info:
         launch(rank_jobs.diverged_on_rank_one, nprocs=2, args=(str(tmp_path), kind))
     text = str(info.value)
-    assert "not saved at global step 4: the parameters of rank 1" in text
+    assert "not saved at global step 4: the weights of rank 1" in text
     assert "hold NaN or infinite values" in text
     assert [e["global_step"] for e in manifest(tmp_path)] == [2]
 

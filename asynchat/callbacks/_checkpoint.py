@@ -145,10 +145,10 @@ class Checkpoint(Callback):
     ``monitor``. A metric that is NaN or infinite never ranks as best.
 
     A run that diverged is never saved: a save whose trainable parameters hold a NaN or an
-    infinity fails with a ``CheckpointError`` instead (one pass over the parameters and one
-    host sync per save). Saved, such checkpoints would prune the good ones: with
-    ``keep_last=3`` a run that diverged some saves before the error that ended it kept
-    nothing it could resume from.
+    infinity, or whose buffers a NaN (a BatchNorm's running statistics), fails with a
+    ``CheckpointError`` instead (one pass over the weights and one host sync per save).
+    Saved, such checkpoints would prune the good ones: with ``keep_last=3`` a run that
+    diverged some saves before the error that ended it kept nothing it could resume from.
 
     Args:
         save_dir: directory for checkpoints (created if missing).
@@ -357,22 +357,22 @@ class Checkpoint(Callback):
             raise missing  # after the write is on its way: the checkpoint is not lost
 
     def _refuse_diverged(self, state: LoopState) -> None:
-        """Raise CheckpointError, on every rank alike, when a trainable parameter on any rank
-        holds a NaN or an infinity (frozen ones may hold what they like, such as masks)."""
+        """Raise CheckpointError, on every rank alike, when the weights of any rank show the
+        training diverged (:func:`diverged_weight`)."""
         loop = state.loop
-        name = nonfinite_parameter(loop.model)
+        found = diverged_weight(loop.model)
         if loop.spans_ranks:  # one agreement, which says which ranks
             flags = [0.0] * loop.world_size
-            flags[loop.rank] = float(name is not None)
+            flags[loop.rank] = float(found is not None)
             ranks = [r for r, flag in enumerate(loop.sum_over_ranks(flags)) if flag]
             if not ranks:
                 return
             which = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
-            what = f"the parameters of {which}" + (f" ({name!r} here)" if name else "") + " hold"
-        elif name is None:
+            what = f"the weights of {which}" + (f" ({found} here)" if found else "") + " hold"
+        elif found is None:
             return
         else:
-            what = f"parameter {name!r} holds"
+            what = f"{found} holds"
         newest = self._entries[-1]["global_step"] if self._entries else None
         raise CheckpointError(
             f"Checkpoint(save_dir={str(self.save_dir)!r}): not saved at global step "
@@ -571,21 +571,29 @@ class Checkpoint(Callback):
         return [e for e in by_step if any(e is k for k in keep)]
 
 
-def nonfinite_parameter(model: torch.nn.Module) -> str | None:
-    """The name of the first trainable parameter of ``model`` holding a NaN or an infinity
-    (this rank's shard of a sharded one), or None: one host sync.
+def diverged_weight(model: torch.nn.Module) -> str | None:
+    """The first weight of ``model`` that shows the training diverged, named (``"parameter
+    'fc.weight'"``), or None: a trainable parameter holding a NaN or an infinity (this
+    rank's shard of a sharded one), or a floating-point buffer holding a NaN (a BatchNorm's
+    running variance after an overflow; a buffer may hold infinities: a mask's ``-inf``, an
+    observer's ``inf`` minimum). One host sync.
 
     A sum is NaN or infinite when a value summed is (NaN spreads; inf - inf is NaN), and a
     sum is several times cheaper than ``isfinite(p).all()`` (measured on the CPU: 7 ms
     against 105 ms over 25M parameters, a copy of them 42 ms). A sum of finite values can
-    overflow, so a parameter whose sum is not finite is checked whole before it is named."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    overflow, so a weight whose sum is not finite is checked whole before it is named."""
+    named: list[tuple[str, torch.Tensor]] = [
+        (f"parameter {n!r}", p) for n, p in model.named_parameters() if p.requires_grad
+    ]
+    trainable = len(named)
+    named += [(f"buffer {n!r}", b) for n, b in model.named_buffers() if b.is_floating_point()]
     if not named:
         return None
-    parts = [part.detach() for part in local_parts(p for _, p in named)]
+    parts = [part.detach() for part in local_parts(t for _, t in named)]
     sums = [part.sum().float() for part in parts]
     sums_finite = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]))
     for i in (~sums_finite).nonzero().flatten().tolist():
-        if not bool(torch.isfinite(parts[int(i)]).all()):
+        part = parts[int(i)]
+        if not bool(torch.isfinite(part).all() if i < trainable else ~torch.isnan(part).any()):
             return named[int(i)][0]
     return None
