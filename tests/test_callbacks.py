@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -520,6 +521,41 @@ def test_progress_bar_on_a_terminal_gone_warns_and_fit_returns() -> None:
     with pytest.warns(RuntimeWarning, match="stream can no longer be written"):
         state = anyio.run(trainer.fit)
     assert state.global_step == 18 and trainer.status == "finished"
+
+
+class ClosedTerminal(io.StringIO):
+    """A terminal whose window closes (``gone``): from then on every write fails (EIO), those
+    of rich's refresh thread too."""
+
+    gone = False
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.gone:
+            raise OSError(5, "Input/output error")
+        return super().write(text)
+
+
+def test_a_terminal_closed_under_the_progress_bar_ends_the_bar_and_not_the_training() -> None:
+    """Regression: rich's refresh thread met the failed write and died with a traceback (a
+    thread's unhandled exception); now the bar stops at the next step with one warning."""
+    terminal = ClosedTerminal()
+
+    class CloseTheWindow(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            terminal.gone = terminal.gone or state.global_step == 3
+            time.sleep(0.03)  # rich redraws 10 times a second: its thread meets the EIO
+
+    trainer = make_trainer(CloseTheWindow(), Progress(stream=terminal, rich=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = anyio.run(trainer.fit)
+    assert state.global_step == 18 and trainer.status == "finished"
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        "Progress: its stream can no longer be written"
+    ]
 
 
 async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:

@@ -17,6 +17,35 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
 
 
+class _Guarded:
+    """The stream a rich bar draws on, from the loop's thread and rich's refresh thread: the
+    first write that fails (a terminal gone, a closed pipe) is kept in ``failed`` rather
+    than raised, which in the refresh thread would end it with a traceback, and nothing is
+    written after it. The callback reports it at its next hook."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.failed: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.failed is None:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self.failed = exc
+        return len(text)
+
+    def flush(self) -> None:
+        if self.failed is None:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self.failed = exc
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's
+        return getattr(self._stream, name)
+
+
 class Progress(Callback):
     """Shows how far the loop is, with the latest ``state.metrics``.
 
@@ -26,7 +55,8 @@ class Progress(Callback):
     ``every_n_steps`` steps (if given) and at the end of each epoch. Losses are not read per
     step: the line shows what callbacks such as :class:`MetricUpdater`, :class:`Validation` and
     :class:`StatsMonitor` published. A stream that can no longer be written (a closed pipe,
-    ``train.py | head``) ends the lines with a ``RuntimeWarning``; the training goes on.
+    ``train.py | head``, a terminal closed) ends the lines, or the bar, with a
+    ``RuntimeWarning`` at the next step or epoch's end; the training goes on.
     """
 
     def __init__(
@@ -56,6 +86,7 @@ class Progress(Callback):
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
+            self._guarded = _Guarded(self._out())
             total = None
             if state.num_steps is not None:
                 total = state.num_steps
@@ -64,7 +95,7 @@ class Progress(Callback):
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=Console(file=self._out()),
+                console=Console(file=self._guarded),  # type: ignore[arg-type]
             )  # fmt: skip
             self._task = self._bar.add_task(state.loop.name, total=total, info="")
             self._task_completed = state.global_step
@@ -74,10 +105,12 @@ class Progress(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if self._quiet:
             return
-        if self._bar is not None:
+        if self._bar is not None and self._guarded.failed is None:
             self._bar.update(
                 self._task, completed=state.global_step, description=f"epoch {state.epoch + 1}"
             )
+        elif self._bar is not None:
+            self._stop_bar()
         elif every_n_steps(state, self.every_n_steps):
             self._line(state, f"step {state.global_step}")
 
@@ -86,18 +119,24 @@ class Progress(Callback):
             return
         if self._bar is not None:
             self._bar.update(self._task, info=_format_metrics(state.metrics))
+            if self._guarded.failed is not None:
+                self._stop_bar()
         else:
             total = f"/{state.num_epochs}" if state.num_epochs is not None else ""
             done = "done" if state.epoch_complete else "cut short"
             self._line(state, f"epoch {state.epoch + 1}{total} {done}, step {state.global_step}")
 
     def on_loop_end(self, state: LoopState) -> None:
+        if self._bar is not None:
+            self._stop_bar()
+
+    def _stop_bar(self) -> None:
+        """Stop rich's refresh thread and draw the bar a last time; a stream that failed
+        (then, or in the thread before) is reported once, and the bar is not drawn again."""
         bar, self._bar = self._bar, None
-        if bar is not None:
-            try:
-                bar.stop()  # stops rich's refresh thread, then draws the bar a last time
-            except OSError as exc:  # a terminal gone (the thread is stopped first)
-                self._cannot_write(exc)
+        bar.stop()
+        if self._guarded.failed is not None:
+            self._cannot_write(self._guarded.failed)
 
     def _line(self, state: LoopState, what: str) -> None:
         """Print one line; a stream that can no longer be written (a closed pipe: ``| head``;
@@ -114,7 +153,7 @@ class Progress(Callback):
             self._cannot_write(exc)
 
     def _cannot_write(self, exc: OSError) -> None:
-        self._quiet = True
+        self._quiet = True  # (a bar, already stopped, is not drawn again either)
         warnings.warn(
             f"Progress: its stream can no longer be written ({exc}); the training goes on "
             "without progress lines",
