@@ -6,7 +6,8 @@ stopping, schedules by step or epoch and a plateau schedule on the same optimize
 step checkpoints, LossMonitor, MetricUpdater, clipping, TerminateOnNaN, bf16, DataLoader
 workers (persistent in half the trials with them), read-ahead; in 3 trials of 10, two models
 with an optimizer each, updated one after the other in every step; in 2 of 10, validation on
-the EMA; in 3 of 10, an IterableDataset without len()) and one or two interruptions
+the EMA; in 3 of 10, an IterableDataset without len(); in 3 of 10, random augmentations
+drawn as samples are read, in the DataLoader's workers too) and one or two interruptions
 (``stop()`` or a cancellation at a random step), runs it straight and interrupted-then-
 resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. It also
 resumes a run from one of the straight run's checkpoints, drawn at random, as a run that
@@ -104,7 +105,7 @@ def main() -> None:
         if args.ranks > 1:  # (drawn apart, as above)
             lag = random.Random(f"{args.seed}-{n}-lag").random() < 0.5
             config = dataclasses.replace(config, control_lag=int(lag))
-        if args.ranks > 1 or streamed:
+        if streamed:
             config = dataclasses.replace(config, workers=False)
         interruptions = draw_interruptions(config, rng)
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
