@@ -558,6 +558,87 @@ def test_a_terminal_closed_under_the_progress_bar_ends_the_bar_and_not_the_train
     ]
 
 
+FULL_DISK_JOB = """
+import resource, sys, warnings
+from pathlib import Path
+import anyio
+from conftest import make_trainer
+from asynchat import Callback
+from asynchat.callbacks import JSONLinesLogger, TensorBoardLogger
+
+out, full_at, freed_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+class DiskFull(Callback):
+    # From step full_at on, no file of this process can grow (as on a full disk: writes
+    # fail with EFBIG, which Python gets instead of a SIGXFSZ); at freed_at, again.
+    def on_step_end(self, state):
+        if state.global_step == full_at:
+            logs = [f for f in out.rglob("*") if f.is_file() and "lock" not in f.name]
+            limit = min(f.stat().st_size for f in logs)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, unlimited[1]))
+        if state.global_step == freed_at:
+            resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+
+warnings.simplefilter("always")
+trainer = make_trainer(
+    DiskFull(), JSONLinesLogger(out / "log.jsonl", every_n_steps=1),
+    TensorBoardLogger(out / "tb", every_n_steps=1), num_epochs=40,
+)
+print("finished at step", anyio.run(trainer.fit).global_step)
+"""
+
+
+def run_on_a_full_disk(out: Path, full_at: int, freed_at: int) -> tuple[str, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_JOB, str(out), str(full_at), str(freed_at)],
+        cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+def logged_steps(out: Path) -> tuple[list[int], list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = (out / "log.jsonl").read_bytes().split(b"\n")
+    complete = [json.loads(line)["step"] for line in lines[:-1]]  # (the last: cut, or empty)
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    return complete, [e.step for e in events.Scalars("train/loss")]
+
+
+def test_logs_on_a_disk_that_fills_up_keep_their_values_until_it_has_room(tmp_path: Path) -> None:
+    """Regression: the first write of a log that failed (ENOSPC) ended the training with a
+    bare OSError naming no file (TensorBoard's writer thread died with a traceback first).
+    Now the training goes on, the values wait in memory, and are written when the disk
+    has room again: each log holds every step once."""
+    stdout, stderr = run_on_a_full_disk(tmp_path, full_at=20, freed_at=150)
+    assert "finished at step 240" in stdout
+    jsonl, tb = logged_steps(tmp_path)
+    assert jsonl == tb == list(range(1, 241))
+    for logger in ("JSONLinesLogger", "TensorBoardLogger"):
+        warned = [line for line in stderr.splitlines() if f"RuntimeWarning: {logger}(" in line]
+        assert len(warned) == 2, stderr
+        assert "cannot write the log ([Errno 27] File too large)" in warned[0]
+        assert "the log is written again; no value was lost" in warned[1]
+    assert "Traceback" not in stderr
+
+
+def test_logs_on_a_disk_that_stays_full_say_what_they_lost_and_the_training_ends(
+    tmp_path: Path,
+) -> None:
+    stdout, stderr = run_on_a_full_disk(tmp_path, full_at=20, freed_at=-1)
+    assert "finished at step 240" in stdout
+    # What the logs held when the disk filled: the steps up to the last epoch's end (each
+    # epoch of 6 steps flushes them), every record whole.
+    assert logged_steps(tmp_path) == (list(range(1, 19)), list(range(1, 19)))
+    for logger in ("JSONLinesLogger", "TensorBoardLogger"):
+        warned = [line for line in stderr.splitlines() if f"RuntimeWarning: {logger}(" in line]
+        assert len(warned) == 2 and "could not be written before the loop ended" in warned[1]
+    assert "Traceback" not in stderr
+
+
 async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

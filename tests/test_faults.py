@@ -91,7 +91,7 @@ async def test_an_error_in_any_phase_with_every_callback_present_loses_nothing(
     # Every callback's teardown ran: the writer joined, the log closed, no thread left.
     assert not engine_threads()
     log: Any = callbacks[8]
-    assert log._file is None
+    assert log._log is None
     checkpoints = sorted((tmp_path / "ckpt").glob("step-*.ckpt"))
     for file in checkpoints:  # whatever was written is complete
         load_checkpoint(file)
@@ -127,7 +127,7 @@ async def test_every_on_loop_end_runs_and_the_first_error_carries_the_others(
     notes = "\n".join(caught.value.__notes__)
     assert "async teardown failed too" in notes and "Boom: third" in notes
     assert (tmp_path / "step-000000006.ckpt").exists()  # Checkpoint's final save ran
-    assert log._file is None  # and the logger closed its file
+    assert log._log is None  # and the logger closed its file
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 6
 
 

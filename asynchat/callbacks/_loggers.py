@@ -1,13 +1,18 @@
-"""Loggers: TensorBoard event files and JSON Lines, fed without per-step host syncs."""
+"""Loggers: TensorBoard event files and JSON Lines, fed without per-step host syncs, that
+a full disk does not stop."""
 
 from __future__ import annotations
 
+import collections
+import io
+import itertools
 import json
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
@@ -177,16 +182,97 @@ class ScalarLogger(Callback):
             self.write(step, {self.prefix + k: float(v) for k, v in copy.wait().items()})
 
 
+#: A log's waiting records are written once this many bytes wait (and at each flush).
+_CHUNK = 8192
+
+
+class _LogFile:
+    """A log file records are appended to, written in chunks from the loop's compute thread.
+
+    Records wait in memory until written. A write that fails (a full disk) does not end the
+    training: the records wait on and are written once the file takes them again, with a
+    ``RuntimeWarning`` when the writes begin to fail and one when they succeed again. A
+    write may take part of what waits; the rest follows it, so a record cut by a full disk
+    is completed later.
+    """
+
+    def __init__(self, path: Path, owner: str) -> None:
+        self.path, self.owner = path, owner
+        self._file = path.open("ab", buffering=0)  # unbuffered: what it took is known
+        self._unwritten = bytearray()
+        self._sizes: collections.deque[int] = collections.deque()  # of the records waiting
+        self._cut = 0  # bytes of the first waiting record already written
+        self._failing: OSError | None = None  # while writes fail: the last one's error
+
+    def append(self, record: bytes) -> None:
+        self._unwritten += record
+        self._sizes.append(len(record))
+        if len(self._unwritten) >= _CHUNK:
+            self.write_out()
+
+    def write_out(self) -> None:
+        """Write what waits, as far as the file takes it."""
+        while self._unwritten:
+            try:
+                written = self._file.write(self._unwritten) or 0
+            except OSError as exc:
+                if self._failing is None:
+                    self._warn(f"cannot write the log ({exc}); its values are kept in memory "
+                               "and written when it takes them again")  # fmt: skip
+                self._failing = exc
+                return
+            del self._unwritten[:written]
+            self._cut += written
+            while self._sizes and self._cut >= self._sizes[0]:
+                self._cut -= self._sizes.popleft()
+        if self._failing is not None:
+            self._failing = None
+            self._warn("the log is written again; no value was lost")
+
+    def removed(self) -> bool:
+        """Whether the file was removed (or replaced) under this writer."""
+        try:
+            return not os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return True
+
+    def moved_to(self, path: Path) -> _LogFile:
+        """This log's waiting records, now to be written to a new file at ``path`` (this one
+        was removed); a record cut short by a failed write went with the removed file."""
+        self._file.close()
+        moved = _LogFile(path, self.owner)
+        if self._cut:
+            del self._unwritten[: self._sizes.popleft() - self._cut]
+        moved._unwritten, moved._sizes = self._unwritten, self._sizes
+        return moved
+
+    def close(self) -> None:
+        """Write what waits and close; what cannot be written is lost, with a warning."""
+        try:
+            self.write_out()
+            if self._sizes:
+                self._warn(f"its last {len(self._sizes)} record(s) could not be written before "
+                           f"the loop ended, and are lost ({self._failing})")  # fmt: skip
+        finally:
+            self._file.close()
+
+    def _warn(self, what: str) -> None:
+        warnings.warn(f"{self.owner}: {what}", RuntimeWarning, stacklevel=4)
+
+
 # A TensorBoard log directory's lock (another name than a Checkpoint's: both may share one).
 _LOG_LOCK = ".asynchat-log.lock"
+_EVENT_FILES = itertools.count()
 
 
 class TensorBoardLogger(ScalarLogger):
     """Writes scalars to TensorBoard event files in ``log_dir``.
 
-    Uses ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard`` package), whose
-    own thread writes the event files, so neither the event loop nor the compute thread waits
-    on the disk.
+    Writes the event files itself, as :class:`JSONLinesLogger` writes its lines (in chunks
+    of 8 KiB, and at each epoch's end and checkpoint; a write that fails, on a full disk,
+    does not end the training: see there), in TensorBoard's format (needs the
+    ``tensorboard`` package). A resumed run's event file makes TensorBoard drop what the
+    earlier files hold for the steps it logs again.
     """
 
     def __init__(
@@ -194,40 +280,70 @@ class TensorBoardLogger(ScalarLogger):
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.log_dir = Path(log_dir)
-        self._writer: Any = None
+        self._log: _LogFile | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         super().on_loop_begin(state)
         if state.loop.is_rank_zero:
             self._held = self._lock(self.log_dir, _LOG_LOCK, f"log_dir={str(self.log_dir)!r}")
+            self._log = _LogFile(self._event_file(), self._held.subject)
             # Resumed (from a checkpoint at global_step): TensorBoard drops what the event
             # files hold for later steps, which this run logs again.
-            purge = state.global_step + 1 if state.global_step else None
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
+            self._begin(purge=state.global_step + 1 if state.global_step else None)
+
+    def _event_file(self) -> Path:
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+        return self.log_dir / f"{name}.{os.getpid()}.{next(_EVENT_FILES)}"
+
+    def _begin(self, purge: int | None = None) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self._event(Event(step=purge or 0, file_version="brain.Event:2"))
+        if purge is not None:
+            self._event(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        self._follow()  # (its writer fails, here or on its thread, in a directory removed)
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, value, step)
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._follow()
+        values = [Summary.Value(tag=name, simple_value=value) for name, value in scalars.items()]
+        self._event(Event(step=step, summary=Summary(value=values)))
+
+    def _event(self, event: Any) -> None:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        assert self._log is not None
+        event.wall_time = time.time()
+        record = io.BytesIO()
+        RecordWriter(record).write(event.SerializeToString())
+        self._log.append(record.getvalue())
 
     def _output_removed(self) -> bool:
-        # The writer opens its event file by name at each write: a directory made again is
-        # enough, and the file is begun anew there.
-        return self._writer is not None and not self.log_dir.is_dir()
+        return self._log is not None and self._log.removed()
+
+    def _reopen(self) -> None:
+        assert self._log is not None
+        self._log = self._log.moved_to(self._event_file())
+        self._begin()
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        super().on_epoch_end(state)
+        if self._log is not None:
+            self.flush()
 
     def flush(self) -> None:
-        self._writer.flush()  # waits for the writer's thread to write the event file
+        assert self._log is not None
+        self._log.write_out()
 
     def files(self) -> list[Path]:
-        # This run's event file and any earlier run's (synced already: costs nothing).
+        # This run's event files and any earlier run's (synced already: costs nothing).
         return sorted(self.log_dir.glob("events.out.tfevents.*"))
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._log is not None:
+            log, self._log = self._log, None
+            log.close()
 
 
 class JSONLinesLogger(ScalarLogger):
@@ -237,6 +353,13 @@ class JSONLinesLogger(ScalarLogger):
     killed process left half-written is dropped when the next run opens the file; a
     resumed run drops the lines of steps after its checkpoint's (see
     :class:`ScalarLogger`).
+
+    Lines are written in chunks of 8 KiB, and at each epoch's end and checkpoint, from the
+    compute thread (a write into the operating system's cache). A write that fails (a full
+    disk) does not end the training: the lines are kept in memory and written once the file
+    takes them again, with a ``RuntimeWarning`` when the writes begin to fail and one when
+    they succeed again; lines still unwritten when the loop ends are lost, and a last
+    warning says how many.
     """
 
     def __init__(
@@ -244,7 +367,7 @@ class JSONLinesLogger(ScalarLogger):
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.path = Path(path)
-        self._file: IO[str] | None = None
+        self._log: _LogFile | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
         super().on_loop_begin(state)
@@ -253,40 +376,36 @@ class JSONLinesLogger(ScalarLogger):
             self._held = self._lock(self.path.parent, lock, f"path={str(self.path)!r}")
             if self.path.exists():
                 _trim(self.path, after=state.global_step if state.global_step else None)
-            self._file = self.path.open("a", encoding="utf-8")
+            self._log = _LogFile(self.path, self._held.subject)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        assert self._file is not None
-        self._file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        assert self._log is not None
+        line = json.dumps({"step": step, "time": time.time(), **scalars}) + "\n"
+        self._log.append(line.encode())
 
     def _output_removed(self) -> bool:
-        if self._file is None:
-            return False
-        try:
-            return not os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
-        except FileNotFoundError:
-            return True
+        return self._log is not None and self._log.removed()
 
     def _reopen(self) -> None:
-        self.close()  # (the file without a name)
-        self._file = self.path.open("a", encoding="utf-8")
+        assert self._log is not None
+        self._log = self._log.moved_to(self.path)
 
     def on_epoch_end(self, state: LoopState) -> None:
         super().on_epoch_end(state)
-        if self._file is not None:
+        if self._log is not None:
             self.flush()
 
     def flush(self) -> None:
-        assert self._file is not None
-        self._file.flush()
+        assert self._log is not None
+        self._log.write_out()
 
     def files(self) -> list[Path]:
         return [self.path]
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._log is not None:
+            log, self._log = self._log, None
+            log.close()
 
 
 def _trim(path: Path, *, after: int | None) -> None:
