@@ -214,7 +214,9 @@ class _LogFile:
         """Write what waits, as far as the file takes it."""
         while self._unwritten:
             try:
-                written = self._file.write(self._unwritten) or 0
+                written = self._file.write(self._unwritten)
+                if not written:  # (a regular file takes some or raises; never loop on none)
+                    raise OSError(f"the file took none of {len(self._unwritten)} bytes")
             except OSError as exc:
                 if self._failing is None:
                     self._warn(f"cannot write the log ({exc}); its values are kept in memory "
