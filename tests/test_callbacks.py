@@ -639,6 +639,34 @@ def test_logs_on_a_disk_that_stays_full_say_what_they_lost_and_the_training_ends
     assert "Traceback" not in stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_log_that_takes_no_writes_keeps_at_most_its_limit_in_memory(tmp_path: Path) -> None:
+    """A disk full for days must not fill the memory too: past ``max_waiting`` bytes the
+    records are dropped, and counted in the last warning."""
+    from asynchat.callbacks._loggers import _LogFile
+
+    path = tmp_path / "log.jsonl"
+    path.symlink_to("/dev/full")  # every write: ENOSPC
+    log = _LogFile(path, "JSONLinesLogger(probe)")
+    log.max_waiting = 100
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            log.append(b"x" * 30 + b"\n")
+        log.write_out()
+        for _ in range(7):
+            log.append(b"x" * 30 + b"\n")
+        log.close()
+    assert [str(w.message) for w in caught] == [
+        "JSONLinesLogger(probe): cannot write the log ([Errno 28] No space left on device); "
+        "its values are kept in memory and written when it takes them again",
+        "JSONLinesLogger(probe): 93 bytes of the log wait to be written; the values logged "
+        "from now on are dropped until it takes writes again",
+        "JSONLinesLogger(probe): its last 10 record(s) could not be written before the loop "
+        "ended, and are lost ([Errno 28] No space left on device)",
+    ]
+
+
 async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -184,6 +184,9 @@ class ScalarLogger(Callback):
 
 #: A log's waiting records are written once this many bytes wait (and at each flush).
 _CHUNK = 8192
+#: While a log's file takes no writes, at most this much of it waits in memory; the records
+#: logged beyond it are dropped (and counted), so a disk full for days costs no more memory.
+_MAX_WAITING = 64 << 20
 
 
 class _LogFile:
@@ -193,7 +196,8 @@ class _LogFile:
     training: the records wait on and are written once the file takes them again, with a
     ``RuntimeWarning`` when the writes begin to fail and one when they succeed again. A
     write may take part of what waits; the rest follows it, so a record cut by a full disk
-    is completed later.
+    is completed later. At most ``max_waiting`` bytes wait: later records are dropped,
+    counted, until the file takes writes again.
     """
 
     def __init__(self, path: Path, owner: str) -> None:
@@ -203,8 +207,17 @@ class _LogFile:
         self._sizes: collections.deque[int] = collections.deque()  # of the records waiting
         self._cut = 0  # bytes of the first waiting record already written
         self._failing: OSError | None = None  # while writes fail: the last one's error
+        self._dropped = 0  # records dropped since the writes began to fail
+        self.max_waiting = _MAX_WAITING
 
     def append(self, record: bytes) -> None:
+        if len(self._unwritten) + len(record) > self.max_waiting:
+            if not self._dropped:
+                self._warn(f"{len(self._unwritten)} bytes of the log wait to be written; the "
+                           "values logged from now on are dropped until it takes writes "
+                           "again")  # fmt: skip
+            self._dropped += 1
+            return
         self._unwritten += record
         self._sizes.append(len(record))
         if len(self._unwritten) >= _CHUNK:
@@ -228,8 +241,15 @@ class _LogFile:
             while self._sizes and self._cut >= self._sizes[0]:
                 self._cut -= self._sizes.popleft()
         if self._failing is not None:
-            self._failing = None
-            self._warn("the log is written again; no value was lost")
+            dropped, self._failing, self._dropped = self._dropped, None, 0
+            self._warn(
+                "the log is written again; "
+                + (
+                    f"{dropped} record(s) were dropped meanwhile"
+                    if dropped
+                    else "no value was lost"
+                )
+            )
 
     def removed(self) -> bool:
         """Whether the file was removed (or replaced) under this writer."""
@@ -246,15 +266,18 @@ class _LogFile:
         if self._cut:
             del self._unwritten[: self._sizes.popleft() - self._cut]
         moved._unwritten, moved._sizes = self._unwritten, self._sizes
+        moved._failing, moved._dropped = self._failing, self._dropped
+        moved.max_waiting = self.max_waiting
         return moved
 
     def close(self) -> None:
         """Write what waits and close; what cannot be written is lost, with a warning."""
         try:
             self.write_out()
-            if self._sizes:
-                self._warn(f"its last {len(self._sizes)} record(s) could not be written before "
-                           f"the loop ended, and are lost ({self._failing})")  # fmt: skip
+            if self._sizes or self._dropped:
+                lost = len(self._sizes) + self._dropped
+                self._warn(f"its last {lost} record(s) could not be written before the loop "
+                           f"ended, and are lost ({self._failing})")  # fmt: skip
         finally:
             self._file.close()
 
