@@ -64,16 +64,19 @@ def _seed_worker(seed: int) -> None:
 
 
 class SeededIndices(list[Any]):
-    """A batch's indices, carrying the batch's seed: iterated in a DataLoader worker, they
-    first seed that worker's generators (in any other process they are a plain list)."""
+    """A batch's indices, carrying the batch's seed: iterated in a DataLoader worker for the
+    first time, they first seed that worker's generators (iterated again, as a dataset's
+    ``__getitems__`` may, they do not seed them again, which would repeat the batch's first
+    random numbers; in any other process they are a plain list)."""
 
-    def __init__(self, indices: Iterable[Any], seed: int) -> None:
+    def __init__(self, indices: Iterable[Any], seed: int | None) -> None:
         super().__init__(indices)
         self.seed = seed
 
     def __iter__(self) -> Iterator[Any]:
-        if get_worker_info() is not None:
-            _seed_worker(self.seed)
+        if self.seed is not None and get_worker_info() is not None:
+            seed, self.seed = self.seed, None
+            _seed_worker(seed)
         return list.__iter__(self)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -113,8 +113,14 @@ def open_handle(worker_id: int) -> None:
 
 
 class Batches(OpensInWorker):
+    """Iterates its indices again for each sample: the first iteration seeds the worker,
+    the others must not (each sample's noise would be the first sample's)."""
+
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        return super().__getitems__(list(indices))  # (iterating them seeds the worker)
+        samples = []
+        for n in range(len(indices)):
+            samples += super().__getitems__([list(indices)[n]])
+        return samples
 
 
 def test_the_workers_read_the_users_own_dataset_its_getitems_too() -> None:
@@ -125,7 +131,9 @@ def test_the_workers_read_the_users_own_dataset_its_getitems_too() -> None:
         )
         return torch.cat(list(seeded_per_batch(loader)))
 
-    assert torch.equal(read(1), read(2))
+    one = read(1)
+    assert torch.equal(one, read(2))
+    assert len(set(one[:, 1].tolist())) == len(one)  # every sample its own noise
 
 
 def test_loaders_left_as_they_are_and_the_rebuilt_one_kept() -> None:
