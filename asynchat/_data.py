@@ -157,6 +157,14 @@ def start_workers_as_before(loader: Iterable[Any]) -> None:
         generator.set_state(state)
 
 
+def retire(loader: Iterable[Any]) -> None:
+    """Stop the persistent workers of a loader made for one epoch (:func:`skip_batches`'s
+    clone) as its epoch ends, rather than when the collector frees the clone."""
+    iterator = getattr(loader, "_iterator", None) if has_persistent_workers(loader) else None
+    if iterator is not None:
+        iterator._shutdown_workers()
+
+
 def loader_settings(loader: DataLoader[Any]) -> dict[str, Any]:
     """The keyword arguments that rebuild ``loader`` around another sampler: everything but
     the dataset and how it is sampled and batched."""

@@ -83,6 +83,21 @@ class DeviceStager:
 JOIN_TIMEOUT_S = 10.0
 
 
+def stop_workers(iterator: object) -> None:
+    """Shut the worker processes of a DataLoader's iterator down now, as its epoch's reading
+    ends however it ends, unless its loader keeps them for the next epoch (persistent
+    workers); anything else is left alone.
+
+    Left to the iterator's release, an epoch ended early (a stop, a cancellation, an error)
+    kept its workers running for as long as a reference cycle held the iterator (the frames
+    of the traceback that ended it), until the cycle collector came by; a later loader's
+    workers, forked meanwhile, inherited it, and a collection in one of them ran its shutdown
+    there ("Exception ignored ... AssertionError: can only test a child process")."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None and not getattr(iterator, "_persistent_workers", True):
+        shutdown()
+
+
 class Interrupted(Exception):
     """The consumer of a :class:`Prefetcher` was interrupted while waiting for an item."""
 
@@ -162,6 +177,11 @@ class Prefetcher(Generic[T]):
                 stacklevel=2,
             )
 
+    @property
+    def finished(self) -> bool:
+        """Whether the thread has ended (after leaving: it was not left blocked)."""
+        return not self._thread.is_alive()
+
     def __iter__(self) -> Iterator[T]:
         return self
 
@@ -219,19 +239,20 @@ class Prefetcher(Generic[T]):
             if not self._asked():
                 return
             iterator = iter(self._iterable)
-            while True:
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    break
-                staged = item if self._stage is None else self._stage(item)
-                if not self._push(staged) or not self._asked():
-                    return
+            try:
+                while True:
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        break
+                    staged = item if self._stage is None else self._stage(item)
+                    if not self._push(staged) or not self._asked():
+                        return
+            finally:
+                stop_workers(iterator)
             self._push(_End(None))
         except BaseException as exc:
             self._push(_End(exc))
-        # Leaving drops the iterator: a DataLoader's iterator shuts its worker processes
-        # down when it is released.
 
 
 class InlineBatches:
@@ -251,13 +272,16 @@ class InlineBatches:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._iterator = None
+        iterator, self._iterator = self._iterator, None
+        stop_workers(iterator)
 
     def __iter__(self) -> Iterator[Any]:
         assert self._iterator is not None, "iterated inside its with block"
         if self._stage is None:
             return self._iterator
         return map(self._stage, self._iterator)
+
+    finished = True  # (the consumer's thread iterates it: nothing is left running)
 
     def interrupt(self) -> None:
         """Nothing to wake: the consumer is the thread that iterates."""

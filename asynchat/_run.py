@@ -27,6 +27,7 @@ from asynchat._data import (
     Reading,
     data_length,
     reading,
+    retire,
     skip_batches,
     start_workers_as_before,
     with_last,
@@ -253,7 +254,8 @@ class LoopRun:
         state = self.state
         skip = resume.steps_done if resume is not None else 0
         state.steps_per_epoch = steps = self.begin_epoch_data(state.epoch)
-        loader = skip_batches(seeded_per_batch(self.data_loader), skip, self.data.skipped)
+        reader = seeded_per_batch(self.data_loader)
+        loader = skip_batches(reader, skip, self.data.skipped)
         if state.epoch > 0:
             start_workers_as_before(loader)  # (a resumed run's; a run from the start has them)
         self.data.begin_epoch(state.epoch, self.data_loader, resume)
@@ -272,6 +274,8 @@ class LoopRun:
                 finally:
                     self.batches = None
                     state.batch = None
+            if loader is not reader and batches.finished:
+                retire(loader)  # (skip_batches's clone: this epoch's only)
         finally:
             self.data.steps_ended(state.epoch, skip + epoch.steps)
         return epoch.steps, epoch.ran_out, epoch.decision

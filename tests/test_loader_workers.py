@@ -9,6 +9,7 @@ whatever thread the collection ran in (the next job's compute thread, or the eve
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import subprocess
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
 
-from asynchat import Trainer
+from asynchat import Callback, LoopState, Trainer
 
 pytestmark = pytest.mark.anyio
 
@@ -125,3 +126,39 @@ def test_a_forked_process_never_stops_the_workers_of_its_parents_loaders() -> No
     assert "parent done" in done.stdout
     assert "can only test a child process" not in done.stderr, done.stderr
     assert "Exception ignored" not in done.stderr, done.stderr
+
+
+class Raise(Callback):
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == 2:
+            raise RuntimeError("a hook failed")
+
+
+@pytest.mark.usefixtures("collection_by_hand")
+@pytest.mark.parametrize("how", ["cancel", "error", "stop"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_epoch_cut_short_stops_its_workers_when_the_loop_ends(how: str, prefetch: int) -> None:
+    """Regression: an epoch ended by a cancellation or an error left its DataLoader iterator
+    in a reference cycle (the traceback's frames), and its worker processes alive until the
+    cycle collector came by; a later loader's workers, forked meanwhile, inherited it, and a
+    collection there ran its shutdown ("Exception ignored ... can only test a child
+    process"). The loop now stops an epoch's workers as it leaves the epoch."""
+    import anyio
+    from conftest import CancelAt, StopAt, make_data, make_model, sgd
+
+    loader = DataLoader(make_data(96), batch_size=8, num_workers=2)
+    cancel = CancelAt(2)
+    extra = {"cancel": cancel, "error": Raise(), "stop": StopAt(2)}[how]
+    trainer = Trainer(
+        make_model(), loader, sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+        callbacks=[extra], prefetch=prefetch,
+    )  # fmt: skip
+
+    async def main() -> None:
+        with anyio.CancelScope() as cancel.scope:
+            await trainer.fit()
+
+    with contextlib.suppress(RuntimeError):
+        anyio.run(main)
+    assert trainer.state.global_step == 2
+    assert not multiprocessing.active_children(), "the epoch's workers outlived the loop"
