@@ -667,6 +667,48 @@ def test_a_log_that_takes_no_writes_keeps_at_most_its_limit_in_memory(tmp_path: 
     ]
 
 
+CUT_RECORD_JOB = """
+import resource, sys, warnings
+from pathlib import Path
+from asynchat.callbacks._loggers import _LogFile
+
+path = Path(sys.argv[1])
+warnings.simplefilter("always")
+log = _LogFile(path, "JSONLinesLogger(probe)")
+log.append(b'{"step": 1}\\n')
+log.write_out()
+unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 5, unlimited[1]))
+log.append(b'{"step": 2}\\n')
+log.append(b'{"step": 3}\\n')
+log.write_out()  # 5 bytes of step 2's line go in, then the file takes no more (EFBIG)
+print(path.read_bytes())
+path.unlink()  # removed by hand: the log goes on in a new file at its path
+log = log.moved_to(path)
+resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+log.append(b'{"step": 4}\\n')
+log.close()
+print(path.read_bytes())
+"""
+
+
+def test_a_log_removed_after_a_write_cut_its_line_begins_anew_with_whole_lines(
+    tmp_path: Path,
+) -> None:
+    """The line cut by a full disk went with the removed file; the new file must not begin
+    with its rest (a line no reader can parse), and the loss is counted."""
+    done = subprocess.run(
+        [sys.executable, "-c", CUT_RECORD_JOB, str(tmp_path / "log.jsonl")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        """b'{"step": 1}\\n{"ste'""",
+        """b'{"step": 3}\\n{"step": 4}\\n'""",
+    ]
+    assert "the log is written again; 1 record(s) were dropped meanwhile" in done.stderr
+
+
 async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -263,10 +263,12 @@ class _LogFile:
         was removed); a record cut short by a failed write went with the removed file."""
         self._file.close()
         moved = _LogFile(path, self.owner)
+        dropped = self._dropped
         if self._cut:
             del self._unwritten[: self._sizes.popleft() - self._cut]
+            dropped += 1
         moved._unwritten, moved._sizes = self._unwritten, self._sizes
-        moved._failing, moved._dropped = self._failing, self._dropped
+        moved._failing, moved._dropped = self._failing, dropped
         moved.max_waiting = self.max_waiting
         return moved
 
