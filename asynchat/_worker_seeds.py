@@ -13,9 +13,9 @@ draws its workers' base seed) and the batch's place in the epoch; the worker see
 random numbers then depend only on the run's RNG state at the epoch's start and on which
 batch it is, whichever worker reads it and whatever was skipped.
 
-The seed rides on the indices themselves (a ``list`` that seeds the worker as the worker
-iterates it, which the DataLoader's fetch does before it reads any sample), so the dataset
-the workers see, and ``get_worker_info().dataset``, stay the user's own.
+The seed rides on the indices themselves (a ``list`` that seeds the worker the first time
+the worker iterates it, which the DataLoader's fetch does before it reads any sample), so the
+dataset the workers see, and ``get_worker_info().dataset``, stay the user's own.
 """
 
 from __future__ import annotations
