@@ -242,14 +242,8 @@ class _LogFile:
                 self._cut -= self._sizes.popleft()
         if self._failing is not None:
             dropped, self._failing, self._dropped = self._dropped, None, 0
-            self._warn(
-                "the log is written again; "
-                + (
-                    f"{dropped} record(s) were dropped meanwhile"
-                    if dropped
-                    else "no value was lost"
-                )
-            )
+            lost = f"{dropped} record(s) were dropped meanwhile" if dropped else "no value was lost"
+            self._warn(f"the log is written again; {lost}")
 
     def removed(self) -> bool:
         """Whether the file was removed (or replaced) under this writer."""
