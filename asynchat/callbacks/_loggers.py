@@ -281,12 +281,39 @@ class _LogFile:
         warnings.warn(f"{self.owner}: {what}", RuntimeWarning, stacklevel=4)
 
 
+class _FileLogger(ScalarLogger):
+    """A logger whose records go to a :class:`_LogFile` (opened at ``on_loop_begin`` on rank
+    0 by the subclass, which also says how to begin anew where it was removed), written out
+    at each epoch's end and checkpoint."""
+
+    def __init__(self, *, every_n_steps: int, prefix: str) -> None:
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix)
+        self._log: _LogFile | None = None
+
+    def _output_removed(self) -> bool:
+        return self._log is not None and self._log.removed()
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        super().on_epoch_end(state)
+        if self._log is not None:
+            self.flush()
+
+    def flush(self) -> None:
+        assert self._log is not None
+        self._log.write_out()
+
+    def close(self) -> None:
+        if self._log is not None:
+            log, self._log = self._log, None
+            log.close()
+
+
 # A TensorBoard log directory's lock (another name than a Checkpoint's: both may share one).
 _LOG_LOCK = ".asynchat-log.lock"
 _EVENT_FILES = itertools.count()
 
 
-class TensorBoardLogger(ScalarLogger):
+class TensorBoardLogger(_FileLogger):
     """Writes scalars to TensorBoard event files in ``log_dir``.
 
     Writes the event files itself, as :class:`JSONLinesLogger` writes its lines (in chunks
@@ -301,7 +328,6 @@ class TensorBoardLogger(ScalarLogger):
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.log_dir = Path(log_dir)
-        self._log: _LogFile | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
         super().on_loop_begin(state)
@@ -340,34 +366,17 @@ class TensorBoardLogger(ScalarLogger):
         RecordWriter(record).write(event.SerializeToString())
         self._log.append(record.getvalue())
 
-    def _output_removed(self) -> bool:
-        return self._log is not None and self._log.removed()
-
     def _reopen(self) -> None:
         assert self._log is not None
         self._log = self._log.moved_to(self._event_file())
         self._begin()
 
-    def on_epoch_end(self, state: LoopState) -> None:
-        super().on_epoch_end(state)
-        if self._log is not None:
-            self.flush()
-
-    def flush(self) -> None:
-        assert self._log is not None
-        self._log.write_out()
-
     def files(self) -> list[Path]:
         # This run's event files and any earlier run's (synced already: costs nothing).
         return sorted(self.log_dir.glob("events.out.tfevents.*"))
 
-    def close(self) -> None:
-        if self._log is not None:
-            log, self._log = self._log, None
-            log.close()
 
-
-class JSONLinesLogger(ScalarLogger):
+class JSONLinesLogger(_FileLogger):
     """Appends one JSON object per log to ``path``.
 
     Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``. A line a
@@ -388,7 +397,6 @@ class JSONLinesLogger(ScalarLogger):
     ) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.path = Path(path)
-        self._log: _LogFile | None = None
 
     def on_loop_begin(self, state: LoopState) -> None:
         super().on_loop_begin(state)
@@ -404,29 +412,12 @@ class JSONLinesLogger(ScalarLogger):
         line = json.dumps({"step": step, "time": time.time(), **scalars}) + "\n"
         self._log.append(line.encode())
 
-    def _output_removed(self) -> bool:
-        return self._log is not None and self._log.removed()
-
     def _reopen(self) -> None:
         assert self._log is not None
         self._log = self._log.moved_to(self.path)
 
-    def on_epoch_end(self, state: LoopState) -> None:
-        super().on_epoch_end(state)
-        if self._log is not None:
-            self.flush()
-
-    def flush(self) -> None:
-        assert self._log is not None
-        self._log.write_out()
-
     def files(self) -> list[Path]:
         return [self.path]
-
-    def close(self) -> None:
-        if self._log is not None:
-            log, self._log = self._log, None
-            log.close()
 
 
 def _trim(path: Path, *, after: int | None) -> None:
