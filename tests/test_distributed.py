@@ -504,6 +504,27 @@ def test_a_stop_at_one_ranks_step_ends_every_rank_at_the_same_step(
     assert [r["stop_reason"] for r in results] == ["rank 0 had enough", "stopped on another rank"]
 
 
+def resumes_as_if_uninterrupted(
+    tmp_path: Path, job: Any, interrupted: str, steps: tuple[int, int, int], *args: Any
+) -> None:
+    """Launch ``job(rank, world_size, out, phase, *args)`` over two ranks for the phases
+    ``straight``, ``interrupted`` and ``resumed`` (each writes ``out/rank<r>.pt``); on each
+    rank the three runs end at ``steps``, and the resumed weights are the straight run's,
+    bitwise."""
+    runs = {phase: tmp_path / phase for phase in ("straight", interrupted, "resumed")}
+    for phase, out in runs.items():
+        out.mkdir()
+        launch(job, nprocs=2, args=(str(out), phase, *args),
+               collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    for rank in range(2):
+        straight, stopped, resumed = (
+            torch.load(out / f"rank{rank}.pt", weights_only=True) for out in runs.values()
+        )
+        assert (straight["global_step"], stopped["global_step"], resumed["global_step"]) == steps
+        for name, value in straight["model"].items():
+            assert torch.equal(value, resumed["model"][name]), name
+
+
 @pytest.mark.parametrize("workers", [0, 1], ids=["in-the-main-process", "in-workers"])
 def test_a_stop_then_resume_over_randomly_augmented_data_equals_an_uninterrupted_run(
     tmp_path: Path, workers: int
@@ -513,19 +534,9 @@ def test_a_stop_then_resume_over_randomly_augmented_data_equals_an_uninterrupted
     # and only then put back the stopped run's: that batch's noise, and all after, differed.
     # In a worker, the resumed epoch's batches met the worker's generator where the new
     # worker's seed put it, not where the batches skipped had left it.
-    runs = {phase: tmp_path / phase for phase in ("straight", "stopped", "resumed")}
-    for phase, out in runs.items():
-        out.mkdir()
-        launch(rank_jobs.augmented_stop_resume, nprocs=2, args=(str(out), phase, workers),
-               collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    for rank in range(2):
-        straight, stopped, resumed = (
-            torch.load(out / f"rank{rank}.pt", weights_only=True) for out in runs.values()
-        )
-        steps = straight["global_step"], stopped["global_step"], resumed["global_step"]
-        assert steps == (8, 2, 8)
-        for name, value in straight["model"].items():
-            assert torch.equal(value, resumed["model"][name]), name
+    resumes_as_if_uninterrupted(
+        tmp_path, rank_jobs.augmented_stop_resume, "stopped", (8, 2, 8), workers
+    )
 
 
 def test_a_rank_with_more_data_resumes_from_a_cancellation_at_an_epochs_last_step(
@@ -537,19 +548,9 @@ def test_a_rank_with_more_data_resumes_from_a_cancellation_at_an_epochs_last_ste
     resumed run went on with nothing left of the epoch and read that batch again, so rank 1
     began the next epoch from another RNG state than the uninterrupted run. The extra
     batches are now left unread, as the ranks' agreement says."""
-    runs = {phase: tmp_path / phase for phase in ("straight", "cancelled", "resumed")}
-    for phase, out in runs.items():
-        out.mkdir()
-        launch(rank_jobs.uneven_augmented_cancel_resume, nprocs=2, args=(str(out), phase),
-               collective_timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    for rank in range(2):
-        straight, cancelled, resumed = (
-            torch.load(out / f"rank{rank}.pt", weights_only=True) for out in runs.values()
-        )
-        steps = straight["global_step"], cancelled["global_step"], resumed["global_step"]
-        assert steps == (8, 4, 8)
-        for name, value in straight["model"].items():
-            assert torch.equal(value, resumed["model"][name]), name
+    resumes_as_if_uninterrupted(
+        tmp_path, rank_jobs.uneven_augmented_cancel_resume, "cancelled", (8, 4, 8)
+    )
 
 
 def test_a_distributed_step_costs_one_agreement_with_or_without_a_data_length(
