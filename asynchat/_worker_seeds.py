@@ -14,8 +14,9 @@ random numbers then depend only on the run's RNG state at the epoch's start and 
 batch it is, whichever worker reads it and whatever was skipped.
 
 The seed rides on the indices themselves (a ``list`` that seeds the worker the first time
-the worker iterates it, which the DataLoader's fetch does before it reads any sample), so the
-dataset the workers see, and ``get_worker_info().dataset``, stay the user's own.
+the worker looks at it, which the DataLoader's fetch, or the dataset's ``__getitems__``,
+does before it reads any sample), so the dataset the workers see, and
+``get_worker_info().dataset``, stay the user's own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import random
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -64,20 +65,36 @@ def _seed_worker(seed: int) -> None:
 
 
 class SeededIndices(list[Any]):
-    """A batch's indices, carrying the batch's seed: iterated in a DataLoader worker for the
-    first time, they first seed that worker's generators (iterated again, as a dataset's
-    ``__getitems__`` may, they do not seed them again, which would repeat the batch's first
-    random numbers; in any other process they are a plain list)."""
+    """A batch's indices, carrying the batch's seed: in a DataLoader worker, the first time
+    they are looked at (iterated, measured or indexed: a dataset's ``__getitems__`` may turn
+    them into a tensor or an array, which only measures and indexes them), they first seed
+    that worker's generators; looked at again, they do not seed them again, which would
+    repeat the batch's first random numbers. In any other process they are a plain list."""
 
     def __init__(self, indices: Iterable[Any], seed: int | None) -> None:
         super().__init__(indices)
         self.seed = seed
 
-    def __iter__(self) -> Iterator[Any]:
+    def _seed_once(self) -> None:
         if self.seed is not None and get_worker_info() is not None:
             seed, self.seed = self.seed, None
             _seed_worker(seed)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._seed_once()
         return list.__iter__(self)
+
+    def __len__(self) -> int:
+        self._seed_once()
+        return list.__len__(self)
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> Any:
+        self._seed_once()
+        return list.__getitem__(self, index)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled to go to a worker: as the list's items (taken without iterating, which

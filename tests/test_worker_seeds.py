@@ -136,6 +136,43 @@ def test_the_workers_read_the_users_own_dataset_its_getitems_too() -> None:
     assert len(set(one[:, 1].tolist())) == len(one)  # every sample its own noise
 
 
+class Converts(Dataset[torch.Tensor]):
+    """Reads its samples in batches, indexing a table with the indices converted (to a
+    tensor or an array, which measures and indexes them before iterating them; sliced, or
+    taken by place, which never iterates them), then draws each sample's noise."""
+
+    def __init__(self, convert: Any) -> None:
+        self.convert = convert
+        self.table = torch.arange(24, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        rows = self.table[torch.as_tensor(self.convert(indices))]
+        return list(torch.stack([rows, torch.rand(rows.shape, dtype=torch.float64)], dim=1))
+
+
+def by_place(indices: list[int]) -> list[int]:
+    return [indices[n] for n in range(len(indices))]
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [torch.as_tensor, np.asarray, lambda indices: indices[:], by_place],
+    ids=["tensor", "array", "slice", "by-place"],
+)
+def test_indices_a_dataset_converts_without_iterating_them_seed_it_too(convert: Any) -> None:
+    def read(workers: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        loader = DataLoader(Converts(convert), batch_size=4, shuffle=True, num_workers=workers)
+        return torch.cat(list(seeded_per_batch(loader)))
+
+    one = read(1)
+    assert torch.equal(one, read(2))
+    assert len(set(one[:, 1].tolist())) == len(one)  # every sample its own noise
+
+
 def test_loaders_left_as_they_are_and_the_rebuilt_one_kept() -> None:
     data = TensorDataset(torch.randn(8, 2))
 
