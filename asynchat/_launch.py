@@ -224,7 +224,7 @@ def _prepare_rank(rank: int, lifeline: Any, beats: Any, dump: str) -> None:
     # passes it on once (two would be a second Ctrl-C: the forced exit).
     os.setpgrp()
     # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
-    threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(lifeline, dump), daemon=True).start()
     heartbeat.install(beats, rank)
     # Python stacks for the launcher: on SIGUSR1 (it asks a hung rank) and on a fatal signal
     # (a native crash or abort), where no Python traceback would tell what the rank was doing.
@@ -235,9 +235,15 @@ def _prepare_rank(rank: int, lifeline: Any, beats: Any, dump: str) -> None:
         faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
 
 
-def _watch_launcher(lifeline: Any) -> None:
+def _watch_launcher(lifeline: Any, dump: str) -> None:
+    """Kill this rank once its launcher is gone. A launcher that died without its cleanup
+    (SIGKILL, the OOM killer) left its directory of stack files behind: the ranks remove it,
+    each its own file, and the last one out the directory."""
     with contextlib.suppress(EOFError, OSError):
         lifeline.recv_bytes()  # nothing is ever sent: this returns when the launcher is gone
+    for remove, path in ((os.unlink, dump), (os.rmdir, os.path.dirname(dump))):
+        with contextlib.suppress(OSError):  # (not empty yet: another rank's file is there)
+            remove(path)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -560,9 +566,9 @@ def launch(
     and so is a job whose ranks all hang. Set it above the longest stretch without a step:
     start-up (rendezvous, building the model) and a full validation included.
 
-    SIGINT and SIGTERM to the launcher go on to the ranks (:meth:`_Ranks.forwarding`). The
-    ranks die with the launcher however it dies (SIGKILL, a crash). Under ``torchrun``
-    (``RANK``, ``WORLD_SIZE`` set) only this rank runs, here; the agent watches the ranks.
+    SIGINT and SIGTERM to the launcher go on to the ranks (:meth:`_Ranks.forwarding`), which
+    die with it however it dies (SIGKILL, a crash), removing its temporary files. Under
+    ``torchrun`` (``RANK``, ``WORLD_SIZE`` set) only this rank runs; the agent watches them.
     """
     hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

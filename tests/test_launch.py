@@ -393,9 +393,22 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> N
             time.sleep(0.1)
         pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
         assert all(alive(pid) for pid in pids)
+        stacks = {path.parent for pid in pids for path in open_files(pid)}
+        stacks = {path for path in stacks if path.name.startswith("asynchat-launch-")}
+        assert len(stacks) == 1, stacks  # the launcher's directory of the ranks' stack files
         launcher.send_signal(how)
         launcher.wait(timeout=30)
     deadline = time.monotonic() + 15
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in pids), "a rank outlived its launcher"
+    assert not stacks.pop().exists(), "the launcher's stack files were left behind"
+
+
+def open_files(pid: int) -> list[Path]:
+    """The paths of the files process ``pid`` has open."""
+    paths = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            paths.append(Path(os.readlink(fd)))
+    return paths
