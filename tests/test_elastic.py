@@ -3,6 +3,7 @@ and the restarted workers resuming from the newest checkpoint by themselves, to 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def torchrun(directory: Path, kill_at: int, restarts: int, kind: str = "ddp") ->
          f"--master-port={free_port()}", str(HERE / "elastic_job.py"), str(directory),
          str(out), str(TOTAL), str(kill_at), kind],
         cwd=HERE, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "TMPDIR": str(directory)},  # the agent's logs: not left in /tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result: dict[str, Any] = torch.load(out, weights_only=True)

@@ -188,6 +188,7 @@ def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, "TMPDIR": str(tmp_path)},  # the agents' logs: not left in /tmp
         )
         for node in range(2)
     ]
