@@ -42,13 +42,16 @@ this module uses (see ``benchmarks/RESULTS.md``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import logging
 import os
 import queue
+import sys
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import traceback
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -82,6 +85,8 @@ IDLE_TIMEOUT_S = 300.0
 """How long an idle worker waits in the pool for the next loop on its device before it ends."""
 MAX_IDLE_PER_DEVICE = 8
 """How many idle workers a device keeps; past that, the one idle longest ends."""
+SLOW_END_S = 10.0
+"""How long a job asked to end early may run on before a warning says where its thread is."""
 
 
 class JobCancelled(BaseException):
@@ -138,6 +143,16 @@ class _Worker:
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         torch.cuda.set_stream(self.stream)
+
+
+def _report_slow_end(name: str, thread: threading.Thread, why: str) -> None:
+    frame = sys._current_frames().get(thread.ident or -1)
+    where = "".join(traceback.format_stack(frame)[-6:]) if frame is not None else "  (gone)\n"
+    _LOG.warning(
+        "%s: %s %s s ago, the job still runs the step or hook in progress; it ends at its "
+        "next boundary, and fit() returns once it has. Its thread is in, innermost last:\n%s",
+        name, why, f"{SLOW_END_S:g}", where.rstrip("\n"),
+    )  # fmt: skip
 
 
 def _nothing() -> None:
@@ -314,7 +329,7 @@ class ComputeThread:
                 raise  # the job's own outcome
             # Cancelled, or interrupted (trio's Ctrl-C), while the job runs: wind it down.
             on_cancel()  # again if a request already did: on_cancel must be idempotent
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), self._reporting_a_slow_end("cancelled"):
                 await self._serve_until_done()
             raise
 
@@ -358,10 +373,27 @@ class ComputeThread:
                 raise
             # Closed early (the consumer left), cancelled or interrupted: wind the job down.
             self._discarding = True
-            (on_close if isinstance(exc, GeneratorExit) else on_cancel)()
-            with anyio.CancelScope(shield=True):
+            closed = isinstance(exc, GeneratorExit)
+            (on_close if closed else on_cancel)()
+            why = "its stream was closed" if closed else "cancelled"
+            with anyio.CancelScope(shield=True), self._reporting_a_slow_end(why):
                 await self._serve_until_done()
             raise
+
+    @contextlib.contextmanager
+    def _reporting_a_slow_end(self, why: str) -> Iterator[None]:
+        """While a job asked to end winds down: if it runs on for :data:`SLOW_END_S` (a long
+        step, or a hook that never returns), say once where its thread is. It ends only at
+        its next boundary, and nothing can make Python code on another thread return."""
+        assert self._worker is not None
+        thread = self._worker.thread
+        timer = threading.Timer(SLOW_END_S, _report_slow_end, args=(self.name, thread, why))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     async def _serve_until_done(self) -> None:
         """Serve the cancelled job until it ends; its own exception, if any, propagates."""
