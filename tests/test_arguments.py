@@ -24,6 +24,7 @@ from asynchat.callbacks import (
     LRSchedule,
     Progress,
     StatsMonitor,
+    TensorBoardLogger,
     Validation,
     cosine,
     one_cycle,
@@ -276,6 +277,17 @@ class TestErrorsFoundWhileRunning:
         ),
         (lambda: Progress(every_n_steps=0), ValueError, r"every_n_steps must be a positive int"),
         (lambda: JSONLinesLogger("x", every_n_steps=2.5), ValueError, r"every_n_steps.*2\.5"),
+        # Accepted, an empty path logged into the working directory ("" is "."), and a
+        # directory given as the JSON Lines file failed only when the run began.
+        (lambda: JSONLinesLogger(""), ValueError, r"path must be a non-empty path.*got ''"),
+        (lambda: JSONLinesLogger(None), ValueError, r"path must be a non-empty path.*None"),  # type: ignore[arg-type]
+        (lambda: JSONLinesLogger("."), ValueError, r"path='\.' is a directory.*'\./log\.jsonl'"),
+        (lambda: TensorBoardLogger(""), ValueError, r"log_dir must be a non-empty path.*''"),
+        (
+            lambda: TensorBoardLogger(__file__),
+            ValueError,
+            r"log_dir='.*\.py' is a file",
+        ),
         (lambda: StatsMonitor(every_n_steps="5"), ValueError, r"every_n_steps.*'5'"),
         (lambda: EarlyStopping("m", patience=True), ValueError, r"patience must be a positive"),
         # Accepted, these failed only when first used: a schedule of 0 steps at its first

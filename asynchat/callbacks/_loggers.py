@@ -18,6 +18,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import DirectoryLock, atomic_write
+from asynchat._checks import path as check_path
 from asynchat._checks import positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
@@ -326,6 +327,9 @@ class TensorBoardLogger(_FileLogger):
     def __init__(
         self, log_dir: str | os.PathLike[str], *, every_n_steps: int = 10, prefix: str = "train/"
     ) -> None:
+        check_path("log_dir", log_dir)
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise ValueError(f"log_dir={os.fspath(log_dir)!r} is a file, not a directory")
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.log_dir = Path(log_dir)
 
@@ -395,6 +399,12 @@ class JSONLinesLogger(_FileLogger):
     def __init__(
         self, path: str | os.PathLike[str], *, every_n_steps: int = 10, prefix: str = "train/"
     ) -> None:
+        check_path("path", path)
+        if os.path.isdir(path):
+            raise ValueError(
+                f"path={os.fspath(path)!r} is a directory: the log is one file (such as "
+                f"{os.path.join(os.fspath(path), 'log.jsonl')!r})"
+            )
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.path = Path(path)
 
