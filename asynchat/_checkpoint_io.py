@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from asynchat._checks import path as check_path
 from asynchat._errors import CheckpointError, CheckpointWarning
 
 try:
@@ -522,12 +523,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     does not match its checksums is reported with a :class:`CheckpointWarning` and the next
     older one is tried. Returns the checkpoint and the file it came from.
     """
+    return read_checkpoint(path, "path")
+
+
+def read_checkpoint(path: str | os.PathLike[str], argument: str) -> tuple[dict[str, Any], Path]:
+    """:func:`load_checkpoint`, its errors naming the ``argument`` that gave the path
+    (``resume_from``, ``checkpoint``)."""
+    check_path(argument, path)
     path = Path(path)
     one_sharded = is_sharded(path.name) and (path / EXTRAS).is_file()
     if path.is_dir() and not one_sharded:
-        return _load_newest(path)
+        return _load_newest(path, argument)
     if not path.exists():
-        raise CheckpointError(f"resume_from={str(path)!r}: no such file or directory")
+        raise CheckpointError(f"{argument}={str(path)!r}: no such file or directory")
     return _load_file(path, _expected_digest(path)), path
 
 
@@ -543,6 +551,7 @@ def resumable(directory: str | os.PathLike[str]) -> Path | None:
     damaged newest one) is the loop's, so a directory whose checkpoints are all damaged
     fails the run rather than silently starting it over.
     """
+    check_path("directory", directory)
     directory = Path(directory)
     if not directory.is_dir():
         if directory.exists():
@@ -560,11 +569,12 @@ def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) ->
     an invalid best is skipped with a :class:`CheckpointWarning` for the next best. Raises
     :class:`CheckpointError` when there is none.
     """
+    check_path("directory", directory)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"find_checkpoint: {str(directory)!r} is not a directory")
     if not best:
-        return _load_newest(directory)[1]
+        return _load_newest(directory, "directory")[1]
     ranking = _manifest_ranking(directory)
     if ranking is None:
         raise CheckpointError(
@@ -601,7 +611,11 @@ def load_weights(
     prefix="generator.")`` loads the entries named ``generator.*`` with the prefix removed.
     ``strict`` is passed to ``module.load_state_dict``.
     """
-    loaded = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)[0]
+    loaded = (
+        checkpoint
+        if isinstance(checkpoint, Mapping)
+        else read_checkpoint(checkpoint, "checkpoint")[0]
+    )
     if isinstance(loaded.get("sharded"), Mapping):
         from asynchat._dcp import load_module
 
@@ -628,7 +642,7 @@ def _expected_digest(path: Path) -> str | None:
     return None
 
 
-def _load_newest(directory: Path) -> tuple[dict[str, Any], Path]:
+def _load_newest(directory: Path, argument: str) -> tuple[dict[str, Any], Path]:
     digests = {e["file"]: e.get("sha256") for e in read_manifest(directory)}
     # Newest first. Files not in the manifest were written before a crash reached it; names
     # the manifest lists but that are gone are reported when tried.
@@ -648,7 +662,7 @@ def _load_newest(directory: Path) -> tuple[dict[str, Any], Path]:
             problems.append(str(exc))
             warnings.warn(f"{exc}; trying an older checkpoint", CheckpointWarning, stacklevel=3)
     tried = "; ".join(problems) if problems else "it holds no checkpoint"
-    raise CheckpointError(f"resume_from={str(directory)!r}: no valid checkpoint ({tried})")
+    raise CheckpointError(f"{argument}={str(directory)!r}: no valid checkpoint ({tried})")
 
 
 def _load_file(file: Path, digest: str | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from asynchat import _transfer as transfer
 from asynchat._callback import Callback, PipeBase
-from asynchat._checkpoint_io import load_checkpoint
+from asynchat._checkpoint_io import read_checkpoint
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, positive_number
 from asynchat._compute import ComputeThread, JobCancelled
@@ -540,7 +540,7 @@ class LoopBase(PipeBase):
         self._configure()
         self.batch_processor.setup(self)
         if self.resume_from is not None:
-            checkpoint, self.resumed_from = load_checkpoint(self.resume_from)
+            checkpoint, self.resumed_from = read_checkpoint(self.resume_from, "resume_from")
             try:
                 self.load_state_dict(checkpoint)
             except Exception as exc:  # a model or optimizer that does not fit it

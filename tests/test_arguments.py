@@ -27,8 +27,12 @@ from asynchat.callbacks import (
     TensorBoardLogger,
     Validation,
     cosine,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
     one_cycle,
     poly,
+    resumable,
     step_decay,
 )
 
@@ -267,6 +271,15 @@ class TestErrorsFoundWhileRunning:
         (lambda: Checkpoint("d", keep_last=-1), ValueError, r"keep_last must be an int >= 0"),
         (lambda: trainer(resume_from=""), ValueError, r"resume_from must be a non-empty path"),
         (lambda: trainer(resume_from=5), ValueError, r"resume_from must be a non-empty path"),
+        # Accepted, an empty path (an unset environment variable) meant the working directory.
+        (lambda: load_checkpoint(""), ValueError, r"path must be a non-empty path.*''"),
+        (lambda: find_checkpoint(""), ValueError, r"directory must be a non-empty path.*''"),
+        (lambda: resumable(""), ValueError, r"directory must be a non-empty path.*''"),
+        (
+            lambda: load_weights(make_model(), ""),
+            ValueError,
+            r"checkpoint must be a non-empty path.*''",
+        ),
         (lambda: trainer().events(progress_every=-1), ValueError, r"progress_every must be a"),
         (lambda: trainer().events(progress_every="x"), ValueError, r"progress_every.*'x'"),
         (lambda: trainer().events(buffer=True), ValueError, r"buffer must be a positive int"),

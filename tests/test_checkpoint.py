@@ -31,6 +31,7 @@ from asynchat.callbacks import (
     cosine,
     find_checkpoint,
     load_checkpoint,
+    load_weights,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -325,8 +326,16 @@ def test_no_valid_checkpoint_and_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save(nn.Linear(2, 2).state_dict(), weights)
     with pytest.raises(CheckpointError, match=r"weights\.pt is not an asynchat checkpoint"):
         load_checkpoint(weights)
-    with pytest.raises(CheckpointError, match="no such file or directory"):
+    # Each error names the argument the path came in (it said resume_from= everywhere).
+    with pytest.raises(CheckpointError, match=r"^path='.*missing\.ckpt': no such file or"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint='.*missing\.ckpt': no such file"):
+        load_weights(nn.Linear(2, 2), tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match=r"^directory='.*': no valid checkpoint"):
+        find_checkpoint(tmp_path)
+    trainer = make_trainer(num_steps=2, resume_from=tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match=r"^resume_from='.*missing\.ckpt': no such file"):
+        anyio.run(trainer.fit)
     trainer = make_trainer(num_steps=2, resume_from=weights)
     with pytest.raises(CheckpointError, match="not an asynchat checkpoint"):
         anyio.run(trainer.fit)
