@@ -172,7 +172,8 @@ class Prefetcher(Generic[T]):
             warnings.warn(
                 f"{self._label()} did not return from __next__ within {JOIN_TIMEOUT_S:g} s of "
                 f"the loop leaving the epoch; its thread {self._thread.name!r} is left blocked "
-                "there (a daemon thread: it ends when __next__ returns, or with the process)",
+                "there (a daemon thread: it ends when __next__ returns, or with the process). "
+                "A DataLoader's timeout=... bounds how long its workers may take for a batch",
                 RuntimeWarning,
                 stacklevel=2,
             )
