@@ -260,7 +260,12 @@ async def test_early_stopping_names_a_misspelled_metric_and_warns_of_one_never_p
         await make_trainer(Loss(), EarlyStopping("val/los")).fit()
     with pytest.warns(UserWarning, match="'valid/loss' was never published in this run"):
         await make_trainer(Loss(), EarlyStopping("valid/loss")).fit()
-    await make_trainer(EarlyStopping("val/loss"), num_steps=2).fit()  # no metric yet: quiet
+    # No metric at all (no Validation, or none due before the end) acted as quietly: the
+    # early stopping the run asked for never happened.
+    with pytest.warns(UserWarning, match=r"'val/loss' was never published .*\(no metric\)"):
+        await make_trainer(EarlyStopping("val/loss"), num_steps=2).fit()
+    stopped = make_trainer(EarlyStopping("val/loss"), StopAt(1))
+    assert (await stopped.fit()).stop_reason is not None  # stopped before it was due: quiet
 
 
 async def test_a_plateau_schedule_steps_once_per_new_value_whatever_the_interval() -> None:

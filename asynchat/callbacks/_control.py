@@ -23,7 +23,7 @@ class EarlyStopping(Callback):
     after the :class:`Validation` that publishes it): with a Validation every few epochs,
     ``patience`` counts validations, and an epoch without one is not a check. A misspelled
     ``monitor`` (``val/los`` beside ``val/loss``) is an error at the first check; one never
-    published in a run that published others is a warning at its end. An improvement is a
+    published in a run that went to its end is a warning there. An improvement is a
     change beyond ``min_delta`` in the direction of ``mode``. The loop ends through
     ``stop()``, so ``fit()`` returns normally, with ``state.stop_reason`` saying why. Its
     state is kept in checkpoints (a resumed run does not check a value again); an instance

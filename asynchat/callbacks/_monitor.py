@@ -30,7 +30,7 @@ class Monitor:
     value it acted on before the checkpoint. A name missing while a metric with its prefix
     exists (``val/los`` beside ``val/loss``) is a misspelling: a ``KeyError`` naming the
     metrics. Missing otherwise, it is not published yet (a Validation every few epochs):
-    nothing to act on; a run that ends without ever seeing it, though it saw others, warns
+    nothing to act on; a run that goes to its end without ever seeing it warns
     (:meth:`warn_if_unseen`).
 
     ``alike_on_ranks``: what the owner does with a value must be alike on every rank of a
@@ -90,15 +90,16 @@ class Monitor:
 
     def warn_if_unseen(self, state: LoopState) -> None:
         """At the end of a run that went to its end: warn if the metric never appeared in
-        it while others did (a name misspelled beyond its prefix: ``valid/loss`` for
-        ``val/loss``). A run stopped or cancelled says nothing: the metric may not have been
-        due yet (a stop before the first validation, after a cut epoch's train metrics)."""
+        it, so its owner never acted (a name misspelled beyond its prefix, ``valid/loss``
+        for ``val/loss``; no Validation, or none due before the run's end). A run stopped or
+        cancelled says nothing: the metric may not have been due yet."""
         seen, self._seen = self._seen or self.name in state.metrics, False
         ended = state.exception is None and state.stop_reason is None
-        if not seen and state.metrics and ended:
+        if not seen and ended:
+            published = f"metrics: {sorted(state.metrics)}" if state.metrics else "no metric"
             warnings.warn(
-                f"{self.owner}: {self.name!r} was never published in this run (metrics: "
-                f"{sorted(state.metrics)}), so it never acted. Check the name, and that the "
-                "callback that publishes it (e.g. Validation) runs before the run ends",
+                f"{self.owner}: {self.name!r} was never published in this run ({published}), "
+                "so it never acted. Check the name, and that the callback that publishes it "
+                "(e.g. Validation) is there and runs before the run ends",
                 stacklevel=3,
             )

@@ -48,7 +48,7 @@ class LRSchedule(Callback):
     publishes it (list the :class:`Validation` before this callback), at a step's or an
     epoch's end whatever the ``interval``; so its ``patience`` counts validations, never the
     steps or epochs between them. A misspelled ``monitor`` is an error at the first step; one
-    never published in a run that published others, a warning at its end. Such a scheduler
+    never published in a run that went to its end, a warning at its end. Such a scheduler
     without ``monitor`` is refused when the loop begins, before any training. In a
     distributed trainer every rank's scheduler must see the same value at the same step, or
     the ranks would train at different rates and their replicas drift apart: a metric that is
