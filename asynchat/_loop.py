@@ -79,6 +79,8 @@ class LoopBase(PipeBase):
     .. [1] Once cancellation is requested, ``async def`` hooks not yet started are skipped
        (one already running is cancelled); ``on_loop_end``'s ``async def`` hooks run shielded
        from the cancellation, so keep them short. ``fit()`` then re-raises the cancellation.
+       It waits for the step in progress; one still running 10 s later is reported once on
+       the ``asynchat.loop`` logger, with where the compute thread is.
     .. [2] ``state.exception`` holds the error during ``on_loop_end``; then ``fit()`` raises
        it as itself. If ``on_loop_end`` raises too, that error propagates, chained to the
        first one (``__context__``). An error while preparing (before ``on_loop_begin``) runs
