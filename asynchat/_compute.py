@@ -145,13 +145,13 @@ class _Worker:
         torch.cuda.set_stream(self.stream)
 
 
-def _report_slow_end(name: str, thread: threading.Thread, why: str) -> None:
+def _report_slow_end(name: str, thread: threading.Thread, why: str, waiting: str) -> None:
     frame = sys._current_frames().get(thread.ident or -1)
     where = "".join(traceback.format_stack(frame)[-6:]) if frame is not None else "  (gone)\n"
     _LOG.warning(
         "%s: %s %s s ago, the job still runs the step or hook in progress; it ends at its "
-        "next boundary, and fit() returns once it has. Its thread is in, innermost last:\n%s",
-        name, why, f"{SLOW_END_S:g}", where.rstrip("\n"),
+        "next boundary, and %s returns then. Its thread is in, innermost last:\n%s",
+        name, why, f"{SLOW_END_S:g}", waiting, where.rstrip("\n"),
     )  # fmt: skip
 
 
@@ -329,7 +329,7 @@ class ComputeThread:
                 raise  # the job's own outcome
             # Cancelled, or interrupted (trio's Ctrl-C), while the job runs: wind it down.
             on_cancel()  # again if a request already did: on_cancel must be idempotent
-            with anyio.CancelScope(shield=True), self._reporting_a_slow_end("cancelled"):
+            with anyio.CancelScope(shield=True), self._reporting_a_slow_end("cancelled", "fit()"):
                 await self._serve_until_done()
             raise
 
@@ -375,19 +375,19 @@ class ComputeThread:
             self._discarding = True
             closed = isinstance(exc, GeneratorExit)
             (on_close if closed else on_cancel)()
-            why = "its stream was closed" if closed else "cancelled"
-            with anyio.CancelScope(shield=True), self._reporting_a_slow_end(why):
+            why = ("its stream was closed", "the close") if closed else ("cancelled", "the stream")
+            with anyio.CancelScope(shield=True), self._reporting_a_slow_end(*why):
                 await self._serve_until_done()
             raise
 
     @contextlib.contextmanager
-    def _reporting_a_slow_end(self, why: str) -> Iterator[None]:
+    def _reporting_a_slow_end(self, why: str, waiting: str) -> Iterator[None]:
         """While a job asked to end winds down: if it runs on for :data:`SLOW_END_S` (a long
         step, or a hook that never returns), say once where its thread is. It ends only at
         its next boundary, and nothing can make Python code on another thread return."""
         assert self._worker is not None
         thread = self._worker.thread
-        timer = threading.Timer(SLOW_END_S, _report_slow_end, args=(self.name, thread, why))
+        timer = threading.Timer(SLOW_END_S, _report_slow_end, (self.name, thread, why, waiting))
         timer.daemon = True
         timer.start()
         try:

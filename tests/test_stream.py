@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 
 import anyio
 import pytest
@@ -10,7 +12,8 @@ import torch
 from conftest import make_loader, make_model
 from torch import nn
 
-from asynchat import LoopStatus, Predictor
+import asynchat._compute
+from asynchat import Callback, LoopState, LoopStatus, Predictor
 
 pytestmark = pytest.mark.anyio
 
@@ -50,6 +53,46 @@ async def test_leaving_the_stream_early_stops_the_predictor() -> None:
     assert predictor.status is LoopStatus.FINISHED
     assert predictor.state.stop_reason == "the stream was closed"
     assert predictor.state.global_step < 20
+
+
+async def test_a_stream_closed_while_a_hook_runs_on_is_reported(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing the stream waits for the step in progress, as a cancellation of fit() does
+    (``tests/test_control.py``): one that runs on past ``SLOW_END_S`` is reported once."""
+    monkeypatch.setattr(asynchat._compute, "SLOW_END_S", 0.3)
+    stuck, release = threading.Event(), threading.Event()
+
+    class Stuck(Callback):
+        def on_batch_end(self, state: LoopState) -> None:
+            if state.global_step == 1:  # (counted at the step's end: this is the second)
+                stuck.set()
+                release.wait(30)
+
+    class ReleaseOnReport(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name == "asynchat.loop":
+                release.set()
+
+    predictor = Predictor(make_model(), make_loader(160, 8), callbacks=[Stuck()], prefetch=0)
+    # On the root logger, after caplog's handler: the record is captured before the release
+    # lets the job, then the test, go on.
+    logger = logging.getLogger()
+    logger.addHandler(handler := ReleaseOnReport())
+    try:
+        with caplog.at_level("WARNING", logger="asynchat.loop"):
+            async with contextlib.aclosing(predictor.stream(buffer=1)) as outputs:
+                async for _ in outputs:
+                    await anyio.to_thread.run_sync(stuck.wait)
+                    break  # the first batch's outputs, while the second's hook is stuck
+    finally:
+        logger.removeHandler(handler)
+    assert release.is_set() and len(caplog.records) == 1, caplog.text
+    report = caplog.records[0].getMessage()
+    assert report.startswith("asynchat-predictor-")
+    assert "its stream was closed 0.3 s ago" in report and "the close returns then" in report
+    assert "in on_batch_end\n    release.wait(30)\n" in report
+    assert predictor.status is LoopStatus.FINISHED
 
 
 async def test_cancelling_the_consumer_cancels_the_predictor() -> None:
