@@ -467,6 +467,8 @@ def _manifest_ranking(directory: Path) -> tuple[str, str] | None:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(manifest, dict):  # (read_manifest warns of it)
+        return None
     monitor, mode = manifest.get("monitor"), manifest.get("mode")
     ok = isinstance(monitor, str) and mode in ("min", "max")
     return (monitor, mode) if ok else None

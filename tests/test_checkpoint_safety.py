@@ -31,6 +31,7 @@ from asynchat.callbacks import (
     CheckpointWarning,
     JSONLinesLogger,
     TensorBoardLogger,
+    find_checkpoint,
     load_checkpoint,
 )
 
@@ -196,6 +197,17 @@ def test_a_malformed_manifest_falls_back_to_the_files(tmp_path: Path, entries: l
     with pytest.warns(CheckpointWarning):  # and a trainer resumes from it, no KeyError
         state = anyio.run(make_trainer(num_steps=8, resume_from=tmp_path).fit)
     assert state.global_step == 8
+
+
+@pytest.mark.parametrize("manifest", [[], "text", 12, None], ids=["list", "str", "int", "null"])
+def test_a_manifest_that_is_not_an_object_ranks_nothing(tmp_path: Path, manifest: Any) -> None:
+    # find_checkpoint(best=True) raised AttributeError ('list' object has no attribute 'get').
+    train(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="its manifest ranks no checkpoint"):
+        find_checkpoint(tmp_path, best=True)
+    with pytest.warns(CheckpointWarning, match="unreadable|ignored"):
+        assert find_checkpoint(tmp_path).name == "step-000000006.ckpt"
 
 
 def test_a_manifest_that_is_a_directory_falls_back_with_a_warning(tmp_path: Path) -> None:
