@@ -470,8 +470,9 @@ def _manifest_ranking(directory: Path) -> tuple[str, str] | None:
     if not isinstance(manifest, dict):  # (read_manifest warns of it)
         return None
     monitor, mode = manifest.get("monitor"), manifest.get("mode")
-    ok = isinstance(monitor, str) and mode in ("min", "max")
-    return (monitor, mode) if ok else None
+    if isinstance(monitor, str) and isinstance(mode, str) and mode in ("min", "max"):
+        return monitor, mode
+    return None
 
 
 def manifest_entry(
