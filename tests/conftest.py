@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import sys
 import threading
 import time
@@ -73,6 +75,39 @@ class StopAt(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if state.global_step == self.at:
             state.loop.stop(self.reason)
+
+
+class StuckUntilReported:
+    """Holds a hook until the engine reports that its job runs on after being asked to end
+    (the warning on the ``asynchat.loop`` logger): the hook calls :meth:`block`, which sets
+    ``stuck`` and waits for ``released``; the run goes inside :meth:`releasing`."""
+
+    def __init__(self) -> None:
+        self.stuck, self.released = threading.Event(), threading.Event()
+
+    def block(self) -> None:
+        self.stuck.set()
+        self.released.wait(30)
+
+    @contextlib.contextmanager
+    def releasing(self) -> Iterator[None]:
+        """Release on the report, from a handler on the root logger added after caplog's:
+        the record is captured before the release lets the job, then the test, go on
+        (released from the ``asynchat.loop`` logger's own handler, a test could assert
+        before caplog had the record)."""
+        released = self.released
+
+        class ReleaseOnReport(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.name == "asynchat.loop":
+                    released.set()
+
+        root = logging.getLogger()
+        root.addHandler(handler := ReleaseOnReport())
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
 
 
 class CancelAt(Callback):

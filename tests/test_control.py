@@ -6,7 +6,6 @@ The autouse fixture in conftest.py checks after every test that no engine thread
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import make_loader, make_model, make_trainer, sgd
+from conftest import StuckUntilReported, make_loader, make_model, make_trainer, sgd
 from recorders import AsyncRecorder, SyncRecorder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -268,44 +267,31 @@ async def test_a_cancelled_job_that_runs_on_is_reported_with_where_its_thread_is
     """A cancellation waits for the step in progress; one that never ends (a hook stuck on
     a lock, a collective that hangs) used to leave fit() waiting without a word."""
     monkeypatch.setattr(asynchat._compute, "SLOW_END_S", 0.3)
-    stuck, release = threading.Event(), threading.Event()
+    hold = StuckUntilReported()
 
     class Stuck(Callback):
         def on_step_end(self, state: LoopState) -> None:
             if state.global_step == 2:
-                stuck.set()
-                release.wait(30)
-
-    class ReleaseOnReport(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.name == "asynchat.loop":
-                release.set()
+                hold.block()
 
     trainer = make_trainer(Stuck(), num_epochs=10, name="stuck")
-    # On the root logger, after caplog's handler: the record is captured before the release
-    # lets the job, then the test, go on.
-    logger = logging.getLogger()
-    logger.addHandler(handler := ReleaseOnReport())
-    try:
-        with caplog.at_level("WARNING", logger="asynchat.loop"):
-            async with anyio.create_task_group() as group:
-                with anyio.CancelScope() as scope:
-                    group.start_soon(cancel_when, stuck, scope)
-                    await trainer.fit()
-            assert scope.cancelled_caught and trainer.state.global_step == 2
-            assert len(caplog.records) == 1, caplog.text
-            report = caplog.records[0].getMessage()
-            assert report.startswith("asynchat-stuck: cancelled 0.3 s ago, the job still runs")
-            assert "in on_step_end\n    release.wait(30)\n" in report  # (then its wait)
-
-            # A cancellation that ends in time says nothing (its report is called off).
-            trainer = make_trainer(num_epochs=10_000)
-            with anyio.move_on_after(0.2):
+    with hold.releasing(), caplog.at_level("WARNING", logger="asynchat.loop"):
+        async with anyio.create_task_group() as group:
+            with anyio.CancelScope() as scope:
+                group.start_soon(cancel_when, hold.stuck, scope)
                 await trainer.fit()
-            await anyio.sleep(0.6)
-            assert len(caplog.records) == 1, caplog.text
-    finally:
-        logger.removeHandler(handler)
+        assert scope.cancelled_caught and trainer.state.global_step == 2
+        assert len(caplog.records) == 1, caplog.text
+        report = caplog.records[0].getMessage()
+        assert report.startswith("asynchat-stuck: cancelled 0.3 s ago, the job still runs")
+        assert "in on_step_end\n    hold.block()\n" in report  # (then its wait)
+
+        # A cancellation that ends in time says nothing (its report is called off).
+        trainer = make_trainer(num_epochs=10_000)
+        with anyio.move_on_after(0.2):
+            await trainer.fit()
+        await anyio.sleep(0.6)
+        assert len(caplog.records) == 1, caplog.text
 
 
 async def test_cancelling_a_running_async_hook_completes_the_step_and_skips_the_rest() -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
 
 import anyio
 import pytest
 import torch
-from conftest import make_loader, make_model
+from conftest import StuckUntilReported, make_loader, make_model
 from torch import nn
 
 import asynchat._compute
@@ -61,37 +59,24 @@ async def test_a_stream_closed_while_a_hook_runs_on_is_reported(
     """Closing the stream waits for the step in progress, as a cancellation of fit() does
     (``tests/test_control.py``): one that runs on past ``SLOW_END_S`` is reported once."""
     monkeypatch.setattr(asynchat._compute, "SLOW_END_S", 0.3)
-    stuck, release = threading.Event(), threading.Event()
+    hold = StuckUntilReported()
 
     class Stuck(Callback):
         def on_batch_end(self, state: LoopState) -> None:
             if state.global_step == 1:  # (counted at the step's end: this is the second)
-                stuck.set()
-                release.wait(30)
-
-    class ReleaseOnReport(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.name == "asynchat.loop":
-                release.set()
+                hold.block()
 
     predictor = Predictor(make_model(), make_loader(160, 8), callbacks=[Stuck()], prefetch=0)
-    # On the root logger, after caplog's handler: the record is captured before the release
-    # lets the job, then the test, go on.
-    logger = logging.getLogger()
-    logger.addHandler(handler := ReleaseOnReport())
-    try:
-        with caplog.at_level("WARNING", logger="asynchat.loop"):
-            async with contextlib.aclosing(predictor.stream(buffer=1)) as outputs:
-                async for _ in outputs:
-                    await anyio.to_thread.run_sync(stuck.wait)
-                    break  # the first batch's outputs, while the second's hook is stuck
-    finally:
-        logger.removeHandler(handler)
-    assert release.is_set() and len(caplog.records) == 1, caplog.text
+    with hold.releasing(), caplog.at_level("WARNING", logger="asynchat.loop"):
+        async with contextlib.aclosing(predictor.stream(buffer=1)) as outputs:
+            async for _ in outputs:
+                await anyio.to_thread.run_sync(hold.stuck.wait)
+                break  # the first batch's outputs, while the second's hook is stuck
+    assert hold.released.is_set() and len(caplog.records) == 1, caplog.text
     report = caplog.records[0].getMessage()
     assert report.startswith("asynchat-predictor-")
     assert "its stream was closed 0.3 s ago" in report and "the close returns then" in report
-    assert "in on_batch_end\n    release.wait(30)\n" in report
+    assert "in on_batch_end\n    hold.block()\n" in report
     assert predictor.status is LoopStatus.FINISHED
 
 
