@@ -7,6 +7,7 @@ import enum
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import anyio
@@ -148,6 +149,9 @@ class EventStream:
         self._reported_drops = 0
         self._ended = False
         hub._add(self._mailbox)
+        # A subscriber that leaves its `async for` early without closing the stream (a
+        # `break`, an error, a dropped client) unsubscribes once the stream is garbage.
+        weakref.finalize(self, hub._remove, self._mailbox)
         snapshot = hub.snapshot()
         if snapshot.status.done:  # subscribed after the end: the end is all there is to see
             self._mailbox.put(LoopEvent(EventKind.END, snapshot))

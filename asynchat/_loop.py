@@ -212,7 +212,9 @@ class LoopBase(PipeBase):
         async code), so nothing after that is missed. Any number of subscribers may iterate
         at once and none can slow the loop down: each has a buffer of ``buffer`` events, and
         when a subscriber falls that far behind, its oldest unread events are dropped and the
-        next event it reads says how many (``dropped``); ``end`` is never dropped.
+        next event it reads says how many (``dropped``); ``end`` is never dropped. A
+        subscription ends at ``end``, when the stream is closed (``async with
+        loop.events() as events:``), or when a stream left early is garbage-collected.
         """
         positive_int("buffer", buffer)
         positive_number("progress_every", progress_every, allow_none=True)

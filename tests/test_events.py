@@ -137,3 +137,41 @@ async def test_no_trace_is_recorded_unless_asked(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.INFO, logger="asynchat"):
         await make_trainer(num_epochs=1).fit()
     assert not [r for r in caplog.records if r.name.startswith("asynchat.")]
+
+
+async def test_a_subscriber_that_leaves_early_unsubscribes() -> None:
+    """``async for event in loop.events(): ... break`` without closing the stream: the
+    subscription ends with the stream, not with the loop (a long job watched by many
+    short-lived clients kept a mailbox for each, and put every event into each)."""
+    entered, begin, end = anyio.Event(), anyio.Event(), anyio.Event()
+
+    class Held(Callback):
+        async def on_epoch_begin(self, state: LoopState) -> None:
+            entered.set()
+            await begin.wait()
+
+        async def on_epoch_end(self, state: LoopState) -> None:
+            await end.wait()
+
+    trainer = make_trainer(Held(), num_epochs=1)
+    hub = trainer._events
+
+    async def watch_briefly(ready: anyio.Event) -> None:
+        events = trainer.events(progress_every=None)
+        ready.set()
+        async for _ in events:
+            break  # the first event (epoch_begin), then away, the stream left open
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(trainer.fit)
+        await entered.wait()
+        async with anyio.create_task_group() as watchers:
+            for _ in range(50):
+                ready = anyio.Event()
+                watchers.start_soon(watch_briefly, ready)
+                await ready.wait()
+            assert len(hub._subscribers) == 50
+            begin.set()
+        kept = len(hub._subscribers)
+        end.set()
+    assert kept == 0, f"{kept} subscriptions outlived their streams"
