@@ -1,0 +1,46 @@
+"""The suite's own safety net: a test that hangs fails the run in pytest-timeout's time, on
+every backend the suite runs on, instead of holding CI until its limit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+HANGING = """
+import anyio
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+async def test_hangs():
+    await anyio.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("backend", ["uvloop", "trio"])
+def test_a_hung_test_ends_the_run_with_its_stacks(tmp_path: Path, backend: str) -> None:
+    """With SIGALRM (pytest-timeout's default) the failure raised in uvloop's run loop, or in
+    trio's under anyio's pytest runner, never got out: the run hung for good."""
+    (tmp_path / "test_hanging.py").write_text(HANGING)
+    command = [sys.executable, "-m", "pytest", "-c", str(REPOSITORY / "pyproject.toml"),
+               "--rootdir", str(tmp_path), "-p", "no:cacheprovider", "--timeout", "2",
+               "-k", backend, str(tmp_path / "test_hanging.py")]  # fmt: skip
+    began = time.monotonic()
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    took = time.monotonic() - began
+    assert run.returncode != 0, run.stdout
+    assert "Timeout" in run.stdout + run.stderr, run.stdout + run.stderr
+    assert "test_hanging.py" in run.stdout, "the run names the hung test's file"
+    assert took < 30, f"the run took {took:.0f} s to end"
