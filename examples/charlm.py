@@ -13,9 +13,12 @@ progress with a final checkpoint; ``--resume`` goes on from the newest (without 
 starts over, removing the last run's checkpoints). At the end the *best* checkpoint (by
 validation loss) is loaded and scored on held-out test text, next to the unigram baseline
 (the loss of predicting each character from its frequency alone).
-On a GPU, ``--cuda-graphs`` replays each training step as CUDA graphs
-(``CudaGraphBatchProcessor``: a capturable, fused AdamW with a tensor learning rate, which
-the schedule updates in place; GradClip runs inside the graph).
+``--compile`` compiles the forward and loss with ``torch.compile`` on the compute thread
+(``BasicBatchProcessor(compile=True)``; on the CPU too, where this model measured 7% slower
+compiled than eager on 2 cores, in a hand-written loop as well). On a GPU, ``--cuda-graphs`` replays
+each training step as CUDA graphs (``CudaGraphBatchProcessor``: a capturable, fused AdamW
+with a tensor learning rate, which the schedule updates in place; GradClip runs inside the
+graph).
 """
 
 from __future__ import annotations
@@ -259,11 +262,16 @@ def loaders(corpus: Corpus, run: Run) -> tuple[DataLoader[Any], DataLoader[Any],
     return train, val, test
 
 
-def step_setup(run: Run, graphs: bool) -> tuple[BatchProcessor, Any]:
-    """The batch processor and the optimizer factory: eager, or replayed as CUDA graphs."""
+STEPS = ("eager", "compile", "cuda-graphs")
+
+
+def step_setup(run: Run, step: str) -> tuple[BatchProcessor, Any]:
+    """The batch processor and the optimizer factory: eager, compiled (``torch.compile``),
+    or replayed as CUDA graphs."""
     amp = "bf16" if torch.cuda.is_available() else None
-    if not graphs:
-        return BasicBatchProcessor(next_char_loss, amp=amp), lambda m: torch.optim.AdamW(
+    if step != "cuda-graphs":
+        processor = BasicBatchProcessor(next_char_loss, amp=amp, compile=step == "compile")
+        return processor, lambda m: torch.optim.AdamW(
             m.parameters(), lr=run.lr, betas=(0.9, 0.99), weight_decay=0.1
         )
     processor = CudaGraphBatchProcessor(next_char_loss, amp=amp)  # needs CUDA: says so
@@ -275,7 +283,7 @@ def step_setup(run: Run, graphs: bool) -> tuple[BatchProcessor, Any]:
 
 def make_trainer(
     corpus: Corpus, run: Run, out: Path, *, resume: bool = False, progress: bool = True,
-    extra: tuple[Callback, ...] = (), graphs: bool = False,
+    extra: tuple[Callback, ...] = (), step: str = "eager",
 ) -> Trainer:  # fmt: skip
     torch.manual_seed(0)
     train, val, _ = loaders(corpus, run)
@@ -283,7 +291,7 @@ def make_trainer(
     checkpoints = out / "checkpoints"
     if not resume and checkpoints.exists():  # a run that starts over replaces the last one's
         shutil.rmtree(checkpoints)
-    processor, optimizer = step_setup(run, graphs)
+    processor, optimizer = step_setup(run, step)
     return Trainer(
         CharGPT(config),
         train,
@@ -326,9 +334,9 @@ async def test_loss(corpus: Corpus, run: Run, checkpoints: Path) -> float:
     return float(total) / count
 
 
-async def main_async(run: Run, out: Path, resume: bool, graphs: bool = False) -> dict[str, float]:
+async def main_async(run: Run, out: Path, resume: bool, step: str = "eager") -> dict[str, float]:
     corpus = Corpus.load(run.max_chars)
-    trainer = make_trainer(corpus, run, out, resume=resume, graphs=graphs)
+    trainer = make_trainer(corpus, run, out, resume=resume, step=step)
     state = await trainer.fit()
     baseline = corpus.unigram_loss()
     test = await test_loss(corpus, run, out / "checkpoints")
@@ -351,10 +359,19 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=Run.eval_every)
     parser.add_argument("--out", type=Path, default=Path("runs/charlm"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    parser.add_argument("--cuda-graphs", action="store_true", help="replay steps as CUDA graphs")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument(
+        "--compile",
+        dest="step",
+        action="store_const",
+        const="compile",
+        help="compile the forward and loss with torch.compile",
+    )
+    how.add_argument("--cuda-graphs", dest="step", action="store_const", const="cuda-graphs",
+                     help="replay each training step as CUDA graphs (a GPU)")  # fmt: skip
     args = parser.parse_args()
     run = Run(steps=args.steps, layers=args.layers, width=args.width, eval_every=args.eval_every)
-    anyio.run(main_async, run, args.out, args.resume, args.cuda_graphs)
+    anyio.run(main_async, run, args.out, args.resume, args.step or "eager")
 
 
 if __name__ == "__main__":

@@ -43,3 +43,16 @@ async def test_charlm_beats_the_unigram_baseline_and_resumes_exactly(tmp_path: P
     assert (await resumed.fit()).global_step == 120
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_the_step_flags_pick_the_processor() -> None:
+    """``--compile`` compiles the eager step; ``--cuda-graphs`` says it needs CUDA here."""
+    charlm = load_example("charlm.py")
+    run = charlm.Run()
+    eager, _ = charlm.step_setup(run, "eager")
+    compiled, optimizer = charlm.step_setup(run, "compile")
+    assert eager.compile_options is None and compiled.compile_options == {}
+    assert isinstance(optimizer(torch.nn.Linear(2, 2)), torch.optim.AdamW)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            charlm.step_setup(run, "cuda-graphs")
