@@ -134,6 +134,10 @@ class LoopBase(PipeBase):
         super().__init__(callbacks)
         model = as_module(model)
         _check_arguments(model, data_loader, batch_processor, num_epochs, num_steps, prefetch)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+        if name is not None and not name.strip():
+            raise ValueError(f"name must not be blank (it leads every log line), got {name!r}")
         if resume_from is not None:
             check_path("resume_from", resume_from)
         self.model = model

@@ -113,6 +113,8 @@ def trainer(**overrides: Any) -> Trainer:
         ({"device": "tpu"}, ValueError, r"device must be None, .* got 'tpu'"),
         ({"device": "meta"}, ValueError, r"device='meta' but torch.accelerator has no 'meta'"),
         ({"prefetch": -1}, ValueError, r"prefetch must be an int >= 0 .*got -1"),
+        ({"name": 3}, TypeError, r"name must be a str or None, got 3"),
+        ({"name": " "}, ValueError, r"name must not be blank .* got ' '"),
         ({"loss_fn": "mse"}, TypeError, r"loss_fn must be callable, got 'mse'"),
         # Classes for instances are callable too, and failed late with torch's errors: the
         # loss at the first step ("Boolean value of Tensor ... is ambiguous"), the optimizer
