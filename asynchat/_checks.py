@@ -35,6 +35,32 @@ def positive_number(name: str, value: Any, *, allow_none: bool = False) -> None:
         )
 
 
+def number(name: str, value: Any, *, low: float, high: float | None = None) -> None:
+    """``value`` must be an int or float (not a bool) with ``low <= value`` (and ``value <
+    high`` when given); NaN never is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (low <= value and (high is None or value < high)):
+        wanted = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def text(name: str, value: Any) -> None:
+    """``value`` must be a str (a metric name's prefix)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {value!r}")
+
+
+def metric_name(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """``value`` must name a metric: a non-empty str (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"{name} must be a metric name (a str){' or None' if allow_none else ''}, got {value!r}"
+        )
+
+
 def path(name: str, value: Any) -> None:
     """``value`` must be a non-empty str or os.PathLike."""
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -20,7 +21,11 @@ from asynchat import (
 from asynchat.callbacks import (
     Checkpoint,
     EarlyStopping,
+    ExponentialMovingAverage,
+    FreezeModule,
+    GradClip,
     JSONLinesLogger,
+    LossMonitor,
     LRSchedule,
     Progress,
     StatsMonitor,
@@ -305,6 +310,22 @@ class TestErrorsFoundWhileRunning:
         ),
         (lambda: StatsMonitor(every_n_steps="5"), ValueError, r"every_n_steps.*'5'"),
         (lambda: EarlyStopping("m", patience=True), ValueError, r"patience must be a positive"),
+        # Accepted, or refused with Python's own words naming no argument: a monitor of
+        # None, a NaN min_delta (nothing ever improved by it: stopped after `patience`
+        # checks), a max_norm or decay given as a string, a FreezeModule of an int.
+        (lambda: EarlyStopping(None), ValueError, r"monitor must be a metric name .*None"),  # type: ignore[arg-type]
+        (lambda: EarlyStopping("m", min_delta=math.nan), ValueError, r"min_delta must be >= 0"),
+        (lambda: GradClip("1"), TypeError, r"max_norm must be a number, got '1'"),  # type: ignore[arg-type]
+        (lambda: ExponentialMovingAverage("0.9"), TypeError, r"decay must be a number"),  # type: ignore[arg-type]
+        (lambda: ExponentialMovingAverage(math.nan), ValueError, r"decay must be in \[0, 1\)"),
+        (lambda: FreezeModule(3), ValueError, r"names must be a non-empty list .* got 3"),  # type: ignore[arg-type]
+        (lambda: FreezeModule(["a", 1]), ValueError, r"names must be a non-empty list"),  # type: ignore[list-item]
+        (
+            lambda: Validation([1], prefix=3, loss_fn=nn.MSELoss()),
+            TypeError,
+            r"prefix must be a str",
+        ),  # type: ignore[arg-type]
+        (lambda: LossMonitor(prefix=None), TypeError, r"prefix must be a str, got None"),  # type: ignore[arg-type]
         # Accepted, these failed only when first used: a schedule of 0 steps at its first
         # step, a Validation without data after the first epoch's training.
         (lambda: cosine(0), ValueError, r"total_steps must be a positive int, got 0"),

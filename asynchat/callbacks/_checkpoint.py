@@ -32,8 +32,8 @@ from asynchat._checkpoint_io import (
     sync_files,
     write_manifest,
 )
+from asynchat._checks import metric_name, positive_int
 from asynchat._checks import path as check_path
-from asynchat._checks import positive_int
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._every import UpdateDue, every_n_epochs
 from asynchat._ranks import local_parts
@@ -193,8 +193,7 @@ class Checkpoint(Callback):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"monitor must be a metric name (a str) or None, got {monitor!r}")
+        metric_name("monitor", monitor, allow_none=True)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(save_on_end, bool):

@@ -19,7 +19,7 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import DirectoryLock, atomic_write
 from asynchat._checks import path as check_path
-from asynchat._checks import positive_int
+from asynchat._checks import positive_int, text
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
@@ -50,6 +50,7 @@ class ScalarLogger(Callback):
 
     def __init__(self, *, every_n_steps: int = 10, prefix: str = "train/") -> None:
         positive_int("every_n_steps", every_n_steps)
+        text("prefix", prefix)
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self._pending: list[tuple[int, HostCopy[dict[str, torch.Tensor]]]] = []

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int
+from asynchat._checks import positive_int, text
 from asynchat._every import every_n_steps
 from asynchat._processor import split_batch
 from asynchat._state import LoopState
@@ -81,6 +81,7 @@ class MetricUpdater(Callback):
             if not isinstance(metric, torchmetrics.Metric):
                 raise TypeError(f"metrics[{name!r}] must be a torchmetrics.Metric, got {metric!r}")
         positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        text("prefix", prefix)
         self.metrics = dict(metrics)
         self.prefix = prefix
         self.log_every_n_steps = log_every_n_steps

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int
+from asynchat._checks import number, positive_int
 from asynchat._every import UpdateDue
 from asynchat._handle import LoopHandle
 from asynchat._ranks import local_parts
@@ -40,8 +40,7 @@ class ExponentialMovingAverage(Callback):
     def __init__(
         self, decay: float = 0.999, *, every_n_steps: int = 1, warmup: bool = True
     ) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        number("decay", decay, low=0, high=1)
         positive_int("every_n_steps", every_n_steps)
         self.decay = decay
         self.every_n_steps = every_n_steps
@@ -135,7 +134,8 @@ class GradClip(Callback):
     def __init__(
         self, max_norm: float, *, norm_type: float = 2.0, optimizer: str | None = None
     ) -> None:
-        if not max_norm > 0:
+        number("max_norm", max_norm, low=0)
+        if not max_norm > 0:  # (inf is allowed: the norm is then only measured)
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
         if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):
             raise ValueError(f"optimizer must be an optimizer's name or None, got {optimizer!r}")
@@ -181,9 +181,10 @@ class FreezeModule(Callback):
     def __init__(
         self, names: Sequence[str], *, until_epoch: int | None = None, eval_mode: bool = True
     ) -> None:
-        if isinstance(names, str) or not names:
+        listed = [] if isinstance(names, str) or not isinstance(names, Iterable) else list(names)
+        if not listed or not all(isinstance(name, str) for name in listed):
             raise ValueError(f"names must be a non-empty list of submodule names, got {names!r}")
-        self.names = list(names)
+        self.names = listed
         self.until_epoch = until_epoch
         self.eval_mode = eval_mode
 

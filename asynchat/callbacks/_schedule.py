@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int
+from asynchat._checks import metric_name, positive_int
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import Monitor
 
@@ -94,8 +94,7 @@ class LRSchedule(Callback):
             raise ValueError(f"warmup must be 'linear' or 'constant', got {warmup!r}")
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"monitor must be a metric name (a str) or None, got {monitor!r}")
+        metric_name("monitor", monitor, allow_none=True)
         if monitor is not None and warmup_steps:
             raise ValueError("warmup_steps cannot be combined with a metric-driven monitor=...")
         if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int
+from asynchat._checks import positive_int, text
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
@@ -114,6 +114,7 @@ class LossMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 50, *, prefix: str = "train/mean_") -> None:
         positive_int("every_n_steps", every_n_steps)
+        text("prefix", prefix)
         self.every_n_steps = every_n_steps
         self.prefix = prefix
         self._sums: dict[str, torch.Tensor] = {}
