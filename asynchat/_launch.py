@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import faulthandler
@@ -13,11 +14,13 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -550,12 +553,12 @@ def launch(
 ) -> None:
     """Run ``async def fn(rank, world_size, *args)`` in ``nprocs`` processes, one per rank.
 
-    Each process initialises the default process group (``backend`` defaults to NCCL with
-    CUDA, gloo otherwise; rendezvous on ``master_addr``, through a store this process serves
-    on a port the system picks, or rank 0 on ``master_port``), selects its CUDA device, and
-    runs ``fn`` in an event loop of its own (uvloop where available). ``fn`` must be
-    importable (a module-level function), since ranks are started with ``spawn``; the
-    arguments are checked here, before any process starts.
+    Each process initialises the default process group (``backend``: NCCL with CUDA, else
+    gloo; rendezvous on ``master_addr`` through a store served here on a port the system
+    picks, or by rank 0 on ``master_port``), selects its CUDA device and runs ``fn`` in an
+    event loop of its own (uvloop where available). Ranks start with ``spawn``, so ``fn``
+    must be importable: defined at a module's top level, not under the script's ``if
+    __name__ == "__main__":``. The arguments are checked here, before any process starts.
 
     If a rank raises or dies, the others are terminated at once (no rank waits out a
     collective) and :class:`LaunchError` is raised naming the first rank to fail, how it
@@ -566,11 +569,11 @@ def launch(
     and so is a job whose ranks all hang. Set it above the longest stretch without a step:
     start-up (rendezvous, building the model) and a full validation included.
 
-    SIGINT and SIGTERM to the launcher go on to the ranks (:meth:`_Ranks.forwarding`), which
-    die with it however it dies (SIGKILL, a crash), removing its temporary files. Under
-    ``torchrun`` (``RANK``, ``WORLD_SIZE`` set) only this rank runs; the agent watches them.
+    SIGINT and SIGTERM to the launcher go on to the ranks, which die with it however it dies.
+    Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) only this rank runs.
     """
-    hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
+    hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
+                              hang_timeout)  # fmt: skip
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         run_rank(
@@ -609,7 +612,8 @@ async def launch_async(
     waits until they are reaped before the cancellation propagates.
     """
     positive_number("cancel_grace", cancel_grace)
-    hang_s = _check_arguments(fn, nprocs, args, master_port, collective_timeout, hang_timeout)
+    hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
+                              hang_timeout)  # fmt: skip
     ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
     cancelled = False
     try:
@@ -631,6 +635,7 @@ async def launch_async(
 def _check_arguments(
     fn: RankFn,
     nprocs: int,
+    backend: str | None,
     args: Sequence[Any],
     master_port: int | None,
     collective_timeout: datetime.timedelta,
@@ -639,23 +644,11 @@ def _check_arguments(
     """Check launch()'s arguments in the launcher, before any process starts; return the
     hang timeout in seconds."""
     positive_int("nprocs", nprocs)
-    if not callable(fn):
-        raise TypeError(f"fn must be an async function fn(rank, world_size, *args), got {fn!r}")
-    call = getattr(fn, "__call__", None)  # noqa: B004 - also an object with async __call__
-    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)):
-        raise TypeError(
-            f"fn must be an async function (async def fn(rank, world_size, *args)), got {fn!r}"
-        )
+    _check_fn(fn)
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
         raise TypeError(f"args must be a tuple or list of extra arguments, got {args!r}")
-    for what, value in (("fn", fn), ("args", tuple(args))):
-        try:
-            pickle.dumps(value)
-        except Exception as exc:
-            raise TypeError(
-                f"{what} must be picklable, since ranks start with spawn (a module-level "
-                f"async function and plain arguments): {type(exc).__name__}: {exc}"
-            ) from exc
+    _check_picklable("args", tuple(args))
+    _check_backend(backend)
     if master_port is not None and (
         not isinstance(master_port, int) or isinstance(master_port, bool)
         or not 1 <= master_port <= 65535
@@ -677,6 +670,102 @@ def _check_arguments(
             f"hang_timeout must be a positive number of seconds or None, got {hang_timeout!r}"
         )
     return None if hang_timeout is None else float(hang_timeout)
+
+
+def _check_fn(fn: RankFn) -> None:
+    if not callable(fn):
+        raise TypeError(f"fn must be an async function fn(rank, world_size, *args), got {fn!r}")
+    call = getattr(fn, "__call__", None)  # noqa: B004 - also an object with async __call__
+    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)):
+        raise TypeError(
+            f"fn must be an async function (async def fn(rank, world_size, *args)), got {fn!r}"
+        )
+    _check_picklable("fn", fn)
+    _check_importable(fn)
+
+
+def _check_picklable(what: str, value: object) -> None:
+    try:
+        pickle.dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"{what} must be picklable, since ranks start with spawn (a module-level "
+            f"async function and plain arguments): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _check_importable(fn: RankFn) -> None:
+    """A function of the script being run (``__main__``) pickles by name, and a spawned rank
+    finds it only if importing the script defines it: not when it is defined under the
+    script's ``if __name__ == "__main__":`` guard, nor in an interactive session. Either
+    way every rank died unpickling it, before running a line of ours ("exit code 1 without
+    a Python traceback")."""
+    name = getattr(fn, "__name__", None)
+    if getattr(fn, "__module__", None) != "__main__" or not isinstance(name, str):
+        return
+    script = getattr(sys.modules["__main__"], "__file__", None)
+    if script is None:
+        raise TypeError(
+            f"fn {name!r} is defined in an interactive session, which the ranks (started with "
+            "spawn) cannot import: define it in a module and import it from there"
+        )
+    try:
+        tree = ast.parse(Path(script).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return  # not ours to judge
+    guarded = [node for node in tree.body if _is_main_guard(node)]
+    at_top = {bound for node in tree.body if node not in guarded for bound in _bound(node)}
+    in_guard = {bound for node in guarded for bound in _bound(node)}
+    if name in in_guard and name not in at_top:
+        raise TypeError(
+            f'fn {name!r} is defined under the `if __name__ == "__main__":` guard of '
+            f"{script}, which the ranks (started with spawn) import without running that "
+            "block: define it at the module's top level, above the guard"
+        )
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def _bound(node: ast.AST) -> Iterator[str]:
+    """The names a statement binds at its own level, through nested blocks (if, try, with,
+    for), not inside the functions and classes it defines."""
+    if isinstance(node, _SCOPES):
+        yield node.name
+        return
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        yield node.id
+    elif isinstance(node, ast.alias):
+        yield (node.asname or node.name).split(".")[0]
+    for child in ast.iter_child_nodes(node):
+        yield from _bound(child)
+
+
+def _check_backend(backend: str | None) -> None:
+    """``backend`` must name process-group backends this torch has (``"gloo"``, or a device
+    map such as ``"cpu:gloo,cuda:nccl"``); every rank failed in ``init_process_group``."""
+    if backend is None:
+        return
+    if not isinstance(backend, str) or not backend:
+        raise TypeError(f"backend must be a str (e.g. 'gloo' or 'nccl') or None, got {backend!r}")
+    names = [part.split(":")[-1].strip() for part in backend.split(",")]
+    missing = [name for name in names if not dist.is_backend_available(name)]
+    if missing:
+        have = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if dist.is_backend_available(b)]
+        raise ValueError(
+            f"backend={backend!r}: this torch build has no {' or '.join(map(repr, missing))} "
+            f"backend (available: {', '.join(have) or 'none'})"
+        )
+
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def _start(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 import rank_jobs
+import torch
 
 import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
@@ -40,7 +41,7 @@ def assert_gone(pids: list[int]) -> None:
 
 
 def test_two_ranks_share_a_process_group(tmp_path: Path) -> None:
-    launch(rank_jobs.all_reduce_rank, nprocs=2, args=(str(tmp_path),))
+    launch(rank_jobs.all_reduce_rank, nprocs=2, args=(str(tmp_path),), backend="cpu:gloo")
     results = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))
     assert results == ["2 3.0", "2 3.0"]
 
@@ -216,7 +217,53 @@ def test_bad_arguments() -> None:
         launch(rank_jobs.sleep_forever, nprocs=2, args="abc")
     with pytest.raises(ValueError, match="hang_timeout must be a positive number"):
         launch(rank_jobs.sleep_forever, nprocs=2, hang_timeout=0)
+    # Accepted before, every rank then failed in init_process_group with torch's words.
+    with pytest.raises(ValueError, match=r"backend='bogus': this torch build has no 'bogus'"):
+        launch(rank_jobs.sleep_forever, nprocs=2, backend="bogus")
+    if not torch.distributed.is_nccl_available():  # (the CPU wheel's case)
+        with pytest.raises(ValueError, match=r"no 'nccl' backend \(available: gloo"):
+            launch(rank_jobs.sleep_forever, nprocs=2, backend="cpu:gloo,cuda:nccl")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        launch(rank_jobs.sleep_forever, nprocs=2, backend=3)  # type: ignore[arg-type]
     assert time.monotonic() - started < 2 and rank_processes() == []
+
+
+SCRIPT = """
+import sys
+
+import asynchat
+
+{top}
+
+if __name__ == "__main__":
+{guarded}
+    try:
+        asynchat.launch(job, nprocs=2)
+    except TypeError as exc:
+        sys.exit(f"refused: {{exc}}")
+    print("ran")
+"""
+
+
+@pytest.mark.parametrize("where", ["top", "guarded"])
+def test_a_function_under_the_scripts_main_guard_is_refused_before_any_rank_starts(
+    tmp_path: Path, where: str
+) -> None:
+    """The ranks import the script without running its guarded block: a job defined there
+    made every rank die unpickling it, reported as "the process died (exit code 1) without
+    a Python traceback". Defined at the top, the same job runs."""
+    job = "async def job(rank, world_size):\n    pass"
+    indented = "    " + job.replace("\n", "\n    ")
+    top, guarded = (job, "    pass") if where == "top" else ("", indented)
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(top=top, guarded=guarded))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    if where == "top":
+        assert run.returncode == 0 and run.stdout.strip() == "ran", run.stderr
+    else:
+        assert run.returncode == 1, run.stderr
+        assert "refused: fn 'job' is defined under the `if __name__" in run.stderr, run.stderr
+        assert "define it at the module's top level" in run.stderr
 
 
 def _local_async_function() -> Any:
