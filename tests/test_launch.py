@@ -266,6 +266,14 @@ def test_a_function_under_the_scripts_main_guard_is_refused_before_any_rank_star
         assert "define it at the module's top level" in run.stderr
 
 
+def test_a_function_of_an_interactive_session_is_refused_before_any_rank_starts() -> None:
+    """``python -c`` (as a notebook or the REPL): no file for the ranks to import."""
+    code = SCRIPT.format(top="async def job(rank, world_size):\n    pass", guarded="    pass")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "refused: fn 'job' is defined in an interactive session" in run.stderr, run.stderr
+
+
 def _local_async_function() -> Any:
     async def local(rank: int, world_size: int) -> None:
         pass
