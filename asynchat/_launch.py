@@ -755,10 +755,13 @@ def _check_backend(backend: str | None) -> None:
         return
     if not isinstance(backend, str) or not backend:
         raise TypeError(f"backend must be a str (e.g. 'gloo' or 'nccl') or None, got {backend!r}")
+    available = getattr(dist, "is_backend_available", None)  # (torch >= 2.2; one may lack it)
+    if available is None:
+        return  # the ranks' own error will say it
     names = [part.split(":")[-1].strip() for part in backend.split(",")]
-    missing = [name for name in names if not dist.is_backend_available(name)]
+    missing = [name for name in names if not available(name)]
     if missing:
-        have = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if dist.is_backend_available(b)]
+        have = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if available(b)]
         raise ValueError(
             f"backend={backend!r}: this torch build has no {' or '.join(map(repr, missing))} "
             f"backend (available: {', '.join(have) or 'none'})"
