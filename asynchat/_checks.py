@@ -35,14 +35,11 @@ def positive_number(name: str, value: Any, *, allow_none: bool = False) -> None:
         )
 
 
-def number(name: str, value: Any, *, low: float, high: float | None = None) -> None:
-    """``value`` must be an int or float (not a bool) with ``low <= value`` (and ``value <
-    high`` when given); NaN never is."""
+def real(name: str, value: Any) -> None:
+    """``value`` must be an int or float, not a bool (its range is the caller's to check,
+    written so that NaN fails it: ``if not value > 0``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (low <= value and (high is None or value < high)):
-        wanted = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g}"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 def text(name: str, value: Any) -> None:

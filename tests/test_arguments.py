@@ -316,6 +316,7 @@ class TestErrorsFoundWhileRunning:
         (lambda: EarlyStopping(None), ValueError, r"monitor must be a metric name .*None"),  # type: ignore[arg-type]
         (lambda: EarlyStopping("m", min_delta=math.nan), ValueError, r"min_delta must be >= 0"),
         (lambda: GradClip("1"), TypeError, r"max_norm must be a number, got '1'"),  # type: ignore[arg-type]
+        (lambda: GradClip(-1), ValueError, r"max_norm must be > 0, got -1"),
         (lambda: ExponentialMovingAverage("0.9"), TypeError, r"decay must be a number"),  # type: ignore[arg-type]
         (lambda: ExponentialMovingAverage(math.nan), ValueError, r"decay must be in \[0, 1\)"),
         (lambda: FreezeModule(3), ValueError, r"names must be a non-empty list .* got 3"),  # type: ignore[arg-type]

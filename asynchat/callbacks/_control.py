@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checks import metric_name, number, positive_int
+from asynchat._checks import metric_name, positive_int, real
 from asynchat._errors import AsynchatError
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
@@ -48,7 +48,9 @@ class EarlyStopping(Callback):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         metric_name("monitor", monitor)
         positive_int("patience", patience)
-        number("min_delta", min_delta, low=0)
+        real("min_delta", min_delta)
+        if not min_delta >= 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
         self.monitor = monitor
         self.patience = patience
         self.mode = mode

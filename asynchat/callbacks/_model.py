@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from asynchat._callback import Callback
-from asynchat._checks import number, positive_int
+from asynchat._checks import positive_int, real
 from asynchat._every import UpdateDue
 from asynchat._handle import LoopHandle
 from asynchat._ranks import local_parts
@@ -40,7 +40,9 @@ class ExponentialMovingAverage(Callback):
     def __init__(
         self, decay: float = 0.999, *, every_n_steps: int = 1, warmup: bool = True
     ) -> None:
-        number("decay", decay, low=0, high=1)
+        real("decay", decay)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         positive_int("every_n_steps", every_n_steps)
         self.decay = decay
         self.every_n_steps = every_n_steps
@@ -134,7 +136,7 @@ class GradClip(Callback):
     def __init__(
         self, max_norm: float, *, norm_type: float = 2.0, optimizer: str | None = None
     ) -> None:
-        number("max_norm", max_norm, low=0)
+        real("max_norm", max_norm)
         if not max_norm > 0:  # (inf is allowed: the norm is then only measured)
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
         if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):
