@@ -188,11 +188,8 @@ class Checkpoint(Callback):
         check_path("save_dir", save_dir)
         positive_int("every_n_steps", every_n_steps, allow_none=True)
         positive_int("every_n_epochs", every_n_epochs, allow_none=True)
-        for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
-            if name == "keep_last" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        positive_int("keep_last", keep_last, allow_none=True, minimum=0)
+        positive_int("keep_best", keep_best, minimum=0)
         metric_name("monitor", monitor, allow_none=True)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")

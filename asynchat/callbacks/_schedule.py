@@ -92,8 +92,7 @@ class LRSchedule(Callback):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
         if warmup not in ("linear", "constant"):
             raise ValueError(f"warmup must be 'linear' or 'constant', got {warmup!r}")
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        positive_int("warmup_steps", warmup_steps, minimum=0)
         metric_name("monitor", monitor, allow_none=True)
         if monitor is not None and warmup_steps:
             raise ValueError("warmup_steps cannot be combined with a metric-driven monitor=...")
