@@ -15,10 +15,10 @@ validation loss) is loaded and scored on held-out test text, next to the unigram
 (the loss of predicting each character from its frequency alone).
 ``--compile`` compiles the forward and loss with ``torch.compile`` on the compute thread
 (``BasicBatchProcessor(compile=True)``; on the CPU too, where this model measured 7% slower
-compiled than eager on 2 cores, in a hand-written loop as well). On a GPU, ``--cuda-graphs`` replays
-each training step as CUDA graphs (``CudaGraphBatchProcessor``: a capturable, fused AdamW
-with a tensor learning rate, which the schedule updates in place; GradClip runs inside the
-graph).
+compiled than eager on 2 cores, in a hand-written loop as well). On a GPU,
+``--cuda-graphs`` replays each training step as CUDA graphs (``CudaGraphBatchProcessor``: a
+capturable, fused AdamW with a tensor learning rate, which the schedule updates in place;
+GradClip runs inside the graph).
 """
 
 from __future__ import annotations
@@ -262,9 +262,6 @@ def loaders(corpus: Corpus, run: Run) -> tuple[DataLoader[Any], DataLoader[Any],
     return train, val, test
 
 
-STEPS = ("eager", "compile", "cuda-graphs")
-
-
 def step_setup(run: Run, step: str) -> tuple[BatchProcessor, Any]:
     """The batch processor and the optimizer factory: eager, compiled (``torch.compile``),
     or replayed as CUDA graphs."""
@@ -360,13 +357,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/charlm"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument(
-        "--compile",
-        dest="step",
-        action="store_const",
-        const="compile",
-        help="compile the forward and loss with torch.compile",
-    )
+    how.add_argument("--compile", dest="step", action="store_const", const="compile",
+                     help="compile the forward and loss with torch.compile")  # fmt: skip
     how.add_argument("--cuda-graphs", dest="step", action="store_const", const="cuda-graphs",
                      help="replay each training step as CUDA graphs (a GPU)")  # fmt: skip
     args = parser.parse_args()
