@@ -188,7 +188,8 @@ class Checkpoint(Callback):
         check_path("save_dir", save_dir)
         positive_int("every_n_steps", every_n_steps, allow_none=True)
         positive_int("every_n_epochs", every_n_epochs, allow_none=True)
-        positive_int("keep_last", keep_last, allow_none=True, minimum=0)
+        if keep_last is not None:  # (None keeps them all)
+            positive_int("keep_last", keep_last, minimum=0)
         positive_int("keep_best", keep_best, minimum=0)
         metric_name("monitor", monitor, allow_none=True)
         if mode not in ("min", "max"):
