@@ -32,6 +32,7 @@ from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-
 from asynchat import _heartbeat as heartbeat
 from asynchat._checks import positive_int, positive_number
 from asynchat._errors import AsynchatError
+from asynchat._start_method import LauncherState, rank_context
 
 RankFn = Callable[..., Awaitable[object]]
 
@@ -189,11 +190,13 @@ def _child(
     addr: str,
     port: int,
     hosted: bool,
+    launcher: LauncherState,
     errors: Any,
     lifeline: Any,
     beats: Any,
     dump: str,
 ) -> None:
+    launcher.apply()
     _prepare_rank(rank, lifeline, beats, dump)
     os.environ.update(
         MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank),
@@ -271,7 +274,7 @@ class _Ranks:
         port: int | None,
         hang_timeout: float | None,
     ) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         # The rendezvous store, served here unless the caller chose a port: bound to a port
         # the system picks before any rank hears of it. A port found free and handed on was
         # free only then (another job, or any connection's ephemeral port, could take it
@@ -289,7 +292,8 @@ class _Ranks:
         self._dumps = tempfile.mkdtemp(prefix="asynchat-launch-")
         self._lifelines: list[tuple[Any, Any]] = []
         self.processes: list[Any] = []
-        group = (nprocs, tuple(args), backend, timeout, addr, port, self._store is not None)
+        hosted = self._store is not None
+        group = (nprocs, tuple(args), backend, timeout, addr, port, hosted, LauncherState())
         for rank in range(nprocs):
             self._add_rank(ctx, rank, fn, group)
         for process in self.processes:
@@ -556,9 +560,9 @@ def launch(
     Each process initialises the default process group (``backend``: NCCL with CUDA, else
     gloo; rendezvous on ``master_addr`` through a store served here on a port the system
     picks, or by rank 0 on ``master_port``), selects its CUDA device and runs ``fn`` in an
-    event loop of its own (uvloop where available). Ranks start with ``spawn``, so ``fn``
-    must be importable: defined at a module's top level, not under the script's ``if
-    __name__ == "__main__":``. The arguments are checked here, before any process starts.
+    event loop of its own (uvloop where available). Ranks import ``fn`` by name as under
+    ``spawn`` (on Linux, forked from a server that imported torch: ``_start_method``): define
+    it at module level, not under ``if __name__ == "__main__":``. Arguments are checked first.
 
     If a rank raises or dies, the others are terminated at once (no rank waits out a
     collective) and :class:`LaunchError` is raised naming the first rank to fail, how it
@@ -614,7 +618,11 @@ async def launch_async(
     positive_number("cancel_grace", cancel_grace)
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
                               hang_timeout)  # fmt: skip
-    ranks = _start(fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
+    start = (fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
+    # Off the event loop: the first launch of a process waits for the fork server to import
+    # torch (seconds). Shielded: ranks that have started are always in hand to be ended.
+    with anyio.CancelScope(shield=True):
+        ranks = await anyio.to_thread.run_sync(_start, *start)
     cancelled = False
     try:
         # Each poll waits up to a poll interval on a worker thread; a cancellation takes
@@ -689,15 +697,16 @@ def _check_picklable(what: str, value: object) -> None:
         pickle.dumps(value)
     except Exception as exc:
         raise TypeError(
-            f"{what} must be picklable, since ranks start with spawn (a module-level "
+            f"{what} must be picklable, since the ranks receive it pickled (a module-level "
             f"async function and plain arguments): {type(exc).__name__}: {exc}"
         ) from exc
 
 
 def _check_importable(fn: RankFn) -> None:
-    """A function of the script being run (``__main__``) pickles by name, and a spawned rank
-    finds it only if importing the script defines it: not when it is defined under the
-    script's ``if __name__ == "__main__":`` guard, nor in an interactive session. Either
+    """A function of the script being run (``__main__``) pickles by name, and a rank (a new
+    process, which imports the script as under ``spawn``) finds it only if importing the
+    script defines it: not when it is defined under the script's ``if __name__ ==
+    "__main__":`` guard, nor in an interactive session. Either
     way every rank died unpickling it, before running a line of ours ("exit code 1 without
     a Python traceback")."""
     name = getattr(fn, "__name__", None)
@@ -706,8 +715,8 @@ def _check_importable(fn: RankFn) -> None:
     script = getattr(sys.modules["__main__"], "__file__", None)
     if script is None:
         raise TypeError(
-            f"fn {name!r} is defined in an interactive session, which the ranks (started with "
-            "spawn) cannot import: define it in a module and import it from there"
+            f"fn {name!r} is defined in an interactive session, which the ranks (new processes) "
+            "cannot import: define it in a module and import it from there"
         )
     try:
         tree = ast.parse(Path(script).read_bytes())
@@ -719,7 +728,7 @@ def _check_importable(fn: RankFn) -> None:
     if name in in_guard and name not in at_top:
         raise TypeError(
             f'fn {name!r} is defined under the `if __name__ == "__main__":` guard of '
-            f"{script}, which the ranks (started with spawn) import without running that "
+            f"{script}, which the ranks (new processes) import without running that "
             "block: define it at the module's top level, above the guard"
         )
 

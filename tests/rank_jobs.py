@@ -1,10 +1,11 @@
-"""Rank functions for the launch tests (module-level: ranks are spawned processes)."""
+"""Rank functions for the launch tests (module-level: the ranks import them by name)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -1396,3 +1397,23 @@ async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
     from asynchat.callbacks import FreezeModule
 
     await plain_ddp_trainer(num_steps=2, callbacks=[FreezeModule(["0"])]).fit()
+
+
+async def report_start(rank: int, world_size: int, out: str, names: list[str]) -> None:
+    """How this rank started: its parent (the launcher, or the fork server, which then has
+    torch loaded), the environment variables ``names`` and its intra-op thread count."""
+    parent = os.getppid()
+    maps = Path(f"/proc/{parent}/maps").read_text()
+    report = {
+        "parent": parent,
+        "parent_has_torch": "libtorch" in maps,
+        "env": {name: os.environ.get(name) for name in names},
+        "threads": torch.get_num_threads(),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+async def say(rank: int, world_size: int, word: str) -> None:
+    """Print ``word`` on stdout and on stderr."""
+    print(f"rank {rank} says {word} on stdout", flush=True)
+    print(f"rank {rank} says {word} on stderr", file=sys.stderr, flush=True)

@@ -1,0 +1,103 @@
+"""How launch() starts its rank processes: from a fork server that has imported torch once.
+
+A spawned rank is a fresh interpreter that imports torch (about 2.5 s of CPU on a small
+machine, per rank, per launch). On Linux the ranks are forked instead from
+multiprocessing's fork server, started once per launcher process with torch and asynchat
+imported: a launch after the first starts its ranks in a fraction of a second. Nothing
+else changes for the ranks: the job function and its arguments are pickled and the
+script's modules imported as under ``spawn`` (the same rules: ``fn`` defined at a module's
+top level), and each rank is given what a spawned one inherits at its start:
+
+- the launcher's environment as it is at this launch (the server's is the one of its
+  start, so each rank takes the launcher's over at once). Variables that libraries read
+  when they are imported (``OMP_NUM_THREADS``, ``MKL_*``, ``TORCH_LOGS``, ...: those in
+  :data:`READ_AT_IMPORT`) cannot be taken over after the import: when one of them
+  differs from what the server started with, the launch spawns its ranks as before;
+- the launcher's stdout and stderr as they are at this launch (a redirection made after
+  the server started included).
+
+The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
+else in the process that uses it; it ends with the launcher process. Elsewhere (macOS,
+Windows) ranks are spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from multiprocessing import reduction
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import torch.multiprocessing as mp
+
+#: The modules the fork server imports once, so that no rank imports them again.
+PRELOAD = ("torch", "asynchat")
+#: Environment variables (by prefix, then by name) that a library reads when it is imported
+#: or loaded: the OpenMP and BLAS thread pools, the C allocator and loader,
+#: Python's own, torch's logging. The rest (``CUDA_VISIBLE_DEVICES``, ``NCCL_*``,
+#: ``PYTORCH_CUDA_ALLOC_CONF``, ...) are read when first used, after a rank has taken the
+#: launcher's environment over; some are set by torch itself as it works (inductor's
+#: ``TORCHINDUCTOR_CACHE_DIR``), and must not make every later launch spawn.
+READ_AT_IMPORT = (
+    ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "BLIS_", "VECLIB_", "NUMEXPR_", "DNNL_",
+     "ONEDNN_", "LD_", "MALLOC_", "PYTHON"),
+    {"TORCH_LOGS", "TORCH_CPP_LOG_LEVEL", "TORCH_SHOW_CPP_STACKTRACES",
+     "TORCH_USE_RTLD_GLOBAL", "PYTORCH_JIT"},
+)  # fmt: skip
+
+_lock = threading.Lock()
+_server_env: dict[str, str] | None = None  # READ_AT_IMPORT's part of the server's start
+
+
+def rank_context() -> BaseContext:
+    """The multiprocessing context to start this launch's ranks from (see the module)."""
+    global _server_env
+    if not sys.platform.startswith("linux") or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    env = {k: v for k, v in os.environ.items() if _read_at_import(k)}
+    with _lock:
+        if _server_env is None:  # the first launch: the server starts with this environment
+            _server_env = env
+            mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+        return mp.get_context("forkserver" if env == _server_env else "spawn")
+
+
+def _read_at_import(name: str) -> bool:
+    prefixes, names = READ_AT_IMPORT
+    return name.startswith(prefixes) or name in names
+
+
+class LauncherState:
+    """What a rank inherits from its launcher at the rank's start, whichever way it starts:
+    the environment and the stdout and stderr file descriptors. Pass it to the rank's
+    process (pickled as the process starts) and call :meth:`apply` first thing there."""
+
+    def __init__(self, env: dict[str, str] | None = None, fds: dict[int, Any] | None = None):
+        self.env = dict(os.environ) if env is None else env
+        self._fds = fds or {}  # in the rank: its descriptor for each of the launcher's
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as the process starts: reduction.DupFd hands each descriptor to the child
+        # (through the fork server, or inherited by a spawned child), if it is open.
+        fds = {}
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue  # (closed in the launcher: the rank keeps what it has)
+            fds[fd] = reduction.DupFd(fd)
+        return (LauncherState, (self.env, fds))
+
+    def apply(self) -> None:
+        """In the rank: the launcher's environment and stdout/stderr, in place of its own."""
+        if os.environ != self.env:
+            os.environ.clear()
+            os.environ.update(self.env)
+        for target, duplicate in self._fds.items():
+            fd = duplicate.detach()
+            if fd != target:  # (a spawned rank inherited it as it is)
+                (sys.stdout if target == 1 else sys.stderr).flush()
+                os.dup2(fd, target)
+                os.close(fd)

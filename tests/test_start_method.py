@@ -1,0 +1,131 @@
+"""How launch() starts its ranks: forked from a server that imported torch once (Linux),
+given the launcher's environment and stdout/stderr as they are at each launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rank_jobs
+
+from asynchat import _start_method, launch
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="ranks fork from a server on Linux only"
+)
+HERE = Path(__file__).resolve().parent
+
+
+def started(directory: Path, names: list[str] = []) -> list[dict[str, object]]:  # noqa: B006
+    directory.mkdir()
+    launch(rank_jobs.report_start, nprocs=2, args=(str(directory), names))
+    return [json.loads((directory / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_ranks_fork_from_one_server_that_has_torch_loaded(tmp_path: Path) -> None:
+    """A spawned rank imported torch itself, at every launch (2.5 s of CPU each here)."""
+    first, second = started(tmp_path / "first"), started(tmp_path / "second")
+    parents = {report["parent"] for report in first + second}
+    assert len(parents) == 1 and os.getpid() not in parents, parents
+    assert all(report["parent_has_torch"] for report in first + second)
+
+
+def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's environment is the one it started with: set, changed or removed since,
+    each variable is as the launcher has it now (the server's alone would be stale)."""
+    names = ["ASYNCHAT_SET", "ASYNCHAT_CHANGED", "ASYNCHAT_REMOVED"]
+    monkeypatch.setenv("ASYNCHAT_CHANGED", "before")
+    monkeypatch.setenv("ASYNCHAT_REMOVED", "before")
+    before = started(tmp_path / "before", names)
+    assert before[0]["env"] == {"ASYNCHAT_SET": None, "ASYNCHAT_CHANGED": "before",
+                                "ASYNCHAT_REMOVED": "before"}  # fmt: skip
+    monkeypatch.setenv("ASYNCHAT_SET", "now")
+    monkeypatch.setenv("ASYNCHAT_CHANGED", "now")
+    monkeypatch.delenv("ASYNCHAT_REMOVED")
+    after = started(tmp_path / "after", names)
+    assert {report["parent"] for report in after} == {before[0]["parent"]}  # the same server
+    for report in after:
+        assert report["env"] == {
+            "ASYNCHAT_SET": "now", "ASYNCHAT_CHANGED": "now", "ASYNCHAT_REMOVED": None
+        }  # fmt: skip
+
+
+def test_a_variable_read_at_import_that_changed_makes_the_launch_spawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OMP_NUM_THREADS is read as the OpenMP runtime loads: a server started without it
+    has the thread pool's size of then. Ranks given another spawn, and have it."""
+    started(tmp_path / "server")  # (the server runs, with this environment's value)
+    assert _start_method._server_env is not None
+    threads = "1" if _start_method._server_env.get("OMP_NUM_THREADS") != "1" else "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    for report in started(tmp_path / "changed", ["OMP_NUM_THREADS"]):
+        assert report["parent"] == os.getpid()  # spawned by this process
+        assert report["env"] == {"OMP_NUM_THREADS": threads}
+        assert report["threads"] == int(threads)
+
+
+def test_ranks_write_to_the_launchers_stdout_and_stderr_as_they_are_at_each_launch(
+    tmp_path: Path,
+) -> None:
+    """A launcher that redirects its output after the server started (a service's log
+    file): the ranks' output goes where the launcher's goes at their launch, not where
+    the server's went."""
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    run = subprocess.run(
+        [sys.executable, str(HERE / "start_method_job.py"), str(out), str(err)],
+        cwd=HERE, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for stream, redirected, name in ((run.stdout, out, "stdout"), (run.stderr, err, "stderr")):
+        for rank in range(2):
+            assert f"rank {rank} says first on {name}" in stream, stream
+            assert f"rank {rank} says second on {name}" in redirected.read_text()
+            assert f"rank {rank} says third on {name}" in stream, stream
+        assert "second" not in stream and "first" not in redirected.read_text()
+
+
+LAUNCH_ASYNC_FIRST = """
+import sys, time
+import anyio
+import rank_jobs
+from asynchat import launch_async
+
+async def main():
+    gaps, last = [], time.monotonic()
+
+    async def ticker():
+        nonlocal last
+        while True:
+            await anyio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await launch_async(rank_jobs.all_reduce_rank, nprocs=2, args=(sys.argv[1],))
+        tg.cancel_scope.cancel()
+    print(max(gaps))
+
+anyio.run(main)
+"""
+
+
+def test_the_first_launch_async_of_a_process_keeps_the_event_loop_running(
+    tmp_path: Path,
+) -> None:
+    """The first launch waits for the fork server to import torch (2 s here): on the event
+    loop, that was a 2 s stall of everything else it serves."""
+    run = subprocess.run(
+        [sys.executable, "-c", LAUNCH_ASYNC_FIRST, str(tmp_path)],
+        cwd=HERE, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert len(list(tmp_path.glob("rank*.txt"))) == 2
+    assert float(run.stdout) < 0.5, f"the event loop stalled {float(run.stdout):.2f} s"
