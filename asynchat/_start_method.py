@@ -23,6 +23,7 @@ Windows) ranks are spawned.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -39,14 +40,16 @@ PRELOAD = ("torch", "asynchat")
 #: Python's own, torch's logging. The rest (``CUDA_VISIBLE_DEVICES``, ``NCCL_*``,
 #: ``PYTORCH_CUDA_ALLOC_CONF``, ...) are read when first used, after a rank has taken the
 #: launcher's environment over; some are set by torch itself as it works (inductor's
-#: ``TORCHINDUCTOR_CACHE_DIR``), and must not make every later launch spawn.
+#: ``TORCHINDUCTOR_CACHE_DIR``; scikit-learn's import sets Intel OpenMP's ``KMP_*``, which
+#: torch's wheels do not load), and must not make every later launch spawn.
 READ_AT_IMPORT = (
-    ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "BLIS_", "VECLIB_", "NUMEXPR_", "DNNL_",
-     "ONEDNN_", "LD_", "MALLOC_", "PYTHON"),
+    ("OMP_", "GOMP_", "MKL_", "OPENBLAS_", "BLIS_", "VECLIB_", "NUMEXPR_", "DNNL_", "ONEDNN_",
+     "LD_", "MALLOC_", "PYTHON"),
     {"TORCH_LOGS", "TORCH_CPP_LOG_LEVEL", "TORCH_SHOW_CPP_STACKTRACES",
      "TORCH_USE_RTLD_GLOBAL", "PYTORCH_JIT"},
 )  # fmt: skip
 
+_LOG = logging.getLogger("asynchat.launch")
 _lock = threading.Lock()
 _server_env: dict[str, str] | None = None  # READ_AT_IMPORT's part of the server's start
 
@@ -61,7 +64,13 @@ def rank_context() -> BaseContext:
         if _server_env is None:  # the first launch: the server starts with this environment
             _server_env = env
             mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
-        return mp.get_context("forkserver" if env == _server_env else "spawn")
+        if env == _server_env:
+            return mp.get_context("forkserver")
+        changed = sorted(
+            k for k in env.keys() | _server_env.keys() if env.get(k) != _server_env.get(k)
+        )
+    _LOG.info("ranks spawned: %s changed since the fork server started", ", ".join(changed))
+    return mp.get_context("spawn")
 
 
 def _read_at_import(name: str) -> bool:

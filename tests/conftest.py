@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -64,6 +65,19 @@ def no_thread_left_behind() -> Iterator[None]:
     if left:
         time.sleep(0.5)  # report what is *still* there, not a race in the report itself
         pytest.fail(f"threads left behind: {engine_threads()}")
+
+
+@pytest.fixture(autouse=True)
+def environment_kept() -> Iterator[None]:
+    """No test leaves ``os.environ`` changed for the tests after it. (Importing an example
+    sets ``OMP_WAIT_POLICY``: every launch after that one spawned its ranks, since the fork
+    server had started without it.)"""
+    volatile = "PYTEST_CURRENT_TEST"  # (pytest's own, set anew for each phase)
+    before = {k: v for k, v in os.environ.items() if k != volatile}
+    yield
+    for name in set(os.environ) - set(before) - {volatile}:
+        del os.environ[name]
+    os.environ.update(before)
 
 
 class StopAt(Callback):

@@ -4,6 +4,7 @@ given the launcher's environment and stdout/stderr as they are at each launch.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,21 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="ranks fork from a server on Linux only"
 )
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def as_the_server_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables read at import as the fork server has them, if it runs (started by an
+    earlier test of this process, perhaps under another environment), so that these
+    launches fork unless a test changes one."""
+    server = _start_method._server_env
+    if server is None:
+        return
+    for name in [name for name in os.environ if _start_method._read_at_import(name)]:
+        if name not in server:
+            monkeypatch.delenv(name)
+    for name, value in server.items():
+        monkeypatch.setenv(name, value)
 
 
 def started(directory: Path, names: list[str] = []) -> list[dict[str, object]]:  # noqa: B006
@@ -57,7 +73,7 @@ def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
 
 
 def test_a_variable_read_at_import_that_changed_makes_the_launch_spawn(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """OMP_NUM_THREADS is read as the OpenMP runtime loads: a server started without it
     has the thread pool's size of then. Ranks given another spawn, and have it."""
@@ -65,7 +81,10 @@ def test_a_variable_read_at_import_that_changed_makes_the_launch_spawn(
     assert _start_method._server_env is not None
     threads = "1" if _start_method._server_env.get("OMP_NUM_THREADS") != "1" else "2"
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
-    for report in started(tmp_path / "changed", ["OMP_NUM_THREADS"]):
+    with caplog.at_level(logging.INFO, logger="asynchat.launch"):
+        reports = started(tmp_path / "changed", ["OMP_NUM_THREADS"])
+    assert "ranks spawned: OMP_NUM_THREADS changed since the fork server started" in caplog.text
+    for report in reports:
         assert report["parent"] == os.getpid()  # spawned by this process
         assert report["env"] == {"OMP_NUM_THREADS": threads}
         assert report["threads"] == int(threads)
