@@ -14,17 +14,26 @@ top level), and each rank is given what a spawned one inherits at its start:
   :data:`READ_AT_IMPORT`) cannot be taken over after the import: when one of them
   differs from what the server started with, the launch spawns its ranks as before;
 - the launcher's stdout and stderr as they are at this launch (a redirection made after
-  the server started included).
+  the server started included);
+- SIGTERM as the launcher had it when the server started. The server itself ignores
+  SIGTERM (CPython's ignores SIGINT): it is in the launcher's process group, and a
+  SIGTERM to the group (``kill %1``, ``timeout``, systemd) killed it, after which every
+  rank it had forked looked dead to the launcher (exit code 255), which then left before
+  its ranks could write their final checkpoints.
 
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
-else in the process that uses it; it ends with the launcher process. Elsewhere (macOS,
-Windows) ranks are spawned.
+else in the process that uses it (started by something else before the first launch, it
+has that one's preloads, and the ranks import torch themselves); it ends with the
+launcher process. Elsewhere (macOS, Windows) ranks are spawned. On Python 3.12+ the server
+forks while numpy's OpenBLAS thread runs, which CPython reports with a
+``DeprecationWarning`` (hidden by default), as it does for a DataLoader's forked workers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from multiprocessing import reduction
@@ -100,7 +109,10 @@ class LauncherState:
         return (LauncherState, (self.env, fds))
 
     def apply(self) -> None:
-        """In the rank: the launcher's environment and stdout/stderr, in place of its own."""
+        """In the rank: the launcher's environment, stdout/stderr and SIGTERM handling, in
+        place of its server's."""
+        if _sigterm_before is not None:  # forked from the server
+            signal.signal(signal.SIGTERM, _sigterm_before)
         if os.environ != self.env:
             os.environ.clear()
             os.environ.update(self.env)
@@ -110,3 +122,20 @@ class LauncherState:
                 (sys.stdout if target == 1 else sys.stderr).flush()
                 os.dup2(fd, target)
                 os.close(fd)
+
+
+def _in_fork_server() -> bool:
+    """Whether this module is being imported by the fork server, as one of its preloads."""
+    frame = sys._getframe()
+    while frame.f_back is not None:
+        frame = frame.f_back
+        if frame.f_code.co_name == "main" and (
+            frame.f_globals.get("__name__") == "multiprocessing.forkserver"
+        ):
+            return True
+    return False
+
+
+#: In the fork server (and the ranks forked from it): SIGTERM's handling before the
+#: server ignored it, which each rank takes back. None elsewhere.
+_sigterm_before = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _in_fork_server() else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -1401,12 +1402,20 @@ async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
 
 async def report_start(rank: int, world_size: int, out: str, names: list[str]) -> None:
     """How this rank started: its parent (the launcher, or the fork server, which then has
-    torch loaded), the environment variables ``names`` and its intra-op thread count."""
+    torch loaded and ignores SIGTERM), its own SIGTERM handling, the environment variables
+    ``names`` and its intra-op thread count."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
+    ignored = next(
+        int(line.split()[1], 16)
+        for line in Path(f"/proc/{parent}/status").read_text().splitlines()
+        if line.startswith("SigIgn:")
+    )
     report = {
         "parent": parent,
         "parent_has_torch": "libtorch" in maps,
+        "parent_ignores_sigterm": bool(ignored >> (signal.SIGTERM - 1) & 1),
+        "sigterm": str(signal.getsignal(signal.SIGTERM)),
         "env": {name: os.environ.get(name) for name in names},
         "threads": torch.get_num_threads(),
     }

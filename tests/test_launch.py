@@ -388,8 +388,8 @@ def ended(launcher: subprocess.Popen[str]) -> str:
 
 @pytest.mark.parametrize(
     ("how", "handle"),
-    [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True)],
-    ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals"],
+    [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True), ("SIGTERM-to-the-group", True)],
+    ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals", "SIGTERM-to-the-group"],
 )
 def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     tmp_path: Path, how: str, handle: bool
@@ -398,7 +398,9 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # launcher, whose KeyboardInterrupt then SIGTERMed the ranks in the middle of their
     # final checkpoint: none was written. A SIGTERM to the launcher alone (a pod's) killed
     # the ranks through their lifelines, stop_on_signals or not. The launcher now passes the
-    # signal on, waits for the ranks, then ends as the signal says.
+    # signal on, waits for the ranks, then ends as the signal says. A SIGTERM to the
+    # launcher's process group (`kill %1`, `timeout`) killed the fork server the ranks
+    # came from, and with it the launcher's view of them: it left at once, no checkpoint.
     with launcher_script("signalled_launcher.py", str(tmp_path), str(int(handle))) as launcher:
         assert launcher.stdout is not None
         for line in launcher.stdout:
@@ -406,6 +408,8 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
                 break
         if how == "ctrl-c":
             os.killpg(launcher.pid, signal.SIGINT)
+        elif how == "SIGTERM-to-the-group":
+            os.killpg(launcher.pid, signal.SIGTERM)
         else:
             launcher.send_signal(signal.SIGTERM)
         errors = ended(launcher)

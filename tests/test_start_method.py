@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def test_ranks_fork_from_one_server_that_has_torch_loaded(tmp_path: Path) -> Non
     parents = {report["parent"] for report in first + second}
     assert len(parents) == 1 and os.getpid() not in parents, parents
     assert all(report["parent_has_torch"] for report in first + second)
+    # The server ignores SIGTERM (a group's SIGTERM must not end it); the ranks do not.
+    assert all(report["parent_ignores_sigterm"] for report in first + second)
+    assert {report["sigterm"] for report in first + second} == {str(signal.SIG_DFL)}
 
 
 def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
@@ -86,6 +90,7 @@ def test_a_variable_read_at_import_that_changed_makes_the_launch_spawn(
     assert "ranks spawned: OMP_NUM_THREADS changed since the fork server started" in caplog.text
     for report in reports:
         assert report["parent"] == os.getpid()  # spawned by this process
+        assert report["sigterm"] == str(signal.SIG_DFL)
         assert report["env"] == {"OMP_NUM_THREADS": threads}
         assert report["threads"] == int(threads)
 
