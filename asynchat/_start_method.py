@@ -19,7 +19,8 @@ top level), and each rank is given what a spawned one inherits at its start:
   SIGTERM (CPython's ignores SIGINT): it is in the launcher's process group, and a
   SIGTERM to the group (``kill %1``, ``timeout``, systemd) killed it, after which every
   rank it had forked looked dead to the launcher (exit code 255), which then left before
-  its ranks could write their final checkpoints.
+  its ranks could write their final checkpoints. Each process the server forks takes
+  SIGTERM back as it starts.
 
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
 else in the process that uses it (started by something else before the first launch, it
@@ -36,14 +37,14 @@ import os
 import signal
 import sys
 import threading
-from multiprocessing import reduction
+from multiprocessing import reduction, util
 from multiprocessing.context import BaseContext
 from typing import Any
 
 import torch.multiprocessing as mp
 
 #: The modules the fork server imports once, so that no rank imports them again.
-PRELOAD = ("torch", "asynchat")
+PRELOAD = ("torch", "asynchat", __name__)  # (this module, as the server's mark: see the end)
 #: Environment variables (by prefix, then by name) that a library reads when it is imported
 #: or loaded: the OpenMP and BLAS thread pools, the C allocator and loader,
 #: Python's own, torch's logging. The rest (``CUDA_VISIBLE_DEVICES``, ``NCCL_*``,
@@ -109,10 +110,7 @@ class LauncherState:
         return (LauncherState, (self.env, fds))
 
     def apply(self) -> None:
-        """In the rank: the launcher's environment, stdout/stderr and SIGTERM handling, in
-        place of its server's."""
-        if _sigterm_before is not None:  # forked from the server
-            signal.signal(signal.SIGTERM, _sigterm_before)
+        """In the rank: the launcher's environment and stdout/stderr, in place of its own."""
         if os.environ != self.env:
             os.environ.clear()
             os.environ.update(self.env)
@@ -124,18 +122,33 @@ class LauncherState:
                 os.close(fd)
 
 
-def _in_fork_server() -> bool:
-    """Whether this module is being imported by the fork server, as one of its preloads."""
+def _in_our_fork_server() -> bool:
+    """Whether the fork server that :func:`rank_context` configured is importing this module
+    as one of its preloads: not another server, nor a process one forks (its imports run
+    under the server's ``main`` too), importing asynchat."""
     frame = sys._getframe()
     while frame.f_back is not None:
         frame = frame.f_back
         if frame.f_code.co_name == "main" and (
             frame.f_globals.get("__name__") == "multiprocessing.forkserver"
         ):
-            return True
+            return __name__ in frame.f_locals.get("preload", ())
     return False
 
 
-#: In the fork server (and the ranks forked from it): SIGTERM's handling before the
-#: server ignored it, which each rank takes back. None elsewhere.
-_sigterm_before = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _in_fork_server() else None
+class _Server:
+    """In the fork server: SIGTERM's handling before the server ignored it, which each
+    process the server forks takes back as it starts (its after-fork hook)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def take_back(self) -> None:
+        if os.getppid() == self.pid:  # (not in a process that one of those forks in turn)
+            signal.signal(signal.SIGTERM, self.sigterm)
+
+
+if _in_our_fork_server():
+    _server = _Server()
+    util.register_after_fork(_server, _Server.take_back)

@@ -153,3 +153,38 @@ def test_the_first_launch_async_of_a_process_keeps_the_event_loop_running(
     assert run.returncode == 0, run.stderr
     assert len(list(tmp_path.glob("rank*.txt"))) == 2
     assert float(run.stdout) < 0.5, f"the event loop stalled {float(run.stdout):.2f} s"
+
+
+OTHER_FORK_SERVER = """
+import multiprocessing, os, signal, sys
+from pathlib import Path
+
+import asynchat  # (imported in each process this script's fork server starts)
+
+
+def sigterm_ignored(out):
+    status = Path(f"/proc/{os.getppid()}/status").read_text().splitlines()
+    ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    mine = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    Path(out).write_text(f"{bool(ignored >> 14 & 1)} {mine}")
+
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("forkserver").Process(
+        target=sigterm_ignored, args=(sys.argv[1],)
+    )
+    process.start()
+    process.join()
+"""
+
+
+def test_a_fork_server_of_someone_elses_keeps_its_sigterm(tmp_path: Path) -> None:
+    """Only the server that launch() configured ignores SIGTERM: another (a DataLoader's)
+    and the processes it starts, which import asynchat under its frames, keep it."""
+    script, out = tmp_path / "other.py", tmp_path / "ignored.txt"
+    script.write_text(OTHER_FORK_SERVER)
+    run = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert out.read_text() == "False False"  # neither the server nor its process ignores it
