@@ -23,11 +23,9 @@ top level), and each rank is given what a spawned one inherits at its start:
   SIGTERM back as it starts.
 
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
-else in the process that uses it (started by something else before the first launch, it
-has that one's preloads, and the ranks import torch themselves); it ends with the
-launcher process. Elsewhere (macOS, Windows) ranks are spawned. On Python 3.12+ the server
-forks while numpy's OpenBLAS thread runs, which CPython reports with a
-``DeprecationWarning`` (hidden by default), as it does for a DataLoader's forked workers.
+else in the process that uses it (if something else started it before the first launch,
+the ranks are spawned: that one has its own preloads and signal handling); it ends with
+the launcher process. Elsewhere (macOS, Windows) ranks are spawned.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ import os
 import signal
 import sys
 import threading
-from multiprocessing import reduction, util
+from multiprocessing import forkserver, reduction, util
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -72,6 +70,9 @@ def rank_context() -> BaseContext:
     env = {k: v for k, v in os.environ.items() if _read_at_import(k)}
     with _lock:
         if _server_env is None:  # the first launch: the server starts with this environment
+            if _someone_elses_server():
+                _LOG.info("ranks spawned: a fork server launch() did not start runs")
+                return mp.get_context("spawn")
             _server_env = env
             mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
         if env == _server_env:
@@ -81,6 +82,12 @@ def rank_context() -> BaseContext:
         )
     _LOG.info("ranks spawned: %s changed since the fork server started", ", ".join(changed))
     return mp.get_context("spawn")
+
+
+def _someone_elses_server() -> bool:
+    """Whether a fork server runs that this module did not configure (before its first
+    launch): it has its own preloads, and does not ignore SIGTERM."""
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
 
 
 def _read_at_import(name: str) -> bool:

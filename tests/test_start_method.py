@@ -188,3 +188,33 @@ def test_a_fork_server_of_someone_elses_keeps_its_sigterm(tmp_path: Path) -> Non
     )
     assert run.returncode == 0, run.stderr
     assert out.read_text() == "False False"  # neither the server nor its process ignores it
+
+
+SOMEONE_ELSES_FIRST = """
+import multiprocessing, sys
+import rank_jobs
+from asynchat import launch
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("forkserver").Process(target=print, args=("hi",))
+    process.start()
+    process.join()
+    launch(rank_jobs.report_start, nprocs=2, args=(sys.argv[1], []))
+    print(__import__("os").getpid())
+"""
+
+
+def test_ranks_spawn_when_someone_elses_fork_server_runs(tmp_path: Path) -> None:
+    """A fork server started before the first launch (a DataLoader's, in the launcher) is
+    not configured: torch not loaded, SIGTERM not ignored. The ranks are spawned."""
+    script = tmp_path / "first.py"
+    script.write_text(SOMEONE_ELSES_FIRST)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    launcher = int(run.stdout.split()[-1])
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["parent"] == launcher
