@@ -42,6 +42,9 @@ _GRACE_S = 5.0
 # exit before it judges (it goes on as soon as each has); a rank that is stopped earlier would
 # be missing from the report, whose survivors' errors tell what the failure did to them.
 _SETTLE_S = 3.0
+# The exit code multiprocessing gives every process of a fork server that died (it cannot
+# tell how they end; they may still run).
+_LOST = 255
 _DUMP_WAIT_S = 0.3  # how long ranks asked for their stacks get to write them
 #: How long a cancelled :func:`launch_async` waits by default for its ranks to end as on
 #: Ctrl-C (their steps completed, their final checkpoints written) before it terminates them.
@@ -357,7 +360,7 @@ class _Ranks:
         failures: dict[int, tuple[float, str]] = dict(self.reports)
         for rank, process in enumerate(self.processes):
             if rank not in failures and process.exitcode not in (None, 0):
-                how = self._how(process.exitcode)
+                how = self._how(process.exitcode, process.pid)
                 stacks = self._read_stacks(rank)
                 if stacks:
                     how += f"\nIts Python stacks when it died:\n{stacks}"
@@ -394,7 +397,12 @@ class _Ranks:
             mp_connection.wait([*pending, reader], timeout=left)
 
     @staticmethod
-    def _how(exitcode: int) -> str:
+    def _how(exitcode: int, pid: int | None) -> str:
+        if exitcode == _LOST and _process_state(pid) not in (None, "Z", "X"):
+            return (
+                "lost: the fork server it was started from died (the rank was still running, "
+                "and is ended with the launch)"
+            )
         how = (
             f"killed by {signal.Signals(-exitcode).name}"
             if exitcode < 0

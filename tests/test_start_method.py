@@ -9,12 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 import rank_jobs
+from test_launch import rank_processes
 
-from asynchat import _start_method, launch
+from asynchat import LaunchError, _start_method, launch, launch_async
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="ranks fork from a server on Linux only"
@@ -218,3 +221,41 @@ def test_ranks_spawn_when_someone_elses_fork_server_runs(tmp_path: Path) -> None
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report["parent"] == launcher
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_ranks_lost_with_their_fork_server_are_named_so_and_ended() -> None:
+    """Killed (the OOM killer), the server takes with it what the launcher knows of its
+    ranks: each reads as exited with code 255 while it still runs. The error says so, and
+    the ranks end with the launch (their lifelines)."""
+    errors: list[BaseException] = []
+
+    async def launched() -> None:
+        try:
+            await launch_async(rank_jobs.sleep_forever, nprocs=2)
+        except LaunchError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(launched)
+        with anyio.fail_after(60):
+            while len(pids := [p.pid for p in rank_processes()]) < 2:  # noqa: ASYNC110 - other processes
+                await anyio.sleep(0.05)
+        parents = {parent(pid) for pid in pids}
+        assert len(parents) == 1 and os.getpid() not in parents, parents
+        os.kill(parents.pop(), signal.SIGKILL)
+    assert len(errors) == 1 and "lost: the fork server it was started from died" in str(errors[0])
+    deadline = time.monotonic() + 15
+    while any(parent(pid) is not None for pid in pids):  # (gone, or a zombie)
+        assert time.monotonic() < deadline, "a lost rank outlived its launch"
+        await anyio.sleep(0.05)
+
+
+def parent(pid: int | None) -> int | None:
+    """The parent of process ``pid``; None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
