@@ -259,3 +259,38 @@ def parent(pid: int | None) -> int | None:
     except FileNotFoundError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+TWO_AT_ONCE = """
+import json, sys
+from pathlib import Path
+import anyio
+import rank_jobs
+from asynchat import launch_async
+
+async def main(out):
+    async with anyio.create_task_group() as tg:
+        for job in ("a", "b"):
+            Path(out, job).mkdir()
+            tg.start_soon(lambda job=job: launch_async(
+                rank_jobs.report_start, nprocs=2, args=(str(Path(out, job)), [])
+            ))
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+def test_two_jobs_launched_at_once_as_a_process_first_share_one_server(tmp_path: Path) -> None:
+    """A service's first two jobs, started together: both race to start the fork server."""
+    run = subprocess.run(
+        [sys.executable, "-c", TWO_AT_ONCE, str(tmp_path)],
+        cwd=HERE, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    reports = [
+        json.loads((tmp_path / job / f"rank{rank}.json").read_text())
+        for job in "ab"
+        for rank in range(2)
+    ]
+    assert len({report["parent"] for report in reports}) == 1
+    assert all(report["parent_has_torch"] for report in reports)
