@@ -714,9 +714,9 @@ def _check_importable(fn: RankFn) -> None:
     """A function of the script being run (``__main__``) pickles by name, and a rank (a new
     process, which imports the script as under ``spawn``) finds it only if importing the
     script defines it: not when it is defined under the script's ``if __name__ ==
-    "__main__":`` guard, nor in an interactive session. Either
-    way every rank died unpickling it, before running a line of ours ("exit code 1 without
-    a Python traceback")."""
+    "__main__":`` guard, nor in an interactive session. Either way every rank died
+    unpickling it, before running a line of ours ("exit code 1 without a Python
+    traceback")."""
     name = getattr(fn, "__name__", None)
     if getattr(fn, "__module__", None) != "__main__" or not isinstance(name, str):
         return

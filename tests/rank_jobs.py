@@ -1406,20 +1406,28 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
     ``names`` and its intra-op thread count."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
-    ignored = next(
-        int(line.split()[1], 16)
-        for line in Path(f"/proc/{parent}/status").read_text().splitlines()
-        if line.startswith("SigIgn:")
-    )
     report = {
         "parent": parent,
         "parent_has_torch": "libtorch" in maps,
-        "parent_ignores_sigterm": bool(ignored >> (signal.SIGTERM - 1) & 1),
+        "parent_ignores_sigterm": ignores_sigterm(parent),
         "sigterm": str(signal.getsignal(signal.SIGTERM)),
         "env": {name: os.environ.get(name) for name in names},
         "threads": torch.get_num_threads(),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (its ``SigIgn`` mask)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored >> (signal.SIGTERM - 1) & 1)
+
+
+def report_sigterm(out: str) -> None:
+    """Write whether this process's parent, and this process, ignore SIGTERM."""
+    mine = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    Path(out).write_text(f"{ignores_sigterm(os.getppid())} {mine}")
 
 
 async def say(rank: int, world_size: int, word: str) -> None:

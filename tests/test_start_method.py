@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 import rank_jobs
-from test_launch import rank_processes
+from test_launch import alive, rank_processes
 
 from asynchat import LaunchError, _start_method, launch, launch_async
 
@@ -159,22 +159,15 @@ def test_the_first_launch_async_of_a_process_keeps_the_event_loop_running(
 
 
 OTHER_FORK_SERVER = """
-import multiprocessing, os, signal, sys
-from pathlib import Path
+import multiprocessing, sys
+
+import rank_jobs
 
 import asynchat  # (imported in each process this script's fork server starts)
 
-
-def sigterm_ignored(out):
-    status = Path(f"/proc/{os.getppid()}/status").read_text().splitlines()
-    ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
-    mine = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    Path(out).write_text(f"{bool(ignored >> 14 & 1)} {mine}")
-
-
 if __name__ == "__main__":
     process = multiprocessing.get_context("forkserver").Process(
-        target=sigterm_ignored, args=(sys.argv[1],)
+        target=rank_jobs.report_sigterm, args=(sys.argv[1],)
     )
     process.start()
     process.join()
@@ -187,8 +180,9 @@ def test_a_fork_server_of_someone_elses_keeps_its_sigterm(tmp_path: Path) -> Non
     script, out = tmp_path / "other.py", tmp_path / "ignored.txt"
     script.write_text(OTHER_FORK_SERVER)
     run = subprocess.run(
-        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, str(script), str(out)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert out.read_text() == "False False"  # neither the server nor its process ignores it
 
@@ -242,23 +236,19 @@ async def test_ranks_lost_with_their_fork_server_are_named_so_and_ended() -> Non
         with anyio.fail_after(60):
             while len(pids := [p.pid for p in rank_processes()]) < 2:  # noqa: ASYNC110 - other processes
                 await anyio.sleep(0.05)
-        parents = {parent(pid) for pid in pids}
+        parents = {parent(pid) for pid in pids if pid is not None}
         assert len(parents) == 1 and os.getpid() not in parents, parents
         os.kill(parents.pop(), signal.SIGKILL)
     assert len(errors) == 1 and "lost: the fork server it was started from died" in str(errors[0])
     deadline = time.monotonic() + 15
-    while any(parent(pid) is not None for pid in pids):  # (gone, or a zombie)
+    while any(alive(pid) for pid in pids if pid is not None):
         assert time.monotonic() < deadline, "a lost rank outlived its launch"
         await anyio.sleep(0.05)
 
 
-def parent(pid: int | None) -> int | None:
-    """The parent of process ``pid``; None once it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return None
-    return None if fields[0] == "Z" else int(fields[1])
+def parent(pid: int) -> int:
+    """The parent of running process ``pid``."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 TWO_AT_ONCE = """
