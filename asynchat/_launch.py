@@ -32,6 +32,7 @@ from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-
 from asynchat import _heartbeat as heartbeat
 from asynchat._checks import positive_int, positive_number
 from asynchat._errors import AsynchatError
+from asynchat._signals import ending_signals
 from asynchat._start_method import LauncherState, rank_context
 
 RankFn = Callable[..., Awaitable[object]]
@@ -470,19 +471,21 @@ class _Ranks:
 
     @contextlib.contextmanager
     def forwarding(self) -> Iterator[None]:
-        """SIGINT and SIGTERM sent to the launcher passed on to every rank, once each time,
-        while the ranks are waited for (``signalled`` lists them: :func:`launch` delivers
-        the first to itself once the ranks have ended). The ranks are in process groups of
-        their own, so a terminal's Ctrl-C reaches the launcher alone.
+        """SIGINT, SIGTERM and SIGHUP sent to the launcher (those of
+        :func:`~asynchat._signals.ending_signals`: SIGHUP not under ``nohup``) passed on to
+        every rank, once each time, while the ranks are waited for (``signalled`` lists
+        them: :func:`launch` delivers the first to itself once the ranks have ended). The
+        ranks are in process groups of their own, so a terminal's Ctrl-C reaches the
+        launcher alone.
 
         Each rank then ends as the signal makes it: on SIGINT as on Ctrl-C (its step
-        completes, its final checkpoint is written), on SIGTERM as its loop says (a graceful
-        stop under :func:`~asynchat.stop_on_signals`, else at once). A second signal is
-        passed on too (a second Ctrl-C: the ranks' forced exit), and ranks still running
-        :data:`_GRACE_S` seconds after it are terminated (one stuck in a collective).
-        Before, a Ctrl-C made the launcher SIGTERM the ranks in the middle of their final
-        checkpoint, and a SIGTERM to the launcher alone (a pod's) ended the ranks with no
-        checkpoint at all.
+        completes, its final checkpoint is written), on SIGTERM or SIGHUP as its loop says
+        (a graceful stop under :func:`~asynchat.stop_on_signals`, else at once). A second
+        signal is passed on too (a second Ctrl-C: the ranks' forced exit), and ranks still
+        running :data:`_GRACE_S` seconds after it are terminated (one stuck in a
+        collective). Before, a Ctrl-C made the launcher SIGTERM the ranks in the middle of
+        their final checkpoint, and a SIGTERM to the launcher alone (a pod's) or a closed
+        terminal's SIGHUP ended the ranks with no checkpoint at all.
         Outside the main thread signals cannot be caught: nothing is forwarded.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -492,8 +495,7 @@ class _Ranks:
         def forward(signum: int, frame: object) -> None:
             self.send(signum)
 
-        caught = (signal.SIGINT, signal.SIGTERM)
-        previous = {signum: signal.signal(signum, forward) for signum in caught}
+        previous = {signum: signal.signal(signum, forward) for signum in ending_signals()}
         try:
             yield
         finally:
@@ -581,7 +583,7 @@ def launch(
     and so is a job whose ranks all hang. Set it above the longest stretch without a step:
     start-up (rendezvous, building the model) and a full validation included.
 
-    SIGINT and SIGTERM to the launcher go on to the ranks, which die with it however it dies.
+    SIGINT, SIGTERM, SIGHUP to the launcher go on to the ranks, which die with it however it dies.
     Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) only this rank runs.
     """
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,

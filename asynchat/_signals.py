@@ -1,4 +1,4 @@
-"""Opt-in: turn SIGINT/SIGTERM into a graceful stop of running loops."""
+"""Opt-in: turn SIGINT, SIGTERM and SIGHUP into a graceful stop of running loops."""
 
 from __future__ import annotations
 
@@ -12,11 +12,24 @@ import anyio
 from asynchat._loop import LoopBase
 
 
+def ending_signals() -> tuple[signal.Signals, ...]:
+    """The signals that end a process unless it handles them: SIGINT (Ctrl-C), SIGTERM
+    (``kill``, ``timeout``, a pod's end) and SIGHUP (the terminal closed: an ssh session
+    ended under a job run without ``nohup`` or tmux), the last unless this process ignores
+    it (under ``nohup``, which asks the job to outlive its terminal)."""
+    ending = (signal.SIGINT, signal.SIGTERM)
+    if not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return ending  # (SIGHUP: POSIX only)
+    return (*ending, signal.SIGHUP)
+
+
 @contextlib.asynccontextmanager
 async def stop_on_signals(
-    *loops: LoopBase, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    *loops: LoopBase, signals: tuple[signal.Signals, ...] | None = None
 ) -> AsyncIterator[None]:
-    """Inside this block, SIGINT and SIGTERM ``stop()`` the given loops instead of killing.
+    """Inside this block, SIGINT, SIGTERM and SIGHUP ``stop()`` the given loops instead of
+    killing the process (``signals``: by default those of :func:`ending_signals`; SIGHUP
+    not where it is ignored, as under ``nohup``).
 
     ::
 
@@ -34,7 +47,10 @@ async def stop_on_signals(
         )
     if not loops:
         raise ValueError("stop_on_signals() needs at least one loop to stop")
-    with anyio.open_signal_receiver(*signals) as received:
+    caught = ending_signals() if signals is None else tuple(signals)
+    if not caught:
+        raise ValueError("stop_on_signals(signals=()) would catch nothing: name a signal")
+    with anyio.open_signal_receiver(*caught) as received:
         async with anyio.create_task_group() as tg:
 
             async def relay() -> None:

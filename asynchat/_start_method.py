@@ -15,12 +15,12 @@ top level), and each rank is given what a spawned one inherits at its start:
   differs from what the server started with, the launch spawns its ranks as before;
 - the launcher's stdout and stderr as they are at this launch (a redirection made after
   the server started included);
-- SIGTERM as the launcher had it when the server started. The server itself ignores
-  SIGTERM (CPython's ignores SIGINT): it is in the launcher's process group, and a
-  SIGTERM to the group (``kill %1``, ``timeout``, systemd) killed it, after which every
-  rank it had forked looked dead to the launcher (exit code 255), which then left before
-  its ranks could write their final checkpoints. Each process the server forks takes
-  SIGTERM back as it starts.
+- SIGTERM and SIGHUP as the launcher had them when the server started. The server itself
+  ignores them (CPython's ignores SIGINT): it is in the launcher's process group, and a
+  SIGTERM to the group (``kill %1``, ``timeout``, systemd) or a closed terminal's SIGHUP
+  killed it, after which every rank it had forked looked dead to the launcher (exit code
+  255), which then left before its ranks could write their final checkpoints. Each
+  process the server forks takes them back as it starts.
 
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
 else in the process that uses it (if something else started it before the first launch,
@@ -57,6 +57,8 @@ READ_AT_IMPORT = (
      "TORCH_USE_RTLD_GLOBAL", "PYTORCH_JIT"},
 )  # fmt: skip
 
+#: The signals the server ignores: a process group's (see the module).
+_GROUP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 _LOG = logging.getLogger("asynchat.launch")
 _lock = threading.Lock()
 _server_env: dict[str, str] | None = None  # READ_AT_IMPORT's part of the server's start
@@ -144,16 +146,18 @@ def _in_our_fork_server() -> bool:
 
 
 class _Server:
-    """In the fork server: SIGTERM's handling before the server ignored it, which each
-    process the server forks takes back as it starts (its after-fork hook)."""
+    """In the fork server: the handling of SIGTERM and SIGHUP before the server ignored
+    them, which each process the server forks takes back as it starts (its after-fork
+    hook)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _GROUP_SIGNALS}
 
     def take_back(self) -> None:
         if os.getppid() == self.pid:  # (not in a process that one of those forks in turn)
-            signal.signal(signal.SIGTERM, self.sigterm)
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
 
 
 if _in_our_fork_server():

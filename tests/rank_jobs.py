@@ -1165,7 +1165,8 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
     class Announce(Callback):
         def on_step_end(self, state: LoopState) -> None:
             if rank == 0:
-                print(f"step {state.global_step}", flush=True)
+                with contextlib.suppress(OSError):  # (a terminal that was closed: EIO)
+                    print(f"step {state.global_step}", flush=True)
                 Path(directory, "step").write_text(str(state.global_step))
             time.sleep(0.02)
 
@@ -1402,32 +1403,34 @@ async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
 
 async def report_start(rank: int, world_size: int, out: str, names: list[str]) -> None:
     """How this rank started: its parent (the launcher, or the fork server, which then has
-    torch loaded and ignores SIGTERM), its own SIGTERM handling, the environment variables
-    ``names`` and its intra-op thread count."""
+    torch loaded and ignores SIGTERM and SIGHUP), its own handling of those, the
+    environment variables ``names`` and its intra-op thread count."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
     report = {
         "parent": parent,
         "parent_has_torch": "libtorch" in maps,
-        "parent_ignores_sigterm": ignores_sigterm(parent),
+        "parent_ignores_sigterm": ignores(parent, signal.SIGTERM),
+        "parent_ignores_sighup": ignores(parent, signal.SIGHUP),
         "sigterm": str(signal.getsignal(signal.SIGTERM)),
+        "sighup": str(signal.getsignal(signal.SIGHUP)),
         "env": {name: os.environ.get(name) for name in names},
         "threads": torch.get_num_threads(),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def ignores_sigterm(pid: int) -> bool:
-    """Whether process ``pid`` ignores SIGTERM (its ``SigIgn`` mask)."""
+def ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores signal ``signum`` (its ``SigIgn`` mask)."""
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     ignored = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
-    return bool(ignored >> (signal.SIGTERM - 1) & 1)
+    return bool(ignored >> (signum - 1) & 1)
 
 
 def report_sigterm(out: str) -> None:
     """Write whether this process's parent, and this process, ignore SIGTERM."""
     mine = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    Path(out).write_text(f"{ignores_sigterm(os.getppid())} {mine}")
+    Path(out).write_text(f"{ignores(os.getppid(), signal.SIGTERM)} {mine}")
 
 
 async def say(rank: int, world_size: int, word: str) -> None:

@@ -7,6 +7,8 @@ import datetime
 import json
 import multiprocessing
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -358,13 +360,14 @@ def alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def launcher_script(*args: str) -> Iterator[subprocess.Popen[str]]:
+def launcher_script(*args: str, nohup: bool = False) -> Iterator[subprocess.Popen[str]]:
     """``tests/<args[0]>`` with ``args[1:]`` run as a shell's job: a process group of its own,
-    its output piped. However the test leaves (a failed assertion too), nothing of it is left
-    running: a group still alive is killed, so no launcher outlives its test, nor do its ranks
-    (a failure used to leave Popen's exit waiting for a launcher whose ranks ignore SIGINT)."""
+    its output piped (``nohup``: under ``nohup``, ignoring SIGHUP). However the test leaves
+    (a failed assertion too), nothing of it is left running: a group still alive is killed,
+    so no launcher outlives its test, nor do its ranks (a failure used to leave Popen's exit
+    waiting for a launcher whose ranks ignore SIGINT)."""
     with subprocess.Popen(
-        [sys.executable, str(HERE / args[0]), *args[1:]],
+        [*(["nohup"] if nohup else []), sys.executable, str(HERE / args[0]), *args[1:]],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     ) as launcher:  # fmt: skip
@@ -388,9 +391,11 @@ def ended(launcher: subprocess.Popen[str]) -> str:
 
 @pytest.mark.parametrize(
     ("how", "handle"),
-    [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True), ("SIGTERM-to-the-group", True)],
-    ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals", "SIGTERM-to-the-group"],
-)
+    [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True), ("SIGTERM-to-the-group", True),
+     ("SIGHUP-to-the-group", True)],
+    ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals", "SIGTERM-to-the-group",
+         "SIGHUP-to-the-group"],
+)  # fmt: skip
 def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     tmp_path: Path, how: str, handle: bool
 ) -> None:
@@ -401,6 +406,7 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # signal on, waits for the ranks, then ends as the signal says. A SIGTERM to the
     # launcher's process group (`kill %1`, `timeout`) killed the fork server the ranks
     # came from, and with it the launcher's view of them: it left at once, no checkpoint.
+    # A SIGHUP to the group (a terminal closed) ended the launcher at once: no checkpoint.
     with launcher_script("signalled_launcher.py", str(tmp_path), str(int(handle))) as launcher:
         assert launcher.stdout is not None
         for line in launcher.stdout:
@@ -408,12 +414,12 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
                 break
         if how == "ctrl-c":
             os.killpg(launcher.pid, signal.SIGINT)
-        elif how == "SIGTERM-to-the-group":
-            os.killpg(launcher.pid, signal.SIGTERM)
+        elif how.endswith("-to-the-group"):
+            os.killpg(launcher.pid, signal.Signals[how.split("-")[0]])
         else:
             launcher.send_signal(signal.SIGTERM)
         errors = ended(launcher)
-    expected = -signal.SIGINT if how == "ctrl-c" else -signal.SIGTERM
+    expected = -signal.Signals[how.split("-")[0]] if how != "ctrl-c" else -signal.SIGINT
     assert launcher.returncode == expected, errors[-2000:]
     if how == "ctrl-c":
         assert errors.rstrip().endswith("KeyboardInterrupt"), errors[-2000:]
@@ -421,6 +427,67 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_a_closed_terminal_lets_the_ranks_end_with_their_final_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # A launcher on a terminal that closes (an ssh session ended without nohup or tmux): the
+    # kernel sends SIGHUP to its session's foreground group, the launcher and the fork
+    # server, and every write to the terminal fails from then on (EIO). The launcher died
+    # at once, its ranks through their lifelines: no checkpoint.
+    terminal, its_end = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, str(HERE / "signalled_launcher.py"), str(tmp_path), "terminal"],
+        cwd=HERE, stdin=its_end, stdout=its_end, stderr=its_end, start_new_session=True,
+    ) as launcher:  # fmt: skip
+        os.close(its_end)
+        try:
+            steps = until_a_step(tmp_path, launcher, terminal)
+            os.close(terminal)  # the hangup
+            terminal = -1
+            launcher.wait(timeout=60)
+        finally:
+            if terminal >= 0:
+                os.close(terminal)
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == -signal.SIGHUP
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] >= steps for c in listed["checkpoints"]] == [True], "the final one"
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def until_a_step(directory: Path, launcher: subprocess.Popen[Any], terminal: int) -> int:
+    """Wait until rank 0 of ``signalled_launcher.py`` has written a step (reading what the
+    job writes to its ``terminal``, so that it never blocks on a full one); that step."""
+    deadline = time.monotonic() + 60
+    while not (directory / "step").exists() or not (directory / "step").read_text():
+        assert time.monotonic() < deadline and launcher.poll() is None, "no step was written"
+        if select.select([terminal], [], [], 0.1)[0]:
+            os.read(terminal, 65536)
+    return int((directory / "step").read_text())
+
+
+def test_under_nohup_a_closed_terminal_leaves_the_job_running(tmp_path: Path) -> None:
+    # nohup asks the job to outlive its terminal: SIGHUP stays ignored, in the launcher and
+    # in its ranks (the launcher caught it and passed it on, ending them).
+    with launcher_script("signalled_launcher.py", str(tmp_path), "1", nohup=True) as launcher:
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            if line.strip() == "step 5":
+                break
+        os.killpg(launcher.pid, signal.SIGHUP)
+        for line in launcher.stdout:
+            if line.strip() == "step 15":
+                break
+        assert launcher.poll() is None, ended(launcher)[-2000:]
+        launcher.send_signal(signal.SIGTERM)
+        errors = ended(launcher)
+    assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] >= 15 for c in listed["checkpoints"]] == [True]
 
 
 def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path) -> None:

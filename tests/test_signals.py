@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -19,24 +20,46 @@ from asynchat import stop_on_signals
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 @pytest.mark.parametrize(
     "backend",
     ["asyncio", pytest.param("trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio"))],
 )
-def test_sigterm_stops_the_loop_gracefully(tmp_path: Path, backend: str) -> None:
+def test_a_signal_stops_the_loop_gracefully(
+    tmp_path: Path, backend: str, signum: signal.Signals
+) -> None:
+    # SIGHUP (a closed terminal) killed the process: no final checkpoint.
     with subprocess.Popen(
         [sys.executable, str(HERE / "signal_job.py"), backend, str(tmp_path)],
         cwd=HERE, stdout=subprocess.PIPE, text=True,
     ) as process:  # fmt: skip
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "training"
-        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signum)
         out, _ = process.communicate(timeout=60)
     assert process.returncode == 0, "the process ended normally, not by the signal"
-    assert out.startswith("stopped: received SIGTERM at step ")
+    assert out.startswith(f"stopped: received {signum.name} at step ")
     step = int(out.split()[-1])
     (entry,) = json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]
     assert entry["global_step"] == step, "the final checkpoint is the last step"
+
+
+def test_sighup_ignored_under_nohup_stays_ignored(tmp_path: Path) -> None:
+    # nohup asks the job to outlive its terminal: stop_on_signals() must not take SIGHUP
+    # over, and the job trains on until a SIGTERM.
+    with subprocess.Popen(
+        ["nohup", sys.executable, str(HERE / "signal_job.py"), "asyncio", str(tmp_path)],
+        cwd=HERE, stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "training"
+        os.kill(process.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None
+        os.kill(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert out.startswith("stopped: received SIGTERM at step ")
 
 
 def test_only_in_the_main_thread_and_with_a_loop() -> None:
@@ -63,6 +86,13 @@ def test_only_in_the_main_thread_and_with_a_loop() -> None:
 
     with pytest.raises(ValueError, match="needs at least one loop"):
         anyio.run(without_loops)
+
+    async def without_signals() -> None:
+        async with stop_on_signals(make_trainer(), signals=()):
+            pass
+
+    with pytest.raises(ValueError, match=r"stop_on_signals\(signals=\(\)\) would catch nothing"):
+        anyio.run(without_signals)
 
 
 def test_no_handler_is_installed_at_import() -> None:

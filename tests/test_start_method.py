@@ -52,9 +52,13 @@ def test_ranks_fork_from_one_server_that_has_torch_loaded(tmp_path: Path) -> Non
     parents = {report["parent"] for report in first + second}
     assert len(parents) == 1 and os.getpid() not in parents, parents
     assert all(report["parent_has_torch"] for report in first + second)
-    # The server ignores SIGTERM (a group's SIGTERM must not end it); the ranks do not.
+    # The server ignores SIGTERM and SIGHUP (a group's must not end it); the ranks handle
+    # them as this process does.
     assert all(report["parent_ignores_sigterm"] for report in first + second)
+    assert all(report["parent_ignores_sighup"] for report in first + second)
     assert {report["sigterm"] for report in first + second} == {str(signal.SIG_DFL)}
+    sighup = str(signal.getsignal(signal.SIGHUP))  # (SIG_IGN under nohup)
+    assert {report["sighup"] for report in first + second} == {sighup}
 
 
 def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
