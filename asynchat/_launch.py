@@ -772,12 +772,17 @@ def _check_backend(backend: str | None) -> None:
     map such as ``"cpu:gloo,cuda:nccl"``); every rank failed in ``init_process_group``."""
     if backend is None:
         return
-    if not isinstance(backend, str) or not backend:
+    if not isinstance(backend, str):
         raise TypeError(f"backend must be a str (e.g. 'gloo' or 'nccl') or None, got {backend!r}")
+    names = [part.split(":")[-1].strip() for part in backend.split(",")]
+    if not all(names):
+        raise ValueError(
+            f"backend={backend!r} names no backend where one is due: e.g. 'gloo', 'nccl' or "
+            "'cpu:gloo,cuda:nccl' (None: NCCL with CUDA, else gloo)"
+        )
     available = getattr(dist, "is_backend_available", None)  # (torch >= 2.2; one may lack it)
     if available is None:
         return  # the ranks' own error will say it
-    names = [part.split(":")[-1].strip() for part in backend.split(",")]
     missing = [name for name in names if not available(name)]
     if missing:
         have = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if available(b)]

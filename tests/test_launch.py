@@ -227,6 +227,9 @@ def test_bad_arguments() -> None:
             launch(rank_jobs.sleep_forever, nprocs=2, backend="cpu:gloo,cuda:nccl")
     with pytest.raises(TypeError, match="backend must be a str"):
         launch(rank_jobs.sleep_forever, nprocs=2, backend=3)  # type: ignore[arg-type]
+    for blank in ["", " ", "cpu:gloo,", "cuda:"]:  # (said "must be a str", or "no ''")
+        with pytest.raises(ValueError, match=f"backend={blank!r} names no backend where"):
+            launch(rank_jobs.sleep_forever, nprocs=2, backend=blank)
     assert time.monotonic() - started < 2 and rank_processes() == []
 
 
