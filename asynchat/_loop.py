@@ -286,6 +286,10 @@ class LoopBase(PipeBase):
         uses its gradients; no checkpoint holds them). Safe to call from any thread and from
         any hook. Called before ``fit()``, the loop runs ``on_loop_begin`` and
         ``on_loop_end`` and no step. Once the loop is done it is a no-op.
+
+        On a signal, use :func:`~asynchat.stop_on_signals` (``signals=`` names any), not a
+        handler of your own installed with ``signal.signal``: such a handler runs between
+        two bytecodes of the main thread, which may then hold the lock this takes.
         """
         if self._control.request_stop(reason if reason is not None else "stop() called"):
             self.state.stop_reason = self._control.stop_reason
