@@ -25,7 +25,8 @@ top level), and each rank is given what a spawned one inherits at its start:
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
 else in the process that uses it (if something else started it before the first launch,
 the ranks are spawned: that one has its own preloads and signal handling); it ends with
-the launcher process. Elsewhere (macOS, Windows) ranks are spawned.
+the launcher process. A process forked from the launcher (``os.fork``, multiprocessing's
+``fork``) spawns its ranks, as do other systems than Linux (macOS, Windows).
 """
 
 from __future__ import annotations
@@ -62,20 +63,26 @@ _GROUP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHU
 _LOG = logging.getLogger("asynchat.launch")
 _lock = threading.Lock()
 _server_env: dict[str, str] | None = None  # READ_AT_IMPORT's part of the server's start
+_server_owner: int | None = None  # the process that configured it (not one forked from it)
 
 
 def rank_context() -> BaseContext:
     """The multiprocessing context to start this launch's ranks from (see the module)."""
-    global _server_env
+    global _server_env, _server_owner
     if not sys.platform.startswith("linux") or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     env = {k: v for k, v in os.environ.items() if _read_at_import(k)}
     with _lock:
+        if _server_owner not in (None, os.getpid()):
+            # Forked (os.fork, multiprocessing's "fork") from a launcher whose server runs:
+            # multiprocessing takes that server for this process's own, and fails to reach it.
+            _LOG.info("ranks spawned: this process was forked from a launcher")
+            return mp.get_context("spawn")
         if _server_env is None:  # the first launch: the server starts with this environment
             if _someone_elses_server():
                 _LOG.info("ranks spawned: a fork server launch() did not start runs")
                 return mp.get_context("spawn")
-            _server_env = env
+            _server_env, _server_owner = env, os.getpid()
             mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
         if env == _server_env:
             return mp.get_context("forkserver")

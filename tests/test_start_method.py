@@ -221,6 +221,44 @@ def test_ranks_spawn_when_someone_elses_fork_server_runs(tmp_path: Path) -> None
         assert report["parent"] == launcher
 
 
+FORKED_LAUNCHER = """
+import multiprocessing, os, sys
+from pathlib import Path
+import rank_jobs
+from asynchat import launch
+
+def child(directory):
+    launch(rank_jobs.report_start, nprocs=2, args=(directory, []))
+    Path(directory, "launcher").write_text(str(os.getpid()))
+
+if __name__ == "__main__":
+    first, second = sys.argv[1:]
+    launch(rank_jobs.report_start, nprocs=2, args=(first, []))
+    process = multiprocessing.get_context("fork").Process(target=child, args=(second,))
+    process.start()
+    process.join()
+    sys.exit(process.exitcode)
+"""
+
+
+def test_a_process_forked_from_a_launcher_can_launch(tmp_path: Path) -> None:
+    """A process forked from a launcher whose fork server runs (``multiprocessing``'s
+    default on Linux before 3.14, a service's worker) took that server for its own, and its
+    launch failed at once: ChildProcessError (multiprocessing waits for the server as for a
+    child). Its ranks are spawned."""
+    script, first, second = tmp_path / "forked.py", tmp_path / "first", tmp_path / "second"
+    script.write_text(FORKED_LAUNCHER)
+    first.mkdir(), second.mkdir()
+    run = subprocess.run(
+        [sys.executable, str(script), str(first), str(second)], capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    launcher = int((second / "launcher").read_text())
+    for rank in range(2):
+        assert json.loads((second / f"rank{rank}.json").read_text())["parent"] == launcher
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
 async def test_ranks_lost_with_their_fork_server_are_named_so_and_ended() -> None:
