@@ -14,7 +14,13 @@ top level), and each rank is given what a spawned one inherits at its start:
   :data:`READ_AT_IMPORT`) cannot be taken over after the import: when one of them
   differs from what the server started with, the launch spawns its ranks as before;
 - the launcher's stdout and stderr as they are at this launch (a redirection made after
-  the server started included);
+  the server started included), and its umask (``umask 077`` set to keep checkpoints
+  private);
+- the launcher's CPU affinity, niceness and resource limits as they are at this launch.
+  A forked rank has the server's and cannot take these over (OpenMP sized torch's thread
+  pool by the affinity as torch loaded; a limit or a niceness lowered cannot be raised
+  back without privileges): a launch whose launcher changed one since the server started
+  spawns its ranks, as for :data:`READ_AT_IMPORT`;
 - SIGTERM and SIGHUP as the launcher had them when the server started. The server itself
   ignores them (CPython's ignores SIGINT): it is in the launcher's process group, and a
   SIGTERM to the group (``kill %1``, ``timeout``, systemd) or a closed terminal's SIGHUP
@@ -31,8 +37,10 @@ the launcher process. A process forked from the launcher (``os.fork``, multiproc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -62,35 +70,53 @@ READ_AT_IMPORT = (
 _GROUP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 _LOG = logging.getLogger("asynchat.launch")
 _lock = threading.Lock()
-_server_env: dict[str, str] | None = None  # READ_AT_IMPORT's part of the server's start
+_server_start: dict[str, str] | None = None  # what _inherited() was as the server started
 _server_owner: int | None = None  # the process that configured it (not one forked from it)
 
 
 def rank_context() -> BaseContext:
     """The multiprocessing context to start this launch's ranks from (see the module)."""
-    global _server_env, _server_owner
+    global _server_start, _server_owner
     if not sys.platform.startswith("linux") or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
-    env = {k: v for k, v in os.environ.items() if _read_at_import(k)}
+    start = _inherited()
     with _lock:
         if _server_owner not in (None, os.getpid()):
             # Forked (os.fork, multiprocessing's "fork") from a launcher whose server runs:
             # multiprocessing takes that server for this process's own, and fails to reach it.
             _LOG.info("ranks spawned: this process was forked from a launcher")
             return mp.get_context("spawn")
-        if _server_env is None:  # the first launch: the server starts with this environment
+        if _server_start is None:  # the first launch: the server starts as this process is
             if _someone_elses_server():
                 _LOG.info("ranks spawned: a fork server launch() did not start runs")
                 return mp.get_context("spawn")
-            _server_env, _server_owner = env, os.getpid()
+            _server_start, _server_owner = start, os.getpid()
             mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
-        if env == _server_env:
+        if start == _server_start:
             return mp.get_context("forkserver")
         changed = sorted(
-            k for k in env.keys() | _server_env.keys() if env.get(k) != _server_env.get(k)
-        )
+            k for k in start.keys() | _server_start.keys()
+            if start.get(k) != _server_start.get(k)
+        )  # fmt: skip
     _LOG.info("ranks spawned: %s changed since the fork server started", ", ".join(changed))
     return mp.get_context("spawn")
+
+
+def _inherited() -> dict[str, str]:
+    """What a rank inherits from its launcher that it cannot take over once started: the
+    environment's :data:`READ_AT_IMPORT` variables; the CPU affinity (OpenMP sizes torch's
+    thread pool by it as it loads); the niceness and the resource limits (raised back, or
+    a hard one raised, only with privileges). The umask is taken over (:class:`LauncherState`)."""
+    state = {k: v for k, v in os.environ.items() if _read_at_import(k)}
+    state["the CPU affinity"] = str(sorted(os.sched_getaffinity(0)))
+    state["the niceness"] = str(os.getpriority(os.PRIO_PROCESS, 0))
+    limits: dict[int, str] = {}  # (one name each: RLIMIT_OFILE is RLIMIT_NOFILE)
+    for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
+        limits.setdefault(getattr(resource, name), name)
+    for limit, name in limits.items():
+        with contextlib.suppress(OSError, ValueError):
+            state[f"the {name} limit"] = str(resource.getrlimit(limit))
+    return state
 
 
 def _someone_elses_server() -> bool:
@@ -109,8 +135,14 @@ class LauncherState:
     the environment and the stdout and stderr file descriptors. Pass it to the rank's
     process (pickled as the process starts) and call :meth:`apply` first thing there."""
 
-    def __init__(self, env: dict[str, str] | None = None, fds: dict[int, Any] | None = None):
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        umask: int | None = None,
+        fds: dict[int, Any] | None = None,
+    ):
         self.env = dict(os.environ) if env is None else env
+        self.umask = _umask() if env is None else umask
         self._fds = fds or {}  # in the rank: its descriptor for each of the launcher's
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -123,19 +155,34 @@ class LauncherState:
             except OSError:
                 continue  # (closed in the launcher: the rank keeps what it has)
             fds[fd] = reduction.DupFd(fd)
-        return (LauncherState, (self.env, fds))
+        return (LauncherState, (self.env, self.umask, fds))
 
     def apply(self) -> None:
-        """In the rank: the launcher's environment and stdout/stderr, in place of its own."""
+        """In the rank: the launcher's environment, umask and stdout/stderr, in place of its
+        own (a launcher that set ``umask 077`` to keep its checkpoints private, after the
+        server started, had them written as the server's umask let them)."""
         if os.environ != self.env:
             os.environ.clear()
             os.environ.update(self.env)
+        if self.umask is not None:
+            os.umask(self.umask)
         for target, duplicate in self._fds.items():
             fd = duplicate.detach()
             if fd != target:  # (a spawned rank inherited it as it is)
                 (sys.stdout if target == 1 else sys.stderr).flush()
                 os.dup2(fd, target)
                 os.close(fd)
+
+
+def _umask() -> int | None:
+    """This process's umask, read without changing it (``os.umask`` sets one: for a moment
+    another thread would create its files with the other), where Linux says it."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1], 8)
 
 
 def _in_our_fork_server() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -1404,7 +1405,8 @@ async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
 async def report_start(rank: int, world_size: int, out: str, names: list[str]) -> None:
     """How this rank started: its parent (the launcher, or the fork server, which then has
     torch loaded and ignores SIGTERM and SIGHUP), its own handling of those, the
-    environment variables ``names`` and its intra-op thread count."""
+    environment variables ``names``, its intra-op thread count, umask, CPU affinity and
+    open-file limit."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
     report = {
@@ -1416,7 +1418,11 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
         "sighup": str(signal.getsignal(signal.SIGHUP)),
         "env": {name: os.environ.get(name) for name in names},
         "threads": torch.get_num_threads(),
+        "umask": os.umask(0o022),  # (set back below)
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
     }
+    os.umask(report["umask"])
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 

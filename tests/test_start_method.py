@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -30,14 +31,15 @@ def as_the_server_started(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables read at import as the fork server has them, if it runs (started by an
     earlier test of this process, perhaps under another environment), so that these
     launches fork unless a test changes one."""
-    server = _start_method._server_env
+    server = _start_method._server_start
     if server is None:
         return
     for name in [name for name in os.environ if _start_method._read_at_import(name)]:
         if name not in server:
             monkeypatch.delenv(name)
     for name, value in server.items():
-        monkeypatch.setenv(name, value)
+        if _start_method._read_at_import(name):  # (not the process's own attributes)
+            monkeypatch.setenv(name, value)
 
 
 def started(directory: Path, names: list[str] = []) -> list[dict[str, object]]:  # noqa: B006
@@ -89,8 +91,8 @@ def test_a_variable_read_at_import_that_changed_makes_the_launch_spawn(
     """OMP_NUM_THREADS is read as the OpenMP runtime loads: a server started without it
     has the thread pool's size of then. Ranks given another spawn, and have it."""
     started(tmp_path / "server")  # (the server runs, with this environment's value)
-    assert _start_method._server_env is not None
-    threads = "1" if _start_method._server_env.get("OMP_NUM_THREADS") != "1" else "2"
+    assert _start_method._server_start is not None
+    threads = "1" if _start_method._server_start.get("OMP_NUM_THREADS") != "1" else "2"
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     with caplog.at_level(logging.INFO, logger="asynchat.launch"):
         reports = started(tmp_path / "changed", ["OMP_NUM_THREADS"])
@@ -160,6 +162,50 @@ def test_the_first_launch_async_of_a_process_keeps_the_event_loop_running(
     assert run.returncode == 0, run.stderr
     assert len(list(tmp_path.glob("rank*.txt"))) == 2
     assert float(run.stdout) < 0.5, f"the event loop stalled {float(run.stdout):.2f} s"
+
+
+def test_ranks_take_the_launchers_umask_as_it_is_at_each_launch(tmp_path: Path) -> None:
+    """A launcher that set ``umask 077`` after the server started (to keep its checkpoints
+    private) had its ranks create files as the server's umask let them."""
+    started(tmp_path / "server")  # (the server runs, with this process's umask)
+    before = os.umask(0o077)
+    try:
+        reports = started(tmp_path / "private")
+    finally:
+        os.umask(before)
+    assert os.getpid() not in {report["parent"] for report in reports}  # (forked)
+    assert [report["umask"] for report in reports] == [0o077, 0o077]
+
+
+@pytest.mark.parametrize("what", ["the CPU affinity", "the RLIMIT_NOFILE limit"])
+def test_a_process_attribute_that_changed_makes_the_launch_spawn(
+    tmp_path: Path, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forked rank keeps the server's CPU affinity's thread pool (OpenMP sized it as torch
+    loaded: 2 threads pinned to 1 CPU) and cannot raise back its resource limits: a launch
+    whose launcher changed them since spawns its ranks."""
+    cpus = sorted(os.sched_getaffinity(0))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if what == "the CPU affinity" and len(cpus) < 2:
+        pytest.skip("needs 2 CPUs to pin to one")
+    started(tmp_path / "server")  # (the server runs, started as this process is now)
+    try:
+        if what == "the CPU affinity":
+            os.sched_setaffinity(0, cpus[:1])
+        else:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limits[0] - 1, limits[1]))
+        with caplog.at_level(logging.INFO, logger="asynchat.launch"):
+            reports = started(tmp_path / "changed")
+    finally:
+        os.sched_setaffinity(0, cpus)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert f"ranks spawned: {what} changed since the fork server started" in caplog.text
+    for report in reports:
+        assert report["parent"] == os.getpid()  # spawned by this process
+        if what == "the CPU affinity":
+            assert report["affinity"] == cpus[:1] and report["threads"] == 1
+        else:
+            assert report["nofile"] == [limits[0] - 1, limits[1]]
 
 
 OTHER_FORK_SERVER = """
