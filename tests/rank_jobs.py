@@ -1443,3 +1443,21 @@ async def say(rank: int, world_size: int, word: str) -> None:
     """Print ``word`` on stdout and on stderr."""
     print(f"rank {rank} says {word} on stdout", flush=True)
     print(f"rank {rank} says {word} on stderr", file=sys.stderr, flush=True)
+
+
+async def device_report(rank: int, world_size: int, out: str) -> None:
+    """Train the usual DDP job for a few steps on this rank's default device (its CUDA
+    device where there is one) and write how it went: the backend, the parameters' device,
+    the final loss, this process's parent and whether that parent had loaded the CUDA
+    driver (a fork server that had would leave its forked ranks unable to use CUDA)."""
+    parent = os.getppid()
+    trainer = plain_ddp_trainer(num_steps=5, device=None)
+    state = await trainer.fit()
+    report = {
+        "backend": dist.get_backend(),
+        "device": str(next(trainer.model.parameters()).device),
+        "loss": None if state.loss is None else state.loss.item(),
+        "parent": parent,
+        "parent_has_libcuda": "libcuda.so" in Path(f"/proc/{parent}/maps").read_text(),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import math
+import os
 import subprocess
 import sys
 import threading
@@ -177,6 +180,20 @@ def test_ddp_single_rank_nccl_steady_state_makes_no_host_device_sync() -> None:
     # Every step ran under the check; the second trainer agrees over the first's gloo group
     # (one made per trainer was kept for the life of the process).
     assert done.stdout.split() == ["checked", "14", "shared", "True"]
+
+
+def test_ranks_forked_from_the_fork_server_train_on_cuda_with_nccl(tmp_path: Path) -> None:
+    """``launch`` forks its ranks from a server that imported torch and asynchat: had that
+    import initialised CUDA (the driver does not survive a fork), no rank could use it."""
+    import rank_jobs
+
+    from asynchat import launch
+
+    launch(rank_jobs.device_report, nprocs=1, args=(str(tmp_path),))
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["backend"] == "nccl" and report["device"] == "cuda:0", report
+    assert report["parent"] != os.getpid(), "forked from the server, not spawned"
+    assert not report["parent_has_libcuda"] and math.isfinite(report["loss"]), report
 
 
 class SlowLinear(nn.Module):
