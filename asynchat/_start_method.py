@@ -21,6 +21,8 @@ top level), and each rank is given what a spawned one inherits at its start:
   pool by the affinity as torch loaded; a limit or a niceness lowered cannot be raised
   back without privileges): a launch whose launcher changed one since the server started
   spawns its ranks, as for :data:`READ_AT_IMPORT`;
+- a seed of torch's default generator of its own, drawn from the OS as a new interpreter
+  draws it (Python's ``random`` is reseeded by CPython at a fork);
 - SIGTERM and SIGHUP as the launcher had them when the server started. The server itself
   ignores them (CPython's ignores SIGINT): it is in the launcher's process group, and a
   SIGTERM to the group (``kill %1``, ``timeout``, systemd) or a closed terminal's SIGHUP
@@ -48,6 +50,7 @@ from multiprocessing import forkserver, reduction, util
 from multiprocessing.context import BaseContext
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 #: The modules the fork server imports once, so that no rank imports them again.
@@ -202,7 +205,7 @@ def _in_our_fork_server() -> bool:
 class _Server:
     """In the fork server: the handling of SIGTERM and SIGHUP before the server ignored
     them, which each process the server forks takes back as it starts (its after-fork
-    hook)."""
+    hook), drawing a seed of its own for torch's default generator."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -212,6 +215,9 @@ class _Server:
         if os.getppid() == self.pid:  # (not in a process that one of those forks in turn)
             for signum, handler in self.previous.items():
                 signal.signal(signum, handler)
+            # A fresh interpreter seeds torch's default generator from the OS; a forked one
+            # has the server's: every rank of every launch drew the same numbers.
+            torch.default_generator.seed()
 
 
 if _in_our_fork_server():

@@ -1405,8 +1405,8 @@ async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
 async def report_start(rank: int, world_size: int, out: str, names: list[str]) -> None:
     """How this rank started: its parent (the launcher, or the fork server, which then has
     torch loaded and ignores SIGTERM and SIGHUP), its own handling of those, the
-    environment variables ``names``, its intra-op thread count, umask, CPU affinity and
-    open-file limit."""
+    environment variables ``names``, its intra-op thread count, umask, CPU affinity,
+    open-file limit and torch's seed."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
     report = {
@@ -1421,6 +1421,7 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
         "umask": os.umask(0o022),  # (set back below)
         "affinity": sorted(os.sched_getaffinity(0)),
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "torch_seed": torch.initial_seed(),
     }
     os.umask(report["umask"])
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -61,6 +61,8 @@ def test_ranks_fork_from_one_server_that_has_torch_loaded(tmp_path: Path) -> Non
     assert {report["sigterm"] for report in first + second} == {str(signal.SIG_DFL)}
     sighup = str(signal.getsignal(signal.SIGHUP))  # (SIG_IGN under nohup)
     assert {report["sighup"] for report in first + second} == {sighup}
+    # Each seeds torch from the OS, as a new interpreter does (all had the server's seed).
+    assert len({report["torch_seed"] for report in first + second}) == 4
 
 
 def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
