@@ -9,10 +9,11 @@ script's modules imported as under ``spawn`` (the same rules: ``fn`` defined at 
 top level), and each rank is given what a spawned one inherits at its start:
 
 - the launcher's environment as it is at this launch (the server's is the one of its
-  start, so each rank takes the launcher's over at once). Variables that libraries read
-  when they are imported (``OMP_NUM_THREADS``, ``MKL_*``, ``TORCH_LOGS``, ...: those in
-  :data:`READ_AT_IMPORT`) cannot be taken over after the import: when one of them
-  differs from what the server started with, the launch spawns its ranks as before;
+  start, so each rank takes the launcher's over at once, and reads ``TZ`` again).
+  Variables that libraries read when they are imported (``OMP_NUM_THREADS``, ``MKL_*``,
+  ``TORCH_LOGS``, ...: those in :data:`READ_AT_IMPORT`) cannot be taken over after the
+  import: when one of them differs from what the server started with, the launch spawns
+  its ranks as before;
 - the launcher's stdout and stderr as they are at this launch (a redirection made after
   the server started included), and its umask (``umask 077`` set to keep checkpoints
   private);
@@ -46,6 +47,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 from multiprocessing import forkserver, reduction, util
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -165,8 +167,11 @@ class LauncherState:
         own (a launcher that set ``umask 077`` to keep its checkpoints private, after the
         server started, had them written as the server's umask let them)."""
         if os.environ != self.env:
+            zone = os.environ.get("TZ")
             os.environ.clear()
             os.environ.update(self.env)
+            if os.environ.get("TZ") != zone:
+                time.tzset()  # (the time module and the C library read TZ as torch loaded)
         if self.umask is not None:
             os.umask(self.umask)
         for target, duplicate in self._fds.items():

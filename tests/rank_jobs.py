@@ -1406,7 +1406,7 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
     """How this rank started: its parent (the launcher, or the fork server, which then has
     torch loaded and ignores SIGTERM and SIGHUP), its own handling of those, the
     environment variables ``names``, its intra-op thread count, umask, CPU affinity,
-    open-file limit and torch's seed."""
+    open-file limit, torch's seed and time zone."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
     report = {
@@ -1422,6 +1422,7 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
         "affinity": sorted(os.sched_getaffinity(0)),
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
         "torch_seed": torch.initial_seed(),
+        "tzname": time.tzname[0],
     }
     os.umask(report["umask"])
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -71,6 +71,7 @@ def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
     """The server's environment is the one it started with: set, changed or removed since,
     each variable is as the launcher has it now (the server's alone would be stale)."""
     names = ["ASYNCHAT_SET", "ASYNCHAT_CHANGED", "ASYNCHAT_REMOVED"]
+    monkeypatch.setenv("TZ", "BEF+5")  # (a POSIX time zone: name and offset, no tzdata)
     monkeypatch.setenv("ASYNCHAT_CHANGED", "before")
     monkeypatch.setenv("ASYNCHAT_REMOVED", "before")
     before = started(tmp_path / "before", names)
@@ -79,12 +80,15 @@ def test_ranks_take_the_launchers_environment_as_it_is_at_each_launch(
     monkeypatch.setenv("ASYNCHAT_SET", "now")
     monkeypatch.setenv("ASYNCHAT_CHANGED", "now")
     monkeypatch.delenv("ASYNCHAT_REMOVED")
+    monkeypatch.setenv("TZ", "AFT-9")  # (the time module had read it as torch loaded)
     after = started(tmp_path / "after", names)
     assert {report["parent"] for report in after} == {before[0]["parent"]}  # the same server
     for report in after:
         assert report["env"] == {
             "ASYNCHAT_SET": "now", "ASYNCHAT_CHANGED": "now", "ASYNCHAT_REMOVED": None
         }  # fmt: skip
+        assert report["tzname"] == "AFT"
+    assert [report["tzname"] for report in before] == ["BEF", "BEF"]
 
 
 def test_a_variable_read_at_import_that_changed_makes_the_launch_spawn(
