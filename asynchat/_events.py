@@ -124,17 +124,36 @@ class EventHub:
             return
         event = LoopEvent(kind, self.snapshot())
         with self._lock:
+            self._prune()
             for mailbox in self._subscribers:
                 mailbox.put(event)
 
     def _add(self, mailbox: Mailbox[LoopEvent]) -> None:
         with self._lock:
+            self._prune()
             self._subscribers.append(mailbox)
 
     def _remove(self, mailbox: Mailbox[LoopEvent]) -> None:
         with self._lock:
             if mailbox in self._subscribers:
                 self._subscribers.remove(mailbox)
+
+    def _abandon(self, mailbox: Mailbox[LoopEvent]) -> None:
+        """A stream's finalizer: the garbage collector runs it at any allocation of any
+        thread, perhaps one that holds ``_lock`` here (in :meth:`publish`): waiting for the
+        lock then deadlocked that thread. It never waits: where the lock is taken, the
+        mailbox is marked and goes at the next :meth:`publish` or subscription."""
+        mailbox.abandoned = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._prune()
+            finally:
+                self._lock.release()
+
+    def _prune(self) -> None:
+        """Drop the abandoned mailboxes; under ``_lock``."""
+        if any(mailbox.abandoned for mailbox in self._subscribers):
+            self._subscribers = [m for m in self._subscribers if not m.abandoned]
 
 
 class EventStream:
@@ -151,7 +170,7 @@ class EventStream:
         hub._add(self._mailbox)
         # A subscriber that leaves its `async for` early without closing the stream (a
         # `break`, an error, a dropped client) unsubscribes once the stream is garbage.
-        weakref.finalize(self, hub._remove, self._mailbox)
+        weakref.finalize(self, hub._abandon, self._mailbox)
         snapshot = hub.snapshot()
         if snapshot.status.done:  # subscribed after the end: the end is all there is to see
             self._mailbox.put(LoopEvent(EventKind.END, snapshot))

@@ -38,6 +38,7 @@ class Mailbox(Generic[T]):
         # With maxlen, a full mailbox drops its oldest message for each new one (`dropped`).
         self._items: collections.deque[T] = collections.deque(maxlen=maxlen)
         self.dropped = 0
+        self.abandoned = False  # set once its receiver is gone: senders then let it go
         self._future: asyncio.Future[None] | None = None
         self._event: anyio.Event | None = None
         trio_token = _running_trio_token()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import anyio
@@ -175,3 +176,25 @@ async def test_a_subscriber_that_leaves_early_unsubscribes() -> None:
         kept = len(hub._subscribers)
         end.set()
     assert kept == 0, f"{kept} subscriptions outlived their streams"
+
+
+async def test_a_stream_collected_while_its_thread_publishes_does_not_deadlock_it() -> None:
+    """A stream left open is unsubscribed by its finalizer, which the garbage collector runs
+    at any allocation of whichever thread allocates: inside ``publish`` (the compute
+    thread, at an epoch's end), holding the hub's lock, that finalizer waited for the lock
+    forever. Here the stream is let go in that very place, on a thread of its own."""
+    hub = make_trainer()._events
+    streams = [hub.subscribe(buffer=8, progress_every=None) for _ in range(2)]
+    finished = threading.Event()
+
+    def collected_inside_the_lock() -> None:
+        with hub._lock:  # (where publish holds it)
+            streams.pop()  # the last reference: its finalizer runs now, on this thread
+        finished.set()
+
+    thread = threading.Thread(target=collected_inside_the_lock, daemon=True)
+    thread.start()
+    assert finished.wait(10), "the finalizer deadlocked the thread that held the lock"
+    assert len(hub._subscribers) == 2  # marked, not yet removed: the lock was held
+    hub.publish(EventKind.PROGRESS)  # (the next publish lets it go)
+    assert len(hub._subscribers) == 1 and hub._subscribers[0] is streams[0]._mailbox
