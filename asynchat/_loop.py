@@ -7,7 +7,7 @@ import itertools
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -46,7 +46,6 @@ from asynchat._resume import (
 )
 from asynchat._run import LoopRun
 from asynchat._state import LoopState, LoopStatus, Metrics
-from asynchat._transfer import to_host
 
 T = TypeVar("T")
 
@@ -309,14 +308,16 @@ class LoopBase(PipeBase):
         """Let a paused loop go on (a no-op if it is not paused)."""
         self._control.resume()
 
-    async def to_host(self, obj: T) -> T:
+    def to_host(self, obj: T) -> Coroutine[Any, Any, T]:
         """Host copies of the tensors in ``obj``, awaited without blocking the event loop.
 
         For ``async def`` hooks: ``loss = await state.loop.to_host(state.loss)``. On CUDA the
-        copy is ordered after the work queued so far on the compute stream.
+        copy is ordered after the work queued so far on the compute stream. Called in a
+        ``def`` hook (no event loop runs there) it raises, saying to read the tensor there.
         """
+        transfer.awaited_here("loop.to_host()")
         stream = self._compute.stream if self._compute is not None else None
-        return await to_host(obj, after=stream)
+        return transfer.copy_to_host(obj, stream)
 
     def samples_in(self, batch: Any) -> int:
         """How many samples ``batch`` holds, as the batch processor counts them (its

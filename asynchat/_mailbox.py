@@ -13,7 +13,7 @@ import anyio
 T = TypeVar("T")
 
 
-def _running_trio_token() -> Any:
+def running_trio_token() -> Any:
     """The running trio loop's token, or None under asyncio (trio need not be installed)."""
     trio = sys.modules.get("trio")
     if trio is None:
@@ -41,7 +41,7 @@ class Mailbox(Generic[T]):
         self.abandoned = False  # set once its receiver is gone: senders then let it go
         self._future: asyncio.Future[None] | None = None
         self._event: anyio.Event | None = None
-        trio_token = _running_trio_token()
+        trio_token = running_trio_token()
         if trio_token is not None:
             self._loop: asyncio.AbstractEventLoop | None = None
             self._schedule: Callable[[Callable[[], None]], object] = trio_token.run_sync_soon

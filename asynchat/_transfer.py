@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
-from collections.abc import Mapping
-from typing import Generic, TypeVar
+from collections.abc import Coroutine, Mapping
+from typing import Any, Generic, TypeVar
 
 import anyio
 import torch
 
+from asynchat._mailbox import running_trio_token
 from asynchat._tree import iter_tensors, map_tensors
 
 T = TypeVar("T")
@@ -95,8 +97,11 @@ class HostCopy(Generic[T]):
         return self._value
 
 
-async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
-    """Return ``obj`` with every tensor in it replaced by a host (CPU) copy, without blocking.
+def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> Coroutine[Any, Any, T]:
+    """Return ``obj`` with every tensor in it replaced by a host (CPU) copy, without blocking:
+    ``host = await asynchat.to_host(obj)``, in async code only (an ``async def`` hook): called
+    where no event loop runs (a ``def`` hook, on the compute thread) it raises at once,
+    naming what to do there; it handed back a coroutine that nothing would await.
 
     CUDA tensors are copied into pinned memory on a side stream with ``non_blocking=True``
     after the work already queued on ``after`` (the loop's compute stream), and the event
@@ -108,6 +113,26 @@ async def to_host(obj: T, *, after: torch.cuda.Stream | None = None) -> T:
     ``fit()`` runs in the calling task (so ``await asynchat.to_host(state.loss)`` in an
     ``async def`` hook is correct), else after the caller's current stream.
     """
+    awaited_here("asynchat.to_host()")
+    return copy_to_host(obj, after)
+
+
+def awaited_here(what: str) -> None:
+    """Refuse ``what`` (a coroutine function's name) where no event loop runs in this thread
+    to await it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        if running_trio_token() is None:
+            raise RuntimeError(
+                f"{what} is awaited in async code (an async def hook: `await "
+                f"state.loop.to_host(x)`); a def hook runs on the compute thread, where the "
+                f"tensors can be read directly (x.item(), x.cpu())"
+            ) from None
+
+
+async def copy_to_host(obj: T, after: torch.cuda.Stream | None) -> T:
+    """:func:`to_host`'s copy, once it is known to be awaited."""
     if after is None:
         after = compute_stream.get()
     streams = {}

@@ -32,3 +32,25 @@ async def test_cuda_tensors_arrive_in_pinned_host_memory() -> None:
     out = await to_host(x)
     assert out.device.type == "cpu" and out.is_pinned()
     assert torch.equal(out, torch.arange(1000.0) * 2)
+
+
+async def test_in_a_def_hook_it_says_to_read_the_tensor_there() -> None:
+    """A ``def`` hook runs on the compute thread, where no event loop runs: ``to_host`` there
+    handed back a coroutine that nothing would await (the hook then failed on it, and Python
+    warned later that it was never awaited)."""
+    from conftest import make_trainer
+
+    from asynchat import Callback, LoopState
+
+    class Reads(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            state.loop.to_host(state.loss)
+
+    with pytest.raises(RuntimeError, match=r"loop\.to_host\(\) is awaited in async code .*"
+                       r"a def hook runs on the compute thread"):  # fmt: skip
+        await make_trainer(Reads()).fit()
+
+
+def test_outside_async_code_it_raises_at_once() -> None:
+    with pytest.raises(RuntimeError, match=r"asynchat\.to_host\(\) is awaited in async code"):
+        to_host(torch.ones(2))
