@@ -87,7 +87,7 @@ class LoopControl:
 
     Fields, who writes them and from where:
 
-    - ``status``: any thread, only through :meth:`transition` (under ``_lock``).
+    - ``status``: any thread, only through :meth:`transition` (in :meth:`_changing`).
     - ``stop_reason``: the first :meth:`request_stop` (any thread); also set when a peer's
       request ends the loop.
     - ``stop_requested``: :meth:`request_stop`, any thread; never cleared.
@@ -115,7 +115,8 @@ class LoopControl:
     """
 
     def __init__(self, on_status: Callable[[LoopStatus], None]) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (see _changing)
+        self._changer: int | None = None  # the thread inside _changing(), if one is
         self._on_status = on_status
         self.status = LoopStatus.CREATED
         self.stop_reason: str | None = None
@@ -139,7 +140,7 @@ class LoopControl:
 
     @parent.setter
     def parent(self, parent: LoopControl | None) -> None:
-        with self._lock:
+        with self._changing():
             self._parent = parent
             self._refresh()
 
@@ -149,12 +150,35 @@ class LoopControl:
 
     @agree.setter
     def agree(self, agree: Agree | None) -> None:
-        with self._lock:
+        with self._changing():
             self._agree = agree
             self._refresh()
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the lock under which the control state changes.
+
+        A signal handler installed with ``signal.signal`` runs on the main thread between
+        two bytecodes, perhaps of a change made here on the event loop: a request it made
+        (``stop()``) waited for the lock forever. The lock is reentrant, so that a handler
+        that runs after it is taken and before the change starts, or after the change and
+        before it is released, makes its request as if before or after the change; one that
+        runs during the change sees :meth:`interrupted_inside` and hands its request to a
+        thread (:meth:`LoopBase.stop`)."""
+        with self._lock:
+            changer, self._changer = self._changer, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._changer = changer
+
+    def interrupted_inside(self) -> bool:
+        """Whether this thread is in the middle of a change of the control state: a signal
+        handler interrupted it (see :meth:`_changing`)."""
+        return self._changer == threading.get_ident()
+
     def _refresh(self) -> None:
-        """Recompute ``idle``; under ``_lock``."""
+        """Recompute ``idle``; in :meth:`_changing`."""
         self.idle = (
             self._agree is None
             and self._parent is None
@@ -169,7 +193,7 @@ class LoopControl:
     ) -> bool:
         """Move to ``new`` if allowed (and if the status is in ``only_from``, when given);
         return whether it moved. Subscribers hear of it in order."""
-        with self._lock:
+        with self._changing():
             if new not in ALLOWED[self.status]:
                 return False
             if only_from is not None and self.status not in only_from:
@@ -204,35 +228,39 @@ class LoopControl:
 
     def request_stop(self, reason: str) -> bool:
         """Ask the loop to end at the next boundary; False if it is done or already asked."""
-        with self._lock:
+        with self._changing():
             if self.status.done or self.stop_requested:
                 return False
             self.stop_requested = True
             self.stop_reason = reason
             self.idle = False
         self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
-        self._unpaused.set()  # a paused loop wakes up to stop
+        self._wake()  # a paused loop wakes up to stop
         return True
 
     def request_cancel(self, *, now: bool = False) -> None:
         """Ask the loop to end at the next boundary; ``now``: even inside an accumulation
         window (a forced exit)."""
-        with self._lock:  # with resume(): its recomputed idle cannot land after this one
+        with self._changing():  # with resume(): its recomputed idle cannot land after this one
             self.forced = self.forced or now
             self.cancel_requested = True
             self.idle = False
         self.stop_reason = "cancelled"
         self.transition(LoopStatus.STOPPING, only_from=_ACTIVE)
-        self._unpaused.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._changing():  # (the event's own lock is not reentrant: see _changing)
+            self._unpaused.set()
 
     def pause(self) -> None:
-        with self._lock:  # with resume(): idle follows the last of them
+        with self._changing():  # with resume(): idle follows the last of them
             if not self.status.done:
                 self._unpaused.clear()
                 self.idle = False
 
     def resume(self) -> None:
-        with self._lock:
+        with self._changing():
             self._unpaused.set()
             self._refresh()
 
@@ -274,7 +302,7 @@ class LoopControl:
         if cancel:
             if self.cancelling():
                 return Decision.CANCEL
-            with self._lock:  # says why this rank ended (a monitor's warning reads it)
+            with self._changing():  # says why this rank ended (a monitor's warning reads it)
                 self.stop_reason = self.stop_reason or "cancelled on another rank"
             return Decision.PEER_CANCEL
         if stop:

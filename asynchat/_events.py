@@ -109,7 +109,13 @@ class LoopEvent:
 
 class EventHub:
     """The subscribers of one loop's events: :meth:`publish` hands an event to each of them
-    from any thread and never blocks (each has a bounded, lossy mailbox)."""
+    from any thread and never blocks (each has a bounded, lossy mailbox).
+
+    ``publish`` takes no lock: the list of subscribers is replaced, never changed in place
+    (under ``_lock``, among those who change it), and read as it is. A status change
+    publishes, and one can be made from a signal handler (``stop()``), which runs on the
+    main thread between two bytecodes: perhaps of a subscription, inside ``_lock``.
+    """
 
     def __init__(self, snapshot: Callable[[], LoopSnapshot]) -> None:
         self.snapshot = snapshot
@@ -120,40 +126,36 @@ class EventHub:
         return EventStream(self, buffer, progress_every)
 
     def publish(self, kind: EventKind) -> None:
-        if not self._subscribers:
+        subscribers = self._subscribers
+        if not subscribers:
             return
         event = LoopEvent(kind, self.snapshot())
-        with self._lock:
-            self._prune()
-            for mailbox in self._subscribers:
+        for mailbox in subscribers:
+            if not mailbox.abandoned:
                 mailbox.put(event)
 
     def _add(self, mailbox: Mailbox[LoopEvent]) -> None:
         with self._lock:
-            self._prune()
-            self._subscribers.append(mailbox)
+            self._subscribers = [*self._live(), mailbox]
 
     def _remove(self, mailbox: Mailbox[LoopEvent]) -> None:
         with self._lock:
-            if mailbox in self._subscribers:
-                self._subscribers.remove(mailbox)
+            self._subscribers = [m for m in self._live() if m is not mailbox]
 
     def _abandon(self, mailbox: Mailbox[LoopEvent]) -> None:
         """A stream's finalizer: the garbage collector runs it at any allocation of any
-        thread, perhaps one that holds ``_lock`` here (in :meth:`publish`): waiting for the
-        lock then deadlocked that thread. It never waits: where the lock is taken, the
-        mailbox is marked and goes at the next :meth:`publish` or subscription."""
+        thread, perhaps one inside ``_lock``: waiting for the lock then deadlocked that
+        thread. It never waits: where the lock is taken, the mailbox is marked, no longer
+        published to, and dropped at the next change of the subscribers."""
         mailbox.abandoned = True
         if self._lock.acquire(blocking=False):
             try:
-                self._prune()
+                self._subscribers = self._live()
             finally:
                 self._lock.release()
 
-    def _prune(self) -> None:
-        """Drop the abandoned mailboxes; under ``_lock``."""
-        if any(mailbox.abandoned for mailbox in self._subscribers):
-            self._subscribers = [m for m in self._subscribers if not m.abandoned]
+    def _live(self) -> list[Mailbox[LoopEvent]]:
+        return [mailbox for mailbox in self._subscribers if not mailbox.abandoned]
 
 
 class EventStream:

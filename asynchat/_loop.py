@@ -6,8 +6,9 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -286,10 +287,14 @@ class LoopBase(PipeBase):
         any hook. Called before ``fit()``, the loop runs ``on_loop_begin`` and
         ``on_loop_end`` and no step. Once the loop is done it is a no-op.
 
-        On a signal, use :func:`~asynchat.stop_on_signals` (``signals=`` names any), not a
-        handler of your own installed with ``signal.signal``: such a handler runs between
-        two bytecodes of the main thread, which may then hold the lock this takes.
+        Also from a signal handler of your own (``signal.signal``), though
+        :func:`~asynchat.stop_on_signals` is simpler: such a handler runs between two
+        bytecodes of the main thread, perhaps in the middle of a status change made there; the
+        request is then made by a thread of its own as soon as the change is done.
         """
+        if self._control.interrupted_inside():
+            _later(self.stop, reason)
+            return
         if self._control.request_stop(reason if reason is not None else "stop() called"):
             self.state.stop_reason = self._control.stop_reason
             self._interrupt_data_wait()
@@ -300,13 +305,21 @@ class LoopBase(PipeBase):
         While paused, no step runs and the compute thread waits idle; the model, optimizer and
         data position stay as they are, and the status is ``paused``. ``stop()`` and
         cancellation still end a paused loop. Pausing before ``fit()`` holds it before its
-        first step; pausing a loop that is done does nothing.
+        first step; pausing a loop that is done does nothing. From a signal handler too
+        (see :meth:`stop`).
         """
-        self._control.pause()
+        if self._control.interrupted_inside():
+            _later(self.pause)
+        else:
+            self._control.pause()
 
     def resume(self) -> None:
-        """Let a paused loop go on (a no-op if it is not paused)."""
-        self._control.resume()
+        """Let a paused loop go on (a no-op if it is not paused); from any thread, and from a
+        signal handler (see :meth:`stop`)."""
+        if self._control.interrupted_inside():
+            _later(self.resume)
+        else:
+            self._control.resume()
 
     def to_host(self, obj: T) -> Coroutine[Any, Any, T]:
         """Host copies of the tensors in ``obj``, awaited without blocking the event loop.
@@ -719,3 +732,12 @@ def _check_arguments(
             positive_int(name, value)
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
         raise ValueError(f"prefetch must be an int >= 0 (0: no prefetch thread), got {prefetch!r}")
+
+
+def _later(request: Callable[..., None], *args: Any) -> None:
+    """Make ``request`` from a thread of its own: a signal handler interrupted this thread
+    in the middle of a change of the loop's control state, which the request must follow
+    (made here, it would run inside the change)."""
+    threading.Thread(
+        target=request, args=args, name="asynchat-request-after-signal", daemon=True
+    ).start()

@@ -196,5 +196,5 @@ async def test_a_stream_collected_while_its_thread_publishes_does_not_deadlock_i
     thread.start()
     assert finished.wait(10), "the finalizer deadlocked the thread that held the lock"
     assert len(hub._subscribers) == 2  # marked, not yet removed: the lock was held
-    hub.publish(EventKind.PROGRESS)  # (the next publish lets it go)
-    assert len(hub._subscribers) == 1 and hub._subscribers[0] is streams[0]._mailbox
+    streams.append(hub.subscribe(buffer=8, progress_every=None))  # (a change lets it go)
+    assert hub._subscribers == [stream._mailbox for stream in streams]

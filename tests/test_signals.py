@@ -62,6 +62,31 @@ def test_sighup_ignored_under_nohup_stays_ignored(tmp_path: Path) -> None:
     assert out.startswith("stopped: received SIGTERM at step ")
 
 
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [("stop", "running stopping finished SIGUSR1"),
+     ("pause", "running paused running stopping finished resumed"),
+     ("subscribe", "running stopping finished SIGUSR1")],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "backend",
+    ["asyncio", pytest.param("trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio"))],
+)
+def test_stop_and_pause_from_a_signal_handler_of_ones_own(
+    where: str, expected: str, backend: str
+) -> None:
+    # A handler installed with signal.signal runs on the main thread between two bytecodes:
+    # in the middle of a status change made on the event loop, its stop() or pause() waited
+    # forever for the control's lock, held by the code it interrupted; in a subscription,
+    # the status event its stop() published waited for the events' lock.
+    done = subprocess.run(
+        [sys.executable, str(HERE / "signal_handler_job.py"), where, backend],
+        cwd=HERE, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == expected
+
+
 def test_only_in_the_main_thread_and_with_a_loop() -> None:
     errors: list[BaseException] = []
 
