@@ -15,10 +15,12 @@ from asynchat._loop import LoopBase
 def ending_signals() -> tuple[signal.Signals, ...]:
     """The signals that end a process unless it handles them: SIGINT (Ctrl-C), SIGTERM
     (``kill``, ``timeout``, a pod's end) and SIGHUP (the terminal closed: an ssh session
-    ended under a job run without ``nohup`` or tmux), the last unless this process ignores
-    it (under ``nohup``, which asks the job to outlive its terminal)."""
+    ended under a job run without ``nohup`` or tmux). SIGHUP only where it would end this
+    process (its default action): not where it is ignored (``nohup`` asks the job to
+    outlive its terminal) nor where the program handles it itself (a daemon's reload or log
+    rotation)."""
     ending = (signal.SIGINT, signal.SIGTERM)
-    if not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    if not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
         return ending  # (SIGHUP: POSIX only)
     return (*ending, signal.SIGHUP)
 
@@ -28,8 +30,9 @@ async def stop_on_signals(
     *loops: LoopBase, signals: tuple[signal.Signals, ...] | None = None
 ) -> AsyncIterator[None]:
     """Inside this block, SIGINT, SIGTERM and SIGHUP ``stop()`` the given loops instead of
-    killing the process (``signals``: by default those of :func:`ending_signals`; SIGHUP
-    not where it is ignored, as under ``nohup``).
+    killing the process (``signals``: by default those of :func:`ending_signals`: SIGHUP
+    only where it would end the process, not under ``nohup`` nor where the program has a
+    handler of its own for it).
 
     ::
 

@@ -1,7 +1,11 @@
-"""A job for the signal test: trains until SIGTERM, then stops with a final checkpoint."""
+"""A job for the signal test: trains until SIGTERM, then stops with a final checkpoint.
+
+python signal_job.py BACKEND DIRECTORY [reload]   # reload: SIGHUP handled by the program
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -26,4 +30,6 @@ async def main(directory: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[3:] == ["reload"]:  # a daemon's SIGHUP: reload its configuration
+        signal.signal(signal.SIGHUP, lambda signum, frame: print("reloaded", flush=True))
     anyio.run(main, Path(sys.argv[2]), backend=sys.argv[1])

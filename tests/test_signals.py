@@ -87,6 +87,24 @@ def test_stop_and_pause_from_a_signal_handler_of_ones_own(
     assert done.stdout.strip() == expected
 
 
+def test_a_sighup_handler_of_the_programs_is_left_alone(tmp_path: Path) -> None:
+    # A daemon's SIGHUP reloads its configuration or rotates its logs: stop_on_signals()
+    # must not take it over and stop the training.
+    with subprocess.Popen(
+        [sys.executable, str(HERE / "signal_job.py"), "asyncio", str(tmp_path), "reload"],
+        cwd=HERE, stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "training"
+        os.kill(process.pid, signal.SIGHUP)
+        assert process.stdout.readline().strip() == "reloaded"
+        assert process.poll() is None
+        os.kill(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert out.startswith("stopped: received SIGTERM at step ")
+
+
 def test_only_in_the_main_thread_and_with_a_loop() -> None:
     errors: list[BaseException] = []
 
