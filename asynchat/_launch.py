@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import datetime
 import faulthandler
@@ -504,9 +505,17 @@ class _Ranks:
 
     def end_as_signalled(self) -> None:
         """Once the ranks have ended as a signal passed on to them made them: the launcher's
-        turn, as if the signal came now (Ctrl-C: ``KeyboardInterrupt``, raised here)."""
+        turn, as if the signal came now (Ctrl-C: ``KeyboardInterrupt``, raised here).
+
+        A signal that ends the process at once (SIGTERM, SIGHUP) skips what a normal exit
+        does: the exit functions run first (multiprocessing's removes the fork server's
+        socket and its directory, left behind in the temporary directory at every such
+        end; logging flushes its handlers)."""
         if self.signalled:
-            os.kill(os.getpid(), self.signalled[0])
+            signum = self.signalled[0]
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                atexit._run_exitfuncs()
+            os.kill(os.getpid(), signum)
             time.sleep(_POLL_S)  # (a handler runs at the next bytecode: never slept through)
 
     def send(self, signum: int) -> None:

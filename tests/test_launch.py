@@ -363,16 +363,19 @@ def alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def launcher_script(*args: str, nohup: bool = False) -> Iterator[subprocess.Popen[str]]:
+def launcher_script(
+    *args: str, nohup: bool = False, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """``tests/<args[0]>`` with ``args[1:]`` run as a shell's job: a process group of its own,
-    its output piped (``nohup``: under ``nohup``, ignoring SIGHUP). However the test leaves
-    (a failed assertion too), nothing of it is left running: a group still alive is killed,
-    so no launcher outlives its test, nor do its ranks (a failure used to leave Popen's exit
-    waiting for a launcher whose ranks ignore SIGINT)."""
+    its output piped (``nohup``: under ``nohup``, ignoring SIGHUP; ``env``: more environment
+    variables). However the test leaves (a failed assertion too), nothing of it is left
+    running: a group still alive is killed, so no launcher outlives its test, nor do its
+    ranks (a failure used to leave Popen's exit waiting for a launcher whose ranks ignore
+    SIGINT)."""
     with subprocess.Popen(
         [*(["nohup"] if nohup else []), sys.executable, str(HERE / args[0]), *args[1:]],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, env={**os.environ, **(env or {})},
     ) as launcher:  # fmt: skip
         try:
             yield launcher
@@ -410,7 +413,11 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # launcher's process group (`kill %1`, `timeout`) killed the fork server the ranks
     # came from, and with it the launcher's view of them: it left at once, no checkpoint.
     # A SIGHUP to the group (a terminal closed) ended the launcher at once: no checkpoint.
-    with launcher_script("signalled_launcher.py", str(tmp_path), str(int(handle))) as launcher:
+    temporary = tmp_path / "tmp"  # (the launcher's TMPDIR)
+    temporary.mkdir()
+    with launcher_script(
+        "signalled_launcher.py", str(tmp_path), str(int(handle)), env={"TMPDIR": str(temporary)}
+    ) as launcher:
         assert launcher.stdout is not None
         for line in launcher.stdout:
             if line.strip() == "step 5":
@@ -430,6 +437,9 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+    # Ended by SIGTERM or SIGHUP, the launcher left the fork server's socket behind, in a
+    # directory of multiprocessing's: a signal's death skips the exit's clean-up.
+    assert list(temporary.glob("pymp-*")) == []
 
 
 def test_a_closed_terminal_lets_the_ranks_end_with_their_final_checkpoint(
