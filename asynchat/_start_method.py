@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import signal
 import sys
 import threading
@@ -112,6 +111,8 @@ def _inherited() -> dict[str, str]:
     environment's :data:`READ_AT_IMPORT` variables; the CPU affinity (OpenMP sizes torch's
     thread pool by it as it loads); the niceness and the resource limits (raised back, or
     a hard one raised, only with privileges). The umask is taken over (:class:`LauncherState`)."""
+    import resource  # (POSIX only: here only on Linux, where ranks can fork)
+
     state = {k: v for k, v in os.environ.items() if _read_at_import(k)}
     state["the CPU affinity"] = str(sorted(os.sched_getaffinity(0)))
     state["the niceness"] = str(os.getpriority(os.PRIO_PROCESS, 0))
@@ -170,7 +171,7 @@ class LauncherState:
             zone = os.environ.get("TZ")
             os.environ.clear()
             os.environ.update(self.env)
-            if os.environ.get("TZ") != zone:
+            if os.environ.get("TZ") != zone and hasattr(time, "tzset"):  # (POSIX only)
                 time.tzset()  # (the time module and the C library read TZ as torch loaded)
         if self.umask is not None:
             os.umask(self.umask)
