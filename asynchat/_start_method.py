@@ -78,6 +78,16 @@ _server_start: dict[str, str] | None = None  # what _inherited() was as the serv
 _server_owner: int | None = None  # the process that configured it (not one forked from it)
 
 
+def _renew_lock() -> None:
+    """In a forked child: a lock of its own (the parent's may have been held by a thread of
+    the parent's as it forked, which the child does not have: it would wait forever)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_lock)
+
+
 def rank_context() -> BaseContext:
     """The multiprocessing context to start this launch's ranks from (see the module)."""
     global _server_start, _server_owner

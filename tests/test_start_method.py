@@ -293,6 +293,49 @@ if __name__ == "__main__":
 """
 
 
+FORKED_WHILE_LOCKED = """
+import multiprocessing, os, sys, threading
+from pathlib import Path
+import rank_jobs
+from asynchat import _start_method, launch
+
+def child(directory):
+    launch(rank_jobs.report_start, nprocs=2, args=(directory, []))
+
+if __name__ == "__main__":
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # (a thread of the launcher's inside rank_context() as the fork happens)
+        with _start_method._lock:
+            held.set()
+            release.wait()
+
+    threading.Thread(target=hold).start()
+    held.wait()
+    process = multiprocessing.get_context("fork").Process(target=child, args=(sys.argv[1],))
+    process.start()
+    process.join(60)
+    release.set()
+    if process.exitcode is None:  # (it waits for the lock: it would hold this exit up)
+        process.kill()
+        sys.exit("the forked process's launch still waited after 60 s")
+    sys.exit(process.exitcode)
+"""
+
+
+def test_a_process_forked_while_a_launch_starts_can_launch(tmp_path: Path) -> None:
+    """The child of a fork made while another thread was choosing how to start its ranks
+    inherited the lock that thread held, and its own launch waited for it forever."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_WHILE_LOCKED)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    assert len(list(tmp_path.glob("rank*.json"))) == 2
+
+
 def test_a_process_forked_from_a_launcher_can_launch(tmp_path: Path) -> None:
     """A process forked from a launcher whose fork server runs (``multiprocessing``'s
     default on Linux before 3.14, a service's worker) took that server for its own, and its
