@@ -485,7 +485,7 @@ def until_a_step(directory: Path, launcher: subprocess.Popen[Any], terminal: int
 
 def test_under_nohup_a_closed_terminal_leaves_the_job_running(tmp_path: Path) -> None:
     # nohup asks the job to outlive its terminal: SIGHUP stays ignored, in the launcher and
-    # in its ranks (the launcher caught it and passed it on, ending them).
+    # in its ranks (a launcher that caught it anyway would pass it on and end them).
     with launcher_script("signalled_launcher.py", str(tmp_path), "1", nohup=True) as launcher:
         assert launcher.stdout is not None
         for line in launcher.stdout:

@@ -214,6 +214,18 @@ def test_a_process_attribute_that_changed_makes_the_launch_spawn(
             assert report["nofile"] == [limits[0] - 1, limits[1]]
 
 
+def run_script(script: Path, source: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``source`` written to ``script`` and run with ``args`` in a new interpreter that can
+    import this directory's modules (``rank_jobs``); it must exit with 0."""
+    script.write_text(source)
+    run = subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
+    )  # fmt: skip
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    return run
+
+
 OTHER_FORK_SERVER = """
 import multiprocessing, sys
 
@@ -233,13 +245,8 @@ if __name__ == "__main__":
 def test_a_fork_server_of_someone_elses_keeps_its_sigterm(tmp_path: Path) -> None:
     """Only the server that launch() configured ignores SIGTERM: another (a DataLoader's)
     and the processes it starts, which import asynchat under its frames, keep it."""
-    script, out = tmp_path / "other.py", tmp_path / "ignored.txt"
-    script.write_text(OTHER_FORK_SERVER)
-    run = subprocess.run(
-        [sys.executable, str(script), str(out)], capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    out = tmp_path / "ignored.txt"
+    run_script(tmp_path / "other.py", OTHER_FORK_SERVER, out)
     assert out.read_text() == "False False"  # neither the server nor its process ignores it
 
 
@@ -260,13 +267,7 @@ if __name__ == "__main__":
 def test_ranks_spawn_when_someone_elses_fork_server_runs(tmp_path: Path) -> None:
     """A fork server started before the first launch (a DataLoader's, in the launcher) is
     not configured: torch not loaded, SIGTERM not ignored. The ranks are spawned."""
-    script = tmp_path / "first.py"
-    script.write_text(SOMEONE_ELSES_FIRST)
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    run = run_script(tmp_path / "first.py", SOMEONE_ELSES_FIRST, tmp_path)
     launcher = int(run.stdout.split()[-1])
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -326,13 +327,7 @@ if __name__ == "__main__":
 def test_a_process_forked_while_a_launch_starts_can_launch(tmp_path: Path) -> None:
     """The child of a fork made while another thread was choosing how to start its ranks
     inherited the lock that thread held, and its own launch waited for it forever."""
-    script = tmp_path / "forked.py"
-    script.write_text(FORKED_WHILE_LOCKED)
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
-    )  # fmt: skip
-    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    run_script(tmp_path / "forked.py", FORKED_WHILE_LOCKED, tmp_path)
     assert len(list(tmp_path.glob("rank*.json"))) == 2
 
 
@@ -341,14 +336,9 @@ def test_a_process_forked_from_a_launcher_can_launch(tmp_path: Path) -> None:
     default on Linux before 3.14, a service's worker) took that server for its own, and its
     launch failed at once: ChildProcessError (multiprocessing waits for the server as for a
     child). Its ranks are spawned."""
-    script, first, second = tmp_path / "forked.py", tmp_path / "first", tmp_path / "second"
-    script.write_text(FORKED_LAUNCHER)
+    first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    run = subprocess.run(
-        [sys.executable, str(script), str(first), str(second)], capture_output=True,
-        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(HERE)},
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_script(tmp_path / "forked.py", FORKED_LAUNCHER, first, second)
     launcher = int((second / "launcher").read_text())
     for rank in range(2):
         assert json.loads((second / f"rank{rank}.json").read_text())["parent"] == launcher
