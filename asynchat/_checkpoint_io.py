@@ -62,6 +62,38 @@ EXTRAS = "asynchat.pt"  # in a sharded checkpoint: everything but the shards
 _NAME = re.compile(r"step-(\d{9,})\.(?:ckpt|dcp)")
 _TEMPORARY = re.compile(r"\.(step-\d{9,}\.(?:ckpt|dcp)|manifest\.json)\.[0-9a-f-]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A manifest lists some 250 bytes a checkpoint: 64 MiB is a quarter of a million of them.
+# One larger (a sparse file, say) is not read into memory.
+MANIFEST_LIMIT = 64 << 20
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_file(path: Path, *, limit: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a link to one is followed).
+
+    Anything else under a checkpoint's or the manifest's name raises :class:`OSError`
+    before a byte is read: reading a FIFO waits forever for a writer, ``/dev/zero`` never
+    ends. So does a file of more than ``limit`` bytes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO opens without waiting)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "no regular file")
+            raise OSError(f"{path} is {kind}, not a regular file")
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read() if limit is None else file.read(limit + 1)
+    finally:
+        os.close(fd)
+    if limit is not None and len(data) > limit:
+        raise OSError(f"{path} is larger than {limit} bytes")
+    return data
 
 
 def checkpoint_name(global_step: int, *, sharded: bool = False) -> str:
@@ -427,13 +459,13 @@ def read_manifest(directory: Path) -> list[dict[str, Any]]:
     """
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = _read_json(path)
         entries = manifest["checkpoints"]
         if not isinstance(entries, list):
             raise TypeError("'checkpoints' is not a list")
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         warnings.warn(
             f"{path} is unreadable ({type(exc).__name__}: {exc}); looking at the checkpoint "
             "files themselves",
@@ -451,6 +483,11 @@ def read_manifest(directory: Path) -> list[dict[str, Any]]:
     return usable
 
 
+def _read_json(path: Path) -> Any:
+    """The manifest's JSON (``RecursionError``: nested too deep for the parser)."""
+    return json.loads(read_file(path, limit=MANIFEST_LIMIT))
+
+
 def write_manifest(
     directory: Path, entries: list[dict[str, Any]], *, monitor: str | None, mode: str
 ) -> None:
@@ -464,8 +501,8 @@ def write_manifest(
 def _manifest_ranking(directory: Path) -> tuple[str, str] | None:
     """``(monitor, mode)`` as the manifest records them, if it ranks its checkpoints."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = _read_json(directory / MANIFEST)
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(manifest, dict):  # (read_manifest warns of it)
         return None
@@ -717,7 +754,7 @@ def _why(exc: Exception) -> str:
 
 def _read_checkpoint(file: Path, digest: str | None) -> dict[str, Any]:
     try:
-        data = file.read_bytes()
+        data = read_file(file)
     except OSError as exc:
         raise CheckpointError(f"{file} cannot be read: {exc}") from exc
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:

@@ -171,7 +171,7 @@ def newest_checkpoint(run_dir: Path) -> dict[str, Any]:
         entries = json.loads((run_dir / "manifest.json").read_text())["checkpoints"]
         newest = max(entries, key=lambda entry: int(entry["global_step"]))
         return {"epoch": int(newest["epoch"]), "global_step": int(newest["global_step"])}
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours to read
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none, or not ours
         return {"epoch": 0, "global_step": 0}
 
 
@@ -188,7 +188,7 @@ def read_jobs(runs: Path) -> list[dict[str, Any]]:
             created = float(data["created"])
             if data["id"] != run_dir.name or not isinstance(outcome, dict | None):
                 raise ValueError("its fields do not match its directory")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             logger.warning("%s: not a job this service can list (%s)", run_dir, exc)
             continue
         interrupted = {

@@ -813,6 +813,28 @@ async def test_a_run_resumed_after_a_crash_leaves_one_log_as_if_uninterrupted(
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
 
 
+async def test_a_log_line_nested_too_deep_to_parse_is_kept_and_the_run_resumes(
+    tmp_path: Path,
+) -> None:
+    # Regression: dropping the lines of steps after the checkpoint let json's RecursionError
+    # out of a line that is no log of ours, and the resumed run ended before its first step.
+    log, checkpoints = tmp_path / "log.jsonl", tmp_path / "checkpoints"
+    await make_trainer(
+        JSONLinesLogger(log, every_n_steps=1), Checkpoint(checkpoints, every_n_steps=3),
+        num_steps=6,
+    ).fit()  # fmt: skip
+    deep = "[" * 100_000 + "]" * 100_000
+    with log.open("a") as file:
+        file.write(deep + "\n")
+    await make_trainer(
+        JSONLinesLogger(log, every_n_steps=1), num_steps=8,
+        resume_from=checkpoints / "step-000000003.ckpt",
+    ).fit()  # fmt: skip
+    lines = log.read_text().splitlines()
+    assert lines[3] == deep  # kept; steps 4-6 of the first run dropped
+    assert [json.loads(line)["step"] for line in lines[:3] + lines[4:]] == list(range(1, 9))
+
+
 class KillAfterCheckpoint(Callback):
     """SIGKILLs the process at the beginning of the step after global step ``at``, once the
     checkpoint of step ``at`` is complete (listed in the manifest)."""

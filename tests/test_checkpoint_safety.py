@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from conftest import make_data, make_trainer, wait_until_listed
 from torch.utils.data import DataLoader
 
 from asynchat import Callback, LoopState
-from asynchat._checkpoint_io import LOCK, serialize
+from asynchat._checkpoint_io import LOCK, MANIFEST_LIMIT, serialize
 from asynchat._worker_seeds import seeded_per_batch
 from asynchat.callbacks import (
     Checkpoint,
@@ -217,6 +220,87 @@ def test_a_manifest_that_is_a_directory_falls_back_with_a_warning(tmp_path: Path
     with pytest.warns(CheckpointWarning, match="unreadable"):
         _, path = load_checkpoint(tmp_path)
     assert path.name == "step-000000006.ckpt"
+
+
+class EndOfFileWhenRead:
+    """Gives ``fifo`` an end of file whenever someone opens it to read, until the block
+    ends: code that waits on a FIFO then reads nothing, and its test fails instead of
+    hanging."""
+
+    def __init__(self, fifo: Path) -> None:
+        os.mkfifo(fifo)
+        self.fifo, self.done = fifo, threading.Event()
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _feed(self) -> None:
+        while not self.done.wait(0.02):
+            with contextlib.suppress(OSError):  # ENXIO: nobody reads it yet
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def nested_too_deep(directory: Path) -> None:
+    (directory / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def larger_than_a_manifest_is(directory: Path) -> None:
+    with (directory / "manifest.json").open("wb") as file:
+        file.truncate(MANIFEST_LIMIT + 1)  # sparse: no disk space taken
+
+
+def a_link_to_dev_zero(directory: Path) -> None:
+    (directory / "manifest.json").symlink_to("/dev/zero")  # its read would never end
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (nested_too_deep, "RecursionError"),
+        (larger_than_a_manifest_is, f"larger than {MANIFEST_LIMIT} bytes"),
+        (a_link_to_dev_zero, "is a character device, not a regular file"),
+        (None, "is a FIFO, not a regular file"),
+    ],
+    ids=["nested-too-deep", "larger-than-64MiB", "link-to-dev-zero", "fifo"],
+)
+def test_a_manifest_that_cannot_be_read_safely_falls_back_to_the_files(
+    tmp_path: Path, make: Callable[[Path], None] | None, why: str
+) -> None:
+    # Regression: a FIFO named manifest.json left every load and every Checkpoint in the
+    # directory waiting forever for a writer (a service's job uncancellable); /dev/zero
+    # filled the memory; a manifest nested too deep let json's RecursionError end the run.
+    train(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    fifo = tmp_path / "manifest.json"
+    with contextlib.nullcontext() if make else EndOfFileWhenRead(fifo):
+        if make is not None:
+            make(tmp_path)
+        with pytest.warns(CheckpointWarning, match=f"unreadable .*{re.escape(why)}"):
+            assert load_checkpoint(tmp_path)[1].name == "step-000000006.ckpt"
+        with pytest.warns(CheckpointWarning, match=re.escape(why)):
+            state = train(tmp_path, num_steps=8, resume_from=tmp_path)
+    assert state.global_step == 8
+    assert [e["global_step"] for e in manifest(tmp_path)] == [2, 4, 6, 8]  # from the files
+
+
+def test_a_checkpoint_that_is_a_fifo_is_refused_unread(tmp_path: Path) -> None:
+    # Regression: a FIFO under a checkpoint's name that the manifest lists (or given as
+    # resume_from) was read, which waited forever for a writer.
+    train(tmp_path)
+    fifo = tmp_path / "step-000000008.ckpt"
+    entry = dict(manifest(tmp_path)[-1], file=fifo.name, global_step=8, sha256=None)
+    write_manifest(tmp_path, [*manifest(tmp_path), entry])
+    with EndOfFileWhenRead(fifo):
+        with pytest.warns(CheckpointWarning) as warned:  # (also: never deleted)
+            assert load_checkpoint(tmp_path)[1].name == "step-000000006.ckpt"
+        assert any("is a FIFO, not a regular file; trying" in str(w.message) for w in warned)
+        with pytest.raises(CheckpointError, match="is a FIFO, not a regular file"):
+            load_checkpoint(fifo)
 
 
 def test_a_newest_checkpoint_without_progress_falls_back(tmp_path: Path) -> None:

@@ -353,6 +353,7 @@ async def test_run_directories_that_are_not_jobs_of_the_service_are_skipped(
         "job-unknown": json.dumps({**record, "id": "job-unknown", "spec": {"layers": 3}}),
         "job-outcome": json.dumps({**record, "id": "job-outcome", "outcome": [1]}),
         "job-fields": json.dumps({"id": "job-fields"}),
+        "job-nested": "[" * 100_000 + "]" * 100_000,  # too deep for json (RecursionError)
     }
     for name, text in hostile.items():
         (tmp_path / name).mkdir()

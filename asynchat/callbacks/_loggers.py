@@ -447,6 +447,6 @@ def _later(line: bytes, after: int | None) -> bool:
         return False
     try:
         step = json.loads(line).get("step")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
     return isinstance(step, int) and step > after
