@@ -797,6 +797,7 @@ def _check_complete(file: Path, obj: dict[str, Any], sharded: bool) -> None:
     progress = obj.get("progress")
     if not isinstance(progress, dict) or any(key not in progress for key in _PROGRESS_KEYS):
         raise CheckpointError(f"{file} has no complete 'progress' entry {_PROGRESS_KEYS}")
+    _check_progress(file, progress)
     if sharded and not isinstance(obj.get("sharded"), dict):
         raise CheckpointError(f"{file} has no 'sharded' entry")
     for key in ("sharded" if sharded else "model", "processor", "callbacks", "metrics", "rng"):
@@ -806,6 +807,29 @@ def _check_complete(file: Path, obj: dict[str, Any], sharded: bool) -> None:
         raise CheckpointError(
             f"{file} has a malformed 'ranks' entry (each rank's part: a dict with 'rng', "
             "'metrics' and 'callbacks')"
+        )
+
+
+def _check_progress(file: Path, progress: dict[str, Any]) -> None:
+    """Counts that are counts, and the step the file is named after (a file renamed by
+    hand would be taken for a newer or older checkpoint than it is)."""
+    for key in ("epoch", "steps_in_epoch", "global_step"):
+        value = progress[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(
+                f"{file}: its progress has {key}={value!r}, which is no count of "
+                "this library's (a whole number, 0 or more)"
+            )
+    if not isinstance(progress["epoch_exhausted"], bool):
+        raise CheckpointError(
+            f"{file}: its progress has epoch_exhausted={progress['epoch_exhausted']!r}, "
+            "not True or False"
+        )
+    named = step_of(file.name)
+    if named is not None and named != progress["global_step"]:
+        raise CheckpointError(
+            f"{file} holds global step {progress['global_step']}, not the step its name "
+            f"says ({named}): renamed by hand? A checkpoint is found by its name's step"
         )
 
 

@@ -315,6 +315,40 @@ def test_a_newest_checkpoint_without_progress_falls_back(tmp_path: Path) -> None
     assert path.name == "step-000000004.ckpt"
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("global_step", -6), ("global_step", "6"), ("global_step", 6.5), ("epoch", True),
+     ("steps_in_epoch", None), ("epoch_exhausted", "yes")],
+)  # fmt: skip
+def test_a_checkpoint_whose_progress_is_no_count_falls_back(
+    tmp_path: Path, key: str, value: Any
+) -> None:
+    # Regression: it was resumed from as it was: global step "6" failed the run with a
+    # TypeError, 6.5 or -6 trained on at fractional or negative steps.
+    train(tmp_path)
+    newest = tmp_path / "step-000000006.ckpt"
+    content = torch.load(newest, weights_only=True)
+    content["progress"][key] = value
+    newest.write_bytes(serialize(content)[0])  # a valid digest
+    (tmp_path / "manifest.json").unlink()
+    with pytest.warns(CheckpointWarning, match=f"its progress has {key}={re.escape(repr(value))}"):
+        assert load_checkpoint(tmp_path)[1].name == "step-000000004.ckpt"
+
+
+def test_a_checkpoint_renamed_by_hand_is_not_taken_for_the_step_its_name_says(
+    tmp_path: Path,
+) -> None:
+    # Regression: step 4's checkpoint copied to step-000000008.ckpt was taken for the newest.
+    train(tmp_path)
+    shutil.copy(tmp_path / "step-000000004.ckpt", tmp_path / "step-000000008.ckpt")
+    with pytest.warns(CheckpointWarning, match=r"holds global step 4, not the step its name"):
+        assert load_checkpoint(tmp_path)[1].name == "step-000000006.ckpt"
+    with pytest.raises(CheckpointError, match=r"holds global step 4, not the step its name"):
+        load_checkpoint(tmp_path / "step-000000008.ckpt")
+    shutil.copy(tmp_path / "step-000000004.ckpt", tmp_path / "chosen.ckpt")
+    assert load_checkpoint(tmp_path / "chosen.ckpt")[0]["progress"]["global_step"] == 4
+
+
 # -- retention never loses the checkpoints that matter ------------------------------------
 
 
