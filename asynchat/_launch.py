@@ -119,9 +119,7 @@ def run_rank(
     the other ranks' collectives fail too, and the launcher reports the first error it hears.
     ``store`` is the rendezvous store to use instead of ``env://`` (torchrun restarts).
     """
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, store=store)
+    _join_group(rank, world_size, backend, timeout, store)
     try:
         options = {"use_uvloop": True} if _have_uvloop() else {}
         anyio.run(fn, rank, world_size, *args, backend="asyncio", backend_options=options)
@@ -130,13 +128,77 @@ def run_rank(
         on_error(exc)
         raise
     finally:
-        dist.destroy_process_group()
-        # That drops the registry's reference only: the group lives on while anything holds
-        # it, e.g. a DDP model in a reference cycle with its trainer. Collect those now, while
-        # the interpreter is whole; destroyed during finalization, gloo's work objects need
-        # the GIL to release their tensors and the process aborts (seen here as a rare
-        # SIGABRT of a rank whose work was done; pytorch/pytorch#179291 describes it).
-        gc.collect()
+        _leave_group()
+
+
+def _join_group(
+    rank: int, world_size: int, backend: str, timeout: datetime.timedelta, store: Store | None
+) -> None:
+    """Select this rank's GPU (if any) and init the default process group."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, store=store)
+
+
+def _leave_group() -> None:
+    dist.destroy_process_group()
+    # That drops the registry's reference only: the group lives on while anything holds it,
+    # e.g. a DDP model in a reference cycle with its trainer. Collect those now, while the
+    # interpreter is whole; destroyed during finalization, gloo's work objects need the GIL
+    # to release their tensors and the process aborts (seen here as a rare SIGABRT of a rank
+    # whose work was done; pytorch/pytorch#179291 describes it).
+    gc.collect()
+
+
+def placed_by_launcher() -> tuple[int, int] | None:
+    """``(rank, world_size)`` where a launcher such as ``torchrun`` started this process as
+    one rank of a job (``RANK`` and ``WORLD_SIZE`` set), else None.
+
+    Raises ValueError, naming the variables, where they cannot be a launcher's: no ranks,
+    or no ``MASTER_ADDR``/``MASTER_PORT`` to meet the others at (most likely left over in
+    the shell, where they made :func:`launch` wait for a job that does not exist).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    given = f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r}"
+    leftover = (
+        "; if they are left over in this shell, unset them to launch the ranks here "
+        "(launch() takes them for a launcher's, such as torchrun's, and runs only that rank)"
+    )
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        rank = world_size = -1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{given} in the environment name no rank of a job{leftover}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(
+            f"{given} are set in the environment but {' and '.join(missing)} not (where the "
+            f"ranks meet){leftover}"
+        )
+    return rank, world_size
+
+
+async def run_rank_here(
+    fn: RankFn,
+    rank: int,
+    world_size: int,
+    args: Sequence[Any],
+    *,
+    backend: str,
+    timeout: datetime.timedelta,  # noqa: ASYNC109 (the collectives' timeout, as run_rank's)
+) -> None:
+    """:func:`run_rank` in the running event loop (:func:`launch_async` under ``torchrun``):
+    joining and leaving the group, which block, on a worker thread."""
+    store = await anyio.to_thread.run_sync(elastic_store, rank, world_size, timeout)
+    await anyio.to_thread.run_sync(_join_group, rank, world_size, backend, timeout, store)
+    try:
+        await fn(rank, world_size, *args)
+        await anyio.to_thread.run_sync(_closing_barrier, rank, timeout)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_leave_group)
 
 
 def _closing_barrier(rank: int, timeout: datetime.timedelta) -> None:
@@ -593,12 +655,12 @@ def launch(
     start-up (rendezvous, building the model) and a full validation included.
 
     SIGINT, SIGTERM, SIGHUP to the launcher go on to the ranks, which die with it however it dies.
-    Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) only this rank runs.
+    Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT`` set) only this rank runs.
     """
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
                               hang_timeout)  # fmt: skip
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if (placed := placed_by_launcher()) is not None:
+        rank, world_size = placed
         run_rank(
             fn, rank, world_size, args, backend=backend or default_backend(),
             timeout=collective_timeout, store=elastic_store(rank, world_size, collective_timeout),
@@ -632,11 +694,16 @@ async def launch_async(
     The ranks are watched from a worker thread. Cancelling the awaiting task ends them as
     Ctrl-C would (SIGINT: each rank's step completes and its final checkpoint is written; a
     rank still running after ``cancel_grace`` seconds, 60 by default, is terminated) and
-    waits until they are reaped before the cancellation propagates.
+    waits until they are reaped before the cancellation propagates. Under ``torchrun``
+    (``RANK`` and ``WORLD_SIZE`` set) only this rank runs, here: ``fn`` in this event loop.
     """
     positive_number("cancel_grace", cancel_grace)
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
                               hang_timeout)  # fmt: skip
+    if (placed := placed_by_launcher()) is not None:
+        await run_rank_here(fn, *placed, args, backend=backend or default_backend(),
+                            timeout=collective_timeout)  # fmt: skip
+        return
     start = (fn, nprocs, backend, args, master_addr, master_port, collective_timeout, hang_s)
     # Off the event loop: the first launch of a process waits for the fork server to import
     # torch (seconds). Shielded: ranks that have started are always in hand to be ended.

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pty
+import re
 import select
 import signal
 import socket
@@ -21,6 +22,7 @@ import anyio
 import pytest
 import rank_jobs
 import torch
+import torch.distributed as dist
 
 import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
@@ -170,8 +172,12 @@ async def test_a_cancelled_launch_async_terminates_ranks_still_running_after_its
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
-    """`torchrun --nnodes=2 --nproc-per-node=1` twice on 127.0.0.1, like two machines."""
+@pytest.mark.parametrize("how", ["launch", "async"])
+def test_two_torchrun_agents_as_two_machines(tmp_path: Path, how: str) -> None:
+    """`torchrun --nnodes=2 --nproc-per-node=1` twice on 127.0.0.1, like two machines.
+
+    Regression (async): launch_async ignored RANK/WORLD_SIZE and launched a job of its own
+    in each rank's process (two jobs, each writing every rank's file)."""
     port = str(free_port())
     agents = [
         subprocess.Popen(
@@ -186,6 +192,7 @@ def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
                 f"--master-port={port}",
                 str(HERE / "torchrun_job.py"),
                 str(tmp_path),
+                how,
             ],
             cwd=HERE,
             stdout=subprocess.PIPE,
@@ -201,6 +208,33 @@ def test_two_torchrun_agents_as_two_machines(tmp_path: Path) -> None:
         outputs.append(out)
     assert [a.returncode for a in agents] == [0, 0], outputs
     assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == ["2 3.0", "2 3.0"]
+
+
+@pytest.mark.parametrize(
+    ("environment", "error"),
+    [
+        ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' and WORLD_SIZE='2' in the environment"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK='2' and WORLD_SIZE='2' in the environment name"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "environment but MASTER_ADDR and MASTER_PORT not"),
+        ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}, "but MASTER_PORT not"),
+    ],
+    ids=["not-a-number", "rank-out-of-range", "no-master", "no-port"],
+)  # fmt: skip
+def test_rank_variables_left_over_in_the_shell_are_refused(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], error: str
+) -> None:
+    # Regression: RANK and WORLD_SIZE left exported made launch() run one rank of a job that
+    # does not exist: torch's "environment variable MASTER_ADDR expected", or ValueError
+    # "invalid literal for int()", naming neither the variables nor launch().
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{re.escape(error)}.*unset them to launch the ranks"):
+        launch(rank_jobs.all_reduce_rank, nprocs=2, args=("unused",))
+    with pytest.raises(ValueError, match=re.escape(error)):
+        anyio.run(lambda: launch_async(rank_jobs.all_reduce_rank, nprocs=2, args=("unused",)))
+    assert not dist.is_initialized()
 
 
 def test_bad_arguments() -> None:
