@@ -154,10 +154,34 @@ def sync_files(paths: Iterable[Path]) -> None:
             warnings.warn(f"could not sync {path} to disk: {exc}", CheckpointWarning, stacklevel=2)
 
 
+# The filesystems (st_dev) found unable to sync a directory: told of once each.
+_UNSYNCABLE: set[int] = set()
+
+
 def fsync_dir(directory: Path) -> None:
+    """Sync ``directory``'s entries to disk: a rename into it then survives a crash.
+
+    Some network and FUSE filesystems refuse to sync a directory (``EINVAL``, ``ENOTSUP``)
+    though they rename atomically: told of with a :class:`CheckpointWarning` once per
+    filesystem, not raised (the file's own bytes are synced already; failing every
+    checkpoint there would end the run).
+    """
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        device = os.fstat(fd).st_dev
+        if device not in _UNSYNCABLE:
+            _UNSYNCABLE.add(device)
+            warnings.warn(
+                f"{directory}: its filesystem cannot sync a directory ({exc.strerror}); "
+                "files are written and synced all the same, but the newest rename there may "
+                "not survive a machine crash (a crash of the process loses nothing)",
+                CheckpointWarning,
+                stacklevel=2,
+            )
     finally:
         os.close(fd)
 

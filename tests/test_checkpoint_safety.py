@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ import torch
 from conftest import make_data, make_trainer, wait_until_listed
 from torch.utils.data import DataLoader
 
+import asynchat._checkpoint_io
 from asynchat import Callback, LoopState
 from asynchat._checkpoint_io import LOCK, MANIFEST_LIMIT, serialize
 from asynchat._worker_seeds import seeded_per_batch
@@ -862,6 +865,34 @@ def test_a_callbacks_file_that_cannot_be_synced_costs_no_checkpoint(tmp_path: Pa
         train(tmp_path / "ckpt", OwnFiles())
     assert steps_on_disk(tmp_path / "ckpt") == [2, 4, 6]
     assert all("gone.log" not in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("error", [errno.EINVAL, errno.EIO], ids=["EINVAL", "EIO"])
+def test_a_filesystem_that_cannot_sync_a_directory_costs_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    # Regression (EINVAL): some network and FUSE filesystems refuse to sync a directory;
+    # every checkpoint there failed, and the run with it. An error of the disk (EIO) still
+    # fails the write.
+    fsync = os.fsync
+
+    def refused_for_directories(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(error, os.strerror(error))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refused_for_directories)
+    monkeypatch.setattr(asynchat._checkpoint_io, "_UNSYNCABLE", set())  # none told of yet
+    directory = tmp_path / "ckpt"
+    if error == errno.EIO:
+        with pytest.raises(CheckpointError, match=r"could not write checkpoint .*Input/output"):
+            train(directory)
+        return
+    with pytest.warns(CheckpointWarning, match="cannot sync a directory") as warned:
+        train(directory)
+    assert sum("cannot sync a directory" in str(w.message) for w in warned) == 1  # once
+    assert steps_on_disk(directory) == [2, 4, 6]
+    assert load_checkpoint(directory)[1].name == "step-000000006.ckpt"
 
 
 def test_on_checkpoint_may_return_one_path_and_nothing_else(
