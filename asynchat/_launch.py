@@ -620,6 +620,56 @@ class _Ranks:
         shutil.rmtree(self._dumps, ignore_errors=True)
 
 
+class _SignalRelay:
+    """SIGTERM and SIGHUP for :func:`launch_async`, where the program leaves them to end the
+    process (their default action): passed on to the ranks of every job running, as
+    :func:`launch` passes them on, so that the process ends by the signal only once the
+    ranks have ended as it makes them (a graceful stop, final checkpoints written). Before,
+    the process died at once and its ranks with it, through their lifelines.
+
+    A program that handles a signal itself (a server's graceful shutdown) keeps it: its
+    cancellation of the jobs ends their ranks as a Ctrl-C would. SIGINT is the event
+    loop's (a ``KeyboardInterrupt`` cancels the job). Signals are caught in the main thread
+    only, where the event loop of a script runs.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[_Ranks] = []
+        self._previous: dict[int, Any] = {}
+
+    def join(self, ranks: _Ranks) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if not self.jobs:
+            for signum in ending_signals():
+                if signum != signal.SIGINT and signal.getsignal(signum) is signal.SIG_DFL:
+                    self._previous[signum] = signal.signal(signum, self._forward)
+        self.jobs.append(ranks)
+
+    def leave(self, ranks: _Ranks) -> None:
+        if ranks not in self.jobs:
+            return
+        self.jobs.remove(ranks)
+        if not self.jobs:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous.clear()
+
+    def _forward(self, signum: int, frame: object) -> None:
+        for ranks in list(self.jobs):
+            ranks.send(signum)
+
+    async def end_as_signalled(self, ranks: _Ranks) -> None:
+        """After ``ranks`` ended as a relayed signal made them: once every job it reached
+        has ended too, end the process by it (the default action, as it came)."""
+        while any(job.signalled for job in self.jobs):  # noqa: ASYNC110 (polled, as ranks are)
+            await anyio.sleep(_POLL_S)
+        ranks.end_as_signalled()
+
+
+_RELAY = _SignalRelay()
+
+
 def _hosted_store(addr: str, timeout: datetime.timedelta) -> TCPStore:
     """A rendezvous store served by this process on a port the system picks (port 0)."""
     return TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timeout)
@@ -694,8 +744,10 @@ async def launch_async(
     The ranks are watched from a worker thread. Cancelling the awaiting task ends them as
     Ctrl-C would (SIGINT: each rank's step completes and its final checkpoint is written; a
     rank still running after ``cancel_grace`` seconds, 60 by default, is terminated) and
-    waits until they are reaped before the cancellation propagates. Under ``torchrun``
-    (``RANK`` and ``WORLD_SIZE`` set) only this rank runs, here: ``fn`` in this event loop.
+    waits until they are reaped before the cancellation propagates. A SIGTERM or SIGHUP
+    that would end the process (no handler of the program's) goes on to the ranks as under
+    :func:`launch`, and ends the process once they have ended (:class:`_SignalRelay`).
+    Under ``torchrun`` (``RANK``, ``WORLD_SIZE`` set) only this rank runs, in this loop.
     """
     positive_number("cancel_grace", cancel_grace)
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
@@ -709,6 +761,13 @@ async def launch_async(
     # torch (seconds). Shielded: ranks that have started are always in hand to be ended.
     with anyio.CancelScope(shield=True):
         ranks = await anyio.to_thread.run_sync(_start, *start)
+        _RELAY.join(ranks)
+    await _watch(ranks, cancel_grace)
+
+
+async def _watch(ranks: _Ranks, cancel_grace: float) -> None:
+    """:func:`launch_async`'s ranks, from their start (``ranks`` joined :data:`_RELAY`)
+    until they are reaped."""
     cancelled = False
     try:
         # Each poll waits up to a poll interval on a worker thread; a cancellation takes
@@ -724,6 +783,8 @@ async def launch_async(
                 await anyio.to_thread.run_sync(ranks.interrupt, cancel_grace)
             await anyio.to_thread.run_sync(ranks.terminate)
             ranks.close()
+            _RELAY.leave(ranks)
+    await _RELAY.end_as_signalled(ranks)
 
 
 def _check_arguments(

@@ -430,14 +430,15 @@ def ended(launcher: subprocess.Popen[str]) -> str:
 
 
 @pytest.mark.parametrize(
-    ("how", "handle"),
-    [("ctrl-c", False), ("ctrl-c", True), ("SIGTERM", True), ("SIGTERM-to-the-group", True),
-     ("SIGHUP-to-the-group", True)],
+    ("how", "handle", "launched"),
+    [("ctrl-c", False, "launch"), ("ctrl-c", True, "launch"), ("SIGTERM", True, "launch"),
+     ("SIGTERM-to-the-group", True, "launch"), ("SIGHUP-to-the-group", True, "launch"),
+     ("ctrl-c", True, "async"), ("SIGTERM", True, "async"), ("SIGHUP-to-the-group", True, "async")],
     ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals", "SIGTERM-to-the-group",
-         "SIGHUP-to-the-group"],
+         "SIGHUP-to-the-group", "async-ctrl-c", "async-SIGTERM", "async-SIGHUP-to-the-group"],
 )  # fmt: skip
 def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
-    tmp_path: Path, how: str, handle: bool
+    tmp_path: Path, how: str, handle: bool, launched: str
 ) -> None:
     # A terminal's Ctrl-C (SIGINT to the launcher's process group) reached the ranks and the
     # launcher, whose KeyboardInterrupt then SIGTERMed the ranks in the middle of their
@@ -447,11 +448,13 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # launcher's process group (`kill %1`, `timeout`) killed the fork server the ranks
     # came from, and with it the launcher's view of them: it left at once, no checkpoint.
     # A SIGHUP to the group (a terminal closed) ended the launcher at once: no checkpoint.
+    # launch_async (in anyio.run) died at once of a SIGTERM or SIGHUP, its ranks with it.
     temporary = tmp_path / "tmp"  # (the launcher's TMPDIR)
     temporary.mkdir()
     with launcher_script(
-        "signalled_launcher.py", str(tmp_path), str(int(handle)), env={"TMPDIR": str(temporary)}
-    ) as launcher:
+        "signalled_launcher.py", str(tmp_path), str(int(handle)), launched,
+        env={"TMPDIR": str(temporary)},
+    ) as launcher:  # fmt: skip
         assert launcher.stdout is not None
         for line in launcher.stdout:
             if line.strip() == "step 5":
@@ -474,6 +477,27 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # Ended by SIGTERM or SIGHUP, the launcher left the fork server's socket behind, in a
     # directory of multiprocessing's: a signal's death skips the exit's clean-up.
     assert list(temporary.glob("pymp-*")) == []
+
+
+def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path) -> None:
+    # A program with a SIGTERM handler of its own (a server's graceful shutdown) keeps it:
+    # launch_async passes on only what would end the process. Cancelled by the program, the
+    # job's ranks end as on a Ctrl-C, and the program goes on to exit as it chooses.
+    with launcher_script("signalled_launcher.py", str(tmp_path), "1", "async-handled") as job:
+        assert job.stdout is not None
+        for line in job.stdout:
+            if line.strip() == "step 5":
+                break
+        job.send_signal(signal.SIGTERM)
+        out, errors = job.communicate(timeout=60)
+    assert job.returncode == 0, errors[-2000:]
+    assert "cancelling the job" in out
+    # The ranks were ended by the cancellation (a Ctrl-C), not handed the SIGTERM.
+    assert (tmp_path / "stop_reason").read_text() == "received SIGINT"
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
 def test_a_closed_terminal_lets_the_ranks_end_with_their_final_checkpoint(
