@@ -839,10 +839,16 @@ def _check_progress(file: Path, progress: dict[str, Any]) -> None:
     hand would be taken for a newer or older checkpoint than it is)."""
     for key in ("epoch", "steps_in_epoch", "global_step"):
         value = progress[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not _count(value, least=0):
             raise CheckpointError(
                 f"{file}: its progress has {key}={value!r}, which is no count of "
                 "this library's (a whole number, 0 or more)"
+            )
+    for key in ("world_size", "batch_size"):  # (None: a loader without a batch size)
+        value = progress.get(key, 1)
+        if value is not None and not _count(value, least=1):
+            raise CheckpointError(
+                f"{file}: its progress has {key}={value!r}, not a whole number of 1 or more"
             )
     if not isinstance(progress["epoch_exhausted"], bool):
         raise CheckpointError(
@@ -855,6 +861,10 @@ def _check_progress(file: Path, progress: dict[str, Any]) -> None:
             f"{file} holds global step {progress['global_step']}, not the step its name "
             f"says ({named}): renamed by hand? A checkpoint is found by its name's step"
         )
+
+
+def _count(value: object, *, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _are_rank_parts(ranks: object) -> bool:

@@ -321,7 +321,8 @@ def test_a_newest_checkpoint_without_progress_falls_back(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("key", "value"),
     [("global_step", -6), ("global_step", "6"), ("global_step", 6.5), ("epoch", True),
-     ("steps_in_epoch", None), ("epoch_exhausted", "yes")],
+     ("steps_in_epoch", None), ("epoch_exhausted", "yes"), ("world_size", 0),
+     ("batch_size", -4)],
 )  # fmt: skip
 def test_a_checkpoint_whose_progress_is_no_count_falls_back(
     tmp_path: Path, key: str, value: Any
