@@ -192,13 +192,14 @@ async def run_rank_here(
     """:func:`run_rank` in the running event loop (:func:`launch_async` under ``torchrun``):
     joining and leaving the group, which block, on a worker thread."""
     store = await anyio.to_thread.run_sync(elastic_store, rank, world_size, timeout)
-    await anyio.to_thread.run_sync(_join_group, rank, world_size, backend, timeout, store)
     try:
+        await anyio.to_thread.run_sync(_join_group, rank, world_size, backend, timeout, store)
         await fn(rank, world_size, *args)
         await anyio.to_thread.run_sync(_closing_barrier, rank, timeout)
     finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_leave_group)
+        if dist.is_initialized():  # (also when cancelled as the thread joined the group)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_leave_group)
 
 
 def _closing_barrier(rank: int, timeout: datetime.timedelta) -> None:

@@ -85,6 +85,15 @@ async def sleep_forever(rank: int, world_size: int) -> None:
     await anyio.sleep_forever()
 
 
+async def tell_where(rank: int, world_size: int, seen: list[Any]) -> None:
+    """Appends to ``seen`` (the caller's own list: run in the caller's process) what this
+    rank saw: its rank and world size, its thread, and the process group's size."""
+    import threading
+
+    seen.append((rank, world_size, threading.get_ident(), dist.get_world_size()))
+    await anyio.lowlevel.checkpoint()
+
+
 def ddp_data() -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(0)
     return torch.utils.data.TensorDataset(

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,6 +235,30 @@ def test_rank_variables_left_over_in_the_shell_are_refused(
         launch(rank_jobs.all_reduce_rank, nprocs=2, args=("unused",))
     with pytest.raises(ValueError, match=re.escape(error)):
         anyio.run(lambda: launch_async(rank_jobs.all_reduce_rank, nprocs=2, args=("unused",)))
+    assert not dist.is_initialized()
+
+
+def test_launch_async_as_a_launchers_rank_runs_it_in_the_running_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: launch_async ignored RANK/WORLD_SIZE and launched nprocs ranks of a job
+    # of its own. Now it joins the launcher's job as its rank, runs fn in the running event
+    # loop, and leaves the group at the end, cancelled too.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    seen: list[Any] = []
+
+    async def run(fn: Any, *args: Any) -> int:
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        with anyio.move_on_after(1.0):
+            await launch_async(fn, nprocs=4, args=args)
+        return threading.get_ident()
+
+    loop_thread = anyio.run(run, rank_jobs.tell_where, seen)
+    assert seen == [(0, 1, loop_thread, 1)]  # once, on the loop's thread, in a group of 1
+    assert not dist.is_initialized()
+    anyio.run(run, rank_jobs.sleep_forever)  # cancelled after 1 s
     assert not dist.is_initialized()
 
 
