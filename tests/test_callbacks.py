@@ -835,6 +835,64 @@ async def test_a_log_line_nested_too_deep_to_parse_is_kept_and_the_run_resumes(
     assert [json.loads(line)["step"] for line in lines[:3] + lines[4:]] == list(range(1, 9))
 
 
+def stream_log_job(path: str, tmp_path: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``tests/stream_log_job.py`` logging to ``path``, bounded (before, it waited forever)."""
+    here = Path(__file__).parent
+    return subprocess.run(
+        [sys.executable, str(here / "stream_log_job.py"), path, str(tmp_path / "checkpoints")],
+        cwd=here, text=True, timeout=90, env={**os.environ, "PYTHONPATH": str(here)}, **kwargs,
+    )  # fmt: skip
+
+
+def steps_in(lines: str) -> list[int]:
+    return [json.loads(line)["step"] for line in lines.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("where", ["pipe", "file"])
+def test_json_lines_go_to_dev_stdout_wherever_it_goes(tmp_path: Path, where: str) -> None:
+    # Regression: JSONLinesLogger("/dev/stdout") read its own stdout pipe to trim it and
+    # waited forever (as root; else its lock file could not be made in /dev); to a file,
+    # a trim would have replaced /dev/stdout itself. A stream is written as it comes.
+    if where == "pipe":
+        job = stream_log_job("/dev/stdout", tmp_path, capture_output=True)
+        out = job.stdout
+    else:
+        log = tmp_path / "shell.log"
+        log.write_text("the shell's line, cut sho")  # a file's trim would drop it
+        with log.open("a") as stdout:
+            job = stream_log_job("/dev/stdout", tmp_path, stdout=stdout, stderr=subprocess.PIPE)
+        out = log.read_text()
+        assert out.startswith("the shell's line, cut sho{")  # kept, and appended to
+        out = out.removeprefix("the shell's line, cut sho")
+        assert Path("/dev/stdout").is_symlink()
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert steps_in(out) == [1, 2, 3, 4, 3, 4, 5, 6]  # no trim: 3 and 4 twice
+    assert not list(Path("/dev").glob(".stdout.lock"))
+
+
+def test_json_lines_go_to_a_fifo_once_its_reader_is_there(tmp_path: Path) -> None:
+    # Regression: a FIFO was read to be trimmed (waiting forever for a writer), and with no
+    # reader the open to append waited forever too; that is now an error at the loop's
+    # begin, naming the FIFO.
+    fifo = tmp_path / "lines"
+    os.mkfifo(fifo)
+    job = stream_log_job(str(fifo), tmp_path, capture_output=True)
+    assert job.returncode != 0
+    assert f"{fifo} is a FIFO that no process reads; start its reader first" in job.stderr
+    reader = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # its reader from now on (the lines
+    try:  # fit in its buffer; and, a writer too, it never reads an end of file)
+        job = stream_log_job(str(fifo), tmp_path / "second", capture_output=True)
+        received = b""
+        with contextlib.suppress(BlockingIOError):  # (all read: nothing more to come)
+            while chunk := os.read(reader, 1 << 16):
+                received += chunk
+    finally:
+        os.close(reader)
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert steps_in(received.decode()) == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lines", "second"]  # no lock
+
+
 class KillAfterCheckpoint(Callback):
     """SIGKILLs the process at the beginning of the step after global step ``at``, once the
     checkpoint of step ``at`` is complete (listed in the manifest)."""

@@ -4,6 +4,7 @@ a full disk does not stop."""
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import itertools
 import json
@@ -204,7 +205,7 @@ class _LogFile:
 
     def __init__(self, path: Path, owner: str) -> None:
         self.path, self.owner = path, owner
-        self._file = path.open("ab", buffering=0)  # unbuffered: what it took is known
+        self._file = _open_to_append(path, owner)  # unbuffered: what it took is known
         self._unwritten = bytearray()
         self._sizes: collections.deque[int] = collections.deque()  # of the records waiting
         self._cut = 0  # bytes of the first waiting record already written
@@ -281,6 +282,22 @@ class _LogFile:
 
     def _warn(self, what: str) -> None:
         warnings.warn(f"{self.owner}: {what}", RuntimeWarning, stacklevel=4)
+
+
+def _open_to_append(path: Path, owner: str) -> io.FileIO:
+    """``path`` opened to append to, created if need be. A FIFO no process reads is refused
+    at once (an open to write waits for a reader, forever)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        raise RuntimeError(
+            f"{owner}: {path} is a FIFO that no process reads; start its reader first"
+        ) from None
+    os.set_blocking(fd, True)  # (a stream's writes wait for its reader, as a file's would)
+    return io.FileIO(fd, "ab")
 
 
 class _FileLogger(ScalarLogger):
@@ -395,6 +412,11 @@ class JSONLinesLogger(_FileLogger):
     takes them again, with a ``RuntimeWarning`` when the writes begin to fail and one when
     they succeed again; lines still unwritten when the loop ends are lost, and a last
     warning says how many.
+
+    ``path`` may also be a stream, written as it comes: ``/dev/stdout`` (to pipe the lines
+    into ``jq``, or wherever the shell sends it), a terminal or a FIFO (whose reader must
+    be there first). A stream is neither locked, trimmed on a resume, nor synced with a
+    checkpoint.
     """
 
     def __init__(
@@ -411,12 +433,25 @@ class JSONLinesLogger(_FileLogger):
 
     def on_loop_begin(self, state: LoopState) -> None:
         super().on_loop_begin(state)
-        if state.loop.is_rank_zero:
-            lock = f".{self.path.name}.lock"
-            self._held = self._lock(self.path.parent, lock, f"path={str(self.path)!r}")
-            if self.path.exists():
-                _trim(self.path, after=state.global_step if state.global_step else None)
-            self._log = _LogFile(self.path, self._held.subject)
+        if not state.loop.is_rank_zero:
+            return
+        subject = f"path={str(self.path)!r}"
+        if self._is_stream():  # (reading one to trim it waited forever for a writer)
+            self._log = _LogFile(self.path, f"{type(self).__name__}({subject})")
+            return
+        self._held = self._lock(self.path.parent, f".{self.path.name}.lock", subject)
+        if self.path.exists():
+            _trim(self.path, after=state.global_step if state.global_step else None)
+        self._log = _LogFile(self.path, self._held.subject)
+
+    def _is_stream(self) -> bool:
+        """Whether ``path`` is there and no regular file (a FIFO, a terminal), or one of
+        the process's own streams (``/dev/stdout`` redirected to a file: that file is the
+        shell's, never rewritten nor replaced here)."""
+        path = self.path
+        return path.exists() and (
+            not path.is_file() or Path(os.path.abspath(path)).parent in _STREAM_DIRECTORIES
+        )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._log is not None
@@ -428,7 +463,10 @@ class JSONLinesLogger(_FileLogger):
         self._log = self._log.moved_to(self.path)
 
     def files(self) -> list[Path]:
-        return [self.path]
+        return [] if self._is_stream() else [self.path]
+
+
+_STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
 
 
 def _trim(path: Path, *, after: int | None) -> None:
