@@ -1,14 +1,18 @@
-"""Many jobs in one event loop: each with its own compute thread, failures isolated."""
+"""Many jobs in one event loop: each with its own compute thread, failures isolated, and any
+mix of pause, resume, stop and cancellation from the loop's tasks ending every job once.
+
+``chaos`` is also the trial of ``benchmarks/control_chaos.py``, which draws many seeds."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import Any
 
 import anyio
 import pytest
-from conftest import make_loader, make_model, make_trainer
+from conftest import engine_threads, make_loader, make_model, make_trainer
 from torch import nn
 
 from asynchat import Callback, LoopState, LoopStatus, Predictor
@@ -101,3 +105,71 @@ async def test_two_trainers_train_the_same_way_concurrently_as_alone() -> None:
         for a, b in zip(alone.model.parameters(), trainer.model.parameters(), strict=True):
             assert (a == b).all()
     assert isinstance(pair[0].model, nn.Module)
+
+
+class Ends(Callback):
+    """Counts how often its loop began and ended; its ``async`` step hook naps (0-2 ms), so
+    that requests also meet a compute thread waiting for the event loop."""
+
+    def __init__(self, rng: random.Random, nap: bool) -> None:
+        self.rng, self.nap = rng, nap
+        self.begins = self.ends = 0
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self.begins += 1
+
+    def on_loop_end(self, state: LoopState) -> None:
+        self.ends += 1
+
+    async def on_step_begin(self, state: LoopState) -> None:
+        if self.nap:
+            await anyio.sleep(self.rng.random() * 0.002)
+
+
+async def chaos(seed: int, *, seconds: float = 1.0, gap: float = 0.05) -> dict[str, int]:
+    """Six trainers (each a long run: 50 epochs) in this event loop, and for ``seconds`` a
+    random ``pause()``, ``resume()``, ``stop()`` or cancellation of a random one every
+    0-``gap`` seconds; then every one still running is resumed and stopped. Every loop must
+    have begun and ended once and end finished or cancelled, with no engine thread left at
+    work. Returns how many ended each way."""
+    rng = random.Random(seed)
+    ends = [Ends(rng, nap=i % 2 == 1) for i in range(6)]
+    trainers = [
+        make_trainer(ends[i], num_epochs=50, prefetch=i % 3, name=f"chaos-{i}") for i in range(6)
+    ]
+    scopes = [anyio.CancelScope() for _ in trainers]
+
+    async def run(i: int) -> None:
+        with scopes[i]:
+            await trainers[i].fit()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(run, i)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await anyio.sleep(rng.random() * gap)
+            i = rng.randrange(6)
+            action = rng.choice(["pause", "resume", "pause", "resume", "stop", "cancel"])
+            if action == "cancel":
+                scopes[i].cancel()
+            else:
+                getattr(trainers[i], action)(*(["chaos"] if action == "stop" else []))
+        for trainer in trainers:
+            trainer.resume()
+            trainer.stop("the trial's end")
+    for trainer, end in zip(trainers, ends, strict=True):
+        assert (end.begins, end.ends) == (1, 1), (seed, trainer.name, trainer.status)
+        assert trainer.status in (LoopStatus.FINISHED, LoopStatus.CANCELLED), (seed, trainer.name)
+    assert engine_threads() == [], seed
+    return {
+        status.value: sum(t.status is status for t in trainers)
+        for status in (LoopStatus.FINISHED, LoopStatus.CANCELLED)
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_pauses_stops_and_cancellations_end_every_job_once(seed: int) -> None:
+    # The short version of benchmarks/control_chaos.py (0-20 ms between the requests).
+    ended = await chaos(seed, seconds=0.5, gap=0.02)
+    assert sum(ended.values()) == 6
