@@ -287,16 +287,17 @@ class _LogFile:
 def _open_to_append(path: Path, owner: str) -> io.FileIO:
     """``path`` opened to append to, created if need be. A FIFO no process reads is refused
     at once (an open to write waits for a reader, forever)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # (POSIX)
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblocking, 0o644)
     except OSError as exc:
         if exc.errno != errno.ENXIO:
             raise
         raise RuntimeError(
             f"{owner}: {path} is a FIFO that no process reads; start its reader first"
         ) from None
-    os.set_blocking(fd, True)  # (a stream's writes wait for its reader, as a file's would)
+    if nonblocking:
+        os.set_blocking(fd, True)  # (a stream's writes wait for its reader, as a file's do)
     return io.FileIO(fd, "ab")
 
 
