@@ -943,7 +943,27 @@ def _start(
     timeout: datetime.timedelta,
     hang_timeout: float | None,
 ) -> _Ranks:
+    _check_master_addr(master_addr)
     return _Ranks(
         fn, nprocs, args, backend or default_backend(), timeout, master_addr, master_port,
         hang_timeout,
     )  # fmt: skip
+
+
+def _check_master_addr(addr: str) -> None:
+    """ValueError unless ``addr`` is an address of this machine: the ranks' rendezvous is
+    served there (by the launcher or rank 0, both here). Before, an address of another
+    machine (a typo) failed the launch only after ``collective_timeout`` (5 minutes), with
+    torch's connection timeout. (Off the event loop: resolving a name may wait on DNS.)"""
+    if not isinstance(addr, str) or not addr:
+        raise ValueError(f"master_addr must be a host name or address, got {addr!r}")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        raise ValueError(
+            f"master_addr={addr!r} is no address of this machine ({exc}): launch starts "
+            "every rank here and serves their rendezvous there. Give one of its addresses "
+            "(127.0.0.1 by default); for several machines, run the script under torchrun"
+        ) from None

@@ -262,6 +262,21 @@ def test_launch_async_as_a_launchers_rank_runs_it_in_the_running_loop(
     assert not dist.is_initialized()
 
 
+def test_a_master_addr_of_another_machine_is_refused_at_once() -> None:
+    # Regression: a typo in master_addr (an address not of this machine) failed the launch
+    # only after collective_timeout (5 minutes by default) with torch's connection timeout.
+    timeout = datetime.timedelta(seconds=5)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"master_addr='192.0.2.1' is no address of this machine"):
+        launch(rank_jobs.sleep_forever, nprocs=2, master_addr="192.0.2.1",
+               collective_timeout=timeout)  # fmt: skip
+    elsewhere = {"master_addr": "192.0.2.1", "collective_timeout": timeout}
+    with pytest.raises(ValueError, match=r"master_addr='192.0.2.1' is no address"):
+        anyio.run(lambda: launch_async(rank_jobs.sleep_forever, nprocs=2, **elsewhere))
+    assert time.monotonic() - started < 5
+    assert rank_processes() == []
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="nprocs must be a positive int, got 0"):
         launch(rank_jobs.sleep_forever, nprocs=0)
