@@ -653,7 +653,8 @@ class _SignalRelay:
         self.jobs.remove(ranks)
         if not self.jobs:
             for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
+                if signal.getsignal(signum) == self._forward:  # (not one set meanwhile)
+                    signal.signal(signum, handler)
             self._previous.clear()
 
     def _forward(self, signum: int, frame: object) -> None:

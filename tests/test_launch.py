@@ -540,6 +540,33 @@ def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path)
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
+def test_launch_async_gives_sigterm_back_as_it_found_it(tmp_path: Path) -> None:
+    # While launch_async's ranks run, a SIGTERM left to its default action is theirs; after,
+    # it is the default again, and a handler the program set meanwhile stays (it was reset
+    # to the default, and a later SIGTERM killed the program its handler would have stopped).
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    anyio.run(lambda: launch_async(rank_jobs.all_reduce_rank, nprocs=2, args=(str(tmp_path),)))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def own(signum: int, frame: object) -> None:
+        pass
+
+    async def set_own_handler_meanwhile() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: launch_async(rank_jobs.sleep_forever, nprocs=2))
+            while not asynchat._launch._RELAY.jobs:  # noqa: ASYNC110 (the ranks started)
+                await anyio.sleep(0.05)
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the relay's
+            signal.signal(signal.SIGTERM, own)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(set_own_handler_meanwhile)
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_a_closed_terminal_lets_the_ranks_end_with_their_final_checkpoint(
     tmp_path: Path,
 ) -> None:
