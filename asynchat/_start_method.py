@@ -29,7 +29,8 @@ top level), and each rank is given what a spawned one inherits at its start:
   SIGTERM to the group (``kill %1``, ``timeout``, systemd) or a closed terminal's SIGHUP
   killed it, after which every rank it had forked looked dead to the launcher (exit code
   255), which then left before its ranks could write their final checkpoints. Each
-  process the server forks takes them back as it starts.
+  process the server forks takes them back as it starts; until then they are blocked
+  (SIGINT too), so one passed on to a rank that is starting waits for it, not lost.
 
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
 else in the process that uses it (if something else started it before the first launch,
@@ -72,6 +73,7 @@ READ_AT_IMPORT = (
 
 #: The signals the server ignores: a process group's (see the module).
 _GROUP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+_ENDING = (signal.SIGINT, *_GROUP_SIGNALS)  # blocked in the server (see _Server)
 _LOG = logging.getLogger("asynchat.launch")
 _lock = threading.Lock()
 _server_start: dict[str, str] | None = None  # what _inherited() was as the server started
@@ -221,10 +223,19 @@ def _in_our_fork_server() -> bool:
 class _Server:
     """In the fork server: the handling of SIGTERM and SIGHUP before the server ignored
     them, which each process the server forks takes back as it starts (its after-fork
-    hook), drawing a seed of its own for torch's default generator."""
+    hook), drawing a seed of its own for torch's default generator.
+
+    The server also blocks SIGINT, SIGTERM and SIGHUP, and so does each process it forks
+    until it has taken them back: one sent to a rank that is starting (a Ctrl-C or a
+    cancellation right after a launch) waits for it, rather than meeting the server's
+    ``SIG_IGN`` and being lost. Before, such a rank ran on: a cancelled ``launch_async``
+    waited out its ``cancel_grace`` in 4 of 15 tries here, a passed-on SIGTERM was
+    never heard and the launcher waited for the rank forever.
+    """
 
     def __init__(self) -> None:
         self.pid = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)
         self.previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _GROUP_SIGNALS}
 
     def take_back(self) -> None:
@@ -234,6 +245,9 @@ class _Server:
             # A fresh interpreter seeds torch's default generator from the OS; a forked one
             # has the server's: every rank of every launch drew the same numbers.
             torch.default_generator.seed()
+        if signal.SIGINT in signal.sigpending():  # told to end as it began: it ends, with
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # no step to complete (no traceback)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ENDING)  # (a pending one is heard now)
 
 
 if _in_our_fork_server():

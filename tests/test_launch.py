@@ -519,6 +519,23 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert list(temporary.glob("pymp-*")) == []
 
 
+def test_a_signal_passed_on_while_the_ranks_start_still_ends_them(tmp_path: Path) -> None:
+    # Regression: a rank forked from the fork server has the server's SIG_IGN for SIGTERM
+    # until it takes its own back; a SIGTERM passed on before that was lost, the rank
+    # trained on, and the launcher waited for it forever. (SIGINT had a window of its own:
+    # a launch_async cancelled at once waited out its cancel_grace in 4 of 15 tries.)
+    with launcher_script("slow_start_launcher.py", str(tmp_path)) as launcher:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("importing-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        errors = ended(launcher)
+    assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
+    pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("importing-*")]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+    assert not (tmp_path / "step").exists(), "no rank began to train"
+
+
 def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path) -> None:
     # A program with a SIGTERM handler of its own (a server's graceful shutdown) keeps it:
     # launch_async passes on only what would end the process. Cancelled by the program, the
@@ -553,7 +570,7 @@ def test_launch_async_gives_sigterm_back_as_it_found_it(tmp_path: Path) -> None:
 
     async def set_own_handler_meanwhile() -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: launch_async(rank_jobs.sleep_forever, nprocs=2))
+            tg.start_soon(lambda: launch_async(rank_jobs.sleep_forever, nprocs=2, cancel_grace=10))
             while not asynchat._launch._RELAY.jobs:  # noqa: ASYNC110 (the ranks started)
                 await anyio.sleep(0.05)
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the relay's
