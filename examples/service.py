@@ -165,10 +165,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
+def read_regular(path: Path) -> str:
+    """The text of ``path``, a regular file: anything else (a FIFO, which would wait
+    forever for a writer, or a link to ``/dev/zero``) raises OSError unread."""
+    if not path.is_file():
+        raise OSError(f"{path} is no regular file" if path.exists() else f"no {path.name}")
+    return path.read_text()
+
+
 def newest_checkpoint(run_dir: Path) -> dict[str, Any]:
     """Epoch and global step of the newest checkpoint ``manifest.json`` lists (zeros if none)."""
     try:
-        entries = json.loads((run_dir / "manifest.json").read_text())["checkpoints"]
+        entries = json.loads(read_regular(run_dir / "manifest.json"))["checkpoints"]
         newest = max(entries, key=lambda entry: int(entry["global_step"]))
         return {"epoch": int(newest["epoch"]), "global_step": int(newest["global_step"])}
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none, or not ours
@@ -183,7 +191,7 @@ def read_jobs(runs: Path) -> list[dict[str, Any]]:
     jobs = []
     for run_dir in sorted(runs.glob("job-*")) if runs.is_dir() else []:
         try:
-            data = json.loads((run_dir / JOB_FILE).read_text())
+            data = json.loads(read_regular(run_dir / JOB_FILE))
             spec, outcome = parse_spec(data["spec"]), data["outcome"]
             created = float(data["created"])
             if data["id"] != run_dir.name or not isinstance(outcome, dict | None):

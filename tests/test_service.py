@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -359,12 +360,14 @@ async def test_run_directories_that_are_not_jobs_of_the_service_are_skipped(
         (tmp_path / name).mkdir()
         (tmp_path / name / "job.json").write_text(text)
     (tmp_path / "job-empty").mkdir()  # no job.json
+    (tmp_path / "job-fifo").mkdir()  # reading it would wait forever for a writer
+    os.mkfifo(tmp_path / "job-fifo" / "job.json")
 
     async with running_server(tmp_path) as client:
         listed = [j["id"] for j in (await client.get("/jobs")).json()]
     assert listed == [job]
     skipped = {r.getMessage().split(":")[0] for r in caplog.records if r.name == "service"}
-    assert skipped == {str(tmp_path / name) for name in [*hostile, "job-empty"]}
+    assert skipped == {str(tmp_path / name) for name in [*hostile, "job-empty", "job-fifo"]}
 
 
 async def test_a_server_lock_that_is_a_link_is_refused_and_never_written_through(
