@@ -835,6 +835,28 @@ async def test_a_log_line_nested_too_deep_to_parse_is_kept_and_the_run_resumes(
     assert [json.loads(line)["step"] for line in lines[:3] + lines[4:]] == list(range(1, 9))
 
 
+async def test_a_log_that_is_a_link_is_trimmed_where_it_points_and_stays_a_link(
+    tmp_path: Path,
+) -> None:
+    # Regression: a resumed run's trim replaced the link with a file of its own; the log it
+    # pointed to (on a shared disk, say) kept the steps after the checkpoint, and got no
+    # line more.
+    shared, link = tmp_path / "shared" / "exp.jsonl", tmp_path / "log.jsonl"
+    shared.parent.mkdir()
+    link.symlink_to(shared)
+    checkpoints = tmp_path / "checkpoints"
+    await make_trainer(
+        JSONLinesLogger(link, every_n_steps=1), Checkpoint(checkpoints, every_n_steps=3),
+        num_steps=6,
+    ).fit()  # fmt: skip
+    await make_trainer(
+        JSONLinesLogger(link, every_n_steps=1), num_steps=8,
+        resume_from=checkpoints / "step-000000003.ckpt",
+    ).fit()  # fmt: skip
+    assert link.is_symlink() and link.resolve() == shared.resolve()
+    assert steps_in(shared.read_text()) == list(range(1, 9))
+
+
 def stream_log_job(path: str, tmp_path: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """``tests/stream_log_job.py`` logging to ``path``, bounded (before, it waited forever)."""
     here = Path(__file__).parent

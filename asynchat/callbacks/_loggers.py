@@ -472,7 +472,12 @@ _STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
 
 def _trim(path: Path, *, after: int | None) -> None:
     """Drop a last line without its newline (a write cut short by a kill) and, with
-    ``after``, the lines of later steps; rewritten atomically, only if anything goes."""
+    ``after``, the lines of later steps; rewritten atomically, only if anything goes.
+
+    A log that is a link (to a shared disk, say) is rewritten where it points, and stays a
+    link: before, the link was replaced by a file of its own, and the file it pointed to got
+    no line more."""
+    path = path.resolve()
     with path.open("rb") as file:
         lines = file.read().splitlines(keepends=True)
     kept = [line for line in lines if line.endswith(b"\n") and not _later(line, after)]
