@@ -1,9 +1,10 @@
 """A launcher for the signal tests: two ranks that run until a signal ends them.
 
-python signalled_launcher.py DIRECTORY HOW [async | async-handled]
+python signalled_launcher.py DIRECTORY HOW [async | async-handled | async-two]
     # HOW: "0" trains, "1" trains under stop_on_signals, "stubborn" ignores SIGINT,
     # "terminal" as "1", on its stdin's terminal; "async": launch_async in anyio.run;
-    # "async-handled": that, and the program cancels the job on a SIGTERM itself
+    # "async-handled": that, and the program cancels the job on a SIGTERM itself;
+    # "async-two": two such jobs at once, the second in DIRECTORY/second
 """
 
 from __future__ import annotations
@@ -47,5 +48,14 @@ if __name__ == "__main__":
         anyio.run(lambda: launch_async(job, nprocs=2, args=args))
     elif launched == ["async-handled"]:
         anyio.run(cancelled_on_sigterm, lambda: launch_async(job, nprocs=2, args=args))
+    elif launched == ["async-two"]:
+        second = (f"{directory}/second", *args[1:])
+
+        async def two_jobs() -> None:
+            async with anyio.create_task_group() as jobs:
+                jobs.start_soon(lambda: launch_async(job, nprocs=2, args=args))
+                jobs.start_soon(lambda: launch_async(job, nprocs=2, args=second))
+
+        anyio.run(two_jobs)
     else:
         launch(job, nprocs=2, args=args)

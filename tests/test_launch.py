@@ -536,6 +536,27 @@ def test_a_signal_passed_on_while_the_ranks_start_still_ends_them(tmp_path: Path
     assert not (tmp_path / "step").exists(), "no rank began to train"
 
 
+def test_a_sigterm_reaches_every_launch_async_job_of_the_process(tmp_path: Path) -> None:
+    # Two jobs in one anyio.run: the SIGTERM goes on to the ranks of both, and the process
+    # ends by it only once all four have written their final checkpoints.
+    second = tmp_path / "second"
+    second.mkdir()
+    with launcher_script("signalled_launcher.py", str(tmp_path), "1", "async-two") as job:
+        deadline = time.monotonic() + 60
+        while not all((d / "step").exists() for d in (tmp_path, second)):
+            assert time.monotonic() < deadline, "both jobs train"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        errors = ended(job)
+    assert job.returncode == -signal.SIGTERM, errors[-2000:]
+    for directory in (tmp_path, second):
+        assert (directory / "stop_reason").read_text() == "received SIGTERM"
+        listed = json.loads((directory / "checkpoints" / "manifest.json").read_text())
+        assert len(listed["checkpoints"]) == 1, "the final one"
+    pids = [int(p.read_text()) for d in (tmp_path, second) for p in d.glob("rank*.pid")]
+    assert len(pids) == 4 and not any(alive(pid) for pid in pids)
+
+
 def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path) -> None:
     # A program with a SIGTERM handler of its own (a server's graceful shutdown) keeps it:
     # launch_async passes on only what would end the process. Cancelled by the program, the
