@@ -22,6 +22,7 @@ import shutil
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     args = parser.parse_args()
     accuracy = anyio.run(train, args.epochs, args.out, args.resume)
-    print(f"best validation accuracy: {accuracy:.4f} (checkpoints in {args.out / 'checkpoints'})")
+    checkpoints = args.out / "checkpoints"
+    try:
+        print(f"best validation accuracy: {accuracy:.4f} (checkpoints in {checkpoints})")
+    except BrokenPipeError:  # the reader left (`| head`): the run is done and saved all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (for the exit's flush)
 
 
 if __name__ == "__main__":

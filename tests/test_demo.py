@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,21 @@ async def test_digits_demo_reaches_95_percent_and_resumes(tmp_path: Path) -> Non
     manifest = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert max(e["global_step"] for e in manifest["checkpoints"]) == 16 * 45
     assert resumed >= accuracy
+
+
+@pytest.mark.slow
+def test_the_demo_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp_path: Path) -> None:
+    # Regression: `python examples/digits.py | head -1` trained and saved, then its last
+    # print raised BrokenPipeError: a traceback, and exit status 1.
+    demo = Path(__file__).parents[1] / "examples" / "digits.py"
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first line
+    with os.fdopen(write, "w") as stdout:
+        done = subprocess.run(
+            [sys.executable, str(demo), "--epochs", "1", "--out", str(tmp_path)],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "its stream can no longer be written" in done.stderr  # Progress said so, once
+    assert json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
