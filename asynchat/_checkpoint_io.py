@@ -56,7 +56,7 @@ READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 LOCK = ".asynchat.lock"
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (POSIX; elsewhere the lock is a no-op)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # (POSIX: a FIFO opens without waiting)
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # (POSIX: a FIFO opens without waiting)
 SUFFIX = ".ckpt"
 SHARDED_SUFFIX = ".dcp"
 EXTRAS = "asynchat.pt"  # in a sharded checkpoint: everything but the shards
@@ -82,7 +82,7 @@ def read_file(path: Path, *, limit: int | None = None) -> bytes:
     before a byte is read: reading a FIFO waits forever for a writer, ``/dev/zero`` never
     ends. So does a file of more than ``limit`` bytes.
     """
-    fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -144,7 +144,7 @@ def sync_files(paths: Iterable[Path]) -> None:
     for path in paths:
         try:
             # (Linux syncs a file's data whichever fd asks; O_NONBLOCK: a FIFO never blocks)
-            fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | NONBLOCK)
             try:
                 os.fsync(fd)
             finally:

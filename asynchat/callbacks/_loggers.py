@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import DirectoryLock, atomic_write
+from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_write
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, text
 from asynchat._every import every_n_steps
@@ -287,16 +287,15 @@ class _LogFile:
 def _open_to_append(path: Path, owner: str) -> io.FileIO:
     """``path`` opened to append to, created if need be. A FIFO no process reads is refused
     at once (an open to write waits for a reader, forever)."""
-    nonblocking = getattr(os, "O_NONBLOCK", 0)  # (POSIX)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblocking, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NONBLOCK, 0o644)
     except OSError as exc:
         if exc.errno != errno.ENXIO:
             raise
         raise RuntimeError(
             f"{owner}: {path} is a FIFO that no process reads; start its reader first"
         ) from None
-    if nonblocking:
+    if NONBLOCK:
         os.set_blocking(fd, True)  # (a stream's writes wait for its reader, as a file's do)
     return io.FileIO(fd, "ab")
 
@@ -431,13 +430,15 @@ class JSONLinesLogger(_FileLogger):
             )
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         self.path = Path(path)
+        self._stream = False  # (decided at each loop's begin)
 
     def on_loop_begin(self, state: LoopState) -> None:
         super().on_loop_begin(state)
         if not state.loop.is_rank_zero:
             return
         subject = f"path={str(self.path)!r}"
-        if self._is_stream():  # (reading one to trim it waited forever for a writer)
+        self._stream = self._is_stream()
+        if self._stream:  # (reading one to trim it waited forever for a writer)
             self._log = _LogFile(self.path, f"{type(self).__name__}({subject})")
             return
         self._held = self._lock(self.path.parent, f".{self.path.name}.lock", subject)
@@ -464,7 +465,7 @@ class JSONLinesLogger(_FileLogger):
         self._log = self._log.moved_to(self.path)
 
     def files(self) -> list[Path]:
-        return [] if self._is_stream() else [self.path]
+        return [] if self._stream else [self.path]
 
 
 _STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
