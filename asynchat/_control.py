@@ -42,6 +42,7 @@ import enum
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from asynchat import _heartbeat as heartbeat
 from asynchat._events import LoopStatus
 
 Agree = Callable[[Sequence[bool]], Sequence[bool]]
@@ -362,8 +363,11 @@ class LoopControl:
         self.transition(LoopStatus.PAUSED, only_from=frozenset({LoopStatus.RUNNING}))
         try:
             while True:
+                # Held on purpose: a launched rank tells its launcher it is not hung.
+                heartbeat.alive()
                 if self.agree is None:
-                    self._unpaused.wait()  # woken by resume(), stop() or a cancellation
+                    # Woken by resume(), stop() or a cancellation (and to say it is alive).
+                    self._unpaused.wait(heartbeat.HELD_BEAT_S if heartbeat.installed() else None)
                 else:
                     # Peers must keep agreeing in step: poll, one collective per round.
                     self._unpaused.wait(_GROUP_PAUSE_POLL_S)

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ def run_rank(
     try:
         options = {"use_uvloop": True} if _have_uvloop() else {}
         anyio.run(fn, rank, world_size, *args, backend="asyncio", backend_options=options)
+        heartbeat.finished()  # it waits for the others now: never the one they wait for
         _closing_barrier(rank, timeout)
     except BaseException as exc:
         on_error(exc)
@@ -178,6 +180,21 @@ def placed_by_launcher() -> tuple[int, int] | None:
             f"ranks meet){leftover}"
         )
     return rank, world_size
+
+
+def _placed(hang_s: float | None) -> tuple[int, int] | None:
+    """:func:`placed_by_launcher`, with a warning where ``hang_timeout`` then goes unused:
+    only ranks that :func:`launch` starts are watched (before, it was dropped unsaid)."""
+    placed = placed_by_launcher()
+    if placed is not None and hang_s is not None:
+        warnings.warn(
+            f"hang_timeout={hang_s:g} is not applied: RANK and WORLD_SIZE are set, so another "
+            "launcher (such as torchrun) started this rank, and only the ranks launch() "
+            "starts are watched for hangs; collective_timeout still bounds each collective",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return placed
 
 
 async def run_rank_here(
@@ -477,7 +494,9 @@ class _Ranks:
 
     def _hung(self, hang_timeout: float) -> LaunchError | None:
         now = time.monotonic()
-        alive = [r for r, p in enumerate(self.processes) if p.exitcode is None]
+        running = [r for r, p in enumerate(self.processes) if p.exitcode is None]
+        # A rank whose function has returned only waits for the others (heartbeat.finished).
+        alive = [r for r in running if self.beats[2 * r] != heartbeat.FINISHED]
         if not alive:
             return None
         beats = {r: (self.beats[2 * r], self.beats[2 * r + 1]) for r in alive}
@@ -497,7 +516,7 @@ class _Ranks:
         stacks = self._stacks(hung, states)
         self.terminate()
         quiet = f"made no progress for {max(now - beats[r][0] for r in hung):.1f} s"
-        waiting = sorted(set(alive) - set(hung))
+        waiting = sorted(set(running) - set(hung))
         if stopped:
             what = f"is stopped (SIGSTOP, or a debugger holds it) and {quiet}"
         elif len(hung) == len(self.processes) > 1:
@@ -703,15 +722,15 @@ def launch(
     ``collective_timeout`` bounds each collective. ``hang_timeout`` (seconds; off by
     default) bounds how long a rank may go without its loops reaching a phase (a step, an
     epoch end, ...): the rank the others wait for is then reported as hung, with its stacks,
-    and so is a job whose ranks all hang. Set it above the longest stretch without a step:
-    start-up (rendezvous, building the model) and a full validation included.
+    and so is a job whose ranks all hang (not a loop held by ``pause()``, nor a rank done).
+    Set it above the longest stretch without a step: start-up and a full validation included.
 
     SIGINT, SIGTERM, SIGHUP to the launcher go on to the ranks, which die with it however it dies.
     Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT`` set) only this rank runs.
     """
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
                               hang_timeout)  # fmt: skip
-    if (placed := placed_by_launcher()) is not None:
+    if (placed := _placed(hang_s)) is not None:
         rank, world_size = placed
         run_rank(
             fn, rank, world_size, args, backend=backend or default_backend(),
@@ -754,7 +773,7 @@ async def launch_async(
     positive_number("cancel_grace", cancel_grace)
     hang_s = _check_arguments(fn, nprocs, backend, args, master_port, collective_timeout,
                               hang_timeout)  # fmt: skip
-    if (placed := placed_by_launcher()) is not None:
+    if (placed := _placed(hang_s)) is not None:
         await run_rank_here(fn, *placed, args, backend=backend or default_backend(),
                             timeout=collective_timeout)  # fmt: skip
         return

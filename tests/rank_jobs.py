@@ -1476,3 +1476,32 @@ async def device_report(rank: int, world_size: int, out: str) -> None:
         "parent_has_libcuda": "libcuda.so" in Path(f"/proc/{parent}/maps").read_text(),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+async def held_past_hang_timeout(
+    rank: int, world_size: int, out: str, distributed: bool, held_s: float
+) -> None:
+    """Rank 0 pauses its loop after step 3 for ``held_s`` seconds, then resumes; the ranks
+    write their final global step. ``distributed``: a DDP trainer (every rank holds, polling
+    its peers); else a plain Trainer of the rank's own (the rank alone holds)."""
+    import threading
+
+    from asynchat import Callback, LoopState, Trainer
+
+    class HoldOnce(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if rank == 0 and state.global_step == 3:
+                state.loop.pause()
+                threading.Timer(held_s, state.loop.resume).start()
+
+    if distributed:
+        trainer: Trainer = plain_ddp_trainer(num_epochs=2, callbacks=[HoldOnce()])
+    else:
+        trainer = Trainer(
+            ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=2, device="cpu",
+            callbacks=[HoldOnce()],
+        )  # fmt: skip
+    state = await trainer.fit()
+    Path(out, f"rank{rank}.txt").write_text(str(state.global_step))

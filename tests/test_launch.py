@@ -262,6 +262,26 @@ def test_launch_async_as_a_launchers_rank_runs_it_in_the_running_loop(
     assert not dist.is_initialized()
 
 
+def test_hang_timeout_under_another_launcher_is_said_to_go_unapplied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: under torchrun, launch and launch_async dropped hang_timeout without a
+    # word (only the ranks they start are watched), so a job meant to be watched was not.
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    seen: list[Any] = []
+    unapplied = r"hang_timeout=30 is not applied: RANK and WORLD_SIZE are set"
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.warns(RuntimeWarning, match=unapplied):
+        launch(rank_jobs.tell_where, nprocs=2, args=(seen,), hang_timeout=30)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.warns(RuntimeWarning, match=unapplied):
+        anyio.run(lambda: launch_async(rank_jobs.tell_where, nprocs=2, args=(seen,),
+                                       hang_timeout=datetime.timedelta(seconds=30)))  # fmt: skip
+    assert [(rank, size) for rank, size, *_ in seen] == [(0, 1), (0, 1)]  # the rank still ran
+    assert not dist.is_initialized()
+
+
 def test_a_master_addr_of_another_machine_is_refused_at_once() -> None:
     # Regression: a typo in master_addr (an address not of this machine) failed the launch
     # only after collective_timeout (5 minutes by default) with torch's connection timeout.
@@ -395,6 +415,27 @@ def test_a_hung_rank_is_reported_within_hang_timeout_with_its_stacks(fault: str)
     else:
         assert info.value.hung == [0, 1] and "all ranks made no progress" in text
     assert "Stacks of rank 1" in text and "in on_step_end" in text  # where it is stuck
+    assert rank_processes() == []
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["ddp", "alone"])
+def test_a_paused_rank_is_not_hung_however_long_it_holds(distributed: bool, tmp_path: Path) -> None:
+    """``pause()`` holds a job on purpose: its ranks reach no phase while held. The launcher
+    took that for a hang and terminated every rank once ``hang_timeout`` had passed (the
+    README's own advice for holding a job, with a watchdog on, ended it with no checkpoint).
+    A held loop now tells the launcher it is alive. ``alone``: rank 1, not held, returns
+    long before rank 0 and waits in launch's closing barrier, silent; it was then taken for
+    a hung rank too (any rank done well before another was): it now says it has finished."""
+    # Start-up counts towards hang_timeout: a first launch of the process starts the fork
+    # server (seconds on a loaded machine), so that one comes first, without a watchdog.
+    (tmp_path / "warm").mkdir()
+    launch(rank_jobs.all_reduce_rank, nprocs=2, args=(str(tmp_path / "warm"),))
+    launch(
+        rank_jobs.held_past_hang_timeout, nprocs=2, args=(str(tmp_path), distributed, 7.0),
+        hang_timeout=3.0,
+    )  # fmt: skip
+    steps = "8" if distributed else "16"  # 2 epochs of 64 samples in 8s, over 2 ranks or not
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [steps, steps]
     assert rank_processes() == []
 
 
