@@ -214,8 +214,10 @@ class LoopControl:
         except cancelled:
             self.transition(LoopStatus.CANCELLED)
             raise
-        except GeneratorExit:  # a stream closed early: the loop was stopped
-            self.transition(LoopStatus.FINISHED)
+        except GeneratorExit:
+            # A stream closed early stopped the loop (Predictor.stream); one raised by a
+            # hook is an error.
+            self.transition(LoopStatus.FINISHED if self.stop_requested else LoopStatus.FAILED)
             raise
         except BaseException as exc:
             # Ctrl-C that reached the event loop (trio raises it there) wound the loop down

@@ -77,6 +77,39 @@ PHASES = [p.value for p in Phase]
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("is_async", [False, True], ids=["def", "async"])
+@pytest.mark.parametrize("exc", [GeneratorExit, SystemExit, StopAsyncIteration])
+async def test_an_odd_exception_from_a_hook_fails_the_run_and_is_raised_as_itself(
+    exc: type[BaseException], is_async: bool
+) -> None:
+    # Regression: a GeneratorExit raised by a hook (sys.exit's SystemExit, a StopAsyncIteration
+    # came out right) was taken for a Predictor's stream closed early: fit() raised it with
+    # the status "finished", and the end event said so too.
+    class Raising(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 2:
+                raise exc()
+
+    class RaisingAsync(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            Raising.on_step_end(self, state)  # type: ignore[arg-type]
+
+    trainer = make_trainer(RaisingAsync() if is_async else Raising(), num_epochs=1)
+    ends: list[LoopStatus] = []
+
+    async def watch() -> None:
+        async for event in trainer.events(progress_every=None):
+            ends.append(event.snapshot.status)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        with pytest.raises(exc):
+            await trainer.fit()
+    assert trainer.status is LoopStatus.FAILED and ends[-1] is LoopStatus.FAILED
+    assert isinstance(trainer.state.exception, exc) and trainer.state.global_step == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True], ids=["def", "async"])
 @pytest.mark.parametrize("phase", PHASES)
 async def test_an_error_in_any_phase_with_every_callback_present_loses_nothing(
     tmp_path: Path, phase: str, is_async: bool
