@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from torch.distributed import PrefixStore, Store, TCPStore  # type: ignore[attr-defined]
 
 from asynchat import _heartbeat as heartbeat
+from asynchat import _hold as hold
 from asynchat._checks import positive_int, positive_number
 from asynchat._errors import AsynchatError
 from asynchat._signals import ending_signals
@@ -317,6 +318,8 @@ def _prepare_rank(rank: int, lifeline: Any, beats: Any, dump: str) -> None:
     # Die with the launcher, however it dies (even SIGKILL): its end of the lifeline closes.
     threading.Thread(target=_watch_launcher, args=(lifeline, dump), daemon=True).start()
     heartbeat.install(beats, rank)
+    if hasattr(signal, "SIGTSTP"):  # the launcher's Ctrl-Z holds the rank's loops
+        hold.hold_on_sigtstp()
     # Python stacks for the launcher: on SIGUSR1 (it asks a hung rank) and on a fatal signal
     # (a native crash or abort), where no Python traceback would tell what the rank was doing.
     # Kept open until the process ends: faulthandler writes to it from a signal handler.
@@ -568,7 +571,8 @@ class _Ranks:
         running :data:`_GRACE_S` seconds after it are terminated (one stuck in a
         collective). Before, a Ctrl-C made the launcher SIGTERM the ranks in the middle of
         their final checkpoint, and a SIGTERM to the launcher alone (a pod's) or a closed
-        terminal's SIGHUP ended the ranks with no checkpoint at all.
+        terminal's SIGHUP ended the ranks with no checkpoint at all. A Ctrl-Z (SIGTSTP)
+        holds the ranks while the launcher is stopped (:func:`_stop_holding`).
         Outside the main thread signals cannot be caught: nothing is forwarded.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -579,6 +583,10 @@ class _Ranks:
             self.send(signum)
 
         previous = {signum: signal.signal(signum, forward) for signum in ending_signals()}
+        if _holds_on_ctrl_z():
+            previous[signal.SIGTSTP] = signal.signal(
+                signal.SIGTSTP, lambda signum, frame: _stop_holding([self])
+            )
         try:
             yield
         finally:
@@ -608,6 +616,16 @@ class _Ranks:
             self._forced_at = time.monotonic()
         for process in self.processes:
             _signal(process, signum)
+
+    def hold(self) -> None:
+        """Ctrl-Z: every rank's loops hold at their next step boundary (``asynchat._hold``)."""
+        for process in self.processes:
+            _signal(process, signal.SIGTSTP)
+
+    def let_go(self) -> None:
+        """After :meth:`hold`: the loops it held go on."""
+        for process in self.processes:
+            _signal(process, signal.SIGCONT)
 
     def interrupt(self, grace: float) -> None:
         """SIGINT to every rank still running, as a Ctrl-C; wait up to ``grace`` seconds for
@@ -640,6 +658,32 @@ class _Ranks:
         shutil.rmtree(self._dumps, ignore_errors=True)
 
 
+def _holds_on_ctrl_z() -> bool:
+    """Whether a SIGTSTP (a terminal's Ctrl-Z) would stop this process as by default, in
+    whose place :func:`_stop_holding` then runs (main thread only, as signals are caught)."""
+    return (
+        hasattr(signal, "SIGTSTP")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTSTP) is signal.SIG_DFL
+    )
+
+
+def _stop_holding(jobs: Sequence[_Ranks]) -> None:
+    """A Ctrl-Z to a launcher: the ranks of ``jobs`` hold (their loops pause at the next step
+    boundary, see ``asynchat._hold``), this process stops as SIGTSTP's default action stops
+    it, and once continued (``fg``, ``bg``) the ranks go on. Before, the ranks trained on
+    while their launcher was stopped (a process group of their own, they never heard of it)."""
+    for ranks in jobs:
+        ranks.hold()
+    ours = signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+    try:
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until continued
+    finally:
+        signal.signal(signal.SIGTSTP, ours)
+    for ranks in jobs:
+        ranks.let_go()
+
+
 class _SignalRelay:
     """SIGTERM and SIGHUP for :func:`launch_async`, where the program leaves them to end the
     process (their default action): passed on to the ranks of every job running, as
@@ -649,8 +693,9 @@ class _SignalRelay:
 
     A program that handles a signal itself (a server's graceful shutdown) keeps it: its
     cancellation of the jobs ends their ranks as a Ctrl-C would. SIGINT is the event
-    loop's (a ``KeyboardInterrupt`` cancels the job). Signals are caught in the main thread
-    only, where the event loop of a script runs.
+    loop's (a ``KeyboardInterrupt`` cancels the job). A SIGTSTP that would stop the process
+    (a terminal's Ctrl-Z) holds the ranks of every job until it is continued. Signals are
+    caught in the main thread only, where the event loop of a script runs.
     """
 
     def __init__(self) -> None:
@@ -664,6 +709,8 @@ class _SignalRelay:
             for signum in ending_signals():
                 if signum != signal.SIGINT and signal.getsignal(signum) is signal.SIG_DFL:
                     self._previous[signum] = signal.signal(signum, self._forward)
+            if _holds_on_ctrl_z():
+                self._previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._hold)
         self.jobs.append(ranks)
 
     def leave(self, ranks: _Ranks) -> None:
@@ -672,13 +719,16 @@ class _SignalRelay:
         self.jobs.remove(ranks)
         if not self.jobs:
             for signum, handler in self._previous.items():
-                if signal.getsignal(signum) == self._forward:  # (not one set meanwhile)
+                if signal.getsignal(signum) in (self._forward, self._hold):  # (not one set since)
                     signal.signal(signum, handler)
             self._previous.clear()
 
     def _forward(self, signum: int, frame: object) -> None:
         for ranks in list(self.jobs):
             ranks.send(signum)
+
+    def _hold(self, signum: int, frame: object) -> None:
+        _stop_holding(list(self.jobs))
 
     async def end_as_signalled(self, ranks: _Ranks) -> None:
         """After ``ranks`` ended as a relayed signal made them: once every job it reached

@@ -17,6 +17,7 @@ import anyio
 import torch
 import torch.distributed as dist
 
+from asynchat import _hold as hold
 from asynchat import _transfer as transfer
 from asynchat._callback import Callback, PipeBase
 from asynchat._checkpoint_io import read_checkpoint
@@ -435,7 +436,7 @@ class LoopBase(PipeBase):
         self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)
         self._throughput.start(self.state.global_step)
         try:
-            with self._control.running(cancelled=cancelled):
+            with hold.running(self), self._control.running(cancelled=cancelled):
                 yield
         finally:
             self._detach()

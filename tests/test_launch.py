@@ -479,25 +479,28 @@ def alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def launcher_script(
-    *args: str, nohup: bool = False, env: dict[str, str] | None = None
+    *args: str, nohup: bool = False, env: dict[str, str] | None = None, stoppable: bool = False
 ) -> Iterator[subprocess.Popen[str]]:
     """``tests/<args[0]>`` with ``args[1:]`` run as a shell's job: a process group of its own,
     its output piped (``nohup``: under ``nohup``, ignoring SIGHUP; ``env``: more environment
     variables). However the test leaves (a failed assertion too), nothing of it is left
     running: a group still alive is killed, so no launcher outlives its test, nor do its
     ranks (a failure used to leave Popen's exit waiting for a launcher whose ranks ignore
-    SIGINT)."""
+    SIGINT). ``stoppable``: in this session, as a shell's job is, so that a SIGTSTP stops
+    it (in a session of its own, its process group is orphaned, and the system discards
+    SIGTSTP there)."""
     with subprocess.Popen(
         [*(["nohup"] if nohup else []), sys.executable, str(HERE / args[0]), *args[1:]],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env={**os.environ, **(env or {})},
+        start_new_session=not stoppable, process_group=0 if stoppable else None,
+        env={**os.environ, **(env or {})},
     ) as launcher:  # fmt: skip
         try:
             yield launcher
         finally:
             if launcher.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(launcher.pid, signal.SIGKILL)
+                    os.killpg(launcher.pid, signal.SIGKILL)  # (a stopped one too)
 
 
 def ended(launcher: subprocess.Popen[str]) -> str:
@@ -558,6 +561,61 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # Ended by SIGTERM or SIGHUP, the launcher left the fork server's socket behind, in a
     # directory of multiprocessing's: a signal's death skips the exit's clean-up.
     assert list(temporary.glob("pymp-*")) == []
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``T``: stopped), from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def step_of(directory: Path) -> int:
+    """The step rank 0 of ``rank_jobs.until_signalled`` last wrote."""
+    with contextlib.suppress(ValueError):  # (read while it was written: try again)
+        return int((directory / "step").read_text())
+    time.sleep(0.01)
+    return step_of(directory)
+
+
+@pytest.mark.parametrize("launched", ["launch", "async"])
+def test_ctrl_z_holds_the_ranks_until_the_launcher_is_continued(
+    tmp_path: Path, launched: str
+) -> None:
+    # Regression: a terminal's Ctrl-Z (SIGTSTP to the launcher's process group) stopped the
+    # launcher alone; its ranks, in process groups of their own, trained on unseen. Now they
+    # hold (their loops pause, their processes run: a rank stopped inside a collective may
+    # fail it once continued) until the launcher is continued (fg), then train on.
+    with launcher_script(
+        "signalled_launcher.py", str(tmp_path), "1", launched, stoppable=True
+    ) as launcher:  # fmt: skip
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            if line.strip() == "step 5":
+                break
+        os.killpg(launcher.pid, signal.SIGTSTP)  # as the terminal sends it
+        deadline = time.monotonic() + 30
+        while process_state(launcher.pid) != "T":
+            assert time.monotonic() < deadline, "the launcher stops"
+            time.sleep(0.01)
+        held_at = step_of(tmp_path)
+        while True:  # once at their next step boundary, the ranks hold
+            time.sleep(1.0)
+            if step_of(tmp_path) == held_at:
+                break
+            assert time.monotonic() < deadline, "the ranks hold"
+            held_at = step_of(tmp_path)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        assert len(pids) == 2 and [process_state(pid) in "RS" for pid in pids] == [True, True]
+        os.killpg(launcher.pid, signal.SIGCONT)  # fg
+        while step_of(tmp_path) <= held_at + 5:
+            assert time.monotonic() < deadline + 30, "the ranks train on"
+            time.sleep(0.01)
+        assert process_state(launcher.pid) != "T"
+        launcher.send_signal(signal.SIGINT)
+        errors = ended(launcher)
+    assert launcher.returncode == -signal.SIGINT, errors[-2000:]
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] > held_at for c in listed["checkpoints"]] == [True], "the final one"
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_a_signal_passed_on_while_the_ranks_start_still_ends_them(tmp_path: Path) -> None:

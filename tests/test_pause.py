@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -10,6 +13,7 @@ from conftest import make_trainer
 from recorders import SyncRecorder
 
 from asynchat import Callback, LoopState, LoopStatus
+from asynchat import _hold as hold
 
 pytestmark = pytest.mark.anyio
 
@@ -76,3 +80,54 @@ async def test_pause_before_fit_holds_before_the_first_step() -> None:
         assert trainer.state.global_step == 0
         trainer.resume()
     assert trainer.state.global_step == 6
+
+
+@pytest.fixture
+def holding_on_sigtstp() -> Iterator[None]:
+    """A launched rank's SIGTSTP and SIGCONT handlers (``asynchat._hold``), put back after."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTSTP, signal.SIGCONT)}
+    hold.hold_on_sigtstp()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.usefixtures("holding_on_sigtstp")
+async def test_a_sigtstp_holds_a_ranks_running_loops_until_sigcont() -> None:
+    """What a launched rank does when its launcher passes a Ctrl-Z on (``_launch``): before,
+    the ranks trained on while their launcher was stopped. Its loops hold at a step
+    boundary, and one started meanwhile starts held; SIGCONT lets them go, but not one its
+    owner paused."""
+
+    class Slow(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            time.sleep(0.005)
+
+    running, owned, later = (
+        make_trainer(Slow(), num_epochs=50),
+        make_trainer(PauseAt(2)),
+        make_trainer(),
+    )
+    assert signal.getsignal(signal.SIGTSTP) is not signal.SIG_DFL, "never stop the test run"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(running.fit)
+        tg.start_soon(owned.fit)
+        await eventually(
+            lambda: owned.status is LoopStatus.PAUSED and running.state.global_step > 0
+        )
+        os.kill(os.getpid(), signal.SIGTSTP)
+        await eventually(lambda: running.status is LoopStatus.PAUSED)
+        tg.start_soon(later.fit)
+        await eventually(lambda: later.status is LoopStatus.PAUSED)
+        held_at = running.state.global_step
+        await anyio.sleep(0.2)
+        assert running.state.global_step == held_at and later.state.global_step == 0
+        os.kill(os.getpid(), signal.SIGCONT)
+        await eventually(lambda: later.status is LoopStatus.FINISHED)
+        assert running.state.global_step > held_at
+        assert owned.status is LoopStatus.PAUSED and owned.state.global_step == 2
+        running.stop("enough")
+        owned.resume()
+    assert later.state.global_step == 18 and owned.state.global_step == 18
