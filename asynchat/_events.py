@@ -43,7 +43,8 @@ class LoopSnapshot:
     """Where a loop is, read at any time from any thread without blocking (``loop.snapshot()``).
 
     ``steps_per_s`` and ``samples_per_s`` average over the run so far (``samples_per_s`` uses
-    the size of the current epoch's first batch); ``metrics`` are the last published values.
+    the size of the current epoch's first batch), less the time it was held by ``pause()``
+    (``paused_s``); ``metrics`` are the last published values.
     """
 
     name: str
@@ -58,6 +59,7 @@ class LoopSnapshot:
     metrics: dict[str, float]
     stop_reason: str | None
     error: str | None
+    paused_s: float = 0.0
     time: float = dataclasses.field(default_factory=time.time)
 
 
@@ -73,16 +75,45 @@ class Throughput:
         self._started_at: float | None = None
         self._steps_before = 0
         self.batch_size = 0
+        # (seconds held by pause() before the current hold, when the current one began);
+        # one tuple, replaced whole, so that a reader on another thread never sees half.
+        self._held: tuple[float, float | None] = (0.0, None)
+        self._ended_at: float | None = None
 
     def start(self, global_step: int) -> None:
         self._started_at = time.perf_counter()
         self._steps_before = global_step
 
+    def stop(self) -> None:
+        """The run ended: its rates stay as they are now (they decayed towards zero after
+        the end, as the time since the start went on growing)."""
+        self._ended_at = time.perf_counter()
+
+    def held(self, paused: bool) -> None:
+        """The loop's status changed: held by ``pause()`` (``paused``) or not. Held time is
+        left out of the rates: a run paused for an hour after ten minutes reported a
+        seventh of its speed for the rest of its run."""
+        before, since = self._held
+        if paused and since is None:
+            self._held = (before, time.perf_counter())
+        elif not paused and since is not None:
+            self._held = (before + time.perf_counter() - since, None)
+
+    def paused_s(self) -> float:
+        """Seconds held by ``pause()`` so far, the current hold included."""
+        before, since = self._held
+        return before + (self._now() - since if since is not None else 0.0)
+
+    def _now(self) -> float:
+        ended = self._ended_at
+        return ended if ended is not None else time.perf_counter()
+
     def rates(self, global_step: int) -> tuple[float, float]:
-        """``(steps_per_s, samples_per_s)`` since :meth:`start` (zeros before it)."""
+        """``(steps_per_s, samples_per_s)`` since :meth:`start`, less the time held (zeros
+        before it)."""
         if self._started_at is None:
             return 0.0, 0.0
-        elapsed = time.perf_counter() - self._started_at
+        elapsed = self._now() - self._started_at - self.paused_s()
         steps_per_s = (global_step - self._steps_before) / elapsed if elapsed else 0.0
         return steps_per_s, steps_per_s * self.batch_size
 

@@ -42,6 +42,9 @@ class LoopHandle(Protocol):
     def status(self) -> LoopStatus: ...
 
     @property
+    def paused_s(self) -> float: ...
+
+    @property
     def rank(self) -> int: ...
 
     @property

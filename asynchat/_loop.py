@@ -205,7 +205,14 @@ class LoopBase(PipeBase):
             metrics=dict(state.metrics),
             stop_reason=state.stop_reason,
             error=repr(state.exception) if state.exception is not None else None,
+            paused_s=self._throughput.paused_s(),
         )
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds this run has been held by :meth:`pause` so far (the current hold too),
+        which the snapshot's rates and :class:`~asynchat.callbacks.StatsMonitor` leave out."""
+        return self._throughput.paused_s()
 
     def events(self, *, buffer: int = 64, progress_every: float | None = 1.0) -> EventStream:
         """Subscribe to this loop's events: ``async for event in loop.events(): ...``.
@@ -339,6 +346,7 @@ class LoopBase(PipeBase):
         return self.batch_processor.samples_in(batch)
 
     def _on_status(self, status: LoopStatus) -> None:
+        self._throughput.held(status is LoopStatus.PAUSED)
         if self._hooks_runner.trace:
             _LOG.debug("%s: status %s", self.name, status)
         self._events.publish(EventKind.END if status.done else EventKind.STATUS)
@@ -439,6 +447,7 @@ class LoopBase(PipeBase):
             with hold.running(self), self._control.running(cancelled=cancelled):
                 yield
         finally:
+            self._throughput.stop()
             self._detach()
             self._claim = None
             use.release()  # other loops may use the model (its modes: Claim.modes, in the run)

@@ -14,6 +14,7 @@ from recorders import SyncRecorder
 
 from asynchat import Callback, LoopState, LoopStatus
 from asynchat import _hold as hold
+from asynchat.callbacks import StatsMonitor
 
 pytestmark = pytest.mark.anyio
 
@@ -131,3 +132,38 @@ async def test_a_sigtstp_holds_a_ranks_running_loops_until_sigcont() -> None:
         running.stop("enough")
         owned.resume()
     assert later.state.global_step == 18 and owned.state.global_step == 18
+
+
+async def test_time_held_is_left_out_of_the_rates_and_the_step_times() -> None:
+    """Regression: the snapshot's steps/s averaged over the run's wall time, hold included (a
+    job paused for an hour after ten minutes reported a seventh of its speed for the rest
+    of its run), StatsMonitor's interval reported a hold as step time, and after the run
+    ended its rates went on decaying towards zero."""
+    step_times: list[float] = []
+
+    class Slow(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            time.sleep(0.002)
+
+    class Read(Callback):  # listed after StatsMonitor, which publishes every 4 steps
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step % 4 == 0:
+                step_times.append(float(state.metrics["stats/step_time"]))
+
+    trainer = make_trainer(Slow(), PauseAt(2), StatsMonitor(every_n_steps=4), Read(), num_epochs=2)
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(trainer.fit)
+        await eventually(lambda: trainer.status is LoopStatus.PAUSED)
+        await anyio.sleep(1.0)
+        assert trainer.snapshot().paused_s >= 1.0 and trainer.snapshot().steps_per_s > 0
+        trainer.resume()
+    wall = time.perf_counter() - started
+    ended = trainer.snapshot()
+    assert ended.global_step == 12 and ended.paused_s >= 1.0
+    # The run's own clock lies within the wall clock measured around it: less the hold,
+    # its rate is at least the steps over the wall time less the hold.
+    assert ended.steps_per_s >= 12 / (wall - ended.paused_s)
+    assert len(step_times) == 3 and max(step_times) < 0.1, step_times  # (a hold: 1 s / 4 steps)
+    await anyio.sleep(0.2)
+    assert trainer.snapshot().steps_per_s == ended.steps_per_s, "a finished run's rate stays"

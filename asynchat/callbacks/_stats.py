@@ -21,9 +21,10 @@ class StatsMonitor(Callback):
     ``stats/step_time`` (seconds per step), ``stats/samples_per_s``, ``stats/data_wait``
     (the fraction of the time spent waiting for batches; high means the data loader is the
     bottleneck) and ``stats/eta_s`` (seconds to the end, when the loop's length is known),
-    averaged over the last interval. Host wall-clock only: on a GPU the figures include the
-    queue of work in flight and settle after the first interval. In a distributed trainer
-    they are each rank's own (``state.metrics.is_per_rank``).
+    averaged over the last interval, less the time the loop was held by ``pause()`` (before,
+    the interval of a pause reported its hold as step time). Host wall-clock only: on a GPU
+    the figures include the queue of work in flight and settle after the first interval. In
+    a distributed trainer they are each rank's own (``state.metrics.is_per_rank``).
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -31,10 +32,11 @@ class StatsMonitor(Callback):
         self.every_n_steps = every_n_steps
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self._start_interval()
+        self._start_interval(state)
 
-    def _start_interval(self) -> None:
+    def _start_interval(self, state: LoopState) -> None:
         self._since = time.perf_counter()
+        self._paused_before = state.loop.paused_s
         self._steps = 0
         self._samples = 0
         self._data_time = 0.0
@@ -53,7 +55,8 @@ class StatsMonitor(Callback):
             self.publish(state)
 
     def publish(self, state: LoopState) -> None:
-        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        paused = state.loop.paused_s - self._paused_before
+        elapsed = max(time.perf_counter() - self._since - paused, 1e-9)
         step_time = elapsed / self._steps
         values = {
             "stats/step_time": step_time,
@@ -64,7 +67,7 @@ class StatsMonitor(Callback):
         if remaining is not None:
             values["stats/eta_s"] = remaining * step_time
         state.metrics.update_per_rank(values)  # this rank's clock
-        self._start_interval()
+        self._start_interval(state)
 
 
 def _remaining_steps(state: LoopState) -> int | None:
