@@ -62,6 +62,8 @@ def _hold(loop: _Loop) -> None:
     if loop.status is not LoopStatus.PAUSED:  # (a loop its owner paused stays the owner's)
         _held.append(loop)
         loop.pause()
+        if not _holding:  # a SIGCONT came in between (from running()): let go of it too
+            _let_go(signal.SIGCONT, None)
 
 
 def _hold_all(signum: int, frame: Any) -> None:
