@@ -9,7 +9,9 @@ with an optimizer each, updated one after the other in every step; in 2 of 10, v
 the EMA; in 3 of 10, an IterableDataset without len(); in 3 of 10, random augmentations
 drawn as samples are read, in the DataLoader's workers too) and one or two interruptions
 (``stop()`` or a cancellation at a random step), runs it straight and interrupted-then-
-resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. It also
+resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. In
+half the trials the interrupted run is also held by ``pause()`` for 0.1 s after a random
+step (on rank 0 alone with ``--ranks``), which must change nothing. It also
 resumes a run from one of the straight run's checkpoints, drawn at random, as a run that
 crashed right after saving it would, and compares that too. The table counts trials,
 mismatches and trials that raised a warning, by feature; each is printed with its
@@ -49,6 +51,7 @@ from test_resume_soak import (  # noqa: E402
     Config,
     Interruption,
     distributed_trial,
+    draw_hold,
     draw_interruptions,
     trial,
 )
@@ -57,6 +60,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "every trial": lambda c, i: True,
     "gradient accumulation": lambda c, i: c.accumulate > 1,
     "a cancellation": lambda c, i: any(how == "cancel" for how, _ in i),
+    "a pause (0.1 s)": lambda c, i: c.held_at > 0,
     "a stop before an epoch's first step": lambda c, i: any(how == "epoch-begin" for how, _ in i),
     "two interruptions": lambda c, i: len(i) == 2,
     "validation by step": lambda c, i: c.validate_every is not None,
@@ -107,6 +111,9 @@ def main() -> None:
             config = dataclasses.replace(config, control_lag=int(lag))
         if streamed:
             config = dataclasses.replace(config, workers=False)
+        hold = random.Random(f"{args.seed}-{n}-hold")  # (drawn apart, as above)
+        if hold.random() < 0.5:
+            config = draw_hold(config, hold)
         interruptions = draw_interruptions(config, rng)
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")

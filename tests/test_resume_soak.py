@@ -16,6 +16,7 @@ import dataclasses
 import os
 import random
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -123,6 +124,7 @@ class Config:
     uneven: bool = False  # over several ranks: rank r has 16 * r more samples than rank 0
     control_lag: int = 0  # over several ranks: the trainer's (1: the agreement pipelined)
     augmented: bool = False  # not streamed: noise drawn as samples are read (in workers too)
+    held_at: int = 0  # the interrupted run is held by pause() after this global step (0: not)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -164,6 +166,31 @@ class StopAtNextEpoch(Callback):
     def on_epoch_begin(self, state: LoopState) -> None:
         if state.global_step >= self.at:
             state.loop.stop("before the epoch's first step")
+
+
+class HoldAt(Callback):
+    """``pause()`` after global step ``at``, ``resume()`` from another thread ``seconds``
+    later: a hold at a step boundary changes nothing of the run."""
+
+    def __init__(self, at: int, seconds: float = 0.1) -> None:
+        self.at = at
+        self.seconds = seconds
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at:
+            state.loop.pause()
+            threading.Timer(self.seconds, state.loop.resume).start()
+
+
+def holding(config: Config) -> list[Callback]:
+    """The interrupted run's hold, if ``config`` has one (in every part of the run: it comes
+    in the part that runs that step)."""
+    return [HoldAt(config.held_at)] if config.held_at else []
+
+
+def draw_hold(config: Config, rng: random.Random) -> Config:
+    """``config`` with the interrupted run held after a step drawn from ``rng``."""
+    return dataclasses.replace(config, held_at=rng.randrange(1, STEPS_PER_EPOCH * config.epochs))
 
 
 def interruption(how: str, step: int, cancel: CancelAt) -> Callback:
@@ -293,14 +320,16 @@ def interrupted_run(config: Config, directory: Path, interruptions: list[Interru
     """Run with each interruption in turn (each run resumed from the last), then to the end."""
     for i, (how, step) in enumerate(interruptions):
         cancel = CancelAt(step)
-        run = trainer(config, directory, interruption(how, step, cancel), resume=i > 0)
+        run = trainer(
+            config, directory, interruption(how, step, cancel), *holding(config), resume=i > 0
+        )
 
         async def fit(run: Trainer = run, cancel: CancelAt = cancel) -> None:
             with anyio.CancelScope() as cancel.scope:
                 await run.fit()
 
         anyio.run(fit)
-    last = trainer(config, directory, resume=True)
+    last = trainer(config, directory, *holding(config), resume=True)
     anyio.run(last.fit)
     return last
 
@@ -363,7 +392,7 @@ def resumed_from(config: Config, checkpoint: Path, directory: Path) -> dict[str,
 @pytest.mark.parametrize("seed", [3, 4, 11, 25])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    config = Config.draw(rng)
+    config = draw_hold(Config.draw(rng), random.Random(f"{seed}-hold"))
     interruptions = draw_interruptions(config, rng)
     assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
 
@@ -449,12 +478,15 @@ async def rank_run(
         warnings.simplefilter("always")
         if config.uneven:  # said by design: every rank runs as many steps as the shortest
             warnings.filterwarnings("ignore", "(?s).*(different numbers of|had more) batches")
+        # Held on rank 0 alone (one rank paused holds them all); not the straight run.
+        held = holding(config) if rank == 0 and interruptions else []
         for i, (how, step) in enumerate(interruptions):
             cancel = CancelAt(step)
             extra = [interruption(how, step, cancel)] if how == "stop" or rank == 0 else []
+            extra += held
             with anyio.CancelScope() as cancel.scope:
                 await run(*extra, resume=i > 0).fit()
-        last = run(resume=resume or bool(interruptions))
+        last = run(*held, resume=resume or bool(interruptions))
         await last.fit()
     result = gathered(outcome(last))
     result["warnings"] = [(w.category, str(w.message)) for w in heard]
@@ -582,6 +614,7 @@ def test_ranks_with_uneven_data_resume_to_the_uninterrupted_run(
         train_metrics_every=2, streamed=streamed, uneven=True, control_lag=lag,
     )  # fmt: skip
     interruptions: list[Interruption] = [("stop", 2), ("cancel", 4)]
+    config = dataclasses.replace(config, held_at=3)  # a pause, too, between the two
     assert distributed_trial(config, interruptions, tmp_path, 2, "ddp") == []
 
 
