@@ -372,6 +372,7 @@ class _Ranks:
         self.errors, self.hang_timeout = ctx.SimpleQueue(), hang_timeout
         now = time.monotonic()  # [time, count] per rank: start-up counts towards hang_timeout
         self.beats = ctx.Array("d", [now, 0.0] * nprocs, lock=False)
+        self._watched_from = now  # no rank is late for hang_timeout before (see let_go)
         self.started = time.time()
         self.exited_at: dict[int, float] = {}
         self.reports: dict[int, tuple[float, str]] = {}
@@ -502,7 +503,8 @@ class _Ranks:
         alive = [r for r in running if self.beats[2 * r] != heartbeat.FINISHED]
         if not alive:
             return None
-        beats = {r: (self.beats[2 * r], self.beats[2 * r + 1]) for r in alive}
+        since = self._watched_from
+        beats = {r: (max(self.beats[2 * r], since), self.beats[2 * r + 1]) for r in alive}
         if all(now - beat <= hang_timeout for beat, _ in beats.values()):
             return None  # (the common case, every poll: no rank's state read)
         counts = {r: count for r, (_, count) in beats.items()}
@@ -623,7 +625,11 @@ class _Ranks:
             _signal(process, signal.SIGTSTP)
 
     def let_go(self) -> None:
-        """After :meth:`hold`: the loops it held go on."""
+        """After :meth:`hold`: the loops it held go on. While the launcher was stopped, a
+        rank not in a loop (starting, or building its data) may have made no progress,
+        waiting on the launcher's store: ``hang_timeout`` counts from now (before, a hold
+        longer than it had the launcher report every rank hung once it went on)."""
+        self._watched_from = time.monotonic()
         for process in self.processes:
             _signal(process, signal.SIGCONT)
 

@@ -439,6 +439,32 @@ def test_a_paused_rank_is_not_hung_however_long_it_holds(distributed: bool, tmp_
     assert rank_processes() == []
 
 
+def test_the_time_a_launcher_was_stopped_does_not_count_towards_hang_timeout() -> None:
+    """Ranks outside any loop (starting, building their data, waiting on the launcher's
+    store) make no progress while a Ctrl-Z holds the launcher: once it went on, the first
+    poll found every rank silent for longer than ``hang_timeout`` and terminated the job.
+    ``hang_timeout`` now counts from the moment the launcher lets the ranks go on."""
+    ranks = asynchat._launch._start(
+        rank_jobs.sleep_forever, 2, None, (), "127.0.0.1", None,
+        datetime.timedelta(seconds=30), 1.0,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while min(ranks.beats[1], ranks.beats[3]) < 1:  # each rank has started: its first beat
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2.5)  # as if stopped: no rank beats (they sleep outside any loop)
+        ranks.let_go()  # what the launcher does once continued
+        assert ranks._hung(1.0) is None
+        time.sleep(2.0)
+        hung = ranks._hung(1.0)  # the watchdog still watches
+        assert hung is not None and hung.hung == [0, 1] and "all ranks" in str(hung)
+    finally:
+        ranks.terminate()
+        ranks.close()
+    assert rank_processes() == []
+
+
 def test_a_rank_that_returned_while_another_ran_a_collective_says_so() -> None:
     """Its error was a bare barrier timeout in launch's own code, as if it had failed. (Which
     rank the report names first depends on timing: the timed-out barrier closes the
