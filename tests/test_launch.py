@@ -602,14 +602,17 @@ def step_of(directory: Path) -> int:
     return step_of(directory)
 
 
-@pytest.mark.parametrize("launched", ["launch", "async"])
+@pytest.mark.parametrize(
+    ("launched", "then"), [("launch", "fg"), ("async", "fg"), ("launch", "kill")]
+)
 def test_ctrl_z_holds_the_ranks_until_the_launcher_is_continued(
-    tmp_path: Path, launched: str
+    tmp_path: Path, launched: str, then: str
 ) -> None:
     # Regression: a terminal's Ctrl-Z (SIGTSTP to the launcher's process group) stopped the
     # launcher alone; its ranks, in process groups of their own, trained on unseen. Now they
     # hold (their loops pause, their processes run: a rank stopped inside a collective may
-    # fail it once continued) until the launcher is continued (fg), then train on.
+    # fail it once continued) until the launcher is continued (fg), then train on. "kill":
+    # the held job ended as a shell's `kill %1` ends a stopped job (SIGTERM, then SIGCONT).
     with launcher_script(
         "signalled_launcher.py", str(tmp_path), "1", launched, stoppable=True
     ) as launcher:  # fmt: skip
@@ -631,16 +634,22 @@ def test_ctrl_z_holds_the_ranks_until_the_launcher_is_continued(
             held_at = step_of(tmp_path)
         pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
         assert len(pids) == 2 and [process_state(pid) in "RS" for pid in pids] == [True, True]
-        os.killpg(launcher.pid, signal.SIGCONT)  # fg
-        while step_of(tmp_path) <= held_at + 5:
-            assert time.monotonic() < deadline + 30, "the ranks train on"
-            time.sleep(0.01)
-        assert process_state(launcher.pid) != "T"
-        launcher.send_signal(signal.SIGINT)
+        if then == "kill":
+            os.killpg(launcher.pid, signal.SIGTERM)
+            os.killpg(launcher.pid, signal.SIGCONT)
+        else:
+            os.killpg(launcher.pid, signal.SIGCONT)  # fg
+            while step_of(tmp_path) <= held_at + 5:
+                assert time.monotonic() < deadline + 30, "the ranks train on"
+                time.sleep(0.01)
+            assert process_state(launcher.pid) != "T"
+            launcher.send_signal(signal.SIGINT)
         errors = ended(launcher)
-    assert launcher.returncode == -signal.SIGINT, errors[-2000:]
+    ending = signal.SIGTERM if then == "kill" else signal.SIGINT
+    assert launcher.returncode == -ending, errors[-2000:]
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
-    assert [c["global_step"] > held_at for c in listed["checkpoints"]] == [True], "the final one"
+    final = [c["global_step"] for c in listed["checkpoints"]]
+    assert len(final) == 1 and final[0] >= held_at, "the final one"
     assert not any(alive(pid) for pid in pids)
 
 
