@@ -93,9 +93,16 @@ def stop_workers(iterator: object) -> None:
     of the traceback that ended it), until the cycle collector came by; a later loader's
     workers, forked meanwhile, inherited it, and a collection in one of them ran its shutdown
     there ("Exception ignored ... AssertionError: can only test a child process")."""
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None and not getattr(iterator, "_persistent_workers", True):
+    shutdown = _workers_shutdown(iterator)
+    if shutdown is not None:
         shutdown()
+
+
+def _workers_shutdown(iterator: object) -> Callable[[], None] | None:
+    """PyTorch's shutdown of a DataLoader iterator's worker processes, unless its loader
+    keeps them for the next epoch (persistent workers); None for anything else."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    return None if getattr(iterator, "_persistent_workers", True) else shutdown
 
 
 class Interrupted(Exception):
@@ -152,6 +159,7 @@ class Prefetcher(Generic[T]):
         self._interruptible = interruptible
         self._label = label
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._reading: Iterator[Any] | None = None  # the iterator the thread reads
         self._num_threads = torch.get_num_threads()  # collation runs torch ops here too
 
     def __enter__(self) -> Prefetcher[T]:
@@ -169,11 +177,19 @@ class Prefetcher(Generic[T]):
             self._cond.notify_all()
         self._thread.join(JOIN_TIMEOUT_S)
         if self._thread.is_alive():
+            shutdown = _workers_shutdown(self._reading)
+            if shutdown is not None:
+                # Its worker processes outlived the job (in a service, every such job's):
+                # shut down on a thread of their own, PyTorch's way (seconds per blocked one).
+                name = f"{self._thread.name}-workers-shutdown"
+                threading.Thread(target=shutdown, name=name, daemon=True).start()
+            workers = "; its worker processes are shut down" if shutdown is not None else ""
             warnings.warn(
                 f"{self._label()} did not return from __next__ within {JOIN_TIMEOUT_S:g} s of "
                 f"the loop leaving the epoch; its thread {self._thread.name!r} is left blocked "
-                "there (a daemon thread: it ends when __next__ returns, or with the process). "
-                "A DataLoader's timeout=... bounds how long its workers may take for a batch",
+                f"there (a daemon thread: it ends when __next__ returns, or with the process)"
+                f"{workers}. A DataLoader's timeout=... bounds how long its workers may take "
+                "for a batch",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -239,7 +255,7 @@ class Prefetcher(Generic[T]):
             torch.set_num_threads(self._num_threads)
             if not self._asked():
                 return
-            iterator = iter(self._iterable)
+            iterator = self._reading = iter(self._iterable)
             try:
                 while True:
                     try:

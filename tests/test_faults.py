@@ -7,6 +7,9 @@ from __future__ import annotations
 import gc
 import io
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -354,6 +357,56 @@ async def test_a_loader_blocked_forever_does_not_hold_stop_or_cancel(
         for thread in threading.enumerate():
             if thread.name.endswith("-data"):
                 thread.join(10)
+
+
+# Run in a process of its own: the data thread left blocked stays until that process ends.
+BLOCKED_WORKERS_JOB = textwrap.dedent("""
+    import multiprocessing, time
+    import anyio, torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    from asynchat import Trainer, _prefetch
+
+    _prefetch.JOIN_TIMEOUT_S = 0.5
+
+    class Hangs(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            if i >= 16:
+                time.sleep(3600)  # a read that never returns (a hung network mount)
+            return torch.randn(4), torch.randn(1)
+
+    async def main():
+        loader = DataLoader(Hangs(), batch_size=4, num_workers=2)
+        trainer = Trainer(nn.Linear(4, 1), loader, lambda m: torch.optim.SGD(m.parameters(), 0.1),
+                          loss_fn=nn.MSELoss(), num_epochs=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(trainer.fit)
+            while trainer.state.global_step < 4:  # the 5th batch never comes
+                await anyio.sleep(0.05)
+            print(len(multiprocessing.active_children()), "workers", flush=True)
+            trainer.stop("enough")
+        print(trainer.status.value, flush=True)
+        deadline = time.monotonic() + 30
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            await anyio.sleep(0.1)
+        print(len(multiprocessing.active_children()), "workers", flush=True)
+
+    anyio.run(main)
+""")
+
+
+def test_the_workers_of_a_loader_blocked_forever_are_shut_down() -> None:
+    # Regression: a DataLoader whose workers never returned a batch kept them (and their
+    # copies of the dataset) for the life of the process once the loop had given up on
+    # it: in a long-running service, every such job leaked its worker processes.
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED_WORKERS_JOB], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split("\n") == ["2 workers", "finished", "0 workers", ""], done.stderr
+    assert "its worker processes are shut down" in done.stderr
 
 
 @pytest.mark.slow
