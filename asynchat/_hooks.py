@@ -89,6 +89,16 @@ class HookRunner:
                     self._call_hook(hook, phase)
         beat()
 
+    @staticmethod
+    def raised_in_a_hook(exc: BaseException) -> bool:
+        """Whether ``exc`` came out of a hook (its traceback passes through one's call)."""
+        frame = exc.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_code is HookRunner._call_hook.__code__:
+                return True
+            frame = frame.tb_next
+        return False
+
     def _call_hook(self, hook: Hook, phase: Phase) -> None:
         if not hook.is_async:
             hook.fn(self.state)

@@ -170,7 +170,23 @@ class BatchProcessor(abc.ABC):
         return _held_sync(model)
 
     def backward(self, state: LoopState, loss: torch.Tensor) -> None:
-        """``loss.backward()``, divided by ``grad_accumulation_steps`` and scaled for fp16."""
+        """``loss.backward()``, divided by ``grad_accumulation_steps`` and scaled for fp16.
+
+        A loss that cannot be trained on is refused with a ``ValueError`` saying why (torch's
+        own errors name neither the loss nor the likely cause): one of several elements (a
+        loss with ``reduction="none"``), or one that depends on no parameter that trains."""
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the loss to train on must be a single number, got a tensor of shape "
+                f"{tuple(loss.shape)}: reduce it in the loss function (e.g. its "
+                "reduction='mean', not 'none')"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "the loss depends on no parameter that trains: is every parameter frozen "
+                "(requires_grad_(False), FreezeModule), or was the loss computed under "
+                "torch.no_grad() or from detached outputs?"
+            )
         if self.grad_accumulation_steps > 1:
             loss = loss / self.grad_accumulation_steps
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -45,6 +45,11 @@ from asynchat._worker_seeds import seeded_per_batch
 
 _LOG = logging.getLogger("asynchat.loop")
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
+# The phases inside a step after whose hooks the batch processor's own work goes on (the
+# forward, loss and backward after on_batch_begin; the update after on_before_update...).
+_IN_STEP = frozenset(
+    {Phase.ON_STEP_BEGIN, Phase.ON_BATCH_BEGIN, Phase.ON_BATCH_END, Phase.ON_BEFORE_UPDATE}
+)
 
 
 @dataclasses.dataclass(slots=True)
@@ -149,10 +154,16 @@ class LoopRun:
             )
             return
         phase = state.phase.value if state.phase is not None else "prepare"
+        where = f"phase {phase}"
+        if state.phase in _IN_STEP and not self.hooks.raised_in_a_hook(exc):
+            # (It said "phase on_batch_begin" of a shape error in the model's forward, as if
+            # a callback's on_batch_begin had raised it.)
+            processor = type(self.batch_processor).__name__
+            where = f"in {processor}'s step, after the hooks of {where}"
         add_note(
             exc,
             f"asynchat: raised in {self.loop.name} at epoch {state.epoch}, step "
-            f"{state.step} (global step {state.global_step}), phase {phase}",
+            f"{state.step} (global step {state.global_step}), {where}",
         )
 
     def _run_epochs(self, resume: ResumePoint | None) -> None:

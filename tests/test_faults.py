@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import Unsized, engine_threads, make_loader, make_trainer
+from conftest import Unsized, engine_threads, make_loader, make_model, make_trainer, sgd
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -189,10 +189,45 @@ async def test_a_step_error_says_where_it_happened_and_stays_itself() -> None:
     with pytest.raises(Boom) as caught:
         await trainer.fit()
     assert caught.value is error
+    # It said "phase on_batch_begin" alone, as if a callback's on_batch_begin had raised it.
     assert caught.value.__notes__ == [
-        f"asynchat: raised in {trainer.name} at epoch 1, step 2 (global step 8), phase "
+        f"asynchat: raised in {trainer.name} at epoch 1, step 2 (global step 8), in "
+        "BasicBatchProcessor's step, after the hooks of phase on_batch_begin"
+    ]
+    hooked = make_trainer(raising("on_batch_begin", is_async=False))
+    with pytest.raises(Boom) as caught:
+        await hooked.fit()
+    assert caught.value.__notes__ == [
+        f"asynchat: raised in {hooked.name} at epoch 0, step 0 (global step 0), phase "
         "on_batch_begin"
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["reduction-none", "frozen", "no-grad"])
+async def test_a_loss_that_cannot_be_trained_on_is_refused_saying_why(how: str) -> None:
+    # Torch's own errors ("grad can be implicitly created only for scalar outputs", "element 0
+    # of tensors does not require grad and does not have a grad_fn") named neither the loss
+    # nor the likely cause.
+    model = make_model()
+    if how == "frozen":
+        model.requires_grad_(False)
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if how == "no-grad":
+            outputs = outputs.detach()
+        reduction = "none" if how == "reduction-none" else "mean"
+        return nn.functional.cross_entropy(outputs, targets, reduction=reduction)
+
+    trainer = Trainer(model, make_loader(96, 16), sgd, loss_fn=loss_fn, num_epochs=1)
+    why = (
+        "must be a single number, got a tensor of shape \\(16,\\)"
+        if how == "reduction-none"
+        else "depends on no parameter that trains"
+    )
+    with pytest.raises(ValueError, match=why):
+        await trainer.fit()
+    assert trainer.state.global_step == 0
 
 
 class BadBatch(torch.utils.data.Dataset[Any]):
