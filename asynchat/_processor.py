@@ -18,6 +18,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from asynchat._checks import loss_function, positive_int
+from asynchat._errors import add_note
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
 from asynchat._state import LoopState
@@ -395,7 +396,18 @@ def _forward(
         outputs = model(inputs)
     if loss_fn is None or targets is None:
         return outputs, None
-    return outputs, loss_fn(outputs, targets)
+    try:
+        return outputs, loss_fn(outputs, targets)
+    except TypeError as exc:
+        if not isinstance(outputs, torch.Tensor):  # (a tuple, a dict, a ModelOutput...)
+            add_note(
+                exc,
+                f"asynchat: the model returned a {type(outputs).__name__}, which loss_fn got "
+                "as it is: take the tensor to score out of it in loss_fn (e.g. lambda "
+                "outputs, targets: F.cross_entropy(outputs[0], targets)), or in a batch "
+                "processor of your own",
+            )
+        raise
 
 
 def _own_forward(model: torch.nn.Module, loss_fn: LossFn | None) -> Callable[[Any, Any], Any]:

@@ -204,6 +204,29 @@ async def test_a_step_error_says_where_it_happened_and_stays_itself() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("returns", [tuple, dict])
+async def test_a_model_output_that_the_loss_cannot_take_says_why(returns: type) -> None:
+    # A model returning a tuple or a dict (a ModelOutput) made loss_fn raise torch's
+    # "must be Tensor, not tuple", raised as itself; a note now says what loss_fn was given.
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_model()
+
+        def forward(self, x: torch.Tensor) -> Any:
+            logits = self.inner(x)
+            return (logits, x) if returns is tuple else {"logits": logits}
+
+    trainer = Trainer(Wrapped(), make_loader(96, 16), sgd, loss_fn=nn.CrossEntropyLoss(),
+                      num_epochs=1)  # fmt: skip
+    with pytest.raises(TypeError, match="must be Tensor") as caught:
+        await trainer.fit()
+    assert f"the model returned a {returns.__name__}, which loss_fn got as it is" in "".join(
+        caught.value.__notes__
+    )
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("how", ["reduction-none", "frozen", "no-grad"])
 async def test_a_loss_that_cannot_be_trained_on_is_refused_saying_why(how: str) -> None:
     # Torch's own errors ("grad can be implicitly created only for scalar outputs", "element 0
