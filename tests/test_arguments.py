@@ -348,6 +348,20 @@ class TestErrorsFoundWhileRunning:
             ValueError,
             r"monitor must be a metric name",
         ),
+        # The class, which needs more than the optimizer: it failed at the loop's start with
+        # torch's "missing 1 required positional argument: 'step_size'".
+        (
+            lambda: LRSchedule(torch.optim.lr_scheduler.StepLR),
+            TypeError,
+            r"scheduler must be a factory .*: e\.g\. lambda optimizer: StepLR\(optimizer, \.\.\.\)",
+        ),
+        (
+            lambda: LRSchedule(  # built already, on an optimizer of its own
+                torch.optim.lr_scheduler.StepLR(torch.optim.SGD(nn.Linear(1, 1).parameters()), 1)  # type: ignore[arg-type]
+            ),
+            TypeError,
+            r"got <torch\.optim\.lr_scheduler\.StepLR object .*lambda optimizer: StepLR",
+        ),
     ],
 )
 def test_hardened_arguments(make: Any, error: type[Exception], match: str) -> None:

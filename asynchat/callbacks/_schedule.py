@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -86,8 +87,15 @@ class LRSchedule(Callback):
         monitor: str | None = None,
         optimizer: str | None = None,
     ) -> None:
-        if not callable(scheduler):
-            raise TypeError(f"scheduler must be a factory scheduler(optimizer), got {scheduler!r}")
+        if not callable(scheduler) or _a_scheduler_class_needing_more(scheduler):
+            # (A scheduler built on an optimizer, or its class, failed later with torch's
+            # "missing 1 required positional argument", naming neither.)
+            example = getattr(scheduler, "__name__", type(scheduler).__name__)
+            raise TypeError(
+                f"scheduler must be a factory scheduler(optimizer), got {scheduler!r}: e.g. "
+                f"lambda optimizer: {example}(optimizer, ...), called once the trainer's "
+                "optimizer exists"
+            )
         if interval not in ("step", "epoch"):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
         if warmup not in ("linear", "constant"):
@@ -244,3 +252,17 @@ def constant() -> SchedulerFactory:
 
 
 __all__ = ["LRSchedule", "constant", "cosine", "one_cycle", "poly", "step_decay"]
+
+
+def _a_scheduler_class_needing_more(scheduler: object) -> bool:
+    """Whether ``scheduler`` is a class that cannot be built from the optimizer alone (such as
+    ``StepLR``, which needs ``step_size``)."""
+    if not isinstance(scheduler, type):
+        return False
+    try:
+        inspect.signature(scheduler).bind(object())
+    except TypeError:
+        return True
+    except ValueError:  # (no signature to read)
+        return False
+    return False
