@@ -175,22 +175,14 @@ class BatchProcessor(abc.ABC):
 
         A loss that cannot be trained on is refused with a ``ValueError`` saying why (torch's
         own errors name neither the loss nor the likely cause): one of several elements (a
-        loss with ``reduction="none"``), or one that depends on no parameter that trains."""
-        if loss.numel() != 1:
-            raise ValueError(
-                f"the loss to train on must be a single number, got a tensor of shape "
-                f"{tuple(loss.shape)}: reduce it in the loss function (e.g. its "
-                "reduction='mean', not 'none')"
-            )
-        if not loss.requires_grad:
-            raise ValueError(
-                "the loss depends on no parameter that trains: is every parameter frozen "
-                "(requires_grad_(False), FreezeModule), or was the loss computed under "
-                "torch.no_grad() or from detached outputs?"
-            )
-        if self.grad_accumulation_steps > 1:
-            loss = loss / self.grad_accumulation_steps
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        loss with ``reduction="none"``), or one that depends on no parameter that trains.
+        Asked only once torch's backward has failed: the step pays nothing for it."""
+        scaled = loss / self.grad_accumulation_steps if self.grad_accumulation_steps > 1 else loss
+        try:
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        except RuntimeError as exc:
+            _refuse_untrainable(loss, exc)
+            raise
 
     def update(self, state: LoopState, run_phase: RunPhase, optimizer: str | None = None) -> bool:
         """Step the optimizer named ``optimizer`` if an update is due; return whether it did.
@@ -217,6 +209,23 @@ class BatchProcessor(abc.ABC):
             chosen.step()
         chosen.zero_grad(set_to_none=self.set_to_none)
         return True
+
+
+def _refuse_untrainable(loss: torch.Tensor, error: RuntimeError) -> None:
+    """A ValueError saying why, where ``error`` (torch's, from ``loss``'s backward) is one
+    that names neither the loss nor the likely cause; else nothing."""
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the loss to train on must be a single number, got a tensor of shape "
+            f"{tuple(loss.shape)}: reduce it in the loss function (e.g. its "
+            "reduction='mean', not 'none')"
+        ) from error
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss depends on no parameter that trains: is every parameter frozen "
+            "(requires_grad_(False), FreezeModule), or was the loss computed under "
+            "torch.no_grad() or from detached outputs?"
+        ) from error
 
 
 def _held_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
