@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
+from asynchat._launch import _process_state as process_state
 from asynchat._launch import free_port
 
 if TYPE_CHECKING:
@@ -589,11 +590,6 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert list(temporary.glob("pymp-*")) == []
 
 
-def process_state(pid: int) -> str:
-    """The state letter of process ``pid`` (``T``: stopped), from /proc."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def step_of(directory: Path) -> int:
     """The step rank 0 of ``rank_jobs.until_signalled`` last wrote."""
     with contextlib.suppress(ValueError):  # (read while it was written: try again)
@@ -622,7 +618,7 @@ def test_ctrl_z_holds_the_ranks_until_the_launcher_is_continued(
                 break
         os.killpg(launcher.pid, signal.SIGTSTP)  # as the terminal sends it
         deadline = time.monotonic() + 30
-        while process_state(launcher.pid) != "T":
+        while process_state(launcher.pid) != "T":  # (T: stopped)
             assert time.monotonic() < deadline, "the launcher stops"
             time.sleep(0.01)
         held_at = step_of(tmp_path)
@@ -633,7 +629,7 @@ def test_ctrl_z_holds_the_ranks_until_the_launcher_is_continued(
             assert time.monotonic() < deadline, "the ranks hold"
             held_at = step_of(tmp_path)
         pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
-        assert len(pids) == 2 and [process_state(pid) in "RS" for pid in pids] == [True, True]
+        assert len(pids) == 2 and [process_state(pid) in ("R", "S") for pid in pids] == [True, True]
         if then == "kill":
             os.killpg(launcher.pid, signal.SIGTERM)
             os.killpg(launcher.pid, signal.SIGCONT)
