@@ -42,6 +42,7 @@ import torch
 
 from asynchat._checks import path as check_path
 from asynchat._errors import CheckpointError, CheckpointWarning
+from asynchat._weights import load_portable, plain_name, under
 
 try:
     import fcntl
@@ -689,13 +690,13 @@ def load_weights(
     weights = loaded.get("model")
     if not isinstance(weights, Mapping):
         raise CheckpointError("the checkpoint has no 'model' entry of weights")
-    chosen = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    chosen = under(weights, prefix)
     if not chosen:
-        tops = sorted({k.split(".", 1)[0] + "." for k in weights})
+        tops = sorted({plain_name(k).split(".", 1)[0] + "." for k in weights})
         raise CheckpointError(
             f"no weights start with prefix={prefix!r}; the checkpoint's model has {tops}"
         )
-    module.load_state_dict(chosen, strict=strict)
+    load_portable(module, chosen, strict=strict)
 
 
 def _expected_digest(path: Path) -> str | None:

@@ -48,6 +48,7 @@ from asynchat._resume import (
 )
 from asynchat._run import LoopRun
 from asynchat._state import LoopState, LoopStatus, Metrics
+from asynchat._weights import load_portable
 
 T = TypeVar("T")
 
@@ -675,7 +676,7 @@ class LoopBase(PipeBase):
                     "sharded checkpoints (step-*.dcp). To start from its weights, "
                     "asynchat.callbacks.load_weights(model, path) before training"
                 )
-            self.model.load_state_dict(checkpoint["model"])
+            load_portable(self.model, checkpoint["model"])
             return
         # The callbacks' sharded tensors too: in place of their placeholders, for the
         # callbacks to load next (apply_checkpoint).

@@ -11,7 +11,8 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``metrics``           ``state.metrics``
 ``metric_steps``      the global step at which each metric was measured (absent from older
                       checkpoints: the checkpoint's step stands in)
-``model``             the (unwrapped) model's ``state_dict()`` (not in a sharded checkpoint)
+``model``             the (unwrapped) model's ``state_dict()``, named as without ``torch.compile``
+                      (:mod:`asynchat._weights`; not in a sharded checkpoint)
 ``processor``         the batch processor's state (the grad scaler)
 ``callbacks``         ``{"ClassName": state, "ClassName#1": ...}`` for callbacks with state
                       (in a sharded checkpoint their DTensors are in the shards, a
@@ -59,6 +60,7 @@ from asynchat._errors import CheckpointWarning
 from asynchat._rng import capture_rng, restore_rng
 from asynchat._state import Metrics
 from asynchat._transfer import HostCopy
+from asynchat._weights import portable_state_dict
 
 
 @dataclasses.dataclass(slots=True)
@@ -272,7 +274,7 @@ def build_checkpoint(
     ``spans_ranks`` (a distributed trainer), without the callbacks with ``state_per_rank``
     (each rank's :func:`rank_state` holds its own)."""
     position = tracker.position
-    weights = {"model": model.state_dict()} if model is not None else {}
+    weights = {"model": portable_state_dict(model)} if model is not None else {}
     # Those with state_per_rank are each rank's own: in ``ranks`` only (rank_state), when
     # the loop spans ranks; one rank's for every rank would count a shard's metrics twice.
     states = callback_states(callbacks, per_rank=False if spans_ranks else None)

@@ -586,3 +586,51 @@ def test_a_step_checkpoint_holds_what_the_steps_later_hooks_did(tmp_path: Path) 
         resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
     )
     assert all(torch.equal(a, b) for a, b in weights)
+
+
+def test_a_compiled_models_checkpoint_resumes_without_compiling_and_back(
+    tmp_path: Path,
+) -> None:
+    # torch.compile(model)'s state_dict names every weight "_orig_mod.<name>": saved by those
+    # names, a run could be resumed only compiled the same way, and its weights loaded only
+    # into a compiled module (torch's "Missing key(s)" error). They are saved by the plain
+    # names now, as DCP's sharded checkpoints always were.
+    straight = make_trainer(num_steps=12)
+    anyio.run(straight.fit)
+
+    compiled = torch.compile(make_model(), backend="eager")
+    anyio.run(make_trainer(Checkpoint(tmp_path), model=compiled, num_steps=6).fit)
+    saved = load_checkpoint(tmp_path)[0]["model"]
+    assert list(saved) == list(make_model().state_dict())
+
+    resumed = make_trainer(Checkpoint(tmp_path), num_steps=12, resume_from=tmp_path)
+    anyio.run(resumed.fit)  # compiling turned off, to debug the run, say
+    assert_bitwise_equal(resumed.model.state_dict(), straight.model.state_dict())
+
+    part = make_model(seed=1)
+    part[0] = torch.compile(part[0], backend="eager")  # and now one layer compiled
+    load_weights(part, tmp_path)
+    assert torch.equal(part[0].weight, straight.model[0].weight)
+    deployed = torch.compile(make_model(seed=2), backend="eager")
+    load_weights(deployed, tmp_path)  # strict: raises if a name is left unmatched
+    assert torch.equal(deployed._orig_mod[2].bias, straight.model[2].bias)
+    nested = torch.compile(nn.Sequential(make_model()), backend="eager")
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "_orig_mod\.0\.0'):
+        load_weights(nested, tmp_path)  # a model of another layout still does not load
+
+
+def test_weights_saved_under_compiled_names_load_by_their_plain_names() -> None:
+    # Checkpoints written before compiled names were made plain hold "_orig_mod." names.
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    compiled = {"generator": torch.compile(source, backend="eager"), "critic": nn.Linear(2, 1)}
+    written = nn.ModuleDict(compiled).state_dict()
+    assert "generator._orig_mod.1.running_mean" in written
+
+    generator = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    load_weights(generator, {"model": written}, prefix="generator.")
+    assert_bitwise_equal(generator.state_dict(), source.state_dict())
+    versions = generator.state_dict()._metadata  # type: ignore[attr-defined]
+    assert versions["1"] == {"version": 2}, "BatchNorm's version came with its weights"
+    with pytest.raises(CheckpointError, match=r"the checkpoint's model has \['critic\.', 'gen"):
+        load_weights(generator, {"model": written}, prefix="discriminator.")
