@@ -35,16 +35,19 @@ top level), and each rank is given what a spawned one inherits at its start:
 The fork server is CPython's own (``multiprocessing.forkserver``), shared with anything
 else in the process that uses it (if something else started it before the first launch,
 the ranks are spawned: that one has its own preloads and signal handling); it ends with
-the launcher process. A process forked from the launcher (``os.fork``, multiprocessing's
+the launcher process, and removes its socket from ``TMPDIR`` then (a launcher killed by
+SIGKILL cannot). A process forked from the launcher (``os.fork``, multiprocessing's
 ``fork``) spawns its ranks, as do other systems than Linux (macOS, Windows).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -206,18 +209,34 @@ def _umask() -> int | None:
     return int(line.split()[1], 8)
 
 
-def _in_our_fork_server() -> bool:
-    """Whether the fork server that :func:`rank_context` configured is importing this module
-    as one of its preloads: not another server, nor a process one forks (its imports run
-    under the server's ``main`` too), importing asynchat."""
+def _our_fork_server() -> dict[str, Any] | None:
+    """The local variables of ``multiprocessing.forkserver.main`` when the fork server that
+    :func:`rank_context` configured is importing this module as one of its preloads; None
+    in any other process (another server, a process one forks: its imports run under the
+    server's ``main`` too) importing asynchat."""
     frame = sys._getframe()
     while frame.f_back is not None:
         frame = frame.f_back
         if frame.f_code.co_name == "main" and (
             frame.f_globals.get("__name__") == "multiprocessing.forkserver"
         ):
-            return __name__ in frame.f_locals.get("preload", ())
-    return False
+            return frame.f_locals if __name__ in frame.f_locals.get("preload", ()) else None
+    return None
+
+
+def _socket_path(listener_fd: object) -> str | None:
+    """The file of the server's listening socket (in a ``pymp-*`` directory of
+    multiprocessing's), if it has one (an abstract socket has none)."""
+    if not isinstance(listener_fd, int):
+        return None
+    try:
+        with socket.socket(fileno=os.dup(listener_fd)) as listener:
+            address = listener.getsockname()
+    except OSError:
+        return None
+    if not isinstance(address, str) or not address.startswith(os.sep):
+        return None
+    return address if os.path.basename(os.path.dirname(address)).startswith("pymp-") else None
 
 
 class _Server:
@@ -233,10 +252,24 @@ class _Server:
     never heard and the launcher waited for the rank forever.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, listener_fd: object) -> None:
         self.pid = os.getpid()
         signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING)
         self.previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _GROUP_SIGNALS}
+        self.socket = _socket_path(listener_fd)
+        atexit.register(self.leave)
+
+    def leave(self) -> None:
+        """As the server exits, which it does once its launcher has ended (its pipe from the
+        launcher is closed): remove its socket and the directory multiprocessing made for it,
+        if empty. A launcher removes them as it exits; one killed by SIGKILL left them in
+        ``TMPDIR``, one more directory at each such end."""
+        if os.getpid() != self.pid or self.socket is None:  # (a forked process inherits this)
+            return
+        with contextlib.suppress(OSError):  # (gone already: the launcher exited as usual)
+            os.unlink(self.socket)
+        with contextlib.suppress(OSError):  # (not empty: something of the launcher's is left)
+            os.rmdir(os.path.dirname(self.socket))
 
     def take_back(self) -> None:
         if os.getppid() == self.pid:  # (not in a process that one of those forks in turn)
@@ -250,6 +283,8 @@ class _Server:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _ENDING)  # (a pending one is heard now)
 
 
-if _in_our_fork_server():
-    _server = _Server()
+_main = _our_fork_server()
+if _main is not None:
+    _server = _Server(_main.get("listener_fd"))
     util.register_after_fork(_server, _Server.take_back)
+del _main

@@ -819,7 +819,11 @@ def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path)
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> None:
-    with launcher_script("launcher_job.py", str(tmp_path)) as launcher:
+    temporary = tmp_path / "tmp"  # (the launcher's TMPDIR)
+    temporary.mkdir()
+    with launcher_script(
+        "launcher_job.py", str(tmp_path), env={"TMPDIR": str(temporary)}
+    ) as launcher:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("rank*.pid"))) < 2:
             assert time.monotonic() < deadline and launcher.poll() is None
@@ -836,6 +840,11 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> N
         time.sleep(0.1)
     assert not any(alive(pid) for pid in pids), "a rank outlived its launcher"
     assert not stacks.pop().exists(), "the launcher's stack files were left behind"
+    # Killed by SIGKILL, the launcher left the fork server's socket and its pymp-* directory
+    # in TMPDIR: the server removes them now as it exits, once the launcher is gone.
+    while list(temporary.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(temporary.iterdir()) == []
 
 
 def open_files(pid: int) -> list[Path]:
