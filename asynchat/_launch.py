@@ -415,7 +415,7 @@ class _Ranks:
             if self._forced_at is not None and time.monotonic() > self._forced_at + _GRACE_S:
                 self.terminate()  # told twice, and still running: a rank that cannot end
             return all(p.exitcode is not None for p in self.processes)
-        if any(p.exitcode not in (None, 0) for p in self.processes) or self.reports:
+        if self.reports or any(self._failed(rank) for rank in range(len(self.processes))):
             error = self._failure()
             self.terminate()
             raise error
@@ -424,6 +424,16 @@ class _Ranks:
             if hung is not None:
                 raise hung
         return all(p.exitcode == 0 for p in self.processes)
+
+    def _failed(self, rank: int) -> bool:
+        """Whether rank ``rank``'s process has ended other than by its function returning: an
+        exit code other than 0, or 0 before it said its function had returned (``os._exit(0)``
+        in it, or a library ending the process: its peers wait for it in a collective, which
+        NCCL may not give up on for many minutes)."""
+        exitcode: int | None = self.processes[rank].exitcode
+        if exitcode is None:
+            return False
+        return exitcode != 0 or self.beats[2 * rank] != heartbeat.FINISHED
 
     def _observe(self) -> None:
         now = time.time()
@@ -445,7 +455,7 @@ class _Ranks:
         self._settle()
         failures: dict[int, tuple[float, str]] = dict(self.reports)
         for rank, process in enumerate(self.processes):
-            if rank not in failures and process.exitcode not in (None, 0):
+            if rank not in failures and self._failed(rank):
                 how = self._how(process.exitcode, process.pid)
                 stacks = self._read_stacks(rank)
                 if stacks:
@@ -460,7 +470,7 @@ class _Ranks:
         ]
         for rank, at in sorted(self.exited_at.items()):
             if rank not in failures and at <= when:
-                others.append(f"rank {rank} had exited normally (code 0) {when - at:.2f} s before")
+                others.append(f"rank {rank} had returned and exited {when - at:.2f} s before")
         if others:
             text += "\nThe other ranks, most likely as a consequence:\n  " + "\n  ".join(others)
         return LaunchError(first, text)
@@ -484,6 +494,11 @@ class _Ranks:
 
     @staticmethod
     def _how(exitcode: int, pid: int | None) -> str:
+        if exitcode == 0:
+            return (
+                "the process exited (exit code 0) before its function returned, without a "
+                "Python traceback (os._exit(0) in it, or a library that ended the process?)"
+            )
         if exitcode == _LOST and _process_state(pid) not in (None, "Z", "X"):
             return (
                 "lost: the fork server it was started from died (the rank was still running, "

@@ -81,6 +81,14 @@ async def returns_early_on_rank_one(rank: int, world_size: int) -> None:
     dist.all_reduce(torch.ones(1))
 
 
+async def ends_quietly_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 ends its process with exit code 0 (``os._exit(0)``) before its function returns;
+    rank 0 works on for 60 s."""
+    if rank == 1:
+        os._exit(0)
+    await anyio.sleep(60.0)
+
+
 async def sleep_forever(rank: int, world_size: int) -> None:
     await anyio.sleep_forever()
 

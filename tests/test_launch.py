@@ -392,6 +392,18 @@ def test_the_first_rank_to_die_is_named_with_how_it_died(fault: str) -> None:
     assert rank_processes() == []
 
 
+def test_a_rank_that_exits_with_code_0_before_its_function_returns_has_failed() -> None:
+    # Exit code 0 was taken for success: the launcher waited for the other ranks (under
+    # NCCL, in a collective the lost rank never joins, for its timeout), then named one of
+    # them, and listed the one that had ended as having "exited normally".
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match=r"^rank 1 failed:\n.*exit code 0\) before its") as info:
+        launch(rank_jobs.ends_quietly_on_rank_one, nprocs=2)
+    assert info.value.rank == 1 and "os._exit(0)" in str(info.value)
+    assert time.monotonic() - started < 30, "rank 0's 60 s of work were not waited for"
+    assert rank_processes() == []
+
+
 def test_a_rank_that_crashes_natively_is_reported_with_its_python_stacks() -> None:
     with pytest.raises(LaunchError, match=r"^rank 1 failed:\n.*killed by SIGABRT") as info:
         launch(rank_jobs.ddp_fault, nprocs=2, args=("abort",))
