@@ -32,6 +32,26 @@ def set_lr(group: dict[str, Any], lr: float | torch.Tensor) -> None:
         group["lr"] = lr
 
 
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of everything in a param group but its parameters (tensors cloned)."""
+    return {
+        key: value.clone() if isinstance(value, torch.Tensor) else value
+        for key, value in group.items()
+        if key != "params"
+    }
+
+
+def _put_back(group: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Set a param group's hyper-parameters to ``saved`` (:func:`_hyperparameters`); a tensor
+    one in place, as :func:`set_lr` does."""
+    for key, value in saved.items():
+        current = group.get(key)
+        if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+            current.copy_(value)
+        else:
+            group[key] = value
+
+
 class LRSchedule(Callback):
     """Steps a learning-rate scheduler after every optimizer update (``interval="step"``) or
     epoch.
@@ -127,13 +147,15 @@ class LRSchedule(Callback):
         if self._metric is not None:
             self._metric.begin(state)
         optimizer = self._optimizer(state)
-        restored: list[float] = []
+        restored: list[dict[str, Any]] = []
         if self._loaded is not None:
-            # Building schedulers rescales the learning rates: start from the initial ones so
-            # the rebuilt chain matches the saved one, load it, then put back the rates the
-            # optimizer was restored with, which are the run's whatever steps them (a
-            # scheduler's last rate is not, when another LRSchedule steps the same optimizer).
-            restored = [float(group["lr"]) for group in optimizer.param_groups]
+            # Building schedulers rescales the learning rates, and some set more of each
+            # group (OneCycleLR its momentum or Adam's beta1, to their first step's): start
+            # from the initial rates so the rebuilt chain matches the saved one, load it, then
+            # put back every hyper-parameter the optimizer was restored with, which are the
+            # run's whatever steps them (a scheduler's last rate is not, when another
+            # LRSchedule steps the same optimizer).
+            restored = [_hyperparameters(group) for group in optimizer.param_groups]
             for group in optimizer.param_groups:
                 set_lr(group, group.get("initial_lr", group["lr"]))
         main = self.factory(optimizer)
@@ -157,8 +179,8 @@ class LRSchedule(Callback):
         self.scheduler = main
         if self._loaded is not None:
             main.load_state_dict(self._loaded)
-            for group, lr in zip(optimizer.param_groups, restored, strict=True):
-                set_lr(group, lr)
+            for group, saved in zip(optimizer.param_groups, restored, strict=True):
+                _put_back(group, saved)
             self._loaded = None
 
     def _optimizer(self, state: LoopState) -> torch.optim.Optimizer:
