@@ -144,6 +144,8 @@ def main() -> None:
             two_parts=rng.random() < 0.3,
             validate_ema=rng.random() < 0.3,
         )
+        cycle = random.Random(f"{args.seed}-{n}-cycle").random() < 0.4  # (drawn apart, too)
+        config = dataclasses.replace(config, cycle=cycle)
         data = random.Random(f"{args.seed}-{n}-data")  # drawn apart: a seed's rest is as before
         streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
         config = dataclasses.replace(config, streamed=streamed, uneven=uneven)

@@ -65,6 +65,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "two interruptions": lambda c, i: len(i) == 2,
     "validation by step": lambda c, i: c.validate_every is not None,
     "two schedules on one optimizer": lambda c, i: c.plateau and c.schedule is not None,
+    "one_cycle (momentum cycles)": lambda c, i: c.cycle and c.schedule is not None,
     "EMA": lambda c, i: c.ema or c.validate_ema,
     "step checkpoints": lambda c, i: c.checkpoint_every is not None,
     "MetricUpdater": lambda c, i: c.train_metrics_every != 0,
@@ -103,6 +104,8 @@ def main() -> None:
             validate_ema=extra.random() < 0.2,
             persistent_workers=extra.random() < 0.5,
         )
+        cycle = random.Random(f"{args.seed}-{n}-cycle").random() < 0.4  # (drawn apart, as above)
+        config = dataclasses.replace(config, cycle=cycle)
         data = random.Random(f"{args.seed}-{n}-data")  # (drawn apart, as above)
         streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
         config = dataclasses.replace(config, streamed=streamed, uneven=uneven)

@@ -65,6 +65,7 @@ from asynchat.callbacks import (
     TerminateOnNaN,
     Validation,
     cosine,
+    one_cycle,
 )
 
 STEPS_PER_EPOCH = 6  # 96 samples in batches of 16
@@ -125,6 +126,7 @@ class Config:
     control_lag: int = 0  # over several ranks: the trainer's (1: the agreement pipelined)
     augmented: bool = False  # not streamed: noise drawn as samples are read (in workers too)
     held_at: int = 0  # the interrupted run is held by pause() after this global step (0: not)
+    cycle: bool = False  # the schedule is one_cycle (momentum and beta1 cycle too), not cosine
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -235,7 +237,11 @@ def trainer(
         callbacks.append(EarlyStopping("val/loss", patience=100))
     if config.schedule is not None:
         callbacks.append(
-            LRSchedule(cosine(40), interval=config.schedule, optimizer="a" if two else None)
+            LRSchedule(
+                one_cycle(0.5, 40) if config.cycle else cosine(40),
+                interval=config.schedule,
+                optimizer="a" if two else None,
+            )
         )
     if config.plateau:
         callbacks.append(
@@ -393,6 +399,7 @@ def resumed_from(config: Config, checkpoint: Path, directory: Path) -> dict[str,
 def test_an_interrupted_run_resumes_to_the_uninterrupted_one(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     config = draw_hold(Config.draw(rng), random.Random(f"{seed}-hold"))
+    config = dataclasses.replace(config, cycle=seed % 2 == 1)
     interruptions = draw_interruptions(config, rng)
     assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
 
