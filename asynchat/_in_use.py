@@ -37,6 +37,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._data import has_persistent_workers
+from asynchat._weights import plain_name
 
 #: The loops whose ``async def`` hook is running in this task (innermost last): a loop
 #: started there runs inside each of them (they wait for the hook).
@@ -332,7 +333,8 @@ def _what(new: Claim, other: Claim) -> str:
     if id(model) in both:
         return "its model"
     for name, module in model.named_modules():
-        if id(module) in both:
-            return f"its model's submodule {name!r}"
+        if id(module) in both:  # (named as uncompiled: a compiled model's is the one it runs)
+            plain = plain_name(name)
+            return f"its model's submodule {plain!r}" if plain else "its model"
     name = next(n for n, p in model.named_parameters() if id(p) in both)
-    return f"its model's parameter {name!r}"
+    return f"its model's parameter {plain_name(name)!r}"

@@ -28,6 +28,12 @@ def plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != _WRAPPER)
 
 
+def plain_modules(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``module``'s submodules by :func:`plain_name` (a compiled one's name stands for the
+    module it wraps, which it runs)."""
+    return {plain_name(name): each for name, each in module.named_modules()}
+
+
 def portable_state_dict(module: torch.nn.Module) -> dict[str, Any]:
     """``module.state_dict()`` with every name made :func:`plain_name` (its ``_metadata``,
     the module versions that some modules' loading reads, too)."""

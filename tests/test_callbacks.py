@@ -457,6 +457,17 @@ async def test_freeze_module_until_an_epoch() -> None:
         await make_trainer(FreezeModule(["backbone"])).fit()
 
 
+async def test_freeze_module_names_a_compiled_models_submodules_as_uncompiled() -> None:
+    # torch.compile(model) names them "_orig_mod.0": FreezeModule(["0"]) was refused.
+    model = make_model()
+    first_layer = model[0].weight.detach().clone()
+    compiled = torch.compile(model, backend="eager")
+    await make_trainer(FreezeModule(["0"]), model=compiled, num_epochs=1).fit()
+    assert torch.equal(model[0].weight, first_layer) and not model[0].weight.requires_grad
+    with pytest.raises(KeyError, match=r"no submodule named \['_orig_mod\.0'\]; .* \['0', '1'"):
+        await make_trainer(FreezeModule(["_orig_mod.0"]), model=compiled).fit()
+
+
 async def test_stats_monitor_publishes_timing() -> None:
     record = Record()
     await make_trainer(StatsMonitor(every_n_steps=2), record, num_epochs=2).fit()

@@ -111,6 +111,19 @@ async def test_models_sharing_a_submodule_or_a_weight_do_not_train_at_once() -> 
         assert (await trainer(Net()).fit()).global_step == 6
 
 
+async def test_a_compiled_model_is_named_as_the_model_it_compiles() -> None:
+    # Its names are torch.compile's: the refusal said "its model's submodule ''" (the
+    # wrapper's _orig_mod) of the very model in training.
+    model = Net()
+    compiled = torch.compile(model, backend="eager")
+    async with paused(trainer(model, name="first")):
+        with pytest.raises(RuntimeError, match="cannot run: first is training its model "):
+            await trainer(compiled).fit()
+        sharing = torch.compile(Net(backbone=model.backbone), backend="eager")
+        with pytest.raises(RuntimeError, match="is training its model's submodule 'backbone'"):
+            await trainer(sharing).fit()
+
+
 async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_hook() -> None:
     model = Net()
     model.train()

@@ -38,6 +38,7 @@ from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._every import UpdateDue, every_n_epochs
 from asynchat._ranks import local_parts
 from asynchat._state import LoopState
+from asynchat._weights import plain_name
 from asynchat.callbacks._monitor import measured_at, misspelled
 
 
@@ -580,10 +581,12 @@ def diverged_weight(model: torch.nn.Module) -> str | None:
     against 105 ms over 25M parameters, a copy of them 42 ms). A sum of finite values can
     overflow, so a weight whose sum is not finite is checked whole before it is named."""
     named: list[tuple[str, torch.Tensor]] = [
-        (f"parameter {n!r}", p) for n, p in model.named_parameters() if p.requires_grad
+        (f"parameter {plain_name(n)!r}", p) for n, p in model.named_parameters() if p.requires_grad
     ]
     trainable = len(named)
-    named += [(f"buffer {n!r}", b) for n, b in model.named_buffers() if b.is_floating_point()]
+    named += [
+        (f"buffer {plain_name(n)!r}", b) for n, b in model.named_buffers() if b.is_floating_point()
+    ]
     if not named:
         return None
     parts = [part.detach() for part in local_parts(t for _, t in named)]

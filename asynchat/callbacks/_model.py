@@ -15,6 +15,7 @@ from asynchat._every import UpdateDue
 from asynchat._handle import LoopHandle
 from asynchat._ranks import local_parts
 from asynchat._state import LoopState
+from asynchat._weights import plain_modules
 
 
 class ExponentialMovingAverage(Callback):
@@ -170,7 +171,9 @@ class FreezeModule(Callback):
 
     Args:
         names: dotted submodule names of the model as given to the trainer (not of a DDP
-            wrapper), e.g. ``["backbone", "head.0"]``. Under DDP, parameters frozen while
+            wrapper, nor with ``torch.compile``'s ``_orig_mod``: a compiled model's names
+            are those of the model it compiles), e.g. ``["backbone", "head.0"]``. Under
+            DDP, parameters frozen while
             others train need ``find_unused_parameters=True`` (refused before the first
             step without it).
         until_epoch: unfreeze when this epoch begins (``None``: frozen throughout).
@@ -191,7 +194,7 @@ class FreezeModule(Callback):
         self.eval_mode = eval_mode
 
     def _modules(self, model: nn.Module) -> list[nn.Module]:
-        found = dict(model.named_modules())
+        found = plain_modules(model)  # the names of the model uncompiled
         missing = [name for name in self.names if name not in found]
         if missing:
             raise KeyError(
