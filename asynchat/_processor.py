@@ -184,7 +184,14 @@ class BatchProcessor(abc.ABC):
             _refuse_untrainable(loss, exc)
             raise
 
-    def update(self, state: LoopState, run_phase: RunPhase, optimizer: str | None = None) -> bool:
+    def update(
+        self,
+        state: LoopState,
+        run_phase: RunPhase,
+        optimizer: str | None = None,
+        *,
+        closure: Callable[[], Any] | None = None,
+    ) -> bool:
         """Step the optimizer named ``optimizer`` if an update is due; return whether it did.
 
         Unscales its gradients (fp16), sets ``state.optimizer``/``state.optimizer_name`` to
@@ -192,6 +199,11 @@ class BatchProcessor(abc.ABC):
         the grad scaler for fp16) and zeroes its gradients. ``optimizer`` may be left out
         when the loop has a single optimizer. Gradients that a backward left on parameters
         of *other* optimizers are not touched: clear them where your step needs it.
+
+        ``closure`` is passed to ``optimizer.step``, for optimizers that evaluate the loss
+        again as they step (``torch.optim.LBFGS``): it zeroes the gradients, computes the
+        loss, runs its backward and returns it (no hooks run in it; not with fp16, whose
+        grad scaler cannot step with a closure).
         """
         name, chosen = _pick_optimizer(state, optimizer)
         if not self.update_due(state):
@@ -203,12 +215,37 @@ class BatchProcessor(abc.ABC):
             self.scaler.unscale_(chosen)
         run_phase(Phase.ON_BEFORE_UPDATE)
         if self.scaler is not None:
+            if closure is not None:
+                raise ValueError(
+                    f"{type(chosen).__name__} steps with a closure, which the grad scaler of "
+                    "amp='fp16' cannot do: use amp='bf16' or None"
+                )
             self.scaler.step(chosen)
             self._scaler_stepped = True
+        elif closure is not None:
+            chosen.step(closure)
         else:
-            chosen.step()
+            try:
+                chosen.step()
+            except TypeError as exc:
+                if needs_closure(chosen):
+                    raise TypeError(
+                        f"{type(chosen).__name__} steps with a closure that evaluates the loss "
+                        "again: pass one, self.update(state, run_phase, closure=...) (the "
+                        "BasicBatchProcessor passes its own)"
+                    ) from exc
+                raise
         chosen.zero_grad(set_to_none=self.set_to_none)
         return True
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given a closure (``torch.optim.LBFGS``)."""
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # (no signature to read)
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def _refuse_untrainable(loss: torch.Tensor, error: RuntimeError) -> None:
@@ -341,11 +378,70 @@ class BasicBatchProcessor(BatchProcessor):
         self.compile_options = _compile_options(compile)
         self._compiled: dict[tuple[int, int], Callable[[Any, Any], Any]] = {}
 
+    _again: bool | None = None  # whether the optimizer steps with a closure (None: not known)
+
+    def setup(self, loop: LoopHandle) -> None:
+        super().setup(loop)
+        self._again = None
+
     def step(self, state: LoopState, run_phase: RunPhase) -> None:
         state.batch_idx = 0
         self.run_batch(state, state.batch, self.loss_fn, run_phase)
         if state.training:
-            self.update(state, run_phase)
+            if self._again is None:
+                self._again = self._steps_with_closure(state)
+            if self._again:
+                self.update(state, run_phase, closure=self._evaluation(state))
+            else:
+                self.update(state, run_phase)
+
+    def _steps_with_closure(self, state: LoopState) -> bool:
+        """Whether the loop's optimizer evaluates the loss again as it steps (LBFGS); refused
+        where the evaluations cannot be the batch's alone, or alike on every rank."""
+        optimizer = state.optimizer
+        if optimizer is None or not needs_closure(optimizer):
+            return False
+        kind = type(optimizer).__name__
+        if self.grad_accumulation_steps > 1:
+            raise ValueError(
+                f"{kind} evaluates the loss of the batch again as it steps: it cannot "
+                f"accumulate gradients over grad_accumulation_steps={self.grad_accumulation_steps}"
+                " batches (use a larger batch instead)"
+            )
+        if state.loop.spans_ranks:
+            raise ValueError(
+                f"{kind} evaluates the loss again as it steps, as many times as its own "
+                "tests on the loss say: the ranks would step apart (their losses differ), so it "
+                "runs in a single process only"
+            )
+        return True
+
+    def _evaluation(self, state: LoopState) -> Callable[[], torch.Tensor]:
+        """The closure for an optimizer that evaluates the loss again (LBFGS): its first call
+        returns the loss of the step's batch, whose gradients are there (after the hooks of
+        ``on_before_update``); each later one computes it again at the new weights."""
+        loss = state.loss
+        assert loss is not None
+        inputs, targets = split_batch(state.batch)
+        first = True
+
+        def evaluate() -> torch.Tensor:
+            nonlocal first
+            if first:
+                first = False
+                return loss
+            assert state.optimizer is not None
+            state.optimizer.zero_grad()
+            with self.autocast():
+                if self.compile_options is None:
+                    _, again = _forward(state.model, self.loss_fn, inputs, targets)
+                else:
+                    _, again = self._compiled_forward(state, self.loss_fn)(inputs, targets)
+            assert again is not None
+            again.backward()
+            return again
+
+        return evaluate
 
     def run_batch(
         self,

@@ -89,6 +89,12 @@ async def ends_quietly_on_rank_one(rank: int, world_size: int) -> None:
     await anyio.sleep(60.0)
 
 
+async def ddp_lbfgs(rank: int, world_size: int) -> None:
+    """A DDP trainer with LBFGS: refused before its first update."""
+    trainer = plain_ddp_trainer(optimizer=lambda m: torch.optim.LBFGS(m.parameters()), num_steps=2)
+    await trainer.fit()
+
+
 async def sleep_forever(rank: int, world_size: int) -> None:
     await anyio.sleep_forever()
 
@@ -135,11 +141,10 @@ def plain_ddp_trainer(**options: Any) -> DistributedDataParallelTrainer:
 
     settings: dict[str, Any] = {
         "data_loader": torch.utils.data.DataLoader(ddp_data(), batch_size=8),
+        "optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         "loss_fn": torch.nn.CrossEntropyLoss(), "device": "cpu", **options,
     }  # fmt: skip
-    return DistributedDataParallelTrainer(
-        ddp_model(), optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), **settings
-    )
+    return DistributedDataParallelTrainer(ddp_model(), **settings)
 
 
 async def ddp_train(

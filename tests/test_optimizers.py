@@ -3,6 +3,7 @@ callbacks per optimizer, per-update losses, and checkpoints holding every optimi
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,99 @@ async def test_one_submodules_weights_and_the_best_checkpoint_are_one_call_away(
     await trainer(Checkpoint(other, save_on_end=True), steps=1).fit()
     with pytest.raises(CheckpointError, match="ranks no checkpoint"):
         find_checkpoint(other, best=True)
+
+
+def lbfgs(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=4)
+
+
+class Batches(Callback):
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_batch_end(self, state: LoopState) -> None:
+        self.seen += 1
+
+
+async def test_lbfgs_steps_as_a_hand_written_closure_loop_does(tmp_path: Path) -> None:
+    # LBFGS.step needs a closure that evaluates the loss again: every step failed with
+    # torch's "missing 1 required positional argument: 'closure'".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    reference = copy.deepcopy(model)
+    data = list(make_loader(96, 32))
+    optimizer = lbfgs(reference)
+
+    def evaluation(inputs: torch.Tensor, targets: torch.Tensor) -> Any:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(reference(inputs), targets)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(2):
+        for inputs, targets in data:
+            optimizer.step(evaluation(inputs, targets))
+    batches = Batches()
+    trainer = Trainer(
+        model, data, lbfgs, loss_fn=nn.CrossEntropyLoss(), num_epochs=2,
+        callbacks=[batches, Checkpoint(tmp_path)],
+    )  # fmt: skip
+    await trainer.fit()
+    assert batches.seen == trainer.state.global_step == 6, "the hooks ran once a batch"
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+    stopped = Trainer(
+        copy.deepcopy(reference), data, lbfgs, loss_fn=nn.CrossEntropyLoss(), num_steps=4,
+        callbacks=[Checkpoint(tmp_path / "resumed")],
+    )  # fmt: skip
+    await stopped.fit()
+    resumed = Trainer(
+        copy.deepcopy(reference), data, lbfgs, loss_fn=nn.CrossEntropyLoss(), num_steps=6,
+        resume_from=tmp_path / "resumed",
+    )  # fmt: skip
+    straight = Trainer(
+        copy.deepcopy(reference), data, lbfgs, loss_fn=nn.CrossEntropyLoss(), num_steps=6
+    )
+    await resumed.fit()
+    await straight.fit()
+    weights = zip(resumed.model.parameters(), straight.model.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in weights), "its state (history) resumes too"
+
+
+async def test_lbfgs_where_its_evaluations_cannot_be_the_batchs_alone_is_refused() -> None:
+    def trainer(processor: BatchProcessor) -> Trainer:
+        return Trainer(
+            nn.Linear(8, 3), make_loader(32, 16), lbfgs, batch_processor=processor, num_epochs=1
+        )
+
+    accumulating = BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=2)
+    with pytest.raises(ValueError, match=r"LBFGS .* cannot accumulate .*=2 batches"):
+        await trainer(accumulating).fit()
+    with pytest.raises(ValueError, match=r"LBFGS steps with a closure, .* amp='fp16' cannot"):
+        await trainer(BasicBatchProcessor(nn.CrossEntropyLoss(), amp="fp16")).fit()
+
+    class OwnStep(BatchProcessor):
+        def step(self, state: LoopState, run_phase: RunPhase) -> None:
+            inputs, targets = state.batch
+            self.backward(state, F.cross_entropy(state.model(inputs), targets))
+            self.update(state, run_phase)
+
+    with pytest.raises(TypeError, match=r"LBFGS steps with a closure .* closure=\.\.\.\)"):
+        await trainer(OwnStep()).fit()
+
+
+@pytest.mark.slow
+def test_lbfgs_under_ddp_is_refused() -> None:
+    import rank_jobs
+
+    from asynchat import LaunchError, launch
+
+    with pytest.raises(LaunchError, match=r"LBFGS evaluates the loss again .* the ranks would"):
+        launch(rank_jobs.ddp_lbfgs, nprocs=2)
 
 
 def test_basic_processor_keeps_one_update_per_step() -> None:
