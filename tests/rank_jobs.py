@@ -61,14 +61,8 @@ async def diverged_on_rank_one(rank: int, world_size: int, checkpoints: str, kin
                         getattr(p, "to_local", lambda p=p: p)().fill_(float("nan"))
 
     callbacks = [Poison(), Checkpoint(checkpoints, every_n_steps=2)]
-    if kind == "ddp":
-        trainer = plain_ddp_trainer(num_steps=8, callbacks=callbacks)
-    else:
-        trainer = FullyShardedDataParallelTrainer(
-            ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-            loss_fn=torch.nn.CrossEntropyLoss(), num_steps=8, device="cpu", callbacks=callbacks,
-        )  # fmt: skip
+    sharded = FullyShardedDataParallelTrainer if kind != "ddp" else None
+    trainer = plain_trainer(sharded, num_steps=8, callbacks=callbacks)
     await trainer.fit()
 
 
@@ -91,7 +85,7 @@ async def ends_quietly_on_rank_one(rank: int, world_size: int) -> None:
 
 async def ddp_lbfgs(rank: int, world_size: int) -> None:
     """A DDP trainer with LBFGS: refused before its first update."""
-    trainer = plain_ddp_trainer(optimizer=lambda m: torch.optim.LBFGS(m.parameters()), num_steps=2)
+    trainer = plain_trainer(optimizer=lambda m: torch.optim.LBFGS(m.parameters()), num_steps=2)
     await trainer.fit()
 
 
@@ -134,9 +128,10 @@ def dropout_model() -> torch.nn.Module:
     )
 
 
-def plain_ddp_trainer(**options: Any) -> DistributedDataParallelTrainer:
-    """The jobs' usual rank trainer: ``ddp_model()`` over ``ddp_data()`` in batches of 8 with
-    SGD (lr 0.1) and cross-entropy, on the CPU; ``options`` add to or replace those."""
+def plain_trainer(kind: Any = None, **options: Any) -> Any:
+    """The jobs' usual trainer: a ``kind`` (a DistributedDataParallelTrainer by default) of
+    ``ddp_model()`` over ``ddp_data()`` in batches of 8 with SGD (lr 0.1) and cross-entropy,
+    on the CPU; ``options`` add to or replace those."""
     from asynchat import DistributedDataParallelTrainer
 
     settings: dict[str, Any] = {
@@ -144,7 +139,7 @@ def plain_ddp_trainer(**options: Any) -> DistributedDataParallelTrainer:
         "optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         "loss_fn": torch.nn.CrossEntropyLoss(), "device": "cpu", **options,
     }  # fmt: skip
-    return DistributedDataParallelTrainer(ddp_model(), **settings)
+    return (kind or DistributedDataParallelTrainer)(ddp_model(), **settings)
 
 
 async def ddp_train(
@@ -206,7 +201,7 @@ def sharded_validation(samples: int, batch_size: int) -> Any:
 async def validate_shards(rank: int, world_size: int, out: str) -> None:
     """A DDP trainer validating a shard of 40 samples per rank (batches of 16: a short last
     one); each rank saves the val/loss it published and the model it validated."""
-    trainer = plain_ddp_trainer(num_epochs=1, callbacks=[sharded_validation(80, 16)])
+    trainer = plain_trainer(num_epochs=1, callbacks=[sharded_validation(80, 16)])
     state = await trainer.fit()
     torch.save(
         {"val/loss": state.metrics["val/loss"], "model": trainer.model.state_dict()},
@@ -227,7 +222,7 @@ async def plateau_schedule(rank: int, world_size: int, out: str, monitor: str) -
         ),
         monitor=monitor,
     )
-    trainer = plain_ddp_trainer(
+    trainer = plain_trainer(
         num_epochs=3,
         callbacks=[
             sharded_validation(32, 8),
@@ -260,7 +255,7 @@ async def cancel_rank_zero_at_a_validation(
                 await anyio.lowlevel.checkpoint()  # registered before the thread goes on
 
     cancel = CancelRankZero()
-    trainer = plain_ddp_trainer(
+    trainer = plain_trainer(
         num_epochs=1,
         control_lag=control_lag,
         callbacks=[
@@ -306,7 +301,7 @@ async def loss_monitor_across_a_stop(
                 published[4] = state.metrics["train/mean_loss"]
 
     def run(*extra: Callback, resume: bool = False) -> DistributedDataParallelTrainer:
-        return plain_ddp_trainer(
+        return plain_trainer(
             num_steps=4,
             callbacks=[*extra, LossMonitor(every_n_steps=4), Record(), Checkpoint(directory)],
             resume_from=directory if resume else None,
@@ -381,7 +376,7 @@ async def callbacks_unlike(rank: int, world_size: int, directory: str, how: str)
         callbacks = [Checkpoint(directory)] if rank == 0 else [GradClip(1.0), Progress()]
     else:
         callbacks = [Checkpoint(directory, every_n_steps=2 + rank)]
-    await plain_ddp_trainer(num_epochs=1, callbacks=callbacks).fit()
+    await plain_trainer(num_epochs=1, callbacks=callbacks).fit()
 
 
 def uneven_samples(rank: int) -> torch.utils.data.TensorDataset:
@@ -425,7 +420,7 @@ async def uneven_data(rank: int, world_size: int, out: str, kind: str, accumulat
     if kind == "list":
         data = list(data)
     steps = Steps()
-    trainer = plain_ddp_trainer(
+    trainer = plain_trainer(
         data_loader=data, num_epochs=2, callbacks=[steps], loss_fn=None,
         batch_processor=BasicBatchProcessor(
             torch.nn.CrossEntropyLoss(), grad_accumulation_steps=accumulate
@@ -476,10 +471,9 @@ async def fsdp_uneven_validation(
     ce = torch.nn.CrossEntropyLoss()
     losses = Losses()
     validation = Validation(data, loss_fn=ce, callbacks=[losses])
-    trainer = FullyShardedDataParallelTrainer(
-        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=ce, num_epochs=1,
-        device="cpu", callbacks=[validation] if how == "inline" else [],
+    trainer = plain_trainer(
+        FullyShardedDataParallelTrainer, loss_fn=ce, num_epochs=1,
+        callbacks=[validation] if how == "inline" else [],
     )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -571,7 +565,7 @@ async def batch_sampler_shards(rank: int, world_size: int, out: str, how: str) -
     batches = torch.utils.data.BatchSampler(sampler, batch_size=8, drop_last=False)
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches)
     seen = Seen()
-    await plain_ddp_trainer(data_loader=loader, num_epochs=2, callbacks=[seen]).fit()
+    await plain_trainer(data_loader=loader, num_epochs=2, callbacks=[seen]).fit()
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen.epochs))
 
 
@@ -584,17 +578,16 @@ async def settings_unlike(rank: int, world_size: int, how: str) -> None:
         torch.nn.CrossEntropyLoss(), grad_accumulation_steps=1 + rank * (how == "accumulate")
     )
     steps = 5 + 3 * rank * (how == "steps")
-    await plain_ddp_trainer(num_steps=steps, loss_fn=None, batch_processor=processor).fit()
+    await plain_trainer(num_steps=steps, loss_fn=None, batch_processor=processor).fit()
 
 
 async def fsdp_settings_unlike(rank: int, world_size: int) -> None:
     """An FSDP trainer computing in bf16 on rank 1 only."""
     from asynchat import FullyShardedDataParallelTrainer
 
-    trainer = FullyShardedDataParallelTrainer(
-        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=torch.nn.CrossEntropyLoss(),
-        num_steps=4, device="cpu", mixed_precision="bf16" if rank == 1 else None,
+    trainer = plain_trainer(
+        FullyShardedDataParallelTrainer, num_steps=4,
+        mixed_precision="bf16" if rank == 1 else None,
     )  # fmt: skip
     await trainer.fit()
 
@@ -629,7 +622,7 @@ async def growing_epochs(rank: int, world_size: int, out: str) -> None:
         def on_epoch_end(self, state: LoopState) -> None:
             steps.append(state.step + 1)
 
-    trainer = plain_ddp_trainer(data_loader=GrowingEpochs(rank), num_epochs=2, callbacks=[Steps()])
+    trainer = plain_trainer(data_loader=GrowingEpochs(rank), num_epochs=2, callbacks=[Steps()])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         await trainer.fit()
@@ -650,7 +643,7 @@ async def checkpoint_per_rank_directory(rank: int, world_size: int, root: str) -
                 file.write(f"{state.global_step}\n")
 
     checkpoint = Checkpoint(Path(root, f"rank{rank}"), every_n_steps=1, keep_last=None)
-    await plain_ddp_trainer(num_epochs=1, callbacks=[Files(), checkpoint]).fit()
+    await plain_trainer(num_epochs=1, callbacks=[Files(), checkpoint]).fit()
 
 
 async def predict_shard(rank: int, world_size: int, out: str) -> None:
@@ -688,7 +681,7 @@ async def nan_on_rank_one(rank: int, world_size: int) -> None:
         calls += 1
         return ce(outputs, targets) * (float("nan") if rank == 1 and calls == 3 else 1.0)
 
-    trainer = plain_ddp_trainer(
+    trainer = plain_trainer(
         loss_fn=loss_fn, num_epochs=50, callbacks=[TerminateOnNaN(check_every_n_steps=2)]
     )
     await trainer.fit()
@@ -734,7 +727,7 @@ async def ddp_fault(rank: int, world_size: int, fault: str, out: str = "") -> No
                 time.sleep(1.0)
 
     alone = fault == "hang-one-hooked" and rank != 1
-    trainer = plain_ddp_trainer(num_epochs=1_000_000, callbacks=[] if alone else [Fault()])
+    trainer = plain_trainer(num_epochs=1_000_000, callbacks=[] if alone else [Fault()])
     await trainer.fit()
 
 
@@ -1196,7 +1189,7 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
             time.sleep(0.02)
 
     write_pid(directory, rank)
-    trainer = plain_ddp_trainer(
+    trainer = plain_trainer(
         num_epochs=10_000,
         callbacks=[Announce(), Checkpoint(Path(directory, "checkpoints"), every_n_steps=10**6)],
     )
@@ -1227,14 +1220,14 @@ async def two_trainers(rank: int, world_size: int, out: str, how: str) -> None:
 
     from asynchat import Callback, LoopState
 
-    second = plain_ddp_trainer(num_epochs=2)
+    second = plain_trainer(num_epochs=2)
 
     class RunSecond(Callback):
         async def on_epoch_end(self, state: LoopState) -> None:
             if state.epoch == 0:
                 await second.fit()
 
-    first = plain_ddp_trainer(num_epochs=2, callbacks=[RunSecond()] if how == "nested" else [])
+    first = plain_trainer(num_epochs=2, callbacks=[RunSecond()] if how == "nested" else [])
     async with anyio.create_task_group() as group:
         group.start_soon(first.fit)
         if how == "together":
@@ -1257,10 +1250,8 @@ async def fsdp_jobs_one_by_one(rank: int, world_size: int, root: str, how: str) 
     from asynchat.callbacks import Checkpoint
 
     def trainer(index: int, *callbacks: Callback) -> FullyShardedDataParallelTrainer:
-        return FullyShardedDataParallelTrainer(
-            ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.1), num_steps=8, device="cpu",
-            loss_fn=torch.nn.CrossEntropyLoss(),
+        return plain_trainer(
+            FullyShardedDataParallelTrainer, num_steps=8,
             callbacks=[Checkpoint(Path(root, str(index)), every_n_steps=2), *callbacks],
         )  # fmt: skip
 
@@ -1361,10 +1352,9 @@ async def fsdp_directory_taken(
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
                 os.write(self.fd, b"pid 1 on the other writer")
 
-    trainer = FullyShardedDataParallelTrainer(
-        ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-        lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
-        loss_fn=torch.nn.CrossEntropyLoss(), num_steps=4, device="cpu",
+    trainer = plain_trainer(
+        FullyShardedDataParallelTrainer, num_steps=4,
+        optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
         callbacks=[TakeLock(), Checkpoint(checkpoints, every_n_steps=1, keep_last=None)],
     )  # fmt: skip
     await trainer.fit()
@@ -1425,7 +1415,7 @@ async def frozen_without_unused_parameters(rank: int, world_size: int) -> None:
     """DDP with the first layer frozen but without find_unused_parameters (refused)."""
     from asynchat.callbacks import FreezeModule
 
-    await plain_ddp_trainer(num_steps=2, callbacks=[FreezeModule(["0"])]).fit()
+    await plain_trainer(num_steps=2, callbacks=[FreezeModule(["0"])]).fit()
 
 
 async def report_start(rank: int, world_size: int, out: str, names: list[str]) -> None:
@@ -1479,7 +1469,7 @@ async def device_report(rank: int, world_size: int, out: str) -> None:
     the final loss, this process's parent and whether that parent had loaded the CUDA
     driver (a fork server that had would leave its forked ranks unable to use CUDA)."""
     parent = os.getppid()
-    trainer = plain_ddp_trainer(num_steps=5, device=None)
+    trainer = plain_trainer(num_steps=5, device=None)
     state = await trainer.fit()
     report = {
         "backend": dist.get_backend(),
@@ -1508,13 +1498,8 @@ async def held_past_hang_timeout(
                 threading.Timer(held_s, state.loop.resume).start()
 
     if distributed:
-        trainer: Trainer = plain_ddp_trainer(num_epochs=2, callbacks=[HoldOnce()])
+        trainer: Trainer = plain_trainer(num_epochs=2, callbacks=[HoldOnce()])
     else:
-        trainer = Trainer(
-            ddp_model(), torch.utils.data.DataLoader(ddp_data(), batch_size=8),
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-            loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=2, device="cpu",
-            callbacks=[HoldOnce()],
-        )  # fmt: skip
+        trainer = plain_trainer(Trainer, num_epochs=2, callbacks=[HoldOnce()])
     state = await trainer.fit()
     Path(out, f"rank{rank}.txt").write_text(str(state.global_step))
