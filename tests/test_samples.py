@@ -3,14 +3,17 @@ frictions a real port (a time-major language model) found."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_loader, make_model, make_trainer
+from conftest import make_loader, make_model, make_trainer, sgd
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, LoopState, Phase, RunPhase, Trainer
+from asynchat._tree import iter_tensors, map_tensors
 from asynchat.callbacks import StatsMonitor, Validation
 
 pytestmark = pytest.mark.anyio
@@ -76,6 +79,78 @@ async def test_validation_that_can_publish_nothing_says_so() -> None:
     validation = Validation(make_loader(32, 16), batch_processor=NoLoss())
     with pytest.raises(ValueError, match=r"published nothing.*NoLoss set no state\.loss"):
         await make_trainer(validation, num_epochs=1).fit()
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class DataclassLoss(BasicBatchProcessor):
+    """Batches that are dataclass instances (``Pair``), or (``Opaque``) objects of a class
+    whose tensors the engine cannot see."""
+
+    def step(self, state: LoopState, run_phase: RunPhase) -> None:
+        run_phase(Phase.ON_BATCH_BEGIN)
+        state.outputs = state.model(state.batch.x)
+        state.loss = nn.functional.cross_entropy(state.outputs, state.batch.y)
+        if state.training:
+            self.backward(state, state.loss)
+        run_phase(Phase.ON_BATCH_END)
+        if state.training:
+            self.update(state, run_phase)
+
+
+async def test_dataclass_batches_count_their_samples() -> None:
+    # A dataclass batch held no tensor the engine could see: 0 samples a batch, so
+    # Validation weighted every loss by 0 and said its processor "set no state.loss".
+    pairs = [Pair(x, y) for x, y in make_loader(64, 16, seed=5)]
+    trainer = Trainer(
+        make_model(), [Pair(x, y) for x, y in make_loader(96, 16)], sgd,
+        batch_processor=DataclassLoss(), num_epochs=1,
+        callbacks=[Validation(pairs, batch_processor=DataclassLoss())],
+    )  # fmt: skip
+    state = await trainer.fit()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = sum(
+            nn.functional.cross_entropy(model(p.x), p.y, reduction="sum").item() for p in pairs
+        )
+    assert state.metrics["val/loss"] == pytest.approx(expected / 64, rel=1e-5)
+    assert trainer.samples_in(pairs[0]) == 16
+
+    class Opaque:
+        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.x, self.y = x, y
+
+    opaque = [Opaque(x, y) for x, y in make_loader(32, 16)]
+    validation = Validation(opaque, batch_processor=DataclassLoss())
+    with pytest.raises(ValueError, match=r"samples_in counted none .* pass samples=lambda batch"):
+        await make_trainer(validation, num_epochs=1).fit()
+
+
+def test_tensors_are_found_and_mapped_in_dataclasses_and_defaultdicts() -> None:
+    @dataclasses.dataclass
+    class Derived:
+        x: torch.Tensor
+        n: int = 3
+        twice: torch.Tensor = dataclasses.field(init=False)
+
+        def __post_init__(self) -> None:
+            self.twice = self.x * 2
+
+    nested = {"a": Pair(torch.ones(2), torch.zeros(2)), "b": [Derived(torch.ones(3))]}
+    assert [t.shape[0] for t in iter_tensors(nested)] == [2, 2, 3, 3]
+    mapped = map_tensors(lambda t: t + 1, nested)
+    assert isinstance(mapped["a"], Pair) and torch.equal(mapped["a"].y, torch.ones(2))
+    derived = mapped["b"][0]
+    assert torch.equal(derived.twice, torch.full((3,), 4.0)) and derived.n == 3
+    counts = collections.defaultdict(list, {"x": torch.ones(1)})
+    mapped_counts = map_tensors(lambda t: t * 5, counts)
+    assert mapped_counts.default_factory is list and torch.equal(
+        mapped_counts["x"], 5 * counts["x"]
+    )
 
 
 async def test_a_sample_is_what_the_processor_says() -> None:

@@ -148,6 +148,13 @@ class Validation(Callback):
                 f"Validation's data_loader yielded no batch, so there is nothing to publish: "
                 f"{reprlib.repr(self.data_loader)}"
             )
+        elif not values and loss.losses:
+            raise ValueError(
+                f"Validation published nothing: its batches' losses are weighted by their "
+                "sample counts, and samples_in counted none in them (the first dimension of "
+                "the first tensor in a batch's tuples, lists, dicts or dataclasses): pass "
+                f"samples=lambda batch: ... to {type(predictor.batch_processor).__name__}"
+            )
         elif not values:
             raise ValueError(
                 f"Validation published nothing: no metrics, and its batch processor "
@@ -164,9 +171,11 @@ class _MeanLoss(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         self.total_loss: Any = 0.0
         self.samples = 0
+        self.losses = 0  # batches with a loss
 
     def on_batch_end(self, state: LoopState) -> None:
         if state.loss is not None:
+            self.losses += 1
             count = state.loop.samples_in(state.batch)
             self.total_loss = self.total_loss + state.loss.detach().float() * count  # on device
             self.samples += count
