@@ -431,7 +431,7 @@ class BasicBatchProcessor(BatchProcessor):
                 first = False
                 return loss
             assert state.optimizer is not None
-            state.optimizer.zero_grad()
+            state.optimizer.zero_grad(set_to_none=self.set_to_none)
             with self.autocast():
                 if self.compile_options is None:
                     _, again = _forward(state.model, self.loss_fn, inputs, targets)
