@@ -124,14 +124,28 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
     return max(best, state.metrics.get("val/accuracy", 0.0), kept["metrics"]["val/accuracy"])
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=positive_int, default=15)
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     args = parser.parse_args()
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"argument --out: cannot create {args.out}: {exc.strerror}")
     accuracy = anyio.run(train, args.epochs, args.out, args.resume)
     checkpoints = args.out / "checkpoints"
     try:

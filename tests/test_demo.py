@@ -53,3 +53,20 @@ def test_the_demo_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp_p
     assert "Traceback" not in done.stderr
     assert "its stream can no longer be written" in done.stderr  # Progress said so, once
     assert json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [(["--epochs", "0"], "argument --epochs: must be a positive integer, got '0'"),
+     (["--epochs", "ten"], "argument --epochs: must be a positive integer, got 'ten'"),
+     (["--out", "/proc/asynchat-demo"], "argument --out: cannot create /proc/asynchat-demo")],
+)  # fmt: skip
+def test_the_demo_names_a_bad_argument(arguments: list[str], error: str) -> None:
+    # `--epochs 0` ended in a traceback from cosine(total_steps=0); an --out that cannot be
+    # made, in an exception group from the training task's.
+    demo = Path(__file__).parents[1] / "examples" / "digits.py"
+    done = subprocess.run(
+        [sys.executable, str(demo), *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and error in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
