@@ -362,6 +362,14 @@ def main() -> None:
     how.add_argument("--cuda-graphs", dest="step", action="store_const", const="cuda-graphs",
                      help="replay each training step as CUDA graphs (a GPU)")  # fmt: skip
     args = parser.parse_args()
+    least_values = {"steps": Run.warmup + 1, "layers": 1, "eval_every": 1, "width": 32}
+    for name, least in least_values.items():
+        value = getattr(args, name)
+        if value < least:
+            name = name.replace("_", "-")
+            parser.error(f"argument --{name}: must be at least {least}, got {value}")
+    if args.width % 32:
+        parser.error(f"argument --width: must be a multiple of 32 (heads of 32), got {args.width}")
     run = Run(steps=args.steps, layers=args.layers, width=args.width, eval_every=args.eval_every)
     anyio.run(main_async, run, args.out, args.resume, args.step or "eager")
 

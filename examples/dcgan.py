@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/dcgan"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"argument --epochs: must be a positive integer, got {args.epochs}")
     state = anyio.run(train, args.epochs, args.out, args.resume)
     metrics = {k: round(v, 3) for k, v in state.metrics.items() if k.startswith("train/")}
     print(f"done at step {state.global_step}: {metrics}; samples in {args.out / 'samples'}")

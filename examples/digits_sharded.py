@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import digits_loaders, make_model, validation  # the one-process demo's
+from digits import digits_loaders, make_model, positive_int, validation  # the one-process demo's
 
 from asynchat import Callback, FullyShardedDataParallelTrainer, LoopState, Predictor, launch
 from asynchat.callbacks import Checkpoint, Progress
@@ -98,8 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--ranks", type=positive_int, default=2)
+    parser.add_argument("--epochs", type=positive_int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/digits-sharded"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     args = parser.parse_args()
