@@ -455,6 +455,11 @@ def create_app(
 ) -> Starlette:
     """The service. ``app.state.begin_shutdown()`` (from any thread, e.g. a signal handler)
     stops every job at once, so that open event streams end instead of holding the server."""
+    if max_running < 1 or keep_finished < 0:  # (none could ever run; a negative count)
+        raise ValueError(
+            f"max_running must be at least 1 and keep_finished at least 0, got {max_running} "
+            f"and {keep_finished}"
+        )
     manager: JobManager | None = None
 
     @contextlib.asynccontextmanager
@@ -630,6 +635,14 @@ def main() -> None:
         help="at start-up, continue the jobs the last server's end interrupted",
     )
     args = parser.parse_args()
+    if not 1 <= args.port <= 65535:  # (uvloop took 99999 modulo 65536 and said it was there)
+        parser.error(f"argument --port: must be in 1..65535, got {args.port}")
+    for name, least in (("max_running", 1), ("keep_finished", 0)):
+        if getattr(args, name) < least:
+            option = name.replace("_", "-")
+            parser.error(
+                f"argument --{option}: must be at least {least}, got {getattr(args, name)}"
+            )
     app = create_app(
         args.runs,
         max_running=args.max_running,

@@ -398,3 +398,22 @@ async def test_a_second_server_on_the_same_runs_directory_is_refused(tmp_path: P
     message = f"--runs {tmp_path} is in use by another server (pid {first.pid})"
     assert message in second.stderr.decode(), second.stderr.decode()[-2000:]
     assert "Application shutdown complete" in log, "the first server was left alone"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [(["--port", "99999"], "argument --port: must be in 1..65535, got 99999"),
+     (["--max-running", "0"], "argument --max-running: must be at least 1, got 0"),
+     (["--keep-finished", "-1"], "argument --keep-finished: must be at least 0, got -1")],
+)  # fmt: skip
+async def test_the_service_names_a_bad_argument(
+    tmp_path: Path, arguments: list[str], error: str
+) -> None:
+    # --port 99999 started a server that said it ran on 127.0.0.1:99999 (uvloop bound
+    # 99999 modulo 65536); --max-running 0 one where every job was refused as "too busy".
+    command = [sys.executable, str(EXAMPLES / "service.py"), "--runs", str(tmp_path), *arguments]
+    with anyio.fail_after(90):
+        done = await anyio.run_process(command, check=False)
+    assert done.returncode == 2 and error in done.stderr.decode(), done.stderr.decode()[-2000:]
+    with pytest.raises(ValueError, match="max_running must be at least 1"):
+        load_example("service.py").create_app(tmp_path, max_running=0)
