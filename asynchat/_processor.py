@@ -200,10 +200,8 @@ class BatchProcessor(abc.ABC):
         when the loop has a single optimizer. Gradients that a backward left on parameters
         of *other* optimizers are not touched: clear them where your step needs it.
 
-        ``closure`` is passed to ``optimizer.step``, for optimizers that evaluate the loss
-        again as they step (``torch.optim.LBFGS``): it zeroes the gradients, computes the
-        loss, runs its backward and returns it (no hooks run in it; not with fp16, whose
-        grad scaler cannot step with a closure).
+        ``closure`` goes to ``optimizer.step`` (``torch.optim.LBFGS`` needs one: it zeroes the
+        gradients, computes the loss again, backward, returns it; not with fp16).
         """
         name, chosen = _pick_optimizer(state, optimizer)
         if not self.update_due(state):
@@ -216,10 +214,9 @@ class BatchProcessor(abc.ABC):
         run_phase(Phase.ON_BEFORE_UPDATE)
         if self.scaler is not None:
             if closure is not None:
-                raise ValueError(
-                    f"{type(chosen).__name__} steps with a closure, which the grad scaler of "
-                    "amp='fp16' cannot do: use amp='bf16' or None"
-                )
+                kind = type(chosen).__name__
+                raise ValueError(f"{kind} steps with a closure, which the grad scaler of "
+                                 "amp='fp16' cannot do: use amp='bf16' or None")  # fmt: skip
             self.scaler.step(chosen)
             self._scaler_stepped = True
         elif closure is not None:
