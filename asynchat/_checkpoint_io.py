@@ -521,7 +521,7 @@ def write_manifest(
     if monitor is not None:  # what "metric" means, for find_checkpoint(best=True)
         manifest.update(monitor=monitor, mode=mode)
     manifest["checkpoints"] = entries
-    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
 
 
 def _manifest_ranking(directory: Path) -> tuple[str, str] | None:
@@ -545,7 +545,7 @@ def manifest_entry(
         "file": file,
         "global_step": progress["global_step"],
         "epoch": progress["epoch"],
-        "metric": metric,
+        "metric": metric if finite(metric) else None,  # (strict JSON: no NaN; ranks alike)
         "sha256": digest,
         "bytes": size,
         "time": time.time(),

@@ -51,6 +51,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -132,8 +133,11 @@ def parse_spec(body: Any) -> dict[str, Any]:
 
 
 def snapshot_json(snapshot: LoopSnapshot) -> dict[str, Any]:
+    """``snapshot`` as strict JSON data: a metric that is not finite (a diverged loss) is
+    None (JSON has no NaN: Starlette's responses refused it, a 500 for every listing)."""
     data = dataclasses.asdict(snapshot)
     data["status"] = snapshot.status.value
+    data["metrics"] = {k: v if math.isfinite(v) else None for k, v in snapshot.metrics.items()}
     return data
 
 

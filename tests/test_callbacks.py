@@ -753,6 +753,35 @@ async def test_json_lines_logger(tmp_path: Path) -> None:
     assert all(math.isfinite(r["train/loss"]) for r in rows)
 
 
+async def test_json_lines_are_strict_json_when_a_loss_diverges(tmp_path: Path) -> None:
+    # A NaN or inf was written as Python's NaN and Infinity, which JSON has not: JSON.parse,
+    # Go's and Rust's parsers refuse the line. They are null now, as JSON.stringify writes them.
+    class Diverged(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            state.metrics["train/ratio"] = [float("inf"), 1.5, float("-inf")][state.step % 3]
+
+    path = tmp_path / "train.jsonl"
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(outputs, targets)
+        return loss * float("nan") if trainer.state.global_step >= 3 else loss
+
+    trainer = Trainer(
+        make_model(), make_loader(), sgd, loss_fn=loss_fn, num_epochs=1,
+        callbacks=[Diverged(), JSONLinesLogger(path, every_n_steps=1)],
+    )  # fmt: skip
+    await trainer.fit()
+    lines = path.read_text().splitlines()
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in {lines}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    losses = [row["train/loss"] for row in rows if "train/loss" in row]
+    assert [loss is None for loss in losses] == [False] * 3 + [True] * 3
+    assert [row["train/ratio"] for row in rows if "train/ratio" in row] == [None, 1.5, None] * 2
+
+
 async def test_loggers_write_each_metric_value_once_at_the_step_it_was_measured(
     tmp_path: Path,
 ) -> None:

@@ -402,6 +402,11 @@ def test_nan_and_inf_never_rank_as_best(tmp_path: Path) -> None:
     checkpoint = {"every_n_steps": 1, "keep_last": 1, "monitor": "val/loss", "keep_best": 1}
     train(tmp_path, publish, checkpoint=checkpoint)
     assert steps_on_disk(tmp_path) == [3, 6]  # 0.3 is the best; 6 is the newest
+    # The manifest is strict JSON (it held a bare NaN, which JSON has not: JSON.parse, Go's
+    # and Rust's parsers refused it); a metric that is not finite is null there.
+    text = (tmp_path / "manifest.json").read_text()
+    manifest = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert [entry["metric"] for entry in manifest["checkpoints"]] == [0.3, None]
 
 
 @dataclasses.dataclass

@@ -16,8 +16,9 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from conftest import load_example
+from conftest import load_example, make_trainer
 
+from asynchat import Callback, LoopState
 from asynchat._launch import free_port
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -417,3 +418,19 @@ async def test_the_service_names_a_bad_argument(
     assert done.returncode == 2 and error in done.stderr.decode(), done.stderr.decode()[-2000:]
     with pytest.raises(ValueError, match="max_running must be at least 1"):
         load_example("service.py").create_app(tmp_path, max_running=0)
+
+
+async def test_a_diverged_jobs_metrics_are_strict_json(tmp_path: Path) -> None:
+    # A NaN metric made every JSONResponse that listed the job raise (Starlette refuses
+    # NaN): GET /jobs answered 500 for every job; the event stream wrote a bare NaN.
+    service = load_example("service.py")
+
+    class Diverged(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            state.metrics.update({"val/loss": float("nan"), "train/loss": float("inf")})
+
+    trainer = make_trainer(Diverged(), num_steps=1)
+    await trainer.fit()
+    data = service.snapshot_json(trainer.snapshot())
+    assert data["metrics"] == {"val/loss": None, "train/loss": None}
+    json.dumps(data, allow_nan=False)  # as Starlette's JSONResponse renders it

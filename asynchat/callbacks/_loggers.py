@@ -8,6 +8,7 @@ import errno
 import io
 import itertools
 import json
+import math
 import os
 import socket
 import time
@@ -401,7 +402,10 @@ class TensorBoardLogger(_FileLogger):
 class JSONLinesLogger(_FileLogger):
     """Appends one JSON object per log to ``path``.
 
-    Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``. A line a
+    Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``, strict
+    JSON: a value that is not finite (a diverged loss's NaN or inf) is ``null``, as
+    JavaScript's ``JSON.stringify`` writes it (JSON has no such numbers, and most parsers
+    refuse Python's ``NaN``; :class:`TensorBoardLogger` keeps them). A line a
     killed process left half-written is dropped when the next run opens the file; a
     resumed run drops the lines of steps after its checkpoint's (see
     :class:`ScalarLogger`).
@@ -457,8 +461,9 @@ class JSONLinesLogger(_FileLogger):
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._log is not None
-        line = json.dumps({"step": step, "time": time.time(), **scalars}) + "\n"
-        self._log.append(line.encode())
+        values = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
+        line = json.dumps({"step": step, "time": time.time(), **values}, allow_nan=False)
+        self._log.append(f"{line}\n".encode())
 
     def _reopen(self) -> None:
         assert self._log is not None
