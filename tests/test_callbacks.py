@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -849,6 +850,36 @@ async def test_a_run_resumed_after_a_crash_leaves_one_log_as_if_uninterrupted(
     assert [step for step, _ in losses("crashed")] == list(range(1, 13))
     assert losses("crashed") == losses("straight")
     events = EventAccumulator(str(tmp_path / "crashed-tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+
+
+async def test_a_resumed_runs_event_file_sorts_after_the_ones_it_purges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Event files of one second and one process were told apart by an unpadded count: the
+    # 10th sorted before the 9th, so TensorBoard read a run resumed within that second
+    # before the run it purged (the test above failed when enough event files had been
+    # made before it in the process: steps 7-12, then 1-12).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from asynchat.callbacks import _loggers
+
+    monkeypatch.setattr(_loggers, "_EVENT_FILES", itertools.count(9))
+    log_dir, checkpoints = tmp_path / "tb", tmp_path / "checkpoints"
+
+    def run(resume: Path | None = None) -> Trainer:
+        return make_trainer(
+            TensorBoardLogger(log_dir, every_n_steps=1),
+            Checkpoint(checkpoints / ("resumed" if resume else "first"), every_n_steps=3),
+            num_epochs=2, resume_from=resume,
+        )  # fmt: skip
+
+    await run().fit()
+    await run(resume=checkpoints / "first" / "step-000000006.ckpt").fit()
+    files = sorted(log_dir.glob("events.out.tfevents.*"))
+    assert [f.name.rsplit(".", 1)[1] for f in files] == ["000009", "000010"]
+    events = EventAccumulator(str(log_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
 

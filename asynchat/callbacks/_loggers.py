@@ -362,8 +362,13 @@ class TensorBoardLogger(_FileLogger):
             self._begin(purge=state.global_step + 1 if state.global_step else None)
 
     def _event_file(self) -> Path:
+        """A new event file's path. TensorBoard reads a directory's files in the order of
+        their names, and a resumed run's purge acts on the files before its own: the process
+        and the count are zero-padded, so that names of one second sort as they were made
+        (a count of 10 sorted before one of 9, and TensorBoard showed the resumed run's
+        steps before the ones it had replaced)."""
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-        return self.log_dir / f"{name}.{os.getpid()}.{next(_EVENT_FILES)}"
+        return self.log_dir / f"{name}.{os.getpid():07d}.{next(_EVENT_FILES):06d}"
 
     def _begin(self, purge: int | None = None) -> None:
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
