@@ -42,7 +42,7 @@ import torch
 
 from asynchat._checks import path as check_path
 from asynchat._errors import CheckpointError, CheckpointWarning
-from asynchat._weights import load_portable, plain_name, under
+from asynchat._weights import IncompatibleKeys, load_portable, plain_name, under
 
 try:
     import fcntl
@@ -668,14 +668,16 @@ def load_weights(
     *,
     prefix: str = "",
     strict: bool = True,
-) -> None:
+) -> IncompatibleKeys:
     """Load a checkpoint's model weights into ``module``, e.g. to evaluate or deploy it.
 
     ``checkpoint`` is a checkpoint file, a directory (its newest valid checkpoint; use
     :func:`find_checkpoint` for the best) or a checkpoint already loaded. ``prefix`` takes
     one submodule's weights out of the whole model's: ``load_weights(generator, path,
     prefix="generator.")`` loads the entries named ``generator.*`` with the prefix removed.
-    ``strict`` is passed to ``module.load_state_dict``.
+    ``strict`` is passed to ``module.load_state_dict``, whose result (the
+    ``missing_keys`` and ``unexpected_keys``, with ``strict=False``) is returned. Names are
+    the model's uncompiled ones: ``module`` may be compiled or not, as the trained one.
     """
     loaded = (
         checkpoint
@@ -685,8 +687,7 @@ def load_weights(
     if isinstance(loaded.get("sharded"), Mapping):
         from asynchat._dcp import load_module
 
-        load_module(Path(loaded["sharded"]["path"]), module, prefix=prefix, strict=strict)
-        return
+        return load_module(Path(loaded["sharded"]["path"]), module, prefix=prefix, strict=strict)
     weights = loaded.get("model")
     if not isinstance(weights, Mapping):
         raise CheckpointError("the checkpoint has no 'model' entry of weights")
@@ -696,7 +697,7 @@ def load_weights(
         raise CheckpointError(
             f"no weights start with prefix={prefix!r}; the checkpoint's model has {tops}"
         )
-    load_portable(module, chosen, strict=strict)
+    return load_portable(module, chosen, strict=strict)
 
 
 def _expected_digest(path: Path) -> str | None:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from asynchat._errors import CheckpointError
+from asynchat._weights import IncompatibleKeys, load_portable, portable_state_dict
 
 # In asynchat.pt, a placeholder {SHARDED: name, ...} stands for a tensor saved in the shards.
 SHARDED = "asynchat.sharded"
@@ -372,11 +373,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         return isinstance(found, type) and found.__module__ == module  # its own, not imports
 
 
-def load_module(directory: Path, module: torch.nn.Module, *, prefix: str, strict: bool) -> None:
+def load_module(
+    directory: Path, module: torch.nn.Module, *, prefix: str, strict: bool
+) -> IncompatibleKeys:
     """:func:`asynchat.callbacks.load_weights` of a sharded checkpoint: its model's weights
-    named ``prefix*``, gathered from every rank's shards, into a module of this process."""
-    own = module.state_dict()
+    named ``prefix*``, gathered from every rank's shards, into a module of this process (by
+    the names the module has uncompiled, which are DCP's)."""
+    own = portable_state_dict(module)
     state = {"model": {prefix + key: value for key, value in own.items()}}
     read(state, directory, None, single=True, partial=not strict)
     chosen = {key[len(prefix) :]: value for key, value in state["model"].items()}
-    module.load_state_dict(chosen, strict=strict)
+    return load_portable(module, chosen, strict=strict)

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+#: What ``load_state_dict`` returns: the ``missing_keys`` and ``unexpected_keys``.
+IncompatibleKeys = torch.nn.modules.module._IncompatibleKeys
+
 _WRAPPER = "_orig_mod"  # the attribute under which an OptimizedModule holds its module
 
 
@@ -49,7 +52,7 @@ def portable_state_dict(module: torch.nn.Module) -> dict[str, Any]:
 
 def load_portable(
     module: torch.nn.Module, weights: Mapping[str, Any], *, strict: bool = True
-) -> None:
+) -> IncompatibleKeys:
     """``module.load_state_dict(weights, strict=strict)``, where the names in ``weights`` and
     ``module``'s own may differ by ``_orig_mod`` parts (either side compiled, or neither)."""
     own = module.state_dict(keep_vars=True)
@@ -64,7 +67,8 @@ def load_portable(
                 for path, _ in module.named_modules(remove_duplicate=False)
                 if plain_name(path) in versions
             }
-    module.load_state_dict(weights, strict=strict)
+    result: IncompatibleKeys = module.load_state_dict(weights, strict=strict)
+    return result
 
 
 def under(weights: Mapping[str, Any], prefix: str) -> dict[str, Any]:

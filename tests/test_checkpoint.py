@@ -634,3 +634,6 @@ def test_weights_saved_under_compiled_names_load_by_their_plain_names() -> None:
     assert versions["1"] == {"version": 2}, "BatchNorm's version came with its weights"
     with pytest.raises(CheckpointError, match=r"the checkpoint's model has \['critic\.', 'gen"):
         load_weights(generator, {"model": written}, prefix="discriminator.")
+    wider = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    missing, unexpected = load_weights(wider, {"model": written}, prefix="generator.", strict=False)
+    assert (missing, unexpected) == (["2.weight", "2.bias"], []), "torch's result is returned"

@@ -127,6 +127,11 @@ def test_load_weights_gathers_a_sharded_checkpoint_and_damage_is_caught(
     load_weights(module, directory)  # the newest: step 16, the final weights
     for name, value in module.state_dict().items():
         assert torch.equal(value, final[name]), name
+    # Into a compiled module too (DCP names the weights uncompiled: the module's own
+    # "_orig_mod." names were asked of it, and the read failed).
+    compiled = torch.compile(rank_jobs.ddp_model(), backend="eager")
+    assert load_weights(compiled, directory) == ([], [])  # (missing, unexpected)
+    assert torch.equal(compiled._orig_mod[0].weight, final["0.weight"])
     assert find_checkpoint(directory).name == "step-000000016.dcp"
     # A Trainer of one process resumes from it too: the weights, Adam's state, and the
     # EMA's average (sharded when saved, whole tensors here).
