@@ -66,15 +66,23 @@ def test_compile_options_are_checked_at_construction() -> None:
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-async def test_each_processor_compiles_in_a_cache_of_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_each_processor_compiles_in_a_cache_of_its_own() -> None:
     """torch.compile keeps graphs, and a limit of recompiles, per code object: shared by every
     processor, a service's ninth model architecture would run eager without a word. Here the
-    limit is 1, so two architectures in one cache would leave the second eager."""
+    limit is 1, so two architectures in one cache would leave the second eager.
+
+    (The limit is set with dynamo's own ``config.patch``: pytest's monkeypatch undid it by
+    deleting the setting, and every later compile in the process failed with "recompile_limit
+    does not exist", which the suite's order hid.)"""
     import torch._dynamo.utils
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        await compile_two_architectures()
+    assert torch._dynamo.config.recompile_limit == 8, "the setting is back"
+
+
+async def compile_two_architectures() -> None:
+    assert torch._dynamo.config.recompile_limit == 1
     counters = torch._dynamo.utils.counters["stats"]
     graphs = counters["unique_graphs"]
     for hidden in (1, 3):  # two architectures: 1 and 3 hidden layers
