@@ -11,6 +11,8 @@ whole run is one gradient-accumulation window (200000 steps), which a first Ctrl
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +48,7 @@ class FailEnd(Callback):
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks, if it hangs
     backend, directory, options = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     callbacks: list[Callback] = [Announce()]
     if "asynchook" in options:

@@ -35,6 +35,20 @@ def start(
     return process
 
 
+def ended(process: subprocess.Popen[str], timeout: float = 60) -> str:
+    """The job's output once it has ended. One that has not ended within ``timeout`` (once,
+    in a full suite) writes its threads' stacks to stderr and is killed: the test fails with
+    them, rather than waiting for the job forever and the suite's timeout ending every test."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        process.kill()
+        process.communicate()
+        raise
+
+
 def newest_checkpoint(directory: Path) -> int:
     entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
     return max(e["global_step"] for e in entries)
@@ -49,7 +63,7 @@ def test_ctrl_c_ends_training_promptly_with_a_final_checkpoint(
         time.sleep(0.3)
         sent = time.monotonic()
         os.kill(process.pid, signal.SIGINT)
-        out, _ = process.communicate(timeout=60)
+        out = ended(process)
         took = time.monotonic() - sent
     assert process.returncode == 0
     word, status, step = out.split()
