@@ -8,7 +8,6 @@ import errno
 import io
 import itertools
 import json
-import math
 import os
 import socket
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_write
+from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_write, finite
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, text
 from asynchat._every import every_n_steps
@@ -466,7 +465,7 @@ class JSONLinesLogger(_FileLogger):
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._log is not None
-        values = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
+        values = {k: v if finite(v) else None for k, v in scalars.items()}
         line = json.dumps({"step": step, "time": time.time(), **values}, allow_nan=False)
         self._log.append(f"{line}\n".encode())
 
