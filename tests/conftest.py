@@ -7,13 +7,16 @@ import importlib.util
 import json
 import logging
 import os
+import queue
+import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
@@ -38,6 +41,32 @@ BACKENDS = [
         ("trio", {}), id="trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio")
     ),
 ]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite's jobs are Ctrl-C'd as jobs started from a terminal are: a suite started in
+    the background of a script (``cmd &`` in a shell without job control) ignores SIGINT, and
+    so would every process it starts, which the engine, as Python does, leaves ignoring it
+    (``ending_signals``): every Ctrl-C test hung there."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+#: The signals whose handling a test must leave as it found it.
+KEPT_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT]
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_kept() -> Iterator[None]:
+    """No test leaves a signal's handling changed for the tests after it (and for the
+    processes they start, which inherit an ignored signal): stop_on_signals on asyncio left
+    SIGINT's ``default_int_handler`` where it had been ignored."""
+    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
+    yield
+    changed = {s.name: signal.getsignal(s) for s, h in before.items() if signal.getsignal(s) != h}
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+    assert not changed, f"the test left these signals' handling changed: {changed}"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -219,3 +248,84 @@ def wait_until_listed(directory: Path, step: int, timeout: float = 60) -> None:
     while (newest_listed(directory) or 0) < step:
         assert time.monotonic() < deadline, f"step {step} was never checkpointed"
         time.sleep(0.01)
+
+
+class Job:
+    """A job of a test in a process of its own (``python *argv``), its output read line by
+    line as it comes, every wait bounded: a job that has not said what the test waits for,
+    or not ended, within the time given writes its threads' stacks to its stderr (SIGUSR1,
+    which the jobs register with :mod:`faulthandler`), is killed, and the test fails with
+    its output. Before, a hung job held its test until pytest-timeout ended the whole suite,
+    the job's stacks and every later test's result lost with it."""
+
+    def __init__(self, *argv: str, cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, *argv], cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.pid = self.process.pid
+        self._lines = {"stdout": queue.SimpleQueue[str | None](), "stderr": queue.SimpleQueue()}
+        self._readers = [
+            threading.Thread(target=self._read, args=(name,), name=f"job-{name}", daemon=True)
+            for name in self._lines
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:  # (a test that failed before the job ended)
+            self.process.kill()
+        self.process.wait()
+        for reader in self._readers:
+            reader.join()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def _read(self, name: str) -> None:
+        stream = getattr(self.process, name)
+        for line in stream:
+            self._lines[name].put(line)
+        self._lines[name].put(None)
+        stream.close()
+
+    def line(self, stream: str = "stdout", timeout: float = 60) -> str:
+        """The job's next line on ``stream``, without its newline."""
+        try:
+            line = self._lines[stream].get(timeout=timeout)
+        except queue.Empty:
+            self.fail(f"no line on its {stream} within {timeout:g} s")
+        if line is None:
+            self._lines[stream].put(None)  # (for the next caller too)
+            self.fail(f"its {stream} closed before the line the test waits for")
+        return line.rstrip("\n")
+
+    def ended(self, timeout: float = 60) -> tuple[str, str]:
+        """Once the job has ended: the rest of its stdout and of its stderr."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"not ended within {timeout:g} s")
+        return self._rest("stdout"), self._rest("stderr")
+
+    def _rest(self, stream: str) -> str:
+        for reader in self._readers:
+            reader.join()
+        lines = []
+        while (line := self._lines[stream].get()) is not None:
+            lines.append(line)
+        self._lines[stream].put(None)
+        return "".join(lines)
+
+    def fail(self, what: str) -> NoReturn:
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGUSR1)
+            time.sleep(1.0)  # (faulthandler writes at once)
+            self.process.kill()
+        self.process.wait()
+        out, err = self._rest("stdout"), self._rest("stderr")
+        pytest.fail(f"the job {what}\n--- its stdout:\n{out}\n--- its stderr:\n{err}")

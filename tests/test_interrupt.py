@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import HAVE_TRIO
+from conftest import HAVE_TRIO, Job
 
 HERE = Path(__file__).resolve().parent
 BACKENDS = [
@@ -23,30 +21,11 @@ BACKENDS = [
 ]
 
 
-def start(
-    backend: str, directory: Path, *options: str, stderr: int | None = None
-) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "interrupt_job.py"), backend, str(directory), *options],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=stderr, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    assert process.stdout.readline().strip() == "training"
-    return process
-
-
-def ended(process: subprocess.Popen[str], timeout: float = 60) -> str:
-    """The job's output once it has ended. One that has not ended within ``timeout`` (once,
-    in a full suite) writes its threads' stacks to stderr and is killed: the test fails with
-    them, rather than waiting for the job forever and the suite's timeout ending every test."""
-    try:
-        return process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGUSR1)
-        time.sleep(1.0)
-        process.kill()
-        process.communicate()
-        raise
+def start(backend: str, directory: Path, *options: str) -> Job:
+    job = Job(str(HERE / "interrupt_job.py"), backend, str(directory), *options, cwd=HERE)
+    if (line := job.line()) != "training":
+        job.fail(f"said {line!r} first, not 'training'")
+    return job
 
 
 def newest_checkpoint(directory: Path) -> int:
@@ -59,13 +38,13 @@ def newest_checkpoint(directory: Path) -> int:
 def test_ctrl_c_ends_training_promptly_with_a_final_checkpoint(
     tmp_path: Path, backend: str, hooks: str
 ) -> None:
-    with start(backend, tmp_path, hooks) as process:
+    with start(backend, tmp_path, hooks) as job:
         time.sleep(0.3)
         sent = time.monotonic()
-        os.kill(process.pid, signal.SIGINT)
-        out = ended(process)
+        os.kill(job.pid, signal.SIGINT)
+        out, _ = job.ended()
         took = time.monotonic() - sent
-    assert process.returncode == 0
+    assert job.returncode == 0
     word, status, step = out.split()
     assert (word, status) == ("KeyboardInterrupt", "cancelled")
     assert newest_checkpoint(tmp_path) == int(step), "on_loop_end saved the last step"
@@ -74,15 +53,14 @@ def test_ctrl_c_ends_training_promptly_with_a_final_checkpoint(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_second_ctrl_c_cuts_a_slow_wind_down_short(tmp_path: Path, backend: str) -> None:
-    with start(backend, tmp_path, "slowend") as process:
-        assert process.stdout is not None
-        os.kill(process.pid, signal.SIGINT)
-        assert process.stdout.readline().strip() == "winding down"  # sleeping 60 s
+    with start(backend, tmp_path, "slowend") as job:
+        os.kill(job.pid, signal.SIGINT)
+        assert job.line() == "winding down"  # sleeping 60 s
         sent = time.monotonic()
-        os.kill(process.pid, signal.SIGINT)
-        out, _ = process.communicate(timeout=60)
+        os.kill(job.pid, signal.SIGINT)
+        out, _ = job.ended()
         took = time.monotonic() - sent
-    assert process.returncode == 0
+    assert job.returncode == 0
     assert out.split()[0] == "KeyboardInterrupt"
     assert took < 15, f"took {took:.1f} s after the second Ctrl-C"
     # The def hooks after the cut one still ran: the final checkpoint is the last step.
@@ -96,18 +74,17 @@ def test_ctrl_c_waits_for_the_accumulation_window_and_a_second_one_does_not(
     # The first Ctrl-C is held to the window's end (its gradients are in no checkpoint): the
     # loop says so and goes on. The second forces the exit after the step in progress; the
     # final checkpoint then says what it lacks.
-    with start(backend, tmp_path, "window", stderr=subprocess.PIPE) as process:
-        assert process.stderr is not None
-        os.kill(process.pid, signal.SIGINT)
-        line = process.stderr.readline()
+    with start(backend, tmp_path, "window") as job:
+        os.kill(job.pid, signal.SIGINT)
+        line = job.line("stderr")
         assert "ending after the gradient-accumulation window in progress" in line
         time.sleep(0.5)
-        assert process.poll() is None, "the first Ctrl-C waits for the window"
+        assert job.process.poll() is None, "the first Ctrl-C waits for the window"
         sent = time.monotonic()
-        os.kill(process.pid, signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        os.kill(job.pid, signal.SIGINT)
+        out, err = job.ended()
         took = time.monotonic() - sent
-    assert process.returncode == 0
+    assert job.returncode == 0
     word, status, step = out.split()
     assert (word, status) == ("KeyboardInterrupt", "cancelled")
     assert took < 15, f"took {took:.1f} s after the second Ctrl-C"
@@ -120,12 +97,11 @@ def test_ctrl_c_waits_for_the_accumulation_window_and_a_second_one_does_not(
 def test_a_teardown_error_after_a_second_ctrl_c_is_logged(tmp_path: Path, backend: str) -> None:
     # fit() no longer waits for the loop after a second Ctrl-C, and the def hooks of
     # on_loop_end run on alone: their errors were dropped without a word.
-    with start(backend, tmp_path, "slowend", "failend", stderr=subprocess.PIPE) as process:
-        assert process.stdout is not None
-        os.kill(process.pid, signal.SIGINT)
-        assert process.stdout.readline().strip() == "winding down"
-        os.kill(process.pid, signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+    with start(backend, tmp_path, "slowend", "failend") as job:
+        os.kill(job.pid, signal.SIGINT)
+        assert job.line() == "winding down"
+        os.kill(job.pid, signal.SIGINT)
+        out, err = job.ended()
     assert out.split()[0] == "KeyboardInterrupt"
     # Logged by asynchat ("the loop went on alone ... and failed"), or, when asyncio.run's
     # shutdown still awaited the task, reported by asyncio's handler: never lost.

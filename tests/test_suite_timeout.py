@@ -3,12 +3,14 @@ every backend the suite runs on, instead of holding CI until its limit."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import Job
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -44,3 +46,30 @@ def test_a_hung_test_ends_the_run_with_its_stacks(tmp_path: Path, backend: str) 
     assert "Timeout" in run.stdout + run.stderr, run.stdout + run.stderr
     assert "test_hanging.py" in run.stdout, "the run names the hung test's file"
     assert took < 30, f"the run took {took:.0f} s to end"
+
+
+def test_a_job_that_hangs_fails_its_test_in_the_time_given_with_its_stacks(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "hung.py"
+    script.write_text(
+        "import faulthandler, signal, threading\n"
+        "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+        "print('ready', flush=True)\n"
+        "threading.Event().wait()\n"
+    )
+    with Job(str(script), cwd=tmp_path) as job:
+        assert job.line() == "ready"
+        began = time.monotonic()
+        with pytest.raises(pytest.fail.Exception) as silent:
+            job.line(timeout=1)
+    assert time.monotonic() - began < 10
+    assert job.returncode == -signal.SIGKILL
+    assert "no line on its stdout within 1 s" in str(silent.value)
+    assert "Current thread" in str(silent.value) and "hung.py" in str(silent.value)
+
+    with Job(str(script), cwd=tmp_path) as job:
+        assert job.line() == "ready"
+        with pytest.raises(pytest.fail.Exception) as unended:
+            job.ended(timeout=1)
+    assert "not ended within 1 s" in str(unended.value) and "hung.py" in str(unended.value)
