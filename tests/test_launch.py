@@ -516,12 +516,20 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+BACKGROUND = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]  # (SIGINT ignored, as `cmd &` has it)
+
+
 @contextlib.contextmanager
 def launcher_script(
-    *args: str, nohup: bool = False, env: dict[str, str] | None = None, stoppable: bool = False
+    *args: str,
+    nohup: bool = False,
+    background: bool = False,
+    env: dict[str, str] | None = None,
+    stoppable: bool = False,
 ) -> Iterator[subprocess.Popen[str]]:
     """``tests/<args[0]>`` with ``args[1:]`` run as a shell's job: a process group of its own,
-    its output piped (``nohup``: under ``nohup``, ignoring SIGHUP; ``env``: more environment
+    its output piped (``nohup``: under ``nohup``, ignoring SIGHUP; ``background``: ignoring
+    SIGINT, as what a script starts with ``cmd &`` does; ``env``: more environment
     variables). However the test leaves (a failed assertion too), nothing of it is left
     running: a group still alive is killed, so no launcher outlives its test, nor do its
     ranks (a failure used to leave Popen's exit waiting for a launcher whose ranks ignore
@@ -529,7 +537,8 @@ def launcher_script(
     it (in a session of its own, its process group is orphaned, and the system discards
     SIGTSTP there)."""
     with subprocess.Popen(
-        [*(["nohup"] if nohup else []), sys.executable, str(HERE / args[0]), *args[1:]],
+        [*(["nohup"] if nohup else []), *(BACKGROUND if background else []),
+         sys.executable, str(HERE / args[0]), *args[1:]],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=not stoppable, process_group=0 if stoppable else None,
         env={**os.environ, **(env or {})},
@@ -806,6 +815,32 @@ def test_under_nohup_a_closed_terminal_leaves_the_job_running(tmp_path: Path) ->
     assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert [c["global_step"] >= 15 for c in listed["checkpoints"]] == [True]
+
+
+def test_a_launcher_that_ignores_ctrl_c_leaves_its_ranks_training(tmp_path: Path) -> None:
+    # What a script starts in the background (`cmd &`) ignores SIGINT, for the terminal's
+    # Ctrl-C not to end it; one process does, and so do its ranks (started from it). The
+    # launcher caught it anyway and passed it on: the ranks ended, or, where they ignored
+    # it, a second Ctrl-C terminated them without a checkpoint.
+    with launcher_script(
+        "signalled_launcher.py", str(tmp_path), "1", background=True
+    ) as launcher:  # fmt: skip
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            if line.strip() == "step 5":
+                break
+        os.killpg(launcher.pid, signal.SIGINT)
+        os.killpg(launcher.pid, signal.SIGINT)
+        for line in launcher.stdout:
+            if line.strip() == "step 25":
+                break
+        assert launcher.poll() is None, ended(launcher)[-2000:]
+        launcher.send_signal(signal.SIGTERM)
+        errors = ended(launcher)
+    assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert [c["global_step"] >= 25 for c in listed["checkpoints"]] == [True]
+    assert (tmp_path / "stop_reason").read_text() == "received SIGTERM"
 
 
 def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path) -> None:

@@ -9,15 +9,25 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
-from conftest import HAVE_TRIO, make_trainer
+from conftest import HAVE_TRIO, KEPT_SIGNALS, make_trainer
 
-from asynchat import stop_on_signals
+from asynchat import Callback, LoopState, stop_on_signals
+from asynchat._signals import ending_signals
 
 HERE = Path(__file__).resolve().parent
+BACKEND_OPTIONS = [
+    pytest.param({"backend": "asyncio"}, id="asyncio"),
+    pytest.param({"backend": "asyncio", "backend_options": {"use_uvloop": True}}, id="uvloop"),
+    pytest.param(
+        {"backend": "trio"}, id="trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio")
+    ),
+]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -131,3 +141,74 @@ def test_no_handler_is_installed_at_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+class SignalSelf(Callback):
+    """Sends ``signum`` to this process at the end of step 2."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        self.signum = signum
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == 2:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture
+def handlers_put_back() -> Iterator[None]:
+    """For a test that sets handlers of its own: the ones it found, put back after it."""
+    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.usefixtures("handlers_put_back")
+@pytest.mark.parametrize("backend", BACKEND_OPTIONS)
+def test_the_handlers_the_signals_had_come_back_after_the_block(backend: dict[str, Any]) -> None:
+    # On asyncio and uvloop, a signal the block received was left with its default handling
+    # (SIGINT: KeyboardInterrupt) however it had been handled: a program's own SIGTERM
+    # handler (a server's graceful shutdown) was gone after the block, an ignored SIGINT
+    # was heard.
+    def own(signum: int, frame: object) -> None:
+        raise AssertionError("not while the block catches it")
+
+    signal.signal(signal.SIGTERM, own)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trainer = make_trainer(SignalSelf(signal.SIGTERM), num_epochs=2)
+
+    async def run() -> None:
+        async with stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM)):
+            await trainer.fit()
+
+    anyio.run(run, **backend)
+    assert trainer.state.stop_reason == "received SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is own
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+@pytest.mark.usefixtures("handlers_put_back")
+@pytest.mark.parametrize("backend", BACKEND_OPTIONS)
+def test_a_signal_the_process_ignores_stays_ignored(backend: dict[str, Any]) -> None:
+    # A process that ignores SIGINT (what a script starts in the background, `cmd &`) or
+    # SIGHUP (nohup) was asked to: by default the block leaves it ignored, as the process
+    # would without it; when it ignores every one, the block catches none (trio refused to
+    # open a receiver of no signal).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    assert signal.SIGINT not in ending_signals() and signal.SIGTERM in ending_signals()
+    trainer = make_trainer(SignalSelf(signal.SIGINT), num_epochs=2)
+
+    async def run() -> None:
+        async with stop_on_signals(trainer):
+            await trainer.fit()
+
+    anyio.run(run, **backend)
+    assert (trainer.status, trainer.state.stop_reason) == ("finished", None)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    assert ending_signals() == ()
+    trainer = make_trainer(SignalSelf(signal.SIGTERM), num_epochs=2)
+    anyio.run(run, **backend)
+    assert (trainer.status, trainer.state.stop_reason) == ("finished", None)
