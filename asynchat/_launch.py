@@ -575,8 +575,9 @@ class _Ranks:
     @contextlib.contextmanager
     def forwarding(self) -> Iterator[None]:
         """SIGINT, SIGTERM and SIGHUP sent to the launcher (those of
-        :func:`~asynchat._signals.ending_signals`: SIGHUP where it would end the launcher,
-        not under ``nohup`` nor where the program handles it) passed on to every rank, once
+        :func:`~asynchat._signals.ending_signals`: each where it would end the launcher, not
+        one it ignores, as SIGHUP under ``nohup`` and SIGINT in a script's background job,
+        nor SIGHUP where the program handles it) passed on to every rank, once
         each time, while the ranks are waited for (``signalled`` lists them: :func:`launch`
         delivers the first to itself once the ranks have ended). The ranks are in process
         groups of their own, so a terminal's Ctrl-C reaches the launcher alone.
