@@ -329,3 +329,53 @@ class Job:
         self.process.wait()
         out, err = self._rest("stdout"), self._rest("stderr")
         pytest.fail(f"the job {what}\n--- its stdout:\n{out}\n--- its stderr:\n{err}")
+
+
+def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 60) -> None:
+    """Read ``process``'s stdout up to its line ``text`` (stripped), for ``timeout`` seconds
+    at most: a process that has not said it by then, or that ended without saying it, is
+    killed and the test fails with what it said. A bare ``readline()`` waited for a hung
+    process forever (pytest-timeout's end then took the whole suite), and a loop over
+    ``readline()`` spun forever once the output had ended."""
+    stream = process.stdout
+    assert stream is not None
+    said: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            said.append(line)
+            if line.strip() == text:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, name="test-reader", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if found.is_set():
+        return
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    reader.join(10)  # (its children may hold the pipe a moment longer)
+    pytest.fail(
+        f"the process did not say {text!r} within {timeout:g} s (returncode "
+        f"{process.returncode}); it said:\n{''.join(said)}"
+    )
+
+
+def finished(process: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """``process``'s remaining stdout and stderr once it has ended, within ``timeout``
+    seconds; one that has not is killed and the test fails with its output (a bare
+    ``communicate(timeout=...)`` inside ``with Popen(...)`` raised, and Popen's exit then
+    waited for the process forever)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(
+            f"the process had not ended within {timeout:g} s; it said:\n{out or ''}\n"
+            f"--- its stderr:\n{err or ''}"
+        )
+    return out or "", err or ""

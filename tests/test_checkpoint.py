@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import StopAt, make_loader, make_model, make_trainer
+from conftest import StopAt, make_loader, make_model, make_trainer, wait_for_line
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
@@ -418,9 +418,7 @@ def test_a_writer_killed_mid_write_leaves_complete_checkpoints_only(
     with subprocess.Popen(
         [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     ) as process:
-        assert process.stdout is not None
-        first = process.stdout.readline()  # one checkpoint is complete
-        assert first.strip() == "1"
+        wait_for_line(process, "1")  # one checkpoint is complete
         time.sleep(delay)  # then kill it somewhere inside a later write (32 MB each)
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)

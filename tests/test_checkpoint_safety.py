@@ -24,7 +24,7 @@ import numpy
 import pytest
 import rank_jobs
 import torch
-from conftest import make_data, make_trainer, wait_until_listed
+from conftest import make_data, make_trainer, wait_for_line, wait_until_listed
 from torch.utils.data import DataLoader
 
 import asynchat._checkpoint_io
@@ -572,7 +572,7 @@ def test_a_writer_in_another_process_is_refused_and_its_lock_taken_over_when_it_
     with subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     ) as holder:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        wait_for_line(holder, "locked")
         with pytest.raises(CheckpointError, match=rf"pid {holder.pid}"):
             train(tmp_path)
         os.kill(holder.pid, signal.SIGKILL)
@@ -603,8 +603,7 @@ class RemoveLock(Callback):
                 [sys.executable, "-c", HOLDER, str(self.directory)], stdout=subprocess.PIPE,
                 text=True,
             )  # fmt: skip
-            assert self.holder.stdout is not None
-            assert self.holder.stdout.readline().strip() == "locked"
+            wait_for_line(self.holder, "locked")
 
 
 def test_a_lock_file_removed_mid_run_is_taken_again(tmp_path: Path) -> None:

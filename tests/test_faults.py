@@ -19,7 +19,15 @@ import anyio
 import anyio.lowlevel
 import pytest
 import torch
-from conftest import Unsized, engine_threads, make_loader, make_model, make_trainer, sgd
+from conftest import (
+    Unsized,
+    engine_threads,
+    make_loader,
+    make_model,
+    make_trainer,
+    sgd,
+    wait_for_line,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -483,9 +491,7 @@ def test_sigkill_at_a_random_moment_of_saving_then_resume_is_bitwise(
     command = [sys.executable, str(HERE / "resume_job.py"), "killable", str(out), str(total),
                "0", str(directory), "generator"]  # fmt: skip
     with subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, text=True) as job:
-        assert job.stdout is not None
-        while job.stdout.readline().strip() != "step 3":  # a save is complete by now
-            pass
+        wait_for_line(job, "step 3")  # a save is complete by now
         time.sleep(delay)
         job.kill()
     run_job("resume", out, total, 0, directory, "generator")

@@ -24,6 +24,7 @@ import pytest
 import rank_jobs
 import torch
 import torch.distributed as dist
+from conftest import finished, wait_for_line
 
 import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
@@ -206,7 +207,7 @@ def test_two_torchrun_agents_as_two_machines(tmp_path: Path, how: str) -> None:
     ]
     outputs = []
     for agent in agents:
-        out, _ = agent.communicate(timeout=120)
+        out, _ = finished(agent, timeout=120)
         outputs.append(out)
     assert [a.returncode for a in agents] == [0, 0], outputs
     assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == ["2 3.0", "2 3.0"]
@@ -587,10 +588,7 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
         "signalled_launcher.py", str(tmp_path), str(int(handle)), launched,
         env={"TMPDIR": str(temporary)},
     ) as launcher:  # fmt: skip
-        assert launcher.stdout is not None
-        for line in launcher.stdout:
-            if line.strip() == "step 5":
-                break
+        wait_for_line(launcher, "step 5")
         if how == "ctrl-c":
             os.killpg(launcher.pid, signal.SIGINT)
         elif how.endswith("-to-the-group"):
@@ -633,10 +631,7 @@ def test_ctrl_z_holds_the_ranks_until_the_launcher_is_continued(
     with launcher_script(
         "signalled_launcher.py", str(tmp_path), "1", launched, stoppable=True
     ) as launcher:  # fmt: skip
-        assert launcher.stdout is not None
-        for line in launcher.stdout:
-            if line.strip() == "step 5":
-                break
+        wait_for_line(launcher, "step 5")
         os.killpg(launcher.pid, signal.SIGTSTP)  # as the terminal sends it
         deadline = time.monotonic() + 30
         while process_state(launcher.pid) != "T":  # (T: stopped)
@@ -713,12 +708,9 @@ def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path)
     # launch_async passes on only what would end the process. Cancelled by the program, the
     # job's ranks end as on a Ctrl-C, and the program goes on to exit as it chooses.
     with launcher_script("signalled_launcher.py", str(tmp_path), "1", "async-handled") as job:
-        assert job.stdout is not None
-        for line in job.stdout:
-            if line.strip() == "step 5":
-                break
+        wait_for_line(job, "step 5")
         job.send_signal(signal.SIGTERM)
-        out, errors = job.communicate(timeout=60)
+        out, errors = finished(job)
     assert job.returncode == 0, errors[-2000:]
     assert "cancelling the job" in out
     # The ranks were ended by the cancellation (a Ctrl-C), not handed the SIGTERM.
@@ -801,14 +793,9 @@ def test_under_nohup_a_closed_terminal_leaves_the_job_running(tmp_path: Path) ->
     # nohup asks the job to outlive its terminal: SIGHUP stays ignored, in the launcher and
     # in its ranks (a launcher that caught it anyway would pass it on and end them).
     with launcher_script("signalled_launcher.py", str(tmp_path), "1", nohup=True) as launcher:
-        assert launcher.stdout is not None
-        for line in launcher.stdout:
-            if line.strip() == "step 5":
-                break
+        wait_for_line(launcher, "step 5")
         os.killpg(launcher.pid, signal.SIGHUP)
-        for line in launcher.stdout:
-            if line.strip() == "step 15":
-                break
+        wait_for_line(launcher, "step 15")
         assert launcher.poll() is None, ended(launcher)[-2000:]
         launcher.send_signal(signal.SIGTERM)
         errors = ended(launcher)
@@ -825,15 +812,10 @@ def test_a_launcher_that_ignores_ctrl_c_leaves_its_ranks_training(tmp_path: Path
     with launcher_script(
         "signalled_launcher.py", str(tmp_path), "1", background=True
     ) as launcher:  # fmt: skip
-        assert launcher.stdout is not None
-        for line in launcher.stdout:
-            if line.strip() == "step 5":
-                break
+        wait_for_line(launcher, "step 5")
         os.killpg(launcher.pid, signal.SIGINT)
         os.killpg(launcher.pid, signal.SIGINT)
-        for line in launcher.stdout:
-            if line.strip() == "step 25":
-                break
+        wait_for_line(launcher, "step 25")
         assert launcher.poll() is None, ended(launcher)[-2000:]
         launcher.send_signal(signal.SIGTERM)
         errors = ended(launcher)

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import HAVE_TRIO, KEPT_SIGNALS, make_trainer
+from conftest import HAVE_TRIO, KEPT_SIGNALS, finished, make_trainer, wait_for_line
 
 from asynchat import Callback, LoopState, stop_on_signals
 from asynchat._signals import ending_signals
@@ -43,10 +43,9 @@ def test_a_signal_stops_the_loop_gracefully(
         [sys.executable, str(HERE / "signal_job.py"), backend, str(tmp_path)],
         cwd=HERE, stdout=subprocess.PIPE, text=True,
     ) as process:  # fmt: skip
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "training"
+        wait_for_line(process, "training")
         os.kill(process.pid, signum)
-        out, _ = process.communicate(timeout=60)
+        out, _ = finished(process)
     assert process.returncode == 0, "the process ended normally, not by the signal"
     assert out.startswith(f"stopped: received {signum.name} at step ")
     step = int(out.split()[-1])
@@ -87,16 +86,15 @@ def test_sighup_is_left_alone_where_the_program_asks_for_it(tmp_path: Path, how:
     command = [sys.executable, str(HERE / "signal_job.py"), "asyncio", str(tmp_path)]
     command = ["nohup", *command] if how == "nohup" else [*command, "reload"]
     with subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, text=True) as process:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "training"
+        wait_for_line(process, "training")
         os.kill(process.pid, signal.SIGHUP)
         if how == "nohup":
             time.sleep(0.5)
         else:
-            assert process.stdout.readline().strip() == "reloaded"
+            wait_for_line(process, "reloaded")
         assert process.poll() is None
         os.kill(process.pid, signal.SIGTERM)
-        out, _ = process.communicate(timeout=60)
+        out, _ = finished(process)
     assert process.returncode == 0
     assert out.startswith("stopped: received SIGTERM at step ")
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Job
+from conftest import Job, finished, wait_for_line
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -73,3 +73,25 @@ def test_a_job_that_hangs_fails_its_test_in_the_time_given_with_its_stacks(
         with pytest.raises(pytest.fail.Exception) as unended:
             job.ended(timeout=1)
     assert "not ended within 1 s" in str(unended.value) and "hung.py" in str(unended.value)
+
+
+def test_a_process_that_never_says_its_line_or_never_ends_fails_its_test(tmp_path: Path) -> None:
+    def started(code: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    hangs = "import time; print('step 1', flush=True); time.sleep(600)"
+    with started(hangs) as process:
+        began = time.monotonic()
+        with pytest.raises(pytest.fail.Exception, match="did not say 'step 3' within 1 s"):
+            wait_for_line(process, "step 3", timeout=1)
+        assert time.monotonic() - began < 15 and process.returncode == -signal.SIGKILL
+    said = r"(?s)returncode 0\); it said:\nstep 1"  # (a loop over readline() spun forever)
+    with started("print('step 1')") as process, pytest.raises(pytest.fail.Exception, match=said):
+        wait_for_line(process, "step 3", timeout=30)
+    unended = r"(?s)not ended within 1 s.*step 1"
+    with started(hangs) as process, pytest.raises(pytest.fail.Exception, match=unended):
+        finished(process, timeout=1)
+    assert process.returncode == -signal.SIGKILL
