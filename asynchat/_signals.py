@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
-
-import anyio
 
 from asynchat._loop import LoopBase
 
@@ -45,8 +44,10 @@ async def stop_on_signals(
                                        # step in progress, with a final Checkpoint
 
     Installed only here, never at import, and only in the main thread (where Python delivers
-    signals); the previous handlers come back when the block ends. Signals are received by
-    the event loop (through anyio), so the stop runs on the loop, not in a signal handler.
+    signals); the previous handlers come back when the last block ends. A signal stops the
+    loops of every block open in the process that catches it (a service's jobs, each in a
+    block of its own, all end gracefully on the pod's SIGTERM). The handler calls
+    :meth:`~asynchat.LoopBase.stop`, which may be called from one.
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError(
@@ -57,33 +58,50 @@ async def stop_on_signals(
     caught = ending_signals() if signals is None else tuple(signals)
     if not caught and signals is not None:
         raise ValueError("stop_on_signals(signals=()) would catch nothing: name a signal")
-    if not caught:  # (the process ignores every one: none would end it)
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in caught}
+    block = _Block(loops, frozenset(caught))
+    _open.append(block)
     try:
-        with anyio.open_signal_receiver(*caught) as received:
-            async with anyio.create_task_group() as tg:
-
-                async def relay() -> None:
-                    async for signum in received:
-                        for loop in loops:
-                            loop.stop(f"received {signal.Signals(signum).name}")
-
-                tg.start_soon(relay)
-                try:
-                    yield
-                finally:
-                    tg.cancel_scope.cancel()
+        for signum in block.signals - _previous.keys():
+            _previous[signum] = signal.signal(signum, _stop_loops)
+        yield
     finally:
-        _put_back(previous)
+        _open.remove(block)
+        for signum in block.signals:
+            if not any(signum in other.signals for other in _open):
+                _put_back(signum)
 
 
-def _put_back(previous: Mapping[signal.Signals, Any]) -> None:
-    """The handlers the signals had before :func:`stop_on_signals`. asyncio and uvloop leave
-    a signal they received with its default (SIGINT: ``KeyboardInterrupt``), not with what it
-    had: a program's own SIGTERM handler (a server's graceful shutdown) was gone after the
-    block, and an ignored SIGINT was heard."""
-    for signum, handler in previous.items():
-        if handler is not None and signal.getsignal(signum) != handler:
-            signal.signal(signum, handler)
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Block:
+    """The loops of one :func:`stop_on_signals` block, and the signals that stop them."""
+
+    loops: tuple[LoopBase, ...]
+    signals: frozenset[int]
+
+
+_open: list[_Block] = []  # the blocks open in this process (main thread only)
+_previous: dict[int, Any] = {}  # the handler each caught signal had before the first block
+
+
+def _stop_loops(signum: int, frame: object) -> None:
+    """The handler of the signals of open blocks: stops the loops of every block that
+    catches ``signum``. Before, each block received signals through the event loop (anyio),
+    which keeps one receiver per signal: on asyncio a SIGTERM stopped the loops of the
+    newest block alone, and none once that block had ended."""
+    name = signal.Signals(signum).name
+    for block in list(_open):
+        if signum in block.signals:
+            for loop in block.loops:
+                loop.stop(f"received {name}")
+
+
+def _put_back(signum: int) -> None:
+    """The handler ``signum`` had before the first block, as the last block that caught it
+    ends (unless the program has set one of its own since). Before, asyncio and uvloop left
+    a signal they had received with its default (SIGINT: ``KeyboardInterrupt``): a program's
+    own SIGTERM handler (a server's graceful shutdown) was gone, an ignored SIGINT heard."""
+    if signum not in _previous:  # (installing it failed: an invalid signal)
+        return
+    previous = _previous.pop(signum)
+    if previous is not None and signal.getsignal(signum) is _stop_loops:
+        signal.signal(signum, previous)

@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import HAVE_TRIO, KEPT_SIGNALS, finished, make_trainer, wait_for_line
+from conftest import HAVE_TRIO, KEPT_SIGNALS, StopAt, finished, make_trainer, wait_for_line
 
-from asynchat import Callback, LoopState, stop_on_signals
+from asynchat import Callback, LoopState, Trainer, stop_on_signals
 from asynchat._signals import ending_signals
 
 HERE = Path(__file__).resolve().parent
@@ -210,3 +210,33 @@ def test_a_signal_the_process_ignores_stays_ignored(backend: dict[str, Any]) -> 
     trainer = make_trainer(SignalSelf(signal.SIGTERM), num_epochs=2)
     anyio.run(run, **backend)
     assert (trainer.status, trainer.state.stop_reason) == ("finished", None)
+
+
+@pytest.mark.usefixtures("handlers_put_back")
+@pytest.mark.parametrize("backend", BACKEND_OPTIONS)
+def test_a_signal_stops_the_loops_of_every_block_open(backend: dict[str, Any]) -> None:
+    # A service's jobs, each in a block of its own. On asyncio and uvloop the event loop
+    # keeps one receiver per signal: a SIGTERM stopped the newest block's loops alone, and
+    # once a block had ended, the others' loops no more (the signal was swallowed).
+    first = make_trainer(num_epochs=1_000_000)
+    second = make_trainer(StopAt(3), num_epochs=1_000_000)  # its block ends first
+    third = make_trainer(SignalSelf(signal.SIGTERM), num_epochs=1_000_000)
+
+    async def run(trainer: Trainer) -> None:
+        async with stop_on_signals(trainer, signals=(signal.SIGTERM,)):
+            await trainer.fit()
+
+    async def service() -> None:
+        async with anyio.create_task_group() as jobs:
+            jobs.start_soon(run, first)
+            await run(second)
+            await run(third)
+            with anyio.move_on_after(10):
+                while first.status != "finished":  # noqa: ASYNC110 (a test's poll)
+                    await anyio.sleep(0.05)
+            first.stop("the signal did not stop it")
+
+    anyio.run(service, **backend)
+    assert first.state.stop_reason == third.state.stop_reason == "received SIGTERM"
+    assert second.state.stop_reason == "stop here"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the last block put it back"
