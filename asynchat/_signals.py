@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -105,3 +106,19 @@ def _put_back(signum: int) -> None:
     previous = _previous.pop(signum)
     if previous is not None and signal.getsignal(signum) is _stop_loops:
         signal.signal(signum, previous)
+
+
+def _forget_blocks() -> None:
+    """In a process forked while blocks were open (a DataLoader worker, forked as its loop
+    began): the blocks are the parent's, and so are their loops. The signals get back the
+    handlers they had before, as the worker would have had them: a Ctrl-C to the process
+    group ran the handler in each worker, which asked the parent's loops there to stop."""
+    for signum in list(_previous):
+        previous = _previous.pop(signum)
+        if previous is not None and signal.getsignal(signum) is _stop_loops:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signum, previous)
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_blocks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +242,32 @@ def test_a_signal_stops_the_loops_of_every_block_open(backend: dict[str, Any]) -
     assert first.state.stop_reason == third.state.stop_reason == "received SIGTERM"
     assert second.state.stop_reason == "stop here"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the last block put it back"
+
+
+def _report_handling(to: Connection) -> None:
+    from asynchat import _signals
+
+    to.send((signal.getsignal(signal.SIGTERM), len(_signals._open)))
+
+
+@pytest.mark.usefixtures("handlers_put_back")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_process_forked_inside_a_block_has_the_handlers_from_before_it() -> None:
+    # A DataLoader worker, forked as its loop begins: the blocks and their loops are the
+    # parent's. A Ctrl-C to the process group ran the engine's handler in every worker,
+    # which asked its copies of the parent's loops to stop.
+    trainer = make_trainer()
+    reports: list[tuple[object, int]] = []
+
+    async def fork_inside() -> None:
+        async with stop_on_signals(trainer, signals=(signal.SIGTERM,)):
+            theirs, ours = multiprocessing.get_context("fork").Pipe(duplex=False)
+            child = multiprocessing.get_context("fork").Process(
+                target=_report_handling, args=(ours,)
+            )
+            child.start()
+            reports.append(theirs.recv())
+            child.join(30)
+
+    anyio.run(fork_inside)
+    assert reports == [(signal.SIG_DFL, 0)]
