@@ -63,13 +63,25 @@ async def stop_on_signals(
     _open.append(block)
     try:
         for signum in block.signals - _previous.keys():
-            _previous[signum] = signal.signal(signum, _stop_loops)
+            _previous[signum] = _catch(signum)
         yield
     finally:
         _open.remove(block)
         for signum in block.signals:
             if not any(signum in other.signals for other in _open):
                 _put_back(signum)
+
+
+def _catch(signum: int) -> Any:
+    """Installs the engine's handler for ``signum``; the handler it had."""
+    try:
+        return signal.signal(signum, _stop_loops)
+    except (OSError, ValueError) as exc:  # (SIGKILL, SIGSTOP; a number that is no signal)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = repr(signum)
+        raise ValueError(f"stop_on_signals(signals=...): {name} cannot be caught ({exc})") from exc
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -133,6 +133,15 @@ def test_only_in_the_main_thread_and_with_a_loop() -> None:
     with pytest.raises(ValueError, match=r"stop_on_signals\(signals=\(\)\) would catch nothing"):
         anyio.run(without_signals)
 
+    async def uncatchable(*signals: int) -> None:
+        async with stop_on_signals(make_trainer(), signals=signals):  # type: ignore[arg-type]
+            raise AssertionError("not entered")
+
+    for signals, name in [((signal.SIGTERM, signal.SIGKILL), "SIGKILL"), ((99999,), "99999")]:
+        with pytest.raises(ValueError, match=rf"signals=\.\.\.\): {name} cannot be caught"):
+            anyio.run(uncatchable, *signals)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # (put back: none is open)
+
 
 def test_no_handler_is_installed_at_import() -> None:
     code = (
