@@ -789,32 +789,21 @@ def until_a_step(directory: Path, launcher: subprocess.Popen[Any], terminal: int
     return int((directory / "step").read_text())
 
 
-def test_under_nohup_a_closed_terminal_leaves_the_job_running(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["nohup", "background"])
+def test_a_signal_the_launcher_ignores_leaves_its_ranks_training(tmp_path: Path, how: str) -> None:
     # nohup asks the job to outlive its terminal: SIGHUP stays ignored, in the launcher and
-    # in its ranks (a launcher that caught it anyway would pass it on and end them).
-    with launcher_script("signalled_launcher.py", str(tmp_path), "1", nohup=True) as launcher:
-        wait_for_line(launcher, "step 5")
-        os.killpg(launcher.pid, signal.SIGHUP)
-        wait_for_line(launcher, "step 15")
-        assert launcher.poll() is None, ended(launcher)[-2000:]
-        launcher.send_signal(signal.SIGTERM)
-        errors = ended(launcher)
-    assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
-    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
-    assert [c["global_step"] >= 15 for c in listed["checkpoints"]] == [True]
-
-
-def test_a_launcher_that_ignores_ctrl_c_leaves_its_ranks_training(tmp_path: Path) -> None:
-    # What a script starts in the background (`cmd &`) ignores SIGINT, for the terminal's
-    # Ctrl-C not to end it; one process does, and so do its ranks (started from it). The
-    # launcher caught it anyway and passed it on: the ranks ended, or, where they ignored
-    # it, a second Ctrl-C terminated them without a checkpoint.
+    # in its ranks (a launcher that caught it anyway would pass it on and end them). What a
+    # script starts in the background (`cmd &`) ignores SIGINT, for the terminal's Ctrl-C not
+    # to end it: the launcher caught it anyway and passed it on, and the ranks ended (or,
+    # had they ignored it, a second Ctrl-C terminated them without a checkpoint).
+    ignored = signal.SIGHUP if how == "nohup" else signal.SIGINT
     with launcher_script(
-        "signalled_launcher.py", str(tmp_path), "1", background=True
+        "signalled_launcher.py", str(tmp_path), "1", nohup=how == "nohup",
+        background=how == "background",
     ) as launcher:  # fmt: skip
         wait_for_line(launcher, "step 5")
-        os.killpg(launcher.pid, signal.SIGINT)
-        os.killpg(launcher.pid, signal.SIGINT)
+        os.killpg(launcher.pid, ignored)
+        os.killpg(launcher.pid, ignored)
         wait_for_line(launcher, "step 25")
         assert launcher.poll() is None, ended(launcher)[-2000:]
         launcher.send_signal(signal.SIGTERM)
