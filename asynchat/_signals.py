@@ -126,10 +126,8 @@ def _forget_blocks() -> None:
     handlers they had before, as the worker would have had them: a Ctrl-C to the process
     group ran the handler in each worker, which asked the parent's loops there to stop."""
     for signum in list(_previous):
-        previous = _previous.pop(signum)
-        if previous is not None and signal.getsignal(signum) is _stop_loops:
-            with contextlib.suppress(ValueError, OSError):
-                signal.signal(signum, previous)
+        with contextlib.suppress(ValueError, OSError):
+            _put_back(signum)
     _open.clear()
 
 
