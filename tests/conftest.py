@@ -56,16 +56,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 KEPT_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT]
 
 
+@contextlib.contextmanager
+def signal_handling_put_back() -> Iterator[dict[signal.Signals, Any]]:
+    """The handling of :data:`KEPT_SIGNALS` as it was before the block (yielded), put back
+    after it."""
+    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
+    try:
+        yield before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers_kept() -> Iterator[None]:
     """No test leaves a signal's handling changed for the tests after it (and for the
     processes they start, which inherit an ignored signal): stop_on_signals on asyncio left
     SIGINT's ``default_int_handler`` where it had been ignored."""
-    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
-    yield
-    changed = {s.name: signal.getsignal(s) for s, h in before.items() if signal.getsignal(s) != h}
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
+    with signal_handling_put_back() as before:
+        yield
+        changed = {s.name: h for s in before if (h := signal.getsignal(s)) != before[s]}
     assert not changed, f"the test left these signals' handling changed: {changed}"
 
 

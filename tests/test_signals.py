@@ -17,19 +17,20 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import HAVE_TRIO, KEPT_SIGNALS, StopAt, finished, make_trainer, wait_for_line
+from conftest import (
+    BACKENDS,
+    HAVE_TRIO,
+    StopAt,
+    finished,
+    make_trainer,
+    signal_handling_put_back,
+    wait_for_line,
+)
 
 from asynchat import Callback, LoopState, Trainer, stop_on_signals
 from asynchat._signals import ending_signals
 
 HERE = Path(__file__).resolve().parent
-BACKEND_OPTIONS = [
-    pytest.param({"backend": "asyncio"}, id="asyncio"),
-    pytest.param({"backend": "asyncio", "backend_options": {"use_uvloop": True}}, id="uvloop"),
-    pytest.param(
-        {"backend": "trio"}, id="trio", marks=pytest.mark.skipif(not HAVE_TRIO, reason="needs trio")
-    ),
-]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -166,15 +167,15 @@ class SignalSelf(Callback):
 @pytest.fixture
 def handlers_put_back() -> Iterator[None]:
     """For a test that sets handlers of its own: the ones it found, put back after it."""
-    before = {signum: signal.getsignal(signum) for signum in KEPT_SIGNALS}
-    yield
-    for signum, handler in before.items():
-        signal.signal(signum, handler)
+    with signal_handling_put_back():
+        yield
 
 
 @pytest.mark.usefixtures("handlers_put_back")
-@pytest.mark.parametrize("backend", BACKEND_OPTIONS)
-def test_the_handlers_the_signals_had_come_back_after_the_block(backend: dict[str, Any]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_handlers_the_signals_had_come_back_after_the_block(
+    backend: tuple[str, dict[str, Any]],
+) -> None:
     # On asyncio and uvloop, a signal the block received was left with its default handling
     # (SIGINT: KeyboardInterrupt) however it had been handled: a program's own SIGTERM
     # handler (a server's graceful shutdown) was gone after the block, an ignored SIGINT
@@ -190,15 +191,15 @@ def test_the_handlers_the_signals_had_come_back_after_the_block(backend: dict[st
         async with stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM)):
             await trainer.fit()
 
-    anyio.run(run, **backend)
+    anyio.run(run, backend=backend[0], backend_options=backend[1])
     assert trainer.state.stop_reason == "received SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is own
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 @pytest.mark.usefixtures("handlers_put_back")
-@pytest.mark.parametrize("backend", BACKEND_OPTIONS)
-def test_a_signal_the_process_ignores_stays_ignored(backend: dict[str, Any]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_signal_the_process_ignores_stays_ignored(backend: tuple[str, dict[str, Any]]) -> None:
     # A process that ignores SIGINT (what a script starts in the background, `cmd &`) or
     # SIGHUP (nohup) was asked to: by default the block leaves it ignored, as the process
     # would without it; when it ignores every one, the block catches none (trio refused to
@@ -211,7 +212,7 @@ def test_a_signal_the_process_ignores_stays_ignored(backend: dict[str, Any]) -> 
         async with stop_on_signals(trainer):
             await trainer.fit()
 
-    anyio.run(run, **backend)
+    anyio.run(run, backend=backend[0], backend_options=backend[1])
     assert (trainer.status, trainer.state.stop_reason) == ("finished", None)
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
@@ -219,13 +220,13 @@ def test_a_signal_the_process_ignores_stays_ignored(backend: dict[str, Any]) -> 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     assert ending_signals() == ()
     trainer = make_trainer(SignalSelf(signal.SIGTERM), num_epochs=2)
-    anyio.run(run, **backend)
+    anyio.run(run, backend=backend[0], backend_options=backend[1])
     assert (trainer.status, trainer.state.stop_reason) == ("finished", None)
 
 
 @pytest.mark.usefixtures("handlers_put_back")
-@pytest.mark.parametrize("backend", BACKEND_OPTIONS)
-def test_a_signal_stops_the_loops_of_every_block_open(backend: dict[str, Any]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_signal_stops_the_loops_of_every_block_open(backend: tuple[str, dict[str, Any]]) -> None:
     # A service's jobs, each in a block of its own. On asyncio and uvloop the event loop
     # keeps one receiver per signal: a SIGTERM stopped the newest block's loops alone, and
     # once a block had ended, the others' loops no more (the signal was swallowed).
@@ -247,7 +248,7 @@ def test_a_signal_stops_the_loops_of_every_block_open(backend: dict[str, Any]) -
                     await anyio.sleep(0.05)
             first.stop("the signal did not stop it")
 
-    anyio.run(service, **backend)
+    anyio.run(service, backend=backend[0], backend_options=backend[1])
     assert first.state.stop_reason == third.state.stop_reason == "received SIGTERM"
     assert second.state.stop_reason == "stop here"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the last block put it back"
