@@ -276,6 +276,8 @@ def test_a_process_forked_inside_a_block_has_the_handlers_from_before_it() -> No
                 target=_report_handling, args=(ours,)
             )
             child.start()
+            ours.close()  # (a child that fails: recv() meets the pipe's end, not a wait)
+            assert theirs.poll(30), "the child said nothing in 30 s"
             reports.append(theirs.recv())
             child.join(30)
 
