@@ -35,7 +35,15 @@ from asynchat import _heartbeat as heartbeat
 from asynchat import _hold as hold
 from asynchat._checks import positive_int, positive_number
 from asynchat._errors import AsynchatError
-from asynchat._signals import ending_signals
+from asynchat._signals import (
+    catches,
+    disposition,
+    ending_signals,
+    listen,
+    unlisten,
+    unwatch,
+    watch,
+)
 from asynchat._start_method import LauncherState, rank_context
 
 RankFn = Callable[..., Awaitable[object]]
@@ -377,6 +385,7 @@ class _Ranks:
         self.exited_at: dict[int, float] = {}
         self.reports: dict[int, tuple[float, str]] = {}
         self.signalled: list[int] = []  # signals passed on to the ranks (see forwarding)
+        self.graceful = False  # the first was a stop_on_signals block's (see _SignalRelay)
         self._forced_at: float | None = None  # when a second one was
         self._dumps = tempfile.mkdtemp(prefix="asynchat-launch-")
         self._lifelines: list[tuple[Any, Any]] = []
@@ -411,11 +420,19 @@ class _Ranks:
         reader = self.errors._reader  # type: ignore[attr-defined]
         mp_connection.wait([*waiting, reader], timeout=_POLL_S)
         self._observe()
+        failed = self.reports or any(self._failed(rank) for rank in range(len(self.processes)))
         if self.signalled:  # told to end: each rank ends as the signal makes it
             if self._forced_at is not None and time.monotonic() > self._forced_at + _GRACE_S:
                 self.terminate()  # told twice, and still running: a rank that cannot end
-            return all(p.exitcode is not None for p in self.processes)
-        if self.reports or any(self._failed(rank) for rank in range(len(self.processes))):
+            if any(p.exitcode is None for p in self.processes):
+                return False
+            if failed and self.graceful:  # (the program goes on: a job cut short says so)
+                error = self._failure()
+                name = signal.Signals(self.signalled[0]).name
+                error.add_note(f"The launcher had passed {name} on to the ranks.")
+                raise error
+            return True
+        if failed:
             error = self._failure()
             self.terminate()
             raise error
@@ -707,30 +724,47 @@ def _stop_holding(jobs: Sequence[_Ranks]) -> None:
 
 
 class _SignalRelay:
-    """SIGTERM and SIGHUP for :func:`launch_async`, where the program leaves them to end the
-    process (their default action): passed on to the ranks of every job running, as
-    :func:`launch` passes them on, so that the process ends by the signal only once the
-    ranks have ended as it makes them (a graceful stop, final checkpoints written). Before,
-    the process died at once and its ranks with it, through their lifelines.
+    """SIGINT, SIGTERM and SIGHUP for :func:`launch_async`, passed on to the ranks of every
+    job running (each in a process group of its own, which a terminal's signals do not
+    reach), in two cases:
+
+    - SIGTERM and SIGHUP where the program leaves them to end the process (their default
+      action), as :func:`launch` passes them on: the process ends by the signal only once
+      the ranks have ended as it makes them (a graceful stop, final checkpoints written).
+      Before, the process died at once and its ranks with it, through their lifelines.
+    - Any of the three that a :func:`~asynchat.stop_on_signals` block catches: it stops the
+      program's own loops gracefully, and the ranks as it makes them; each job then returns
+      as its ranks end. Before, the block's handler took the place of the relay's (or the
+      relay left alone a signal it found the block's): the ranks of a service's launched
+      jobs trained on after its pod's SIGTERM until the SIGKILL.
 
     A program that handles a signal itself (a server's graceful shutdown) keeps it: its
-    cancellation of the jobs ends their ranks as a Ctrl-C would. SIGINT is the event
-    loop's (a ``KeyboardInterrupt`` cancels the job). A SIGTSTP that would stop the process
-    (a terminal's Ctrl-Z) holds the ranks of every job until it is continued. Signals are
-    caught in the main thread only, where the event loop of a script runs.
+    cancellation of the jobs ends their ranks as a Ctrl-C would. Otherwise SIGINT is the
+    event loop's (a ``KeyboardInterrupt`` cancels the job). A SIGTSTP that would stop the
+    process (a terminal's Ctrl-Z) holds the ranks of every job until it is continued.
+    Signals are caught in the main thread only, where the event loop of a script runs.
     """
+
+    PASSED_ON = frozenset(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
 
     def __init__(self) -> None:
         self.jobs: list[_Ranks] = []
-        self._previous: dict[int, Any] = {}
+        self._listened: tuple[int, ...] = ()  # those it caught where they would end the process
+        self._previous: dict[int, Any] = {}  # SIGTSTP's handler
 
     def join(self, ranks: _Ranks) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         if not self.jobs:
-            for signum in ending_signals():
-                if signum != signal.SIGINT and signal.getsignal(signum) is signal.SIG_DFL:
-                    self._previous[signum] = signal.signal(signum, self._forward)
+            self._listened = tuple(
+                s for s in ending_signals()
+                if s != signal.SIGINT and disposition(s) is signal.SIG_DFL
+            )  # fmt: skip
+            for signum in self._listened:
+                listen(signum, self._forward)
+            watch(self._forward)
             if _holds_on_ctrl_z():
                 self._previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._hold)
         self.jobs.append(ranks)
@@ -740,21 +774,32 @@ class _SignalRelay:
             return
         self.jobs.remove(ranks)
         if not self.jobs:
+            unwatch(self._forward)
+            for signum in self._listened:
+                unlisten(signum, self._forward)
             for signum, handler in self._previous.items():
-                if signal.getsignal(signum) in (self._forward, self._hold):  # (not one set since)
+                if signal.getsignal(signum) == self._hold:  # (not one set since)
                     signal.signal(signum, handler)
             self._previous.clear()
 
-    def _forward(self, signum: int, frame: object) -> None:
+    def _forward(self, signum: int) -> None:
+        if signum not in self.PASSED_ON:
+            return
+        graceful = catches(signum)  # (else the process ends by it, once the ranks have)
         for ranks in list(self.jobs):
+            if not ranks.signalled:
+                ranks.graceful = graceful
             ranks.send(signum)
 
     def _hold(self, signum: int, frame: object) -> None:
         _stop_holding(list(self.jobs))
 
     async def end_as_signalled(self, ranks: _Ranks) -> None:
-        """After ``ranks`` ended as a relayed signal made them: once every job it reached
-        has ended too, end the process by it (the default action, as it came)."""
+        """After ``ranks`` ended as a relayed signal made them: unless the program's loops
+        stopped gracefully on it, once every job it reached has ended too, end the process
+        by it (the default action, as it came)."""
+        if ranks.graceful:
+            return
         while any(job.signalled for job in self.jobs):  # noqa: ASYNC110 (polled, as ranks are)
             await anyio.sleep(_POLL_S)
         ranks.end_as_signalled()
@@ -839,7 +884,9 @@ async def launch_async(
     rank still running after ``cancel_grace`` seconds, 60 by default, is terminated) and
     waits until they are reaped before the cancellation propagates. A SIGTERM or SIGHUP
     that would end the process (no handler of the program's) goes on to the ranks as under
-    :func:`launch`, and ends the process once they have ended (:class:`_SignalRelay`).
+    :func:`launch`, and ends the process once they have ended; so does any of SIGINT,
+    SIGTERM, SIGHUP that a :func:`~asynchat.stop_on_signals` block of the process catches,
+    and the job then returns once its ranks have ended (:class:`_SignalRelay`).
     Under ``torchrun`` (``RANK``, ``WORLD_SIZE`` set) only this rank runs, in this loop.
     """
     positive_number("cancel_grace", cancel_grace)

@@ -1,4 +1,11 @@
-"""Opt-in: turn SIGINT, SIGTERM and SIGHUP into a graceful stop of running loops."""
+"""Opt-in: turn SIGINT, SIGTERM and SIGHUP into a graceful stop of running loops.
+
+The engine hears a signal through one handler (:func:`_dispatch`), installed while anybody
+listens to it: the blocks of :func:`stop_on_signals`, and :func:`~asynchat.launch_async`'s
+relay to the ranks of the jobs it launched (``asynchat._launch._SignalRelay``). Before, each
+installed a handler of its own in the other's place, and a signal reached the last one only:
+a service's SIGTERM stopped its own loops and not its launched jobs' ranks.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,20 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from asynchat._loop import LoopBase
+
+Listener = Callable[[int], None]
+
+
+def disposition(signum: int) -> Any:
+    """What ``signum`` does in this process, the engine's listening to it aside: the
+    handler it had before the engine's, or the one it has (``signal.getsignal``'s value)."""
+    if _installed(signum) and signum in _previous:
+        return _previous[signum]
+    return signal.getsignal(signum)
 
 
 def ending_signals() -> tuple[signal.Signals, ...]:
@@ -22,8 +39,8 @@ def ending_signals() -> tuple[signal.Signals, ...]:
     terminal's Ctrl-C not to end it), and a launched job ignores it as one process would.
     SIGHUP also not where the program handles it itself (a daemon's reload or log
     rotation)."""
-    ending = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+    ending = [s for s in (signal.SIGINT, signal.SIGTERM) if disposition(s) != signal.SIG_IGN]
+    if hasattr(signal, "SIGHUP") and disposition(signal.SIGHUP) == signal.SIG_DFL:
         ending.append(signal.SIGHUP)  # (SIGHUP: POSIX only)
     return tuple(ending)
 
@@ -62,26 +79,31 @@ async def stop_on_signals(
     block = _Block(loops, frozenset(caught))
     _open.append(block)
     try:
-        for signum in block.signals - _previous.keys():
-            _previous[signum] = _catch(signum)
+        for signum in block.signals:
+            listen(signum, block.stop)
         yield
     finally:
         _open.remove(block)
         for signum in block.signals:
-            if not any(signum in other.signals for other in _open):
-                _put_back(signum)
+            unlisten(signum, block.stop)
 
 
 def _catch(signum: int) -> Any:
     """Installs the engine's handler for ``signum``; the handler it had."""
     try:
-        return signal.signal(signum, _stop_loops)
+        return signal.signal(signum, _dispatch)
     except (OSError, ValueError) as exc:  # (SIGKILL, SIGSTOP; a number that is no signal)
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = repr(signum)
         raise ValueError(f"stop_on_signals(signals=...): {name} cannot be caught ({exc})") from exc
+
+
+def catches(signum: int) -> bool:
+    """Whether a :func:`stop_on_signals` block open now catches ``signum`` (for a graceful
+    stop, instead of the signal's own action)."""
+    return any(signum in block.signals for block in _open)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,44 +113,90 @@ class _Block:
     loops: tuple[LoopBase, ...]
     signals: frozenset[int]
 
+    def stop(self, signum: int) -> None:
+        for loop in self.loops:
+            loop.stop(f"received {signal.Signals(signum).name}")
+
 
 _open: list[_Block] = []  # the blocks open in this process (main thread only)
-_previous: dict[int, Any] = {}  # the handler each caught signal had before the first block
+_listeners: dict[int, list[Listener]] = {}  # who hears each signal the engine listens to
+_watchers: list[Listener] = []  # who hears every signal the engine hears
+_previous: dict[int, Any] = {}  # the handler each had before the engine's
 
 
-def _stop_loops(signum: int, frame: object) -> None:
-    """The handler of the signals of open blocks: stops the loops of every block that
-    catches ``signum``. Before, each block received signals through the event loop (anyio),
-    which keeps one receiver per signal: on asyncio a SIGTERM stopped the loops of the
-    newest block alone, and none once that block had ended."""
-    name = signal.Signals(signum).name
-    for block in list(_open):
-        if signum in block.signals:
-            for loop in block.loops:
-                loop.stop(f"received {name}")
+def listen(signum: int, listener: Listener) -> None:
+    """``listener(signum)`` at each ``signum`` until :func:`unlisten` (main thread only): the
+    engine's handler is installed in place of the signal's (one the program set since the
+    engine's last is taken as the one to put back). ValueError for a signal that cannot be
+    caught."""
+    if not _installed(signum):
+        _previous[signum] = _catch(signum)
+    _listeners.setdefault(signum, []).append(listener)
+
+
+def _installed(signum: int) -> bool:
+    """Whether ``signum``'s handler is the engine's (not for a number that is no signal)."""
+    try:
+        return signal.getsignal(signum) is _dispatch
+    except ValueError:
+        return False
+
+
+def unlisten(signum: int, listener: Listener) -> None:
+    """``listener`` no longer hears ``signum``; the last to go puts the signal's handler back."""
+    listeners = _listeners.get(signum, [])
+    if listener in listeners:
+        listeners.remove(listener)
+    if not listeners:
+        _listeners.pop(signum, None)
+        _put_back(signum)
+
+
+def watch(watcher: Listener) -> None:
+    """``watcher(signum)`` at every signal the engine hears (listened to by anybody), after
+    its listeners, until :func:`unwatch`. A watcher installs nothing: it hears what the
+    process already turned over to the engine, as a block's graceful stop."""
+    _watchers.append(watcher)
+
+
+def unwatch(watcher: Listener) -> None:
+    if watcher in _watchers:
+        _watchers.remove(watcher)
+
+
+def _dispatch(signum: int, frame: object) -> None:
+    """The engine's handler: each listener to ``signum`` hears it, then each watcher (once,
+    if it is both). A block's listener stops its loops: every block open that catches the
+    signal stops (before, each block received signals through the event loop, anyio's one
+    receiver per signal: on asyncio a SIGTERM stopped the loops of the newest block alone)."""
+    for listener in dict.fromkeys([*_listeners.get(signum, ()), *_watchers]):
+        listener(signum)
 
 
 def _put_back(signum: int) -> None:
-    """The handler ``signum`` had before the first block, as the last block that caught it
-    ends (unless the program has set one of its own since). Before, asyncio and uvloop left
+    """The handler ``signum`` had before the engine's, as its last listener leaves (unless
+    the program has set one of its own since). Before, asyncio and uvloop left
     a signal they had received with its default (SIGINT: ``KeyboardInterrupt``): a program's
     own SIGTERM handler (a server's graceful shutdown) was gone, an ignored SIGINT heard."""
     if signum not in _previous:  # (installing it failed: an invalid signal)
         return
     previous = _previous.pop(signum)
-    if previous is not None and signal.getsignal(signum) is _stop_loops:
+    if previous is not None and signal.getsignal(signum) is _dispatch:
         signal.signal(signum, previous)
 
 
-def _forget_blocks() -> None:
-    """In a process forked while blocks were open (a DataLoader worker, forked as its loop
-    began): the blocks are the parent's, and so are their loops. The signals get back the
-    handlers they had before, as the worker would have had them: a Ctrl-C to the process
-    group ran the handler in each worker, which asked the parent's loops there to stop."""
+def _forget() -> None:
+    """In a process forked while the engine listened (a DataLoader worker, forked as its
+    loop began): the blocks are the parent's, and so are their loops and the launched jobs.
+    The signals get back the handlers they had before, as the worker would have had them: a
+    Ctrl-C to the process group ran the handler in each worker, which asked the parent's
+    loops there to stop."""
     for signum in list(_previous):
         with contextlib.suppress(ValueError, OSError):
             _put_back(signum)
     _open.clear()
+    _listeners.clear()
+    _watchers.clear()
 
 
-os.register_at_fork(after_in_child=_forget_blocks)
+os.register_at_fork(after_in_child=_forget)

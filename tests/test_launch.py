@@ -721,6 +721,56 @@ def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path)
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
+@pytest.mark.parametrize(
+    ("order", "how"),
+    [("block-first", "SIGTERM"), ("job-first", "SIGTERM"), ("block-first", "SIGINT"),
+     ("job-first", "SIGHUP")],
+)  # fmt: skip
+def test_a_signal_that_stops_a_services_loops_stops_its_launched_jobs_too(
+    tmp_path: Path, order: str, how: str
+) -> None:
+    # A service trains one job in its process under stop_on_signals and launches another.
+    # Regression: the pod's SIGTERM stopped the local job and never reached the launched
+    # one's ranks (the relay passed on only a signal left to its default, and the block's
+    # handler took the signal's place, before the job started or after), which trained on
+    # until the pod's SIGKILL. A SIGINT too (the ranks have process groups of their own,
+    # a terminal's Ctrl-C does not reach them). And a block opened after the relay left
+    # SIGHUP out (the relay's handler made it look like the program's own): the local job
+    # died with the process. Now each job ends gracefully, and so does the service.
+    with launcher_script("signalled_launcher.py", str(tmp_path), "1", f"beside-{order}") as job:
+        deadline = time.monotonic() + 60
+        while not all((d / "step").exists() for d in (tmp_path, tmp_path / "local")):
+            assert time.monotonic() < deadline, "both jobs train"
+            time.sleep(0.05)
+        job.send_signal(signal.Signals[how])
+        out, errors = finished(job)
+    assert job.returncode == 0, errors[-2000:]
+    assert "both jobs ended" in out
+    for directory in (tmp_path, tmp_path / "local"):
+        assert (directory / "stop_reason").read_text() == f"received {how}", directory
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert len(listed["checkpoints"]) == 1, "the launched job's final one"
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_a_launched_job_a_services_signal_cut_short_says_so(tmp_path: Path) -> None:
+    # Its ranks have no stop_on_signals: the SIGTERM the service's block caught kills them.
+    # The service goes on, so the job does not return as if it had run to its end.
+    with launcher_script("signalled_launcher.py", str(tmp_path), "0", "beside-block-first") as job:
+        deadline = time.monotonic() + 60
+        while not all((d / "step").exists() for d in (tmp_path, tmp_path / "local")):
+            assert time.monotonic() < deadline, "both jobs train"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        _, errors = finished(job)
+    assert job.returncode == 1, errors[-2000:]
+    assert "LaunchError" in errors and "killed by SIGTERM" in errors, errors[-2000:]
+    assert "The launcher had passed SIGTERM on to the ranks." in errors
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
 def test_launch_async_gives_sigterm_back_as_it_found_it(tmp_path: Path) -> None:
     # While launch_async's ranks run, a SIGTERM left to its default action is theirs; after,
     # it is the default again, and a handler the program set meanwhile stays (it was reset

@@ -28,7 +28,7 @@ from conftest import (
 )
 
 from asynchat import Callback, LoopState, Trainer, stop_on_signals
-from asynchat._signals import ending_signals
+from asynchat._signals import ending_signals, listen, unlisten, unwatch, watch
 
 HERE = Path(__file__).resolve().parent
 
@@ -254,10 +254,60 @@ def test_a_signal_stops_the_loops_of_every_block_open(backend: tuple[str, dict[s
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the last block put it back"
 
 
+@pytest.mark.usefixtures("handlers_put_back")
+@pytest.mark.parametrize("last", ["first", "second"])
+def test_whoever_listens_hears_the_signal_until_the_last_leaves(last: str) -> None:
+    # A stop_on_signals block and launch_async's relay, in either order. Before, each set a
+    # handler of its own in the other's place: the signal reached the newest alone, and the
+    # one that left first put back the handler from before it under the other.
+    heard: list[str] = []
+
+    def first(signum: int) -> None:
+        heard.append(f"first {signal.Signals(signum).name}")
+
+    def second(signum: int) -> None:
+        heard.append(f"second {signal.Signals(signum).name}")
+
+    listen(signal.SIGTERM, first)
+    listen(signal.SIGTERM, second)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert heard == ["first SIGTERM", "second SIGTERM"]
+    unlisten(signal.SIGTERM, second if last == "first" else first)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert heard[2:] == [f"{last} SIGTERM"]
+    unlisten(signal.SIGTERM, first if last == "first" else second)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.usefixtures("handlers_put_back")
+def test_a_signal_the_engine_listens_to_still_counts_as_one_that_would_end_the_process() -> None:
+    # Regression: launch_async's relay, listening to a SIGHUP left to its default, made it
+    # look like a handler of the program's to a stop_on_signals block opened after it: the
+    # block left SIGHUP out, and a closed terminal killed the block's loops.
+    heard: list[int] = []
+    listen(signal.SIGHUP, heard.append)
+    try:
+        assert signal.SIGHUP in ending_signals()
+        watch(negated := lambda signum: heard.append(-signum))  # (it hears it too, after)
+        os.kill(os.getpid(), signal.SIGHUP)
+        unwatch(negated)
+        os.kill(os.getpid(), signal.SIGHUP)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        listen(signal.SIGINT, heard.append)
+        assert signal.SIGINT not in ending_signals(), "ignored before the engine listened"
+        unlisten(signal.SIGINT, heard.append)
+    finally:
+        unlisten(signal.SIGHUP, heard.append)
+    assert heard == [signal.SIGHUP, -signal.SIGHUP, signal.SIGHUP]
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def _report_handling(to: Connection) -> None:
     from asynchat import _signals
 
-    to.send((signal.getsignal(signal.SIGTERM), len(_signals._open)))
+    listening = len(_signals._open) + len(_signals._listeners) + len(_signals._watchers)
+    to.send((signal.getsignal(signal.SIGTERM), listening))
 
 
 @pytest.mark.usefixtures("handlers_put_back")
