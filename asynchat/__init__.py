@@ -18,6 +18,7 @@ from asynchat._processor import (
     BatchProcessor,
     MultiBatchProcessor,
     RunPhase,
+    model_loss,
 )
 from asynchat._sharded import FullyShardedDataParallelTrainer
 from asynchat._signals import stop_on_signals
@@ -55,6 +56,7 @@ __all__ = [
     "every",
     "launch",
     "launch_async",
+    "model_loss",
     "stop_on_signals",
     "to_host",
 ]

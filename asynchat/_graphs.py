@@ -36,7 +36,7 @@ from asynchat._processor import (
     LossFn,
     RunPhase,
     _forward,
-    split_batch,
+    split_for,
 )
 from asynchat._state import LoopState
 from asynchat._tree import iter_tensors, map_tensors
@@ -268,7 +268,7 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
 
     def _accumulate(self, state: LoopState, batch: Any) -> tuple[Any, torch.Tensor]:
         """What the accumulate graph holds: forward, loss, backward into ``.grad``."""
-        inputs, targets = split_batch(batch)
+        inputs, targets = split_for(batch, self.loss_fn)
         with self.autocast():
             outputs, loss = _forward(state.model, self.loss_fn, inputs, targets)
         if loss is None:

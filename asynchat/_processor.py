@@ -334,14 +334,66 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def model_loss(outputs: Any, batch: Any) -> torch.Tensor:
+    """``loss_fn=model_loss``: the model computes its own loss (a Hugging Face model given
+    ``labels``, a nanoGPT-style ``forward(idx, targets=None)``). The batch, a dict, goes to
+    the model whole, its targets or labels too, as keyword arguments; the loss is the one in
+    the model's outputs: their ``"loss"`` entry (a dict, a Hugging Face ``ModelOutput``),
+    their ``loss`` attribute, the outputs themselves if a scalar tensor, or the one scalar
+    tensor in a tuple (``(logits, loss)``, ``(loss, logits)``). ``state.outputs`` holds the
+    outputs as the model returned them.
+
+    ::
+
+        trainer = Trainer(model, loader, optimizer, loss_fn=model_loss)
+    """
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        if isinstance(outputs, torch.Tensor):
+            loss = outputs
+        elif isinstance(outputs, tuple):
+            scalars = [o for o in outputs if isinstance(o, torch.Tensor) and o.dim() == 0]
+            loss = scalars[0] if len(scalars) == 1 else None
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise ValueError(
+            f"loss_fn=model_loss: the model returned {_described(outputs)}, with no loss in it: "
+            "a model that computes its own loss returns it as a scalar tensor, alone, in a "
+            "'loss' entry or attribute, or as the one scalar in a tuple (does the batch hold "
+            "the labels the model needs to compute it, under the name its forward takes?)"
+        )
+    return loss
+
+
+def _described(outputs: Any) -> str:
+    if isinstance(outputs, torch.Tensor):
+        return f"a tensor of shape {tuple(outputs.shape)}"
+    if isinstance(outputs, Mapping):
+        return f"a {type(outputs).__name__} with the keys {list(outputs)}"
+    return f"a {type(outputs).__name__}"
+
+
+def split_for(batch: Any, loss_fn: LossFn | None) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of ``batch`` for ``loss_fn``: :func:`split_batch`'s, or with
+    :func:`model_loss` the whole batch as the model's keyword arguments."""
+    if loss_fn is not model_loss:
+        return split_batch(batch)
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"loss_fn=model_loss needs batches that are dicts, whose entries (the labels "
+            f"too) the model takes as keyword arguments; got a {type(batch).__name__}"
+        )
+    return dict(batch), batch
+
+
 class BasicBatchProcessor(BatchProcessor):
     """One batch per step: forward, loss, backward, and an optimizer update when due.
 
     Written on the step API of :class:`BatchProcessor` (one path for every update).
 
     Args:
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``. Needed to train; optional to
-            predict (then ``state.loss`` is computed only when the batch has targets).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, or :func:`model_loss` for a
+            model that computes its own. Needed to train; optional to predict (then
+            ``state.loss`` is computed only when the batch has targets).
         grad_accumulation_steps, amp, set_to_none, samples: as for :class:`BatchProcessor`.
         compile: ``True`` or a dict of ``torch.compile`` options (``{"mode":
             "max-autotune"}``) to compile the forward and the loss (their backward is
@@ -419,7 +471,7 @@ class BasicBatchProcessor(BatchProcessor):
         ``on_before_update``); each later one computes it again at the new weights."""
         loss = state.loss
         assert loss is not None
-        inputs, targets = split_batch(state.batch)
+        inputs, targets = split_for(state.batch, self.loss_fn)
         first = True
 
         def evaluate() -> torch.Tensor:
@@ -455,7 +507,7 @@ class BasicBatchProcessor(BatchProcessor):
         backward of an update but its last (sub-batches); see :meth:`no_sync`.
         """
         run_phase(Phase.ON_BATCH_BEGIN)
-        inputs, targets = split_batch(batch)
+        inputs, targets = split_for(batch, loss_fn)
         with self.no_sync(state, final=final):
             with self.autocast():
                 if self.compile_options is None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import make_loader, make_model
 from torch import nn
+from torch.utils.data import DataLoader
 
 from asynchat import Callback, CudaGraphBatchProcessor, LoopState, Trainer, every
 from asynchat._capture import CaptureGate
@@ -250,3 +251,29 @@ def test_a_distributed_model_is_refused(tmp_path: Any) -> None:
             _check_model(wrapped)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.anyio
+async def test_a_model_that_computes_its_own_loss_is_graphed_too() -> None:
+    """``loss_fn=model_loss``: dict batches, labels and all, in the graph's static batch."""
+    from test_model_loss import Labelled, ScoresItself
+
+    from asynchat import BasicBatchProcessor, model_loss
+
+    async def train(processor: Any) -> nn.Module:
+        model = ScoresItself()
+        await Trainer(
+            model, DataLoader(Labelled(), batch_size=16),
+            lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, capturable=True),
+            batch_processor=processor, num_steps=12, device="cuda",
+        ).fit()  # fmt: skip
+        return model
+
+    eager = await train(BasicBatchProcessor(model_loss, set_to_none=False))
+    graph = CudaGraphBatchProcessor(model_loss)
+    graphed = await train(graph)
+    assert graph._graphs is not None, "the step was captured"
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

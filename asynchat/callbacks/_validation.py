@@ -14,7 +14,7 @@ from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._state import LoopState
-from asynchat.callbacks._metrics import MetricUpdater
+from asynchat.callbacks._metrics import MetricUpdater, Select, outputs_and_targets
 
 if TYPE_CHECKING:
     import torchmetrics
@@ -43,6 +43,9 @@ class Validation(Callback):
         every_n_epochs: validate after every n-th complete epoch (``None``: never by epoch).
         every_n_steps: validate after every n-th step (``None``: never by step).
         metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10)}``.
+        select: ``select(state) -> (preds, target)`` for the metrics' updates, as for
+            :class:`MetricUpdater` (e.g. ``lambda s: (s.outputs["logits"], s.batch["labels"])``
+            for a model that returns a dict).
         loss_fn: the loss for the default processor (a custom processor computes its own).
         use_ema: validate the weights of the trainer's
             :class:`ExponentialMovingAverage` callback instead of the raw ones.
@@ -62,6 +65,7 @@ class Validation(Callback):
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         metrics: Mapping[str, torchmetrics.Metric] | None = None,
+        select: Select = outputs_and_targets,
         loss_fn: LossFn | None = None,
         use_ema: bool = False,
         prefix: str = "val/",
@@ -87,7 +91,7 @@ class Validation(Callback):
         self.data_loader = data_loader
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
-        self.updater = MetricUpdater(metrics, prefix=prefix) if metrics else None
+        self.updater = MetricUpdater(metrics, prefix=prefix, select=select) if metrics else None
         self.loss_fn = loss_fn
         self.use_ema = use_ema
         self.prefix = prefix
