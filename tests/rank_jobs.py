@@ -185,6 +185,34 @@ async def ddp_train(
     )  # fmt: skip
 
 
+class ScoresItself(torch.nn.Module):
+    """``ddp_model()`` behind Hugging Face's contract: ``{"logits", "loss"}`` given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ddp_model()
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(features)
+        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, labels)}
+
+
+async def ddp_own_loss(rank: int, world_size: int, out: str) -> None:
+    """``ddp_train``'s run (every step, 2 epochs) with a model that computes its own loss,
+    on dict batches: ``loss_fn=model_loss``. Writes the network's weights."""
+    from asynchat import DistributedDataParallelTrainer, model_loss
+
+    features, labels = ddp_data().tensors
+    dicts = [{"features": x, "labels": y} for x, y in zip(features, labels, strict=True)]
+    model = ScoresItself()
+    await DistributedDataParallelTrainer(
+        model, torch.utils.data.DataLoader(dicts, batch_size=8, shuffle=True),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        loss_fn=model_loss, num_epochs=2, device="cpu",
+    ).fit()  # fmt: skip
+    torch.save({"model": model.net.state_dict()}, Path(out, f"own-rank{rank}.pt"))
+
+
 def sharded_validation(samples: int, batch_size: int) -> Any:
     """A Validation (cross-entropy) of this rank's shard of ``ddp_data()``'s first
     ``samples``."""

@@ -52,6 +52,23 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumul
 
 
 @pytest.mark.slow
+def test_a_model_that_computes_its_own_loss_trains_as_one_scored_by_a_loss_function(
+    tmp_path: Path,
+) -> None:
+    # loss_fn=model_loss on dict batches under DDP: each rank's replica equals, to the bit,
+    # the one trained on (inputs, targets) pairs with loss_fn=CrossEntropyLoss().
+    launch(rank_jobs.ddp_own_loss, nprocs=2, args=(str(tmp_path),))
+    launch(rank_jobs.ddp_train, nprocs=2, args=(str(tmp_path), -1))
+    scored = torch.load(tmp_path / "rank0.pt", weights_only=True)["model"]
+    initial = rank_jobs.ddp_model().state_dict()
+    for rank in range(2):
+        own = torch.load(tmp_path / f"own-rank{rank}.pt", weights_only=True)["model"]
+        for name, value in own.items():
+            assert torch.equal(value, scored[name]), name
+            assert not torch.equal(value, initial[name]), name
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("accumulate", "lag", "ends_at"),
     [(1, 0, 3), (2, 0, 4), (1, 1, 4), (2, 1, 4)],
