@@ -307,7 +307,7 @@ def _report_handling(to: Connection) -> None:
     from asynchat import _signals
 
     listening = len(_signals._open) + len(_signals._listeners) + len(_signals._watchers)
-    to.send((signal.getsignal(signal.SIGTERM), listening))
+    to.send((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP), listening))
 
 
 @pytest.mark.usefixtures("handlers_put_back")
@@ -315,11 +315,15 @@ def _report_handling(to: Connection) -> None:
 def test_a_process_forked_inside_a_block_has_the_handlers_from_before_it() -> None:
     # A DataLoader worker, forked as its loop begins: the blocks and their loops are the
     # parent's. A Ctrl-C to the process group ran the engine's handler in every worker,
-    # which asked its copies of the parent's loops to stop.
+    # which asked its copies of the parent's loops to stop. So are launch_async's jobs,
+    # whose relay listens to SIGHUP here (a worker forked under it kept its handler).
     trainer = make_trainer()
-    reports: list[tuple[object, int]] = []
+    reports: list[tuple[object, object, int]] = []
+    relayed: list[int] = []
 
     async def fork_inside() -> None:
+        listen(signal.SIGHUP, relayed.append)
+        watch(relayed.append)
         async with stop_on_signals(trainer, signals=(signal.SIGTERM,)):
             theirs, ours = multiprocessing.get_context("fork").Pipe(duplex=False)
             child = multiprocessing.get_context("fork").Process(
@@ -330,6 +334,8 @@ def test_a_process_forked_inside_a_block_has_the_handlers_from_before_it() -> No
             assert theirs.poll(30), "the child said nothing in 30 s"
             reports.append(theirs.recv())
             child.join(30)
+        unwatch(relayed.append)
+        unlisten(signal.SIGHUP, relayed.append)
 
     anyio.run(fork_inside)
-    assert reports == [(signal.SIG_DFL, 0)]
+    assert reports == [(signal.SIG_DFL, signal.SIG_DFL, 0)]
