@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from conftest import load_example, make_data, make_model, sgd
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from asynchat import BasicBatchProcessor, Callback, LoopState, Predictor, Trainer, model_loss
+from asynchat.callbacks import Validation
 
 
 @pytest.fixture
@@ -203,3 +205,28 @@ async def test_the_example_learns_the_digits_with_the_models_own_loss(tmp_path: 
     assert accuracy > 0.95
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert [c["global_step"] for c in listed["checkpoints"]] == [135, 180]
+
+
+@pytest.mark.anyio
+async def test_metrics_given_the_models_dict_say_what_to_select() -> None:
+    # Regression: torchmetrics' "'dict' object has no attribute 'ndim'", and nothing more.
+    accuracy = MulticlassAccuracy(3, average="micro")
+    validation = Validation(labelled_loader(), metrics={"accuracy": accuracy})
+    trainer = Trainer(
+        ScoresItself(), labelled_loader(), sgd, loss_fn=model_loss, num_epochs=1,
+        callbacks=[validation],
+    )  # fmt: skip
+    with pytest.raises(AttributeError, match="ndim") as raised:
+        await trainer.fit()
+    assert "the model's outputs are a dict, which the metrics got as they are: pass select=" in (
+        "".join(getattr(raised.value, "__notes__", []))
+    )
+    chosen = Validation(
+        labelled_loader(), metrics={"accuracy": MulticlassAccuracy(3, average="micro")},
+        select=lambda s: (s.outputs["logits"], s.batch["labels"]),
+    )  # fmt: skip
+    state = await Trainer(
+        ScoresItself(), labelled_loader(), sgd, loss_fn=model_loss, num_epochs=1,
+        callbacks=[chosen],
+    ).fit()  # fmt: skip
+    assert 0 <= state.metrics["val/accuracy"] <= 1

@@ -6,17 +6,27 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from asynchat._callback import Callback
 from asynchat._checks import positive_int, text
+from asynchat._errors import add_note
 from asynchat._every import every_n_steps
 from asynchat._processor import split_batch
 from asynchat._state import LoopState
 
 if TYPE_CHECKING:
-    import torch
     import torchmetrics
 
 Select = Callable[[LoopState], tuple[Any, Any]]
+
+# Before, a model returning a dict (Hugging Face's, loss_fn=model_loss) met torchmetrics'
+# "'dict' object has no attribute 'ndim'", which did not say what to do.
+_SELECT_HINT = (
+    "asynchat: the model's outputs are a {}, which the metrics got as they are: pass "
+    "select=... (MetricUpdater, Validation) to take what to score out of them, e.g. "
+    "select=lambda s: (s.outputs['logits'], s.batch['labels'])"
+)
 
 # The most values of a metric's states a checkpoint keeps (64 MB of float32): a state that
 # grows with the data would make every save copy the epoch's predictions to the host.
@@ -104,7 +114,12 @@ class MetricUpdater(Callback):
     def on_batch_end(self, state: LoopState) -> None:
         preds, target = self.select(state)
         for metric in self.metrics.values():
-            metric.update(preds, target)
+            try:
+                metric.update(preds, target)
+            except Exception as exc:
+                if self.select is outputs_and_targets and not isinstance(preds, torch.Tensor):
+                    add_note(exc, _SELECT_HINT.format(type(preds).__name__))
+                raise
 
     def on_step_end(self, state: LoopState) -> None:
         if every_n_steps(state, self.log_every_n_steps):
