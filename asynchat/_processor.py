@@ -112,6 +112,7 @@ class BatchProcessor(abc.ABC):
     def setup(self, loop: LoopHandle) -> None:
         """Prepare for a run of ``loop``: the grad scaler when training in fp16."""
         self._device_type = loop.device.type
+        self._in_turn = None
         if self.amp == "fp16" and loop.training:
             self.scaler = torch.amp.GradScaler(self._device_type)
 
@@ -234,6 +235,54 @@ class BatchProcessor(abc.ABC):
                 raise
         chosen.zero_grad(set_to_none=self.set_to_none)
         return True
+
+    _in_turn: tuple[str, ...] | None = None  # what update_each steps (None: not known)
+
+    def update_each(self, state: LoopState, run_phase: RunPhase) -> bool:
+        """:meth:`update` of each of the loop's optimizers in turn, in the order they were
+        given, for a step whose one loss trains them all: each holds parameters of its own
+        (AdamW for some, Muon or SparseAdam for others), each update runs
+        ``on_before_update`` (``GradClip`` clips each over its own parameters). Refused at
+        the first step, saying why, where two optimizers hold one parameter (it would be
+        updated twice) or one evaluates the loss again as it steps (LBFGS). Returns whether
+        an update was due."""
+        if self._in_turn is None:
+            self._in_turn = _updated_in_turn(state)
+        if not self._in_turn:
+            return self.update(state, run_phase)
+        due = False
+        for name in self._in_turn:
+            due = self.update(state, run_phase, name)
+        return due
+
+
+def _updated_in_turn(state: LoopState) -> tuple[str, ...]:
+    """The names :meth:`BatchProcessor.update_each` steps in turn; none for one optimizer."""
+    optimizers = state.optimizers
+    if len(optimizers) < 2:
+        return ()
+    parameter_names = {id(p): n for n, p in state.model.named_parameters()}
+    owner: dict[int, str] = {}
+    for name, optimizer in optimizers.items():
+        if needs_closure(optimizer):
+            raise ValueError(
+                f"{type(optimizer).__name__} (optimizer {name!r}) evaluates the loss again as it "
+                "steps, which a step updating several optimizers on one loss cannot give it: "
+                "train with it alone, or write the step (see Custom steps)"
+            )
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                first = owner.setdefault(id(parameter), name)
+                if first != name:
+                    shape = f"of shape {tuple(parameter.shape)}"
+                    shared = parameter_names.get(id(parameter), shape)
+                    raise ValueError(
+                        f"the optimizers {first!r} and {name!r} both hold the parameter "
+                        f"{shared!r}: a step whose one loss trains several optimizers updates "
+                        "each in turn, and would update it twice; give each parameter to one "
+                        "optimizer"
+                    )
+    return tuple(optimizers)
 
 
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -395,6 +444,8 @@ class BasicBatchProcessor(BatchProcessor):
             model that computes its own. Needed to train; optional to predict (then
             ``state.loss`` is computed only when the batch has targets).
         grad_accumulation_steps, amp, set_to_none, samples: as for :class:`BatchProcessor`.
+            A loop of several optimizers has each step in turn on the one loss
+            (:meth:`~BatchProcessor.update_each`).
         compile: ``True`` or a dict of ``torch.compile`` options (``{"mode":
             "max-autotune"}``) to compile the forward and the loss (their backward is
             compiled with them); the optimizer step stays eager. Compilation happens on the
@@ -439,8 +490,11 @@ class BasicBatchProcessor(BatchProcessor):
         if state.training:
             if self._again is None:
                 self._again = self._steps_with_closure(state)
+                self._in_turn = _updated_in_turn(state)
             if self._again:
                 self.update(state, run_phase, closure=self._evaluation(state))
+            elif self._in_turn:  # several optimizers, each stepped in turn
+                self.update_each(state, run_phase)
             else:
                 self.update(state, run_phase)
 
@@ -672,4 +726,4 @@ class MultiBatchProcessor(BasicBatchProcessor):
         state.outputs = tuple(outputs)
         state.loss = torch.stack(losses).sum() if losses else None
         if state.training:
-            self.update(state, run_phase)
+            self.update_each(state, run_phase)

@@ -12,7 +12,7 @@ from asynchat._callback import Callback
 from asynchat._checks import optimizer_trains
 from asynchat._errors import CheckpointError
 from asynchat._loop import LoopBase, Models
-from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn, MultiBatchProcessor
+from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 OptimizerSpec = torch.optim.Optimizer | OptimizerFactory
@@ -80,7 +80,7 @@ class Trainer(LoopBase):
         resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         specs = _optimizer_specs(optimizer)
-        batch_processor = _step_processor(batch_processor, loss_fn, specs)
+        batch_processor = _step_processor(batch_processor, loss_fn)
         super().__init__(
             model,
             data_loader,
@@ -211,11 +211,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
             group[key] = tensor
 
 
-_ONE_UPDATE_STEPS = (BasicBatchProcessor.step, MultiBatchProcessor.step)
-
-
 def _step_processor(
-    batch_processor: BatchProcessor | None, loss_fn: LossFn | None, specs: Mapping[str, Any]
+    batch_processor: BatchProcessor | None, loss_fn: LossFn | None
 ) -> BatchProcessor:
     """The processor a Trainer runs: the one given, or ``BasicBatchProcessor(loss_fn)``."""
     if batch_processor is None:
@@ -229,13 +226,6 @@ def _step_processor(
         raise ValueError(
             "pass either loss_fn or batch_processor, not both: loss_fn is a shortcut for "
             "batch_processor=BasicBatchProcessor(loss_fn=...)"
-        )
-    if len(specs) > 1 and type(batch_processor).step in _ONE_UPDATE_STEPS:
-        raise ValueError(
-            f"{type(batch_processor).__name__} makes one update per step, but the Trainer "
-            f"has the optimizers {sorted(specs)}: write a BatchProcessor whose step() "
-            "updates each by name (self.update(state, run_phase, 'g'); see the README's "
-            "'Custom steps')"
         )
     return batch_processor
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_loader
+from conftest import StopAt, make_loader
 from torch import nn
 
 from asynchat import (
@@ -245,8 +245,6 @@ async def test_mistakes_are_named_before_training() -> None:
                 num_steps=1)  # fmt: skip
     with pytest.raises(TypeError, match="got None"):
         Trainer(model, loader, None, loss_fn=F.mse_loss, num_steps=1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"one update per step.*'a', 'b'"):
-        Trainer(model, loader, two_optimizers(), loss_fn=F.cross_entropy, num_steps=1)
     with pytest.raises(ValueError, match=r"optimizer\['b'\] SGD holds none"):
         Trainer(model, loader, {"a": torch.optim.SGD(model.a.parameters(), 0.1),
                                 "b": torch.optim.SGD(nn.Linear(1, 1).parameters(), 0.1)},
@@ -478,3 +476,97 @@ def test_a_mapping_of_models_is_wrapped_model_by_model_under_ddp(tmp_path: Path)
 
     for name, value in rank_jobs.gan_reference().items():
         torch.testing.assert_close(ranks[0]["model"][name], value, rtol=1e-5, atol=1e-6)
+
+
+class Shared(nn.Module):
+    """A network whose one loss trains parameters split between two optimizers: a sparse
+    embedding (SparseAdam, which takes only sparse gradients) and the dense rest (AdamW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(20, 8, sparse=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(tokens).mean(dim=1))
+
+
+def split_optimizers() -> dict[str, Any]:
+    return {
+        "sparse": lambda m: torch.optim.SparseAdam(m.embedding.parameters(), lr=0.01),
+        "dense": lambda m: torch.optim.AdamW(m.head.parameters(), lr=0.01),
+    }
+
+
+def token_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 20, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(6)]  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+async def test_one_loss_trains_several_optimizers_each_in_turn(accumulate: int) -> None:
+    # Regression: the default processor refused a Trainer of several optimizers ("name the
+    # one to update, e.g. self.update(...)": a custom step), even where one loss trains
+    # them all, each over parameters of its own (SparseAdam beside AdamW, Muon beside AdamW).
+    seen = SeeUpdates()
+    processor = BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=accumulate)
+    loop = Trainer(
+        Shared(), token_batches(), split_optimizers(), batch_processor=processor, num_epochs=2,
+        callbacks=[seen, GradClip(1.0, optimizer="dense")],  # (no norm of sparse gradients)
+    )  # fmt: skip
+    await loop.fit()
+    updates = [step for step in range(12) if (step % 6 + 1) % accumulate == 0 or step % 6 == 5]
+    assert seen.seen == [(name, step) for step in updates for name in ("sparse", "dense")]
+    model = Shared()
+    sparse = torch.optim.SparseAdam(model.embedding.parameters(), lr=0.01)
+    dense = torch.optim.AdamW(model.head.parameters(), lr=0.01)
+    batches = token_batches()
+    for step in range(12):
+        tokens, labels = batches[step % 6]
+        (F.cross_entropy(model(tokens), labels) / accumulate).backward()
+        if step in updates:
+            torch.nn.utils.clip_grad_norm_(model.head.parameters(), 1.0)
+            for optimizer in (sparse, dense):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loop.model.state_dict()[key]), key
+
+
+async def test_several_optimizers_on_one_loss_resume_as_they_ran(tmp_path: Path) -> None:
+    whole = Trainer(Shared(), token_batches(), split_optimizers(), loss_fn=F.cross_entropy,
+                    num_epochs=3)  # fmt: skip
+    await whole.fit()
+    first = Trainer(
+        Shared(), token_batches(), split_optimizers(), loss_fn=F.cross_entropy, num_epochs=3,
+        callbacks=[StopAt(8), Checkpoint(tmp_path)],
+    )  # fmt: skip
+    await first.fit()
+    resumed = Trainer(Shared(), token_batches(), split_optimizers(), loss_fn=F.cross_entropy,
+                      num_epochs=3, resume_from=tmp_path)  # fmt: skip
+    await resumed.fit()
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize(
+    ("optimizers", "match"),
+    [({"one": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+       "two": lambda m: torch.optim.Adam(m.head.parameters(), lr=0.01)},
+      r"the optimizers 'one' and 'two' both hold the parameter 'head.weight'"),
+     ({"lbfgs": lambda m: torch.optim.LBFGS(m.head.parameters()),
+       "sparse": lambda m: torch.optim.SparseAdam(m.embedding.parameters())},
+      r"LBFGS \(optimizer 'lbfgs'\) evaluates the loss again.*train with it alone")],
+    ids=["a-parameter-in-two", "lbfgs-among-several"],
+)  # fmt: skip
+async def test_several_optimizers_that_cannot_share_one_loss_are_named(
+    optimizers: dict[str, Any], match: str
+) -> None:
+    loop = Trainer(Shared(), token_batches(), optimizers, loss_fn=F.cross_entropy, num_steps=2)
+    before = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        await loop.fit()
+    after = loop.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "refused before any update"
