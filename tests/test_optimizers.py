@@ -20,6 +20,7 @@ from asynchat import (
     Callback,
     CheckpointError,
     LoopState,
+    MultiBatchProcessor,
     Phase,
     Predictor,
     RunPhase,
@@ -570,3 +571,26 @@ async def test_several_optimizers_that_cannot_share_one_loss_are_named(
         await loop.fit()
     after = loop.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "refused before any update"
+
+
+async def test_several_optimizers_step_in_turn_after_a_multi_batch_step_too() -> None:
+    seen = SeeUpdates()
+    batches = token_batches()
+    items = [(batches[i], batches[i + 1]) for i in range(0, 6, 2)]  # two sub-batches a step
+    loop = Trainer(
+        Shared(), items, split_optimizers(), batch_processor=MultiBatchProcessor(F.cross_entropy),
+        num_epochs=1, callbacks=[seen],
+    )  # fmt: skip
+    await loop.fit()
+    assert seen.seen == [(name, step) for step in range(3) for name in ("sparse", "dense")]
+    model = Shared()
+    sparse = torch.optim.SparseAdam(model.embedding.parameters(), lr=0.01)
+    dense = torch.optim.AdamW(model.head.parameters(), lr=0.01)
+    for item in items:
+        for tokens, labels in item:
+            F.cross_entropy(model(tokens), labels).backward()
+        for optimizer in (sparse, dense):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loop.model.state_dict()[key]), key
