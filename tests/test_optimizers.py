@@ -594,3 +594,13 @@ async def test_several_optimizers_step_in_turn_after_a_multi_batch_step_too() ->
             optimizer.zero_grad(set_to_none=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loop.model.state_dict()[key]), key
+
+
+async def test_a_clip_over_sparse_gradients_says_to_name_a_dense_optimizer() -> None:
+    # Regression: torch's NotImplementedError, "Could not run 'aten::linalg_vector_norm'
+    # with arguments from the 'SparseCPU' backend", and its list of 100 backends.
+    loop = Trainer(Shared(), token_batches(), split_optimizers(), loss_fn=F.cross_entropy,
+                   num_steps=2, callbacks=[GradClip(1.0)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"GradClip: the optimizer 'sparse' \(SparseAdam\) has "
+                       r"sparse gradients.*GradClip\(max_norm, optimizer="):  # fmt: skip
+        await loop.fit()

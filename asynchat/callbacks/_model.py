@@ -160,9 +160,19 @@ class GradClip(Callback):
         optimizer = state.optimizer
         assert optimizer is not None
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.last_norm = torch.nn.utils.clip_grad_norm_(
-            params, self.max_norm, norm_type=self.norm_type
-        )
+        try:
+            self.last_norm = torch.nn.utils.clip_grad_norm_(
+                params, self.max_norm, norm_type=self.norm_type
+            )
+        except NotImplementedError as exc:  # (torch takes no norm of a sparse gradient)
+            if any(p.grad is not None and p.grad.is_sparse for p in params):
+                name = state.optimizer_name
+                raise ValueError(
+                    f"GradClip: the optimizer {name!r} ({type(optimizer).__name__}) has sparse "
+                    "gradients (an nn.Embedding(sparse=True)), whose norm torch does not take: "
+                    "clip only the others, GradClip(max_norm, optimizer='<a dense one>')"
+                ) from exc
+            raise
 
 
 class FreezeModule(Callback):
