@@ -2,7 +2,7 @@
 standard library's own source files: a corpus every Python ships.
 
     python examples/charlm.py [--steps 1000] [--layers 3] [--width 96] [--out DIR] [--resume]
-                              [--cuda-graphs]
+                              [--compile | --cuda-graphs] [--muon]
 
 AdamW with a cosine learning rate after a linear warmup, gradient clipping, the validation
 loss every ``--eval-every`` steps (with the best checkpoint kept), bf16 autocast on GPUs,
@@ -18,7 +18,10 @@ validation loss) is loaded and scored on held-out test text, next to the unigram
 compiled than eager on 2 cores, in a hand-written loop as well). On a GPU,
 ``--cuda-graphs`` replays each training step as CUDA graphs (``CudaGraphBatchProcessor``: a
 capturable, fused AdamW with a tensor learning rate, which the schedule updates in place;
-GradClip runs inside the graph).
+GradClip runs inside the graph). ``--muon`` trains the blocks' weight matrices with Muon
+(``torch.optim.Muon``) and the rest (embeddings, norms, the head) with AdamW: two optimizers
+on the step's one loss, which the default processor steps in turn, each with its own
+schedule and its own gradient clipping.
 """
 
 from __future__ import annotations
@@ -262,12 +265,17 @@ def loaders(corpus: Corpus, run: Run) -> tuple[DataLoader[Any], DataLoader[Any],
     return train, val, test
 
 
-def step_setup(run: Run, step: str) -> tuple[BatchProcessor, Any]:
-    """The batch processor and the optimizer factory: eager, compiled (``torch.compile``),
-    or replayed as CUDA graphs."""
+def step_setup(run: Run, step: str, muon: bool = False) -> tuple[BatchProcessor, Any]:
+    """The batch processor and the optimizer factory (with ``muon``, factories by name):
+    eager, compiled (``torch.compile``), or replayed as CUDA graphs."""
     amp = "bf16" if torch.cuda.is_available() else None
     if step != "cuda-graphs":
         processor = BasicBatchProcessor(next_char_loss, amp=amp, compile=step == "compile")
+        if muon:
+            return processor, {
+                "muon": lambda m: muon_for(m, run),
+                "adamw": lambda m: adamw_for(m, run),
+            }
         return processor, lambda m: torch.optim.AdamW(
             m.parameters(), lr=run.lr, betas=(0.9, 0.99), weight_decay=0.1
         )
@@ -278,9 +286,28 @@ def step_setup(run: Run, step: str) -> tuple[BatchProcessor, Any]:
     )  # fmt: skip
 
 
+def matrices(model: CharGPT) -> list[nn.Parameter]:
+    """The blocks' weight matrices: Muon's (it orthogonalises 2-D updates)."""
+    return [p for p in model.blocks.parameters() if p.ndim == 2]
+
+
+def muon_for(model: CharGPT, run: Run) -> torch.optim.Optimizer:
+    # "match_rms_adamw" scales Muon's update to AdamW's size: one learning rate serves both.
+    return torch.optim.Muon(
+        matrices(model), lr=run.lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"
+    )
+
+
+def adamw_for(model: CharGPT, run: Run) -> torch.optim.Optimizer:
+    """AdamW for every parameter Muon does not hold."""
+    muons = {id(p) for p in matrices(model)}
+    rest = [p for p in model.parameters() if id(p) not in muons]
+    return torch.optim.AdamW(rest, lr=run.lr, betas=(0.9, 0.99), weight_decay=0.1)
+
+
 def make_trainer(
     corpus: Corpus, run: Run, out: Path, *, resume: bool = False, progress: bool = True,
-    extra: tuple[Callback, ...] = (), step: str = "eager",
+    extra: tuple[Callback, ...] = (), step: str = "eager", muon: bool = False,
 ) -> Trainer:  # fmt: skip
     torch.manual_seed(0)
     train, val, _ = loaders(corpus, run)
@@ -288,7 +315,9 @@ def make_trainer(
     checkpoints = out / "checkpoints"
     if not resume and checkpoints.exists():  # a run that starts over replaces the last one's
         shutil.rmtree(checkpoints)
-    processor, optimizer = step_setup(run, step)
+    processor, optimizer = step_setup(run, step, muon)
+    schedule = cosine(run.steps - run.warmup, min_lr=run.lr / 10)
+    names = list(optimizer) if isinstance(optimizer, dict) else [None]  # (one each)
     return Trainer(
         CharGPT(config),
         train,
@@ -299,7 +328,7 @@ def make_trainer(
         callbacks=[
             *extra,
             GradClip(1.0),
-            LRSchedule(cosine(run.steps - run.warmup, min_lr=run.lr / 10), warmup_steps=run.warmup),
+            *(LRSchedule(schedule, warmup_steps=run.warmup, optimizer=name) for name in names),
             LossMonitor(every_n_steps=50),
             Validation(val, every_n_epochs=None, every_n_steps=run.eval_every,
                        loss_fn=next_char_loss),
@@ -331,9 +360,11 @@ async def test_loss(corpus: Corpus, run: Run, checkpoints: Path) -> float:
     return float(total) / count
 
 
-async def main_async(run: Run, out: Path, resume: bool, step: str = "eager") -> dict[str, float]:
+async def main_async(
+    run: Run, out: Path, resume: bool, step: str = "eager", muon: bool = False
+) -> dict[str, float]:
     corpus = Corpus.load(run.max_chars)
-    trainer = make_trainer(corpus, run, out, resume=resume, step=step)
+    trainer = make_trainer(corpus, run, out, resume=resume, step=step, muon=muon)
     state = await trainer.fit()
     baseline = corpus.unigram_loss()
     test = await test_loss(corpus, run, out / "checkpoints")
@@ -361,7 +392,11 @@ def main() -> None:
                      help="compile the forward and loss with torch.compile")  # fmt: skip
     how.add_argument("--cuda-graphs", dest="step", action="store_const", const="cuda-graphs",
                      help="replay each training step as CUDA graphs (a GPU)")  # fmt: skip
+    parser.add_argument("--muon", action="store_true",
+                        help="Muon for the blocks' matrices, AdamW for the rest")  # fmt: skip
     args = parser.parse_args()
+    if args.muon and args.step == "cuda-graphs":
+        parser.error("argument --muon: not with --cuda-graphs (its graph steps one optimizer)")
     least_values = {"steps": Run.warmup + 1, "layers": 1, "eval_every": 1, "width": 32}
     for name, least in least_values.items():
         value = getattr(args, name)
@@ -371,7 +406,7 @@ def main() -> None:
     if args.width % 32:
         parser.error(f"argument --width: must be a multiple of 32 (heads of 32), got {args.width}")
     run = Run(steps=args.steps, layers=args.layers, width=args.width, eval_every=args.eval_every)
-    anyio.run(main_async, run, args.out, args.resume, args.step or "eager")
+    anyio.run(main_async, run, args.out, args.resume, args.step or "eager", args.muon)
 
 
 if __name__ == "__main__":

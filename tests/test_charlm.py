@@ -53,6 +53,24 @@ def test_the_step_flags_pick_the_processor() -> None:
     compiled, optimizer = charlm.step_setup(run, "compile")
     assert eager.compile_options is None and compiled.compile_options == {}
     assert isinstance(optimizer(torch.nn.Linear(2, 2)), torch.optim.AdamW)
+    _, both = charlm.step_setup(run, "eager", muon=True)
+    assert list(both) == ["muon", "adamw"]
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             charlm.step_setup(run, "cuda-graphs")
+
+
+async def test_muon_beside_adamw_learns_as_well(tmp_path: Path) -> None:
+    """``--muon``: two optimizers on the one loss (Muon for the blocks' matrices, AdamW for
+    the rest, each parameter in one), each on its own schedule."""
+    charlm = load_example("charlm.py")
+    corpus = charlm.Corpus.load(max_chars=300_000)
+    run = charlm.Run(steps=120, layers=2, width=64, warmup=20, eval_every=60, val_batches=8)
+    trainer = charlm.make_trainer(corpus, run, tmp_path, progress=False, muon=True)
+    state = await trainer.fit()
+    assert state.metrics["val/loss"] < corpus.unigram_loss() - 0.4, state.metrics
+    muon, adamw = (state.optimizers[name] for name in ("muon", "adamw"))
+    held = [id(p) for o in (muon, adamw) for group in o.param_groups for p in group["params"]]
+    assert sorted(held) == sorted(id(p) for p in trainer.model.parameters())
+    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["lr"] < run.lr / 5
+    assert adamw.param_groups[0]["lr"] == muon.param_groups[0]["lr"], "the same schedule"

@@ -64,7 +64,8 @@ def test_the_demo_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp_p
      ("digits_own_loss.py", ["--epochs", "0"], "argument --epochs: must be a positive integer"),
      ("dcgan.py", ["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
      ("charlm.py", ["--steps", "50"], "argument --steps: must be at least 101, got 50"),
-     ("charlm.py", ["--width", "33"], "argument --width: must be a multiple of 32")],
+     ("charlm.py", ["--width", "33"], "argument --width: must be a multiple of 32"),
+     ("charlm.py", ["--muon", "--cuda-graphs"], "argument --muon: not with --cuda-graphs")],
 )  # fmt: skip
 def test_the_examples_name_a_bad_argument(script: str, arguments: list[str], error: str) -> None:
     # `digits.py --epochs 0` ended in a traceback from cosine(total_steps=0), an --out that
