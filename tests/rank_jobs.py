@@ -185,6 +185,28 @@ async def ddp_train(
     )  # fmt: skip
 
 
+def split_between_two() -> dict[str, Any]:
+    """Two optimizers over ``ddp_model()``'s layers: SGD for the first, Adam for the last."""
+    return {
+        "first": lambda m: torch.optim.SGD(m[0].parameters(), lr=0.1, momentum=0.9),
+        "last": lambda m: torch.optim.Adam(m[2].parameters(), lr=0.01),
+    }
+
+
+async def ddp_two_optimizers_one_loss(rank: int, world_size: int, out: str) -> None:
+    """``ddp_train``'s data and model (2 epochs, 8 a rank) with two optimizers on the one
+    loss, which the default processor steps in turn. Writes the model's weights."""
+    from asynchat import DistributedDataParallelTrainer
+
+    model = ddp_model()
+    await DistributedDataParallelTrainer(
+        model, torch.utils.data.DataLoader(ddp_data(), batch_size=8, shuffle=True),
+        split_between_two(), loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=2,
+        device="cpu",
+    ).fit()  # fmt: skip
+    torch.save({"model": model.state_dict()}, Path(out, f"two-rank{rank}.pt"))
+
+
 class ScoresItself(torch.nn.Module):
     """``ddp_model()`` behind Hugging Face's contract: ``{"logits", "loss"}`` given labels."""
 

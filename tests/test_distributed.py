@@ -52,6 +52,29 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumul
 
 
 @pytest.mark.slow
+def test_two_optimizers_on_one_loss_match_one_process_on_the_global_batch(
+    tmp_path: Path,
+) -> None:
+    launch(rank_jobs.ddp_two_optimizers_one_loss, nprocs=2, args=(str(tmp_path),))
+    ranks = [torch.load(tmp_path / f"two-rank{r}.pt", weights_only=True) for r in range(2)]
+    reference = rank_jobs.ddp_model()
+    first = torch.optim.SGD(reference[0].parameters(), lr=0.1, momentum=0.9)
+    last = torch.optim.Adam(reference[2].parameters(), lr=0.01)
+    data = rank_jobs.ddp_data()
+    for epoch in range(2):  # (the global batch of each step: see the test above)
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch)).tolist()
+        for start in range(0, 64, 16):
+            inputs, targets = data[order[start : start + 16]]
+            nn.functional.cross_entropy(reference(inputs), targets).backward()
+            for optimizer in (first, last):
+                optimizer.step()
+                optimizer.zero_grad()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
+        assert torch.allclose(value, ranks[0]["model"][name], atol=1e-6), name
+
+
+@pytest.mark.slow
 def test_a_model_that_computes_its_own_loss_trains_as_one_scored_by_a_loss_function(
     tmp_path: Path,
 ) -> None:
