@@ -6,6 +6,7 @@ import datetime
 import json
 import re
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ from asynchat import DistributedDataParallelTrainer, LaunchError, Trainer, launc
 from asynchat.callbacks import CheckpointWarning, LossMonitor, MetricUpdater
 
 
+def global_batches(epochs: int = 2) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``rank_jobs.ddp_data()`` as one process sees what two ranks of ``ddp_train`` (8 each,
+    shuffled) see together: each epoch's DistributedSampler permutation (seed 0 + epoch)
+    gives rank r the positions r, r + 2, ..., so each step's two shards together are 16
+    consecutive entries of the permutation. ``(step within the epoch, inputs, targets)``."""
+    data = rank_jobs.ddp_data()
+    for epoch in range(epochs):
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch)).tolist()
+        for step, start in enumerate(range(0, 64, 16)):
+            inputs, targets = data[order[start : start + 16]]
+            yield step, inputs, targets
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["every-step", "accumulate-2-no-sync"])
 def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumulate: int) -> None:
@@ -32,21 +46,14 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path: Path, accumul
     for name, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][name]), "the replicas stay identical"
 
-    # One process, batches of 16 in the same order: each epoch's DistributedSampler permutation
-    # (seed 0 + epoch) gives rank r the positions r, r + 2, ..., so each step's two shards
-    # together are 16 consecutive entries of the permutation.
     reference = rank_jobs.ddp_model()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    data = rank_jobs.ddp_data()
-    for epoch in range(2):
-        order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch)).tolist()
-        for step, start in enumerate(range(0, 64, 16)):
-            inputs, targets = data[order[start : start + 16]]
-            (loss_fn(reference(inputs), targets) / accumulate).backward()
-            if (step + 1) % accumulate == 0:
-                optimizer.step()
-                optimizer.zero_grad()
+    for step, inputs, targets in global_batches():
+        (loss_fn(reference(inputs), targets) / accumulate).backward()
+        if (step + 1) % accumulate == 0:
+            optimizer.step()
+            optimizer.zero_grad()
     for name, value in reference.state_dict().items():
         assert torch.allclose(value, ranks[0]["model"][name], atol=1e-6), name
 
@@ -60,15 +67,11 @@ def test_two_optimizers_on_one_loss_match_one_process_on_the_global_batch(
     reference = rank_jobs.ddp_model()
     first = torch.optim.SGD(reference[0].parameters(), lr=0.1, momentum=0.9)
     last = torch.optim.Adam(reference[2].parameters(), lr=0.01)
-    data = rank_jobs.ddp_data()
-    for epoch in range(2):  # (the global batch of each step: see the test above)
-        order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch)).tolist()
-        for start in range(0, 64, 16):
-            inputs, targets = data[order[start : start + 16]]
-            nn.functional.cross_entropy(reference(inputs), targets).backward()
-            for optimizer in (first, last):
-                optimizer.step()
-                optimizer.zero_grad()
+    for _, inputs, targets in global_batches():
+        nn.functional.cross_entropy(reference(inputs), targets).backward()
+        for optimizer in (first, last):
+            optimizer.step()
+            optimizer.zero_grad()
     for name, value in reference.state_dict().items():
         assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
         assert torch.allclose(value, ranks[0]["model"][name], atol=1e-6), name
