@@ -36,6 +36,7 @@ from asynchat import _hold as hold
 from asynchat._checks import positive_int, positive_number
 from asynchat._errors import AsynchatError
 from asynchat._signals import (
+    Listener,
     catches,
     disposition,
     ending_signals,
@@ -751,22 +752,23 @@ class _SignalRelay:
 
     def __init__(self) -> None:
         self.jobs: list[_Ranks] = []
-        self._listened: tuple[int, ...] = ()  # those it caught where they would end the process
-        self._previous: dict[int, Any] = {}  # SIGTSTP's handler
+        # What it listens to (asynchat._signals) while jobs run: SIGTERM and SIGHUP where
+        # they would end the process, SIGTSTP where it would stop it.
+        self._listened: list[tuple[int, Listener]] = []
 
     def join(self, ranks: _Ranks) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         if not self.jobs:
-            self._listened = tuple(
-                s for s in ending_signals()
+            self._listened = [
+                (s, self._forward) for s in ending_signals()
                 if s != signal.SIGINT and disposition(s) is signal.SIG_DFL
-            )  # fmt: skip
-            for signum in self._listened:
-                listen(signum, self._forward)
-            watch(self._forward)
+            ]  # fmt: skip
             if _holds_on_ctrl_z():
-                self._previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._hold)
+                self._listened.append((signal.SIGTSTP, self._hold))
+            for signum, listener in self._listened:
+                listen(signum, listener)
+            watch(self._forward)
         self.jobs.append(ranks)
 
     def leave(self, ranks: _Ranks) -> None:
@@ -775,12 +777,9 @@ class _SignalRelay:
         self.jobs.remove(ranks)
         if not self.jobs:
             unwatch(self._forward)
-            for signum in self._listened:
-                unlisten(signum, self._forward)
-            for signum, handler in self._previous.items():
-                if signal.getsignal(signum) == self._hold:  # (not one set since)
-                    signal.signal(signum, handler)
-            self._previous.clear()
+            for signum, listener in self._listened:
+                unlisten(signum, listener)
+            self._listened = []
 
     def _forward(self, signum: int) -> None:
         if signum not in self.PASSED_ON:
@@ -791,7 +790,7 @@ class _SignalRelay:
                 ranks.graceful = graceful
             ranks.send(signum)
 
-    def _hold(self, signum: int, frame: object) -> None:
+    def _hold(self, signum: int) -> None:
         _stop_holding(list(self.jobs))
 
     async def end_as_signalled(self, ranks: _Ranks) -> None:
