@@ -421,19 +421,19 @@ class _Ranks:
         reader = self.errors._reader  # type: ignore[attr-defined]
         mp_connection.wait([*waiting, reader], timeout=_POLL_S)
         self._observe()
-        failed = self.reports or any(self._failed(rank) for rank in range(len(self.processes)))
         if self.signalled:  # told to end: each rank ends as the signal makes it
             if self._forced_at is not None and time.monotonic() > self._forced_at + _GRACE_S:
                 self.terminate()  # told twice, and still running: a rank that cannot end
             if any(p.exitcode is None for p in self.processes):
                 return False
-            if failed and self.graceful:  # (the program goes on: a job cut short says so)
+            # A block caught the signal and the program goes on: a job cut short says so.
+            if self.graceful and self._any_failed():
                 error = self._failure()
                 name = signal.Signals(self.signalled[0]).name
                 error.add_note(f"The launcher had passed {name} on to the ranks.")
                 raise error
             return True
-        if failed:
+        if self._any_failed():
             error = self._failure()
             self.terminate()
             raise error
@@ -442,6 +442,9 @@ class _Ranks:
             if hung is not None:
                 raise hung
         return all(p.exitcode == 0 for p in self.processes)
+
+    def _any_failed(self) -> bool:
+        return bool(self.reports) or any(map(self._failed, range(len(self.processes))))
 
     def _failed(self, rank: int) -> bool:
         """Whether rank ``rank``'s process has ended other than by its function returning: an
