@@ -10,12 +10,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
+import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from asynchat._checks import loss_function, positive_int
 from asynchat._errors import add_note
@@ -314,7 +314,8 @@ def _refuse_untrainable(loss: torch.Tensor, error: RuntimeError) -> None:
 def _held_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
     """The context that holds ``model``'s gradient sync: DDP's ``no_sync``, FSDP2's flags,
     or each model's own for several models (a ``ModuleDict`` of wrappers)."""
-    if isinstance(model, FSDPModule):
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: no model is sharded)
+    if fsdp is not None and isinstance(model, fsdp.FSDPModule):
         return _fsdp_accumulating(model)
     if hasattr(model, "no_sync"):
         return model.no_sync()  # type: ignore[no-any-return, operator]
@@ -327,7 +328,7 @@ def _held_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]
 
 
 @contextlib.contextmanager
-def _fsdp_accumulating(model: FSDPModule) -> Iterator[None]:
+def _fsdp_accumulating(model: Any) -> Iterator[None]:
     """An FSDP2 backward that neither reduce-scatters nor reshards: gradients accumulate
     unsharded until the micro-batch that updates."""
     model.set_requires_gradient_sync(False)

@@ -9,6 +9,7 @@ every boundary (``LoopControl.agree``).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -153,19 +154,27 @@ def control_group() -> dist.ProcessGroup | None:
 def sharded_over_ranks(model: torch.nn.Module) -> bool:
     """Whether ``model`` holds parameters sharded over more than one rank (FSDP2's, tensor
     parallelism's ``DTensor``s): its forward is then a collective."""
-    from torch.distributed.tensor import DTensor
-
-    if not (dist.is_available() and dist.is_initialized()):
+    dtensor = _dtensor()
+    if dtensor is None or not (dist.is_available() and dist.is_initialized()):
         return False  # (no DTensor spans ranks without a process group)
-    return any(isinstance(p, DTensor) and p.device_mesh.size() > 1 for p in model.parameters())
+    return any(isinstance(p, dtensor) and p.device_mesh.size() > 1 for p in model.parameters())
 
 
 def local_parts(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's part of each tensor: a ``DTensor``'s local shard (FSDP2's parameters),
     any other tensor itself."""
-    from torch.distributed.tensor import DTensor
+    dtensor = _dtensor()
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+def _dtensor() -> type[Any] | None:
+    """torch's ``DTensor`` class, or None where nothing has imported it, and so no tensor is
+    one (importing it brings sympy: a third of ``import asynchat``'s time, were it paid
+    there, or half a second of a loop's first step here)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
 
 
 def _refuse_unlike(everyone: list[str], message: str) -> None:

@@ -9,8 +9,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from asynchat._callback import Callback
 from asynchat._distributed import DistributedDataParallelTrainer
@@ -109,6 +107,10 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
         return f"{super()._settings()}, shard={shard!r}, mixed_precision={self.mixed_precision!r}"
 
     def _configure(self) -> None:
+        # (imported here: FSDP brings DTensor and sympy, a third of asynchat's import time)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

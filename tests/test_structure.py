@@ -1,9 +1,12 @@
 """The package's shape: no import cycle between its modules, not even for the type checker,
-and no function that has grown past what a reader takes in at once."""
+no function that has grown past what a reader takes in at once, and nothing imported that
+only some jobs need."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import asynchat
@@ -74,3 +77,14 @@ def test_no_function_over_the_length_limit() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines})")
     assert not long, "functions over the limit: " + ", ".join(long)
+
+
+def test_importing_asynchat_leaves_what_only_sharded_jobs_need_unimported() -> None:
+    # FSDP brings DTensor and sympy: 0.6 of the 1.8 s that ``import asynchat`` took with them
+    # on this machine, paid by every process (each rank, each DataLoader worker spawned).
+    heavy = ("torch.distributed.fsdp", "torch.distributed.tensor", "sympy")
+    code = f"import sys, asynchat; print([m for m in {heavy!r} if m in sys.modules])"
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert found == "[]", f"import asynchat imported {found}"
