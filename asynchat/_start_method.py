@@ -37,7 +37,9 @@ else in the process that uses it (if something else started it before the first 
 the ranks are spawned: that one has its own preloads and signal handling); it ends with
 the launcher process, and removes its socket from ``TMPDIR`` then (a launcher killed by
 SIGKILL cannot). A process forked from the launcher (``os.fork``, multiprocessing's
-``fork``) spawns its ranks, as do other systems than Linux (macOS, Windows).
+``fork``) spawns its ranks, as does one whose ``TMPDIR`` is too long a path for the
+server's socket (:func:`_no_room_for_the_socket`), and other systems than Linux (macOS,
+Windows).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ READ_AT_IMPORT = (
 #: The signals the server ignores: a process group's (see the module).
 _GROUP_SIGNALS = (signal.SIGTERM,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 _ENDING = (signal.SIGINT, *_GROUP_SIGNALS)  # blocked in the server (see _Server)
+_SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (Linux's sun_path, less its NUL)
 _LOG = logging.getLogger("asynchat.launch")
 _lock = threading.Lock()
 _server_start: dict[str, str] | None = None  # what _inherited() was as the server started
@@ -111,6 +114,9 @@ def rank_context() -> BaseContext:
         if _server_start is None:  # the first launch: the server starts as this process is
             if _someone_elses_server():
                 _LOG.info("ranks spawned: a fork server launch() did not start runs")
+                return mp.get_context("spawn")
+            if (no_socket := _no_room_for_the_socket()) is not None:
+                _LOG.info("ranks spawned: %s", no_socket)
                 return mp.get_context("spawn")
             _server_start, _server_owner = start, os.getpid()
             mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
@@ -147,6 +153,26 @@ def _someone_elses_server() -> bool:
     """Whether a fork server runs that this module did not configure (before its first
     launch): it has its own preloads, and does not ignore SIGTERM."""
     return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+
+
+def _no_room_for_the_socket() -> str | None:
+    """Why the fork server could not listen, or None. Its socket, ``listener-XXXXXXXX`` in
+    multiprocessing's temporary directory (``$TMPDIR/pymp-XXXXXXXX``), needs a path of
+    at most :data:`_SOCKET_PATH_MAX` bytes: a ``TMPDIR`` over 75 made every launch fail with
+    ``OSError: AF_UNIX path too long`` (a cluster's scheduler sets a long one per job;
+    Python 3.14 puts the directory in ``/tmp`` then), where spawned ranks start well."""
+    try:
+        directory = util.get_temp_dir()  # (created here, as the server would: removed at exit)
+    except OSError as exc:
+        return f"the fork server has no temporary directory for its socket ({exc})"
+    length = len(os.fsencode(os.path.join(directory, "listener-XXXXXXXX")))
+    if length <= _SOCKET_PATH_MAX:
+        return None
+    return (
+        f"the fork server's socket in {directory} would have a path of {length} bytes, over "
+        f"the {_SOCKET_PATH_MAX} a Unix socket may have (a shorter TMPDIR lets ranks fork, "
+        "which start faster)"
+    )
 
 
 def _read_at_import(name: str) -> bool:

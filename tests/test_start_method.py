@@ -276,6 +276,33 @@ def test_ranks_spawn_when_someone_elses_fork_server_runs(tmp_path: Path) -> None
         assert report["parent"] == launcher
 
 
+LONG_TMPDIR = """
+import logging, os, sys
+os.environ["TMPDIR"] = sys.argv[2]  # (before anything reads it)
+import rank_jobs
+from asynchat import launch
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    launch(rank_jobs.report_start, nprocs=2, args=(sys.argv[1], []))
+    print(os.getpid())
+"""
+
+
+def test_a_tmpdir_too_long_for_the_servers_socket_makes_the_launch_spawn(tmp_path: Path) -> None:
+    """The fork server listens on a Unix socket in TMPDIR, whose path may have 107 bytes at
+    most: a launcher with a longer TMPDIR (a cluster job's) failed every launch with
+    ``OSError: AF_UNIX path too long``. Its ranks spawn now, and the log says why."""
+    temporary = tmp_path / ("t" * max(1, 80 - len(str(tmp_path))))
+    temporary.mkdir()
+    assert len(str(temporary)) > 75  # (+ /pymp-XXXXXXXX/listener-XXXXXXXX: over 107)
+    run = run_script(tmp_path / "long.py", LONG_TMPDIR, tmp_path, temporary)
+    launcher = int(run.stdout.split()[-1])
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text())["parent"] == launcher
+    assert "ranks spawned: the fork server's socket in " in run.stderr, run.stderr[-2000:]
+
+
 FORKED_LAUNCHER = """
 import multiprocessing, os, sys
 from pathlib import Path
