@@ -393,10 +393,20 @@ class _Ranks:
         self.processes: list[Any] = []
         hosted = self._store is not None
         group = (nprocs, tuple(args), backend, timeout, addr, port, hosted, LauncherState())
-        for rank in range(nprocs):
-            self._add_rank(ctx, rank, fn, group)
-        for process in self.processes:
-            process.start()
+        try:
+            for rank in range(nprocs):
+                self._add_rank(ctx, rank, fn, group)
+            for process in self.processes:
+                process.start()
+        except BaseException:
+            # A rank that could not start (a fork refused: the process limit, memory; no
+            # descriptor left for its pipe): those started end now, and nothing is left
+            # behind. Before, they ran on, waiting for the others, and the stack files'
+            # directory stayed in TMPDIR.
+            self.processes = [p for p in self.processes if p.pid is not None]
+            self.terminate()
+            self.close()
+            raise
         for reader, _ in self._lifelines:
             reader.close()  # the ranks hold the read ends; the launcher keeps the writers
 
@@ -694,7 +704,8 @@ class _Ranks:
 
     def close(self) -> None:
         """After terminate(): drop the lifelines, the store and the stack files."""
-        for _, writer in self._lifelines:
+        for reader, writer in self._lifelines:
+            reader.close()  # (closed already, unless a rank failed to start)
             writer.close()
         self._lifelines = []
         self._store = None  # (its server stops with the last reference)

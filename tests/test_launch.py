@@ -413,6 +413,41 @@ def test_a_rank_that_crashes_natively_is_reported_with_its_python_stacks() -> No
     assert rank_processes() == []
 
 
+class SecondForkFails:
+    """A multiprocessing context whose rank 1 cannot start: its fork is refused, as the
+    system refuses one at the user's process limit (EAGAIN)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # (multiprocessing's name)
+        process = self._context.Process(*args, **kwargs)
+        if kwargs.get("name") == "asynchat-rank-1":
+
+            def refused() -> None:
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+
+            process.start = refused
+        return process
+
+
+def test_a_rank_that_cannot_start_leaves_nothing_running_or_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rank 0 ran on, waiting for rank 1 in the rendezvous, and the launcher's directory of
+    # stack files stayed in TMPDIR.
+    context = asynchat._launch.rank_context()
+    monkeypatch.setattr(asynchat._launch, "rank_context", lambda: SecondForkFails(context))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(BlockingIOError):
+        launch(rank_jobs.sleep_forever, nprocs=2)
+    assert rank_processes() == []
+    assert list(tmp_path.glob("asynchat-launch-*")) == []
+
+
 @pytest.mark.parametrize("fault", ["hang", "hang-all", "hang-one-hooked"])
 def test_a_hung_rank_is_reported_within_hang_timeout_with_its_stacks(fault: str) -> None:
     """``hang-one-hooked``: ranks with other callbacks make the same progress beats per step
