@@ -51,6 +51,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing import forkserver, reduction, util
@@ -157,21 +158,23 @@ def _someone_elses_server() -> bool:
 
 def _no_room_for_the_socket() -> str | None:
     """Why the fork server could not listen, or None. Its socket, ``listener-XXXXXXXX`` in
-    multiprocessing's temporary directory (``$TMPDIR/pymp-XXXXXXXX``), needs a path of
-    at most :data:`_SOCKET_PATH_MAX` bytes: a ``TMPDIR`` over 75 made every launch fail with
-    ``OSError: AF_UNIX path too long`` (a cluster's scheduler sets a long one per job;
-    Python 3.14 puts the directory in ``/tmp`` then), where spawned ranks start well."""
+    a directory multiprocessing makes in the temporary one (``$TMPDIR/pymp-XXXXXXXX``),
+    needs a path of at most :data:`_SOCKET_PATH_MAX` bytes: a ``TMPDIR`` over 75 made every
+    launch fail with ``OSError: AF_UNIX path too long`` (a cluster's scheduler sets a long
+    one per job; Python 3.14 puts the directory in ``/tmp`` then), where spawned ranks
+    start well. Told from the name alone: nothing is created (a launcher killed by SIGKILL
+    would leave it behind)."""
     try:
-        directory = util.get_temp_dir()  # (created here, as the server would: removed at exit)
-    except OSError as exc:
+        directory = os.path.join(tempfile.gettempdir(), "pymp-XXXXXXXX")
+    except OSError as exc:  # (no temporary directory that can be written to)
         return f"the fork server has no temporary directory for its socket ({exc})"
     length = len(os.fsencode(os.path.join(directory, "listener-XXXXXXXX")))
     if length <= _SOCKET_PATH_MAX:
         return None
     return (
-        f"the fork server's socket in {directory} would have a path of {length} bytes, over "
-        f"the {_SOCKET_PATH_MAX} a Unix socket may have (a shorter TMPDIR lets ranks fork, "
-        "which start faster)"
+        f"the fork server's socket in {os.path.dirname(directory)} would have a path of "
+        f"{length} bytes, over the {_SOCKET_PATH_MAX} a Unix socket may have (a shorter "
+        "TMPDIR lets ranks fork, which start faster)"
     )
 
 

@@ -920,9 +920,18 @@ def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path)
     assert not any(alive(pid) for pid in pids)
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("how", "spawned"),
+    [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGKILL, True)],
+    ids=["SIGTERM", "SIGKILL", "SIGKILL-spawned"],
+)
+def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals, spawned: bool) -> None:
+    """``spawned``: in a TMPDIR too long a path for the fork server's socket, where the
+    ranks spawn (asking whether it was, the launcher made multiprocessing's directory
+    there, which a SIGKILL left behind)."""
     temporary = tmp_path / "tmp"  # (the launcher's TMPDIR)
+    if spawned:
+        temporary = tmp_path / ("t" * max(3, 80 - len(str(tmp_path))))
     temporary.mkdir()
     with launcher_script(
         "launcher_job.py", str(tmp_path), env={"TMPDIR": str(temporary)}
@@ -936,6 +945,8 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> N
         stacks = {path.parent for pid in pids for path in open_files(pid)}
         stacks = {path for path in stacks if path.name.startswith("asynchat-launch-")}
         assert len(stacks) == 1, stacks  # the launcher's directory of the ranks' stack files
+        parent = int(Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert (parent == launcher.pid) == spawned, "forked from the fork server, or spawned"
         launcher.send_signal(how)
         launcher.wait(timeout=30)
     deadline = time.monotonic() + 15
@@ -947,7 +958,19 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals) -> N
     # in TMPDIR: the server removes them now as it exits, once the launcher is gone.
     while list(temporary.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list(temporary.iterdir()) == []
+    left = sorted(str(p) for p in temporary.rglob("*"))
+    assert left == [], (left, process_report(parent))
+
+
+def process_report(pid: int) -> str:
+    """What is known of process ``pid``: its state, where it waits, its command line."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return "gone"
+    return f"{[line for line in status if line.startswith(('State', 'PPid'))]} {wchan} {command}"
 
 
 def open_files(pid: int) -> list[Path]:
