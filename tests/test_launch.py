@@ -10,10 +10,12 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +37,17 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """An empty directory for a launcher's TMPDIR, short enough a path for its fork server's
+    socket (``tmp_path`` under pytest-xdist is not: the ranks would spawn)."""
+    path = Path(tempfile.mkdtemp(prefix="asynchat-test-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def rank_processes() -> list[multiprocessing.process.BaseProcess]:
@@ -606,7 +619,7 @@ def ended(launcher: subprocess.Popen[str]) -> str:
          "SIGHUP-to-the-group", "async-ctrl-c", "async-SIGTERM", "async-SIGHUP-to-the-group"],
 )  # fmt: skip
 def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
-    tmp_path: Path, how: str, handle: bool, launched: str
+    tmp_path: Path, short_tmp: Path, how: str, handle: bool, launched: str
 ) -> None:
     # A terminal's Ctrl-C (SIGINT to the launcher's process group) reached the ranks and the
     # launcher, whose KeyboardInterrupt then SIGTERMed the ranks in the middle of their
@@ -617,8 +630,7 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # came from, and with it the launcher's view of them: it left at once, no checkpoint.
     # A SIGHUP to the group (a terminal closed) ended the launcher at once: no checkpoint.
     # launch_async (in anyio.run) died at once of a SIGTERM or SIGHUP, its ranks with it.
-    temporary = tmp_path / "tmp"  # (the launcher's TMPDIR)
-    temporary.mkdir()
+    temporary = short_tmp  # (the launcher's TMPDIR)
     with launcher_script(
         "signalled_launcher.py", str(tmp_path), str(int(handle)), launched,
         env={"TMPDIR": str(temporary)},
@@ -925,14 +937,16 @@ def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path)
     [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGKILL, True)],
     ids=["SIGTERM", "SIGKILL", "SIGKILL-spawned"],
 )
-def test_ranks_die_with_their_launcher(tmp_path: Path, how: signal.Signals, spawned: bool) -> None:
+def test_ranks_die_with_their_launcher(
+    tmp_path: Path, short_tmp: Path, how: signal.Signals, spawned: bool
+) -> None:
     """``spawned``: in a TMPDIR too long a path for the fork server's socket, where the
     ranks spawn (asking whether it was, the launcher made multiprocessing's directory
     there, which a SIGKILL left behind)."""
-    temporary = tmp_path / "tmp"  # (the launcher's TMPDIR)
+    temporary = short_tmp  # (the launcher's TMPDIR)
     if spawned:
         temporary = tmp_path / ("t" * max(3, 80 - len(str(tmp_path))))
-    temporary.mkdir()
+        temporary.mkdir()
     with launcher_script(
         "launcher_job.py", str(tmp_path), env={"TMPDIR": str(temporary)}
     ) as launcher:
