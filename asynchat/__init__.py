@@ -5,7 +5,7 @@ The public names live here; the implementation is in private modules.
 
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._distributed import DataParallelTrainer, DistributedDataParallelTrainer
-from asynchat._errors import AsynchatError, CheckpointError
+from asynchat._errors import AsynchatError, CheckpointError, InUseError
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._every import every
 from asynchat._graphs import CudaGraphBatchProcessor
@@ -40,6 +40,7 @@ __all__ = [
     "EventKind",
     "FullyShardedDataParallelTrainer",
     "Hook",
+    "InUseError",
     "LaunchError",
     "LoopBase",
     "LoopEvent",

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 
 from asynchat._checks import path as check_path
-from asynchat._errors import CheckpointError, CheckpointWarning
+from asynchat._errors import CheckpointError, CheckpointInUseError, CheckpointWarning, InUseError
 from asynchat._weights import IncompatibleKeys, load_portable, plain_name, under
 
 try:
@@ -296,8 +296,8 @@ class DirectoryLock:
     child therefore closes its copies at once (:func:`_forget_locks_in_child`).
 
     The loggers lock their outputs the same way: ``name`` (the lock file's), ``subject`` and
-    ``writer`` (what the errors name), ``in_use`` (the refusal's reason) and ``error`` say
-    how.
+    ``writer`` (what the errors name), ``in_use`` (the refusal's reason), ``refused`` (its
+    class, an :class:`InUseError`) and ``error`` (the class of the other errors) say how.
     """
 
     _held: ClassVar[weakref.WeakSet[DirectoryLock]] = weakref.WeakSet()
@@ -311,6 +311,7 @@ class DirectoryLock:
         writer: str = "Checkpoint writer",
         in_use: str = "two runs sharing a directory would overwrite and prune each other's "
         "checkpoints. Give each run its own save_dir",
+        refused: type[InUseError] = CheckpointInUseError,
         error: type[Exception] = CheckpointError,
     ) -> None:
         self.directory = directory
@@ -318,13 +319,14 @@ class DirectoryLock:
         self.subject = subject if subject is not None else f"save_dir={str(directory)!r}"
         self.writer = writer
         self.in_use = in_use
+        self.refused = refused
         self.error = error
         self._fd: int | None = None
 
     def acquire(self) -> None:
         holder = self._take()
         if holder is not None:
-            raise self.error(
+            raise self.refused(
                 f"{self.subject} is in use by another live {self.writer} ({holder}); {self.in_use}"
             )
 

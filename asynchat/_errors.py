@@ -15,6 +15,19 @@ class CheckpointError(AsynchatError):
     """A checkpoint could not be found, read, written or used."""
 
 
+class InUseError(AsynchatError, RuntimeError):
+    """A run refused before it began: what it needs is in use by another live run. Its
+    model, callbacks, data loader or process group, by a loop running in this process; a
+    directory it writes (a checkpoint directory, a logger's output), by a run in this
+    process or another, whose pid the message names. A ``RuntimeError`` as well, as these
+    refusals were before they had a class of their own."""
+
+
+class CheckpointInUseError(CheckpointError, InUseError):
+    """A checkpoint directory in use by another live ``Checkpoint`` writer: a
+    :class:`CheckpointError` and an :class:`InUseError` both."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint or manifest entry was skipped (corrupt, foreign or missing), or a
     checkpoint was saved inside a gradient-accumulation window (it lacks the window's

@@ -37,6 +37,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._data import has_persistent_workers
+from asynchat._errors import InUseError
 from asynchat._weights import plain_name
 
 #: The loops whose ``async def`` hook is running in this task (innermost last): a loop
@@ -205,7 +206,7 @@ def claim(
     reading: Callable[[], bool] = lambda: False,
     collective: bool = False,
 ) -> Claim:
-    """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise RuntimeError
+    """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise :class:`InUseError`
     if a running loop uses the model (or part of it) in a way this run cannot share, one of
     the callbacks (unless the callback is ``shared_across_loops``), or the data, where its
     readers share one position (an iterator; a DataLoader with persistent workers): a loop
@@ -261,7 +262,7 @@ def _refuse(new: Claim, other: Claim) -> None:
         "training" if other.updates else "predicting with, in train() mode," if other.trains
         else "predicting with"
     )  # fmt: skip
-    raise RuntimeError(
+    raise InUseError(
         f"{new.loop.name} cannot run: {other.loop.name} is {doing} "
         f"{_what(new, other)} (on {other.device}). Two loops may use one model "
         "at once only if both predict in eval() mode on one device: a trainer's updates, or "
@@ -285,7 +286,7 @@ def _streaming_hint(other: Claim) -> str:
 
 
 def _refuse_callback(new: Claim, other: Claim, position: int, callback: Callback) -> None:
-    raise RuntimeError(
+    raise InUseError(
         f"{new.loop.name} cannot run: its callbacks[{position}] "
         f"({type(callback).__name__}) serves {other.loop.name}, which is running. A callback "
         "keeps state for its run (LRSchedule its scheduler, a logger its open file): give "
@@ -308,7 +309,7 @@ def _refuse_data(new: Claim, other: Claim) -> None:
         else "a DataLoader with persistent workers, whose every iter() is the same iterator, "
         "reset to the start"
     )
-    raise RuntimeError(
+    raise InUseError(
         f"{new.loop.name} cannot run: its data_loader is the one {other.loop.name} reads, "
         f"which is running, and it is {what}: the two would split (or restart) each other's "
         "epochs. Give each loop a data loader of its own (a DataLoader over the same "
@@ -317,7 +318,7 @@ def _refuse_data(new: Claim, other: Claim) -> None:
 
 
 def _refuse_collectives(new: Claim, other: Claim) -> None:
-    raise RuntimeError(
+    raise InUseError(
         f"{new.loop.name} cannot run while {other.loop.name} runs: both step with the other "
         "ranks through the one process group (gradient all-reduces, agreements), and the "
         "collectives of two running at once pair up wrongly across the ranks (gloo aborted "

@@ -341,6 +341,26 @@ class Job:
         pytest.fail(f"the job {what}\n--- its stdout:\n{out}\n--- its stderr:\n{err}")
 
 
+def start_lock_holder(directory: Path) -> subprocess.Popen[str]:
+    """Another process that holds ``directory``'s checkpoint lock, as a live writer does,
+    once it has said so (for two minutes at most, unless killed)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    wait_for_line(holder, "locked")
+    return holder
+
+
+_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from asynchat._checkpoint_io import DirectoryLock
+DirectoryLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
 def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 60) -> None:
     """Read ``process``'s stdout up to its line ``text`` (stripped), for ``timeout`` seconds
     at most: a process that has not said it by then, or that ended without saying it, is

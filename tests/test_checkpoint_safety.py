@@ -12,7 +12,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -24,11 +23,17 @@ import numpy
 import pytest
 import rank_jobs
 import torch
-from conftest import make_data, make_trainer, wait_for_line, wait_until_listed
+from conftest import (
+    make_data,
+    make_model,
+    make_trainer,
+    start_lock_holder,
+    wait_until_listed,
+)
 from torch.utils.data import DataLoader
 
 import asynchat._checkpoint_io
-from asynchat import Callback, LoopState
+from asynchat import Callback, InUseError, LoopState
 from asynchat._checkpoint_io import LOCK, MANIFEST_LIMIT, serialize
 from asynchat._worker_seeds import seeded_per_batch
 from asynchat.callbacks import (
@@ -506,14 +511,15 @@ def test_a_checkpoint_a_crash_kept_out_of_the_manifest_is_pruned_later(tmp_path:
 
 
 class Gate(Callback):
-    """Holds the loop at its first step until ``release`` is set."""
+    """Holds the loop at global step ``at`` until ``release`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, at: int = 0) -> None:
+        self.at = at
         self.reached = anyio.Event()
         self.release = anyio.Event()
 
     async def on_step_begin(self, state: LoopState) -> None:
-        if state.global_step == 0:
+        if state.global_step == self.at:
             self.reached.set()
             await self.release.wait()
 
@@ -531,6 +537,9 @@ async def test_a_second_writer_in_the_same_process_is_refused_before_training(
         with pytest.raises(CheckpointError, match=r"in use by another live Checkpoint writer"):
             await second.fit()
         assert second.state.global_step == 0
+        third = make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=4)
+        with pytest.raises(InUseError, match=r"in use by another live Checkpoint writer"):
+            await third.fit()  # (an InUseError too, as every refusal of a run in use)
         gate.release.set()
     assert steps_on_disk(tmp_path) == [2, 3, 4]
     resumed = make_trainer(Checkpoint(tmp_path, every_n_steps=1), num_steps=5, resume_from=tmp_path)
@@ -556,23 +565,10 @@ def test_a_forked_data_worker_does_not_keep_the_lock_of_a_finished_run(tmp_path:
     assert anyio.run(resumed.fit).global_step == 6  # the workers of `loader` still live
 
 
-HOLDER = """
-import sys, time
-from pathlib import Path
-from asynchat._checkpoint_io import DirectoryLock
-DirectoryLock(Path(sys.argv[1])).acquire()
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
 def test_a_writer_in_another_process_is_refused_and_its_lock_taken_over_when_it_dies(
     tmp_path: Path,
 ) -> None:
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
-    ) as holder:
-        wait_for_line(holder, "locked")
+    with start_lock_holder(tmp_path) as holder:
         with pytest.raises(CheckpointError, match=rf"pid {holder.pid}"):
             train(tmp_path)
         os.kill(holder.pid, signal.SIGKILL)
@@ -599,11 +595,7 @@ class RemoveLock(Callback):
         wait_until_listed(self.directory, self.at - 1)
         (self.directory / LOCK).unlink()
         if self.take:
-            self.holder = subprocess.Popen(
-                [sys.executable, "-c", HOLDER, str(self.directory)], stdout=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-            wait_for_line(self.holder, "locked")
+            self.holder = start_lock_holder(self.directory)
 
 
 def test_a_lock_file_removed_mid_run_is_taken_again(tmp_path: Path) -> None:
@@ -821,6 +813,81 @@ async def test_a_run_further_back_than_the_directory_is_refused_before_training(
     assert (await resumed.fit()).global_step == 24, "continuing it is fine"
 
 
+def saved_weights(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint, _ = load_checkpoint(path)
+    return checkpoint["model"]  # type: ignore[no-any-return]
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.anyio
+async def test_overwrite_starts_a_used_directory_over(tmp_path: Path) -> None:
+    """A fresh run given overwrite=True removes the other run's checkpoints, where it would
+    be refused, and keeps its own (step 12 of each run has the same name: the file left is
+    the fresh run's)."""
+
+    def run(epochs: int, seed: int, **kwargs: Any) -> Any:
+        return make_trainer(
+            Checkpoint(tmp_path, every_n_epochs=1, keep_last=2, **kwargs),
+            model=make_model(seed), num_epochs=epochs,
+        )  # fmt: skip
+
+    await run(3, seed=1).fit()
+    assert steps_on_disk(tmp_path) == [12, 18]
+    old_12 = saved_weights(tmp_path / "step-000000012.ckpt")
+    fresh = run(2, seed=2, overwrite=True)
+    assert (await fresh.fit()).global_step == 12
+    assert steps_on_disk(tmp_path) == [6, 12]
+    assert [e["global_step"] for e in manifest(tmp_path)] == [6, 12]
+    new_12 = saved_weights(tmp_path / "step-000000012.ckpt")
+    assert same_weights(new_12, {k: v.detach() for k, v in fresh.model.state_dict().items()})
+    assert not same_weights(new_12, old_12)
+    assert find_checkpoint(tmp_path) == tmp_path / "step-000000012.ckpt"
+
+
+@pytest.mark.anyio
+async def test_overwrite_after_an_older_file_removes_only_what_came_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def checkpoint(**kwargs: Any) -> Checkpoint:
+        return Checkpoint(tmp_path, every_n_epochs=1, keep_last=None, **kwargs)
+
+    await make_trainer(checkpoint(), num_epochs=3).fit()
+    assert steps_on_disk(tmp_path) == [6, 12, 18]
+    first = saved_weights(tmp_path / "step-000000006.ckpt")
+    again = make_trainer(
+        checkpoint(overwrite=True), num_epochs=2, resume_from=tmp_path / "step-000000006.ckpt"
+    )
+    with caplog.at_level("INFO", logger="asynchat.checkpoint"):
+        assert (await again.fit()).global_step == 12
+    assert steps_on_disk(tmp_path) == [6, 12]
+    assert same_weights(saved_weights(tmp_path / "step-000000006.ckpt"), first)
+    assert "removed 2 checkpoint(s) of a run further on than this one " \
+        "(step-000000012.ckpt to step-000000018.ckpt)" in caplog.text  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_overwrite_never_removes_the_checkpoints_of_a_live_run(tmp_path: Path) -> None:
+    """Regression: the examples started over with shutil.rmtree(save_dir), which removed
+    the checkpoints of a run still writing there (a second `digits.py` on the same --out)."""
+    await make_trainer(Checkpoint(tmp_path, every_n_steps=2), num_steps=4).fit()
+    gate = Gate(at=4)
+    live = make_trainer(
+        gate, Checkpoint(tmp_path, every_n_steps=2), num_steps=6, resume_from=tmp_path
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(live.fit)
+        await gate.reached.wait()
+        fresh = make_trainer(Checkpoint(tmp_path, overwrite=True), num_steps=2)
+        with pytest.raises(CheckpointError, match=r"in use by another live Checkpoint writer"):
+            await fresh.fit()
+        assert steps_on_disk(tmp_path) == [2, 4]
+        gate.release.set()
+    assert steps_on_disk(tmp_path) == [2, 4, 6]
+
+
 # -- a machine crash -------------------------------------------------------------------------
 
 
@@ -991,7 +1058,7 @@ def test_a_second_live_logger_on_one_log_is_refused_and_the_first_logs_on(
                 second = make_trainer(logger(), Checkpoint(tmp_path / "second"), num_steps=2)
                 try:
                     await second.fit()
-                except RuntimeError as exc:
+                except InUseError as exc:
                     refused.append(exc)
 
     state = train(tmp_path, SecondRun(), logger())  # its checkpoints beside the log

@@ -185,7 +185,7 @@ def test_two_distributed_trainers_of_a_process_run_one_at_a_time(tmp_path: Path)
     with pytest.raises(LaunchError) as info:
         launch(rank_jobs.two_trainers, nprocs=2, args=(str(tmp_path), "together"))
     assert re.search(
-        r"RuntimeError: distributeddataparalleltrainer-\d cannot run while "
+        r"InUseError: distributeddataparalleltrainer-\d cannot run while "
         r"distributeddataparalleltrainer-\d runs: both step with the other ranks",
         str(info.value),
     )

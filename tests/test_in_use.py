@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asynchat import Callback, LoopBase, LoopState, LoopStatus, Predictor, Trainer
+from asynchat import Callback, InUseError, LoopBase, LoopState, LoopStatus, Predictor, Trainer
 from asynchat._in_use import claim
 from asynchat.callbacks import FreezeModule, LRSchedule, Validation
 
@@ -90,7 +90,7 @@ async def test_a_second_trainer_on_a_model_in_training_is_refused_and_can_run_la
     model = Net()
     first, second = trainer(model, name="first"), trainer(model, name="second")
     async with paused(first):
-        with pytest.raises(RuntimeError, match="second cannot run: first is training its model"):
+        with pytest.raises(InUseError, match="second cannot run: first is training its model"):
             await second.fit()
         assert second.status is LoopStatus.CREATED, "a refused loop has not started"
     assert first.state.global_step == 6
@@ -103,9 +103,9 @@ async def test_models_sharing_a_submodule_or_a_weight_do_not_train_at_once() -> 
     tied = nn.Linear(8, 3)
     tied.weight = model.head[1].weight
     async with paused(trainer(model, name="first")):
-        with pytest.raises(RuntimeError, match="is training its model's submodule 'backbone'"):
+        with pytest.raises(InUseError, match="is training its model's submodule 'backbone'"):
             await trainer(sharing).fit()
-        with pytest.raises(RuntimeError, match="is training its model's parameter 'weight'"):
+        with pytest.raises(InUseError, match="is training its model's parameter 'weight'"):
             await Predictor(tied, [torch.randn(4, 8)]).fit()
         # A model of its own trains meanwhile.
         assert (await trainer(Net()).fit()).global_step == 6
@@ -117,10 +117,10 @@ async def test_a_compiled_model_is_named_as_the_model_it_compiles() -> None:
     model = Net()
     compiled = torch.compile(model, backend="eager")
     async with paused(trainer(model, name="first")):
-        with pytest.raises(RuntimeError, match="cannot run: first is training its model "):
+        with pytest.raises(InUseError, match="cannot run: first is training its model "):
             await trainer(compiled).fit()
         sharing = torch.compile(Net(backbone=model.backbone), backend="eager")
-        with pytest.raises(RuntimeError, match="is training its model's submodule 'backbone'"):
+        with pytest.raises(InUseError, match="is training its model's submodule 'backbone'"):
             await trainer(sharing).fit()
 
 
@@ -147,7 +147,7 @@ async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_
     during = Modes(model)
     training = trainer(model, PredictAtEpochEnd(), during, tally, name="training")
     async with paused(training):
-        with pytest.raises(RuntimeError, match="cannot run: training is training its model"):
+        with pytest.raises(InUseError, match="cannot run: training is training its model"):
             await Predictor(model, [torch.randn(4, 8)]).fit()
     evaluating = {name: False for name in modes(model)}
     assert inside == [evaluating], "the predictor in the trainer's hook ran, in eval() mode"
@@ -168,7 +168,7 @@ async def test_a_stream_left_early_is_named_in_a_refusal_with_the_way_to_close_i
     async for _ in stream:
         break
     assert predictor.streaming
-    with pytest.raises(RuntimeError, match=r"streams its outputs: .* contextlib.aclosing"):
+    with pytest.raises(InUseError, match=r"streams its outputs: .* contextlib.aclosing"):
         await trainer(model).fit()
     await stream.aclose()
     assert not predictor.streaming
@@ -259,7 +259,7 @@ async def test_a_callback_serves_one_running_loop_unless_it_says_it_may_serve_ma
     first = trainer(Net(), schedule, count, name="first")
     second = trainer(Net(), count, schedule, name="second")
     async with paused(first):
-        with pytest.raises(RuntimeError, match=r"second cannot run: its callbacks\[1\] "
+        with pytest.raises(InUseError, match=r"second cannot run: its callbacks\[1\] "
                            r"\(LRSchedule\) serves first, which is running"):  # fmt: skip
             await second.fit()
         assert (await trainer(Net(), count).fit()).global_step == 6, "Count serves both"
@@ -283,9 +283,9 @@ async def test_data_read_from_one_position_serves_one_running_loop() -> None:
     reading = Predictor(Net(), stream, name="reading")
     async with paused(first), paused(reading):
         refused = "its data_loader is the one first reads, which is running, and it is a "
-        with pytest.raises(RuntimeError, match=refused + "DataLoader with persistent workers"):
+        with pytest.raises(InUseError, match=refused + "DataLoader with persistent workers"):
             await Predictor(Net(), persistent).fit()
-        with pytest.raises(RuntimeError, match=r"the one reading reads, .* an iterator"):
+        with pytest.raises(InUseError, match=r"the one reading reads, .* an iterator"):
             await Predictor(Net(), stream).fit()
         predicted = await Predictor(Net(), plain).fit()  # a loader without them is shared
         assert predicted.global_step == 4
@@ -306,7 +306,7 @@ async def test_a_validation_reads_the_training_data_between_epochs_only() -> Non
         )  # fmt: skip
 
     mid_epoch = with_validation(iter(batches(6)), 1, every_n_steps=2, every_n_epochs=None)
-    with pytest.raises(RuntimeError, match=r"its data_loader is the one trainer-.* reads"):
+    with pytest.raises(InUseError, match=r"its data_loader is the one trainer-.* reads"):
         await mid_epoch.fit()
     assert mid_epoch.state.global_step == 2
     dataset = TensorDataset(*batches(1)[0])
@@ -365,16 +365,16 @@ def test_predictors_share_a_model_only_in_eval_mode_on_one_device() -> None:
     cpu = torch.device("cpu")
     evaluating = claim(Loop("a"), model, cpu, trains=False, updates=False)
     try:
-        with pytest.raises(RuntimeError, match="b cannot run: a is predicting with its model"):
+        with pytest.raises(InUseError, match="b cannot run: a is predicting with its model"):
             claim(Loop("b"), model, torch.device("cuda", 0), trains=False, updates=False)
-        with pytest.raises(RuntimeError, match="c cannot run: a is predicting with its model"):
+        with pytest.raises(InUseError, match="c cannot run: a is predicting with its model"):
             claim(Loop("c"), model, cpu, trains=True, updates=False)
         claim(Loop("d"), model, cpu, trains=False, updates=False).release()
     finally:
         evaluating.release()
     sampling = claim(Loop("e"), model, cpu, trains=True, updates=False)
     try:
-        with pytest.raises(RuntimeError, match=r"e is predicting with, in train\(\) mode, its"):
+        with pytest.raises(InUseError, match=r"e is predicting with, in train\(\) mode, its"):
             claim(Loop("f"), model, cpu, trains=False, updates=False)
     finally:
         sampling.release()

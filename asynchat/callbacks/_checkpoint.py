@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import warnings
@@ -40,6 +41,8 @@ from asynchat._ranks import local_parts
 from asynchat._state import LoopState
 from asynchat._weights import plain_name
 from asynchat.callbacks._monitor import measured_at, misspelled
+
+_LOG = logging.getLogger("asynchat.checkpoint")
 
 
 class BackgroundWriter:
@@ -139,7 +142,10 @@ class Checkpoint(Callback):
 
     A run further back than the directory's newest checkpoint (a fresh run into a used
     directory, or one resumed from an older file) is refused at ``on_loop_begin``, before
-    training: its checkpoints would rank as older than the other run's and be pruned.
+    training: its checkpoints would rank as older than the other run's and be pruned. With
+    ``overwrite=True`` it removes the checkpoints further on than itself instead, once it
+    holds the directory's lock: a run that starts over never removes a live run's files
+    (``shutil.rmtree(save_dir)`` before a fresh run did, under a run still writing there).
 
     Retention: the newest checkpoint is always kept (so nothing is pruned before a newer one
     is safely written), plus the newest ``keep_last`` and the best ``keep_best`` by
@@ -169,6 +175,11 @@ class Checkpoint(Callback):
         keep_best: keep the best this many checkpoints by ``monitor`` (besides the newest).
         save_on_end: save when the loop ends normally, by ``stop()`` or by cancellation (not
             after an error), unless the last step was just saved.
+        overwrite: a run further back than the directory's newest checkpoint removes the
+            checkpoints further on than itself (a fresh run: every one; one resumed from an
+            older file: those after it), where it would be refused. Only once it holds the
+            directory: a live run's directory is refused all the same. The removal is
+            logged (``asynchat.checkpoint``, INFO).
     """
 
     every_rank = True
@@ -185,6 +196,7 @@ class Checkpoint(Callback):
         mode: Literal["min", "max"] = "min",
         keep_best: int = 1,
         save_on_end: bool = True,
+        overwrite: bool = False,
     ) -> None:
         check_path("save_dir", save_dir)
         positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -195,8 +207,9 @@ class Checkpoint(Callback):
         metric_name("monitor", monitor, allow_none=True)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(save_on_end, bool):
-            raise TypeError(f"save_on_end must be True or False, got {save_on_end!r}")
+        for name, flag in (("save_on_end", save_on_end), ("overwrite", overwrite)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if keep_last == 0 and (monitor is None or keep_best == 0):
             raise ValueError(
                 "keep_last=0 keeps no checkpoint unless monitor=... and keep_best >= 1 are given"
@@ -213,6 +226,7 @@ class Checkpoint(Callback):
         self.mode = mode
         self.keep_best = keep_best
         self.save_on_end = save_on_end
+        self.overwrite = overwrite
         self._writer = BackgroundWriter("asynchat-checkpoint-writer")
         self._lock = DirectoryLock(self.save_dir)
         self._entries: list[dict[str, Any]] = []
@@ -258,24 +272,45 @@ class Checkpoint(Callback):
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._entries = self._adopt(read_manifest(self.save_dir))
-        self._refuse_a_later_run(state)  # on_loop_end releases the lock
+        self._meet_a_later_run(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
 
-    def _refuse_a_later_run(self, state: LoopState) -> None:
+    def _meet_a_later_run(self, state: LoopState) -> None:
         """A run that does not continue the directory's newest checkpoint must not write
-        there: ranked by global step, its checkpoints would be pruned as older the moment
-        they were written (measured: a fresh 2-epoch run into a 5-epoch run's directory kept
-        none of its own), and the same step's file of the other run would be overwritten."""
+        there beside the checkpoints further on: ranked by global step, its own would be
+        pruned as older the moment they were written (measured: a fresh 2-epoch run into a
+        5-epoch run's directory kept none of its own), and the same step's file of the
+        other run would be overwritten. Refused, or with ``overwrite`` those removed."""
         later = [e for e in self._entries if e["global_step"] > state.global_step]
-        if later:
-            newest = later[-1]
-            raise CheckpointError(
-                f"Checkpoint(save_dir={str(self.save_dir)!r}): the directory holds checkpoints "
-                f"of a run further on than this one ({newest['file']}, global step "
-                f"{newest['global_step']}; this run is at {state.global_step}). Resume from "
-                "it (resume_from=save_dir), save into another directory, or remove them"
-            )
+        if not later:
+            return
+        if self.overwrite:
+            self._remove_entries(later)
+            return
+        newest = later[-1]
+        raise CheckpointError(
+            f"Checkpoint(save_dir={str(self.save_dir)!r}): the directory holds checkpoints "
+            f"of a run further on than this one ({newest['file']}, global step "
+            f"{newest['global_step']}; this run is at {state.global_step}). Resume from "
+            "it (resume_from=save_dir), save into another directory, or pass overwrite=True "
+            "to remove them"
+        )
+
+    def _remove_entries(self, removed: list[dict[str, Any]]) -> None:
+        """Remove the checkpoints ``removed``: first from the manifest, then their files (a
+        crash in between leaves files the next run adopts, never a manifest that lists
+        files that are gone)."""
+        kept = [e for e in self._entries if not any(e is r for r in removed)]
+        write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
+        self._entries = kept
+        for entry in removed:
+            remove(self.save_dir / entry["file"])
+        _LOG.info(
+            "Checkpoint(save_dir=%r, overwrite=True): removed %d checkpoint(s) of a run "
+            "further on than this one (%s to %s)",
+            str(self.save_dir), len(removed), removed[0]["file"], removed[-1]["file"],
+        )  # fmt: skip
 
     def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The manifest's entries plus checkpoint files a crash kept out of it (so that they

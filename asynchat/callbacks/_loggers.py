@@ -21,6 +21,7 @@ from asynchat._callback import Callback
 from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_write, finite
 from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, text
+from asynchat._errors import InUseError
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 from asynchat._transfer import HostCopy
@@ -81,7 +82,7 @@ class ScalarLogger(Callback):
             in_use="two runs logging there would mix their lines, and a resumed one drops "
             "what is logged after its checkpoint's step, the other run's lines too. Give "
             "each run a log of its own",
-            error=RuntimeError,
+            refused=InUseError, error=RuntimeError,
         )  # fmt: skip
         lock.acquire()
         return lock
