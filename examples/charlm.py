@@ -27,7 +27,6 @@ schedule and its own gradient clipping.
 from __future__ import annotations
 
 import os
-import shutil
 
 # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the engine's
 # compute thread keeps the cores (on 2 CPU cores a step costs up to 20% less; see
@@ -313,8 +312,6 @@ def make_trainer(
     train, val, _ = loaders(corpus, run)
     config = Config(len(corpus.vocab), run.block, run.layers, max(1, run.width // 32), run.width)
     checkpoints = out / "checkpoints"
-    if not resume and checkpoints.exists():  # a run that starts over replaces the last one's
-        shutil.rmtree(checkpoints)
     processor, optimizer = step_setup(run, step, muon)
     schedule = cosine(run.steps - run.warmup, min_lr=run.lr / 10)
     names = list(optimizer) if isinstance(optimizer, dict) else [None]  # (one each)
@@ -334,7 +331,8 @@ def make_trainer(
                        loss_fn=next_char_loss),
             sampler := SampleText(corpus, run.eval_every),
             PublishSamples(sampler),
-            Checkpoint(checkpoints, every_n_steps=run.eval_every, keep_last=1, monitor="val/loss"),
+            Checkpoint(checkpoints, every_n_steps=run.eval_every, keep_last=1, monitor="val/loss",
+                       overwrite=not resume),  # (a run that starts over replaces the last one's)
             *((Progress(every_n_steps=run.eval_every),) if progress else ()),
         ],
     )  # fmt: skip

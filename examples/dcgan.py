@@ -17,7 +17,6 @@ Without it a run starts over, and removes the last run's checkpoints first.
 from __future__ import annotations
 
 import os
-import shutil
 
 # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the engine's
 # compute thread keeps the cores (on 2 CPU cores a step costs up to 20% less; see
@@ -186,8 +185,6 @@ def make_trainer(
 ) -> Trainer:
     torch.manual_seed(0)
     checkpoints = out / "checkpoints"
-    if not resume and checkpoints.exists():  # a run that starts over replaces the last one's
-        shutil.rmtree(checkpoints)
     on_gpu = (
         torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     )
@@ -206,7 +203,7 @@ def make_trainer(
             GradClip(10.0, optimizer="d"),  # only the discriminator's updates are clipped
             LossMonitor(every_n_steps=10),
             SampleGrid(out / "samples"),
-            Checkpoint(checkpoints, every_n_epochs=1, keep_last=2, save_on_end=True),
+            Checkpoint(checkpoints, every_n_epochs=1, keep_last=2, overwrite=not resume),
             *((Progress(every_n_steps=100),) if progress else ()),
         ],
     )

@@ -7,14 +7,13 @@ validation accuracy after every epoch (a Predictor run between epochs), a cosine
 rate schedule with warmup, progress (a bar on a terminal, plain lines otherwise), TensorBoard
 logs in ``<out>/tb``, and checkpoints in ``<out>/checkpoints`` written in the background,
 keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint;
-without it a run starts over and first removes the last run's checkpoints (the Checkpoint
-callback refuses a directory holding a run further on than its own).
+without it a run starts over, and its checkpoints replace the last run's
+(``Checkpoint(overwrite=True)``: never those of a run still writing there, which is refused).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 # Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning, so the engine's
 # compute thread keeps the cores (on 2 CPU cores a step costs up to 20% less; see
@@ -34,7 +33,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asynchat import Trainer
+from asynchat import AsynchatError, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     LRSchedule,
@@ -45,6 +44,7 @@ from asynchat.callbacks import (
     cosine,
     find_checkpoint,
     load_checkpoint,
+    resumable,
 )
 
 
@@ -85,9 +85,8 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
     torch.manual_seed(0)
     train_loader, val_loader = digits_loaders()
     checkpoints = out / "checkpoints"
-    if not resume and checkpoints.exists():
-        print(f"starting over: removing the last run's checkpoints in {checkpoints}")
-        shutil.rmtree(checkpoints)
+    if not resume and resumable(checkpoints) is not None:
+        print(f"starting over: this run's checkpoints replace those in {checkpoints}")
     trainer = Trainer(
         make_model(),
         train_loader,
@@ -102,7 +101,12 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
             ),
             StatsMonitor(every_n_steps=len(train_loader)),
             Checkpoint(
-                checkpoints, every_n_epochs=1, keep_last=2, monitor="val/accuracy", mode="max"
+                checkpoints,
+                every_n_epochs=1,
+                keep_last=2,
+                monitor="val/accuracy",
+                mode="max",
+                overwrite=not resume,
             ),
             TensorBoardLogger(out / "tb", every_n_steps=10),
             Progress(),
@@ -146,8 +150,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"argument --out: cannot create {args.out}: {exc.strerror}")
-    accuracy = anyio.run(train, args.epochs, args.out, args.resume)
     checkpoints = args.out / "checkpoints"
+    try:
+        if args.resume and resumable(checkpoints) is None:
+            parser.error(f"argument --resume: no checkpoint in {checkpoints} to continue from")
+        accuracy = anyio.run(train, args.epochs, args.out, args.resume)
+    except* AsynchatError as refused:  # (a directory in use, say): its message says why
+        parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
     try:
         print(f"best validation accuracy: {accuracy:.4f} (checkpoints in {checkpoints})")
     except BrokenPipeError:  # the reader left (`| head`): the run is done and saved all the same

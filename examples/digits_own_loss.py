@@ -12,7 +12,6 @@ dict (``select=``). Checkpoints of the most accurate epochs go to ``<out>/checkp
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (see digits.py)
@@ -76,7 +75,6 @@ async def train(epochs: int = 8, out: Path = Path("runs/digits-own-loss")) -> fl
     train_loader = DataLoader(AsDicts(pairs.dataset), 32, shuffle=True, generator=generator)
     val_loader = DataLoader(AsDicts(val_pairs.dataset), batch_size=256)
     checkpoints = out / "checkpoints"
-    shutil.rmtree(checkpoints, ignore_errors=True)  # (a new run each time)
     accuracy = torchmetrics.classification.MulticlassAccuracy(10, average="micro")
     trainer = Trainer(
         DigitClassifier(),
@@ -90,7 +88,8 @@ async def train(epochs: int = 8, out: Path = Path("runs/digits-own-loss")) -> fl
                 loss_fn=model_loss,
             ),
             Checkpoint(
-                checkpoints, every_n_epochs=1, keep_last=2, monitor="val/accuracy", mode="max"
+                checkpoints, every_n_epochs=1, keep_last=2, monitor="val/accuracy", mode="max",
+                overwrite=True,  # (a new run each time: the last run's checkpoints give way)
             ),
             Progress(),
         ],

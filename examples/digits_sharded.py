@@ -21,7 +21,6 @@ same accuracy as the last validation.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (see digits.py)
@@ -74,7 +73,7 @@ async def train_rank(rank: int, world_size: int, epochs: int, out: str, resume: 
         resume_from=checkpoints if resume else None,
         callbacks=[
             validation(own_share(val_loader, rank, world_size)),
-            Checkpoint(checkpoints, every_n_epochs=1, keep_last=2),
+            Checkpoint(checkpoints, every_n_epochs=1, keep_last=2, overwrite=not resume),
             Progress(),
         ],
     )
@@ -103,10 +102,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/digits-sharded"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     args = parser.parse_args()
-    checkpoints = args.out / "checkpoints"
-    if not args.resume and checkpoints.exists():
-        print(f"starting over: removing the last run's checkpoints in {checkpoints}")
-        shutil.rmtree(checkpoints)
     launch(train_rank, nprocs=args.ranks, args=(args.epochs, str(args.out), args.resume))
 
 

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
-from conftest import load_example
+from conftest import load_example, start_lock_holder
 
 
 @pytest.mark.slow
@@ -77,3 +78,35 @@ def test_the_examples_name_a_bad_argument(script: str, arguments: list[str], err
     )
     assert done.returncode == 2 and error in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_the_demo_started_over_leaves_a_live_runs_checkpoints_and_says_why(
+    tmp_path: Path,
+) -> None:
+    # Regression: the demo started over with shutil.rmtree(<out>/checkpoints), so a second
+    # `digits.py` on the --out of a run still training removed that run's checkpoints (it
+    # made the directory again, with a warning, and saved on from there). And a refusal,
+    # or --resume with nothing to resume, ended in a traceback of some forty lines.
+    demo = Path(__file__).parents[1] / "examples" / "digits.py"
+    command = [sys.executable, str(demo), "--epochs", "1", "--out", str(tmp_path)]
+    nothing = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2, nothing.stderr[-2000:]
+    assert nothing.stderr.endswith(
+        f"error: argument --resume: no checkpoint in {tmp_path / 'checkpoints'} to continue from\n"
+    )
+    anyio.run(load_example("digits.py").train, 2, tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    before = {p.name: p.read_bytes() for p in checkpoints.glob("step-*.ckpt")}
+    assert sorted(before) == ["step-000000045.ckpt", "step-000000090.ckpt"]
+    with start_lock_holder(checkpoints) as live:  # the lock of a run still writing there
+        try:
+            again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        finally:
+            live.kill()
+    assert {p.name: p.read_bytes() for p in checkpoints.glob("step-*.ckpt")} == before
+    assert again.returncode == 1, again.stderr[-2000:]
+    assert again.stderr.startswith(
+        f"digits.py: error: save_dir={str(checkpoints)!r} is in use by another live "
+        f"Checkpoint writer (pid {live.pid} on "
+    ), again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
