@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from asynchat import (
+    AsynchatError,
     BasicBatchProcessor,
     BatchProcessor,
     Callback,
@@ -404,7 +405,10 @@ def main() -> None:
     if args.width % 32:
         parser.error(f"argument --width: must be a multiple of 32 (heads of 32), got {args.width}")
     run = Run(steps=args.steps, layers=args.layers, width=args.width, eval_every=args.eval_every)
-    anyio.run(main_async, run, args.out, args.resume, args.step or "eager", args.muon)
+    try:
+        anyio.run(main_async, run, args.out, args.resume, args.step or "eager", args.muon)
+    except* AsynchatError as refused:  # (its --out in use by another run, say)
+        parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,16 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from asynchat import BatchProcessor, Callback, LoopState, Phase, Predictor, RunPhase, Trainer
+from asynchat import (
+    AsynchatError,
+    BatchProcessor,
+    Callback,
+    LoopState,
+    Phase,
+    Predictor,
+    RunPhase,
+    Trainer,
+)
 from asynchat.callbacks import Checkpoint, GradClip, LossMonitor, Progress
 
 LATENT = 32  # size of the generator's input noise
@@ -225,7 +234,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error(f"argument --epochs: must be a positive integer, got {args.epochs}")
-    state = anyio.run(train, args.epochs, args.out, args.resume)
+    try:
+        state = anyio.run(train, args.epochs, args.out, args.resume)
+    except* AsynchatError as refused:  # (its --out in use by another run, say)
+        parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
     metrics = {k: round(v, 3) for k, v in state.metrics.items() if k.startswith("train/")}
     print(f"done at step {state.global_step}: {metrics}; samples in {args.out / 'samples'}")
 

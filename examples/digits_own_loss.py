@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import digits_loaders, make_model, positive_int  # the one-process demo's
 
-from asynchat import LoopState, Trainer, model_loss
+from asynchat import AsynchatError, LoopState, Trainer, model_loss
 from asynchat.callbacks import Checkpoint, Progress, Validation
 
 
@@ -109,7 +109,10 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"argument --out: cannot create {args.out}: {exc.strerror}")
-    accuracy = anyio.run(train, args.epochs, args.out)
+    try:
+        accuracy = anyio.run(train, args.epochs, args.out)
+    except* AsynchatError as refused:  # (its --out in use by another run, say)
+        parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
     print(f"validation accuracy: {accuracy:.4f} (checkpoints in {args.out / 'checkpoints'})")
 
 
