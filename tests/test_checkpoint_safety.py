@@ -546,6 +546,25 @@ async def test_a_second_writer_in_the_same_process_is_refused_before_training(
     assert (await resumed.fit()).global_step == 5  # released at the end of the first run
 
 
+@pytest.mark.anyio
+async def test_two_checkpoints_of_one_loop_on_one_directory_are_named_as_such(
+    tmp_path: Path,
+) -> None:
+    # One Checkpoint to save every 2 steps and another each epoch, into one directory: the
+    # second was refused as "in use by another live Checkpoint writer ... two runs sharing a
+    # directory", naming this process, as if another run held it.
+    twins = make_trainer(
+        Checkpoint(tmp_path, every_n_steps=2), Checkpoint(f"{tmp_path}/.", every_n_epochs=1)
+    )
+    twin = r"two Checkpoint callbacks save into save_dir=.* One Checkpoint takes every_n_steps"
+    with pytest.raises(ValueError, match=twin):
+        await twins.fit()
+    assert twins.state.global_step == 0 and not list(tmp_path.iterdir())
+    both = make_trainer(Checkpoint(tmp_path, every_n_steps=4, every_n_epochs=1, keep_last=None))
+    assert (await both.fit()).global_step == 18
+    assert steps_on_disk(tmp_path) == [4, 6, 8, 12, 16, 18]
+
+
 def test_a_forked_data_worker_does_not_keep_the_lock_of_a_finished_run(tmp_path: Path) -> None:
     # DataLoader workers forked while the lock was held shared its open file; kept alive by
     # persistent_workers, they held the flock after the run released it, and the next run

@@ -125,7 +125,8 @@ class Checkpoint(Callback):
 
     The directory belongs to one run at a time: a second live writer (another trainer, or
     another process) is refused at ``on_loop_begin``, before training, with an error naming
-    the directory; the lock of a process that died is taken over. Each write first checks
+    the directory (two Checkpoints of one loop there, with a ``ValueError``: one takes
+    ``every_n_steps`` and ``every_n_epochs`` together); the lock of a process that died is taken over. Each write first checks
     that the lock is still this run's (its file removed by hand is taken again, with a
     warning; taken by another writer, the write fails with a ``CheckpointError``). Only
     files this callback names (``step-*.ckpt``) are ever deleted, never anything a manifest
@@ -261,6 +262,7 @@ class Checkpoint(Callback):
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
+        self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
         try:
@@ -275,6 +277,20 @@ class Checkpoint(Callback):
         self._meet_a_later_run(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
+
+    def _refuse_a_twin(self, state: LoopState) -> None:
+        """Two Checkpoints of one loop on one directory (one to save every n steps, one
+        every epoch) were refused as if another run held it."""
+        here = self.save_dir.resolve()
+        if any(
+            isinstance(c, Checkpoint) and c is not self and c.save_dir.resolve() == here
+            for c in state.loop.callbacks
+        ):
+            raise ValueError(
+                f"two Checkpoint callbacks save into save_dir={str(self.save_dir)!r}: each "
+                "would prune the other's checkpoints. One Checkpoint takes every_n_steps and "
+                "every_n_epochs together; or give each its own save_dir"
+            )
 
     def _meet_a_later_run(self, state: LoopState) -> None:
         """A run that does not continue the directory's newest checkpoint must not write
