@@ -206,12 +206,12 @@ def claim(
     reading: Callable[[], bool] = lambda: False,
     collective: bool = False,
 ) -> Claim:
-    """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise :class:`InUseError`
-    if a running loop uses the model (or part of it) in a way this run cannot share, one of
-    the callbacks (unless the callback is ``shared_across_loops``), or the data, where its
-    readers share one position (an iterator; a DataLoader with persistent workers): a loop
-    inside the one reading it may read it only between that one's epochs (``reading``: whether
-    ``loop`` is in an epoch's reading now).
+    """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise
+    :class:`InUseError` if a running loop uses the model (or part of it) in a way this run
+    cannot share, one of the callbacks (unless the callback is ``shared_across_loops``), or
+    the data, where its readers share one position (an iterator; a DataLoader with
+    persistent workers): a loop inside the one reading it may read it only between that
+    one's epochs (``reading``: whether ``loop`` is in an epoch's reading now).
 
     ``collective``: the loop steps with the other ranks of the process group (a
     distributed trainer); two such loops cannot run at once, unless one inside the other.

@@ -126,11 +126,11 @@ class Checkpoint(Callback):
     The directory belongs to one run at a time: a second live writer (another trainer, or
     another process) is refused at ``on_loop_begin``, before training, with an error naming
     the directory (two Checkpoints of one loop there, with a ``ValueError``: one takes
-    ``every_n_steps`` and ``every_n_epochs`` together); the lock of a process that died is taken over. Each write first checks
-    that the lock is still this run's (its file removed by hand is taken again, with a
-    warning; taken by another writer, the write fails with a ``CheckpointError``). Only
-    files this callback names (``step-*.ckpt``) are ever deleted, never anything a manifest
-    points to elsewhere.
+    ``every_n_steps`` and ``every_n_epochs`` together); the lock of a process that died is
+    taken over. Each write first checks that the lock is still this run's (its file removed
+    by hand is taken again, with a warning; taken by another writer, the write fails with a
+    ``CheckpointError``). Only files this callback names (``step-*.ckpt``) are ever deleted,
+    never anything a manifest points to elsewhere.
 
     Its hooks run after every other callback's at each phase (``runs_last``), wherever it
     is listed: a step's checkpoint holds what the step's other hooks did (a Validation's
