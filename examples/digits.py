@@ -7,8 +7,8 @@ validation accuracy after every epoch (a Predictor run between epochs), a cosine
 rate schedule with warmup, progress (a bar on a terminal, plain lines otherwise), TensorBoard
 logs in ``<out>/tb``, and checkpoints in ``<out>/checkpoints`` written in the background,
 keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint;
-without it a run starts over, and its checkpoints replace the last run's
-(``Checkpoint(overwrite=True)``: never those of a run still writing there, which is refused).
+without it a run starts over, and its checkpoints and TensorBoard curves replace the last
+run's (``overwrite=True``: never those of a run still writing there, which is refused).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
     train_loader, val_loader = digits_loaders()
     checkpoints = out / "checkpoints"
     if not resume and resumable(checkpoints) is not None:
-        print(f"starting over: this run's checkpoints replace those in {checkpoints}")
+        print(f"starting over: this run's checkpoints and logs replace those in {out}")
     trainer = Trainer(
         make_model(),
         train_loader,
@@ -108,7 +108,7 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
                 mode="max",
                 overwrite=not resume,
             ),
-            TensorBoardLogger(out / "tb", every_n_steps=10),
+            TensorBoardLogger(out / "tb", every_n_steps=10, overwrite=not resume),
             Progress(),
         ],
     )

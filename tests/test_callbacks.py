@@ -746,6 +746,34 @@ async def test_tensorboard_event_files_hold_the_scalars(tmp_path: Path) -> None:
     assert val[-1].value == pytest.approx(record.epochs[-1]["val/loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["appended", "overwritten"])
+async def test_a_fresh_run_appends_to_its_logs_or_with_overwrite_begins_them_anew(
+    tmp_path: Path, overwrite: bool
+) -> None:
+    # A run started over (examples/digits.py without --resume) replaced its checkpoints and
+    # logged beside the last run: the JSON lines of both runs in one file, and in
+    # TensorBoard the last run's validation curve under the new run's loss.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, log_dir = tmp_path / "train.jsonl", tmp_path / "tb"
+
+    def run(*callbacks: Callback, epochs: int) -> Trainer:
+        return make_trainer(
+            *callbacks, JSONLinesLogger(path, every_n_steps=3, overwrite=overwrite),
+            TensorBoardLogger(log_dir, every_n_steps=3, overwrite=overwrite), num_epochs=epochs,
+        )  # fmt: skip
+
+    await run(Validation(make_loader(32, 16), loss_fn=nn.CrossEntropyLoss()), epochs=2).fit()
+    await run(epochs=1).fit()
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == ([3, 6] if overwrite else [3, 6, 6, 9, 12, 12, 3, 6])  # (val/loss: 6, 12)
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    losses = [e.step for e in events.Scalars("train/loss")]
+    assert losses == ([3, 6] if overwrite else [3, 6, 9, 12, 3, 6])
+    assert [e.step for e in events.Scalars("val/loss")] == ([] if overwrite else [6, 12])
+
+
 async def test_json_lines_logger(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "train.jsonl"
     await make_trainer(JSONLinesLogger(path, every_n_steps=3), num_epochs=1).fit()

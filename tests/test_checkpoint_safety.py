@@ -1061,20 +1061,23 @@ def test_a_second_live_logger_on_one_log_is_refused_and_the_first_logs_on(
 ) -> None:
     # Two runs given one log wrote their lines into it interleaved, each indistinguishable
     # from the other's, and a resumed one dropped the other's lines after its checkpoint
-    # step. The checkpoints of both may share the log's directory.
+    # step. The checkpoints of both may share the log's directory. The second run, begun
+    # anew with overwrite=True, drops nothing of the live run's.
     where = tmp_path / ("log.jsonl" if kind == "jsonl" else "tb")
 
-    def logger() -> Callback:
+    def logger(overwrite: bool = False) -> Callback:
         if kind == "jsonl":
-            return JSONLinesLogger(where, every_n_steps=1)
-        return TensorBoardLogger(where, every_n_steps=1)
+            return JSONLinesLogger(where, every_n_steps=1, overwrite=overwrite)
+        return TensorBoardLogger(where, every_n_steps=1, overwrite=overwrite)
 
     refused: list[BaseException] = []
 
     class SecondRun(Callback):
         async def on_step_end(self, state: LoopState) -> None:
             if state.global_step == 2:
-                second = make_trainer(logger(), Checkpoint(tmp_path / "second"), num_steps=2)
+                second = make_trainer(
+                    logger(overwrite=True), Checkpoint(tmp_path / "second"), num_steps=2
+                )
                 try:
                     await second.fit()
                 except InUseError as exc:
@@ -1088,8 +1091,13 @@ def test_a_second_live_logger_on_one_log_is_refused_and_the_first_logs_on(
     assert f"live logger (pid {os.getpid()} on " in str(exc)
     assert "Give each run a log of its own" in str(exc)
     if kind == "jsonl":  # the first run's lines only, one per step
-        assert [json.loads(line)["step"] for line in where.read_text().splitlines()] == [
-            1, 2, 3, 4, 5, 6,
-        ]  # fmt: skip
+        steps = [json.loads(line)["step"] for line in where.read_text().splitlines()]
+    else:  # (and no purge of them by the second)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(where))
+        events.Reload()
+        steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
     assert not list((tmp_path / "second").glob("step-*.ckpt")), "refused before a step"
     train(tmp_path / "after", logger())  # the first run has ended: its log is free

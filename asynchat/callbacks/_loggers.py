@@ -306,9 +306,20 @@ class _FileLogger(ScalarLogger):
     0 by the subclass, which also says how to begin anew where it was removed), written out
     at each epoch's end and checkpoint."""
 
-    def __init__(self, *, every_n_steps: int, prefix: str) -> None:
+    def __init__(self, *, every_n_steps: int, prefix: str, overwrite: bool) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+        self.overwrite = overwrite
         self._log: _LogFile | None = None
+
+    def _logged_again_from(self, state: LoopState) -> int | None:
+        """The first step whose values this run logs again, so that what the log holds of
+        it and later steps goes: a resumed run's first step; with ``overwrite``, a fresh
+        run's step 0 (all of it); otherwise, for a fresh run, none (it appends)."""
+        if state.global_step:
+            return state.global_step + 1
+        return 0 if self.overwrite else None
 
     def _output_removed(self) -> bool:
         return self._log is not None and self._log.removed()
@@ -340,16 +351,23 @@ class TensorBoardLogger(_FileLogger):
     of 8 KiB, and at each epoch's end and checkpoint; a write that fails, on a full disk,
     does not end the training: see there), in TensorBoard's format (needs the
     ``tensorboard`` package). A resumed run's event file makes TensorBoard drop what the
-    earlier files hold for the steps it logs again.
+    earlier files hold for the steps it logs again; with ``overwrite=True`` a fresh run's
+    makes it drop every step of the earlier runs there (once the log is this run's: never
+    a live run's). Without it, a fresh run's values are shown beside the earlier runs'.
     """
 
     def __init__(
-        self, log_dir: str | os.PathLike[str], *, every_n_steps: int = 10, prefix: str = "train/"
+        self,
+        log_dir: str | os.PathLike[str],
+        *,
+        every_n_steps: int = 10,
+        prefix: str = "train/",
+        overwrite: bool = False,
     ) -> None:
         check_path("log_dir", log_dir)
         if os.path.exists(log_dir) and not os.path.isdir(log_dir):
             raise ValueError(f"log_dir={os.fspath(log_dir)!r} is a file, not a directory")
-        super().__init__(every_n_steps=every_n_steps, prefix=prefix)
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix, overwrite=overwrite)
         self.log_dir = Path(log_dir)
 
     def on_loop_begin(self, state: LoopState) -> None:
@@ -357,9 +375,9 @@ class TensorBoardLogger(_FileLogger):
         if state.loop.is_rank_zero:
             self._held = self._lock(self.log_dir, _LOG_LOCK, f"log_dir={str(self.log_dir)!r}")
             self._log = _LogFile(self._event_file(), self._held.subject)
-            # Resumed (from a checkpoint at global_step): TensorBoard drops what the event
-            # files hold for later steps, which this run logs again.
-            self._begin(purge=state.global_step + 1 if state.global_step else None)
+            # Resumed (from a checkpoint at global_step), or begun anew: TensorBoard drops
+            # what the event files hold for the steps this run logs again.
+            self._begin(purge=self._logged_again_from(state))
 
     def _event_file(self) -> Path:
         """A new event file's path. TensorBoard reads a directory's files in the order of
@@ -413,7 +431,8 @@ class JSONLinesLogger(_FileLogger):
     refuse Python's ``NaN``; :class:`TensorBoardLogger` keeps them). A line a
     killed process left half-written is dropped when the next run opens the file; a
     resumed run drops the lines of steps after its checkpoint's (see
-    :class:`ScalarLogger`).
+    :class:`ScalarLogger`). A fresh run appends, or with ``overwrite=True`` drops every
+    line of a step first (once the log is this run's: never a live run's lines).
 
     Lines are written in chunks of 8 KiB, and at each epoch's end and checkpoint, from the
     compute thread (a write into the operating system's cache). A write that fails (a full
@@ -429,7 +448,12 @@ class JSONLinesLogger(_FileLogger):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, every_n_steps: int = 10, prefix: str = "train/"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        every_n_steps: int = 10,
+        prefix: str = "train/",
+        overwrite: bool = False,
     ) -> None:
         check_path("path", path)
         if os.path.isdir(path):
@@ -437,7 +461,7 @@ class JSONLinesLogger(_FileLogger):
                 f"path={os.fspath(path)!r} is a directory: the log is one file (such as "
                 f"{os.path.join(os.fspath(path), 'log.jsonl')!r})"
             )
-        super().__init__(every_n_steps=every_n_steps, prefix=prefix)
+        super().__init__(every_n_steps=every_n_steps, prefix=prefix, overwrite=overwrite)
         self.path = Path(path)
         self._stream = False  # (decided at each loop's begin)
 
@@ -452,7 +476,7 @@ class JSONLinesLogger(_FileLogger):
             return
         self._held = self._lock(self.path.parent, f".{self.path.name}.lock", subject)
         if self.path.exists():
-            _trim(self.path, after=state.global_step if state.global_step else None)
+            _trim(self.path, dropped_from=self._logged_again_from(state))
         self._log = _LogFile(self.path, self._held.subject)
 
     def _is_stream(self) -> bool:
@@ -481,9 +505,10 @@ class JSONLinesLogger(_FileLogger):
 _STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
 
 
-def _trim(path: Path, *, after: int | None) -> None:
+def _trim(path: Path, *, dropped_from: int | None) -> None:
     """Drop a last line without its newline (a write cut short by a kill) and, with
-    ``after``, the lines of later steps; rewritten atomically, only if anything goes.
+    ``dropped_from``, the lines of that step and later; rewritten atomically, only if
+    anything goes.
 
     A log that is a link (to a shared disk, say) is rewritten where it points, and stays a
     link: before, the link was replaced by a file of its own, and the file it pointed to got
@@ -491,17 +516,18 @@ def _trim(path: Path, *, after: int | None) -> None:
     path = path.resolve()
     with path.open("rb") as file:
         lines = file.read().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith(b"\n") and not _later(line, after)]
+    kept = [line for line in lines if line.endswith(b"\n") and not _dropped(line, dropped_from)]
     if len(kept) < len(lines):
         atomic_write(path, b"".join(kept))
 
 
-def _later(line: bytes, after: int | None) -> bool:
-    """Whether ``line`` logs a step after ``after`` (a line that is not such a log stays)."""
-    if after is None:
+def _dropped(line: bytes, dropped_from: int | None) -> bool:
+    """Whether ``line`` logs step ``dropped_from`` or a later one (a line that is not such a
+    log stays)."""
+    if dropped_from is None:
         return False
     try:
         step = json.loads(line).get("step")
     except (ValueError, AttributeError, RecursionError):
         return False
-    return isinstance(step, int) and step > after
+    return isinstance(step, int) and step >= dropped_from
