@@ -1,5 +1,5 @@
 """examples/digits_sharded.py, run as its user runs it: FSDP over 2 processes, then a
-Predictor over the sharded model, then a resume on 1 process."""
+Predictor over the sharded model, then a resume on 1 process, then a run started over."""
 
 from __future__ import annotations
 
@@ -42,3 +42,9 @@ def test_the_sharded_digits_example_trains_predicts_and_resumes_on_fewer_ranks(
     )
     assert "epoch 5/5 done, step 137" in printed and "epoch 4/5" not in printed
     assert predicted == validated >= 0.9
+    # Started over: its sharded checkpoints replace those (before, a shutil.rmtree did, even
+    # under a run still writing there).
+    run("--ranks", "2", "--epochs", "1", "--out", str(tmp_path))
+    assert sorted((tmp_path / "checkpoints").glob("[!.]*")) == [
+        tmp_path / "checkpoints" / name for name in ["manifest.json", "step-000000023.dcp"]
+    ]
