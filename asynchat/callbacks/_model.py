@@ -164,13 +164,14 @@ class GradClip(Callback):
             self.last_norm = torch.nn.utils.clip_grad_norm_(
                 params, self.max_norm, norm_type=self.norm_type
             )
-        except NotImplementedError as exc:  # (torch takes no norm of a sparse gradient)
+        except NotImplementedError as exc:  # (torch before 2.14: no norm of a sparse tensor)
             if any(p.grad is not None and p.grad.is_sparse for p in params):
                 name = state.optimizer_name
                 raise ValueError(
                     f"GradClip: the optimizer {name!r} ({type(optimizer).__name__}) has sparse "
-                    "gradients (an nn.Embedding(sparse=True)), whose norm torch does not take: "
-                    "clip only the others, GradClip(max_norm, optimizer='<a dense one>')"
+                    "gradients (an nn.Embedding(sparse=True)), whose norm this torch does not "
+                    f"take ({torch.__version__}; 2.14 does): clip only the others, "
+                    "GradClip(max_norm, optimizer='<a dense one>')"
                 ) from exc
             raise
 
