@@ -594,14 +594,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]
     return read_checkpoint(path, "path")
 
 
-def read_checkpoint(path: str | os.PathLike[str], argument: str) -> tuple[dict[str, Any], Path]:
+def read_checkpoint(
+    path: str | os.PathLike[str], argument: str, *, damaged: list[Path] | None = None
+) -> tuple[dict[str, Any], Path]:
     """:func:`load_checkpoint`, its errors naming the ``argument`` that gave the path
-    (``resume_from``, ``checkpoint``)."""
+    (``resume_from``, ``checkpoint``). From a directory, the newer checkpoints it tried
+    first and found damaged (or gone) are added to ``damaged``."""
     check_path(argument, path)
     path = Path(path)
     one_sharded = is_sharded(path.name) and (path / EXTRAS).is_file()
     if path.is_dir() and not one_sharded:
-        return _load_newest(path, argument)
+        return _load_newest(path, argument, damaged)
     if not path.exists():
         raise CheckpointError(f"{argument}={str(path)!r}: no such file or directory")
     return _load_file(path, _expected_digest(path)), path
@@ -711,7 +714,9 @@ def _expected_digest(path: Path) -> str | None:
     return None
 
 
-def _load_newest(directory: Path, argument: str) -> tuple[dict[str, Any], Path]:
+def _load_newest(
+    directory: Path, argument: str, damaged: list[Path] | None = None
+) -> tuple[dict[str, Any], Path]:
     digests = {e["file"]: e.get("sha256") for e in read_manifest(directory)}
     # Newest first. Files not in the manifest were written before a crash reached it; names
     # the manifest lists but that are gone are reported when tried.
@@ -729,6 +734,8 @@ def _load_newest(directory: Path, argument: str) -> tuple[dict[str, Any], Path]:
             return _load_file(file, digests.get(name)), file
         except CheckpointError as exc:
             problems.append(str(exc))
+            if damaged is not None:
+                damaged.append(file)
             warnings.warn(f"{exc}; trying an older checkpoint", CheckpointWarning, stacklevel=3)
     tried = "; ".join(problems) if problems else "it holds no checkpoint"
     raise CheckpointError(f"{argument}={str(directory)!r}: no valid checkpoint ({tried})")

@@ -45,6 +45,15 @@ class LoopHandle(Protocol):
     def paused_s(self) -> float: ...
 
     @property
+    def resumed_from(self) -> Path | None:
+        """The checkpoint file this run resumed from (None: it began afresh)."""
+
+    @property
+    def damaged_at_resume(self) -> tuple[Path, ...]:
+        """The newer checkpoints of the ``resume_from`` directory that the resume tried first
+        and found damaged (or gone), newest first."""
+
+    @property
     def rank(self) -> int: ...
 
     @property

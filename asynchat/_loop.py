@@ -136,10 +136,7 @@ class LoopBase(PipeBase):
         super().__init__(callbacks)
         model = as_module(model)
         _check_arguments(model, data_loader, batch_processor, num_epochs, num_steps, prefetch)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, got {name!r}")
-        if name is not None and not name.strip():
-            raise ValueError(f"name must not be blank (it leads every log line), got {name!r}")
+        _check_name(name)
         if resume_from is not None:
             check_path("resume_from", resume_from)
         self.model = model
@@ -151,6 +148,7 @@ class LoopBase(PipeBase):
         self.name = name if name is not None else f"{type(self).__name__.lower()}-{next(_names)}"
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.resumed_from: Path | None = None  # the checkpoint file actually loaded
+        self.damaged_at_resume: tuple[Path, ...] = ()  # newer ones it was loaded instead of
         self.state = LoopState(
             loop=self, model=model, optimizer=None, device=self.device, training=self.training,
             num_epochs=num_epochs, num_steps=num_steps, steps_per_epoch=data_length(data_loader),
@@ -577,7 +575,11 @@ class LoopBase(PipeBase):
         self._configure()
         self.batch_processor.setup(self)
         if self.resume_from is not None:
-            checkpoint, self.resumed_from = read_checkpoint(self.resume_from, "resume_from")
+            damaged: list[Path] = []
+            checkpoint, self.resumed_from = read_checkpoint(
+                self.resume_from, "resume_from", damaged=damaged
+            )
+            self.damaged_at_resume = tuple(damaged)
             try:
                 self.load_state_dict(checkpoint)
             except Exception as exc:  # a model or optimizer that does not fit it
@@ -709,6 +711,13 @@ def as_module(model: Models) -> torch.nn.Module:
                 )
         return torch.nn.ModuleDict(dict(model))
     return model  # checked with the other arguments
+
+
+def _check_name(name: object) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {name!r}")
+    if name is not None and not name.strip():
+        raise ValueError(f"name must not be blank (it leads every log line), got {name!r}")
 
 
 def _check_arguments(

@@ -319,6 +319,46 @@ def test_resume_uses_the_previous_checkpoint_when_the_newest_is_corrupt(tmp_path
     assert state.global_step == 8
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "gone"])
+def test_a_run_resumed_past_a_damaged_newest_checkpoint_saves_on_into_its_directory(
+    tmp_path: Path, damage: str
+) -> None:
+    """Regression: resumed from the directory it saves into (``resume_from=save_dir``, as an
+    elastic job's restart does with ``resumable``), the run fell back from a damaged newest
+    checkpoint to the one before, and then its Checkpoint refused it: "the directory holds
+    checkpoints of a run further on than this one (step-000000006.ckpt ...). Resume from it
+    (resume_from=save_dir)", which it had done; every restart was refused the same way."""
+    make_checkpoints(tmp_path)
+    newest = tmp_path / "step-000000006.ckpt"
+    if damage == "gone":
+        newest.unlink()  # (the manifest still lists it)
+    else:
+        newest.write_bytes(b"garbage" if damage == "garbage" else newest.read_bytes()[:1000])
+    damaged = newest.read_bytes() if newest.exists() else None
+    trainer = make_trainer(
+        Checkpoint(tmp_path, every_n_steps=2, keep_last=5), num_steps=10, resume_from=tmp_path
+    )
+    with pytest.warns(CheckpointWarning) as warned:
+        state = anyio.run(trainer.fit)
+    assert trainer.resumed_from == tmp_path / "step-000000004.ckpt"
+    assert trainer.damaged_at_resume == (newest,)
+    assert state.global_step == 10
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == sorted(
+        [f"step-0000000{step:02d}.ckpt" for step in (2, 4, 6, 8, 10)]
+        + (["step-000000006.ckpt.damaged"] if damaged else [])
+    )
+    if damaged is not None:  # kept as it was found, out of the next resume's way
+        assert (tmp_path / "step-000000006.ckpt.damaged").read_bytes() == damaged
+    set_aside = [str(w.message) for w in warned if "set aside" in str(w.message)]
+    assert set_aside == [
+        f"Checkpoint(save_dir={str(tmp_path)!r}): step-000000006.ckpt, found damaged as this "
+        f"run resumed from {tmp_path / 'step-000000004.ckpt'}, set aside as <name>.damaged "
+        "(never loaded or deleted); the run goes on from global step 4"
+    ]
+    checkpoint, file = load_checkpoint(tmp_path)  # the new step 6 is this run's, and whole
+    assert file.name == "step-000000010.ckpt" and checkpoint["progress"]["global_step"] == 10
+
+
 def test_no_valid_checkpoint_and_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no valid checkpoint .*holds no checkpoint"):
         load_checkpoint(tmp_path)

@@ -24,6 +24,7 @@ from asynchat._checkpoint_io import (
     commit_directory,
     file_digests,
     finite,
+    fsync_dir,
     manifest_entry,
     read_manifest,
     remove,
@@ -299,6 +300,11 @@ class Checkpoint(Callback):
         5-epoch run's directory kept none of its own), and the same step's file of the
         other run would be overwritten. Refused, or with ``overwrite`` those removed."""
         later = [e for e in self._entries if e["global_step"] > state.global_step]
+        damaged = {path.name for path in state.loop.damaged_at_resume if path.parent.resolve()
+                   == self.save_dir.resolve()}  # fmt: skip
+        if any(e["file"] in damaged for e in later):
+            self._set_aside([e for e in later if e["file"] in damaged], state)
+            later = [e for e in later if e["file"] not in damaged]
         if not later:
             return
         if self.overwrite:
@@ -313,13 +319,36 @@ class Checkpoint(Callback):
             "to remove them"
         )
 
-    def _remove_entries(self, removed: list[dict[str, Any]]) -> None:
-        """Remove the checkpoints ``removed``: first from the manifest, then their files (a
-        crash in between leaves files the next run adopts, never a manifest that lists
-        files that are gone)."""
-        kept = [e for e in self._entries if not any(e is r for r in removed)]
+    def _set_aside(self, damaged: list[dict[str, Any]], state: LoopState) -> None:
+        """The checkpoints the resume found damaged are no run further on: this run, resumed
+        from an older one in their stead, goes on (before, it was refused, and resuming from
+        the directory again was refused again). Renamed ``<name>.damaged``, which nothing
+        loads or deletes: kept to look at, out of the next resume's way."""
+        self._unlist(damaged)
+        for entry in damaged:
+            path = self.save_dir / entry["file"]
+            if path.exists() or path.is_symlink():
+                os.replace(path, path.with_name(f"{path.name}.damaged"))
+        fsync_dir(self.save_dir)
+        names = ", ".join(e["file"] for e in damaged)
+        warnings.warn(
+            f"Checkpoint(save_dir={str(self.save_dir)!r}): {names}, found damaged as this run "
+            f"resumed from {state.loop.resumed_from}, set aside as <name>.damaged (never "
+            f"loaded or deleted); the run goes on from global step {state.global_step}",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+
+    def _unlist(self, entries: list[dict[str, Any]]) -> None:
+        """Take ``entries`` out of the manifest (before their files go: a crash in between
+        leaves files the next run adopts, never a manifest that lists files that are gone)."""
+        kept = [e for e in self._entries if not any(e is r for r in entries)]
         write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
         self._entries = kept
+
+    def _remove_entries(self, removed: list[dict[str, Any]]) -> None:
+        """Remove the checkpoints ``removed``: first from the manifest, then their files."""
+        self._unlist(removed)
         for entry in removed:
             remove(self.save_dir / entry["file"])
         _LOG.info(
