@@ -101,6 +101,28 @@ def test_stop_and_resume_on_the_same_ranks_equals_an_uninterrupted_run(
     assert left == ["step-000000012.dcp", "step-000000016.dcp"]
 
 
+def test_ranks_resumed_past_a_damaged_shard_save_on_into_their_directory(
+    runs: Runs, tmp_path: Path
+) -> None:
+    """Regression: a flipped byte in a shard of the newest checkpoint made the resume fall
+    back to the one before, and then the Checkpoint saving into that directory refused the
+    job as a run further back than it. The damaged directory is set aside now, as found,
+    and the job equals a run never stopped."""
+    whole, _ = runs.get(2)
+    directory = runs.copy(runs.get(2, stop_at=7)[1], tmp_path)
+    shard = directory / "step-000000007.dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = run(tmp_path, "resumed", 2, directory.name, resume=True)
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name
+    aside = directory / "step-000000007.dcp.damaged" / "__0_0.distcp"
+    assert aside.read_bytes() == bytes(data)
+    left = sorted(p.name for p in directory.iterdir() if p.name.endswith(".dcp"))
+    assert left == ["step-000000012.dcp", "step-000000016.dcp"]
+
+
 def test_a_checkpoint_resumes_on_another_number_of_ranks(runs: Runs, tmp_path: Path) -> None:
     """DCP reshards: written by 2 ranks x 16, resumed on 1 x 32 (and the other way round),
     the interrupted epoch going on after the samples already trained on; equal to a run
