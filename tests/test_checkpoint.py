@@ -359,6 +359,21 @@ def test_a_run_resumed_past_a_damaged_newest_checkpoint_saves_on_into_its_direct
     assert file.name == "step-000000010.ckpt" and checkpoint["progress"]["global_step"] == 10
 
 
+def test_a_checkpoint_set_aside_twice_keeps_both_damaged_files(tmp_path: Path) -> None:
+    make_checkpoints(tmp_path)
+    newest = tmp_path / "step-000000006.ckpt"
+    for damage in (b"first", b"second"):  # each run resumes at 4 and saves step 6 again
+        newest.write_bytes(damage)
+        trainer = make_trainer(Checkpoint(tmp_path, every_n_steps=2), num_steps=6,
+                               resume_from=tmp_path)  # fmt: skip
+        with pytest.warns(CheckpointWarning) as warned:
+            assert anyio.run(trainer.fit).global_step == 6
+        assert any("set aside as <name>.damaged" in str(w.message) for w in warned)
+    assert (tmp_path / "step-000000006.ckpt.damaged").read_bytes() == b"first"
+    assert (tmp_path / "step-000000006.ckpt.damaged-2").read_bytes() == b"second"
+    assert load_checkpoint(newest)[0]["progress"]["global_step"] == 6
+
+
 def test_no_valid_checkpoint_and_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no valid checkpoint .*holds no checkpoint"):
         load_checkpoint(tmp_path)

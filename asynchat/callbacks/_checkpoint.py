@@ -328,7 +328,7 @@ class Checkpoint(Callback):
         for entry in damaged:
             path = self.save_dir / entry["file"]
             if path.exists() or path.is_symlink():
-                os.replace(path, path.with_name(f"{path.name}.damaged"))
+                os.replace(path, _unused(path.with_name(f"{path.name}.damaged")))
         fsync_dir(self.save_dir)
         names = ", ".join(e["file"] for e in damaged)
         warnings.warn(
@@ -647,6 +647,15 @@ class Checkpoint(Callback):
             ranked.sort(key=lambda e: e["metric"], reverse=self.mode == "max")
             keep += ranked[: self.keep_best]
         return [e for e in by_step if any(e is k for k in keep)]
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or if that is taken ``path-2``, ``path-3``, ...: never over an earlier one."""
+    taken, n = path, 1
+    while taken.exists() or taken.is_symlink():
+        n += 1
+        taken = path.with_name(f"{path.name}-{n}")
+    return taken
 
 
 def diverged_weight(model: torch.nn.Module) -> str | None:
