@@ -298,10 +298,11 @@ class Checkpoint(Callback):
         there beside the checkpoints further on: ranked by global step, its own would be
         pruned as older the moment they were written (measured: a fresh 2-epoch run into a
         5-epoch run's directory kept none of its own), and the same step's file of the
-        other run would be overwritten. Refused, or with ``overwrite`` those removed."""
+        other run would be overwritten. Refused, or with ``overwrite`` those removed; but
+        those the resume passed over as damaged are set aside."""
         later = [e for e in self._entries if e["global_step"] > state.global_step]
-        damaged = {path.name for path in state.loop.damaged_at_resume if path.parent.resolve()
-                   == self.save_dir.resolve()}  # fmt: skip
+        here = self.save_dir.resolve()
+        damaged = {p.name for p in state.loop.damaged_at_resume if p.parent.resolve() == here}
         if any(e["file"] in damaged for e in later):
             self._set_aside([e for e in later if e["file"] in damaged], state)
             later = [e for e in later if e["file"] not in damaged]
