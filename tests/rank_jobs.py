@@ -1223,9 +1223,9 @@ async def fsdp_checkpointed(
 
 async def until_signalled(rank: int, world_size: int, directory: str, handle: bool) -> None:
     """A DDP job that trains until a signal ends it, checkpointing only at its end (each
-    rank writes its pid first; rank 0 prints each step, and writes it to ``step``, and at
-    the end why it stopped to ``stop_reason``). ``handle``: under ``stop_on_signals``, whose
-    stop is graceful on SIGTERM too."""
+    rank writes its pid first, and at the end why it stopped to ``stop_reason.<rank>``;
+    rank 0 prints each step, and writes it to ``step``). ``handle``: under
+    ``stop_on_signals``, whose stop is graceful on SIGTERM too."""
 
     from asynchat import Callback, LoopState, stop_on_signals
     from asynchat.callbacks import Checkpoint
@@ -1248,8 +1248,7 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
             await trainer.fit()
     else:
         await trainer.fit()
-    if rank == 0:
-        Path(directory, "stop_reason").write_text(str(trainer.state.stop_reason))
+    Path(directory, f"stop_reason.{rank}").write_text(str(trainer.state.stop_reason))
 
 
 async def ignoring_ctrl_c(rank: int, world_size: int, directory: str) -> None:

@@ -656,6 +656,17 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert list(temporary.glob("pymp-*")) == []
 
 
+def assert_stopped_by(reason: str, directory: Path) -> None:
+    """Both ranks of the ``rank_jobs.until_signalled`` job in ``directory`` stopped for
+    ``reason``, or at the same step because the other had: the ranks agree on a stop at
+    each step, and a rank whose own handler ran after that agreement (the signal reaches
+    the two processes in turn) stopped "on another rank". Rank 0 alone was asked before,
+    and failed where rank 1 heard the signal first (twice in a suite run under load)."""
+    reasons = sorted(p.read_text() for p in directory.glob("stop_reason.*"))
+    assert len(reasons) == 2 and reason in reasons, (directory, reasons)
+    assert set(reasons) <= {reason, "stopped on another rank"}, (directory, reasons)
+
+
 def step_of(directory: Path) -> int:
     """The step rank 0 of ``rank_jobs.until_signalled`` last wrote."""
     with contextlib.suppress(ValueError):  # (read while it was written: try again)
@@ -743,7 +754,7 @@ def test_a_sigterm_reaches_every_launch_async_job_of_the_process(tmp_path: Path)
         errors = ended(job)
     assert job.returncode == -signal.SIGTERM, errors[-2000:]
     for directory in (tmp_path, second):
-        assert (directory / "stop_reason").read_text() == "received SIGTERM"
+        assert_stopped_by("received SIGTERM", directory)
         listed = json.loads((directory / "checkpoints" / "manifest.json").read_text())
         assert len(listed["checkpoints"]) == 1, "the final one"
     pids = [int(p.read_text()) for d in (tmp_path, second) for p in d.glob("rank*.pid")]
@@ -761,7 +772,7 @@ def test_launch_async_leaves_a_sigterm_the_program_handles_to_it(tmp_path: Path)
     assert job.returncode == 0, errors[-2000:]
     assert "cancelling the job" in out
     # The ranks were ended by the cancellation (a Ctrl-C), not handed the SIGTERM.
-    assert (tmp_path / "stop_reason").read_text() == "received SIGINT"
+    assert_stopped_by("received SIGINT", tmp_path)
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert [c["global_step"] >= 5 for c in listed["checkpoints"]] == [True], "the final one"
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
@@ -793,8 +804,8 @@ def test_a_signal_that_stops_a_services_loops_stops_its_launched_jobs_too(
         out, errors = finished(job)
     assert job.returncode == 0, errors[-2000:]
     assert "both jobs ended" in out
-    for directory in (tmp_path, tmp_path / "local"):
-        assert (directory / "stop_reason").read_text() == f"received {how}", directory
+    assert_stopped_by(f"received {how}", tmp_path)
+    assert (tmp_path / "local" / "stop_reason").read_text() == f"received {how}"
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert len(listed["checkpoints"]) == 1, "the launched job's final one"
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
@@ -908,7 +919,7 @@ def test_a_signal_the_launcher_ignores_leaves_its_ranks_training(tmp_path: Path,
     assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert [c["global_step"] >= 25 for c in listed["checkpoints"]] == [True]
-    assert (tmp_path / "stop_reason").read_text() == "received SIGTERM"
+    assert_stopped_by("received SIGTERM", tmp_path)
 
 
 def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path) -> None:
