@@ -42,6 +42,12 @@ def real(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a number, got {value!r}")
 
 
+def flag(name: str, value: Any) -> None:
+    """``value`` must be True or False (not 1, nor a string, which are always true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def text(name: str, value: Any) -> None:
     """``value`` must be a str (a metric name's prefix)."""
     if not isinstance(value, str):

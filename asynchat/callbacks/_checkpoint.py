@@ -34,7 +34,7 @@ from asynchat._checkpoint_io import (
     sync_files,
     write_manifest,
 )
-from asynchat._checks import metric_name, positive_int
+from asynchat._checks import flag, metric_name, positive_int
 from asynchat._checks import path as check_path
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._every import UpdateDue, every_n_epochs
@@ -209,9 +209,8 @@ class Checkpoint(Callback):
         metric_name("monitor", monitor, allow_none=True)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        for name, flag in (("save_on_end", save_on_end), ("overwrite", overwrite)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        flag("save_on_end", save_on_end)
+        flag("overwrite", overwrite)
         if keep_last == 0 and (monitor is None or keep_best == 0):
             raise ValueError(
                 "keep_last=0 keeps no checkpoint unless monitor=... and keep_best >= 1 are given"
@@ -443,7 +442,7 @@ class Checkpoint(Callback):
         if loop.spans_ranks:  # one agreement, which says which ranks
             flags = [0.0] * loop.world_size
             flags[loop.rank] = float(found is not None)
-            ranks = [r for r, flag in enumerate(loop.sum_over_ranks(flags)) if flag]
+            ranks = [r for r, diverged in enumerate(loop.sum_over_ranks(flags)) if diverged]
             if not ranks:
                 return
             which = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"

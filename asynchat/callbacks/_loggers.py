@@ -19,8 +19,8 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_write, finite
+from asynchat._checks import flag, positive_int, text
 from asynchat._checks import path as check_path
-from asynchat._checks import positive_int, text
 from asynchat._errors import InUseError
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
@@ -308,8 +308,7 @@ class _FileLogger(ScalarLogger):
 
     def __init__(self, *, every_n_steps: int, prefix: str, overwrite: bool) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
-        if not isinstance(overwrite, bool):
-            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+        flag("overwrite", overwrite)
         self.overwrite = overwrite
         self._log: _LogFile | None = None
 
