@@ -13,6 +13,7 @@ from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
 from asynchat._phase import Phase
 from asynchat._predictor import Predictor
+from asynchat._preload import preload
 from asynchat._processor import (
     BasicBatchProcessor,
     BatchProcessor,
@@ -58,6 +59,7 @@ __all__ = [
     "launch",
     "launch_async",
     "model_loss",
+    "preload",
     "stop_on_signals",
     "to_host",
 ]

@@ -61,11 +61,17 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from asynchat._preload import FIRST_TRAINING_IMPORTS
+
 #: The modules the fork server imports once, so that no rank imports them again: with
 #: torch and asynchat, what a rank's model imports as it is wrapped (DDP imports DTensor,
 #: FSDP2 ``fully_shard``: half a second of each rank's start, which ``import asynchat``
-#: leaves to the jobs that need them).
-PRELOAD = ("torch", "torch.distributed.fsdp", "asynchat", __name__)  # (this module: see the end)
+#: leaves to the jobs that need them) and what its first optimizer imports (half a second
+#: more: see :func:`asynchat.preload`).
+PRELOAD = (
+    "torch", "torch.distributed.fsdp", *FIRST_TRAINING_IMPORTS, "asynchat",
+    __name__,  # (this module: see the end)
+)  # fmt: skip
 #: Environment variables (by prefix, then by name) that a library reads when it is imported
 #: or loaded: the OpenMP and BLAS thread pools, the C allocator and loader,
 #: Python's own, torch's logging. The rest (``CUDA_VISIBLE_DEVICES``, ``NCCL_*``,

@@ -1,7 +1,9 @@
-"""How long a launch of two ranks takes, start to end, for a job that does one all-reduce.
+"""How long a launch of two ranks takes, start to end, for a job that takes one SGD step over
+an all-reduced gradient (what every training rank does first: torch imports ``torch._dynamo``
+the first time an optimizer is built).
 
 The baseline is the hand-written way: ``torch.multiprocessing.spawn`` of a function that
-initialises a gloo process group (env rendezvous) and all-reduces once. Against it:
+initialises a gloo process group (env rendezvous) and takes that step. Against it:
 ``asynchat.launch`` as it starts ranks by default (forked from a server that imported
 torch, on Linux: the first launch of a process starts the server), and ``asynchat.launch``
 with its ranks spawned (the start method before the fork server; patched in here). The
@@ -31,14 +33,21 @@ from asynchat._launch import free_port
 def _plain(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    value = torch.ones(1)
-    dist.all_reduce(value)
+    _step()
     dist.destroy_process_group()
 
 
 async def _job(rank: int, world_size: int) -> None:
-    value = torch.ones(1)
-    dist.all_reduce(value)
+    _step()
+
+
+def _step() -> None:
+    """One SGD step over a gradient all-reduced across the ranks."""
+    weight = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    weight.grad = torch.ones(1)
+    dist.all_reduce(weight.grad)
+    optimizer.step()
 
 
 def _timed(run: Callable[[], None]) -> float:
@@ -77,7 +86,8 @@ def main() -> None:
     rows.append(("asynchat.launch, first launch (starts the server)", f"{first:.2f}",
                  f"{first / base:.2f}x"))  # fmt: skip
     print(machine())
-    print(f"two ranks, one all-reduce; median of {options.rounds} launches each\n")
+    print(f"two ranks, one SGD step over an all-reduced gradient; median of {options.rounds} "
+          "launches each\n")  # fmt: skip
     print(table(["variant", "s/launch", "vs baseline"], rows))
 
 

@@ -70,6 +70,7 @@ from starlette.routing import Route
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import asynchat
 from asynchat import LoopEvent, LoopSnapshot, Trainer
 from asynchat.callbacks import Checkpoint, Validation, resumable
 
@@ -654,6 +655,7 @@ def main() -> None:
         continue_interrupted=args.continue_interrupted,
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", log_level="info")
+    asynchat.preload()  # (else the first job's imports pause every route for up to 150 ms)
     ServiceServer(config, app).run()
 
 

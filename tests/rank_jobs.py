@@ -1471,8 +1471,8 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
     """How this rank started: its parent (the launcher, or the fork server, which then has
     torch loaded and ignores SIGTERM and SIGHUP), its own handling of those, the
     environment variables ``names``, its intra-op thread count, umask, CPU affinity,
-    open-file limit, torch's seed and time zone, and whether DDP's DTensor was imported
-    before it started (by the server)."""
+    open-file limit, torch's seed and time zone, and whether DDP's DTensor and what its first
+    optimizer imports were imported before it started (by the server)."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
     report = {
@@ -1490,6 +1490,7 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
         "torch_seed": torch.initial_seed(),
         "tzname": time.tzname[0],
         "dtensor_loaded": "torch.distributed.tensor" in sys.modules,
+        "dynamo_loaded": "torch._dynamo" in sys.modules,
     }
     os.umask(report["umask"])
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -54,8 +54,10 @@ def test_ranks_fork_from_one_server_that_has_torch_loaded(tmp_path: Path) -> Non
     parents = {report["parent"] for report in first + second}
     assert len(parents) == 1 and os.getpid() not in parents, parents
     assert all(report["parent_has_torch"] for report in first + second)
-    # ... and what DDP and FSDP import as they wrap a model (import asynchat leaves it out).
+    # ... and what DDP and FSDP import as they wrap a model (import asynchat leaves it out),
+    # and what the first optimizer imports (torch._dynamo: half a second of each rank's start).
     assert all(report["dtensor_loaded"] for report in first + second)
+    assert all(report["dynamo_loaded"] for report in first + second)
     # The server ignores SIGTERM and SIGHUP (a group's must not end it); the ranks handle
     # them as this process does.
     assert all(report["parent_ignores_sigterm"] for report in first + second)

@@ -1,0 +1,53 @@
+"""``asynchat.preload()``: a process's first training imports nothing heavy once it ran.
+
+Each case runs in a fresh interpreter: the suite's own process imported everything long ago.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+#: What the first training of a process imports unless preloaded: the first optimizer
+#: imports torch._dynamo, which brings sympy and torch.fx's symbolic shapes.
+HEAVY = ("torch._dynamo", "sympy", "torch.fx.experimental")
+
+FIRST_TRAINING = """
+import json, sys
+import anyio, torch
+from torch import nn
+import asynchat
+
+for _ in range(int(sys.argv[1])):
+    asynchat.preload()
+before = set(sys.modules)
+data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
+trainer = asynchat.Trainer(nn.Linear(4, 1), data, lambda m: torch.optim.AdamW(m.parameters()),
+                           loss_fn=nn.MSELoss(), num_epochs=1)
+anyio.run(trainer.fit)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def imported_by_first_training(preloads: int) -> list[str]:
+    """The heavy modules a fresh process's first ``fit()`` imports, after ``preloads``
+    calls of ``asynchat.preload()``."""
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_TRAINING, str(preloads)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    return [name for name in json.loads(out) if name.startswith(HEAVY)]
+
+
+def test_the_first_training_of_a_process_imports_torch_dynamo_on_its_compute_thread() -> None:
+    """Why preload exists: without it the import (and its garbage collections, which pause
+    the event loop) happens as the first job starts."""
+    assert "torch._dynamo" in imported_by_first_training(0)
+
+
+@pytest.mark.parametrize("preloads", [1, 2])
+def test_after_preload_the_first_training_imports_nothing_heavy(preloads: int) -> None:
+    assert imported_by_first_training(preloads) == []
