@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from asynchat._checks import flag
 from asynchat._checks import path as check_path
 from asynchat._errors import CheckpointError, CheckpointInUseError, CheckpointWarning, InUseError
 from asynchat._weights import IncompatibleKeys, load_portable, plain_name, under
@@ -641,6 +642,7 @@ def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) ->
     :class:`CheckpointError` when there is none.
     """
     check_path("directory", directory)
+    flag("best", best)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"find_checkpoint: {str(directory)!r} is not a directory")
@@ -684,6 +686,7 @@ def load_weights(
     ``missing_keys`` and ``unexpected_keys``, with ``strict=False``) is returned. Names are
     the model's uncompiled ones: ``module`` may be compiled or not, as the trained one.
     """
+    flag("strict", strict)
     loaded = (
         checkpoint
         if isinstance(checkpoint, Mapping)

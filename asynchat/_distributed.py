@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from asynchat._callback import Callback
+from asynchat._checks import flag
 from asynchat._data import distributed_sampler, shard_loader
 from asynchat._device import resolve_device
 from asynchat._loop import Models, as_module
@@ -74,6 +75,8 @@ class DistributedDataParallelTrainer(Trainer):
     ) -> None:
         if control_lag not in (0, 1) or isinstance(control_lag, bool):
             raise ValueError(f"control_lag must be 0 or 1, got {control_lag!r}")
+        flag("sync_batchnorm", sync_batchnorm)
+        flag("find_unused_parameters", find_unused_parameters)
         if device is None and dist.is_available() and dist.is_initialized():
             device = _rank_device()
         if sync_batchnorm and resolve_device(device).type != "cuda":

@@ -10,7 +10,7 @@ import anyio
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int
+from asynchat._checks import flag, positive_int
 from asynchat._compute import ComputeThread
 from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
@@ -78,8 +78,7 @@ class Predictor(LoopBase):
             prefetch=prefetch,
             name=name,
         )
-        if not isinstance(train_mode, bool):
-            raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
+        flag("train_mode", train_mode)
         self._train_mode = train_mode
         self._streaming = False
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from asynchat._checks import loss_function, positive_int
+from asynchat._checks import flag, loss_function, positive_int
 from asynchat._errors import add_note
 from asynchat._handle import LoopHandle
 from asynchat._phase import Phase
@@ -89,6 +89,7 @@ class BatchProcessor(abc.ABC):
         samples: Callable[[Any], int] | None = None,
     ) -> None:
         positive_int("grad_accumulation_steps", grad_accumulation_steps)
+        flag("set_to_none", set_to_none)
         if amp is not None and amp not in _AMP_DTYPES:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
         if samples is not None and not callable(samples):

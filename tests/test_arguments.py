@@ -13,6 +13,7 @@ from torch import nn
 from asynchat import (
     BasicBatchProcessor,
     Callback,
+    DistributedDataParallelTrainer,
     LoopState,
     MultiBatchProcessor,
     Predictor,
@@ -52,6 +53,13 @@ def trainer(**overrides: Any) -> Trainer:
     )
     kwargs.update(overrides)
     return Trainer(**kwargs)
+
+
+def ddp(**overrides: Any) -> DistributedDataParallelTrainer:
+    """A DDP trainer's arguments are checked before it asks for its process group."""
+    return DistributedDataParallelTrainer(
+        make_model(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_epochs=1, **overrides
+    )
 
 
 @pytest.mark.parametrize(
@@ -277,6 +285,22 @@ class TestErrorsFoundWhileRunning:
         (lambda: Checkpoint("d", overwrite=1), TypeError, r"overwrite must be True or False"),
         (lambda: TensorBoardLogger("d", overwrite="y"), TypeError, r"overwrite must be True or"),
         (lambda: JSONLinesLogger("x", overwrite=None), TypeError, r"overwrite must be True or"),
+        # Accepted, a string was true: "no" turned on what it was meant to turn off (an
+        # EMA's warmup, a frozen module's eval mode, DDP's search for unused parameters).
+        (lambda: BasicBatchProcessor(set_to_none="no"), TypeError, r"set_to_none must be True"),
+        (lambda: MultiBatchProcessor(set_to_none=0), TypeError, r"set_to_none must be True or"),
+        (lambda: Predictor(make_model(), [], train_mode="y"), TypeError, r"train_mode must be"),
+        (lambda: ExponentialMovingAverage(warmup="no"), TypeError, r"warmup must be True or F"),
+        (lambda: FreezeModule(["a"], eval_mode="no"), TypeError, r"eval_mode must be True or"),
+        (
+            lambda: Validation([1], loss_fn=nn.MSELoss(), use_ema="no"),
+            TypeError,
+            r"use_ema must be True or False, got 'no'",
+        ),
+        (lambda: find_checkpoint("d", best="no"), TypeError, r"best must be True or False"),
+        (lambda: load_weights(make_model(), "d", strict="no"), TypeError, r"strict must be True"),
+        (lambda: ddp(find_unused_parameters="no"), TypeError, r"find_unused_parameters must"),
+        (lambda: ddp(sync_batchnorm="no"), TypeError, r"sync_batchnorm must be True or False"),
         (lambda: Checkpoint("d", monitor=5), ValueError, r"monitor must be a metric name.*5"),
         (lambda: Checkpoint("d", keep_last=-1), ValueError, r"keep_last must be an int >= 0"),
         (lambda: trainer(resume_from=""), ValueError, r"resume_from must be a non-empty path"),

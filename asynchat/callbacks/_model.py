@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int, real
+from asynchat._checks import flag, positive_int, real
 from asynchat._every import UpdateDue
 from asynchat._handle import LoopHandle
 from asynchat._ranks import local_parts
@@ -45,6 +45,7 @@ class ExponentialMovingAverage(Callback):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         positive_int("every_n_steps", every_n_steps)
+        flag("warmup", warmup)
         self.decay = decay
         self.every_n_steps = every_n_steps
         self.warmup = warmup
@@ -200,6 +201,7 @@ class FreezeModule(Callback):
         listed = [] if isinstance(names, str) or not isinstance(names, Iterable) else list(names)
         if not listed or not all(isinstance(name, str) for name in listed):
             raise ValueError(f"names must be a non-empty list of submodule names, got {names!r}")
+        flag("eval_mode", eval_mode)
         self.names = listed
         self.until_epoch = until_epoch
         self.eval_mode = eval_mode

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int, text
+from asynchat._checks import flag, positive_int, text
 from asynchat._data import check_data_loader
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
@@ -76,6 +76,7 @@ class Validation(Callback):
         positive_int("every_n_epochs", every_n_epochs, allow_none=True)
         positive_int("every_n_steps", every_n_steps, allow_none=True)
         text("prefix", prefix)
+        flag("use_ema", use_ema)
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("Validation never runs: give every_n_epochs or every_n_steps")
         if not metrics and loss_fn is None and batch_processor is None:
