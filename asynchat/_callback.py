@@ -150,6 +150,38 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
     return Hook(callback, fn, inspect.iscoroutinefunction(fn), due)
 
 
+def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
+    """``callbacks`` as a tuple, each checked to be a :class:`Callback` instance whose
+    ``on_checkpoint`` is a plain ``def``."""
+    if isinstance(callbacks, Callback):
+        raise TypeError(
+            f"callbacks must be a sequence of Callback instances, got the single callback "
+            f"{callbacks!r}; pass callbacks=[{type(callbacks).__name__}(...)]"
+        )
+    if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a sequence of Callback instances, got {callbacks!r}")
+    checked: list[Callback] = []
+    for i, callback in enumerate(callbacks):
+        if isinstance(callback, type) and issubclass(callback, Callback):
+            raise TypeError(
+                f"callbacks[{i}] is the class {callback.__name__}, not an instance; "
+                f"pass {callback.__name__}() instead"
+            )
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"callbacks[{i}] must be an asynchat.Callback instance, got "
+                f"{callback!r} of type {type(callback).__name__}; subclass "
+                "asynchat.Callback and override its on_* hooks"
+            )
+        if inspect.iscoroutinefunction(callback.on_checkpoint):
+            raise TypeError(
+                f"{type(callback).__name__}.on_checkpoint must be a plain def: it runs on "
+                "the compute thread, right before a checkpoint's snapshot"
+            )
+        checked.append(callback)
+    return tuple(checked)
+
+
 class PipeBase:
     """Holds the callbacks of a loop and, per :class:`Phase`, the hooks to run in order.
 
@@ -161,35 +193,7 @@ class PipeBase:
     """
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
-        if isinstance(callbacks, Callback):
-            raise TypeError(
-                f"callbacks must be a sequence of Callback instances, got the single callback "
-                f"{callbacks!r}; pass callbacks=[{type(callbacks).__name__}(...)]"
-            )
-        if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, Iterable):
-            raise TypeError(
-                f"callbacks must be a sequence of Callback instances, got {callbacks!r}"
-            )
-        checked: list[Callback] = []
-        for i, callback in enumerate(callbacks):
-            if isinstance(callback, type) and issubclass(callback, Callback):
-                raise TypeError(
-                    f"callbacks[{i}] is the class {callback.__name__}, not an instance; "
-                    f"pass {callback.__name__}() instead"
-                )
-            if not isinstance(callback, Callback):
-                raise TypeError(
-                    f"callbacks[{i}] must be an asynchat.Callback instance, got "
-                    f"{callback!r} of type {type(callback).__name__}; subclass "
-                    "asynchat.Callback and override its on_* hooks"
-                )
-            if inspect.iscoroutinefunction(callback.on_checkpoint):
-                raise TypeError(
-                    f"{type(callback).__name__}.on_checkpoint must be a plain def: it runs on "
-                    "the compute thread, right before a checkpoint's snapshot"
-                )
-            checked.append(callback)
-        self._callbacks: tuple[Callback, ...] = tuple(checked)
+        self._callbacks: tuple[Callback, ...] = checked_callbacks(callbacks)
         in_order = sorted(self._callbacks, key=lambda callback: callback.runs_last)  # stable
         self._hooks: dict[Phase, tuple[Hook, ...]] = {
             phase: tuple(

@@ -42,6 +42,12 @@ def real(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a number, got {value!r}")
 
 
+def function(name: str, value: Any, signature: str) -> None:
+    """``value`` must be callable, as ``signature`` (the error's example) says."""
+    if not callable(value):
+        raise TypeError(f"{name} must be a function {signature}, got {value!r}")
+
+
 def flag(name: str, value: Any) -> None:
     """``value`` must be True or False (not 1, nor a string, which are always true)."""
     if not isinstance(value, bool):

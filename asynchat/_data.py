@@ -386,6 +386,11 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
             f"data_loader must be iterable (a DataLoader, a list of batches, ...), got "
             f"{type(data_loader).__name__}"
         )
+    if isinstance(data_loader, (str, bytes)):  # (iterable: each character a batch)
+        raise TypeError(
+            f"data_loader must be a DataLoader, a list of batches, ..., got the "
+            f"{type(data_loader).__name__} {data_loader!r:.80}; a path is not read"
+        )
     if isinstance(data_loader, Iterator) and num_epochs != 1:
         raise TypeError(
             f"data_loader is an iterator ({type(data_loader).__name__}), which can be read "

@@ -90,7 +90,7 @@ class BatchProcessor(abc.ABC):
     ) -> None:
         positive_int("grad_accumulation_steps", grad_accumulation_steps)
         flag("set_to_none", set_to_none)
-        if amp is not None and amp not in _AMP_DTYPES:
+        if amp is not None and (not isinstance(amp, str) or amp not in _AMP_DTYPES):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
         if samples is not None and not callable(samples):
             raise TypeError(f"samples must be a function samples(batch) -> int, got {samples!r}")

@@ -28,6 +28,7 @@ from asynchat.callbacks import (
     JSONLinesLogger,
     LossMonitor,
     LRSchedule,
+    MetricUpdater,
     Progress,
     StatsMonitor,
     TensorBoardLogger,
@@ -300,6 +301,49 @@ class TestErrorsFoundWhileRunning:
         (lambda: find_checkpoint("d", best="no"), TypeError, r"best must be True or False"),
         (lambda: load_weights(make_model(), "d", strict="no"), TypeError, r"strict must be True"),
         (lambda: ddp(find_unused_parameters="no"), TypeError, r"find_unused_parameters must"),
+        # Accepted, these failed later and deeper, or never: a list as amp ("unhashable
+        # type"), an until_epoch no epoch equals (frozen throughout), a norm_type torch
+        # failed on at the first update, a warmup_start_factor as a string ("'<' not
+        # supported"), a file name as Progress's stream (at the first line), rich="no"
+        # (a bar), a string as data_loader (each character a batch).
+        (lambda: BasicBatchProcessor(amp=["bf16"]), ValueError, r"amp must be None, 'bf16' or"),
+        (lambda: FreezeModule(["a"], until_epoch="2"), ValueError, r"until_epoch must be an int"),
+        (lambda: FreezeModule(["a"], until_epoch=1.5), ValueError, r"until_epoch must be an int"),
+        (lambda: GradClip(1.0, norm_type="2"), TypeError, r"norm_type must be a number, got '2'"),
+        (lambda: GradClip(1.0, norm_type=0), ValueError, r"norm_type must be > 0, got 0"),
+        (lambda: GradClip(1.0, norm_type=-1.0), ValueError, r"norm_type must be > 0"),
+        (
+            lambda: LRSchedule(lambda o: None, warmup_start_factor="0.1"),  # type: ignore[arg-type,return-value]
+            TypeError,
+            r"warmup_start_factor must be a number, got '0\.1'",
+        ),
+        (lambda: Progress(stream="log.txt"), TypeError, r"stream must be a text stream .*'log"),  # type: ignore[arg-type]
+        (lambda: Progress(rich="no"), TypeError, r"rich must be True or False, got 'no'"),  # type: ignore[arg-type]
+        (
+            lambda: trainer(data_loader="data/train.pt"),
+            TypeError,
+            r"data_loader must be a DataLoader, .* got the str 'data/train\.pt'; a path is not",
+        ),
+        (lambda: MetricUpdater("acc"), TypeError, r"metrics must be a mapping of names to"),  # type: ignore[arg-type]
+        # Validation's own: each failed only as it first ran, after an epoch of training.
+        (lambda: Validation([1], metrics=["acc"]), TypeError, r"metrics must be a mapping"),  # type: ignore[arg-type]
+        (lambda: Validation([1], loss_fn="mse"), TypeError, r"loss_fn must be callable, got 'mse'"),  # type: ignore[arg-type]
+        (lambda: Validation([1], loss_fn=nn.MSELoss), TypeError, r"loss_fn is the class MSELoss"),
+        (
+            lambda: Validation([1], batch_processor=nn.MSELoss()),  # type: ignore[arg-type]
+            TypeError,
+            r"batch_processor must be an asynchat\.BatchProcessor, got MSELoss",
+        ),
+        (
+            lambda: Validation([1], loss_fn=nn.MSELoss(), callbacks=[print]),  # type: ignore[list-item]
+            TypeError,
+            r"callbacks\[0\] must be an asynchat\.Callback instance",
+        ),
+        (
+            lambda: Validation([1], loss_fn=nn.MSELoss(), select="outputs"),  # type: ignore[arg-type]
+            TypeError,
+            r"select must be a function select\(state\) -> \(preds, target\), got 'outputs'",
+        ),
         (lambda: ddp(sync_batchnorm="no"), TypeError, r"sync_batchnorm must be True or False"),
         (lambda: Checkpoint("d", monitor=5), ValueError, r"monitor must be a metric name.*5"),
         (lambda: Checkpoint("d", keep_last=-1), ValueError, r"keep_last must be an int >= 0"),
@@ -404,3 +448,20 @@ def test_an_optimizer_factory_over_another_model_fails_before_training() -> None
     with pytest.raises(ValueError, match="holds none of the model's parameters"):
         anyio.run(t.fit)
     assert t.state.global_step == 0
+
+
+@pytest.mark.parametrize("norm_type", [math.inf, "inf", 1, 0.5])
+def test_grad_clip_takes_the_norm_types_torch_takes(norm_type: Any) -> None:
+    import anyio
+
+    p = math.inf if norm_type == "inf" else norm_type
+    norms = []
+
+    class Norm(Callback):
+        def on_before_update(self, state: LoopState) -> None:  # after the clip's
+            grads = [q.grad.flatten() for q in state.model.parameters() if q.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.cat(grads), p)))
+
+    clip = GradClip(1e-3, norm_type=norm_type)
+    anyio.run(trainer(callbacks=[clip, Norm()], num_epochs=None, num_steps=2).fit)
+    assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-4) for n in norms), norms

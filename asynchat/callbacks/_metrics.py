@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int, text
+from asynchat._checks import function, positive_int, text
 from asynchat._errors import add_note
 from asynchat._every import every_n_steps
 from asynchat._processor import split_batch
@@ -85,6 +85,10 @@ class MetricUpdater(Callback):
     ) -> None:
         import torchmetrics
 
+        if not isinstance(metrics, Mapping):
+            raise TypeError(
+                f"metrics must be a mapping of names to torchmetrics.Metric, got {metrics!r}"
+            )
         if not metrics:
             raise ValueError("metrics must name at least one torchmetrics.Metric")
         for name, metric in metrics.items():
@@ -92,6 +96,7 @@ class MetricUpdater(Callback):
                 raise TypeError(f"metrics[{name!r}] must be a torchmetrics.Metric, got {metric!r}")
         positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         text("prefix", prefix)
+        function("select", select, "select(state) -> (preds, target)")
         self.metrics = dict(metrics)
         self.prefix = prefix
         self.log_every_n_steps = log_every_n_steps

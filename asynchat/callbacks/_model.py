@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -126,7 +127,8 @@ class GradClip(Callback):
     only its parameters); without it every update is clipped, each over its own parameters.
     ``state.metrics["grad_norm"]`` is not published: reading the norm would be a host sync
     every step (``torch.nn.utils.clip_grad_norm_`` itself does not sync); ``last_norm`` holds
-    the last norm as a device tensor.
+    the last norm as a device tensor. ``norm_type`` is the p of the p-norm (> 0; ``math.inf``
+    or ``"inf"``: the largest magnitude).
 
     Graph-safe: under a :class:`~asynchat.CudaGraphBatchProcessor` the clipping runs inside
     the captured update (``last_norm`` is then a buffer each replay rewrites).
@@ -136,11 +138,20 @@ class GradClip(Callback):
     graph_safe = True
 
     def __init__(
-        self, max_norm: float, *, norm_type: float = 2.0, optimizer: str | None = None
+        self,
+        max_norm: float,
+        *,
+        norm_type: float | Literal["inf"] = 2.0,
+        optimizer: str | None = None,
     ) -> None:
         real("max_norm", max_norm)
         if not max_norm > 0:  # (inf is allowed: the norm is then only measured)
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+        if norm_type == "inf":  # (as torch takes it)
+            norm_type = math.inf
+        real("norm_type", norm_type)
+        if not norm_type > 0:  # (inf: the largest gradient entry's magnitude)
+            raise ValueError(f"norm_type must be > 0, got {norm_type!r}")
         if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):
             raise ValueError(f"optimizer must be an optimizer's name or None, got {optimizer!r}")
         self.max_norm = max_norm
@@ -201,6 +212,7 @@ class FreezeModule(Callback):
         listed = [] if isinstance(names, str) or not isinstance(names, Iterable) else list(names)
         if not listed or not all(isinstance(name, str) for name in listed):
             raise ValueError(f"names must be a non-empty list of submodule names, got {names!r}")
+        positive_int("until_epoch", until_epoch, allow_none=True, minimum=0)
         flag("eval_mode", eval_mode)
         self.names = listed
         self.until_epoch = until_epoch

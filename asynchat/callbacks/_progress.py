@@ -8,7 +8,7 @@ import warnings
 from typing import Any, TextIO
 
 from asynchat._callback import Callback
-from asynchat._checks import positive_int
+from asynchat._checks import flag, positive_int
 from asynchat._every import every_n_steps
 from asynchat._state import LoopState
 
@@ -67,6 +67,10 @@ class Progress(Callback):
         rich: bool | None = None,
     ) -> None:
         positive_int("every_n_steps", every_n_steps, allow_none=True)
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise TypeError(f"stream must be a text stream (sys.stderr, a file...), got {stream!r}")
+        if rich is not None:
+            flag("rich", rich)
         self.every_n_steps = every_n_steps
         self.stream = stream
         self.rich = rich

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from asynchat._callback import Callback
-from asynchat._checks import metric_name, positive_int
+from asynchat._checks import metric_name, positive_int, real
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import Monitor
 
@@ -126,6 +126,7 @@ class LRSchedule(Callback):
             raise ValueError("warmup_steps cannot be combined with a metric-driven monitor=...")
         if optimizer is not None and (not isinstance(optimizer, str) or not optimizer):
             raise ValueError(f"optimizer must be an optimizer's name or None, got {optimizer!r}")
+        real("warmup_start_factor", warmup_start_factor)
         if not 0 < warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor!r}")
         self.factory = scheduler

@@ -7,8 +7,8 @@ import reprlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from asynchat._callback import Callback
-from asynchat._checks import flag, positive_int, text
+from asynchat._callback import Callback, checked_callbacks
+from asynchat._checks import flag, function, loss_function, positive_int, text
 from asynchat._data import check_data_loader
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
@@ -77,6 +77,7 @@ class Validation(Callback):
         positive_int("every_n_steps", every_n_steps, allow_none=True)
         text("prefix", prefix)
         flag("use_ema", use_ema)
+        function("select", select, "select(state) -> (preds, target)")
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("Validation never runs: give every_n_epochs or every_n_steps")
         if not metrics and loss_fn is None and batch_processor is None:
@@ -89,6 +90,12 @@ class Validation(Callback):
                 "pass either loss_fn or batch_processor, not both: a custom batch_processor "
                 "computes its own state.loss, which Validation publishes as the loss"
             )
+        if loss_fn is not None:  # (checked here, not after the first epoch's training)
+            loss_function("loss_fn", loss_fn)
+        if batch_processor is not None and not isinstance(batch_processor, BatchProcessor):
+            raise TypeError(
+                f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
+            )
         self.data_loader = data_loader
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -97,7 +104,7 @@ class Validation(Callback):
         self.use_ema = use_ema
         self.prefix = prefix
         self.batch_processor = batch_processor
-        self.callbacks = list(callbacks)
+        self.callbacks = list(checked_callbacks(callbacks))
 
     def on_loop_begin(self, state: LoopState) -> None:
         twins = [
