@@ -299,6 +299,8 @@ class LoopBase(PipeBase):
         bytecodes of the main thread, perhaps in the middle of a status change made there; the
         request is then made by a thread of its own as soon as the change is done.
         """
+        if reason is not None and not isinstance(reason, str):  # (logged, saved, shown)
+            raise TypeError(f"reason must be a str or None, got {reason!r}")
         if self._control.interrupted_inside():
             _later(self.stop, reason)
             return

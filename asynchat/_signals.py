@@ -73,7 +73,12 @@ async def stop_on_signals(
         )
     if not loops:
         raise ValueError("stop_on_signals() needs at least one loop to stop")
-    caught = ending_signals() if signals is None else tuple(signals)
+    given: tuple[object, ...] = loops  # (checked: a list of loops is a common slip)
+    for loop in given:
+        if not isinstance(loop, LoopBase):
+            hint = "; pass them one by one: stop_on_signals(*loops)" if _many(loop) else ""
+            raise TypeError(f"stop_on_signals() takes loops (a Trainer, ...), got {loop!r}{hint}")
+    caught = ending_signals() if signals is None else _signal_numbers(signals)
     if not caught and signals is not None:
         raise ValueError("stop_on_signals(signals=()) would catch nothing: name a signal")
     block = _Block(loops, frozenset(caught))
@@ -86,6 +91,23 @@ async def stop_on_signals(
         _open.remove(block)
         for signum in block.signals:
             unlisten(signum, block.stop)
+
+
+def _many(value: object) -> bool:
+    return isinstance(value, (list, tuple, set))
+
+
+def _signal_numbers(signals: object) -> tuple[int, ...]:
+    """``signals=``, checked: signal numbers (``signal.SIGTERM``...), in a tuple or list."""
+    wanted = "signals must be a tuple of signals, e.g. (signal.SIGTERM, signal.SIGUSR1)"
+    if isinstance(signals, int):
+        raise TypeError(f"{wanted}, got the one signal {signals!r}: pass signals=({signals!r},)")
+    if not _many(signals):
+        raise TypeError(f"{wanted}, got {signals!r}")
+    for signum in signals:  # type: ignore[attr-defined]
+        if isinstance(signum, bool) or not isinstance(signum, int):
+            raise TypeError(f"{wanted}, got {signum!r} among them")
+    return tuple(signals)  # type: ignore[arg-type]
 
 
 def _catch(signum: int) -> Any:

@@ -361,6 +361,7 @@ class TestErrorsFoundWhileRunning:
         (lambda: trainer().events(progress_every=-1), ValueError, r"progress_every must be a"),
         (lambda: trainer().events(progress_every="x"), ValueError, r"progress_every.*'x'"),
         (lambda: trainer().events(buffer=True), ValueError, r"buffer must be a positive int"),
+        (lambda: trainer().stop(reason=5), TypeError, r"reason must be a str or None, got 5"),  # type: ignore[arg-type]
         (
             lambda: trainer(optimizer=sgd(make_model(seed=1))),
             ValueError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -142,6 +143,25 @@ def test_only_in_the_main_thread_and_with_a_loop() -> None:
         with pytest.raises(ValueError, match=rf"signals=\.\.\.\): {name} cannot be caught"):
             anyio.run(uncatchable, *signals)
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # (put back: none is open)
+
+    # Accepted: a string (or a list of loops) as a loop, whose stop() the handler then
+    # called, raising AttributeError in the main thread wherever the signal came; signal
+    # names, or one signal, failed with "'str' object cannot be interpreted as an integer".
+    async def given(*loops: object, signals: object = None) -> None:
+        async with stop_on_signals(*loops, signals=signals):  # type: ignore[arg-type]
+            raise AssertionError("not entered")
+
+    trainer = make_trainer()
+    for loops, signals, match in [
+        (("trainer",), None, r"takes loops \(a Trainer, \.\.\.\), got 'trainer'$"),
+        (([trainer],), None, r"got \[<Trainer .*\]; pass them one by one: stop_on_signals\(\*"),
+        ((trainer,), ["SIGTERM"], r"signals must be a tuple of signals, .*got 'SIGTERM' among"),
+        ((trainer,), signal.SIGUSR1, r"got the one signal .*SIGUSR1.*: pass signals=\("),
+        ((trainer,), "SIGUSR1", r"signals must be a tuple of signals, .*got 'SIGUSR1'$"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            anyio.run(functools.partial(given, *loops, signals=signals))
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_no_handler_is_installed_at_import() -> None:
