@@ -15,10 +15,12 @@ def preload() -> None:
 
     The first optimizer a process builds makes torch import ``torch._dynamo`` (0.5-1 s of
     CPU). Imported on the compute thread as a job starts, its garbage collections, each
-    one over every object of the process, pause every thread, the event loop among them:
-    measured on a 2-core machine, ``examples/service.py``'s health route answered in 150-160
-    ms as the server's first job started, in 40-47 ms with this called before serving
-    (later jobs: 20-27 ms). A service calls it at start-up, before it serves; the ranks
+    one over every object of the process, pause every thread, the event loop among them
+    (measured on a 2-core machine: ``examples/service.py``'s health route answered in up to
+    171 ms as the server's first job started, 32 ms with this called before serving). A
+    service calls it at start-up, before it serves, and then ``gc.collect()`` and
+    ``gc.freeze()``, so that the collector's later full passes skip what start-up made
+    (``benchmarks/loop_pauses.py``; README, *A training service*). The ranks
     :func:`asynchat.launch` starts have it done by the process they are forked from.
     Calling it again costs nothing. ``import asynchat`` leaves it out: a process that never
     trains (a launcher, a predictor) would pay for it at every start.

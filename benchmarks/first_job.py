@@ -1,10 +1,11 @@
 """The example service's health-route latency as its first job starts, with and without
-``asynchat.preload()``.
+``asynchat.preload()`` and ``gc.freeze()`` at start-up.
 
 The first optimizer a process builds makes torch import ``torch._dynamo``, on the job's
 compute thread; the garbage collections of that import pause every thread, the event loop
-among them. ``examples/service.py`` calls ``asynchat.preload()`` before it serves; the
-baseline is the same server with that call made a no-op. Each round starts a server of each
+among them. ``examples/service.py`` calls ``asynchat.preload()``, ``gc.collect()`` and
+``gc.freeze()`` before it serves; the baseline is the same server with the first and the
+last made no-ops. Each round starts a server of each
 kind (``python examples/service.py`` on 127.0.0.1, its own ``--runs`` directory), polls
 ``GET /health`` back to back from a client thread, and posts the server's first job: the
 table gives the slowest answer and the p99 over the job's first seconds (and over one idle
@@ -33,9 +34,9 @@ SERVICE = Path(__file__).resolve().parents[1] / "examples" / "service.py"
 #: Runs the example service, with ``asynchat.preload`` made a no-op when asked.
 RUN_SERVICE = """
 import runpy, sys
-import asynchat
+import gc, asynchat
 if sys.argv.pop(1) == "off":
-    asynchat.preload = lambda: None
+    asynchat.preload = gc.freeze = lambda: None
 del sys.argv[0]  # (-c)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -103,13 +104,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     options = parser.parse_args()
-    variants = {"server without preload (baseline)": False, "server with preload": True}
+    variants = {"nothing at start-up (baseline)": False, "preload, collect, freeze": True}
     measured: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for _ in range(options.rounds):
         for name, preload in variants.items():
             idle, during = first_job(preload, options.seconds)
             measured[name].append((max(idle), max(during), percentile(during, 99)))
-    base = median([m[1] for m in measured["server without preload (baseline)"]])
+    base = median([m[1] for m in measured["nothing at start-up (baseline)"]])
     rows = []
     for name, rounds in measured.items():
         idle_max, job_max, job_p99 = (median([r[i] for r in rounds]) * 1e3 for i in range(3))
