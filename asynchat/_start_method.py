@@ -24,6 +24,10 @@ top level), and each rank is given what a spawned one inherits at its start:
   spawns its ranks, as for :data:`READ_AT_IMPORT`;
 - a seed of torch's default generator of its own, drawn from the OS as a new interpreter
   draws it (Python's ``random`` is reseeded by CPython at a fork);
+- the server's objects frozen (``gc.freeze()`` once its preloads are in): a rank's full
+  garbage collections walk only what the rank made, neither pausing it for the ~300,000
+  objects of torch and its compiler nor copying their pages out of the memory the ranks
+  share (``benchmarks/rank_pauses.py``);
 - SIGTERM and SIGHUP as the launcher had them when the server started. The server itself
   ignores them (CPython's ignores SIGINT): it is in the launcher's process group, and a
   SIGTERM to the group (``kill %1``, ``timeout``, systemd) or a closed terminal's SIGHUP
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -325,4 +330,7 @@ _main = _our_fork_server()
 if _main is not None:
     _server = _Server(_main.get("listener_fd"))
     util.register_after_fork(_server, _Server.take_back)
+    # The preloads are in (this module is the last): frozen, see the module's docstring.
+    gc.collect()
+    gc.freeze()
 del _main

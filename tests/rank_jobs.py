@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -1472,7 +1473,8 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
     torch loaded and ignores SIGTERM and SIGHUP), its own handling of those, the
     environment variables ``names``, its intra-op thread count, umask, CPU affinity,
     open-file limit, torch's seed and time zone, and whether DDP's DTensor and what its first
-    optimizer imports were imported before it started (by the server)."""
+    optimizer imports were imported before it started (by the server), and how many objects
+    it holds frozen (the server's, out of the garbage collector's sight)."""
     parent = os.getppid()
     maps = Path(f"/proc/{parent}/maps").read_text()
     report = {
@@ -1491,6 +1493,7 @@ async def report_start(rank: int, world_size: int, out: str, names: list[str]) -
         "tzname": time.tzname[0],
         "dtensor_loaded": "torch.distributed.tensor" in sys.modules,
         "dynamo_loaded": "torch._dynamo" in sys.modules,
+        "frozen": gc.get_freeze_count(),
     }
     os.umask(report["umask"])
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -58,6 +58,8 @@ def test_ranks_fork_from_one_server_that_has_torch_loaded(tmp_path: Path) -> Non
     # and what the first optimizer imports (torch._dynamo: half a second of each rank's start).
     assert all(report["dtensor_loaded"] for report in first + second)
     assert all(report["dynamo_loaded"] for report in first + second)
+    # ... all of it frozen: a rank's full collections neither walk it nor copy its pages.
+    assert all(report["frozen"] > 100_000 for report in first + second)
     # The server ignores SIGTERM and SIGHUP (a group's must not end it); the ranks handle
     # them as this process does.
     assert all(report["parent_ignores_sigterm"] for report in first + second)
