@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -62,3 +64,20 @@ def device_arguments(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda")
     return parser
+
+
+def full_collections() -> list[float]:
+    """A list that fills with the seconds of each full (generation 2) garbage collection
+    of this process from now on, on whichever thread it runs."""
+    pauses: list[float] = []
+    started: list[float] = []
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pauses.append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(timed)
+    return pauses

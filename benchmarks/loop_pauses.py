@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import machine, median, table
+from _common import full_collections, machine, median, table
 
 VARIANTS = {
     "nothing at start-up (baseline)": "none",
@@ -62,16 +62,6 @@ def _job(kind: str, save_dir: str) -> Any:
 
 
 async def _measure(kind: str, save_dir: str) -> dict[str, float]:
-    pauses: list[float] = []  # the collector's full collections, in seconds
-    started: list[float] = []
-
-    def timed(phase: str, info: dict[str, int]) -> None:
-        if info["generation"] == 2:
-            if phase == "start":
-                started.append(time.perf_counter())
-            elif started:
-                pauses.append(time.perf_counter() - started.pop())
-
     trainer = _job(kind, save_dir)
     lateness: list[float] = []
     done = False
@@ -83,9 +73,8 @@ async def _measure(kind: str, save_dir: str) -> dict[str, float]:
             lateness.append(time.perf_counter() - before - 0.001)
 
     ticker = asyncio.create_task(tick())
-    gc.callbacks.append(timed)
+    pauses = full_collections()  # (the child process ends with the job)
     await trainer.fit()
-    gc.callbacks.remove(timed)
     done = True
     await ticker
     return {"late": max(lateness), "collections": len(pauses), "longest": max(pauses, default=0)}

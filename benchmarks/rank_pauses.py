@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine, median, table
+from _common import full_collections, machine, median, table
 
 HERE = Path(__file__).resolve().parent
 #: A module the unfrozen variant's fork server imports first: it makes gc.freeze a no-op.
@@ -53,17 +53,7 @@ async def _job(rank: int, world_size: int, out: str, save_dir: str) -> None:
     from asynchat import DistributedDataParallelTrainer
     from asynchat.callbacks import Checkpoint
 
-    pauses: list[float] = []
-    started: list[float] = []
-
-    def timed(phase: str, info: dict[str, int]) -> None:
-        if info["generation"] == 2:
-            if phase == "start":
-                started.append(time.perf_counter())
-            elif started:
-                pauses.append(time.perf_counter() - started.pop())
-
-    gc.callbacks.append(timed)
+    pauses = full_collections()
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(2000)])
     data = [(torch.randn(8, 16), torch.randn(8, 16)) for _ in range(4)]
     trainer = DistributedDataParallelTrainer(
