@@ -14,8 +14,10 @@ ticker measuring the loop's lateness throughout:
   ``torch.save`` make tens of thousands of objects.
 - ``compile``: a small MLP trained with ``BasicBatchProcessor(compile=True)`` and torch's
   compiler caches off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``), i.e. a cold compile.
+- ``big-tensor``: one 512 MiB weight (a 16384x8192 linear layer, plain SGD) trained 2 steps
+  with a ``Checkpoint`` at each: few objects, many bytes (``torch.save``'s copies).
 
-Run: python benchmarks/loop_pauses.py [--rounds 3]
+Run: python benchmarks/loop_pauses.py [--rounds 3] [--jobs checkpoint compile big-tensor]
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def _job(kind: str, save_dir: str) -> Any:
         model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(2000)])
         callbacks = [Checkpoint(save_dir, every_n_steps=1)]
         processor = BasicBatchProcessor(nn.MSELoss())
+    elif kind == "big-tensor":
+        model = nn.Linear(8192, 16384, bias=False)
+        callbacks = [Checkpoint(save_dir, every_n_steps=1)]
+        processor = BasicBatchProcessor(nn.MSELoss())
+        data = [(torch.randn(8, 8192), torch.randn(8, 16384)) for _ in range(2)]
+        optimizer = lambda m: torch.optim.SGD(m.parameters(), lr=0.01)  # noqa: E731
+        return Trainer(model, data, optimizer, batch_processor=processor, num_steps=2,
+                       callbacks=callbacks)  # fmt: skip
     else:
         model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
         callbacks = []
@@ -107,13 +117,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", nargs="+", default=["checkpoint", "compile", "big-tensor"],
+                        choices=["checkpoint", "compile", "big-tensor"])  # fmt: skip
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
         _child(*options.child)
         return
     rows = []
-    for kind in ("checkpoint", "compile"):
+    for kind in options.jobs:
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
         for _ in range(options.rounds):
             for name, variant in VARIANTS.items():

@@ -18,7 +18,6 @@ from asynchat._callback import Callback
 from asynchat._checkpoint_io import (
     EXTRAS,
     DirectoryLock,
-    atomic_write,
     checkpoint_files,
     checkpoint_name,
     commit_directory,
@@ -29,7 +28,7 @@ from asynchat._checkpoint_io import (
     read_manifest,
     remove,
     remove_temporaries,
-    serialize,
+    save_file,
     step_of,
     sync_files,
     write_manifest,
@@ -548,8 +547,7 @@ class Checkpoint(Callback):
         try:
             self._check_lock(temporary)
             extras["sharded"]["files"] = file_digests(temporary)
-            data, digest = serialize(extras)
-            atomic_write(temporary / EXTRAS, data)
+            _, digest = save_file(temporary / EXTRAS, extras)
             commit_directory(temporary, path)
             size = sum(f.stat().st_size for f in path.iterdir())
             self._record(name, digest, size, extras["progress"], metric)
@@ -612,9 +610,8 @@ class Checkpoint(Callback):
         path = self.save_dir / name
         try:
             self._lock.check()  # still this run's directory: nothing written into another's
-            data, digest = serialize(snapshot)
-            atomic_write(path, data)
-            self._record(name, digest, len(data), snapshot["progress"], metric)
+            size, digest = save_file(path, snapshot)
+            self._record(name, digest, size, snapshot["progress"], metric)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
 
