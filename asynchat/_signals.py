@@ -76,7 +76,8 @@ async def stop_on_signals(
     given: tuple[object, ...] = loops  # (checked: a list of loops is a common slip)
     for loop in given:
         if not isinstance(loop, LoopBase):
-            hint = "; pass them one by one: stop_on_signals(*loops)" if _many(loop) else ""
+            many = isinstance(loop, (list, tuple, set))
+            hint = "; pass them one by one: stop_on_signals(*loops)" if many else ""
             raise TypeError(f"stop_on_signals() takes loops (a Trainer, ...), got {loop!r}{hint}")
     caught = ending_signals() if signals is None else _signal_numbers(signals)
     if not caught and signals is not None:
@@ -93,21 +94,17 @@ async def stop_on_signals(
             unlisten(signum, block.stop)
 
 
-def _many(value: object) -> bool:
-    return isinstance(value, (list, tuple, set))
-
-
 def _signal_numbers(signals: object) -> tuple[int, ...]:
     """``signals=``, checked: signal numbers (``signal.SIGTERM``...), in a tuple or list."""
     wanted = "signals must be a tuple of signals, e.g. (signal.SIGTERM, signal.SIGUSR1)"
     if isinstance(signals, int):
         raise TypeError(f"{wanted}, got the one signal {signals!r}: pass signals=({signals!r},)")
-    if not _many(signals):
+    if not isinstance(signals, (list, tuple, set)):
         raise TypeError(f"{wanted}, got {signals!r}")
-    for signum in signals:  # type: ignore[attr-defined]
+    for signum in signals:
         if isinstance(signum, bool) or not isinstance(signum, int):
             raise TypeError(f"{wanted}, got {signum!r} among them")
-    return tuple(signals)  # type: ignore[arg-type]
+    return tuple(signals)
 
 
 def _catch(signum: int) -> Any:
