@@ -35,7 +35,7 @@ from asynchat._hooks import LOG as _LOG
 from asynchat._hooks import HookRunner
 from asynchat._in_use import Claim, claim
 from asynchat._phase import Phase
-from asynchat._processor import BatchProcessor
+from asynchat._processor import BatchProcessor, check_processor
 from asynchat._ranks import RankGroup
 from asynchat._resume import (
     DataTracker,
@@ -740,10 +740,7 @@ def _check_arguments(
             f"model must be a torch.nn.Module or a mapping of names to modules, got {got}"
         )
     check_data_loader(data_loader, num_epochs)
-    if not isinstance(batch_processor, BatchProcessor):
-        raise TypeError(
-            f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
-        )
+    check_processor(batch_processor)
     if (num_epochs is None) == (num_steps is None):
         raise ValueError(
             "pass exactly one of num_epochs and num_steps, got "

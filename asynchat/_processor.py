@@ -357,6 +357,12 @@ def _pick_optimizer(state: LoopState, name: str | None) -> tuple[str, torch.opti
     return name, optimizers[name]
 
 
+def check_processor(value: object) -> None:
+    """``value`` (a ``batch_processor=`` argument) must be a :class:`BatchProcessor`."""
+    if not isinstance(value, BatchProcessor):
+        raise TypeError(f"batch_processor must be an asynchat.BatchProcessor, got {value!r}")
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch: a pair, a 1-sequence, a tensor, or a dict.
 

@@ -49,24 +49,22 @@ def _job(kind: str, save_dir: str) -> Any:
     from asynchat import BasicBatchProcessor, Trainer
     from asynchat.callbacks import Checkpoint
 
+    inputs, outputs = (8192, 16384) if kind == "big-tensor" else (16, 16)
+    data = [(torch.randn(8, inputs), torch.randn(8, outputs)) for _ in range(2)]
+    compiled = kind == "compile"
     if kind == "checkpoint":
-        model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(2000)])
-        callbacks = [Checkpoint(save_dir, every_n_steps=1)]
-        processor = BasicBatchProcessor(nn.MSELoss())
+        model: nn.Module = nn.Sequential(*[nn.Linear(16, 16) for _ in range(2000)])
     elif kind == "big-tensor":
-        model = nn.Linear(8192, 16384, bias=False)
-        callbacks = [Checkpoint(save_dir, every_n_steps=1)]
-        processor = BasicBatchProcessor(nn.MSELoss())
-        data = [(torch.randn(8, 8192), torch.randn(8, 16384)) for _ in range(2)]
-        optimizer = lambda m: torch.optim.SGD(m.parameters(), lr=0.01)  # noqa: E731
-        return Trainer(model, data, optimizer, batch_processor=processor, num_steps=2,
-                       callbacks=callbacks)  # fmt: skip
+        model = nn.Linear(inputs, outputs, bias=False)
     else:
         model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
-        callbacks = []
-        processor = BasicBatchProcessor(nn.MSELoss(), compile=True)
-    data = [(torch.randn(8, 16), torch.randn(8, 16)) for _ in range(2)]
-    optimizer = lambda m: torch.optim.Adam(m.parameters())  # noqa: E731
+    callbacks = [] if compiled else [Checkpoint(save_dir, every_n_steps=1)]
+    optimizer = (  # (SGD: the big tensor's checkpoint is the weight alone)
+        (lambda m: torch.optim.SGD(m.parameters(), lr=0.01))
+        if kind == "big-tensor"
+        else (lambda m: torch.optim.Adam(m.parameters()))
+    )
+    processor = BasicBatchProcessor(nn.MSELoss(), compile=compiled)
     return Trainer(model, data, optimizer, batch_processor=processor, num_steps=2,
                    callbacks=callbacks)  # fmt: skip
 

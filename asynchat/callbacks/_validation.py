@@ -12,7 +12,7 @@ from asynchat._checks import flag, function, loss_function, positive_int, text
 from asynchat._data import check_data_loader
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
-from asynchat._processor import BatchProcessor, LossFn
+from asynchat._processor import BatchProcessor, LossFn, check_processor
 from asynchat._state import LoopState
 from asynchat.callbacks._metrics import MetricUpdater, Select, outputs_and_targets
 
@@ -92,10 +92,8 @@ class Validation(Callback):
             )
         if loss_fn is not None:  # (checked here, not after the first epoch's training)
             loss_function("loss_fn", loss_fn)
-        if batch_processor is not None and not isinstance(batch_processor, BatchProcessor):
-            raise TypeError(
-                f"batch_processor must be an asynchat.BatchProcessor, got {batch_processor!r}"
-            )
+        if batch_processor is not None:
+            check_processor(batch_processor)
         self.data_loader = data_loader
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
