@@ -65,6 +65,7 @@ EXTRAS = "asynchat.pt"  # in a sharded checkpoint: everything but the shards
 _NAME = re.compile(r"step-(\d{9,})\.(?:ckpt|dcp)")
 _TEMPORARY = re.compile(r"\.(step-\d{9,}\.(?:ckpt|dcp)|manifest\.json)\.[0-9a-f-]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # a loop's run_id (uuid4().hex)
 # A manifest lists some 250 bytes a checkpoint: 64 MiB is a quarter of a million of them.
 # One larger (a sparse file, say) is not read into memory.
 MANIFEST_LIMIT = 64 << 20
@@ -524,6 +525,9 @@ def _entry_problem(entry: Any) -> str | None:
     digest = entry.get("sha256")
     if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
         return f"sha256 {digest!r} of {name!r} is not a SHA-256 digest"
+    run = entry.get("run")
+    if run is not None and not _is_run_id(run):
+        return f"run {run!r} of {name!r} is not a run id"
     metric = entry.get("metric")
     if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
         return f"metric {metric!r} of {name!r} is not a number"
@@ -601,6 +605,7 @@ def manifest_entry(
         "global_step": progress["global_step"],
         "epoch": progress["epoch"],
         "metric": metric if finite(metric) else None,  # (strict JSON: no NaN; ranks alike)
+        "run": progress.get("run"),
         "sha256": digest,
         "bytes": size,
         "time": time.time(),
@@ -922,12 +927,19 @@ def _check_progress(file: Path, progress: dict[str, Any]) -> None:
             f"{file}: its progress has epoch_exhausted={progress['epoch_exhausted']!r}, "
             "not True or False"
         )
+    run = progress.get("run")  # (absent from older checkpoints)
+    if run is not None and not _is_run_id(run):
+        raise CheckpointError(f"{file}: its progress has run={run!r}, which is no run id")
     named = step_of(file.name)
     if named is not None and named != progress["global_step"]:
         raise CheckpointError(
             f"{file} holds global step {progress['global_step']}, not the step its name "
             f"says ({named}): renamed by hand? A checkpoint is found by its name's step"
         )
+
+
+def _is_run_id(value: object) -> bool:
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
 def _count(value: object, *, least: int) -> bool:

@@ -45,6 +45,12 @@ class LoopHandle(Protocol):
     def paused_s(self) -> float: ...
 
     @property
+    def run_id(self) -> str:
+        """Names this run across its stops and resumes: drawn for a new loop (rank 0's on
+        every rank of a distributed one), the checkpoint's once resumed. Its checkpoints
+        carry it, and a Checkpoint refuses a directory holding another run's."""
+
+    @property
     def resumed_from(self) -> Path | None:
         """The checkpoint file this run resumed from (None: it began afresh)."""
 

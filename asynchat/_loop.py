@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import threading
+import uuid
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -149,6 +150,7 @@ class LoopBase(PipeBase):
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.resumed_from: Path | None = None  # the checkpoint file actually loaded
         self.damaged_at_resume: tuple[Path, ...] = ()  # newer ones it was loaded instead of
+        self.run_id = uuid.uuid4().hex  # this run's across its resumes (LoopHandle.run_id)
         self.state = LoopState(
             loop=self, model=model, optimizer=None, device=self.device, training=self.training,
             num_epochs=num_epochs, num_steps=num_steps, steps_per_epoch=data_length(data_loader),
@@ -505,6 +507,7 @@ class LoopBase(PipeBase):
         """
         return build_checkpoint(
             tracker=self._data,
+            run_id=self.run_id,
             global_step=self.state.global_step,
             world_size=self.world_size,
             spans_ranks=self.spans_ranks,
@@ -568,6 +571,7 @@ class LoopBase(PipeBase):
             steps=checkpoint.get("metric_steps"),
         )  # fmt: skip
         self.state.epoch = checkpoint["progress"]["epoch"]
+        self.run_id = checkpoint["progress"].get("run", self.run_id)  # (older ones: none)
 
     def _prepare(self) -> ResumePoint | None:
         """The model, optimizer and processor ready, and the resume checkpoint loaded (no
@@ -621,11 +625,12 @@ class LoopBase(PipeBase):
     def _agree_with_ranks(self) -> None:
         """Refuse to start a loop whose ranks would not act alike (other bounds or
         processors, or callbacks with ``every_rank`` missing on some rank): one all-gather,
-        when the loop spans ranks."""
+        when the loop spans ranks; and take rank 0's :attr:`run_id` (one broadcast)."""
         if self._ranks is not None:
             together = "step and update together" if self.training else "step together"
             name = type(self).__name__
             self._ranks.refuse_unlike(name, self._settings(), self.callbacks, together)
+            self.run_id = self._ranks.rank_zeros(self.run_id)
 
     def _settings(self) -> str:
         """What must be alike on every rank for the ranks to step together."""

@@ -69,6 +69,12 @@ class RankGroup:
         dist.gather_object(obj, gathered, dst=0, group=self.group)  # on the CPU too
         return gathered
 
+    def rank_zeros(self, obj: T) -> T:
+        """Rank 0's ``obj``, on every rank (one broadcast on the CPU)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def refuse_unlike(
         self, name: str, settings: str, callbacks: Iterable[Callback], together: str
     ) -> None:

@@ -7,7 +7,8 @@ A checkpoint (:func:`build_checkpoint`) is a plain dict that loads with
 ``format, version``   ``"asynchat-checkpoint"``, 3
 ``progress``          ``epoch``, ``steps_in_epoch``, ``epoch_exhausted`` (the epoch's end has
                       run), ``global_step``, ``world_size`` and the data loader's
-                      ``batch_size`` (to resume inside an epoch on another number of ranks)
+                      ``batch_size`` (to resume inside an epoch on another number of ranks),
+                      and ``run``: the loop's ``run_id`` (absent from older checkpoints)
 ``metrics``           ``state.metrics``
 ``metric_steps``      the global step at which each metric was measured (absent from older
                       checkpoints: the checkpoint's step stands in)
@@ -259,6 +260,7 @@ def own_part(
 def build_checkpoint(
     *,
     tracker: DataTracker,
+    run_id: str,
     global_step: int,
     world_size: int,
     spans_ranks: bool,
@@ -290,6 +292,7 @@ def build_checkpoint(
             "global_step": global_step,
             "world_size": world_size,
             "batch_size": getattr(data_loader, "batch_size", None),
+            "run": run_id,
         },
         **_own_fields(tracker, metrics, data_loader),
         **weights,

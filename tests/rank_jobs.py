@@ -181,7 +181,7 @@ async def ddp_train(
     state = await trainer.fit()
     torch.save(
         {"model": trainer.model.state_dict(), "global_step": state.global_step,
-         "stop_reason": state.stop_reason},
+         "stop_reason": state.stop_reason, "run_id": trainer.run_id},
         Path(out, f"rank{rank}.pt"),
     )  # fmt: skip
 

@@ -99,7 +99,8 @@ def read_manifest(directory: Path) -> list[dict[str, Any]]:
 @pytest.mark.anyio
 async def test_every_n_steps_writes_loadable_checkpoints_with_a_manifest(tmp_path: Path) -> None:
     checkpoint = Checkpoint(tmp_path, every_n_steps=4, keep_last=10, save_on_end=True)
-    await make_trainer(checkpoint, num_epochs=2).fit()  # 12 steps
+    trainer = make_trainer(checkpoint, num_epochs=2)
+    await trainer.fit()  # 12 steps
     entries = read_manifest(tmp_path)
     assert [e["global_step"] for e in entries] == [4, 8, 12]
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
@@ -115,8 +116,9 @@ async def test_every_n_steps_writes_loadable_checkpoints_with_a_manifest(tmp_pat
     # on at the next epoch.
     assert final["progress"] == {
         "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": True, "global_step": 12,
-        "world_size": 1, "batch_size": 16,
+        "world_size": 1, "batch_size": 16, "run": trainer.run_id,
     }  # fmt: skip
+    assert {e["run"] for e in entries} == {trainer.run_id}
 
 
 def test_a_step_save_at_an_epochs_last_step_holds_what_the_epochs_end_did(
@@ -171,7 +173,7 @@ async def test_every_n_epochs_saves_after_the_epoch(tmp_path: Path) -> None:
     data = torch.load(tmp_path / entry["file"], weights_only=True)
     assert data["progress"] == {
         "epoch": 1, "steps_in_epoch": 6, "epoch_exhausted": True, "global_step": 12,
-        "world_size": 1, "batch_size": 16,
+        "world_size": 1, "batch_size": 16, "run": entry["run"],
     }  # fmt: skip
 
 

@@ -958,6 +958,110 @@ async def test_overwrite_never_removes_the_checkpoints_of_a_live_run(tmp_path: P
 # -- a machine crash -------------------------------------------------------------------------
 
 
+# -- one run per directory: another run's checkpoints, by run_id -------------------------
+
+
+@pytest.mark.anyio
+async def test_a_run_resumed_from_elsewhere_never_prunes_another_runs_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """Regression: a run resumed from its own directory at step 36 and saving into one that
+    held another run's checkpoints of steps 6-18 pruned them as its own older ones (two of
+    three gone at its first save; the third kept as if it were its own). Refused before
+    training now, the directory as it was; told apart by the runs' ids."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    other = make_trainer(Checkpoint(theirs, every_n_epochs=1), num_epochs=3)
+    await other.fit()
+    await make_trainer(Checkpoint(mine, every_n_epochs=1), num_epochs=6).fit()
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.name != LOCK}
+    resumed = make_trainer(Checkpoint(theirs, every_n_epochs=1), num_epochs=8, resume_from=mine)
+    with pytest.raises(CheckpointError) as refused:
+        await resumed.fit()
+    assert str(refused.value).startswith(
+        f"Checkpoint(save_dir={str(theirs)!r}): the directory holds checkpoints of another run "
+        f"(step-000000018.ckpt, global step 18, run_id {other.run_id}; this run is at 36, "
+        f"run_id {resumed.run_id}). Save into another directory, or pass overwrite=True"
+    )
+    assert resumed.state.global_step == 36, "refused before any step"
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.name != LOCK} == before
+
+
+@pytest.mark.anyio
+async def test_overwrite_removes_another_runs_checkpoints(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    await make_trainer(Checkpoint(theirs, every_n_epochs=1), num_epochs=3).fit()
+    await make_trainer(Checkpoint(mine, every_n_epochs=1), num_epochs=6).fit()
+    resumed = make_trainer(
+        Checkpoint(theirs, every_n_epochs=1, overwrite=True), num_epochs=8, resume_from=mine
+    )
+    with caplog.at_level("INFO", logger="asynchat.checkpoint"):
+        assert (await resumed.fit()).global_step == 48
+    assert steps_on_disk(theirs) == [42, 48]
+    assert {e["run"] for e in manifest(theirs)} == {resumed.run_id}
+    assert "removed 3 checkpoint(s) of another run (step-000000006.ckpt to " \
+        "step-000000018.ckpt)" in caplog.text  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_run_keeps_its_run_id_through_resumes_wherever_it_saves(tmp_path: Path) -> None:
+    """The same run, resumed from a copy of its checkpoint elsewhere, saves on into its own
+    directory: its id came with the checkpoint."""
+    first = make_trainer(Checkpoint(tmp_path / "a", every_n_epochs=1, keep_last=None))
+    await first.fit()
+    copy = tmp_path / "copy" / "step-000000018.ckpt"
+    copy.parent.mkdir()
+    shutil.copy(tmp_path / "a" / copy.name, copy)
+    again = make_trainer(
+        Checkpoint(tmp_path / "a", every_n_epochs=1, keep_last=None), num_epochs=5,
+        resume_from=copy,
+    )  # fmt: skip
+    assert again.run_id != first.run_id, "a new loop draws its own"
+    await again.fit()
+    assert again.run_id == first.run_id
+    assert steps_on_disk(tmp_path / "a") == [6, 12, 18, 24, 30]
+    assert {e["run"] for e in manifest(tmp_path / "a")} == {first.run_id}
+
+
+@pytest.mark.anyio
+async def test_checkpoints_without_a_run_id_are_of_any_run(tmp_path: Path) -> None:
+    """Checkpoints written before runs had ids (and files a crash kept out of the manifest)
+    belong to no run in particular: a run resumed from elsewhere saves beside them, as
+    before."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    await make_trainer(Checkpoint(theirs, every_n_epochs=1, keep_last=None)).fit()
+    write_manifest(theirs, [{k: v for k, v in e.items() if k != "run"} for e in manifest(theirs)])
+    await make_trainer(Checkpoint(mine, every_n_epochs=1), num_epochs=4).fit()
+    resumed = make_trainer(
+        Checkpoint(theirs, every_n_epochs=1, keep_last=None), num_epochs=5, resume_from=mine
+    )
+    assert (await resumed.fit()).global_step == 30
+    assert steps_on_disk(theirs) == [6, 12, 18, 30]
+
+
+def test_a_manifest_entry_with_a_bad_run_id_is_ignored(tmp_path: Path) -> None:
+    train(tmp_path)
+    entries = manifest(tmp_path)
+    entries[0]["run"] = ["../x"]
+    write_manifest(tmp_path, entries)
+    with pytest.warns(CheckpointWarning, match=r"run \['\.\./x'\] of 'step-000000002\.ckpt' "
+                      r"is not a run id; ignored"):  # fmt: skip
+        assert asynchat._checkpoint_io.read_manifest(tmp_path) == entries[1:]
+
+
+@pytest.mark.parametrize("run", [7, "x" * 32, "../../etc"])
+def test_a_checkpoint_whose_run_id_is_no_run_id_is_refused(tmp_path: Path, run: Any) -> None:
+    train(tmp_path / "run")
+    checkpoint, _ = load_checkpoint(tmp_path / "run" / "step-000000006.ckpt")
+    checkpoint["progress"]["run"] = run
+    path = tmp_path / "step-000000006.ckpt"  # (no manifest: its own digest checked)
+    path.write_bytes(serialize(checkpoint)[0])
+    with pytest.raises(CheckpointError, match=re.escape(f"its progress has run={run!r}, which "
+                       "is no run id")):  # fmt: skip
+        load_checkpoint(path)
+
+
 def test_the_logs_are_on_disk_before_a_checkpoint_that_covers_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -142,6 +142,14 @@ def test_resume_across_the_same_world_size(
         assert a["global_step"] == b["global_step"] == 8
         for name, value in a["model"].items():
             assert torch.equal(value, b["model"][name]), (rank, name)
+    # One run_id a run, rank 0's on every rank (each drew its own); the resumed run's, the
+    # checkpoint's (of the first run).
+    run_ids = {
+        name: {torch.load(tmp_path / name / f"rank{r}.pt")["run_id"] for r in range(2)}
+        for name in ("straight", "first", "resumed")
+    }
+    assert all(len(ids) == 1 for ids in run_ids.values()), run_ids
+    assert run_ids["resumed"] == run_ids["first"] != run_ids["straight"]
 
 
 @pytest.mark.slow

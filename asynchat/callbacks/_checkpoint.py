@@ -143,10 +143,13 @@ class Checkpoint(Callback):
 
     A run further back than the directory's newest checkpoint (a fresh run into a used
     directory, or one resumed from an older file) is refused at ``on_loop_begin``, before
-    training: its checkpoints would rank as older than the other run's and be pruned. With
-    ``overwrite=True`` it removes the checkpoints further on than itself instead, once it
-    holds the directory's lock: a run that starts over never removes a live run's files
-    (``shutil.rmtree(save_dir)`` before a fresh run did, under a run still writing there).
+    training: its checkpoints would rank as older than the other run's and be pruned. So is
+    a run beside another run's checkpoints further back (told apart by the loop's
+    ``run_id``, which its checkpoints carry): they would be pruned as its own older ones.
+    With ``overwrite=True`` it removes the other run's, or those further on than itself,
+    instead, once it holds the directory's lock: a run that starts over never removes a
+    live run's files (``shutil.rmtree(save_dir)`` before a fresh run did, under a run still
+    writing there).
 
     Retention: the newest checkpoint is always kept (so nothing is pruned before a newer one
     is safely written), plus the newest ``keep_last`` and the best ``keep_best`` by
@@ -178,7 +181,8 @@ class Checkpoint(Callback):
             after an error), unless the last step was just saved.
         overwrite: a run further back than the directory's newest checkpoint removes the
             checkpoints further on than itself (a fresh run: every one; one resumed from an
-            older file: those after it), where it would be refused. Only once it holds the
+            older file: those after it), and a run beside another run's checkpoints those,
+            where it would be refused. Only once it holds the
             directory: a live run's directory is refused all the same. The removal is
             logged (``asynchat.checkpoint``, INFO).
     """
@@ -296,26 +300,46 @@ class Checkpoint(Callback):
         there beside the checkpoints further on: ranked by global step, its own would be
         pruned as older the moment they were written (measured: a fresh 2-epoch run into a
         5-epoch run's directory kept none of its own), and the same step's file of the
-        other run would be overwritten. Refused, or with ``overwrite`` those removed; but
-        those the resume passed over as damaged are set aside."""
+        other run would be overwritten. Nor beside another run's (by ``run_id``) further
+        back: they would be pruned as its own older ones (a run resumed from elsewhere
+        into a used directory removed all but one of them), and one could rank as its best.
+        Refused, or with ``overwrite`` those removed; but those the resume passed over as
+        damaged are set aside."""
         later = [e for e in self._entries if e["global_step"] > state.global_step]
         here = self.save_dir.resolve()
         damaged = {p.name for p in state.loop.damaged_at_resume if p.parent.resolve() == here}
         if any(e["file"] in damaged for e in later):
             self._set_aside([e for e in later if e["file"] in damaged], state)
             later = [e for e in later if e["file"] not in damaged]
-        if not later:
-            return
+        run = state.loop.run_id
+        others = [  # (None: a file a crash kept out of the manifest, or an older checkpoint)
+            e for e in self._entries
+            if e.get("run") not in (None, run) and e["global_step"] <= state.global_step
+        ]  # fmt: skip
+        if later:
+            self._refuse_or_remove(later, "a run further on than this one", state)
+        if others:
+            self._refuse_or_remove(others, "another run", state)
+
+    def _refuse_or_remove(
+        self, entries: list[dict[str, Any]], whose: str, state: LoopState
+    ) -> None:
         if self.overwrite:
-            self._remove_entries(later)
+            self._remove_entries(entries, whose)
             return
-        newest = later[-1]
+        newest = entries[-1]
+        theirs = f"{newest['file']}, global step {newest['global_step']}"
+        ours = f"this run is at {state.global_step}"
+        if newest["global_step"] > state.global_step:
+            advice = "Resume from it (resume_from=save_dir), save"
+        else:  # another run's, told apart by their ids
+            theirs = f"{theirs}, run_id {newest['run']}"
+            ours = f"{ours}, run_id {state.loop.run_id}"
+            advice = "Save"
         raise CheckpointError(
             f"Checkpoint(save_dir={str(self.save_dir)!r}): the directory holds checkpoints "
-            f"of a run further on than this one ({newest['file']}, global step "
-            f"{newest['global_step']}; this run is at {state.global_step}). Resume from "
-            "it (resume_from=save_dir), save into another directory, or pass overwrite=True "
-            "to remove them"
+            f"of {whose} ({theirs}; {ours}). {advice} into another directory, or pass "
+            "overwrite=True to remove them"
         )
 
     def _set_aside(self, damaged: list[dict[str, Any]], state: LoopState) -> None:
@@ -345,15 +369,15 @@ class Checkpoint(Callback):
         write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
         self._entries = kept
 
-    def _remove_entries(self, removed: list[dict[str, Any]]) -> None:
-        """Remove the checkpoints ``removed``: first from the manifest, then their files."""
+    def _remove_entries(self, removed: list[dict[str, Any]], whose: str) -> None:
+        """Remove the checkpoints ``removed`` (of ``whose``): first from the manifest, then
+        their files."""
         self._unlist(removed)
         for entry in removed:
             remove(self.save_dir / entry["file"])
         _LOG.info(
-            "Checkpoint(save_dir=%r, overwrite=True): removed %d checkpoint(s) of a run "
-            "further on than this one (%s to %s)",
-            str(self.save_dir), len(removed), removed[0]["file"], removed[-1]["file"],
+            "Checkpoint(save_dir=%r, overwrite=True): removed %d checkpoint(s) of %s (%s to %s)",
+            str(self.save_dir), len(removed), whose, removed[0]["file"], removed[-1]["file"],
         )  # fmt: skip
 
     def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
