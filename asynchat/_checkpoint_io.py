@@ -583,7 +583,7 @@ def write_manifest(
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
 
 
-def _manifest_ranking(directory: Path) -> tuple[str, str] | None:
+def manifest_ranking(directory: Path) -> tuple[str, str] | None:
     """``(monitor, mode)`` as the manifest records them, if it ranks its checkpoints."""
     try:
         manifest = _read_json(directory / MANIFEST)
@@ -705,7 +705,7 @@ def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) ->
         raise CheckpointError(f"find_checkpoint: {str(directory)!r} is not a directory")
     if not best:
         return _load_newest(directory, "directory")[1]
-    ranking = _manifest_ranking(directory)
+    ranking = manifest_ranking(directory)
     if ranking is None:
         raise CheckpointError(
             f"{directory}: its manifest ranks no checkpoint (written without monitor=...); "
@@ -763,6 +763,24 @@ def load_weights(
             f"no weights start with prefix={prefix!r}; the checkpoint's model has {tops}"
         )
     return load_portable(module, chosen, strict=strict)
+
+
+def saved_metric(file: Path, digest: str | None, name: str) -> float | None:
+    """The metric ``name`` as the checkpoint ``file`` holds it, if it was measured at the
+    checkpoint's step; None otherwise, or if the file is damaged (then with a
+    :class:`CheckpointWarning`)."""
+    try:
+        checkpoint = _load_file(file, digest)
+    except CheckpointError as exc:
+        warnings.warn(f"{exc}; it is kept unranked", CheckpointWarning, stacklevel=2)
+        return None
+    step = checkpoint["progress"]["global_step"]
+    metrics, steps = checkpoint["metrics"], checkpoint.get("metric_steps")
+    value = metrics.get(name) if isinstance(metrics, dict) else None
+    measured = steps.get(name, step) if isinstance(steps, dict) else step  # (older: none)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or measured != step:
+        return None
+    return float(value) if finite(value) else None
 
 
 def _expected_digest(path: Path) -> str | None:

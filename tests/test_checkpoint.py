@@ -195,6 +195,76 @@ async def test_keep_last_and_keep_best(tmp_path: Path) -> None:
     assert sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("*.ckpt")) == kept
 
 
+class Scores(Callback):
+    """Publishes at each step the values ``scores`` gives for it (``{name: {step: value}}``),
+    a metric not in it left as it was (measured at an earlier step)."""
+
+    def __init__(self, scores: dict[str, dict[int, float]]) -> None:
+        self.scores = scores
+
+    def on_step_end(self, state: LoopState) -> None:
+        for name, values in self.scores.items():
+            if state.global_step in values:
+                state.metrics[name] = values[state.global_step]
+
+
+# Steps 1-6: a loss best (lowest) at 2, an accuracy best at 5; steps 7-9: worse than both.
+LOSS = {1: 5.0, 2: 1.0, 3: 3.0, 4: 4.0, 5: 4.5, 6: 4.6, 7: 4.7, 8: 4.8, 9: 4.9}
+ACCURACY = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3, 5: 0.95, 6: 0.5, 7: 0.4, 8: 0.3, 9: 0.2}
+
+
+@pytest.mark.anyio
+async def test_a_run_resumed_with_another_monitor_ranks_the_checkpoints_by_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: resumed with monitor="val/accuracy" (max) into a directory ranked by
+    "val/loss" (min), a run took step 4's loss of 4.0 for the best accuracy, kept that
+    checkpoint as the best and pruned step 5's (accuracy 0.95, the best), and
+    find_checkpoint(best=True) named step 4's. The checkpoints are ranked again by the new
+    monitor, as each holds it."""
+
+    def checkpoint(**ranking: Any) -> Checkpoint:
+        return Checkpoint(tmp_path, every_n_steps=1, keep_last=1, keep_best=1, **ranking)
+
+    scores = Scores({"val/loss": LOSS, "val/accuracy": ACCURACY})
+    await make_trainer(scores, checkpoint(monitor="val/loss"), num_steps=6).fit()
+    assert [e["global_step"] for e in read_manifest(tmp_path)] == [2, 6]
+    resumed = make_trainer(
+        scores, checkpoint(monitor="val/accuracy", mode="max"), num_steps=9,
+        resume_from=tmp_path,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="asynchat.checkpoint"):
+        await resumed.fit()
+    assert {e["global_step"]: e["metric"] for e in read_manifest(tmp_path)} == {2: 0.9, 9: 0.2}
+    assert find_checkpoint(tmp_path, best=True) == tmp_path / "step-000000002.ckpt"
+    assert "2 checkpoint(s) ranked by 'val/loss' before, ranked again by 'val/accuracy'" \
+        in caplog.text  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_monitor_given_on_resume_ranks_the_checkpoints_saved_without_one(
+    tmp_path: Path,
+) -> None:
+    """Saved without a monitor, the checkpoints rank by the one a resumed run gives, where
+    each measured it at its own step (step 3's value was measured at step 2: unranked);
+    a damaged one is kept unranked, with a warning."""
+    scores = Scores({"val/accuracy": {k: v for k, v in ACCURACY.items() if k != 3}})
+    await make_trainer(
+        scores, Checkpoint(tmp_path, every_n_steps=1, keep_last=None), num_steps=6
+    ).fit()
+    (tmp_path / "step-000000004.ckpt").write_bytes(b"damaged")
+    checkpoint = Checkpoint(
+        tmp_path, every_n_steps=1, keep_last=None, monitor="val/accuracy", mode="max"
+    )
+    with pytest.warns(CheckpointWarning, match=r"step-000000004\.ckpt does not match its "
+                      r"manifest checksum .*; it is kept unranked"):  # fmt: skip
+        await make_trainer(scores, checkpoint, num_steps=7, resume_from=tmp_path).fit()
+    assert {e["global_step"]: e["metric"] for e in read_manifest(tmp_path)} == {
+        1: 0.1, 2: 0.9, 3: None, 4: None, 5: 0.95, 6: 0.5, 7: 0.4,
+    }  # fmt: skip
+    assert checkpoint.best_path == tmp_path / "step-000000005.ckpt"
+
+
 @pytest.mark.anyio
 async def test_a_checkpoint_is_ranked_only_by_a_metric_measured_on_its_weights(
     tmp_path: Path,

@@ -25,10 +25,12 @@ from asynchat._checkpoint_io import (
     finite,
     fsync_dir,
     manifest_entry,
+    manifest_ranking,
     read_manifest,
     remove,
     remove_temporaries,
     save_file,
+    saved_metric,
     step_of,
     sync_files,
     write_manifest,
@@ -276,7 +278,7 @@ class Checkpoint(Callback):
             ) from exc
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
-        self._entries = self._adopt(read_manifest(self.save_dir))
+        self._entries = self._ranked_anew(self._adopt(read_manifest(self.save_dir)))
         self._meet_a_later_run(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
@@ -392,6 +394,27 @@ class Checkpoint(Callback):
                      "sha256": None, "bytes": path.stat().st_size, "time": path.stat().st_mtime}
                 )  # fmt: skip
         return sorted(entries, key=lambda e: e["global_step"])
+
+    def _ranked_anew(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Checkpoints ranked by another ``monitor`` than this one (the manifest's, or none)
+        hold that one's values: a run resumed with ``monitor="val/accuracy"`` after
+        ``"val/loss"`` took a loss of 4.0 for the best accuracy, kept it as the best and
+        pruned the best by accuracy, and ``find_checkpoint(best=True)`` named it. Ranked
+        again by this monitor, as each checkpoint holds it (measured at its step; each file
+        read once, here)."""
+        ranked_by = manifest_ranking(self.save_dir)
+        if self.monitor is None or not entries or (ranked_by or ("",))[0] == self.monitor:
+            return entries
+        for entry in entries:
+            file = self.save_dir / entry["file"]
+            entry["metric"] = saved_metric(file, entry.get("sha256"), self.monitor)
+        _LOG.info(
+            "Checkpoint(save_dir=%r, monitor=%r): %d checkpoint(s) ranked by %s before, "
+            "ranked again by %r as each holds it",
+            str(self.save_dir), self.monitor, len(entries),
+            repr(ranked_by[0]) if ranked_by else "no monitor", self.monitor,
+        )  # fmt: skip
+        return entries
 
     def on_step_end(self, state: LoopState) -> None:
         self._writer.raise_if_failed()  # a failed write is reported at the next step
