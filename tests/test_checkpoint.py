@@ -266,6 +266,38 @@ async def test_a_monitor_given_on_resume_ranks_the_checkpoints_saved_without_one
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("lost", ["manifest", "newest-entry"])
+async def test_checkpoints_the_manifest_does_not_list_are_ranked_by_what_they_hold(
+    tmp_path: Path, lost: str
+) -> None:
+    """Regression: files the manifest does not list (it was removed by hand or is
+    unreadable; a crash came between a file and its entry) were kept unranked, so the best
+    of them was pruned like any other: here step 5's (accuracy 0.95) at the resumed run's
+    first save. Each is ranked by the monitor's value it holds."""
+
+    def checkpoint() -> Checkpoint:
+        return Checkpoint(
+            tmp_path, every_n_steps=1, keep_last=1, keep_best=1, monitor="val/accuracy",
+            mode="max",
+        )  # fmt: skip
+
+    scores = Scores({"val/accuracy": ACCURACY})
+    await make_trainer(scores, checkpoint(), num_steps=5).fit()
+    assert [e["global_step"] for e in read_manifest(tmp_path)] == [5]
+    if lost == "manifest":
+        (tmp_path / "manifest.json").unlink()
+    else:  # as a crash between the file's write and the manifest's leaves them
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        manifest["checkpoints"] = []
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    await make_trainer(scores, checkpoint(), num_steps=7, resume_from=tmp_path).fit()
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "step-000000005.ckpt", "step-000000007.ckpt",
+    ]  # fmt: skip
+    assert find_checkpoint(tmp_path, best=True) == tmp_path / "step-000000005.ckpt"
+
+
+@pytest.mark.anyio
 async def test_a_checkpoint_is_ranked_only_by_a_metric_measured_on_its_weights(
     tmp_path: Path,
 ) -> None:

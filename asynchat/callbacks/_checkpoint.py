@@ -278,8 +278,8 @@ class Checkpoint(Callback):
             ) from exc
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
-        self._entries = self._ranked_anew(self._adopt(read_manifest(self.save_dir)))
-        self._meet_a_later_run(state)  # on_loop_end releases the lock
+        self._entries = self._adopt(self._ranked_anew(read_manifest(self.save_dir)))
+        self._meet_other_runs(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
 
@@ -297,14 +297,14 @@ class Checkpoint(Callback):
                 "every_n_epochs together; or give each its own save_dir"
             )
 
-    def _meet_a_later_run(self, state: LoopState) -> None:
+    def _meet_other_runs(self, state: LoopState) -> None:
         """A run that does not continue the directory's newest checkpoint must not write
         there beside the checkpoints further on: ranked by global step, its own would be
         pruned as older the moment they were written (measured: a fresh 2-epoch run into a
         5-epoch run's directory kept none of its own), and the same step's file of the
         other run would be overwritten. Nor beside another run's (by ``run_id``) further
-        back: they would be pruned as its own older ones (a run resumed from elsewhere
-        into a used directory removed all but one of them), and one could rank as its best.
+        back: they would be pruned as its own older ones (measured: a run resumed from
+        elsewhere removed two of three at its first save), and one could rank as its best.
         Refused, or with ``overwrite`` those removed; but those the resume passed over as
         damaged are set aside."""
         later = [e for e in self._entries if e["global_step"] > state.global_step]
@@ -383,15 +383,18 @@ class Checkpoint(Callback):
         )  # fmt: skip
 
     def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The manifest's entries plus checkpoint files a crash kept out of it (so that they
-        are pruned like the others), oldest first."""
+        """The manifest's entries plus checkpoint files a crash (or a hand) kept out of it,
+        so that they are pruned like the others, oldest first; ranked by the ``monitor``
+        value each holds (unranked, the best of a directory whose manifest was lost was
+        pruned as any other)."""
         listed = {e["file"] for e in entries}
         for path in checkpoint_files(self.save_dir):
             if path.name not in listed:
-                step = step_of(path.name)
+                step, size, mtime = step_of(path.name), path.stat().st_size, path.stat().st_mtime
+                metric = None if self.monitor is None else saved_metric(path, None, self.monitor)
                 entries.append(
-                    {"file": path.name, "global_step": step, "epoch": None, "metric": None,
-                     "sha256": None, "bytes": path.stat().st_size, "time": path.stat().st_mtime}
+                    {"file": path.name, "global_step": step, "epoch": None, "metric": metric,
+                     "sha256": None, "bytes": size, "time": mtime}
                 )  # fmt: skip
         return sorted(entries, key=lambda e: e["global_step"])
 
