@@ -28,6 +28,7 @@ from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
 from asynchat._state import Metrics
 from asynchat.callbacks import (
     Checkpoint,
+    CheckpointWarning,
     EarlyStopping,
     ExponentialMovingAverage,
     FreezeModule,
@@ -197,7 +198,9 @@ async def test_early_stopping_stops_after_patience() -> None:
     state = await make_trainer(FakeValidation(), stopper, num_epochs=6).fit()
     assert state.epoch == 4  # epochs 2, 3, 4 (0-based) brought no improvement over 0.6
     assert state.stop_reason is not None and "val/accuracy did not improve" in state.stop_reason
-    assert stopper.state_dict() == {"best": 0.6, "bad_checks": 3, "acted_at": 30}
+    assert stopper.state_dict() == {
+        "best": 0.6, "bad_checks": 3, "acted_at": 30, "monitor": "val/accuracy", "mode": "max",
+    }  # fmt: skip
 
 
 class EveryOtherEpoch(Callback):
@@ -239,8 +242,70 @@ async def test_a_resumed_early_stopping_does_not_count_a_validation_twice(tmp_pa
     stoppers = [
         next(c for c in t.callbacks if isinstance(c, EarlyStopping)) for t in (whole, resumed)
     ]
-    expected = {"best": 1.0, "bad_checks": 1, "acted_at": 18}  # checks at epochs 0 and 2
+    expected = {  # checks at epochs 0 and 2
+        "best": 1.0, "bad_checks": 1, "acted_at": 18, "monitor": "val/loss", "mode": "min",
+    }  # fmt: skip
     assert stoppers[1].state_dict() == stoppers[0].state_dict() == expected
+
+
+class Validated(Callback):
+    """Publishes at each epoch's end a falling loss (1.0, 0.9, ...) and a rising accuracy
+    (0.10, 0.11, ...): both improve at every check."""
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        state.metrics["val/loss"] = 1.0 - 0.1 * state.epoch
+        state.metrics["val/accuracy"] = 0.10 + 0.01 * state.epoch
+
+
+@pytest.mark.parametrize(
+    "before", [{"monitor": "val/loss"}, {"monitor": "val/accuracy", "mode": "min"}]
+)
+async def test_an_early_stopping_resumed_on_another_metric_starts_afresh(
+    tmp_path: Path, before: dict[str, Any]
+) -> None:
+    """Regression: resumed with EarlyStopping("val/accuracy", mode="max") after one on
+    val/loss (best 0.8, a loss), the run took it for the best accuracy; no accuracy of this
+    run (0.13, 0.14) beat it, and the run stopped after patience=2 checks although every
+    value improved. So with the mode changed. The saved state is dropped, with a warning."""
+
+    def run(epochs: int, stopper: EarlyStopping, **kwargs: Any) -> Trainer:
+        return make_trainer(Validated(), stopper, Checkpoint(tmp_path), num_epochs=epochs, **kwargs)
+
+    await run(3, EarlyStopping(patience=2, **before)).fit()
+    stopper = EarlyStopping("val/accuracy", patience=2, mode="max")
+    told = (
+        r"EarlyStopping\(monitor='val/accuracy'\): the checkpoint's state of it was made "
+        r"with monitor='val/.*', mode='min': what it holds is no value of this metric, so it "
+        r"starts afresh"
+    )
+    with pytest.warns(CheckpointWarning, match=told):
+        state = await run(6, stopper, resume_from=tmp_path).fit()
+    assert state.stop_reason is None and state.epoch == 5
+    assert (stopper.best, stopper.bad_checks) == (pytest.approx(0.15), 0)
+
+
+async def test_a_plateau_schedule_resumed_on_another_metric_starts_afresh(tmp_path: Path) -> None:
+    """Regression: resumed with monitor="val/accuracy" (mode="max") after "val/loss", a
+    ReduceLROnPlateau took back the loss's best and mode ("min"): the rate was halved though
+    the accuracy improved at every check. Built afresh instead, with a warning, at the rate
+    the run had."""
+
+    def run(epochs: int, monitor: str, mode: str, **kwargs: Any) -> Trainer:
+        schedule = LRSchedule(
+            lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode, 0.5, patience=0),
+            monitor=monitor,
+        )
+        return make_trainer(
+            Validated(), schedule, Checkpoint(tmp_path), num_epochs=epochs, **kwargs
+        )
+
+    assert (await run(3, "val/loss", "min").fit()).optimizers["default"].param_groups[0][
+        "lr"
+    ] == 0.1
+    with pytest.warns(CheckpointWarning, match=r"LRSchedule\(monitor='val/accuracy'\): the "
+                      r"checkpoint's state of it was made with monitor='val/loss'"):  # fmt: skip
+        state = await run(6, "val/accuracy", "max", resume_from=tmp_path).fit()
+    assert state.optimizers["default"].param_groups[0]["lr"] == 0.1, "never halved"
 
 
 async def test_an_early_stopping_reused_by_a_new_run_starts_afresh() -> None:

@@ -88,9 +88,18 @@ class EarlyStopping(Callback):
         return value > best + self.min_delta
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_checks": self.bad_checks, "acted_at": self._metric.acted_at}
+        return {
+            "best": self.best, "bad_checks": self.bad_checks, "acted_at": self._metric.acted_at,
+            "monitor": self.monitor, "mode": self.mode,
+        }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run resumed with another ``monitor`` or ``mode`` starts afresh (with a
+        warning): the saved best is another metric's (a best accuracy of 0.95 taken for
+        the best loss, no loss improved on it, and the run stopped after ``patience``)."""
+        if self._metric.of_another(state_dict, mode=self.mode):
+            self.best, self.bad_checks = None, 0
+            return
         self.best, self.bad_checks = state_dict["best"], state_dict["bad_checks"]
         self._metric.acted_at = state_dict.get("acted_at")  # absent from older checkpoints
 

@@ -4,7 +4,10 @@ name at once, a name never published by the end of the run with a warning."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
+from asynchat._errors import CheckpointWarning
 from asynchat._state import LoopState
 
 
@@ -53,6 +56,26 @@ class Monitor:
             self.acted_at = None
             return True
         return False
+
+    def of_another(self, saved: Mapping[str, Any], **settings: object) -> bool:
+        """Whether the owner's state from a checkpoint (``saved``, which records the metric
+        as ``monitor`` and the owner's ``settings``, e.g. its mode) was made on another
+        metric, or with other settings: then what it holds (a best value, a count of
+        checks) is no value of this one, and it is said with a :class:`CheckpointWarning`
+        (the owner starts afresh). Older checkpoints record neither: taken as this one's."""
+        ours = {"monitor": self.name, **settings}
+        theirs = {key: saved.get(key, value) for key, value in ours.items()}
+        if theirs == ours:
+            return False
+        described = ", ".join(f"{key}={value!r}" for key, value in theirs.items())
+        warnings.warn(
+            f"{self.owner}: the checkpoint's state of it was made with {described}: what it "
+            "holds is no value of this metric, so it starts afresh",
+            CheckpointWarning,
+            stacklevel=4,
+        )
+        self.acted_at = None
+        return True
 
     def new_value(self, state: LoopState) -> float | None:
         """The metric's value if it is new (then it counts as acted on), else None."""

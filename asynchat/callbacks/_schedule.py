@@ -232,10 +232,18 @@ class LRSchedule(Callback):
             return {}
         if self._metric is None:
             return self.scheduler.state_dict()
-        return {"scheduler": self.scheduler.state_dict(), "acted_at": self._metric.acted_at}
+        return {
+            "scheduler": self.scheduler.state_dict(), "acted_at": self._metric.acted_at,
+            "monitor": self.monitor,
+        }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._metric is not None and state_dict.keys() == {"scheduler", "acted_at"}:
+        """A monitored scheduler resumed with another ``monitor`` is built afresh (with a
+        warning; the learning rate stays the optimizer's): its best is another metric's."""
+        if self._metric is not None and {"scheduler", "acted_at"} <= state_dict.keys():
+            if self._metric.of_another(state_dict):
+                self._loaded = None
+                return
             self._metric.acted_at = state_dict["acted_at"]
             state_dict = state_dict["scheduler"]
         self._loaded = state_dict or None  # a monitored one's, before: the scheduler's own
