@@ -408,15 +408,15 @@ class Checkpoint(Callback):
         ranked_by = manifest_ranking(self.save_dir)
         if self.monitor is None or not entries or (ranked_by or ("",))[0] == self.monitor:
             return entries
-        for entry in entries:
-            file = self.save_dir / entry["file"]
-            entry["metric"] = saved_metric(file, entry.get("sha256"), self.monitor)
         _LOG.info(
             "Checkpoint(save_dir=%r, monitor=%r): %d checkpoint(s) ranked by %s before, "
-            "ranked again by %r as each holds it",
+            "ranked again by %r as each holds it (reading each)",
             str(self.save_dir), self.monitor, len(entries),
             repr(ranked_by[0]) if ranked_by else "no monitor", self.monitor,
         )  # fmt: skip
+        for entry in entries:
+            file = self.save_dir / entry["file"]
+            entry["metric"] = saved_metric(file, entry.get("sha256"), self.monitor)
         return entries
 
     def on_step_end(self, state: LoopState) -> None:
