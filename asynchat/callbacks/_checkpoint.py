@@ -183,10 +183,10 @@ class Checkpoint(Callback):
             after an error), unless the last step was just saved.
         overwrite: a run further back than the directory's newest checkpoint removes the
             checkpoints further on than itself (a fresh run: every one; one resumed from an
-            older file: those after it), and a run beside another run's checkpoints those,
-            where it would be refused. Only once it holds the
-            directory: a live run's directory is refused all the same. The removal is
-            logged (``asynchat.checkpoint``, INFO).
+            older file: those after it), and a run beside another run's checkpoints removes
+            those, where it would be refused. Only once it holds the directory: a live
+            run's directory is refused all the same. The removal is logged
+            (``asynchat.checkpoint``, INFO).
     """
 
     every_rank = True
