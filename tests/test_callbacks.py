@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,9 +26,11 @@ from conftest import StopAt, make_loader, make_model, make_trainer, sgd
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat._checkpoint_io import serialize
 from asynchat._state import Metrics
 from asynchat.callbacks import (
     Checkpoint,
+    CheckpointError,
     CheckpointWarning,
     EarlyStopping,
     ExponentialMovingAverage,
@@ -44,6 +47,7 @@ from asynchat.callbacks import (
     TerminateOnNaN,
     Validation,
     cosine,
+    load_checkpoint,
     step_decay,
 )
 
@@ -299,13 +303,87 @@ async def test_a_plateau_schedule_resumed_on_another_metric_starts_afresh(tmp_pa
             Validated(), schedule, Checkpoint(tmp_path), num_epochs=epochs, **kwargs
         )
 
-    assert (await run(3, "val/loss", "min").fit()).optimizers["default"].param_groups[0][
-        "lr"
-    ] == 0.1
+    first = await run(3, "val/loss", "min").fit()
+    assert first.optimizers["default"].param_groups[0]["lr"] == 0.1
     with pytest.warns(CheckpointWarning, match=r"LRSchedule\(monitor='val/accuracy'\): the "
                       r"checkpoint's state of it was made with monitor='val/loss'"):  # fmt: skip
         state = await run(6, "val/accuracy", "max", resume_from=tmp_path).fit()
     assert state.optimizers["default"].param_groups[0]["lr"] == 0.1, "never halved"
+
+
+def plateau() -> LRSchedule:
+    return LRSchedule(
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+        monitor="val/loss",
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "told"),
+    [
+        (lambda: LRSchedule(cosine(100)), lambda: LRSchedule(step_decay(5)),
+         "a CosineAnnealingLR, which this schedule's StepLR"),
+        (plateau, lambda: LRSchedule(cosine(100)),
+         "a ReduceLROnPlateau, which this schedule's CosineAnnealingLR"),
+        (lambda: LRSchedule(cosine(100)), lambda: LRSchedule(cosine(100), warmup_steps=4),
+         "a CosineAnnealingLR, which this schedule's SequentialLR(LinearLR, CosineAnnealingLR)"),
+    ],
+    ids=["cosine-then-step", "plateau-then-cosine", "warmup-added"],
+)  # fmt: skip
+async def test_a_schedule_resumed_with_another_scheduler_is_refused(
+    tmp_path: Path, before: Any, after: Any, told: str
+) -> None:
+    """Regression: a scheduler's state went into a scheduler of another class unchecked
+    (torch's update their __dict__ with it): a StepLR(5) resumed at step 12 where a cosine
+    had run cut the rate from 0.096 to 0.00096 at once; a cosine after a plateau schedule
+    started over at step 0. Refused before the resumed run's first step."""
+    await make_trainer(Validated(), before(), Checkpoint(tmp_path), num_epochs=2).fit()
+    resumed = make_trainer(
+        Validated(), after(), Checkpoint(tmp_path), num_epochs=4, resume_from=tmp_path
+    )
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"LRSchedule: the checkpoint holds the state of {told} cannot go on from: resume "
+        "with the same scheduler (and warmup)"
+    )):  # fmt: skip
+        await resumed.fit()
+    assert resumed.state.global_step == 12, "refused before a step"
+
+
+@pytest.mark.parametrize("monitored", [False, True], ids=["cosine", "plateau"])
+async def test_a_schedule_resumes_from_the_state_older_checkpoints_hold(
+    tmp_path: Path, monitored: bool
+) -> None:
+    """Checkpoints written before the class was recorded held the scheduler's own state (a
+    monitored one's: with ``acted_at``): they resume as before."""
+
+    def schedule() -> LRSchedule:
+        return plateau() if monitored else LRSchedule(cosine(100))
+
+    def run(epochs: int, directory: Path, **kwargs: Any) -> Trainer:
+        return make_trainer(
+            Falling(), schedule(), Checkpoint(directory), num_epochs=epochs, **kwargs
+        )
+
+    straight = await run(5, tmp_path / "straight").fit()
+    await run(2, tmp_path / "cut").fit()
+    path = tmp_path / "cut" / "step-000000012.ckpt"
+    checkpoint, _ = load_checkpoint(path)
+    state = checkpoint["callbacks"]["LRSchedule"]
+    older = {k: state[k] for k in ("scheduler", "acted_at")} if monitored else state["scheduler"]
+    checkpoint["callbacks"]["LRSchedule"] = older
+    (tmp_path / "cut" / "manifest.json").unlink()  # (its checksum is the file's before)
+    path.write_bytes(serialize(checkpoint)[0])
+    resumed = await run(5, tmp_path / "cut", resume_from=tmp_path / "cut").fit()
+    lrs = [s.optimizers["default"].param_groups[0]["lr"] for s in (straight, resumed)]
+    assert lrs[0] == lrs[1] and lrs[0] < 0.1, lrs
+
+
+class Falling(Callback):
+    """val/loss at each epoch's end: 1.0, then no better (a plateau schedule halves the
+    rate at each check after the first)."""
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        state.metrics["val/loss"] = 1.0 + 0.1 * state.epoch
 
 
 async def test_an_early_stopping_reused_by_a_new_run_starts_afresh() -> None:

@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import (
 
 from asynchat._callback import Callback
 from asynchat._checks import metric_name, positive_int, real
+from asynchat._errors import CheckpointError
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import Monitor
 
@@ -138,6 +139,7 @@ class LRSchedule(Callback):
         self.optimizer = optimizer
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
+        self._loaded_class: str | None = None  # the class whose state _loaded is
         self._metric = (
             Monitor(f"LRSchedule(monitor={monitor!r})", monitor, alike_on_ranks=True)
             if monitor
@@ -179,10 +181,25 @@ class LRSchedule(Callback):
             main = SequentialLR(optimizer, [warm, main], milestones=[self.warmup_steps])
         self.scheduler = main
         if self._loaded is not None:
+            self._refuse_another_class(main)
             main.load_state_dict(self._loaded)
             for group, saved in zip(optimizer.param_groups, restored, strict=True):
                 _put_back(group, saved)
             self._loaded = None
+
+    def _refuse_another_class(self, scheduler: LRScheduler | ReduceLROnPlateau) -> None:
+        """A scheduler's state is its own class's: loaded into another, it was taken in
+        silently (torch's schedulers update their ``__dict__`` with it), and a StepLR resumed
+        where a cosine had run took the cosine's step count and cut the rate a hundredfold
+        at once."""
+        saved, built = self._loaded_class, _class_of(scheduler)
+        if saved is not None and saved != built:
+            raise CheckpointError(
+                f"LRSchedule: the checkpoint holds the state of a {saved}, which this "
+                f"schedule's {built} cannot go on from: resume with the same scheduler (and "
+                "warmup), or start a new run from the weights alone "
+                "(asynchat.callbacks.load_weights(model, path) before training)"
+            )
 
     def _optimizer(self, state: LoopState) -> torch.optim.Optimizer:
         optimizers = state.optimizers
@@ -230,23 +247,37 @@ class LRSchedule(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.scheduler is None:
             return {}
-        if self._metric is None:
-            return self.scheduler.state_dict()
-        return {
-            "scheduler": self.scheduler.state_dict(), "acted_at": self._metric.acted_at,
-            "monitor": self.monitor,
+        state: dict[str, Any] = {
+            "scheduler": self.scheduler.state_dict(), "class": _class_of(self.scheduler)
         }  # fmt: skip
+        if self._metric is not None:
+            state.update(acted_at=self._metric.acted_at, monitor=self.monitor)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A monitored scheduler resumed with another ``monitor`` is built afresh (with a
-        warning; the learning rate stays the optimizer's): its best is another metric's."""
-        if self._metric is not None and {"scheduler", "acted_at"} <= state_dict.keys():
-            if self._metric.of_another(state_dict):
+        warning; the learning rate stays the optimizer's): its best is another metric's.
+        One of another class is refused as the loop begins."""
+        # Older checkpoints: a monitored one's {"scheduler", "acted_at"}, before that the
+        # scheduler's own state; neither names the class.
+        ours = "scheduler" in state_dict and ("class" in state_dict or "acted_at" in state_dict)
+        self._loaded_class = state_dict.get("class") if ours else None
+        if ours:
+            if self._metric is not None and self._metric.of_another(state_dict):
                 self._loaded = None
                 return
-            self._metric.acted_at = state_dict["acted_at"]
+            if self._metric is not None:
+                self._metric.acted_at = state_dict.get("acted_at")
             state_dict = state_dict["scheduler"]
-        self._loaded = state_dict or None  # a monitored one's, before: the scheduler's own
+        self._loaded = state_dict or None
+
+
+def _class_of(scheduler: LRScheduler | ReduceLROnPlateau) -> str:
+    """``"CosineAnnealingLR"``, ``"SequentialLR(LinearLR, LambdaLR)"`` (a warmup's chain)."""
+    name = type(scheduler).__qualname__
+    if isinstance(scheduler, SequentialLR):
+        name += f"({', '.join(_class_of(s) for s in scheduler._schedulers)})"
+    return name
 
 
 def step_decay(step_size: int, gamma: float = 0.1) -> SchedulerFactory:
