@@ -156,6 +156,65 @@ async def test_metric_states_that_grow_with_the_data_stay_out_of_checkpoints(
     assert [sorted(s) for s in saved] == [["accuracy", "auroc"]] + [["accuracy"]] * 3
 
 
+def errors(state: LoopState) -> tuple[torch.Tensor, torch.Tensor]:
+    return state.outputs[:, 0], state.batch[1].float()
+
+
+def labels(state: LoopState) -> tuple[torch.Tensor, torch.Tensor]:
+    return state.outputs.argmax(1), state.batch[1]
+
+
+def macro_accuracy(classes: int) -> torchmetrics.Metric:
+    return torchmetrics.classification.MulticlassAccuracy(classes, average="macro")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "select", "states"),
+    [
+        (torchmetrics.MeanSquaredError, torchmetrics.MeanAbsoluteError, errors,
+         "['sum_squared_error', 'total']"),
+        (lambda: macro_accuracy(3), lambda: macro_accuracy(4), labels, "['fn', 'fp', 'tn', 'tp']"),
+    ],
+    ids=["another-class", "another-shape"],
+)  # fmt: skip
+async def test_a_metric_resumed_as_another_kind_counts_the_epoch_from_where_it_resumed(
+    tmp_path: Path, before: Any, after: Any, select: Any, states: str
+) -> None:
+    """Regression: resumed inside an epoch with a MeanAbsoluteError named as the
+    MeanSquaredError was, a MetricUpdater set the MSE's states on it as they were: its
+    count of the 48 values before the stop beside no sum of its own, a third of the error
+    for the rest of the epoch. A state that is not the metric's kind (another class,
+    another shape: 3 classes' counts for 4) is left, with a warning."""
+
+    def trainer(metric: torchmetrics.Metric, *extra: Callback, **kwargs: Any) -> Trainer:
+        updater = MetricUpdater({"error": metric}, select=select)
+        return make_trainer(updater, *extra, Checkpoint(tmp_path), num_epochs=2, **kwargs)
+
+    await trainer(before(), StopAt(9)).fit()  # in epoch 1, after 3 of its 6 batches
+    metric = after()
+    kind = f"{type(before()).__module__}.{type(before()).__qualname__}"
+    with pytest.warns(CheckpointWarning, match=re.escape(
+        f"MetricUpdater: the checkpoint's state of metric 'error' is a {kind}'s (states "
+        f"{states}), which this {type(metric).__module__}.{type(metric).__qualname__} cannot "
+        "go on from: it counts the resumed epoch from here"
+    )):  # fmt: skip
+        await trainer(metric, resume_from=tmp_path).fit()
+    counted = metric.total if hasattr(metric, "total") else (metric.tp + metric.fn).sum()
+    assert int(counted) == 3 * 16, "the epoch's last 3 batches of 16, no more"
+
+
+async def test_a_metric_of_several_numbers_is_refused_naming_it() -> None:
+    """Regression: a metric per class (average=None) failed at the epoch's end with
+    float()'s "only one element tensors can be converted to Python scalars", naming no
+    metric."""
+    per_class = torchmetrics.classification.MulticlassAccuracy(3, average=None)
+    updater = MetricUpdater({"accuracy": per_class}, select=labels)
+    with pytest.raises(ValueError, match=re.escape(
+        "MetricUpdater: metrics['accuracy'] computed a tensor of shape (3,), not one number"
+    )):  # fmt: skip
+        await make_trainer(updater, num_epochs=1).fit()
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

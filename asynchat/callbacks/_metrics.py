@@ -10,7 +10,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checks import function, positive_int, text
-from asynchat._errors import add_note
+from asynchat._errors import CheckpointWarning, add_note
 from asynchat._every import every_n_steps
 from asynchat._processor import split_batch
 from asynchat._state import LoopState
@@ -113,7 +113,7 @@ class MetricUpdater(Callback):
         loaded, self._loaded = self._loaded, None
         if loaded and state.step > 0:  # resumed inside the epoch the states were saved in
             for name, metric in self.metrics.items():
-                if name in loaded:
+                if name in loaded and _fits(name, metric, loaded[name]):
                     _restore(metric, loaded[name], state.device)
 
     def on_batch_end(self, state: LoopState) -> None:
@@ -136,7 +136,7 @@ class MetricUpdater(Callback):
     def publish(self, state: LoopState) -> dict[str, float]:
         """Compute every metric and put the values into ``state.metrics``."""
         values = {
-            self.prefix + name: float(metric.compute())  # host sync: once per publish
+            self.prefix + name: _number(name, metric.compute())  # host sync: once per publish
             for name, metric in self.metrics.items()
             if metric.update_called
         }
@@ -157,7 +157,9 @@ class MetricUpdater(Callback):
             if size > MAX_SAVED_STATE:
                 self._warn_too_large(name, size)
                 continue
-            saved[name] = {"states": states, "updates": metric._update_count}
+            saved[name] = {
+                "states": states, "updates": metric._update_count, "class": _class_of(metric)
+            }  # fmt: skip
         return saved
 
     def _warn_too_large(self, name: str, size: int) -> None:
@@ -182,6 +184,60 @@ def _numel(value: Any) -> int:
     if isinstance(value, list):
         return sum(int(v.numel()) for v in value)
     return int(value.numel())
+
+
+def _number(name: str, value: Any) -> float:
+    """A metric's computed value as the one number ``state.metrics`` holds; a value of
+    several (a metric per class) is refused naming the metric (float() said "only one
+    element tensors can be converted to Python scalars", after an epoch of training)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    what = (
+        f"a tensor of shape {tuple(value.shape)}"
+        if isinstance(value, torch.Tensor)
+        else (f"a {type(value).__name__}")
+    )
+    raise ValueError(
+        f"MetricUpdater: metrics[{name!r}] computed {what}, not one number, which is what "
+        "state.metrics holds: reduce it in the metric (e.g. average='macro' or 'micro' "
+        "rather than None), or give each number a metric of its own"
+    )
+
+
+def _class_of(metric: torchmetrics.Metric) -> str:
+    return f"{type(metric).__module__}.{type(metric).__qualname__}"
+
+
+def _fits(name: str, metric: torchmetrics.Metric, saved: dict[str, Any]) -> bool:
+    """Whether a metric's saved states are this metric's kind: a run resumed with another
+    metric under the name (a MeanAbsoluteError where a MeanSquaredError was) took its
+    states in as they were, the count of one beside nothing of its own sum, and reported
+    a tenth of the error for the rest of the epoch. Said, with a CheckpointWarning, when
+    not (the metric then counts the resumed epoch from where it resumed)."""
+    ours = metric.metric_state
+    kind = saved.get("class", _class_of(metric))  # (absent from older checkpoints)
+    states = saved["states"]
+    fits = kind == _class_of(metric) and states.keys() == ours.keys()
+    fits = fits and all(_alike(value, ours[key]) for key, value in states.items())
+    if not fits:
+        warnings.warn(
+            f"MetricUpdater: the checkpoint's state of metric {name!r} is a {kind}'s (states "
+            f"{sorted(states)}), which this {_class_of(metric)} cannot go on from: it counts "
+            "the resumed epoch from here",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    return fits
+
+
+def _alike(saved: Any, ours: Any) -> bool:
+    """A saved state and the metric's of one kind: lists (of a ``cat`` state), or tensors of
+    one shape (``num_classes`` changed, they are not)."""
+    if isinstance(saved, list) or isinstance(ours, list):
+        return isinstance(saved, list) and isinstance(ours, list)
+    return isinstance(saved, torch.Tensor) and saved.shape == getattr(ours, "shape", None)
 
 
 def _restore(metric: torchmetrics.Metric, saved: dict[str, Any], device: torch.device) -> None:
