@@ -437,6 +437,39 @@ async def test_a_schedule_resumes_from_the_state_older_checkpoints_hold(
     assert lrs[0] == lrs[1] and lrs[0] < 0.1, lrs
 
 
+async def test_schedules_listed_in_another_order_on_resume_are_refused(tmp_path: Path) -> None:
+    """Regression: a run's LRSchedules take the checkpoint's states by their place among
+    them; resumed with the two listed the other way round, each LambdaLR took the other's
+    base rates, and optimizer "a" went on at 0.00079 where it had 0.079 ("b" the reverse)."""
+
+    def trainer(epochs: int, order: str, **kwargs: Any) -> Trainer:
+        model = make_model()
+        schedules = [
+            LRSchedule(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.99**s),
+                       optimizer=name)
+            for name in order
+        ]  # fmt: skip
+        optimizers = {
+            "a": lambda m: torch.optim.SGD(m[0].parameters(), lr=0.1),
+            "b": lambda m: torch.optim.SGD(m[2].parameters(), lr=0.001),
+        }
+        return Trainer(
+            model, make_loader(96, 16), optimizers, loss_fn=nn.CrossEntropyLoss(),
+            num_epochs=epochs, callbacks=[*schedules, Checkpoint(tmp_path)], **kwargs,
+        )  # fmt: skip
+
+    await trainer(2, "ab").fit()
+    with pytest.raises(CheckpointError, match=re.escape(
+        "LRSchedule(optimizer='b'): the checkpoint's state in this one's place among the "
+        "LRSchedules drove optimizer 'a': list the LRSchedules in the order the run that "
+        "saved it did"
+    )):  # fmt: skip
+        await trainer(4, "ba", resume_from=tmp_path).fit()
+    resumed = await trainer(4, "ab", resume_from=tmp_path).fit()
+    lrs = [resumed.optimizers[name].param_groups[0]["lr"] for name in "ab"]
+    assert lrs == pytest.approx([0.1 * 0.99**24, 0.001 * 0.99**24])
+
+
 class Falling(Callback):
     """val/loss at each epoch's end: 1.0, then no better (a plateau schedule halves the
     rate at each check after the first)."""

@@ -187,6 +187,17 @@ class LRSchedule(Callback):
                 _put_back(group, saved)
             self._loaded = None
 
+    def _refuse_another_optimizers(self, saved: str | None) -> None:
+        """States are given to a run's LRSchedules by their place among them: two listed
+        in another order than the saved run's took each other's (with a LambdaLR, each
+        optimizer went on at the other's rate, a hundredfold off here)."""
+        if saved is not None and self.optimizer is not None and saved != self.optimizer:
+            raise CheckpointError(
+                f"LRSchedule(optimizer={self.optimizer!r}): the checkpoint's state in this "
+                f"one's place among the LRSchedules drove optimizer {saved!r}: list the "
+                "LRSchedules in the order the run that saved it did"
+            )
+
     def _refuse_another_class(self, scheduler: LRScheduler | ReduceLROnPlateau) -> None:
         """A scheduler's state is its own class's: loaded into another, it was taken in
         silently (torch's schedulers update their ``__dict__`` with it), and a StepLR resumed
@@ -248,7 +259,8 @@ class LRSchedule(Callback):
         if self.scheduler is None:
             return {}
         state: dict[str, Any] = {
-            "scheduler": self.scheduler.state_dict(), "class": _class_of(self.scheduler)
+            "scheduler": self.scheduler.state_dict(), "class": _class_of(self.scheduler),
+            "optimizer": self.optimizer,
         }  # fmt: skip
         if self._metric is not None:
             state.update(acted_at=self._metric.acted_at, monitor=self.monitor)
@@ -257,11 +269,13 @@ class LRSchedule(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A monitored scheduler resumed with another ``monitor`` is built afresh (with a
         warning; the learning rate stays the optimizer's): its best is another metric's.
-        One of another class is refused as the loop begins."""
+        One of another class is refused as the loop begins; one of another optimizer's
+        schedule here."""
         # Older checkpoints: a monitored one's {"scheduler", "acted_at"}, before that the
         # scheduler's own state; neither names the class.
         ours = "scheduler" in state_dict and ("class" in state_dict or "acted_at" in state_dict)
         self._loaded_class = state_dict.get("class") if ours else None
+        self._refuse_another_optimizers(state_dict.get("optimizer") if ours else None)
         if ours:
             if self._metric is not None and self._metric.of_another(state_dict):
                 self._loaded = None
