@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -10,7 +11,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checks import optimizer_trains
-from asynchat._errors import CheckpointError
+from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 
@@ -97,6 +98,7 @@ class Trainer(LoopBase):
             if isinstance(spec, torch.optim.Optimizer):
                 optimizer_trains(spec, self.model, name=_label(specs, key))
         self._optimizer_specs = specs
+        self._built_with: dict[str, list[dict[str, Any]]] = {}  # each optimizer's settings
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -134,10 +136,14 @@ class Trainer(LoopBase):
             optimizers[name] = optimizer
         self.state.optimizers = optimizers
         self.state.optimizer = next(iter(optimizers.values())) if len(optimizers) == 1 else None
+        self._built_with = {name: _settings(o) for name, o in optimizers.items()}
 
     def _extra_state(self) -> dict[str, Any]:
         optimizers = self.state.optimizers
-        kinds = {"optimizer_classes": {name: _class_name(o) for name, o in optimizers.items()}}
+        kinds = {
+            "optimizer_classes": {name: _class_name(o) for name, o in optimizers.items()},
+            "optimizer_settings": self._built_with,
+        }
         if self.shards_state:  # the optimizers' state is in the shards; their names here
             return {"sharded": {"optimizers": sorted(optimizers)}, **kinds}
         return {"optimizers": {name: o.state_dict() for name, o in optimizers.items()}, **kinds}
@@ -175,6 +181,12 @@ class Trainer(LoopBase):
             assert saved is not None  # _check_checkpoint refused a checkpoint without them
             for name, optimizer in self.state.optimizers.items():
                 load_optimizer(optimizer, saved[name])
+        saved = checkpoint.get("optimizer_settings")  # (absent from older checkpoints)
+        for name, built in self._built_with.items():
+            loaded = _settings_in(saved.get(name) if isinstance(saved, dict) else None)
+            if loaded is not None:
+                _warn_replaced(name, built, loaded)
+                self._built_with[name] = loaded  # those the run goes on with
         if checkpoint["progress"]["global_step"] > 0:
             for optimizer in self.state.optimizers.values():
                 # The run stepped its optimizers before the checkpoint. torch's schedulers
@@ -209,6 +221,65 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
             with torch.no_grad():
                 tensor.copy_(group[key])
             group[key] = tensor
+
+
+# The keys a schedule adds to a param group (an optimizer given as itself may hold them).
+_SCHEDULES_OWN = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's settings as the optimizer was built (its ``lr`` before a schedule
+    moved it), those of plain values (what a checkpoint holds and a comparison can tell)."""
+    settings = []
+    for group in optimizer.param_groups:
+        values = {k: _plain(v) for k, v in group.items() if k not in _SCHEDULES_OWN | {"params"}}
+        values["lr"] = _plain(group.get("initial_lr", group["lr"]))
+        settings.append({k: v for k, v in values.items() if _is_plain(v)})
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(isinstance(v, _PLAIN) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _settings_in(saved: Any) -> list[dict[str, Any]] | None:
+    """A checkpoint's ``optimizer_settings`` of one optimizer, if they are what
+    :func:`_settings` makes (the file is checked, as any other part of it)."""
+    if not isinstance(saved, list) or not all(isinstance(group, dict) for group in saved):
+        return None
+    if not all(isinstance(k, str) and _is_plain(v) for group in saved for k, v in group.items()):
+        return None
+    return saved
+
+
+def _warn_replaced(name: str, built: list[dict[str, Any]], saved: list[dict[str, Any]]) -> None:
+    """torch's ``load_state_dict`` gives each param group the saved settings: a run resumed
+    with another ``lr`` (or weight decay, or ``fused=True``) trained on at the saved one
+    without a word. Said, with a :class:`CheckpointWarning`, where the settings this run
+    built its optimizer with differ from those the checkpoint's run went on with."""
+    changed = [
+        f"{key}={ours[key]!r} (the checkpoint's {theirs[key]!r})"
+        for ours, theirs in zip(built, saved, strict=False)
+        for key in sorted(ours.keys() & theirs.keys())
+        if ours[key] != theirs[key]
+    ]
+    if changed:
+        warnings.warn(
+            f"optimizer {name!r} was built with {', '.join(dict.fromkeys(changed))}: a "
+            "resumed run goes on with the checkpoint's settings (torch's load_state_dict "
+            "restores them with the optimizer's state). To train on with others, set them "
+            "in param_groups in a callback's on_loop_begin, or start a new run from the "
+            "weights alone (asynchat.callbacks.load_weights)",
+            CheckpointWarning,
+            stacklevel=4,
+        )
 
 
 def _step_processor(

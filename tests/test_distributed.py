@@ -15,7 +15,6 @@ import anyio
 import pytest
 import rank_jobs
 import torch
-from conftest import sgd
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -278,7 +277,8 @@ def test_ranks_seeded_apart_each_resume_from_their_own_state(tmp_path: Path) -> 
         assert resumed["metrics"] == straight["metrics"]
     # On another number of ranks a shard's states have no rank to go to: said, not lost silently.
     trainer = Trainer(
-        rank_jobs.dropout_model(), DataLoader(rank_jobs.ddp_data(), batch_size=8), sgd,
+        rank_jobs.dropout_model(), DataLoader(rank_jobs.ddp_data(), batch_size=8),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),  # (the saved run's)
         loss_fn=nn.CrossEntropyLoss(), num_epochs=2, device="cpu",
         callbacks=[MetricUpdater({"accuracy": MulticlassAccuracy(3, average="micro")}),
                    LossMonitor(3)],

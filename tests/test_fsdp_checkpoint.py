@@ -159,7 +159,7 @@ def test_load_weights_gathers_a_sharded_checkpoint_and_damage_is_caught(
     # EMA's average (sharded when saved, whole tensors here).
     ema = ExponentialMovingAverage(0.9)
     trainer = Trainer(
-        rank_jobs.ddp_model(), make_loader(), lambda m: torch.optim.Adam(m.parameters()),
+        rank_jobs.ddp_model(), make_loader(), lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
         loss_fn=torch.nn.CrossEntropyLoss(), num_steps=16, resume_from=directory,
         callbacks=[ema],
     )  # fmt: skip

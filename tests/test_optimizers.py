@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from asynchat import (
 )
 from asynchat.callbacks import (
     Checkpoint,
+    CheckpointWarning,
     GradClip,
     JSONLinesLogger,
     LossMonitor,
     LRSchedule,
     TerminateOnNaN,
+    cosine,
     find_checkpoint,
     load_weights,
 )
@@ -237,6 +240,49 @@ async def test_a_version_2_checkpoint_with_one_optimizer_still_resumes(tmp_path:
     state = await single(6, resume_from=tmp_path / "old.ckpt").fit()
     assert state.optimizer is not None
     assert state.optimizer.state_dict()["state"][0]["step"].item() == 6
+
+
+def sgd_run(directory: Path, epochs: int, lr: float, **kwargs: Any) -> Trainer:
+    """3 epochs of 6 steps at most, SGD at ``lr`` (momentum 0.9) under a cosine schedule."""
+    torch.manual_seed(0)
+    return Trainer(
+        nn.Linear(8, 3), make_loader(96, 16),
+        lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=epochs,
+        callbacks=[LRSchedule(cosine(18)), Checkpoint(directory)], **kwargs,
+    )  # fmt: skip
+
+
+async def test_a_run_resumed_with_other_optimizer_settings_is_told_it_goes_on_with_the_saved(
+    tmp_path: Path,
+) -> None:
+    """Regression: torch's load_state_dict gives the optimizer the saved param groups, so a
+    run resumed with lr=0.01 where it had 0.1 trained on at the saved rate without a word.
+    Said now; with the same settings (the schedule having moved the rate) nothing is."""
+    straight = await sgd_run(tmp_path / "straight", 3, 0.1).fit()
+    await sgd_run(tmp_path / "cut", 2, 0.1).fit()
+    with pytest.warns(CheckpointWarning, match=re.escape(
+        "optimizer 'default' was built with lr=0.01 (the checkpoint's 0.1): a resumed run "
+        "goes on with the checkpoint's settings"
+    )):  # fmt: skip
+        resumed = await sgd_run(tmp_path / "cut", 3, 0.01, resume_from=tmp_path / "cut").fit()
+    lrs = [s.optimizers["default"].param_groups[0]["lr"] for s in (straight, resumed)]
+    assert lrs[0] == lrs[1] == pytest.approx(0.0), lrs  # (the cosine's end, as the saved run's)
+    await sgd_run(tmp_path / "cut", 4, 0.1, resume_from=tmp_path / "cut").fit()  # 0.1 again: quiet
+
+
+@pytest.mark.parametrize("saved", [torch.ones(3), "lr", [{"lr": torch.ones(2)}], [[1]]])
+async def test_optimizer_settings_of_a_hostile_file_are_only_compared(
+    tmp_path: Path, saved: Any
+) -> None:
+    from asynchat._checkpoint_io import serialize
+
+    await sgd_run(tmp_path, 1, 0.1).fit()
+    checkpoint = torch.load(find_checkpoint(tmp_path), weights_only=True)
+    checkpoint["optimizer_settings"] = {"default": saved}
+    (tmp_path / "odd.ckpt").write_bytes(serialize(checkpoint)[0])
+    state = await sgd_run(tmp_path / "next", 2, 0.1, resume_from=tmp_path / "odd.ckpt").fit()
+    assert state.global_step == 12
 
 
 async def test_mistakes_are_named_before_training() -> None:
