@@ -6,7 +6,8 @@ The data ships inside scikit-learn (no download). The shipped callbacks do the r
 validation accuracy after every epoch (a Predictor run between epochs), a cosine learning
 rate schedule with warmup, progress (a bar on a terminal, plain lines otherwise), TensorBoard
 logs in ``<out>/tb``, and checkpoints in ``<out>/checkpoints`` written in the background,
-keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint;
+keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint
+(give it the same ``--epochs``: the schedule keeps the length it was saved with, and says so);
 without it a run starts over, and its checkpoints and TensorBoard curves replace the last
 run's (``overwrite=True``: never those of a run still writing there, which is refused).
 """

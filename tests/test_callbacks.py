@@ -470,6 +470,32 @@ async def test_schedules_listed_in_another_order_on_resume_are_refused(tmp_path:
     assert lrs == pytest.approx([0.1 * 0.99**24, 0.001 * 0.99**24])
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "told"),
+    [
+        (lambda: LRSchedule(cosine(24)), lambda: LRSchedule(cosine(48)),
+         "T_max=48 (the checkpoint's 24)"),
+        (lambda: LRSchedule(cosine(24), warmup_steps=2),
+         lambda: LRSchedule(cosine(48), warmup_steps=4),
+         "milestones=[4] (the checkpoint's [2]), schedulers[0].total_iters=4 (the checkpoint's "
+         "2), schedulers[1].T_max=48 (the checkpoint's 24)"),
+    ],
+    ids=["cosine", "warmup-and-cosine"],
+)  # fmt: skip
+async def test_a_schedule_resumed_with_other_settings_is_told_it_keeps_the_saved(
+    tmp_path: Path, before: Any, after: Any, told: str
+) -> None:
+    """Regression: a run resumed with more epochs (its cosine's length doubled) kept the
+    saved length without a word, as torch's load_state_dict has it: the rate reached its
+    floor at the saved run's end and rose again after."""
+    await make_trainer(before(), Checkpoint(tmp_path), num_epochs=2).fit()
+    with pytest.warns(CheckpointWarning, match=re.escape(
+        f"LRSchedule: the scheduler was built with {told}: a resumed run goes on with the "
+        "checkpoint's"
+    )):  # fmt: skip
+        await make_trainer(after(), Checkpoint(tmp_path), num_epochs=4, resume_from=tmp_path).fit()
+
+
 class Falling(Callback):
     """val/loss at each epoch's end: 1.0, then no better (a plateau schedule halves the
     rate at each check after the first)."""

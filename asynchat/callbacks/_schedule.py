@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from torch.optim.lr_scheduler import (
 
 from asynchat._callback import Callback
 from asynchat._checks import metric_name, positive_int, real
-from asynchat._errors import CheckpointError
+from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import Monitor
 
@@ -182,10 +183,32 @@ class LRSchedule(Callback):
         self.scheduler = main
         if self._loaded is not None:
             self._refuse_another_class(main)
+            self._warn_replaced(_settings(main.state_dict()), _settings(self._loaded))
             main.load_state_dict(self._loaded)
             for group, saved in zip(optimizer.param_groups, restored, strict=True):
                 _put_back(group, saved)
             self._loaded = None
+
+    def _warn_replaced(self, built: dict[str, Any], saved: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` gives a scheduler the saved settings with its
+        position: a run resumed with more epochs kept the cosine's old length (its rate
+        at the floor at the saved run's end, and rising again after it) without a word.
+        Said, with a :class:`CheckpointWarning`."""
+        changed = [
+            f"{key}={built[key]!r} (the checkpoint's {saved[key]!r})"
+            for key in built
+            if key in saved and built[key] != saved[key]
+        ]
+        if changed:
+            warnings.warn(
+                f"LRSchedule: the scheduler was built with {', '.join(changed)}: a resumed run "
+                "goes on with the checkpoint's (torch's load_state_dict restores a scheduler's "
+                "settings with its position), so one resumed with more steps or epochs keeps "
+                "the schedule's old length. Give a schedule the whole run's length from the "
+                "start",
+                CheckpointWarning,
+                stacklevel=3,
+            )
 
     def _refuse_another_optimizers(self, saved: str | None) -> None:
         """States are given to a run's LRSchedules by their place among them: two listed
@@ -284,6 +307,43 @@ class LRSchedule(Callback):
                 self._metric.acted_at = state_dict.get("acted_at")
             state_dict = state_dict["scheduler"]
         self._loaded = state_dict or None
+
+
+# What of a scheduler's state is where it is rather than how it was built (ReduceLROnPlateau's
+# best and counts; the rates, which the optimizer's own settings are checked for).
+_POSITION = frozenset(
+    {"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "mode_worse",
+     "lr_lambdas"}
+)  # fmt: skip
+
+
+def _settings(state: Any, where: str = "") -> dict[str, Any]:
+    """A scheduler's settings in its ``state_dict()`` (``T_max``, ``step_size``; a warmup's
+    chain: ``milestones``, and ``schedulers[i].T_max``...), those of plain values (a
+    checkpoint's is read the same way, whatever it holds)."""
+    if not isinstance(state, dict):
+        return {}
+    found: dict[str, Any] = {}
+    for key, value in state.items():
+        if key == "_schedulers" and isinstance(value, list):
+            for i, inner in enumerate(value):
+                found |= _settings(inner, f"{where}schedulers[{i}].")
+        elif _a_setting(key) and _is_plain(value):
+            found[where + key.lstrip("_")] = value
+    return found
+
+
+def _a_setting(key: Any) -> bool:
+    public = isinstance(key, str) and not key.startswith("_") and key not in _POSITION
+    return public or key == "_milestones"
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):  # (MultiStepLR's milestones: a Counter)
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    return isinstance(value, (bool, int, float, str, type(None)))
 
 
 def _class_of(scheduler: LRScheduler | ReduceLROnPlateau) -> str:
