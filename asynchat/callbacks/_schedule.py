@@ -320,14 +320,14 @@ _POSITION = frozenset(
 def _settings(state: Any, where: str = "") -> dict[str, Any]:
     """A scheduler's settings in its ``state_dict()`` (``T_max``, ``step_size``; a warmup's
     chain: ``milestones``, and ``schedulers[i].T_max``...), those of plain values (a
-    checkpoint's is read the same way, whatever it holds)."""
+    checkpoint's is read the same way, whatever it holds: a chain in a chain is not)."""
     if not isinstance(state, dict):
         return {}
     found: dict[str, Any] = {}
     for key, value in state.items():
-        if key == "_schedulers" and isinstance(value, list):
+        if key == "_schedulers" and isinstance(value, list) and not where:
             for i, inner in enumerate(value):
-                found |= _settings(inner, f"{where}schedulers[{i}].")
+                found |= _settings(inner, f"schedulers[{i}].")
         elif _a_setting(key) and _is_plain(value):
             found[where + key.lstrip("_")] = value
     return found
@@ -338,11 +338,15 @@ def _a_setting(key: Any) -> bool:
     return public or key == "_milestones"
 
 
-def _is_plain(value: Any) -> bool:
+def _is_plain(value: Any, *, nested: bool = False) -> bool:
+    """A number, a string, ... or (not nested) a list or mapping of them."""
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
+        return not nested and all(_is_plain(v, nested=True) for v in value)
     if isinstance(value, dict):  # (MultiStepLR's milestones: a Counter)
-        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+        items = value.items()
+        return not nested and all(
+            _is_plain(k, nested=True) and _is_plain(v, nested=True) for k, v in items
+        )
     return isinstance(value, (bool, int, float, str, type(None)))
 
 
