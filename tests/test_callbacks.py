@@ -432,6 +432,12 @@ async def test_a_schedule_resumes_from_the_state_older_checkpoints_hold(
     checkpoint["callbacks"]["LRSchedule"] = older
     (tmp_path / "cut" / "manifest.json").unlink()  # (its checksum is the file's before)
     path.write_bytes(serialize(checkpoint)[0])
+    if monitored:  # (a cosine given it is refused: it was a plateau schedule's)
+        cosine_instead = make_trainer(
+            LRSchedule(cosine(100)), num_epochs=5, resume_from=tmp_path / "cut"
+        )
+        with pytest.raises(CheckpointError, match="the state of a ReduceLROnPlateau, which"):
+            await cosine_instead.fit()
     resumed = await run(5, tmp_path / "cut", resume_from=tmp_path / "cut").fit()
     lrs = [s.optimizers["default"].param_groups[0]["lr"] for s in (straight, resumed)]
     assert lrs[0] == lrs[1] and lrs[0] < 0.1, lrs

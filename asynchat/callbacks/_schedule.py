@@ -294,10 +294,11 @@ class LRSchedule(Callback):
         warning; the learning rate stays the optimizer's): its best is another metric's.
         One of another class is refused as the loop begins; one of another optimizer's
         schedule here."""
-        # Older checkpoints: a monitored one's {"scheduler", "acted_at"}, before that the
-        # scheduler's own state; neither names the class.
+        # Older checkpoints: a monitored one's {"scheduler", "acted_at"} (a ReduceLROnPlateau,
+        # the only kind a monitor drives), before that the scheduler's own state.
         ours = "scheduler" in state_dict and ("class" in state_dict or "acted_at" in state_dict)
-        self._loaded_class = state_dict.get("class") if ours else None
+        plateau = "acted_at" in state_dict and "ReduceLROnPlateau"
+        self._loaded_class = state_dict.get("class", plateau or None) if ours else None
         self._refuse_another_optimizers(state_dict.get("optimizer") if ours else None)
         if ours:
             if self._metric is not None and self._metric.of_another(state_dict):
