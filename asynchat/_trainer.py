@@ -14,6 +14,7 @@ from asynchat._checks import optimizer_trains
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
+from asynchat._settings import changed, class_name, plain
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 OptimizerSpec = torch.optim.Optimizer | OptimizerFactory
@@ -141,7 +142,7 @@ class Trainer(LoopBase):
     def _extra_state(self) -> dict[str, Any]:
         optimizers = self.state.optimizers
         kinds = {
-            "optimizer_classes": {name: _class_name(o) for name, o in optimizers.items()},
+            "optimizer_classes": {name: class_name(o) for name, o in optimizers.items()},
             "optimizer_settings": self._built_with,
         }
         if self.shards_state:  # the optimizers' state is in the shards; their names here
@@ -167,10 +168,10 @@ class Trainer(LoopBase):
                 f"{sorted(optimizers)}: resume with the same optimizer names"
             )
         for name, kind in checkpoint.get("optimizer_classes", {}).items():
-            if kind != _class_name(optimizers[name]):
+            if kind != class_name(optimizers[name]):
                 raise CheckpointError(
                     f"{source} holds the state of a {kind} (optimizer {name!r}), which a "
-                    f"{_class_name(optimizers[name])} cannot go on from: resume with a {kind}, "
+                    f"{class_name(optimizers[name])} cannot go on from: resume with a {kind}, "
                     "or start a new run from the weights alone "
                     "(asynchat.callbacks.load_weights(model, path) before training)"
                 )
@@ -204,10 +205,6 @@ def _optimizer_states(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return {DEFAULT: checkpoint["optimizer"]} if "optimizer" in checkpoint else None
 
 
-def _class_name(optimizer: torch.optim.Optimizer) -> str:
-    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
-
-
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """``optimizer.load_state_dict(saved)``, keeping its tensor hyper-parameters (a tensor
     ``lr``) as the same tensors on their device, given the saved values: torch would put
@@ -223,9 +220,11 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
             group[key] = tensor
 
 
-# The keys a schedule adds to a param group (an optimizer given as itself may hold them).
-_SCHEDULES_OWN = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
-_PLAIN = (bool, int, float, str, type(None))
+# The keys a schedule adds to a param group (an optimizer given as itself may hold them),
+# and those that are no setting.
+_NO_SETTINGS = frozenset(
+    {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "params", "param_names"}
+)
 
 
 def _settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -233,9 +232,9 @@ def _settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     moved it), those of plain values (what a checkpoint holds and a comparison can tell)."""
     settings = []
     for group in optimizer.param_groups:
-        values = {k: _plain(v) for k, v in group.items() if k not in _SCHEDULES_OWN | {"params"}}
+        values = {k: _plain(v) for k, v in group.items() if k not in _NO_SETTINGS}
         values["lr"] = _plain(group.get("initial_lr", group["lr"]))
-        settings.append({k: v for k, v in values.items() if _is_plain(v)})
+        settings.append({k: v for k, v in values.items() if plain(v)})
     return settings
 
 
@@ -243,18 +242,12 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, tuple):
-        return all(isinstance(v, _PLAIN) for v in value)
-    return isinstance(value, _PLAIN)
-
-
 def _settings_in(saved: Any) -> list[dict[str, Any]] | None:
     """A checkpoint's ``optimizer_settings`` of one optimizer, if they are what
     :func:`_settings` makes (the file is checked, as any other part of it)."""
     if not isinstance(saved, list) or not all(isinstance(group, dict) for group in saved):
         return None
-    if not all(isinstance(k, str) and _is_plain(v) for group in saved for k, v in group.items()):
+    if not all(isinstance(k, str) and plain(v) for group in saved for k, v in group.items()):
         return None
     return saved
 
@@ -264,15 +257,12 @@ def _warn_replaced(name: str, built: list[dict[str, Any]], saved: list[dict[str,
     with another ``lr`` (or weight decay, or ``fused=True``) trained on at the saved one
     without a word. Said, with a :class:`CheckpointWarning`, where the settings this run
     built its optimizer with differ from those the checkpoint's run went on with."""
-    changed = [
-        f"{key}={ours[key]!r} (the checkpoint's {theirs[key]!r})"
-        for ours, theirs in zip(built, saved, strict=False)
-        for key in sorted(ours.keys() & theirs.keys())
-        if ours[key] != theirs[key]
+    differ = [
+        text for ours, theirs in zip(built, saved, strict=False) for text in changed(ours, theirs)
     ]
-    if changed:
+    if differ:
         warnings.warn(
-            f"optimizer {name!r} was built with {', '.join(dict.fromkeys(changed))}: a "
+            f"optimizer {name!r} was built with {', '.join(dict.fromkeys(differ))}: a "
             "resumed run goes on with the checkpoint's settings (torch's load_state_dict "
             "restores them with the optimizer's state). To train on with others, set them "
             "in param_groups in a callback's on_loop_begin, or start a new run from the "

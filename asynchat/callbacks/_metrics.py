@@ -13,6 +13,7 @@ from asynchat._checks import function, positive_int, text
 from asynchat._errors import CheckpointWarning, add_note
 from asynchat._every import every_n_steps
 from asynchat._processor import split_batch
+from asynchat._settings import class_name
 from asynchat._state import LoopState
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ class MetricUpdater(Callback):
                 self._warn_too_large(name, size)
                 continue
             saved[name] = {
-                "states": states, "updates": metric._update_count, "class": _class_of(metric)
+                "states": states, "updates": metric._update_count, "class": class_name(metric)
             }  # fmt: skip
         return saved
 
@@ -206,10 +207,6 @@ def _number(name: str, value: Any) -> float:
     )
 
 
-def _class_of(metric: torchmetrics.Metric) -> str:
-    return f"{type(metric).__module__}.{type(metric).__qualname__}"
-
-
 def _fits(name: str, metric: torchmetrics.Metric, saved: dict[str, Any]) -> bool:
     """Whether a metric's saved states are this metric's kind: a run resumed with another
     metric under the name (a MeanAbsoluteError where a MeanSquaredError was) took its
@@ -217,14 +214,14 @@ def _fits(name: str, metric: torchmetrics.Metric, saved: dict[str, Any]) -> bool
     a tenth of the error for the rest of the epoch. Said, with a CheckpointWarning, when
     not (the metric then counts the resumed epoch from where it resumed)."""
     ours = metric.metric_state
-    kind = saved.get("class", _class_of(metric))  # (absent from older checkpoints)
+    kind = saved.get("class", class_name(metric))  # (absent from older checkpoints)
     states = saved["states"]
-    fits = kind == _class_of(metric) and states.keys() == ours.keys()
+    fits = kind == class_name(metric) and states.keys() == ours.keys()
     fits = fits and all(_alike(value, ours[key]) for key, value in states.items())
     if not fits:
         warnings.warn(
             f"MetricUpdater: the checkpoint's state of metric {name!r} is a {kind}'s (states "
-            f"{sorted(states)}), which this {_class_of(metric)} cannot go on from: it counts "
+            f"{sorted(states)}), which this {class_name(metric)} cannot go on from: it counts "
             "the resumed epoch from here",
             CheckpointWarning,
             stacklevel=3,

@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import (
 from asynchat._callback import Callback
 from asynchat._checks import metric_name, positive_int, real
 from asynchat._errors import CheckpointError, CheckpointWarning
+from asynchat._settings import changed, plain
 from asynchat._state import LoopState
 from asynchat.callbacks._monitor import Monitor
 
@@ -194,14 +195,10 @@ class LRSchedule(Callback):
         position: a run resumed with more epochs kept the cosine's old length (its rate
         at the floor at the saved run's end, and rising again after it) without a word.
         Said, with a :class:`CheckpointWarning`."""
-        changed = [
-            f"{key}={built[key]!r} (the checkpoint's {saved[key]!r})"
-            for key in built
-            if key in saved and built[key] != saved[key]
-        ]
-        if changed:
+        differ = changed(built, saved)
+        if differ:
             warnings.warn(
-                f"LRSchedule: the scheduler was built with {', '.join(changed)}: a resumed run "
+                f"LRSchedule: the scheduler was built with {', '.join(differ)}: a resumed run "
                 "goes on with the checkpoint's (torch's load_state_dict restores a scheduler's "
                 "settings with its position), so one resumed with more steps or epochs keeps "
                 "the schedule's old length. Give a schedule the whole run's length from the "
@@ -329,7 +326,7 @@ def _settings(state: Any, where: str = "") -> dict[str, Any]:
         if key == "_schedulers" and isinstance(value, list) and not where:
             for i, inner in enumerate(value):
                 found |= _settings(inner, f"schedulers[{i}].")
-        elif _a_setting(key) and _is_plain(value):
+        elif _a_setting(key) and plain(value):
             found[where + key.lstrip("_")] = value
     return found
 
@@ -337,18 +334,6 @@ def _settings(state: Any, where: str = "") -> dict[str, Any]:
 def _a_setting(key: Any) -> bool:
     public = isinstance(key, str) and not key.startswith("_") and key not in _POSITION
     return public or key == "_milestones"
-
-
-def _is_plain(value: Any, *, nested: bool = False) -> bool:
-    """A number, a string, ... or (not nested) a list or mapping of them."""
-    if isinstance(value, (list, tuple)):
-        return not nested and all(_is_plain(v, nested=True) for v in value)
-    if isinstance(value, dict):  # (MultiStepLR's milestones: a Counter)
-        items = value.items()
-        return not nested and all(
-            _is_plain(k, nested=True) and _is_plain(v, nested=True) for k, v in items
-        )
-    return isinstance(value, (bool, int, float, str, type(None)))
 
 
 def _class_of(scheduler: LRScheduler | ReduceLROnPlateau) -> str:
