@@ -405,8 +405,10 @@ class Checkpoint(Callback):
         pruned the best by accuracy, and ``find_checkpoint(best=True)`` named it. Ranked
         again by this monitor, as each checkpoint holds it (measured at its step; each file
         read once, here)."""
-        ranked_by = manifest_ranking(self.save_dir)
-        if self.monitor is None or not entries or (ranked_by or ("",))[0] == self.monitor:
+        if self.monitor is None or not entries:
+            return entries
+        ranked_by = manifest_ranking(self.save_dir)  # (read again only here)
+        if ranked_by is not None and ranked_by[0] == self.monitor:
             return entries
         _LOG.info(
             "Checkpoint(save_dir=%r, monitor=%r): %d checkpoint(s) ranked by %s before, "
