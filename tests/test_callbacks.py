@@ -182,9 +182,10 @@ async def test_a_metric_resumed_as_another_kind_counts_the_epoch_from_where_it_r
 ) -> None:
     """Regression: resumed inside an epoch with a MeanAbsoluteError named as the
     MeanSquaredError was, a MetricUpdater set the MSE's states on it as they were: its
-    count of the 48 values before the stop beside no sum of its own, a third of the error
-    for the rest of the epoch. A state that is not the metric's kind (another class,
-    another shape: 3 classes' counts for 4) is left, with a warning."""
+    count of the 48 values before the stop beside no sum of its own, half the error for
+    the rest of the epoch (counted over 96 values, summed over 48). A state that is not the
+    metric's kind (another class, another shape: 3 classes' counts for 4) is left, with a
+    warning."""
 
     def trainer(metric: torchmetrics.Metric, *extra: Callback, **kwargs: Any) -> Trainer:
         updater = MetricUpdater({"error": metric}, select=select)

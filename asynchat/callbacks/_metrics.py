@@ -211,7 +211,7 @@ def _fits(name: str, metric: torchmetrics.Metric, saved: dict[str, Any]) -> bool
     """Whether a metric's saved states are this metric's kind: a run resumed with another
     metric under the name (a MeanAbsoluteError where a MeanSquaredError was) took its
     states in as they were, the count of one beside nothing of its own sum, and reported
-    a tenth of the error for the rest of the epoch. Said, with a CheckpointWarning, when
+    half the error for the rest of the epoch. Said, with a CheckpointWarning, when
     not (the metric then counts the resumed epoch from where it resumed)."""
     ours = metric.metric_state
     kind = saved.get("class", class_name(metric))  # (absent from older checkpoints)
