@@ -421,7 +421,7 @@ async def test_a_schedule_resumes_from_the_state_older_checkpoints_hold(
 
     def run(epochs: int, directory: Path, **kwargs: Any) -> Trainer:
         return make_trainer(
-            Falling(), schedule(), Checkpoint(directory), num_epochs=epochs, **kwargs
+            Worsening(), schedule(), Checkpoint(directory), num_epochs=epochs, **kwargs
         )
 
     straight = await run(5, tmp_path / "straight").fit()
@@ -503,7 +503,7 @@ async def test_a_schedule_resumed_with_other_settings_is_told_it_keeps_the_saved
         await make_trainer(after(), Checkpoint(tmp_path), num_epochs=4, resume_from=tmp_path).fit()
 
 
-class Falling(Callback):
+class Worsening(Callback):
     """val/loss at each epoch's end: 1.0, then no better (a plateau schedule halves the
     rate at each check after the first)."""
 
