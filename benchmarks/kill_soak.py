@@ -69,9 +69,12 @@ def job(config: soak.Config, directory: Path, out: Path, resume: bool) -> None:
     torch.save(soak.outcome(run), out)
 
 
-def rows(directory: Path) -> list[dict[str, Any]]:
-    lines = (directory / "log.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+def rows(directory: Path) -> tuple[list[dict[str, Any]], set[str]]:
+    """The log's lines but their time and run, and the runs they name."""
+    lines = [json.loads(line) for line in (directory / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "run")} for r in lines], {
+        r["run"] for r in lines
+    }
 
 
 def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
@@ -114,8 +117,11 @@ def trial(config: soak.Config, kill_at: int, delay: float, tmp: Path) -> tuple[l
         return [f"the resume failed: {resumed.stderr[-1000:]}"], newest
     expected = torch.load(tmp / "straight.pt", weights_only=False)
     differ = soak.differences(torch.load(tmp / "killed.pt", weights_only=False), expected)
-    if rows(tmp / "killed") != rows(tmp / "straight"):
+    (killed_rows, runs), (straight_rows, _) = rows(tmp / "killed"), rows(tmp / "straight")
+    if killed_rows != straight_rows:
         differ.append("JSON Lines log")
+    if len(runs) != 1:  # (the resumed run is the killed one: its id came with the checkpoint)
+        differ.append(f"JSON Lines log of {len(runs)} runs")
     if scalars(tmp / "killed") != scalars(tmp / "straight"):
         differ.append("TensorBoard scalars")
     return differ, newest

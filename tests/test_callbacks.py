@@ -1174,7 +1174,7 @@ async def test_a_resumed_runs_event_file_sorts_after_the_ones_it_purges(
     await run().fit()
     await run(resume=checkpoints / "first" / "step-000000006.ckpt").fit()
     files = sorted(log_dir.glob("events.out.tfevents.*"))
-    assert [f.name.rsplit(".", 1)[1] for f in files] == ["000009", "000010"]
+    assert [f.name.split(".")[-2] for f in files] == ["000009", "000010"]
     events = EventAccumulator(str(log_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
@@ -1222,6 +1222,68 @@ async def test_a_log_that_is_a_link_is_trimmed_where_it_points_and_stays_a_link(
     ).fit()  # fmt: skip
     assert link.is_symlink() and link.resolve() == shared.resolve()
     assert steps_in(shared.read_text()) == list(range(1, 9))
+
+
+def logging_run(tmp_path: Path, *callbacks: Callback, **kwargs: Any) -> Trainer:
+    """Two epochs of 6 steps logged every step to ``log.jsonl`` and TensorBoard's ``tb``
+    (``overwrite`` to both loggers)."""
+    overwrite = kwargs.pop("overwrite", False)
+    return make_trainer(
+        JSONLinesLogger(tmp_path / "log.jsonl", every_n_steps=1, overwrite=overwrite),
+        TensorBoardLogger(tmp_path / "tb", every_n_steps=1, overwrite=overwrite),
+        *callbacks, num_epochs=2, **kwargs,
+    )  # fmt: skip
+
+
+async def test_a_resumed_run_keeps_the_lines_another_run_logged_meanwhile(tmp_path: Path) -> None:
+    # Regression: resumed from its step-6 checkpoint, a run dropped every line of steps 7 on
+    # from its log, those a fresh run had appended meanwhile too. Each line now names its
+    # run, and a resume drops its own run's (and those of no run, an older version's). In
+    # TensorBoard, which shows a directory as one run, the resume hides the other run's
+    # steps: it says so, naming that run.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    checkpoints = tmp_path / "checkpoints"
+    first = logging_run(tmp_path, Checkpoint(checkpoints, every_n_steps=3, keep_last=None))
+    await first.fit()
+    other = logging_run(tmp_path)
+    await other.fit()
+    resumed = logging_run(tmp_path, resume_from=checkpoints / "step-000000006.ckpt")
+    with pytest.warns(UserWarning, match=rf"another run \({other.run_id}\).* after 6 there"):
+        await resumed.fit()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert resumed.run_id == first.run_id != other.run_id
+    assert [(row["run"], row["step"]) for row in rows] == (
+        [(first.run_id, step) for step in range(1, 7)]
+        + [(other.run_id, step) for step in range(1, 13)]
+        + [(first.run_id, step) for step in range(7, 13)]
+    )
+    names = [path.name for path in sorted((tmp_path / "tb").glob("events.out.tfevents.*"))]
+    assert [name.rsplit(".", 1)[1] for name in names] == [first.run_id, other.run_id, first.run_id]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()  # (the directory as one run: other's steps 7-12 hidden, not gone)
+    assert [e.step for e in events.Scalars("train/loss")] == [*range(1, 7), *range(1, 13)]
+
+
+@pytest.mark.parametrize("how", ["resumed", "fresh, overwrite=True"])
+async def test_a_run_refused_at_its_begin_changes_no_log(tmp_path: Path, how: str) -> None:
+    # Regression: listed before the Checkpoint that refused the run at its begin (its
+    # directory holds a run further on, or another run's checkpoints), the loggers had
+    # already dropped the log's lines of steps 7 on (every line, with overwrite=True) and
+    # begun an event file that hid those steps in TensorBoard. They now do it when they
+    # first write: the refused run wrote nothing.
+    checkpoints = tmp_path / "checkpoints"
+    await logging_run(tmp_path, Checkpoint(checkpoints, every_n_steps=3, keep_last=None)).fit()
+    lines, event_files = (tmp_path / "log.jsonl").read_bytes(), sorted((tmp_path / "tb").iterdir())
+    resume = checkpoints / "step-000000006.ckpt" if how == "resumed" else None
+    refused = logging_run(
+        tmp_path, Checkpoint(checkpoints, every_n_steps=3), resume_from=resume,
+        overwrite=how != "resumed",
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="the directory holds checkpoints of a"):
+        await refused.fit()
+    assert (tmp_path / "log.jsonl").read_bytes() == lines
+    assert sorted((tmp_path / "tb").iterdir()) == event_files
 
 
 def stream_log_job(path: str, tmp_path: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -1328,7 +1390,8 @@ def test_a_process_killed_after_a_checkpoint_lost_nothing_its_log_had_logged_bef
     # written. The loggers now write and flush before each checkpoint's snapshot.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    anyio.run(logged_run(tmp_path / "straight").fit)
+    straight = logged_run(tmp_path / "straight")
+    anyio.run(straight.fit)
     killed = tmp_path / "killed"
     script = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import anyio; "
@@ -1347,7 +1410,11 @@ def test_a_process_killed_after_a_checkpoint_lost_nothing_its_log_had_logged_bef
 
     def rows(name: str) -> list[dict[str, Any]]:
         lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+        kept = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+        assert {row.pop("run") for row in kept} == {runs[name]}  # one run across its resume
+        return kept
+
+    runs = {"killed": resumed.run_id, "straight": straight.run_id}
 
     def scalars(name: str) -> dict[str, list[tuple[int, float]]]:
         events = EventAccumulator(str(tmp_path / name / "tb"))

@@ -1078,7 +1078,7 @@ def test_the_logs_are_on_disk_before_a_checkpoint_that_covers_them(
 
     monkeypatch.setattr(os, "fsync", recorded)
     log, tensorboard = tmp_path / "log.jsonl", tmp_path / "tb"
-    loggers = JSONLinesLogger(log, every_n_steps=1), TensorBoardLogger(tensorboard)
+    loggers = JSONLinesLogger(log, every_n_steps=1), TensorBoardLogger(tensorboard, every_n_steps=1)
     train(tmp_path / "ckpt", *loggers)
     (events,) = (p.resolve() for p in tensorboard.glob("events.out.tfevents.*"))
     checkpoints = [i for i, (path, _) in enumerate(synced) if path.name.startswith(".step-")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import io
 import itertools
 import json
@@ -12,6 +13,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,12 @@ class ScalarLogger(Callback):
 
     In a distributed run only rank 0 logs.
 
-    A resumed run goes on from its checkpoint's step: what an earlier run logged after that
-    step (it crashed, or was killed, after the checkpoint) is dropped from the log before
-    the resumed run logs those steps again, so the log reads as one uninterrupted run. So
-    a log is one run's while it runs: a second live logger on it (this process or another)
-    is refused at its loop's begin.
+    A resumed run goes on from its checkpoint's step: what it logged after that step before
+    (it crashed, or was killed, after the checkpoint) is dropped from the log before it logs
+    those steps again, so the log reads as one uninterrupted run. That happens when it
+    first writes to the log: a run that logged nothing (refused at its begin, or failed at
+    its first step) changed nothing. A log is one run's while it runs: a second live logger
+    on it (this process or another) is refused at its loop's begin.
 
     The loss is brought to the host with a non-blocking copy started on the compute thread and
     written once it has landed (checked without blocking at later steps, and waited for at
@@ -202,11 +205,23 @@ class _LogFile:
     write may take part of what waits; the rest follows it, so a record cut by a full disk
     is completed later. At most ``max_waiting`` bytes wait: later records are dropped,
     counted, until the file takes writes again.
+
+    The file is opened at the first write (or :meth:`open`): ``before_open`` runs first
+    (a resumed run's trim of the lines it logs again), and ``prologue`` is written first
+    (an event file's header), so that a run that wrote no record changed nothing.
     """
 
-    def __init__(self, path: Path, owner: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        owner: str,
+        *,
+        before_open: Callable[[], None] | None = None,
+        prologue: bytes = b"",
+    ) -> None:
         self.path, self.owner = path, owner
-        self._file = _open_to_append(path, owner)  # unbuffered: what it took is known
+        self._before_open, self._prologue = before_open, prologue
+        self._file: io.FileIO | None = None  # unbuffered: what it took is known
         self._unwritten = bytearray()
         self._sizes: collections.deque[int] = collections.deque()  # of the records waiting
         self._cut = 0  # bytes of the first waiting record already written
@@ -227,10 +242,25 @@ class _LogFile:
         if len(self._unwritten) >= _CHUNK:
             self.write_out()
 
+    def open(self) -> None:
+        """Open the file, after ``before_open`` (retried at the next write if either fails),
+        with the prologue to be written first."""
+        if self._before_open is not None:
+            self._before_open()
+            self._before_open = None
+        self._file = _open_to_append(self.path, self.owner)
+        if self._prologue:
+            self._unwritten[:0] = self._prologue
+            self._sizes.appendleft(len(self._prologue))
+            self._prologue = b""
+
     def write_out(self) -> None:
         """Write what waits, as far as the file takes it."""
         while self._unwritten:
             try:
+                if self._file is None:
+                    self.open()
+                    assert self._file is not None
                 written = self._file.write(self._unwritten)
                 if not written:  # (a regular file takes some or raises; never loop on none)
                     raise OSError(f"the file took none of {len(self._unwritten)} bytes")
@@ -251,16 +281,19 @@ class _LogFile:
 
     def removed(self) -> bool:
         """Whether the file was removed (or replaced) under this writer."""
+        if self._file is None:
+            return False
         try:
             return not os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
         except FileNotFoundError:
             return True
 
-    def moved_to(self, path: Path) -> _LogFile:
+    def moved_to(self, path: Path, *, prologue: bytes = b"") -> _LogFile:
         """This log's waiting records, now to be written to a new file at ``path`` (this one
         was removed); a record cut short by a failed write went with the removed file."""
-        self._file.close()
-        moved = _LogFile(path, self.owner)
+        if self._file is not None:
+            self._file.close()
+        moved = _LogFile(path, self.owner, prologue=prologue)
         dropped = self._dropped
         if self._cut:
             del self._unwritten[: self._sizes.popleft() - self._cut]
@@ -279,7 +312,8 @@ class _LogFile:
                 self._warn(f"its last {lost} record(s) could not be written before the loop "
                            f"ended, and are lost ({self._failing})")  # fmt: skip
         finally:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
 
     def _warn(self, what: str) -> None:
         warnings.warn(f"{self.owner}: {what}", RuntimeWarning, stacklevel=4)
@@ -302,15 +336,28 @@ def _open_to_append(path: Path, owner: str) -> io.FileIO:
 
 
 class _FileLogger(ScalarLogger):
-    """A logger whose records go to a :class:`_LogFile` (opened at ``on_loop_begin`` on rank
-    0 by the subclass, which also says how to begin anew where it was removed), written out
-    at each epoch's end and checkpoint."""
+    """A logger whose records go to a :class:`_LogFile`, written out at each epoch's end and
+    checkpoint. On rank 0 the subclass takes its output at ``on_loop_begin`` (:meth:`_take`:
+    the lock, refusing a live run's log, and the log, opened at its first write: a run that
+    wrote nothing, refused at its begin or failed at its first step, changed nothing), and
+    says how to begin anew where the log was removed (:meth:`_reopen`)."""
 
     def __init__(self, *, every_n_steps: int, prefix: str, overwrite: bool) -> None:
         super().__init__(every_n_steps=every_n_steps, prefix=prefix)
         flag("overwrite", overwrite)
         self.overwrite = overwrite
         self._log: _LogFile | None = None
+        self._run = ""  # the loop's run_id, while it runs
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        super().on_loop_begin(state)
+        self._run = state.loop.run_id
+        if state.loop.is_rank_zero:
+            self._log = self._take(state)
+
+    def _take(self, state: LoopState) -> _LogFile:
+        """The output's lock taken, and its log, on rank 0 at the loop's begin."""
+        raise NotImplementedError
 
     def _logged_again_from(self, state: LoopState) -> int | None:
         """The first step whose values this run logs again, so that what the log holds of
@@ -353,6 +400,9 @@ class TensorBoardLogger(_FileLogger):
     earlier files hold for the steps it logs again; with ``overwrite=True`` a fresh run's
     makes it drop every step of the earlier runs there (once the log is this run's: never
     a live run's). Without it, a fresh run's values are shown beside the earlier runs'.
+    An event file's name ends in its run's :attr:`~asynchat.LoopHandle.run_id`; as
+    TensorBoard shows a directory as one run, a resume hides another run's steps after its
+    checkpoint's too, and a ``UserWarning`` names that run (its files keep them).
     """
 
     def __init__(
@@ -369,30 +419,51 @@ class TensorBoardLogger(_FileLogger):
         super().__init__(every_n_steps=every_n_steps, prefix=prefix, overwrite=overwrite)
         self.log_dir = Path(log_dir)
 
-    def on_loop_begin(self, state: LoopState) -> None:
-        super().on_loop_begin(state)
-        if state.loop.is_rank_zero:
-            self._held = self._lock(self.log_dir, _LOG_LOCK, f"log_dir={str(self.log_dir)!r}")
-            self._log = _LogFile(self._event_file(), self._held.subject)
-            # Resumed (from a checkpoint at global_step), or begun anew: TensorBoard drops
-            # what the event files hold for the steps this run logs again.
-            self._begin(purge=self._logged_again_from(state))
+    def _take(self, state: LoopState) -> _LogFile:
+        self._held = self._lock(self.log_dir, _LOG_LOCK, f"log_dir={str(self.log_dir)!r}")
+        # Resumed (from a checkpoint at global_step), or begun anew: TensorBoard drops
+        # what the event files hold for the steps this run logs again.
+        step = state.global_step
+        warn = functools.partial(self._warn_of_other_runs, step) if step else None
+        return _LogFile(
+            self._event_file(), self._held.subject, before_open=warn,
+            prologue=self._prologue(purge=self._logged_again_from(state)),
+        )  # fmt: skip
 
     def _event_file(self) -> Path:
-        """A new event file's path. TensorBoard reads a directory's files in the order of
-        their names, and a resumed run's purge acts on the files before its own: the process
-        and the count are zero-padded, so that names of one second sort as they were made
-        (a count of 10 sorted before one of 9, and TensorBoard showed the resumed run's
-        steps before the ones it had replaced)."""
+        """A new event file's path, ending in the run's id. TensorBoard reads a directory's
+        files in the order of their names, and a resumed run's purge acts on the files
+        before its own: the process and the count are zero-padded, so that names of one
+        second sort as they were made (a count of 10 sorted before one of 9, and TensorBoard
+        showed the resumed run's steps before the ones it had replaced)."""
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-        return self.log_dir / f"{name}.{os.getpid():07d}.{next(_EVENT_FILES):06d}"
+        return self.log_dir / f"{name}.{os.getpid():07d}.{next(_EVENT_FILES):06d}.{self._run}"
 
-    def _begin(self, purge: int | None = None) -> None:
+    def _warn_of_other_runs(self, step: int) -> None:
+        """TensorBoard shows a directory as one run: a resumed run's purge hides what every
+        earlier event file holds of the steps it logs again, another run's too (a fresh run
+        that logged there meanwhile). Said, naming them; their files keep those steps."""
+        others = sorted({run for run in map(_run_of, self.files()) if run not in ("", self._run)})
+        if others:
+            warnings.warn(
+                f"{type(self).__name__}(log_dir={str(self.log_dir)!r}) holds the event files "
+                f"of another run ({', '.join(others)}): TensorBoard shows a directory as one "
+                f"run, and this resumed run hides their steps after {step} there (their "
+                "files keep them). Give each run a log_dir of its own",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _prologue(self, purge: int | None = None) -> bytes:
+        """What an event file begins with: its version, and where this run's steps begin."""
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        self._event(Event(step=purge or 0, file_version="brain.Event:2"))
+        records = self._record(Event(step=purge or 0, file_version="brain.Event:2"))
         if purge is not None:
-            self._event(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
+            records += self._record(
+                Event(step=purge, session_log=SessionLog(status=SessionLog.START))
+            )
+        return records
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
@@ -400,21 +471,21 @@ class TensorBoardLogger(_FileLogger):
 
         self._follow()
         values = [Summary.Value(tag=name, simple_value=value) for name, value in scalars.items()]
-        self._event(Event(step=step, summary=Summary(value=values)))
+        assert self._log is not None
+        self._log.append(self._record(Event(step=step, summary=Summary(value=values))))
 
-    def _event(self, event: Any) -> None:
+    @staticmethod
+    def _record(event: Any) -> bytes:
         from tensorboard.summary.writer.record_writer import RecordWriter
 
-        assert self._log is not None
         event.wall_time = time.time()
         record = io.BytesIO()
         RecordWriter(record).write(event.SerializeToString())
-        self._log.append(record.getvalue())
+        return record.getvalue()
 
     def _reopen(self) -> None:
         assert self._log is not None
-        self._log = self._log.moved_to(self._event_file())
-        self._begin()
+        self._log = self._log.moved_to(self._event_file(), prologue=self._prologue())
 
     def files(self) -> list[Path]:
         # This run's event files and any earlier run's (synced already: costs nothing).
@@ -424,14 +495,16 @@ class TensorBoardLogger(_FileLogger):
 class JSONLinesLogger(_FileLogger):
     """Appends one JSON object per log to ``path``.
 
-    Each line is like ``{"step": 10, "time": 1764150000.0, "train/loss": 0.25}``, strict
-    JSON: a value that is not finite (a diverged loss's NaN or inf) is ``null``, as
-    JavaScript's ``JSON.stringify`` writes it (JSON has no such numbers, and most parsers
-    refuse Python's ``NaN``; :class:`TensorBoardLogger` keeps them). A line a
+    Each line is like ``{"step": 10, "time": 1764150000.0, "run": "3f9c...", "train/loss":
+    0.25}``, strict JSON: ``run`` is the loop's :attr:`~asynchat.LoopHandle.run_id` (the
+    same across its resumes), and a value that is not finite (a diverged loss's NaN or inf)
+    is ``null``, as JavaScript's ``JSON.stringify`` writes it (JSON has no such numbers, and
+    most parsers refuse Python's ``NaN``; :class:`TensorBoardLogger` keeps them). A line a
     killed process left half-written is dropped when the next run opens the file; a
-    resumed run drops the lines of steps after its checkpoint's (see
-    :class:`ScalarLogger`). A fresh run appends, or with ``overwrite=True`` drops every
-    line of a step first (once the log is this run's: never a live run's lines).
+    resumed run drops its own lines of steps after its checkpoint's (see
+    :class:`ScalarLogger`), and keeps another run's (a fresh run that appended meanwhile).
+    A fresh run appends, or with ``overwrite=True`` drops every line of a step first (once
+    the log is this run's: never a live run's lines).
 
     Lines are written in chunks of 8 KiB, and at each epoch's end and checkpoint, from the
     compute thread (a write into the operating system's cache). A write that fails (a full
@@ -464,19 +537,21 @@ class JSONLinesLogger(_FileLogger):
         self.path = Path(path)
         self._stream = False  # (decided at each loop's begin)
 
-    def on_loop_begin(self, state: LoopState) -> None:
-        super().on_loop_begin(state)
-        if not state.loop.is_rank_zero:
-            return
+    def _take(self, state: LoopState) -> _LogFile:
         subject = f"path={str(self.path)!r}"
         self._stream = self._is_stream()
-        if self._stream:  # (reading one to trim it waited forever for a writer)
-            self._log = _LogFile(self.path, f"{type(self).__name__}({subject})")
-            return
+        if self._stream:  # opened now (a FIFO without a reader is refused), never trimmed
+            log = _LogFile(self.path, f"{type(self).__name__}({subject})")
+            log.open()
+            return log
         self._held = self._lock(self.path.parent, f".{self.path.name}.lock", subject)
-        if self.path.exists():
-            _trim(self.path, dropped_from=self._logged_again_from(state))
-        self._log = _LogFile(self.path, self._held.subject)
+        # At the first write: a resumed run drops its own lines of the steps it logs again
+        # (not another run's); a fresh one with overwrite, every line.
+        trim = functools.partial(
+            _trim, self.path, dropped_from=self._logged_again_from(state),
+            run=self._run if state.global_step else None,
+        )  # fmt: skip
+        return _LogFile(self.path, self._held.subject, before_open=trim)
 
     def _is_stream(self) -> bool:
         """Whether ``path`` is there and no regular file (a FIFO, a terminal), or one of
@@ -490,7 +565,8 @@ class JSONLinesLogger(_FileLogger):
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._log is not None
         values = {k: v if finite(v) else None for k, v in scalars.items()}
-        line = json.dumps({"step": step, "time": time.time(), **values}, allow_nan=False)
+        record = {"step": step, "time": time.time(), "run": self._run, **values}
+        line = json.dumps(record, allow_nan=False)
         self._log.append(f"{line}\n".encode())
 
     def _reopen(self) -> None:
@@ -501,32 +577,47 @@ class JSONLinesLogger(_FileLogger):
         return [] if self._stream else [self.path]
 
 
+def _run_of(event_file: Path) -> str:
+    """The run id an event file's name ends in ("" for one an older version named)."""
+    last = event_file.name.rsplit(".", 1)[-1]
+    return last if len(last) == 32 and all(c in "0123456789abcdef" for c in last) else ""
+
+
 _STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
 
 
-def _trim(path: Path, *, dropped_from: int | None) -> None:
+def _trim(path: Path, *, dropped_from: int | None, run: str | None) -> None:
     """Drop a last line without its newline (a write cut short by a kill) and, with
-    ``dropped_from``, the lines of that step and later; rewritten atomically, only if
-    anything goes.
+    ``dropped_from``, the lines of that step and later: of run ``run`` and of no run (lines
+    an older version wrote), or of any run where ``run`` is None. Rewritten atomically,
+    only if anything goes.
 
     A log that is a link (to a shared disk, say) is rewritten where it points, and stays a
     link: before, the link was replaced by a file of its own, and the file it pointed to got
     no line more."""
     path = path.resolve()
-    with path.open("rb") as file:
-        lines = file.read().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith(b"\n") and not _dropped(line, dropped_from)]
+    try:
+        with path.open("rb") as file:
+            lines = file.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = [
+        line for line in lines if line.endswith(b"\n") and not _dropped(line, dropped_from, run)
+    ]
     if len(kept) < len(lines):
         atomic_write(path, b"".join(kept))
 
 
-def _dropped(line: bytes, dropped_from: int | None) -> bool:
-    """Whether ``line`` logs step ``dropped_from`` or a later one (a line that is not such a
-    log stays)."""
+def _dropped(line: bytes, dropped_from: int | None, run: str | None) -> bool:
+    """Whether ``line`` logs step ``dropped_from`` or a later one, of ``run`` (see
+    :func:`_trim`; a line that is not such a log stays)."""
     if dropped_from is None:
         return False
     try:
-        step = json.loads(line).get("step")
+        record = json.loads(line)
+        step, its_run = record.get("step"), record.get("run")
     except (ValueError, AttributeError, RecursionError):
+        return False
+    if run is not None and its_run is not None and its_run != run:
         return False
     return isinstance(step, int) and step >= dropped_from
