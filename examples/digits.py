@@ -9,7 +9,8 @@ logs in ``<out>/tb``, and checkpoints in ``<out>/checkpoints`` written in the ba
 keeping the newest and the most accurate. ``--resume`` continues from the newest checkpoint
 (give it the same ``--epochs``: the schedule keeps the length it was saved with, and says so);
 without it a run starts over, and its checkpoints and TensorBoard curves replace the last
-run's (``overwrite=True``: never those of a run still writing there, which is refused).
+run's (``overwrite=True``: never those of a run still writing there, which is refused; and
+only as it saves and logs its own, so a run that fails at its first step loses nothing).
 """
 
 from __future__ import annotations

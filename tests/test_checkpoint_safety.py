@@ -35,7 +35,7 @@ from conftest import (
 from torch.utils.data import DataLoader
 
 import asynchat._checkpoint_io
-from asynchat import Callback, InUseError, LoopState
+from asynchat import Callback, InUseError, LoopState, Trainer
 from asynchat._checkpoint_io import LOCK, MANIFEST_LIMIT, serialize
 from asynchat._worker_seeds import seeded_per_batch
 from asynchat.callbacks import (
@@ -953,6 +953,62 @@ async def test_overwrite_never_removes_the_checkpoints_of_a_live_run(tmp_path: P
         assert steps_on_disk(tmp_path) == [2, 4]
         gate.release.set()
     assert steps_on_disk(tmp_path) == [2, 4, 6]
+
+
+class BrokenAt(torch.nn.Module):
+    """The test model, changed by a bug that raises in its ``at``-th forward."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = make_model(), at, 0
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x8 and 16x3)")
+        return self.inner(inputs)  # type: ignore[no-any-return]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("broken_at", [1, 3])
+async def test_a_run_that_starts_over_and_fails_before_its_first_save_loses_nothing(
+    tmp_path: Path, broken_at: int
+) -> None:
+    """Regression: overwrite=True removed the directory's checkpoints at the loop's begin,
+    so the demo run again after a change that broke its model (an error at the first step)
+    left no checkpoint to resume from, and emptied its logs (given overwrite=True too).
+    The checkpoints now give way at the new run's first save, the logs at its first write:
+    failed at its first step, the run changed no file; at its third, only the log, which
+    holds the two steps it ran (to look into), no longer the old run's: logged, the run
+    replaced it."""
+    checkpoints, log = tmp_path / "checkpoints", tmp_path / "log.jsonl"
+
+    def run(**kwargs: Any) -> Trainer:
+        return make_trainer(
+            JSONLinesLogger(log, every_n_steps=1, overwrite=True),
+            TensorBoardLogger(tmp_path / "tb", every_n_steps=1, overwrite=True),
+            Checkpoint(checkpoints, every_n_epochs=1, overwrite=True), num_epochs=2, **kwargs,
+        )  # fmt: skip
+
+    def files() -> dict[Path, bytes]:  # (but the locks, which say since when they are held)
+        paths = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"]
+        return {p: p.read_bytes() for p in paths}
+
+    await run().fit()
+    before = files()
+    broken = run(model=BrokenAt(broken_at))
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        await broken.fit()
+    changed = {path for path, content in files().items() if content != before.get(path)}
+    if broken_at == 1:
+        assert changed == set()
+    else:  # (and an event file of its own, which hides the old run's steps in TensorBoard)
+        (events,) = (tmp_path / "tb").glob(f"events.out.tfevents.*.{broken.run_id}")
+        assert changed == {log, events}
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [(row["run"], row["step"]) for row in rows] == [(broken.run_id, s) for s in (1, 2)]
+    assert steps_on_disk(checkpoints) == [6, 12]
+    assert find_checkpoint(checkpoints) == checkpoints / "step-000000012.ckpt"
 
 
 # -- a machine crash -------------------------------------------------------------------------

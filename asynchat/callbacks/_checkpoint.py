@@ -148,10 +148,12 @@ class Checkpoint(Callback):
     training: its checkpoints would rank as older than the other run's and be pruned. So is
     a run beside another run's checkpoints further back (told apart by the loop's
     ``run_id``, which its checkpoints carry): they would be pruned as its own older ones.
-    With ``overwrite=True`` it removes the other run's, or those further on than itself,
-    instead, once it holds the directory's lock: a run that starts over never removes a
-    live run's files (``shutil.rmtree(save_dir)`` before a fresh run did, under a run still
-    writing there).
+    With ``overwrite=True`` it replaces the other run's, or those further on than itself,
+    instead: they give way to its own once its first checkpoint is written (taken out of
+    the manifest as it is listed, then removed), so a run that starts over and fails before
+    its first save (a bug in the changed model) leaves the directory as it found it; and
+    only once it holds the directory's lock, so it never removes a live run's files
+    (``shutil.rmtree(save_dir)`` before a fresh run did, under a run still writing there).
 
     Retention: the newest checkpoint is always kept (so nothing is pruned before a newer one
     is safely written), plus the newest ``keep_last`` and the best ``keep_best`` by
@@ -181,11 +183,12 @@ class Checkpoint(Callback):
         keep_best: keep the best this many checkpoints by ``monitor`` (besides the newest).
         save_on_end: save when the loop ends normally, by ``stop()`` or by cancellation (not
             after an error), unless the last step was just saved.
-        overwrite: a run further back than the directory's newest checkpoint removes the
+        overwrite: a run further back than the directory's newest checkpoint replaces the
             checkpoints further on than itself (a fresh run: every one; one resumed from an
-            older file: those after it), and a run beside another run's checkpoints removes
-            those, where it would be refused. Only once it holds the directory: a live
-            run's directory is refused all the same. The removal is logged
+            older file: those after it), and a run beside another run's checkpoints replaces
+            those, where it would be refused: they are removed at its first save, once its
+            checkpoint is written and listed, not before. Only once it holds the directory:
+            a live run's directory is refused all the same. The removal is logged
             (``asynchat.checkpoint``, INFO).
     """
 
@@ -235,7 +238,9 @@ class Checkpoint(Callback):
         self.overwrite = overwrite
         self._writer = BackgroundWriter("asynchat-checkpoint-writer")
         self._lock = DirectoryLock(self.save_dir)
-        self._entries: list[dict[str, Any]] = []
+        self._entries: list[dict[str, Any]] = []  # this run's, and those it keeps
+        # overwrite: the checkpoints this run replaces at its first save (and whose they are)
+        self._replaced: list[tuple[list[dict[str, Any]], str]] = []
         self._last_saved_step: int | None = None
         self._warned_unranked = self._warned_stale = False  # warned once each
         self._last_ranked = False
@@ -279,6 +284,7 @@ class Checkpoint(Callback):
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._entries = self._adopt(self._ranked_anew(read_manifest(self.save_dir)))
+        self._replaced = []
         self._meet_other_runs(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
@@ -327,7 +333,7 @@ class Checkpoint(Callback):
         self, entries: list[dict[str, Any]], whose: str, state: LoopState
     ) -> None:
         if self.overwrite:
-            self._remove_entries(entries, whose)
+            self._replace(entries, whose)
             return
         newest = entries[-1]
         theirs = f"{newest['file']}, global step {newest['global_step']}"
@@ -371,16 +377,29 @@ class Checkpoint(Callback):
         write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
         self._entries = kept
 
-    def _remove_entries(self, removed: list[dict[str, Any]], whose: str) -> None:
-        """Remove the checkpoints ``removed`` (of ``whose``): first from the manifest, then
-        their files."""
-        self._unlist(removed)
-        for entry in removed:
-            remove(self.save_dir / entry["file"])
-        _LOG.info(
-            "Checkpoint(save_dir=%r, overwrite=True): removed %d checkpoint(s) of %s (%s to %s)",
-            str(self.save_dir), len(removed), whose, removed[0]["file"], removed[-1]["file"],
-        )  # fmt: skip
+    def _replace(self, replaced: list[dict[str, Any]], whose: str) -> None:
+        """With ``overwrite``: the checkpoints ``replaced`` (of ``whose``) are no longer this
+        run's to keep or prune, and go at its first save (:meth:`_remove_replaced`). Until
+        then the manifest lists them and their files stay: removed here, at the loop's
+        begin, a run that started over and failed at its first step had left the directory
+        empty (the demo run again after a change that broke its model)."""
+        self._entries = [e for e in self._entries if not any(e is r for r in replaced)]
+        self._replaced.append((replaced, whose))
+
+    def _remove_replaced(self, kept: list[dict[str, Any]]) -> None:
+        """Remove the files of the checkpoints this run replaces, once the manifest lists
+        its first one in their stead (a file of the same name is its own now)."""
+        names = {e["file"] for e in kept}
+        replaced, self._replaced = self._replaced, []
+        for entries, whose in replaced:
+            for entry in entries:
+                if entry["file"] not in names:
+                    remove(self.save_dir / entry["file"])
+            _LOG.info(
+                "Checkpoint(save_dir=%r, overwrite=True): removed %d checkpoint(s) of %s "
+                "(%s to %s)", str(self.save_dir), len(entries), whose, entries[0]["file"],
+                entries[-1]["file"],
+            )  # fmt: skip
 
     def _adopt(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The manifest's entries plus checkpoint files a crash (or a hand) kept out of it,
@@ -683,6 +702,8 @@ class Checkpoint(Callback):
         for entry in entries:
             if not any(entry is k for k in kept):
                 remove(self.save_dir / entry["file"])
+        if self._replaced:
+            self._remove_replaced(kept)
 
     def _retain(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_step = sorted(entries, key=lambda e: e["global_step"])
