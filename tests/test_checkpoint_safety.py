@@ -1227,22 +1227,29 @@ def test_on_checkpoint_may_return_one_path_and_nothing_else(
 # -- logs removed, and two runs on one log ---------------------------------------------------
 
 
-@pytest.mark.parametrize("what", ["directory", "file"])
+@pytest.mark.parametrize("what", ["directory", "file", "directory before a line"])
 def test_a_log_removed_mid_run_is_begun_anew_and_the_run_logs_on(tmp_path: Path, what: str) -> None:
     """Regression: the logger went on writing into the file that no longer had a name, so
     every later line was lost without a word (after an ``rm -rf`` of the run directory the
-    checkpoints came back, the log did not)."""
+    checkpoints came back, the log did not). And once logs were opened at their first
+    line: a directory removed before it was never made again, every line lost."""
     log, checkpoints = tmp_path / "logs" / "log.jsonl", tmp_path / "checkpoints"
-    removal = RemoveFiles(checkpoints, log.parent if what == "directory" else log, at=4)
+    before_a_line = what == "directory before a line"
+    removed = log.parent if what.startswith("directory") else log
+    removal = RemoveFiles(checkpoints, removed, at=2 if before_a_line else 4)
     expected = (
         (CheckpointWarning, "the directory was removed while this run wrote")
-        if what == "directory"
+        if what != "file"
         else (RuntimeWarning, "the log was removed while this run wrote it")
     )
+    logger = JSONLinesLogger(log, every_n_steps=3 if before_a_line else 1)
     with pytest.warns(expected[0], match=expected[1]):
-        train(checkpoints, removal, JSONLinesLogger(log, every_n_steps=1), checkpoint=EVERY_STEP)
+        train(checkpoints, removal, logger, checkpoint=EVERY_STEP)
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps[-2:] == [5, 6] and set(steps) <= {4, 5, 6}, steps
+    if before_a_line:
+        assert steps == [3, 6]
+    else:
+        assert steps[-2:] == [5, 6] and set(steps) <= {4, 5, 6}, steps
 
 
 def test_a_tensorboard_log_dir_removed_mid_run_is_made_again_and_logged_on(tmp_path: Path) -> None:

@@ -280,9 +280,10 @@ class _LogFile:
             self._warn(f"the log is written again; {lost}")
 
     def removed(self) -> bool:
-        """Whether the file was removed (or replaced) under this writer."""
+        """Whether the file was removed (or replaced) under this writer; before its first
+        write, whether its directory was (where it would be made)."""
         if self._file is None:
-            return False
+            return not self.path.parent.is_dir()
         try:
             return not os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path))
         except FileNotFoundError:
