@@ -1011,6 +1011,26 @@ async def test_a_run_that_starts_over_and_fails_before_its_first_save_loses_noth
     assert find_checkpoint(checkpoints) == checkpoints / "step-000000012.ckpt"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+async def test_a_run_stopped_before_its_first_step_saves_nothing(
+    tmp_path: Path, resumed: bool
+) -> None:
+    """Regression: save_on_end saved a run stopped before its first step (a service shut
+    down as the job began): an untrained step-0 checkpoint, which with overwrite=True
+    replaced the last run's; resumed, it wrote the file it resumed from again."""
+    await make_trainer(Checkpoint(tmp_path, every_n_epochs=1), num_epochs=2).fit()
+    files = {p.name: (p.stat().st_ino, p.read_bytes()) for p in tmp_path.glob("step-*")}
+    stopped = make_trainer(
+        Checkpoint(tmp_path, every_n_epochs=1, overwrite=True), num_epochs=3,
+        resume_from=tmp_path if resumed else None,
+    )  # fmt: skip
+    stopped.stop()
+    assert (await stopped.fit()).global_step == (12 if resumed else 0)
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in tmp_path.glob("step-*")} == files
+    assert [e["global_step"] for e in manifest(tmp_path)] == [6, 12]
+
+
 # -- a machine crash -------------------------------------------------------------------------
 
 

@@ -182,7 +182,9 @@ class Checkpoint(Callback):
         mode: ``"min"`` or ``"max"``: which ``monitor`` value is best.
         keep_best: keep the best this many checkpoints by ``monitor`` (besides the newest).
         save_on_end: save when the loop ends normally, by ``stop()`` or by cancellation (not
-            after an error), unless the last step was just saved.
+            after an error), unless the last step was just saved or the run took no step
+            (stopped before its first: what it began from holds its state; saved, an
+            untrained step-0 checkpoint replaced the last run's with ``overwrite=True``).
         overwrite: a run further back than the directory's newest checkpoint replaces the
             checkpoints further on than itself (a fresh run: every one; one resumed from an
             older file: those after it), and a run beside another run's checkpoints replaces
@@ -246,6 +248,7 @@ class Checkpoint(Callback):
         self._last_ranked = False
         self._sharded_saves = 0
         self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
+        self._began_at = 0  # the global step the loop began at
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -272,6 +275,7 @@ class Checkpoint(Callback):
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
+        self._began_at = state.global_step  # (a run that took no step is not saved at its end)
         self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
@@ -458,7 +462,8 @@ class Checkpoint(Callback):
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
-            if self.save_on_end and state.exception is None and self._began:
+            stepped = state.global_step != self._began_at
+            if self.save_on_end and state.exception is None and self._began and stepped:
                 self.save(state)
         finally:
             try:
