@@ -210,25 +210,8 @@ class Checkpoint(Callback):
         save_on_end: bool = True,
         overwrite: bool = False,
     ) -> None:
-        check_path("save_dir", save_dir)
-        positive_int("every_n_steps", every_n_steps, allow_none=True)
-        positive_int("every_n_epochs", every_n_epochs, allow_none=True)
-        if keep_last is not None:  # (None keeps them all)
-            positive_int("keep_last", keep_last, minimum=0)
-        positive_int("keep_best", keep_best, minimum=0)
-        metric_name("monitor", monitor, allow_none=True)
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        flag("save_on_end", save_on_end)
-        flag("overwrite", overwrite)
-        if keep_last == 0 and (monitor is None or keep_best == 0):
-            raise ValueError(
-                "keep_last=0 keeps no checkpoint unless monitor=... and keep_best >= 1 are given"
-            )
-        if every_n_steps is None and every_n_epochs is None and not save_on_end:
-            raise ValueError(
-                "Checkpoint never saves: give every_n_steps, every_n_epochs or save_on_end=True"
-            )
+        _check_settings(save_dir, every_n_steps, every_n_epochs, keep_last, monitor, mode,
+                        keep_best, save_on_end, overwrite)  # fmt: skip
         self.save_dir = Path(save_dir)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
@@ -722,6 +705,39 @@ class Checkpoint(Callback):
             ranked.sort(key=lambda e: e["metric"], reverse=self.mode == "max")
             keep += ranked[: self.keep_best]
         return [e for e in by_step if any(e is k for k in keep)]
+
+
+def _check_settings(
+    save_dir: str | os.PathLike[str],
+    every_n_steps: int | None,
+    every_n_epochs: int | None,
+    keep_last: int | None,
+    monitor: str | None,
+    mode: str,
+    keep_best: int,
+    save_on_end: bool,
+    overwrite: bool,
+) -> None:
+    """:class:`Checkpoint`'s arguments checked, each error naming the argument."""
+    check_path("save_dir", save_dir)
+    positive_int("every_n_steps", every_n_steps, allow_none=True)
+    positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+    if keep_last is not None:  # (None keeps them all)
+        positive_int("keep_last", keep_last, minimum=0)
+    positive_int("keep_best", keep_best, minimum=0)
+    metric_name("monitor", monitor, allow_none=True)
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    flag("save_on_end", save_on_end)
+    flag("overwrite", overwrite)
+    if keep_last == 0 and (monitor is None or keep_best == 0):
+        raise ValueError(
+            "keep_last=0 keeps no checkpoint unless monitor=... and keep_best >= 1 are given"
+        )
+    if every_n_steps is None and every_n_epochs is None and not save_on_end:
+        raise ValueError(
+            "Checkpoint never saves: give every_n_steps, every_n_epochs or save_on_end=True"
+        )
 
 
 def _unused(path: Path) -> Path:
