@@ -44,10 +44,13 @@ class LoopSnapshot:
 
     ``steps_per_s`` and ``samples_per_s`` average over the run so far (``samples_per_s`` uses
     the size of the current epoch's first batch), less the time it was held by ``pause()``
-    (``paused_s``); ``metrics`` are the last published values.
+    (``paused_s``); ``metrics`` are the last published values; ``run_id`` names the run
+    across its resumes (:attr:`~asynchat.LoopHandle.run_id`: its checkpoints and JSON log
+    lines carry it).
     """
 
     name: str
+    run_id: str
     status: LoopStatus
     epoch: int
     step: int

@@ -195,6 +195,7 @@ class LoopBase(PipeBase):
         steps_per_s, samples_per_s = self._throughput.rates(state.global_step)
         return LoopSnapshot(
             name=self.name,
+            run_id=self.run_id,
             status=self._control.status,
             epoch=state.epoch,
             step=state.step,

@@ -282,8 +282,9 @@ async def test_a_job_the_server_died_under_is_continued_from_its_checkpoint(
                 if line.startswith("data: ") and '"kind": "epoch_begin"' in line:
                     first = json.loads(line[len("data: ") :])
                     break
-        # It went on from its checkpoint, at an epoch's end: the next epoch.
+        # It went on from its checkpoint, at an epoch's end: the next epoch, the same run.
         assert first["global_step"] == saved and first["epoch"] == saved // 6
+        assert first["run_id"] == manifest["checkpoints"][-1]["run"]
         with anyio.fail_after(30):
             while (await client.get(f"/jobs/{job}")).json()["global_step"] <= saved:  # noqa: ASYNC110
                 await anyio.sleep(0.02)
