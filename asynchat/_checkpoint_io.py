@@ -568,6 +568,25 @@ def read_manifest(directory: Path) -> list[dict[str, Any]]:
     return usable
 
 
+def foreign_manifest(directory: Path) -> tuple[bool, str] | None:
+    """None where ``directory`` has no manifest or a Checkpoint's (what of it is unusable is
+    :func:`read_manifest`'s to say); else whether it is JSON, and what it is: JSON that
+    no Checkpoint wrote (another tool's ``manifest.json``), or no JSON at all (damaged, or
+    no manifest of ours). Every manifest a Checkpoint wrote is an object with ``format``
+    and ``checkpoints``."""
+    try:
+        data = _read_json(directory / MANIFEST)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:
+        return False, f"unreadable ({type(exc).__name__}: {exc})"
+    if isinstance(data, dict):
+        if not data or data.get("format") == FORMAT or "checkpoints" in data:
+            return None  # (an empty object holds nothing to lose)
+        return True, f"a JSON object with the keys {sorted(data)[:8]}"
+    return True, f"JSON of another kind ({type(data).__name__})"
+
+
 def _read_json(path: Path) -> Any:
     """The manifest's JSON (``RecursionError``: nested too deep for the parser)."""
     return json.loads(read_file(path, limit=MANIFEST_LIMIT))

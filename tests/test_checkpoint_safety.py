@@ -232,6 +232,41 @@ def test_a_manifest_that_is_a_directory_falls_back_with_a_warning(tmp_path: Path
     assert path.name == "step-000000006.ckpt"
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"name": "my app", "icons": []}', "[1, 2]"],
+    ids=["another-tools-object", "a-list"],
+)
+def test_a_manifest_no_checkpoint_wrote_is_refused_not_replaced(
+    tmp_path: Path, content: str
+) -> None:
+    """Regression: a ``manifest.json`` of another tool's in the save_dir (a web app's, a
+    model registry's) was taken for a damaged one of ours, with a warning, and replaced by
+    the run's at its first save: the user's file gone. Refused before training now."""
+    (tmp_path / "manifest.json").write_text(content)
+    trainer = make_trainer(Checkpoint(tmp_path, every_n_steps=2), num_steps=4)
+    with pytest.raises(CheckpointError, match=r"its manifest.json is no Checkpoint's \("):
+        anyio.run(trainer.fit)
+    assert trainer.state.global_step == 0, "refused before training"
+    assert (tmp_path / "manifest.json").read_text() == content
+    assert steps_on_disk(tmp_path) == []
+
+
+def test_a_manifest_that_is_no_json_is_set_aside_not_replaced(tmp_path: Path) -> None:
+    """Regression: one that was no JSON at all (damaged, or not ours) was replaced without
+    a trace; it is set aside as manifest.json.unreadable (never loaded or deleted), a
+    second one beside it, and the run saves on from the checkpoint files."""
+    train(tmp_path)
+    for n, content in enumerate([b"\x00damaged\xff", b"name: not json"]):
+        (tmp_path / "manifest.json").write_bytes(content)
+        with pytest.warns(CheckpointWarning, match="unreadable") as told:  # (the resume too)
+            assert train(tmp_path, num_steps=8 + 2 * n, resume_from=tmp_path).global_step
+        assert any("; set aside as manifest.json.unreadable" in str(w.message) for w in told)
+        aside = "manifest.json.unreadable" + ("-2" if n else "")
+        assert (tmp_path / aside).read_bytes() == content
+        assert [e["global_step"] for e in manifest(tmp_path)][-1] == 8 + 2 * n
+
+
 class EndOfFileWhenRead:
     """Gives ``fifo`` an end of file whenever someone opens it to read, until the block
     ends: code that waits on a FIFO then reads nothing, and its test fails instead of

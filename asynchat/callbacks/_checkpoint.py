@@ -17,12 +17,14 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import (
     EXTRAS,
+    MANIFEST,
     DirectoryLock,
     checkpoint_files,
     checkpoint_name,
     commit_directory,
     file_digests,
     finite,
+    foreign_manifest,
     fsync_dir,
     manifest_entry,
     manifest_ranking,
@@ -270,11 +272,40 @@ class Checkpoint(Callback):
             ) from exc
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
+        self._meet_manifest()
         self._entries = self._adopt(self._ranked_anew(read_manifest(self.save_dir)))
         self._replaced = []
         self._meet_other_runs(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
+
+    def _meet_manifest(self) -> None:
+        """A ``manifest.json`` that no Checkpoint wrote (another tool's, in a directory of
+        its outputs) was replaced by this run's at its first save: refused, before training.
+        One that cannot be read (damaged, or no JSON) is set aside as
+        ``manifest.json.unreadable``, never loaded or deleted, and the run goes on from the
+        checkpoint files themselves."""
+        found = foreign_manifest(self.save_dir)
+        if found is None:
+            return
+        is_json, what = found
+        path = self.save_dir / MANIFEST
+        if is_json:
+            raise CheckpointError(
+                f"Checkpoint(save_dir={str(self.save_dir)!r}): its {MANIFEST} is no "
+                f"Checkpoint's ({what}), and the first save would replace it. Save into a "
+                "directory of its own, or move that file"
+            )
+        aside = _unused(path.with_name(f"{MANIFEST}.unreadable"))
+        os.replace(path, aside)
+        fsync_dir(self.save_dir)
+        warnings.warn(
+            f"Checkpoint(save_dir={str(self.save_dir)!r}): its {MANIFEST} is {what}; set aside "
+            f"as {aside.name} (never loaded or deleted), and the checkpoint files are looked "
+            "at themselves",
+            CheckpointWarning,
+            stacklevel=2,
+        )
 
     def _refuse_a_twin(self, state: LoopState) -> None:
         """Two Checkpoints of one loop on one directory (one to save every n steps, one
