@@ -1185,21 +1185,22 @@ async def test_a_log_line_nested_too_deep_to_parse_is_kept_and_the_run_resumes(
 ) -> None:
     # Regression: dropping the lines of steps after the checkpoint let json's RecursionError
     # out of a line that is no log of ours, and the resumed run ended before its first step.
+    # And a line with a "step" but no "time" (a dataset's) was dropped as if logged.
     log, checkpoints = tmp_path / "log.jsonl", tmp_path / "checkpoints"
     await make_trainer(
         JSONLinesLogger(log, every_n_steps=1), Checkpoint(checkpoints, every_n_steps=3),
         num_steps=6,
     ).fit()  # fmt: skip
-    deep = "[" * 100_000 + "]" * 100_000
+    deep, data = "[" * 100_000 + "]" * 100_000, '{"step": 5, "reward": 1.0}'
     with log.open("a") as file:
-        file.write(deep + "\n")
+        file.write(f"{deep}\n{data}\n")
     await make_trainer(
         JSONLinesLogger(log, every_n_steps=1), num_steps=8,
         resume_from=checkpoints / "step-000000003.ckpt",
     ).fit()  # fmt: skip
     lines = log.read_text().splitlines()
-    assert lines[3] == deep  # kept; steps 4-6 of the first run dropped
-    assert [json.loads(line)["step"] for line in lines[:3] + lines[4:]] == list(range(1, 9))
+    assert lines[3:5] == [deep, data]  # kept; steps 4-6 of the first run dropped
+    assert [json.loads(line)["step"] for line in lines[:3] + lines[5:]] == list(range(1, 9))
 
 
 async def test_a_log_that_is_a_link_is_trimmed_where_it_points_and_stays_a_link(

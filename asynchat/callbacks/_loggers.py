@@ -611,14 +611,17 @@ def _trim(path: Path, *, dropped_from: int | None, run: str | None) -> None:
 
 def _dropped(line: bytes, dropped_from: int | None, run: str | None) -> bool:
     """Whether ``line`` logs step ``dropped_from`` or a later one, of ``run`` (see
-    :func:`_trim`; a line that is not such a log stays)."""
+    :func:`_trim`; a line that is no such log stays: every line a logger wrote has a
+    ``step`` and a ``time``, and a file's own lines with a ``step`` alone, a dataset's
+    given as the log's path by mistake, were dropped too)."""
     if dropped_from is None:
         return False
     try:
         record = json.loads(line)
-        step, its_run = record.get("step"), record.get("run")
+        step, time_, its_run = record.get("step"), record.get("time"), record.get("run")
     except (ValueError, AttributeError, RecursionError):
         return False
     if run is not None and its_run is not None and its_run != run:
         return False
-    return isinstance(step, int) and step >= dropped_from
+    logged = isinstance(step, int) and isinstance(time_, (int, float))
+    return logged and step >= dropped_from
