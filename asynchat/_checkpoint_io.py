@@ -117,9 +117,12 @@ def step_of(name: str) -> int | None:
 # -- writing -------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete."""
+def atomic_write(path: Path, data: bytes | memoryview, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete; with
+    ``mode``, the new file has those permissions (those of the file it replaces)."""
     with atomic_file(path) as file:
+        if mode is not None:
+            os.fchmod(file.fileno(), mode)
         file.write(data)
 
 
