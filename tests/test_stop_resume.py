@@ -184,6 +184,43 @@ def test_a_cancellation_lets_the_steps_validation_and_hooks_complete(tmp_path: P
     assert resumed.state.metrics == straight.state.metrics
 
 
+def test_a_run_resumed_only_to_end_its_last_epoch_is_saved_with_that_end(
+    tmp_path: Path,
+) -> None:
+    """Cancelled in the last epoch's last step, a run is saved before that epoch's end;
+    resumed, it runs that end and takes no step. It is saved at its end all the same (a
+    run that took no step is not, as a rule): else every later resume ran that end again,
+    its validation and its schedule's step too."""
+    cancel = CancelAt(EPOCHS * STEPS_PER_EPOCH)
+    first = trainer("epoch-steplr", tmp_path, cancel)
+
+    async def cancelled() -> None:
+        with anyio.CancelScope() as cancel.scope:
+            await first.fit()
+
+    anyio.run(cancelled)
+    assert [s[0] for s in log_of(first).seen if s[1]] == list(range(EPOCHS - 1))
+    ends = [Ends(), Ends()]  # (of the run they serve: not kept in checkpoints)
+    resumed = trainer("epoch-steplr", tmp_path, ends[0], resume=True)
+    anyio.run(resumed.fit)
+    assert [s[0] for s in log_of(resumed).seen if s[1]] == list(range(EPOCHS))
+    again = trainer("epoch-steplr", tmp_path, ends[1], resume=True)
+    anyio.run(again.fit)
+    assert [e.epochs for e in ends] == [[EPOCHS - 1], []], "no epoch's end ran again"
+    assert log_of(again).seen == log_of(resumed).seen
+    assert again.state.global_step == EPOCHS * STEPS_PER_EPOCH
+
+
+class Ends(Callback):
+    """The epochs whose end ran in this run."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.epochs.append(state.epoch)
+
+
 def test_two_schedules_on_one_optimizer_resume_to_the_same_rate(tmp_path: Path) -> None:
     # A cosine by step and a plateau on val/loss: each resumed LRSchedule set the rate to its
     # own scheduler's last one, and the plateau's (from its last validation) undid the

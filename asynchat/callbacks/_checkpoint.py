@@ -184,9 +184,10 @@ class Checkpoint(Callback):
         mode: ``"min"`` or ``"max"``: which ``monitor`` value is best.
         keep_best: keep the best this many checkpoints by ``monitor`` (besides the newest).
         save_on_end: save when the loop ends normally, by ``stop()`` or by cancellation (not
-            after an error), unless the last step was just saved or the run took no step
-            (stopped before its first: what it began from holds its state; saved, an
-            untrained step-0 checkpoint replaced the last run's with ``overwrite=True``).
+            after an error), unless the last step was just saved or the run neither took a
+            step nor ended an epoch (stopped before its first step: what it began from
+            holds its state; saved, an untrained step-0 checkpoint replaced the last run's
+            with ``overwrite=True``).
         overwrite: a run further back than the directory's newest checkpoint replaces the
             checkpoints further on than itself (a fresh run: every one; one resumed from an
             older file: those after it), and a run beside another run's checkpoints replaces
@@ -233,7 +234,7 @@ class Checkpoint(Callback):
         self._last_ranked = False
         self._sharded_saves = 0
         self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
-        self._began_at = 0  # the global step the loop began at
+        self._changed = False  # the run took a step or ended an epoch (see on_loop_end)
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -260,7 +261,7 @@ class Checkpoint(Callback):
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
-        self._began_at = state.global_step  # (a run that took no step is not saved at its end)
+        self._changed, self._began_at = False, state.global_step
         self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
@@ -459,6 +460,7 @@ class Checkpoint(Callback):
         return entries
 
     def on_step_end(self, state: LoopState) -> None:
+        self._changed = True
         self._writer.raise_if_failed()  # a failed write is reported at the next step
         if self._step_save(state, self.every_n_steps):
             if state.is_last_step:
@@ -470,14 +472,18 @@ class Checkpoint(Callback):
                 self.save(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
+        self._changed = True  # (a resumed run may end the epoch it was saved in, and no more)
         due, self._at_epoch_end = self._at_epoch_end, False
         if due or every_n_epochs(state, self.every_n_epochs):
             self.save(state)
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
-            stepped = state.global_step != self._began_at
-            if self.save_on_end and state.exception is None and self._began and stepped:
+            # A run that changed nothing (stopped before its first step) is not saved: what
+            # it began from holds its state (saved, an untrained step-0 checkpoint replaced
+            # the last run's with overwrite=True).
+            changed = self._changed or state.global_step != self._began_at
+            if self.save_on_end and state.exception is None and self._began and changed:
                 self.save(state)
         finally:
             try:
