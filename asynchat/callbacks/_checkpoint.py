@@ -235,6 +235,7 @@ class Checkpoint(Callback):
         self._sharded_saves = 0
         self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
         self._changed = False  # the run took a step or ended an epoch (see on_loop_end)
+        self._began_at = 0  # the global step it began at
 
     @property
     def checkpoints(self) -> list[Path]:
