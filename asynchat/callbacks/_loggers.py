@@ -450,7 +450,7 @@ class TensorBoardLogger(_FileLogger):
             warnings.warn(
                 f"{type(self).__name__}(log_dir={str(self.log_dir)!r}) holds the event files "
                 f"of another run ({', '.join(others)}): TensorBoard shows a directory as one "
-                f"run, and this resumed run hides their steps after {step} there (their "
+                f"run, and this resumed run hides any of their steps after {step} there (their "
                 "files keep them). Give each run a log_dir of its own",
                 UserWarning,
                 stacklevel=2,
