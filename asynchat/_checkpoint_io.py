@@ -596,13 +596,38 @@ def _read_json(path: Path) -> Any:
 
 
 def write_manifest(
-    directory: Path, entries: list[dict[str, Any]], *, monitor: str | None, mode: str
+    directory: Path,
+    entries: list[dict[str, Any]],
+    *,
+    monitor: str | None,
+    mode: str,
+    replaced: Iterable[str] = (),
 ) -> None:
+    """Write the manifest: ``entries``, and the names of the ``replaced`` checkpoints
+    (another run's, that a ``Checkpoint(overwrite=True)`` removes once this manifest lists
+    its own: see :func:`replaced_names`)."""
     manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION}
     if monitor is not None:  # what "metric" means, for find_checkpoint(best=True)
         manifest.update(monitor=monitor, mode=mode)
     manifest["checkpoints"] = entries
+    if names := sorted(replaced):
+        manifest["replaced"] = names
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
+
+
+def replaced_names(directory: Path) -> set[str]:
+    """The checkpoints the manifest says were replaced, and are removed after it (a crash may
+    have come between): never loaded nor adopted. Without this list, a run killed as it
+    removed the other run's checkpoints left files of steps further on than its own, and
+    the next resume went on from the other run's."""
+    try:
+        manifest = _read_json(directory / MANIFEST)
+    except (OSError, ValueError, RecursionError):
+        return set()
+    names = manifest.get("replaced") if isinstance(manifest, dict) else None
+    if not isinstance(names, list):
+        return set()
+    return {n for n in names if isinstance(n, str) and step_of(n) is not None}
 
 
 def manifest_ranking(directory: Path) -> tuple[str, str] | None:
@@ -820,8 +845,9 @@ def _load_newest(
     digests = {e["file"]: e.get("sha256") for e in read_manifest(directory)}
     # Newest first. Files not in the manifest were written before a crash reached it; names
     # the manifest lists but that are gone are reported when tried.
+    found = {p.name for p in checkpoint_files(directory)} - replaced_names(directory)
     names = sorted(
-        {p.name for p in checkpoint_files(directory)} | set(digests),
+        found | set(digests),
         key=lambda name: step_of(name) or 0,
         reverse=True,
     )

@@ -1046,6 +1046,50 @@ async def test_a_run_that_starts_over_and_fails_before_its_first_save_loses_noth
     assert find_checkpoint(checkpoints) == checkpoints / "step-000000012.ckpt"
 
 
+KILLED_AS_IT_REPLACES = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import anyio
+from conftest import make_trainer
+import asynchat.callbacks._checkpoint as checkpoint
+from asynchat.callbacks import Checkpoint
+
+removed = checkpoint.remove
+def killed(path):  # the process dies as the first of the other run's checkpoints goes
+    if path.name == "step-000000012.ckpt":
+        os._exit(9)
+    removed(path)
+checkpoint.remove = killed
+anyio.run(make_trainer(Checkpoint(sys.argv[1], every_n_epochs=1, overwrite=True),
+                       num_epochs=1).fit)
+"""
+
+
+def test_a_run_killed_as_it_removes_what_it_replaces_resumes_as_itself(tmp_path: Path) -> None:
+    """Regression: killed after its first save (step 6) while it removed the checkpoints it
+    replaced (overwrite=True), a run left the other run's steps 12 and 18 beside its own:
+    the next resume went on from the other run's step 18. The manifest that lists the
+    run's first checkpoint now names those it replaces: they are never loaded, and the
+    next Checkpoint there removes them."""
+    first = make_trainer(Checkpoint(tmp_path, every_n_epochs=1, keep_last=None), num_epochs=3)
+    anyio.run(first.fit)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AS_IT_REPLACES, str(tmp_path), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert steps_on_disk(tmp_path) == [6, 12, 18]
+    (ours, _), (theirs, _) = (load_checkpoint(tmp_path / f"step-{s:09d}.ckpt") for s in (6, 18))
+    assert ours["progress"]["run"] != theirs["progress"]["run"] == first.run_id
+    assert find_checkpoint(tmp_path) == tmp_path / "step-000000006.ckpt"
+    resumed = make_trainer(Checkpoint(tmp_path, every_n_epochs=1), num_epochs=2,
+                           resume_from=tmp_path)  # fmt: skip
+    assert anyio.run(resumed.fit).global_step == 12
+    assert resumed.run_id == ours["progress"]["run"]
+    assert steps_on_disk(tmp_path) == [6, 12]
+    assert {e["run"] for e in manifest(tmp_path)} == {resumed.run_id}
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
 async def test_a_run_stopped_before_its_first_step_saves_nothing(

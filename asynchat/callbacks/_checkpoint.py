@@ -31,6 +31,7 @@ from asynchat._checkpoint_io import (
     read_manifest,
     remove,
     remove_temporaries,
+    replaced_names,
     save_file,
     saved_metric,
     step_of,
@@ -152,7 +153,8 @@ class Checkpoint(Callback):
     ``run_id``, which its checkpoints carry): they would be pruned as its own older ones.
     With ``overwrite=True`` it replaces the other run's, or those further on than itself,
     instead: they give way to its own once its first checkpoint is written (taken out of
-    the manifest as it is listed, then removed), so a run that starts over and fails before
+    the manifest as it is listed, and named there as replaced until they are removed: a
+    crash meanwhile leaves none to load), so a run that starts over and fails before
     its first save (a bug in the changed model) leaves the directory as it found it; and
     only once it holds the directory's lock, so it never removes a live run's files
     (``shutil.rmtree(save_dir)`` before a fresh run did, under a run still writing there).
@@ -275,6 +277,8 @@ class Checkpoint(Callback):
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._meet_manifest()
+        for name in replaced_names(self.save_dir):  # (a run killed as it removed them)
+            remove(self.save_dir / name)
         self._entries = self._adopt(self._ranked_anew(read_manifest(self.save_dir)))
         self._replaced = []
         self._meet_other_runs(state)  # on_loop_end releases the lock
@@ -406,15 +410,20 @@ class Checkpoint(Callback):
         self._entries = [e for e in self._entries if not any(e is r for r in replaced)]
         self._replaced.append((replaced, whose))
 
-    def _remove_replaced(self, kept: list[dict[str, Any]]) -> None:
-        """Remove the files of the checkpoints this run replaces, once the manifest lists
-        its first one in their stead (a file of the same name is its own now)."""
+    def _replacing(self, kept: list[dict[str, Any]]) -> list[str]:
+        """The files of the checkpoints this run replaces that go at this save (all of them
+        at its first; a file of a name it has used is its own now)."""
         names = {e["file"] for e in kept}
+        return [e["file"] for entries, _ in self._replaced for e in entries
+                if e["file"] not in names]  # fmt: skip
+
+    def _remove_replaced(self, files: list[str]) -> None:
+        """Remove ``files``, once the manifest lists this run's first checkpoint in their
+        stead, and names them as replaced (a crash while they go leaves none to load)."""
         replaced, self._replaced = self._replaced, []
+        for name in files:
+            remove(self.save_dir / name)
         for entries, whose in replaced:
-            for entry in entries:
-                if entry["file"] not in names:
-                    remove(self.save_dir / entry["file"])
             _LOG.info(
                 "Checkpoint(save_dir=%r, overwrite=True): removed %d checkpoint(s) of %s "
                 "(%s to %s)", str(self.save_dir), len(entries), whose, entries[0]["file"],
@@ -723,13 +732,15 @@ class Checkpoint(Callback):
         ]
         entries.append(manifest_entry(name, digest, size, progress, metric))
         kept = self._retain(entries)
-        write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
+        replacing = self._replacing(kept)
+        write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode,
+                       replaced=replacing)  # fmt: skip
         self._entries = kept
         for entry in entries:
             if not any(entry is k for k in kept):
                 remove(self.save_dir / entry["file"])
         if self._replaced:
-            self._remove_replaced(kept)
+            self._remove_replaced(replacing)
 
     def _retain(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_step = sorted(entries, key=lambda e: e["global_step"])
