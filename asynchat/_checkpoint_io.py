@@ -117,12 +117,18 @@ def step_of(name: str) -> int | None:
 # -- writing -------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes | memoryview, *, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete; with
-    ``mode``, the new file has those permissions (those of the file it replaces)."""
+def atomic_write(
+    path: Path, data: bytes | memoryview, *, like: os.stat_result | None = None
+) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete; the
+    new file has the permissions and, where this process may give them, the owner of
+    ``like`` (the file it replaces)."""
     with atomic_file(path) as file:
-        if mode is not None:
-            os.fchmod(file.fileno(), mode)
+        if like is not None:
+            os.fchmod(file.fileno(), stat.S_IMODE(like.st_mode))
+            if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
+                with contextlib.suppress(PermissionError):  # (only root may give a file away)
+                    os.fchown(file.fileno(), like.st_uid, like.st_gid)
         file.write(data)
 
 

@@ -1228,19 +1228,22 @@ async def test_a_log_that_is_a_link_is_trimmed_where_it_points_and_stays_a_link(
 
 async def test_a_private_log_stays_private_when_a_resume_trims_it(tmp_path: Path) -> None:
     # Regression: the trim wrote the log anew with mode 0644: one made private (0600) could
-    # be read by every user of the machine after a resume.
+    # be read by every user of the machine after a resume. As root it also became root's.
     log, checkpoints = tmp_path / "log.jsonl", tmp_path / "checkpoints"
     await make_trainer(
         JSONLinesLogger(log, every_n_steps=1), Checkpoint(checkpoints, every_n_steps=3),
         num_steps=6,
     ).fit()  # fmt: skip
     log.chmod(0o600)
+    owner = (4321, 4321) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(log, *owner)
     await make_trainer(
         JSONLinesLogger(log, every_n_steps=1), num_steps=8,
         resume_from=checkpoints / "step-000000003.ckpt",
     ).fit()  # fmt: skip
     assert steps_in(log.read_text()) == list(range(1, 9))  # trimmed: steps 4-6 logged again
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert (log.stat().st_uid, log.stat().st_gid) == owner
 
 
 def logging_run(tmp_path: Path, *callbacks: Callback, **kwargs: Any) -> Trainer:

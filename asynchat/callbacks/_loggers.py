@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import socket
-import stat
 import time
 import warnings
 from collections.abc import Callable
@@ -601,14 +600,14 @@ def _trim(path: Path, *, dropped_from: int | None, run: str | None) -> None:
     try:
         with path.open("rb") as file:
             lines = file.read().splitlines(keepends=True)
-            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+            was = os.fstat(file.fileno())
     except FileNotFoundError:
         return
     kept = [
         line for line in lines if line.endswith(b"\n") and not _dropped(line, dropped_from, run)
     ]
-    if len(kept) < len(lines):  # (a log made private, 0600, stays so: it was made 0644)
-        atomic_write(path, b"".join(kept), mode=mode)
+    if len(kept) < len(lines):  # (its mode and owner kept: a private log was made 0644)
+        atomic_write(path, b"".join(kept), like=was)
 
 
 def _dropped(line: bytes, dropped_from: int | None, run: str | None) -> bool:
