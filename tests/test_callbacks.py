@@ -1080,6 +1080,24 @@ async def test_json_lines_are_strict_json_when_a_loss_diverges(tmp_path: Path) -
     assert [row["train/ratio"] for row in rows if "train/ratio" in row] == [None, 1.5, None] * 2
 
 
+async def test_a_metric_named_as_a_json_lines_own_key_does_not_replace_it(tmp_path: Path) -> None:
+    # Regression: a metric named "step" (or "time", "run") replaced the line's own: the
+    # line's step was lost (0.5), and a resume's trim took it for no log of ours.
+    class Named(Callback):
+        def on_epoch_end(self, state: LoopState) -> None:
+            state.metrics.update({"step": 0.5, "run": 1.0})
+
+    path = tmp_path / "train.jsonl"
+    trainer = make_trainer(Named(), JSONLinesLogger(path, every_n_steps=6), num_epochs=2)
+    with pytest.warns(UserWarning, match=r"the metric '(step|run)' is written as 'metric/\1'"):
+        await trainer.fit()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["run"]) for r in rows] == [(s, trainer.run_id) for s in (6, 6, 12, 12)]
+    assert [(r["metric/step"], r["metric/run"]) for r in rows if "metric/step" in r] == [
+        (0.5, 1.0), (0.5, 1.0)
+    ]  # fmt: skip
+
+
 async def test_loggers_write_each_metric_value_once_at_the_step_it_was_measured(
     tmp_path: Path,
 ) -> None:

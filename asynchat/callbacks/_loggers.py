@@ -537,6 +537,7 @@ class JSONLinesLogger(_FileLogger):
         super().__init__(every_n_steps=every_n_steps, prefix=prefix, overwrite=overwrite)
         self.path = Path(path)
         self._stream = False  # (decided at each loop's begin)
+        self._renamed: set[str] = set()  # metrics written under another key (warned once)
 
     def _take(self, state: LoopState) -> _LogFile:
         subject = f"path={str(self.path)!r}"
@@ -565,10 +566,27 @@ class JSONLinesLogger(_FileLogger):
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         assert self._log is not None
-        values = {k: v if finite(v) else None for k, v in scalars.items()}
-        record = {"step": step, "time": time.time(), "run": self._run, **values}
+        record: dict[str, Any] = {"step": step, "time": time.time(), "run": self._run}
+        for name, value in scalars.items():
+            record[self._key(name)] = value if finite(value) else None
         line = json.dumps(record, allow_nan=False)
         self._log.append(f"{line}\n".encode())
+
+    def _key(self, name: str) -> str:
+        """A metric's key in the line: its name, but ``metric/<name>`` for one named as a
+        line's own keys (a metric "step" replaced the line's step: the log lost it, and a
+        resume's trim took the line for another's)."""
+        if name not in _LINE_KEYS:
+            return name
+        if name not in self._renamed:
+            self._renamed.add(name)
+            warnings.warn(
+                f"{type(self).__name__}(path={str(self.path)!r}): the metric {name!r} is "
+                f"written as 'metric/{name}' ({', '.join(_LINE_KEYS)} are the line's own)",
+                UserWarning,
+                stacklevel=4,
+            )
+        return f"metric/{name}"
 
     def _reopen(self) -> None:
         assert self._log is not None
@@ -583,6 +601,9 @@ def _run_of(event_file: Path) -> str:
     last = event_file.name.rsplit(".", 1)[-1]
     return last if len(last) == 32 and all(c in "0123456789abcdef" for c in last) else ""
 
+
+#: The keys of a JSON line that are the logger's own.
+_LINE_KEYS = ("step", "time", "run")
 
 _STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
 
