@@ -633,7 +633,8 @@ def replaced_names(directory: Path) -> set[str]:
     names = manifest.get("replaced") if isinstance(manifest, dict) else None
     if not isinstance(names, list):
         return set()
-    return {n for n in names if isinstance(n, str) and step_of(n) is not None}
+    listed = {e["file"] for e in read_manifest(directory)}  # (listed: never replaced)
+    return {n for n in names if isinstance(n, str) and step_of(n) is not None} - listed
 
 
 def manifest_ranking(directory: Path) -> tuple[str, str] | None:

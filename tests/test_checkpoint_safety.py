@@ -71,6 +71,24 @@ def steps_on_disk(directory: Path) -> list[int]:
 # -- the manifest is data, not instructions ------------------------------------------------
 
 
+def test_a_manifests_replaced_list_removes_only_unlisted_checkpoints_of_its_directory(
+    tmp_path: Path,
+) -> None:
+    """The manifest's "replaced" names (a run's overwrite under way) are removed by the next
+    Checkpoint there: never a file outside the directory, nor one the manifest lists."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    save_dir = tmp_path / "ckpt"
+    train(save_dir)  # steps 2, 4, 6
+    listed = json.loads((save_dir / "manifest.json").read_text())
+    listed["replaced"] = ["../victim.txt", str(victim), "step-000000006.ckpt", 7, None]
+    (save_dir / "manifest.json").write_text(json.dumps(listed))
+    assert find_checkpoint(save_dir) == save_dir / "step-000000006.ckpt"
+    assert train(save_dir, num_steps=8, resume_from=save_dir).global_step == 8
+    assert victim.read_text() == "precious"
+    assert steps_on_disk(save_dir) == [2, 4, 6, 8]
+
+
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_manifest_entries_outside_save_dir_are_never_deleted_or_loaded(
     tmp_path: Path, where: str
