@@ -117,26 +117,18 @@ def step_of(name: str) -> int | None:
 # -- writing -------------------------------------------------------------------------------
 
 
-def atomic_write(
-    path: Path, data: bytes | memoryview, *, like: os.stat_result | None = None
-) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete; the
-    new file has the permissions and, where this process may give them, the owner of
-    ``like`` (the file it replaces)."""
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, old, or complete."""
     with atomic_file(path) as file:
-        if like is not None:
-            os.fchmod(file.fileno(), stat.S_IMODE(like.st_mode))
-            if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
-                with contextlib.suppress(PermissionError):  # (only root may give a file away)
-                    os.fchown(file.fileno(), like.st_uid, like.st_gid)
         file.write(data)
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, *, like: os.stat_result | None = None) -> Iterator[BinaryIO]:
     """A file to write ``path``'s new content into: a temporary one, synced and renamed to
     ``path`` once the block ends without an error (removed if it raises), so that ``path``
-    is either absent, old, or complete.
+    is either absent, old, or complete. With ``like`` (the file it replaces) it has that
+    file's permissions and, where this process may give them, its owner.
 
     The temporary name is unique to this call (pid and a random part), so two writers never
     touch each other's temporary file.
@@ -144,6 +136,11 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as file:
+            if like is not None:
+                os.fchmod(file.fileno(), stat.S_IMODE(like.st_mode))
+                if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
+                    with contextlib.suppress(PermissionError):  # (only root gives files away)
+                        os.fchown(file.fileno(), like.st_uid, like.st_gid)
             yield file
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
