@@ -1100,12 +1100,29 @@ def test_a_run_killed_as_it_removes_what_it_replaces_resumes_as_itself(tmp_path:
     (ours, _), (theirs, _) = (load_checkpoint(tmp_path / f"step-{s:09d}.ckpt") for s in (6, 18))
     assert ours["progress"]["run"] != theirs["progress"]["run"] == first.run_id
     assert find_checkpoint(tmp_path) == tmp_path / "step-000000006.ckpt"
+    assert json.loads((tmp_path / "manifest.json").read_text())["replaced"] == [
+        "step-000000012.ckpt", "step-000000018.ckpt"
+    ]  # fmt: skip
     resumed = make_trainer(Checkpoint(tmp_path, every_n_epochs=1), num_epochs=2,
                            resume_from=tmp_path)  # fmt: skip
     assert anyio.run(resumed.fit).global_step == 12
     assert resumed.run_id == ours["progress"]["run"]
     assert steps_on_disk(tmp_path) == [6, 12]
     assert {e["run"] for e in manifest(tmp_path)} == {resumed.run_id}
+
+
+def test_the_checkpoints_replaced_are_named_no_more_once_they_are_gone(tmp_path: Path) -> None:
+    """Regression: the manifest went on naming the replaced checkpoints after they were
+    removed, until the run's next save: a crash between that save's file and its entry
+    (one of their names, step 12) left the run's newest checkpoint taken for a replaced
+    one, skipped by the resume and removed by the next Checkpoint."""
+    anyio.run(make_trainer(Checkpoint(tmp_path, every_n_epochs=1), num_epochs=3).fit)
+    started_over = make_trainer(
+        Checkpoint(tmp_path, every_n_epochs=1, overwrite=True), num_epochs=1
+    )
+    anyio.run(started_over.fit)
+    assert steps_on_disk(tmp_path) == [6]
+    assert "replaced" not in json.loads((tmp_path / "manifest.json").read_text())
 
 
 @pytest.mark.anyio

@@ -741,6 +741,9 @@ class Checkpoint(Callback):
                 remove(self.save_dir / entry["file"])
         if self._replaced:
             self._remove_replaced(replacing)
+            # Named no more: a later checkpoint of one of their names is this run's, and a
+            # crash between its file and its entry must not remove it as replaced.
+            write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode)
 
     def _retain(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_step = sorted(entries, key=lambda e: e["global_step"])
