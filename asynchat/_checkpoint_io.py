@@ -618,11 +618,12 @@ def write_manifest(
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
 
 
-def replaced_names(directory: Path) -> set[str]:
+def replaced_names(directory: Path, listed: set[str]) -> set[str]:
     """The checkpoints the manifest says were replaced, and are removed after it (a crash may
     have come between): never loaded nor adopted. Without this list, a run killed as it
     removed the other run's checkpoints left files of steps further on than its own, and
-    the next resume went on from the other run's."""
+    the next resume went on from the other run's. Names in ``listed`` (the manifest's
+    entries, as the caller read them) are never replaced."""
     try:
         manifest = _read_json(directory / MANIFEST)
     except (OSError, ValueError, RecursionError):
@@ -630,7 +631,6 @@ def replaced_names(directory: Path) -> set[str]:
     names = manifest.get("replaced") if isinstance(manifest, dict) else None
     if not isinstance(names, list):
         return set()
-    listed = {e["file"] for e in read_manifest(directory)}  # (listed: never replaced)
     return {n for n in names if isinstance(n, str) and step_of(n) is not None} - listed
 
 
@@ -849,7 +849,8 @@ def _load_newest(
     digests = {e["file"]: e.get("sha256") for e in read_manifest(directory)}
     # Newest first. Files not in the manifest were written before a crash reached it; names
     # the manifest lists but that are gone are reported when tried.
-    found = {p.name for p in checkpoint_files(directory)} - replaced_names(directory)
+    replaced = replaced_names(directory, set(digests))
+    found = {p.name for p in checkpoint_files(directory)} - replaced
     names = sorted(
         found | set(digests),
         key=lambda name: step_of(name) or 0,

@@ -89,6 +89,19 @@ def test_a_manifests_replaced_list_removes_only_unlisted_checkpoints_of_its_dire
     assert steps_on_disk(save_dir) == [2, 4, 6, 8]
 
 
+def test_a_bad_manifest_entry_is_told_of_once_beside_a_replaced_list(tmp_path: Path) -> None:
+    """The "replaced" list was read with the whole manifest a second time: each unusable
+    entry was warned of twice by one find_checkpoint."""
+    train(tmp_path)
+    listed = json.loads((tmp_path / "manifest.json").read_text())
+    listed["checkpoints"].append({"file": "bogus"})
+    listed["replaced"] = ["step-000000009.ckpt"]
+    (tmp_path / "manifest.json").write_text(json.dumps(listed))
+    with pytest.warns(CheckpointWarning) as told:
+        assert find_checkpoint(tmp_path) == tmp_path / "step-000000006.ckpt"
+    assert [str(w.message).count("'bogus'") for w in told] == [1]
+
+
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_manifest_entries_outside_save_dir_are_never_deleted_or_loaded(
     tmp_path: Path, where: str

@@ -277,9 +277,11 @@ class Checkpoint(Callback):
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
         self._meet_manifest()
-        for name in replaced_names(self.save_dir):  # (a run killed as it removed them)
+        entries = read_manifest(self.save_dir)
+        listed = {e["file"] for e in entries}
+        for name in replaced_names(self.save_dir, listed):  # (a run killed as they went)
             remove(self.save_dir / name)
-        self._entries = self._adopt(self._ranked_anew(read_manifest(self.save_dir)))
+        self._entries = self._adopt(self._ranked_anew(entries))
         self._replaced = []
         self._meet_other_runs(state)  # on_loop_end releases the lock
         self._last_saved_step = None
