@@ -532,7 +532,7 @@ def _entry_problem(entry: Any) -> str | None:
     if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
         return f"sha256 {digest!r} of {name!r} is not a SHA-256 digest"
     run = entry.get("run")
-    if run is not None and not _is_run_id(run):
+    if run is not None and not is_run_id(run):
         return f"run {run!r} of {name!r} is not a run id"
     metric = entry.get("metric")
     if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
@@ -999,7 +999,7 @@ def _check_progress(file: Path, progress: dict[str, Any]) -> None:
             "not True or False"
         )
     run = progress.get("run")  # (absent from older checkpoints)
-    if run is not None and not _is_run_id(run):
+    if run is not None and not is_run_id(run):
         raise CheckpointError(f"{file}: its progress has run={run!r}, which is no run id")
     named = step_of(file.name)
     if named is not None and named != progress["global_step"]:
@@ -1009,7 +1009,8 @@ def _check_progress(file: Path, progress: dict[str, Any]) -> None:
         )
 
 
-def _is_run_id(value: object) -> bool:
+def is_run_id(value: object) -> bool:
+    """Whether ``value`` is a loop's ``run_id`` (``uuid4().hex``)."""
     return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_file, finite
+from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_file, finite, is_run_id
 from asynchat._checks import flag, positive_int, text
 from asynchat._checks import path as check_path
 from asynchat._errors import InUseError
@@ -600,7 +600,7 @@ class JSONLinesLogger(_FileLogger):
 def _run_of(event_file: Path) -> str:
     """The run id an event file's name ends in ("" for one an older version named)."""
     last = event_file.name.rsplit(".", 1)[-1]
-    return last if len(last) == 32 and all(c in "0123456789abcdef" for c in last) else ""
+    return last if is_run_id(last) else ""
 
 
 #: How each line this logger writes begins (an older version's too): its step, read
