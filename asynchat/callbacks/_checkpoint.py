@@ -236,8 +236,8 @@ class Checkpoint(Callback):
         self._last_ranked = False
         self._sharded_saves = 0
         self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
-        self._changed = False  # the run took a step or ended an epoch (see on_loop_end)
-        self._began_at = 0  # the global step it began at
+        self._began_at = 0  # the global step the run began at (see on_loop_end)
+        self._ended_an_epoch = False  # (a resumed run may end the epoch it was saved in)
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -264,7 +264,7 @@ class Checkpoint(Callback):
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
-        self._changed, self._began_at = False, state.global_step
+        self._began_at, self._ended_an_epoch = state.global_step, False
         self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
@@ -472,7 +472,6 @@ class Checkpoint(Callback):
         return entries
 
     def on_step_end(self, state: LoopState) -> None:
-        self._changed = True
         self._writer.raise_if_failed()  # a failed write is reported at the next step
         if self._step_save(state, self.every_n_steps):
             if state.is_last_step:
@@ -484,7 +483,7 @@ class Checkpoint(Callback):
                 self.save(state)
 
     def on_epoch_end(self, state: LoopState) -> None:
-        self._changed = True  # (a resumed run may end the epoch it was saved in, and no more)
+        self._ended_an_epoch = True
         due, self._at_epoch_end = self._at_epoch_end, False
         if due or every_n_epochs(state, self.every_n_epochs):
             self.save(state)
@@ -494,7 +493,7 @@ class Checkpoint(Callback):
             # A run that changed nothing (stopped before its first step) is not saved: what
             # it began from holds its state (saved, an untrained step-0 checkpoint replaced
             # the last run's with overwrite=True).
-            changed = self._changed or state.global_step != self._began_at
+            changed = state.global_step != self._began_at or self._ended_an_epoch
             if self.save_on_end and state.exception is None and self._began and changed:
                 self.save(state)
         finally:
