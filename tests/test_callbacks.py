@@ -1264,9 +1264,10 @@ async def test_a_private_log_stays_private_when_a_resume_trims_it(tmp_path: Path
     assert (log.stat().st_uid, log.stat().st_gid) == owner
 
 
-def logging_run(tmp_path: Path, *callbacks: Callback, **kwargs: Any) -> Trainer:
+def run_logged_twice(tmp_path: Path, *callbacks: Callback, **kwargs: Any) -> Trainer:
     """Two epochs of 6 steps logged every step to ``log.jsonl`` and TensorBoard's ``tb``
-    (``overwrite`` to both loggers)."""
+    (``overwrite`` to both loggers), with ``callbacks`` after them (:func:`logged_run`, for
+    the SIGKILL test, has its own Validation and Checkpoint)."""
     overwrite = kwargs.pop("overwrite", False)
     return make_trainer(
         JSONLinesLogger(tmp_path / "log.jsonl", every_n_steps=1, overwrite=overwrite),
@@ -1284,11 +1285,11 @@ async def test_a_resumed_run_keeps_the_lines_another_run_logged_meanwhile(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     checkpoints = tmp_path / "checkpoints"
-    first = logging_run(tmp_path, Checkpoint(checkpoints, every_n_steps=3, keep_last=None))
+    first = run_logged_twice(tmp_path, Checkpoint(checkpoints, every_n_steps=3, keep_last=None))
     await first.fit()
-    other = logging_run(tmp_path)
+    other = run_logged_twice(tmp_path)
     await other.fit()
-    resumed = logging_run(tmp_path, resume_from=checkpoints / "step-000000006.ckpt")
+    resumed = run_logged_twice(tmp_path, resume_from=checkpoints / "step-000000006.ckpt")
     with pytest.warns(UserWarning, match=rf"another run \({other.run_id}\).* after 6 there"):
         await resumed.fit()
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -1313,10 +1314,10 @@ async def test_a_run_refused_at_its_begin_changes_no_log(tmp_path: Path, how: st
     # begun an event file that hid those steps in TensorBoard. They now do it when they
     # first write: the refused run wrote nothing.
     checkpoints = tmp_path / "checkpoints"
-    await logging_run(tmp_path, Checkpoint(checkpoints, every_n_steps=3, keep_last=None)).fit()
+    await run_logged_twice(tmp_path, Checkpoint(checkpoints, every_n_steps=3, keep_last=None)).fit()
     lines, event_files = (tmp_path / "log.jsonl").read_bytes(), sorted((tmp_path / "tb").iterdir())
     resume = checkpoints / "step-000000006.ckpt" if how == "resumed" else None
-    refused = logging_run(
+    refused = run_logged_twice(
         tmp_path, Checkpoint(checkpoints, every_n_steps=3), resume_from=resume,
         overwrite=how != "resumed",
     )  # fmt: skip
