@@ -1253,6 +1253,23 @@ def test_a_manifest_entry_with_a_bad_run_id_is_ignored(tmp_path: Path) -> None:
         assert asynchat._checkpoint_io.read_manifest(tmp_path) == entries[1:]
 
 
+@pytest.mark.parametrize(
+    "metrics", ["0.9", [0.9], {"val/a": "0.9"}, {"val/a": True}, {"val/a": {"deep": 1}}]
+)
+def test_a_manifest_entry_whose_metrics_are_no_numbers_is_ignored(
+    tmp_path: Path, metrics: Any
+) -> None:
+    """An entry's ``metrics`` (a resumed run with another monitor ranks by them, reading no
+    file) must be numbers by name, or the entry is no Checkpoint's."""
+    train(tmp_path)
+    entries = manifest(tmp_path)
+    entries[0]["metrics"] = metrics
+    write_manifest(tmp_path, entries)
+    with pytest.warns(CheckpointWarning, match=r"metrics .* of 'step-000000002\.ckpt' is not "
+                      r"an object of numbers; ignored"):  # fmt: skip
+        assert asynchat._checkpoint_io.read_manifest(tmp_path) == entries[1:]
+
+
 @pytest.mark.parametrize("run", [7, "x" * 32, "../../etc"])
 def test_a_checkpoint_whose_run_id_is_no_run_id_is_refused(tmp_path: Path, run: Any) -> None:
     train(tmp_path / "run")

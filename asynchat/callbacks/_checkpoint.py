@@ -19,21 +19,20 @@ from asynchat._checkpoint_io import (
     EXTRAS,
     MANIFEST,
     DirectoryLock,
+    Manifest,
     checkpoint_files,
     checkpoint_name,
     commit_directory,
     file_digests,
     finite,
-    foreign_manifest,
     fsync_dir,
+    load_manifest,
     manifest_entry,
-    manifest_ranking,
-    read_manifest,
+    measured_metric,
     remove,
     remove_temporaries,
-    replaced_names,
     save_file,
-    saved_metric,
+    saved_metrics,
     step_of,
     sync_files,
     write_manifest,
@@ -276,44 +275,45 @@ class Checkpoint(Callback):
             ) from exc
         self._lock.acquire()  # before training: a second writer is refused here
         remove_temporaries(self.save_dir)  # left by a writer killed mid-write
-        self._meet_manifest()
-        entries = read_manifest(self.save_dir)
-        listed = {e["file"] for e in entries}
-        for name in replaced_names(self.save_dir, listed):  # (a run killed as they went)
+        manifest = self._meet_manifest()
+        for name in manifest.replaced:  # (a run killed as they went)
             remove(self.save_dir / name)
-        self._entries = self._adopt(self._ranked_anew(entries))
+        self._entries = self._adopt(self._ranked_anew(manifest))
         self._replaced = []
         self._meet_other_runs(state)  # on_loop_end releases the lock
         self._last_saved_step = None
         self._began = True
 
-    def _meet_manifest(self) -> None:
-        """A ``manifest.json`` that no Checkpoint wrote (another tool's, in a directory of
-        its outputs) was replaced by this run's at its first save: refused, before training.
-        One that cannot be read (damaged, or no JSON) is set aside as
+    def _meet_manifest(self) -> Manifest:
+        """The directory's manifest. One that no Checkpoint wrote (another tool's, in a
+        directory of its outputs) was replaced by this run's at its first save: refused,
+        before training. One that cannot be read (damaged, or no JSON) is set aside as
         ``manifest.json.unreadable``, never loaded or deleted, and the run goes on from the
-        checkpoint files themselves."""
-        found = foreign_manifest(self.save_dir)
-        if found is None:
-            return
-        is_json, what = found
-        path = self.save_dir / MANIFEST
-        if is_json:
+        checkpoint files themselves (as it does from a manifest of ours damaged in its
+        shape, which its first save mends)."""
+        manifest = load_manifest(self.save_dir, warn=False)
+        path, what = self.save_dir / MANIFEST, manifest.unreadable
+        if manifest.not_ours == "json":
             raise CheckpointError(
                 f"Checkpoint(save_dir={str(self.save_dir)!r}): its {MANIFEST} is no "
                 f"Checkpoint's ({what}), and the first save would replace it. Save into a "
                 "directory of its own, or move that file"
             )
-        aside = _unused(path.with_name(f"{MANIFEST}.unreadable"))
-        os.replace(path, aside)
-        fsync_dir(self.save_dir)
+        if what is None:
+            return manifest
+        set_aside = ""
+        if manifest.not_ours == "bytes":
+            aside = _unused(path.with_name(f"{MANIFEST}.unreadable"))
+            os.replace(path, aside)
+            fsync_dir(self.save_dir)
+            set_aside = f"set aside as {aside.name} (never loaded or deleted), and "
         warnings.warn(
-            f"Checkpoint(save_dir={str(self.save_dir)!r}): its {MANIFEST} is {what}; set aside "
-            f"as {aside.name} (never loaded or deleted), and the checkpoint files are looked "
-            "at themselves",
+            f"Checkpoint(save_dir={str(self.save_dir)!r}): its {MANIFEST} is unreadable "
+            f"({what}); {set_aside}the checkpoint files are looked at themselves",
             CheckpointWarning,
             stacklevel=2,
         )
+        return manifest
 
     def _refuse_a_twin(self, state: LoopState) -> None:
         """Two Checkpoints of one loop on one directory (one to save every n steps, one
@@ -441,34 +441,45 @@ class Checkpoint(Callback):
         for path in checkpoint_files(self.save_dir):
             if path.name not in listed:
                 step, size, mtime = step_of(path.name), path.stat().st_size, path.stat().st_mtime
-                metric = None if self.monitor is None else saved_metric(path, None, self.monitor)
-                entries.append(
-                    {"file": path.name, "global_step": step, "epoch": None, "metric": metric,
-                     "sha256": None, "bytes": size, "time": mtime}
-                )  # fmt: skip
+                entry = {"file": path.name, "global_step": step, "epoch": None, "metric": None,
+                         "sha256": None, "bytes": size, "time": mtime}  # fmt: skip
+                if self.monitor is not None:
+                    self._read_metrics(entry, None)
+                    entry["metric"] = measured_metric(entry.get("metrics"), self.monitor)
+                entries.append(entry)
         return sorted(entries, key=lambda e: e["global_step"])
 
-    def _ranked_anew(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Checkpoints ranked by another ``monitor`` than this one (the manifest's, or none)
-        hold that one's values: a run resumed with ``monitor="val/accuracy"`` after
+    def _read_metrics(self, entry: dict[str, Any], digest: str | None) -> None:
+        """Record in ``entry`` the metrics its checkpoint file holds of its own step (none
+        if it is damaged: kept unranked, with a warning)."""
+        metrics = saved_metrics(self.save_dir / entry["file"], digest)
+        if metrics is not None:
+            entry["metrics"] = metrics
+
+    def _ranked_anew(self, manifest: Manifest) -> list[dict[str, Any]]:
+        """The manifest's checkpoints, ranked by this ``monitor`` if it ranked them by
+        another (or none): a run resumed with ``monitor="val/accuracy"`` after
         ``"val/loss"`` took a loss of 4.0 for the best accuracy, kept it as the best and
-        pruned the best by accuracy, and ``find_checkpoint(best=True)`` named it. Ranked
-        again by this monitor, as each checkpoint holds it (measured at its step; each file
-        read once, here)."""
+        pruned the best by accuracy, and ``find_checkpoint(best=True)`` named it. Each
+        entry records the metrics measured at its checkpoint's step; a checkpoint listed
+        without them (by an older version) is read for its value."""
+        entries = manifest.entries
         if self.monitor is None or not entries:
             return entries
-        ranked_by = manifest_ranking(self.save_dir)  # (read again only here)
-        if ranked_by is not None and ranked_by[0] == self.monitor:
-            return entries
+        if manifest.ranking is not None and manifest.ranking[0] == self.monitor:
+            return entries  # (in either mode: the values are this monitor's)
+        read = 0
+        for entry in entries:
+            if not isinstance(entry.get("metrics"), dict):  # (listed by an older version)
+                self._read_metrics(entry, entry.get("sha256"))
+                read += 1
+            entry["metric"] = measured_metric(entry.get("metrics"), self.monitor)
         _LOG.info(
             "Checkpoint(save_dir=%r, monitor=%r): %d checkpoint(s) ranked by %s before, "
-            "ranked again by %r as each holds it (reading each)",
+            "ranked again by %r (%d file(s) read for it)",
             str(self.save_dir), self.monitor, len(entries),
-            repr(ranked_by[0]) if ranked_by else "no monitor", self.monitor,
+            repr(manifest.ranking[0]) if manifest.ranking else "no monitor", self.monitor, read,
         )  # fmt: skip
-        for entry in entries:
-            file = self.save_dir / entry["file"]
-            entry["metric"] = saved_metric(file, entry.get("sha256"), self.monitor)
         return entries
 
     def on_step_end(self, state: LoopState) -> None:
@@ -657,7 +668,7 @@ class Checkpoint(Callback):
             _, digest = save_file(temporary / EXTRAS, extras)
             commit_directory(temporary, path)
             size = sum(f.stat().st_size for f in path.iterdir())
-            self._record(name, digest, size, extras["progress"], metric)
+            self._record(name, digest, size, extras, metric)
         except OSError as exc:
             remove(temporary)  # (if the rename has not happened: nothing points at it)
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
@@ -718,12 +729,12 @@ class Checkpoint(Callback):
         try:
             self._lock.check()  # still this run's directory: nothing written into another's
             size, digest = save_file(path, snapshot)
-            self._record(name, digest, size, snapshot["progress"], metric)
+            self._record(name, digest, size, snapshot, metric)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
 
     def _record(
-        self, name: str, digest: str, size: int, progress: dict[str, Any], metric: float | None
+        self, name: str, digest: str, size: int, checkpoint: dict[str, Any], metric: float | None
     ) -> None:
         """A checkpoint is in place: list it in the manifest, then prune what is not kept.
         Entries whose files are gone (removed by hand, with the directory or alone) are
@@ -731,7 +742,7 @@ class Checkpoint(Callback):
         entries = [
             e for e in self._entries if e["file"] != name and (self.save_dir / e["file"]).exists()
         ]
-        entries.append(manifest_entry(name, digest, size, progress, metric))
+        entries.append(manifest_entry(name, digest, size, checkpoint, metric))
         kept = self._retain(entries)
         replacing = self._replacing(kept)
         write_manifest(self.save_dir, kept, monitor=self.monitor, mode=self.mode,
