@@ -13,7 +13,7 @@ import inspect
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -177,13 +177,24 @@ class BatchProcessor(abc.ABC):
 
         A loss that cannot be trained on is refused with a ``ValueError`` saying why (torch's
         own errors name neither the loss nor the likely cause): one of several elements (a
-        loss with ``reduction="none"``), or one that depends on no parameter that trains.
-        Asked only once torch's backward has failed: the step pays nothing for it."""
-        scaled = loss / self.grad_accumulation_steps if self.grad_accumulation_steps > 1 else loss
+        loss with ``reduction="none"``), or one that depends on no parameter that trains;
+        one that is no tensor (a loss function that returns ``loss.item()``), with a
+        ``TypeError`` (it was ``'float' object has no attribute 'backward'``). Asked only
+        once torch's backward has failed: the step pays nothing for it."""
         try:
+            k = self.grad_accumulation_steps
+            scaled = loss / k if k > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         except RuntimeError as exc:
             _refuse_untrainable(loss, exc)
+            raise
+        except Exception as exc:
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(
+                    f"the loss to train on must be a tensor computed from the model's outputs, "
+                    f"got {type(loss).__name__} {_short(loss)}: does the loss function return "
+                    "a number (.item(), float()) or None?"
+                ) from exc
             raise
 
     def update(
@@ -293,6 +304,11 @@ def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     except (TypeError, ValueError):  # (no signature to read)
         return False
     return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _refuse_untrainable(loss: torch.Tensor, error: RuntimeError) -> None:
@@ -579,12 +595,12 @@ class BasicBatchProcessor(BatchProcessor):
             state.outputs = outputs
             state.loss = loss
             if state.training:
-                if loss is None:
+                if loss is None and (loss_fn is None or targets is None):
                     raise ValueError(
                         "cannot train on a batch without a loss: BasicBatchProcessor needs "
                         "loss_fn=... and batches with targets"
                     )
-                self.backward(state, loss)
+                self.backward(state, cast(torch.Tensor, loss))  # (loss_fn's None: refused)
         run_phase(Phase.ON_BATCH_END)
 
     def _compiled_forward(

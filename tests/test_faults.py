@@ -31,7 +31,7 @@ from conftest import (
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asynchat import Callback, LoopState, LoopStatus, Phase, Trainer
+from asynchat import BasicBatchProcessor, Callback, LoopState, LoopStatus, Phase, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -257,6 +257,25 @@ async def test_a_loss_that_cannot_be_trained_on_is_refused_saying_why(how: str) 
         else "depends on no parameter that trains"
     )
     with pytest.raises(ValueError, match=why):
+        await trainer.fit()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("returned", [1.5, None, [0.5]], ids=["float", "none", "list"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+async def test_a_loss_that_is_no_tensor_is_refused_saying_so(
+    returned: Any, accumulation: int
+) -> None:
+    # Regression: "'float' object has no attribute 'backward'" (a loss function returning
+    # loss.item()), or "unsupported operand type(s) for /" with accumulation.
+    processor = BasicBatchProcessor(
+        lambda outputs, targets: returned, grad_accumulation_steps=accumulation
+    )
+    trainer = Trainer(make_model(), make_loader(96, 16), sgd, batch_processor=processor,
+                      num_epochs=1)  # fmt: skip
+    kind = type(returned).__name__
+    with pytest.raises(TypeError, match=f"the loss to train on must be a tensor .*, got {kind} "):
         await trainer.fit()
     assert trainer.state.global_step == 0
 
