@@ -1264,6 +1264,31 @@ async def test_a_private_log_stays_private_when_a_resume_trims_it(tmp_path: Path
     assert (log.stat().st_uid, log.stat().st_gid) == owner
 
 
+async def test_a_trim_killed_as_it_wrote_leaves_no_temporary_file_for_good(
+    tmp_path: Path,
+) -> None:
+    # Regression: a process killed while it trimmed the log (a resume's first write) left
+    # its temporary file (.log.jsonl.<pid>-<hex>.tmp) beside the log, never removed. The
+    # next trim of that log removes those of processes that are gone, not a live one's.
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "time": 0.0}\n')
+    killed = await anyio.run_process(
+        [sys.executable, "-c", "import os, signal, sys; from pathlib import Path\n"
+         "from asynchat._checkpoint_io import atomic_file\n"
+         "with atomic_file(Path(sys.argv[1])) as f:\n"
+         "    f.write(b'half a log'); os.kill(os.getpid(), signal.SIGKILL)", str(log)],
+        check=False,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert left.startswith(".log.jsonl.")
+    live = f".log.jsonl.{os.getpid()}-{'0' * 12}.tmp"  # (a trim under way in a live process)
+    (tmp_path / live).write_bytes(b"")
+    await make_trainer(JSONLinesLogger(log, every_n_steps=1), num_steps=2).fit()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [live]
+    assert steps_in(log.read_text()) == [1, 1, 2]
+
+
 def run_logged_twice(tmp_path: Path, *callbacks: Callback, **kwargs: Any) -> Trainer:
     """Two epochs of 6 steps logged every step to ``log.jsonl`` and TensorBoard's ``tb``
     (``overwrite`` to both loggers), with ``callbacks`` after them (:func:`logged_run`, for

@@ -4,6 +4,7 @@ a full disk does not stop."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import io
@@ -612,6 +613,35 @@ _LINE_KEYS = ("step", "time", "run")
 _STREAM_DIRECTORIES = (Path("/dev"), Path("/dev/fd"), Path("/proc/self/fd"))
 
 
+def _remove_dead_trims(path: Path) -> None:
+    """Remove the temporary files of trims of ``path`` whose process is gone (a kill while
+    it wrote one left ``.log.jsonl.<pid>-<hex>.tmp`` beside the log, for good). A live
+    process's, or one whose pid is in use again, is left: it may be writing it."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{12}}\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        found = own.fullmatch(name)
+        if found is None or _alive(int(found[1])):
+            continue
+        with contextlib.suppress(OSError):
+            leftover = path.parent / name
+            if not leftover.is_symlink() and leftover.is_file():
+                leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # (gone; a pid no process can have)
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    return True
+
+
 def _trim(path: Path, *, dropped_from: int | None, run: str | None) -> None:
     """Drop a last line without its newline (a write cut short by a kill) and, with
     ``dropped_from``, the lines of that step and later: of run ``run`` and of no run (lines
@@ -622,6 +652,7 @@ def _trim(path: Path, *, dropped_from: int | None, run: str | None) -> None:
     link: before, the link was replaced by a file of its own, and the file it pointed to got
     no line more."""
     path = path.resolve()
+    _remove_dead_trims(path)
 
     def goes(line: bytes) -> bool:
         return not line.endswith(b"\n") or _dropped(line, dropped_from, run)
