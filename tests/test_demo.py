@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -114,3 +116,37 @@ def test_the_demo_started_over_leaves_a_live_runs_checkpoints_and_says_why(
         f"Checkpoint writer (pid {live.pid} on "
     ), again.stderr[-2000:]
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
+async def test_the_examples_read_their_files_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: digits.py read the best checkpoint after training, and charlm.py its corpus
+    # and the best checkpoint, on the event loop's thread (0.17 s and 0.33 s, which
+    # `python -X dev` reported as slow callbacks): what the README says never to do.
+    calls: list[tuple[str, bool]] = []
+
+    def recorded(owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append((name, threading.current_thread() is threading.main_thread()))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, call)
+
+    digits = load_example("digits.py")
+    recorded(digits, "find_checkpoint")
+    recorded(digits, "load_checkpoint")
+    await digits.train(epochs=1, out=tmp_path / "digits")
+    charlm = load_example("charlm.py")
+    recorded(charlm.Corpus, "load")
+    recorded(charlm, "find_checkpoint")
+    recorded(charlm, "load_weights")
+    run = charlm.Run(steps=6, layers=1, width=32, warmup=5, eval_every=3, val_batches=1,
+                     max_chars=20_000)  # fmt: skip
+    await charlm.main_async(run, tmp_path / "charlm", resume=False)
+    on_the_loop = [name for name, on_main_thread in calls if on_main_thread]
+    assert len(calls) == 5 and on_the_loop == [], calls
