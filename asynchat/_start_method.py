@@ -305,14 +305,26 @@ class _Server:
     def leave(self) -> None:
         """As the server exits, which it does once its launcher has ended (its pipe from the
         launcher is closed): remove its socket and the directory multiprocessing made for it,
-        if empty. A launcher removes them as it exits; one killed by SIGKILL left them in
-        ``TMPDIR``, one more directory at each such end."""
-        if os.getpid() != self.pid or self.socket is None:  # (a forked process inherits this)
+        if empty (a launcher removes them as it exits; one killed by SIGKILL left them in
+        ``TMPDIR``, one more directory at each such end), then end the process here.
+
+        The rest of an exit is the interpreter's teardown, which frees what the server
+        imported, and some of it reports there: with torch 2.15's CUDA build, whose
+        ``torch._dynamo`` imports triton, triton's extension wrote some 30 lines of
+        ``nanobind: leaked ...`` to the terminal at every launch's end, after the launcher
+        had returned. Nothing of the server needs it: its ranks are processes of their own.
+        (Exit handlers registered before this one, at start-up, are skipped with it.)"""
+        if os.getpid() != self.pid:  # (a process forked from the server inherits this)
             return
-        with contextlib.suppress(OSError):  # (gone already: the launcher exited as usual)
-            os.unlink(self.socket)
-        with contextlib.suppress(OSError):  # (not empty: something of the launcher's is left)
-            os.rmdir(os.path.dirname(self.socket))
+        if self.socket is not None:
+            with contextlib.suppress(OSError):  # (gone already: the launcher exited as usual)
+                os.unlink(self.socket)
+            with contextlib.suppress(OSError):  # (not empty: something of the launcher's left)
+                os.rmdir(os.path.dirname(self.socket))
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # (closed, or a pipe whose reader left)
+                stream.flush()
+        os._exit(0)
 
     def take_back(self) -> None:
         if os.getppid() == self.pid:  # (not in a process that one of those forks in turn)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -230,6 +231,46 @@ def run_script(script: Path, source: str, *args: str | Path) -> subprocess.Compl
     )  # fmt: skip
     assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
     return run
+
+
+TORN_DOWN = """
+import atexit, os, sys
+atexit.register(lambda: print(f"torn down in {os.getpid()}", file=sys.stderr, flush=True))
+"""
+
+REPORTING_LAUNCHER = """
+import os, sys
+import rank_jobs
+from asynchat import launch
+
+if __name__ == "__main__":
+    launch(rank_jobs.report_start, nprocs=2, args=(sys.argv[1], []))
+    print(os.getpid())
+"""
+
+
+def test_the_fork_server_ends_without_the_interpreters_teardown(tmp_path: Path) -> None:
+    """Regression: with torch 2.15's CUDA build, every launch's end printed some 30 lines
+    of ``nanobind: leaked ...`` after the launcher had returned: the fork server (which
+    imported torch._dynamo, and with it triton) ended by the interpreter's whole teardown,
+    where triton's extension reports what it never freed. The server now ends at its own
+    exit handler. Shown with an exit handler registered as a process starts (this
+    ``sitecustomize``), which runs after the server's: in the launcher, not the server."""
+    (tmp_path / "sitecustomize.py").write_text(TORN_DOWN)
+    (tmp_path / "launcher.py").write_text(REPORTING_LAUNCHER)
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{tmp_path}"},
+    )  # fmt: skip  (the pipes close once the server, which holds them too, has ended)
+    assert run.returncode == 0, run.stderr[-3000:]
+    launcher = int(run.stdout.split()[-1])
+    (server,) = {json.loads((tmp_path / f"rank{r}.json").read_text())["parent"] for r in (0, 1)}
+    torn_down = [int(pid) for pid in re.findall(r"torn down in (\d+)", run.stderr)]
+    assert server != launcher and launcher in torn_down, run.stderr[-3000:]
+    assert server not in torn_down, run.stderr[-3000:]
 
 
 OTHER_FORK_SERVER = """
