@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
+import threading
+
+from asynchat._checks import flag
 
 #: What torch imports the first time a process trains, on the compute thread: the first
 #: optimizer built imports ``torch._dynamo`` (``Optimizer.__init__`` is wrapped to keep
@@ -10,7 +15,7 @@ import importlib
 FIRST_TRAINING_IMPORTS = ("torch._dynamo",)
 
 
-def preload() -> None:
+def preload(*, freeze: bool = False) -> None:
     """Import now what the first training of this process would import as it starts.
 
     The first optimizer a process builds makes torch import ``torch._dynamo`` (0.5-1 s of
@@ -18,12 +23,36 @@ def preload() -> None:
     one over every object of the process, pause every thread, the event loop among them
     (measured on a 2-core machine: ``examples/service.py``'s health route answered in up to
     171 ms as the server's first job started, 32 ms with this called before serving). A
-    service calls it at start-up, before it serves, and then ``gc.collect()`` and
-    ``gc.freeze()``, so that the collector's later full passes skip what start-up made
-    (``benchmarks/loop_pauses.py``; README, *A training service*). The ranks
-    :func:`asynchat.launch` starts have it done by the process they are forked from.
-    Calling it again costs nothing. ``import asynchat`` leaves it out: a process that never
+    service calls it at start-up, before it serves, with ``freeze=True``: then every object
+    the process holds so far is collected and frozen (``gc.collect()``, ``gc.freeze()``),
+    so that the collector's later full passes skip what start-up made
+    (``benchmarks/loop_pauses.py``; README, *A training service*), and unfrozen again as
+    the process exits. Frozen objects are never freed, so without that the interpreter's
+    teardown finds them still alive: with torch 2.15's CUDA build (``torch._dynamo``
+    imports triton) triton's extension then wrote some 30 lines of ``nanobind: leaked
+    ...`` at every exit. The ranks :func:`asynchat.launch` starts have it done by the
+    process they are forked from. Calling it again costs nothing (with ``freeze``, what
+    was made since is frozen too). ``import asynchat`` leaves it out: a process that never
     trains (a launcher, a predictor) would pay for it at every start.
     """
+    flag("freeze", freeze)
     for name in FIRST_TRAINING_IMPORTS:
         importlib.import_module(name)
+    if freeze:
+        gc.collect()
+        gc.freeze()
+        _unfreeze_at_exit()
+
+
+_unfreezing = threading.Lock()
+_unfreezes_at_exit = False
+
+
+def _unfreeze_at_exit() -> None:
+    """Have the process unfreeze its objects as it exits (once), so that its teardown frees
+    them as it frees the rest."""
+    global _unfreezes_at_exit
+    with _unfreezing:
+        if not _unfreezes_at_exit:
+            atexit.register(gc.unfreeze)
+            _unfreezes_at_exit = True

@@ -1,11 +1,11 @@
 """The example service's health-route latency as its first job starts, with and without
-``asynchat.preload()`` and ``gc.freeze()`` at start-up.
+``asynchat.preload(freeze=True)`` at start-up.
 
 The first optimizer a process builds makes torch import ``torch._dynamo``, on the job's
 compute thread; the garbage collections of that import pause every thread, the event loop
-among them. ``examples/service.py`` calls ``asynchat.preload()``, ``gc.collect()`` and
-``gc.freeze()`` before it serves; the baseline is the same server with the first and the
-last made no-ops. Each round starts a server of each
+among them. ``examples/service.py`` calls ``asynchat.preload(freeze=True)`` (which also
+collects and freezes what start-up made) before it serves; the baseline is the same server
+with that call made a no-op. Each round starts a server of each
 kind (``python examples/service.py`` on 127.0.0.1, its own ``--runs`` directory), polls
 ``GET /health`` back to back from a client thread, and posts the server's first job: the
 table gives the slowest answer and the p99 over the job's first seconds (and over one idle
@@ -34,9 +34,9 @@ SERVICE = Path(__file__).resolve().parents[1] / "examples" / "service.py"
 #: Runs the example service, with ``asynchat.preload`` made a no-op when asked.
 RUN_SERVICE = """
 import runpy, sys
-import gc, asynchat
+import asynchat
 if sys.argv.pop(1) == "off":
-    asynchat.preload = gc.freeze = lambda: None
+    asynchat.preload = lambda **_: None
 del sys.argv[0]  # (-c)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

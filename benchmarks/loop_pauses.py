@@ -1,6 +1,6 @@
 """The event loop's longest pauses while a job trains, and how much of them the garbage
 collector makes: with nothing done at start-up, after ``asynchat.preload()``, and after
-``asynchat.preload(); gc.collect(); gc.freeze()``.
+``asynchat.preload(freeze=True)`` (which runs ``gc.collect(); gc.freeze()`` after it).
 
 A full (generation 2) collection runs on whichever thread allocates when it is due and holds
 the GIL throughout, pausing every thread, the event loop too; it walks every tracked object
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import subprocess
@@ -38,7 +37,7 @@ from _common import full_collections, machine, median, table
 VARIANTS = {
     "nothing at start-up (baseline)": "none",
     "asynchat.preload()": "preload",
-    "preload, gc.collect(), gc.freeze()": "freeze",
+    "preload(freeze=True)": "freeze",
 }
 
 
@@ -92,10 +91,7 @@ def _child(kind: str, variant: str) -> None:
     import asynchat
 
     if variant in ("preload", "freeze"):
-        asynchat.preload()
-    if variant == "freeze":
-        gc.collect()
-        gc.freeze()
+        asynchat.preload(freeze=variant == "freeze")
     with tempfile.TemporaryDirectory() as save_dir:
         print(json.dumps(asyncio.run(_measure(kind, save_dir))))
 

@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import gc
 import json
 import logging
 import math
@@ -659,9 +658,7 @@ def main() -> None:
     # Before serving: what the first job would import (its imports paused every route for
     # up to 170 ms), then the objects start-up made moved out of the garbage collector's
     # sight (its full collections pause every route too, for as long as they walk them).
-    asynchat.preload()
-    gc.collect()
-    gc.freeze()
+    asynchat.preload(freeze=True)
     ServiceServer(config, app).run()
 
 

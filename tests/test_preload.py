@@ -51,3 +51,40 @@ def test_the_first_training_of_a_process_imports_torch_dynamo_on_its_compute_thr
 @pytest.mark.parametrize("preloads", [1, 2])
 def test_after_preload_the_first_training_imports_nothing_heavy(preloads: int) -> None:
     assert imported_by_first_training(preloads) == []
+
+
+FROZEN_AT_START_UP = """
+import gc, sys
+import asynchat
+
+class Held:
+    def __del__(self):
+        print("freed", file=sys.stderr, flush=True)
+
+held = Held()  # (alive until the teardown, in a reference cycle: freed by the collector)
+held.cycle = held
+asynchat.preload(freeze=True)
+print(gc.get_freeze_count(), flush=True)
+asynchat.preload(freeze=True)  # (again: one unfreeze at the exit all the same)
+"""
+
+
+def test_preload_freezes_what_start_up_made_and_unfreezes_it_at_exit() -> None:
+    # Regression: a service's `gc.freeze()` (as the README had it: preload(), gc.collect(),
+    # gc.freeze()) kept what start-up made from being freed by the interpreter's teardown,
+    # where with torch 2.15's CUDA build triton's extension reported those objects, some
+    # 30 lines of "nanobind: leaked ..." at every exit. preload(freeze=True) collects and
+    # freezes them, and unfreezes them as the process exits: the teardown frees them.
+    run = subprocess.run(
+        [sys.executable, "-c", FROZEN_AT_START_UP], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[0]) > 10_000  # (torch and what it imports: frozen)
+    assert run.stderr.count("freed") == 1, run.stderr  # (frozen for good: never)
+
+
+def test_preload_takes_freeze_as_a_bool() -> None:
+    import asynchat
+
+    with pytest.raises(TypeError, match="freeze must be True or False, got 'yes'"):
+        asynchat.preload(freeze="yes")  # type: ignore[arg-type]
