@@ -68,8 +68,13 @@ _TEMPORARY = re.compile(r"\.(step-\d{9,}\.(?:ckpt|dcp)|manifest\.json)\.[0-9a-f-
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")  # a loop's run_id (uuid4().hex)
 # A manifest lists some 250 bytes a checkpoint: 64 MiB is a quarter of a million of them.
+# With the metrics measured at its step, up to RECORDED_METRICS of them (some 40 bytes
+# each): 1.5 KiB, and tens of thousands of checkpoints.
 # One larger (a sparse file, say) is not read into memory.
 MANIFEST_LIMIT = 64 << 20
+#: The most metrics a manifest entry records (a step that measured more, per-class values
+#: say, records none: a few thousand checkpoints of a thousand metrics would pass the limit).
+RECORDED_METRICS = 32
 _KINDS = {
     stat.S_IFDIR: "a directory",
     stat.S_IFIFO: "a FIFO",
@@ -656,21 +661,24 @@ def manifest_entry(
     file: str, digest: str | None, size: int, checkpoint: Mapping[str, Any], metric: float | None
 ) -> dict[str, Any]:
     """The manifest's entry for ``checkpoint``, written as ``file``. Beside the monitored
-    ``metric`` it records every metric measured at the checkpoint's step, so that a run
+    ``metric`` it records the metrics measured at the checkpoint's step, so that a run
     resumed with another monitor ranks the checkpoints without reading them (it read each
-    whole file: 1.1 s for four of 128 MiB, page cache warm)."""
+    whole file: 1.1 s for four of 128 MiB, page cache warm); all of them or, past
+    :data:`RECORDED_METRICS`, none (then that file is read if it must be ranked)."""
     progress = checkpoint["progress"]
-    return {
+    entry = {
         "file": file,
         "global_step": progress["global_step"],
         "epoch": progress["epoch"],
         "metric": metric if finite(metric) else None,  # (strict JSON: no NaN; ranks alike)
-        "metrics": measured_metrics(checkpoint),
         "run": progress.get("run"),
         "sha256": digest,
         "bytes": size,
         "time": time.time(),
     }
+    if len(measured := measured_metrics(checkpoint)) <= RECORDED_METRICS:
+        entry["metrics"] = measured
+    return entry
 
 
 def measured_metrics(checkpoint: Mapping[str, Any]) -> dict[str, float | None]:

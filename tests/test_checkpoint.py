@@ -20,7 +20,7 @@ from conftest import StopAt, make_loader, make_model, make_trainer, wait_for_lin
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
-from asynchat._checkpoint_io import serialize
+from asynchat._checkpoint_io import RECORDED_METRICS, serialize
 from asynchat.callbacks import (
     Checkpoint,
     CheckpointError,
@@ -287,6 +287,30 @@ async def test_a_monitor_given_on_resume_ranks_the_checkpoints_saved_without_one
     # What was read is recorded: the next monitor reads none (but the damaged one's).
     unrecorded = [e["global_step"] for e in read_manifest(tmp_path) if "metrics" not in e]
     assert unrecorded == ([4] if listed == "older-manifest" else [])
+    assert checkpoint.best_path == tmp_path / "step-000000005.ckpt"
+
+
+@pytest.mark.anyio
+async def test_a_step_that_measured_too_many_metrics_records_none_and_ranks_by_its_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manifest entry records at most RECORDED_METRICS metrics (a few thousand
+    checkpoints of a thousand per-class values would pass the manifest's 64 MiB): past it,
+    none, and a run resumed with another monitor reads that file for its value."""
+    many = {f"val/class_{i:03d}": {s: float(s * i) for s in ACCURACY}
+            for i in range(RECORDED_METRICS)}  # fmt: skip
+    scores = Scores({"val/accuracy": ACCURACY, **many})  # one too many, at every step
+    await make_trainer(
+        scores, Checkpoint(tmp_path, every_n_steps=1, keep_last=None), num_steps=6
+    ).fit()
+    assert [e.get("metrics") for e in read_manifest(tmp_path)] == [None] * 6
+    checkpoint = Checkpoint(
+        tmp_path, every_n_steps=1, keep_last=None, monitor="val/accuracy", mode="max"
+    )
+    resumed = make_trainer(scores, checkpoint, num_steps=7, resume_from=tmp_path)
+    with caplog.at_level("INFO", logger="asynchat.checkpoint"):
+        await resumed.fit()
+    assert "(6 file(s) read for it)" in caplog.text
     assert checkpoint.best_path == tmp_path / "step-000000005.ckpt"
 
 

@@ -18,6 +18,7 @@ from asynchat._callback import Callback
 from asynchat._checkpoint_io import (
     EXTRAS,
     MANIFEST,
+    RECORDED_METRICS,
     DirectoryLock,
     Manifest,
     checkpoint_files,
@@ -444,16 +445,18 @@ class Checkpoint(Callback):
                 entry = {"file": path.name, "global_step": step, "epoch": None, "metric": None,
                          "sha256": None, "bytes": size, "time": mtime}  # fmt: skip
                 if self.monitor is not None:
-                    self._read_metrics(entry, None)
-                    entry["metric"] = measured_metric(entry.get("metrics"), self.monitor)
+                    self._rank_by_file(entry, None)
                 entries.append(entry)
         return sorted(entries, key=lambda e: e["global_step"])
 
-    def _read_metrics(self, entry: dict[str, Any], digest: str | None) -> None:
-        """Record in ``entry`` the metrics its checkpoint file holds of its own step (none
-        if it is damaged: kept unranked, with a warning)."""
+    def _rank_by_file(self, entry: dict[str, Any], digest: str | None) -> None:
+        """Rank ``entry`` by the monitor's value its checkpoint file holds (unranked if it
+        was not measured at its step, or the file is damaged: then with a warning), and
+        record the metrics it holds of its step, if not too many, so that the next run
+        with yet another monitor reads no file."""
         metrics = saved_metrics(self.save_dir / entry["file"], digest)
-        if metrics is not None:
+        entry["metric"] = measured_metric(metrics, self.monitor) if self.monitor else None
+        if metrics is not None and len(metrics) <= RECORDED_METRICS:
             entry["metrics"] = metrics
 
     def _ranked_anew(self, manifest: Manifest) -> list[dict[str, Any]]:
@@ -470,10 +473,11 @@ class Checkpoint(Callback):
             return entries  # (in either mode: the values are this monitor's)
         read = 0
         for entry in entries:
-            if not isinstance(entry.get("metrics"), dict):  # (listed by an older version)
-                self._read_metrics(entry, entry.get("sha256"))
+            if isinstance(entry.get("metrics"), dict):
+                entry["metric"] = measured_metric(entry["metrics"], self.monitor)
+            else:  # (listed by an older version, or with too many metrics to record)
+                self._rank_by_file(entry, entry.get("sha256"))
                 read += 1
-            entry["metric"] = measured_metric(entry.get("metrics"), self.monitor)
         _LOG.info(
             "Checkpoint(save_dir=%r, monitor=%r): %d checkpoint(s) ranked by %s before, "
             "ranked again by %r (%d file(s) read for it)",
