@@ -62,13 +62,21 @@ def test_the_step_flags_pick_the_processor() -> None:
 
 async def test_muon_beside_adamw_learns_as_well(tmp_path: Path) -> None:
     """``--muon``: two optimizers on the one loss (Muon for the blocks' matrices, AdamW for
-    the rest, each parameter in one), each on its own schedule."""
+    the rest, each parameter in one), each on its own schedule, learn about as well as
+    AdamW alone. (Measured against AdamW on the same text: the corpus is the Python
+    standard library's, so it is another on each Python version. A fixed margin under the
+    unigram loss held on 3.11, 0.78 nats, and failed on 3.13, 0.34, whose text has a
+    unigram loss lower by 0.49: AdamW 2.518 and Muon 2.620 on 3.11, 2.482 and 2.574 on
+    3.13.)"""
     charlm = load_example("charlm.py")
     corpus = charlm.Corpus.load(max_chars=300_000)
     run = charlm.Run(steps=120, layers=2, width=64, warmup=20, eval_every=60, val_batches=8)
-    trainer = charlm.make_trainer(corpus, run, tmp_path, progress=False, muon=True)
+    alone = charlm.make_trainer(corpus, run, tmp_path / "adamw", progress=False)
+    adamw_loss = (await alone.fit()).metrics["val/loss"]
+    trainer = charlm.make_trainer(corpus, run, tmp_path / "muon", progress=False, muon=True)
     state = await trainer.fit()
-    assert state.metrics["val/loss"] < corpus.unigram_loss() - 0.4, state.metrics
+    assert state.metrics["val/loss"] < adamw_loss + 0.15, (state.metrics, adamw_loss)
+    assert state.metrics["val/loss"] < corpus.unigram_loss() - 0.25, state.metrics
     muon, adamw = (state.optimizers[name] for name in ("muon", "adamw"))
     held = [id(p) for o in (muon, adamw) for group in o.param_groups for p in group["params"]]
     assert sorted(held) == sorted(id(p) for p in trainer.model.parameters())
