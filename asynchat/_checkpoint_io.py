@@ -67,10 +67,10 @@ _NAME = re.compile(r"step-(\d{9,})\.(?:ckpt|dcp)")
 _TEMPORARY = re.compile(r"\.(step-\d{9,}\.(?:ckpt|dcp)|manifest\.json)\.[0-9a-f-]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")  # a loop's run_id (uuid4().hex)
-# A manifest lists some 250 bytes a checkpoint: 64 MiB is a quarter of a million of them.
-# With the metrics measured at its step, up to RECORDED_METRICS of them (some 40 bytes
-# each): 1.5 KiB, and tens of thousands of checkpoints.
-# One larger (a sparse file, say) is not read into memory.
+# A manifest lists some 250 bytes a checkpoint: 64 MiB is a quarter of a million of them
+# (with the metrics measured at its step, up to RECORDED_METRICS of them at some 40 bytes
+# each: 1.5 KiB, and tens of thousands). One larger (a sparse file, say) is not read into
+# memory.
 MANIFEST_LIMIT = 64 << 20
 #: The most metrics a manifest entry records (a step that measured more, per-class values
 #: say, records none: a few thousand checkpoints of a thousand metrics would pass the limit).
