@@ -735,14 +735,22 @@ def finite(metric: float | None) -> bool:
 # -- loading -------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, best: bool = False
+) -> tuple[dict[str, Any], Path]:
     """Load a checkpoint file (or one sharded checkpoint's ``step-*.dcp`` directory), or the
-    newest valid checkpoint in a directory of checkpoints.
+    newest valid checkpoint in a directory of checkpoints (with ``best=True``, the valid one
+    with the best monitored metric, as :func:`find_checkpoint` picks it: read once, where
+    ``load_checkpoint(find_checkpoint(directory, best=True))`` reads it twice).
 
     In a directory, a newest checkpoint that is missing, truncated, corrupt, incomplete or
     does not match its checksums is reported with a :class:`CheckpointWarning` and the next
     older one is tried. Returns the checkpoint and the file it came from.
     """
+    flag("best", best)
+    if best:
+        check_path("path", path)
+        return _load_best(Path(path), "path")
     return read_checkpoint(path, "path")
 
 
@@ -799,6 +807,17 @@ def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) ->
         raise CheckpointError(f"find_checkpoint: {str(directory)!r} is not a directory")
     if not best:
         return _load_newest(directory, "directory")[1]
+    return _load_best(directory, "directory")[1]
+
+
+def _load_best(directory: Path, argument: str) -> tuple[dict[str, Any], Path]:
+    """The valid checkpoint of ``directory`` with the best monitored metric, loaded, and its
+    file (see :func:`find_checkpoint`)."""
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{argument}={str(directory)!r} is not a directory (best=True picks among a "
+            "directory's checkpoints)"
+        )
     manifest = load_manifest(directory, warn=False)
     if manifest.ranking is None:
         why = "written without monitor=..." if manifest.unreadable is None else "unreadable: "
@@ -814,10 +833,9 @@ def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) ->
         try:
             if file.is_symlink():
                 raise CheckpointError(f"{file} is a symbolic link, not a checkpoint file")
-            _load_file(file, entry.get("sha256"))
-            return file
+            return _load_file(file, entry.get("sha256")), file
         except CheckpointError as exc:
-            warnings.warn(f"{exc}; trying the next best", CheckpointWarning, stacklevel=2)
+            warnings.warn(f"{exc}; trying the next best", CheckpointWarning, stacklevel=3)
     raise CheckpointError(f"{directory}: no valid checkpoint has a {monitor!r} value")
 
 
@@ -827,11 +845,13 @@ def load_weights(
     *,
     prefix: str = "",
     strict: bool = True,
+    best: bool = False,
 ) -> IncompatibleKeys:
     """Load a checkpoint's model weights into ``module``, e.g. to evaluate or deploy it.
 
-    ``checkpoint`` is a checkpoint file, a directory (its newest valid checkpoint; use
-    :func:`find_checkpoint` for the best) or a checkpoint already loaded. ``prefix`` takes
+    ``checkpoint`` is a checkpoint file, a directory (its newest valid checkpoint or, with
+    ``best=True``, the valid one with the best monitored metric, read once) or a checkpoint
+    already loaded. ``prefix`` takes
     one submodule's weights out of the whole model's: ``load_weights(generator, path,
     prefix="generator.")`` loads the entries named ``generator.*`` with the prefix removed.
     ``strict`` is passed to ``module.load_state_dict``, whose result (the
@@ -839,11 +859,18 @@ def load_weights(
     the model's uncompiled ones: ``module`` may be compiled or not, as the trained one.
     """
     flag("strict", strict)
-    loaded = (
-        checkpoint
-        if isinstance(checkpoint, Mapping)
-        else read_checkpoint(checkpoint, "checkpoint")[0]
-    )
+    flag("best", best)
+    if isinstance(checkpoint, Mapping):
+        if best:
+            raise ValueError(
+                "best=True picks among a directory's checkpoints; checkpoint is one loaded already"
+            )
+        loaded = checkpoint
+    elif best:
+        check_path("checkpoint", checkpoint)
+        loaded = _load_best(Path(checkpoint), "checkpoint")[0]
+    else:
+        loaded = read_checkpoint(checkpoint, "checkpoint")[0]
     if isinstance(loaded.get("sharded"), Mapping):
         from asynchat._dcp import load_module
 

@@ -65,7 +65,6 @@ from asynchat.callbacks import (
     Progress,
     Validation,
     cosine,
-    find_checkpoint,
     load_weights,
 )
 
@@ -345,10 +344,8 @@ async def test_loss(corpus: Corpus, run: Run, checkpoints: Path) -> float:
     config = Config(len(corpus.vocab), run.block, run.layers, max(1, run.width // 32), run.width)
     model = CharGPT(config)
 
-    def load_best() -> None:  # (file reads: on a worker thread, off the event loop)
-        load_weights(model, find_checkpoint(checkpoints, best=True))
-
-    await anyio.to_thread.run_sync(load_best)
+    # The best checkpoint's weights, read on a worker thread (file reads: off the event loop).
+    await anyio.to_thread.run_sync(lambda: load_weights(model, checkpoints, best=True))
     total: Any = 0.0
     count = 0
 

@@ -44,7 +44,6 @@ from asynchat.callbacks import (
     TensorBoardLogger,
     Validation,
     cosine,
-    find_checkpoint,
     load_checkpoint,
     resumable,
 )
@@ -128,9 +127,7 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
         tg.cancel_scope.cancel()
     # The best checkpoint saved, read on a worker thread: file reads block, and this event
     # loop may serve other tasks (the example's own blocked it for 0.17 s under `-X dev`).
-    kept, _ = await anyio.to_thread.run_sync(
-        lambda: load_checkpoint(find_checkpoint(checkpoints, best=True))
-    )
+    kept, _ = await anyio.to_thread.run_sync(lambda: load_checkpoint(checkpoints, best=True))
     return max(best, state.metrics.get("val/accuracy", 0.0), kept["metrics"]["val/accuracy"])
 
 

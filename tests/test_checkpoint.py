@@ -19,6 +19,7 @@ import torch
 from conftest import StopAt, make_loader, make_model, make_trainer, wait_for_line
 from torch import nn
 
+import asynchat._checkpoint_io
 from asynchat import Callback, LoopState, Trainer
 from asynchat._checkpoint_io import RECORDED_METRICS, serialize
 from asynchat.callbacks import (
@@ -194,6 +195,41 @@ async def test_keep_last_and_keep_best(tmp_path: Path) -> None:
     kept = [e["global_step"] for e in read_manifest(tmp_path)]
     assert kept == [2, 3, 5, 6]  # best two (0.9, 0.7) and last two
     assert sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("*.ckpt")) == kept
+
+
+@pytest.mark.anyio
+async def test_the_best_checkpoint_is_loaded_reading_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # load_checkpoint(find_checkpoint(d, best=True)) read the best file twice (once to
+    # check it, once to load it): 20 GB for a 10 GB checkpoint. best=True reads it once,
+    # and, as find_checkpoint does, passes over a damaged best for the next.
+    scores = Scores({"val/accuracy": ACCURACY})
+    checkpoint = Checkpoint(tmp_path, every_n_steps=1, keep_last=None, monitor="val/accuracy",
+                            mode="max")  # fmt: skip
+    trainer = make_trainer(scores, checkpoint, num_steps=6)
+    await trainer.fit()
+    reads: list[str] = []
+    load_file = asynchat._checkpoint_io._load_file
+
+    def counted(file: Path, digest: str | None) -> dict[str, Any]:
+        reads.append(file.name)
+        return load_file(file, digest)
+
+    monkeypatch.setattr(asynchat._checkpoint_io, "_load_file", counted)
+    loaded, path = load_checkpoint(tmp_path, best=True)
+    assert path.name == "step-000000005.ckpt" and reads == [path.name]
+    assert loaded["progress"]["global_step"] == 5
+    model = make_model()
+    assert load_weights(model, tmp_path, best=True) == ([], [])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded["model"].items())
+    path.write_bytes(b"damaged")
+    with pytest.warns(CheckpointWarning, match="step-000000005.ckpt .*; trying the next best"):
+        assert load_checkpoint(tmp_path, best=True)[1].name == "step-000000002.ckpt"
+    with pytest.raises(CheckpointError, match="is not a directory \\(best=True picks among"):
+        load_checkpoint(tmp_path / "step-000000006.ckpt", best=True)
+    with pytest.raises(ValueError, match="checkpoint is one loaded already"):
+        load_weights(model, loaded, best=True)
 
 
 class Scores(Callback):

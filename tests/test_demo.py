@@ -138,15 +138,13 @@ async def test_the_examples_read_their_files_off_the_event_loop(
         monkeypatch.setattr(owner, name, call)
 
     digits = load_example("digits.py")
-    recorded(digits, "find_checkpoint")
     recorded(digits, "load_checkpoint")
     await digits.train(epochs=1, out=tmp_path / "digits")
     charlm = load_example("charlm.py")
     recorded(charlm.Corpus, "load")
-    recorded(charlm, "find_checkpoint")
     recorded(charlm, "load_weights")
     run = charlm.Run(steps=6, layers=1, width=32, warmup=5, eval_every=3, val_batches=1,
                      max_chars=20_000)  # fmt: skip
     await charlm.main_async(run, tmp_path / "charlm", resume=False)
     on_the_loop = [name for name, on_main_thread in calls if on_main_thread]
-    assert len(calls) == 5 and on_the_loop == [], calls
+    assert len(calls) == 3 and on_the_loop == [], calls
