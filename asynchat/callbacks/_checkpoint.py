@@ -465,7 +465,8 @@ class Checkpoint(Callback):
         ``"val/loss"`` took a loss of 4.0 for the best accuracy, kept it as the best and
         pruned the best by accuracy, and ``find_checkpoint(best=True)`` named it. Each
         entry records the metrics measured at its checkpoint's step; a checkpoint listed
-        without them (by an older version) is read for its value."""
+        without them (by an older version, or of a step that measured more than
+        :data:`~asynchat._checkpoint_io.RECORDED_METRICS`) is read for its value."""
         entries = manifest.entries
         if self.monitor is None or not entries:
             return entries
