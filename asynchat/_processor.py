@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
+import reprlib
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -192,7 +193,8 @@ class BatchProcessor(abc.ABC):
             if not isinstance(loss, torch.Tensor):
                 raise TypeError(
                     f"the loss to train on must be a tensor computed from the model's outputs, "
-                    f"got {type(loss).__name__} {_short(loss)}: does the loss function return "
+                    f"got {type(loss).__name__} {reprlib.repr(loss)}: does the loss function "
+                    "return "
                     "a number (.item(), float()) or None?"
                 ) from exc
             raise
@@ -304,11 +306,6 @@ def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     except (TypeError, ValueError):  # (no signature to read)
         return False
     return closure is not None and closure.default is inspect.Parameter.empty
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _refuse_untrainable(loss: torch.Tensor, error: RuntimeError) -> None:
