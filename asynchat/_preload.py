@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib
-import threading
 
 from asynchat._checks import flag
 
@@ -41,18 +40,7 @@ def preload(*, freeze: bool = False) -> None:
     if freeze:
         gc.collect()
         gc.freeze()
-        _unfreeze_at_exit()
-
-
-_unfreezing = threading.Lock()
-_unfreezes_at_exit = False
-
-
-def _unfreeze_at_exit() -> None:
-    """Have the process unfreeze its objects as it exits (once), so that its teardown frees
-    them as it frees the rest."""
-    global _unfreezes_at_exit
-    with _unfreezing:
-        if not _unfreezes_at_exit:
-            atexit.register(gc.unfreeze)
-            _unfreezes_at_exit = True
+        # Unfrozen as the process exits (once, however often this is called), so that its
+        # teardown frees those objects as it frees the rest.
+        atexit.unregister(gc.unfreeze)
+        atexit.register(gc.unfreeze)
