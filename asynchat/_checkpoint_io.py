@@ -157,6 +157,12 @@ def atomic_file(path: Path, *, like: os.stat_result | None = None) -> Iterator[B
     fsync_dir(path.parent)  # the rename itself survives a crash
 
 
+def temporaries_of(path: Path) -> re.Pattern[str]:
+    """The names :func:`atomic_file` gives the temporary files of ``path``, in its directory
+    (group 1: the pid of the process that made one)."""
+    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{12}}\.tmp")
+
+
 def sync_files(paths: Iterable[Path]) -> None:
     """Sync each of ``paths`` to disk: files of the callbacks' own (their logs), before a
     checkpoint that covers them is written. One that is gone is skipped, and one that

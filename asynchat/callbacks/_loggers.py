@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import NONBLOCK, DirectoryLock, atomic_file, finite, is_run_id
+from asynchat._checkpoint_io import (
+    NONBLOCK,
+    DirectoryLock,
+    atomic_file,
+    finite,
+    is_run_id,
+    temporaries_of,
+)
 from asynchat._checks import flag, positive_int, text
 from asynchat._checks import path as check_path
 from asynchat._errors import InUseError
@@ -617,7 +624,7 @@ def _remove_dead_trims(path: Path) -> None:
     """Remove the temporary files of trims of ``path`` whose process is gone (a kill while
     it wrote one left ``.log.jsonl.<pid>-<hex>.tmp`` beside the log, for good). A live
     process's, or one whose pid is in use again, is left: it may be writing it."""
-    own = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{12}}\.tmp")
+    own = temporaries_of(path)
     try:
         names = os.listdir(path.parent)
     except OSError:
