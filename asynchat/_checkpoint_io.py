@@ -696,7 +696,7 @@ def measured_metrics(checkpoint: Mapping[str, Any]) -> dict[str, float | None]:
         return {}
     steps = steps if isinstance(steps, dict) else {}  # (older checkpoints: none, all its own)
     return {
-        name: measured_metric(metrics, name)
+        name: float(value) if finite(value) else None
         for name, value in metrics.items()
         if isinstance(name, str) and _is_number(value) and steps.get(name, step) == step
     }
@@ -754,10 +754,7 @@ def load_checkpoint(
     older one is tried. Returns the checkpoint and the file it came from.
     """
     flag("best", best)
-    if best:
-        check_path("path", path)
-        return _load_best(Path(path), "path")
-    return read_checkpoint(path, "path")
+    return _load_best(path, "path") if best else read_checkpoint(path, "path")
 
 
 def read_checkpoint(
@@ -816,9 +813,11 @@ def find_checkpoint(directory: str | os.PathLike[str], *, best: bool = False) ->
     return _load_best(directory, "directory")[1]
 
 
-def _load_best(directory: Path, argument: str) -> tuple[dict[str, Any], Path]:
+def _load_best(directory: str | os.PathLike[str], argument: str) -> tuple[dict[str, Any], Path]:
     """The valid checkpoint of ``directory`` with the best monitored metric, loaded, and its
-    file (see :func:`find_checkpoint`)."""
+    file (see :func:`find_checkpoint`); errors name the ``argument`` that gave it."""
+    check_path(argument, directory)
+    directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(
             f"{argument}={str(directory)!r} is not a directory (best=True picks among a "
@@ -857,12 +856,12 @@ def load_weights(
 
     ``checkpoint`` is a checkpoint file, a directory (its newest valid checkpoint or, with
     ``best=True``, the valid one with the best monitored metric, read once) or a checkpoint
-    already loaded. ``prefix`` takes
-    one submodule's weights out of the whole model's: ``load_weights(generator, path,
-    prefix="generator.")`` loads the entries named ``generator.*`` with the prefix removed.
-    ``strict`` is passed to ``module.load_state_dict``, whose result (the
-    ``missing_keys`` and ``unexpected_keys``, with ``strict=False``) is returned. Names are
-    the model's uncompiled ones: ``module`` may be compiled or not, as the trained one.
+    already loaded. ``prefix`` takes one submodule's weights out of the whole model's:
+    ``load_weights(generator, path, prefix="generator.")`` loads the entries named
+    ``generator.*`` with the prefix removed. ``strict`` is passed to
+    ``module.load_state_dict``, whose result (the ``missing_keys`` and ``unexpected_keys``,
+    with ``strict=False``) is returned. Names are the model's uncompiled ones: ``module``
+    may be compiled or not, as the trained one.
     """
     flag("strict", strict)
     flag("best", best)
@@ -873,8 +872,7 @@ def load_weights(
             )
         loaded = checkpoint
     elif best:
-        check_path("checkpoint", checkpoint)
-        loaded = _load_best(Path(checkpoint), "checkpoint")[0]
+        loaded = _load_best(checkpoint, "checkpoint")[0]
     else:
         loaded = read_checkpoint(checkpoint, "checkpoint")[0]
     if isinstance(loaded.get("sharded"), Mapping):
