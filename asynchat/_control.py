@@ -6,9 +6,9 @@ code or hooks, a cancellation from the event loop. They take effect only where t
 :meth:`LoopControl.decide`, which it does at fixed boundaries: at the top of each epoch, before
 an epoch's first step, and after each step. In a distributed run ``decide`` agrees the
 requests of every rank in one collective (a MAX all-reduce of ``[stop, cancel, pause,
-forced]``), so every rank makes the same decision at the same boundary, and no rank ever makes
-a collective the others don't (pausing one rank holds them all; stopping one during
-``on_epoch_end`` ends them all after the same epoch).
+forced, save]``), so every rank makes the same decision at the same boundary, and no rank
+ever makes a collective the others don't (pausing one rank holds them all; stopping one
+during ``on_epoch_end`` ends them all after the same epoch).
 
 With ``agree_later`` set (a distributed trainer's ``control_lag=1``), the agreement after a
 step (``decide(lagged=True)``) is pipelined: each rank starts the all-reduce of its requests
@@ -20,9 +20,15 @@ takes each boundary the same way, so their collectives pair up.
 
 Data without a ``len()`` on some rank has its epoch's end agreed before each step (whether
 the item read ahead exists anywhere: ``agree_last``). That agreement carries the boundary's
-requests too (:meth:`LoopControl.agree_with`: ``[stop, cancel, pause, forced, ended]`` in
-one all-reduce), and the step loop decides on them (``decide(carried=True)``) instead of
+requests too (:meth:`LoopControl.agree_with`: ``[stop, cancel, pause, forced, save, ended]``
+in one all-reduce), and the step loop decides on them (``decide(carried=True)``) instead of
 agreeing again after the step: one collective a step, not two.
+
+Every agreement also carries one more flag, a save asked for by some rank (``save_asked``:
+a Checkpoint's ``request_save()``, or rank 0's clock for its ``every_n_seconds``). Each
+ask is sent once, and whichever agreement carries it sets ``save_agreed`` on every rank at
+the same boundary, where the ranks' Checkpoints take it: every rank saves at the same step,
+and a save asked for on one rank costs no collective of its own.
 
 A gradient-accumulation window is one unit for ending: after a step whose gradients wait for
 a later update, ``decide(window_open=True)`` holds a stop or a cancellation until the step that
@@ -110,6 +116,9 @@ class LoopControl:
       thread), for the next ``decide(carried=True)``; any other decision drops them.
     - ``idle``: whether a boundary is a no-op (a loop alone, not paused, asked nothing); kept
       by every change of the fields it depends on, read by the step loop after each step.
+    - ``save_asked``: set by this rank's Checkpoint, cleared as an agreement sends it;
+      ``save_agreed``: set by the agreement that carried any rank's, cleared by the
+      Checkpoint that takes it (both on the compute thread, of a loop that agrees).
 
     Invariant: the loop ends or holds only where :meth:`decide` says so, and in a
     distributed run every rank calls :meth:`decide` at the same boundaries.
@@ -134,6 +143,10 @@ class LoopControl:
         self.agree_last: Callable[[bool], bool] | None = None
         self.carried: tuple[bool, bool, bool, bool] | None = None
         self.idle = True
+        # A save this rank asks every rank for, sent with the next agreement; and whether an
+        # agreement has carried one since the Checkpoint last looked (compute thread).
+        self.save_asked = False
+        self.save_agreed = False
 
     @property
     def parent(self) -> LoopControl | None:
@@ -319,8 +332,9 @@ class LoopControl:
         parent = self.parent
         return self.forced or (parent is not None and parent.forcing())
 
-    def _local(self) -> tuple[bool, bool, bool, bool]:
-        return self.stop_requested, self._ending(), not self._unpaused.is_set(), self.forcing()
+    def _local(self) -> tuple[bool, bool, bool, bool, bool]:
+        paused = not self._unpaused.is_set()
+        return self.stop_requested, self._ending(), paused, self.forcing(), self.save_asked
 
     def _agreed(
         self, *, lagged: bool = False, carried: bool = False
@@ -330,15 +344,28 @@ class LoopControl:
             return agreed_with
         flags = self._local()
         if self.agree is None:
-            return flags
+            return flags[:4]
         earlier = self.settle()
         if lagged and self.agree_later is not None:
             self._pending = self.agree_later(flags)
+            self.save_asked = False  # sent
             agreed = earlier if earlier is not None else (False,) * len(flags)
         else:
-            agreed = self.agree(flags)
-        stop, cancel, pause, forced = agreed
+            agreed = self._agree_now(flags)
+        stop, cancel, pause, forced = agreed[:4]
         return bool(stop), bool(cancel), bool(pause), bool(forced)
+
+    def _agree_now(self, flags: Sequence[bool]) -> Sequence[bool]:
+        assert self.agree is not None
+        agreed = self.agree(flags)
+        self.save_asked = False  # sent
+        self._received(agreed)
+        return agreed
+
+    def _received(self, agreed: Sequence[bool]) -> None:
+        """Take the save flag of an agreement that came in (every rank takes each one)."""
+        if agreed[4]:
+            self.save_agreed = True
 
     def agree_with(self, flag: bool) -> bool:
         """Whether ``flag`` is True on any rank, agreed in one all-reduce with this
@@ -348,7 +375,7 @@ class LoopControl:
         the same point)."""
         assert self.agree is not None, "only a loop that agrees with its peers"
         self.settle()
-        stop, cancel, pause, forced, agreed = self.agree((*self._local(), flag))
+        stop, cancel, pause, forced, _, agreed = self._agree_now((*self._local(), flag))
         self.carried = bool(stop), bool(cancel), bool(pause), bool(forced)
         return bool(agreed)
 
@@ -357,7 +384,11 @@ class LoopControl:
         and return it; at a run's end too, so it leaves no collective behind (on the compute
         thread)."""
         pending, self._pending = self._pending, None
-        return pending() if pending is not None else None
+        if pending is None:
+            return None
+        agreed = pending()
+        self._received(agreed)
+        return agreed
 
     def _hold(self) -> tuple[bool, bool, bool]:
         """Wait while paused (here or, agreed, on any rank); return (stop, cancel, forced)

@@ -289,6 +289,17 @@ class LoopBase(PipeBase):
         """
         return self._ranks.gather_to_rank_zero(obj) if self._ranks is not None else [obj]
 
+    def _ask_ranks_to_save(self) -> None:
+        """(Checkpoint's, on the compute thread of a loop that spans ranks.) Ask every rank
+        to save: the ask goes with the next boundary's agreement (no collective of its own)."""
+        self._control.save_asked = True
+
+    def _ranks_agreed_to_save(self) -> bool:
+        """(Checkpoint's, on the compute thread.) Whether an agreement since the last call
+        carried some rank's ask to save: the same on every rank at each step's end."""
+        agreed, self._control.save_agreed = self._control.save_agreed, False
+        return agreed
+
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.
 

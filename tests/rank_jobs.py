@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -965,6 +965,51 @@ async def agreements_a_step(rank: int, world_size: int, out: str) -> None:
                 await trainer.fit()
                 counts.setdefault(f"{kind}-{lag}", []).append(calls - before)
     Path(out, f"rank{rank}.json").write_text(json.dumps(counts))
+
+
+async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) -> None:
+    """A DDP trainer (8 steps) whose Checkpoint saves only when asked: ``"request"``, by
+    ``request_save()`` on rank 1 alone at the end of global step 2; ``"clock"``, by rank 0's
+    clock (``every_n_seconds=0.1``, steps of 30 ms); over batches with a length
+    (``"request"``, ``"clock"``) or without (``"request-stream"``). Writes the global steps
+    at which this rank's Checkpoint saved to ``out/rank<r>.json``."""
+    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    from asynchat.callbacks import Checkpoint
+
+    class Saves(Checkpoint):
+        saved: ClassVar[list[int]] = []
+
+        def save(self, state: LoopState) -> None:
+            self.saved.append(state.global_step)
+            super().save(state)
+
+    timed = how == "clock"
+    checkpoint = Saves(
+        Path(out, "checkpoints"), every_n_epochs=None if timed else 1000, keep_last=None,
+        every_n_seconds=0.1 if timed else None, save_on_end=False,
+    )  # fmt: skip
+
+    class Ask(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if timed:
+                time.sleep(0.03)
+            elif rank == 1 and state.global_step == 2:
+                checkpoint.request_save()
+
+    g = torch.Generator().manual_seed(rank)
+    samples = torch.utils.data.TensorDataset(
+        torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    )
+    data: Any = list(torch.utils.data.DataLoader(samples, batch_size=8))
+    if how.endswith("-stream"):
+        data = torch.utils.data.DataLoader(Stream(samples), batch_size=8)
+    trainer = DistributedDataParallelTrainer(
+        ddp_model(), data, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1, device="cpu",
+        callbacks=[Ask(), checkpoint], control_lag=lag,
+    )  # fmt: skip
+    await trainer.fit()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(checkpoint.saved))
 
 
 async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:

@@ -658,3 +658,36 @@ def test_data_parallel_device_must_be_the_first_of_device_ids() -> None:
     with pytest.raises(ValueError, match=r"must be device_ids\[0\]"):
         DataParallelTrainer(nn.Linear(2, 2), [], torch.optim.SGD, loss_fn=nn.MSELoss(),
                             num_epochs=1, device="cuda:1", device_ids=[0, 1])  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "lag", "saved"),
+    [("request", 0, [3]), ("request", 1, [4]), ("request-stream", 0, [3]),
+     ("request-stream", 1, [3])],
+    ids=["known-length", "known-length-lag-1", "stream", "stream-lag-1"],
+)  # fmt: skip
+def test_a_save_requested_on_one_rank_is_taken_by_every_rank_at_the_same_step(
+    tmp_path: Path, how: str, lag: int, saved: list[int]
+) -> None:
+    # Asked on rank 1 at the end of step 2: the ask goes with the boundary's agreement, and
+    # every rank saves a step later (two with control_lag=1; data without a len() agrees
+    # its boundary with the next read, lag or not). Rank 0 writes what every rank gave.
+    launch(rank_jobs.asked_saves, nprocs=2, args=(str(tmp_path), how, lag))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks == [saved, saved]
+    [entry] = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    assert entry["global_step"] == saved[0]
+    saved_ranks = torch.load(tmp_path / "checkpoints" / entry["file"], weights_only=True)["ranks"]
+    assert len(saved_ranks) == 2  # each rank's own part
+
+
+@pytest.mark.slow
+def test_every_n_seconds_on_rank_zeros_clock_saves_every_rank_at_the_same_steps(
+    tmp_path: Path,
+) -> None:
+    launch(rank_jobs.asked_saves, nprocs=2, args=(str(tmp_path), "clock", 1))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    assert ranks[0] == ranks[1] == [e["global_step"] for e in listed]
+    assert len(listed) >= 1

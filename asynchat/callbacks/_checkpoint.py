@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -38,7 +39,7 @@ from asynchat._checkpoint_io import (
     sync_files,
     write_manifest,
 )
-from asynchat._checks import flag, metric_name, positive_int
+from asynchat._checks import flag, metric_name, positive_int, positive_number
 from asynchat._checks import path as check_path
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._every import UpdateDue, every_n_epochs
@@ -178,6 +179,14 @@ class Checkpoint(Callback):
             step), so it holds what the epoch's end does too (a Validation's metrics) and a
             run resumed from it never runs that epoch's end a second time.
         every_n_epochs: save after every n-th complete epoch (at ``on_epoch_end``).
+        every_n_seconds: save at the first step end once this many seconds of training
+            (time held by ``pause()`` left out) have passed since the last save of any kind
+            or since the run began, e.g. ``30 * 60``: what a crash can lose stays bounded in
+            time however long a step or an epoch takes. Held like an ``every_n_steps``
+            save inside an accumulation window and at an epoch's last step. In a
+            distributed trainer rank 0's clock decides, and every rank saves at the same
+            step, a step or two after it (the ask rides on the boundary agreement each step
+            makes anyway: no collective of its own).
         keep_last: keep the newest this many checkpoints (``None``: keep every one).
         monitor: a key of ``state.metrics`` (e.g. ``"val/accuracy"``) to rank checkpoints by.
             Missing at a save, it is an error when another metric with its prefix exists (a
@@ -208,6 +217,7 @@ class Checkpoint(Callback):
         *,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
+        every_n_seconds: float | None = None,
         keep_last: int | None = 3,
         monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
@@ -215,11 +225,12 @@ class Checkpoint(Callback):
         save_on_end: bool = True,
         overwrite: bool = False,
     ) -> None:
-        _check_settings(save_dir, every_n_steps, every_n_epochs, keep_last, monitor, mode,
-                        keep_best, save_on_end, overwrite)  # fmt: skip
+        _check_settings(save_dir, every_n_steps, every_n_epochs, every_n_seconds, keep_last,
+                        monitor, mode, keep_best, save_on_end, overwrite)  # fmt: skip
         self.save_dir = Path(save_dir)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
+        self.every_n_seconds = every_n_seconds
         self.keep_last = keep_last
         self.monitor = monitor
         self.mode = mode
@@ -238,6 +249,9 @@ class Checkpoint(Callback):
         self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
         self._began_at = 0  # the global step the run began at (see on_loop_end)
         self._ended_an_epoch = False  # (a resumed run may end the epoch it was saved in)
+        self._requested = False  # request_save() was called (any thread)
+        self._asked = False  # a save asked for (request or clock), held to a window's end
+        self._clock = _Clock()  # every_n_seconds: training time since the last save
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -265,6 +279,8 @@ class Checkpoint(Callback):
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
         self._began_at, self._ended_an_epoch = state.global_step, False
+        self._asked = self._requested = False  # (one made while no run was on is dropped)
+        self._clock.restart(state)
         self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
@@ -487,9 +503,20 @@ class Checkpoint(Callback):
         )  # fmt: skip
         return entries
 
+    def request_save(self) -> None:
+        """Ask for a save at the next step end where one can be taken whole: after a
+        gradient-accumulation window; at an epoch's last step, at the epoch's end (with its
+        validation). Callable from any thread (an HTTP handler, a signal handler of your
+        own) while the loop runs (one asked as the run ends is saved then, even with
+        ``save_on_end=False``), and on any rank of a distributed trainer: every rank saves
+        at the same step, a step or two later. It ranks and is kept like any other save;
+        a failed one is raised at the next step, as always."""
+        self._requested = True
+
     def on_step_end(self, state: LoopState) -> None:
         self._writer.raise_if_failed()  # a failed write is reported at the next step
-        if self._step_save(state, self.every_n_steps):
+        # (`|`, not `or`: each keeps a schedule, asked at every step end on every rank)
+        if self._step_save(state, self.every_n_steps) | self._asked_due(state):
             if state.is_last_step:
                 # Resumed from a save here, a run would run this epoch's end again: its
                 # validation measured and logged twice. (An error in the epoch's end loses
@@ -497,6 +524,26 @@ class Checkpoint(Callback):
                 self._at_epoch_end = True
             else:
                 self.save(state)
+
+    def _asked_due(self, state: LoopState) -> bool:
+        """At a step's end: whether a save asked for (:meth:`request_save`, or
+        ``every_n_seconds`` on rank 0's clock) is due now; in a distributed trainer once an
+        agreement has carried the ask, at the same step on every rank."""
+        loop, every = state.loop, self.every_n_seconds
+        timed = every is not None and loop.is_rank_zero and self._clock.due(state, every)
+        asked = self._requested or timed
+        if asked:
+            self._requested = False
+            self._clock.asked = True  # not again before the save restarts it
+        if loop.spans_ranks:
+            if asked:
+                loop._ask_ranks_to_save()
+            asked = loop._ranks_agreed_to_save()
+        self._asked = self._asked or asked
+        if self._asked and not state.accumulating:
+            self._asked = False
+            return True
+        return False
 
     def on_epoch_end(self, state: LoopState) -> None:
         self._ended_an_epoch = True
@@ -510,7 +557,12 @@ class Checkpoint(Callback):
             # it began from holds its state (saved, an untrained step-0 checkpoint replaced
             # the last run's with overwrite=True).
             changed = state.global_step != self._began_at or self._ended_an_epoch
-            if self.save_on_end and state.exception is None and self._began and changed:
+            loop = state.loop
+            asked = self._asked or (
+                loop._ranks_agreed_to_save() if loop.spans_ranks else self._requested
+            )
+            wanted = self.save_on_end or asked  # (a save asked for as the run ended)
+            if wanted and state.exception is None and self._began and changed:
                 self.save(state)
         finally:
             try:
@@ -553,6 +605,7 @@ class Checkpoint(Callback):
             self._writer.submit(functools.partial(self._write, snapshot, metric, files))
         self._last_saved_step = state.global_step
         self._last_ranked = metric is not None
+        self._clock.restart(state)
         if missing is not None:
             raise missing  # after the write is on its way: the checkpoint is not lost
 
@@ -776,10 +829,29 @@ class Checkpoint(Callback):
         return [e for e in by_step if any(e is k for k in keep)]
 
 
+class _Clock:
+    """``every_n_seconds``: the training time since the last save (or the run's start),
+    time held by ``pause()`` left out."""
+
+    def __init__(self) -> None:
+        self.since = 0.0
+        self.paused = 0.0
+        self.asked = False  # a save was asked for by this clock and has not happened yet
+
+    def restart(self, state: LoopState) -> None:
+        self.since, self.paused, self.asked = time.monotonic(), state.loop.paused_s, False
+
+    def due(self, state: LoopState, every: float) -> bool:
+        if self.asked:
+            return False
+        return time.monotonic() - self.since - (state.loop.paused_s - self.paused) >= every
+
+
 def _check_settings(
     save_dir: str | os.PathLike[str],
     every_n_steps: int | None,
     every_n_epochs: int | None,
+    every_n_seconds: float | None,
     keep_last: int | None,
     monitor: str | None,
     mode: str,
@@ -791,6 +863,7 @@ def _check_settings(
     check_path("save_dir", save_dir)
     positive_int("every_n_steps", every_n_steps, allow_none=True)
     positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+    positive_number("every_n_seconds", every_n_seconds, allow_none=True)
     if keep_last is not None:  # (None keeps them all)
         positive_int("keep_last", keep_last, minimum=0)
     positive_int("keep_best", keep_best, minimum=0)
@@ -803,9 +876,10 @@ def _check_settings(
         raise ValueError(
             "keep_last=0 keeps no checkpoint unless monitor=... and keep_best >= 1 are given"
         )
-    if every_n_steps is None and every_n_epochs is None and not save_on_end:
+    if (every_n_steps, every_n_epochs, every_n_seconds) == (None,) * 3 and not save_on_end:
         raise ValueError(
-            "Checkpoint never saves: give every_n_steps, every_n_epochs or save_on_end=True"
+            "Checkpoint never saves by itself: give every_n_steps, every_n_epochs, "
+            "every_n_seconds or save_on_end=True"
         )
 
 

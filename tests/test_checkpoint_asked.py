@@ -1,0 +1,170 @@
+"""Saves asked for: by the clock (``every_n_seconds``) and on demand (``request_save()``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_loader, make_model, make_trainer, sgd
+from torch import nn
+
+from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat.callbacks import Checkpoint, Validation
+
+
+def manifest_entries(directory: Path) -> list[dict[str, Any]]:
+    if not (directory / "manifest.json").exists():
+        return []
+    entries: list[dict[str, Any]] = json.loads((directory / "manifest.json").read_text())[
+        "checkpoints"
+    ]
+    return entries
+
+
+def saved_steps(directory: Path) -> list[int]:
+    return [entry["global_step"] for entry in manifest_entries(directory)]
+
+
+def on_demand(directory: Path) -> Checkpoint:
+    """A Checkpoint that saves only when asked (its epochs' schedule is never due)."""
+    return Checkpoint(directory, every_n_epochs=1000, keep_last=None, save_on_end=False)
+
+
+class SlowSteps(Callback):
+    """Each step takes ``seconds`` longer; records when each checkpoint's snapshot is taken."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.snapshots: list[tuple[int, float]] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        time.sleep(self.seconds)
+
+    def on_checkpoint(self, state: LoopState) -> None:
+        self.snapshots.append((state.global_step, time.monotonic()))
+
+
+class AskAt(Callback):
+    """Calls ``checkpoint.request_save()`` at the end of each global step in ``steps`` (and
+    at the loop's end if ``at_end``), before the Checkpoint's own hooks (it runs last)."""
+
+    def __init__(self, checkpoint: Checkpoint, *steps: int, at_end: bool = False) -> None:
+        self.checkpoint, self.steps, self.at_end = checkpoint, steps, at_end
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step in self.steps:
+            self.checkpoint.request_save()
+
+    def on_loop_end(self, state: LoopState) -> None:
+        if self.at_end:
+            self.checkpoint.request_save()
+
+
+@pytest.mark.anyio
+async def test_every_n_seconds_saves_once_that_much_training_time_has_passed(
+    tmp_path: Path,
+) -> None:
+    slow = SlowSteps(0.02)
+    checkpoint = Checkpoint(tmp_path, every_n_seconds=0.1, keep_last=None, save_on_end=False)
+    started = time.monotonic()
+    await make_trainer(slow, checkpoint, num_epochs=4).fit()  # 24 steps, 0.48 s at least
+    steps = [step for step, _ in slow.snapshots]
+    times = [started] + [at for _, at in slow.snapshots]
+    assert len(steps) >= 2 and steps == saved_steps(tmp_path), steps
+    # None before 0.1 s since the last save, or since the run began.
+    assert all(later - earlier >= 0.1 for earlier, later in itertools.pairwise(times)), times
+
+
+@pytest.mark.anyio
+async def test_time_held_by_pause_does_not_count_towards_every_n_seconds(
+    tmp_path: Path,
+) -> None:
+    class PauseAt(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 5:
+                state.loop.pause()
+                threading.Timer(1.5, state.loop.resume).start()
+
+    checkpoint = Checkpoint(tmp_path, every_n_seconds=1.0, keep_last=None)
+    trainer = make_trainer(PauseAt(), checkpoint, num_epochs=2)
+    await trainer.fit()  # 12 steps, held for 1.5 s after the fifth
+    assert trainer.paused_s > 1.0  # longer than every_n_seconds by itself
+    # Counted, the hold made a save due at step 6; only the run's end saved.
+    assert saved_steps(tmp_path) == [12]
+
+
+@pytest.mark.anyio
+async def test_request_save_from_the_event_loop_saves_while_the_loop_runs(
+    tmp_path: Path,
+) -> None:
+    checkpoint = on_demand(tmp_path)
+    trainer = make_trainer(SlowSteps(0.01), checkpoint, num_epochs=1000)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(trainer.fit)
+        async with aclosing(trainer.events(progress_every=0.01)) as events:
+            async for event in events:  # the service's way: ask while it trains
+                if event.snapshot.global_step >= 3:
+                    break
+        checkpoint.request_save()
+        with anyio.fail_after(30):
+            while not manifest_entries(tmp_path):  # noqa: ASYNC110 (a file, not an event)
+                await anyio.sleep(0.01)
+        trainer.stop()
+    [step] = saved_steps(tmp_path)
+    assert 3 <= step < trainer.state.global_step
+    saved = torch.load(tmp_path / f"step-{step:09d}.ckpt", weights_only=True)
+    assert saved["progress"]["global_step"] == step
+
+
+@pytest.mark.anyio
+async def test_a_requested_save_waits_for_the_window_and_at_an_epochs_last_step_for_its_end(
+    tmp_path: Path,
+) -> None:
+    checkpoint = on_demand(tmp_path)
+    validation = Validation(
+        [(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))], loss_fn=nn.CrossEntropyLoss()
+    )
+    trainer = Trainer(
+        make_model(),
+        make_loader(96, 16),  # 6 steps an epoch: windows of 4 steps 1-4, 5-6, 7-10, 11-12, ...
+        sgd,
+        batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=4),
+        num_epochs=3,
+        callbacks=[AskAt(checkpoint, 7, 12), validation, checkpoint],
+    )
+    await trainer.fit()
+    # Asked at 7, inside the window 7-10: saved at 10, where its gradients are applied.
+    # Asked at 12, the second epoch's last step: saved at the epoch's end, with its
+    # validation (measured at step 12).
+    entries = manifest_entries(tmp_path)
+    assert [e["global_step"] for e in entries] == [10, 12]
+    assert "val/loss" not in entries[0]["metrics"] and "val/loss" in entries[1]["metrics"]
+    saved = torch.load(tmp_path / "step-000000012.ckpt", weights_only=True)
+    assert saved["progress"]["epoch_exhausted"] is True
+
+
+@pytest.mark.anyio
+async def test_a_save_asked_as_the_run_ends_is_saved_and_one_between_runs_is_dropped(
+    tmp_path: Path,
+) -> None:
+    checkpoint = on_demand(tmp_path)
+    await make_trainer(AskAt(checkpoint, at_end=True), checkpoint, num_steps=5).fit()
+    assert saved_steps(tmp_path) == [5]  # without save_on_end
+    checkpoint.request_save()  # no run is on: nobody takes it, the next run neither
+    await make_trainer(checkpoint, num_steps=8, resume_from=tmp_path).fit()
+    assert saved_steps(tmp_path) == [5]
+
+
+def test_every_n_seconds_is_a_positive_number(tmp_path: Path) -> None:
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match="every_n_seconds must be a positive number or None"):
+            Checkpoint(tmp_path, every_n_seconds=bad)
+    Checkpoint(tmp_path, every_n_seconds=1800, save_on_end=False)  # enough by itself
