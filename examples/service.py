@@ -12,6 +12,7 @@ the server, each on its own compute thread, so every route answers while models 
     GET    /jobs/{id}                 one job's spec and snapshot
     GET    /jobs/{id}/events          Server-Sent Events until the job ends
     POST   /jobs/{id}/pause|resume|stop
+    POST   /jobs/{id}/checkpoint      save the job at its next step -> 202
     DELETE /jobs/{id}                 cancel the job
     GET    /health                    liveness
 
@@ -251,6 +252,7 @@ class Job:
     run_dir: Path
     created: float
     trainer: Trainer | None = None
+    checkpoint: Checkpoint | None = None
     record: dict[str, Any] | None = None
     scope: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
@@ -355,6 +357,9 @@ class JobManager:
         model = nn.Sequential(
             nn.Linear(64, spec["hidden"]), nn.ReLU(), nn.Linear(spec["hidden"], 10)
         )
+        # Every 5 epochs, and at least once a minute of training: a server killed under a
+        # job loses a minute of it at most.
+        job.checkpoint = Checkpoint(job.run_dir, every_n_epochs=5, every_n_seconds=60, keep_last=1)
         job.trainer = Trainer(
             model,
             train,
@@ -369,7 +374,7 @@ class JobManager:
             resume_from=resumable(job.run_dir) if resume else None,
             callbacks=[
                 Validation(val, loss_fn=nn.CrossEntropyLoss()),
-                Checkpoint(job.run_dir, every_n_epochs=5, keep_last=1),
+                job.checkpoint,
             ],
         )
         self.jobs[job.id] = job
@@ -545,13 +550,21 @@ def create_app(
             except TooBusy as exc:
                 return too_busy(exc)
             return JSONResponse(job.describe(), status_code=202)
-        if action not in ("pause", "resume", "stop"):
+        if action not in ("pause", "resume", "stop", "checkpoint"):
             return JSONResponse({"error": f"unknown action {action!r}"}, status_code=404)
-        if job.trainer is None:  # a job an earlier server ran
+        if job.trainer is None or job.checkpoint is None:  # a job an earlier server ran
             return JSONResponse(
                 {"error": f"job {job.id} is not running; continue it first"}, status_code=409
             )
-        if action == "pause":
+        if action == "checkpoint":
+            if job.done.is_set():
+                status = job.snapshot()["status"]
+                return JSONResponse(
+                    {"error": f"job {job.id} is {status}: its last checkpoint is on disk"},
+                    status_code=409,
+                )
+            job.checkpoint.request_save()  # at the job's next step (once resumed, if paused)
+        elif action == "pause":
             job.trainer.pause()
         elif action == "resume":
             job.trainer.resume()

@@ -174,6 +174,23 @@ async def test_shutdown_stops_jobs_gracefully_with_a_final_checkpoint(tmp_path: 
     assert (tmp_path / job / entry["file"]).exists()
 
 
+async def test_a_running_job_saves_on_request_and_an_ended_one_says_so(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as client:
+        job = (await client.post("/jobs", json={"epochs": 1000})).json()["id"]
+        asked = await job_becomes(client, job, lambda body: body["global_step"] >= 3)
+        assert (await client.post(f"/jobs/{job}/checkpoint")).status_code == 202
+        # Saved at a step of its run, long before its first scheduled save (epoch 5).
+        await wait_for_checkpoint(tmp_path / job, asked["global_step"])
+        manifest = json.loads((tmp_path / job / "manifest.json").read_text())
+        assert (await client.get(f"/jobs/{job}")).json()["status"] == "running"
+        assert manifest["checkpoints"][0]["global_step"] < 5 * 44
+        assert (await client.delete(f"/jobs/{job}")).status_code == 202
+        await status_becomes(client, job, {"cancelled"})
+        refused = await client.post(f"/jobs/{job}/checkpoint")
+        assert refused.status_code == 409
+        assert refused.json()["error"] == f"job {job} is cancelled: its last checkpoint is on disk"
+
+
 def serve(runs: Path, port: int) -> subprocess.Popen[str]:
     """The example service as its README starts it, in a process of its own."""
     server = subprocess.Popen(
