@@ -6,7 +6,7 @@ code or hooks, a cancellation from the event loop. They take effect only where t
 :meth:`LoopControl.decide`, which it does at fixed boundaries: at the top of each epoch, before
 an epoch's first step, and after each step. In a distributed run ``decide`` agrees the
 requests of every rank in one collective (a MAX all-reduce of ``[stop, cancel, pause,
-forced, save]``), so every rank makes the same decision at the same boundary, and no rank
+forced, saves...]``), so every rank makes the same decision at the same boundary, and no rank
 ever makes a collective the others don't (pausing one rank holds them all; stopping one
 during ``on_epoch_end`` ends them all after the same epoch).
 
@@ -20,15 +20,16 @@ takes each boundary the same way, so their collectives pair up.
 
 Data without a ``len()`` on some rank has its epoch's end agreed before each step (whether
 the item read ahead exists anywhere: ``agree_last``). That agreement carries the boundary's
-requests too (:meth:`LoopControl.agree_with`: ``[stop, cancel, pause, forced, save, ended]``
-in one all-reduce), and the step loop decides on them (``decide(carried=True)``) instead of
+requests too (:meth:`LoopControl.agree_with`: ``[stop, cancel, pause, forced, saves...,
+ended]`` in one all-reduce), and the step loop decides on them (``decide(carried=True)``) instead of
 agreeing again after the step: one collective a step, not two.
 
-Every agreement also carries one more flag, a save asked for by some rank (``save_asked``:
-a Checkpoint's ``request_save()``, or rank 0's clock for its ``every_n_seconds``). Each
-ask is sent once, and whichever agreement carries it sets ``save_agreed`` on every rank at
-the same boundary, where the ranks' Checkpoints take it: every rank saves at the same step,
-and a save asked for on one rank costs no collective of its own.
+Every agreement also carries a flag for each Checkpoint of the loop (``save_slot``; the
+ranks have the same ones, in the same order): a save asked for by some rank
+(``request_save()``, or rank 0's clock for ``every_n_seconds``). Each ask is sent once, and
+whichever agreement carries it sets that Checkpoint's flag in ``saves_agreed`` on every rank
+at the same boundary, where the ranks' Checkpoints take it: every rank saves at the same
+step, and a save asked for on one rank costs no collective of its own.
 
 A gradient-accumulation window is one unit for ending: after a step whose gradients wait for
 a later update, ``decide(window_open=True)`` holds a stop or a cancellation until the step that
@@ -116,9 +117,10 @@ class LoopControl:
       thread), for the next ``decide(carried=True)``; any other decision drops them.
     - ``idle``: whether a boundary is a no-op (a loop alone, not paused, asked nothing); kept
       by every change of the fields it depends on, read by the step loop after each step.
-    - ``save_asked``: set by this rank's Checkpoint, cleared as an agreement sends it;
-      ``save_agreed``: set by the agreement that carried any rank's, cleared by the
-      Checkpoint that takes it (both on the compute thread, of a loop that agrees).
+    - ``save_asks``, one flag per Checkpoint (:meth:`save_slot`, as the run begins): set by
+      this rank's Checkpoint, cleared as an agreement sends it; ``saves_agreed``: set by
+      the agreement that carried any rank's, cleared by the Checkpoint that takes it (both
+      on the compute thread, of a loop that agrees).
 
     Invariant: the loop ends or holds only where :meth:`decide` says so, and in a
     distributed run every rank calls :meth:`decide` at the same boundaries.
@@ -143,10 +145,10 @@ class LoopControl:
         self.agree_last: Callable[[bool], bool] | None = None
         self.carried: tuple[bool, bool, bool, bool] | None = None
         self.idle = True
-        # A save this rank asks every rank for, sent with the next agreement; and whether an
-        # agreement has carried one since the Checkpoint last looked (compute thread).
-        self.save_asked = False
-        self.save_agreed = False
+        # Per Checkpoint: a save this rank asks every rank for, sent with the next agreement;
+        # and whether an agreement has carried one since the Checkpoint last looked.
+        self.save_asks: list[bool] = []
+        self.saves_agreed: list[bool] = []
 
     @property
     def parent(self) -> LoopControl | None:
@@ -332,9 +334,17 @@ class LoopControl:
         parent = self.parent
         return self.forced or (parent is not None and parent.forcing())
 
-    def _local(self) -> tuple[bool, bool, bool, bool, bool]:
+    def save_slot(self) -> int:
+        """A flag in every agreement for one more Checkpoint; its index. Each rank's
+        Checkpoints take theirs in the same order as the run begins (before any
+        agreement), so the flags line up across the ranks."""
+        self.save_asks.append(False)
+        self.saves_agreed.append(False)
+        return len(self.save_asks) - 1
+
+    def _local(self) -> tuple[bool, ...]:
         paused = not self._unpaused.is_set()
-        return self.stop_requested, self._ending(), paused, self.forcing(), self.save_asked
+        return self.stop_requested, self._ending(), paused, self.forcing(), *self.save_asks
 
     def _agreed(
         self, *, lagged: bool = False, carried: bool = False
@@ -344,11 +354,12 @@ class LoopControl:
             return agreed_with
         flags = self._local()
         if self.agree is None:
-            return flags[:4]
+            stop, cancel, pause, forced = flags[:4]
+            return stop, cancel, pause, forced
         earlier = self.settle()
         if lagged and self.agree_later is not None:
             self._pending = self.agree_later(flags)
-            self.save_asked = False  # sent
+            self._sent()
             agreed = earlier if earlier is not None else (False,) * len(flags)
         else:
             agreed = self._agree_now(flags)
@@ -358,14 +369,18 @@ class LoopControl:
     def _agree_now(self, flags: Sequence[bool]) -> Sequence[bool]:
         assert self.agree is not None
         agreed = self.agree(flags)
-        self.save_asked = False  # sent
+        self._sent()
         self._received(agreed)
         return agreed
 
+    def _sent(self) -> None:
+        self.save_asks = [False] * len(self.save_asks)
+
     def _received(self, agreed: Sequence[bool]) -> None:
-        """Take the save flag of an agreement that came in (every rank takes each one)."""
-        if agreed[4]:
-            self.save_agreed = True
+        """Take the save flags of an agreement that came in (every rank takes each one)."""
+        for slot in range(len(self.saves_agreed)):
+            if agreed[4 + slot]:
+                self.saves_agreed[slot] = True
 
     def agree_with(self, flag: bool) -> bool:
         """Whether ``flag`` is True on any rank, agreed in one all-reduce with this
@@ -375,9 +390,10 @@ class LoopControl:
         the same point)."""
         assert self.agree is not None, "only a loop that agrees with its peers"
         self.settle()
-        stop, cancel, pause, forced, _, agreed = self._agree_now((*self._local(), flag))
+        agreed = self._agree_now((*self._local(), flag))
+        stop, cancel, pause, forced = agreed[:4]
         self.carried = bool(stop), bool(cancel), bool(pause), bool(forced)
-        return bool(agreed)
+        return bool(agreed[-1])
 
     def settle(self) -> Sequence[bool] | None:
         """Wait for the agreement started at the last step's boundary, if one is pending,

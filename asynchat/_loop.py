@@ -289,16 +289,22 @@ class LoopBase(PipeBase):
         """
         return self._ranks.gather_to_rank_zero(obj) if self._ranks is not None else [obj]
 
-    def _ask_ranks_to_save(self) -> None:
-        """(Checkpoint's, on the compute thread of a loop that spans ranks.) Ask every rank
-        to save: the ask goes with the next boundary's agreement (no collective of its own)."""
-        self._control.save_asked = True
+    def _save_slot(self) -> int:
+        """(Checkpoint's, at ``on_loop_begin`` of a loop that spans ranks.) A flag of its
+        own in the agreements of the run, for :meth:`_ask_ranks_to_save`."""
+        return self._control.save_slot()
 
-    def _ranks_agreed_to_save(self) -> bool:
+    def _ask_ranks_to_save(self, slot: int) -> None:
+        """(Checkpoint's, on the compute thread.) Ask every rank to save: the ask goes with
+        the next boundary's agreement (no collective of its own)."""
+        self._control.save_asks[slot] = True
+
+    def _ranks_agreed_to_save(self, slot: int) -> bool:
         """(Checkpoint's, on the compute thread.) Whether an agreement since the last call
         carried some rank's ask to save: the same on every rank at each step's end."""
-        agreed, self._control.save_agreed = self._control.save_agreed, False
-        return agreed
+        agreed = self._control.saves_agreed
+        asked, agreed[slot] = agreed[slot], False
+        return asked
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop after the step in progress; ``fit()`` then returns normally.

@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -968,33 +968,34 @@ async def agreements_a_step(rank: int, world_size: int, out: str) -> None:
 
 
 async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) -> None:
-    """A DDP trainer (8 steps) whose Checkpoint saves only when asked: ``"request"``, by
-    ``request_save()`` on rank 1 alone at the end of global step 2; ``"clock"``, by rank 0's
-    clock (``every_n_seconds=0.1``, steps of 30 ms); over batches with a length
-    (``"request"``, ``"clock"``) or without (``"request-stream"``). Writes the global steps
-    at which this rank's Checkpoint saved to ``out/rank<r>.json``."""
+    """A DDP trainer (8 steps) with two Checkpoints that save only when asked, the second in
+    ``out/checkpoints``: ``"request"``, by its ``request_save()`` on rank 1 alone at the end
+    of global step 2; ``"clock"``, by rank 0's clock (``every_n_seconds=0.1``, steps of 30
+    ms); over batches with a length (``"request"``, ``"clock"``) or without
+    (``"request-stream"``). Writes the global steps at which this rank's Checkpoints saved
+    (``{"first": [...], "second": [...]}``) to ``out/rank<r>.json``."""
     from asynchat import Callback, DistributedDataParallelTrainer, LoopState
     from asynchat.callbacks import Checkpoint
 
     class Saves(Checkpoint):
-        saved: ClassVar[list[int]] = []
-
         def save(self, state: LoopState) -> None:
             self.saved.append(state.global_step)
             super().save(state)
 
     timed = how == "clock"
-    checkpoint = Saves(
-        Path(out, "checkpoints"), every_n_epochs=None if timed else 1000, keep_last=None,
-        every_n_seconds=0.1 if timed else None, save_on_end=False,
+    first, second = (
+        Saves(Path(out, name), every_n_epochs=1000, keep_last=None, save_on_end=False,
+              every_n_seconds=0.1 if timed and name == "checkpoints" else None)
+        for name in ("other", "checkpoints")
     )  # fmt: skip
+    first.saved, second.saved = [], []
 
     class Ask(Callback):
         def on_step_end(self, state: LoopState) -> None:
             if timed:
                 time.sleep(0.03)
             elif rank == 1 and state.global_step == 2:
-                checkpoint.request_save()
+                second.request_save()
 
     g = torch.Generator().manual_seed(rank)
     samples = torch.utils.data.TensorDataset(
@@ -1006,10 +1007,11 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
     trainer = DistributedDataParallelTrainer(
         ddp_model(), data, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1, device="cpu",
-        callbacks=[Ask(), checkpoint], control_lag=lag,
+        callbacks=[Ask(), first, second], control_lag=lag,
     )  # fmt: skip
     await trainer.fit()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(checkpoint.saved))
+    saved = {"first": first.saved, "second": second.saved}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(saved))
 
 
 async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:

@@ -673,9 +673,11 @@ def test_a_save_requested_on_one_rank_is_taken_by_every_rank_at_the_same_step(
     # Asked on rank 1 at the end of step 2: the ask goes with the boundary's agreement, and
     # every rank saves a step later (two with control_lag=1; data without a len() agrees
     # its boundary with the next read, lag or not). Rank 0 writes what every rank gave.
+    # The loop's other Checkpoint, asked nothing, saves nothing.
     launch(rank_jobs.asked_saves, nprocs=2, args=(str(tmp_path), how, lag))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks == [saved, saved]
+    assert ranks == [{"first": [], "second": saved}] * 2
+    assert not (tmp_path / "other" / "manifest.json").exists()
     [entry] = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
     assert entry["global_step"] == saved[0]
     saved_ranks = torch.load(tmp_path / "checkpoints" / entry["file"], weights_only=True)["ranks"]
@@ -689,5 +691,5 @@ def test_every_n_seconds_on_rank_zeros_clock_saves_every_rank_at_the_same_steps(
     launch(rank_jobs.asked_saves, nprocs=2, args=(str(tmp_path), "clock", 1))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
-    assert ranks[0] == ranks[1] == [e["global_step"] for e in listed]
+    assert ranks[0] == ranks[1] == {"first": [], "second": [e["global_step"] for e in listed]}
     assert len(listed) >= 1

@@ -252,6 +252,7 @@ class Checkpoint(Callback):
         self._requested = False  # request_save() was called (any thread)
         self._asked = False  # a save asked for (request or clock), held to a window's end
         self._clock = _Clock()  # every_n_seconds: training time since the last save
+        self._slot = 0  # its flag in the ranks' agreements (a distributed trainer's)
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -281,6 +282,9 @@ class Checkpoint(Callback):
         self._began_at, self._ended_an_epoch = state.global_step, False
         self._asked = self._requested = False  # (one made while no run was on is dropped)
         self._clock.restart(state)
+        # Its own flag in the ranks' agreements (a loop's Checkpoints are alike on every
+        # rank, and begin in the same order).
+        self._slot = state.loop._save_slot() if state.loop.spans_ranks else 0
         self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
@@ -537,8 +541,8 @@ class Checkpoint(Callback):
             self._clock.asked = True  # not again before the save restarts it
         if loop.spans_ranks:
             if asked:
-                loop._ask_ranks_to_save()
-            asked = loop._ranks_agreed_to_save()
+                loop._ask_ranks_to_save(self._slot)
+            asked = loop._ranks_agreed_to_save(self._slot)
         self._asked = self._asked or asked
         if self._asked and not state.accumulating:
             self._asked = False
@@ -559,7 +563,7 @@ class Checkpoint(Callback):
             changed = state.global_step != self._began_at or self._ended_an_epoch
             loop = state.loop
             asked = self._asked or (
-                loop._ranks_agreed_to_save() if loop.spans_ranks else self._requested
+                loop._ranks_agreed_to_save(self._slot) if loop.spans_ranks else self._requested
             )
             wanted = self.save_on_end or asked  # (a save asked for as the run ended)
             if wanted and state.exception is None and self._began and changed:
