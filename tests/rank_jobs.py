@@ -972,9 +972,15 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
     ``out/checkpoints``: ``"request"``, by its ``request_save()`` on rank 1 alone at the end
     of global step 2; ``"clock"``, by rank 0's clock (``every_n_seconds=0.1``, steps of 30
     ms); over batches with a length (``"request"``, ``"clock"``) or without
-    (``"request-stream"``). Writes the global steps at which this rank's Checkpoints saved
-    (``{"first": [...], "second": [...]}``) to ``out/rank<r>.json``."""
-    from asynchat import Callback, DistributedDataParallelTrainer, LoopState
+    (``"request-stream"``); ``"request-fsdp"``: a FullyShardedDataParallelTrainer, whose
+    ranks each write their shards. Writes the global steps at which this rank's
+    Checkpoints saved (``{"first": [...], "second": [...]}``) to ``out/rank<r>.json``."""
+    from asynchat import (
+        Callback,
+        DistributedDataParallelTrainer,
+        FullyShardedDataParallelTrainer,
+        LoopState,
+    )
     from asynchat.callbacks import Checkpoint
 
     class Saves(Checkpoint):
@@ -1004,7 +1010,8 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
     data: Any = list(torch.utils.data.DataLoader(samples, batch_size=8))
     if how.endswith("-stream"):
         data = torch.utils.data.DataLoader(Stream(samples), batch_size=8)
-    trainer = DistributedDataParallelTrainer(
+    fsdp = how.endswith("-fsdp")
+    trainer = (FullyShardedDataParallelTrainer if fsdp else DistributedDataParallelTrainer)(
         ddp_model(), data, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
         loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=1, device="cpu",
         callbacks=[Ask(), first, second], control_lag=lag,
