@@ -12,7 +12,8 @@ the server, each on its own compute thread, so every route answers while models 
     GET    /jobs/{id}                 one job's spec and snapshot
     GET    /jobs/{id}/events          Server-Sent Events until the job ends
     POST   /jobs/{id}/pause|resume|stop
-    POST   /jobs/{id}/checkpoint      save the job at its next step -> 202
+    POST   /jobs/{id}/checkpoint      save the job at its next step -> 202 (then
+                                      GET /jobs/{id}'s "last_checkpoint" names it)
     DELETE /jobs/{id}                 cancel the job
     GET    /health                    liveness
 
@@ -276,12 +277,15 @@ class Job:
         return self.done.is_set() and (stopped or snapshot["status"] == "interrupted")
 
     def describe(self) -> dict[str, Any]:
+        # The newest checkpoint this server has written of the job, once it is on disk.
+        last = self.checkpoint.last_path if self.checkpoint is not None else None
         return {
             "id": self.id,
             "spec": self.spec,
             "error": self.error,
             **self.snapshot(),
             "can_continue": self.can_continue(),
+            "last_checkpoint": last.name if last is not None else None,
         }
 
     def file(self, outcome: dict[str, Any] | None) -> dict[str, Any]:

@@ -176,14 +176,17 @@ async def test_shutdown_stops_jobs_gracefully_with_a_final_checkpoint(tmp_path: 
 
 async def test_a_running_job_saves_on_request_and_an_ended_one_says_so(tmp_path: Path) -> None:
     async with running_server(tmp_path) as client:
-        job = (await client.post("/jobs", json={"epochs": 1000})).json()["id"]
+        # Batches of one: 1437 steps an epoch, seconds before its first save (epoch 5).
+        spec = {"epochs": 1000, "batch_size": 1}
+        job = (await client.post("/jobs", json=spec)).json()["id"]
         asked = await job_becomes(client, job, lambda body: body["global_step"] >= 3)
+        assert asked["last_checkpoint"] is None
         assert (await client.post(f"/jobs/{job}/checkpoint")).status_code == 202
-        # Saved at a step of its run, long before its first scheduled save (epoch 5).
-        await wait_for_checkpoint(tmp_path / job, asked["global_step"])
-        manifest = json.loads((tmp_path / job / "manifest.json").read_text())
-        assert (await client.get(f"/jobs/{job}")).json()["status"] == "running"
-        assert manifest["checkpoints"][0]["global_step"] < 5 * 44
+        saved = await job_becomes(client, job, lambda body: body["last_checkpoint"] is not None)
+        assert saved["status"] == "running" and saved["epoch"] == 0
+        [entry] = json.loads((tmp_path / job / "manifest.json").read_text())["checkpoints"]
+        assert saved["last_checkpoint"] == entry["file"]
+        assert asked["global_step"] <= entry["global_step"] <= saved["global_step"]
         assert (await client.delete(f"/jobs/{job}")).status_code == 202
         await status_becomes(client, job, {"cancelled"})
         refused = await client.post(f"/jobs/{job}/checkpoint")

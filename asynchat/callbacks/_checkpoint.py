@@ -511,10 +511,11 @@ class Checkpoint(Callback):
         """Ask for a save at the next step end where one can be taken whole: after a
         gradient-accumulation window; at an epoch's last step, at the epoch's end (with its
         validation). Callable from any thread (an HTTP handler, a signal handler of your
-        own) while the loop runs (one asked as the run ends is saved then, even with
-        ``save_on_end=False``), and on any rank of a distributed trainer: every rank saves
-        at the same step, a step or two later. It ranks and is kept like any other save;
-        a failed one is raised at the next step, as always."""
+        own) while the loop runs (a paused loop saves once resumed, at its next step; one
+        asked as the run ends is saved then, even with ``save_on_end=False``), and on any
+        rank of a distributed trainer: every rank saves at the same step, a step or two
+        later. It ranks and is kept like any other save; a failed one is raised at the next
+        step, as always; :attr:`last_path` names it once it is written."""
         self._requested = True
 
     def on_step_end(self, state: LoopState) -> None:
