@@ -1,6 +1,6 @@
 """Train a small CNN on scikit-learn's handwritten digits, inside an async program.
 
-    python examples/digits.py [--epochs 15] [--out runs/digits] [--resume]
+    python examples/digits.py [--epochs 15] [--out runs/digits] [--resume] [--profile]
 
 The data ships inside scikit-learn (no download). The shipped callbacks do the rest:
 validation accuracy after every epoch (a Predictor run between epochs), a cosine learning
@@ -11,6 +11,8 @@ keeping the newest and the most accurate. ``--resume`` continues from the newest
 without it a run starts over, and its checkpoints and TensorBoard curves replace the last
 run's (``overwrite=True``: never those of a run still writing there, which is refused; and
 only as it saves and logs its own, so a run that fails at its first step loses nothing).
+``--profile`` records three steps of the run with ``torch.profiler`` into ``<out>/profile``
+(a Chrome trace for https://ui.perfetto.dev, and a table of the ops that took longest).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from asynchat import AsynchatError, Trainer
 from asynchat.callbacks import (
     Checkpoint,
     LRSchedule,
+    Profiler,
     Progress,
     StatsMonitor,
     TensorBoardLogger,
@@ -80,9 +83,11 @@ def validation(loader: DataLoader[Any]) -> Validation:
     return Validation(loader, metrics={"accuracy": accuracy}, loss_fn=nn.CrossEntropyLoss())
 
 
-async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool = False) -> float:
+async def train(
+    epochs: int = 15, out: Path = Path("runs/digits"), resume: bool = False, profile: bool = False
+) -> float:
     """Train and return the best validation accuracy of the run (with ``resume``, of the
-    runs before it too: their best checkpoint is kept)."""
+    runs before it too: their best checkpoint is kept); ``profile``: record steps 6-8."""
     torch.manual_seed(0)
     train_loader, val_loader = digits_loaders()
     checkpoints = out / "checkpoints"
@@ -111,6 +116,7 @@ async def train(epochs: int = 15, out: Path = Path("runs/digits"), resume: bool 
             ),
             TensorBoardLogger(out / "tb", every_n_steps=10, overwrite=not resume),
             Progress(),
+            *([Profiler(out / "profile", wait=4, warmup=1, active=3)] if profile else []),
         ],
     )
     best = 0.0
@@ -148,6 +154,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=positive_int, default=15)
     parser.add_argument("--out", type=Path, default=Path("runs/digits"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--profile", action="store_true", help="profile 3 steps into OUT/profile")
     args = parser.parse_args()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +164,7 @@ def main() -> None:
     try:
         if args.resume and resumable(checkpoints) is None:
             parser.error(f"argument --resume: no checkpoint in {checkpoints} to continue from")
-        accuracy = anyio.run(train, args.epochs, args.out, args.resume)
+        accuracy = anyio.run(train, args.epochs, args.out, args.resume, args.profile)
     except* AsynchatError as refused:  # (a directory in use, say): its message says why
         parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
     try:

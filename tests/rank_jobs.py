@@ -1021,6 +1021,15 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
     Path(out, f"rank{rank}.json").write_text(json.dumps(saved))
 
 
+async def profiled(rank: int, world_size: int, out: str) -> None:
+    """A DDP trainer of 6 steps with a Profiler on every rank, writing into ``out``."""
+    from asynchat.callbacks import Profiler
+
+    trainer = plain_trainer(num_steps=6, callbacks=[Profiler(out, wait=1, warmup=1, active=2)])
+    await trainer.fit()
+    Path(out, f"run_id{rank}").write_text(trainer.run_id)
+
+
 async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:
     """Whether each backward all-reduced under DDP, seen in the gradients: right after a
     backward that must not (``no_sync``), the ranks' gradients differ (each saw its own data);

@@ -44,6 +44,17 @@ async def test_digits_demo_reaches_95_percent_and_resumes(tmp_path: Path) -> Non
     assert resumed >= accuracy
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
+async def test_the_demo_profiles_three_steps_with_profile(tmp_path: Path) -> None:
+    await load_example("digits.py").train(epochs=1, out=tmp_path, profile=True)
+    [trace] = (tmp_path / "profile").glob("*-step8.pt.trace.json")
+    recorded = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {"ProfilerStep#1", "ProfilerStep#3", "aten::conv2d"} <= recorded
+    table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+    assert "aten::convolution_backward" in table
+
+
 @pytest.mark.slow
 def test_the_demo_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp_path: Path) -> None:
     # Regression: `python examples/digits.py | head -1` trained and saved, then its last

@@ -697,3 +697,16 @@ def test_every_n_seconds_on_rank_zeros_clock_saves_every_rank_at_the_same_steps(
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
     assert ranks[0] == ranks[1] == {"first": [], "second": [e["global_step"] for e in listed]}
     assert len(listed) >= 1
+
+
+def test_each_rank_profiles_its_own_steps_into_a_trace_of_its_own(tmp_path: Path) -> None:
+    launch(rank_jobs.profiled, nprocs=2, args=(str(tmp_path),))
+    run_id = (tmp_path / "run_id0").read_text()  # (rank 0's, on every rank)
+    for rank in range(2):
+        trace = (
+            tmp_path
+            / f"distributeddataparalleltrainer-0-{run_id[:8]}-rank{rank}-step4.pt.trace.json"
+        )
+        events = json.loads(trace.read_text())["traceEvents"]
+        recorded = {event.get("name") for event in events}
+        assert {"ProfilerStep#1", "ProfilerStep#2", "aten::addmm"} <= recorded, rank

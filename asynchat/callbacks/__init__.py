@@ -14,6 +14,7 @@ from asynchat.callbacks._control import EarlyStopping, NonFiniteLossError, Termi
 from asynchat.callbacks._loggers import JSONLinesLogger, ScalarLogger, TensorBoardLogger
 from asynchat.callbacks._metrics import MetricUpdater
 from asynchat.callbacks._model import ExponentialMovingAverage, FreezeModule, GradClip
+from asynchat.callbacks._profiler import Profiler
 from asynchat.callbacks._progress import Progress
 from asynchat.callbacks._schedule import (
     LRSchedule,
@@ -39,6 +40,7 @@ __all__ = [
     "LossMonitor",
     "MetricUpdater",
     "NonFiniteLossError",
+    "Profiler",
     "Progress",
     "ScalarLogger",
     "StatsMonitor",

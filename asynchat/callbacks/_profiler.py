@@ -1,0 +1,244 @@
+"""Profiler: ``torch.profiler`` over chosen steps of a loop, traced where the steps run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity
+
+from asynchat._callback import Callback
+from asynchat._checkpoint_io import atomic_file
+from asynchat._checks import flag, positive_int
+from asynchat._checks import path as check_path
+from asynchat._state import LoopState
+from asynchat.callbacks._checkpoint import BackgroundWriter
+
+_LOG = logging.getLogger("asynchat.profiler")
+TABLE_ROWS = 30
+"""How many ops the table written beside each trace lists (the most self time first)."""
+# torch's profiler records one session per process: two at once (loops running side by
+# side, each with a Profiler) wrote no trace at all, neither of them, without an error.
+_SESSION = threading.Lock()
+_profiled: str | None = None  # the loop that holds _SESSION
+
+
+class Profiler(Callback):
+    """Record steps of the loop with ``torch.profiler`` and write each recorded stretch as a
+    Chrome trace, with a table of the ops that took the most time beside it.
+
+    The profiler runs on the compute thread, where the steps and the ``def`` hooks run (on
+    CUDA it also records the device's kernels), so a trace shows what a step costs and
+    nothing of the event loop. Its schedule counts steps from the run's first: after
+    ``skip_first`` steps, each cycle skips ``wait`` steps, warms up for ``warmup`` (recorded
+    and thrown away: the first steps of a recording cost more) and records ``active``;
+    ``repeat`` cycles (0: until the loop ends). A loop that ends in the middle of a
+    recording (its bound, ``stop()``, an error, a cancellation) writes what it recorded (if
+    it recorded a step: not in the warm-up).
+
+    Each recording is written by a thread the callback owns, never by the compute thread
+    or the event loop (turning the recorded events into a trace takes as long as many
+    steps): ``<out_dir>/<loop name>-<run id>-rank<r>-step<n>.pt.trace.json`` (``n``: the
+    global step its recording ended at; open it in https://ui.perfetto.dev or
+    ``chrome://tracing``) and ``...-step<n>.txt``, ``key_averages()``'s table of the
+    :data:`TABLE_ROWS` ops with the most self time. :attr:`traces` lists the traces written.
+    A write that failed is raised at the next step, and at the loop's end. In a distributed
+    trainer each rank that has a Profiler records its own steps and writes its own files.
+
+    The profiler is stopped as the loop ends, however it ends: compute threads outlive their
+    loops (the next loop on the device runs on the same one), and one still profiling would
+    record the next loop's steps, and hold their events in memory, for good. One loop of a
+    process is profiled at a time (torch's profiler has one session per process: two loops
+    side by side, each with a profiler, lost both their traces without an error); a
+    Profiler whose loop starts while another loop is profiled records nothing, with a
+    ``RuntimeWarning`` naming that loop. Its ``on_step_end`` runs after the other callbacks'
+    (``runs_last``), so a step's trace holds all its hooks.
+
+    torch's profiler library (Kineto) writes lines of its own on stderr: with torch 2.13
+    ``profiler_start`` and ``profiler_stop`` at each recording and, at a process's first
+    recording off its main thread, ``ERROR: External init callback must run in same thread
+    as registerClient``; the traces are whole all the same.
+
+    Args:
+        out_dir: the directory for the traces (created if missing).
+        wait, warmup, active, repeat, skip_first: the schedule, in steps
+            (``torch.profiler.schedule``'s).
+        record_shapes: record the shapes of each op's inputs (grouped by shape in the table).
+        profile_memory: record the memory each op allocates and frees.
+        with_stack: record the Python stack of each op (larger traces).
+    """
+
+    runs_last = True
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        wait: int = 1,
+        warmup: int = 1,
+        active: int = 3,
+        repeat: int = 1,
+        skip_first: int = 0,
+        record_shapes: bool = False,
+        profile_memory: bool = False,
+        with_stack: bool = False,
+    ) -> None:
+        check_path("out_dir", out_dir)
+        for name, value, least in (("wait", wait, 0), ("warmup", warmup, 0),
+                                   ("active", active, 1), ("repeat", repeat, 0),
+                                   ("skip_first", skip_first, 0)):  # fmt: skip
+            positive_int(name, value, minimum=least)
+        for name, value in (("record_shapes", record_shapes), ("profile_memory", profile_memory),
+                            ("with_stack", with_stack)):  # fmt: skip
+            flag(name, value)
+        self.out_dir = Path(out_dir)
+        self.wait, self.warmup, self.active = wait, warmup, active
+        self.repeat, self.skip_first = repeat, skip_first
+        self.options: dict[str, Any] = {
+            "record_shapes": record_shapes, "profile_memory": profile_memory,
+            "with_stack": with_stack,
+        }  # fmt: skip
+        self._writer = BackgroundWriter("asynchat-profiler-writer")
+        self._profile: torch.profiler.profile | None = None  # the recording in progress
+        self._traces: list[Path] = []
+        self._stem = ""
+        self._activities: list[ProfilerActivity] = []
+        self._steps = 0  # steps of this run so far
+        self._started_at = 0  # (of self._steps) where the recording in progress began
+        self._discard = False  # the recording being stopped recorded no step
+        self._step = 0  # the global step
+        self._sort_by = "self_cpu_time_total"
+        self._holds_session = False  # this run has the process's profiling session
+
+    @property
+    def traces(self) -> list[Path]:
+        """The traces written so far, oldest first (complete once the loop has ended)."""
+        return list(self._traces)
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"out_dir={str(self.out_dir)!r} cannot be created: {exc}") from exc
+        loop = state.loop
+        if not self._take_session(loop.name):
+            return
+        self._stem = f"{loop.name}-{loop.run_id[:8]}-rank{loop.rank}"
+        self._activities = [ProfilerActivity.CPU]
+        if loop.device.type == "cuda":
+            self._activities.append(ProfilerActivity.CUDA)
+            self._sort_by = "self_cuda_time_total"
+        self._steps, self._step = 0, state.global_step
+        self._start_if_due()
+
+    def on_step_end(self, state: LoopState) -> None:
+        if not self._holds_session:
+            return
+        self._writer.raise_if_failed()
+        self._steps, self._step = self._steps + 1, state.global_step
+        if self._profile is not None:
+            self._profile.step()  # (the recording's last step: it is handed to the writer)
+            if self._steps_recorded() == self.warmup + self.active:
+                self._stop()
+        self._start_if_due()
+
+    def on_loop_end(self, state: LoopState) -> None:
+        try:
+            self._stop()  # writes a recording in progress
+        finally:
+            try:
+                self._writer.wait()  # on every way out: no write outlives the loop
+            finally:
+                self._give_session_back()
+
+    def _take_session(self, name: str) -> bool:
+        global _profiled
+        if _SESSION.acquire(blocking=False):
+            self._holds_session, _profiled = True, name
+            return True
+        warnings.warn(
+            f"Profiler(out_dir={str(self.out_dir)!r}): {name} is not profiled: {_profiled} "
+            "of this process is, and torch's profiler records one at a time",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+
+    def _give_session_back(self) -> None:
+        if self._holds_session:
+            self._holds_session = False
+            _SESSION.release()
+
+    def _start_if_due(self) -> None:
+        """Start a recording if the next step is the first of one (its warm-up). Each
+        recording has a profiler of its own: one profiler's later cycles would reuse its
+        state, and the writer thread still reads the last one's events."""
+        cycle = self.wait + self.warmup + self.active
+        since = self._steps - self.skip_first - self.wait
+        if since < 0 or since % cycle or (self.repeat and since // cycle >= self.repeat):
+            return
+        self._started_at = self._steps
+        self._profile = torch.profiler.profile(
+            activities=self._activities, on_trace_ready=self._ready,
+            schedule=torch.profiler.schedule(
+                wait=0, warmup=self.warmup, active=self.active, repeat=1
+            ),
+            **self.options,
+        )  # fmt: skip
+        self._profile.start()
+
+    def _steps_recorded(self) -> int:
+        return self._steps - self._started_at
+
+    def _stop(self) -> None:
+        """Stop the recording in progress; one cut short is written, unless the loop ended
+        before it recorded a step (in its warm-up)."""
+        profile, self._profile = self._profile, None
+        if profile is not None:
+            self._discard = self._steps_recorded() <= self.warmup
+            try:
+                profile.stop()
+            finally:
+                self._discard = False
+
+    def _ready(self, profile: torch.profiler.profile) -> None:
+        """A recording has ended (on the compute thread): hand it to the writer thread."""
+        if self._discard:
+            return
+        recorded = profile.profiler
+        assert recorded is not None
+        step = self._step
+        trace = self.out_dir / f"{self._stem}-step{step}.pt.trace.json"
+        self._writer.submit(lambda: self._write(recorded, trace, step))
+
+    def _write(self, recorded: Any, trace: Path, step: int) -> None:
+        """On the writer thread: the trace, then the table. A file that cannot be written
+        is warned of: the training goes on (the error of anything else is raised at the
+        next step)."""
+        temporary = trace.with_name(f".{trace.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+        table = trace.with_name(trace.name.removesuffix(".pt.trace.json") + ".txt")
+        try:
+            try:
+                recorded.export_chrome_trace(str(temporary))
+                os.replace(temporary, trace)
+            finally:
+                temporary.unlink(missing_ok=True)
+            averages = recorded.key_averages(group_by_input_shape=self.options["record_shapes"])
+            with atomic_file(table) as file:
+                file.write(averages.table(sort_by=self._sort_by, row_limit=TABLE_ROWS).encode())
+        except OSError as exc:
+            warnings.warn(
+                f"Profiler(out_dir={str(self.out_dir)!r}): the recording that ended at global "
+                f"step {step} was not written: {exc}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            return
+        self._traces.append(trace)
+        _LOG.info("%s: profiled into %s", self._stem, trace)

@@ -1,0 +1,159 @@
+"""Profiler: torch.profiler over chosen steps, on the compute thread, written off it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from conftest import make_trainer
+
+from asynchat import Callback, LoopState
+from asynchat.callbacks import Profiler
+
+
+def trace_events(trace: Path) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = json.loads(trace.read_text())["traceEvents"]
+    return events
+
+
+def names(trace: Path) -> set[str]:
+    return {str(event.get("name")) for event in trace_events(trace)}
+
+
+class Where(Callback):
+    """Records the native id of the thread the steps run on, and whether a profiler is on
+    there at each step's end."""
+
+    def __init__(self) -> None:
+        self.thread: int | None = None
+        self.profiling: list[bool] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        self.thread = threading.get_native_id()
+        self.profiling.append(torch.autograd.profiler._is_profiler_enabled)
+
+
+class FailAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.step:
+            raise RuntimeError("the step failed")
+
+
+@pytest.mark.anyio
+async def test_each_recording_is_a_trace_of_the_compute_thread_written_off_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers: list[str] = []
+    export = torch.autograd.profiler.profile.export_chrome_trace
+
+    def exported(self: Any, path: str) -> None:
+        writers.append(threading.current_thread().name)
+        export(self, path)
+
+    monkeypatch.setattr(torch.autograd.profiler.profile, "export_chrome_trace", exported)
+    where = Where()
+    profiler = Profiler(tmp_path, wait=1, warmup=1, active=2, repeat=2)
+    trainer = make_trainer(where, profiler, num_epochs=2)  # 12 steps
+    await trainer.fit()
+    # Cycles of 4 steps from the first: skip 1, warm up 1, record 2; the second ends at 8.
+    stem = f"{trainer.name}-{trainer.run_id[:8]}-rank0"
+    assert profiler.traces == [tmp_path / f"{stem}-step{n}.pt.trace.json" for n in (4, 8)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{stem}-step{n}.{kind}" for n in (4, 8) for kind in ("pt.trace.json", "txt")
+    )
+    for trace in profiler.traces:
+        recorded = names(trace)
+        assert {"ProfilerStep#1", "ProfilerStep#2", "aten::addmm"} <= recorded
+        assert "ProfilerStep#0" not in recorded and "ProfilerStep#3" not in recorded
+        # The model's ops ran on the compute thread, and were recorded there.
+        ops = {e["tid"] for e in trace_events(trace) if e.get("name") == "aten::addmm"}
+        assert ops == {where.thread}
+        table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+        assert "aten::addmm" in table and "Self CPU" in table
+    assert writers == ["asynchat-profiler-writer"] * 2
+    # Recording steps 3-4 and 7-8 only (ProfilerStep#1-#2 of each; the warm-up steps 2 and
+    # 6, #0, prepare it).
+    assert [i + 1 for i, on in enumerate(where.profiling) if on] == [3, 4, 7, 8]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("steps", "ended"), [(7, [3, 6]), (8, [3, 6, 8])])
+async def test_repeat_0_records_to_the_end_and_a_recording_cut_short_is_written(
+    tmp_path: Path, steps: int, ended: list[int]
+) -> None:
+    # Recordings of 1 warm-up step and 2 recorded: steps 1-3, 4-6, 7-9. The loop's end cut
+    # the third: in its warm-up (7 steps), with nothing recorded, it is not written; after
+    # its first recorded step (8 steps), it is.
+    profiler = Profiler(tmp_path, wait=0, warmup=1, active=2, repeat=0)
+    await make_trainer(profiler, num_steps=steps).fit()
+    assert [int(p.name.split("-step")[1].split(".")[0]) for p in profiler.traces] == ended
+    assert {"ProfilerStep#1", "ProfilerStep#2"} <= names(profiler.traces[1])
+    if steps == 8:
+        assert {"ProfilerStep#1", "aten::addmm"} <= names(profiler.traces[2])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["error", "cancel"])
+async def test_the_profiler_stops_with_its_loop_however_it_ends(tmp_path: Path, how: str) -> None:
+    # The compute thread outlives the loop: still profiling, it recorded the next loop.
+    profiler = Profiler(tmp_path, wait=0, warmup=1, active=50)
+    if how == "error":
+        with pytest.raises(RuntimeError, match="the step failed"):
+            await make_trainer(profiler, FailAt(5), num_steps=100).fit()
+    else:
+        trainer = make_trainer(profiler, num_steps=10_000)
+        with anyio.move_on_after(0.5):
+            await trainer.fit()
+        assert trainer.status.value == "cancelled"
+    [trace] = profiler.traces  # what it recorded is written
+    assert "aten::addmm" in names(trace)
+    where = Where()
+    await make_trainer(where, num_steps=3).fit()  # the same compute thread, taken back
+    assert where.profiling == [False] * 3
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
+@pytest.mark.anyio
+async def test_one_loop_of_a_process_is_profiled_at_a_time(tmp_path: Path) -> None:
+    # Side by side, two profilers lost both their traces without an error.
+    profilers = [Profiler(tmp_path / str(i), wait=0, warmup=1, active=3) for i in range(2)]
+    trainers = [make_trainer(Where(), p, num_steps=400) for p in profilers]
+    with pytest.warns(RuntimeWarning, match="is not profiled: .* of this process is") as caught:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(trainers[0].fit)
+            tasks.start_soon(trainers[1].fit)
+    [warning] = caught
+    profiled = [p for p in profilers if p.traces]
+    assert len(profiled) == 1 and len(profiled[0].traces) == 1
+    unprofiled = trainers[profilers.index(profiled[0]) ^ 1]
+    assert f"{unprofiled.name} is not profiled" in str(warning.message)
+
+
+@pytest.mark.anyio
+async def test_a_trace_that_cannot_be_written_is_warned_of_and_training_goes_on(
+    tmp_path: Path,
+) -> None:
+    profiler = Profiler(tmp_path, wait=0, warmup=1, active=1)
+    trainer = make_trainer(profiler, num_steps=6)
+    blocker = tmp_path / f"{trainer.name}-{trainer.run_id[:8]}-rank0-step2.pt.trace.json"
+    blocker.mkdir()  # where the trace would go
+    with pytest.warns(RuntimeWarning, match="ended at global step 2 was not written"):
+        state = await trainer.fit()
+    assert state.global_step == 6 and profiler.traces == []
+
+
+def test_bad_profiler_arguments(tmp_path: Path) -> None:
+    for name, value in (("wait", -1), ("warmup", 1.5), ("active", 0), ("repeat", None),
+                        ("skip_first", True)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be (a positive int|an int >= 0)"):
+            Profiler(tmp_path, **{name: value})
+    with pytest.raises(TypeError, match="record_shapes must be True or False"):
+        Profiler(tmp_path, record_shapes="yes")  # type: ignore[arg-type]
