@@ -40,6 +40,22 @@ async def test_trains_on_cuda_like_on_the_cpu() -> None:
         assert torch.allclose(a, b.cpu(), atol=1e-5)
 
 
+async def test_the_profiler_records_the_steps_kernels_on_cuda(tmp_path: Path) -> None:
+    from asynchat.callbacks import Profiler
+
+    profiler = Profiler(tmp_path, wait=1, warmup=1, active=2)
+    trainer = Trainer(
+        make_model(), make_loader(), sgd, loss_fn=nn.CrossEntropyLoss(), num_steps=6,
+        device="cuda", callbacks=[profiler],
+    )  # fmt: skip
+    await trainer.fit()
+    [trace] = profiler.traces
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(event.get("cat") == "kernel" for event in events)  # the device's own work
+    table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+    assert "Self CUDA" in table
+
+
 async def test_compute_runs_on_its_own_stream_with_batches_already_on_the_device() -> None:
     seen: list[tuple[bool, bool]] = []
 

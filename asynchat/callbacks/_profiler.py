@@ -133,7 +133,7 @@ class Profiler(Callback):
         self._activities = [ProfilerActivity.CPU]
         if loop.device.type == "cuda":
             self._activities.append(ProfilerActivity.CUDA)
-            self._sort_by = "self_cuda_time_total"
+            self._sort_by = "self_device_time_total"
         self._steps, self._step = 0, state.global_step
         self._start_if_due()
 
