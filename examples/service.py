@@ -12,8 +12,9 @@ the server, each on its own compute thread, so every route answers while models 
     GET    /jobs/{id}                 one job's spec and snapshot
     GET    /jobs/{id}/events          Server-Sent Events until the job ends
     POST   /jobs/{id}/pause|resume|stop
-    POST   /jobs/{id}/checkpoint      save the job at its next step -> 202 (then
-                                      GET /jobs/{id}'s "last_checkpoint" names it)
+    POST   /jobs/{id}/checkpoint      save the job at its next step (a paused one's once
+                                      resumed) -> 202; GET /jobs/{id}'s
+                                      "last_checkpoint" then names the file
     DELETE /jobs/{id}                 cancel the job
     GET    /health                    liveness
 
