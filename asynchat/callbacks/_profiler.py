@@ -144,7 +144,7 @@ class Profiler(Callback):
         self._steps, self._step = self._steps + 1, state.global_step
         if self._profile is not None:
             self._profile.step()  # (the recording's last step: it is handed to the writer)
-            if self._steps_recorded() == self.warmup + self.active:
+            if self._steps_in_recording() == self.warmup + self.active:
                 self._stop()
         self._start_if_due()
 
@@ -177,8 +177,9 @@ class Profiler(Callback):
 
     def _start_if_due(self) -> None:
         """Start a recording if the next step is the first of one (its warm-up). Each
-        recording has a profiler of its own: one profiler's later cycles would reuse its
-        state, and the writer thread still reads the last one's events."""
+        recording has a profiler of its own (torch's, run over several cycles, warns at
+        the second that it drops the first's events, which the writer thread may still be
+        reading: ours are each written whole)."""
         cycle = self.wait + self.warmup + self.active
         since = self._steps - self.skip_first - self.wait
         if since < 0 or since % cycle or (self.repeat and since // cycle >= self.repeat):
@@ -193,7 +194,8 @@ class Profiler(Callback):
         )  # fmt: skip
         self._profile.start()
 
-    def _steps_recorded(self) -> int:
+    def _steps_in_recording(self) -> int:
+        """The steps since the recording in progress began, its warm-up included."""
         return self._steps - self._started_at
 
     def _stop(self) -> None:
@@ -201,7 +203,7 @@ class Profiler(Callback):
         before it recorded a step (in its warm-up)."""
         profile, self._profile = self._profile, None
         if profile is not None:
-            self._discard = self._steps_recorded() <= self.warmup
+            self._discard = self._steps_in_recording() <= self.warmup
             try:
                 profile.stop()
             finally:
