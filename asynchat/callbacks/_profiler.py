@@ -177,9 +177,9 @@ class Profiler(Callback):
 
     def _start_if_due(self) -> None:
         """Start a recording if the next step is the first of one (its warm-up). Each
-        recording has a profiler of its own (torch's, run over several cycles, warns at
-        the second that it drops the first's events, which the writer thread may still be
-        reading: ours are each written whole)."""
+        recording has a profiler of its own: torch's, run over several cycles, warns at
+        the second that it clears the first's events (a ``UserWarning`` meant for
+        ``profile.events()``, which nobody here reads: each recording is written whole)."""
         cycle = self.wait + self.warmup + self.active
         since = self._steps - self.skip_first - self.wait
         if since < 0 or since % cycle or (self.repeat and since // cycle >= self.repeat):
