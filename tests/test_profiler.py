@@ -150,6 +150,17 @@ async def test_a_trace_that_cannot_be_written_is_warned_of_and_training_goes_on(
     assert state.global_step == 6 and profiler.traces == []
 
 
+@pytest.mark.anyio
+async def test_a_loop_name_that_is_a_path_names_a_file_in_out_dir(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path / "profile", wait=0, warmup=1, active=1)
+    trainer = make_trainer(profiler, num_steps=2, name="../runs/a b")
+    await trainer.fit()
+    [trace] = profiler.traces
+    assert trace.parent == tmp_path / "profile"
+    assert trace.name == f"runs_a_b-{trainer.run_id[:8]}-rank0-step2.pt.trace.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile"]
+
+
 def test_bad_profiler_arguments(tmp_path: Path) -> None:
     for name, value in (("wait", -1), ("warmup", 1.5), ("active", 0), ("repeat", None),
                         ("skip_first", True)):  # fmt: skip

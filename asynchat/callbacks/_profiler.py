@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import uuid
 import warnings
@@ -44,7 +45,8 @@ class Profiler(Callback):
 
     Each recording is written by a thread the callback owns, never by the compute thread
     or the event loop (turning the recorded events into a trace takes as long as many
-    steps): ``<out_dir>/<loop name>-<run id>-rank<r>-step<n>.pt.trace.json`` (``n``: the
+    steps): ``<out_dir>/<loop name>-<run id>-rank<r>-step<n>.pt.trace.json`` (the name's
+    characters other than letters, digits, ``.``, ``_`` and ``-`` as ``_``; ``n``: the
     global step its recording ended at; open it in https://ui.perfetto.dev or
     ``chrome://tracing``) and ``...-step<n>.txt``, ``key_averages()``'s table of the
     :data:`TABLE_ROWS` ops with the most self time. :attr:`traces` lists the traces written.
@@ -129,7 +131,7 @@ class Profiler(Callback):
         loop = state.loop
         if not self._take_session(loop.name):
             return
-        self._stem = f"{loop.name}-{loop.run_id[:8]}-rank{loop.rank}"
+        self._stem = f"{_in_a_file_name(loop.name)}-{loop.run_id[:8]}-rank{loop.rank}"
         self._activities = [ProfilerActivity.CPU]
         if loop.device.type == "cuda":
             self._activities.append(ProfilerActivity.CUDA)
@@ -244,3 +246,9 @@ class Profiler(Callback):
             return
         self._traces.append(trace)
         _LOG.info("%s: profiled into %s", self._stem, trace)
+
+
+def _in_a_file_name(name: str) -> str:
+    """A loop's name as part of a file name in ``out_dir``: any name is allowed, and one
+    such as ``"runs/a"`` or ``"../x"`` named a file in another directory."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("._")[:64] or "loop"
