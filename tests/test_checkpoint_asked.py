@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import threading
 import time
 from contextlib import aclosing
@@ -122,6 +124,25 @@ async def test_request_save_from_the_event_loop_saves_while_the_loop_runs(
     assert 3 <= step < trainer.state.global_step
     saved = torch.load(tmp_path / f"step-{step:09d}.ckpt", weights_only=True)
     assert saved["progress"]["global_step"] == step
+
+
+@pytest.mark.anyio
+async def test_request_save_from_a_signal_handler_saves_at_a_later_step(tmp_path: Path) -> None:
+    # A batch scheduler's warning before it preempts the job (SLURM's --signal=USR1@60).
+    checkpoint = on_demand(tmp_path)
+
+    class SignalAt(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)  # handled on the main thread
+
+    before = signal.signal(signal.SIGUSR1, lambda *_: checkpoint.request_save())
+    try:
+        await make_trainer(SignalAt(), SlowSteps(0.01), checkpoint, num_steps=30).fit()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    [step] = saved_steps(tmp_path)
+    assert 3 <= step < 30
 
 
 @pytest.mark.anyio
