@@ -124,8 +124,15 @@ async def test_the_profiler_stops_with_its_loop_however_it_ends(tmp_path: Path, 
 @pytest.mark.anyio
 async def test_one_loop_of_a_process_is_profiled_at_a_time(tmp_path: Path) -> None:
     # Side by side, two profilers lost both their traces without an error.
+    both_began = threading.Barrier(2, timeout=60)
+
+    class Together(Callback):  # each loop's first step waits until both have begun
+        def on_step_begin(self, state: LoopState) -> None:
+            if state.global_step == 0:
+                both_began.wait()
+
     profilers = [Profiler(tmp_path / str(i), wait=0, warmup=1, active=3) for i in range(2)]
-    trainers = [make_trainer(Where(), p, num_steps=400) for p in profilers]
+    trainers = [make_trainer(Together(), p, num_steps=10) for p in profilers]
     with pytest.warns(RuntimeWarning, match="is not profiled: .* of this process is") as caught:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(trainers[0].fit)
