@@ -15,6 +15,8 @@ the server, each on its own compute thread, so every route answers while models 
     POST   /jobs/{id}/checkpoint      save the job at its next step (a paused one's once
                                       resumed) -> 202; GET /jobs/{id}'s
                                       "last_checkpoint" then names the file
+    POST   /jobs/{id}/profile         profile the job's next 3 steps -> 202 (409 while a
+                                      job records); "last_trace" names the Chrome trace
     DELETE /jobs/{id}                 cancel the job
     GET    /health                    liveness
 
@@ -75,7 +77,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import asynchat
 from asynchat import LoopEvent, LoopSnapshot, Trainer
-from asynchat.callbacks import Checkpoint, Validation, resumable
+from asynchat.callbacks import Checkpoint, Profiler, Validation, resumable
 
 logger = logging.getLogger("service")
 
@@ -255,6 +257,7 @@ class Job:
     created: float
     trainer: Trainer | None = None
     checkpoint: Checkpoint | None = None
+    profiler: Profiler | None = None
     record: dict[str, Any] | None = None
     scope: anyio.CancelScope = dataclasses.field(default_factory=anyio.CancelScope)
     done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
@@ -278,8 +281,9 @@ class Job:
         return self.done.is_set() and (stopped or snapshot["status"] == "interrupted")
 
     def describe(self) -> dict[str, Any]:
-        # The newest checkpoint this server has written of the job, once it is on disk.
+        # The newest checkpoint and trace this server has written of the job.
         last = self.checkpoint.last_path if self.checkpoint is not None else None
+        traces = self.profiler.traces if self.profiler is not None else []
         return {
             "id": self.id,
             "spec": self.spec,
@@ -287,6 +291,7 @@ class Job:
             **self.snapshot(),
             "can_continue": self.can_continue(),
             "last_checkpoint": last.name if last is not None else None,
+            "last_trace": traces[-1].name if traces else None,
         }
 
     def file(self, outcome: dict[str, Any] | None) -> dict[str, Any]:
@@ -365,6 +370,7 @@ class JobManager:
         # Every 5 epochs, and at least once a minute of training: a server killed under a
         # job loses a minute of it at most.
         job.checkpoint = Checkpoint(job.run_dir, every_n_epochs=5, every_n_seconds=60, keep_last=1)
+        job.profiler = Profiler(job.run_dir / "profile", on_demand=True)  # when asked over HTTP
         job.trainer = Trainer(
             model,
             train,
@@ -380,6 +386,7 @@ class JobManager:
             callbacks=[
                 Validation(val, loss_fn=nn.CrossEntropyLoss()),
                 job.checkpoint,
+                job.profiler,
             ],
         )
         self.jobs[job.id] = job
@@ -555,20 +562,24 @@ def create_app(
             except TooBusy as exc:
                 return too_busy(exc)
             return JSONResponse(job.describe(), status_code=202)
-        if action not in ("pause", "resume", "stop", "checkpoint"):
+        if action not in ("pause", "resume", "stop", "checkpoint", "profile"):
             return JSONResponse({"error": f"unknown action {action!r}"}, status_code=404)
-        if job.trainer is None or job.checkpoint is None:  # a job an earlier server ran
+        if job.trainer is None or job.checkpoint is None or job.profiler is None:
+            # a job an earlier server ran
             return JSONResponse(
                 {"error": f"job {job.id} is not running; continue it first"}, status_code=409
             )
+        if action in ("checkpoint", "profile") and job.done.is_set():
+            status = job.snapshot()["status"]
+            return JSONResponse({"error": f"job {job.id} is {status}"}, status_code=409)
         if action == "checkpoint":
-            if job.done.is_set():
-                status = job.snapshot()["status"]
+            job.checkpoint.request_save()  # at the job's next step (once resumed, if paused)
+        elif action == "profile":
+            if not job.profiler.record():  # torch's profiler records one loop at a time
                 return JSONResponse(
-                    {"error": f"job {job.id} is {status}: its last checkpoint is on disk"},
+                    {"error": "a job of this server is being profiled; ask again later"},
                     status_code=409,
                 )
-            job.checkpoint.request_save()  # at the job's next step (once resumed, if paused)
         elif action == "pause":
             job.trainer.pause()
         elif action == "resume":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
+import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
 from asynchat.callbacks import Profiler
 
@@ -122,7 +124,7 @@ async def test_the_profiler_stops_with_its_loop_however_it_ends(tmp_path: Path, 
 
 
 @pytest.mark.anyio
-async def test_one_loop_of_a_process_is_profiled_at_a_time(tmp_path: Path) -> None:
+async def test_one_loop_of_a_process_records_at_a_time(tmp_path: Path) -> None:
     # Side by side, two profilers lost both their traces without an error.
     both_began = threading.Barrier(2, timeout=60)
 
@@ -133,7 +135,7 @@ async def test_one_loop_of_a_process_is_profiled_at_a_time(tmp_path: Path) -> No
 
     profilers = [Profiler(tmp_path / str(i), wait=0, warmup=1, active=3) for i in range(2)]
     trainers = [make_trainer(Together(), p, num_steps=10) for p in profilers]
-    with pytest.warns(RuntimeWarning, match="is not profiled: .* of this process is") as caught:
+    with pytest.warns(RuntimeWarning, match="is skipped: .* of this process records") as caught:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(trainers[0].fit)
             tasks.start_soon(trainers[1].fit)
@@ -141,7 +143,62 @@ async def test_one_loop_of_a_process_is_profiled_at_a_time(tmp_path: Path) -> No
     profiled = [p for p in profilers if p.traces]
     assert len(profiled) == 1 and len(profiled[0].traces) == 1
     unprofiled = trainers[profilers.index(profiled[0]) ^ 1]
-    assert f"{unprofiled.name} is not profiled" in str(warning.message)
+    assert f"the recording of {unprofiled.name}'s steps from global step 1" in str(warning.message)
+
+
+@pytest.mark.anyio
+async def test_loops_side_by_side_each_record_when_the_other_does_not(tmp_path: Path) -> None:
+    first_ended = threading.Event()
+
+    class AfterTheFirst(Callback):  # the second loop's step 10 waits for the first's end
+        def on_step_begin(self, state: LoopState) -> None:
+            if state.global_step == 9:
+                assert first_ended.wait(60)
+
+    first = Profiler(tmp_path / "first", wait=0, warmup=1, active=2)
+    second = Profiler(tmp_path / "second", wait=0, warmup=1, active=2, skip_first=9)
+
+    async def run_first() -> None:
+        await make_trainer(first, num_steps=5).fit()
+        first_ended.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run_first)
+        tasks.start_soon(make_trainer(AfterTheFirst(), second, num_steps=15).fit)
+    assert [len(first.traces), len(second.traces)] == [1, 1]
+    assert second.traces[0].name.endswith("-step12.pt.trace.json")
+
+
+@pytest.mark.anyio
+async def test_on_demand_records_only_what_is_asked_while_the_loop_runs(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, warmup=1, on_demand=True)
+    trainer = make_trainer(profiler, Where(), num_epochs=10_000)
+    answers = [profiler.record()]  # no run is on: nothing asked
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(trainer.fit)
+        async with aclosing(trainer.events(progress_every=0.01)) as events:
+            async for event in events:
+                if event.snapshot.global_step >= 20:
+                    break
+        assert profiler.traces == []  # nothing scheduled
+        answers.append(profiler.record(steps=2))
+        answers.append(profiler.record())  # asked already (taken with the next step)
+        with anyio.fail_after(30):
+            while not profiler.traces:  # noqa: ASYNC110 (written by a thread)
+                await anyio.sleep(0.01)
+        answers.append(profiler.record(steps=1))
+        with anyio.fail_after(30):
+            while len(profiler.traces) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        trainer.stop()
+    answers.append(profiler.record())  # the run has ended
+    assert answers == [False, True, False, True, False]
+    assert not asynchat.callbacks._profiler._SESSION.locked()  # given back
+    recorded = names(profiler.traces[0])
+    assert {"ProfilerStep#1", "ProfilerStep#2", "aten::addmm"} <= recorded
+    assert {"ProfilerStep#1", "aten::addmm"} <= names(profiler.traces[1])
+    with pytest.raises(ValueError, match="steps must be a positive int or None, got 0"):
+        profiler.record(steps=0)
 
 
 @pytest.mark.anyio
@@ -175,3 +232,17 @@ def test_bad_profiler_arguments(tmp_path: Path) -> None:
             Profiler(tmp_path, **{name: value})
     with pytest.raises(TypeError, match="record_shapes must be True or False"):
         Profiler(tmp_path, record_shapes="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_recording_asked_as_the_loop_ends_gives_the_session_back(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, on_demand=True)
+    answers: list[bool] = []
+
+    class AskAtTheEnd(Callback):
+        def on_loop_end(self, state: LoopState) -> None:  # before the Profiler's (runs_last)
+            answers.append(profiler.record())
+
+    await make_trainer(AskAtTheEnd(), profiler, num_steps=3).fit()
+    assert answers == [True] and profiler.traces == []
+    assert not asynchat.callbacks._profiler._SESSION.locked()  # else no loop records again

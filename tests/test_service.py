@@ -191,7 +191,25 @@ async def test_a_running_job_saves_on_request_and_an_ended_one_says_so(tmp_path:
         await status_becomes(client, job, {"cancelled"})
         refused = await client.post(f"/jobs/{job}/checkpoint")
         assert refused.status_code == 409
-        assert refused.json()["error"] == f"job {job} is cancelled: its last checkpoint is on disk"
+        assert refused.json()["error"] == f"job {job} is cancelled"
+
+
+async def test_a_running_job_is_profiled_on_request_one_job_at_a_time(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as client:
+        spec = {"epochs": 1000, "batch_size": 1}
+        one, two = [(await client.post("/jobs", json=spec)).json()["id"] for _ in range(2)]
+        for job in (one, two):
+            await job_becomes(client, job, lambda body: body["global_step"] >= 3)
+        assert (await client.get(f"/jobs/{one}")).json()["last_trace"] is None
+        assert (await client.post(f"/jobs/{one}/profile")).status_code == 202
+        busy = await client.post(f"/jobs/{two}/profile")  # one is asked, or records
+        assert busy.status_code == 409 and "being profiled" in busy.json()["error"]
+        traced = await job_becomes(client, one, lambda body: body["last_trace"] is not None)
+        trace = tmp_path / one / "profile" / traced["last_trace"]
+        recorded = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+        assert {"ProfilerStep#1", "ProfilerStep#3", "aten::addmm"} <= recorded
+        assert (await client.post(f"/jobs/{two}/profile")).status_code == 202  # its turn
+        await job_becomes(client, two, lambda body: body["last_trace"] is not None)
 
 
 def serve(runs: Path, port: int) -> subprocess.Popen[str]:

@@ -30,6 +30,10 @@ _SESSION = threading.Lock()
 _profiled: str | None = None  # the loop that holds _SESSION
 
 
+def _give_session_back() -> None:
+    _SESSION.release()
+
+
 class Profiler(Callback):
     """Record steps of the loop with ``torch.profiler`` and write each recorded stretch as a
     Chrome trace, with a table of the ops that took the most time beside it.
@@ -39,9 +43,11 @@ class Profiler(Callback):
     nothing of the event loop. Its schedule counts steps from the run's first: after
     ``skip_first`` steps, each cycle skips ``wait`` steps, warms up for ``warmup`` (recorded
     and thrown away: the first steps of a recording cost more) and records ``active``;
-    ``repeat`` cycles (0: until the loop ends). A loop that ends in the middle of a
-    recording (its bound, ``stop()``, an error, a cancellation) writes what it recorded (if
-    it recorded a step: not in the warm-up).
+    ``repeat`` cycles (0: until the loop ends). :meth:`record` asks for a recording of the
+    next steps, from any thread, while the loop runs (a service profiles a job when asked);
+    with ``on_demand=True`` there is no schedule, only those. A loop that ends in the middle
+    of a recording (its bound, ``stop()``, an error, a cancellation) writes what it recorded
+    (if it recorded a step: not in the warm-up).
 
     Each recording is written by a thread the callback owns, never by the compute thread
     or the event loop (turning the recorded events into a trace takes as long as many
@@ -49,18 +55,18 @@ class Profiler(Callback):
     characters other than letters, digits, ``.``, ``_`` and ``-`` as ``_``; ``n``: the
     global step its recording ended at; open it in https://ui.perfetto.dev or
     ``chrome://tracing``) and ``...-step<n>.txt``, ``key_averages()``'s table of the
-    :data:`TABLE_ROWS` ops with the most self time. :attr:`traces` lists the traces written.
-    A write that failed is raised at the next step, and at the loop's end. In a distributed
+    :data:`TABLE_ROWS` ops with the most self time. :attr:`traces` lists the traces written;
+    one that cannot be written is warned of, and the training goes on. In a distributed
     trainer each rank that has a Profiler records its own steps and writes its own files.
 
     The profiler is stopped as the loop ends, however it ends: compute threads outlive their
     loops (the next loop on the device runs on the same one), and one still profiling would
     record the next loop's steps, and hold their events in memory, for good. One loop of a
-    process is profiled at a time (torch's profiler has one session per process: two loops
+    process records at a time (torch's profiler has one session per process: two loops
     side by side, each with a profiler, lost both their traces without an error); a
-    Profiler whose loop starts while another loop is profiled records nothing, with a
-    ``RuntimeWarning`` naming that loop. Its ``on_step_end`` runs after the other callbacks'
-    (``runs_last``), so a step's trace holds all its hooks.
+    recording due while another loop records is skipped, with a ``RuntimeWarning`` naming
+    that loop. Its ``on_step_end`` runs after the other callbacks' (``runs_last``), so a
+    step's trace holds all its hooks.
 
     torch's profiler library (Kineto) writes lines of its own on stderr: with torch 2.13
     ``profiler_start`` and ``profiler_stop`` at each recording and, at a process's first
@@ -70,7 +76,9 @@ class Profiler(Callback):
     Args:
         out_dir: the directory for the traces (created if missing).
         wait, warmup, active, repeat, skip_first: the schedule, in steps
-            (``torch.profiler.schedule``'s).
+            (``torch.profiler.schedule``'s); ``warmup`` and ``active`` also shape the
+            recordings :meth:`record` asks for.
+        on_demand: record only what :meth:`record` asks for (no schedule).
         record_shapes: record the shapes of each op's inputs (grouped by shape in the table).
         profile_memory: record the memory each op allocates and frees.
         with_stack: record the Python stack of each op (larger traces).
@@ -87,6 +95,7 @@ class Profiler(Callback):
         active: int = 3,
         repeat: int = 1,
         skip_first: int = 0,
+        on_demand: bool = False,
         record_shapes: bool = False,
         profile_memory: bool = False,
         with_stack: bool = False,
@@ -96,12 +105,13 @@ class Profiler(Callback):
                                    ("active", active, 1), ("repeat", repeat, 0),
                                    ("skip_first", skip_first, 0)):  # fmt: skip
             positive_int(name, value, minimum=least)
-        for name, value in (("record_shapes", record_shapes), ("profile_memory", profile_memory),
+        for name, value in (("on_demand", on_demand), ("record_shapes", record_shapes),
+                            ("profile_memory", profile_memory),
                             ("with_stack", with_stack)):  # fmt: skip
             flag(name, value)
         self.out_dir = Path(out_dir)
         self.wait, self.warmup, self.active = wait, warmup, active
-        self.repeat, self.skip_first = repeat, skip_first
+        self.repeat, self.skip_first, self.on_demand = repeat, skip_first, on_demand
         self.options: dict[str, Any] = {
             "record_shapes": record_shapes, "profile_memory": profile_memory,
             "with_stack": with_stack,
@@ -110,18 +120,40 @@ class Profiler(Callback):
         self._profile: torch.profiler.profile | None = None  # the recording in progress
         self._traces: list[Path] = []
         self._stem = ""
+        self._name = ""  # the loop's
         self._activities: list[ProfilerActivity] = []
         self._steps = 0  # steps of this run so far
         self._started_at = 0  # (of self._steps) where the recording in progress began
-        self._discard = False  # the recording being stopped recorded no step
+        self._length = 0  # its steps, warm-up included
+        self._recorded: Any = None  # the recording that has just ended, for the writer
         self._step = 0  # the global step
         self._sort_by = "self_cpu_time_total"
-        self._holds_session = False  # this run has the process's profiling session
+        # Steps record() asked for, with the process's session taken for them; whether a
+        # run is on (record() asks only then). Both under _asking: record() is any thread's.
+        self._asked: int | None = None
+        self._running = False
+        self._asking = threading.Lock()
 
     @property
     def traces(self) -> list[Path]:
         """The traces written so far, oldest first (complete once the loop has ended)."""
         return list(self._traces)
+
+    def record(self, steps: int | None = None) -> bool:
+        """Record the loop's next steps: ``warmup`` steps, then ``steps`` (``active`` by
+        default) recorded and written like a scheduled recording. From any thread, while the
+        loop runs. True once the process's profiling session is this loop's for it (a
+        schedule's recording due meanwhile in another loop is skipped); False, asking
+        nothing, if the loop does not run, or a loop of this process records or is asked to
+        (this one included)."""
+        positive_int("steps", steps, allow_none=True)
+        with self._asking:
+            if not self._running or self._asked is not None:
+                return False
+            if not _SESSION.acquire(blocking=False):
+                return False
+            self._asked = steps if steps is not None else self.active
+            return True
 
     def on_loop_begin(self, state: LoopState) -> None:
         try:
@@ -129,97 +161,106 @@ class Profiler(Callback):
         except OSError as exc:
             raise ValueError(f"out_dir={str(self.out_dir)!r} cannot be created: {exc}") from exc
         loop = state.loop
-        if not self._take_session(loop.name):
-            return
+        self._name = loop.name
         self._stem = f"{_in_a_file_name(loop.name)}-{loop.run_id[:8]}-rank{loop.rank}"
         self._activities = [ProfilerActivity.CPU]
         if loop.device.type == "cuda":
             self._activities.append(ProfilerActivity.CUDA)
             self._sort_by = "self_device_time_total"
         self._steps, self._step = 0, state.global_step
+        with self._asking:
+            self._running = True
         self._start_if_due()
 
     def on_step_end(self, state: LoopState) -> None:
-        if not self._holds_session:
-            return
         self._writer.raise_if_failed()
         self._steps, self._step = self._steps + 1, state.global_step
         if self._profile is not None:
-            self._profile.step()  # (the recording's last step: it is handed to the writer)
-            if self._steps_in_recording() == self.warmup + self.active:
+            self._profile.step()
+            if self._steps - self._started_at == self._length:
                 self._stop()
-        self._start_if_due()
+        if self._profile is None:
+            self._start_if_due()
 
     def on_loop_end(self, state: LoopState) -> None:
         try:
             self._stop()  # writes a recording in progress
         finally:
-            try:
-                self._writer.wait()  # on every way out: no write outlives the loop
-            finally:
-                self._give_session_back()
+            with self._asking:
+                self._running = False
+                if self._asked is not None:  # asked for, never begun: its session back
+                    self._asked = None
+                    _give_session_back()
+            self._writer.wait()  # on every way out: no write outlives the loop
 
-    def _take_session(self, name: str) -> bool:
+    def _start_if_due(self) -> None:
+        """Start a recording if the next step is the first of one (its warm-up): one asked
+        for, or the schedule's. Each recording has a profiler of its own: torch's, run over
+        several cycles, warns at the second that it clears the first's events (a
+        ``UserWarning`` meant for ``profile.events()``, which nobody here reads)."""
+        with self._asking:
+            asked, self._asked = self._asked, None  # (its session is taken)
+        if asked is None and not (self._scheduled() and self._take_session()):
+            return
+        active = asked if asked is not None else self.active
+        self._started_at, self._length = self._steps, self.warmup + active
+        try:
+            self._profile = torch.profiler.profile(
+                activities=self._activities, on_trace_ready=self._ready,
+                schedule=torch.profiler.schedule(
+                    wait=0, warmup=self.warmup, active=active, repeat=1
+                ),
+                **self.options,
+            )  # fmt: skip
+            self._profile.start()
+        except BaseException:
+            self._profile = None
+            _give_session_back()
+            raise
+
+    def _scheduled(self) -> bool:
+        """Whether the schedule starts a recording with the next step."""
+        cycle = self.wait + self.warmup + self.active
+        since = self._steps - self.skip_first - self.wait
+        if self.on_demand or since < 0 or since % cycle:
+            return False
+        return not self.repeat or since // cycle < self.repeat
+
+    def _take_session(self) -> bool:
         global _profiled
         if _SESSION.acquire(blocking=False):
-            self._holds_session, _profiled = True, name
+            _profiled = self._name
             return True
         warnings.warn(
-            f"Profiler(out_dir={str(self.out_dir)!r}): {name} is not profiled: {_profiled} "
-            "of this process is, and torch's profiler records one at a time",
+            f"Profiler(out_dir={str(self.out_dir)!r}): the recording of {self._name}'s steps "
+            f"from global step {self._step + 1} is skipped: {_profiled} of this process "
+            "records, and torch's profiler records one loop at a time",
             RuntimeWarning,
             stacklevel=2,
         )
         return False
 
-    def _give_session_back(self) -> None:
-        if self._holds_session:
-            self._holds_session = False
-            _SESSION.release()
-
-    def _start_if_due(self) -> None:
-        """Start a recording if the next step is the first of one (its warm-up). Each
-        recording has a profiler of its own: torch's, run over several cycles, warns at
-        the second that it clears the first's events (a ``UserWarning`` meant for
-        ``profile.events()``, which nobody here reads: each recording is written whole)."""
-        cycle = self.wait + self.warmup + self.active
-        since = self._steps - self.skip_first - self.wait
-        if since < 0 or since % cycle or (self.repeat and since // cycle >= self.repeat):
-            return
-        self._started_at = self._steps
-        self._profile = torch.profiler.profile(
-            activities=self._activities, on_trace_ready=self._ready,
-            schedule=torch.profiler.schedule(
-                wait=0, warmup=self.warmup, active=self.active, repeat=1
-            ),
-            **self.options,
-        )  # fmt: skip
-        self._profile.start()
-
-    def _steps_in_recording(self) -> int:
-        """The steps since the recording in progress began, its warm-up included."""
-        return self._steps - self._started_at
-
     def _stop(self) -> None:
-        """Stop the recording in progress; one cut short is written, unless the loop ended
-        before it recorded a step (in its warm-up)."""
+        """Stop the recording in progress, give the session back, and hand what it
+        recorded to the writer (one cut short too, unless the loop ended before it recorded
+        a step, in its warm-up)."""
         profile, self._profile = self._profile, None
-        if profile is not None:
-            self._discard = self._steps_in_recording() <= self.warmup
-            try:
-                profile.stop()
-            finally:
-                self._discard = False
+        if profile is None:
+            return
+        try:
+            profile.stop()
+        finally:
+            _give_session_back()
+        recorded, self._recorded = self._recorded, None
+        if recorded is not None and self._steps - self._started_at > self.warmup:
+            step = self._step
+            trace = self.out_dir / f"{self._stem}-step{step}.pt.trace.json"
+            self._writer.submit(lambda: self._write(recorded, trace, step))
 
     def _ready(self, profile: torch.profiler.profile) -> None:
-        """A recording has ended (on the compute thread): hand it to the writer thread."""
-        if self._discard:
-            return
-        recorded = profile.profiler
-        assert recorded is not None
-        step = self._step
-        trace = self.out_dir / f"{self._stem}-step{step}.pt.trace.json"
-        self._writer.submit(lambda: self._write(recorded, trace, step))
+        """A recording has ended (on the compute thread, in its last ``step()`` or in
+        ``stop()``): :meth:`_stop` hands it to the writer once the session is given back."""
+        self._recorded = profile.profiler
 
     def _write(self, recorded: Any, trace: Path, step: int) -> None:
         """On the writer thread: the trace, then the table. A file that cannot be written
