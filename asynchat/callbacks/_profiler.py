@@ -143,9 +143,9 @@ class Profiler(Callback):
         """Record the loop's next steps: ``warmup`` steps, then ``steps`` (``active`` by
         default) recorded and written like a scheduled recording. From any thread, while the
         loop runs. True once the process's profiling session is this loop's for it (a
-        schedule's recording due meanwhile in another loop is skipped); False, asking
-        nothing, if the loop does not run, or a loop of this process records or is asked to
-        (this one included)."""
+        schedule's recording due meanwhile in another loop is skipped; a paused loop holds
+        it until it is resumed and has recorded); False, asking nothing, if the loop does
+        not run, or a loop of this process records or is asked to (this one included)."""
         positive_int("steps", steps, allow_none=True)
         with self._asking:
             if not self._running or self._asked is not None:
