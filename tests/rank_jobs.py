@@ -1030,6 +1030,20 @@ async def profiled(rank: int, world_size: int, out: str) -> None:
     Path(out, f"run_id{rank}").write_text(trainer.run_id)
 
 
+async def fails_as_it_begins(rank: int, world_size: int, out: str) -> None:
+    """A DDP trainer whose first callback fails in ``on_loop_begin``, before its
+    Checkpoint's ``on_loop_begin`` has run (its ``on_loop_end`` runs all the same)."""
+    from asynchat import Callback, LoopState
+    from asynchat.callbacks import Checkpoint
+
+    class Fails(Callback):
+        def on_loop_begin(self, state: LoopState) -> None:
+            raise RuntimeError("the first callback failed as the run began")
+
+    checkpoint = Checkpoint(Path(out, "checkpoints"), every_n_steps=2)
+    await plain_trainer(num_steps=4, callbacks=[Fails(), checkpoint]).fit()
+
+
 async def ddp_multibatch(rank: int, world_size: int, out: str, mode: str = "multi") -> None:
     """Whether each backward all-reduced under DDP, seen in the gradients: right after a
     backward that must not (``no_sync``), the ranks' gradients differ (each saw its own data);

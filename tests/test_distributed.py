@@ -710,3 +710,13 @@ def test_each_rank_profiles_its_own_steps_into_a_trace_of_its_own(tmp_path: Path
         events = json.loads(trace.read_text())["traceEvents"]
         recorded = {event.get("name") for event in events}
         assert {"ProfilerStep#1", "ProfilerStep#2", "aten::addmm"} <= recorded, rank
+
+
+def test_a_failure_before_the_checkpoints_begin_is_reported_as_itself() -> None:
+    # The Checkpoint's on_loop_end (teardown: it runs all the same) looked up its flag in
+    # the ranks' agreements, which it takes in on_loop_begin: an IndexError was attached.
+    with pytest.raises(LaunchError) as info:
+        launch(rank_jobs.fails_as_it_begins, nprocs=2, args=("/nonexistent-never-written",))
+    report = str(info.value)
+    assert "RuntimeError: the first callback failed as the run began" in report
+    assert "IndexError" not in report and "on_loop_end" not in report

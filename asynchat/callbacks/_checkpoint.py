@@ -252,7 +252,9 @@ class Checkpoint(Callback):
         self._requested = False  # request_save() was called (any thread)
         self._asked = False  # a save asked for (request or clock), held to a window's end
         self._clock = _Clock()  # every_n_seconds: training time since the last save
-        self._slot = 0  # its flag in the ranks' agreements (a distributed trainer's)
+        # Its flag in the ranks' agreements, a distributed trainer's, from on_loop_begin to
+        # on_loop_end (which runs even where an earlier callback's on_loop_begin failed).
+        self._slot: int | None = None
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -284,7 +286,7 @@ class Checkpoint(Callback):
         self._clock.restart(state)
         # Its own flag in the ranks' agreements (a loop's Checkpoints are alike on every
         # rank, and begin in the same order).
-        self._slot = state.loop._save_slot() if state.loop.spans_ranks else 0
+        self._slot = state.loop._save_slot() if state.loop.spans_ranks else None
         self._refuse_a_twin(state)
         if not state.loop.is_rank_zero:
             return
@@ -540,7 +542,7 @@ class Checkpoint(Callback):
         if asked:
             self._requested = False
             self._clock.asked = True  # not again before the save restarts it
-        if loop.spans_ranks:
+        if self._slot is not None:
             if asked:
                 loop._ask_ranks_to_save(self._slot)
             asked = loop._ranks_agreed_to_save(self._slot)
@@ -562,9 +564,9 @@ class Checkpoint(Callback):
             # it began from holds its state (saved, an untrained step-0 checkpoint replaced
             # the last run's with overwrite=True).
             changed = state.global_step != self._began_at or self._ended_an_epoch
-            loop = state.loop
+            slot, self._slot = self._slot, None
             asked = self._asked or (
-                loop._ranks_agreed_to_save(self._slot) if loop.spans_ranks else self._requested
+                state.loop._ranks_agreed_to_save(slot) if slot is not None else self._requested
             )
             wanted = self.save_on_end or asked  # (a save asked for as the run ended)
             if wanted and state.exception is None and self._began and changed:
