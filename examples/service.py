@@ -576,10 +576,8 @@ def create_app(
             job.checkpoint.request_save()  # at the job's next step (once resumed, if paused)
         elif action == "profile":
             if not job.profiler.record():  # torch's profiler records one loop at a time
-                return JSONResponse(
-                    {"error": "a job of this server is being profiled; ask again later"},
-                    status_code=409,
-                )
+                why = "a job of this server is being profiled, or this one has not begun"
+                return JSONResponse({"error": f"{why}; ask again later"}, status_code=409)
         elif action == "pause":
             job.trainer.pause()
         elif action == "resume":
