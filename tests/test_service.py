@@ -201,9 +201,14 @@ async def test_a_running_job_is_profiled_on_request_one_job_at_a_time(tmp_path: 
         for job in (one, two):
             await job_becomes(client, job, lambda body: body["global_step"] >= 3)
         assert (await client.get(f"/jobs/{one}")).json()["last_trace"] is None
+        # Paused, job one takes its recording once resumed, and holds the session till then
+        # (running, it could record its 4 steps before the next request came).
+        await client.post(f"/jobs/{one}/pause")
+        await status_becomes(client, one, {"paused"})
         assert (await client.post(f"/jobs/{one}/profile")).status_code == 202
-        busy = await client.post(f"/jobs/{two}/profile")  # one is asked, or records
+        busy = await client.post(f"/jobs/{two}/profile")
         assert busy.status_code == 409 and "being profiled" in busy.json()["error"]
+        await client.post(f"/jobs/{one}/resume")
         traced = await job_becomes(client, one, lambda body: body["last_trace"] is not None)
         trace = tmp_path / one / "profile" / traced["last_trace"]
         recorded = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
