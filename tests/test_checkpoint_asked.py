@@ -93,12 +93,13 @@ async def test_time_held_by_pause_does_not_count_towards_every_n_seconds(
         def on_step_end(self, state: LoopState) -> None:
             if state.global_step == 5:
                 state.loop.pause()
-                threading.Timer(1.5, state.loop.resume).start()
+                threading.Timer(3.0, state.loop.resume).start()
 
-    checkpoint = Checkpoint(tmp_path, every_n_seconds=1.0, keep_last=None)
+    # 12 steps of a few ms (a second or two on a machine that is busy): under 2 s.
+    checkpoint = Checkpoint(tmp_path, every_n_seconds=2.0, keep_last=None)
     trainer = make_trainer(PauseAt(), checkpoint, num_epochs=2)
-    await trainer.fit()  # 12 steps, held for 1.5 s after the fifth
-    assert trainer.paused_s > 1.0  # longer than every_n_seconds by itself
+    await trainer.fit()  # held for 3 s after the fifth step
+    assert trainer.paused_s > 2.0  # longer than every_n_seconds by itself
     # Counted, the hold made a save due at step 6; only the run's end saved.
     assert saved_steps(tmp_path) == [12]
 
