@@ -40,7 +40,11 @@ class UpdateDue:
 
     def __call__(self, state: LoopState, n: int | None) -> bool:
         """At ``on_step_end``: whether the action is due now."""
-        self.pending = self.pending or every_n_steps(state, n)
+        return self.hold(state, every_n_steps(state, n))
+
+    def hold(self, state: LoopState, due: bool) -> bool:
+        """At ``on_step_end``: whether an action ``due`` now, or held since, is due now."""
+        self.pending = self.pending or due
         if self.pending and not state.accumulating:
             self.pending = False
             return True

@@ -250,7 +250,7 @@ class Checkpoint(Callback):
         self._began_at = 0  # the global step the run began at (see on_loop_end)
         self._ended_an_epoch = False  # (a resumed run may end the epoch it was saved in)
         self._requested = False  # request_save() was called (any thread)
-        self._asked = False  # a save asked for (request or clock), held to a window's end
+        self._asked = UpdateDue()  # a save asked for (request or clock), to a window's end
         self._clock = _Clock()  # every_n_seconds: training time since the last save
         # Its flag in the ranks' agreements, a distributed trainer's, from on_loop_begin to
         # on_loop_end (which runs even where an earlier callback's on_loop_begin failed).
@@ -282,7 +282,7 @@ class Checkpoint(Callback):
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
         self._began_at, self._ended_an_epoch = state.global_step, False
-        self._asked = self._requested = False  # (one made while no run was on is dropped)
+        self._asked, self._requested = UpdateDue(), False  # (a request made before: dropped)
         self._clock.restart(state)
         # Its own flag in the ranks' agreements (a loop's Checkpoints are alike on every
         # rank, and begin in the same order).
@@ -546,11 +546,7 @@ class Checkpoint(Callback):
             if asked:
                 loop._ask_ranks_to_save(self._slot)
             asked = loop._ranks_agreed_to_save(self._slot)
-        self._asked = self._asked or asked
-        if self._asked and not state.accumulating:
-            self._asked = False
-            return True
-        return False
+        return self._asked.hold(state, asked)
 
     def on_epoch_end(self, state: LoopState) -> None:
         self._ended_an_epoch = True
@@ -565,7 +561,7 @@ class Checkpoint(Callback):
             # the last run's with overwrite=True).
             changed = state.global_step != self._began_at or self._ended_an_epoch
             slot, self._slot = self._slot, None
-            asked = self._asked or (
+            asked = self._asked.pending or (
                 state.loop._ranks_agreed_to_save(slot) if slot is not None else self._requested
             )
             wanted = self.save_on_end or asked  # (a save asked for as the run ended)
