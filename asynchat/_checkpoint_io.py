@@ -139,7 +139,7 @@ def atomic_file(path: Path, *, like: os.stat_result | None = None) -> Iterator[B
     The temporary name is unique to this call (pid and a random part), so two writers never
     touch each other's temporary file.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temporary_for(path)
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as file:
             if like is not None:
@@ -157,9 +157,15 @@ def atomic_file(path: Path, *, like: os.stat_result | None = None) -> Iterator[B
     fsync_dir(path.parent)  # the rename itself survives a crash
 
 
+def temporary_for(path: Path) -> Path:
+    """A temporary file's name for ``path``'s new content, beside it: unique to the call
+    (pid and a random part), hidden, and matched by :func:`temporaries_of`."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
 def temporaries_of(path: Path) -> re.Pattern[str]:
-    """The names :func:`atomic_file` gives the temporary files of ``path``, in its directory
-    (group 1: the pid of the process that made one)."""
+    """The names :func:`temporary_for` gives the temporary files of ``path``, in its
+    directory (group 1: the pid of the process that made one)."""
     return re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{12}}\.tmp")
 
 

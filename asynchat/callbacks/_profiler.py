@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import threading
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from asynchat._callback import Callback
-from asynchat._checkpoint_io import atomic_file
+from asynchat._checkpoint_io import atomic_file, temporary_for
 from asynchat._checks import flag, positive_int
 from asynchat._checks import path as check_path
 from asynchat._state import LoopState
@@ -266,7 +265,7 @@ class Profiler(Callback):
         """On the writer thread: the trace, then the table. A file that cannot be written
         is warned of: the training goes on (the error of anything else is raised at the
         next step)."""
-        temporary = trace.with_name(f".{trace.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+        temporary = temporary_for(trace)  # (the exporter writes to a path of its own)
         table = trace.with_name(trace.name.removesuffix(".pt.trace.json") + ".txt")
         try:
             try:
