@@ -21,8 +21,8 @@ takes each boundary the same way, so their collectives pair up.
 Data without a ``len()`` on some rank has its epoch's end agreed before each step (whether
 the item read ahead exists anywhere: ``agree_last``). That agreement carries the boundary's
 requests too (:meth:`LoopControl.agree_with`: ``[stop, cancel, pause, forced, saves...,
-ended]`` in one all-reduce), and the step loop decides on them (``decide(carried=True)``) instead of
-agreeing again after the step: one collective a step, not two.
+ended]`` in one all-reduce), and the step loop decides on them (``decide(carried=True)``)
+instead of agreeing again after the step: one collective a step, not two.
 
 Every agreement also carries a flag for each Checkpoint of the loop (``save_slot``; the
 ranks have the same ones, in the same order): a save asked for by some rank

@@ -194,8 +194,7 @@ class BatchProcessor(abc.ABC):
                 raise TypeError(
                     f"the loss to train on must be a tensor computed from the model's outputs, "
                     f"got {type(loss).__name__} {reprlib.repr(loss)}: does the loss function "
-                    "return "
-                    "a number (.item(), float()) or None?"
+                    "return a number (.item(), float()) or None?"
                 ) from exc
             raise
 
