@@ -555,6 +555,36 @@ async def test_a_plateau_schedule_steps_once_per_new_value_whatever_the_interval
         assert state.optimizers["default"].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
 
 
+async def test_an_optimizer_a_plateau_schedule_lowered_resumes_without_a_false_warning(
+    tmp_path: Path,
+) -> None:
+    """Regression: an optimizer given as itself, whose rate a plateau schedule had lowered
+    (to 0.025; ReduceLROnPlateau keeps no ``initial_lr``), resumed in the same process was
+    told it "was built with lr=0.025 (the checkpoint's 0.1)": a setting nobody changed."""
+    model = make_model()
+    optimizer = sgd(model)
+
+    def run(epochs: int, **kwargs: Any) -> Trainer:
+        schedule = LRSchedule(
+            lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, factor=0.5, patience=0, threshold=10.0, threshold_mode="abs"
+            ),
+            interval="epoch", monitor="val/loss",
+        )  # fmt: skip
+        return Trainer(
+            model, make_loader(96, 16), optimizer, loss_fn=nn.CrossEntropyLoss(),
+            num_epochs=epochs, callbacks=[EveryOtherEpoch(), schedule, Checkpoint(tmp_path)],
+            **kwargs,
+        )  # fmt: skip
+
+    await run(6).fit()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        state = await run(8, resume_from=tmp_path).fit()
+    assert state.optimizers["default"].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
 async def test_one_process_may_follow_its_own_training_loss_with_a_plateau_schedule() -> None:
     # A rank's own metric is refused only where ranks train together (test_distributed).
     schedule = LRSchedule(

@@ -152,6 +152,12 @@ class LRSchedule(Callback):
         if self._metric is not None:
             self._metric.begin(state)
         optimizer = self._optimizer(state)
+        for group in optimizer.param_groups:
+            # torch's other schedulers note each group's first rate; ReduceLROnPlateau does
+            # not, and an optimizer it had lowered, resumed by a later run of the process,
+            # was taken for one built with the lowered rate (a false CheckpointWarning).
+            lr = group["lr"]
+            group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
         restored: list[dict[str, Any]] = []
         if self._loaded is not None:
             # Building schedulers rescales the learning rates, and some set more of each
