@@ -14,7 +14,10 @@ the server, each on its own compute thread, so every route answers while models 
     POST   /jobs/{id}/pause|resume|stop
     POST   /jobs/{id}/checkpoint      save the job at its next step (a paused one's once
                                       resumed) -> 202; GET /jobs/{id}'s
-                                      "last_checkpoint" then names the file
+                                      "last_checkpoint" then names the file.
+                                      ?wait=true: answers once it is written,
+                                      200 {"checkpoint": file, ...} (409 if the
+                                      job ends or fails first)
     POST   /jobs/{id}/profile         profile the job's next 3 steps -> 202 (409 while a
                                       job records); "last_trace" names the Chrome trace
     DELETE /jobs/{id}                 cancel the job
@@ -76,7 +79,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import asynchat
-from asynchat import LoopEvent, LoopSnapshot, Trainer
+from asynchat import CheckpointError, LoopEvent, LoopSnapshot, Trainer
 from asynchat.callbacks import Checkpoint, Profiler, Validation, resumable
 
 logger = logging.getLogger("service")
@@ -573,7 +576,14 @@ def create_app(
             status = job.snapshot()["status"]
             return JSONResponse({"error": f"job {job.id} is {status}"}, status_code=409)
         if action == "checkpoint":
-            job.checkpoint.request_save()  # at the job's next step (once resumed, if paused)
+            saved = job.checkpoint.request_save()  # at its next step (once resumed, if paused)
+            if request.query_params.get("wait") == "true":
+                try:
+                    path = await asyncio.wrap_future(saved)
+                except CheckpointError as exc:  # the job ended, or failed, before it
+                    return JSONResponse({"error": str(exc)}, status_code=409)
+                assert path is not None  # (one process: it writes the file)
+                return JSONResponse({"checkpoint": path.name, **job.describe()})
         elif action == "profile":
             if not job.profiler.record():  # torch's profiler records one loop at a time
                 why = "a job of this server is being profiled, or this one has not begun"

@@ -973,8 +973,10 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
     of global step 2; ``"clock"``, by rank 0's clock (``every_n_seconds=0.1``, steps of 30
     ms); over batches with a length (``"request"``, ``"clock"``) or without
     (``"request-stream"``); ``"request-fsdp"``: a FullyShardedDataParallelTrainer, whose
-    ranks each write their shards. Writes the global steps at which this rank's
-    Checkpoints saved (``{"first": [...], "second": [...]}``) to ``out/rank<r>.json``."""
+    ranks each write their shards; ``"both..."``: every rank asks, at the same step. Writes
+    the global steps at which this rank's Checkpoints saved (``{"first": [...], "second":
+    [...]}``) and what its ask's future gave (``"served"``: the path, ``None``, or
+    ``"not asked"``) to ``out/rank<r>.json``."""
     from asynchat import (
         Callback,
         DistributedDataParallelTrainer,
@@ -996,12 +998,14 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
     )  # fmt: skip
     first.saved, second.saved = [], []
 
+    asked: list[Any] = []
+
     class Ask(Callback):
         def on_step_end(self, state: LoopState) -> None:
             if timed:
                 time.sleep(0.03)
-            elif rank == 1 and state.global_step == 2:
-                second.request_save()
+            elif (rank == 1 or how.startswith("both")) and state.global_step == 2:
+                asked.append(second.request_save())
 
     g = torch.Generator().manual_seed(rank)
     samples = torch.utils.data.TensorDataset(
@@ -1017,7 +1021,8 @@ async def asked_saves(rank: int, world_size: int, out: str, how: str, lag: int) 
         callbacks=[Ask(), first, second], control_lag=lag,
     )  # fmt: skip
     await trainer.fit()
-    saved = {"first": first.saved, "second": second.saved}
+    served = [str(path) if path else path for path in (f.result(timeout=0) for f in asked)]
+    saved = {"first": first.saved, "second": second.saved, "served": served or "not asked"}
     Path(out, f"rank{rank}.json").write_text(json.dumps(saved))
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from conftest import make_loader, make_model, make_trainer, sgd
 from torch import nn
 
-from asynchat import BasicBatchProcessor, Callback, LoopState, Trainer
+from asynchat import BasicBatchProcessor, Callback, CheckpointError, LoopState, Trainer
 from asynchat.callbacks import Checkpoint, Validation
 
 
@@ -60,14 +62,18 @@ class AskAt(Callback):
 
     def __init__(self, checkpoint: Checkpoint, *steps: int, at_end: bool = False) -> None:
         self.checkpoint, self.steps, self.at_end = checkpoint, steps, at_end
+        self.asked: list[Future[Path | None]] = []  # each ask's future
 
     def on_step_end(self, state: LoopState) -> None:
         if state.global_step in self.steps:
-            self.checkpoint.request_save()
+            self.asked.append(self.checkpoint.request_save())
 
     def on_loop_end(self, state: LoopState) -> None:
         if self.at_end:
-            self.checkpoint.request_save()
+            self.asked.append(self.checkpoint.request_save())
+
+    def served(self) -> list[Path | None]:
+        return [future.result(timeout=0) for future in self.asked]
 
 
 @pytest.mark.anyio
@@ -116,14 +122,14 @@ async def test_request_save_from_the_event_loop_saves_while_the_loop_runs(
             async for event in events:  # the service's way: ask while it trains
                 if event.snapshot.global_step >= 3:
                     break
-        checkpoint.request_save()
-        with anyio.fail_after(30):
-            while not manifest_entries(tmp_path):  # noqa: ASYNC110 (a file, not an event)
-                await anyio.sleep(0.01)
+        future = checkpoint.request_save()
+        with anyio.fail_after(30):  # (a thread waits: any backend)
+            path = await anyio.to_thread.run_sync(future.result)
+        [step] = saved_steps(tmp_path)  # written and listed as the future resolves
         trainer.stop()
-    [step] = saved_steps(tmp_path)
+    assert path == tmp_path / f"step-{step:09d}.ckpt" == checkpoint.last_path
     assert 3 <= step < trainer.state.global_step
-    saved = torch.load(tmp_path / f"step-{step:09d}.ckpt", weights_only=True)
+    saved = torch.load(path, weights_only=True)
     assert saved["progress"]["global_step"] == step
 
 
@@ -137,13 +143,15 @@ async def test_request_save_from_a_signal_handler_saves_at_a_later_step(tmp_path
             if state.global_step == 3:
                 os.kill(os.getpid(), signal.SIGUSR1)  # handled on the main thread
 
-    before = signal.signal(signal.SIGUSR1, lambda *_: checkpoint.request_save())
+    asked: list[Future[Path | None]] = []
+    before = signal.signal(signal.SIGUSR1, lambda *_: asked.append(checkpoint.request_save()))
     try:
         await make_trainer(SignalAt(), SlowSteps(0.01), checkpoint, num_steps=30).fit()
     finally:
         signal.signal(signal.SIGUSR1, before)
     [step] = saved_steps(tmp_path)
     assert 3 <= step < 30
+    assert [f.result(timeout=0) for f in asked] == [tmp_path / f"step-{step:09d}.ckpt"]
 
 
 @pytest.mark.anyio
@@ -160,7 +168,7 @@ async def test_a_requested_save_waits_for_the_window_and_at_an_epochs_last_step_
         sgd,
         batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=4),
         num_epochs=3,
-        callbacks=[AskAt(checkpoint, 7, 12), validation, checkpoint],
+        callbacks=[ask := AskAt(checkpoint, 7, 12), validation, checkpoint],
     )
     await trainer.fit()
     # Asked at 7, inside the window 7-10: saved at 10, where its gradients are applied.
@@ -171,6 +179,7 @@ async def test_a_requested_save_waits_for_the_window_and_at_an_epochs_last_step_
     assert "val/loss" not in entries[0]["metrics"] and "val/loss" in entries[1]["metrics"]
     saved = torch.load(tmp_path / "step-000000012.ckpt", weights_only=True)
     assert saved["progress"]["epoch_exhausted"] is True
+    assert ask.served() == [tmp_path / "step-000000010.ckpt", tmp_path / "step-000000012.ckpt"]
 
 
 @pytest.mark.anyio
@@ -178,11 +187,72 @@ async def test_a_save_asked_as_the_run_ends_is_saved_and_one_between_runs_is_dro
     tmp_path: Path,
 ) -> None:
     checkpoint = on_demand(tmp_path)
-    await make_trainer(AskAt(checkpoint, at_end=True), checkpoint, num_steps=5).fit()
+    ask = AskAt(checkpoint, at_end=True)
+    await make_trainer(ask, checkpoint, num_steps=5).fit()
     assert saved_steps(tmp_path) == [5]  # without save_on_end
-    checkpoint.request_save()  # no run is on: nobody takes it, the next run neither
+    assert ask.served() == [tmp_path / "step-000000005.ckpt"]
+    between = checkpoint.request_save()  # no run is on: nobody takes it, the next run neither
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"Checkpoint(save_dir={str(tmp_path)!r}): no save asked for: no loop runs with it"
+    )):  # fmt: skip
+        between.result(timeout=0)
     await make_trainer(checkpoint, num_steps=8, resume_from=tmp_path).fit()
     assert saved_steps(tmp_path) == [5]
+
+
+@pytest.mark.anyio
+async def test_an_ask_that_no_save_serves_fails_saying_why(tmp_path: Path) -> None:
+    checkpoint = on_demand(tmp_path)
+
+    class Fails(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                raise RuntimeError("the step failed")
+
+    ask = AskAt(checkpoint, 3)  # (taken at step 3, which then fails: no save)
+    with pytest.raises(RuntimeError, match="the step failed"):
+        await make_trainer(ask, Fails(), checkpoint, num_steps=6).fit()
+    [future] = ask.asked
+    with pytest.raises(CheckpointError, match="was not taken: the loop failed") as info:
+        future.result(timeout=0)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert saved_steps(tmp_path) == []
+    # Stopped before its first step: nothing to save (what it began from holds its state).
+    trainer = make_trainer(ask := AskAt(checkpoint, at_end=True), checkpoint, num_steps=6)
+    trainer.stop()
+    await trainer.fit()
+    with pytest.raises(CheckpointError, match="was not taken: the loop ended without it"):
+        ask.asked[0].result(timeout=0)
+
+
+@pytest.mark.anyio
+async def test_an_ask_at_a_step_already_saved_gets_that_save(tmp_path: Path) -> None:
+    # Step 5 saved by the schedule; asked at the loop's end (step 5 too), the save would be
+    # the same: the ask gets the step's checkpoint, written once.
+    checkpoint = Checkpoint(tmp_path, every_n_steps=5, save_on_end=False)
+    ask = AskAt(checkpoint, at_end=True)
+    await make_trainer(ask, checkpoint, num_steps=5).fit()
+    assert saved_steps(tmp_path) == [5]
+    assert ask.served() == [tmp_path / "step-000000005.ckpt"]
+
+
+@pytest.mark.anyio
+async def test_an_ask_whose_write_fails_gets_the_error_the_loop_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asynchat.callbacks._checkpoint as checkpoint_module
+
+    def full_disk(path: Path, obj: Any) -> tuple[int, str]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    checkpoint = on_demand(tmp_path)
+    ask = AskAt(checkpoint, 2)
+    with pytest.raises(CheckpointError, match="No space left on device") as raised:
+        await make_trainer(ask, checkpoint, num_steps=6).fit()
+    with pytest.raises(CheckpointError, match="No space left on device") as served:
+        ask.asked[0].result(timeout=0)
+    assert served.value is raised.value
 
 
 def test_every_n_seconds_is_a_positive_number(tmp_path: Path) -> None:

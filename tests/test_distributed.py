@@ -664,8 +664,10 @@ def test_data_parallel_device_must_be_the_first_of_device_ids() -> None:
 @pytest.mark.parametrize(
     ("how", "lag", "saved"),
     [("request", 0, [3]), ("request", 1, [4]), ("request-stream", 0, [3]),
-     ("request-stream", 1, [3]), ("request-fsdp", 1, [4])],
-    ids=["known-length", "known-length-lag-1", "stream", "stream-lag-1", "sharded-lag-1"],
+     ("request-stream", 1, [3]), ("request-fsdp", 1, [4]), ("both", 0, [3]),
+     ("both-fsdp", 0, [3])],
+    ids=["known-length", "known-length-lag-1", "stream", "stream-lag-1", "sharded-lag-1",
+         "both-ranks", "both-ranks-sharded"],
 )  # fmt: skip
 def test_a_save_requested_on_one_rank_is_taken_by_every_rank_at_the_same_step(
     tmp_path: Path, how: str, lag: int, saved: list[int]
@@ -674,11 +676,15 @@ def test_a_save_requested_on_one_rank_is_taken_by_every_rank_at_the_same_step(
     # every rank saves a step later (two with control_lag=1; data without a len() agrees
     # its boundary with the next read, lag or not). Rank 0 writes what every rank gave.
     # The loop's other Checkpoint, asked nothing, saves nothing.
+    # The future of an ask: on rank 0, the checkpoint's path once written; on rank 1,
+    # None once its part is handed over (sharded, its shards written).
     launch(rank_jobs.asked_saves, nprocs=2, args=(str(tmp_path), how, lag))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks == [{"first": [], "second": saved}] * 2
-    assert not (tmp_path / "other" / "manifest.json").exists()
     [entry] = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    path = str(tmp_path / "checkpoints" / entry["file"])
+    served = [[path] if how.startswith("both") else "not asked", [None]]
+    assert ranks == [{"first": [], "second": saved, "served": s} for s in served]
+    assert not (tmp_path / "other" / "manifest.json").exists()
     assert entry["global_step"] == saved[0]
     if how.endswith("-fsdp"):  # every rank wrote its shards
         loaded, _ = load_checkpoint(tmp_path / "checkpoints")
@@ -695,7 +701,8 @@ def test_every_n_seconds_on_rank_zeros_clock_saves_every_rank_at_the_same_steps(
     launch(rank_jobs.asked_saves, nprocs=2, args=(str(tmp_path), "clock", 1))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())["checkpoints"]
-    assert ranks[0] == ranks[1] == {"first": [], "second": [e["global_step"] for e in listed]}
+    steps = [e["global_step"] for e in listed]
+    assert ranks[0] == ranks[1] == {"first": [], "second": steps, "served": "not asked"}
     assert len(listed) >= 1
 
 

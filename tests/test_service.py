@@ -187,6 +187,12 @@ async def test_a_running_job_saves_on_request_and_an_ended_one_says_so(tmp_path:
         [entry] = json.loads((tmp_path / job / "manifest.json").read_text())["checkpoints"]
         assert saved["last_checkpoint"] == entry["file"]
         assert asked["global_step"] <= entry["global_step"] <= saved["global_step"]
+        # Asked to wait: the answer comes once the file is written, and names it.
+        waited = await client.post(f"/jobs/{job}/checkpoint", params={"wait": "true"})
+        assert waited.status_code == 200
+        [entry] = json.loads((tmp_path / job / "manifest.json").read_text())["checkpoints"]
+        assert waited.json()["checkpoint"] == entry["file"] == waited.json()["last_checkpoint"]
+        assert entry["global_step"] > saved["global_step"]  # (keep_last=1: the newest only)
         assert (await client.delete(f"/jobs/{job}")).status_code == 202
         await status_becomes(client, job, {"cancelled"})
         refused = await client.post(f"/jobs/{job}/checkpoint")

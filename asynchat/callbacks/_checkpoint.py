@@ -47,6 +47,7 @@ from asynchat._ranks import local_parts
 from asynchat._state import LoopState
 from asynchat._weights import plain_name
 from asynchat.callbacks._monitor import measured_at, misspelled
+from asynchat.callbacks._save_requests import SaveFuture, SaveOutcome, SaveRequests
 
 _LOG = logging.getLogger("asynchat.checkpoint")
 
@@ -249,7 +250,8 @@ class Checkpoint(Callback):
         self._began = False  # on_loop_begin ran (on rank 0: the directory is locked)
         self._began_at = 0  # the global step the run began at (see on_loop_end)
         self._ended_an_epoch = False  # (a resumed run may end the epoch it was saved in)
-        self._requested = False  # request_save() was called (any thread)
+        self._requests = SaveRequests(f"Checkpoint(save_dir={str(self.save_dir)!r})")
+        self._last_save: SaveOutcome | None = None  # whom the newest save serves
         self._asked = UpdateDue()  # a save asked for (request or clock), to a window's end
         self._clock = _Clock()  # every_n_seconds: training time since the last save
         # Its flag in the ranks' agreements, a distributed trainer's, from on_loop_begin to
@@ -277,12 +279,13 @@ class Checkpoint(Callback):
         return self.save_dir / self._entries[-1]["file"] if self._entries else None
 
     def on_loop_begin(self, state: LoopState) -> None:
+        self._requests.open()
         self._sharded_saves = 0
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
         self._began = state.loop.spans_ranks  # every rank of a distributed trainer saves
         self._began_at, self._ended_an_epoch = state.global_step, False
-        self._asked, self._requested = UpdateDue(), False  # (a request made before: dropped)
+        self._asked = UpdateDue()
         self._clock.restart(state)
         # Its own flag in the ranks' agreements (a loop's Checkpoints are alike on every
         # rank, and begin in the same order).
@@ -509,7 +512,7 @@ class Checkpoint(Callback):
         )  # fmt: skip
         return entries
 
-    def request_save(self) -> None:
+    def request_save(self) -> SaveFuture:
         """Ask for a save at the next step end where one can be taken whole: after a
         gradient-accumulation window; at an epoch's last step, at the epoch's end (with its
         validation). Callable from any thread (an HTTP handler, a signal handler of your
@@ -517,8 +520,20 @@ class Checkpoint(Callback):
         asked as the run ends is saved then, even with ``save_on_end=False``), and on any
         rank of a distributed trainer: every rank saves at the same step, a step or two
         later. It ranks and is kept like any other save; a failed one is raised at the next
-        step, as always; :attr:`last_path` names it once it is written."""
-        self._requested = True
+        step, as always.
+
+        Returns a :class:`concurrent.futures.Future` (``await asyncio.wrap_future(f)`` on
+        asyncio; ``await anyio.to_thread.run_sync(f.result)`` on any backend) that resolves
+        with the path of
+        the checkpoint once it is written and listed in the manifest (the first save after
+        the ask serves it: one of the schedule's, if one comes first); on a rank that
+        writes no file (not rank 0 of a DDP trainer) with None once its part is handed
+        over (or, sharded, its shards written). It fails with the save's error, or with a
+        :class:`~asynchat.CheckpointError` when no save serves it: asked while no loop
+        runs with this callback, or the loop ended (or failed) before the save. Ignoring
+        it is fine: a failed future is not reported by itself. Never wait for it inside
+        the loop's own hooks: the save is made after them, on the compute thread."""
+        return self._requests.ask()
 
     def on_step_end(self, state: LoopState) -> None:
         self._writer.raise_if_failed()  # a failed write is reported at the next step
@@ -538,9 +553,8 @@ class Checkpoint(Callback):
         agreement has carried the ask, at the same step on every rank."""
         loop, every = state.loop, self.every_n_seconds
         timed = every is not None and loop.is_rank_zero and self._clock.due(state, every)
-        asked = self._requested or timed
+        asked = self._requests.take() | timed  # (`|`: a request is taken either way)
         if asked:
-            self._requested = False
             self._clock.asked = True  # not again before the save restarts it
         if self._slot is not None:
             if asked:
@@ -561,8 +575,9 @@ class Checkpoint(Callback):
             # the last run's with overwrite=True).
             changed = state.global_step != self._began_at or self._ended_an_epoch
             slot, self._slot = self._slot, None
+            took = self._requests.take()  # (served by a save now, whatever asks for it)
             asked = self._asked.pending or (
-                state.loop._ranks_agreed_to_save(slot) if slot is not None else self._requested
+                state.loop._ranks_agreed_to_save(slot) if slot is not None else took
             )
             wanted = self.save_on_end or asked  # (a save asked for as the run ended)
             if wanted and state.exception is None and self._began and changed:
@@ -572,6 +587,7 @@ class Checkpoint(Callback):
                 self._writer.wait()  # on every way out: no write outlives the loop
             finally:
                 self._lock.release()
+                self._requests.close(state.exception)  # asks no save served fail, saying why
 
     def save(self, state: LoopState) -> None:
         """Snapshot now (on the compute thread) and write in the background.
@@ -581,12 +597,28 @@ class Checkpoint(Callback):
         (:meth:`~asynchat.LoopBase.rank_state_dict`), and rank 0 writes, or, when the
         state is sharded, every rank writes its shards.
         """
+        served = self._requests.for_save()  # the saves asked for so far: this one serves them
+        try:
+            missing = self._save(state, served)
+        except BaseException as exc:
+            served.settle(None, exc)
+            raise
+        if missing is not None:
+            raise missing  # after the write is on its way: the checkpoint is not lost
+
+    def _save(self, state: LoopState, served: SaveOutcome) -> CheckpointError | None:
+        """:meth:`save`; returns the error to raise once the write is on its way."""
         loop = state.loop
         if not loop.is_rank_zero and not loop.spans_ranks:
-            return
+            served.settle(None)  # (this rank writes nothing)
+            return None
         decision = self._agreed(state)
-        if decision is None:
-            return
+        if decision is None:  # saved at this step already: that save holds what this would
+            if self._last_save is not None:
+                self._last_save.join(served)
+            else:
+                served.settle(None)
+            return None
         self._refuse_diverged(state)
         metric, missing = decision
         if state.accumulating and loop.is_rank_zero:
@@ -597,20 +629,23 @@ class Checkpoint(Callback):
                 "so a run resumed from this checkpoint updates with its later micro-batches "
                 "only",
                 CheckpointWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         files = self._callbacks_files(state)
         ranks = loop.gather_to_rank_zero(loop.rank_state_dict()) if loop.spans_ranks else None
         if loop.shards_state:
-            self._save_sharded(state, metric, ranks, files)
+            self._save_sharded(state, metric, ranks, files, served)
         elif loop.is_rank_zero:
             snapshot = loop.state_dict() | ({"ranks": ranks} if ranks else {})
-            self._writer.submit(functools.partial(self._write, snapshot, metric, files))
+            write = functools.partial(self._write, snapshot, metric, files)
+            self._writer.submit(functools.partial(served.run, write))
+        else:
+            served.settle(None)  # its part is handed over; rank 0 writes the file
+        self._last_save = served
         self._last_saved_step = state.global_step
         self._last_ranked = metric is not None
         self._clock.restart(state)
-        if missing is not None:
-            raise missing  # after the write is on its way: the checkpoint is not lost
+        return missing
 
     def _refuse_diverged(self, state: LoopState) -> None:
         """Raise CheckpointError, on every rank alike, when the weights of any rank show the
@@ -682,6 +717,7 @@ class Checkpoint(Callback):
         metric: float | None,
         ranks: list[dict[str, Any]] | None,
         files: list[Path],
+        served: SaveOutcome,
     ) -> None:
         """Every rank: stage its shards now, write them on DCP's thread; rank 0 then
         commits the directory (see :mod:`asynchat._dcp`) with ``ranks``, every rank's part."""
@@ -699,7 +735,7 @@ class Checkpoint(Callback):
         finish = functools.partial(
             self._finish_sharded, written, temporary, name, extras, metric, files
         )
-        self._writer.submit(finish)
+        self._writer.submit(functools.partial(served.run, finish))
 
     def _finish_sharded(
         self,
@@ -709,10 +745,10 @@ class Checkpoint(Callback):
         extras: dict[str, Any] | None,
         metric: float | None,
         files: list[Path],
-    ) -> None:
+    ) -> Path | None:
         """On the writer thread: sync the callbacks' ``files``, wait for this rank's shards;
         rank 0 then writes the rest into the directory, renames it into place, writes the
-        manifest and prunes."""
+        manifest and prunes, and returns its path."""
         sync_files(files)
         try:
             written.result()  # DCP's coordinator (rank 0) returns once every rank's are written
@@ -721,7 +757,7 @@ class Checkpoint(Callback):
                 remove(temporary)
             raise CheckpointError(f"could not write sharded checkpoint {temporary}: {exc}") from exc
         if extras is None:
-            return  # not rank 0
+            return None  # not rank 0
         path = self.save_dir / name
         try:
             self._check_lock(temporary)
@@ -733,6 +769,7 @@ class Checkpoint(Callback):
         except OSError as exc:
             remove(temporary)  # (if the rename has not happened: nothing points at it)
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+        return path
 
     def _check_lock(self, temporary: Path) -> None:
         """:meth:`DirectoryLock.check`; refused, this save's shards (written before the
@@ -781,9 +818,9 @@ class Checkpoint(Callback):
             )
         return None, None
 
-    def _write(self, snapshot: dict[str, Any], metric: float | None, files: list[Path]) -> None:
+    def _write(self, snapshot: dict[str, Any], metric: float | None, files: list[Path]) -> Path:
         """On the writer thread: sync the callbacks' ``files``, write the checkpoint, then
-        the manifest, then prune."""
+        the manifest, then prune; returns the checkpoint's path."""
         sync_files(files)  # (their lines of the checkpoint's steps survive a machine crash)
         name = checkpoint_name(snapshot["progress"]["global_step"])
         path = self.save_dir / name
@@ -793,6 +830,7 @@ class Checkpoint(Callback):
             self._record(name, digest, size, snapshot, metric)
         except OSError as exc:
             raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+        return path
 
     def _record(
         self, name: str, digest: str, size: int, checkpoint: dict[str, Any], metric: float | None

@@ -1,0 +1,126 @@
+"""Saves asked for with :meth:`Checkpoint.request_save`: a future per ask, from the thread
+that asks to the save that serves it."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
+from pathlib import Path
+
+from asynchat._errors import CheckpointError
+
+SaveFuture = Future[Path | None]
+
+
+class SaveOutcome:
+    """The futures one save serves, settled once: with the checkpoint's path once written
+    (None on a rank that writes no file), or with the error that lost it. A future added
+    after that gets the same outcome at once."""
+
+    def __init__(self, futures: Iterable[SaveFuture] = ()) -> None:
+        self._lock = threading.Lock()
+        self._futures = list(futures)
+        self._outcome: tuple[Path | None, BaseException | None] | None = None
+
+    def add(self, futures: Iterable[SaveFuture]) -> None:
+        with self._lock:
+            if self._outcome is None:
+                self._futures += futures
+                return
+            path, error = self._outcome
+        _settle(futures, path, error)
+
+    def join(self, other: SaveOutcome) -> None:
+        """Serve ``other``'s futures with this save (``other``'s was not taken: this save,
+        at the same step, holds what it would have)."""
+        with other._lock:
+            futures, other._futures = other._futures, []
+        self.add(futures)
+
+    def settle(self, path: Path | None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = (path, error)
+            futures, self._futures = self._futures, []
+        _settle(futures, path, error)
+
+    def run(self, write: Callable[[], Path | None]) -> None:
+        """``write()`` (on the writer thread), settled with what it returns or raises."""
+        try:
+            path = write()
+        except BaseException as exc:
+            self.settle(None, exc)
+            raise
+        self.settle(path)
+
+
+def _settle(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
+    for future in futures:
+        with contextlib.suppress(InvalidStateError):  # (cancelled by the caller)
+            if error is None:
+                future.set_result(path)
+            else:
+                future.set_exception(error)
+
+
+class SaveRequests:
+    """The asks of one Checkpoint: :meth:`ask` from any thread (a signal handler of the
+    main thread too: an ask made inside another is safe, the lock being reentrant), the
+    rest on the compute thread."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._lock = threading.RLock()
+        self._running = False
+        self._asked = False  # asked since the compute thread last looked
+        self._asks: collections.deque[SaveFuture] = collections.deque()  # not looked at yet
+        self._taken: list[SaveFuture] = []  # looked at: served by the next save
+
+    def open(self) -> None:
+        """The loop begins: asks are taken from now on."""
+        with self._lock:
+            self._running, self._asked = True, False
+
+    def ask(self) -> SaveFuture:
+        future: SaveFuture = Future()
+        with self._lock:
+            if not self._running:
+                future.set_exception(
+                    CheckpointError(f"{self.owner}: no save asked for: no loop runs with it")
+                )
+                return future
+            self._asks.append(future)
+            self._asked = True  # (after the append: whoever sees it finds the future)
+        return future
+
+    def take(self) -> bool:
+        """Whether a save was asked for since the last call; its futures then wait for the
+        next save (:meth:`for_save`)."""
+        if not self._asked:  # (read without the lock: the step's usual case)
+            return False
+        with self._lock:
+            self._asked = False
+            self._taken += self._asks
+            self._asks.clear()
+        return True
+
+    def for_save(self) -> SaveOutcome:
+        """The futures this save serves: every ask taken so far."""
+        taken, self._taken = self._taken, []
+        return SaveOutcome(taken)
+
+    def close(self, error: BaseException | None) -> None:
+        """The loop has ended: the asks no save served fail, saying why (``error``: the
+        loop's)."""
+        with self._lock:
+            self._running = False
+            futures, self._taken = [*self._taken, *self._asks], []
+            self._asks.clear()
+        why = "the loop failed" if error is not None else "the loop ended without it"
+        lost = CheckpointError(f"{self.owner}: the save asked for was not taken: {why}")
+        lost.__cause__ = error
+        _settle(futures, None, lost)
