@@ -5,10 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
-import time
 import warnings
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
@@ -46,59 +43,11 @@ from asynchat._every import UpdateDue, every_n_epochs
 from asynchat._ranks import local_parts
 from asynchat._state import LoopState
 from asynchat._weights import plain_name
+from asynchat.callbacks._asked import SaveClock, SaveFuture, SaveOutcome, SaveRequests
 from asynchat.callbacks._monitor import measured_at, misspelled
-from asynchat.callbacks._save_requests import SaveFuture, SaveOutcome, SaveRequests
+from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.checkpoint")
-
-
-class BackgroundWriter:
-    """Runs one write at a time on a thread of its own; the owner joins it.
-
-    :meth:`submit` first waits for the write in flight (so at most one is), and raises the
-    error of a write that failed: a failed checkpoint is never silently dropped.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, write: Callable[[], None]) -> None:
-        """Start ``write`` on the writer thread; here, if no thread can start.
-
-        Python 3.12 refuses new threads once the interpreter shuts down, which is when the
-        compute thread of a loop cut short by a second Ctrl-C saves its last checkpoint
-        (``on_loop_end``): that write then happens here, before the thread ends.
-        """
-        self.wait()
-        thread = threading.Thread(target=self._run, args=(write,), name=self.name)
-        try:
-            thread.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown", or none left
-            self._run(write)
-            return
-        self._thread = thread
-
-    def raise_if_failed(self) -> None:
-        """Raise the error of a write that has already failed, without waiting for one."""
-        if self._error is not None:
-            self.wait()
-
-    def wait(self) -> None:
-        """Wait for the write in flight; raise its error, if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _run(self, write: Callable[[], None]) -> None:
-        try:
-            write()
-        except BaseException as exc:
-            self._error = exc
 
 
 def _paths(callback: Callback, returned: object) -> list[Path]:
@@ -253,7 +202,7 @@ class Checkpoint(Callback):
         self._requests = SaveRequests(f"Checkpoint(save_dir={str(self.save_dir)!r})")
         self._last_save: SaveOutcome | None = None  # whom the newest save serves
         self._asked = UpdateDue()  # a save asked for (request or clock), to a window's end
-        self._clock = _Clock()  # every_n_seconds: training time since the last save
+        self._clock = SaveClock()  # every_n_seconds: training time since the last save
         # Its flag in the ranks' agreements, a distributed trainer's, from on_loop_begin to
         # on_loop_end (which runs even where an earlier callback's on_loop_begin failed).
         self._slot: int | None = None
@@ -868,24 +817,6 @@ class Checkpoint(Callback):
             ranked.sort(key=lambda e: e["metric"], reverse=self.mode == "max")
             keep += ranked[: self.keep_best]
         return [e for e in by_step if any(e is k for k in keep)]
-
-
-class _Clock:
-    """``every_n_seconds``: the training time since the last save (or the run's start),
-    time held by ``pause()`` left out."""
-
-    def __init__(self) -> None:
-        self.since = 0.0
-        self.paused = 0.0
-        self.asked = False  # a save was asked for by this clock and has not happened yet
-
-    def restart(self, state: LoopState) -> None:
-        self.since, self.paused, self.asked = time.monotonic(), state.loop.paused_s, False
-
-    def due(self, state: LoopState, every: float) -> bool:
-        if self.asked:
-            return False
-        return time.monotonic() - self.since - (state.loop.paused_s - self.paused) >= every
 
 
 def _check_settings(

@@ -18,7 +18,7 @@ from asynchat._checkpoint_io import atomic_file, temporary_for
 from asynchat._checks import flag, positive_int
 from asynchat._checks import path as check_path
 from asynchat._state import LoopState
-from asynchat.callbacks._checkpoint import BackgroundWriter
+from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.profiler")
 TABLE_ROWS = 30

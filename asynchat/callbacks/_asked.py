@@ -1,16 +1,19 @@
-"""Saves asked for with :meth:`Checkpoint.request_save`: a future per ask, from the thread
-that asks to the save that serves it."""
+"""Saves asked for: by the clock (``Checkpoint(every_n_seconds=...)``) and on demand
+(:meth:`Checkpoint.request_save`: a future per ask, from the thread that asks to the save
+that serves it)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
 from asynchat._errors import CheckpointError
+from asynchat._state import LoopState
 
 SaveFuture = Future[Path | None]
 
@@ -124,3 +127,21 @@ class SaveRequests:
         lost = CheckpointError(f"{self.owner}: the save asked for was not taken: {why}")
         lost.__cause__ = error
         _settle(futures, None, lost)
+
+
+class SaveClock:
+    """``every_n_seconds``: the training time since the last save (or the run's start),
+    time held by ``pause()`` left out."""
+
+    def __init__(self) -> None:
+        self.since = 0.0
+        self.paused = 0.0
+        self.asked = False  # a save was asked for by this clock and has not happened yet
+
+    def restart(self, state: LoopState) -> None:
+        self.since, self.paused, self.asked = time.monotonic(), state.loop.paused_s, False
+
+    def due(self, state: LoopState, every: float) -> bool:
+        if self.asked:
+            return False
+        return time.monotonic() - self.since - (state.loop.paused_s - self.paused) >= every
