@@ -17,7 +17,9 @@ the server, each on its own compute thread, so every route answers while models 
                                       "last_checkpoint" then names the file.
                                       ?wait=true: answers once it is written,
                                       200 {"checkpoint": file, ...} (409 if the
-                                      job ends or fails first)
+                                      job ends or fails first). Asked of a job
+                                      just started, it and /profile wait for the
+                                      job to begin
     POST   /jobs/{id}/profile         profile the job's next 3 steps -> 202 (409 while a
                                       job records); "last_trace" names the Chrome trace
     DELETE /jobs/{id}                 cancel the job
@@ -79,7 +81,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import asynchat
-from asynchat import CheckpointError, LoopEvent, LoopSnapshot, Trainer
+from asynchat import Callback, CheckpointError, LoopEvent, LoopSnapshot, LoopState, Trainer
 from asynchat.callbacks import Checkpoint, Profiler, Validation, resumable
 
 logger = logging.getLogger("service")
@@ -249,6 +251,20 @@ def hold_runs(runs: Path) -> IO[str]:
     return file
 
 
+class Begun(Callback):
+    """Sets ``event`` as the loop begins, after the other callbacks' ``on_loop_begin``
+    (listed last of those that run last, Checkpoint and Profiler: they take a request only
+    from their ``on_loop_begin`` on, and a job just started over HTTP has not begun)."""
+
+    runs_last = True
+
+    def __init__(self, event: anyio.Event) -> None:
+        self.event = event
+
+    async def on_loop_begin(self, state: LoopState) -> None:
+        self.event.set()
+
+
 @dataclasses.dataclass
 class Job:
     """A job of this server (``trainer`` set) or one an earlier server ran (``record``: what
@@ -269,6 +285,9 @@ class Job:
     recorded: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     #: The ``recorded`` of the run this one continues: it writes ``job.json`` after that.
     after: anyio.Event | None = None
+    #: Set once the job's callbacks have begun (from then on they take what is asked of
+    #: them: a checkpoint, a profile), or once it has ended without.
+    begun: anyio.Event = dataclasses.field(default_factory=anyio.Event)
 
     def snapshot(self) -> dict[str, Any]:
         if self.trainer is not None:
@@ -390,6 +409,7 @@ class JobManager:
                 Validation(val, loss_fn=nn.CrossEntropyLoss()),
                 job.checkpoint,
                 job.profiler,
+                Begun(job.begun),
             ],
         )
         self.jobs[job.id] = job
@@ -410,6 +430,7 @@ class JobManager:
             job.error = repr(exc)
         finally:
             job.done.set()
+            job.begun.set()  # (if it ended before it began: nobody waits for that)
             self._evict()
             with anyio.CancelScope(shield=True):
                 await self._record(job)
@@ -572,9 +593,13 @@ def create_app(
             return JSONResponse(
                 {"error": f"job {job.id} is not running; continue it first"}, status_code=409
             )
-        if action in ("checkpoint", "profile") and job.done.is_set():
-            status = job.snapshot()["status"]
-            return JSONResponse({"error": f"job {job.id} is {status}"}, status_code=409)
+        if action in ("checkpoint", "profile"):
+            # Asked of a job just started (or continued), they wait for it to begin: before,
+            # a checkpoint asked then was answered 202 and never saved.
+            await job.begun.wait()
+            if job.done.is_set():
+                status = job.snapshot()["status"]
+                return JSONResponse({"error": f"job {job.id} is {status}"}, status_code=409)
         if action == "checkpoint":
             saved = job.checkpoint.request_save()  # at its next step (once resumed, if paused)
             if request.query_params.get("wait") == "true":
@@ -586,7 +611,7 @@ def create_app(
                 return JSONResponse({"checkpoint": path.name, **job.describe()})
         elif action == "profile":
             if not job.profiler.record():  # torch's profiler records one loop at a time
-                why = "a job of this server is being profiled, or this one has not begun"
+                why = "a job of this server is being profiled, or this one has just ended"
                 return JSONResponse({"error": f"{why}; ask again later"}, status_code=409)
         elif action == "pause":
             job.trainer.pause()
