@@ -11,9 +11,11 @@ drawn as samples are read, in the DataLoader's workers too) and one or two inter
 (``stop()`` or a cancellation at a random step), runs it straight and interrupted-then-
 resumed, and compares weights, metrics, learning rates, EMA and global step bitwise. In
 half the trials the interrupted run is also held by ``pause()`` for 0.1 s after a random
-step (on rank 0 alone with ``--ranks``), which must change nothing. It also
-resumes a run from one of the straight run's checkpoints, drawn at random, as a run that
-crashed right after saving it would, and compares that too. The table counts trials,
+step (on rank 0 alone with ``--ranks``), which must change nothing; in half, every run asks
+for a save (``request_save()``, on the last rank) after a random step. It also
+resumes a run from one of the straight run's checkpoints, drawn at random (the one it asked
+for, if it asked: its future names it), as a run that crashed right after saving it
+would, and compares that too. The table counts trials,
 mismatches and trials that raised a warning, by feature; each is printed with its
 configuration (rerun with ``--seed``).
 
@@ -48,6 +50,7 @@ sys.path.insert(0, str(TESTS))  # the configurations and the comparison the test
 
 from test_resume_soak import (  # noqa: E402
     KINDS,
+    STEPS_PER_EPOCH,
     Config,
     Interruption,
     distributed_trial,
@@ -61,6 +64,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "gradient accumulation": lambda c, i: c.accumulate > 1,
     "a cancellation": lambda c, i: any(how == "cancel" for how, _ in i),
     "a pause (0.1 s)": lambda c, i: c.held_at > 0,
+    "a save asked for (request_save)": lambda c, i: c.asked_at > 0,
     "a stop before an epoch's first step": lambda c, i: any(how == "epoch-begin" for how, _ in i),
     "two interruptions": lambda c, i: len(i) == 2,
     "validation by step": lambda c, i: c.validate_every is not None,
@@ -117,6 +121,10 @@ def main() -> None:
         hold = random.Random(f"{args.seed}-{n}-hold")  # (drawn apart, as above)
         if hold.random() < 0.5:
             config = draw_hold(config, hold)
+        asked = random.Random(f"{args.seed}-{n}-asked")  # (drawn apart, as above)
+        if asked.random() < 0.5:
+            steps = STEPS_PER_EPOCH * config.epochs
+            config = dataclasses.replace(config, asked_at=asked.randrange(1, steps))
         interruptions = draw_interruptions(config, rng)
         with TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")

@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,6 +128,7 @@ class Config:
     augmented: bool = False  # not streamed: noise drawn as samples are read (in workers too)
     held_at: int = 0  # the interrupted run is held by pause() after this global step (0: not)
     cycle: bool = False  # the schedule is one_cycle (momentum and beta1 cycle too), not cosine
+    asked_at: int = 0  # every run asks for a save after this global step (the last rank: 0 never)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Config:
@@ -168,6 +170,19 @@ class StopAtNextEpoch(Callback):
     def on_epoch_begin(self, state: LoopState) -> None:
         if state.global_step >= self.at:
             state.loop.stop("before the epoch's first step")
+
+
+class AskAt(Callback):
+    """``checkpoint.request_save()`` at the end of global step ``at`` (on the last rank of
+    a distributed trainer: an ask from a rank that writes nothing); ``asked``: its future."""
+
+    def __init__(self, checkpoint: Checkpoint, at: int) -> None:
+        self.checkpoint, self.at = checkpoint, at
+        self.asked: Future[Path | None] | None = None
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.at and state.loop.rank == state.loop.world_size - 1:
+            self.asked = self.checkpoint.request_save()
 
 
 class HoldAt(Callback):
@@ -255,7 +270,10 @@ def trainer(
         )
     if config.ema or config.validate_ema:
         callbacks.append(ExponentialMovingAverage(0.9))
-    callbacks.append(Checkpoint(directory, every_n_steps=config.checkpoint_every, keep_last=None))
+    checkpoint = Checkpoint(directory, every_n_steps=config.checkpoint_every, keep_last=None)
+    if config.asked_at:
+        callbacks.append(AskAt(checkpoint, config.asked_at))
+    callbacks.append(checkpoint)
     callbacks.append(LossMonitor(every_n_steps=3))
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     samples = 96 + 16 * rank if config.uneven else 96
@@ -374,8 +392,9 @@ def trial(
     crash: random.Random | None = None,
 ) -> list[str]:
     """Run ``config`` straight and interrupted; return what differs. With ``crash``, also
-    resume from one of the straight run's checkpoints, drawn with it, as a run that crashed
-    right after saving it would."""
+    resume from one of the straight run's checkpoints, drawn with it (the one it asked for,
+    if it asked: what its future names), as a run that crashed right after saving it
+    would."""
     straight = trainer(config, directory / "straight")
     anyio.run(straight.fit)
     expected = outcome(straight)
@@ -383,6 +402,10 @@ def trial(
     differ = differences(outcome(resumed), expected)
     if crash is not None:
         saved = crash.choice(sorted((directory / "straight").glob("*.ckpt")))
+        [ask] = [c for c in straight.callbacks if isinstance(c, AskAt)] or [None]
+        if ask is not None:
+            assert ask.asked is not None
+            saved = ask.asked.result(timeout=0) or saved  # (None: not rank 0's)
         after_crash = resumed_from(config, saved, directory / "after-crash")
         differ += [f"from {saved.name}: {d}" for d in differences(after_crash, expected)]
     return differ
@@ -422,6 +445,22 @@ def test_an_interrupted_run_over_streamed_data_resumes_to_the_uninterrupted_one(
     config = dataclasses.replace(Config.draw(rng), streamed=True, workers=False)
     interruptions = draw_interruptions(config, rng)
     assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
+
+
+@pytest.mark.parametrize(("accumulate", "asked_at"), [(3, 2), (4, 5)])
+def test_a_run_resumed_from_the_save_it_asked_for_ends_as_the_uninterrupted_one(
+    tmp_path: Path, accumulate: int, asked_at: int
+) -> None:
+    # Asked inside an accumulation window: saved at its end (step 3); or inside the window
+    # that an epoch's last step closes (5-6): saved at the epoch's end, with its validation
+    # and its schedule's step. Resumed from the file its future names, the run goes on as
+    # the one that never stopped (stopped and resumed too, asking at the same step).
+    config = Config(
+        accumulate=accumulate, schedule="epoch", plateau=True, ema=True, asked_at=asked_at
+    )
+    assert trial(config, [("stop", 7)], tmp_path, crash=random.Random(0)) == []
+    steps = [int(p.stem.split("-")[1]) for p in (tmp_path / "straight").glob("*.ckpt")]
+    assert sorted(steps) == [3 if asked_at == 2 else 6, 12]  # the asked save, the last
 
 
 @pytest.mark.parametrize("two_parts", [False, True])
