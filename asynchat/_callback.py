@@ -101,6 +101,15 @@ class Callback:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, before the resumed loop begins."""
 
+    def _run_begins(self) -> None:
+        """(The engine's.) A run has taken this callback: its ``fit()`` has begun, before
+        ``on_loop_begin``. Requests made of the callback from now on (a Checkpoint's
+        ``request_save()``) are this run's, as ``stop()`` and ``pause()`` are the loop's."""
+
+    def _run_ended(self, error: BaseException | None) -> None:
+        """(The engine's.) The run that took this callback is over, however it ended (by
+        ``error``, if not None; its ``on_loop_end``, if the run came that far, is done)."""
+
     def on_checkpoint(self, state: LoopState) -> Iterable[str | os.PathLike[str]] | None:
         """Right before a :class:`~asynchat.callbacks.Checkpoint` takes its snapshot, on the
         compute thread (a plain ``def``): bring files of this callback's own up to date with

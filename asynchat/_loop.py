@@ -464,14 +464,22 @@ class LoopBase(PipeBase):
         self._claim = use
         self._hooks_runner.trace = _LOG.isEnabledFor(logging.DEBUG)
         self._throughput.start(self.state.global_step)
+        ended_by: BaseException | None = None
         try:
+            for callback in self.callbacks:
+                callback._run_begins()
             with hold.running(self), self._control.running(cancelled=cancelled):
                 yield
+        except BaseException as exc:
+            ended_by = exc
+            raise
         finally:
             self._throughput.stop()
             self._detach()
             self._claim = None
             use.release()  # other loops may use the model (its modes: Claim.modes, in the run)
+            for callback in self.callbacks:
+                callback._run_ended(ended_by)
 
     def _attach(self, compute: ComputeThread) -> LoopRun:
         """The run's compute-thread half, going through ``compute``."""

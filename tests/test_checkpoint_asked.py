@@ -226,6 +226,45 @@ async def test_an_ask_that_no_save_serves_fails_saying_why(tmp_path: Path) -> No
 
 
 @pytest.mark.anyio
+async def test_an_ask_made_as_the_run_begins_is_served_by_its_first_save(tmp_path: Path) -> None:
+    # From fit() on, asks are the run's, as stop() and pause() are the loop's. Asked in an
+    # earlier callback's on_loop_begin (the Checkpoint's runs last), it failed: "no loop runs".
+    checkpoint = on_demand(tmp_path)
+
+    class AskAtBegin(Callback):
+        async def on_loop_begin(self, state: LoopState) -> None:
+            self.asked = checkpoint.request_save()
+
+    ask = AskAtBegin()
+    await make_trainer(ask, checkpoint, num_steps=4).fit()
+    assert ask.asked.result(timeout=0) == tmp_path / "step-000000001.ckpt"
+
+
+@pytest.mark.anyio
+async def test_an_ask_of_a_run_that_fails_before_it_begins_fails_with_it(tmp_path: Path) -> None:
+    # The run fails as it resumes (before on_loop_begin, so no on_loop_end comes): the ask
+    # made meanwhile fails with it, not left waiting for good.
+    checkpoint = on_demand(tmp_path)
+    asked: list[Future[Path | None]] = []
+
+    class Refuses(Callback):  # (its state is saved; loaded, it asks for a save and fails)
+        def state_dict(self) -> dict[str, Any]:
+            return {"saved": True}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            asked.append(checkpoint.request_save())
+            raise ValueError("this state cannot be loaded")
+
+    await make_trainer(Refuses(), Checkpoint(tmp_path / "saved"), num_steps=2).fit()
+    resumed = make_trainer(Refuses(), checkpoint, num_steps=4, resume_from=tmp_path / "saved")
+    with pytest.raises(ValueError, match="this state cannot be loaded"):
+        await resumed.fit()
+    with pytest.raises(CheckpointError, match="was not taken: the loop failed") as info:
+        asked[0].result(timeout=0)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+@pytest.mark.anyio
 async def test_an_ask_at_a_step_already_saved_gets_that_save(tmp_path: Path) -> None:
     # Step 5 saved by the schedule; asked at the loop's end (step 5 too), the save would be
     # the same: the ask gets the step's checkpoint, written once.

@@ -84,9 +84,9 @@ class SaveRequests:
         self._taken: list[SaveFuture] = []  # looked at: served by the next save
 
     def open(self) -> None:
-        """The loop begins: asks are taken from now on."""
+        """A run has taken the callback: asks are kept from now on, for its saves."""
         with self._lock:
-            self._running, self._asked = True, False
+            self._running = True
 
     def ask(self) -> SaveFuture:
         future: SaveFuture = Future()
@@ -117,13 +117,19 @@ class SaveRequests:
         return SaveOutcome(taken)
 
     def close(self, error: BaseException | None) -> None:
-        """The loop has ended: the asks no save served fail, saying why (``error``: the
-        loop's)."""
+        """The run is over: the asks no save served fail, saying why (``error``: what
+        ended it, if anything did)."""
         with self._lock:
-            self._running = False
+            self._running, self._asked = False, False
             futures, self._taken = [*self._taken, *self._asks], []
             self._asks.clear()
-        why = "the loop failed" if error is not None else "the loop ended without it"
+        why = (
+            "the loop ended without it"
+            if error is None
+            else "the loop failed"
+            if isinstance(error, Exception)
+            else "the loop was cancelled"
+        )
         lost = CheckpointError(f"{self.owner}: the save asked for was not taken: {why}")
         lost.__cause__ = error
         _settle(futures, None, lost)

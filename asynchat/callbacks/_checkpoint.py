@@ -227,8 +227,13 @@ class Checkpoint(Callback):
         """The newest kept checkpoint (None before the first save)."""
         return self.save_dir / self._entries[-1]["file"] if self._entries else None
 
+    def _run_begins(self) -> None:
+        self._requests.open()  # (asks from now on: the run's first saves serve them)
+
+    def _run_ended(self, error: BaseException | None) -> None:
+        self._requests.close(error)  # asks no save served fail, saying why
+
     def on_loop_begin(self, state: LoopState) -> None:
-        self._requests.open()
         self._sharded_saves = 0
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end
@@ -465,8 +470,9 @@ class Checkpoint(Callback):
         """Ask for a save at the next step end where one can be taken whole: after a
         gradient-accumulation window; at an epoch's last step, at the epoch's end (with its
         validation). Callable from any thread (an HTTP handler, a signal handler of your
-        own) while the loop runs (a paused loop saves once resumed, at its next step; one
-        asked as the run ends is saved then, even with ``save_on_end=False``), and on any
+        own) while the loop runs, from its ``fit()`` on (a paused loop saves once resumed,
+        at its next step; one asked as the run ends is saved then, even with
+        ``save_on_end=False``), and on any
         rank of a distributed trainer: every rank saves at the same step, a step or two
         later. It ranks and is kept like any other save; a failed one is raised at the next
         step, as always.
@@ -479,7 +485,8 @@ class Checkpoint(Callback):
         writes no file (not rank 0 of a DDP trainer) with None once its part is handed
         over (or, sharded, its shards written). It fails with the save's error, or with a
         :class:`~asynchat.CheckpointError` when no save serves it: asked while no loop
-        runs with this callback, or the loop ended (or failed) before the save. Ignoring
+        runs with this callback (before its ``fit()``, after its end), or the loop ended
+        (or failed, or was cancelled) before the save. Ignoring
         it is fine: a failed future is not reported by itself. Never wait for it inside
         the loop's own hooks: the save is made after them, on the compute thread."""
         return self._requests.ask()
@@ -536,7 +543,6 @@ class Checkpoint(Callback):
                 self._writer.wait()  # on every way out: no write outlives the loop
             finally:
                 self._lock.release()
-                self._requests.close(state.exception)  # asks no save served fail, saying why
 
     def save(self, state: LoopState) -> None:
         """Snapshot now (on the compute thread) and write in the background.
