@@ -246,3 +246,47 @@ async def test_a_recording_asked_as_the_loop_ends_gives_the_session_back(tmp_pat
     await make_trainer(AskAtTheEnd(), profiler, num_steps=3).fit()
     assert answers == [True] and profiler.traces == []
     assert not asynchat.callbacks._profiler._SESSION.locked()  # else no loop records again
+
+
+@pytest.mark.anyio
+async def test_a_recording_asked_as_the_run_begins_records_its_first_steps(
+    tmp_path: Path,
+) -> None:
+    # From fit() on, record() asks for the run: in an earlier callback's on_loop_begin (the
+    # Profiler's runs last) it said False before.
+    profiler = Profiler(tmp_path, warmup=1, on_demand=True)
+    answers: list[bool] = []
+
+    class AskAtBegin(Callback):
+        async def on_loop_begin(self, state: LoopState) -> None:
+            answers.append(profiler.record(steps=2))
+
+    await make_trainer(AskAtBegin(), profiler, num_steps=5).fit()
+    assert answers == [True]
+    [trace] = profiler.traces
+    assert trace.name.endswith("-step3.pt.trace.json")  # a warm-up step, then two recorded
+
+
+@pytest.mark.anyio
+async def test_a_recording_asked_of_a_run_that_fails_as_it_resumes_gives_the_session_back(
+    tmp_path: Path,
+) -> None:
+    from asynchat.callbacks import Checkpoint
+
+    profiler = Profiler(tmp_path / "traces", on_demand=True)
+    answers: list[bool] = []
+
+    class Refuses(Callback):  # (its state is saved; loaded, it asks to record and fails)
+        def state_dict(self) -> dict[str, Any]:
+            return {"saved": True}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            answers.append(profiler.record())
+            raise ValueError("this state cannot be loaded")
+
+    await make_trainer(Refuses(), Checkpoint(tmp_path / "saved"), num_steps=2).fit()
+    resumed = make_trainer(Refuses(), profiler, num_steps=4, resume_from=tmp_path / "saved")
+    with pytest.raises(ValueError, match="this state cannot be loaded"):
+        await resumed.fit()  # (before on_loop_begin: no on_loop_end runs)
+    assert answers == [True] and profiler.traces == []
+    assert not asynchat.callbacks._profiler._SESSION.locked()  # else no loop records again

@@ -144,7 +144,8 @@ class Profiler(Callback):
         loop runs. True once the process's profiling session is this loop's for it (a
         schedule's recording due meanwhile in another loop is skipped; a paused loop holds
         it until it is resumed and has recorded); False, asking nothing, if the loop does
-        not run, or a loop of this process records or is asked to (this one included)."""
+        not run (before its ``fit()``, after its end), or a loop of this process records or
+        is asked to (this one included)."""
         positive_int("steps", steps, allow_none=True)
         with self._asking:
             if not self._running or self._asked is not None:
@@ -167,8 +168,6 @@ class Profiler(Callback):
             self._activities.append(ProfilerActivity.CUDA)
             self._sort_by = "self_device_time_total"
         self._steps, self._step = 0, state.global_step
-        with self._asking:
-            self._running = True
         self._start_if_due()
 
     def on_step_end(self, state: LoopState) -> None:
@@ -185,12 +184,18 @@ class Profiler(Callback):
         try:
             self._stop()  # writes a recording in progress
         finally:
-            with self._asking:
-                self._running = False
-                if self._asked is not None:  # asked for, never begun: its session back
-                    self._asked = None
-                    _give_session_back()
             self._writer.wait()  # on every way out: no write outlives the loop
+
+    def _run_begins(self) -> None:
+        with self._asking:
+            self._running = True  # (record() asks from the run's fit() on)
+
+    def _run_ended(self, error: BaseException | None) -> None:
+        with self._asking:
+            self._running = False
+            if self._asked is not None:  # asked for, never begun: its session back (also
+                self._asked = None  # where the run failed before its on_loop_begin)
+                _give_session_back()
 
     def _start_if_due(self) -> None:
         """Start a recording if the next step is the first of one (its warm-up): one asked
