@@ -113,7 +113,8 @@ class SaveRequests:
 
     def for_save(self) -> SaveOutcome:
         """The futures this save serves: every ask taken so far."""
-        taken, self._taken = self._taken, []
+        with self._lock:  # (a run cut short by a second Ctrl-C may close meanwhile)
+            taken, self._taken = self._taken, []
         return SaveOutcome(taken)
 
     def close(self, error: BaseException | None) -> None:
