@@ -58,6 +58,28 @@ _SETTLE_S = 3.0
 # The exit code multiprocessing gives every process of a fork server that died (it cannot
 # tell how they end; they may still run).
 _LOST = 255
+# The signal on which a launched rank writes its Python stacks (the launcher asks a hung
+# rank): a real-time one where the system has them, so that SIGUSR1 and SIGUSR2 are the
+# job's (a batch scheduler's warning before it preempts: SLURM's --signal=USR1@90).
+STACKS_SIGNAL: int | None = (
+    int(signal.SIGRTMIN) + 2 if hasattr(signal, "SIGRTMIN") else getattr(signal, "SIGUSR1", None)
+)
+# The signals a launcher passes on to its ranks, each where it would end the launcher (its
+# default action) and is the job's: the ranks decide what it does (their handler, such as
+# `checkpoint.request_save()`, or the default: they end by it).
+USER_SIGNALS: tuple[int, ...] = tuple(
+    getattr(signal, name)
+    for name in ("SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name) and getattr(signal, name) != STACKS_SIGNAL
+)
+
+
+def user_signals() -> tuple[int, ...]:
+    """:data:`USER_SIGNALS` that this process leaves to their default action (one the
+    program handles or ignores is its own)."""
+    return tuple(s for s in USER_SIGNALS if disposition(s) == signal.SIG_DFL)
+
+
 _DUMP_WAIT_S = 0.3  # how long ranks asked for their stacks get to write them
 #: How long a cancelled :func:`launch_async` waits by default for its ranks to end as on
 #: Ctrl-C (their steps completed, their final checkpoints written) before it terminates them.
@@ -329,13 +351,14 @@ def _prepare_rank(rank: int, lifeline: Any, beats: Any, dump: str) -> None:
     heartbeat.install(beats, rank)
     if hasattr(signal, "SIGTSTP"):  # the launcher's Ctrl-Z holds the rank's loops
         hold.hold_on_sigtstp()
-    # Python stacks for the launcher: on SIGUSR1 (it asks a hung rank) and on a fatal signal
-    # (a native crash or abort), where no Python traceback would tell what the rank was doing.
-    # Kept open until the process ends: faulthandler writes to it from a signal handler.
+    # Python stacks for the launcher: on STACKS_SIGNAL (it asks a hung rank) and on a fatal
+    # signal (a native crash or abort), where no Python traceback would tell what the rank
+    # was doing. Kept open until the process ends: faulthandler writes to it from a signal
+    # handler.
     stacks = open(dump, "w")  # noqa: SIM115
     faulthandler.enable(file=stacks, all_threads=True)
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    if STACKS_SIGNAL is not None:
+        faulthandler.register(STACKS_SIGNAL, file=stacks, all_threads=True)
 
 
 def _watch_launcher(lifeline: Any, dump: str) -> None:
@@ -582,10 +605,10 @@ class _Ranks:
     def _stacks(self, ranks: list[int], states: dict[int, str | None]) -> str:
         """The Python stacks of ``ranks``, each asked to write them; where none came, why
         (by the process's ``states``: a stopped process cannot write them)."""
-        if not hasattr(signal, "SIGUSR1"):  # pragma: no cover - not POSIX
+        if STACKS_SIGNAL is None:  # pragma: no cover - not POSIX
             return ""
         for rank in ranks:
-            _signal(self.processes[rank], signal.SIGUSR1)
+            _signal(self.processes[rank], STACKS_SIGNAL)
         if any(states[rank] not in _STOPPED for rank in ranks):
             time.sleep(_DUMP_WAIT_S)
         parts = []
@@ -621,7 +644,10 @@ class _Ranks:
         collective). Before, a Ctrl-C made the launcher SIGTERM the ranks in the middle of
         their final checkpoint, and a SIGTERM to the launcher alone (a pod's) or a closed
         terminal's SIGHUP ended the ranks with no checkpoint at all. A Ctrl-Z (SIGTSTP)
-        holds the ranks while the launcher is stopped (:func:`_stop_holding`).
+        holds the ranks while the launcher is stopped (:func:`_stop_holding`). SIGUSR1 and
+        SIGUSR2 (:func:`user_signals`) are passed on too, and the launcher goes on: the
+        ranks decide what they do (before, a scheduler's SIGUSR1 ended the launcher, and its
+        ranks with it, though they would save on it).
         Outside the main thread signals cannot be caught: nothing is forwarded.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -631,7 +657,11 @@ class _Ranks:
         def forward(signum: int, frame: object) -> None:
             self.send(signum)
 
-        previous = {signum: signal.signal(signum, forward) for signum in ending_signals()}
+        def pass_on(signum: int, frame: object) -> None:
+            self.pass_on(signum)
+
+        previous: dict[int, Any] = {s: signal.signal(s, forward) for s in ending_signals()}
+        previous |= {signum: signal.signal(signum, pass_on) for signum in user_signals()}
         if _holds_on_ctrl_z():
             previous[signal.SIGTSTP] = signal.signal(
                 signal.SIGTSTP, lambda signum, frame: _stop_holding([self])
@@ -663,6 +693,12 @@ class _Ranks:
         self.signalled.append(signum)
         if len(self.signalled) == 2:  # a second Ctrl-C forces: the ranks get _GRACE_S more
             self._forced_at = time.monotonic()
+        for process in self.processes:
+            _signal(process, signum)
+
+    def pass_on(self, signum: int) -> None:
+        """``signum`` (one of :data:`USER_SIGNALS`) to every rank still running, for the
+        ranks to act on; it ends nothing of the launcher's."""
         for process in self.processes:
             _signal(process, signum)
 
@@ -777,7 +813,7 @@ class _SignalRelay:
             self._listened = [
                 (s, self._forward) for s in ending_signals()
                 if s != signal.SIGINT and disposition(s) is signal.SIG_DFL
-            ]  # fmt: skip
+            ] + [(s, self._pass_on) for s in user_signals()]  # fmt: skip
             if _holds_on_ctrl_z():
                 self._listened.append((signal.SIGTSTP, self._hold))
             for signum, listener in self._listened:
@@ -803,6 +839,10 @@ class _SignalRelay:
             if not ranks.signalled:
                 ranks.graceful = graceful
             ranks.send(signum)
+
+    def _pass_on(self, signum: int) -> None:
+        for ranks in list(self.jobs):
+            ranks.pass_on(signum)
 
     def _hold(self, signum: int) -> None:
         _stop_holding(list(self.jobs))

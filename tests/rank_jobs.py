@@ -1304,11 +1304,15 @@ async def fsdp_checkpointed(
         torch.save({"model": full, "ema": average, "global_step": state.global_step}, out)
 
 
-async def until_signalled(rank: int, world_size: int, directory: str, handle: bool) -> None:
+async def until_signalled(
+    rank: int, world_size: int, directory: str, handle: bool, saves_on_usr1: bool = False
+) -> None:
     """A DDP job that trains until a signal ends it, checkpointing only at its end (each
     rank writes its pid first, and at the end why it stopped to ``stop_reason.<rank>``;
     rank 0 prints each step, and writes it to ``step``). ``handle``: under
-    ``stop_on_signals``, whose stop is graceful on SIGTERM too."""
+    ``stop_on_signals``, whose stop is graceful on SIGTERM too. ``saves_on_usr1``: each
+    rank asks for a save on SIGUSR1 (a scheduler's warning before it preempts the job),
+    and rank 0 prints ``saved <path>`` once the save it asked for is written."""
 
     from asynchat import Callback, LoopState, stop_on_signals
     from asynchat.callbacks import Checkpoint
@@ -1322,10 +1326,16 @@ async def until_signalled(rank: int, world_size: int, directory: str, handle: bo
             time.sleep(0.02)
 
     write_pid(directory, rank)
-    trainer = plain_trainer(
-        num_epochs=10_000,
-        callbacks=[Announce(), Checkpoint(Path(directory, "checkpoints"), every_n_steps=10**6)],
-    )
+    checkpoint = Checkpoint(Path(directory, "checkpoints"), every_n_steps=10**6)
+    trainer = plain_trainer(num_epochs=10_000, callbacks=[Announce(), checkpoint])
+    if saves_on_usr1:
+        import signal
+
+        def save(future: Any) -> None:
+            if rank == 0:
+                print(f"saved {future.result()}", flush=True)
+
+        signal.signal(signal.SIGUSR1, lambda *_: checkpoint.request_save().add_done_callback(save))
     if handle:
         async with stop_on_signals(trainer):
             await trainer.fit()

@@ -2,7 +2,8 @@
 
 python signalled_launcher.py DIRECTORY HOW [async | async-handled | async-two | beside-*]
     # HOW: "0" trains, "1" trains under stop_on_signals, "stubborn" ignores SIGINT,
-    # "terminal" as "1", on its stdin's terminal; "async": launch_async in anyio.run;
+    # "terminal" as "1", on its stdin's terminal; "usr1" as "1", and each rank asks for a
+    # save on SIGUSR1 (rank 0 prints "saved <path>"); "async": launch_async in anyio.run;
     # "async-handled": that, and the program cancels the job on a SIGTERM itself;
     # "async-two": two such jobs at once, the second in DIRECTORY/second;
     # "beside-block-first", "beside-job-first": a service's two jobs, one launched and one
@@ -80,7 +81,7 @@ if __name__ == "__main__":
     if how == "stubborn":
         job, args = rank_jobs.ignoring_ctrl_c, (directory,)
     else:
-        job, args = rank_jobs.until_signalled, (directory, how != "0")
+        job, args = rank_jobs.until_signalled, (directory, how != "0", how == "usr1")
     if launched == ["async"]:
         anyio.run(lambda: launch_async(job, nprocs=2, args=args))
     elif launched == ["async-handled"]:

@@ -656,6 +656,37 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     assert list(temporary.glob("pymp-*")) == []
 
 
+@pytest.mark.parametrize("launched", ["launch", "async"])
+def test_a_schedulers_sigusr1_to_the_launcher_reaches_ranks_that_save_on_it(
+    tmp_path: Path, launched: str
+) -> None:
+    # Regression: a SIGUSR1 to the launcher (SLURM's --signal=USR1@90, its warning before it
+    # preempts a job) ended the launcher by its default action, and the ranks with it (their
+    # lifelines), though each would save on it; and a rank's own handler for it took the
+    # signal on which the launcher asks a hung rank for its stacks. The launcher now passes
+    # it on and goes on; the ranks' stacks come on a real-time signal.
+    with launcher_script("signalled_launcher.py", str(tmp_path), "usr1", launched) as launcher:
+        wait_for_line(launcher, "step 5")
+        launcher.send_signal(signal.SIGUSR1)
+        manifest = tmp_path / "checkpoints" / "manifest.json"
+        deadline = time.monotonic() + 60
+        while not manifest.exists():
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the asked save is written"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)  # then the job ends, with its final checkpoint
+        said, errors = launcher.communicate(timeout=60)
+    assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
+    listed = json.loads(manifest.read_text())["checkpoints"]
+    asked, final = (tmp_path / "checkpoints" / c["file"] for c in listed)
+    assert f"saved {asked}" in said.splitlines(), said[-2000:]  # what rank 0's future gave
+    assert 5 <= step_of_checkpoint(asked) < step_of_checkpoint(final)
+
+
+def step_of_checkpoint(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
 def assert_stopped_by(reason: str, directory: Path) -> None:
     """Both ranks of the ``rank_jobs.until_signalled`` job in ``directory`` stopped for
     ``reason``, or at the same step because the other had: the ranks agree on a stop at
