@@ -40,6 +40,7 @@ from asynchat._signals import (
     catches,
     disposition,
     ending_signals,
+    left_to_default,
     listen,
     unlisten,
     unwatch,
@@ -76,8 +77,8 @@ USER_SIGNALS: tuple[int, ...] = tuple(
 
 def user_signals() -> tuple[int, ...]:
     """:data:`USER_SIGNALS` that this process leaves to their default action (one the
-    program handles or ignores is its own)."""
-    return tuple(s for s in USER_SIGNALS if disposition(s) == signal.SIG_DFL)
+    program handles or ignores is its own, a faulthandler's too)."""
+    return tuple(s for s in USER_SIGNALS if left_to_default(s))
 
 
 _DUMP_WAIT_S = 0.3  # how long ranks asked for their stacks get to write them

@@ -10,6 +10,7 @@ a service's SIGTERM stopped its own loops and not its launched jobs' ranks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import signal
@@ -28,6 +29,25 @@ def disposition(signum: int) -> Any:
     if _installed(signum) and signum in _previous:
         return _previous[signum]
     return signal.getsignal(signum)
+
+
+def left_to_default(signum: int) -> bool:
+    """Whether ``signum`` would do its default action in this process: no handler of
+    Python's (:func:`disposition`), nor one that C code installed, which
+    ``signal.getsignal`` does not see (``faulthandler.register(signal.SIGUSR1)``, a common
+    way to ask a process for its stacks: a handler of the engine's in its place, then put
+    back as ``SIG_DFL``, would have lost it)."""
+    if disposition(signum) != signal.SIG_DFL:
+        return False
+    if _installed(signum):
+        return True  # (the engine's, in place of the default it had)
+    try:
+        action = ctypes.create_string_buffer(512)  # (a struct sigaction: its handler first)
+        if ctypes.CDLL(None).sigaction(int(signum), None, action) != 0:
+            return True
+    except (OSError, AttributeError):  # pragma: no cover - no C library to ask
+        return True
+    return not ctypes.c_void_p.from_buffer(action).value  # (SIG_DFL is 0)
 
 
 def ending_signals() -> tuple[signal.Signals, ...]:

@@ -683,6 +683,27 @@ def test_a_schedulers_sigusr1_to_the_launcher_reaches_ranks_that_save_on_it(
     assert 5 <= step_of_checkpoint(asked) < step_of_checkpoint(final)
 
 
+def test_a_launcher_that_writes_its_stacks_on_sigusr1_keeps_doing_so(tmp_path: Path) -> None:
+    # faulthandler.register(signal.SIGUSR1) is a common way to ask a process for its
+    # stacks; signal.getsignal does not see it (SIG_DFL), and a launcher that took SIGUSR1
+    # over for its ranks would have put SIG_DFL back: its next SIGUSR1 killed it.
+    script = (
+        "import faulthandler, os, signal, time, rank_jobs\n"
+        "from asynchat import launch\n"
+        f"stacks = open({str(tmp_path / 'stacks')!r}, 'w')\n"
+        "faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)\n"
+        f"launch(rank_jobs.all_reduce_rank, nprocs=2, args=({str(tmp_path)!r},))\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(0.2)\n"
+        "print('still here')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "still here", done.stderr[-2000:]
+    assert "<module>" in (tmp_path / "stacks").read_text()  # its stacks, as it asked
+
+
 def step_of_checkpoint(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
