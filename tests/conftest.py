@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -117,6 +117,38 @@ def environment_kept() -> Iterator[None]:
     for name in set(os.environ) - set(before) - {volatile}:
         del os.environ[name]
     os.environ.update(before)
+
+
+class AsksAsItResumes(Callback):
+    """Saved with a state of its own; loaded as a run resumes (before any callback's
+    ``on_loop_begin``, so no ``on_loop_end`` comes), it calls ``ask`` (what it returns
+    is kept in ``answers``) and fails."""
+
+    def __init__(self, ask: Callable[[], Any] | None = None) -> None:
+        self.ask = ask
+        self.answers: list[Any] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": True}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.ask is not None:
+            self.answers.append(self.ask())
+        raise ValueError("this state cannot be loaded")
+
+
+async def asked_as_a_run_fails_to_resume(
+    directory: Path, callback: Callback, ask: Callable[[], Any]
+) -> list[Any]:
+    """What ``ask()`` gave, called as a run with ``callback`` failed to resume (from a
+    checkpoint saved into ``directory`` first)."""
+    from asynchat.callbacks import Checkpoint
+
+    await make_trainer(AsksAsItResumes(), Checkpoint(directory), num_steps=2).fit()
+    failing = AsksAsItResumes(ask)
+    with pytest.raises(ValueError, match="this state cannot be loaded"):
+        await make_trainer(failing, callback, num_steps=4, resume_from=directory).fit()
+    return failing.answers
 
 
 class StopAt(Callback):

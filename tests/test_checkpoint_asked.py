@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_loader, make_model, make_trainer, sgd
+from conftest import asked_as_a_run_fails_to_resume, make_loader, make_model, make_trainer, sgd
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, CheckpointError, LoopState, Trainer
@@ -245,20 +245,9 @@ async def test_an_ask_of_a_run_that_fails_before_it_begins_fails_with_it(tmp_pat
     # The run fails as it resumes (before on_loop_begin, so no on_loop_end comes): the ask
     # made meanwhile fails with it, not left waiting for good.
     checkpoint = on_demand(tmp_path)
-    asked: list[Future[Path | None]] = []
-
-    class Refuses(Callback):  # (its state is saved; loaded, it asks for a save and fails)
-        def state_dict(self) -> dict[str, Any]:
-            return {"saved": True}
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            asked.append(checkpoint.request_save())
-            raise ValueError("this state cannot be loaded")
-
-    await make_trainer(Refuses(), Checkpoint(tmp_path / "saved"), num_steps=2).fit()
-    resumed = make_trainer(Refuses(), checkpoint, num_steps=4, resume_from=tmp_path / "saved")
-    with pytest.raises(ValueError, match="this state cannot be loaded"):
-        await resumed.fit()
+    asked = await asked_as_a_run_fails_to_resume(
+        tmp_path / "saved", checkpoint, checkpoint.request_save
+    )
     with pytest.raises(CheckpointError, match="was not taken: the loop failed") as info:
         asked[0].result(timeout=0)
     assert isinstance(info.value.__cause__, ValueError)

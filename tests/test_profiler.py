@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import asked_as_a_run_fails_to_resume, make_trainer
 
 import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
@@ -271,22 +271,7 @@ async def test_a_recording_asked_as_the_run_begins_records_its_first_steps(
 async def test_a_recording_asked_of_a_run_that_fails_as_it_resumes_gives_the_session_back(
     tmp_path: Path,
 ) -> None:
-    from asynchat.callbacks import Checkpoint
-
     profiler = Profiler(tmp_path / "traces", on_demand=True)
-    answers: list[bool] = []
-
-    class Refuses(Callback):  # (its state is saved; loaded, it asks to record and fails)
-        def state_dict(self) -> dict[str, Any]:
-            return {"saved": True}
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            answers.append(profiler.record())
-            raise ValueError("this state cannot be loaded")
-
-    await make_trainer(Refuses(), Checkpoint(tmp_path / "saved"), num_steps=2).fit()
-    resumed = make_trainer(Refuses(), profiler, num_steps=4, resume_from=tmp_path / "saved")
-    with pytest.raises(ValueError, match="this state cannot be loaded"):
-        await resumed.fit()  # (before on_loop_begin: no on_loop_end runs)
+    answers = await asked_as_a_run_fails_to_resume(tmp_path / "saved", profiler, profiler.record)
     assert answers == [True] and profiler.traces == []
     assert not asynchat.callbacks._profiler._SESSION.locked()  # else no loop records again
