@@ -252,9 +252,10 @@ def hold_runs(runs: Path) -> IO[str]:
 
 
 class Begun(Callback):
-    """Sets ``event`` as the loop begins, after the other callbacks' ``on_loop_begin``
-    (listed last of those that run last, Checkpoint and Profiler: they take a request only
-    from their ``on_loop_begin`` on, and a job just started over HTTP has not begun)."""
+    """Sets ``event`` as the loop begins. A Checkpoint or a Profiler takes a request from
+    its loop's ``fit()`` on, and a job just started over HTTP may not have got there (its
+    task has not run yet, or writes ``job.json`` first): its routes wait for this. (Listed
+    last of the callbacks that run last, it sets it after their ``on_loop_begin``.)"""
 
     runs_last = True
 
