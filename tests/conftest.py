@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from asynchat import Callback, LoopState, Trainer
+from asynchat.callbacks import Checkpoint
 
 try:
     import trio  # noqa: F401
@@ -119,6 +121,43 @@ def environment_kept() -> Iterator[None]:
     os.environ.update(before)
 
 
+class AskAt(Callback):
+    """Calls ``checkpoint.request_save()`` at the end of each global step in ``steps`` (and
+    at the loop's end if ``at_end``), before the Checkpoint's own hooks (it runs last); in
+    a distributed trainer on the last rank alone (an ask from a rank that writes nothing).
+    ``asked``: each ask's future."""
+
+    def __init__(self, checkpoint: Checkpoint, *steps: int, at_end: bool = False) -> None:
+        self.checkpoint, self.steps, self.at_end = checkpoint, steps, at_end
+        self.asked: list[Future[Path | None]] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step in self.steps:
+            self._ask(state)
+
+    def on_loop_end(self, state: LoopState) -> None:
+        if self.at_end:
+            self._ask(state)
+
+    def _ask(self, state: LoopState) -> None:
+        if state.loop.rank == state.loop.world_size - 1:
+            self.asked.append(self.checkpoint.request_save())
+
+    def served(self) -> list[Path | None]:
+        return [future.result(timeout=0) for future in self.asked]
+
+
+class FailAt(Callback):
+    """Raises ``RuntimeError("the step failed")`` at the end of global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state: LoopState) -> None:
+        if state.global_step == self.step:
+            raise RuntimeError("the step failed")
+
+
 class AsksAsItResumes(Callback):
     """Saved with a state of its own; loaded as a run resumes (before any callback's
     ``on_loop_begin``, so no ``on_loop_end`` comes), it calls ``ask`` (what it returns
@@ -142,8 +181,6 @@ async def asked_as_a_run_fails_to_resume(
 ) -> list[Any]:
     """What ``ask()`` gave, called as a run with ``callback`` failed to resume (from a
     checkpoint saved into ``directory`` first)."""
-    from asynchat.callbacks import Checkpoint
-
     await make_trainer(AsksAsItResumes(), Checkpoint(directory), num_steps=2).fit()
     failing = AsksAsItResumes(ask)
     with pytest.raises(ValueError, match="this state cannot be loaded"):

@@ -17,7 +17,15 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import asked_as_a_run_fails_to_resume, make_loader, make_model, make_trainer, sgd
+from conftest import (
+    AskAt,
+    FailAt,
+    asked_as_a_run_fails_to_resume,
+    make_loader,
+    make_model,
+    make_trainer,
+    sgd,
+)
 from torch import nn
 
 from asynchat import BasicBatchProcessor, Callback, CheckpointError, LoopState, Trainer
@@ -54,26 +62,6 @@ class SlowSteps(Callback):
 
     def on_checkpoint(self, state: LoopState) -> None:
         self.snapshots.append((state.global_step, time.monotonic()))
-
-
-class AskAt(Callback):
-    """Calls ``checkpoint.request_save()`` at the end of each global step in ``steps`` (and
-    at the loop's end if ``at_end``), before the Checkpoint's own hooks (it runs last)."""
-
-    def __init__(self, checkpoint: Checkpoint, *steps: int, at_end: bool = False) -> None:
-        self.checkpoint, self.steps, self.at_end = checkpoint, steps, at_end
-        self.asked: list[Future[Path | None]] = []  # each ask's future
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step in self.steps:
-            self.asked.append(self.checkpoint.request_save())
-
-    def on_loop_end(self, state: LoopState) -> None:
-        if self.at_end:
-            self.asked.append(self.checkpoint.request_save())
-
-    def served(self) -> list[Path | None]:
-        return [future.result(timeout=0) for future in self.asked]
 
 
 @pytest.mark.anyio
@@ -204,14 +192,9 @@ async def test_a_save_asked_as_the_run_ends_is_saved_and_one_between_runs_is_dro
 async def test_an_ask_that_no_save_serves_fails_saying_why(tmp_path: Path) -> None:
     checkpoint = on_demand(tmp_path)
 
-    class Fails(Callback):
-        def on_step_end(self, state: LoopState) -> None:
-            if state.global_step == 3:
-                raise RuntimeError("the step failed")
-
     ask = AskAt(checkpoint, 3)  # (taken at step 3, which then fails: no save)
     with pytest.raises(RuntimeError, match="the step failed"):
-        await make_trainer(ask, Fails(), checkpoint, num_steps=6).fit()
+        await make_trainer(ask, FailAt(3), checkpoint, num_steps=6).fit()
     [future] = ask.asked
     with pytest.raises(CheckpointError, match="was not taken: the loop failed") as info:
         future.result(timeout=0)

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import asked_as_a_run_fails_to_resume, make_trainer
+from conftest import FailAt, asked_as_a_run_fails_to_resume, make_trainer
 
 import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
@@ -38,15 +38,6 @@ class Where(Callback):
     def on_step_end(self, state: LoopState) -> None:
         self.thread = threading.get_native_id()
         self.profiling.append(torch.autograd.profiler._is_profiler_enabled)
-
-
-class FailAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.step:
-            raise RuntimeError("the step failed")
 
 
 @pytest.mark.anyio

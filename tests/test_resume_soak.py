@@ -20,7 +20,6 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torchmetrics
 from conftest import (
+    AskAt,
     CancelAt,
     StopAt,
     make_data,
@@ -170,19 +170,6 @@ class StopAtNextEpoch(Callback):
     def on_epoch_begin(self, state: LoopState) -> None:
         if state.global_step >= self.at:
             state.loop.stop("before the epoch's first step")
-
-
-class AskAt(Callback):
-    """``checkpoint.request_save()`` at the end of global step ``at`` (on the last rank of
-    a distributed trainer: an ask from a rank that writes nothing); ``asked``: its future."""
-
-    def __init__(self, checkpoint: Checkpoint, at: int) -> None:
-        self.checkpoint, self.at = checkpoint, at
-        self.asked: Future[Path | None] | None = None
-
-    def on_step_end(self, state: LoopState) -> None:
-        if state.global_step == self.at and state.loop.rank == state.loop.world_size - 1:
-            self.asked = self.checkpoint.request_save()
 
 
 class HoldAt(Callback):
@@ -404,8 +391,8 @@ def trial(
         saved = crash.choice(sorted((directory / "straight").glob("*.ckpt")))
         [ask] = [c for c in straight.callbacks if isinstance(c, AskAt)] or [None]
         if ask is not None:
-            assert ask.asked is not None
-            saved = ask.asked.result(timeout=0) or saved  # (None: not rank 0's)
+            [path] = ask.served()
+            saved = path or saved  # (None: not rank 0's)
         after_crash = resumed_from(config, saved, directory / "after-crash")
         differ += [f"from {saved.name}: {d}" for d in differences(after_crash, expected)]
     return differ
