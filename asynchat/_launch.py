@@ -694,19 +694,17 @@ class _Ranks:
         self.signalled.append(signum)
         if len(self.signalled) == 2:  # a second Ctrl-C forces: the ranks get _GRACE_S more
             self._forced_at = time.monotonic()
-        for process in self.processes:
-            _signal(process, signum)
+        self.pass_on(signum)
 
     def pass_on(self, signum: int) -> None:
-        """``signum`` (one of :data:`USER_SIGNALS`) to every rank still running, for the
-        ranks to act on; it ends nothing of the launcher's."""
+        """``signum`` to every rank still running, for the ranks to act on (by itself, as
+        for :data:`USER_SIGNALS`, it ends nothing of the launcher's)."""
         for process in self.processes:
             _signal(process, signum)
 
     def hold(self) -> None:
         """Ctrl-Z: every rank's loops hold at their next step boundary (``asynchat._hold``)."""
-        for process in self.processes:
-            _signal(process, signal.SIGTSTP)
+        self.pass_on(signal.SIGTSTP)
 
     def let_go(self) -> None:
         """After :meth:`hold`: the loops it held go on. While the launcher was stopped, a
@@ -714,8 +712,7 @@ class _Ranks:
         waiting on the launcher's store: ``hang_timeout`` counts from now (before, a hold
         longer than it had the launcher report every rank hung once it went on)."""
         self._watched_from = time.monotonic()
-        for process in self.processes:
-            _signal(process, signal.SIGCONT)
+        self.pass_on(signal.SIGCONT)
 
     def interrupt(self, grace: float) -> None:
         """SIGINT to every rank still running, as a Ctrl-C; wait up to ``grace`` seconds for
