@@ -674,11 +674,19 @@ def test_a_schedulers_sigusr1_to_the_launcher_reaches_ranks_that_save_on_it(
             assert launcher.poll() is None, launcher.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "the asked save is written"
             time.sleep(0.05)
-        launcher.send_signal(signal.SIGTERM)  # then the job ends, with its final checkpoint
+        [asked] = json.loads(manifest.read_text())["checkpoints"]
+        # A step later, SIGTERM ends the job with its final checkpoint. (Sent at once, under
+        # load it stopped the job at the asked save's own step, whose final save is that one.)
+        while step_of(tmp_path) <= asked["global_step"]:
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the job trains on after the asked save"
+            time.sleep(0.01)
+        launcher.send_signal(signal.SIGTERM)
         said, errors = launcher.communicate(timeout=60)
     assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
     listed = json.loads(manifest.read_text())["checkpoints"]
-    asked, final = listed
+    assert listed[0] == asked, listed
+    [final] = listed[1:]
     path = tmp_path / "checkpoints" / asked["file"]
     assert f"saved {path}" in said.splitlines(), said[-2000:]  # what rank 0's future gave
     assert 5 <= asked["global_step"] < final["global_step"]
