@@ -141,8 +141,12 @@ async def test_one_loop_of_a_process_records_at_a_time(tmp_path: Path) -> None:
 async def test_loops_side_by_side_each_record_when_the_other_does_not(tmp_path: Path) -> None:
     first_ended = threading.Event()
 
-    class AfterTheFirst(Callback):  # the second loop's step 10 waits for the first's end
-        def on_step_begin(self, state: LoopState) -> None:
+    class AfterTheFirst(Callback):
+        """The second loop's step 9 ends (and its Profiler, which runs last, takes the
+        session for steps 10-12) after the first loop's end. (Held at step 10's begin, as
+        before, the session was taken first: a loop slow to start could still record.)"""
+
+        def on_step_end(self, state: LoopState) -> None:
             if state.global_step == 9:
                 assert first_ended.wait(60)
 
