@@ -5,7 +5,7 @@ The public names live here; the implementation is in private modules.
 
 from asynchat._callback import Callback, Hook, PipeBase
 from asynchat._distributed import DataParallelTrainer, DistributedDataParallelTrainer
-from asynchat._errors import AsynchatError, CheckpointError, InUseError
+from asynchat._errors import AsynchatError, CheckpointError, InUseError, ProfilerError
 from asynchat._events import EventKind, LoopEvent, LoopSnapshot
 from asynchat._every import every
 from asynchat._graphs import CudaGraphBatchProcessor
@@ -52,6 +52,7 @@ __all__ = [
     "Phase",
     "PipeBase",
     "Predictor",
+    "ProfilerError",
     "RunPhase",
     "Trainer",
     "__version__",

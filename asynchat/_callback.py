@@ -101,10 +101,11 @@ class Callback:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, before the resumed loop begins."""
 
-    def _run_begins(self) -> None:
-        """(The engine's.) A run has taken this callback: its ``fit()`` has begun, before
-        ``on_loop_begin``. Requests made of the callback from now on (a Checkpoint's
-        ``request_save()``) are this run's, as ``stop()`` and ``pause()`` are the loop's."""
+    def _run_begins(self, state: LoopState) -> None:
+        """(The engine's.) A run of ``state.loop`` has taken this callback: its ``fit()``
+        has begun, before ``on_loop_begin``. Requests made of the callback from now on (a
+        Checkpoint's ``request_save()``) are this run's, as ``stop()`` and ``pause()`` are
+        the loop's."""
 
     def _run_ended(self, error: BaseException | None) -> None:
         """(The engine's.) The run that took this callback is over, however it ended (by

@@ -15,6 +15,11 @@ class CheckpointError(AsynchatError):
     """A checkpoint could not be found, read, written or used."""
 
 
+class ProfilerError(AsynchatError):
+    """A recording asked of a :class:`~asynchat.callbacks.Profiler` was refused or not made:
+    no loop ran with it, another recording held torch's profiler, or the loop ended first."""
+
+
 class InUseError(AsynchatError, RuntimeError):
     """A run refused before it began: what it needs is in use by another live run. Its
     model, callbacks, data loader or process group, by a loop running in this process; a

@@ -467,7 +467,7 @@ class LoopBase(PipeBase):
         ended_by: BaseException | None = None
         try:
             for callback in self.callbacks:
-                callback._run_begins()
+                callback._run_begins(self.state)
             with hold.running(self), self._control.running(cancelled=cancelled):
                 yield
         except BaseException as exc:

@@ -21,7 +21,10 @@ the server, each on its own compute thread, so every route answers while models 
                                       just started, it and /profile wait for the
                                       job to begin
     POST   /jobs/{id}/profile         profile the job's next 3 steps -> 202 (409 while a
-                                      job records); "last_trace" names the Chrome trace
+                                      job records); "last_trace" names the Chrome trace.
+                                      ?wait=true: answers once it is written,
+                                      200 {"trace": file, ...} (409 if the job
+                                      ends first, 500 if it cannot be written)
     DELETE /jobs/{id}                 cancel the job
     GET    /health                    liveness
 
@@ -82,7 +85,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import asynchat
 from asynchat import Callback, CheckpointError, LoopEvent, LoopSnapshot, LoopState, Trainer
-from asynchat.callbacks import Checkpoint, Profiler, Validation, resumable
+from asynchat.callbacks import Checkpoint, Profiler, ProfilerError, Validation, resumable
 
 logger = logging.getLogger("service")
 
@@ -611,9 +614,20 @@ def create_app(
                 assert path is not None  # (one process: it writes the file)
                 return JSONResponse({"checkpoint": path.name, **job.describe()})
         elif action == "profile":
-            if not job.profiler.record():  # torch's profiler records one loop at a time
+            traced = job.profiler.request_trace()
+            if traced.done() and isinstance(traced.exception(), ProfilerError):
+                # torch's profiler records one loop at a time
                 why = "a job of this server is being profiled, or this one has just ended"
                 return JSONResponse({"error": f"{why}; ask again later"}, status_code=409)
+            if request.query_params.get("wait") == "true":
+                try:
+                    trace = await asyncio.wrap_future(traced)
+                except ProfilerError as exc:  # the job ended before it recorded a step
+                    return JSONResponse({"error": str(exc)}, status_code=409)
+                except OSError as exc:
+                    error = f"the trace could not be written: {exc}"
+                    return JSONResponse({"error": error}, status_code=500)
+                return JSONResponse({"trace": trace.name, **job.describe()})
         elif action == "pause":
             job.trainer.pause()
         elif action == "resume":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from conftest import FailAt, asked_as_a_run_fails_to_resume, make_trainer
 
 import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
-from asynchat.callbacks import Profiler
+from asynchat.callbacks import Profiler, ProfilerError
 
 
 def trace_events(trace: Path) -> list[dict[str, Any]]:
@@ -196,6 +198,90 @@ async def test_on_demand_records_only_what_is_asked_while_the_loop_runs(tmp_path
         profiler.record(steps=0)
 
 
+class AsksForTraces(Callback):
+    """At the end of global step ``n``, ``request_trace(steps)`` for each ``steps`` in
+    ``asks[n]`` (before the Profiler's own hook: it runs last); ``asked``: the futures."""
+
+    def __init__(self, profiler: Profiler, asks: dict[int, list[int | None]]) -> None:
+        self.profiler, self.asks = profiler, asks
+        self.asked: list[Future[Path]] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        for steps in self.asks.get(state.global_step, []):
+            self.asked.append(self.profiler.request_trace(steps))
+
+
+@pytest.mark.anyio
+async def test_a_trace_asked_for_answers_its_path_once_written(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, warmup=1, on_demand=True)
+    refused = profiler.request_trace()  # no run is on
+    with pytest.raises(ProfilerError, match="no recording asked for: no loop runs with it"):
+        refused.result(timeout=0)
+    # Asked at step 3: step 4 warms up, 5 and 6 are recorded. Asked again at once and while
+    # it records: refused. Asked at 8: step 10 recorded.
+    asking = AsksForTraces(profiler, {3: [2, None], 4: [1], 8: [1]})
+    trainer = make_trainer(asking, profiler, num_steps=12)
+    trainer.name = "job"
+    await trainer.fit()
+    first, again, busy, later = asking.asked
+    assert first.result(timeout=0) == profiler.traces[0]
+    assert first.result().name.endswith("-step6.pt.trace.json") and first.result().is_file()
+    with pytest.raises(ProfilerError, match="no recording asked for: job has been asked to"):
+        again.result(timeout=0)
+    with pytest.raises(ProfilerError, match=r"job of this process records \(one loop records"):
+        busy.result(timeout=0)
+    assert later.result(timeout=0) == profiler.traces[1]
+    assert profiler.traces[1].name.endswith("-step10.pt.trace.json")
+    assert not asynchat.callbacks._profiler._SESSION.locked()
+
+
+@pytest.mark.anyio
+async def test_a_trace_asked_for_by_a_caller_who_cancels_it_is_written(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, warmup=1, on_demand=True)
+
+    class AsksAndCancels(AsksForTraces):
+        def on_step_end(self, state: LoopState) -> None:
+            super().on_step_end(state)
+            for future in self.asked:
+                future.cancel()
+
+    asking = AsksAndCancels(profiler, {2: [1]})
+    await make_trainer(asking, profiler, num_steps=5).fit()
+    [asked] = asking.asked
+    assert asked.cancelled()
+    [trace] = profiler.traces
+    assert trace.name.endswith("-step4.pt.trace.json") and trace.is_file()
+
+
+@pytest.mark.anyio
+async def test_a_trace_asked_of_a_loop_that_ends_in_its_warm_up_fails_saying_so(
+    tmp_path: Path,
+) -> None:
+    profiler = Profiler(tmp_path, warmup=3, on_demand=True)
+    asking = AsksForTraces(profiler, {4: [1]})
+    await make_trainer(asking, profiler, num_steps=6).fit()  # step 5 and 6 of 3 warm up
+    [asked] = asking.asked
+    with pytest.raises(ProfilerError, match="the loop ended in the recording's warm-up"):
+        asked.result(timeout=0)
+    assert profiler.traces == [] and not asynchat.callbacks._profiler._SESSION.locked()
+
+
+@pytest.mark.anyio
+async def test_a_trace_asked_for_that_cannot_be_written_answers_the_error(
+    tmp_path: Path,
+) -> None:
+    profiler = Profiler(tmp_path, warmup=1, on_demand=True)
+    asking = AsksForTraces(profiler, {2: [1]})
+    trainer = make_trainer(asking, profiler, num_steps=5)
+    blocker = tmp_path / f"{trainer.name}-{trainer.run_id[:8]}-rank0-step4.pt.trace.json"
+    blocker.mkdir()  # where the trace would go
+    with pytest.warns(RuntimeWarning, match="ended at global step 4 was not written"):
+        state = await trainer.fit()
+    [asked] = asking.asked
+    assert state.global_step == 5 and profiler.traces == []
+    assert isinstance(asked.exception(timeout=0), IsADirectoryError)
+
+
 @pytest.mark.anyio
 async def test_a_trace_that_cannot_be_written_is_warned_of_and_training_goes_on(
     tmp_path: Path,
@@ -229,18 +315,36 @@ def test_bad_profiler_arguments(tmp_path: Path) -> None:
         Profiler(tmp_path, record_shapes="yes")  # type: ignore[arg-type]
 
 
+class AtTheEnd(Callback):
+    """Calls ``ask()`` in ``on_loop_end``, before the Profiler's (it runs last)."""
+
+    def __init__(self, ask: Callable[[], Any]) -> None:
+        self.ask, self.answers = ask, list[Any]()
+
+    def on_loop_end(self, state: LoopState) -> None:
+        self.answers.append(self.ask())
+
+
 @pytest.mark.anyio
 async def test_a_recording_asked_as_the_loop_ends_gives_the_session_back(tmp_path: Path) -> None:
     profiler = Profiler(tmp_path, on_demand=True)
-    answers: list[bool] = []
-
-    class AskAtTheEnd(Callback):
-        def on_loop_end(self, state: LoopState) -> None:  # before the Profiler's (runs_last)
-            answers.append(profiler.record())
-
-    await make_trainer(AskAtTheEnd(), profiler, num_steps=3).fit()
-    assert answers == [True] and profiler.traces == []
+    asking = AtTheEnd(profiler.record)
+    await make_trainer(asking, profiler, num_steps=3).fit()
+    assert asking.answers == [True] and profiler.traces == []
     assert not asynchat.callbacks._profiler._SESSION.locked()  # else no loop records again
+
+
+@pytest.mark.anyio
+async def test_a_trace_asked_as_the_loop_ends_fails_saying_so(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, on_demand=True)
+    asking = AtTheEnd(profiler.request_trace)
+    await make_trainer(asking, profiler, num_steps=3).fit()
+    [asked] = asking.answers
+    lost = "the recording asked for was not made: the loop ended first"
+    with pytest.raises(ProfilerError, match=lost) as raised:
+        asked.result(timeout=0)
+    assert raised.value.__cause__ is None and profiler.traces == []
+    assert not asynchat.callbacks._profiler._SESSION.locked()
 
 
 @pytest.mark.anyio
@@ -270,3 +374,10 @@ async def test_a_recording_asked_of_a_run_that_fails_as_it_resumes_gives_the_ses
     answers = await asked_as_a_run_fails_to_resume(tmp_path / "saved", profiler, profiler.record)
     assert answers == [True] and profiler.traces == []
     assert not asynchat.callbacks._profiler._SESSION.locked()  # else no loop records again
+    [asked] = await asked_as_a_run_fails_to_resume(
+        tmp_path / "again", profiler, profiler.request_trace
+    )
+    with pytest.raises(ProfilerError, match="was not made: the loop failed first") as raised:
+        asked.result(timeout=0)
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert not asynchat.callbacks._profiler._SESSION.locked()

@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from conftest import load_example, make_trainer
 
+import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
 from asynchat._launch import free_port
 
@@ -234,8 +235,39 @@ async def test_a_running_job_is_profiled_on_request_one_job_at_a_time(tmp_path: 
         trace = tmp_path / one / "profile" / traced["last_trace"]
         recorded = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
         assert {"ProfilerStep#1", "ProfilerStep#3", "aten::addmm"} <= recorded
-        assert (await client.post(f"/jobs/{two}/profile")).status_code == 202  # its turn
-        await job_becomes(client, two, lambda body: body["last_trace"] is not None)
+        waited = await client.post(f"/jobs/{two}/profile", params={"wait": "true"})  # its turn
+        assert waited.status_code == 200, waited.json()
+        assert waited.json()["last_trace"] == waited.json()["trace"]
+        assert (tmp_path / two / "profile" / waited.json()["trace"]).is_file()
+
+
+async def test_a_profile_waited_for_is_refused_once_the_job_ends_before_it(
+    tmp_path: Path,
+) -> None:
+    async with running_server(tmp_path) as client:
+        job = (await client.post("/jobs", json={"epochs": 1000, "batch_size": 1})).json()["id"]
+        await job_becomes(client, job, lambda body: body["global_step"] >= 3)
+        await client.post(f"/jobs/{job}/pause")
+        await status_becomes(client, job, {"paused"})
+        answers: list[httpx.Response] = []
+
+        async def profile() -> None:
+            answers.append(await client.post(f"/jobs/{job}/profile", params={"wait": "true"}))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(profile)
+            # Asked of the paused job, the recording waits for it to be resumed (holding the
+            # process's profiling session); stopped instead, it ends first.
+            with anyio.fail_after(30):
+                while not asynchat.callbacks._profiler._SESSION.locked():  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert answers == []  # still waiting
+            await client.post(f"/jobs/{job}/stop")
+        [refused] = answers
+        assert refused.status_code == 409, refused.json()
+        lost = "the recording asked for was not made: the loop ended first"
+        assert lost in refused.json()["error"]
+        assert (await client.get(f"/jobs/{job}")).json()["last_trace"] is None
 
 
 def serve(runs: Path, port: int) -> subprocess.Popen[str]:

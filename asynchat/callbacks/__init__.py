@@ -8,7 +8,7 @@ metrics), ``rich`` (Progress on a terminal), ``tensorboard`` (TensorBoardLogger)
 """
 
 from asynchat._checkpoint_io import find_checkpoint, load_checkpoint, load_weights, resumable
-from asynchat._errors import CheckpointError, CheckpointWarning
+from asynchat._errors import CheckpointError, CheckpointWarning, ProfilerError
 from asynchat.callbacks._checkpoint import Checkpoint
 from asynchat.callbacks._control import EarlyStopping, NonFiniteLossError, TerminateOnNaN
 from asynchat.callbacks._loggers import JSONLinesLogger, ScalarLogger, TensorBoardLogger
@@ -41,6 +41,7 @@ __all__ = [
     "MetricUpdater",
     "NonFiniteLossError",
     "Profiler",
+    "ProfilerError",
     "Progress",
     "ScalarLogger",
     "StatsMonitor",

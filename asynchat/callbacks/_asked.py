@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
+from typing import Any, TypeVar
 
 from asynchat._errors import CheckpointError
 from asynchat._state import LoopState
 
 SaveFuture = Future[Path | None]
+T = TypeVar("T")
 
 
 class SaveOutcome:
@@ -34,7 +36,7 @@ class SaveOutcome:
                 self._futures += futures
                 return
             path, error = self._outcome
-        _settle(futures, path, error)
+        _answer(futures, path, error)
 
     def join(self, other: SaveOutcome) -> None:
         """Serve ``other``'s futures with this save (``other``'s was not taken: this save,
@@ -49,7 +51,7 @@ class SaveOutcome:
                 return
             self._outcome = (path, error)
             futures, self._futures = self._futures, []
-        _settle(futures, path, error)
+        _answer(futures, path, error)
 
     def run(self, write: Callable[[], Path | None]) -> None:
         """``write()`` (on the writer thread), settled with what it returns or raises."""
@@ -61,13 +63,25 @@ class SaveOutcome:
         self.settle(path)
 
 
-def _settle(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
+def settle(futures: Iterable[Future[T]], result: T) -> None:
+    """Each of ``futures`` answered ``result`` (one its caller cancelled is left so)."""
     for future in futures:
-        with contextlib.suppress(InvalidStateError):  # (cancelled by the caller)
-            if error is None:
-                future.set_result(path)
-            else:
-                future.set_exception(error)
+        with contextlib.suppress(InvalidStateError):
+            future.set_result(result)
+
+
+def fail(futures: Iterable[Future[Any]], error: BaseException) -> None:
+    """Each of ``futures`` answered ``error`` (one its caller cancelled is left so)."""
+    for future in futures:
+        with contextlib.suppress(InvalidStateError):
+            future.set_exception(error)
+
+
+def _answer(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
+    if error is None:
+        settle(futures, path)
+    else:
+        fail(futures, error)
 
 
 class SaveRequests:
@@ -133,7 +147,7 @@ class SaveRequests:
         )
         lost = CheckpointError(f"{self.owner}: the save asked for was not taken: {why}")
         lost.__cause__ = error
-        _settle(futures, None, lost)
+        fail(futures, lost)
 
 
 class SaveClock:

@@ -227,7 +227,7 @@ class Checkpoint(Callback):
         """The newest kept checkpoint (None before the first save)."""
         return self.save_dir / self._entries[-1]["file"] if self._entries else None
 
-    def _run_begins(self) -> None:
+    def _run_begins(self, state: LoopState) -> None:
         self._requests.open()  # (asks from now on: the run's first saves serve them)
 
     def _run_ended(self, error: BaseException | None) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from asynchat._callback import Callback
 from asynchat._checkpoint_io import atomic_file, temporary_for
 from asynchat._checks import flag, positive_int
 from asynchat._checks import path as check_path
+from asynchat._errors import ProfilerError
 from asynchat._state import LoopState
+from asynchat.callbacks._asked import fail, settle
 from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.profiler")
@@ -27,6 +30,15 @@ TABLE_ROWS = 30
 # side, each with a Profiler) wrote no trace at all, neither of them, without an error.
 _SESSION = threading.Lock()
 _profiled: str | None = None  # the loop that holds _SESSION
+TraceFuture = Future[Path]
+
+
+def _take_session(name: str) -> bool:
+    global _profiled
+    if not _SESSION.acquire(blocking=False):
+        return False
+    _profiled = name
+    return True
 
 
 def _give_session_back() -> None:
@@ -42,9 +54,10 @@ class Profiler(Callback):
     nothing of the event loop. Its schedule counts steps from the run's first: after
     ``skip_first`` steps, each cycle skips ``wait`` steps, warms up for ``warmup`` (recorded
     and thrown away: the first steps of a recording cost more) and records ``active``;
-    ``repeat`` cycles (0: until the loop ends). :meth:`record` asks for a recording of the
-    next steps, from any thread, while the loop runs (a service profiles a job when asked);
-    with ``on_demand=True`` there is no schedule, only those. A loop that ends in the middle
+    ``repeat`` cycles (0: until the loop ends). :meth:`request_trace` asks for a recording
+    of the next steps, from any thread, while the loop runs (a service profiles a job when
+    asked), and answers a future of its trace; with ``on_demand=True`` there is no
+    schedule, only those. A loop that ends in the middle
     of a recording (its bound, ``stop()``, an error, a cancellation) writes what it recorded
     (if it recorded a step: not in the warm-up).
 
@@ -76,8 +89,8 @@ class Profiler(Callback):
         out_dir: the directory for the traces (created if missing).
         wait, warmup, active, repeat, skip_first: the schedule, in steps
             (``torch.profiler.schedule``'s); ``warmup`` and ``active`` also shape the
-            recordings :meth:`record` asks for.
-        on_demand: record only what :meth:`record` asks for (no schedule).
+            recordings :meth:`request_trace` asks for.
+        on_demand: record only what :meth:`request_trace` asks for (no schedule).
         record_shapes: record the shapes of each op's inputs (grouped by shape in the table).
         profile_memory: record the memory each op allocates and frees.
         with_stack: record the Python stack of each op (larger traces).
@@ -127,33 +140,57 @@ class Profiler(Callback):
         self._recorded: Any = None  # the recording that has just ended, for the writer
         self._step = 0  # the global step
         self._sort_by = "self_cpu_time_total"
-        # Steps record() asked for, with the process's session taken for them; whether a
-        # run is on (record() asks only then). Both under _asking: record() is any thread's.
-        self._asked: int | None = None
+        # Steps request_trace() asked for and its future, with the process's session taken
+        # for them; whether a run is on (it asks only then). Both under _asking: any
+        # thread asks.
+        self._asked: tuple[int, TraceFuture] | None = None
         self._running = False
         self._asking = threading.Lock()
+        self._promised: TraceFuture | None = None  # the asked recording's, once begun (the
+        # compute thread's, then the writer's)
 
     @property
     def traces(self) -> list[Path]:
         """The traces written so far, oldest first (complete once the loop has ended)."""
         return list(self._traces)
 
-    def record(self, steps: int | None = None) -> bool:
+    def request_trace(self, steps: int | None = None) -> Future[Path]:
         """Record the loop's next steps: ``warmup`` steps, then ``steps`` (``active`` by
         default) recorded and written like a scheduled recording. From any thread, while the
-        loop runs. True once the process's profiling session is this loop's for it (a
-        schedule's recording due meanwhile in another loop is skipped; a paused loop holds
-        it until it is resumed and has recorded); False, asking nothing, if the loop does
-        not run (before its ``fit()``, after its end), or a loop of this process records or
-        is asked to (this one included)."""
+        loop runs (from its ``fit()`` on).
+
+        Answers a ``concurrent.futures.Future`` (``asyncio.wrap_future`` awaits it on an
+        event loop): the trace's path once written (the table is written beside it); the
+        ``OSError`` that kept it from being written; or a :class:`ProfilerError` saying why
+        nothing was recorded: asked while no loop runs with the callback, while a loop of
+        this process records or is asked to (this one included: torch's profiler records
+        one loop at a time), or the loop ended before the recording's first step or in its
+        warm-up. A refused ask is answered at once and asks nothing. Once asked, the
+        process's profiling session is this loop's (a schedule's recording due meanwhile in
+        another loop is skipped; a paused loop holds it until it is resumed and has
+        recorded)."""
         positive_int("steps", steps, allow_none=True)
+        future: TraceFuture = Future()
         with self._asking:
-            if not self._running or self._asked is not None:
-                return False
-            if not _SESSION.acquire(blocking=False):
-                return False
-            self._asked = steps if steps is not None else self.active
-            return True
+            if not self._running:
+                why = "no loop runs with it"
+            elif self._asked is not None:
+                why = f"{self._name} has been asked to record already"
+            elif not _take_session(self._name):
+                why = f"{_profiled} of this process records (one loop records at a time)"
+            else:
+                self._asked = (steps if steps is not None else self.active, future)
+                return future
+        fail([future], self._error(f"no recording asked for: {why}"))
+        return future
+
+    def record(self, steps: int | None = None) -> bool:
+        """:meth:`request_trace`, answering whether it asked: True once the process's
+        profiling session is this loop's for the recording, False where the future would
+        be refused at once (no loop runs with the callback; a loop of this process records
+        or is asked to, this one included)."""
+        future = self.request_trace(steps)
+        return not future.done() or future.exception() is None
 
     def on_loop_begin(self, state: LoopState) -> None:
         try:
@@ -186,16 +223,24 @@ class Profiler(Callback):
         finally:
             self._writer.wait()  # on every way out: no write outlives the loop
 
-    def _run_begins(self) -> None:
+    def _run_begins(self, state: LoopState) -> None:
         with self._asking:
-            self._running = True  # (record() asks from the run's fit() on)
+            self._running, self._name = True, state.loop.name  # (asks from the run's fit() on)
 
     def _run_ended(self, error: BaseException | None) -> None:
         with self._asking:
             self._running = False
-            if self._asked is not None:  # asked for, never begun: its session back (also
-                self._asked = None  # where the run failed before its on_loop_begin)
-                _give_session_back()
+            asked, self._asked = self._asked, None
+        if asked is not None:  # asked for, never begun: its session back (also where the
+            _give_session_back()  # run failed before its on_loop_begin)
+            why = ("ended" if error is None else "failed" if isinstance(error, Exception)
+                   else "was cancelled")  # fmt: skip
+            lost = self._error(f"the recording asked for was not made: the loop {why} first")
+            lost.__cause__ = error
+            fail([asked[1]], lost)
+
+    def _error(self, message: str) -> ProfilerError:
+        return ProfilerError(f"Profiler(out_dir={str(self.out_dir)!r}): {message}")
 
     def _start_if_due(self) -> None:
         """Start a recording if the next step is the first of one (its warm-up): one asked
@@ -204,9 +249,12 @@ class Profiler(Callback):
         ``UserWarning`` meant for ``profile.events()``, which nobody here reads)."""
         with self._asking:
             asked, self._asked = self._asked, None  # (its session is taken)
-        if asked is None and not (self._scheduled() and self._take_session()):
+        if asked is not None:
+            active, self._promised = asked
+        elif self._scheduled() and self._take_session():
+            active = self.active
+        else:
             return
-        active = asked if asked is not None else self.active
         self._started_at, self._length = self._steps, self.warmup + active
         try:
             self._profile = torch.profiler.profile(
@@ -217,9 +265,10 @@ class Profiler(Callback):
                 **self.options,
             )  # fmt: skip
             self._profile.start()
-        except BaseException:
+        except BaseException as exc:
             self._profile = None
             _give_session_back()
+            self._fail(exc)
             raise
 
     def _scheduled(self) -> bool:
@@ -231,9 +280,7 @@ class Profiler(Callback):
         return not self.repeat or since // cycle < self.repeat
 
     def _take_session(self) -> bool:
-        global _profiled
-        if _SESSION.acquire(blocking=False):
-            _profiled = self._name
+        if _take_session(self._name):
             return True
         warnings.warn(
             f"Profiler(out_dir={str(self.out_dir)!r}): the recording of {self._name}'s steps "
@@ -253,34 +300,38 @@ class Profiler(Callback):
             return
         try:
             profile.stop()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
         finally:
             _give_session_back()
         recorded, self._recorded = self._recorded, None
-        if recorded is not None and self._steps - self._started_at > self.warmup:
-            step = self._step
-            trace = self.out_dir / f"{self._stem}-step{step}.pt.trace.json"
-            self._writer.submit(lambda: self._write(recorded, trace, step))
+        if recorded is None or self._steps - self._started_at <= self.warmup:
+            self._fail(self._error("the loop ended in the recording's warm-up"))
+            return
+        step, promised = self._step, self._promised
+        trace = self.out_dir / f"{self._stem}-step{step}.pt.trace.json"
+        self._writer.submit(lambda: self._write(recorded, trace, step, promised))
+        self._promised = None  # (the writer's now)
+
+    def _fail(self, error: BaseException) -> None:
+        """Fail the asked recording in progress, if it is one."""
+        promised, self._promised = self._promised, None
+        fail([promised] if promised else [], error)
 
     def _ready(self, profile: torch.profiler.profile) -> None:
         """A recording has ended (on the compute thread, in its last ``step()`` or in
         ``stop()``): :meth:`_stop` hands it to the writer once the session is given back."""
         self._recorded = profile.profiler
 
-    def _write(self, recorded: Any, trace: Path, step: int) -> None:
-        """On the writer thread: the trace, then the table. A file that cannot be written
-        is warned of: the training goes on (the error of anything else is raised at the
-        next step)."""
-        temporary = temporary_for(trace)  # (the exporter writes to a path of its own)
-        table = trace.with_name(trace.name.removesuffix(".pt.trace.json") + ".txt")
+    def _write(self, recorded: Any, trace: Path, step: int, promised: TraceFuture | None) -> None:
+        """On the writer thread: the trace, then the table; ``promised`` (an asked
+        recording's future) is answered with either. A file that cannot be written is
+        warned of: the training goes on (the error of anything else is raised at the next
+        step)."""
+        answered = [promised] if promised is not None else []
         try:
-            try:
-                recorded.export_chrome_trace(str(temporary))
-                os.replace(temporary, trace)
-            finally:
-                temporary.unlink(missing_ok=True)
-            averages = recorded.key_averages(group_by_input_shape=self.options["record_shapes"])
-            with atomic_file(table) as file:
-                file.write(averages.table(sort_by=self._sort_by, row_limit=TABLE_ROWS).encode())
+            self._write_files(recorded, trace)
         except OSError as exc:
             warnings.warn(
                 f"Profiler(out_dir={str(self.out_dir)!r}): the recording that ended at global "
@@ -288,9 +339,26 @@ class Profiler(Callback):
                 RuntimeWarning,
                 stacklevel=1,
             )
+            fail(answered, exc)
             return
+        except BaseException as exc:
+            fail(answered, exc)
+            raise
         self._traces.append(trace)
         _LOG.info("%s: profiled into %s", self._stem, trace)
+        settle(answered, trace)
+
+    def _write_files(self, recorded: Any, trace: Path) -> None:
+        temporary = temporary_for(trace)  # (the exporter writes to a path of its own)
+        table = trace.with_name(trace.name.removesuffix(".pt.trace.json") + ".txt")
+        try:
+            recorded.export_chrome_trace(str(temporary))
+            os.replace(temporary, trace)
+        finally:
+            temporary.unlink(missing_ok=True)
+        averages = recorded.key_averages(group_by_input_shape=self.options["record_shapes"])
+        with atomic_file(table) as file:
+            file.write(averages.table(sort_by=self._sort_by, row_limit=TABLE_ROWS).encode())
 
 
 def _in_a_file_name(name: str) -> str:
