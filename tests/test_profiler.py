@@ -236,6 +236,44 @@ async def test_a_trace_asked_for_answers_its_path_once_written(tmp_path: Path) -
 
 
 @pytest.mark.anyio
+async def test_a_recording_skipped_names_the_loop_that_was_asked_to_record(
+    tmp_path: Path,
+) -> None:
+    # A session taken by an ask left the process's note of who records as it was: the
+    # loop skipped was told that "None" (or a loop long gone) recorded.
+    asked, other_ended = threading.Event(), threading.Event()
+
+    class HoldsTheSession(AsksForTraces):  # asks at step 1, then waits for the other's end
+        def on_step_end(self, state: LoopState) -> None:
+            super().on_step_end(state)
+            asked.set()
+
+        def on_step_begin(self, state: LoopState) -> None:
+            if state.global_step == 1:
+                assert other_ended.wait(60)
+
+    class AfterTheAsk(Callback):  # step 1's end, when its schedule takes the session
+        def on_step_end(self, state: LoopState) -> None:
+            assert asked.wait(60)
+
+    holder = Profiler(tmp_path / "a", on_demand=True)
+    other = Profiler(tmp_path / "b", wait=0, skip_first=1)
+    holding = HoldsTheSession(holder, {1: [1]})
+
+    async def run_other() -> None:
+        try:
+            await make_trainer(AfterTheAsk(), other, num_steps=3, name="other").fit()
+        finally:
+            other_ended.set()
+
+    with pytest.warns(RuntimeWarning, match="skipped: asker of this process records"):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(make_trainer(holding, holder, num_steps=4, name="asker").fit)
+            tasks.start_soon(run_other)
+    assert other.traces == [] and holding.asked[0].result(timeout=0) == holder.traces[0]
+
+
+@pytest.mark.anyio
 async def test_a_trace_asked_for_by_a_caller_who_cancels_it_is_written(tmp_path: Path) -> None:
     profiler = Profiler(tmp_path, warmup=1, on_demand=True)
 
