@@ -83,7 +83,9 @@ class Profiler(Callback):
     torch's profiler library (Kineto) writes lines of its own on stderr: with torch 2.13
     ``profiler_start`` and ``profiler_stop`` at each recording and, at a process's first
     recording off its main thread, ``ERROR: External init callback must run in same thread
-    as registerClient``; the traces are whole all the same.
+    as registerClient``; the traces are whole all the same. ``KINETO_LOG_LEVEL=6`` in the
+    environment (set before the process's first recording) silences the first two, and
+    with them Kineto's own errors (on CUDA: CUPTI's), so it is left to the user.
 
     Args:
         out_dir: the directory for the traces (created if missing).
