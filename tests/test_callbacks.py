@@ -716,6 +716,57 @@ async def test_ema_follows_the_formula() -> None:
         assert torch.allclose(shadow, manual, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.anyio
+async def test_ema_averages_buffers_and_a_narrow_model_in_float32(dtype: torch.dtype) -> None:
+    # Kept in bfloat16, the average of a bfloat16 model did not move: 0.1 of a difference
+    # below the weight's resolution rounded away (BatchNorm's weight and running_var, the
+    # last bias stayed at their first values after 18 updates).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model = model.to(dtype)
+    ema = ExponentialMovingAverage(decay=0.9, warmup=False)
+    expected: list[torch.Tensor] = []
+
+    def floats(state: LoopState) -> list[torch.Tensor]:
+        return [t for t in state.model.state_dict().values() if t.is_floating_point()]
+
+    class Manual(Callback):  # the formula in float64, from the model's own tensors
+        def on_loop_begin(self, state: LoopState) -> None:
+            expected.extend(t.double() for t in floats(state))
+
+        def on_step_end(self, state: LoopState) -> None:
+            for e, t in zip(expected, floats(state), strict=True):
+                e.mul_(0.9).add_(t.double(), alpha=0.1)
+
+    data = [(torch.randn(16, 4, dtype=dtype) * 3 + 2, torch.randint(0, 3, (16,)))] * 18
+    trainer = Trainer(
+        model, data, sgd, loss_fn=nn.CrossEntropyLoss(), callbacks=[ema, Manual()], num_epochs=1
+    )
+    await trainer.fit()
+    assert len(ema.shadow) == 8  # 2 weights, 2 biases; BatchNorm's weight, bias, mean, var
+    for shadow, manual, live in zip(ema.shadow, expected, floats(trainer.state), strict=True):
+        torch.testing.assert_close(shadow.double(), manual, rtol=1e-5, atol=1e-6)
+        assert shadow.dtype == torch.float32
+        assert not torch.equal(manual, live.double())  # (an average, not the weights)
+    ema.copy_to(model)  # rounded to the model's type
+    for shadow, live in zip(ema.shadow, floats(trainer.state), strict=True):
+        assert live.dtype == dtype and torch.equal(live, shadow.to(dtype))
+
+
+@pytest.mark.anyio
+async def test_an_ema_saved_in_a_narrow_type_is_averaged_in_float32_once_loaded() -> None:
+    model = make_model().to(torch.bfloat16)
+    saved = [t.detach().clone() for t in model.state_dict().values()]  # as saved before
+    ema = ExponentialMovingAverage(decay=0.5, warmup=False)
+    ema.load_state_dict({"shadow": saved, "updates": 3})
+    loader = [(x.to(torch.bfloat16), y) for x, y in make_loader(32, 16)]
+    await Trainer(
+        model, loader, sgd, loss_fn=nn.CrossEntropyLoss(), callbacks=[ema], num_epochs=1
+    ).fit()
+    assert ema.updates == 5 and [t.dtype for t in ema.shadow] == [torch.float32] * len(saved)
+
+
 @pytest.mark.parametrize("amp", [None, "fp16"])
 async def test_grad_clip_bounds_the_true_gradient_norm(amp: Any) -> None:
     norms: list[float] = []

@@ -24,8 +24,14 @@ class ExponentialMovingAverage(Callback):
 
     After each optimizer update (on the compute thread, with fused ``foreach`` ops on the
     device): ``ema = decay * ema + (1 - decay) * weights``; with gradient accumulation, at
-    the last step of each window (the weights do not change between). Buffers (BatchNorm
-    statistics) are copied.
+    the last step of each window (the weights do not change between). Floating-point
+    buffers (BatchNorm's running statistics) are averaged alike; integer ones
+    (``num_batches_tracked``) are not kept. The average of a tensor narrower than float32
+    (bfloat16, float16) is kept in float32 (:attr:`shadow`; twice the memory of those
+    tensors, and each update reads them widened): kept in their own type, ``(1 - decay)``
+    of a difference falls below their resolution (8 bits of mantissa in bfloat16: at
+    ``decay=0.999`` a weight near 1.0 had to differ from its average by 2 to 4 before the
+    average moved at all), and the average stayed where it began.
     ``Validation(use_ema=True)`` validates the averaged weights; :meth:`swapped_in` swaps them
     into the model for any other use, and :meth:`copy_to` writes them for good. The average
     is kept in checkpoints; a run that does not resume starts it from the model's weights.
@@ -71,11 +77,12 @@ class ExponentialMovingAverage(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         live = self._tensors(state.model)
         self._due = UpdateDue()
-        if self._loaded is not None:
-            self.shadow = [t.to(state.device) for t in self._loaded]
+        if self._loaded is not None:  # (one saved in a narrow type, before it was widened)
+            pairs = zip(self._loaded, live, strict=True)  # (the model loaded first: alike)
             self._loaded = None
+            self.shadow = [t.to(state.device, _averaged_as(like)) for t, like in pairs]
         else:  # a new run (an instance reused by one kept another model's average)
-            self.shadow = [t.detach().clone() for t in live]
+            self.shadow = [t.detach().to(_averaged_as(t), copy=True) for t in live]
             self.updates = 0
 
     @torch.no_grad()
@@ -86,11 +93,13 @@ class ExponentialMovingAverage(Callback):
         decay = (
             min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         )
-        live = [t.detach() for t in self._tensors(state.model)]
         # On this rank's parts (under FSDP a DTensor's shard, which the average's matching
         # DTensor holds alike): DTensor has no sharding rule for some foreach ops
         # (``_foreach_copy_``).
-        torch._foreach_lerp_(local_parts(self.shadow), local_parts(live), 1.0 - decay)
+        shadow = local_parts(self.shadow)
+        live = local_parts(t.detach() for t in self._tensors(state.model))
+        widened = [t.to(s.dtype) for t, s in zip(live, shadow, strict=True)]  # (same: itself)
+        torch._foreach_lerp_(shadow, widened, 1.0 - decay)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
@@ -106,7 +115,7 @@ class ExponentialMovingAverage(Callback):
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the model's weights with the average."""
+        """Overwrite the model's weights with the average (rounded to their types)."""
         torch._foreach_copy_(local_parts(self._tensors(model)), local_parts(self.shadow))
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,6 +125,11 @@ class ExponentialMovingAverage(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = list(state_dict["shadow"])
         self.updates = state_dict["updates"]
+
+
+def _averaged_as(tensor: torch.Tensor) -> torch.dtype:
+    """The type the average of ``tensor`` is kept in: float32 if it is a narrower float."""
+    return torch.float32 if tensor.element_size() < 4 else tensor.dtype
 
 
 class GradClip(Callback):
