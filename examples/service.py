@@ -19,7 +19,8 @@ the server, each on its own compute thread, so every route answers while models 
                                       200 {"checkpoint": file, ...} (409 if the
                                       job ends or fails first). Asked of a job
                                       just started, it and /profile wait for the
-                                      job to begin
+                                      job to begin. Asks made before the save is
+                                      written share it
     POST   /jobs/{id}/profile         profile the job's next 3 steps -> 202 (409 while a
                                       job records); "last_trace" names the Chrome trace.
                                       ?wait=true: answers once it is written,
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -292,6 +294,16 @@ class Job:
     #: Set once the job's callbacks have begun (from then on they take what is asked of
     #: them: a checkpoint, a profile), or once it has ended without.
     begun: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    #: The save asked for over HTTP that has not been written yet: the asks made meanwhile
+    #: share it (asked of a paused job in a loop, each had kept a future until it resumed).
+    save_asked: concurrent.futures.Future[Path | None] | None = None
+
+    def ask_for_a_save(self) -> concurrent.futures.Future[Path | None]:
+        """The next save's future, asked for once however often this is called before it."""
+        assert self.checkpoint is not None
+        if self.save_asked is None or self.save_asked.done():
+            self.save_asked = self.checkpoint.request_save()
+        return self.save_asked
 
     def snapshot(self) -> dict[str, Any]:
         if self.trainer is not None:
@@ -605,10 +617,10 @@ def create_app(
                 status = job.snapshot()["status"]
                 return JSONResponse({"error": f"job {job.id} is {status}"}, status_code=409)
         if action == "checkpoint":
-            saved = job.checkpoint.request_save()  # at its next step (once resumed, if paused)
+            saved = job.ask_for_a_save()  # at its next step (once resumed, if paused)
             if request.query_params.get("wait") == "true":
                 try:
-                    path = await asyncio.wrap_future(saved)
+                    path = await asyncio.shield(asyncio.wrap_future(saved))
                 except CheckpointError as exc:  # the job ended, or failed, before it
                     return JSONResponse({"error": str(exc)}, status_code=409)
                 assert path is not None  # (one process: it writes the file)

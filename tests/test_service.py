@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -214,6 +216,47 @@ async def test_a_checkpoint_asked_of_a_job_just_started_is_saved(tmp_path: Path)
         waited = await client.post(f"/jobs/{other}/checkpoint", params={"wait": "true"})
         assert waited.status_code == 200, waited.json()
         assert (tmp_path / other / waited.json()["checkpoint"]).is_file()
+
+
+def unanswered_futures() -> list[Future[Any]]:
+    """The ``concurrent.futures.Future`` objects of this process not yet answered."""
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is Future and not o.done()]
+
+
+async def test_checkpoints_asked_of_a_paused_job_over_and_over_share_one_save(
+    tmp_path: Path,
+) -> None:
+    # Each ask kept a future of its own until the job was resumed: a client asking in a
+    # loop grew the server's memory for as long as the job stayed paused.
+    async with running_server(tmp_path) as client:
+        job = (await client.post("/jobs", json={"epochs": 1000, "batch_size": 1})).json()["id"]
+        await job_becomes(client, job, lambda body: body["global_step"] >= 3)
+        await client.post(f"/jobs/{job}/pause")
+        await status_becomes(client, job, {"paused"})
+        before = unanswered_futures()
+        for _ in range(20):
+            assert (await client.post(f"/jobs/{job}/checkpoint")).status_code == 202
+        [asked] = [future for future in unanswered_futures() if future not in before]
+        waited: list[httpx.Response] = []
+
+        async def wait_for_the_save() -> None:
+            waited.append(await client.post(f"/jobs/{job}/checkpoint", params={"wait": "true"}))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(2):
+                tasks.start_soon(wait_for_the_save)
+            with anyio.fail_after(30):  # both wait on the one save (each through a callback)
+                while len(asked._done_callbacks) < 2:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            assert waited == [] and len(unanswered_futures()) == len(before) + 1
+            await client.post(f"/jobs/{job}/resume")
+        assert [answer.status_code for answer in waited] == [200, 200]
+        [saved] = {answer.json()["checkpoint"] for answer in waited}
+        assert (tmp_path / job / saved).is_file()
+        # Once written, the next ask is a save of its own.
+        again = await client.post(f"/jobs/{job}/checkpoint", params={"wait": "true"})
+        assert again.status_code == 200 and again.json()["checkpoint"] != saved
 
 
 async def test_a_running_job_is_profiled_on_request_one_job_at_a_time(tmp_path: Path) -> None:
