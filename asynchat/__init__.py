@@ -11,6 +11,7 @@ from asynchat._every import every
 from asynchat._graphs import CudaGraphBatchProcessor
 from asynchat._launch import LaunchError, launch, launch_async
 from asynchat._loop import LoopBase
+from asynchat._mailbox import AwaitableFuture
 from asynchat._phase import Phase
 from asynchat._predictor import Predictor
 from asynchat._preload import preload
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsynchatError",
+    "AwaitableFuture",
     "BasicBatchProcessor",
     "BatchProcessor",
     "Callback",

@@ -1,11 +1,13 @@
-"""Mailbox: messages from any thread to one task on an event loop, without blocking."""
+"""Mailbox: messages from any thread to one task on an event loop, without blocking; and
+AwaitableFuture, a thread's future that a task awaits through one."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -92,3 +94,26 @@ class Mailbox(Generic[T]):
 
 def _nothing() -> None:
     pass
+
+
+class AwaitableFuture(Future[T]):
+    """A :class:`concurrent.futures.Future` that a task also awaits, on any backend anyio
+    runs (asyncio, uvloop, trio): ``result = await future``, from any number of tasks.
+
+    The wait holds no thread and blocks nothing. Cancelled (a timeout, a client gone), it
+    stops waiting and leaves the future as it is, for its other waiters. (Awaited through
+    ``anyio.to_thread.run_sync(future.result)``, a wait held a worker thread and could not
+    be cancelled: on trio, a ``move_on_after`` around the wait for the save of a paused
+    loop never moved on; ``asyncio.wrap_future`` cancels the future itself.) Threads use it
+    as any ``Future``: ``result(timeout)``, ``add_done_callback``.
+    """
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> T:
+        if not self.done():
+            answered: Mailbox[None] = Mailbox()
+            self.add_done_callback(lambda _: answered.put(None))  # (at once if done since)
+            await answered.get()
+        return self.result()

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -86,7 +85,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import asynchat
-from asynchat import Callback, CheckpointError, LoopEvent, LoopSnapshot, LoopState, Trainer
+from asynchat import (
+    AwaitableFuture,
+    Callback,
+    CheckpointError,
+    LoopEvent,
+    LoopSnapshot,
+    LoopState,
+    Trainer,
+)
 from asynchat.callbacks import Checkpoint, Profiler, ProfilerError, Validation, resumable
 
 logger = logging.getLogger("service")
@@ -296,9 +303,9 @@ class Job:
     begun: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     #: The save asked for over HTTP that has not been written yet: the asks made meanwhile
     #: share it (asked of a paused job in a loop, each had kept a future until it resumed).
-    save_asked: concurrent.futures.Future[Path | None] | None = None
+    save_asked: AwaitableFuture[Path | None] | None = None
 
-    def ask_for_a_save(self) -> concurrent.futures.Future[Path | None]:
+    def ask_for_a_save(self) -> AwaitableFuture[Path | None]:
         """The next save's future, asked for once however often this is called before it."""
         assert self.checkpoint is not None
         if self.save_asked is None or self.save_asked.done():
@@ -620,7 +627,7 @@ def create_app(
             saved = job.ask_for_a_save()  # at its next step (once resumed, if paused)
             if request.query_params.get("wait") == "true":
                 try:
-                    path = await asyncio.shield(asyncio.wrap_future(saved))
+                    path = await saved  # (a request given up leaves it to the others)
                 except CheckpointError as exc:  # the job ended, or failed, before it
                     return JSONResponse({"error": str(exc)}, status_code=409)
                 assert path is not None  # (one process: it writes the file)
@@ -633,7 +640,7 @@ def create_app(
                 return JSONResponse({"error": f"{why}; ask again later"}, status_code=409)
             if request.query_params.get("wait") == "true":
                 try:
-                    trace = await asyncio.wrap_future(traced)
+                    trace = await traced
                 except ProfilerError as exc:  # the job ended before it recorded a step
                     return JSONResponse({"error": str(exc)}, status_code=409)
                 except OSError as exc:

@@ -28,7 +28,15 @@ from conftest import (
 )
 from torch import nn
 
-from asynchat import BasicBatchProcessor, Callback, CheckpointError, LoopState, Trainer
+from asynchat import (
+    AwaitableFuture,
+    BasicBatchProcessor,
+    Callback,
+    CheckpointError,
+    LoopState,
+    LoopStatus,
+    Trainer,
+)
 from asynchat.callbacks import Checkpoint, Validation
 
 
@@ -110,15 +118,56 @@ async def test_request_save_from_the_event_loop_saves_while_the_loop_runs(
             async for event in events:  # the service's way: ask while it trains
                 if event.snapshot.global_step >= 3:
                     break
-        future = checkpoint.request_save()
-        with anyio.fail_after(30):  # (a thread waits: any backend)
-            path = await anyio.to_thread.run_sync(future.result)
+        with anyio.fail_after(30):  # (awaited on any backend)
+            path = await checkpoint.request_save()
         [step] = saved_steps(tmp_path)  # written and listed as the future resolves
         trainer.stop()
     assert path == tmp_path / f"step-{step:09d}.ckpt" == checkpoint.last_path
     assert 3 <= step < trainer.state.global_step
     saved = torch.load(path, weights_only=True)
     assert saved["progress"]["global_step"] == step
+
+
+@pytest.mark.anyio
+async def test_a_wait_for_the_save_of_a_paused_loop_can_be_given_up(tmp_path: Path) -> None:
+    # Awaited through anyio.to_thread.run_sync(future.result), as the README said to do on
+    # trio, the wait held a thread and could not be cancelled: a timeout around the wait
+    # for the save of a paused loop never came, and the loop was never resumed.
+    checkpoint = on_demand(tmp_path)
+    trainer = make_trainer(checkpoint, num_epochs=1000)
+    waited: list[Path | None] = []
+
+    async def wait(future: AwaitableFuture[Path | None]) -> None:
+        waited.append(await future)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(trainer.fit)
+        with anyio.fail_after(30):
+            while trainer.state.global_step < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        trainer.pause()
+        with anyio.fail_after(30):
+            while trainer.status is not LoopStatus.PAUSED:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        asked = checkpoint.request_save()
+        started = time.monotonic()
+        with anyio.move_on_after(0.5) as gave_up:
+            await asked
+        assert gave_up.cancelled_caught and time.monotonic() - started < 10
+        assert not asked.done()  # given up, not cancelled: its other waiters still wait
+        for _ in range(2):
+            tasks.start_soon(wait, asked)
+        with anyio.fail_after(30):
+            while len(asked._done_callbacks) < 3:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # (the one given up, and the two waiting)
+        trainer.resume()
+        with anyio.fail_after(30):
+            path = await asked
+        trainer.stop()
+    assert waited == [path, path] and path == checkpoint.last_path
+    assert path is not None and path.is_file()
+    with pytest.raises(CheckpointError, match="no save asked for: no loop runs with it"):
+        await checkpoint.request_save()  # answered at once
 
 
 @pytest.mark.anyio

@@ -274,6 +274,21 @@ async def test_a_recording_skipped_names_the_loop_that_was_asked_to_record(
 
 
 @pytest.mark.anyio
+async def test_a_trace_asked_for_from_the_event_loop_is_awaited(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, warmup=1, on_demand=True)
+    trainer = make_trainer(profiler, num_epochs=10_000)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(trainer.fit)
+        with anyio.fail_after(30):
+            while trainer.state.global_step < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            trace = await profiler.request_trace(steps=2)
+        trainer.stop()
+    assert profiler.traces == [trace] and trace.is_file()
+    assert {"ProfilerStep#1", "ProfilerStep#2", "aten::addmm"} <= names(trace)
+
+
+@pytest.mark.anyio
 async def test_a_trace_asked_for_by_a_caller_who_cancels_it_is_written(tmp_path: Path) -> None:
     profiler = Profiler(tmp_path, warmup=1, on_demand=True)
 

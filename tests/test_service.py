@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import uvicorn
 from conftest import load_example, make_trainer
 
 import asynchat.callbacks._profiler
-from asynchat import Callback, LoopState
+from asynchat import AwaitableFuture, Callback, LoopState
 from asynchat._launch import free_port
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -218,10 +217,10 @@ async def test_a_checkpoint_asked_of_a_job_just_started_is_saved(tmp_path: Path)
         assert (tmp_path / other / waited.json()["checkpoint"]).is_file()
 
 
-def unanswered_futures() -> list[Future[Any]]:
-    """The ``concurrent.futures.Future`` objects of this process not yet answered."""
+def unanswered_futures() -> list[AwaitableFuture[Any]]:
+    """The futures of this process's asks not yet answered."""
     gc.collect()
-    return [o for o in gc.get_objects() if type(o) is Future and not o.done()]
+    return [o for o in gc.get_objects() if type(o) is AwaitableFuture and not o.done()]
 
 
 async def test_checkpoints_asked_of_a_paused_job_over_and_over_share_one_save(

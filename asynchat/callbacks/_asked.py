@@ -1,6 +1,6 @@
 """Saves asked for: by the clock (``Checkpoint(every_n_seconds=...)``) and on demand
 (:meth:`Checkpoint.request_save`: a future per ask, from the thread that asks to the save
-that serves it)."""
+that serves it); answering such futures (the Profiler's too)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from asynchat._errors import CheckpointError
+from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
 
-SaveFuture = Future[Path | None]
+SaveFuture = AwaitableFuture[Path | None]
 T = TypeVar("T")
 
 
@@ -103,7 +104,7 @@ class SaveRequests:
             self._running = True
 
     def ask(self) -> SaveFuture:
-        future: SaveFuture = Future()
+        future: SaveFuture = AwaitableFuture()
         with self._lock:
             if not self._running:
                 future.set_exception(

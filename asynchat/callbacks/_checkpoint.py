@@ -476,17 +476,18 @@ class Checkpoint(Callback):
         at the same step, a step or two later. It ranks and is kept like any other save; a
         failed one is raised at the next step, as always.
 
-        Returns a :class:`concurrent.futures.Future` (``await asyncio.wrap_future(f)`` on
-        asyncio; ``await anyio.to_thread.run_sync(f.result)`` on any backend) that resolves
-        with the path of the checkpoint once it is written and listed in the manifest (the
-        first save after the ask serves it: one of the schedule's, if one comes first); on
-        a rank that writes no file (not rank 0 of a DDP trainer) with None once its part is
-        handed over (or, sharded, its shards written). It fails with the save's error, or
-        with a :class:`~asynchat.CheckpointError` when no save serves it: asked while no
-        loop runs with this callback (before its ``fit()``, after its end), or the loop
-        ended (or failed, or was cancelled) before the save. Ignoring it is fine: a failed
-        future is not reported by itself. Never wait for it inside the loop's own hooks:
-        the save is made after them, on the compute thread."""
+        Returns an :class:`~asynchat.AwaitableFuture` (``path = await
+        checkpoint.request_save()`` on any event loop; a ``concurrent.futures.Future`` for
+        threads) that resolves with the path of the checkpoint once it is written and
+        listed in the manifest (the first save after the ask serves it: one of the
+        schedule's, if one comes first); on a rank that writes no file (not rank 0 of a
+        DDP trainer) with None once its part is handed over (or, sharded, its shards
+        written). It fails with the save's error, or with a
+        :class:`~asynchat.CheckpointError` when no save serves it: asked while no loop runs
+        with this callback (before its ``fit()``, after its end), or the loop ended (or
+        failed, or was cancelled) before the save. Ignoring it is fine: a failed future is
+        not reported by itself. Never wait for it inside the loop's own hooks: the save is
+        made after them, on the compute thread."""
         return self._requests.ask()
 
     def on_step_end(self, state: LoopState) -> None:

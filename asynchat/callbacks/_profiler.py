@@ -7,7 +7,6 @@ import os
 import re
 import threading
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from asynchat._checkpoint_io import atomic_file, temporary_for
 from asynchat._checks import flag, positive_int
 from asynchat._checks import path as check_path
 from asynchat._errors import ProfilerError
+from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
 from asynchat.callbacks._asked import fail, settle
 from asynchat.callbacks._writer import BackgroundWriter
@@ -30,7 +30,7 @@ TABLE_ROWS = 30
 # side, each with a Profiler) wrote no trace at all, neither of them, without an error.
 _SESSION = threading.Lock()
 _profiled: str | None = None  # the loop that holds _SESSION
-TraceFuture = Future[Path]
+TraceFuture = AwaitableFuture[Path]
 
 
 def _take_session(name: str) -> bool:
@@ -156,13 +156,14 @@ class Profiler(Callback):
         """The traces written so far, oldest first (complete once the loop has ended)."""
         return list(self._traces)
 
-    def request_trace(self, steps: int | None = None) -> Future[Path]:
+    def request_trace(self, steps: int | None = None) -> AwaitableFuture[Path]:
         """Record the loop's next steps: ``warmup`` steps, then ``steps`` (``active`` by
         default) recorded and written like a scheduled recording. From any thread, while the
         loop runs (from its ``fit()`` on).
 
-        Answers a ``concurrent.futures.Future`` (``asyncio.wrap_future`` awaits it on an
-        event loop): the trace's path once written (the table is written beside it); the
+        Answers an :class:`~asynchat.AwaitableFuture` (``trace = await
+        profiler.request_trace()`` on any event loop; a ``concurrent.futures.Future`` for
+        threads): the trace's path once written (the table is written beside it); the
         ``OSError`` that kept it from being written; or a :class:`ProfilerError` saying why
         nothing was recorded: asked while no loop runs with the callback, while a loop of
         this process records or is asked to (this one included: torch's profiler records
@@ -172,7 +173,7 @@ class Profiler(Callback):
         another loop is skipped; a paused loop holds it until it is resumed and has
         recorded)."""
         positive_int("steps", steps, allow_none=True)
-        future: TraceFuture = Future()
+        future: TraceFuture = AwaitableFuture()
         with self._asking:
             if not self._running:
                 why = "no loop runs with it"
