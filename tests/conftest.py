@@ -463,6 +463,32 @@ def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 60
     )
 
 
+def wait_until(
+    done: Callable[[], bool], process: subprocess.Popen[str], what: str, timeout: float = 120
+) -> None:
+    """Poll ``done()`` until it holds. A ``process`` that ends first, or that has not got
+    there within ``timeout`` seconds, is killed (its process group, if it leads one: a
+    launcher and its ranks) and the test fails saying ``what`` was awaited, with all the
+    process said (a bare deadline said only "both jobs train": once in five runs of
+    test_launch.py beside other tests, nothing to tell a hang from a slow start)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if process.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    else:
+        return
+    ended = process.poll()
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    out, err = process.communicate(timeout=60)
+    why = f"it ended first (returncode {ended})" if ended is not None else f"not in {timeout:g} s"
+    pytest.fail(f"waited for {what}: {why}; it said:\n{out[-3000:]}\n--- stderr:\n{err[-6000:]}")
+
+
 def finished(process: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
     """``process``'s remaining stdout and stderr once it has ended, within ``timeout``
     seconds; one that has not is killed and the test fails with its output (a bare

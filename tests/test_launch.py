@@ -26,7 +26,7 @@ import pytest
 import rank_jobs
 import torch
 import torch.distributed as dist
-from conftest import finished, wait_for_line
+from conftest import finished, wait_for_line, wait_until
 
 import asynchat._launch
 from asynchat import LaunchError, launch, launch_async
@@ -669,18 +669,12 @@ def test_a_schedulers_sigusr1_to_the_launcher_reaches_ranks_that_save_on_it(
         wait_for_line(launcher, "step 5")
         launcher.send_signal(signal.SIGUSR1)
         manifest = tmp_path / "checkpoints" / "manifest.json"
-        deadline = time.monotonic() + 60
-        while not manifest.exists():
-            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "the asked save is written"
-            time.sleep(0.05)
+        wait_until(manifest.exists, launcher, "the asked save to be written")
         [asked] = json.loads(manifest.read_text())["checkpoints"]
         # A step later, SIGTERM ends the job with its final checkpoint. (Sent at once, under
         # load it stopped the job at the asked save's own step, whose final save is that one.)
-        while step_of(tmp_path) <= asked["global_step"]:
-            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "the job trains on after the asked save"
-            time.sleep(0.01)
+        past = asked["global_step"]
+        wait_until(lambda: step_of(tmp_path) > past, launcher, "a step past the asked save")
         launcher.send_signal(signal.SIGTERM)
         said, errors = launcher.communicate(timeout=60)
     assert launcher.returncode == -signal.SIGTERM, errors[-2000:]
@@ -803,10 +797,8 @@ def test_a_sigterm_reaches_every_launch_async_job_of_the_process(tmp_path: Path)
     second = tmp_path / "second"
     second.mkdir()
     with launcher_script("signalled_launcher.py", str(tmp_path), "1", "async-two") as job:
-        deadline = time.monotonic() + 60
-        while not all((d / "step").exists() for d in (tmp_path, second)):
-            assert time.monotonic() < deadline, "both jobs train"
-            time.sleep(0.05)
+        steps = [d / "step" for d in (tmp_path, second)]
+        wait_until(lambda: all(p.exists() for p in steps), job, "both jobs to train")
         job.send_signal(signal.SIGTERM)
         errors = ended(job)
     assert job.returncode == -signal.SIGTERM, errors[-2000:]
@@ -853,10 +845,8 @@ def test_a_signal_that_stops_a_services_loops_stops_its_launched_jobs_too(
     # SIGHUP out (the relay's handler made it look like the program's own): the local job
     # died with the process. Now each job ends gracefully, and so does the service.
     with launcher_script("signalled_launcher.py", str(tmp_path), "1", f"beside-{order}") as job:
-        deadline = time.monotonic() + 60
-        while not all((d / "step").exists() for d in (tmp_path, tmp_path / "local")):
-            assert time.monotonic() < deadline, "both jobs train"
-            time.sleep(0.05)
+        steps = [d / "step" for d in (tmp_path, tmp_path / "local")]
+        wait_until(lambda: all(p.exists() for p in steps), job, "both jobs to train")
         job.send_signal(signal.Signals[how])
         out, errors = finished(job)
     assert job.returncode == 0, errors[-2000:]
@@ -873,10 +863,8 @@ def test_a_launched_job_a_services_signal_cut_short_says_so(tmp_path: Path) -> N
     # Its ranks have no stop_on_signals: the SIGTERM the service's block caught kills them.
     # The service goes on, so the job does not return as if it had run to its end.
     with launcher_script("signalled_launcher.py", str(tmp_path), "0", "beside-block-first") as job:
-        deadline = time.monotonic() + 60
-        while not all((d / "step").exists() for d in (tmp_path, tmp_path / "local")):
-            assert time.monotonic() < deadline, "both jobs train"
-            time.sleep(0.05)
+        steps = [d / "step" for d in (tmp_path, tmp_path / "local")]
+        wait_until(lambda: all(p.exists() for p in steps), job, "both jobs to train")
         job.send_signal(signal.SIGTERM)
         _, errors = finished(job)
     assert job.returncode == 1, errors[-2000:]
@@ -984,10 +972,7 @@ def test_a_second_ctrl_c_ends_ranks_that_do_not_answer_the_first(tmp_path: Path)
     # they ignore SIGINT, as one stuck in a collective would not answer it) must not hold it
     # forever: a second Ctrl-C terminates whatever still runs some seconds later.
     with launcher_script("signalled_launcher.py", str(tmp_path), "stubborn") as launcher:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("rank*.pid"))) < 2:
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.1)
+        wait_until(lambda: len(list(tmp_path.glob("rank*.pid"))) == 2, launcher, "both ranks")
         pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
         os.killpg(launcher.pid, signal.SIGINT)
         time.sleep(1.0)
@@ -1018,10 +1003,7 @@ def test_ranks_die_with_their_launcher(
     with launcher_script(
         "launcher_job.py", str(tmp_path), env={"TMPDIR": str(temporary)}
     ) as launcher:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("rank*.pid"))) < 2:
-            assert time.monotonic() < deadline and launcher.poll() is None
-            time.sleep(0.1)
+        wait_until(lambda: len(list(tmp_path.glob("rank*.pid"))) == 2, launcher, "both ranks")
         pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
         assert all(alive(pid) for pid in pids)
         stacks = {path.parent for pid in pids for path in open_files(pid)}
