@@ -16,6 +16,7 @@ from asynchat._compute import ComputeThread
 from asynchat._errors import add_note
 from asynchat._heartbeat import beat
 from asynchat._in_use import in_hook_of
+from asynchat._mailbox import current_task
 from asynchat._phase import Phase
 from asynchat._state import LoopState
 
@@ -38,6 +39,8 @@ class HookRunner:
     - ``silent``: the phases with nothing to do (no hooks, no trace, no progress beats):
       :meth:`run_phase` only records them in ``state.phase``. Set by :meth:`begin`, on the
       compute thread as the run starts (after the loop's last callback was added).
+    - ``awaiting_task``: the task awaiting one of the loop's ``async def`` hooks, while one
+      runs (None between): set and read on the event loop.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class HookRunner:
         self.compute: ComputeThread | None = None
         self.trace = False
         self.silent: frozenset[Phase] = frozenset()
+        self.awaiting_task: object = None
 
     def begin(self) -> None:
         """As a run starts: which phases are silent."""
@@ -119,6 +123,15 @@ class HookRunner:
         if self.cancelling() and phase is not Phase.ON_LOOP_END:
             return None  # a cancelled loop skips the async hooks it has not started
         # A loop started in the hook (a predictor on this loop's model) runs inside this one.
+        self.awaiting_task = current_task()
+        try:
+            return await self._await_hook_in(hook, ready)
+        finally:
+            self.awaiting_task = None
+
+    async def _await_hook_in(
+        self, hook: Hook, ready: torch.cuda.Event | None
+    ) -> torch.cuda.Event | None:
         with in_hook_of(self.state.loop):
             if ready is None:
                 await hook.fn(self.state)  # type: ignore[misc]

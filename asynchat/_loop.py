@@ -35,6 +35,7 @@ from asynchat._handle import LoopHandle
 from asynchat._hooks import LOG as _LOG
 from asynchat._hooks import HookRunner
 from asynchat._in_use import Claim, claim
+from asynchat._mailbox import current_task
 from asynchat._phase import Phase
 from asynchat._processor import BatchProcessor, check_processor
 from asynchat._ranks import RankGroup
@@ -288,6 +289,12 @@ class LoopBase(PipeBase):
         elsewhere ``[obj]``.
         """
         return self._ranks.gather_to_rank_zero(obj) if self._ranks is not None else [obj]
+
+    def _awaits_own_hook(self) -> bool:
+        """(On the event loop: the asks' futures'.) Whether the task that calls it is
+        awaiting one of this loop's ``async def`` hooks (the loop waits for it to return)."""
+        awaiting = self._hooks_runner.awaiting_task
+        return awaiting is not None and awaiting is current_task()
 
     def _save_slot(self) -> int:
         """(Checkpoint's, at ``on_loop_begin`` of a loop that spans ranks.) A flag of its

@@ -26,6 +26,14 @@ def running_trio_token() -> Any:
         return None
 
 
+def current_task() -> object:
+    """The task running this code (asyncio's, uvloop's or trio's), cheaply: anyio's
+    ``get_current_task()`` costs several times as much, at every ``async def`` hook."""
+    if asyncio._get_running_loop() is not None:
+        return asyncio.current_task()
+    return sys.modules["trio"].lowlevel.current_task()
+
+
 class Mailbox(Generic[T]):
     """Messages from other threads to one task on the event loop that created the mailbox.
 
@@ -106,13 +114,23 @@ class AwaitableFuture(Future[T]):
     be cancelled: on trio, a ``move_on_after`` around the wait for the save of a paused
     loop never moved on; ``asyncio.wrap_future`` cancels the future itself.) Threads use it
     as any ``Future``: ``result(timeout)``, ``add_done_callback``.
+
+    ``deadlock``, if given, is asked as an await begins on a future not yet answered: a
+    message if that await would wait forever, raised as a ``RuntimeError``.
     """
+
+    def __init__(self, deadlock: Callable[[], str | None] | None = None) -> None:
+        super().__init__()
+        self._deadlock = deadlock
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
 
     async def _wait(self) -> T:
         if not self.done():
+            why = self._deadlock() if self._deadlock is not None else None
+            if why is not None:
+                raise RuntimeError(why)
             answered: Mailbox[None] = Mailbox()
             self.add_done_callback(lambda _: answered.put(None))  # (at once if done since)
             await answered.get()

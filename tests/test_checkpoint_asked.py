@@ -171,6 +171,49 @@ async def test_a_wait_for_the_save_of_a_paused_loop_can_be_given_up(tmp_path: Pa
 
 
 @pytest.mark.anyio
+async def test_a_save_awaited_in_the_loops_own_async_hook_is_refused(tmp_path: Path) -> None:
+    # It is made after the hook returns, and the loop waits for the hook: awaited there it
+    # waited forever (no error, no step, no save; the asyncio backend's fit() never ended).
+    checkpoint = on_demand(tmp_path)
+
+    class SavesAndUploads(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                await checkpoint.request_save()
+
+    trainer = make_trainer(SavesAndUploads(), checkpoint, num_steps=6)
+    with anyio.fail_after(60), pytest.raises(RuntimeError) as raised:
+        await trainer.fit()
+    assert str(raised.value) == (
+        f"the save asked for is made once {trainer.name}'s async def hook awaiting it has "
+        "returned: awaited there it would wait forever. Ask in the hook and await the "
+        "future in a task of your own (or after the loop)"
+    )
+
+
+@pytest.mark.anyio
+async def test_a_save_asked_in_an_async_hook_is_awaited_by_a_task_it_starts(
+    tmp_path: Path,
+) -> None:
+    checkpoint = on_demand(tmp_path)
+    saved: list[Path | None] = []
+
+    async def upload(future: AwaitableFuture[Path | None]) -> None:
+        saved.append(await future)  # (in a task of its own: the hook has returned)
+
+    async with anyio.create_task_group() as tasks:
+
+        class SavesAndUploads(Callback):
+            async def on_step_end(self, state: LoopState) -> None:
+                if state.global_step == 3:
+                    tasks.start_soon(upload, checkpoint.request_save())
+
+        with anyio.fail_after(60):
+            await make_trainer(SavesAndUploads(), checkpoint, num_steps=6).fit()
+    assert saved == [tmp_path / "step-000000003.ckpt"] == [checkpoint.last_path]  # (it runs last)
+
+
+@pytest.mark.anyio
 async def test_request_save_from_a_signal_handler_saves_at_a_later_step(tmp_path: Path) -> None:
     # A batch scheduler's warning before it preempts the job (SLURM's --signal=USR1@60).
     checkpoint = on_demand(tmp_path)

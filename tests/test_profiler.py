@@ -289,6 +289,20 @@ async def test_a_trace_asked_for_from_the_event_loop_is_awaited(tmp_path: Path) 
 
 
 @pytest.mark.anyio
+async def test_a_trace_awaited_in_the_loops_own_async_hook_is_refused(tmp_path: Path) -> None:
+    profiler = Profiler(tmp_path, on_demand=True)  # (the recording would begin after it)
+
+    class ProfilesAndUploads(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            await profiler.request_trace()
+
+    trainer = make_trainer(ProfilesAndUploads(), profiler, num_epochs=2)
+    with anyio.fail_after(60), pytest.raises(RuntimeError, match="the recording asked for is"):
+        await trainer.fit()
+    assert not asynchat.callbacks._profiler._SESSION.locked()  # the ask's, given back
+
+
+@pytest.mark.anyio
 async def test_a_trace_asked_for_by_a_caller_who_cancels_it_is_written(tmp_path: Path) -> None:
     profiler = Profiler(tmp_path, warmup=1, on_demand=True)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from asynchat._errors import CheckpointError
+from asynchat._handle import LoopHandle
 from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
 
@@ -78,6 +79,23 @@ def fail(futures: Iterable[Future[Any]], error: BaseException) -> None:
             future.set_exception(error)
 
 
+def awaited_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
+    """The ``deadlock`` of an :class:`AwaitableFuture` that ``loop`` answers after its
+    hooks: awaited in one of its own ``async def`` hooks, which the loop waits for, it would
+    wait forever (before, it did: no error, no step, no save)."""
+
+    def deadlock() -> str | None:
+        if not loop._awaits_own_hook():
+            return None
+        return (
+            f"{what} is made once {loop.name}'s async def hook awaiting it has returned: "
+            "awaited there it would wait forever. Ask in the hook and await the future in "
+            "a task of your own (or after the loop)"
+        )
+
+    return deadlock
+
+
 def _answer(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
     if error is None:
         settle(futures, path)
@@ -93,24 +111,28 @@ class SaveRequests:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self._lock = threading.RLock()
-        self._running = False
+        self._loop: LoopHandle | None = None  # the run's, while one runs
         self._asked = False  # asked since the compute thread last looked
         self._asks: collections.deque[SaveFuture] = collections.deque()  # not looked at yet
         self._taken: list[SaveFuture] = []  # looked at: served by the next save
 
-    def open(self) -> None:
-        """A run has taken the callback: asks are kept from now on, for its saves."""
+    def open(self, loop: LoopHandle) -> None:
+        """A run of ``loop`` has taken the callback: asks are kept from now on, for its
+        saves."""
         with self._lock:
-            self._running = True
+            self._loop = loop
 
     def ask(self) -> SaveFuture:
-        future: SaveFuture = AwaitableFuture()
         with self._lock:
-            if not self._running:
-                future.set_exception(
+            if self._loop is None:
+                refused: SaveFuture = AwaitableFuture()
+                refused.set_exception(
                     CheckpointError(f"{self.owner}: no save asked for: no loop runs with it")
                 )
-                return future
+                return refused
+            future: SaveFuture = AwaitableFuture(
+                awaited_in_a_hook(self._loop, "the save asked for")
+            )
             self._asks.append(future)
             self._asked = True  # (after the append: whoever sees it finds the future)
         return future
@@ -136,7 +158,7 @@ class SaveRequests:
         """The run is over: the asks no save served fail, saying why (``error``: what
         ended it, if anything did)."""
         with self._lock:
-            self._running, self._asked = False, False
+            self._loop, self._asked = None, False
             futures, self._taken = [*self._taken, *self._asks], []
             self._asks.clear()
         why = (

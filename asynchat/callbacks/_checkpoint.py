@@ -228,7 +228,7 @@ class Checkpoint(Callback):
         return self.save_dir / self._entries[-1]["file"] if self._entries else None
 
     def _run_begins(self, state: LoopState) -> None:
-        self._requests.open()  # (asks from now on: the run's first saves serve them)
+        self._requests.open(state.loop)  # (asks from now on: the run's first saves serve them)
 
     def _run_ended(self, error: BaseException | None) -> None:
         self._requests.close(error)  # asks no save served fail, saying why
@@ -487,7 +487,8 @@ class Checkpoint(Callback):
         with this callback (before its ``fit()``, after its end), or the loop ended (or
         failed, or was cancelled) before the save. Ignoring it is fine: a failed future is
         not reported by itself. Never wait for it inside the loop's own hooks: the save is
-        made after them, on the compute thread."""
+        made after them, on the compute thread (awaited in an ``async def`` hook of the
+        loop, it raises a ``RuntimeError`` saying so; await it in a task of your own)."""
         return self._requests.ask()
 
     def on_step_end(self, state: LoopState) -> None:

@@ -18,9 +18,10 @@ from asynchat._checkpoint_io import atomic_file, temporary_for
 from asynchat._checks import flag, positive_int
 from asynchat._checks import path as check_path
 from asynchat._errors import ProfilerError
+from asynchat._handle import LoopHandle
 from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
-from asynchat.callbacks._asked import fail, settle
+from asynchat.callbacks._asked import awaited_in_a_hook, fail, settle
 from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.profiler")
@@ -146,7 +147,7 @@ class Profiler(Callback):
         # for them; whether a run is on (it asks only then). Both under _asking: any
         # thread asks.
         self._asked: tuple[int, TraceFuture] | None = None
-        self._running = False
+        self._loop: LoopHandle | None = None  # the run's, while one runs
         self._asking = threading.Lock()
         self._promised: TraceFuture | None = None  # the asked recording's, once begun (the
         # compute thread's, then the writer's)
@@ -171,11 +172,15 @@ class Profiler(Callback):
         warm-up. A refused ask is answered at once and asks nothing. Once asked, the
         process's profiling session is this loop's (a schedule's recording due meanwhile in
         another loop is skipped; a paused loop holds it until it is resumed and has
-        recorded)."""
+        recorded). The recording begins after the loop's hooks of the moment: awaited in an
+        ``async def`` hook of the loop, the future raises a ``RuntimeError`` saying so."""
         positive_int("steps", steps, allow_none=True)
-        future: TraceFuture = AwaitableFuture()
         with self._asking:
-            if not self._running:
+            loop = self._loop
+            future: TraceFuture = AwaitableFuture(
+                awaited_in_a_hook(loop, "the recording asked for") if loop is not None else None
+            )
+            if loop is None:
                 why = "no loop runs with it"
             elif self._asked is not None:
                 why = f"{self._name} has been asked to record already"
@@ -228,11 +233,11 @@ class Profiler(Callback):
 
     def _run_begins(self, state: LoopState) -> None:
         with self._asking:
-            self._running, self._name = True, state.loop.name  # (asks from the run's fit() on)
+            self._loop, self._name = state.loop, state.loop.name  # (asks from fit() on)
 
     def _run_ended(self, error: BaseException | None) -> None:
         with self._asking:
-            self._running = False
+            self._loop = None
             asked, self._asked = self._asked, None
         if asked is not None:  # asked for, never begun: its session back (also where the
             _give_session_back()  # run failed before its on_loop_begin)
