@@ -122,27 +122,23 @@ class HookRunner:
     ) -> torch.cuda.Event | None:
         if self.cancelling() and phase is not Phase.ON_LOOP_END:
             return None  # a cancelled loop skips the async hooks it has not started
-        # A loop started in the hook (a predictor on this loop's model) runs inside this one.
-        self.awaiting_task = current_task()
+        self.awaiting_task = current_task()  # (for LoopBase._awaits_own_hook)
         try:
-            return await self._await_hook_in(hook, ready)
+            # A loop started in the hook (a predictor on this loop's model) runs inside it.
+            with in_hook_of(self.state.loop):
+                if ready is None:
+                    await hook.fn(self.state)  # type: ignore[misc]
+                    return None
+                # On CUDA: whatever the hook queues on this thread's stream runs after the
+                # step's work so far, and the compute stream will wait for it (device-side,
+                # both ways).
+                stream = torch.cuda.current_stream(self.state.device)
+                stream.wait_event(ready)
+                await hook.fn(self.state)  # type: ignore[misc]
+                done: torch.cuda.Event = stream.record_event()
+                return done
         finally:
             self.awaiting_task = None
-
-    async def _await_hook_in(
-        self, hook: Hook, ready: torch.cuda.Event | None
-    ) -> torch.cuda.Event | None:
-        with in_hook_of(self.state.loop):
-            if ready is None:
-                await hook.fn(self.state)  # type: ignore[misc]
-                return None
-            # On CUDA: whatever the hook queues on this thread's stream runs after the step's
-            # work so far, and the compute stream will wait for it (device-side, both ways).
-            stream = torch.cuda.current_stream(self.state.device)
-            stream.wait_event(ready)
-            await hook.fn(self.state)  # type: ignore[misc]
-            done: torch.cuda.Event = stream.record_event()
-            return done
 
     def _run_every_hook(self, phase: Phase) -> None:
         first: BaseException | None = None
