@@ -59,7 +59,7 @@ import anyio
 import torch
 
 from asynchat._errors import add_note
-from asynchat._mailbox import Mailbox
+from asynchat._mailbox import Mailbox, current_task
 
 T = TypeVar("T")
 _LOG = logging.getLogger("asynchat.loop")
@@ -254,6 +254,9 @@ class ComputeThread:
         self._request_pending = False
         self._abandon_lock = threading.Lock()
         self._job_done = True  # no job is running (the last one has reported DONE)
+        #: The task awaiting a request of the job (an ``async def`` hook) while one runs:
+        #: the thread waits for it, so nothing the job does next can be awaited there.
+        self.serving: object = None
 
     # -- event loop side -------------------------------------------------------------------
 
@@ -447,6 +450,7 @@ class ComputeThread:
         return self._worker.inbox
 
     async def _answer(self, request: Callable[[], Awaitable[object]]) -> None:
+        self.serving = current_task()
         try:
             result = await request()
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
@@ -460,6 +464,8 @@ class ComputeThread:
             self._reply((_Reply.ERROR, exc))
         else:
             self._reply((_Reply.VALUE, result))
+        finally:
+            self.serving = None
 
     def _reply(self, reply: tuple[_Reply, Any]) -> None:
         with self._abandon_lock:

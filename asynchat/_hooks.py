@@ -16,7 +16,6 @@ from asynchat._compute import ComputeThread
 from asynchat._errors import add_note
 from asynchat._heartbeat import beat
 from asynchat._in_use import in_hook_of
-from asynchat._mailbox import current_task
 from asynchat._phase import Phase
 from asynchat._state import LoopState
 
@@ -39,8 +38,6 @@ class HookRunner:
     - ``silent``: the phases with nothing to do (no hooks, no trace, no progress beats):
       :meth:`run_phase` only records them in ``state.phase``. Set by :meth:`begin`, on the
       compute thread as the run starts (after the loop's last callback was added).
-    - ``awaiting_task``: the task awaiting one of the loop's ``async def`` hooks, while one
-      runs (None between): set and read on the event loop.
     """
 
     def __init__(
@@ -57,7 +54,6 @@ class HookRunner:
         self.compute: ComputeThread | None = None
         self.trace = False
         self.silent: frozenset[Phase] = frozenset()
-        self.awaiting_task: object = None
 
     def begin(self) -> None:
         """As a run starts: which phases are silent."""
@@ -122,23 +118,18 @@ class HookRunner:
     ) -> torch.cuda.Event | None:
         if self.cancelling() and phase is not Phase.ON_LOOP_END:
             return None  # a cancelled loop skips the async hooks it has not started
-        self.awaiting_task = current_task()  # (for LoopBase._awaits_own_hook)
-        try:
-            # A loop started in the hook (a predictor on this loop's model) runs inside it.
-            with in_hook_of(self.state.loop):
-                if ready is None:
-                    await hook.fn(self.state)  # type: ignore[misc]
-                    return None
-                # On CUDA: whatever the hook queues on this thread's stream runs after the
-                # step's work so far, and the compute stream will wait for it (device-side,
-                # both ways).
-                stream = torch.cuda.current_stream(self.state.device)
-                stream.wait_event(ready)
+        # A loop started in the hook (a predictor on this loop's model) runs inside this one.
+        with in_hook_of(self.state.loop):
+            if ready is None:
                 await hook.fn(self.state)  # type: ignore[misc]
-                done: torch.cuda.Event = stream.record_event()
-                return done
-        finally:
-            self.awaiting_task = None
+                return None
+            # On CUDA: whatever the hook queues on this thread's stream runs after the step's
+            # work so far, and the compute stream will wait for it (device-side, both ways).
+            stream = torch.cuda.current_stream(self.state.device)
+            stream.wait_event(ready)
+            await hook.fn(self.state)  # type: ignore[misc]
+            done: torch.cuda.Event = stream.record_event()
+            return done
 
     def _run_every_hook(self, phase: Phase) -> None:
         first: BaseException | None = None

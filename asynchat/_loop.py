@@ -292,9 +292,14 @@ class LoopBase(PipeBase):
 
     def _awaits_own_hook(self) -> bool:
         """(On the event loop: the asks' futures'.) Whether the task that calls it is
-        awaiting one of this loop's ``async def`` hooks (the loop waits for it to return)."""
-        awaiting = self._hooks_runner.awaiting_task
-        return awaiting is not None and awaiting is current_task()
+        awaiting an ``async def`` hook of this loop, or of a loop run inline in it (its
+        compute thread waits for the hook to return)."""
+        compute = self._compute
+        return (
+            compute is not None
+            and compute.serving is not None
+            and (compute.serving is current_task())
+        )
 
     def _save_slot(self) -> int:
         """(Checkpoint's, at ``on_loop_begin`` of a loop that spans ranks.) A flag of its

@@ -185,10 +185,30 @@ async def test_a_save_awaited_in_the_loops_own_async_hook_is_refused(tmp_path: P
     with anyio.fail_after(60), pytest.raises(RuntimeError) as raised:
         await trainer.fit()
     assert str(raised.value) == (
-        f"the save asked for is made once {trainer.name}'s async def hook awaiting it has "
-        "returned: awaited there it would wait forever. Ask in the hook and await the "
-        "future in a task of your own (or after the loop)"
+        f"the save asked for is made once the async def hook awaiting it has returned "
+        f"({trainer.name} waits for the hook): awaited there it would wait forever. Ask in "
+        "the hook and await the future in a task of your own (or after the loop)"
     )
+
+
+@pytest.mark.anyio
+async def test_a_save_awaited_in_a_hook_of_a_loop_run_inside_the_trainer_is_refused(
+    tmp_path: Path,
+) -> None:
+    # Validation's predictor runs on the trainer's compute thread, inside its step: the
+    # trainer waits for the predictor's async def hooks as for its own.
+    checkpoint = on_demand(tmp_path)
+
+    class SavesAfterValidating(Callback):
+        async def on_loop_end(self, state: LoopState) -> None:
+            await checkpoint.request_save()
+
+    validation = Validation(
+        make_loader(32, 16), loss_fn=nn.CrossEntropyLoss(), callbacks=[SavesAfterValidating()]
+    )
+    trainer = make_trainer(validation, checkpoint, num_epochs=2)
+    with anyio.fail_after(60), pytest.raises(RuntimeError, match=r"\(trainer-\d+ waits for"):
+        await trainer.fit()
 
 
 @pytest.mark.anyio

@@ -81,16 +81,17 @@ def fail(futures: Iterable[Future[Any]], error: BaseException) -> None:
 
 def awaited_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
     """The ``deadlock`` of an :class:`AwaitableFuture` that ``loop`` answers after its
-    hooks: awaited in one of its own ``async def`` hooks, which the loop waits for, it would
-    wait forever (before, it did: no error, no step, no save)."""
+    hooks: awaited in one of its own ``async def`` hooks (or those of a loop run inline in
+    it, a Validation's), which the loop waits for, it would wait forever (before, it did:
+    no error, no step, no save)."""
 
     def deadlock() -> str | None:
         if not loop._awaits_own_hook():
             return None
         return (
-            f"{what} is made once {loop.name}'s async def hook awaiting it has returned: "
-            "awaited there it would wait forever. Ask in the hook and await the future in "
-            "a task of your own (or after the loop)"
+            f"{what} is made once the async def hook awaiting it has returned ({loop.name} "
+            "waits for the hook): awaited there it would wait forever. Ask in the hook and "
+            "await the future in a task of your own (or after the loop)"
         )
 
     return deadlock
