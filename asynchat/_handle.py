@@ -104,6 +104,6 @@ class LoopHandle(Protocol):
 
     def _ranks_agreed_to_save(self, slot: int) -> bool: ...
 
-    # The futures of Checkpoint's and Profiler's asks: awaited in one of the loop's own
-    # ``async def`` hooks, they would wait forever (what they wait for comes after it).
-    def _awaits_own_hook(self) -> bool: ...
+    # The futures of Checkpoint's and Profiler's asks: waited for in one of the loop's own
+    # hooks, they would wait forever (what they wait for comes after the hook).
+    def _waits_for_caller(self) -> bool: ...

@@ -290,16 +290,16 @@ class LoopBase(PipeBase):
         """
         return self._ranks.gather_to_rank_zero(obj) if self._ranks is not None else [obj]
 
-    def _awaits_own_hook(self) -> bool:
-        """(On the event loop: the asks' futures'.) Whether the task that calls it is
-        awaiting an ``async def`` hook of this loop, or of a loop run inline in it (its
-        compute thread waits for the hook to return)."""
+    def _waits_for_caller(self) -> bool:
+        """(The asks' futures'.) Whether the loop waits for its caller: called in one of its
+        ``def`` hooks (on its compute thread), or in a task serving one of its ``async
+        def`` hooks or those of a loop run inline in it (the compute thread waits for it)."""
         compute = self._compute
-        return (
-            compute is not None
-            and compute.serving is not None
-            and (compute.serving is current_task())
-        )
+        if compute is None:
+            return False
+        if compute.on_thread():
+            return True
+        return compute.serving is not None and compute.serving is current_task()
 
     def _save_slot(self) -> int:
         """(Checkpoint's, at ``on_loop_begin`` of a loop that spans ranks.) A flag of its

@@ -27,11 +27,16 @@ def running_trio_token() -> Any:
 
 
 def current_task() -> object:
-    """The task running this code (asyncio's, uvloop's or trio's), cheaply: anyio's
-    ``get_current_task()`` costs several times as much, at every ``async def`` hook."""
+    """The task running this code (asyncio's, uvloop's or trio's; None outside any),
+    cheaply: anyio's ``get_current_task()`` costs several times as much, at every
+    ``async def`` hook."""
     if asyncio._get_running_loop() is not None:
         return asyncio.current_task()
-    return sys.modules["trio"].lowlevel.current_task()
+    trio = sys.modules.get("trio")
+    try:
+        return None if trio is None else trio.lowlevel.current_task()
+    except RuntimeError:  # trio is imported but this is not a trio run
+        return None
 
 
 class Mailbox(Generic[T]):
@@ -115,8 +120,9 @@ class AwaitableFuture(Future[T]):
     loop never moved on; ``asyncio.wrap_future`` cancels the future itself.) Threads use it
     as any ``Future``: ``result(timeout)``, ``add_done_callback``.
 
-    ``deadlock``, if given, is asked as an await begins on a future not yet answered: a
-    message if that await would wait forever, raised as a ``RuntimeError``.
+    ``deadlock``, if given, is asked as a wait for a future not yet answered begins (an
+    await, ``result()``, ``exception()``): a message if the wait would never end, raised
+    as a ``RuntimeError`` instead.
     """
 
     def __init__(self, deadlock: Callable[[], str | None] | None = None) -> None:
@@ -126,11 +132,23 @@ class AwaitableFuture(Future[T]):
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
 
-    async def _wait(self) -> T:
-        if not self.done():
-            why = self._deadlock() if self._deadlock is not None else None
+    def result(self, timeout: float | None = None) -> T:
+        self._refuse_to_wait_forever()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_to_wait_forever()
+        return super().exception(timeout)
+
+    def _refuse_to_wait_forever(self) -> None:
+        if not self.done() and self._deadlock is not None:
+            why = self._deadlock()
             if why is not None:
                 raise RuntimeError(why)
+
+    async def _wait(self) -> T:
+        if not self.done():
+            self._refuse_to_wait_forever()
             answered: Mailbox[None] = Mailbox()
             self.add_done_callback(lambda _: answered.put(None))  # (at once if done since)
             await answered.get()

@@ -185,10 +185,30 @@ async def test_a_save_awaited_in_the_loops_own_async_hook_is_refused(tmp_path: P
     with anyio.fail_after(60), pytest.raises(RuntimeError) as raised:
         await trainer.fit()
     assert str(raised.value) == (
-        f"the save asked for is made once the async def hook awaiting it has returned "
-        f"({trainer.name} waits for the hook): awaited there it would wait forever. Ask in "
-        "the hook and await the future in a task of your own (or after the loop)"
+        f"the save asked for is made once the hook waiting for it has returned "
+        f"({trainer.name} waits for its hooks): waited for there it would wait forever. Ask "
+        "in the hook and wait for the future in a task or thread of your own (or after the "
+        "loop)"
     )
+
+
+@pytest.mark.anyio
+async def test_a_save_waited_for_in_the_loops_own_def_hook_is_refused(tmp_path: Path) -> None:
+    # On the compute thread, result() blocked the thread that was to make the save.
+    checkpoint = on_demand(tmp_path)
+    errors: list[str] = []
+
+    class SavesAndReads(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                asked = checkpoint.request_save()
+                for wait in (asked.result, asked.exception):
+                    with pytest.raises(RuntimeError, match="waited for there") as raised:
+                        wait(30)  # (with a time: it would have run out all the same)
+                    errors.append(str(raised.value))
+
+    await make_trainer(SavesAndReads(), checkpoint, num_steps=6).fit()
+    assert len(errors) == 2 and saved_steps(tmp_path) == [3]  # the ask itself holds
 
 
 @pytest.mark.anyio
@@ -207,7 +227,7 @@ async def test_a_save_awaited_in_a_hook_of_a_loop_run_inside_the_trainer_is_refu
         make_loader(32, 16), loss_fn=nn.CrossEntropyLoss(), callbacks=[SavesAfterValidating()]
     )
     trainer = make_trainer(validation, checkpoint, num_epochs=2)
-    with anyio.fail_after(60), pytest.raises(RuntimeError, match=r"\(trainer-\d+ waits for"):
+    with anyio.fail_after(60), pytest.raises(RuntimeError, match=r"\(trainer-\d+ waits for its"):
         await trainer.fit()
 
 

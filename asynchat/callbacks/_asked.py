@@ -79,19 +79,19 @@ def fail(futures: Iterable[Future[Any]], error: BaseException) -> None:
             future.set_exception(error)
 
 
-def awaited_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
+def waited_for_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
     """The ``deadlock`` of an :class:`AwaitableFuture` that ``loop`` answers after its
-    hooks: awaited in one of its own ``async def`` hooks (or those of a loop run inline in
-    it, a Validation's), which the loop waits for, it would wait forever (before, it did:
-    no error, no step, no save)."""
+    hooks: waited for in one of them (or in those of a loop run inline in it, a
+    Validation's), which the loop waits for, it would wait forever (before, it did: no
+    error, no step, no save)."""
 
     def deadlock() -> str | None:
-        if not loop._awaits_own_hook():
+        if not loop._waits_for_caller():
             return None
         return (
-            f"{what} is made once the async def hook awaiting it has returned ({loop.name} "
-            "waits for the hook): awaited there it would wait forever. Ask in the hook and "
-            "await the future in a task of your own (or after the loop)"
+            f"{what} is made once the hook waiting for it has returned ({loop.name} waits "
+            "for its hooks): waited for there it would wait forever. Ask in the hook and "
+            "wait for the future in a task or thread of your own (or after the loop)"
         )
 
     return deadlock
@@ -132,7 +132,7 @@ class SaveRequests:
                 )
                 return refused
             future: SaveFuture = AwaitableFuture(
-                awaited_in_a_hook(self._loop, "the save asked for")
+                waited_for_in_a_hook(self._loop, "the save asked for")
             )
             self._asks.append(future)
             self._asked = True  # (after the append: whoever sees it finds the future)

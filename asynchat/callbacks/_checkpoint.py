@@ -487,8 +487,9 @@ class Checkpoint(Callback):
         with this callback (before its ``fit()``, after its end), or the loop ended (or
         failed, or was cancelled) before the save. Ignoring it is fine: a failed future is
         not reported by itself. Never wait for it inside the loop's own hooks: the save is
-        made after them, on the compute thread (awaited in an ``async def`` hook of the
-        loop, it raises a ``RuntimeError`` saying so; await it in a task of your own)."""
+        made after them, on the compute thread (waited for in a hook of the loop, awaited
+        or by ``result()``, it raises a ``RuntimeError`` saying so; wait in a task or
+        thread of your own)."""
         return self._requests.ask()
 
     def on_step_end(self, state: LoopState) -> None:

@@ -21,7 +21,7 @@ from asynchat._errors import ProfilerError
 from asynchat._handle import LoopHandle
 from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
-from asynchat.callbacks._asked import awaited_in_a_hook, fail, settle
+from asynchat.callbacks._asked import fail, settle, waited_for_in_a_hook
 from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.profiler")
@@ -172,13 +172,14 @@ class Profiler(Callback):
         warm-up. A refused ask is answered at once and asks nothing. Once asked, the
         process's profiling session is this loop's (a schedule's recording due meanwhile in
         another loop is skipped; a paused loop holds it until it is resumed and has
-        recorded). The recording begins after the loop's hooks of the moment: awaited in an
-        ``async def`` hook of the loop, the future raises a ``RuntimeError`` saying so."""
+        recorded). The recording begins after the loop's hooks of the moment: waited for in
+        a hook of the loop (awaited or by ``result()``), the future raises a
+        ``RuntimeError`` saying so."""
         positive_int("steps", steps, allow_none=True)
         with self._asking:
             loop = self._loop
             future: TraceFuture = AwaitableFuture(
-                awaited_in_a_hook(loop, "the recording asked for") if loop is not None else None
+                waited_for_in_a_hook(loop, "the recording asked for") if loop is not None else None
             )
             if loop is None:
                 why = "no loop runs with it"
