@@ -132,6 +132,14 @@ class AwaitableFuture(Future[T]):
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
 
+    def set_result(self, result: T) -> None:
+        super().set_result(result)
+        self._deadlock = None  # (it may hold a loop, and its model: answered, none is needed)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        self._deadlock = None
+
     def result(self, timeout: float | None = None) -> T:
         self._refuse_to_wait_forever()
         return super().result(timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from contextlib import aclosing
 from pathlib import Path
@@ -190,6 +192,20 @@ async def test_a_save_awaited_in_the_loops_own_async_hook_is_refused(tmp_path: P
         "in the hook and wait for the future in a task or thread of your own (or after the "
         "loop)"
     )
+
+
+@pytest.mark.anyio
+async def test_an_answered_ask_keeps_no_loop_alive(tmp_path: Path) -> None:
+    # Its guard against a wait in the loop's own hooks held the loop (and with it the
+    # model, the optimizer, the data) for as long as someone kept the future.
+    checkpoint = on_demand(tmp_path)
+    asking = AskAt(checkpoint, 2)
+    trainer = make_trainer(asking, checkpoint, num_steps=4)
+    await trainer.fit()
+    gone = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert gone() is None and asking.served() == [tmp_path / "step-000000002.ckpt"]
 
 
 @pytest.mark.anyio
