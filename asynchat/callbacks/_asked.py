@@ -79,6 +79,21 @@ def fail(futures: Iterable[Future[Any]], error: BaseException) -> None:
             future.set_exception(error)
 
 
+def refused(error: BaseException) -> AwaitableFuture[Any]:
+    """A future answered ``error`` at once: an ask that asks nothing."""
+    future: AwaitableFuture[Any] = AwaitableFuture()
+    future.set_exception(error)
+    return future
+
+
+def how_it_ended(error: BaseException | None) -> str:
+    """How a run ended by ``error`` (None: none), for a message about what it left undone:
+    ``"ended"``, ``"failed"`` or ``"was cancelled"``."""
+    if error is None:
+        return "ended"
+    return "failed" if isinstance(error, Exception) else "was cancelled"
+
+
 def waited_for_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
     """The ``deadlock`` of an :class:`AwaitableFuture` that ``loop`` answers after its
     hooks: waited for in one of them (or in those of a loop run inline in it, a
@@ -126,11 +141,9 @@ class SaveRequests:
     def ask(self) -> SaveFuture:
         with self._lock:
             if self._loop is None:
-                refused: SaveFuture = AwaitableFuture()
-                refused.set_exception(
+                return refused(
                     CheckpointError(f"{self.owner}: no save asked for: no loop runs with it")
                 )
-                return refused
             future: SaveFuture = AwaitableFuture(
                 waited_for_in_a_hook(self._loop, "the save asked for")
             )
@@ -162,14 +175,8 @@ class SaveRequests:
             self._loop, self._asked = None, False
             futures, self._taken = [*self._taken, *self._asks], []
             self._asks.clear()
-        why = (
-            "the loop ended without it"
-            if error is None
-            else "the loop failed"
-            if isinstance(error, Exception)
-            else "the loop was cancelled"
-        )
-        lost = CheckpointError(f"{self.owner}: the save asked for was not taken: {why}")
+        why = how_it_ended(error) + (" without it" if error is None else "")
+        lost = CheckpointError(f"{self.owner}: the save asked for was not taken: the loop {why}")
         lost.__cause__ = error
         fail(futures, lost)
 

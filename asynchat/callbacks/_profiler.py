@@ -21,7 +21,13 @@ from asynchat._errors import ProfilerError
 from asynchat._handle import LoopHandle
 from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
-from asynchat.callbacks._asked import fail, settle, waited_for_in_a_hook
+from asynchat.callbacks._asked import (
+    fail,
+    how_it_ended,
+    refused,
+    settle,
+    waited_for_in_a_hook,
+)
 from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.profiler")
@@ -177,21 +183,19 @@ class Profiler(Callback):
         ``RuntimeError`` saying so."""
         positive_int("steps", steps, allow_none=True)
         with self._asking:
-            loop = self._loop
-            future: TraceFuture = AwaitableFuture(
-                waited_for_in_a_hook(loop, "the recording asked for") if loop is not None else None
-            )
-            if loop is None:
+            if self._loop is None:
                 why = "no loop runs with it"
             elif self._asked is not None:
                 why = f"{self._name} has been asked to record already"
             elif not _take_session(self._name):
                 why = f"{_profiled} of this process records (one loop records at a time)"
             else:
+                future: TraceFuture = AwaitableFuture(
+                    waited_for_in_a_hook(self._loop, "the recording asked for")
+                )
                 self._asked = (steps if steps is not None else self.active, future)
                 return future
-        fail([future], self._error(f"no recording asked for: {why}"))
-        return future
+        return refused(self._error(f"no recording asked for: {why}"))
 
     def record(self, steps: int | None = None) -> bool:
         """:meth:`request_trace`, answering whether it asked: True once the process's
@@ -242,9 +246,8 @@ class Profiler(Callback):
             asked, self._asked = self._asked, None
         if asked is not None:  # asked for, never begun: its session back (also where the
             _give_session_back()  # run failed before its on_loop_begin)
-            why = ("ended" if error is None else "failed" if isinstance(error, Exception)
-                   else "was cancelled")  # fmt: skip
-            lost = self._error(f"the recording asked for was not made: the loop {why} first")
+            how = how_it_ended(error)
+            lost = self._error(f"the recording asked for was not made: the loop {how} first")
             lost.__cause__ = error
             fail([asked[1]], lost)
 
