@@ -217,6 +217,15 @@ async def test_a_checkpoint_asked_of_a_job_just_started_is_saved(tmp_path: Path)
         assert (tmp_path / other / waited.json()["checkpoint"]).is_file()
 
 
+async def a_paused_job(client: httpx.AsyncClient) -> str:
+    """A job started, trained a few steps, then paused: what is asked of it now waits."""
+    job: str = (await client.post("/jobs", json={"epochs": 1000, "batch_size": 1})).json()["id"]
+    await job_becomes(client, job, lambda body: body["global_step"] >= 3)
+    await client.post(f"/jobs/{job}/pause")
+    await status_becomes(client, job, {"paused"})
+    return job
+
+
 def unanswered_futures() -> list[AwaitableFuture[Any]]:
     """The futures of this process's asks not yet answered."""
     gc.collect()
@@ -229,10 +238,7 @@ async def test_checkpoints_asked_of_a_paused_job_over_and_over_share_one_save(
     # Each ask kept a future of its own until the job was resumed: a client asking in a
     # loop grew the server's memory for as long as the job stayed paused.
     async with running_server(tmp_path) as client:
-        job = (await client.post("/jobs", json={"epochs": 1000, "batch_size": 1})).json()["id"]
-        await job_becomes(client, job, lambda body: body["global_step"] >= 3)
-        await client.post(f"/jobs/{job}/pause")
-        await status_becomes(client, job, {"paused"})
+        job = await a_paused_job(client)
         before = unanswered_futures()
         for _ in range(20):
             assert (await client.post(f"/jobs/{job}/checkpoint")).status_code == 202
@@ -287,10 +293,7 @@ async def test_a_profile_waited_for_is_refused_once_the_job_ends_before_it(
     tmp_path: Path,
 ) -> None:
     async with running_server(tmp_path) as client:
-        job = (await client.post("/jobs", json={"epochs": 1000, "batch_size": 1})).json()["id"]
-        await job_becomes(client, job, lambda body: body["global_step"] >= 3)
-        await client.post(f"/jobs/{job}/pause")
-        await status_becomes(client, job, {"paused"})
+        job = await a_paused_job(client)
         answers: list[httpx.Response] = []
 
         async def profile() -> None:
