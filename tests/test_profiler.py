@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import FailAt, asked_as_a_run_fails_to_resume, make_trainer
+from conftest import CancelAt, FailAt, asked_as_a_run_fails_to_resume, make_trainer
 
 import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
@@ -104,8 +104,9 @@ async def test_the_profiler_stops_with_its_loop_however_it_ends(tmp_path: Path, 
         with pytest.raises(RuntimeError, match="the step failed"):
             await make_trainer(profiler, FailAt(5), num_steps=100).fit()
     else:
-        trainer = make_trainer(profiler, num_steps=10_000)
-        with anyio.move_on_after(0.5):
+        cancel = CancelAt(5)  # (a deadline of 0.5 s ran out in the warm-up, once, under load)
+        trainer = make_trainer(profiler, cancel, num_steps=10_000)
+        with anyio.CancelScope() as cancel.scope:
             await trainer.fit()
         assert trainer.status.value == "cancelled"
     [trace] = profiler.traces  # what it recorded is written
