@@ -504,3 +504,33 @@ def finished(process: subprocess.Popen[str], timeout: float = 60) -> tuple[str, 
             f"--- its stderr:\n{err or ''}"
         )
     return out or "", err or ""
+
+
+def assert_table_is_torchs(profile: torch.profiler.profile, *, by_shapes: bool) -> None:
+    """The Profiler's table rows of a stopped recording (``op_rows``) have the rows and the
+    figures of torch's ``key_averages()`` of it: calls, CPU and device times (self and
+    total), and memory (self and total), on the host and on a device."""
+    from torch.profiler import DeviceType
+
+    from asynchat.callbacks._op_table import op_rows
+
+    theirs = {}
+    for event in profile.key_averages(group_by_input_shape=by_shapes):
+        device = event.device_type
+        kind = "annotation" if event.is_user_annotation else "op"
+        if device != DeviceType.CPU:
+            kind = f"{device.name} annotation" if event.is_user_annotation else device.name
+        key = (event.key, kind, str(event.input_shapes) if by_shapes else "")
+        theirs[key] = (event.count, event.self_cpu_time_total, event.cpu_time_total,
+                       event.self_device_time_total, event.device_time_total,
+                       event.self_cpu_memory_usage, event.cpu_memory_usage,
+                       event.self_device_memory_usage, event.device_memory_usage)  # fmt: skip
+    rows = op_rows(profile.profiler.kineto_results.events(), by_shapes=by_shapes)
+    ours = {}
+    for key, row in rows.items():
+        ours[key] = (row.calls, row.self_cpu / 1e3, row.cpu / 1e3, row.self_device / 1e3,
+                     row.device / 1e3, row.self_cpu_memory, row.cpu_memory,
+                     row.self_device_memory, row.device_memory)  # fmt: skip
+    assert sorted(ours) == sorted(theirs)
+    for key, figures in theirs.items():  # (torch's in float microseconds, ours in ns)
+        assert ours[key] == pytest.approx(figures, rel=1e-9, abs=1e-6), key

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_loader, make_model, sgd
+from conftest import assert_table_is_torchs, make_loader, make_model, sgd
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
@@ -54,6 +54,23 @@ async def test_the_profiler_records_the_steps_kernels_on_cuda(tmp_path: Path) ->
     assert any(event.get("cat") == "kernel" for event in events)  # the device's own work
     table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
     assert "Self CUDA" in table
+
+
+@pytest.mark.parametrize("options", [{}, {"record_shapes": True, "profile_memory": True}])
+def test_the_profilers_table_has_the_figures_of_torchs_key_averages_on_cuda(
+    options: dict[str, bool],
+) -> None:
+    # The device's kernels and copies are rows of their own and add to the ops that
+    # launched them (and their callers); device memory is attributed like the host's.
+    model = make_model().cuda()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, **options) as profile:
+        for _ in range(2):
+            with torch.profiler.record_function("step"):
+                inputs = torch.randn(16, 8).pin_memory().cuda(non_blocking=True)
+                model(inputs).sum().backward()
+        torch.cuda.synchronize()
+    assert_table_is_torchs(profile, by_shapes=bool(options))
 
 
 async def test_compute_runs_on_its_own_stream_with_batches_already_on_the_device() -> None:

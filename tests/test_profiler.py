@@ -13,7 +13,13 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import CancelAt, FailAt, asked_as_a_run_fails_to_resume, make_trainer
+from conftest import (
+    CancelAt,
+    FailAt,
+    asked_as_a_run_fails_to_resume,
+    assert_table_is_torchs,
+    make_trainer,
+)
 
 import asynchat.callbacks._profiler
 from asynchat import Callback, LoopState
@@ -449,3 +455,142 @@ async def test_a_recording_asked_of_a_run_that_fails_as_it_resumes_gives_the_ses
         asked.result(timeout=0)
     assert isinstance(raised.value.__cause__, ValueError)
     assert not asynchat.callbacks._profiler._SESSION.locked()
+
+
+def a_recording(scheduled: bool = True, **options: Any) -> torch.profiler.profile:
+    """Two recorded steps (after one of warm-up) of a small Transformer with Adam: nested
+    ops and redispatches (an op whose only nested op has its name), a ``record_function``,
+    an annotation ended on another thread (asynchronous: no self time). Not ``scheduled``:
+    three steps, without the steps' annotations, so that a tensor is freed outside every
+    op (a ``[memory]`` row with ``profile_memory``)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2)
+    optimizer = torch.optim.Adam(model.parameters())
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=2, repeat=1)
+    profile = torch.profiler.profile(schedule=schedule if scheduled else None, **options)
+    profile.start()
+    for _ in range(3):
+        with torch.profiler.record_function("forward and backward"):
+            model(torch.randn(4, 16, 32)).sum().backward()
+        optimizer.step()
+        spare = torch.ones(100)
+        del spare
+        across = torch.profiler.record_function("ended on another thread")
+        across.__enter__()
+        ender = threading.Thread(target=across.__exit__, args=(None, None, None))
+        ender.start()
+        ender.join()
+        if scheduled:
+            profile.step()
+    profile.stop()
+    return profile
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"record_shapes": True}, {"profile_memory": True},
+     {"record_shapes": True, "profile_memory": True, "with_stack": True},
+     {"scheduled": False, "profile_memory": True}],
+)  # fmt: skip
+def test_the_table_has_the_figures_of_torchs_key_averages(options: dict[str, bool]) -> None:
+    profile = a_recording(**options)
+    assert_table_is_torchs(profile, by_shapes=options.get("record_shapes", False))
+
+
+def test_the_table_lists_the_ops_with_the_most_self_time_first() -> None:
+    from asynchat.callbacks._op_table import op_rows, table
+
+    profile = a_recording(scheduled=False, record_shapes=True, profile_memory=True)
+    rows = op_rows(profile.profiler.kineto_results.events(), by_shapes=True)
+    lines = table(rows, limit=5).splitlines()
+    assert lines[1].split() == [
+        "Name", "Self", "CPU", "%", "Self", "CPU", "CPU", "total", "%", "CPU", "total", "CPU",
+        "time", "avg", "CPU", "Mem", "Self", "CPU", "Mem", "#", "of", "Calls", "Input", "Shapes",
+    ]  # fmt: skip
+    assert len(lines) == 3 + 5 + 2 and lines[-1].startswith("Self CPU time total: ")
+    most = sorted(rows.items(), key=lambda item: -item[1].self_cpu)[:5]
+    for line, ((name, _, shapes), row) in zip(lines[3:8], most, strict=True):
+        assert line.startswith(name) and line.endswith(f"{row.calls}  {shapes}")
+    [memory] = [row for (name, _, _), row in rows.items() if name == "[memory]"]
+    assert memory.calls >= 1 and memory.cpu_memory == memory.self_cpu_memory < 0  # freed
+
+
+@pytest.mark.anyio
+async def test_the_profilers_table_is_made_without_a_python_object_per_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # key_averages() made a FunctionEvent (and its lists) for each recorded event; their
+    # garbage collections held up the event loop (benchmarks/loop_pauses.py --jobs profile).
+    made = []
+    function_event = torch.autograd.profiler_util.FunctionEvent.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(1)
+        function_event(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.profiler_util.FunctionEvent, "__init__", counted)
+    profiler = Profiler(tmp_path, wait=0, warmup=1, active=2, record_shapes=True)
+    await make_trainer(profiler, num_steps=3).fit()
+    [trace] = profiler.traces
+    table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+    assert "aten::addmm" in table and "Input Shapes" in table
+    assert not made
+
+
+class Event:
+    """A recorded event as ``kineto_results.events()`` gives it: each figure a method's
+    (times in ns)."""
+
+    def __init__(self, name: str, start: int, end: int, *, correlation: int = 0,
+                 link: int = 0, thread: int = 1, device: str = "CPU",
+                 annotation: bool = False) -> None:  # fmt: skip
+        self.figures = {
+            "name": name, "start_ns": start, "end_ns": end, "duration_ns": end - start,
+            "start_thread_id": thread, "end_thread_id": thread, "is_async": False,
+            "correlation_id": correlation, "linked_correlation_id": link,
+            "device_type": getattr(torch.profiler.DeviceType, device),
+            "is_user_annotation": annotation, "shapes": [],
+        }  # fmt: skip
+
+    def __getattr__(self, method: str) -> Callable[[], Any]:
+        if method not in self.figures:
+            raise AttributeError(method)
+        return lambda: self.figures[method]
+
+
+def test_device_time_adds_to_the_op_that_launched_it_and_its_callers() -> None:
+    # What a CUDA recording holds, checked without a GPU (tests/test_cuda.py checks a real
+    # one against key_averages()).
+    from asynchat.callbacks._op_table import op_rows, table
+
+    events = [
+        Event("aten::linear", 0, 100, correlation=1),
+        Event("aten::addmm", 10, 90, correlation=2),
+        Event("cudaLaunchKernel", 20, 30, correlation=3, link=2, thread=99),  # its op's
+        Event("gemm", 200, 250, link=2, device="CUDA"),
+        Event("aten::add", 110, 150, correlation=4),
+        Event("aten::add", 115, 145, correlation=5),  # a redispatch: merged into its parent
+        Event("add_kernel", 300, 310, link=5, device="CUDA"),
+        Event("memcpy", 320, 325, link=77, device="CUDA"),  # its op unrecorded
+        Event("step", 190, 400, device="CUDA", annotation=True),  # spans the device's work
+    ]
+    rows = {
+        (name, kind): (row.calls, row.self_cpu, row.cpu, row.self_device, row.device)
+        for (name, kind, _), row in op_rows(events).items()
+    }
+    assert rows == {
+        ("aten::linear", "op"): (1, 20, 100, 0, 50),
+        ("aten::addmm", "op"): (1, 70, 80, 50, 50),
+        ("cudaLaunchKernel", "op"): (1, 10, 10, 0, 0),
+        ("aten::add", "op"): (1, 40, 40, 10, 10),
+        ("gemm", "CUDA"): (1, 0, 0, 50, 50),
+        ("add_kernel", "CUDA"): (1, 0, 0, 10, 10),
+        ("memcpy", "CUDA"): (1, 0, 0, 5, 5),
+        ("step", "CUDA annotation"): (1, 0, 0, 210, 210),
+    }
+    text = table(op_rows(events), limit=30, device="cuda")
+    lines = text.splitlines()
+    assert "Self CUDA" in lines[1] and "CUDA total" in lines[1]
+    assert [line.split()[0] for line in lines[3:6]] == ["step", "aten::addmm", "gemm"]
+    assert lines[-2:] == ["Self CPU time total: 0.140us", "Self CUDA time total: 0.065us"]

@@ -28,6 +28,8 @@ from asynchat.callbacks._asked import (
     settle,
     waited_for_in_a_hook,
 )
+from asynchat.callbacks._op_table import op_rows
+from asynchat.callbacks._op_table import table as op_table
 from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.profiler")
@@ -73,8 +75,12 @@ class Profiler(Callback):
     steps): ``<out_dir>/<loop name>-<run id>-rank<r>-step<n>.pt.trace.json`` (the name's
     characters other than letters, digits, ``.``, ``_`` and ``-`` as ``_``; ``n``: the
     global step its recording ended at; open it in https://ui.perfetto.dev or
-    ``chrome://tracing``) and ``...-step<n>.txt``, ``key_averages()``'s table of the
-    :data:`TABLE_ROWS` ops with the most self time. :attr:`traces` lists the traces written;
+    ``chrome://tracing``) and ``...-step<n>.txt``, a table of the :data:`TABLE_ROWS` ops
+    with the most self time (on the device on CUDA), with the figures of torch's
+    ``key_averages().table()`` (grouped by input shapes with ``record_shapes``, with memory
+    columns with ``profile_memory``) but made without its Python object per recorded event,
+    whose garbage collections held up the event loop for 160-700 ms at a time (see
+    ``benchmarks/RESULTS.md``). :attr:`traces` lists the traces written;
     one that cannot be written is warned of, and the training goes on. In a distributed
     trainer each rank that has a Profiler records its own steps and writes its own files.
 
@@ -148,7 +154,7 @@ class Profiler(Callback):
         self._length = 0  # its steps, warm-up included
         self._recorded: Any = None  # the recording that has just ended, for the writer
         self._step = 0  # the global step
-        self._sort_by = "self_cpu_time_total"
+        self._device: str | None = None  # the loop's device type, but for the CPU
         # Steps request_trace() asked for and its future, with the process's session taken
         # for them; whether a run is on (it asks only then). Both under _asking: any
         # thread asks.
@@ -214,9 +220,10 @@ class Profiler(Callback):
         self._name = loop.name
         self._stem = f"{_in_a_file_name(loop.name)}-{loop.run_id[:8]}-rank{loop.rank}"
         self._activities = [ProfilerActivity.CPU]
+        self._device = None
         if loop.device.type == "cuda":
             self._activities.append(ProfilerActivity.CUDA)
-            self._sort_by = "self_device_time_total"
+            self._device = loop.device.type
         self._steps, self._step = 0, state.global_step
         self._start_if_due()
 
@@ -368,9 +375,9 @@ class Profiler(Callback):
             os.replace(temporary, trace)
         finally:
             temporary.unlink(missing_ok=True)
-        averages = recorded.key_averages(group_by_input_shape=self.options["record_shapes"])
+        rows = op_rows(recorded.kineto_results.events(), by_shapes=self.options["record_shapes"])
         with atomic_file(table) as file:
-            file.write(averages.table(sort_by=self._sort_by, row_limit=TABLE_ROWS).encode())
+            file.write(op_table(rows, limit=TABLE_ROWS, device=self._device).encode())
 
 
 def _in_a_file_name(name: str) -> str:
