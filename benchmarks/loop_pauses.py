@@ -16,8 +16,12 @@ ticker measuring the loop's lateness throughout:
   compiler caches off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``), i.e. a cold compile.
 - ``big-tensor``: one 512 MiB weight (a 16384x8192 linear layer, plain SGD) trained 2 steps
   with a ``Checkpoint`` at each: few objects, many bytes (``torch.save``'s copies).
+- ``profile``: a 4-layer Transformer encoder (width 64) trained 6 steps with a ``Profiler``
+  recording steps 2-4 (12,000 events): stopping the recording, writing its trace and
+  making its table of ops.
 
-Run: python benchmarks/loop_pauses.py [--rounds 3] [--jobs checkpoint compile big-tensor]
+Run: python benchmarks/loop_pauses.py [--rounds 3] [--jobs checkpoint compile big-tensor
+profile] (``profile`` is not among the defaults)
 """
 
 from __future__ import annotations
@@ -46,25 +50,30 @@ def _job(kind: str, save_dir: str) -> Any:
     from torch import nn
 
     from asynchat import BasicBatchProcessor, Trainer
-    from asynchat.callbacks import Checkpoint
+    from asynchat.callbacks import Checkpoint, Profiler
 
     inputs, outputs = (8192, 16384) if kind == "big-tensor" else (16, 16)
     data = [(torch.randn(8, inputs), torch.randn(8, outputs)) for _ in range(2)]
-    compiled = kind == "compile"
+    callbacks: list[Any] = [Checkpoint(save_dir, every_n_steps=1)]
     if kind == "checkpoint":
         model: nn.Module = nn.Sequential(*[nn.Linear(16, 16) for _ in range(2000)])
     elif kind == "big-tensor":
         model = nn.Linear(inputs, outputs, bias=False)
+    elif kind == "profile":
+        layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+        model = nn.TransformerEncoder(layer, num_layers=4)
+        data = [(torch.randn(8, 32, 64), torch.randn(8, 32, 64)) for _ in range(6)]
+        callbacks = [Profiler(save_dir, wait=0, warmup=1, active=3)]
     else:
         model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
-    callbacks = [] if compiled else [Checkpoint(save_dir, every_n_steps=1)]
+        callbacks = []
     optimizer = (  # (SGD: the big tensor's checkpoint is the weight alone)
         (lambda m: torch.optim.SGD(m.parameters(), lr=0.01))
         if kind == "big-tensor"
         else (lambda m: torch.optim.Adam(m.parameters()))
     )
-    processor = BasicBatchProcessor(nn.MSELoss(), compile=compiled)
-    return Trainer(model, data, optimizer, batch_processor=processor, num_steps=2,
+    processor = BasicBatchProcessor(nn.MSELoss(), compile=kind == "compile")
+    return Trainer(model, data, optimizer, batch_processor=processor, num_steps=len(data),
                    callbacks=callbacks)  # fmt: skip
 
 
@@ -112,7 +121,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", nargs="+", default=["checkpoint", "compile", "big-tensor"],
-                        choices=["checkpoint", "compile", "big-tensor"])  # fmt: skip
+                        choices=["checkpoint", "compile", "big-tensor", "profile"])  # fmt: skip
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
