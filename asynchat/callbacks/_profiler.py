@@ -35,6 +35,7 @@ from asynchat.callbacks._writer import BackgroundWriter
 _LOG = logging.getLogger("asynchat.profiler")
 TABLE_ROWS = 30
 """How many ops the table written beside each trace lists (the most self time first)."""
+_CLEARS_EVENTS = "Warning: Profiler clears events at the end of each cycle"  # (_start_if_due)
 # torch's profiler records one session per process: two at once (loops running side by
 # side, each with a Profiler) wrote no trace at all, neither of them, without an error.
 _SESSION = threading.Lock()
@@ -265,7 +266,10 @@ class Profiler(Callback):
         """Start a recording if the next step is the first of one (its warm-up): one asked
         for, or the schedule's. Each recording has a profiler of its own: torch's, run over
         several cycles, warns at the second that it clears the first's events (a
-        ``UserWarning`` meant for ``profile.events()``, which nobody here reads)."""
+        ``UserWarning`` meant for ``profile.events()``, which nobody here reads), and
+        torch 2.11's at the first, as it starts: kept quiet (``acc_events=True``, which
+        the warning suggests, would build the events' Python objects as it stops; the
+        filter is the process's for that moment, as ``catch_warnings`` has it)."""
         with self._asking:
             asked, self._asked = self._asked, None  # (its session is taken)
         if asked is not None:
@@ -283,7 +287,9 @@ class Profiler(Callback):
                 ),
                 **self.options,
             )  # fmt: skip
-            self._profile.start()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _CLEARS_EVENTS, UserWarning)
+                self._profile.start()
         except BaseException as exc:
             self._profile = None
             _give_session_back()
