@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import sys
+import threading
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
@@ -114,7 +115,9 @@ class AwaitableFuture(Future[T]):
     runs (asyncio, uvloop, trio): ``result = await future``, from any number of tasks.
 
     The wait holds no thread and blocks nothing. Cancelled (a timeout, a client gone), it
-    stops waiting and leaves the future as it is, for its other waiters. (Awaited through
+    stops waiting, leaves the future as it is, for its other waiters, and leaves nothing of
+    itself behind (a service's clients may give up on a paused job's save many times over
+    before it is made). (Awaited through
     ``anyio.to_thread.run_sync(future.result)``, a wait held a worker thread and could not
     be cancelled: on trio, a ``move_on_after`` around the wait for the save of a paused
     loop never moved on; ``asyncio.wrap_future`` cancels the future itself.) Threads use it
@@ -128,6 +131,9 @@ class AwaitableFuture(Future[T]):
     def __init__(self, deadlock: Callable[[], str | None] | None = None) -> None:
         super().__init__()
         self._deadlock = deadlock
+        self._waiting: set[Mailbox[None]] = set()  # the tasks awaiting it, to wake
+        self._wakes = False  # whether the future wakes them as it is answered
+        self._waiting_lock = threading.Lock()  # (the tasks come and go on their threads)
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
@@ -158,6 +164,25 @@ class AwaitableFuture(Future[T]):
         if not self.done():
             self._refuse_to_wait_forever()
             answered: Mailbox[None] = Mailbox()
-            self.add_done_callback(lambda _: answered.put(None))  # (at once if done since)
-            await answered.get()
+            with self._waiting_lock:
+                self._waiting.add(answered)
+                first, self._wakes = not self._wakes, True
+            if first:  # (one callback for all its waiters: at once if answered since)
+                self.add_done_callback(_wake_waiting)
+            try:
+                if not self.done():  # (answered once its callbacks run: they wake it)
+                    await answered.get()
+            finally:
+                with self._waiting_lock:
+                    self._waiting.discard(answered)
         return self.result()
+
+
+def _wake_waiting(future: Future[Any]) -> None:
+    """Wake the tasks awaiting ``future``, answered (its one done callback: a function, so
+    that the future does not hold itself)."""
+    assert isinstance(future, AwaitableFuture)
+    with future._waiting_lock:
+        waiting = list(future._waiting)
+    for answered in waiting:
+        answered.put(None)

@@ -251,8 +251,8 @@ async def test_checkpoints_asked_of_a_paused_job_over_and_over_share_one_save(
         async with anyio.create_task_group() as tasks:
             for _ in range(2):
                 tasks.start_soon(wait_for_the_save)
-            with anyio.fail_after(30):  # both wait on the one save (each through a callback)
-                while len(asked._done_callbacks) < 2:  # type: ignore[attr-defined]  # noqa: ASYNC110
+            with anyio.fail_after(30):  # both wait on the one save
+                while len(asked._waiting) < 2:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
             assert waited == [] and len(unanswered_futures()) == len(before) + 1
             await client.post(f"/jobs/{job}/resume")
