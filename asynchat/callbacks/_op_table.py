@@ -87,7 +87,7 @@ def op_rows(events: Sequence[Any], *, by_shapes: bool = False) -> dict[Key, Row]
     rows: dict[Key, Row] = {}
     _add_ops(rows, ops, _Memory([e for e in events if e.name() == MEMORY]), by_shapes)
     for event in events:
-        if event.device_type() != DeviceType.CPU and event.name() not in _UNLISTED:
+        if event.device_type() != DeviceType.CPU and _listed(event):
             row = rows.setdefault(_key(event, by_shapes), Row())
             row.calls += 1
             if not _is_async(event):
@@ -109,6 +109,10 @@ def _key(event: Any, by_shapes: bool) -> Key:
     return name, kind, str(event.shapes()) if by_shapes else ""
 
 
+def _listed(event: Any) -> bool:
+    return event.name() not in _UNLISTED and not getattr(event, "is_hidden_event", bool)()
+
+
 def _is_async(event: Any) -> bool:
     return bool(event.is_async()) or event.start_thread_id() != event.end_thread_id()
 
@@ -119,7 +123,7 @@ def _read(events: Sequence[Any], by_shapes: bool) -> tuple[_Ops, list[tuple[int,
     runtime: list[tuple[int, int]] = []  # (host event, correlation id of its op)
     kernels: list[tuple[int, int]] = []  # (ns, correlation id of its op)
     for event in events:
-        if event.name() in _UNLISTED or getattr(event, "is_hidden_event", bool)():
+        if not _listed(event):
             continue
         link = event.linked_correlation_id()
         if event.device_type() != DeviceType.CPU:
