@@ -124,8 +124,9 @@ class AwaitableFuture(Future[T]):
     as any ``Future``: ``result(timeout)``, ``add_done_callback``.
 
     ``deadlock``, if given, is asked as a wait for a future not yet answered begins (an
-    await, ``result()``, ``exception()``): a message if the wait would never end, raised
-    as a ``RuntimeError`` instead.
+    await, ``result()``, ``exception()``; not a look with ``timeout=0``, which waits for
+    nothing): a message if the answer cannot come while it waits, raised as a
+    ``RuntimeError`` instead.
     """
 
     def __init__(self, deadlock: Callable[[], str | None] | None = None) -> None:
@@ -147,15 +148,16 @@ class AwaitableFuture(Future[T]):
         self._deadlock = None
 
     def result(self, timeout: float | None = None) -> T:
-        self._refuse_to_wait_forever()
+        self._refuse_to_wait_forever(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._refuse_to_wait_forever()
+        self._refuse_to_wait_forever(timeout)
         return super().exception(timeout)
 
-    def _refuse_to_wait_forever(self) -> None:
-        if not self.done() and self._deadlock is not None:
+    def _refuse_to_wait_forever(self, timeout: float | None = None) -> None:
+        waits = timeout is None or timeout > 0  # (a look, timeout=0: TimeoutError if not yet)
+        if waits and not self.done() and self._deadlock is not None:
             why = self._deadlock()
             if why is not None:
                 raise RuntimeError(why)

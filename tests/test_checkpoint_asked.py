@@ -256,6 +256,8 @@ async def test_a_save_waited_for_in_the_loops_own_def_hook_is_refused(tmp_path: 
                     with pytest.raises(RuntimeError, match="waited for there") as raised:
                         wait(30)  # (with a time: it would have run out all the same)
                     errors.append(str(raised.value))
+                    with pytest.raises(TimeoutError):
+                        wait(0)  # a look: not yet (it raised the RuntimeError too)
 
     await make_trainer(SavesAndReads(), checkpoint, num_steps=6).fit()
     assert len(errors) == 2 and saved_steps(tmp_path) == [3]  # the ask itself holds
