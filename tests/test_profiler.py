@@ -23,7 +23,7 @@ from conftest import (
 )
 
 import asynchat.callbacks._profiler
-from asynchat import Callback, LoopState
+from asynchat import AwaitableFuture, Callback, LoopState
 from asynchat.callbacks import Profiler, ProfilerError
 
 
@@ -611,3 +611,29 @@ async def test_a_recording_starts_without_torchs_warning_about_its_cycles(
         await make_trainer(profiler, num_steps=3).fit()
     assert len(profiler.traces) == 1
     assert [str(w.message) for w in caught if "clears events" in str(w.message)] == []
+
+
+@pytest.mark.anyio
+async def test_a_table_that_cannot_be_made_is_warned_of_and_the_trace_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The table reads torch's recorded events, as torch gives them; a torch that gave them
+    # otherwise failed the training for a summary beside a trace that was written.
+    def unreadable(events: Any, *, by_shapes: bool = False) -> Any:
+        raise AttributeError("'_KinetoEvent' object has no attribute 'name'")
+
+    monkeypatch.setattr(asynchat.callbacks._profiler, "op_rows", unreadable)
+    profiler = Profiler(tmp_path, wait=0, warmup=1, active=2, on_demand=True)
+    asked: list[AwaitableFuture[Path]] = []
+
+    class Ask(Callback):
+        def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 1:
+                asked.append(profiler.request_trace())
+
+    with pytest.warns(RuntimeWarning, match=r"no table of ops was made beside .*-step4\.pt"):
+        state = await make_trainer(Ask(), profiler, num_steps=6).fit()
+    assert state.global_step == 6
+    [trace] = profiler.traces
+    assert asked[0].result(timeout=0) == trace and "aten::addmm" in names(trace)
+    assert not trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).exists()

@@ -351,9 +351,9 @@ class Profiler(Callback):
 
     def _write(self, recorded: Any, trace: Path, step: int, promised: TraceFuture | None) -> None:
         """On the writer thread: the trace, then the table; ``promised`` (an asked
-        recording's future) is answered with either. A file that cannot be written is
-        warned of: the training goes on (the error of anything else is raised at the next
-        step)."""
+        recording's future) is answered with either. A file that cannot be written, or a
+        table that cannot be made, is warned of: the training goes on (the error of
+        anything else is raised at the next step)."""
         answered = [promised] if promised is not None else []
         try:
             self._write_files(recorded, trace)
@@ -381,9 +381,20 @@ class Profiler(Callback):
             os.replace(temporary, trace)
         finally:
             temporary.unlink(missing_ok=True)
-        rows = op_rows(recorded.kineto_results.events(), by_shapes=self.options["record_shapes"])
+        by_shapes = self.options["record_shapes"]
+        try:  # (read off torch's events as this torch has them: a summary, not the trace)
+            rows = op_rows(recorded.kineto_results.events(), by_shapes=by_shapes)
+            text = op_table(rows, limit=TABLE_ROWS, device=self._device)
+        except Exception as exc:
+            warnings.warn(
+                f"Profiler(out_dir={str(self.out_dir)!r}): no table of ops was made beside "
+                f"{trace.name} (the trace is written): {exc!r}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            return
         with atomic_file(table) as file:
-            file.write(op_table(rows, limit=TABLE_ROWS, device=self._device).encode())
+            file.write(text.encode())
 
 
 def _in_a_file_name(name: str) -> str:
