@@ -268,11 +268,11 @@ def table(rows: dict[Key, Row], *, limit: int, device: str | None = None) -> str
         (name, _, shape), row = item
         return -(row.self_device if shown.device_time else row.self_cpu), name, shape
 
-    lines = [shown.cells(key, row) for key, row in sorted(rows.items(), key=by_self_time)]
+    first = sorted(rows.items(), key=by_self_time)[:limit]
     footer = [f"Self CPU time total: {_time(shown.total_cpu)}"]
     if shown.device_time:
         footer.append(f"Self {shown.device} time total: {_time(shown.total_device)}")
-    return _layout(shown.names, lines[:limit]) + "\n".join(footer) + "\n"
+    return _layout(shown.names, [shown.cells(*item) for item in first]) + "\n".join(footer) + "\n"
 
 
 class _Columns:
@@ -280,7 +280,7 @@ class _Columns:
 
     def __init__(self, rows: dict[Key, Row], device: str | None) -> None:
         values = rows.values()
-        self.device = (device or "").upper()
+        self.device = (device or "device").upper()
         self.device_time = device is not None and any(row.self_device for row in values)
         self.memory = any(row.cpu_memory for row in values)
         self.device_memory = any(row.device_memory for row in values)
