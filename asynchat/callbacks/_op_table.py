@@ -78,21 +78,20 @@ class _Ops:
 def op_rows(events: Sequence[Any], *, by_shapes: bool = False) -> dict[Key, Row]:
     """The table's rows of ``events`` (a recording's ``kineto_results.events()``), keyed
     by name, kind and (``by_shapes``) input shapes."""
-    ops, launched = _read(events, by_shapes)
+    ops, launched, on_device, memory = _read(events, by_shapes)
     _nest(ops)
     _merge_redispatches(ops)
     for op, nanoseconds in launched:
         ops.kernels[op] += nanoseconds
     _sum_device_time(ops)
     rows: dict[Key, Row] = {}
-    _add_ops(rows, ops, _Memory([e for e in events if e.name() == MEMORY]), by_shapes)
-    for event in events:
-        if event.device_type() != DeviceType.CPU and _listed(event):
-            row = rows.setdefault(_key(event, by_shapes), Row())
-            row.calls += 1
-            if not _is_async(event):
-                row.self_device += event.duration_ns()
-                row.device += event.duration_ns()
+    _add_ops(rows, ops, _Memory(memory), by_shapes)
+    for event in on_device:
+        row = rows.setdefault(_key(event, by_shapes), Row())
+        row.calls += 1
+        if not _is_async(event):
+            row.self_device += event.duration_ns()
+            row.device += event.duration_ns()
     return rows
 
 
@@ -117,17 +116,25 @@ def _is_async(event: Any) -> bool:
     return bool(event.is_async()) or event.start_thread_id() != event.end_thread_id()
 
 
-def _read(events: Sequence[Any], by_shapes: bool) -> tuple[_Ops, list[tuple[int, int]]]:
-    """The host events, and (op, ns) for each device event an op launched."""
+def _read(
+    events: Sequence[Any], by_shapes: bool
+) -> tuple[_Ops, list[tuple[int, int]], list[Any], list[Any]]:
+    """In one pass: the host events; (op, ns) for each device event an op launched; the
+    device events; and the memory records."""
     ops, op_of = _Ops(), {}
     runtime: list[tuple[int, int]] = []  # (host event, correlation id of its op)
     kernels: list[tuple[int, int]] = []  # (ns, correlation id of its op)
+    on_device, memory = [], []
     for event in events:
+        if event.name() == MEMORY:
+            memory.append(event)
+            continue
         if not _listed(event):
             continue
-        link = event.linked_correlation_id()
-        if event.device_type() != DeviceType.CPU:
-            if event.device_type() in _KERNELS:
+        link, device = event.linked_correlation_id(), event.device_type()
+        if device != DeviceType.CPU:
+            on_device.append(event)
+            if device in _KERNELS:
                 kernels.append((event.duration_ns(), link))
             continue
         nests = not _is_async(event)
@@ -143,7 +150,8 @@ def _read(events: Sequence[Any], by_shapes: bool) -> tuple[_Ops, list[tuple[int,
     for index, link in runtime:  # a runtime call nests in the op that made it
         if link in op_of:
             ops.thread[index] = ops.thread[op_of[link]]
-    return ops, [(op_of[link], ns) for ns, link in kernels if link in op_of]
+    launched = [(op_of[link], ns) for ns, link in kernels if link in op_of]
+    return ops, launched, on_device, memory
 
 
 def _nest(ops: _Ops) -> None:
