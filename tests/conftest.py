@@ -506,6 +506,11 @@ def finished(process: subprocess.Popen[str], timeout: float = 60) -> tuple[str, 
     return out or "", err or ""
 
 
+def table_beside(trace: Path) -> Path:
+    """The table of ops the Profiler writes beside ``trace`` (``...-step<n>.txt``)."""
+    return trace.with_name(trace.name.removesuffix(".pt.trace.json") + ".txt")
+
+
 def assert_table_is_torchs(profile: torch.profiler.profile, *, by_shapes: bool) -> None:
     """The Profiler's table rows of a stopped recording (``op_rows``) have the rows and the
     figures of torch's ``key_averages()`` of it: calls, CPU and device times (self and

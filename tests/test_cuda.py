@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_table_is_torchs, make_loader, make_model, sgd
+from conftest import assert_table_is_torchs, make_loader, make_model, sgd, table_beside
 from torch import nn
 
 from asynchat import Callback, LoopState, Trainer
@@ -52,7 +52,7 @@ async def test_the_profiler_records_the_steps_kernels_on_cuda(tmp_path: Path) ->
     [trace] = profiler.traces
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(event.get("cat") == "kernel" for event in events)  # the device's own work
-    table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+    table = table_beside(trace).read_text()
     assert "Self CUDA" in table
 
 

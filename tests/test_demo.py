@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from conftest import load_example, start_lock_holder
+from conftest import load_example, start_lock_holder, table_beside
 
 from asynchat.callbacks import CheckpointWarning
 
@@ -51,7 +51,7 @@ async def test_the_demo_profiles_three_steps_with_profile(tmp_path: Path) -> Non
     [trace] = (tmp_path / "profile").glob("*-step8.pt.trace.json")
     recorded = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
     assert {"ProfilerStep#1", "ProfilerStep#3", "aten::conv2d"} <= recorded
-    table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+    table = table_beside(trace).read_text()
     assert "aten::convolution_backward" in table
 
 

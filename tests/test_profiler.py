@@ -20,6 +20,7 @@ from conftest import (
     asked_as_a_run_fails_to_resume,
     assert_table_is_torchs,
     make_trainer,
+    table_beside,
 )
 
 import asynchat.callbacks._profiler
@@ -78,7 +79,7 @@ async def test_each_recording_is_a_trace_of_the_compute_thread_written_off_it(
         # The model's ops ran on the compute thread, and were recorded there.
         ops = {e["tid"] for e in trace_events(trace) if e.get("name") == "aten::addmm"}
         assert ops == {where.thread}
-        table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+        table = table_beside(trace).read_text()
         assert "aten::addmm" in table and "Self CPU" in table
     assert writers == ["asynchat-profiler-writer"] * 2
     # Recording steps 3-4 and 7-8 only (ProfilerStep#1-#2 of each; the warm-up steps 2 and
@@ -534,7 +535,7 @@ async def test_the_profilers_table_is_made_without_a_python_object_per_event(
     profiler = Profiler(tmp_path, wait=0, warmup=1, active=2, record_shapes=True)
     await make_trainer(profiler, num_steps=3).fit()
     [trace] = profiler.traces
-    table = trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).read_text()
+    table = table_beside(trace).read_text()
     assert "aten::addmm" in table and "Input Shapes" in table
     assert not made
 
@@ -636,4 +637,4 @@ async def test_a_table_that_cannot_be_made_is_warned_of_and_the_trace_kept(
     assert state.global_step == 6
     [trace] = profiler.traces
     assert asked[0].result(timeout=0) == trace and "aten::addmm" in names(trace)
-    assert not trace.with_name(trace.name.replace(".pt.trace.json", ".txt")).exists()
+    assert not table_beside(trace).exists()
