@@ -564,6 +564,8 @@ class Event:
 def test_device_time_adds_to_the_op_that_launched_it_and_its_callers() -> None:
     # What a CUDA recording holds, checked without a GPU (tests/test_cuda.py checks a real
     # one against key_averages()).
+    hidden = Event("hidden_kernel", 330, 340, link=2, device="CUDA")
+    hidden.figures["is_hidden_event"] = True
     from asynchat.callbacks._op_table import op_rows, table
 
     events = [
@@ -575,6 +577,7 @@ def test_device_time_adds_to_the_op_that_launched_it_and_its_callers() -> None:
         Event("aten::add", 115, 145, correlation=5),  # a redispatch: merged into its parent
         Event("add_kernel", 300, 310, link=5, device="CUDA"),
         Event("memcpy", 320, 325, link=77, device="CUDA"),  # its op unrecorded
+        hidden,  # torch leaves it out, on the host and on a device alike
         Event("step", 190, 400, device="CUDA", annotation=True),  # spans the device's work
     ]
     rows = {
