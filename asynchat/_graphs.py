@@ -6,8 +6,9 @@ steps and replayed on the compute stream from then on:
 - **accumulate**: forward, loss and backward of the batch held in static input buffers
   (the staged batch is copied in, device to device), the gradients *added* into their
   static ``.grad`` tensors;
-- **update**: unscale (fp16), the graph-safe ``on_before_update`` hooks (GradClip), the
-  optimizer step (and the grad scaler's update), and the gradients zeroed in place.
+- **update**: for each optimizer in turn, unscale (fp16), the graph-safe
+  ``on_before_update`` hooks (GradClip), its step and its gradients zeroed in place; then
+  the grad scaler's update.
 
 One step replays *accumulate*, then *update* when an update is due, so gradient
 accumulation is the same two graphs. The eager steps (warm-up, and a batch of another
@@ -36,7 +37,9 @@ from asynchat._processor import (
     LossFn,
     RunPhase,
     _forward,
+    needs_closure,
     split_for,
+    updated_in_turn,
 )
 from asynchat._state import LoopState
 from asynchat._tree import iter_tensors, map_tensors
@@ -48,46 +51,74 @@ def signature(batch: Any) -> tuple[tuple[Any, ...], ...]:
 
 
 def check_graphable(
+    model: torch.nn.Module,
     optimizers: Mapping[str, torch.optim.Optimizer],
     callbacks: Sequence[Any],
     amp: Amp | None,
 ) -> None:
     """Refuse, with what to change, a setup whose step a CUDA graph would replay wrongly."""
-    if len(optimizers) != 1:
+    _check_model(model)
+    updated_in_turn(model, optimizers)  # several: each its own parameters, no closure
+    scheduled = any(getattr(c, "sets_lr", False) for c in callbacks)
+    for name, optimizer in optimizers.items():
+        kind = type(optimizer).__name__
+        if len(optimizers) > 1:
+            kind = f"{kind} (optimizer {name!r})"
+        _check_optimizer(kind, optimizer, amp, scheduled)
+    _check_update_hooks(callbacks)
+
+
+def _check_optimizer(
+    kind: str, optimizer: torch.optim.Optimizer, amp: Amp | None, scheduled: bool
+) -> None:
+    groups, defaults = optimizer.param_groups, optimizer.defaults
+    if needs_closure(optimizer):
         raise ValueError(
-            f"CudaGraphBatchProcessor steps one optimizer; the Trainer has {sorted(optimizers)}"
+            f"CudaGraphBatchProcessor: {kind} evaluates the loss again as it steps, as many "
+            "times as its tests on the loss say, which a replayed graph cannot; train it with "
+            "BasicBatchProcessor"
         )
-    (optimizer,) = optimizers.values()
-    kind = type(optimizer).__name__
-    groups = optimizer.param_groups
     # Optimizers that keep a step counter (Adam, AdamW...) have a capturable variant that
     # keeps it on the device; without it the counter stays on the host and a replay
     # never advances it (torch refuses the capture).
-    if "capturable" in optimizer.defaults and not all(g["capturable"] for g in groups):
+    if "capturable" in defaults and not all(g["capturable"] for g in groups):
         raise ValueError(
             f"CudaGraphBatchProcessor: {kind} must be built with capturable=True (e.g. "
-            f"{kind}(params, lr=..., capturable=True, fused=True)): otherwise its step "
-            "counter lives on the host, and a replayed graph never advances it"
+            f"{type(optimizer).__name__}(params, lr=..., capturable=True, fused=True)): "
+            "otherwise its step counter lives on the host, and a replayed graph never "
+            "advances it"
         )
     if amp == "fp16" and not all(g.get("fused") for g in groups):
         raise ValueError(
-            f"CudaGraphBatchProcessor(amp='fp16') needs a fused optimizer ({kind}(..., "
-            "fused=True)): the grad scaler's step otherwise reads its inf check on the "
-            "host, which a graph cannot"
+            f"CudaGraphBatchProcessor(amp='fp16') needs a fused optimizer ({kind} with "
+            "fused=True): the grad scaler's step otherwise reads its inf check on the host, "
+            "which a graph cannot"
         )
-    if any(getattr(c, "sets_lr", False) for c in callbacks):
-        if not all(isinstance(g["lr"], torch.Tensor) for g in groups):
-            raise ValueError(
-                "CudaGraphBatchProcessor with an LR schedule needs a tensor learning rate "
-                f"({kind}(params, lr=torch.tensor(1e-3, device='cuda'), ...)): a float lr is "
-                "baked into the graph and the schedule would silently stop"
-            )
-        if "capturable" not in optimizer.defaults and not all(g.get("fused") for g in groups):
-            raise ValueError(
-                f"CudaGraphBatchProcessor with an LR schedule: {kind} reads a tensor "
-                f"learning rate on the host unless fused; build it with fused=True"
-            )
-    _check_update_hooks(callbacks)
+    if scheduled:
+        _check_scheduled(kind, optimizer)
+
+
+def _check_scheduled(kind: str, optimizer: torch.optim.Optimizer) -> None:
+    """Under an LR schedule: a learning rate the graph reads from the device."""
+    groups, defaults = optimizer.param_groups, optimizer.defaults
+    if not all(isinstance(g["lr"], torch.Tensor) for g in groups):
+        raise ValueError(
+            f"CudaGraphBatchProcessor with an LR schedule needs a tensor learning rate "
+            f"({kind}: lr=torch.tensor(1e-3, device='cuda')): a float lr is baked into the "
+            "graph and the schedule would silently stop"
+        )
+    if "capturable" in defaults or all(g.get("fused") for g in groups):
+        return
+    if "fused" in defaults:
+        raise ValueError(
+            f"CudaGraphBatchProcessor with an LR schedule: {kind} reads a tensor learning "
+            "rate on the host unless fused; build it with fused=True"
+        )
+    raise ValueError(
+        f"CudaGraphBatchProcessor with an LR schedule: {kind} reads its learning rate on "
+        "the host as it steps (it can be neither capturable nor fused), so a graph cannot "
+        "follow the schedule; train it without one, or with BasicBatchProcessor"
+    )
 
 
 def _check_update_hooks(callbacks: Sequence[Any]) -> None:
@@ -134,11 +165,15 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
     """One batch per step, replayed as CUDA graphs after ``warmup_steps`` eager steps: the
     whole step (forward, loss, backward, optimizer update) costs two graph launches.
 
-    Requirements, checked at the first step with what to change: CUDA; one optimizer,
+    Several optimizers on the one loss step in turn, as with :class:`BasicBatchProcessor`
+    (each holds parameters of its own), all in the update graph.
+
+    Requirements, checked at the first step with what to change: CUDA; of each optimizer,
     ``capturable=True`` if it has the option (Adam, AdamW: their step counter must live on
-    the device); with an LR schedule a tensor learning rate (``lr=torch.tensor(1e-3,
-    device="cuda")``: a float is baked into the graph), and ``fused=True`` for an optimizer
-    without ``capturable`` (SGD); ``amp="fp16"`` only with a fused optimizer;
+    the device), no closure (LBFGS); with an LR schedule a tensor learning rate
+    (``lr=torch.tensor(1e-3, device="cuda")``: a float is baked into the graph), and
+    ``fused=True`` for an optimizer without ``capturable`` (SGD; one with neither, Muon,
+    cannot follow a schedule in a graph); ``amp="fp16"`` only with fused optimizers;
     ``on_before_update`` hooks only from callbacks marked ``graph_safe`` (GradClip is; they
     run inside the graph, their Python side once, at capture).
 
@@ -216,8 +251,7 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
             super().step(state, run_phase)
             return
         if not self._checked:
-            _check_model(state.model)
-            check_graphable(state.optimizers, state.loop.callbacks, self.amp)
+            check_graphable(state.model, state.optimizers, state.loop.callbacks, self.amp)
             self._checked = True
         self._notice_changes(state)
         state.batch_idx = 0
@@ -277,22 +311,26 @@ class CudaGraphBatchProcessor(BasicBatchProcessor):
         return outputs, loss
 
     def _update(self, state: LoopState, run_phase: RunPhase) -> None:
-        """What the update graph holds: unscale, on_before_update, step, zero the grads."""
-        optimizer = self._select_optimizer(state)
+        """What the update graph holds, for each optimizer in turn (as
+        :meth:`~BatchProcessor.update_each`): unscale, on_before_update, step, zero its
+        gradients; then the grad scaler's update."""
+        for name, optimizer in state.optimizers.items():
+            state.optimizer, state.optimizer_name = optimizer, name
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            run_phase(Phase.ON_BEFORE_UPDATE)
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # in place: the graphs hold these tensors
         if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-        run_phase(Phase.ON_BEFORE_UPDATE)
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
             self.scaler.update()  # in the step, so in the graph (end_step has nothing to do)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # in place: the graphs hold these tensors
 
-    def _select_optimizer(self, state: LoopState) -> torch.optim.Optimizer:
-        ((name, optimizer),) = state.optimizers.items()
+    def _select_optimizer(self, state: LoopState) -> None:
+        """``state.optimizer`` as an update leaves it: the last one stepped."""
+        *_, (name, optimizer) = state.optimizers.items()
         state.optimizer, state.optimizer_name = optimizer, name
-        return optimizer
 
     def _replay_accumulate(self, state: LoopState) -> None:
         assert self._graphs is not None and self._static is not None

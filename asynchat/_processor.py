@@ -271,10 +271,18 @@ class BatchProcessor(abc.ABC):
 
 def _updated_in_turn(state: LoopState) -> tuple[str, ...]:
     """The names :meth:`BatchProcessor.update_each` steps in turn; none for one optimizer."""
-    optimizers = state.optimizers
+    return updated_in_turn(state.model, state.optimizers)
+
+
+def updated_in_turn(
+    model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
+) -> tuple[str, ...]:
+    """The names of ``optimizers`` a step whose one loss trains them all steps in turn (none
+    for one optimizer); refused, saying why, where one evaluates the loss again as it steps
+    or two hold one parameter of ``model``."""
     if len(optimizers) < 2:
         return ()
-    parameter_names = {id(p): n for n, p in state.model.named_parameters()}
+    parameter_names = {id(p): n for n, p in model.named_parameters()}
     owner: dict[int, str] = {}
     for name, optimizer in optimizers.items():
         if needs_closure(optimizer):

@@ -397,7 +397,10 @@ def main() -> None:
                         help="Muon for the blocks' matrices, AdamW for the rest")  # fmt: skip
     args = parser.parse_args()
     if args.muon and args.step == "cuda-graphs":
-        parser.error("argument --muon: not with --cuda-graphs (its graph steps one optimizer)")
+        parser.error(
+            "argument --muon: not with --cuda-graphs (Muon reads its learning rate on the "
+            "host as it steps, so a graph cannot follow its schedule)"
+        )
     least_values = {"steps": Run.warmup + 1, "layers": 1, "eval_every": 1, "width": 32}
     for name, least in least_values.items():
         value = getattr(args, name)

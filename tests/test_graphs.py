@@ -53,27 +53,46 @@ class AsyncMarkedSafe(Callback):
 
 
 def test_check_graphable_names_what_to_change() -> None:
+    model = make_model()
     ok = {"default": adam(capturable=True)}
-    check_graphable(ok, [GradClip(1.0), Callback()], None)  # nothing to refuse
-    check_graphable({"default": torch.optim.SGD(make_model().parameters(), lr=0.1)}, [], None)
+    check_graphable(model, ok, [GradClip(1.0), Callback()], None)  # nothing to refuse
+    sgd = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    check_graphable(model, {"default": sgd}, [], None)
+    two = {
+        "a": torch.optim.AdamW(model[0].parameters(), capturable=True),
+        "b": torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9),
+    }
+    check_graphable(model, two, [GradClip(1.0)], None)  # stepped in turn
+    muon = torch.optim.Muon([model[0].weight], lr=0.02)
+    check_graphable(model, {"muon": muon}, [], None)  # a float lr, no schedule: graphable
+    shared = {
+        "a": torch.optim.AdamW(model.parameters(), capturable=True),
+        "b": torch.optim.SGD(model[2].parameters(), lr=0.1),
+    }
     cases: list[tuple[Any, list[Any], Any, str]] = [
-        ({"a": adam(capturable=True), "b": adam(capturable=True)}, [], None, "one optimizer"),
         ({"default": adam()}, [], None, r"Adam must be built with capturable=True"),
+        ({"a": adam(capturable=True), "b": adam()}, [], None,
+         r"Adam \(optimizer 'b'\) must be built with capturable=True"),
+        (shared, [], None, r"'a' and 'b' both hold the parameter '2\.weight'"),
+        ({"default": torch.optim.LBFGS(model.parameters())}, [], None,
+         r"LBFGS evaluates the loss again .*BasicBatchProcessor"),
         ({"default": adam(capturable=True)}, [], "fp16", r"amp='fp16'\) needs a fused"),
         (ok, [LRSchedule(cosine(10))], None, "needs a tensor learning rate"),
         ({"default": torch.optim.SGD(make_model().parameters(), lr=torch.tensor(0.1))},
-         [LRSchedule(cosine(10))], None, "SGD reads a tensor learning rate"),
+         [LRSchedule(cosine(10))], None, "SGD reads a tensor learning rate .*fused=True"),
+        ({"muon": torch.optim.Muon([model[0].weight], lr=torch.tensor(0.02))},
+         [LRSchedule(cosine(10))], None, r"Muon reads its learning rate on the host .*neither"),
         (ok, [Unsafe()], None, r"Unsafe\.on_before_update would run inside"),
         (ok, [AsyncMarkedSafe()], None, r"AsyncMarkedSafe\.on_before_update"),
         (ok, [EveryMarkedSafe()], None, r"EveryMarkedSafe\.on_before_update has @every"),
     ]  # fmt: skip
     for optimizers, callbacks, amp, message in cases:
         with pytest.raises(ValueError, match=message):
-            check_graphable(optimizers, callbacks, amp)
+            check_graphable(model, optimizers, callbacks, amp)
     scheduled = torch.optim.Adam(
         make_model().parameters(), lr=torch.tensor(1e-3), capturable=True
     )  # fmt: skip
-    check_graphable({"default": scheduled}, [LRSchedule(cosine(10))], None)
+    check_graphable(model, {"default": scheduled}, [LRSchedule(cosine(10))], None)
 
 
 def test_a_batch_signature_is_each_tensor_shape_dtype_and_device() -> None:
@@ -201,6 +220,40 @@ async def test_graphed_steps_train_like_eager_steps(amp: str | None, accumulate:
     for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
     assert state.loss is not None and torch.isfinite(state.loss).item()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.anyio
+@pytest.mark.parametrize("amp", [None, "fp16"])
+async def test_several_optimizers_step_in_turn_in_the_graph(amp: str | None) -> None:
+    """AdamW for the first layer, SGD with momentum for the last, GradClip over each's own:
+    the graphed run's weights equal the eager processor's, which steps them in turn too."""
+    from asynchat import BasicBatchProcessor
+
+    optimizers = {
+        "adamw": lambda m: torch.optim.AdamW(m[0].parameters(), lr=1e-2, capturable=True,
+                                             fused=True),
+        "sgd": lambda m: torch.optim.SGD(m[2].parameters(), lr=0.1, momentum=0.9, fused=True),
+    }  # fmt: skip
+
+    async def train(processor: Any) -> tuple[nn.Module, LoopState]:
+        model = make_model(seed=3)
+        state = await Trainer(
+            model, make_loader(96, 16), optimizers, batch_processor=processor,
+            num_steps=12, device="cuda", callbacks=[GradClip(0.5)],
+        ).fit()  # fmt: skip
+        return model, state
+
+    eager, _ = await train(BasicBatchProcessor(nn.CrossEntropyLoss(), amp=amp,
+                                               set_to_none=False))  # fmt: skip
+    graph = CudaGraphBatchProcessor(nn.CrossEntropyLoss(), amp=amp)  # type: ignore[arg-type]
+    graphed, state = await train(graph)
+    assert graph._graphs is not None, "the step was captured"
+    assert state.optimizer_name == "sgd", "as an eager update leaves it: the last stepped"
+    tolerance = 1e-5 if amp is None else 2e-2
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.cuda
