@@ -14,7 +14,14 @@ from conftest import make_loader, make_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asynchat import Callback, CudaGraphBatchProcessor, LoopState, Trainer, every
+from asynchat import (
+    BasicBatchProcessor,
+    Callback,
+    CudaGraphBatchProcessor,
+    LoopState,
+    Trainer,
+    every,
+)
 from asynchat._capture import CaptureGate
 from asynchat._graphs import check_graphable, signature
 from asynchat.callbacks import Checkpoint, FreezeModule, GradClip, LRSchedule, cosine
@@ -138,6 +145,66 @@ def test_the_capture_gate_holds_staging_during_a_capture_and_waits_for_it() -> N
     assert captured[0].endswith(" in") and captured[1] == captured[0].replace(" in", " out")
     assert captured[2].endswith(" in") and captured[3] == captured[2].replace(" in", " out")
     assert "stage2 in" in log[2:] and log.index("stage2 in") > log.index("capture1 in")
+
+
+class EagerOnTheCpu(CudaGraphBatchProcessor):
+    """The graph processor's eager steps, the code its graphs hold, on the CPU: its
+    warm-up, never ending (nothing is captured)."""
+
+    def setup(self, loop: Any) -> None:
+        BasicBatchProcessor.setup(self, loop)  # (not the check for a CUDA device)
+        self._checked, self._params = False, ()
+        self.invalidate()
+
+
+class UpdatesSeen(Callback):
+    graph_safe = True  # (a def hook that launches no sync: it only records)
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    def on_before_update(self, state: LoopState) -> None:
+        self.seen.append(state.optimizer_name)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("accumulate", [1, 2])
+async def test_the_code_the_graphs_hold_steps_optimizers_in_turn_as_eager_steps_do(
+    monkeypatch: pytest.MonkeyPatch, accumulate: int
+) -> None:
+    """Muon for the first layer's weight, SGD for the rest, GradClip over each's own: the
+    update the graph would capture steps them in turn, with its hooks, to the very weights
+    BasicBatchProcessor's steps give."""
+    optimizers = {
+        "muon": lambda m: torch.optim.Muon([m[0].weight], lr=0.02),
+        "sgd": lambda m: torch.optim.SGD([m[0].bias, *m[2].parameters()], lr=0.1,
+                                         momentum=0.9),
+    }  # fmt: skip
+
+    async def train(processor: Any) -> tuple[nn.Module, list[str | None]]:
+        model, seen = make_model(seed=3), UpdatesSeen()
+        await Trainer(
+            model, make_loader(96, 16), optimizers, batch_processor=processor, num_steps=12,
+            callbacks=[GradClip(0.5), seen],
+        ).fit()  # fmt: skip
+        return model, seen.seen
+
+    eager, eager_seen = await train(
+        BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=accumulate,
+                            set_to_none=False)
+    )  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        graph_code = EagerOnTheCpu(
+            nn.CrossEntropyLoss(),
+            warmup_steps=1000,
+            grad_accumulation_steps=accumulate,  # type: ignore[arg-type]
+        )
+    graphed, graph_seen = await train(graph_code)
+    assert graph_code._graphs is None and graph_code._warm == 12 // accumulate
+    assert graph_seen == eager_seen == ["muon", "sgd"] * (12 // accumulate)
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_lr_schedule_updates_a_tensor_learning_rate_in_place_also_on_resume(tmp_path: Any) -> None:
