@@ -306,6 +306,20 @@ def updated_in_turn(
     return tuple(optimizers)
 
 
+def _as_is(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` averaged over the ranks of the default process group, DDP's (one all-reduce
+    of a scalar), detached."""
+    import torch.distributed as dist
+
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return mean.div_(dist.get_world_size())
+
+
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` must be given a closure (``torch.optim.LBFGS``)."""
     try:
@@ -528,7 +542,8 @@ class BasicBatchProcessor(BatchProcessor):
 
     def _steps_with_closure(self, state: LoopState) -> bool:
         """Whether the loop's optimizer evaluates the loss again as it steps (LBFGS); refused
-        where the evaluations cannot be the batch's alone, or alike on every rank."""
+        where the evaluations cannot be the batch's alone, or alike on every rank (each
+        rank's gradient is its own shard's under FSDP; DDP's are the same on every rank)."""
         optimizer = state.optimizer
         if optimizer is None or not needs_closure(optimizer):
             return False
@@ -539,28 +554,32 @@ class BasicBatchProcessor(BatchProcessor):
                 f"accumulate gradients over grad_accumulation_steps={self.grad_accumulation_steps}"
                 " batches (use a larger batch instead)"
             )
-        if state.loop.spans_ranks:
+        if state.loop.shards_state:
             raise ValueError(
-                f"{kind} evaluates the loss again as it steps, as many times as its own "
-                "tests on the loss say: the ranks would step apart (their losses differ), so it "
-                "runs in a single process only"
+                f"{kind} evaluates the loss again as it steps, as many times as its own tests "
+                "on the gradient say, and under FSDP each rank holds its own shard of it: the "
+                "ranks would step apart; train with it under DistributedDataParallelTrainer"
             )
         return True
 
     def _evaluation(self, state: LoopState) -> Callable[[], torch.Tensor]:
         """The closure for an optimizer that evaluates the loss again (LBFGS): its first call
         returns the loss of the step's batch, whose gradients are there (after the hooks of
-        ``on_before_update``); each later one computes it again at the new weights."""
+        ``on_before_update``); each later one computes it again at the new weights. Over
+        several (DDP) ranks it returns the loss averaged over them, as DDP averages the
+        gradients: every rank's optimizer then tests the same numbers, and takes the same
+        decisions (how many evaluations, which step size)."""
         loss = state.loss
         assert loss is not None
         inputs, targets = split_for(state.batch, self.loss_fn)
         first = True
+        answer = _mean_over_ranks if state.loop.spans_ranks else _as_is
 
         def evaluate() -> torch.Tensor:
             nonlocal first
             if first:
                 first = False
-                return loss
+                return answer(loss)
             assert state.optimizer is not None
             state.optimizer.zero_grad(set_to_none=self.set_to_none)
             with self.autocast():
@@ -570,7 +589,7 @@ class BasicBatchProcessor(BatchProcessor):
                     _, again = self._compiled_forward(state, self.loss_fn)(inputs, targets)
             assert again is not None
             again.backward()
-            return again
+            return answer(again)
 
         return evaluate
 

@@ -476,13 +476,58 @@ async def test_lbfgs_where_its_evaluations_cannot_be_the_batchs_alone_is_refused
 
 
 @pytest.mark.slow
-def test_lbfgs_under_ddp_is_refused() -> None:
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
+def test_lbfgs_under_ddp_steps_alike_on_every_rank(tmp_path: Path, line_search: str | None) -> None:
+    # It was refused: each rank's LBFGS tested its own loss, so the ranks could evaluate it
+    # a different number of times (the line search's, at each step) and pair their
+    # gradients' all-reduces wrongly. Each evaluation's loss is the ranks' mean now, as
+    # DDP's gradients are: the ranks take the same decisions.
     import rank_jobs
+    from test_distributed import global_batches
 
-    from asynchat import LaunchError, launch
+    from asynchat import launch
 
-    with pytest.raises(LaunchError, match=r"LBFGS evaluates the loss again .* the ranks would"):
-        launch(rank_jobs.ddp_lbfgs, nprocs=2)
+    launch(rank_jobs.ddp_lbfgs, nprocs=2, args=(str(tmp_path), line_search))
+    ranks = [torch.load(tmp_path / f"lbfgs-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] > 8  # more than one a step
+    for name, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][name]), "the replicas stay identical"
+
+    reference = rank_jobs.ddp_model().double()  # one process, the ranks' batches together
+    optimizer = rank_jobs.lbfgs(reference, line_search)
+    for _, inputs, targets in global_batches():
+
+        def closure(inputs: Any = inputs, targets: Any = targets) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(reference(inputs.double()), targets)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert state["func_evals"] == ranks[0]["evaluations"]
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(value, ranks[0]["model"][name], rtol=0, atol=1e-9), name
+
+
+async def test_lbfgs_under_fsdp_is_refused(tmp_path: Path) -> None:
+    """Each rank's flat gradient is its own shard's: its tests would differ by rank."""
+    import torch.distributed as dist
+
+    from asynchat import FullyShardedDataParallelTrainer
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )  # fmt: skip
+    try:
+        trainer = FullyShardedDataParallelTrainer(
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), make_loader(32, 16),
+            lbfgs, loss_fn=nn.CrossEntropyLoss(), num_steps=2, device="cpu",
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"LBFGS .* under FSDP each rank holds its own"):
+            await trainer.fit()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_basic_processor_keeps_one_update_per_step() -> None:
