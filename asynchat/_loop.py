@@ -35,7 +35,7 @@ from asynchat._handle import LoopHandle
 from asynchat._hooks import LOG as _LOG
 from asynchat._hooks import HookRunner
 from asynchat._in_use import Claim, claim
-from asynchat._mailbox import waited_for_by
+from asynchat._mailbox import current_task
 from asynchat._phase import Phase
 from asynchat._processor import BatchProcessor, check_processor
 from asynchat._ranks import RankGroup
@@ -293,14 +293,13 @@ class LoopBase(PipeBase):
     def _waits_for_caller(self) -> bool:
         """(The asks' futures'.) Whether the loop waits for its caller: called in one of its
         ``def`` hooks (on its compute thread), or in a task serving one of its ``async
-        def`` hooks or those of a loop run inline in it (the compute thread waits for it),
-        or in a task that such a hook waits for (one of a task group it opened)."""
+        def`` hooks or those of a loop run inline in it (the compute thread waits for it)."""
         compute = self._compute
         if compute is None:
             return False
         if compute.on_thread():
             return True
-        return compute.serving is not None and waited_for_by(compute.serving)
+        return compute.serving is not None and compute.serving is current_task()
 
     def _save_slot(self) -> int:
         """(Checkpoint's, at ``on_loop_begin`` of a loop that spans ranks.) A flag of its

@@ -40,29 +40,6 @@ def current_task() -> object:
         return None
 
 
-def waited_for_by(host: object) -> bool:
-    """Whether the running task is ``host`` or a task that ``host`` waits for: one of a task
-    group (a trio nursery) it opened, or one it waits to start (``await group.start(fn)``),
-    and theirs in turn. asyncio's own ``TaskGroup`` and ``create_task`` leave no trace of
-    who started a task: those are not seen. (Asked only as a wait that may deadlock begins:
-    on asyncio it reads every task's parent.)"""
-    task: Any = current_task()
-    if task is None:
-        return False
-    if isinstance(task, asyncio.Task):
-        parents = {info.id: info.parent_id for info in anyio.get_running_tasks()}
-        at: int | None = id(task)
-        for _ in parents:  # (a chain is no longer than the tasks)
-            if at is None or at == id(host):
-                break
-            at = parents.get(at)
-        return at == id(host)
-    while task is not None and task is not host:  # trio's: each task's nursery's host
-        nursery = task.parent_nursery
-        task = None if nursery is None else nursery.parent_task
-    return task is not None
-
-
 class Mailbox(Generic[T]):
     """Messages from other threads to one task on the event loop that created the mailbox.
 

@@ -97,17 +97,16 @@ def how_it_ended(error: BaseException | None) -> str:
 def waited_for_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
     """The ``deadlock`` of an :class:`AwaitableFuture` that ``loop`` answers after its
     hooks: waited for in one of them (or in those of a loop run inline in it, a
-    Validation's), which the loop waits for, or in a task the hook waits for (of a task
-    group it opened), it would wait forever (before, it did: no error, no step, no save)."""
+    Validation's), which the loop waits for, it would wait forever (before, it did: no
+    error, no step, no save)."""
 
     def deadlock() -> str | None:
         if not loop._waits_for_caller():
             return None
         return (
             f"{what} is made once the hook waiting for it has returned ({loop.name} waits "
-            "for its hooks): waited for there, or in a task the hook waits for (one of a "
-            "task group it opened), it would wait forever. Ask in the hook and wait for the "
-            "future in a task or thread the hook does not wait for (or after the loop)"
+            "for its hooks): waited for there it would wait forever. Ask in the hook and "
+            "wait for the future in a task or thread of your own (or after the loop)"
         )
 
     return deadlock
