@@ -229,6 +229,37 @@ async def test_a_save_awaited_in_the_loops_own_async_hook_is_refused(tmp_path: P
 
 
 @pytest.mark.anyio
+async def test_a_save_awaited_beside_a_hook_by_a_task_of_the_fits_own_group_is_served(
+    tmp_path: Path,
+) -> None:
+    # The task that awaits fit() serves the loop's async hooks, and here it also hosts the
+    # group of a client (a service's server) that awaits a save while a hook runs: the
+    # hook does not wait for the client, so the save comes once the hook returns. A guard
+    # that took every task of a group the hook's task hosts for one the hook waits for
+    # refused it.
+    checkpoint = on_demand(tmp_path)
+    in_hook = anyio.Event()
+    saved: list[Path | None] = []
+
+    class Slow(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                in_hook.set()
+                await anyio.sleep(0.2)
+
+    async def client() -> None:
+        await in_hook.wait()
+        saved.append(await checkpoint.request_save())
+
+    trainer = make_trainer(Slow(), checkpoint, num_steps=6)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(client)
+            await trainer.fit()
+    assert saved == [tmp_path / "step-000000003.ckpt"] and saved_steps(tmp_path) == [3]
+
+
+@pytest.mark.anyio
 async def test_an_answered_ask_keeps_no_loop_alive(tmp_path: Path) -> None:
     # Its guard against a wait in the loop's own hooks held the loop (and with it the
     # model, the optimizer, the data) for as long as someone kept the future.
