@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from asynchat._device import resolve_device
 from asynchat._loop import Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
 from asynchat._trainer import OptimizerSpec, Trainer
+from asynchat._tree import batch_size
 
 
 class DistributedDataParallelTrainer(Trainer):
@@ -162,6 +164,8 @@ class DataParallelTrainer(Trainer):
 
     ``device_ids`` defaults to every visible GPU; with fewer than two (or on the CPU) it is the
     plain Trainer. ``state.model`` is the wrapper; ``trainer.model`` and checkpoints the module.
+    A scalar loss in the replicas' outputs (``loss_fn=model_loss``) is gathered as the batch's
+    (:class:`ReplicaLossMean`).
     For more than one machine, or for speed on one, prefer :class:`DistributedDataParallelTrainer`.
     """
 
@@ -207,4 +211,70 @@ class DataParallelTrainer(Trainer):
     def _configure(self) -> None:
         super()._configure()
         if self.device.type == "cuda" and len(self.device_ids) > 1:
-            self.state.model = torch.nn.DataParallel(self.model, device_ids=self.device_ids)
+            self.state.model = ReplicaLossMean(self.model, device_ids=self.device_ids)
+
+
+class ReplicaLossMean(torch.nn.DataParallel):  # type: ignore[type-arg]
+    """``nn.DataParallel`` whose gathered outputs hold the batch's loss where each replica's
+    held a scalar one (a ``"loss"`` entry, as a Hugging Face model's, the one scalar of a
+    tuple, or the outputs themselves: where :func:`~asynchat.model_loss` looks): the mean
+    over the replicas, each weighted by its share of the batch. ``nn.DataParallel`` gathers
+    scalars into a vector of one per replica, with a warning, which ``model_loss`` refused."""
+
+    _shares: tuple[int, ...] = ()
+
+    def scatter(self, inputs: Any, kwargs: Any, device_ids: Sequence[Any]) -> Any:
+        scattered = super().scatter(inputs, kwargs, device_ids)
+        self._shares = tuple(batch_size(replica) for replica in zip(*scattered, strict=True))
+        return scattered
+
+    def gather(self, outputs: Any, output_device: Any) -> Any:
+        place = scalar_loss_place(outputs)
+        if place is None:
+            return super().gather(outputs, output_device)
+        with warnings.catch_warnings():  # (the vector of scalars is averaged right away)
+            warnings.filterwarnings("ignore", "Was asked to gather along dimension 0")
+            gathered = super().gather(outputs, output_device)
+        return mean_of_replicas(gathered, place, self._shares)
+
+
+LossPlace = str | int | None  # a Mapping's key, a tuple's index, or the outputs themselves
+
+
+def scalar_loss_place(outputs: Sequence[Any]) -> tuple[LossPlace] | None:
+    """Where every replica's ``outputs`` hold a scalar loss (as one tuple, so that the whole
+    outputs, ``(None,)``, differ from none at all)."""
+
+    def place_in(output: Any) -> tuple[LossPlace] | None:
+        if isinstance(output, torch.Tensor):
+            return (None,) if output.dim() == 0 else None
+        if isinstance(output, Mapping):
+            loss = output.get("loss")
+            return ("loss",) if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+        if isinstance(output, tuple):
+            scalars = [i for i, o in enumerate(output)
+                       if isinstance(o, torch.Tensor) and o.dim() == 0]  # fmt: skip
+            return (scalars[0],) if len(scalars) == 1 else None
+        return None
+
+    places = {place_in(output) for output in outputs}
+    return places.pop() if len(places) == 1 else None
+
+
+def mean_of_replicas(gathered: Any, place: tuple[LossPlace], shares: Sequence[int]) -> Any:
+    """``gathered`` with the vector of replica losses at ``place`` replaced by their mean,
+    weighted by ``shares`` (the replicas' numbers of samples)."""
+    (where,) = place
+    losses = gathered if where is None else gathered[where]
+    if len(shares) != len(losses) or not sum(shares):  # (no tensor to count samples by)
+        shares = [1] * len(losses)
+    weights = torch.tensor(shares, dtype=losses.dtype, device=losses.device)
+    mean = (losses * weights).sum() / weights.sum()
+    if where is None:
+        return mean
+    if isinstance(where, int):
+        items = [mean if i == where else item for i, item in enumerate(gathered)]
+        kind = type(gathered)
+        return kind._make(items) if hasattr(gathered, "_fields") else kind(items)
+    gathered[where] = mean
+    return gathered

@@ -383,6 +383,31 @@ async def test_checkpoint_snapshots_wait_for_every_device(tmp_path: Path) -> Non
     assert torch.equal(saved["model"]["b.weight"], model.b.weight.detach().cpu())
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+async def test_data_parallel_trains_a_model_that_scores_itself_as_one_gpu_does() -> None:
+    # Its replicas' losses came back as a vector, one per GPU: model_loss refused it.
+    from test_model_loss import Labelled, ScoresItself
+    from torch.utils.data import DataLoader
+
+    from asynchat import DataParallelTrainer, model_loss
+
+    async def train(cls: Any, **options: Any) -> tuple[nn.Module, LoopState]:
+        torch.manual_seed(0)
+        model = ScoresItself()
+        state = await cls(
+            model, DataLoader(Labelled(99), batch_size=16), sgd, loss_fn=model_loss,
+            num_epochs=2, **options,
+        ).fit()  # fmt: skip
+        return model, state
+
+    one, _ = await train(Trainer, device="cuda:0")
+    both, state = await train(DataParallelTrainer, device_ids=[0, 1])  # (last: 3, as 2 + 1)
+    assert isinstance(state.model, nn.DataParallel)
+    assert state.loss is not None and state.loss.dim() == 0
+    for a, b in zip(one.parameters(), both.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 STICKY_ERROR_JOB = """
 import anyio, sys, torch
 sys.path.insert(0, sys.argv[1])

@@ -467,6 +467,37 @@ def test_data_parallel_trainer_is_the_plain_trainer_without_several_gpus() -> No
                             loss_fn=nn.MSELoss(), num_epochs=1, device_ids=[7])  # fmt: skip
 
 
+def test_data_parallel_gathers_the_replicas_scalar_losses_into_their_mean() -> None:
+    # nn.DataParallel gathers each replica's scalar loss into a vector (one per GPU), which
+    # model_loss refused ("no loss in it"): the DataParallelTrainer of a model that scores
+    # itself failed at its first step on several GPUs. (The gather itself needs GPUs: see
+    # tests/test_cuda.py; here the places and the mean, on what it would give.)
+    from collections import namedtuple
+
+    from asynchat._distributed import mean_of_replicas, scalar_loss_place
+
+    logits = torch.zeros(4, 3)
+    scalar = torch.tensor(1.0)
+    assert scalar_loss_place([{"logits": logits, "loss": scalar}] * 2) == ("loss",)
+    assert scalar_loss_place([(logits, scalar)] * 2) == (1,)
+    assert scalar_loss_place([scalar, scalar]) == (None,)
+    assert scalar_loss_place([logits, logits]) is None  # outputs, not a loss
+    assert scalar_loss_place([{"loss": torch.ones(4)}] * 2) is None  # per sample: gathered
+    assert scalar_loss_place([(scalar, scalar)] * 2) is None  # which one is the loss?
+    assert scalar_loss_place([{"loss": scalar}, {"logits": logits}]) is None
+
+    losses = torch.tensor([1.0, 3.0], requires_grad=True)  # as gathered: one per replica
+    mean = mean_of_replicas({"logits": logits, "loss": losses}, ("loss",), [3, 1])
+    assert mean["loss"].dim() == 0 and mean["loss"].item() == 1.5  # (1 x 3 + 3 x 1) / 4
+    mean["loss"].backward()
+    assert losses.grad is not None and losses.grad.tolist() == [0.75, 0.25]
+    Pair = namedtuple("Pair", "logits loss")
+    assert mean_of_replicas(Pair(logits, losses), (1,), [2, 2]).loss.item() == 2.0
+    assert mean_of_replicas((losses, logits), (0,), [2, 2])[0].item() == 2.0
+    assert mean_of_replicas(losses, (None,), [1, 3]).item() == 2.5
+    assert mean_of_replicas(losses, (None,), [0, 0]).item() == 2.0  # shares not counted
+
+
 @pytest.mark.slow
 def test_a_nan_on_one_rank_ends_every_rank() -> None:
     started = time.monotonic()
