@@ -301,6 +301,12 @@ class LoopBase(PipeBase):
             return True
         return compute.serving is not None and compute.serving is current_task()
 
+    def _waits_for_a_hook(self) -> bool:
+        """(The asks' futures'.) Whether the loop waits for one of its ``async def`` hooks
+        now (or for one of a loop run inline in it)."""
+        compute = self._compute
+        return compute is not None and compute.serving is not None
+
     def _save_slot(self) -> int:
         """(Checkpoint's, at ``on_loop_begin`` of a loop that spans ranks.) A flag of its
         own in the agreements of the run, for :meth:`_ask_ranks_to_save`."""

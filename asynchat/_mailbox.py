@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sys
 import threading
 from collections.abc import Callable, Generator
@@ -14,6 +15,8 @@ from typing import Any, Generic, TypeVar
 import anyio
 
 T = TypeVar("T")
+_LOG = logging.getLogger("asynchat.loop")
+STALLED_AFTER_S = 60.0  # how long a wait that may never end goes on before it is logged
 
 
 def running_trio_token() -> Any:
@@ -126,12 +129,19 @@ class AwaitableFuture(Future[T]):
     ``deadlock``, if given, is asked as a wait for a future not yet answered begins (an
     await, ``result()``, ``exception()``; not a look with ``timeout=0``, which waits for
     nothing): a message if the answer cannot come while it waits, raised as a
-    ``RuntimeError`` instead.
+    ``RuntimeError`` instead. ``stalled``, if given, is asked when a task has awaited the
+    future for a minute: a message if the answer may never come, logged as a warning on
+    the ``asynchat.loop`` logger (once a wait; the wait goes on).
     """
 
-    def __init__(self, deadlock: Callable[[], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        deadlock: Callable[[], str | None] | None = None,
+        stalled: Callable[[], str | None] | None = None,
+    ) -> None:
         super().__init__()
         self._deadlock = deadlock
+        self._stalled = stalled
         self._waiting: set[Mailbox[None]] = set()  # the tasks awaiting it, to wake
         self._wakes = False  # whether the future wakes them as it is answered
         self._waiting_lock = threading.Lock()  # (the tasks come and go on their threads)
@@ -141,11 +151,11 @@ class AwaitableFuture(Future[T]):
 
     def set_result(self, result: T) -> None:
         super().set_result(result)
-        self._deadlock = None  # (it may hold a loop, and its model: answered, none is needed)
+        self._deadlock = self._stalled = None  # (they may hold a loop, and its model)
 
     def set_exception(self, exception: BaseException | None) -> None:
         super().set_exception(exception)
-        self._deadlock = None
+        self._deadlock = self._stalled = None
 
     def result(self, timeout: float | None = None) -> T:
         self._refuse_to_wait_forever(timeout)
@@ -173,11 +183,24 @@ class AwaitableFuture(Future[T]):
                 self.add_done_callback(_wake_waiting)
             try:
                 if not self.done():  # (answered once its callbacks run: they wake it)
-                    await answered.get()
+                    await self._answered(answered)
             finally:
                 with self._waiting_lock:
                     self._waiting.discard(answered)
         return self.result()
+
+    async def _answered(self, answered: Mailbox[None]) -> None:
+        """Until ``answered`` wakes; a wait that has gone on for ``STALLED_AFTER_S`` and
+        may never end (``stalled``) is logged once."""
+        if self._stalled is not None:
+            with anyio.move_on_after(STALLED_AFTER_S):
+                await answered.get()
+                return
+            stalled = self._stalled
+            why = None if stalled is None else stalled()  # (None once answered meanwhile)
+            if why is not None:
+                _LOG.warning("a task has waited %g s for %s", STALLED_AFTER_S, why)
+        await answered.get()
 
 
 def _wake_waiting(future: Future[Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from conftest import (
 )
 from torch import nn
 
+import asynchat._mailbox
 from asynchat import (
     AwaitableFuture,
     BasicBatchProcessor,
@@ -132,10 +134,13 @@ async def test_request_save_from_the_event_loop_saves_while_the_loop_runs(
 
 
 @pytest.mark.anyio
-async def test_a_wait_for_the_save_of_a_paused_loop_can_be_given_up(tmp_path: Path) -> None:
+async def test_a_wait_for_the_save_of_a_paused_loop_can_be_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # Awaited through anyio.to_thread.run_sync(future.result), as the README said to do on
     # trio, the wait held a thread and could not be cancelled: a timeout around the wait
     # for the save of a paused loop never came, and the loop was never resumed.
+    monkeypatch.setattr(asynchat._mailbox, "STALLED_AFTER_S", 0.1)  # (paused: not stalled)
     checkpoint = on_demand(tmp_path)
     trainer = make_trainer(checkpoint, num_epochs=1000)
     waited: list[Path | None] = []
@@ -171,6 +176,41 @@ async def test_a_wait_for_the_save_of_a_paused_loop_can_be_given_up(tmp_path: Pa
     assert path is not None and path.is_file()
     with pytest.raises(CheckpointError, match="no save asked for: no loop runs with it"):
         await checkpoint.request_save()  # answered at once
+    assert "a task has waited" not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_save_awaited_by_a_task_the_hook_waits_for_is_logged_as_it_stalls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The hook waits for a task of a task group it opened, the task for the save, the save
+    # for the hook: no error can say so at once (the task cannot be told from one of a
+    # group the fit()'s own task opened, which the hook does not wait for), and the run
+    # stopped without a word. A wait that goes on while the loop waits for a hook is
+    # logged, saying what it may be.
+    monkeypatch.setattr(asynchat._mailbox, "STALLED_AFTER_S", 0.3)
+    checkpoint = on_demand(tmp_path)
+
+    async def save() -> None:
+        await checkpoint.request_save()
+
+    class SavesInATask(Callback):
+        async def on_step_end(self, state: LoopState) -> None:
+            if state.global_step == 3:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(save)
+
+    trainer = make_trainer(SavesInATask(), checkpoint, num_steps=6)
+    with caplog.at_level(logging.WARNING, "asynchat.loop"), anyio.move_on_after(1.5) as hung:
+        await trainer.fit()
+    assert hung.cancelled_caught and trainer.status is LoopStatus.CANCELLED
+    stalled = [r.getMessage() for r in caplog.records if "a task has waited" in r.getMessage()]
+    assert stalled == [
+        f"a task has waited 0.3 s for the save asked for, which is made once the async def "
+        f"hook {trainer.name} waits for has returned: if that hook waits for this task (one "
+        "of a task group it opened, say), neither will end. Wait for the future in a task "
+        "the hook does not wait for"
+    ]
 
 
 @pytest.mark.anyio

@@ -112,6 +112,25 @@ def waited_for_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None
     return deadlock
 
 
+def made_after_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
+    """The ``stalled`` of an :class:`AwaitableFuture` that ``loop`` answers after its
+    hooks: a wait that goes on while the loop waits for an ``async def`` hook (the future
+    is answered once it returns) is a deadlock if the hook waits for the waiting task, one
+    of a task group it opened, say (which cannot be seen from here: a task group the
+    loop's own task opened before may hold the task as well)."""
+
+    def stalled() -> str | None:
+        if not loop._waits_for_a_hook():
+            return None
+        return (
+            f"{what}, which is made once the async def hook {loop.name} waits for has "
+            "returned: if that hook waits for this task (one of a task group it opened, "
+            "say), neither will end. Wait for the future in a task the hook does not wait for"
+        )
+
+    return stalled
+
+
 def _answer(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
     if error is None:
         settle(futures, path)
@@ -144,8 +163,9 @@ class SaveRequests:
                 return refused(
                     CheckpointError(f"{self.owner}: no save asked for: no loop runs with it")
                 )
+            what = "the save asked for"
             future: SaveFuture = AwaitableFuture(
-                waited_for_in_a_hook(self._loop, "the save asked for")
+                waited_for_in_a_hook(self._loop, what), made_after_a_hook(self._loop, what)
             )
             self._asks.append(future)
             self._asked = True  # (after the append: whoever sees it finds the future)

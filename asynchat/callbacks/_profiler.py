@@ -24,6 +24,7 @@ from asynchat._state import LoopState
 from asynchat.callbacks._asked import (
     fail,
     how_it_ended,
+    made_after_a_hook,
     refused,
     settle,
     waited_for_in_a_hook,
@@ -197,8 +198,9 @@ class Profiler(Callback):
             elif not _take_session(self._name):
                 why = f"{_profiled} of this process records (one loop records at a time)"
             else:
+                what = "the recording asked for"
                 future: TraceFuture = AwaitableFuture(
-                    waited_for_in_a_hook(self._loop, "the recording asked for")
+                    waited_for_in_a_hook(self._loop, what), made_after_a_hook(self._loop, what)
                 )
                 self._asked = (steps if steps is not None else self.active, future)
                 return future
