@@ -10,10 +10,11 @@ is one ``torch.optim.LBFGS`` step (up to 20 iterations, a strong-Wolfe line sear
 cross-entropy plus the L2 penalty ``LogisticRegression(C=1.0)`` puts on the weights. DDP
 averages the gradients over the ranks and the engine's closure averages each evaluation's
 loss, so every rank's L-BFGS takes the same decisions (how many evaluations, which step
-sizes) and the ranks fit what one process fits on the whole set. Validation after each
-step, checkpoints of the last two steps and of the most accurate one (L-BFGS's history in
-them), progress on rank 0. At the end rank 0 fits scikit-learn's ``LogisticRegression``
-on the same data and prints both objectives and both validation accuracies.
+sizes) and the ranks fit what one process fits on the whole set. Validation after each step
+(each rank its share of the validation set), checkpoints of the last two steps and of the
+most accurate one (L-BFGS's history in them), progress on rank 0. At the end rank 0 fits
+scikit-learn's ``LogisticRegression`` on the same data and prints both objectives and both
+validation accuracies.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import positive_int  # the one-process demo's
+from digits_sharded import own_share  # each rank's share of the validation set
 
 from asynchat import DistributedDataParallelTrainer, launch
 from asynchat.callbacks import Checkpoint, Progress, Validation
@@ -116,9 +118,10 @@ async def train_rank(rank: int, world_size: int, steps: int, out: str) -> None:
         loss_fn=PenalisedCrossEntropy(model, len(train_loader.dataset)),  # type: ignore[arg-type]
         num_epochs=steps,
         callbacks=[
-            Validation(
-                val_loader, metrics={"accuracy": accuracy}, loss_fn=nn.CrossEntropyLoss()
-            ),  # (each rank validates all of it: 357 samples)
+            Validation(  # (over every rank's share: the figures are the whole set's)
+                own_share(val_loader, rank, world_size), metrics={"accuracy": accuracy},
+                loss_fn=nn.CrossEntropyLoss(),
+            ),
             Checkpoint(
                 Path(out, "checkpoints"), every_n_epochs=1, keep_last=2, keep_best=1,
                 monitor="val/accuracy", mode="max",
