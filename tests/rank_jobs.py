@@ -90,20 +90,31 @@ def lbfgs(model: torch.nn.Module, line_search: str | None = None) -> torch.optim
     )
 
 
-async def ddp_lbfgs(rank: int, world_size: int, out: str, line_search: str | None) -> None:
-    """``ddp_train``'s data and model (2 epochs, 8 a rank) with LBFGS, in float64 (in
-    float32 LBFGS's steps made the rounding of two ranks' mean, against one process's,
-    1e-3 of the weights in 8 steps). Writes the model's weights and how many times LBFGS
-    evaluated the loss."""
+async def ddp_lbfgs(
+    rank: int,
+    world_size: int,
+    out: str,
+    line_search: str | None,
+    steps: int = 8,
+    checkpoints: str = "",
+    resume: bool = False,
+) -> None:
+    """``ddp_train``'s data and model (8 steps, 2 epochs, 8 samples a rank) with LBFGS, in
+    float64 (in float32 LBFGS's steps made the rounding of two ranks' mean, against one
+    process's, 1e-3 of the weights in 8 steps), and ``checkpoints`` every 3 steps if given
+    (``resume``: from there). Writes the model's weights and how many times LBFGS evaluated
+    the loss."""
     from asynchat import DistributedDataParallelTrainer
+    from asynchat.callbacks import Checkpoint
 
     model = ddp_model().double()
     features, labels = ddp_data().tensors
     data = torch.utils.data.TensorDataset(features.double(), labels)
     trainer = DistributedDataParallelTrainer(
         model, torch.utils.data.DataLoader(data, batch_size=8, shuffle=True),
-        lambda m: lbfgs(m, line_search), loss_fn=torch.nn.CrossEntropyLoss(), num_epochs=2,
-        device="cpu",
+        lambda m: lbfgs(m, line_search), loss_fn=torch.nn.CrossEntropyLoss(), num_steps=steps,
+        device="cpu", callbacks=[Checkpoint(checkpoints, every_n_steps=3)] if checkpoints else [],
+        resume_from=checkpoints if resume else None,
     )  # fmt: skip
     await trainer.fit()
     optimizer = trainer.optimizers["default"]

@@ -510,6 +510,27 @@ def test_lbfgs_under_ddp_steps_alike_on_every_rank(tmp_path: Path, line_search: 
         assert torch.allclose(value, ranks[0]["model"][name], rtol=0, atol=1e-9), name
 
 
+@pytest.mark.slow
+def test_lbfgs_under_ddp_stopped_and_resumed_equals_a_run_not_stopped(tmp_path: Path) -> None:
+    # Its history (the state LBFGS keeps between steps) comes back on every rank.
+    import rank_jobs
+
+    from asynchat import launch
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for out in (straight, stopped):
+        out.mkdir()
+    launch(rank_jobs.ddp_lbfgs, nprocs=2, args=(str(straight), "strong_wolfe", 7))
+    checkpoints = str(stopped / "checkpoints")
+    launch(rank_jobs.ddp_lbfgs, nprocs=2, args=(str(stopped), "strong_wolfe", 3, checkpoints))
+    launch(rank_jobs.ddp_lbfgs, nprocs=2,
+           args=(str(stopped), "strong_wolfe", 7, checkpoints, True))  # fmt: skip
+    runs = [torch.load(out / "lbfgs-rank1.pt", weights_only=True) for out in (straight, stopped)]
+    for name, value in runs[0]["model"].items():
+        assert torch.equal(value, runs[1]["model"][name]), name
+    assert runs[0]["evaluations"] == runs[1]["evaluations"]
+
+
 async def test_lbfgs_under_fsdp_is_refused(tmp_path: Path) -> None:
     """Each rank's flat gradient is its own shard's: its tests would differ by rank."""
     import torch.distributed as dist
