@@ -119,7 +119,7 @@ class HookRunner:
         if self.cancelling() and phase is not Phase.ON_LOOP_END:
             return None  # a cancelled loop skips the async hooks it has not started
         # A loop started in the hook (a predictor on this loop's model) runs inside this one.
-        with in_hook_of(self.state.loop):
+        with in_hook_of(self.state.loop, hook):
             if ready is None:
                 await hook.fn(self.state)  # type: ignore[misc]
                 return None

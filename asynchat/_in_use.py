@@ -40,21 +40,49 @@ from asynchat._data import has_persistent_workers
 from asynchat._errors import InUseError
 from asynchat._weights import plain_name
 
-#: The loops whose ``async def`` hook is running in this task (innermost last): a loop
-#: started there runs inside each of them (they wait for the hook).
-_awaiting: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+
+class HookCall:
+    """One call of an ``async def`` hook of ``loop``, which ``loop`` waits for: a loop
+    started while it runs, in its task or in one started from it (the context is inherited),
+    runs inside ``loop``, provided it ends before the hook returns."""
+
+    __slots__ = ("claims", "loop", "running")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.running = True
+        self.claims: list[Claim] = []  # of the loops started inside it
+
+
+#: The hook calls running in this task, or that were when it was started (innermost last).
+_awaiting: contextvars.ContextVar[tuple[HookCall, ...]] = contextvars.ContextVar(
     "asynchat_awaiting_hooks_of", default=()
 )
 
 
 @contextlib.contextmanager
-def in_hook_of(loop: Any) -> Iterator[None]:
-    """Around an ``async def`` hook of ``loop``: loops started in it run inside ``loop``."""
-    token = _awaiting.set((*_awaiting.get(), loop))
+def in_hook_of(loop: Any, hook: Any) -> Iterator[None]:
+    """Around an ``async def`` ``hook`` of ``loop``: loops started in it run inside ``loop``.
+    One that still runs when the hook returns is an :class:`InUseError` of the hook: ``loop``
+    would go on beside it, on the model, the callbacks or the data it let it share (a task
+    the hook started in a task group that outlives it inherits the hook's context, and its
+    loop ran beside ``loop`` on the same model)."""
+    call = HookCall(loop)
+    token = _awaiting.set((*_awaiting.get(), call))
     try:
         yield
     finally:
         _awaiting.reset(token)
+        call.running = False
+    running = [c.loop for c in call.claims if _REGISTRY.holds(c)]
+    if running:
+        name = f"{type(hook.callback).__name__}.{hook.fn.__name__}"  # (a Hook's)
+        raise InUseError(
+            f"{running[0].name}, started in {name} (an async def hook of {loop.name}), still "
+            f"runs after the hook returned: a loop started in a hook runs inside the hook's "
+            "loop (on its model, with its callbacks and data) only while the hook waits for "
+            "it. Await its fit() in the hook, or in a task group the hook opens"
+        )
 
 
 class Claim:
@@ -146,6 +174,11 @@ class _Registry:
             if claim in self._claims:
                 self._claims.remove(claim)
 
+    def holds(self, claim: Claim) -> bool:
+        """Whether ``claim``'s loop still runs (it has not released it)."""
+        with self._lock:
+            return claim in self._claims
+
     def set_modes(self, claim: Claim) -> None:
         with self._lock:
             claim.saved = [module.training for module in claim.modules]
@@ -219,12 +252,16 @@ def claim(
     ``inside``: the claim of the loop this one runs inline in (``run_inline``); a loop
     started from an ``async def`` hook runs inside that hook's loop without saying so.
     """
-    within = (*inside.within, inside.loop) if inside is not None else _awaiting.get()
+    calls = [call for call in _awaiting.get() if call.running]  # (not one that returned)
+    within = (*inside.within, inside.loop) if inside is not None else tuple(c.loop for c in calls)
     new = Claim(
         loop, model, device, trains=trains, updates=updates, within=within,
         callbacks=callbacks, data=data, reading=reading, collective=collective,
     )  # fmt: skip
     _REGISTRY.claim(new)
+    if inside is None:
+        for call in calls:
+            call.claims.append(new)
     return new
 
 

@@ -158,6 +158,76 @@ async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_
     assert modes(model) == frozen
 
 
+async def test_a_loop_started_from_a_hook_in_a_group_the_hook_waits_for_runs_inside() -> None:
+    model = Net()
+    ran: list[int] = []
+
+    class TrainsAgainInAGroup(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            async with anyio.create_task_group() as tasks:  # the hook waits for them
+                tasks.start_soon(lambda: trainer(model, name="inner").fit())
+            ran.append(1)
+
+    await trainer(model, TrainsAgainInAGroup(), name="outer").fit()
+    assert ran == [1]
+
+
+async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop() -> None:
+    # A task that a hook started in a group that outlives it inherits the hook's context,
+    # which let a loop started there run inside the hook's loop: a second trainer of the
+    # model trained beside the first, from another compute thread (two trainers of one
+    # model in two threads crash the process: see the README).
+    model = Net()
+    finished: list[str] = []
+    failed: list[InUseError] = []
+
+    class Slow(Callback):  # 30 steps: 0.6 s or more
+        def on_step_end(self, state: LoopState) -> None:
+            time.sleep(0.02)
+
+    async def second(wait: float) -> None:
+        await anyio.sleep(wait)
+        other = trainer(model, Slow(), steps=30, name="second")
+        try:
+            await other.fit()
+        except InUseError as refused:
+            finished.append(f"refused: {refused}")
+        else:
+            finished.append("second")
+
+    async def run(wait: float, hold: float) -> Trainer:
+        class Starts(Callback):
+            async def on_step_end(self, state: LoopState) -> None:
+                if state.global_step == 2:
+                    outer.start_soon(second, wait)
+                    await anyio.sleep(hold)
+
+        first = trainer(model, Starts(), Slow(), steps=30, name="first")
+        async with anyio.create_task_group() as outer:
+            with anyio.fail_after(60):
+                try:
+                    await first.fit()
+                except InUseError as error:
+                    failed.append(error)
+        return first
+
+    # Started once the hook has returned: the model is the first trainer's.
+    first = await run(wait=0.3, hold=0.0)
+    assert first.state.global_step == 30 and not failed
+    assert len(finished) == 1 and finished[0].startswith("refused: second cannot run: first is")
+    # Started while the hook waits, still running when it returns: the first fails there.
+    finished.clear()
+    first = await run(wait=0.0, hold=0.3)
+    assert first.status is LoopStatus.FAILED and first.state.global_step == 2
+    assert str(failed[0]).startswith(
+        "second, started in Starts.on_step_end (an async def hook of first), still runs after "
+        "the hook returned: a loop started in a hook runs inside the hook's loop (on its "
+        "model, with its callbacks and data) only while the hook waits for it. Await its "
+        "fit() in the hook, or in a task group the hook opens"
+    ), str(failed[0])
+    assert finished == ["second"], "the second ran to its end, alone once the first failed"
+
+
 async def test_a_stream_left_early_is_named_in_a_refusal_with_the_way_to_close_it() -> None:
     # Leaving `async for` does not close an async generator; the predictor runs on, holding
     # the model, until the garbage collector closes it: a Trainer started at once is
