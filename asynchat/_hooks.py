@@ -119,17 +119,25 @@ class HookRunner:
         if self.cancelling() and phase is not Phase.ON_LOOP_END:
             return None  # a cancelled loop skips the async hooks it has not started
         # A loop started in the hook (a predictor on this loop's model) runs inside this one.
-        with in_hook_of(self.state.loop, hook):
-            if ready is None:
-                await hook.fn(self.state)  # type: ignore[misc]
-                return None
-            # On CUDA: whatever the hook queues on this thread's stream runs after the step's
-            # work so far, and the compute stream will wait for it (device-side, both ways).
-            stream = torch.cuda.current_stream(self.state.device)
-            stream.wait_event(ready)
+        with in_hook_of(self.state.loop) as call:
+            done = await self._run_hook(hook, ready)
+        if call.claims:
+            await call.outlived(hook)
+        return done
+
+    async def _run_hook(
+        self, hook: Hook, ready: torch.cuda.Event | None
+    ) -> torch.cuda.Event | None:
+        if ready is None:
             await hook.fn(self.state)  # type: ignore[misc]
-            done: torch.cuda.Event = stream.record_event()
-            return done
+            return None
+        # On CUDA: whatever the hook queues on this thread's stream runs after the step's
+        # work so far, and the compute stream will wait for it (device-side, both ways).
+        stream = torch.cuda.current_stream(self.state.device)
+        stream.wait_event(ready)
+        await hook.fn(self.state)  # type: ignore[misc]
+        done: torch.cuda.Event = stream.record_event()
+        return done
 
     def _run_every_hook(self, phase: Phase) -> None:
         first: BaseException | None = None

@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import anyio
 import torch
 
 from asynchat._callback import Callback
@@ -40,11 +41,15 @@ from asynchat._data import has_persistent_workers
 from asynchat._errors import InUseError
 from asynchat._weights import plain_name
 
+NESTED_GRACE_S = 10.0
+"""How long a loop's ``async def`` hook, returned, waits for the loops started in it that
+still run (a stream left early without ``aclosing`` ends once its generator is collected)."""
+
 
 class HookCall:
     """One call of an ``async def`` hook of ``loop``, which ``loop`` waits for: a loop
     started while it runs, in its task or in one started from it (the context is inherited),
-    runs inside ``loop``, provided it ends before the hook returns."""
+    runs inside ``loop``, provided it ends by the time the hook has returned."""
 
     __slots__ = ("claims", "loop", "running")
 
@@ -52,6 +57,26 @@ class HookCall:
         self.loop = loop
         self.running = True
         self.claims: list[Claim] = []  # of the loops started inside it
+
+    async def outlived(self, hook: Any) -> None:
+        """Once the hook has returned: wait, up to :data:`NESTED_GRACE_S`, for the loops
+        started in it to end, and raise an :class:`InUseError` naming one that has not
+        (``loop`` would go on beside it, on the model, the callbacks or the data it let it
+        share: a task the hook left running, in a task group that outlives it, ran a
+        second trainer of the model beside the first)."""
+        with anyio.move_on_after(NESTED_GRACE_S):
+            while any(_REGISTRY.holds(claim) for claim in self.claims):  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # (rare: a claim left running; polled, not signalled)
+        running = [claim.loop for claim in self.claims if _REGISTRY.holds(claim)]
+        if running:
+            name = f"{type(hook.callback).__name__}.{hook.fn.__name__}"  # (a Hook's)
+            raise InUseError(
+                f"{running[0].name}, started in {name} (an async def hook of "
+                f"{self.loop.name}), still runs {NESTED_GRACE_S:g} s after the hook returned: "
+                "a loop started in a hook runs inside the hook's loop (on its model, with its "
+                "callbacks and data) only while the hook waits for it. Await its fit() in the "
+                "hook, or in a task group the hook opens"
+            )
 
 
 #: The hook calls running in this task, or that were when it was started (innermost last).
@@ -61,28 +86,16 @@ _awaiting: contextvars.ContextVar[tuple[HookCall, ...]] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def in_hook_of(loop: Any, hook: Any) -> Iterator[None]:
-    """Around an ``async def`` ``hook`` of ``loop``: loops started in it run inside ``loop``.
-    One that still runs when the hook returns is an :class:`InUseError` of the hook: ``loop``
-    would go on beside it, on the model, the callbacks or the data it let it share (a task
-    the hook started in a task group that outlives it inherits the hook's context, and its
-    loop ran beside ``loop`` on the same model)."""
+def in_hook_of(loop: Any) -> Iterator[HookCall]:
+    """Around an ``async def`` hook of ``loop``: loops started in it run inside ``loop``
+    (see :meth:`HookCall.outlived` for those still running once it returned)."""
     call = HookCall(loop)
     token = _awaiting.set((*_awaiting.get(), call))
     try:
-        yield
+        yield call
     finally:
         _awaiting.reset(token)
         call.running = False
-    running = [c.loop for c in call.claims if _REGISTRY.holds(c)]
-    if running:
-        name = f"{type(hook.callback).__name__}.{hook.fn.__name__}"  # (a Hook's)
-        raise InUseError(
-            f"{running[0].name}, started in {name} (an async def hook of {loop.name}), still "
-            f"runs after the hook returned: a loop started in a hook runs inside the hook's "
-            "loop (on its model, with its callbacks and data) only while the hook waits for "
-            "it. Await its fit() in the hook, or in a task group the hook opens"
-        )
 
 
 class Claim:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import asynchat._in_use
 from asynchat import Callback, InUseError, LoopBase, LoopState, LoopStatus, Predictor, Trainer
 from asynchat._in_use import claim
 from asynchat.callbacks import FreezeModule, LRSchedule, Validation
@@ -172,7 +173,9 @@ async def test_a_loop_started_from_a_hook_in_a_group_the_hook_waits_for_runs_ins
     assert ran == [1]
 
 
-async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop() -> None:
+async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A task that a hook started in a group that outlives it inherits the hook's context,
     # which let a loop started there run inside the hook's loop: a second trainer of the
     # model trained beside the first, from another compute thread (two trainers of one
@@ -180,14 +183,19 @@ async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop(
     model = Net()
     finished: list[str] = []
     failed: list[InUseError] = []
+    stepping: list[str] = []  # which trainer stepped, in order
 
     class Slow(Callback):  # 30 steps: 0.6 s or more
+        def __init__(self, name: str) -> None:
+            self.name = name
+
         def on_step_end(self, state: LoopState) -> None:
+            stepping.append(self.name)
             time.sleep(0.02)
 
     async def second(wait: float) -> None:
         await anyio.sleep(wait)
-        other = trainer(model, Slow(), steps=30, name="second")
+        other = trainer(model, Slow("second"), steps=30, name="second")
         try:
             await other.fit()
         except InUseError as refused:
@@ -202,7 +210,7 @@ async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop(
                     outer.start_soon(second, wait)
                     await anyio.sleep(hold)
 
-        first = trainer(model, Starts(), Slow(), steps=30, name="first")
+        first = trainer(model, Starts(), Slow("first"), steps=30, name="first")
         async with anyio.create_task_group() as outer:
             with anyio.fail_after(60):
                 try:
@@ -215,17 +223,47 @@ async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop(
     first = await run(wait=0.3, hold=0.0)
     assert first.state.global_step == 30 and not failed
     assert len(finished) == 1 and finished[0].startswith("refused: second cannot run: first is")
-    # Started while the hook waits, still running when it returns: the first fails there.
+    # Started while the hook runs, still running when it returns: the hook waits for it
+    # (the first trainer's steps never interleave with the second's) ...
     finished.clear()
-    first = await run(wait=0.0, hold=0.3)
+    stepping.clear()
+    first = await run(wait=0.0, hold=0.1)
+    assert first.state.global_step == 30 and not failed and finished == ["second"]
+    assert stepping == ["first"] + ["second"] * 30 + ["first"] * 29  # (step 2's Slow: after)
+    # ... for as long as NESTED_GRACE_S, then the first fails there, saying why.
+    monkeypatch.setattr(asynchat._in_use, "NESTED_GRACE_S", 0.1)
+    finished.clear()
+    first = await run(wait=0.0, hold=0.1)
     assert first.status is LoopStatus.FAILED and first.state.global_step == 2
     assert str(failed[0]).startswith(
-        "second, started in Starts.on_step_end (an async def hook of first), still runs after "
-        "the hook returned: a loop started in a hook runs inside the hook's loop (on its "
-        "model, with its callbacks and data) only while the hook waits for it. Await its "
+        "second, started in Starts.on_step_end (an async def hook of first), still runs 0.1 s "
+        "after the hook returned: a loop started in a hook runs inside the hook's loop (on "
+        "its model, with its callbacks and data) only while the hook waits for it. Await its "
         "fit() in the hook, or in a task group the hook opens"
     ), str(failed[0])
     assert finished == ["second"], "the second ran to its end, alone once the first failed"
+
+
+@pytest.mark.filterwarnings("ignore:Async generator .* was garbage collected:ResourceWarning")
+async def test_a_stream_left_early_in_a_hook_ends_before_the_hooks_loop_goes_on() -> None:
+    # Left without aclosing() (trio warns of it): its predictor, in eval() mode, ran on as
+    # the trainer went on training the model (until the generator was collected and closed).
+    model = Net()
+    model.train()
+    during = Modes(model)
+
+    class Peeks(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            async for _ in Predictor(model, [torch.randn(4, 8)] * 500).stream(buffer=1):
+                break
+
+    training = Trainer(
+        model, batches(3), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        loss_fn=nn.CrossEntropyLoss(), num_epochs=3, callbacks=[Peeks(), during],
+    )  # fmt: skip
+    await training.fit()
+    assert training.state.global_step == 9
+    assert during.seen == [modes(model)] * 9 and all(modes(model).values())
 
 
 async def test_a_stream_left_early_is_named_in_a_refusal_with_the_way_to_close_it() -> None:
