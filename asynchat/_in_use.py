@@ -51,12 +51,16 @@ class HookCall:
     started while it runs, in its task or in one started from it (the context is inherited),
     runs inside ``loop``, provided it ends by the time the hook has returned."""
 
-    __slots__ = ("claims", "loop", "running")
+    __slots__ = ("claims", "loop", "running", "within")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self.running = True
         self.claims: list[Claim] = []  # of the loops started inside it
+        # What a loop started in it runs inside: ``loop``, and what ``loop`` runs inside (a
+        # Validation's predictor runs inline in its trainer, which waits for it too).
+        holder: Claim | None = getattr(loop, "_claim", None)
+        self.within: tuple[Any, ...] = (*holder.within, loop) if holder is not None else (loop,)
 
     async def outlived(self, hook: Any) -> None:
         """Once the hook has returned: wait, up to :data:`NESTED_GRACE_S`, for the loops
@@ -266,7 +270,10 @@ def claim(
     started from an ``async def`` hook runs inside that hook's loop without saying so.
     """
     calls = [call for call in _awaiting.get() if call.running]  # (not one that returned)
-    within = (*inside.within, inside.loop) if inside is not None else tuple(c.loop for c in calls)
+    if inside is not None:
+        within = (*inside.within, inside.loop)
+    else:
+        within = tuple(dict.fromkeys(loop for call in calls for loop in call.within))
     new = Claim(
         loop, model, device, trains=trains, updates=updates, within=within,
         callbacks=callbacks, data=data, reading=reading, collective=collective,

@@ -173,6 +173,25 @@ async def test_a_loop_started_from_a_hook_in_a_group_the_hook_waits_for_runs_ins
     assert ran == [1]
 
 
+async def test_a_loop_awaited_in_a_hook_of_a_validation_runs_inside_its_trainer_too() -> None:
+    # The Validation's predictor runs inline in the trainer's step, so the trainer waits
+    # for its hooks as for its own; a predictor awaited there was refused ("trainer-0 is
+    # training its model ... run this one from its hooks"), which is where it ran.
+    model = Net()
+    ran: list[dict[str, bool]] = []
+
+    class PredictsAgain(Callback):
+        async def on_loop_end(self, state: LoopState) -> None:
+            recorder = Modes(model)
+            await Predictor(model, [torch.randn(4, 8)], callbacks=[recorder]).fit()
+            ran.extend(recorder.seen)
+
+    validation = Validation([(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))],
+                            loss_fn=nn.CrossEntropyLoss(), callbacks=[PredictsAgain()])  # fmt: skip
+    await trainer(model, validation, name="training").fit()
+    assert ran == [{name: False for name in modes(model)}], "it ran, in eval() mode"
+
+
 async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
