@@ -131,6 +131,12 @@ def made_after_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
     return stalled
 
 
+def answered_after_hooks(loop: LoopHandle, what: str) -> AwaitableFuture[Any]:
+    """A future of ``what`` that ``loop`` answers after its hooks, with the guards of
+    :func:`waited_for_in_a_hook` and :func:`made_after_a_hook`."""
+    return AwaitableFuture(waited_for_in_a_hook(loop, what), made_after_a_hook(loop, what))
+
+
 def _answer(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
     if error is None:
         settle(futures, path)
@@ -163,10 +169,7 @@ class SaveRequests:
                 return refused(
                     CheckpointError(f"{self.owner}: no save asked for: no loop runs with it")
                 )
-            what = "the save asked for"
-            future: SaveFuture = AwaitableFuture(
-                waited_for_in_a_hook(self._loop, what), made_after_a_hook(self._loop, what)
-            )
+            future: SaveFuture = answered_after_hooks(self._loop, "the save asked for")
             self._asks.append(future)
             self._asked = True  # (after the append: whoever sees it finds the future)
         return future

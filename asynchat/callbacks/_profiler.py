@@ -22,12 +22,11 @@ from asynchat._handle import LoopHandle
 from asynchat._mailbox import AwaitableFuture
 from asynchat._state import LoopState
 from asynchat.callbacks._asked import (
+    answered_after_hooks,
     fail,
     how_it_ended,
-    made_after_a_hook,
     refused,
     settle,
-    waited_for_in_a_hook,
 )
 from asynchat.callbacks._op_table import op_rows
 from asynchat.callbacks._op_table import table as op_table
@@ -198,10 +197,7 @@ class Profiler(Callback):
             elif not _take_session(self._name):
                 why = f"{_profiled} of this process records (one loop records at a time)"
             else:
-                what = "the recording asked for"
-                future: TraceFuture = AwaitableFuture(
-                    waited_for_in_a_hook(self._loop, what), made_after_a_hook(self._loop, what)
-                )
+                future: TraceFuture = answered_after_hooks(self._loop, "the recording asked for")
                 self._asked = (steps if steps is not None else self.active, future)
                 return future
         return refused(self._error(f"no recording asked for: {why}"))
