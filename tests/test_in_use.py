@@ -246,13 +246,13 @@ async def test_a_loop_started_by_a_task_a_hook_left_running_runs_beside_no_loop(
     # (the first trainer's steps never interleave with the second's) ...
     finished.clear()
     stepping.clear()
-    first = await run(wait=0.0, hold=0.1)
+    first = await run(wait=0.0, hold=0.3)
     assert first.state.global_step == 30 and not failed and finished == ["second"]
     assert stepping == ["first"] + ["second"] * 30 + ["first"] * 29  # (step 2's Slow: after)
     # ... for as long as NESTED_GRACE_S, then the first fails there, saying why.
     monkeypatch.setattr(asynchat._in_use, "NESTED_GRACE_S", 0.1)
     finished.clear()
-    first = await run(wait=0.0, hold=0.1)
+    first = await run(wait=0.0, hold=0.3)
     assert first.status is LoopStatus.FAILED and first.state.global_step == 2
     assert str(failed[0]).startswith(
         "second, started in Starts.on_step_end (an async def hook of first), still runs 0.1 s "
