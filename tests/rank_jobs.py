@@ -613,8 +613,11 @@ async def sharded_predictor(rank: int, world_size: int, out: str, scenario: str)
     try:
         if scenario == "stream":  # rank 0 reads 3 batches' outputs and closes its stream
             async with contextlib.aclosing(predictor.stream(buffer=1)) as outputs:
+                read = 0  # (the batches run, counted on the compute thread, run ahead of
+                # the reads and could pass 3 between two of them: the stream then ran on)
                 async for _ in outputs:
-                    if rank == 0 and batches.count == 3:
+                    read += 1
+                    if rank == 0 and read == 3:
                         break
         else:
             await predictor.fit()
