@@ -12,9 +12,10 @@ So a loop *claims* its model for its run (:func:`claim`, from ``fit()``), module
 and parameter by parameter, so that models sharing a submodule or a tied weight conflict
 too. A claim is refused, with an error naming both loops, when the model is in use by a
 loop that trains it (or predicts in ``train()`` mode), unless the new loop runs *inside*
-that one: from one of its ``async def`` hooks (the holder's compute thread waits for the
-hook) or through ``run_inline`` from one of its ``def`` hooks. Predictors in ``eval()`` mode
-on the same device share a model.
+that one: from one of its ``async def`` hooks while the hook runs (the holder's compute
+thread waits for the hook, which waits for the loops started in it to end: see
+:class:`HookCall`) or through ``run_inline`` from one of its ``def`` hooks. Predictors in
+``eval()`` mode on the same device share a model.
 
 The claim is taken on the event loop (a refused loop stays unstarted); the modes are set on
 the compute thread, where the run begins (:meth:`Claim.modes`): the model in the loop's
