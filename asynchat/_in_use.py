@@ -52,16 +52,18 @@ class HookCall:
     started while it runs, in its task or in one started from it (the context is inherited),
     runs inside ``loop``, provided it ends by the time the hook has returned."""
 
-    __slots__ = ("claims", "loop", "running", "within")
+    __slots__ = ("claims", "loop", "running")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self.running = True
         self.claims: list[Claim] = []  # of the loops started inside it
-        # What a loop started in it runs inside: ``loop``, and what ``loop`` runs inside (a
-        # Validation's predictor runs inline in its trainer, which waits for it too).
-        holder: Claim | None = getattr(loop, "_claim", None)
-        self.within: tuple[Any, ...] = (*holder.within, loop) if holder is not None else (loop,)
+
+    def within(self) -> tuple[Any, ...]:
+        """What a loop started in it runs inside: ``loop``, and what ``loop`` runs inside (a
+        Validation's predictor runs inline in its trainer, which waits for it too)."""
+        holder: Claim | None = getattr(self.loop, "_claim", None)
+        return (*holder.within, self.loop) if holder is not None else (self.loop,)
 
     async def outlived(self, hook: Any) -> None:
         """Once the hook has returned: wait, up to :data:`NESTED_GRACE_S`, for the loops
@@ -270,19 +272,18 @@ def claim(
     ``inside``: the claim of the loop this one runs inline in (``run_inline``); a loop
     started from an ``async def`` hook runs inside that hook's loop without saying so.
     """
-    calls = [call for call in _awaiting.get() if call.running]  # (not one that returned)
     if inside is not None:
-        within = (*inside.within, inside.loop)
+        calls, within = [], (*inside.within, inside.loop)
     else:
-        within = tuple(dict.fromkeys(loop for call in calls for loop in call.within))
+        calls = [call for call in _awaiting.get() if call.running]  # (not one that returned)
+        within = tuple(dict.fromkeys(outer for call in calls for outer in call.within()))
     new = Claim(
         loop, model, device, trains=trains, updates=updates, within=within,
         callbacks=callbacks, data=data, reading=reading, collective=collective,
     )  # fmt: skip
     _REGISTRY.claim(new)
-    if inside is None:
-        for call in calls:
-            call.claims.append(new)
+    for call in calls:
+        call.claims.append(new)
     return new
 
 
