@@ -94,11 +94,17 @@ def how_it_ended(error: BaseException | None) -> str:
     return "failed" if isinstance(error, Exception) else "was cancelled"
 
 
-def waited_for_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
-    """The ``deadlock`` of an :class:`AwaitableFuture` that ``loop`` answers after its
-    hooks: waited for in one of them (or in those of a loop run inline in it, a
-    Validation's), which the loop waits for, it would wait forever (before, it did: no
-    error, no step, no save)."""
+def answered_after_hooks(loop: LoopHandle, what: str) -> AwaitableFuture[Any]:
+    """A future of ``what`` that ``loop`` answers after its hooks, with two guards:
+
+    - ``deadlock``: waited for in one of those hooks (or in those of a loop run inline in
+      it, a Validation's), which the loop waits for, it would wait forever (before, it did:
+      no error, no step, no save);
+    - ``stalled``: a wait that goes on while the loop waits for an ``async def`` hook is a
+      deadlock if the hook waits for the waiting task, one of a task group it opened, say
+      (which cannot be seen from here: a task group the loop's own task opened before may
+      hold the task as well).
+    """
 
     def deadlock() -> str | None:
         if not loop._waits_for_caller():
@@ -109,16 +115,6 @@ def waited_for_in_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None
             "wait for the future in a task or thread of your own (or after the loop)"
         )
 
-    return deadlock
-
-
-def made_after_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
-    """The ``stalled`` of an :class:`AwaitableFuture` that ``loop`` answers after its
-    hooks: a wait that goes on while the loop waits for an ``async def`` hook (the future
-    is answered once it returns) is a deadlock if the hook waits for the waiting task, one
-    of a task group it opened, say (which cannot be seen from here: a task group the
-    loop's own task opened before may hold the task as well)."""
-
     def stalled() -> str | None:
         if not loop._waits_for_a_hook():
             return None
@@ -128,13 +124,7 @@ def made_after_a_hook(loop: LoopHandle, what: str) -> Callable[[], str | None]:
             "say), neither will end. Wait for the future in a task the hook does not wait for"
         )
 
-    return stalled
-
-
-def answered_after_hooks(loop: LoopHandle, what: str) -> AwaitableFuture[Any]:
-    """A future of ``what`` that ``loop`` answers after its hooks, with the guards of
-    :func:`waited_for_in_a_hook` and :func:`made_after_a_hook`."""
-    return AwaitableFuture(waited_for_in_a_hook(loop, what), made_after_a_hook(loop, what))
+    return AwaitableFuture(deadlock, stalled)
 
 
 def _answer(futures: Iterable[SaveFuture], path: Path | None, error: BaseException | None) -> None:
