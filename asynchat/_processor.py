@@ -260,7 +260,7 @@ class BatchProcessor(abc.ABC):
         updated twice) or one evaluates the loss again as it steps (LBFGS). Returns whether
         an update was due."""
         if self._in_turn is None:
-            self._in_turn = _updated_in_turn(state)
+            self._in_turn = updated_in_turn(state.model, state.optimizers)
         if not self._in_turn:
             return self.update(state, run_phase)
         due = False
@@ -269,17 +269,12 @@ class BatchProcessor(abc.ABC):
         return due
 
 
-def _updated_in_turn(state: LoopState) -> tuple[str, ...]:
-    """The names :meth:`BatchProcessor.update_each` steps in turn; none for one optimizer."""
-    return updated_in_turn(state.model, state.optimizers)
-
-
 def updated_in_turn(
     model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]
 ) -> tuple[str, ...]:
-    """The names of ``optimizers`` a step whose one loss trains them all steps in turn (none
-    for one optimizer); refused, saying why, where one evaluates the loss again as it steps
-    or two hold one parameter of ``model``."""
+    """The names of ``optimizers`` a step whose one loss trains them all steps in turn, as
+    :meth:`BatchProcessor.update_each` does (none for one optimizer); refused, saying why,
+    where one evaluates the loss again as it steps or two hold one parameter of ``model``."""
     if len(optimizers) < 2:
         return ()
     parameter_names = {id(p): n for n, p in model.named_parameters()}
@@ -532,7 +527,7 @@ class BasicBatchProcessor(BatchProcessor):
         if state.training:
             if self._again is None:
                 self._again = self._steps_with_closure(state)
-                self._in_turn = _updated_in_turn(state)
+                self._in_turn = updated_in_turn(state.model, state.optimizers)
             if self._again:
                 self.update(state, run_phase, closure=self._evaluation(state))
             elif self._in_turn:  # several optimizers, each stepped in turn
