@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import StopAt, make_loader
+from rank_jobs import lbfgs
 from torch import nn
 
 from asynchat import (
@@ -392,10 +393,6 @@ async def test_one_submodules_weights_and_the_best_checkpoint_are_one_call_away(
         find_checkpoint(other, best=True)
 
 
-def lbfgs(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5, history_size=4)
-
-
 class Batches(Callback):
     def __init__(self) -> None:
         self.seen = 0
@@ -494,7 +491,7 @@ def test_lbfgs_under_ddp_steps_alike_on_every_rank(tmp_path: Path, line_search: 
         assert torch.equal(value, ranks[1]["model"][name]), "the replicas stay identical"
 
     reference = rank_jobs.ddp_model().double()  # one process, the ranks' batches together
-    optimizer = rank_jobs.lbfgs(reference, line_search)
+    optimizer = lbfgs(reference, line_search)
     for _, inputs, targets in global_batches():
 
         def closure(inputs: Any = inputs, targets: Any = targets) -> torch.Tensor:
