@@ -30,9 +30,12 @@ class Callback:
 
     One instance serves one running loop at a time: most callbacks keep state for the run
     (a scheduler bound to its optimizer, an open file, counters), so a loop whose callback
-    serves another running loop is refused when it starts, with an error naming both (a
-    loop run inside the other, e.g. from its hooks, may share). A callback that keeps no
-    per-run state may say so with ``shared_across_loops = True`` on its class.
+    serves another running loop is refused when it starts, with an error naming both; so
+    is one run inside the other (a Validation's predictor, a loop awaited in a hook), whose
+    start would begin the callback's run anew in the middle of the other's. A callback
+    whose one instance may serve several loops at once (it keeps no per-run state, or
+    counts across them on purpose) says so with ``shared_across_loops = True`` on its
+    class.
 
     In a distributed trainer a checkpoint holds the callbacks' states as rank 0 has them,
     and every rank resumes from those, unless the class says ``state_per_rank = True``:

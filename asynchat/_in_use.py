@@ -178,8 +178,10 @@ class _Registry:
             for other in self._claims:
                 if not new.keys.isdisjoint(other.keys) and not new.shares_model_with(other):
                     _refuse(new, other)
+                # Inside the other too: its hooks would start the callback's run anew
+                # (counters reset, a file opened twice) in the middle of the other's.
                 both = new.callbacks.keys() & other.callbacks.keys()
-                if both and not new.inside(other):
+                if both:
                     _refuse_callback(new, other, *min(new.callbacks[key] for key in both))
                 # A loop inside the other may read its data between its epochs, not in one.
                 same_data = new.data is not None and new.data is other.data
@@ -345,12 +347,15 @@ def _streaming_hint(other: Claim) -> str:
 
 
 def _refuse_callback(new: Claim, other: Claim, position: int, callback: Callback) -> None:
+    running = "which it runs inside" if other.loop in new.within else "which is running"
     raise InUseError(
         f"{new.loop.name} cannot run: its callbacks[{position}] "
-        f"({type(callback).__name__}) serves {other.loop.name}, which is running. A callback "
-        "keeps state for its run (LRSchedule its scheduler, a logger its open file): give "
-        "each loop instances of its own. A callback that keeps none may say so with "
-        "`shared_across_loops = True` on its class"
+        f"({type(callback).__name__}) serves {other.loop.name}, {running}. A callback "
+        "keeps state for its run (LRSchedule its scheduler, a logger its open file, "
+        "LossMonitor its sums), which a second run would start anew in the middle of the "
+        "first: give each loop instances of its own. A callback whose one instance may "
+        "serve several loops at once (it keeps no per-run state, or counts across them) "
+        "says so with `shared_across_loops = True` on its class"
     )
 
 

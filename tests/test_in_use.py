@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import asynchat._in_use
 from asynchat import Callback, InUseError, LoopBase, LoopState, LoopStatus, Predictor, Trainer
 from asynchat._in_use import claim
-from asynchat.callbacks import FreezeModule, LRSchedule, Validation
+from asynchat.callbacks import FreezeModule, LossMonitor, LRSchedule, Validation
 
 pytestmark = pytest.mark.anyio
 
@@ -131,7 +131,8 @@ async def test_a_predictor_waits_for_a_trainer_unless_it_runs_from_the_trainers_
     model.backbone.eval()  # frozen by the user: stays in eval() mode while training
     inside: list[dict[str, bool]] = []
 
-    class Tally(Callback):  # one instance in both loops: the predictor runs inside
+    class Tally(Callback):  # one instance in both loops, counting the batches of both
+        shared_across_loops = True
         batches = 0
 
         def on_batch_end(self, state: LoopState) -> None:
@@ -394,6 +395,55 @@ async def test_a_callback_serves_one_running_loop_unless_it_says_it_may_serve_ma
     await second.fit()  # once the first is done
     for done in (first, second):
         assert done.state.optimizers["default"].param_groups[0]["lr"] == 0.1 * 0.5**6
+
+
+async def test_a_callback_of_a_loop_is_refused_to_a_loop_run_inside_it() -> None:
+    # One LossMonitor in a trainer and in a predictor awaited in the trainer's hook: the
+    # predictor's start reset the monitor's sums in the middle of the trainer's run, whose
+    # train/mean_loss was then the predictor's loss. The same for a Checkpoint, a logger
+    # (refused as a second writer of its own directory or file) and Progress (its bar).
+    monitor = LossMonitor()
+
+    class PredictAtEpochEnd(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            refused = (
+                r"predicting cannot run: its callbacks\[0\] \(LossMonitor\) serves training, "
+                "which it runs inside"
+            )
+            with pytest.raises(InUseError, match=refused):
+                await Predictor(
+                    state.loop.model, batches(2), loss_fn=nn.CrossEntropyLoss(),
+                    callbacks=[monitor], name="predicting",
+                ).fit()  # fmt: skip
+
+    done = await trainer(Net(), monitor, PredictAtEpochEnd(), name="training").fit()
+    alone = await trainer(Net(), LossMonitor()).fit()
+    assert done.metrics["train/mean_loss"] == alone.metrics["train/mean_loss"]
+
+
+async def test_a_validation_given_a_callback_of_its_trainer_is_refused_before_training() -> None:
+    # Refused at the first validation, the run would have trained an epoch for nothing.
+    monitor = LossMonitor()
+    validation = Validation(batches(2), loss_fn=nn.CrossEntropyLoss(), callbacks=[monitor])
+    training = trainer(Net(), monitor, validation)
+    refused = r"Validation's callbacks\[0\] \(LossMonitor\) is the trainer's callbacks\[0\] too"
+    with pytest.raises(InUseError, match=refused):
+        await training.fit()
+    assert training.state.global_step == 0
+
+    class Count(Callback):
+        shared_across_loops = True  # counts the batches of both loops
+
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def on_batch_end(self, state: LoopState) -> None:
+            self.batches += 1
+
+    count = Count()
+    validation = Validation(batches(2), loss_fn=nn.CrossEntropyLoss(), callbacks=[count])
+    await trainer(Net(), count, validation).fit()
+    assert count.batches == 6 + 2
 
 
 async def test_data_read_from_one_position_serves_one_running_loop() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from asynchat._callback import Callback, checked_callbacks
 from asynchat._checks import flag, function, loss_function, positive_int, text
 from asynchat._data import check_data_loader
+from asynchat._errors import InUseError
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
 from asynchat._processor import BatchProcessor, LossFn, check_processor
@@ -105,6 +106,7 @@ class Validation(Callback):
         self.callbacks = list(checked_callbacks(callbacks))
 
     def on_loop_begin(self, state: LoopState) -> None:
+        self._refuse_shared(state.loop.callbacks)
         twins = [
             c for c in state.loop.callbacks
             if isinstance(c, Validation) and c is not self and c.prefix == self.prefix
@@ -115,6 +117,24 @@ class Validation(Callback):
                 "one's values would overwrite the earlier one's; give each its own prefix "
                 "(e.g. prefix='test/')"
             )
+
+    def _refuse_shared(self, trainers: Sequence[Callback]) -> None:
+        """Before training, what the predictor's start would refuse at the first validation
+        (an epoch later): a callback instance that also serves the trainer."""
+        for i, callback in enumerate(self.callbacks):
+            if callback.shared_across_loops:
+                continue
+            for j, other in enumerate(trainers):
+                if other is callback:
+                    raise InUseError(
+                        f"Validation's callbacks[{i}] ({type(callback).__name__}) is the "
+                        f"trainer's callbacks[{j}] too: its predictor, run inside the "
+                        "trainer, would start the callback's run anew in the middle of the "
+                        "trainer's (a LossMonitor's sums, a logger's file); give the "
+                        "Validation an instance of its own, or say "
+                        "`shared_across_loops = True` on a class whose one instance may "
+                        "serve both"
+                    )
 
     def on_step_end(self, state: LoopState) -> None:
         if every_n_steps(state, self.every_n_steps):
