@@ -165,7 +165,7 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
 
 def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
     """``callbacks`` as a tuple, each checked to be a :class:`Callback` instance whose
-    ``on_checkpoint`` is a plain ``def``."""
+    ``on_checkpoint`` is a plain ``def``, listed once."""
     if isinstance(callbacks, Callback):
         raise TypeError(
             f"callbacks must be a sequence of Callback instances, got the single callback "
@@ -174,6 +174,7 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
     if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, Iterable):
         raise TypeError(f"callbacks must be a sequence of Callback instances, got {callbacks!r}")
     checked: list[Callback] = []
+    positions: dict[int, int] = {}  # id -> the first position of each instance
     for i, callback in enumerate(callbacks):
         if isinstance(callback, type) and issubclass(callback, Callback):
             raise TypeError(
@@ -190,6 +191,13 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
             raise TypeError(
                 f"{type(callback).__name__}.on_checkpoint must be a plain def: it runs on "
                 "the compute thread, right before a checkpoint's snapshot"
+            )
+        first = positions.setdefault(id(callback), i)
+        if first != i:
+            raise ValueError(
+                f"callbacks[{first}] and callbacks[{i}] are one {type(callback).__name__} "
+                "instance: its hooks would run twice at each phase (an LRSchedule stepped "
+                "twice a step, and its learning rate decayed twice as fast); list it once"
             )
         checked.append(callback)
     return tuple(checked)

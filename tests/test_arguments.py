@@ -43,6 +43,8 @@ from asynchat.callbacks import (
     step_decay,
 )
 
+_SCHEDULE = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+
 
 def trainer(**overrides: Any) -> Trainer:
     kwargs: dict[str, Any] = dict(
@@ -123,6 +125,13 @@ def ddp(**overrides: Any) -> DistributedDataParallelTrainer:
             r"callbacks\[1\] is the class Callback, not an instance; pass Callback\(\) instead",
         ),
         ({"callbacks": Callback()}, TypeError, r"got the single callback .* pass callbacks=\["),
+        # One instance listed twice ran its hooks twice a phase: an LRSchedule stepped twice
+        # a step (0.5**8 after 4 steps of StepLR(gamma=0.5), not 0.5**4).
+        (
+            {"callbacks": [_SCHEDULE, Callback(), _SCHEDULE]},
+            ValueError,
+            r"callbacks\[0\] and callbacks\[2\] are one LRSchedule instance: .* list it once",
+        ),
         ({"callbacks": "progress"}, TypeError, r"callbacks must be a sequence of Callback"),
         ({"device": "tpu"}, ValueError, r"device must be None, .* got 'tpu'"),
         ({"device": "meta"}, ValueError, r"device='meta' but torch.accelerator has no 'meta'"),
