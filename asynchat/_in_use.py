@@ -119,6 +119,7 @@ class Claim:
         updates: bool,
         within: tuple[Any, ...],
         callbacks: Iterable[Callback] = (),
+        processor: object = None,
         data: object = None,
         reading: Callable[[], bool] = lambda: False,
         collective: bool = False,
@@ -134,6 +135,7 @@ class Claim:
         self.callbacks = {
             id(c): (i, c) for i, c in enumerate(callbacks) if not c.shared_across_loops
         }
+        self.processor = processor  # its batch processor, which keeps state for the run
         # Data that every reader reads from one position, which is then this loop's alone.
         self.data = data if _read_once(data) else None
         self.reading = reading  # whether the loop is in an epoch's reading now
@@ -183,6 +185,8 @@ class _Registry:
                 both = new.callbacks.keys() & other.callbacks.keys()
                 if both:
                     _refuse_callback(new, other, *min(new.callbacks[key] for key in both))
+                if new.processor is other.processor is not None and _processor_clash(new, other):
+                    _refuse_processor(new, other)
                 # A loop inside the other may read its data between its epochs, not in one.
                 same_data = new.data is not None and new.data is other.data
                 if same_data and (not new.inside(other) or other.reading()):
@@ -257,14 +261,16 @@ def claim(
     updates: bool,
     inside: Claim | None = None,
     callbacks: Iterable[Callback] = (),
+    processor: object = None,
     data: object = None,
     reading: Callable[[], bool] = lambda: False,
     collective: bool = False,
 ) -> Claim:
-    """Claim ``model``, ``callbacks`` and ``data`` for a run of ``loop``; raise
-    :class:`InUseError` if a running loop uses the model (or part of it) in a way this run
-    cannot share, one of the callbacks (unless the callback is ``shared_across_loops``), or
-    the data, where its readers share one position (an iterator; a DataLoader with
+    """Claim ``model``, ``callbacks``, the batch ``processor`` and ``data`` for a run of
+    ``loop``; raise :class:`InUseError` if a running loop uses the model (or part of it) in a
+    way this run cannot share, one of the callbacks (unless the callback is
+    ``shared_across_loops``), the processor (unless one loop runs inside the other), or the
+    data, where its readers share one position (an iterator; a DataLoader with
     persistent workers): a loop inside the one reading it may read it only between that
     one's epochs (``reading``: whether ``loop`` is in an epoch's reading now).
 
@@ -281,7 +287,8 @@ def claim(
         within = tuple(dict.fromkeys(outer for call in calls for outer in call.within()))
     new = Claim(
         loop, model, device, trains=trains, updates=updates, within=within,
-        callbacks=callbacks, data=data, reading=reading, collective=collective,
+        callbacks=callbacks, processor=processor, data=data, reading=reading,
+        collective=collective,
     )  # fmt: skip
     _REGISTRY.claim(new)
     for call in calls:
@@ -356,6 +363,26 @@ def _refuse_callback(new: Claim, other: Claim, position: int, callback: Callback
         "first: give each loop instances of its own. A callback whose one instance may "
         "serve several loops at once (it keeps no per-run state, or counts across them) "
         "says so with `shared_across_loops = True` on its class"
+    )
+
+
+def _processor_clash(new: Claim, other: Claim) -> bool:
+    """Whether two loops cannot share a batch processor: a trainer's run keeps state in it
+    (the grad scaler, which optimizers it steps, a CudaGraphBatchProcessor's graphs and
+    stream), which another loop's setup would replace. Predictors may share one, and a loop
+    run inside the other (a Validation given its trainer's processor) may too: the
+    trainer's next step finds its state again."""
+    return (new.updates or other.updates) and not new.inside(other)
+
+
+def _refuse_processor(new: Claim, other: Claim) -> None:
+    raise InUseError(
+        f"{new.loop.name} cannot run: its batch_processor "
+        f"({type(new.processor).__name__}) serves {other.loop.name}, which is running. A "
+        "batch processor keeps state for a training run (the grad scaler, which optimizers "
+        "it steps, a CudaGraphBatchProcessor's graphs), which a second run would replace in "
+        "the middle of the first: give each loop one of its own (a processor given to the "
+        "next loop once the first is done reuses its compiled steps)"
     )
 
 

@@ -475,7 +475,8 @@ class LoopBase(PipeBase):
             self._span_ranks(sharded_model=True)  # every rank runs it at the same point
         use = claim(
             self, self.model, self.device, trains=self._train_mode, updates=self.training,
-            inside=inside, callbacks=self.callbacks, data=self.data_loader,
+            inside=inside, callbacks=self.callbacks, processor=self.batch_processor,
+            data=self.data_loader,
             reading=lambda: self._run is not None and self._run.batches is not None,
             collective=self.spans_ranks and self.world_size > 1,
         )  # fmt: skip

@@ -26,7 +26,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import asynchat._in_use
-from asynchat import Callback, InUseError, LoopBase, LoopState, LoopStatus, Predictor, Trainer
+from asynchat import (
+    BasicBatchProcessor,
+    Callback,
+    InUseError,
+    LoopBase,
+    LoopState,
+    LoopStatus,
+    Predictor,
+    Trainer,
+)
 from asynchat._in_use import claim
 from asynchat.callbacks import FreezeModule, LossMonitor, LRSchedule, Validation
 
@@ -444,6 +453,38 @@ async def test_a_validation_given_a_callback_of_its_trainer_is_refused_before_tr
     validation = Validation(batches(2), loss_fn=nn.CrossEntropyLoss(), callbacks=[count])
     await trainer(Net(), count, validation).fit()
     assert count.batches == 6 + 2
+
+
+async def test_a_batch_processor_serves_one_training_run_at_a_time() -> None:
+    # Two trainers given one processor: the second's setup reset which optimizers the first
+    # steps, and each failed in turn with the other's names ("no optimizer named 'first'");
+    # with fp16 the second's setup replaced the first's grad scaler in the middle of its run.
+    processor = BasicBatchProcessor(nn.CrossEntropyLoss())
+
+    def run(kind: type[LoopBase], name: str, **kwargs: Any) -> LoopBase:
+        if kind is Predictor:
+            return Predictor(Net(), [torch.randn(16, 8)] * 3, batch_processor=processor, name=name)
+        return Trainer(
+            Net(), batches(3), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            batch_processor=processor, num_epochs=1, name=name, **kwargs,
+        )  # fmt: skip
+
+    refused = (
+        r"cannot run: its batch_processor \(BasicBatchProcessor\) serves first, which is running"
+    )
+    async with paused(run(Trainer, "first")):
+        with pytest.raises(InUseError, match="second " + refused):
+            await run(Trainer, "second").fit()
+        with pytest.raises(InUseError, match="predicting " + refused):
+            await run(Predictor, "predicting").fit()
+    async with paused(run(Predictor, "first")):
+        with pytest.raises(InUseError, match="training " + refused):
+            await run(Trainer, "training").fit()
+        assert (await run(Predictor, "second").fit()).global_step == 3, "predictors share it"
+    # A Validation given its trainer's processor runs inside the trainer.
+    validation = Validation(batches(2), batch_processor=processor)
+    done = await run(Trainer, "validated", callbacks=[validation]).fit()
+    assert done.global_step == 3 and "val/loss" in done.metrics
 
 
 async def test_data_read_from_one_position_serves_one_running_loop() -> None:
