@@ -104,6 +104,14 @@ class Callback:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, before the resumed loop begins."""
 
+    def _run_objects(self) -> Mapping[str, object]:
+        """(The engine's.) Objects given to this callback that keep the state of its run
+        (a MetricUpdater's torchmetrics, which count the run's batches), by where the
+        error names them (``"metrics['acc']"``): each serves one place in one running
+        loop, so one given twice, or to loops running at once (inside each other too), is
+        refused. None by default."""
+        return {}
+
     def _run_begins(self, state: LoopState) -> None:
         """(The engine's.) A run of ``state.loop`` has taken this callback: its ``fit()``
         has begun, before ``on_loop_begin``. Requests made of the callback from now on (a
@@ -165,7 +173,8 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
 
 def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
     """``callbacks`` as a tuple, each checked to be a :class:`Callback` instance whose
-    ``on_checkpoint`` is a plain ``def``, listed once."""
+    ``on_checkpoint`` is a plain ``def``, listed once, holding none of the others' objects
+    (:meth:`Callback._run_objects`)."""
     if isinstance(callbacks, Callback):
         raise TypeError(
             f"callbacks must be a sequence of Callback instances, got the single callback "
@@ -175,6 +184,7 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
         raise TypeError(f"callbacks must be a sequence of Callback instances, got {callbacks!r}")
     checked: list[Callback] = []
     positions: dict[int, int] = {}  # id -> the first position of each instance
+    held: dict[int, str] = {}  # id -> where the first of each callback's held objects is
     for i, callback in enumerate(callbacks):
         if isinstance(callback, type) and issubclass(callback, Callback):
             raise TypeError(
@@ -199,6 +209,15 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
                 "instance: its hooks would run twice at each phase (an LRSchedule stepped "
                 "twice a step, and its learning rate decayed twice as fast); list it once"
             )
+        for name, obj in callback._run_objects().items():
+            where = held.setdefault(id(obj), f"callbacks[{i}]'s {name}")
+            if where != f"callbacks[{i}]'s {name}":
+                raise ValueError(
+                    f"{where} and callbacks[{i}]'s {name} are one {type(obj).__name__} "
+                    "instance, which keeps the counts of one place in a run: it would be "
+                    "updated twice a batch, and each reset the other's counts; give each "
+                    "its own"
+                )
         checked.append(callback)
     return tuple(checked)
 

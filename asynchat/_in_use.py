@@ -132,8 +132,15 @@ class Claim:
         self.within = within  # the loops it runs inside, outermost first
         self.modules, self.keys = _walk(model)
         # id -> (position in the loop's callbacks, callback), for those that serve one loop
+        callbacks = tuple(callbacks)
         self.callbacks = {
             id(c): (i, c) for i, c in enumerate(callbacks) if not c.shared_across_loops
+        }
+        # id -> (where, object), for what the callbacks keep a run's state in (metrics)
+        self.held = {
+            id(obj): (f"callbacks[{i}]'s {name}", obj)
+            for i, c in enumerate(callbacks)
+            for name, obj in c._run_objects().items()
         }
         self.processor = processor  # its batch processor, which keeps state for the run
         # Data that every reader reads from one position, which is then this loop's alone.
@@ -185,6 +192,9 @@ class _Registry:
                 both = new.callbacks.keys() & other.callbacks.keys()
                 if both:
                     _refuse_callback(new, other, *min(new.callbacks[key] for key in both))
+                held = new.held.keys() & other.held.keys()
+                if held:  # inside the other too: each run resets the counts
+                    _refuse_held(new, other, min(held, key=lambda key: new.held[key][0]))
                 if new.processor is other.processor is not None and _processor_clash(new, other):
                     _refuse_processor(new, other)
                 # A loop inside the other may read its data between its epochs, not in one.
@@ -354,16 +364,29 @@ def _streaming_hint(other: Claim) -> str:
 
 
 def _refuse_callback(new: Claim, other: Claim, position: int, callback: Callback) -> None:
-    running = "which it runs inside" if other.loop in new.within else "which is running"
     raise InUseError(
         f"{new.loop.name} cannot run: its callbacks[{position}] "
-        f"({type(callback).__name__}) serves {other.loop.name}, {running}. A callback "
-        "keeps state for its run (LRSchedule its scheduler, a logger its open file, "
-        "LossMonitor its sums), which a second run would start anew in the middle of the "
-        "first: give each loop instances of its own. A callback whose one instance may "
+        f"({type(callback).__name__}) serves {other.loop.name}, {_running(new, other)}. "
+        "A callback keeps state for its run (LRSchedule its scheduler, a logger its open "
+        "file, LossMonitor its sums), which a second run would start anew in the middle of "
+        "the first: give each loop instances of its own. A callback whose one instance may "
         "serve several loops at once (it keeps no per-run state, or counts across them) "
         "says so with `shared_across_loops = True` on its class"
     )
+
+
+def _refuse_held(new: Claim, other: Claim, key: int) -> None:
+    where, obj = new.held[key]
+    raise InUseError(
+        f"{new.loop.name} cannot run: its {where} ({type(obj).__name__}) is "
+        f"{other.loop.name}'s {other.held[key][0]} too, {_running(new, other)}. It keeps "
+        "the counts of one run, which the other would reset and add to: give each loop "
+        "an instance of its own"
+    )
+
+
+def _running(new: Claim, other: Claim) -> str:
+    return "which it runs inside" if other.loop in new.within else "which is running"
 
 
 def _processor_clash(new: Claim, other: Claim) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_loader, make_model, sgd
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from asynchat import (
     BasicBatchProcessor,
@@ -43,6 +44,7 @@ from asynchat.callbacks import (
     step_decay,
 )
 
+_ACCURACY = MulticlassAccuracy(3)
 _SCHEDULE = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
 
 
@@ -334,6 +336,23 @@ class TestErrorsFoundWhileRunning:
             r"data_loader must be a DataLoader, .* got the str 'data/train\.pt'; a path is not",
         ),
         (lambda: MetricUpdater("acc"), TypeError, r"metrics must be a mapping of names to"),  # type: ignore[arg-type]
+        # One metric instance in two places counted each batch twice, each reset the other.
+        (
+            lambda: MetricUpdater({"acc": _ACCURACY, "accuracy": _ACCURACY}),
+            ValueError,
+            r"metrics\['acc'\] and metrics\['accuracy'\] are one MulticlassAccuracy instance",
+        ),
+        (
+            lambda: trainer(
+                callbacks=[
+                    MetricUpdater({"acc": _ACCURACY}),
+                    MetricUpdater({"accuracy": _ACCURACY}, prefix="also/"),
+                ]
+            ),
+            ValueError,
+            r"callbacks\[0\]'s metrics\['acc'\] and callbacks\[1\]'s metrics\['accuracy'\] "
+            r"are one MulticlassAccuracy instance",
+        ),
         # Validation's own: each failed only as it first ran, after an epoch of training.
         (lambda: Validation([1], metrics=["acc"]), TypeError, r"metrics must be a mapping"),  # type: ignore[arg-type]
         (lambda: Validation([1], loss_fn="mse"), TypeError, r"loss_fn must be callable, got 'mse'"),  # type: ignore[arg-type]

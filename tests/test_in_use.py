@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 import asynchat._in_use
 from asynchat import (
@@ -37,7 +38,7 @@ from asynchat import (
     Trainer,
 )
 from asynchat._in_use import claim
-from asynchat.callbacks import FreezeModule, LossMonitor, LRSchedule, Validation
+from asynchat.callbacks import FreezeModule, LossMonitor, LRSchedule, MetricUpdater, Validation
 
 pytestmark = pytest.mark.anyio
 
@@ -453,6 +454,41 @@ async def test_a_validation_given_a_callback_of_its_trainer_is_refused_before_tr
     validation = Validation(batches(2), loss_fn=nn.CrossEntropyLoss(), callbacks=[count])
     await trainer(Net(), count, validation).fit()
     assert count.batches == 6 + 2
+
+
+async def test_a_metric_counts_for_one_running_loop() -> None:
+    # One torchmetrics instance in a trainer's MetricUpdater and its Validation's metrics:
+    # each validation reset the trainer's counts and added its own (train/acc 0.26 instead
+    # of 0.36 in a probe). Refused before training; at once, for loops running side by side
+    # or one awaited in the other's hook.
+    accuracy = MulticlassAccuracy(3)
+    validation = Validation(batches(2), metrics={"acc": accuracy}, every_n_steps=2)
+    training = trainer(Net(), MetricUpdater({"acc": accuracy}), validation)
+    refused = (
+        r"Validation's metrics\['acc'\] is the trainer's callbacks\[0\]'s metrics\['acc'\] too"
+    )
+    with pytest.raises(InUseError, match=refused):
+        await training.fit()
+    assert training.state.global_step == 0
+
+    class PredictAtEpochEnd(Callback):
+        async def on_epoch_end(self, state: LoopState) -> None:
+            with pytest.raises(InUseError, match=inside):
+                await Predictor(
+                    state.loop.model, batches(2), callbacks=[MetricUpdater({"acc": accuracy})],
+                    name="predicting",
+                ).fit()  # fmt: skip
+
+    inside = (
+        r"predicting cannot run: its callbacks\[0\]'s metrics\['acc'\] \(MulticlassAccuracy\)"
+        r" is first's callbacks\[0\]'s metrics\['acc'\] too, which it runs inside"
+    )
+    first = trainer(Net(), MetricUpdater({"acc": accuracy}), PredictAtEpochEnd(), name="first")
+    async with paused(first):
+        beside = r"second cannot run: its callbacks\[0\]'s metrics\['acc'\] .* which is running"
+        with pytest.raises(InUseError, match=beside):
+            await trainer(Net(), MetricUpdater({"acc": accuracy}), name="second").fit()
+    assert first.state.global_step == 6 and "train/acc" in first.state.metrics
 
 
 async def test_a_batch_processor_serves_one_training_run_at_a_time() -> None:

@@ -92,9 +92,17 @@ class MetricUpdater(Callback):
             )
         if not metrics:
             raise ValueError("metrics must name at least one torchmetrics.Metric")
+        names: dict[int, str] = {}
         for name, metric in metrics.items():
             if not isinstance(metric, torchmetrics.Metric):
                 raise TypeError(f"metrics[{name!r}] must be a torchmetrics.Metric, got {metric!r}")
+            first = names.setdefault(id(metric), name)
+            if first != name:
+                raise ValueError(
+                    f"metrics[{first!r}] and metrics[{name!r}] are one "
+                    f"{type(metric).__name__} instance: it would count each batch twice; "
+                    "give each name its own"
+                )
         positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         text("prefix", prefix)
         function("select", select, "select(state) -> (preds, target)")
@@ -104,6 +112,12 @@ class MetricUpdater(Callback):
         self.select = select
         self._loaded: dict[str, Any] | None = None
         self._warned_large: set[str] = set()
+
+    def _run_objects(self) -> dict[str, torchmetrics.Metric]:
+        # A metric keeps its run's counts: one in a trainer's MetricUpdater and its
+        # Validation's metrics had the validations reset and count in it (train/acc 0.26,
+        # not 0.36, in a probe).
+        return {f"metrics[{name!r}]": metric for name, metric in self.metrics.items()}
 
     def on_loop_begin(self, state: LoopState) -> None:
         for metric in self.metrics.values():

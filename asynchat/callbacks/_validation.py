@@ -120,20 +120,33 @@ class Validation(Callback):
 
     def _refuse_shared(self, trainers: Sequence[Callback]) -> None:
         """Before training, what the predictor's start would refuse at the first validation
-        (an epoch later): a callback instance that also serves the trainer."""
+        (an epoch later): a callback instance that also serves the trainer, or an object
+        one keeps its run's state in (a metric) that one of the trainer's keeps too."""
+        mine: dict[int, str] = {}  # id -> where the Validation has it
+        if self.updater is not None:
+            mine.update(
+                (id(m), f"Validation's {n}") for n, m in self.updater._run_objects().items()
+            )
         for i, callback in enumerate(self.callbacks):
-            if callback.shared_across_loops:
-                continue
-            for j, other in enumerate(trainers):
-                if other is callback:
+            if not callback.shared_across_loops and any(callback is c for c in trainers):
+                raise InUseError(
+                    f"Validation's callbacks[{i}] ({type(callback).__name__}) is the "
+                    f"trainer's callbacks[{trainers.index(callback)}] too: its predictor, run "
+                    "inside the trainer, would start the callback's run anew in the middle "
+                    "of the trainer's (a LossMonitor's sums, a logger's file); give the "
+                    "Validation an instance of its own, or say `shared_across_loops = True` "
+                    "on a class whose one instance may serve both"
+                )
+            for name, obj in callback._run_objects().items():
+                mine[id(obj)] = f"Validation's callbacks[{i}]'s {name}"
+        for j, callback in enumerate(trainers):
+            for name, obj in callback._run_objects().items():
+                if id(obj) in mine:
                     raise InUseError(
-                        f"Validation's callbacks[{i}] ({type(callback).__name__}) is the "
-                        f"trainer's callbacks[{j}] too: its predictor, run inside the "
-                        "trainer, would start the callback's run anew in the middle of the "
-                        "trainer's (a LossMonitor's sums, a logger's file); give the "
-                        "Validation an instance of its own, or say "
-                        "`shared_across_loops = True` on a class whose one instance may "
-                        "serve both"
+                        f"{mine[id(obj)]} is the trainer's callbacks[{j}]'s {name} too (one "
+                        f"{type(obj).__name__} instance): each validation would reset the "
+                        "counts the trainer keeps in it and add its own; give the "
+                        "Validation an instance of its own"
                     )
 
     def on_step_end(self, state: LoopState) -> None:
