@@ -221,6 +221,29 @@ async def ddp_train(
     )  # fmt: skip
 
 
+async def ddp_compiled(rank: int, world_size: int, out: str, compiled: bool) -> None:
+    """``ddp_train``'s run with accumulation over 2 steps (``no_sync``), the step compiled
+    or not; each rank saves its replica and how many steps it ran."""
+    from asynchat import BasicBatchProcessor
+
+    processor = BasicBatchProcessor(
+        torch.nn.CrossEntropyLoss(), compile=compiled, grad_accumulation_steps=2
+    )
+    trainer = plain_trainer(
+        loss_fn=None, batch_processor=processor, num_epochs=2,
+        data_loader=torch.utils.data.DataLoader(ddp_data(), batch_size=8, shuffle=True),
+        optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    )  # fmt: skip
+    state = await trainer.fit()
+    from torch._dynamo.utils import counters
+
+    torch.save(
+        {"model": trainer.model.state_dict(), "global_step": state.global_step,
+         "graphs": counters["stats"]["unique_graphs"]},
+        Path(out, f"rank{rank}.pt"),
+    )  # fmt: skip
+
+
 def split_between_two() -> dict[str, Any]:
     """Two optimizers over ``ddp_model()``'s layers: SGD for the first, Adam for the last."""
     return {

@@ -4,14 +4,16 @@ compute thread; bad options are named at construction."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
+import rank_jobs
 import torch
 from conftest import make_loader, make_model
 from torch import nn
 
-from asynchat import BasicBatchProcessor, Trainer
+from asynchat import BasicBatchProcessor, Trainer, launch
 
 
 @pytest.fixture
@@ -53,6 +55,24 @@ async def test_a_compiled_step_trains_like_eager_and_compiles_on_the_compute_thr
     for key, value in eager.model.state_dict().items():
         torch.testing.assert_close(compiled.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
     assert compiled.global_step == eager.global_step == 18
+
+
+@pytest.mark.slow
+def test_a_compiled_step_under_ddp_trains_like_eager_on_every_rank(tmp_path: Path) -> None:
+    # The README names compile= as the way to fewer launches under DDP (the CUDA-graph
+    # processor is one device's): two gloo ranks, gradients accumulated under no_sync.
+    ranks = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        out.mkdir()
+        launch(rank_jobs.ddp_compiled, nprocs=2, args=(str(out), compiled))
+        ranks[compiled] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    eager, compiled_ranks = ranks[False][0], ranks[True]
+    assert [r["global_step"] for r in compiled_ranks] == [eager["global_step"]] * 2 == [8, 8]
+    assert eager["graphs"] == 0 and all(r["graphs"] > 0 for r in compiled_ranks), "compiled"
+    for key, value in eager["model"].items():
+        assert torch.equal(compiled_ranks[0]["model"][key], compiled_ranks[1]["model"][key])
+        torch.testing.assert_close(compiled_ranks[0]["model"][key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_options_are_checked_at_construction() -> None:
