@@ -221,24 +221,27 @@ async def ddp_train(
     )  # fmt: skip
 
 
-async def ddp_compiled(rank: int, world_size: int, out: str, compiled: bool) -> None:
-    """``ddp_train``'s run with accumulation over 2 steps (``no_sync``), the step compiled
-    or not; each rank saves its replica and how many steps it ran."""
-    from asynchat import BasicBatchProcessor
+async def compiled_run(rank: int, world_size: int, out: str, kind: str, compiled: bool) -> None:
+    """``plain_trainer``'s run, DDP or FSDP (``kind``), with accumulation over 2 steps
+    (``no_sync``; FSDP neither reduces nor reshards between them), the step compiled or
+    not; each rank saves its (full) weights, its steps and how many graphs it compiled."""
+    from torch._dynamo.utils import counters
+
+    from asynchat import BasicBatchProcessor, FullyShardedDataParallelTrainer
 
     processor = BasicBatchProcessor(
         torch.nn.CrossEntropyLoss(), compile=compiled, grad_accumulation_steps=2
     )
     trainer = plain_trainer(
+        FullyShardedDataParallelTrainer if kind == "fsdp" else None,
         loss_fn=None, batch_processor=processor, num_epochs=2,
         data_loader=torch.utils.data.DataLoader(ddp_data(), batch_size=8, shuffle=True),
         optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
     )  # fmt: skip
     state = await trainer.fit()
-    from torch._dynamo.utils import counters
-
+    weights = {k: whole(v) for k, v in trainer.model.state_dict().items()}  # (a collective)
     torch.save(
-        {"model": trainer.model.state_dict(), "global_step": state.global_step,
+        {"model": weights, "global_step": state.global_step,
          "graphs": counters["stats"]["unique_graphs"]},
         Path(out, f"rank{rank}.pt"),
     )  # fmt: skip

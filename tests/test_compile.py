@@ -58,14 +58,17 @@ async def test_a_compiled_step_trains_like_eager_and_compiles_on_the_compute_thr
 
 
 @pytest.mark.slow
-def test_a_compiled_step_under_ddp_trains_like_eager_on_every_rank(tmp_path: Path) -> None:
-    # The README names compile= as the way to fewer launches under DDP (the CUDA-graph
-    # processor is one device's): two gloo ranks, gradients accumulated under no_sync.
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_compiled_step_of_several_ranks_trains_like_eager_on_every_rank(
+    tmp_path: Path, kind: str
+) -> None:
+    # The README names compile= as the way to fewer launches under DDP and FSDP (the
+    # CUDA-graph processor is one device's): two gloo ranks, gradients accumulated.
     ranks = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
         out.mkdir()
-        launch(rank_jobs.ddp_compiled, nprocs=2, args=(str(out), compiled))
+        launch(rank_jobs.compiled_run, nprocs=2, args=(str(out), kind, compiled))
         ranks[compiled] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     eager, compiled_ranks = ranks[False][0], ranks[True]
     assert [r["global_step"] for r in compiled_ranks] == [eager["global_step"]] * 2 == [8, 8]
