@@ -654,6 +654,24 @@ async def test_lr_schedule_with_warmup_matches_the_torch_chain() -> None:
     assert lrs[0] == pytest.approx(0.01) and max(lrs) == pytest.approx(0.1)
 
 
+async def test_a_schedule_factory_must_return_a_scheduler_of_the_optimizer_it_is_given() -> None:
+    # Both left the learning rate as it was, silently: a def that built the scheduler and
+    # did not return it (None), and a closure over another optimizer (an earlier run's).
+    def forgot_return(opt: torch.optim.Optimizer) -> Any:
+        torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+
+    earlier = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    trainer = make_trainer(LRSchedule(forgot_return))
+    with pytest.raises(TypeError, match=r"returned None, not a torch learning rate scheduler"):
+        await trainer.fit()
+    assert trainer.state.global_step == 0
+    stale = LRSchedule(lambda opt: torch.optim.lr_scheduler.StepLR(earlier, 1, gamma=0.5))
+    trainer = make_trainer(stale)
+    with pytest.raises(ValueError, match=r"returned a StepLR over another optimizer than the"):
+        await trainer.fit()
+    assert trainer.state.global_step == 0 and earlier.param_groups[0]["lr"] == 0.1
+
+
 async def test_lr_schedule_per_epoch() -> None:
     lrs: list[float] = []
 

@@ -169,7 +169,7 @@ class LRSchedule(Callback):
             restored = [_hyperparameters(group) for group in optimizer.param_groups]
             for group in optimizer.param_groups:
                 set_lr(group, group.get("initial_lr", group["lr"]))
-        main = self.factory(optimizer)
+        main = _built(self.factory(optimizer), optimizer, self.optimizer)
         if isinstance(main, ReduceLROnPlateau) != (self.monitor is not None):
             raise TypeError(
                 f"LRSchedule: the scheduler {type(main).__name__} "
@@ -398,3 +398,26 @@ def _a_scheduler_class_needing_more(scheduler: object) -> bool:
     except ValueError:  # (no signature to read)
         return False
     return False
+
+
+def _built(
+    scheduler: object, optimizer: torch.optim.Optimizer, name: str | None
+) -> LRScheduler | ReduceLROnPlateau:
+    """What ``scheduler(optimizer)`` returned, if it schedules ``optimizer``. A factory that
+    built one and forgot to return it (None), or that built it over another optimizer (one
+    of an earlier run, in its closure), left the loop's learning rate as it was, silently."""
+    what = f"the optimizer {name!r}" if name is not None else "the trainer's optimizer"
+    if not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+        raise TypeError(
+            f"LRSchedule: scheduler(optimizer) returned {scheduler!r}, not a torch learning "
+            "rate scheduler (a def that builds one must return it): e.g. LRSchedule(lambda "
+            "opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000))"
+        )
+    if scheduler.optimizer is not optimizer:
+        kind = type(scheduler).__name__
+        raise ValueError(
+            f"LRSchedule: scheduler(optimizer) returned a {kind} over another optimizer than "
+            f"the one it was given ({what}), whose rate it would never change: build it "
+            f"on its argument, LRSchedule(lambda opt: {kind}(opt, ...))"
+        )
+    return scheduler
