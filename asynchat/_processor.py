@@ -102,7 +102,24 @@ class BatchProcessor(abc.ABC):
 
     def samples_in(self, batch: Any) -> int:
         """How many samples ``batch`` holds (see ``samples``)."""
-        return self.samples(batch) if self.samples is not None else batch_size(batch)
+        if self.samples is None:
+            return batch_size(batch)
+        count = self.samples(batch)
+        # Checked at every batch (cheap): "8" failed only in snapshot() (a service's status
+        # route) and Validation's weighting; -1 made samples/s negative, silently.
+        if type(count) is not int:
+            if isinstance(count, (bool, float, str, bytes)) or not hasattr(count, "__index__"):
+                raise TypeError(
+                    f"samples(batch) must return the batch's number of samples, an int; it "
+                    f"returned {count!r}"
+                )
+            count = count.__index__()  # (a numpy integer)
+        if count < 0:
+            raise ValueError(
+                f"samples(batch) must return the batch's number of samples, an int >= 0; it "
+                f"returned {count}"
+            )
+        return count
 
     def on_epoch_begin(self, state: LoopState) -> None:  # noqa: B027 - optional
         """Called by the loop at each epoch's begin, before the callbacks' ``on_epoch_begin``

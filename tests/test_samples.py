@@ -7,6 +7,7 @@ import collections
 import dataclasses
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_loader, make_model, make_trainer, sgd
@@ -185,6 +186,31 @@ async def test_a_sample_is_what_the_processor_says() -> None:
     assert state.metrics["stats/samples_per_s"] == pytest.approx(4 / step_time, rel=0.05)
     with pytest.raises(TypeError, match="samples must be a function"):
         BasicBatchProcessor(samples=4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("count", "error", "match"),
+    [
+        ("8", TypeError, r"must return the batch's number of samples, an int; it returned '8'"),
+        (8.0, TypeError, r"an int; it returned 8\.0"),
+        (-1, ValueError, r"an int >= 0; it returned -1"),
+    ],
+)
+async def test_a_count_of_samples_that_is_no_count_is_named_at_the_first_batch(
+    count: object, error: type[Exception], match: str
+) -> None:
+    # "8" trained on and failed in snapshot() (a service's status route) with "can't multiply
+    # sequence by non-int"; -1 made samples/s negative, silently.
+    trainer = Trainer(
+        make_model(), make_loader(32, 8), sgd,
+        batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(), samples=lambda b: count),
+        num_epochs=1,
+    )  # fmt: skip
+    with pytest.raises(error, match=match):
+        await trainer.fit()
+    assert trainer.state.global_step == 0
+    numpy_count = BasicBatchProcessor(samples=lambda b: np.int64(8))
+    assert numpy_count.samples_in(None) == 8 and type(numpy_count.samples_in(None)) is int
 
 
 async def test_a_processor_hears_each_epoch_begin_and_end() -> None:
