@@ -217,6 +217,24 @@ async def test_a_metric_of_several_numbers_is_refused_naming_it() -> None:
         await make_trainer(updater, num_epochs=1).fit()
 
 
+@pytest.mark.parametrize(
+    ("select", "what"),
+    [
+        (lambda s: s.outputs, "a tensor of shape (16, 3)"),
+        (lambda s: (*labels(s), 1), "a tuple of 3"),
+    ],
+)
+async def test_a_select_that_returns_no_pair_is_named(select: Any, what: str) -> None:
+    # Unpacked as it was: "too many values to unpack (expected 2)", naming no callback.
+    updater = MetricUpdater({"accuracy": torchmetrics.classification.MulticlassAccuracy(3)},
+                            select=select)  # fmt: skip
+    with pytest.raises(TypeError, match=re.escape(
+        f"MetricUpdater: select(state) must return (preds, target) for the metrics' "
+        f"update(preds, target), got {what}"
+    )):  # fmt: skip
+        await make_trainer(updater, num_epochs=1).fit()
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

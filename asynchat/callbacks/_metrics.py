@@ -132,7 +132,14 @@ class MetricUpdater(Callback):
                     _restore(metric, loaded[name], state.device)
 
     def on_batch_end(self, state: LoopState) -> None:
-        preds, target = self.select(state)
+        selected = self.select(state)
+        if not isinstance(selected, (tuple, list)) or len(selected) != 2:
+            # (Unpacked as it was: "too many values to unpack (expected 2)", naming nothing.)
+            raise TypeError(
+                f"{type(self).__name__}: select(state) must return (preds, target) for the "
+                f"metrics' update(preds, target), got {_described(selected)}"
+            )
+        preds, target = selected
         for metric in self.metrics.values():
             try:
                 metric.update(preds, target)
@@ -209,13 +216,9 @@ def _number(name: str, value: Any) -> float:
         return float(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    what = (
-        f"a tensor of shape {tuple(value.shape)}"
-        if isinstance(value, torch.Tensor)
-        else (f"a {type(value).__name__}")
-    )
     raise ValueError(
-        f"MetricUpdater: metrics[{name!r}] computed {what}, not one number, which is what "
+        f"MetricUpdater: metrics[{name!r}] computed {_described(value)}, not one number, "
+        "which is what "
         "state.metrics holds: reduce it in the metric (e.g. average='macro' or 'micro' "
         "rather than None), or give each number a metric of its own"
     )
@@ -259,3 +262,12 @@ def _restore(metric: torchmetrics.Metric, saved: dict[str, Any], device: torch.d
         setattr(metric, key, moved)
     metric._update_count = int(saved["updates"])
     metric._computed = None
+
+
+def _described(value: object) -> str:
+    """``value`` in a few words: a tensor by its shape, a sequence by its length."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__} {value!r:.80}"
