@@ -141,12 +141,33 @@ def _check_shard(shard: ShardPolicy | None) -> ShardPolicy | None:
     return list(shard)
 
 
+def _units_returned(model: nn.Module, units: object) -> list[nn.Module]:
+    """What ``shard(model)`` returned, if it is submodules of ``model``: None (a def that
+    forgot ``return``) failed in ``list()`` naming nothing, and names or another model's
+    modules (a copy's) reached ``fully_shard``."""
+    if not isinstance(units, Iterable) or isinstance(units, (str, bytes, nn.Module)):
+        raise TypeError(
+            f"shard(model) must return the submodules of the model to shard (e.g. its "
+            f"blocks), got {units!r:.80}"
+        )
+    units = list(units)
+    own = {id(module) for module in model.modules()}
+    for i, unit in enumerate(units):
+        if not isinstance(unit, nn.Module) or id(unit) not in own:
+            what = "a module of another model" if isinstance(unit, nn.Module) else repr(unit)
+            raise TypeError(
+                f"shard(model) returned {what} at [{i}]: it must return the model's own "
+                "submodules (modules, not names: for names pass shard=['blocks.0', ...])"
+            )
+    return units
+
+
 def _shard_units(model: nn.Module, shard: ShardPolicy | None) -> list[nn.Module]:
     """The modules that get a ``fully_shard`` of their own, before the root."""
     if shard is None:
         return [child for child in model.children() if any(True for _ in child.parameters())]
     if callable(shard):
-        return list(shard(model))
+        return _units_returned(model, shard(model))
     found = dict(model.named_modules())
     missing = [name for name in shard if name not in found]
     if missing:

@@ -1186,6 +1186,16 @@ async def fsdp_train(rank: int, world_size: int, out: str, accumulate: int) -> N
                    Path(out, "fsdp.pt"))  # fmt: skip
 
 
+async def fsdp_shard_forgets_return(rank: int, world_size: int) -> None:
+    """A ``shard`` policy that builds its list and does not return it (None)."""
+    from asynchat import FullyShardedDataParallelTrainer
+
+    def blocks(model: torch.nn.Module) -> Any:
+        [m for m in model.children() if isinstance(m, torch.nn.Linear)]
+
+    await plain_trainer(FullyShardedDataParallelTrainer, shard=blocks, num_steps=1).fit()
+
+
 async def ddp_two_optimizers(rank: int, world_size: int, out: str) -> None:
     """A DDP trainer with two named optimizers and a step that updates each: saves each
     rank's weights and the update order it saw."""

@@ -58,6 +58,25 @@ def test_sharding_needs_factories() -> None:
         )  # fmt: skip
 
 
+def test_a_shard_policy_must_return_the_models_own_submodules() -> None:
+    # Before: None failed in list() ("'NoneType' object is not iterable"), naming nothing;
+    # names and a copy's modules went on to fully_shard.
+    from asynchat._sharded import _shard_units
+
+    model = rank_jobs.ddp_model()
+    copy = rank_jobs.ddp_model()
+    assert _shard_units(model, lambda m: [m[0], m[2]]) == [model[0], model[2]]
+    for policy, match in [
+        (lambda m: None, r"shard\(model\) must return the submodules .* got None"),
+        (lambda m: ["0", "2"], r"returned '0' at \[0\]: .* \(modules, not names"),
+        (lambda m: [m[0], copy[2]], r"returned a module of another model at \[1\]"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            _shard_units(model, policy)
+    with pytest.raises(LaunchError, match=r"shard\(model\) must return the submodules"):
+        launch(rank_jobs.fsdp_shard_forgets_return, nprocs=2)
+
+
 @pytest.mark.slow
 def test_a_mapping_of_models_is_sharded_model_by_model(tmp_path: Path) -> None:
     """The GAN-shaped step of the DDP test, on two sharded ranks: equal to one process."""
