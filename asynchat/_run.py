@@ -41,6 +41,7 @@ from asynchat._phase import Phase
 from asynchat._prefetch import DeviceStager, InlineBatches, Interrupted, Prefetcher
 from asynchat._processor import BatchProcessor
 from asynchat._resume import DataTracker, ResumePoint
+from asynchat._step_watch import StepWatch
 from asynchat._worker_seeds import seeded_per_batch
 
 _LOG = logging.getLogger("asynchat.loop")
@@ -115,6 +116,7 @@ class LoopRun:
         self.batches: Prefetcher[Any] | InlineBatches | None = None
         self.held_to_update = False  # said why an end waits for the accumulation window
         self.warned_no_batch = False  # said that an epoch's data yielded no batch
+        self.watch: StepWatch | None = None  # the first steps, checked; then None
 
     def interrupt(self) -> None:
         """Wake the compute thread if it waits for data, so a stop or cancellation needs no
@@ -125,6 +127,10 @@ class LoopRun:
 
     def run(self) -> None:
         self.hooks.begin()
+        batch_hooks = self.hooks.hooks[Phase.ON_BATCH_BEGIN] or self.hooks.hooks[Phase.ON_BATCH_END]
+        self.watch = StepWatch(
+            self.batch_processor, batch_hooks=bool(batch_hooks), training=self.loop.training
+        )
         with self.modes(), torch.set_grad_enabled(self.loop.training):  # grad: per thread
             resume = self.prepare()
             try:
@@ -334,7 +340,12 @@ class LoopRun:
         if state.losses:
             state.losses = {}  # a new dict: a hook may still hold the last step's
         run_phase(Phase.ON_STEP_BEGIN)
-        self.batch_processor.step(state, run_phase)
+        if self.watch is None:
+            self.batch_processor.step(state, run_phase)
+        else:
+            self.watch.step(state, run_phase)
+            if self.watch.done:
+                self.watch = None
         self.batch_processor.end_step(state)
         state.accumulating = state.training and not self.batch_processor.update_due(state)
         state.global_step += 1

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from conftest import Unsized, make_loader, make_model, make_trainer, sgd
 from recorders import AsyncRecorder, Recorder, SyncRecorder, expected_phases
 from torch import nn
 
-from asynchat import Callback, LoopState, MultiBatchProcessor, Phase, Predictor, Trainer
+from asynchat import (
+    BatchProcessor,
+    Callback,
+    LoopState,
+    MultiBatchProcessor,
+    Phase,
+    Predictor,
+    RunPhase,
+    Trainer,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -161,3 +171,58 @@ async def test_unknown_length_loader_gets_the_same_phases() -> None:
     await trainer.fit()
     assert recorder.phases() == expected_phases([4, 2])
     assert last_flags == [False, False, False, True, False, True]
+
+
+class Step(BatchProcessor):
+    """A custom step that runs the batch phases and updates, or leaves either out."""
+
+    def __init__(self, *, phases: bool = True, updates: bool = True, **options: Any) -> None:
+        super().__init__(**options)
+        self.phases, self.updates = phases, updates
+
+    def step(self, state: LoopState, run_phase: RunPhase) -> None:
+        inputs, targets = state.batch
+        if self.phases:
+            run_phase(Phase.ON_BATCH_BEGIN)
+        state.outputs = state.model(inputs)
+        state.loss = nn.functional.cross_entropy(state.outputs, targets)
+        if state.training:
+            self.backward(state, state.loss)
+        if self.phases:
+            run_phase(Phase.ON_BATCH_END)
+        if self.updates and state.training:
+            self.update(state, run_phase)
+
+
+class Batches(Callback):
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_batch_end(self, state: LoopState) -> None:
+        self.seen += 1
+
+
+async def test_a_custom_step_that_breaks_its_contract_is_warned_of_once() -> None:
+    # Before, both trained on without a word: the callbacks' batch hooks never ran (a
+    # MetricUpdater published nothing), or the model never changed.
+    def trainer(step: Step, *callbacks: Callback) -> Trainer:
+        return Trainer(make_model(), make_loader(96, 16), sgd, batch_processor=step,
+                       num_epochs=2, callbacks=list(callbacks))  # fmt: skip
+
+    batches = Batches()
+    with pytest.warns(RuntimeWarning, match=r"Step\.step ran no on_batch_end phase") as seen:
+        await trainer(Step(phases=False), batches).fit()
+    assert batches.seen == 0 and len(seen) == 1, "once, not at each of the 12 steps"
+    model_before = make_model().state_dict()
+    untrained = trainer(Step(updates=False), Batches())
+    with pytest.warns(RuntimeWarning, match=r"Step\.step made no update .* at global step 0, "
+                      "where one was due: the model does not train") as seen:  # fmt: skip
+        await untrained.fit()
+    assert len(seen) == 1
+    assert all(v.equal(model_before[k]) for k, v in untrained.model.state_dict().items())
+    # Kept: no warning, also with the update due only at an accumulation window's end, and
+    # none for batch phases left out where no callback has batch hooks (nothing is lost).
+    await trainer(Step(grad_accumulation_steps=2), Batches()).fit()
+    await trainer(Step(phases=False)).fit()
+    await Predictor(make_model(), make_loader(32, 16), batch_processor=Step(updates=False),
+                    callbacks=[Batches()]).fit()  # fmt: skip

@@ -75,7 +75,9 @@ async def test_validation_with_a_custom_processor_publishes_its_loss() -> None:
 async def test_validation_that_can_publish_nothing_says_so() -> None:
     class NoLoss(BasicBatchProcessor):
         def step(self, state: LoopState, run_phase: RunPhase) -> None:
+            run_phase(Phase.ON_BATCH_BEGIN)
             state.outputs = state.model(state.batch[0])
+            run_phase(Phase.ON_BATCH_END)
 
     validation = Validation(make_loader(32, 16), batch_processor=NoLoss())
     with pytest.raises(ValueError, match=r"published nothing.*NoLoss set no state\.loss"):
