@@ -60,6 +60,20 @@ def dict_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"x": x, "y": y} for x, y in make_loader(n, 16, seed=seed)]
 
 
+async def test_val_loss_of_a_summed_loss_is_the_mean_over_samples_too() -> None:
+    # Each batch's sum was weighted by its count again: 16 times the mean for batches of 16.
+    val = make_loader(100, 16, seed=3)
+    validation = Validation(val, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    trainer = make_trainer(validation, num_epochs=1)
+    state = await trainer.fit()
+    with torch.no_grad():
+        inputs, targets = val.dataset.tensors  # type: ignore[attr-defined]
+        per_sample = nn.CrossEntropyLoss()(trainer.model.eval()(inputs), targets).item()
+    assert state.metrics["val/loss"] == pytest.approx(per_sample, rel=1e-5)
+    with pytest.raises(ValueError, match=r"loss_fn CrossEntropyLoss has reduction='none'"):
+        Validation(val, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+
+
 async def test_validation_with_a_custom_processor_publishes_its_loss() -> None:
     validation = Validation(dict_batches(64, 5), batch_processor=PairLoss())
     trainer = Trainer(

@@ -35,9 +35,10 @@ class Validation(Callback):
     ``batch_processor`` that sets ``state.loss``. It is a mean over samples, not over
     batches: each batch's loss (a mean over its samples, as ``reduction="mean"`` gives) is
     weighted by its sample count (the processor's ``samples_in``), so a short last batch
-    counts for what it holds. In a distributed trainer it is the mean over every rank's
-    samples (give the data loader a ``DistributedSampler`` to validate a shard per rank),
-    as the metrics are (torchmetrics sync at ``compute()``).
+    counts for what it holds; with a ``loss_fn`` of ``reduction="sum"`` each batch's loss is
+    its samples' total already, and is summed as it is. In a distributed trainer it is the
+    mean over every rank's samples (give the data loader a ``DistributedSampler`` to
+    validate a shard per rank), as the metrics are (torchmetrics sync at ``compute()``).
 
     Args:
         data_loader: the validation batches.
@@ -93,6 +94,7 @@ class Validation(Callback):
             )
         if loss_fn is not None:  # (checked here, not after the first epoch's training)
             loss_function("loss_fn", loss_fn)
+            _check_reduction(loss_fn)
         if batch_processor is not None:
             check_processor(batch_processor)
         self.data_loader = data_loader
@@ -163,7 +165,7 @@ class Validation(Callback):
         metrics."""
         from asynchat.callbacks._model import ExponentialMovingAverage
 
-        loss = _MeanLoss()
+        loss = _MeanLoss(totals=getattr(self.loss_fn, "reduction", None) == "sum")
         callbacks: list[Callback] = [*self.callbacks, loss]
         if self.updater is not None:
             callbacks.insert(0, self.updater)
@@ -209,7 +211,11 @@ class Validation(Callback):
 
 class _MeanLoss(Callback):
     """The batches' losses (each a mean over its batch) weighted by their sample counts, and
-    the count: their per-sample mean is the one over every rank's totals."""
+    the count: their per-sample mean is the one over every rank's totals. With ``totals``
+    each batch's loss is its samples' sum already (a loss with ``reduction="sum"``)."""
+
+    def __init__(self, *, totals: bool = False) -> None:
+        self.totals = totals
 
     def on_loop_begin(self, state: LoopState) -> None:
         self.total_loss: Any = 0.0
@@ -220,8 +226,21 @@ class _MeanLoss(Callback):
         if state.loss is not None:
             self.losses += 1
             count = state.loop.samples_in(state.batch)
-            self.total_loss = self.total_loss + state.loss.detach().float() * count  # on device
+            loss = state.loss.detach().float()
+            self.total_loss = self.total_loss + (loss if self.totals else loss * count)  # device
             self.samples += count
 
     def total(self) -> float:
         return float(self.total_loss)  # host sync: once per validation
+
+
+def _check_reduction(loss_fn: LossFn) -> None:
+    """A loss module's ``reduction``: "mean" and "sum" are each weighted as what they are
+    (with "sum" each batch's loss had been weighted by its count again: val/loss 16 times
+    the mean over samples, for batches of 16); "none" gives no number per batch."""
+    if getattr(loss_fn, "reduction", None) == "none":
+        raise ValueError(
+            f"Validation's loss_fn {type(loss_fn).__name__} has reduction='none': val/loss is "
+            "the mean over the samples of one number per batch; give it reduction='mean' "
+            "(or 'sum')"
+        )
