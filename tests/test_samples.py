@@ -70,8 +70,13 @@ async def test_val_loss_of_a_summed_loss_is_the_mean_over_samples_too() -> None:
         inputs, targets = val.dataset.tensors  # type: ignore[attr-defined]
         per_sample = nn.CrossEntropyLoss()(trainer.model.eval()(inputs), targets).item()
     assert state.metrics["val/loss"] == pytest.approx(per_sample, rel=1e-5)
+    summing = BasicBatchProcessor(nn.CrossEntropyLoss(reduction="sum"))
+    state = await make_trainer(Validation(val, batch_processor=summing), num_epochs=1).fit()
+    assert state.metrics["val/loss"] == pytest.approx(per_sample, rel=1e-5), "the processor's"
     with pytest.raises(ValueError, match=r"loss_fn CrossEntropyLoss has reduction='none'"):
         Validation(val, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(ValueError, match=r"loss_fn CrossEntropyLoss has reduction='none'"):
+        Validation(val, batch_processor=BasicBatchProcessor(nn.CrossEntropyLoss(reduction="none")))
 
 
 async def test_validation_with_a_custom_processor_publishes_its_loss() -> None:

@@ -97,6 +97,8 @@ class Validation(Callback):
             _check_reduction(loss_fn)
         if batch_processor is not None:
             check_processor(batch_processor)
+            if getattr(batch_processor, "loss_fn", None) is not None:  # (a BasicBatchProcessor)
+                _check_reduction(batch_processor.loss_fn)  # type: ignore[attr-defined]
         self.data_loader = data_loader
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -165,7 +167,8 @@ class Validation(Callback):
         metrics."""
         from asynchat.callbacks._model import ExponentialMovingAverage
 
-        loss = _MeanLoss(totals=getattr(self.loss_fn, "reduction", None) == "sum")
+        loss_fn = self.loss_fn or getattr(self.batch_processor, "loss_fn", None)
+        loss = _MeanLoss(totals=getattr(loss_fn, "reduction", None) == "sum")
         callbacks: list[Callback] = [*self.callbacks, loss]
         if self.updater is not None:
             callbacks.insert(0, self.updater)
