@@ -297,23 +297,31 @@ async def ddp_own_loss(rank: int, world_size: int, out: str) -> None:
     torch.save({"model": model.net.state_dict()}, Path(out, f"own-rank{rank}.pt"))
 
 
-def sharded_validation(samples: int, batch_size: int) -> Any:
+def sharded_validation(samples: int, batch_size: int, strided: bool = False) -> Any:
     """A Validation (cross-entropy) of this rank's shard of ``ddp_data()``'s first
-    ``samples``."""
+    ``samples``: a DistributedSampler's, or (``strided``) every world_size-th sample from the
+    rank's, the shards then one apart in size where the ranks do not divide ``samples``."""
     from asynchat.callbacks import Validation
 
     validation = torch.utils.data.TensorDataset(*(t[:samples] for t in ddp_data().tensors))
-    sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
+    if strided:
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        sampler: Any = range(rank, samples, world_size)
+    else:
+        sampler = torch.utils.data.DistributedSampler(validation, shuffle=False)
     return Validation(
         torch.utils.data.DataLoader(validation, batch_size=batch_size, sampler=sampler),
         loss_fn=torch.nn.CrossEntropyLoss(),
     )
 
 
-async def validate_shards(rank: int, world_size: int, out: str) -> None:
-    """A DDP trainer validating a shard of 40 samples per rank (batches of 16: a short last
-    one); each rank saves the val/loss it published and the model it validated."""
-    trainer = plain_trainer(num_epochs=1, callbacks=[sharded_validation(80, 16)])
+async def validate_shards(
+    rank: int, world_size: int, out: str, samples: int = 80, strided: bool = False
+) -> None:
+    """A DDP trainer validating a shard of ``samples`` (80: 40 samples per rank) in batches
+    of 16 (a short last one); each rank saves the val/loss it published and the model it
+    validated."""
+    trainer = plain_trainer(num_epochs=1, callbacks=[sharded_validation(samples, 16, strided)])
     state = await trainer.fit()
     torch.save(
         {"val/loss": state.metrics["val/loss"], "model": trainer.model.state_dict()},

@@ -152,15 +152,19 @@ def test_resume_across_the_same_world_size(
 
 
 @pytest.mark.slow
-def test_validation_loss_is_the_mean_over_every_ranks_shard(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("samples", "strided"), [(80, False), (61, True)], ids=["even", "uneven"])
+def test_validation_loss_is_the_mean_over_every_ranks_shard(
+    tmp_path: Path, samples: int, strided: bool
+) -> None:
     # Each rank published the mean over its own shard (1.036 and 1.094 where the whole set
     # gave 1.065): rank 0 ranked checkpoints by half the data, and EarlyStopping on each
-    # rank saw another value. The torchmetrics were global already.
-    launch(rank_jobs.validate_shards, nprocs=2, args=(str(tmp_path),))
+    # rank saw another value. The torchmetrics were global already. Shards one apart in
+    # size (31 and 30 samples, what the DistributedSampler's padding warning advises) too.
+    launch(rank_jobs.validate_shards, nprocs=2, args=(str(tmp_path), samples, strided))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = rank_jobs.ddp_model()
     model.load_state_dict(ranks[0]["model"])
-    inputs, targets = (t[:80] for t in rank_jobs.ddp_data().tensors)
+    inputs, targets = (t[:samples] for t in rank_jobs.ddp_data().tensors)
     with torch.no_grad():
         expected = nn.CrossEntropyLoss()(model(inputs), targets).item()
     assert ranks[0]["val/loss"] == ranks[1]["val/loss"]
