@@ -271,8 +271,9 @@ def _warn_padded(data_loader: object) -> None:
             f"Validation: its data_loader's DistributedSampler pads the {samples} samples to "
             f"{size} over {ranks} ranks (it repeats {size - samples}), which val/loss and "
             "the metrics then count twice. Validation needs no even shards (it sums over "
-            "the ranks): give each rank its own samples, e.g. DataLoader(dataset, "
-            "sampler=range(rank, len(dataset), world_size), ...)",
+            "the ranks; a sharded model's, as many batches on every rank): give each rank "
+            "its own samples, e.g. DataLoader(dataset, sampler=range(rank, len(dataset), "
+            "world_size), ...)",
             RuntimeWarning,
             stacklevel=2,
         )
