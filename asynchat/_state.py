@@ -27,6 +27,9 @@ class Metrics(dict[str, float]):
         self._steps: dict[str, int] = {}
         self._per_rank: set[str] = set()
         self.version = 0  # bumped at every change: a reader can skip an unchanged dict
+        # Which way is better ("max" or "min"), for metrics whose publisher knows it (a
+        # torchmetrics metric's higher_is_better; a loss), declared as the loop begins.
+        self.better: dict[str, str] = {}
 
     def __setitem__(self, name: str, value: float) -> None:
         super().__setitem__(name, value)

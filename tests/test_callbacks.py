@@ -235,6 +235,37 @@ async def test_a_select_that_returns_no_pair_is_named(select: Any, what: str) ->
         await make_trainer(updater, num_epochs=1).fit()
 
 
+async def test_a_mode_against_the_way_the_metric_is_better_is_refused(tmp_path: Path) -> None:
+    # Checkpoint(monitor="val/accuracy") left at mode="min" kept the worst checkpoint (0.67
+    # at step 4, in a probe) as the best and pruned the better ones, silently.
+    def validation() -> Validation:
+        accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+        return Validation(make_loader(32, 16), metrics={"accuracy": accuracy},
+                          loss_fn=nn.CrossEntropyLoss())  # fmt: skip
+
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)  # noqa: E731 ("min")
+    refused = [
+        (Checkpoint(tmp_path, monitor="val/accuracy"), "Checkpoint", "keep the worst"),
+        (EarlyStopping("val/accuracy"), "EarlyStopping", "stop the run while it improves"),
+        (EarlyStopping("val/loss", mode="max"), "EarlyStopping", "stop the run"),
+        (LRSchedule(plateau, monitor="val/accuracy"), "LRSchedule", "lower the learning"),
+    ]
+    for reader, owner, does in refused:
+        trainer = make_trainer(validation(), reader)
+        with pytest.raises(ValueError, match=rf"{owner}\(monitor='val/(accuracy|loss)'\): .* "
+                           rf"is better (higher|lower) .* {does}.*; pass mode="):  # fmt: skip
+            await trainer.fit()
+        assert trainer.state.global_step == 0, "refused before training"
+    assert not list(tmp_path.glob("*.ckpt"))
+    # Listed before the Validation that publishes it: refused at its first value (epoch 0's,
+    # which it reads at epoch 1's end, having run before the Validation at epoch 0's).
+    trainer = make_trainer(EarlyStopping("val/accuracy"), validation())
+    with pytest.raises(ValueError, match=r"is better higher .* pass mode='max'"):
+        await trainer.fit()
+    assert trainer.state.global_step == 12
+    await make_trainer(validation(), EarlyStopping("val/accuracy", mode="max")).fit()
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

@@ -44,7 +44,7 @@ from asynchat._ranks import local_parts
 from asynchat._state import LoopState
 from asynchat._weights import plain_name
 from asynchat.callbacks._asked import SaveClock, SaveFuture, SaveOutcome, SaveRequests
-from asynchat.callbacks._monitor import measured_at, misspelled
+from asynchat.callbacks._monitor import measured_at, misspelled, refuse_opposite_mode
 from asynchat.callbacks._writer import BackgroundWriter
 
 _LOG = logging.getLogger("asynchat.checkpoint")
@@ -234,6 +234,11 @@ class Checkpoint(Callback):
         self._requests.close(error)  # asks no save served fail, saying why
 
     def on_loop_begin(self, state: LoopState) -> None:
+        if self.monitor is not None:  # (its hooks run last: the publishers have declared)
+            refuse_opposite_mode(
+                f"Checkpoint(monitor={self.monitor!r})", self.monitor, self.mode, state,
+                "keep the worst checkpoints as the best, pruning the better ones",
+            )  # fmt: skip
         self._sharded_saves = 0
         self._step_save = UpdateDue()  # on every rank: a distributed save is every rank's
         self._at_epoch_end = False  # a step save due at an epoch's last step, at its end

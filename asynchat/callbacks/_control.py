@@ -57,9 +57,13 @@ class EarlyStopping(Callback):
         self.min_delta = min_delta
         self.best: float | None = None
         self.bad_checks = 0
-        self._metric = Monitor(f"EarlyStopping(monitor={monitor!r})", monitor)
+        self._metric = Monitor(
+            f"EarlyStopping(monitor={monitor!r})", monitor, mode=mode,
+            does="stop the run while it improves",
+        )  # fmt: skip
 
     def on_loop_begin(self, state: LoopState) -> None:
+        self._metric.refuse_opposite_mode(state)
         if self._metric.begin(state):  # reused by a new run: another model's best
             self.best, self.bad_checks = None, 0
 

@@ -122,6 +122,15 @@ class MetricUpdater(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         for metric in self.metrics.values():
             metric.to(state.device)
+        self.declare_better(state)
+
+    def declare_better(self, state: LoopState) -> None:
+        """Say in ``state.metrics.better`` which way each metric is better, where it says
+        (``higher_is_better``), for the callbacks that rank by it (their ``mode``)."""
+        for name, metric in self.metrics.items():
+            higher = getattr(metric, "higher_is_better", None)
+            if isinstance(higher, bool):
+                state.metrics.better[self.prefix + name] = "max" if higher else "min"
 
     def on_epoch_begin(self, state: LoopState) -> None:
         self.reset()

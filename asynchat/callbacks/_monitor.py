@@ -24,6 +24,21 @@ def misspelled(state: LoopState, name: str) -> bool:
     return any(key.rpartition("/")[0] == prefix for key in state.metrics)
 
 
+def refuse_opposite_mode(owner: str, name: str, mode: str, state: LoopState, does: str) -> None:
+    """Refuse ``mode`` where the metric's publisher says the other way is better: with
+    ``Checkpoint(monitor="val/accuracy")`` left at ``mode="min"``, the worst checkpoint was
+    kept as the best and the better ones pruned, silently. ``does``: what the owner would do
+    with the worst values taken for the best."""
+    better = state.metrics.better.get(name)
+    if better is not None and better != mode:
+        way = "higher" if better == "max" else "lower"
+        raise ValueError(
+            f"{owner}: {name!r} is better {way} (as its publisher says: a torchmetrics "
+            f"metric's higher_is_better, or a loss), so mode={mode!r} would take its worst "
+            f"values for its best and {does}; pass mode={better!r}"
+        )
+
+
 class Monitor:
     """``state.metrics[name]`` as a callback that acts on each value once reads it.
 
@@ -41,10 +56,20 @@ class Monitor:
     (``state.metrics.update_per_rank``) is refused with a ``ValueError``.
     """
 
-    def __init__(self, owner: str, name: str, *, alike_on_ranks: bool = False) -> None:
+    def __init__(
+        self,
+        owner: str,
+        name: str,
+        *,
+        alike_on_ranks: bool = False,
+        mode: str | None = None,
+        does: str = "act on them",
+    ) -> None:
         self.owner = owner  # e.g. "EarlyStopping(monitor='val/loss')", for messages
         self.name = name
         self.alike_on_ranks = alike_on_ranks
+        self.mode = mode  # which way the owner takes as better, checked against the metric's
+        self.does = does  # what the owner does with the best values, for the message
         self.acted_at: int | None = None
         self._seen = False  # in this run
 
@@ -89,8 +114,15 @@ class Monitor:
             return None
         if self.alike_on_ranks and metrics.is_per_rank(self.name):
             self._refuse_per_rank(state)
+        self.refuse_opposite_mode(state)
         self.acted_at = step
         return float(metrics[self.name])
+
+    def refuse_opposite_mode(self, state: LoopState) -> None:
+        """As the loop begins (where the publisher is listed first) and at each value: the
+        owner's ``mode`` against the way the metric's publisher says is better."""
+        if self.mode is not None:
+            refuse_opposite_mode(self.owner, self.name, self.mode, state, self.does)
 
     def _refuse_per_rank(self, state: LoopState) -> None:
         loop = state.loop

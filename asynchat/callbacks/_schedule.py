@@ -142,11 +142,12 @@ class LRSchedule(Callback):
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
         self._loaded_class: str | None = None  # the class whose state _loaded is
-        self._metric = (
-            Monitor(f"LRSchedule(monitor={monitor!r})", monitor, alike_on_ranks=True)
-            if monitor
-            else None
-        )
+        self._metric = None
+        if monitor:
+            self._metric = Monitor(
+                f"LRSchedule(monitor={monitor!r})", monitor, alike_on_ranks=True,
+                does="lower the learning rate while it improves",
+            )  # fmt: skip
 
     def on_loop_begin(self, state: LoopState) -> None:
         if self._metric is not None:
@@ -188,6 +189,9 @@ class LRSchedule(Callback):
                 warm = ConstantLR(optimizer, self.warmup_start_factor, self.warmup_steps)
             main = SequentialLR(optimizer, [warm, main], milestones=[self.warmup_steps])
         self.scheduler = main
+        if self._metric is not None and isinstance(main, ReduceLROnPlateau):
+            self._metric.mode = main.mode  # (its factory's)
+            self._metric.refuse_opposite_mode(state)
         if self._loaded is not None:
             self._refuse_another_class(main)
             self._warn_replaced(_settings(main.state_dict()), _settings(self._loaded))
