@@ -28,8 +28,10 @@ class Metrics(dict[str, float]):
         self._per_rank: set[str] = set()
         self.version = 0  # bumped at every change: a reader can skip an unchanged dict
         # Which way is better ("max" or "min"), for metrics whose publisher knows it (a
-        # torchmetrics metric's higher_is_better; a loss), declared as the loop begins.
+        # torchmetrics metric's higher_is_better; a loss), and who publishes each, as
+        # declared when the loop begins (declare()).
         self.better: dict[str, str] = {}
+        self._publishers: dict[str, object] = {}
 
     def __setitem__(self, name: str, value: float) -> None:
         super().__setitem__(name, value)
@@ -49,6 +51,21 @@ class Metrics(dict[str, float]):
         :meth:`update`, a name counts as the same on every rank."""
         self.update(values)
         self._per_rank.update(values)
+
+    def declare(self, name: str, publisher: object, *, better: str | None = None) -> None:
+        """``publisher`` (a callback, as the loop begins) will publish ``name``, which is
+        better ``"max"`` or ``"min"`` if it knows. A name two publishers declare is
+        refused: the later one's values overwrote the earlier's, silently (a trainer's
+        MetricUpdater with prefix="val/" beside its Validation published one "val/acc")."""
+        first = self._publishers.setdefault(name, publisher)
+        if first is not publisher:
+            raise ValueError(
+                f"two callbacks publish {name!r}: {_publisher(first)} and "
+                f"{_publisher(publisher)}; the later one's values would overwrite the "
+                "earlier one's: give one of them another prefix (or name)"
+            )
+        if better is not None:
+            self.better[name] = better
 
     def is_per_rank(self, name: str) -> bool:
         """Whether ``name``'s value is this rank's own (see :meth:`update_per_rank`)."""
@@ -72,6 +89,13 @@ class Metrics(dict[str, float]):
     def measured_at(self, name: str) -> int | None:
         """The global step at which ``name`` was last set (None: unknown, or never)."""
         return self._steps.get(name)
+
+
+def _publisher(callback: object) -> str:
+    """A metric's publisher as a message names it: its class, and its prefix if it has one."""
+    prefix = getattr(callback, "prefix", None)
+    kind = type(callback).__name__
+    return kind if prefix is None else f"{kind}(prefix={prefix!r})"
 
 
 @dataclasses.dataclass(slots=True, eq=False, repr=False)

@@ -266,6 +266,25 @@ async def test_a_mode_against_the_way_the_metric_is_better_is_refused(tmp_path: 
     await make_trainer(validation(), EarlyStopping("val/accuracy", mode="max")).fit()
 
 
+async def test_two_callbacks_publishing_one_name_are_refused_before_training() -> None:
+    # A trainer's MetricUpdater given prefix="val/" beside its Validation: one "val/acc",
+    # the training accuracy overwriting the validation's, silently.
+    def accuracy() -> torchmetrics.Metric:
+        return torchmetrics.classification.MulticlassAccuracy(3)
+
+    validation = Validation(make_loader(32, 16), metrics={"acc": accuracy()})
+    trainer = make_trainer(validation, MetricUpdater({"acc": accuracy()}, prefix="val/"))
+    with pytest.raises(ValueError, match=re.escape(
+        "two callbacks publish 'val/acc': Validation(prefix='val/') and "
+        "MetricUpdater(prefix='val/'); the later one's values would overwrite"
+    )):  # fmt: skip
+        await trainer.fit()
+    assert trainer.state.global_step == 0
+    validation = Validation(make_loader(32, 16), metrics={"acc": accuracy()})
+    state = await make_trainer(validation, MetricUpdater({"acc": accuracy()})).fit()
+    assert {"val/acc", "train/acc"} <= set(state.metrics)
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

@@ -122,15 +122,16 @@ class MetricUpdater(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         for metric in self.metrics.values():
             metric.to(state.device)
-        self.declare_better(state)
+        self.declare(state, self)
 
-    def declare_better(self, state: LoopState) -> None:
-        """Say in ``state.metrics.better`` which way each metric is better, where it says
+    def declare(self, state: LoopState, publisher: Callback) -> None:
+        """Declare the names ``publisher`` (this one, or the Validation it serves) publishes
+        in ``state.metrics``, and which way each is better where the metric says
         (``higher_is_better``), for the callbacks that rank by it (their ``mode``)."""
         for name, metric in self.metrics.items():
             higher = getattr(metric, "higher_is_better", None)
-            if isinstance(higher, bool):
-                state.metrics.better[self.prefix + name] = "max" if higher else "min"
+            better = ("max" if higher else "min") if isinstance(higher, bool) else None
+            state.metrics.declare(self.prefix + name, publisher, better=better)
 
     def on_epoch_begin(self, state: LoopState) -> None:
         self.reset()

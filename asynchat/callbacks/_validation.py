@@ -115,9 +115,9 @@ class Validation(Callback):
     def on_loop_begin(self, state: LoopState) -> None:
         self._refuse_shared(state.loop.callbacks)
         _warn_padded(self.data_loader)
-        state.metrics.better[self.prefix + "loss"] = "min"
+        state.metrics.declare(self.prefix + "loss", self, better="min")
         if self.updater is not None:
-            self.updater.declare_better(state)
+            self.updater.declare(state, self)
         twins = [
             c for c in state.loop.callbacks
             if isinstance(c, Validation) and c is not self and c.prefix == self.prefix
