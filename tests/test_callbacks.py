@@ -285,6 +285,15 @@ async def test_two_callbacks_publishing_one_name_are_refused_before_training() -
     assert {"val/acc", "train/acc"} <= set(state.metrics)
 
 
+async def test_validation_of_the_average_without_one_is_refused_before_training() -> None:
+    # It failed at the first validation, after an epoch of training.
+    validation = Validation(make_loader(32, 16), loss_fn=nn.CrossEntropyLoss(), use_ema=True)
+    trainer = make_trainer(validation)
+    with pytest.raises(LookupError, match=r"has no ExponentialMovingAverage callback; add one"):
+        await trainer.fit()
+    assert trainer.state.global_step == 0
+
+
 async def test_validation_every_n_steps_and_with_ema_weights() -> None:
     ema = ExponentialMovingAverage(decay=0.5, warmup=False)
     seen_weights: list[torch.Tensor] = []

@@ -116,6 +116,10 @@ class Validation(Callback):
         self._refuse_shared(state.loop.callbacks)
         _warn_padded(self.data_loader)
         state.metrics.declare(self.prefix + "loss", self, better="min")
+        if self.use_ema:  # (at the first validation, it failed an epoch of training later)
+            from asynchat.callbacks._model import ExponentialMovingAverage
+
+            ExponentialMovingAverage.find(state.loop)
         if self.updater is not None:
             self.updater.declare(state, self)
         twins = [
