@@ -57,6 +57,8 @@ class Metrics(dict[str, float]):
         better ``"max"`` or ``"min"`` if it knows. A name two publishers declare is
         refused: the later one's values overwrote the earlier's, silently (a trainer's
         MetricUpdater with prefix="val/" beside its Validation published one "val/acc")."""
+        if better not in (None, "max", "min"):
+            raise ValueError(f"better must be 'max', 'min' or None, got {better!r}")
         first = self._publishers.setdefault(name, publisher)
         if first is not publisher:
             raise ValueError(

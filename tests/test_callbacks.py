@@ -283,6 +283,8 @@ async def test_two_callbacks_publishing_one_name_are_refused_before_training() -
     validation = Validation(make_loader(32, 16), metrics={"acc": accuracy()})
     state = await make_trainer(validation, MetricUpdater({"acc": accuracy()})).fit()
     assert {"val/acc", "train/acc"} <= set(state.metrics)
+    with pytest.raises(ValueError, match=r"better must be 'max', 'min' or None, got 'higher'"):
+        Metrics().declare("val/bleu", validation, better="higher")
 
 
 async def test_validation_of_the_average_without_one_is_refused_before_training() -> None:
