@@ -128,9 +128,10 @@ class LoopRun:
     def run(self) -> None:
         self.hooks.begin()
         batch_hooks = self.hooks.hooks[Phase.ON_BATCH_BEGIN] or self.hooks.hooks[Phase.ON_BATCH_END]
-        self.watch = StepWatch(
+        watch = StepWatch(
             self.batch_processor, batch_hooks=bool(batch_hooks), training=self.loop.training
         )
+        self.watch = None if watch.done else watch  # (nothing to watch: no step wrapped)
         with self.modes(), torch.set_grad_enabled(self.loop.training):  # grad: per thread
             resume = self.prepare()
             try:
