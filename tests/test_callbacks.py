@@ -205,6 +205,27 @@ async def test_a_metric_resumed_as_another_kind_counts_the_epoch_from_where_it_r
     assert int(counted) == 3 * 16, "the epoch's last 3 batches of 16, no more"
 
 
+async def test_a_metric_collection_is_taken_as_its_metrics() -> None:
+    # torchmetrics' usual bundle was refused: "metrics must be a mapping of names to ...".
+    def collection() -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection({
+            "acc": torchmetrics.classification.MulticlassAccuracy(3),
+            "f1": torchmetrics.classification.MulticlassF1Score(3),
+        })  # fmt: skip
+
+    def separate() -> dict[str, torchmetrics.Metric]:
+        return dict(collection().items())
+
+    validation = Validation(make_loader(32, 16), metrics=collection())
+    bundled = await make_trainer(MetricUpdater(collection()), validation, num_epochs=1).fit()
+    validation = Validation(make_loader(32, 16), metrics=separate())
+    apart = await make_trainer(MetricUpdater(separate()), validation, num_epochs=1).fit()
+    assert set(bundled.metrics) == {"train/acc", "train/f1", "val/acc", "val/f1"}
+    assert bundled.metrics == apart.metrics
+    with pytest.raises(TypeError, match=r"metrics\['all'\] is a MetricCollection: pass the"):
+        MetricUpdater({"all": collection()})
+
+
 async def test_a_metric_of_several_numbers_is_refused_naming_it() -> None:
     """Regression: a metric per class (average=None) failed at the epoch's end with
     float()'s "only one element tensors can be converted to Python scalars", naming no

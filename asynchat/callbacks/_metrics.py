@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -65,8 +65,9 @@ class MetricUpdater(Callback):
     ``MulticlassAccuracy(10, average="micro", validate_args=False)``).
 
     Args:
-        metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10), ...}``;
-            moved to the loop's device when the loop begins.
+        metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10), ...}``,
+            or a ``torchmetrics.MetricCollection`` (its metrics by its keys, each updated on
+            its own); moved to the loop's device when the loop begins.
         prefix: prepended to each name in ``state.metrics`` (``"train/"``).
         log_every_n_steps: also compute every n steps (an epoch-so-far value).
         select: ``select(state) -> (preds, target)`` for ``metric.update``; default
@@ -78,7 +79,7 @@ class MetricUpdater(Callback):
 
     def __init__(
         self,
-        metrics: Mapping[str, torchmetrics.Metric],
+        metrics: Mapping[str, torchmetrics.Metric] | torchmetrics.MetricCollection,
         *,
         prefix: str = "train/",
         log_every_n_steps: int | None = None,
@@ -86,6 +87,10 @@ class MetricUpdater(Callback):
     ) -> None:
         import torchmetrics
 
+        if isinstance(metrics, torchmetrics.MetricCollection):
+            # (Refused before as no mapping.) Its metrics, each updated on its own: the
+            # collection's shared-state groups are an optimisation of its own update().
+            metrics = dict(metrics.items())
         if not isinstance(metrics, Mapping):
             raise TypeError(
                 f"metrics must be a mapping of names to torchmetrics.Metric, got {metrics!r}"
@@ -94,6 +99,11 @@ class MetricUpdater(Callback):
             raise ValueError("metrics must name at least one torchmetrics.Metric")
         names: dict[int, str] = {}
         for name, metric in metrics.items():
+            if isinstance(cast(object, metric), torchmetrics.MetricCollection):
+                raise TypeError(
+                    f"metrics[{name!r}] is a MetricCollection: pass the collection itself "
+                    "as metrics (its names are its keys)"
+                )
             if not isinstance(metric, torchmetrics.Metric):
                 raise TypeError(f"metrics[{name!r}] must be a torchmetrics.Metric, got {metric!r}")
             first = names.setdefault(id(metric), name)

@@ -69,7 +69,7 @@ class Validation(Callback):
         *,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
-        metrics: Mapping[str, torchmetrics.Metric] | None = None,
+        metrics: Mapping[str, torchmetrics.Metric] | torchmetrics.MetricCollection | None = None,
         select: Select = outputs_and_targets,
         loss_fn: LossFn | None = None,
         use_ema: bool = False,
