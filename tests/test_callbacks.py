@@ -49,6 +49,7 @@ from asynchat.callbacks import (
     Validation,
     cosine,
     load_checkpoint,
+    one_cycle,
     step_decay,
 )
 
@@ -770,6 +771,32 @@ async def test_a_schedule_factory_must_return_a_scheduler_of_the_optimizer_it_is
     with pytest.raises(ValueError, match=r"returned a StepLR over another optimizer than the"):
         await trainer.fit()
     assert trainer.state.global_step == 0 and earlier.param_groups[0]["lr"] == 0.1
+
+
+async def test_a_schedule_shorter_than_the_run_holds_its_last_rate() -> None:
+    # torch's CosineAnnealingLR rose back to the base rate after its total_steps (the run's
+    # last 8 steps at up to 0.96 of it), and its OneCycleLR failed the run at the step past
+    # them ("Tried to step 9 times. The specified number of total steps is 8").
+    async def rates(schedule: LRSchedule) -> list[float]:
+        seen: list[float] = []
+
+        class LR(Callback):
+            def on_step_begin(self, state: LoopState) -> None:
+                assert state.optimizer is not None
+                seen.append(state.optimizer.param_groups[0]["lr"])
+
+        loader = make_loader(256, 16)  # 16 steps
+        trainer = make_trainer(schedule, LR(), loader=loader, num_epochs=1)
+        assert (await trainer.fit()).global_step == 16
+        return seen
+
+    cosine_rates = await rates(LRSchedule(cosine(total_steps=8)))
+    assert cosine_rates[8:] == [0.0] * 8
+    assert cosine_rates[7] == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
+    with pytest.warns(RuntimeWarning, match=r"OneCycleLR's total_steps \(8\) were done "
+                      r"before global step 9, and the run goes on"):  # fmt: skip
+        cycle_rates = await rates(LRSchedule(one_cycle(0.1, total_steps=8)))
+    assert cycle_rates[8:] == [cycle_rates[7]] * 8
 
 
 async def test_lr_schedule_per_epoch() -> None:

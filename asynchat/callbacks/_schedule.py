@@ -10,9 +10,11 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import (
     ConstantLR,
+    CosineAnnealingLR,
     LambdaLR,
     LinearLR,
     LRScheduler,
+    OneCycleLR,
     ReduceLROnPlateau,
     SequentialLR,
 )
@@ -142,6 +144,7 @@ class LRSchedule(Callback):
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = None
         self._loaded: dict[str, Any] | None = None
         self._loaded_class: str | None = None  # the class whose state _loaded is
+        self._held = 0  # steps a OneCycleLR did not take, its total_steps made
         self._metric = None
         if monitor:
             self._metric = Monitor(
@@ -278,12 +281,33 @@ class LRSchedule(Callback):
             return
         if self._metric is None:
             assert not isinstance(scheduler, ReduceLROnPlateau)
-            scheduler.step()
+            if not self._past_its_end(scheduler, state):
+                scheduler.step()
             return
         value = self._metric.new_value(state)
         if value is not None:  # once per value: a plateau is measured in validations
             assert isinstance(scheduler, ReduceLROnPlateau)
             scheduler.step(value)
+
+    def _past_its_end(self, scheduler: LRScheduler, state: LoopState) -> bool:
+        """Whether a OneCycleLR (alone, or after the warmup) has made its ``total_steps``:
+        torch's raises at the next step ("Tried to step N times"), which failed a run longer
+        than its schedule there. It holds its last rate instead, with a warning, once."""
+        last = scheduler._schedulers[-1] if isinstance(scheduler, SequentialLR) else scheduler
+        if not isinstance(last, OneCycleLR) or last.last_epoch + 1 < last.total_steps:
+            return False
+        # Its last rate is set (the final phase's end); the step after the run's last update
+        # would set none that trains, so a run of total_steps updates is not told.
+        self._held += 1
+        if self._held == 2:
+            warnings.warn(
+                f"LRSchedule: the OneCycleLR's total_steps ({last.total_steps}) were done "
+                f"before global step {state.global_step}, and the run goes on: the learning "
+                "rate stays at its last value. Give it the run's number of updates",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         if self.scheduler is None:
@@ -348,7 +372,7 @@ def _a_setting(key: Any) -> bool:
 
 def _class_of(scheduler: LRScheduler | ReduceLROnPlateau) -> str:
     """``"CosineAnnealingLR"``, ``"SequentialLR(LinearLR, LambdaLR)"`` (a warmup's chain)."""
-    name = type(scheduler).__qualname__
+    name = getattr(type(scheduler), "saved_as", type(scheduler).__qualname__)
     if isinstance(scheduler, SequentialLR):
         name += f"({', '.join(_class_of(s) for s in scheduler._schedulers)})"
     return name
@@ -360,12 +384,25 @@ def step_decay(step_size: int, gamma: float = 0.1) -> SchedulerFactory:
     return lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size, gamma)
 
 
+class _CosineToFloor(CosineAnnealingLR):
+    """torch's CosineAnnealingLR, held at ``eta_min`` after its ``T_max`` steps, as HAT's
+    Cosine is: torch's rises back to the base rate over the next ``T_max`` (a run longer
+    than its schedule trained its last steps at the full rate again, silently). Its state
+    is torch's, so checkpoints name it as torch's class (older ones resume with it)."""
+
+    saved_as = "CosineAnnealingLR"
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        if self.last_epoch > self.T_max:
+            return [self.eta_min for _ in self.optimizer.param_groups]
+        return super().get_lr()
+
+
 def cosine(total_steps: int, min_lr: float = 0.0) -> SchedulerFactory:
-    """Cosine annealing to ``min_lr`` over ``total_steps`` scheduler steps (HAT's Cosine)."""
+    """Cosine annealing to ``min_lr`` over ``total_steps`` scheduler steps, then ``min_lr``
+    (HAT's Cosine)."""
     positive_int("total_steps", total_steps)
-    return lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, total_steps, eta_min=min_lr
-    )
+    return lambda optimizer: _CosineToFloor(optimizer, total_steps, eta_min=min_lr)
 
 
 def poly(total_steps: int, power: float = 1.0) -> SchedulerFactory:
