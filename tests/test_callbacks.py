@@ -793,10 +793,12 @@ async def test_a_schedule_shorter_than_the_run_holds_its_last_rate() -> None:
     cosine_rates = await rates(LRSchedule(cosine(total_steps=8)))
     assert cosine_rates[8:] == [0.0] * 8
     assert cosine_rates[7] == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
-    with pytest.warns(RuntimeWarning, match=r"OneCycleLR's total_steps \(8\) were done "
-                      r"before global step 9, and the run goes on"):  # fmt: skip
-        cycle_rates = await rates(LRSchedule(one_cycle(0.1, total_steps=8)))
-    assert cycle_rates[8:] == [cycle_rates[7]] * 8
+    cycle = LRSchedule(one_cycle(0.1, total_steps=8))
+    for _ in range(2):  # the instance reused by a new run tells it again
+        with pytest.warns(RuntimeWarning, match=r"OneCycleLR's total_steps \(8\) were done "
+                          r"before global step 9, and the run goes on"):  # fmt: skip
+            cycle_rates = await rates(cycle)
+        assert cycle_rates[8:] == [cycle_rates[7]] * 8
 
 
 async def test_lr_schedule_per_epoch() -> None:
