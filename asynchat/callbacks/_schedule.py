@@ -153,7 +153,6 @@ class LRSchedule(Callback):
             )  # fmt: skip
 
     def on_loop_begin(self, state: LoopState) -> None:
-        self._held = 0  # (this run's: an instance reused by a new run is told again)
         if self._metric is not None:
             self._metric.begin(state)
         optimizer = self._optimizer(state)
@@ -273,6 +272,7 @@ class LRSchedule(Callback):
             self._step(state)
 
     def on_loop_end(self, state: LoopState) -> None:
+        self._held = 0  # (each run's: an instance reused by a new run is told again)
         if self._metric is not None:
             self._metric.warn_if_unseen(state)
 
