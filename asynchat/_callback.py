@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from asynchat._every import rule_of
@@ -171,6 +171,14 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
     return Hook(callback, fn, inspect.iscoroutinefunction(fn), due)
 
 
+def run_objects(callbacks: Iterable[Callback]) -> Iterator[tuple[str, object]]:
+    """What ``callbacks`` keep a run's state in (:meth:`Callback._run_objects`), each with
+    where it is, as errors name it: ``"callbacks[2]'s metrics['acc']"``."""
+    for i, callback in enumerate(callbacks):
+        for name, obj in callback._run_objects().items():
+            yield f"callbacks[{i}]'s {name}", obj
+
+
 def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
     """``callbacks`` as a tuple, each checked to be a :class:`Callback` instance whose
     ``on_checkpoint`` is a plain ``def``, listed once, holding none of the others' objects
@@ -184,7 +192,6 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
         raise TypeError(f"callbacks must be a sequence of Callback instances, got {callbacks!r}")
     checked: list[Callback] = []
     positions: dict[int, int] = {}  # id -> the first position of each instance
-    held: dict[int, str] = {}  # id -> where the first of each callback's held objects is
     for i, callback in enumerate(callbacks):
         if isinstance(callback, type) and issubclass(callback, Callback):
             raise TypeError(
@@ -209,16 +216,16 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
                 "instance: its hooks would run twice at each phase (an LRSchedule stepped "
                 "twice a step, and its learning rate decayed twice as fast); list it once"
             )
-        for name, obj in callback._run_objects().items():
-            where = held.setdefault(id(obj), f"callbacks[{i}]'s {name}")
-            if where != f"callbacks[{i}]'s {name}":
-                raise ValueError(
-                    f"{where} and callbacks[{i}]'s {name} are one {type(obj).__name__} "
-                    "instance, which keeps the counts of one place in a run: it would be "
-                    "updated twice a batch, and each reset the other's counts; give each "
-                    "its own"
-                )
         checked.append(callback)
+    held: dict[int, str] = {}  # id -> where the first of each held object is
+    for where, obj in run_objects(checked):
+        before = held.setdefault(id(obj), where)
+        if before != where:
+            raise ValueError(
+                f"{before} and {where} are one {type(obj).__name__} instance, which keeps "
+                "the counts of one place in a run: it would be updated twice a batch, and "
+                "each reset the other's counts; give each its own"
+            )
     return tuple(checked)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import torch
 
-from asynchat._callback import Callback
+from asynchat._callback import Callback, run_objects
 from asynchat._data import has_persistent_workers
 from asynchat._errors import InUseError
 from asynchat._weights import plain_name
@@ -137,11 +137,7 @@ class Claim:
             id(c): (i, c) for i, c in enumerate(callbacks) if not c.shared_across_loops
         }
         # id -> (where, object), for what the callbacks keep a run's state in (metrics)
-        self.held = {
-            id(obj): (f"callbacks[{i}]'s {name}", obj)
-            for i, c in enumerate(callbacks)
-            for name, obj in c._run_objects().items()
-        }
+        self.held = {id(obj): (where, obj) for where, obj in run_objects(callbacks)}
         self.processor = processor  # its batch processor, which keeps state for the run
         # Data that every reader reads from one position, which is then this loop's alone.
         self.data = data if _read_once(data) else None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data.distributed import DistributedSampler
 
-from asynchat._callback import Callback, checked_callbacks
+from asynchat._callback import Callback, checked_callbacks, run_objects
 from asynchat._checks import flag, function, loss_function, positive_int, text
 from asynchat._data import check_data_loader
 from asynchat._errors import InUseError
@@ -152,17 +152,16 @@ class Validation(Callback):
                     "Validation an instance of its own, or say `shared_across_loops = True` "
                     "on a class whose one instance may serve both"
                 )
-            for name, obj in callback._run_objects().items():
-                mine[id(obj)] = f"Validation's callbacks[{i}]'s {name}"
-        for j, callback in enumerate(trainers):
-            for name, obj in callback._run_objects().items():
-                if id(obj) in mine:
-                    raise InUseError(
-                        f"{mine[id(obj)]} is the trainer's callbacks[{j}]'s {name} too (one "
-                        f"{type(obj).__name__} instance): each validation would reset the "
-                        "counts the trainer keeps in it and add its own; give the "
-                        "Validation an instance of its own"
-                    )
+        mine.update(
+            (id(obj), f"Validation's {where}") for where, obj in run_objects(self.callbacks)
+        )
+        for where, obj in run_objects(trainers):
+            if id(obj) in mine:
+                raise InUseError(
+                    f"{mine[id(obj)]} is the trainer's {where} too (one {type(obj).__name__} "
+                    "instance): each validation would reset the counts the trainer keeps in "
+                    "it and add its own; give the Validation an instance of its own"
+                )
 
     def on_step_end(self, state: LoopState) -> None:
         if every_n_steps(state, self.every_n_steps):
