@@ -108,7 +108,7 @@ class BatchProcessor(abc.ABC):
         # Checked at every batch (cheap): "8" failed only in snapshot() (a service's status
         # route) and Validation's weighting; -1 made samples/s negative, silently.
         if type(count) is not int:
-            if isinstance(count, (bool, float, str, bytes)) or not hasattr(count, "__index__"):
+            if isinstance(count, bool) or not hasattr(count, "__index__"):  # (float: none)
                 raise TypeError(
                     f"samples(batch) must return the batch's number of samples, an int; it "
                     f"returned {count!r}"
@@ -459,7 +459,7 @@ def model_loss(outputs: Any, batch: Any) -> torch.Tensor:
             loss = scalars[0] if len(scalars) == 1 else None
     if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
         raise ValueError(
-            f"loss_fn=model_loss: the model returned {_described(outputs)}, with no loss in it: "
+            f"loss_fn=model_loss: the model returned {described(outputs)}, with no loss in it: "
             "a model that computes its own loss returns it as a scalar tensor, alone, in a "
             "'loss' entry or attribute, or as the one scalar in a tuple (does the batch hold "
             "the labels the model needs to compute it, under the name its forward takes?)"
@@ -467,7 +467,9 @@ def model_loss(outputs: Any, batch: Any) -> torch.Tensor:
     return loss
 
 
-def _described(outputs: Any) -> str:
+def described(outputs: Any) -> str:
+    """A value as an error names it: a tensor by its shape, a mapping by its keys, else its
+    type."""
     if isinstance(outputs, torch.Tensor):
         return f"a tensor of shape {tuple(outputs.shape)}"
     if isinstance(outputs, Mapping):

@@ -12,7 +12,7 @@ from asynchat._callback import Callback
 from asynchat._checks import function, positive_int, text
 from asynchat._errors import CheckpointWarning, add_note
 from asynchat._every import every_n_steps
-from asynchat._processor import split_batch
+from asynchat._processor import described, split_batch
 from asynchat._settings import class_name
 from asynchat._state import LoopState
 
@@ -285,9 +285,8 @@ def _restore(metric: torchmetrics.Metric, saved: dict[str, Any], device: torch.d
 
 
 def _described(value: object) -> str:
-    """``value`` in a few words: a tensor by its shape, a sequence by its length."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    if isinstance(value, (tuple, list, dict)):
+    """``value`` as :func:`described` names it, and a sequence by its length too (a pair is
+    what ``select`` returns)."""
+    if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)}"
-    return f"a {type(value).__name__} {value!r:.80}"
+    return described(value)
