@@ -97,11 +97,12 @@ class Validation(Callback):
             )
         if loss_fn is not None:  # (checked here, not after the first epoch's training)
             loss_function("loss_fn", loss_fn)
-            _check_reduction(loss_fn)
         if batch_processor is not None:
             check_processor(batch_processor)
-            if getattr(batch_processor, "loss_fn", None) is not None:  # (a BasicBatchProcessor)
-                _check_reduction(batch_processor.loss_fn)  # type: ignore[attr-defined]
+        # The loss the batches have: this one's, or a BasicBatchProcessor's own.
+        batch_loss = loss_fn if loss_fn is not None else getattr(batch_processor, "loss_fn", None)
+        _check_reduction(batch_loss)
+        self._loss_is_total = getattr(batch_loss, "reduction", None) == "sum"
         self.data_loader = data_loader
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -177,8 +178,7 @@ class Validation(Callback):
         metrics."""
         from asynchat.callbacks._model import ExponentialMovingAverage
 
-        loss_fn = self.loss_fn or getattr(self.batch_processor, "loss_fn", None)
-        loss = _MeanLoss(totals=getattr(loss_fn, "reduction", None) == "sum")
+        loss = _MeanLoss(totals=self._loss_is_total)
         callbacks: list[Callback] = [*self.callbacks, loss]
         if self.updater is not None:
             callbacks.insert(0, self.updater)
@@ -247,7 +247,7 @@ class _MeanLoss(Callback):
         return float(self.total_loss)  # host sync: once per validation
 
 
-def _check_reduction(loss_fn: LossFn) -> None:
+def _check_reduction(loss_fn: LossFn | None) -> None:
     """A loss module's ``reduction``: "mean" and "sum" are each weighted as what they are
     (with "sum" each batch's loss had been weighted by its count again: val/loss 16 times
     the mean over samples, for batches of 16); "none" gives no number per batch."""
