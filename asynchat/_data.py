@@ -5,20 +5,26 @@ DataLoader with another sampler."""
 from __future__ import annotations
 
 import enum
+import inspect
 import itertools
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeGuard, TypeVar
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, TypeGuard, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from asynchat._async_data import AsyncIslice, is_async_iterator, is_async_source
 from asynchat._errors import add_note
 from asynchat._prefetch import Interrupted
 from asynchat._rng import capture_rng, restore_rng
 
 T = TypeVar("T")
+
+#: What a loop reads its batches from: an iterable (a DataLoader, a list of batches, a
+#: generator) or an async iterable (read on the event loop: ``asynchat._async_data``).
+DataSource = Iterable[Any] | AsyncIterable[Any]
 
 
 class _SkipFirst:
@@ -57,23 +63,23 @@ class _Islice:
         return itertools.islice(iter(self.iterable), self.count, None)
 
 
-def skip_batches(
-    data_loader: Iterable[Any], count: int, skipped: Callable[[], None]
-) -> Iterable[Any]:
+def skip_batches(data_loader: DataSource, count: int, skipped: Callable[[], None]) -> DataSource:
     """``data_loader`` without its first ``count`` batches.
 
     A map-style ``DataLoader`` skips them in its sampler, so their data is never loaded or
     collated (``skipped`` is called then, before the next batch's data is read); a sequence
-    is sliced; anything else (an ``IterableDataset``, a generator-backed iterable) is read
-    and the first batches dropped.
+    is sliced; anything else (an ``IterableDataset``, a generator-backed iterable, an async
+    iterable) is read and the first batches dropped.
     """
     if count == 0:
         return data_loader
+    if is_async_source(data_loader):
+        return AsyncIslice(data_loader, count)
     if isinstance(data_loader, DataLoader) and not isinstance(data_loader.dataset, IterableDataset):
         return _clone_skipping(data_loader, count, skipped)
     if isinstance(data_loader, Sequence):
         return data_loader[count:]
-    return _Islice(data_loader, count)
+    return _Islice(data_loader, count)  # type: ignore[arg-type]  # (not async: above)
 
 
 #: The loaders whose workers stop with them, and the iterator whose workers those are.
@@ -127,13 +133,13 @@ def has_persistent_workers(data: object) -> TypeGuard[DataLoader[Any]]:
     return isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0
 
 
-def workers_stop_with_loader(source: Iterable[Any]) -> Iterable[Any]:
+def workers_stop_with_loader(source: DataSource) -> DataSource:
     """``source``, iterated so that a DataLoader's persistent workers stop when it goes (see
     :class:`_WorkersStopWithLoader`); any other iterable as it is."""
     return _WorkersStopWithLoader(source) if has_persistent_workers(source) else source
 
 
-def start_workers_as_before(loader: Iterable[Any]) -> None:
+def start_workers_as_before(loader: DataSource) -> None:
     """Create a persistent-worker DataLoader's iterator now, if it has none, and put every
     generator back as it was: the epoch's order is then drawn by a reset, as in a run that
     never stopped.
@@ -151,13 +157,13 @@ def start_workers_as_before(loader: Iterable[Any]) -> None:
         return
     generators = loader_generators(loader)
     saved, rng = [g.get_state() for g in generators], capture_rng()
-    iter(workers_stop_with_loader(loader))
+    iter(_WorkersStopWithLoader(loader))
     restore_rng(rng)
     for generator, state in zip(generators, saved, strict=True):
         generator.set_state(state)
 
 
-def retire(loader: Iterable[Any]) -> None:
+def retire(loader: DataSource) -> None:
     """Stop the persistent workers of a loader made for one epoch (:func:`skip_batches`'s
     clone) as its epoch ends, rather than when the collector frees the clone."""
     iterator = getattr(loader, "_iterator", None) if has_persistent_workers(loader) else None
@@ -198,7 +204,7 @@ def _clone_skipping(
     return DataLoader(loader.dataset, batch_size=None, sampler=skipping, **kwargs)
 
 
-def loader_generators(data_loader: Iterable[Any]) -> list[torch.Generator]:
+def loader_generators(data_loader: DataSource) -> list[torch.Generator]:
     """The generators a DataLoader draws its order and worker seeds from, if it has its own."""
     if not isinstance(data_loader, DataLoader):
         return []
@@ -230,7 +236,7 @@ def with_last(
     agree_last: Callable[[bool], bool] | None = None,
     *,
     unread: bool = False,
-) -> Iterator[tuple[T, bool, bool]]:
+) -> EpochReads[T]:
     """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
     ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
     have run out.
@@ -240,17 +246,37 @@ def with_last(
     its group agreed to step on, and those are left unread (reading one would run its
     random augmentations, in a run going on and not in a run stopped there, and the two
     would go on from other RNG states). Without a length the last item is found by reading
-    one item ahead (so a data loader without ``len()`` is read one item early). An error from
-    reading ahead is raised after the item already read has been yielded. ``agree_last``
+    one item ahead (so a data loader without ``len()`` is read one item early: the
+    item read ahead when the steps end is ``held``). An error from reading ahead is raised
+    after the item already read has been yielded. ``agree_last``
     (ranks of a group whose lengths are not all known): whether an item is the last is
     agreed before its step (``agree_last(flag)`` is True if ``flag`` is on any rank), and
     whether there is a first one, so every rank ends the epoch at the same step, when the
     first runs out; an error from reading ahead is raised at once then (a rank that went
     on alone to the item's step would meet its peers in another collective).
     """
+    reads: EpochReads[T] = EpochReads()
     if length is not None:
-        return _counted(items, limit, length, unread)
-    return _read_ahead(items, limit, agree_last)
+        reads.items = _counted(items, limit, length, unread)
+    else:
+        reads.items = _read_ahead(items, limit, agree_last, reads)
+    return reads
+
+
+class EpochReads(Generic[T]):
+    """An epoch's items, iterated as ``(item, is_last, ends_data)`` (see :func:`with_last`).
+
+    ``held`` is ``(item,)`` while an item read ahead has not been yielded (the steps ended
+    as it was read: a ``stop()`` at the boundary, or while the next item was awaited), else
+    None: a loop whose data is read once (an iterator) runs its step rather than drop it.
+    """
+
+    def __init__(self) -> None:
+        self.items: Iterator[tuple[T, bool, bool]] = iter(())
+        self.held: tuple[T] | None = None
+
+    def __iter__(self) -> Iterator[tuple[T, bool, bool]]:
+        return self.items
 
 
 def _counted(
@@ -285,7 +311,10 @@ def _counted(
 
 
 def _read_ahead(
-    items: Iterator[T], limit: int | None, agree_last: Callable[[bool], bool] | None
+    items: Iterator[T],
+    limit: int | None,
+    agree_last: Callable[[bool], bool] | None,
+    reads: EpochReads[T],
 ) -> Iterator[tuple[T, bool, bool]]:
     current = _read(items)
     if agree_last is not None and agree_last(current is _END):
@@ -294,13 +323,15 @@ def _read_ahead(
         return
     count = 1
     while True:
+        reads.held = None  # (current: its step runs now)
         if limit is not None and count >= limit:
             yield current, True, False
             return
         try:
             following = _read(items)
         except Interrupted:
-            raise  # stop() or cancellation: the current item's step has not begun
+            reads.held = (current,)  # stop() or cancellation: the current item's step has not begun
+            raise
         except BaseException:
             if agree_last is None:
                 yield current, True, False  # train on what was read before the error
@@ -308,6 +339,7 @@ def _read_ahead(
         last = following is _END
         if agree_last is not None:
             last = agree_last(last)
+        reads.held = None if last else (following,)
         yield current, last, last
         if last:
             return
@@ -342,7 +374,7 @@ class Reading(enum.Enum):
     AHEAD = "on the data thread, ahead of the steps"
 
 
-def reading(data_loader: Iterable[Any], device: torch.device) -> Reading:
+def reading(data_loader: DataSource, device: torch.device) -> Reading:
     """How a loop with ``prefetch>0`` reads ``data_loader``.
 
     - ``INLINE``: a list or tuple of batches on the CPU (nothing to load: a data thread
@@ -373,7 +405,13 @@ def reading(data_loader: Iterable[Any], device: torch.device) -> Reading:
     return Reading.ON_REQUEST
 
 
-def data_length(data_loader: Iterable[Any]) -> int | None:
+def is_read_once(data: object) -> bool:
+    """Whether ``data`` is read once: an iterator (a generator, a stream), sync or async,
+    whose items read cannot be read again (``iter()`` of it is itself)."""
+    return isinstance(data, Iterator) or is_async_iterator(data)
+
+
+def data_length(data_loader: DataSource) -> int | None:
     try:
         return len(data_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -381,10 +419,32 @@ def data_length(data_loader: Iterable[Any]) -> int | None:
 
 
 def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
+    if is_async_source(data_loader):
+        if inspect.iscoroutinefunction(type(data_loader).__aiter__):
+            raise TypeError(
+                f"data_loader's __aiter__ ({type(data_loader).__name__}.__aiter__) is an async "
+                "def that returns: aiter() would give a coroutine. Make it a plain def that "
+                "returns an async iterator, or an async generator (async def with yield)"
+            )
+        if is_async_iterator(data_loader) and num_epochs != 1:
+            raise TypeError(
+                f"data_loader is an async iterator ({type(data_loader).__name__}), which can "
+                "be read only once, but the loop may need several epochs; pass an async "
+                "iterable whose every aiter() starts over (a class whose __aiter__ is an "
+                "async generator), or num_epochs=1"
+            )
+        return
+    if inspect.isasyncgenfunction(data_loader) or inspect.isgeneratorfunction(data_loader):
+        name = getattr(data_loader, "__qualname__", "it")
+        raise TypeError(
+            f"data_loader is the generator function {name}, not its batches: call it "
+            f"({name}(...)) for a generator, read once, or pass an object whose __iter__ "
+            "(or __aiter__) calls it, for data read anew each epoch"
+        )
     if not isinstance(data_loader, Iterable):
         raise TypeError(
-            f"data_loader must be iterable (a DataLoader, a list of batches, ...), got "
-            f"{type(data_loader).__name__}"
+            f"data_loader must be iterable (a DataLoader, a list of batches, ...) or async "
+            f"iterable, got {type(data_loader).__name__}"
         )
     if isinstance(data_loader, (str, bytes)):  # (iterable: each character a batch)
         raise TypeError(
@@ -399,7 +459,7 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
         )
 
 
-def distributed_sampler(data_loader: Iterable[Any]) -> DistributedSampler[Any] | None:
+def distributed_sampler(data_loader: DataSource) -> DistributedSampler[Any] | None:
     """The ``DistributedSampler`` a DataLoader draws from: its sampler, or its batch
     sampler's ``.sampler``; None if it has none."""
     if not isinstance(data_loader, DataLoader):
@@ -410,7 +470,7 @@ def distributed_sampler(data_loader: Iterable[Any]) -> DistributedSampler[Any] |
     return None
 
 
-def shard_loader(data_loader: Iterable[Any]) -> Iterable[Any]:
+def shard_loader(data_loader: DataSource) -> DataSource:
     """For a rank of a distributed job: a DataLoader rebuilt with a DistributedSampler
     (shuffled if the original was); anything else as it is, a DataLoader over an
     ``IterableDataset`` too (it has no sampler: the dataset reads its rank's share)."""

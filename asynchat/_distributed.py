@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from asynchat._callback import Callback
 from asynchat._checks import flag
-from asynchat._data import distributed_sampler, shard_loader
+from asynchat._data import DataSource, distributed_sampler, shard_loader
 from asynchat._device import resolve_device
 from asynchat._loop import Models, as_module
 from asynchat._processor import BatchProcessor, LossFn
@@ -59,7 +59,7 @@ class DistributedDataParallelTrainer(Trainer):
     def __init__(
         self,
         model: Models,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
         batch_processor: BatchProcessor | None = None,
@@ -172,7 +172,7 @@ class DataParallelTrainer(Trainer):
     def __init__(
         self,
         model: Models,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
         batch_processor: BatchProcessor | None = None,

@@ -38,7 +38,7 @@ import anyio
 import torch
 
 from asynchat._callback import Callback, run_objects
-from asynchat._data import has_persistent_workers
+from asynchat._data import has_persistent_workers, is_read_once
 from asynchat._errors import InUseError
 from asynchat._weights import plain_name
 
@@ -409,13 +409,13 @@ def _read_once(data: object) -> bool:
     """Whether the readers of ``data`` share one position: an iterator (a generator) is read
     once, and a DataLoader with persistent workers hands every ``iter()`` the same iterator,
     reset to the start (measured: a second reader restarted the first one's epoch)."""
-    return isinstance(data, Iterator) or has_persistent_workers(data)
+    return is_read_once(data) or has_persistent_workers(data)
 
 
 def _refuse_data(new: Claim, other: Claim) -> None:
     what = (
         "an iterator, which is read once"
-        if isinstance(new.data, Iterator)
+        if is_read_once(new.data)
         else "a DataLoader with persistent workers, whose every iter() is the same iterator, "
         "reset to the start"
     )

@@ -26,7 +26,7 @@ from asynchat._checks import path as check_path
 from asynchat._checks import positive_int, positive_number
 from asynchat._compute import ComputeThread, JobCancelled
 from asynchat._control import LoopControl
-from asynchat._data import check_data_loader, data_length
+from asynchat._data import DataSource, check_data_loader, data_length
 from asynchat._dcp import load_sharded, sharded_state, start_save
 from asynchat._device import resolve_device
 from asynchat._errors import CheckpointError, add_note
@@ -124,7 +124,7 @@ class LoopBase(PipeBase):
     def __init__(
         self,
         model: Models,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         *,
         batch_processor: BatchProcessor,
         device: str | torch.device | int | None = None,
@@ -774,7 +774,7 @@ def _check_name(name: object) -> None:
 
 def _check_arguments(
     model: object,
-    data_loader: Iterable[Any],
+    data_loader: DataSource,
     batch_processor: BatchProcessor,
     num_epochs: int | None,
     num_steps: int | None,

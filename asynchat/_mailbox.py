@@ -30,6 +30,16 @@ def running_trio_token() -> Any:
         return None
 
 
+def soon_on_this_loop() -> Callable[[Callable[[], None]], object]:
+    """The running event loop's thread-safe "call soon": a function that, from any thread,
+    has the loop call a function (``call_soon_threadsafe`` on asyncio and uvloop, the trio
+    token's ``run_sync_soon``). It raises ``RuntimeError`` once the loop has ended."""
+    trio_token = running_trio_token()
+    if trio_token is not None:
+        return trio_token.run_sync_soon  # type: ignore[no-any-return]
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
 def current_task() -> object:
     """The task running this code (asyncio's, uvloop's or trio's; None outside any),
     cheaply: anyio's ``get_current_task()`` costs several times as much, at every
@@ -60,13 +70,8 @@ class Mailbox(Generic[T]):
         self.abandoned = False  # set once its receiver is gone: senders then let it go
         self._future: asyncio.Future[None] | None = None
         self._event: anyio.Event | None = None
-        trio_token = running_trio_token()
-        if trio_token is not None:
-            self._loop: asyncio.AbstractEventLoop | None = None
-            self._schedule: Callable[[Callable[[], None]], object] = trio_token.run_sync_soon
-        else:
-            self._loop = asyncio.get_running_loop()
-            self._schedule = self._loop.call_soon_threadsafe
+        self._schedule = soon_on_this_loop()
+        self._loop = asyncio._get_running_loop()  # (None under trio: an anyio.Event waits)
 
     def put(self, item: T) -> bool:
         """Queue ``item`` and wake the receiver; False if its event loop is gone."""

@@ -12,6 +12,7 @@ import torch
 from asynchat._callback import Callback
 from asynchat._checks import flag, positive_int
 from asynchat._compute import ComputeThread
+from asynchat._data import DataSource
 from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
 from asynchat._ranks import sharded_over_ranks
@@ -54,7 +55,7 @@ class Predictor(LoopBase):
     def __init__(
         self,
         model: Models,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         *,
         batch_processor: BatchProcessor | None = None,
         loss_fn: LossFn | None = None,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from asynchat._callback import Callback
 from asynchat._control import LoopControl
-from asynchat._data import data_length
+from asynchat._data import DataSource, data_length
 from asynchat._state import LoopState
 
 T = TypeVar("T")
@@ -98,7 +98,7 @@ class RankGroup:
         )
 
     def agreed_length(
-        self, state: LoopState, data_loader: Iterable[Any], control: LoopControl, hint: str = ""
+        self, state: LoopState, data_loader: DataSource, control: LoopControl, hint: str = ""
     ) -> int | None:
         """The steps every rank runs in an epoch over ``data_loader`` of the loop of
         ``state`` and ``control`` (the loop that spans the ranks, or one run inline in it):

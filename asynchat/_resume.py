@@ -55,7 +55,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checkpoint_io import FORMAT, VERSION, check_loadable
-from asynchat._data import data_length, loader_generators
+from asynchat._data import DataSource, data_length, loader_generators
 from asynchat._dcp import split_sharded
 from asynchat._errors import CheckpointWarning
 from asynchat._rng import capture_rng, restore_rng
@@ -110,15 +110,13 @@ class DataTracker:
         self.epoch_generators = list(checkpoint.get("epoch_generators", []))
         self._loaded = (checkpoint["rng"], list(checkpoint.get("generators", [])))
 
-    def now(self, data_loader: Iterable[Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    def now(self, data_loader: DataSource) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The run's RNG states and its data loader's generator states now."""
         if self._loaded is not None:
             return self._loaded
         return capture_rng(), [g.get_state() for g in loader_generators(data_loader)]
 
-    def begin_epoch(
-        self, epoch: int, data_loader: Iterable[Any], resume: ResumePoint | None
-    ) -> None:
+    def begin_epoch(self, epoch: int, data_loader: DataSource, resume: ResumePoint | None) -> None:
         """Before the epoch's order is drawn: put the generators back for a resumed epoch and
         remember what this epoch draws from."""
         generators = loader_generators(data_loader)
@@ -193,7 +191,7 @@ def rank_state(
     tracker: DataTracker,
     metrics: Mapping[str, float],
     callbacks: Iterable[Callback],
-    data_loader: Iterable[Any],
+    data_loader: DataSource,
 ) -> dict[str, Any]:
     """This rank's own part of a distributed trainer's checkpoint (``ranks``), copied to
     host memory: what differs from rank to rank (each rank seeds its own dropout, logs its
@@ -208,7 +206,7 @@ def rank_state(
 
 
 def _own_fields(
-    tracker: DataTracker, metrics: Mapping[str, float], data_loader: Iterable[Any]
+    tracker: DataTracker, metrics: Mapping[str, float], data_loader: DataSource
 ) -> dict[str, Any]:
     """The fields of a checkpoint that may differ from rank to rank (not copied)."""
     rng, generators = tracker.now(data_loader)
@@ -268,7 +266,7 @@ def build_checkpoint(
     model: torch.nn.Module | None,
     processor_state: dict[str, Any],
     callbacks: Iterable[Callback],
-    data_loader: Iterable[Any],
+    data_loader: DataSource,
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Everything needed to resume, copied to host memory (on the compute thread); without
@@ -311,7 +309,7 @@ def apply_checkpoint(
     load_model: Callable[[dict[str, Any]], None],
     load_processor: Callable[[dict[str, Any]], None],
     callbacks: Iterable[Callback],
-    data_loader: Iterable[Any],
+    data_loader: DataSource,
     world_size: int,
 ) -> ResumePoint:
     """Restore the model, processor and callbacks; return where the loop resumes (the
@@ -354,7 +352,7 @@ def apply_checkpoint(
     )
 
 
-def _steps_into(progress: Mapping[str, Any], data_loader: Iterable[Any], world_size: int) -> int:
+def _steps_into(progress: Mapping[str, Any], data_loader: DataSource, world_size: int) -> int:
     """The steps of the interrupted epoch to skip; a warning if the data has fewer."""
     skip = steps_to_skip(progress, world_size, getattr(data_loader, "batch_size", None))
     length = data_length(data_loader)

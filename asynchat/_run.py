@@ -20,12 +20,16 @@ from typing import Any
 
 import torch
 
+from asynchat._async_data import AsyncBatches, is_async_source
 from asynchat._compute import JobCancelled
 from asynchat._control import Decision, LoopControl
 from asynchat._data import (
     READ_NOTE,
+    DataSource,
+    EpochReads,
     Reading,
     data_length,
+    is_read_once,
     reading,
     retire,
     skip_batches,
@@ -45,6 +49,7 @@ from asynchat._step_watch import StepWatch
 from asynchat._worker_seeds import seeded_per_batch
 
 _LOG = logging.getLogger("asynchat.loop")
+Batches = Prefetcher[Any] | InlineBatches | AsyncBatches  # an epoch's batch source
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
 # The phases inside a step after whose hooks the batch processor's own work goes on (the
 # forward, loss and backward after on_batch_begin; the update after on_before_update...).
@@ -62,6 +67,7 @@ class _EpochRun:
     steps: int = 0  # steps run now
     ran_out: bool = False  # the epoch's data ran out (rather than stop() or num_steps)
     decision: Decision = Decision.CONTINUE  # what ended the steps
+    reads: EpochReads[Any] | None = None  # the epoch's items, as the step loop reads them
 
 
 class LoopRun:
@@ -86,7 +92,7 @@ class LoopRun:
         self,
         loop: LoopHandle,
         *,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         batch_processor: BatchProcessor,
         prefetch: int,
         modes: Callable[[], contextlib.AbstractContextManager[None]],
@@ -113,10 +119,11 @@ class LoopRun:
         self.data = data
         self.throughput = throughput
         self.stager = stager
-        self.batches: Prefetcher[Any] | InlineBatches | None = None
+        self.batches: Batches | None = None
         self.held_to_update = False  # said why an end waits for the accumulation window
         self.warned_no_batch = False  # said that an epoch's data yielded no batch
         self.watch: StepWatch | None = None  # the first steps, checked; then None
+        self.read_once = is_read_once(data_loader)  # an item read cannot be read again
 
     def interrupt(self) -> None:
         """Wake the compute thread if it waits for data, so a stop or cancellation needs no
@@ -284,11 +291,7 @@ class LoopRun:
             with self._open_batches(source) as batches:
                 self.batches = batches
                 try:
-                    epoch.decision = self._decide()  # before the first step
-                    if epoch.decision is Decision.CONTINUE:
-                        self._step_through(iter(batches), epoch)
-                except Interrupted:  # stop() or cancellation while waiting for data (alone)
-                    epoch.decision = self._decide()
+                    self._steps_of(batches, epoch)
                 finally:
                     self.batches = None
                     state.batch = None
@@ -298,6 +301,16 @@ class LoopRun:
             self.data.steps_ended(state.epoch, skip + epoch.steps)
         return epoch.steps, epoch.ran_out, epoch.decision
 
+    def _steps_of(self, batches: Batches, epoch: _EpochRun) -> None:
+        try:
+            epoch.decision = self._decide()  # before the first step
+            if epoch.decision is Decision.CONTINUE:
+                self._step_through(iter(batches), epoch)
+        except Interrupted:  # stop() or cancellation while waiting for data (alone)
+            epoch.decision = self._decide()
+        if epoch.decision is Decision.STOP and self.read_once:
+            self._run_held(epoch)
+
     def _step_through(self, batches: Iterator[Any], epoch: _EpochRun) -> None:
         """The epoch's steps, one per batch, each followed by the boundary's decision.
 
@@ -305,26 +318,20 @@ class LoopRun:
         hooks is all the engine adds to a hand-written loop (``benchmarks/paired_overhead.py``).
         """
         state, control = self.state, self.control
-        take = DeviceStager.take if self.stager is not None and self.stager.moves else None
+        take = self._take()
         limit = None if state.num_steps is None else state.num_steps - state.global_step
         length = state.steps_per_epoch
         length = None if length is None else max(0, length - epoch.skip)
         waiting_since = time.perf_counter()
         read = with_last(batches, limit, length, control.agree_last, unread=epoch.unread)
+        epoch.reads = read
         for item, is_last, ends_data in read:
             if control.carried is not None:  # the boundary, agreed as the item was read
                 epoch.decision = self._decide(window_open=state.accumulating, carried=True)
                 if epoch.decision is not Decision.CONTINUE:
                     return
             state.data_time = time.perf_counter() - waiting_since
-            state.step = epoch.skip + epoch.steps
-            state.is_last_step = is_last
-            state.batch = item if take is None else take(item)
-            if epoch.steps == 0:
-                self.data.order_drawn()
-                self.throughput.batch_size = self.batch_processor.samples_in(state.batch)
-            self._run_step()
-            epoch.steps += 1
+            self._step_on(item if take is None else take(item), is_last, epoch)
             epoch.ran_out = ends_data
             # (idle: alone and asked nothing, the boundary is a no-op; agree_last agrees it
             # with the next item's read, unless this step was the last)
@@ -335,6 +342,34 @@ class LoopRun:
             waiting_since = time.perf_counter()
         # The data ended, unless the loop's num_steps did.
         epoch.ran_out = epoch.ran_out or limit is None or epoch.steps < limit
+
+    def _take(self) -> Callable[[Any], Any] | None:
+        """What makes a batch read usable on the compute stream (None: it is as read)."""
+        return DeviceStager.take if self.stager is not None and self.stager.moves else None
+
+    def _step_on(self, batch: Any, is_last: bool, epoch: _EpochRun) -> None:
+        state = self.state
+        state.step = epoch.skip + epoch.steps
+        state.is_last_step = is_last
+        state.batch = batch
+        if epoch.steps == 0:
+            self.data.order_drawn()
+            self.throughput.batch_size = self.batch_processor.samples_in(batch)
+        self._run_step()
+        epoch.steps += 1
+
+    def _run_held(self, epoch: _EpochRun) -> None:
+        """``stop()`` ended the steps with an item read ahead (data without ``len()``) from
+        data read once (an iterator: a stream's item read cannot be read again): its step
+        runs, as the epoch's last, rather than the item be dropped. Alone only: a rank's
+        peers would not run it (their boundary is agreed)."""
+        reads = epoch.reads
+        if reads is None or reads.held is None or self.control.agree is not None:
+            return
+        (item,), reads.held = reads.held, None
+        take = self._take()
+        self.state.data_time = 0.0
+        self._step_on(item if take is None else take(item), True, epoch)
 
     def _run_step(self) -> None:
         state, run_phase = self.state, self.hooks.run_phase
@@ -353,12 +388,20 @@ class LoopRun:
         self.data.step_done(state.epoch, state.step + 1)  # a checkpoint now resumes after it
         run_phase(Phase.ON_STEP_END)
 
-    def _open_batches(self, source: Iterable[Any]) -> Prefetcher[Any] | InlineBatches:
+    def _open_batches(self, source: DataSource) -> Batches:
         name = self.loop.name
         if self.stager is None:  # one copy stream for the run, not one per epoch
             self.stager = DeviceStager(self.loop.device)
         how = Reading.INLINE if self.prefetch == 0 else reading(self.data_loader, self.loop.device)
         stage = self.stager.stage if self.stager.moves else None  # (Staged items, or batches)
+        # Inside an accumulation window a stop waits for the window's batches.
+        interruptible = lambda: not self.state.accumulating or self.control.forcing()  # noqa: E731
+        if is_async_source(source):
+            assert self.hooks.compute is not None
+            return AsyncBatches(
+                source, compute=self.hooks.compute, stage=stage, interruptible=interruptible
+            )
+        assert isinstance(source, Iterable)  # (checked as the loop was made)
         if how is Reading.INLINE:
             return InlineBatches(source, stage=stage)
         return Prefetcher(
@@ -370,6 +413,5 @@ class LoopRun:
             # Only if a warning needs it, and short: a repr of a list of batches would print
             # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).
             label=lambda: f"{name}'s data_loader {reprlib.repr(self.data_loader)}",
-            # Inside an accumulation window a stop waits for the window's batches.
-            interruptible=lambda: not self.state.accumulating or self.control.forcing(),
+            interruptible=interruptible,
         )

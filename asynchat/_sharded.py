@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from asynchat._callback import Callback
+from asynchat._data import DataSource
 from asynchat._distributed import DistributedDataParallelTrainer
 from asynchat._loop import Models
 from asynchat._processor import BatchProcessor, LossFn
@@ -57,7 +58,7 @@ class FullyShardedDataParallelTrainer(DistributedDataParallelTrainer):
     def __init__(
         self,
         model: Models,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         optimizer: OptimizerFactory | Mapping[str, OptimizerFactory],
         *,
         batch_processor: BatchProcessor | None = None,

@@ -11,6 +11,7 @@ import torch
 
 from asynchat._callback import Callback
 from asynchat._checks import optimizer_trains
+from asynchat._data import DataSource
 from asynchat._errors import CheckpointError, CheckpointWarning
 from asynchat._loop import LoopBase, Models
 from asynchat._processor import BasicBatchProcessor, BatchProcessor, LossFn
@@ -34,7 +35,10 @@ class Trainer(LoopBase):
             when the run ends. While it trains, no other loop may run on the model (or on a
             submodule or weight of it) except from this trainer's hooks: see
             :class:`~asynchat.LoopBase`.
-        data_loader: a re-iterable of batches, e.g. a ``torch.utils.data.DataLoader``.
+        data_loader: a re-iterable of batches, e.g. a ``torch.utils.data.DataLoader`` (an
+            iterator, read once, only with ``num_epochs=1``); or an async iterable, read on
+            the event loop (an async generator, an anyio memory object stream: README,
+            *Async data*).
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, or a factory
             ``optimizer(model)`` called once the model is on its device; or a mapping of
             names to either, for a step with several updates (``{"d": ..., "g": ...}``; see
@@ -68,7 +72,7 @@ class Trainer(LoopBase):
     def __init__(
         self,
         model: Models,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         optimizer: OptimizerSpec | Mapping[str, OptimizerSpec],
         *,
         batch_processor: BatchProcessor | None = None,

@@ -30,7 +30,7 @@ from typing import Any, SupportsIndex, overload
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from asynchat._data import loader_settings
+from asynchat._data import DataSource, loader_settings
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -135,7 +135,7 @@ _SEEDED: weakref.WeakKeyDictionary[DataLoader[Any], tuple[dict[str, Any], DataLo
 _SEEDED_LOCK = threading.Lock()
 
 
-def seeded_per_batch(data_loader: Iterable[Any]) -> Iterable[Any]:
+def seeded_per_batch(data_loader: DataSource) -> DataSource:
     """``data_loader`` as the engine iterates it: a ``DataLoader`` whose workers read a
     map-style dataset in batches is rebuilt so that each batch's random numbers are seeded
     for that batch (see the module's text); anything else, a ``DataLoader`` subclass too, as

@@ -518,10 +518,26 @@ class Stream(torch.utils.data.IterableDataset[Any]):
         return iter(self.samples)
 
 
+class AsyncStream:
+    """``batches`` as an async iterable (read on the event loop), without a length."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+
+    def __aiter__(self) -> Any:
+        return self._items()
+
+    async def _items(self) -> Any:
+        for batch in self.batches:
+            await anyio.lowlevel.checkpoint()
+            yield batch
+
+
 async def uneven_data(rank: int, world_size: int, out: str, kind: str, accumulate: int) -> None:
     """Ranks with 4 and 7 batches an epoch, two epochs: as a list (``kind="list"``, lengths
-    known) or a DataLoader over an IterableDataset (``"stream"``, no length). Writes the
-    steps run each epoch, the weights and the warnings to ``out/rank<r>.json``."""
+    known), a DataLoader over an IterableDataset (``"stream"``, no length) or an async
+    iterable over that (``"async"``). Writes the steps run each epoch, the weights and the
+    warnings to ``out/rank<r>.json``."""
     import warnings
 
     from asynchat import BasicBatchProcessor, Callback, LoopState
@@ -539,6 +555,8 @@ async def uneven_data(rank: int, world_size: int, out: str, kind: str, accumulat
     )
     if kind == "list":
         data = list(data)
+    elif kind == "async":
+        data = AsyncStream(data)
     steps = Steps()
     trainer = plain_trainer(
         data_loader=data, num_epochs=2, callbacks=[steps], loss_fn=None,

@@ -359,8 +359,8 @@ def uneven_reference(accumulate: int) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("kind", "accumulate"), [("list", 1), ("stream", 1), ("stream", 3)],
-    ids=["lengths-known", "no-length", "no-length-accumulate-3"],
+    ("kind", "accumulate"), [("list", 1), ("stream", 1), ("stream", 3), ("async", 3)],
+    ids=["lengths-known", "no-length", "no-length-accumulate-3", "async-accumulate-3"],
 )  # fmt: skip
 def test_ranks_with_uneven_data_run_as_many_steps_as_the_shortest(
     tmp_path: Path, kind: str, accumulate: int

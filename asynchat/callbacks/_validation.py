@@ -12,7 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from asynchat._callback import Callback, checked_callbacks, run_objects
 from asynchat._checks import flag, function, loss_function, positive_int, text
-from asynchat._data import check_data_loader
+from asynchat._data import DataSource, check_data_loader
 from asynchat._errors import InUseError
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
@@ -44,7 +44,7 @@ class Validation(Callback):
     validate a shard per rank), as the metrics are (torchmetrics sync at ``compute()``).
 
     Args:
-        data_loader: the validation batches.
+        data_loader: the validation batches (iterable, or async iterable).
         every_n_epochs: validate after every n-th complete epoch (``None``: never by epoch).
         every_n_steps: validate after every n-th step (``None``: never by step).
         metrics: ``{"accuracy": torchmetrics.classification.MulticlassAccuracy(10)}``.
@@ -65,7 +65,7 @@ class Validation(Callback):
 
     def __init__(
         self,
-        data_loader: Iterable[Any],
+        data_loader: DataSource,
         *,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,

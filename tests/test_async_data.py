@@ -1,0 +1,338 @@
+"""Async data sources: a loop reads an async iterable on the event loop, one batch when its
+step asks; stop() and cancellation end a read that waits; a batch read from data read once
+(an iterator, sync or async: a stream) is trained rather than dropped when stop() ends the
+loop; an async generator is closed as its epoch's reading ends."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+from conftest import (
+    StopAt,
+    Unsized,
+    make_loader,
+    make_model,
+    make_trainer,
+    sgd,
+)
+from torch import nn
+
+from asynchat import (
+    BasicBatchProcessor,
+    Callback,
+    InUseError,
+    LoopState,
+    LoopStatus,
+    Predictor,
+    Trainer,
+)
+from asynchat.callbacks import Checkpoint, Validation
+
+pytestmark = pytest.mark.anyio
+
+
+class AsyncBatches:
+    """An async iterable whose every ``aiter()`` is an async generator over ``batches``,
+    recording the thread of each read and each close (its ``finally``)."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self.read_on: set[str] = set()
+        self.closed = 0
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[Any]:
+        try:
+            for batch in self.batches:
+                await anyio.lowlevel.checkpoint()
+                self.read_on.add(threading.current_thread().name)
+                yield batch
+        finally:
+            self.closed += 1
+
+
+def numbered(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of 4 samples whose features are all the batch's number."""
+    return [(torch.full((4, 8), float(i)), torch.zeros(4, dtype=torch.long)) for i in range(count)]
+
+
+class Seen(Callback):
+    """The number of each batch trained on, in order."""
+
+    def __init__(self) -> None:
+        self.numbers: list[int] = []
+
+    def on_step_end(self, state: LoopState) -> None:
+        self.numbers.append(int(state.batch[0][0, 0]))
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+async def wait_for(condition: Any) -> None:
+    """Until ``condition()`` holds (a loop's step count: the loop offers no event for it)."""
+    with anyio.fail_after(10):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_an_async_iterable_trains_as_its_batches_in_a_list_would() -> None:
+    source = AsyncBatches(list(make_loader(96, 16)))
+    trainer = make_trainer(loader=source, num_epochs=2)
+    await trainer.fit()
+    reference = make_trainer(loader=list(make_loader(96, 16)), num_epochs=2)
+    await reference.fit()
+    assert trainer.state.global_step == 12 and trainer.state.epoch_complete
+    assert same_weights(trainer.model, reference.model)
+    assert source.read_on == {threading.current_thread().name}, "read on the event loop"
+    assert source.closed == 2, "each epoch's generator closed as its reading ended"
+
+
+async def test_an_async_iterator_is_read_once() -> None:
+    send, receive = anyio.create_memory_object_stream[Any](4)
+    with send, receive, pytest.raises(TypeError, match=r"async iterator.*read only once"):
+        make_trainer(loader=receive, num_epochs=2)
+
+
+async def test_two_loops_reading_one_async_iterator_at_once_are_refused() -> None:
+    send, receive = anyio.create_memory_object_stream[Any](4)
+    first = make_trainer(loader=receive, num_epochs=1)
+    second = make_trainer(loader=receive, num_epochs=1)
+    with send, receive:
+        async with anyio.create_task_group() as group:
+            group.start_soon(first.fit)
+            await wait_for(lambda: first.status is LoopStatus.RUNNING)
+            with pytest.raises(InUseError, match="an iterator, which is read once"):
+                await second.fit()
+            first.stop()
+
+
+async def test_a_stream_fed_by_a_task_is_trained_in_order_to_its_end() -> None:
+    send, receive = anyio.create_memory_object_stream[Any](2)
+    seen = Seen()
+    trainer = make_trainer(seen, loader=receive, num_epochs=1)
+    async with anyio.create_task_group() as group:
+        group.start_soon(trainer.fit)
+        async with send:
+            for batch in numbered(7):
+                await send.send(batch)
+    receive.close()  # (the caller's: the loop leaves a stream it did not open as it is)
+    assert seen.numbers == list(range(7))
+    assert trainer.status is LoopStatus.FINISHED and trainer.state.epoch_complete
+
+
+async def test_stop_while_a_stream_waits_trains_the_batch_read_and_reads_no_more() -> None:
+    # The loop reads data without len() one batch ahead: it waits for the fourth batch to
+    # know whether the third is the last. The stop ends that wait at once; the third batch,
+    # taken from the stream, is trained, and the fourth, sent after, is left in the stream.
+    send, receive = anyio.create_memory_object_stream[Any](8)
+    seen = Seen()
+    trainer = make_trainer(seen, loader=receive, num_epochs=1)
+    batches = numbered(4)
+    with send, receive:
+        async with anyio.create_task_group() as group:
+            group.start_soon(trainer.fit)
+            for batch in batches[:3]:
+                await send.send(batch)
+            await wait_for(lambda: trainer.state.global_step == 2)
+            await anyio.sleep(0.2)  # (waiting for the fourth batch)
+            started = time.perf_counter()
+            trainer.stop("enough")
+        assert time.perf_counter() - started < 5
+        await send.send(batches[3])
+        assert int(receive.receive_nowait()[0][0, 0]) == 3
+    assert seen.numbers == [0, 1, 2]
+    assert trainer.status is LoopStatus.FINISHED and not trainer.state.epoch_complete
+
+
+def queue_of(batches: list[Any]) -> queue.Queue[Any]:
+    items: queue.Queue[Any] = queue.Queue()
+    for batch in batches:
+        items.put(batch)
+    return items
+
+
+def drained(items: queue.Queue[Any]) -> Iterator[Any]:
+    """A live stream: each batch is taken from the queue as it is read (``get`` blocks), up
+    to a None."""
+    while (batch := items.get()) is not None:
+        yield batch
+
+
+@pytest.mark.parametrize("prefetch", [0, 2], ids=["compute-thread", "data-thread"])
+async def test_stop_at_a_boundary_trains_the_batch_an_iterator_read_ahead(prefetch: int) -> None:
+    # A generator over a queue: stopped after step 2, the loop had already read batch 2 to
+    # know whether batch 1 was the last; that batch was dropped, gone from the queue.
+    items = queue_of(numbered(6))
+    seen = Seen()
+    trainer = make_trainer(StopAt(2), seen, loader=drained(items), num_epochs=1, prefetch=prefetch)
+    await trainer.fit()
+    assert seen.numbers == [0, 1, 2]
+    assert int(items.get_nowait()[0][0, 0]) == 3, "no batch read past the one trained"
+
+
+async def test_stop_at_a_boundary_drops_the_batch_a_re_iterable_read_ahead() -> None:
+    # Data iterated anew each epoch is read again by a resumed run: a stop ends after the
+    # step in progress, as with a list.
+    seen = Seen()
+    trainer = make_trainer(StopAt(2), seen, loader=Unsized(numbered(6)), num_epochs=1)
+    await trainer.fit()
+    assert seen.numbers == [0, 1]
+
+
+async def test_stop_while_a_generator_blocks_on_the_data_thread_trains_the_batch_read() -> None:
+    items = queue_of(numbered(3))
+    seen = Seen()
+    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
+    async with anyio.create_task_group() as group:
+        group.start_soon(trainer.fit)
+        await wait_for(lambda: trainer.state.global_step == 2)
+        await anyio.sleep(0.2)  # (the data thread waits in the queue's get)
+        trainer.stop()
+        await wait_for(lambda: trainer.state.global_step == 3)
+        items.put(None)  # (the data thread, still waiting, returns: the loop has left)
+    assert seen.numbers == [0, 1, 2]
+
+
+async def test_cancelling_while_an_async_generator_waits_ends_at_once_and_closes_it() -> None:
+    closed = anyio.Event()
+
+    async def two_then_wait() -> AsyncIterator[Any]:
+        try:
+            for batch in numbered(2):
+                yield batch
+            await anyio.sleep_forever()
+        finally:
+            closed.set()
+
+    trainer = make_trainer(loader=two_then_wait(), num_epochs=1)
+    with anyio.move_on_after(0.5):
+        await trainer.fit()
+    assert trainer.status is LoopStatus.CANCELLED
+    assert closed.is_set()
+    assert trainer.state.global_step == 1, "the first step ran; the second's read waited"
+
+
+async def test_an_error_from_an_async_source_is_raised_as_itself_after_the_batches_before() -> None:
+    async def broken() -> AsyncIterator[Any]:
+        for batch in numbered(3):
+            yield batch
+        raise ConnectionError("the feed went away")
+
+    seen = Seen()
+    trainer = make_trainer(seen, loader=broken(), num_epochs=1)
+    with pytest.raises(ConnectionError, match="the feed went away") as caught:
+        await trainer.fit()
+    assert seen.numbers == [0, 1, 2]
+    assert any("reading its data" in note for note in caught.value.__notes__)
+
+
+async def test_stop_inside_an_accumulation_window_waits_for_the_windows_batch() -> None:
+    send, receive = anyio.create_memory_object_stream[Any](8)
+    seen = Seen()
+    model = make_model()
+    processor = BasicBatchProcessor(nn.CrossEntropyLoss(), grad_accumulation_steps=2)
+    trainer = Trainer(
+        model, receive, sgd, batch_processor=processor, num_epochs=1, callbacks=[seen]
+    )
+    batches = numbered(3)
+    with send, receive:
+        async with anyio.create_task_group() as group:
+            group.start_soon(trainer.fit)
+            for batch in batches[:2]:
+                await send.send(batch)
+            await wait_for(lambda: trainer.state.global_step == 1)
+            trainer.stop()
+            await anyio.sleep(0.3)
+            assert not trainer.status.done, f"the window's second batch is due: {trainer.status}"
+            assert trainer.state.global_step == 1
+            assert trainer.state.accumulating
+            await send.send(batches[2])
+    # Batch 1 closes the window; batch 2, read ahead of it from the stream, is trained too.
+    assert seen.numbers == [0, 1, 2]
+    assert not trainer.state.accumulating
+
+
+async def test_a_predictor_streams_the_outputs_of_an_async_source() -> None:
+    batches = list(make_loader(64, 16))
+    model = make_model()
+    predictor = Predictor(model, AsyncBatches(batches))
+    async with contextlib.aclosing(predictor.stream()) as outputs:
+        got = [out async for out in outputs]
+    with torch.no_grad():
+        want = [model.eval()(x) for x, _ in batches]
+    assert len(got) == 4
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+async def test_validation_over_an_async_source_measures_what_it_does_over_a_list() -> None:
+    batches = list(make_loader(48, 16, seed=1))
+    results = []
+    for data in (AsyncBatches(batches), batches):
+        validation = Validation(data, loss_fn=nn.CrossEntropyLoss())
+        trainer = make_trainer(validation, num_epochs=2)
+        await trainer.fit()
+        results.append(trainer.state.metrics["val/loss"])
+    assert results[0] == results[1]
+
+
+async def test_a_run_over_an_async_iterable_resumed_mid_epoch_equals_one_never_stopped(
+    tmp_path: Path,
+) -> None:
+    batches = list(make_loader(96, 16, shuffle=False))
+    stopped = make_trainer(
+        StopAt(8), Checkpoint(tmp_path), loader=AsyncBatches(batches), num_epochs=2
+    )
+    await stopped.fit()
+    assert stopped.state.global_step == 8
+    resumed = make_trainer(loader=AsyncBatches(batches), num_epochs=2, resume_from=tmp_path)
+    await resumed.fit()
+    whole = make_trainer(loader=AsyncBatches(batches), num_epochs=2)
+    await whole.fit()
+    assert resumed.state.global_step == whole.state.global_step == 12
+    assert same_weights(resumed.model, whole.model)
+
+
+class CoroutineAiter:
+    async def __aiter__(self) -> Any:  # (a mistake: aiter() gives a coroutine)
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+
+async def batches_of_a_feed() -> AsyncIterator[Any]:
+    for batch in numbered(2):
+        yield batch
+
+
+def batches_of_a_file() -> Iterator[Any]:
+    yield from numbered(2)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [(CoroutineAiter(), "__aiter__ (CoroutineAiter.__aiter__) is an async def that returns"),
+     (batches_of_a_feed, "the generator function batches_of_a_feed, not its batches: call it"),
+     (batches_of_a_file, "the generator function batches_of_a_file, not its batches: call it")],
+    ids=["async-def-aiter", "async-generator-function", "generator-function"],
+)  # fmt: skip
+def test_data_that_cannot_be_read_is_named_as_the_loop_is_made(data: Any, error: str) -> None:
+    # Found only as the first epoch began: "aiter() returned not an async iterator of type
+    # 'coroutine'" (and a coroutine never awaited); "must be iterable ..., got function".
+    with pytest.raises(TypeError, match=re.escape(error)):
+        make_trainer(loader=data, num_epochs=1)
