@@ -3,7 +3,10 @@
 (a) A tiny model (``nn.Linear(32, 32)``, batch 32, Adam, one torch thread) trained by a
     hand-written loop and by the engine with no hook, a ``def`` hook and an ``async def`` hook
     at ``on_step_end`` (every step, and ``@every(steps=10)``); once from a list of ready
-    batches (the engine's own cost) and once from a ``DataLoader`` (what users run). Short
+    batches (the engine's own cost) and once from a ``DataLoader`` (what users run); and
+    from an async generator over the ready batches (read on the event loop: one round trip
+    to it a batch), against a hand-written ``async for`` loop training on the event loop
+    (which blocks it: the engine does not). Short
     runs of every variant are interleaved and repeated, so a noisy machine slows all of them
     alike; the table shows the median time per step and its ratio to the hand-written loop
     over the same data, measured in the same run.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -97,7 +100,37 @@ def hand_written(data: Iterable[Any], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def engine(data: Iterable[Any], steps: int, callbacks: list[Callback], prefetch: int = 2) -> float:
+class AsyncBatches:
+    """``batches`` as an async iterable: an async generator each ``aiter()``."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    async def _items(self) -> AsyncIterator[Any]:
+        for batch in self.batches:
+            yield batch
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items()
+
+
+def hand_written_async(data: AsyncBatches, steps: int) -> float:
+    model, optimizer = model_and_optimizer()
+    loss_fn = nn.MSELoss()
+
+    async def run() -> float:
+        start = time.perf_counter()
+        async for inputs, targets in data:
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return anyio.run(run, backend="asyncio", backend_options=UVLOOP) / steps
+
+
+def engine(data: Any, steps: int, callbacks: list[Callback], prefetch: int = 2) -> float:
     model, optimizer = model_and_optimizer()
     trainer = Trainer(
         model,
@@ -128,6 +161,9 @@ def cost_per_step(steps: int, rounds: int) -> str:
         variants[(source, "engine, no hook, prefetch=0")] = lambda data=data: engine(
             data, steps, [], prefetch=0
         )
+    source = AsyncBatches(ready_batches(steps))
+    variants[("async generator", "hand-written loop")] = lambda: hand_written_async(source, steps)
+    variants[("async generator", "engine, no hook")] = lambda: engine(source, steps, [])
     for run in variants.values():  # warm-up: allocator, autograd, thread machinery
         run()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}

@@ -6,8 +6,12 @@ loop; an async generator is closed as its epoch's reading ends."""
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,10 +25,13 @@ import torch
 from conftest import (
     StopAt,
     Unsized,
+    finished,
+    load_example,
     make_loader,
     make_model,
     make_trainer,
     sgd,
+    wait_until,
 )
 from torch import nn
 
@@ -305,6 +312,33 @@ async def test_a_run_over_an_async_iterable_resumed_mid_epoch_equals_one_never_s
     await whole.fit()
     assert resumed.state.global_step == whole.state.global_step == 12
     assert same_weights(resumed.model, whole.model)
+
+
+async def test_the_stream_example_learns_the_digits_from_its_feed(tmp_path: Path) -> None:
+    example = load_example("digits_stream.py")
+    steps, accuracy = await example.train(batches=300, every_ms=0, out=tmp_path)
+    assert steps == 300
+    assert accuracy > 0.9
+    listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
+    assert listed["checkpoints"], "the most accurate weights are kept"
+
+
+def test_the_stream_example_stopped_by_ctrl_c_trains_what_it_took_and_says_so(
+    tmp_path: Path,
+) -> None:
+    example = Path(__file__).parents[1] / "examples" / "digits_stream.py"
+    process = subprocess.Popen(
+        [sys.executable, str(example), "--every", "20", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    manifest = tmp_path / "checkpoints" / "manifest.json"
+    wait_until(manifest.exists, process, "the first checkpoint (step 50)")
+    process.send_signal(signal.SIGINT)
+    out, err = finished(process)
+    assert process.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    steps = int(out.split("trained on ")[1].split()[0])
+    assert 50 <= steps < 400
 
 
 class CoroutineAiter:

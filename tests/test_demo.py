@@ -80,6 +80,8 @@ def test_the_demo_piped_into_a_reader_that_leaves_ends_without_a_traceback(tmp_p
      ("digits.py", ["--out", "/proc/asynchat-demo"], "argument --out: cannot create /proc/asyn"),
      ("digits_sharded.py", ["--ranks", "0"], "argument --ranks: must be a positive integer"),
      ("digits_own_loss.py", ["--epochs", "0"], "argument --epochs: must be a positive integer"),
+     ("digits_stream.py", ["--batches", "0"], "argument --batches: must be a positive integer"),
+     ("digits_stream.py", ["--every", "-1"], "argument --every: must be a number of millisec"),
      ("dcgan.py", ["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
      ("charlm.py", ["--steps", "50"], "argument --steps: must be at least 101, got 50"),
      ("charlm.py", ["--width", "33"], "argument --width: must be a multiple of 32"),
