@@ -127,10 +127,12 @@ class AsyncBatches:
         tb: TracebackType | None,
     ) -> None:
         iterator, self._iterator = self._iterator, None
-        if iterator is None or not inspect.isasyncgen(iterator) or exc_type is JobCancelled:
-            return  # (abandoned: nobody serves the event loop's side any more)
-        try:
+        if iterator is None or not inspect.isasyncgen(iterator):
+            return
+        try:  # (a cancelled job's requests are still served, shielded, until it returns)
             self._compute.call_async(lambda: _close(iterator))
+        except JobCancelled:
+            pass  # abandoned (a second Ctrl-C): nobody serves the event loop's side any more
         except Exception as error:
             if exc is None:
                 raise

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
@@ -284,6 +284,30 @@ class Unsized:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.data)
+
+
+class AsyncBatches:
+    """An async iterable whose every ``aiter()`` is an async generator over ``batches``
+    (each read after ``nap`` seconds), recording the thread of each read and each close
+    (its ``finally``)."""
+
+    def __init__(self, batches: Any, nap: float = 0) -> None:
+        self.batches = batches
+        self.nap = nap
+        self.read_on: set[str] = set()
+        self.closed = 0
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[Any]:
+        try:
+            for batch in self.batches:
+                await anyio.sleep(self.nap)
+                self.read_on.add(threading.current_thread().name)
+                yield batch
+        finally:
+            self.closed += 1
 
 
 def make_model(seed: int = 0, features: int = 8, classes: int = 3) -> nn.Module:

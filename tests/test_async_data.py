@@ -23,6 +23,8 @@ import anyio.lowlevel
 import pytest
 import torch
 from conftest import (
+    AsyncBatches,
+    CancelAt,
     StopAt,
     Unsized,
     finished,
@@ -47,28 +49,6 @@ from asynchat import (
 from asynchat.callbacks import Checkpoint, Validation
 
 pytestmark = pytest.mark.anyio
-
-
-class AsyncBatches:
-    """An async iterable whose every ``aiter()`` is an async generator over ``batches``,
-    recording the thread of each read and each close (its ``finally``)."""
-
-    def __init__(self, batches: Any) -> None:
-        self.batches = batches
-        self.read_on: set[str] = set()
-        self.closed = 0
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._items()
-
-    async def _items(self) -> AsyncIterator[Any]:
-        try:
-            for batch in self.batches:
-                await anyio.lowlevel.checkpoint()
-                self.read_on.add(threading.current_thread().name)
-                yield batch
-        finally:
-            self.closed += 1
 
 
 def numbered(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -232,6 +212,19 @@ async def test_cancelling_while_an_async_generator_waits_ends_at_once_and_closes
     assert trainer.status is LoopStatus.CANCELLED
     assert closed.is_set()
     assert trainer.state.global_step == 1, "the first step ran; the second's read waited"
+
+
+async def test_an_async_generator_is_closed_as_a_loop_cancelled_between_reads_ends() -> None:
+    # Cancelled at a step's boundary (not in a read), the generator was left suspended at a
+    # yield for the garbage collector: trio's said "Async generator ... was garbage
+    # collected before it had been exhausted", and its finally ran whenever that came.
+    source = AsyncBatches(numbered(6))
+    cancel = CancelAt(2)
+    trainer = make_trainer(cancel, loader=source, num_epochs=1)
+    with anyio.CancelScope() as cancel.scope:
+        await trainer.fit()
+    assert trainer.status is LoopStatus.CANCELLED and trainer.state.global_step == 2
+    assert source.closed == 1
 
 
 async def test_an_error_from_an_async_source_is_raised_as_itself_after_the_batches_before() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import engine_threads, make_loader, make_model, make_trainer
+from conftest import AsyncBatches, engine_threads, make_loader, make_model, make_trainer
 from torch import nn
 
 from asynchat import Callback, LoopState, LoopStatus, Predictor
@@ -134,8 +134,11 @@ async def chaos(seed: int, *, seconds: float = 1.0, gap: float = 0.05) -> dict[s
     work. Returns how many ended each way."""
     rng = random.Random(seed)
     ends = [Ends(rng, nap=i % 2 == 1) for i in range(6)]
+    # Two of them read async data, on the event loop (one waits 1 ms for each batch).
+    loaders = [None] * 4 + [AsyncBatches(list(make_loader(96, 16)), nap=n) for n in (0, 0.001)]
     trainers = [
-        make_trainer(ends[i], num_epochs=50, prefetch=i % 3, name=f"chaos-{i}") for i in range(6)
+        make_trainer(ends[i], loader=loaders[i], num_epochs=50, prefetch=i % 3, name=f"chaos-{i}")
+        for i in range(6)
     ]
     scopes = [anyio.CancelScope() for _ in trainers]
 
