@@ -80,6 +80,7 @@ FEATURES: dict[str, Callable[[Config, list[Interruption]], bool]] = {
     "two models, two optimizers": lambda c, i: c.two_parts,
     "validation on the EMA": lambda c, i: c.validate_ema,
     "streamed data (no len())": lambda c, i: c.streamed,
+    "async data (streamed, on the event loop)": lambda c, i: c.asynced,
     "augmentation in the dataset": lambda c, i: c.augmented and not (c.streamed or c.workers),
     "augmentation in DataLoader workers": lambda c, i: c.augmented and c.workers,
     "uneven data over the ranks": lambda c, i: c.uneven,
@@ -113,6 +114,8 @@ def main() -> None:
         data = random.Random(f"{args.seed}-{n}-data")  # (drawn apart, as above)
         streamed, uneven = data.random() < 0.3, args.ranks > 1 and data.random() < 0.5
         config = dataclasses.replace(config, streamed=streamed, uneven=uneven)
+        asynced = streamed and random.Random(f"{args.seed}-{n}-async").random() < 0.5
+        config = dataclasses.replace(config, asynced=asynced)  # (drawn apart, as above)
         if args.ranks > 1:  # (drawn apart, as above)
             lag = random.Random(f"{args.seed}-{n}-lag").random() < 0.5
             config = dataclasses.replace(config, control_lag=int(lag))

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torchmetrics
 from conftest import (
     AskAt,
+    AsyncBatches,
     CancelAt,
     StopAt,
     make_data,
@@ -123,6 +124,7 @@ class Config:
     validate_ema: bool = False  # Validation(use_ema=True), with an EMA
     persistent_workers: bool = False  # with workers: DataLoader(persistent_workers=True)
     streamed: bool = False  # an IterableDataset (no len()): each epoch's end is found by reading
+    asynced: bool = False  # streamed: read as an async iterable, on the event loop
     uneven: bool = False  # over several ranks: rank r has 16 * r more samples than rank 0
     control_lag: int = 0  # over several ranks: the trainer's (1: the agreement pipelined)
     augmented: bool = False  # not streamed: noise drawn as samples are read (in workers too)
@@ -275,6 +277,8 @@ def trainer(
         loader = DataLoader(data, batch_size=16, shuffle=True, generator=generator)
     if config.streamed:
         loader = DataLoader(Streamed(make_data(samples), rank, world_size), batch_size=16)
+        if config.asynced:
+            loader = AsyncBatches(loader)
     elif config.workers:
         generator = torch.Generator().manual_seed(0)
         loader = DataLoader(
@@ -430,6 +434,19 @@ def test_an_interrupted_run_over_streamed_data_resumes_to_the_uninterrupted_one(
     # epoch's last step is found by reading one batch ahead.
     rng = random.Random(seed)
     config = dataclasses.replace(Config.draw(rng), streamed=True, workers=False)
+    interruptions = draw_interruptions(config, rng)
+    assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
+
+
+@pytest.mark.parametrize("seed", [6, 9])
+def test_an_interrupted_run_over_async_data_resumes_to_the_uninterrupted_one(
+    tmp_path: Path, seed: int
+) -> None:
+    # The streamed batches as an async iterable, read on the event loop: a resumed epoch
+    # reads and drops the batches already trained on there.
+    rng = random.Random(seed)
+    config = Config.draw(rng)
+    config = dataclasses.replace(config, streamed=True, asynced=True, workers=False)
     interruptions = draw_interruptions(config, rng)
     assert trial(config, interruptions, tmp_path) == [], (config, interruptions)
 
