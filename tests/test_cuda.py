@@ -122,6 +122,24 @@ async def test_the_next_loop_runs_on_the_same_thread_and_stream_after_the_hosts_
     assert torch.equal(read.cpu(), torch.full_like(read, 0.5).cpu())
 
 
+async def test_cuda_batches_an_async_source_made_are_waited_for_on_the_compute_stream() -> None:
+    # An async source reads on the event loop, whose thread queues on the default stream: the
+    # batch's tensors may still be written there when the step reads them on the compute
+    # stream, unless the compute stream waits for the read's event.
+    from asynchat import Predictor
+
+    async def written_late() -> Any:
+        for value in range(4):
+            batch = torch.empty(256, 8, device="cuda")
+            torch.cuda._sleep(20_000_000)  # the default stream is busy ...
+            batch.fill_(float(value))  # ... and writes the batch after it
+            yield batch
+
+    predictor = Predictor(nn.Identity(), written_late(), device="cuda")
+    outputs = [out async for out in predictor.stream()]
+    assert [float(out.mean()) for out in outputs] == [0.0, 1.0, 2.0, 3.0]
+
+
 class SyncCheckOn(Callback):
     """First callback: from step ``after`` on, any synchronizing CUDA call raises."""
 
