@@ -60,19 +60,10 @@ class AsyncIslice:
                     await anext(iterator)
                 except StopAsyncIteration:
                     return
-            async for item in _rest(iterator):
+            async for item in iterator:
                 yield item
         finally:
             await _close(iterator)
-
-
-async def _rest(iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    while True:
-        try:
-            item = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        yield item
 
 
 async def _close(iterator: object) -> None:

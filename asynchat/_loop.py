@@ -328,7 +328,11 @@ class LoopBase(PipeBase):
         """End the loop after the step in progress; ``fit()`` then returns normally.
 
         Inside a gradient-accumulation window, after the window's last step (whose update
-        uses its gradients; no checkpoint holds them). Safe to call from any thread and from
+        uses its gradients; no checkpoint holds them). Data without ``len()`` is read one
+        batch ahead: where it is read once (an iterator, sync or async: a stream), the batch
+        read ahead is trained too, as the epoch's last step, rather than dropped. A read
+        that waits on the data thread or the event loop (a stream; a loop alone, outside a
+        window) is ended. Safe to call from any thread and from
         any hook. Called before ``fit()``, the loop runs ``on_loop_begin`` and
         ``on_loop_end`` and no step. Once the loop is done it is a no-op.
 

@@ -10,8 +10,9 @@
     runs of every variant are interleaved and repeated, so a noisy machine slows all of them
     alike; the table shows the median time per step and its ratio to the hand-written loop
     over the same data, measured in the same run.
-(b) A coroutine sleeping 1 ms in a loop while the engine trains, on asyncio and uvloop: how
-    late each wake-up is (p50/p99/max) against the same coroutine on an idle loop.
+(b) A coroutine sleeping 1 ms in a loop while the engine trains (from ready batches, with an
+    ``async def`` hook, from an async generator), on asyncio and uvloop: how late each
+    wake-up is (p50/p99/max) against the same coroutine on an idle loop.
 
 Run: python benchmarks/step_overhead.py [--steps 500] [--rounds 15] [--seconds 5]
 """
@@ -208,9 +209,9 @@ async def _lateness(seconds: float, train: Callable[[], Any] | None) -> list[flo
 def lateness(seconds: float) -> str:
     steps = 20_000
 
-    def trainer(hooks: list[Callback]) -> Callable[[], Any]:
+    def trainer(hooks: list[Callback], data: Any = None) -> Callable[[], Any]:
         model, optimizer = model_and_optimizer()
-        data = ready_batches(200)
+        data = ready_batches(200) if data is None else data
         t = Trainer(model, data, optimizer, loss_fn=nn.MSELoss(), num_steps=steps, callbacks=hooks)
 
         async def run() -> None:
@@ -225,6 +226,7 @@ def lateness(seconds: float) -> str:
             "idle loop": None,
             "training, no hook": trainer([]),
             "training, async hook per step": trainer([AsyncHook()]),
+            "training, async generator data": trainer([], AsyncBatches(ready_batches(200))),
         }
         for label, train in cases.items():
             late = anyio.run(_lateness, seconds, train, backend="asyncio", backend_options=options)
