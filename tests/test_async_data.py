@@ -363,3 +363,23 @@ def test_data_that_cannot_be_read_is_named_as_the_loop_is_made(data: Any, error:
     # 'coroutine'" (and a coroutine never awaited); "must be iterable ..., got function".
     with pytest.raises(TypeError, match=re.escape(error)):
         make_trainer(loader=data, num_epochs=1)
+
+
+@pytest.mark.parametrize("kind", ["generator", "async-generator"])
+async def test_validation_over_data_read_once_that_would_run_twice_is_refused_at_start(
+    kind: str,
+) -> None:
+    # The second validation failed with "yielded no batch", an epoch of training later.
+    def data() -> Any:
+        if kind == "generator":
+            return iter(numbered(2))
+        return AsyncBatches(numbered(2)).__aiter__()
+
+    validation = Validation(data(), loss_fn=nn.CrossEntropyLoss())
+    trainer = make_trainer(validation, num_epochs=2)
+    with pytest.raises(ValueError, match=r"read once, but it validates more than once"):
+        await trainer.fit()
+    assert trainer.state.global_step == 0
+    once = make_trainer(Validation(data(), loss_fn=nn.CrossEntropyLoss()), num_epochs=1)
+    state = await once.fit()
+    assert "val/loss" in state.metrics

@@ -559,7 +559,20 @@ async def test_a_validation_reads_the_training_data_between_epochs_only() -> Non
             loss_fn=nn.CrossEntropyLoss(), num_epochs=num_epochs, callbacks=[validation],
         )  # fmt: skip
 
-    mid_epoch = with_validation(iter(batches(6)), 1, every_n_steps=2, every_n_epochs=None)
+    class ThreeBatches:  # an iterator that says its length: validated once, at step 2
+        def __init__(self) -> None:
+            self.batches = iter(batches(3))
+
+        def __iter__(self) -> Any:
+            return self
+
+        def __next__(self) -> Any:
+            return next(self.batches)
+
+        def __len__(self) -> int:
+            return 3
+
+    mid_epoch = with_validation(ThreeBatches(), 1, every_n_steps=2, every_n_epochs=None)
     with pytest.raises(InUseError, match=r"its data_loader is the one trainer-.* reads"):
         await mid_epoch.fit()
     assert mid_epoch.state.global_step == 2

@@ -12,7 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from asynchat._callback import Callback, checked_callbacks, run_objects
 from asynchat._checks import flag, function, loss_function, positive_int, text
-from asynchat._data import DataSource, check_data_loader
+from asynchat._data import DataSource, check_data_loader, is_read_once
 from asynchat._errors import InUseError
 from asynchat._every import every_n_epochs, every_n_steps
 from asynchat._predictor import Predictor
@@ -115,6 +115,7 @@ class Validation(Callback):
 
     def on_loop_begin(self, state: LoopState) -> None:
         self._refuse_shared(state.loop.callbacks)
+        self._refuse_read_once(state)
         _warn_padded(self.data_loader)
         state.metrics.declare(self.prefix + "loss", self, better="min")
         if self.use_ema:  # (at the first validation, it failed an epoch of training later)
@@ -133,6 +134,38 @@ class Validation(Callback):
                 "one's values would overwrite the earlier one's; give each its own prefix "
                 "(e.g. prefix='test/')"
             )
+
+    def _refuse_read_once(self, state: LoopState) -> None:
+        """An iterator (a generator, a stream) is read once: the first validation read it
+        all, and the second failed with "yielded no batch", an epoch or more of training
+        later. Refused as the trainer starts, unless the run validates once at most."""
+        if not is_read_once(self.data_loader):
+            return
+        count = self._validations(state)
+        if count is None or count > 1:
+            raise ValueError(
+                f"Validation's data_loader is an iterator ({type(self.data_loader).__name__}),"
+                f" read once, but it validates more than once in this run (every_n_epochs="
+                f"{self.every_n_epochs}, every_n_steps={self.every_n_steps}, num_epochs="
+                f"{state.num_epochs}, num_steps={state.num_steps}): the second validation "
+                "would find it empty. Pass batches read anew each time (a list, a "
+                "DataLoader, a class whose __iter__ or __aiter__ starts over)"
+            )
+
+    def _validations(self, state: LoopState) -> int | None:
+        """How many times the run of ``state`` validates, if its length is known."""
+        epochs, steps, per_epoch = state.num_epochs, state.num_steps, state.steps_per_epoch
+        if steps is None and epochs is not None and per_epoch is not None:
+            steps = epochs * per_epoch
+        if epochs is None and steps is not None and per_epoch:
+            epochs = steps // per_epoch
+        count = 0
+        for every, length in ((self.every_n_epochs, epochs), (self.every_n_steps, steps)):
+            if every is not None:
+                if length is None:
+                    return None
+                count += length // every
+        return count
 
     def _refuse_shared(self, trainers: Sequence[Callback]) -> None:
         """Before training, what the predictor's start would refuse at the first validation
