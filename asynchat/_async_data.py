@@ -16,6 +16,7 @@ with`` exits); another async iterator (a stream the caller keeps) is left open.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from types import TracebackType
@@ -29,6 +30,10 @@ from asynchat._errors import add_note
 from asynchat._mailbox import soon_on_this_loop
 from asynchat._prefetch import Interrupted
 from asynchat._tree import iter_tensors
+
+#: True in the task that awaits a batch for a loop, while it does (an ask's future waited
+#: for there would never be answered: the loop waits for the read).
+READING = contextvars.ContextVar("asynchat_reading_data", default=False)
 
 
 def is_async_source(data: object) -> TypeGuard[AsyncIterable[Any]]:
@@ -160,6 +165,7 @@ class AsyncBatches:
             return _INTERRUPTED
         if self._iterator is None:
             self._iterator = aiter(self._iterable)
+        reading = READING.set(True)
         with anyio.CancelScope() as self._reading:
             try:
                 item = await anext(self._iterator)
@@ -167,6 +173,7 @@ class AsyncBatches:
                 return _END, None
             finally:
                 self._reading = None
+                READING.reset(reading)
             return item, _read_done(item) if self._cuda else None
         return _INTERRUPTED
 

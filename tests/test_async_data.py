@@ -383,3 +383,24 @@ async def test_validation_over_data_read_once_that_would_run_twice_is_refused_at
     once = make_trainer(Validation(data(), loss_fn=nn.CrossEntropyLoss()), num_epochs=1)
     state = await once.fit()
     assert "val/loss" in state.metrics
+
+
+async def test_a_save_waited_for_in_a_read_of_async_data_is_refused_naming_the_read(
+    tmp_path: Path,
+) -> None:
+    # The loop waits for the read, and the save is made at the step's boundary after it:
+    # refused rather than waited for forever, but as if a hook had waited ("the hook
+    # waiting for it").
+    checkpoint = Checkpoint(tmp_path)
+
+    async def saves_midway() -> AsyncIterator[Any]:
+        for i, batch in enumerate(numbered(4)):
+            if i == 2:
+                await checkpoint.request_save()
+            yield batch
+
+    trainer = make_trainer(checkpoint, loader=saves_midway(), num_epochs=1)
+    with pytest.raises(RuntimeError, match=r"once the read of a batch waiting for it") as caught:
+        await trainer.fit()
+    assert "reading its data" in caught.value.__notes__[0]
+    assert trainer.state.global_step == 2, "batches 0 and 1, read before the error, trained"

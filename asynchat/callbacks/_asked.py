@@ -13,6 +13,7 @@ from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Any, TypeVar
 
+from asynchat._async_data import READING
 from asynchat._errors import CheckpointError
 from asynchat._handle import LoopHandle
 from asynchat._mailbox import AwaitableFuture
@@ -109,6 +110,13 @@ def answered_after_hooks(loop: LoopHandle, what: str) -> AwaitableFuture[Any]:
     def deadlock() -> str | None:
         if not loop._waits_for_caller():
             return None
+        if READING.get():
+            return (
+                f"{what} is made at a step's boundary, once the read of a batch waiting for "
+                f"it has returned ({loop.name} waits for its async data): waited for there it "
+                "would wait forever. Ask in the read and wait for the future in a task of "
+                "your own (or after the loop)"
+            )
         return (
             f"{what} is made once the hook waiting for it has returned ({loop.name} waits "
             "for its hooks): waited for there it would wait forever. Ask in the hook and "
