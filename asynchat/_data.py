@@ -237,18 +237,18 @@ def with_last(
     *,
     unread: bool = False,
 ) -> EpochReads[T]:
-    """Yield ``(item, is_last, ends_data)`` for at most ``limit`` items of an epoch of
-    ``length`` items; ``ends_data`` marks an item after which the epoch's data is known to
-    have run out.
+    """The epoch's items, iterated as ``(item, is_last, ends_data)``, for at most ``limit``
+    items of an epoch of ``length`` items; ``ends_data`` marks an item after which the
+    epoch's data is known to have run out.
 
     With a known length the last item is counted, and the iterator let end after it (read
     past its end), unless ``unread``: this rank's data has more items than the ``length``
     its group agreed to step on, and those are left unread (reading one would run its
     random augmentations, in a run going on and not in a run stopped there, and the two
     would go on from other RNG states). Without a length the last item is found by reading
-    one item ahead (so a data loader without ``len()`` is read one item early: the
-    item read ahead when the steps end is ``held``). An error from reading ahead is raised
-    after the item already read has been yielded. ``agree_last``
+    one item ahead (so a data loader without ``len()`` is read one item early; an item read
+    ahead when the steps end is the result's ``held``). An error from reading ahead is
+    raised after the item already read has been yielded. ``agree_last``
     (ranks of a group whose lengths are not all known): whether an item is the last is
     agreed before its step (``agree_last(flag)`` is True if ``flag`` is on any rank), and
     whether there is a first one, so every rank ends the epoch at the same step, when the

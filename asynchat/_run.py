@@ -302,6 +302,8 @@ class LoopRun:
         return epoch.steps, epoch.ran_out, epoch.decision
 
     def _steps_of(self, batches: Batches, epoch: _EpochRun) -> None:
+        """The epoch's steps over ``batches``, from the decision before the first; a stop
+        that leaves an item of data read once read ahead runs its step too."""
         try:
             epoch.decision = self._decide()  # before the first step
             if epoch.decision is Decision.CONTINUE:
