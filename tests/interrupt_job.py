@@ -1,12 +1,15 @@
 """A job for the Ctrl-C tests: trains until SIGINT arrives, with no signal handling of its own.
 
     python interrupt_job.py BACKEND DIRECTORY [asynchook] [slowend] [failend] [window]
+                                              [asyncfeed]
 
 Prints ``training`` once steps run, and after fit() raised: the exception, the loop's status
 and its global step. With ``slowend`` an ``async def`` on_loop_end hook prints ``winding down``
 and then sleeps 60 s, so that a second Ctrl-C can cut it short; with ``failend`` a ``def``
 on_loop_end hook after it raises ``RuntimeError("the teardown failed")``; with ``window`` the
-whole run is one gradient-accumulation window (200000 steps), which a first Ctrl-C waits for.
+whole run is one gradient-accumulation window (200000 steps), which a first Ctrl-C waits for;
+with ``asyncfeed`` the data is an async generator that yields 5 batches, prints ``waiting for
+data`` and waits forever for a sixth.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import faulthandler
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -42,6 +46,19 @@ class SlowEnd(Callback):
         await anyio.sleep(60)
 
 
+class Feed:
+    """Async data: 5 batches, then a wait for a sixth that never comes."""
+
+    def __aiter__(self) -> Any:
+        return self._items()
+
+    async def _items(self) -> Any:
+        for batch in list(make_loader())[:5]:
+            yield batch
+        print("waiting for data", flush=True)
+        await anyio.sleep_forever()
+
+
 class FailEnd(Callback):
     def on_loop_end(self, state: LoopState) -> None:
         raise RuntimeError("the teardown failed")
@@ -66,6 +83,8 @@ def main() -> None:
                 torch.nn.CrossEntropyLoss(), grad_accumulation_steps=1_000_000
             ),
         )  # fmt: skip
+    elif "asyncfeed" in options:
+        trainer = make_trainer(*callbacks, loader=Feed(), num_epochs=1)
     else:
         trainer = make_trainer(*callbacks, num_epochs=1_000_000)
     name, options_ = (backend, {}) if backend != "uvloop" else ("asyncio", {"use_uvloop": True})

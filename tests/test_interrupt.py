@@ -52,6 +52,24 @@ def test_ctrl_c_ends_training_promptly_with_a_final_checkpoint(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_while_async_data_is_awaited_ends_at_once(tmp_path: Path, backend: str) -> None:
+    # The read waits on the event loop (trio raises the KeyboardInterrupt into it): the
+    # cancellation ends it; the batch read before it is not trained (a cancellation, not a
+    # stop), and the final checkpoint is the last step.
+    with start(backend, tmp_path, "asyncfeed") as job:
+        assert job.line() == "waiting for data"
+        time.sleep(0.3)
+        sent = time.monotonic()
+        os.kill(job.pid, signal.SIGINT)
+        out, _ = job.ended()
+        took = time.monotonic() - sent
+    assert job.returncode == 0
+    assert out.split() == ["KeyboardInterrupt", "cancelled", "4"]
+    assert newest_checkpoint(tmp_path) == 4
+    assert took < 15, f"took {took:.1f} s to wind down"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_second_ctrl_c_cuts_a_slow_wind_down_short(tmp_path: Path, backend: str) -> None:
     with start(backend, tmp_path, "slowend") as job:
         os.kill(job.pid, signal.SIGINT)
