@@ -68,10 +68,13 @@ def skip_batches(data_loader: DataSource, count: int, skipped: Callable[[], None
 
     A map-style ``DataLoader`` skips them in its sampler, so their data is never loaded or
     collated (``skipped`` is called then, before the next batch's data is read); a sequence
-    is sliced; anything else (an ``IterableDataset``, a generator-backed iterable, an async
-    iterable) is read and the first batches dropped.
+    is sliced; anything else read anew each epoch (an ``IterableDataset``, a
+    generator-backed iterable, an async iterable) is read and the first batches dropped.
+    Data read once (an iterator, a stream) is taken as it is: the resumed run's own
+    iterator goes on from where it stands (dropping its first batches lost a stream's new
+    data; one that replays from the start is a re-iterable's job).
     """
-    if count == 0:
+    if count == 0 or is_read_once(data_loader):
         return data_loader
     if is_async_source(data_loader):
         return AsyncIslice(data_loader, count)

@@ -404,3 +404,33 @@ async def test_a_save_waited_for_in_a_read_of_async_data_is_refused_naming_the_r
         await trainer.fit()
     assert "reading its data" in caught.value.__notes__[0]
     assert trainer.state.global_step == 2, "batches 0 and 1, read before the error, trained"
+
+
+@pytest.mark.parametrize("kind", ["stream", "generator"])
+async def test_a_run_resumed_over_data_read_once_drops_none_of_its_batches(
+    tmp_path: Path, kind: str
+) -> None:
+    # A stream goes on: the resumed run's stream holds new batches, and the run read and
+    # dropped as many of them as the interrupted epoch had trained (3 of 4 here), silently.
+    def feed(numbers: range) -> Any:
+        batches = [numbered(20)[n] for n in numbers]
+        if kind == "generator":
+            return iter(batches)
+        send, receive = anyio.create_memory_object_stream[Any](len(batches))
+        with send:
+            for batch in batches:
+                send.send_nowait(batch)
+        return receive
+
+    first = make_trainer(StopAt(2), Checkpoint(tmp_path), loader=feed(range(5)), num_epochs=1)
+    await first.fit()
+    stopped_at = first.state.global_step  # (2, and the batch read ahead: 3)
+    seen = Seen()
+    data = feed(range(10, 14))
+    resumed = make_trainer(seen, loader=data, num_epochs=1, resume_from=tmp_path)
+    await resumed.fit()
+    assert seen.numbers == [10, 11, 12, 13]
+    assert resumed.state.global_step == stopped_at + 4
+    for stream in (first.data_loader, data):
+        if kind == "stream":
+            stream.close()
