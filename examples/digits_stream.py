@@ -1,6 +1,7 @@
 """Train the digits CNN online, on batches that arrive from an async feed.
 
     python examples/digits_stream.py [--batches 400] [--every 2] [--out runs/digits-stream]
+                                     [--resume]
 
 A producer task stands in for a feed (a message queue, a socket, a stream of requests): it
 sends shuffled batches of the training digits into an anyio memory object stream, one every
@@ -9,7 +10,9 @@ reads that stream itself, on the event loop, one batch when its step asks for it
 stream's buffer of 8 holds the feed back when the model falls behind. It validates every 50
 steps, keeps the most accurate weights in ``<out>/checkpoints``, and its one epoch ends when
 the feed closes. Ctrl-C stops it after the step in progress: the batch it has taken from the
-stream is trained first, and nothing more is taken from it.
+stream is trained first, and nothing more is taken from it, and the last step is saved.
+``--resume`` goes on from there with a new feed: its steps count on from the saved ones, and
+every batch of the new feed is trained (a stream is not replayed, so none is skipped).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import digits_loaders, make_model, positive_int  # the one-process demo's
 
 from asynchat import AsynchatError, Trainer, stop_on_signals
-from asynchat.callbacks import Checkpoint, Progress, Validation
+from asynchat.callbacks import Checkpoint, Progress, Validation, resumable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,10 +56,13 @@ async def feed(send: MemoryObjectSendStream[Batch], batches: int, every_ms: floa
 
 
 async def train(
-    batches: int = 400, every_ms: float = 2.0, out: Path = Path("runs/digits-stream")
+    batches: int = 400,
+    every_ms: float = 2.0,
+    out: Path = Path("runs/digits-stream"),
+    resume: bool = False,
 ) -> tuple[int, float]:
-    """Train on ``batches`` batches from the feed; return the steps trained and the last
-    validation accuracy."""
+    """Train on ``batches`` batches from the feed (``resume``: on from the newest checkpoint
+    in ``out``, if any); return the global step reached and the last validation accuracy."""
     torch.manual_seed(0)
     _, val_loader = digits_loaders()
     send, receive = anyio.create_memory_object_stream[Batch](8)
@@ -74,10 +80,11 @@ async def train(
             ),
             Checkpoint(
                 out / "checkpoints", every_n_steps=50, keep_last=1, monitor="val/accuracy",
-                mode="max", overwrite=True,
+                mode="max", overwrite=not resume,  # (a new run: the last run's give way)
             ),
             Progress(),
         ],
+        resume_from=resumable(out / "checkpoints") if resume else None,
     )  # fmt: skip
     with receive:  # (the stream is ours: the trainer leaves it open)
         async with anyio.create_task_group() as group, stop_on_signals(trainer):
@@ -94,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batches", type=positive_int, default=400)
     parser.add_argument("--every", type=float, default=2.0, help="milliseconds between batches")
     parser.add_argument("--out", type=Path, default=Path("runs/digits-stream"))
+    parser.add_argument("--resume", action="store_true", help="go on from the last checkpoint")
     args: Any = parser.parse_args()
     if not args.every >= 0:
         parser.error(f"argument --every: must be a number of milliseconds >= 0, got {args.every}")
@@ -102,10 +110,10 @@ def main() -> None:
     except OSError as exc:
         parser.error(f"argument --out: cannot create {args.out}: {exc.strerror}")
     try:
-        steps, accuracy = anyio.run(train, args.batches, args.every, args.out)
+        steps, accuracy = anyio.run(train, args.batches, args.every, args.out, args.resume)
     except* AsynchatError as refused:  # (its --out in use by another run, say)
         parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
-    print(f"trained on {steps} batches from the feed; validation accuracy: {accuracy:.4f}")
+    print(f"trained to step {steps} on the feed; validation accuracy: {accuracy:.4f}")
 
 
 if __name__ == "__main__":

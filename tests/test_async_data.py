@@ -316,9 +316,7 @@ async def test_the_stream_example_learns_the_digits_from_its_feed(tmp_path: Path
     assert listed["checkpoints"], "the most accurate weights are kept"
 
 
-def test_the_stream_example_stopped_by_ctrl_c_trains_what_it_took_and_says_so(
-    tmp_path: Path,
-) -> None:
+def test_the_stream_example_stopped_by_ctrl_c_goes_on_with_resume(tmp_path: Path) -> None:
     example = Path(__file__).parents[1] / "examples" / "digits_stream.py"
     process = subprocess.Popen(
         [sys.executable, str(example), "--every", "20", "--out", str(tmp_path)],
@@ -330,8 +328,15 @@ def test_the_stream_example_stopped_by_ctrl_c_trains_what_it_took_and_says_so(
     out, err = finished(process)
     assert process.returncode == 0, err[-2000:]
     assert "Traceback" not in err
-    steps = int(out.split("trained on ")[1].split()[0])
+    steps = int(out.split("trained to step ")[1].split()[0])
     assert 50 <= steps < 400
+    resumed = subprocess.run(
+        [sys.executable, str(example), "--resume", "--batches", "60", "--every", "0",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"trained to step {steps + 60} on the feed" in resumed.stdout, "none skipped"
 
 
 class CoroutineAiter:
