@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import digits_loaders, make_model, positive_int  # the one-process demo's
 
-from asynchat import AsynchatError, Trainer, stop_on_signals
+from asynchat import AsynchatError, Callback, LoopState, Trainer, stop_on_signals
 from asynchat.callbacks import Checkpoint, Progress, Validation, resumable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,18 +55,29 @@ async def feed(send: MemoryObjectSendStream[Batch], batches: int, every_ms: floa
                 sent += 1
 
 
+class StartingStep(Callback):
+    """The global step the run starts from (a resumed run's saved one)."""
+
+    step = 0
+
+    def on_loop_begin(self, state: LoopState) -> None:
+        self.step = state.global_step
+
+
 async def train(
     batches: int = 400,
     every_ms: float = 2.0,
     out: Path = Path("runs/digits-stream"),
     resume: bool = False,
-) -> tuple[int, float]:
+) -> tuple[int, int, float]:
     """Train on ``batches`` batches from the feed (``resume``: on from the newest checkpoint
-    in ``out``, if any); return the global step reached and the last validation accuracy."""
+    in ``out``, if any); return the global step the run started from, the one it reached
+    and the last validation accuracy."""
     torch.manual_seed(0)
     _, val_loader = digits_loaders()
     send, receive = anyio.create_memory_object_stream[Batch](8)
     accuracy = torchmetrics.classification.MulticlassAccuracy(10, average="micro")
+    start = StartingStep()
     trainer = Trainer(
         make_model(),
         receive,  # an async iterator: read once, so num_epochs=1
@@ -83,6 +94,7 @@ async def train(
                 mode="max", overwrite=not resume,  # (a new run: the last run's give way)
             ),
             Progress(),
+            start,
         ],
         resume_from=resumable(out / "checkpoints") if resume else None,
     )  # fmt: skip
@@ -91,7 +103,7 @@ async def train(
             group.start_soon(feed, send, batches, every_ms)
             state = await trainer.fit()
             group.cancel_scope.cancel()  # (a stopped run: the feed has nobody to send to)
-    return state.global_step, float(state.metrics.get("val/accuracy", float("nan")))
+    return start.step, state.global_step, float(state.metrics.get("val/accuracy", float("nan")))
 
 
 def main() -> None:
@@ -110,9 +122,13 @@ def main() -> None:
     except OSError as exc:
         parser.error(f"argument --out: cannot create {args.out}: {exc.strerror}")
     try:
-        steps, accuracy = anyio.run(train, args.batches, args.every, args.out, args.resume)
+        start, steps, accuracy = anyio.run(train, args.batches, args.every, args.out, args.resume)
     except* AsynchatError as refused:  # (its --out in use by another run, say)
         parser.exit(1, f"{parser.prog}: error: {refused.exceptions[0]}\n")
+    if args.resume and start == steps and start > 0:
+        parser.exit(1, f"{parser.prog}: the run in {args.out} had finished (its feed closed "
+                       f"at step {steps}): nothing to resume; run without --resume for a new "
+                       "one\n")  # fmt: skip
     print(f"trained to step {steps} on the feed; validation accuracy: {accuracy:.4f}")
 
 

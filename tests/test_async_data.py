@@ -309,8 +309,8 @@ async def test_a_run_over_an_async_iterable_resumed_mid_epoch_equals_one_never_s
 
 async def test_the_stream_example_learns_the_digits_from_its_feed(tmp_path: Path) -> None:
     example = load_example("digits_stream.py")
-    steps, accuracy = await example.train(batches=300, every_ms=0, out=tmp_path)
-    assert steps == 300
+    start, steps, accuracy = await example.train(batches=300, every_ms=0, out=tmp_path)
+    assert (start, steps) == (0, 300)
     assert accuracy > 0.9
     listed = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert listed["checkpoints"], "the most accurate weights are kept"
@@ -337,6 +337,14 @@ def test_the_stream_example_stopped_by_ctrl_c_goes_on_with_resume(tmp_path: Path
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"trained to step {steps + 60} on the feed" in resumed.stdout, "none skipped"
+    again = subprocess.run(  # the run has finished: its stream closed
+        [sys.executable, str(example), "--resume", "--every", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert f"had finished (its feed closed at step {steps + 60}): nothing to resume" in (
+        again.stderr
+    )
 
 
 class CoroutineAiter:
