@@ -104,12 +104,15 @@ class Callback:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, before the resumed loop begins."""
 
-    def _run_objects(self) -> Mapping[str, object]:
-        """(The engine's.) Objects given to this callback that keep the state of its run
-        (a MetricUpdater's torchmetrics, which count the run's batches), by where the
-        error names them (``"metrics['acc']"``): each serves one place in one running
-        loop, so one given twice, or to loops running at once (inside each other too), is
-        refused. None by default."""
+    def held_objects(self) -> Mapping[str, object]:
+        """Objects given to this callback that keep the state of its run, by the name an
+        error calls them (``{"metric": self.metric}``): a torchmetrics metric counts the
+        run's batches, so it serves one place in one running loop. Override it in a callback
+        of your own that is given such objects; one given twice in a loop (to two callbacks,
+        or under two names) is then refused as the loop is made, and one given to loops
+        running at once (or one inside the other: a Validation's callbacks) as the second
+        starts: each would reset and add to the other's counts. None by default;
+        ``MetricUpdater`` returns its metrics."""
         return {}
 
     def _run_begins(self, state: LoopState) -> None:
@@ -171,18 +174,18 @@ def _overridden_hook(callback: Callback, phase: Phase) -> Hook | None:
     return Hook(callback, fn, inspect.iscoroutinefunction(fn), due)
 
 
-def run_objects(callbacks: Iterable[Callback]) -> Iterator[tuple[str, object]]:
-    """What ``callbacks`` keep a run's state in (:meth:`Callback._run_objects`), each with
+def objects_held(callbacks: Iterable[Callback]) -> Iterator[tuple[str, object]]:
+    """What ``callbacks`` keep a run's state in (:meth:`Callback.held_objects`), each with
     where it is, as errors name it: ``"callbacks[2]'s metrics['acc']"``."""
     for i, callback in enumerate(callbacks):
-        for name, obj in callback._run_objects().items():
+        for name, obj in callback.held_objects().items():
             yield f"callbacks[{i}]'s {name}", obj
 
 
 def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
     """``callbacks`` as a tuple, each checked to be a :class:`Callback` instance whose
     ``on_checkpoint`` is a plain ``def``, listed once, holding none of the others' objects
-    (:meth:`Callback._run_objects`)."""
+    (:meth:`Callback.held_objects`)."""
     if isinstance(callbacks, Callback):
         raise TypeError(
             f"callbacks must be a sequence of Callback instances, got the single callback "
@@ -218,7 +221,7 @@ def checked_callbacks(callbacks: Iterable[Callback]) -> tuple[Callback, ...]:
             )
         checked.append(callback)
     held: dict[int, str] = {}  # id -> where the first of each held object is
-    for where, obj in run_objects(checked):
+    for where, obj in objects_held(checked):
         before = held.setdefault(id(obj), where)
         if before != where:
             raise ValueError(

@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import torch
 
-from asynchat._callback import Callback, run_objects
+from asynchat._callback import Callback, objects_held
 from asynchat._data import has_persistent_workers, is_read_once
 from asynchat._errors import InUseError
 from asynchat._weights import plain_name
@@ -137,7 +137,7 @@ class Claim:
             id(c): (i, c) for i, c in enumerate(callbacks) if not c.shared_across_loops
         }
         # id -> (where, object), for what the callbacks keep a run's state in (metrics)
-        self.held = {id(obj): (where, obj) for where, obj in run_objects(callbacks)}
+        self.held = {id(obj): (where, obj) for where, obj in objects_held(callbacks)}
         self.processor = processor  # its batch processor, which keeps state for the run
         # Data that every reader reads from one position, which is then this loop's alone.
         self.data = data if _read_once(data) else None

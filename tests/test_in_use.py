@@ -675,3 +675,31 @@ def test_modes_come_back_whatever_order_the_runs_end_in(order: tuple[int, ...]) 
         # While a predictor runs, the model is in eval() mode; the trainer alone (which
         # keeps the user's frozen backbone) or nobody: the modes from before.
         assert modes(model) == (evaluating if open_runs & {1, 2} else before)
+
+
+class Agreement(Callback):
+    """A callback of a user's own that keeps a run's counts in a torchmetrics metric."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+
+    def held_objects(self) -> dict[str, Any]:
+        return {"metric": self.metric}
+
+    def on_batch_end(self, state: LoopState) -> None:
+        self.metric.update(state.outputs.argmax(1), state.batch[1])
+
+
+async def test_a_callback_of_ones_own_that_names_its_metric_is_guarded_like_metric_updater() -> (
+    None
+):
+    # A metric given to a callback of one's own and to a MetricUpdater counted every batch
+    # twice (each reset the other's counts): the engine could not see it in a callback of
+    # the user's; one that names it in held_objects() is refused, naming both places.
+    accuracy = MulticlassAccuracy(3)
+    with pytest.raises(ValueError, match=r"callbacks\[0\]'s metric and callbacks\[1\]'s metrics"):
+        Trainer(
+            Net(), batches(4), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            loss_fn=nn.CrossEntropyLoss(), num_epochs=1,
+            callbacks=[Agreement(accuracy), MetricUpdater({"acc": accuracy})],
+        )  # fmt: skip

@@ -123,7 +123,7 @@ class MetricUpdater(Callback):
         self._loaded: dict[str, Any] | None = None
         self._warned_large: set[str] = set()
 
-    def _run_objects(self) -> dict[str, torchmetrics.Metric]:
+    def held_objects(self) -> dict[str, torchmetrics.Metric]:
         # A metric keeps its run's counts: one in a trainer's MetricUpdater and its
         # Validation's metrics had the validations reset and count in it (train/acc 0.26,
         # not 0.36, in a probe).

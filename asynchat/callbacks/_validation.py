@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data.distributed import DistributedSampler
 
-from asynchat._callback import Callback, checked_callbacks, run_objects
+from asynchat._callback import Callback, checked_callbacks, objects_held
 from asynchat._checks import flag, function, loss_function, positive_int, text
 from asynchat._data import DataSource, check_data_loader, is_read_once
 from asynchat._errors import InUseError
@@ -174,7 +174,7 @@ class Validation(Callback):
         mine: dict[int, str] = {}  # id -> where the Validation has it
         if self.updater is not None:
             mine.update(
-                (id(m), f"Validation's {n}") for n, m in self.updater._run_objects().items()
+                (id(m), f"Validation's {n}") for n, m in self.updater.held_objects().items()
             )
         for i, callback in enumerate(self.callbacks):
             if not callback.shared_across_loops and any(callback is c for c in trainers):
@@ -187,9 +187,9 @@ class Validation(Callback):
                     "on a class whose one instance may serve both"
                 )
         mine.update(
-            (id(obj), f"Validation's {where}") for where, obj in run_objects(self.callbacks)
+            (id(obj), f"Validation's {where}") for where, obj in objects_held(self.callbacks)
         )
-        for where, obj in run_objects(trainers):
+        for where, obj in objects_held(trainers):
             if id(obj) in mine:
                 raise InUseError(
                     f"{mine[id(obj)]} is the trainer's {where} too (one {type(obj).__name__} "
