@@ -690,9 +690,7 @@ class Agreement(Callback):
         self.metric.update(state.outputs.argmax(1), state.batch[1])
 
 
-async def test_a_callback_of_ones_own_that_names_its_metric_is_guarded_like_metric_updater() -> (
-    None
-):
+async def test_a_callback_of_ones_own_naming_its_metric_is_guarded_like_metric_updater() -> None:
     # A metric given to a callback of one's own and to a MetricUpdater counted every batch
     # twice (each reset the other's counts): the engine could not see it in a callback of
     # the user's; one that names it in held_objects() is refused, naming both places.
