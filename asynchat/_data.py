@@ -429,14 +429,22 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
                 "def that returns: aiter() would give a coroutine. Make it a plain def that "
                 "returns an async iterator, or an async generator (async def with yield)"
             )
-        if is_async_iterator(data_loader) and num_epochs != 1:
-            raise TypeError(
-                f"data_loader is an async iterator ({type(data_loader).__name__}), which can "
-                "be read only once, but the loop may need several epochs; pass an async "
-                "iterable whose every aiter() starts over (a class whose __aiter__ is an "
-                "async generator), or num_epochs=1"
-            )
-        return
+    else:
+        _check_iterable(data_loader)
+    if is_read_once(data_loader) and num_epochs != 1:
+        kind, instead = (
+            ("an async iterator", "an async iterable whose every aiter() starts over (a class "
+             "whose __aiter__ is an async generator)")
+            if is_async_iterator(data_loader)
+            else ("an iterator", "a re-iterable such as a DataLoader or a list")
+        )  # fmt: skip
+        raise TypeError(
+            f"data_loader is {kind} ({type(data_loader).__name__}), which can be read only "
+            f"once, but the loop may need several epochs; pass {instead}, or num_epochs=1"
+        )
+
+
+def _check_iterable(data_loader: object) -> None:
     if inspect.isasyncgenfunction(data_loader) or inspect.isgeneratorfunction(data_loader):
         name = getattr(data_loader, "__qualname__", "it")
         raise TypeError(
@@ -453,12 +461,6 @@ def check_data_loader(data_loader: object, num_epochs: int | None) -> None:
         raise TypeError(
             f"data_loader must be a DataLoader, a list of batches, ..., got the "
             f"{type(data_loader).__name__} {data_loader!r:.80}; a path is not read"
-        )
-    if isinstance(data_loader, Iterator) and num_epochs != 1:
-        raise TypeError(
-            f"data_loader is an iterator ({type(data_loader).__name__}), which can be read "
-            "only once, but the loop may need several epochs; pass a re-iterable such as a "
-            "DataLoader or a list, or num_epochs=1"
         )
 
 
