@@ -28,6 +28,14 @@ def start(backend: str, directory: Path, *options: str) -> Job:
     return job
 
 
+def ctrl_c(job: Job) -> tuple[str, float]:
+    """Send the job a SIGINT; return what it printed and how long it took to end after it."""
+    sent = time.monotonic()
+    os.kill(job.pid, signal.SIGINT)
+    out, _ = job.ended()
+    return out, time.monotonic() - sent
+
+
 def newest_checkpoint(directory: Path) -> int:
     entries = json.loads((directory / "manifest.json").read_text())["checkpoints"]
     return max(e["global_step"] for e in entries)
@@ -40,10 +48,7 @@ def test_ctrl_c_ends_training_promptly_with_a_final_checkpoint(
 ) -> None:
     with start(backend, tmp_path, hooks) as job:
         time.sleep(0.3)
-        sent = time.monotonic()
-        os.kill(job.pid, signal.SIGINT)
-        out, _ = job.ended()
-        took = time.monotonic() - sent
+        out, took = ctrl_c(job)
     assert job.returncode == 0
     word, status, step = out.split()
     assert (word, status) == ("KeyboardInterrupt", "cancelled")
@@ -59,10 +64,7 @@ def test_ctrl_c_while_async_data_is_awaited_ends_at_once(tmp_path: Path, backend
     with start(backend, tmp_path, "asyncfeed") as job:
         assert job.line() == "waiting for data"
         time.sleep(0.3)
-        sent = time.monotonic()
-        os.kill(job.pid, signal.SIGINT)
-        out, _ = job.ended()
-        took = time.monotonic() - sent
+        out, took = ctrl_c(job)
     assert job.returncode == 0
     assert out.split() == ["KeyboardInterrupt", "cancelled", "4"]
     assert newest_checkpoint(tmp_path) == 4
@@ -74,10 +76,7 @@ def test_a_second_ctrl_c_cuts_a_slow_wind_down_short(tmp_path: Path, backend: st
     with start(backend, tmp_path, "slowend") as job:
         os.kill(job.pid, signal.SIGINT)
         assert job.line() == "winding down"  # sleeping 60 s
-        sent = time.monotonic()
-        os.kill(job.pid, signal.SIGINT)
-        out, _ = job.ended()
-        took = time.monotonic() - sent
+        out, took = ctrl_c(job)
     assert job.returncode == 0
     assert out.split()[0] == "KeyboardInterrupt"
     assert took < 15, f"took {took:.1f} s after the second Ctrl-C"
