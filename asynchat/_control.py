@@ -48,6 +48,7 @@ import contextlib
 import enum
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from asynchat import _heartbeat as heartbeat
 from asynchat._events import LoopStatus
@@ -55,6 +56,19 @@ from asynchat._events import LoopStatus
 Agree = Callable[[Sequence[bool]], Sequence[bool]]
 # Starts an agreement; returns what waits for its result.
 AgreeLater = Callable[[Sequence[bool]], Callable[[], Sequence[bool]]]
+
+
+class LastAgreement(Protocol):
+    """``LoopControl.agree_last``: whether the epoch ends with the next step, agreed."""
+
+    # Whether some rank's data is read once (an iterator, a stream): a stop agreed before a
+    # step then trains, on every rank, the items read for it, which no run could read again.
+    read_once: bool
+
+    def __call__(self, last: bool) -> bool:
+        """True if ``last`` is True on any rank."""
+        ...
+
 
 # Poll interval of a paused rank that must keep agreeing with its peers.
 _GROUP_PAUSE_POLL_S = 0.05
@@ -142,7 +156,7 @@ class LoopControl:
         self._agree: Agree | None = None
         self.agree_later: AgreeLater | None = None
         self._pending: Callable[[], Sequence[bool]] | None = None
-        self.agree_last: Callable[[bool], bool] | None = None
+        self.agree_last: LastAgreement | None = None
         self.carried: tuple[bool, bool, bool, bool] | None = None
         self.idle = True
         # Per Checkpoint: a save this rank asks every rank for, sent with the next agreement;

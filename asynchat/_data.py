@@ -272,11 +272,13 @@ class EpochReads(Generic[T]):
     ``held`` is ``(item,)`` while an item read ahead has not been yielded (the steps ended
     as it was read: a ``stop()`` at the boundary, or while the next item was awaited), else
     None: a loop whose data is read once (an iterator) runs its step rather than drop it.
+    The loop adds the item yielded last where a stop agreed with its read ends the steps
+    before its step (ranks): ``(item, item read ahead)``.
     """
 
     def __init__(self) -> None:
         self.items: Iterator[tuple[T, bool, bool]] = iter(())
-        self.held: tuple[T] | None = None
+        self.held: tuple[T, ...] | None = None
 
     def __iter__(self) -> Iterator[tuple[T, bool, bool]]:
         return self.items

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from asynchat._callback import Callback
 from asynchat._control import LoopControl
-from asynchat._data import DataSource, data_length
+from asynchat._data import DataSource, data_length, is_read_once
 from asynchat._state import LoopState
 
 T = TypeVar("T")
@@ -106,14 +106,17 @@ class RankGroup:
         counts differ anew; None (data without a ``len()`` on some rank): agreed before each
         step instead (``control.agree_last``). A rank that stepped on alone met its peers'
         next collective with one of its own (gloo aborted the job; NCCL would hang)."""
-        lengths: list[int | None] = [None] * self.world_size
-        dist.all_gather_object(lengths, data_length(data_loader), group=self.group)
+        facts: list[tuple[int | None, bool] | None] = [None] * self.world_size
+        own = data_length(data_loader), is_read_once(data_loader)
+        dist.all_gather_object(facts, own, group=self.group)
+        lengths = [length for length, _ in filter(None, facts)]
         if None in lengths:  # told as it happens: agreed before each step
             if control.agree_last is None:
                 # A loop of its own ranks agrees its boundary's requests in the same
                 # all-reduce; one run inline in it (the parent decides) only the end.
                 any_rank = self.any if control.agree is None else control.agree_with
-                control.agree_last = _LastAgreed(state, any_rank)
+                read_once = any(once for _, once in filter(None, facts))
+                control.agree_last = _LastAgreed(state, any_rank, read_once)
             return None
         control.agree_last = None
         known = [length for length in lengths if length is not None]  # (all of them)
@@ -194,11 +197,12 @@ def _refuse_unlike(everyone: list[str], message: str) -> None:
 class _LastAgreed:
     """``control.agree_last`` for the loop of ``state``: whether the epoch ends with the next
     step, True if it does on any rank (its data ran out); the rank whose data goes on says
-    so, once."""
+    so, once. ``read_once``: the data is read once on some rank."""
 
-    def __init__(self, state: LoopState, any_rank: Callable[[bool], bool]) -> None:
+    def __init__(self, state: LoopState, any_rank: Callable[[bool], bool], read_once: bool) -> None:
         self.state = state
         self.any_rank = any_rank
+        self.read_once = read_once
         self.cut_short = False
 
     def __call__(self, last: bool) -> bool:
@@ -208,8 +212,8 @@ class _LastAgreed:
             warnings.warn(
                 f"{self.state.loop.name}: rank {self.state.loop.rank}'s data had more batches "
                 f"than another rank's in epoch {self.state.epoch}: every rank ends an epoch "
-                "when the first runs out, and this rank's further batches were not read. Give "
-                "every rank as many",
+                "when the first runs out, and this rank's next batch (read ahead) and any "
+                "after it were not trained. Give every rank as many",
                 RuntimeWarning,
                 stacklevel=2,
             )

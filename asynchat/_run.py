@@ -303,14 +303,16 @@ class LoopRun:
 
     def _steps_of(self, batches: Batches, epoch: _EpochRun) -> None:
         """The epoch's steps over ``batches``, from the decision before the first; a stop
-        that leaves an item of data read once read ahead runs its step too."""
+        that leaves items of data read once read (on some rank) runs their steps too."""
         try:
             epoch.decision = self._decide()  # before the first step
             if epoch.decision is Decision.CONTINUE:
                 self._step_through(iter(batches), epoch)
         except Interrupted:  # stop() or cancellation while waiting for data (alone)
             epoch.decision = self._decide()
-        if epoch.decision is Decision.STOP and self.read_once:
+        agreed = self.control.agree_last  # (ranks: agreed, so all or none run them)
+        read_once = self.read_once if agreed is None else agreed.read_once
+        if epoch.decision is Decision.STOP and read_once:
             self._run_held(epoch)
 
     def _step_through(self, batches: Iterator[Any], epoch: _EpochRun) -> None:
@@ -331,6 +333,7 @@ class LoopRun:
             if control.carried is not None:  # the boundary, agreed as the item was read
                 epoch.decision = self._decide(window_open=state.accumulating, carried=True)
                 if epoch.decision is not Decision.CONTINUE:
+                    read.held = (item, *(read.held or ()))  # (read on every rank)
                     return
             state.data_time = time.perf_counter() - waiting_since
             self._step_on(item if take is None else take(item), is_last, epoch)
@@ -361,17 +364,20 @@ class LoopRun:
         epoch.steps += 1
 
     def _run_held(self, epoch: _EpochRun) -> None:
-        """``stop()`` ended the steps with an item read ahead (data without ``len()``) from
-        data read once (an iterator: a stream's item read cannot be read again): its step
-        runs, as the epoch's last, rather than the item be dropped. Alone only: a rank's
-        peers would not run it (their boundary is agreed)."""
+        """``stop()`` ended the steps with items read (data without ``len()`` is read one
+        ahead) from data read once (an iterator: a stream's item read cannot be read
+        again): their steps run, the last as the epoch's, rather than the items be dropped.
+        A loop alone holds the item read ahead; ranks, which agree a stop as they read it,
+        the item before it too (or that one only, where some rank's data ended with it),
+        the same on every rank."""
         reads = epoch.reads
-        if reads is None or reads.held is None or self.control.agree is not None:
+        if reads is None or reads.held is None:
             return
-        (item,), reads.held = reads.held, None
+        held, reads.held = reads.held, None
         take = self._take()
-        self.state.data_time = 0.0
-        self._step_on(item if take is None else take(item), True, epoch)
+        for count, item in enumerate(held, start=1):
+            self.state.data_time = 0.0
+            self._step_on(item if take is None else take(item), count == len(held), epoch)
 
     def _run_step(self) -> None:
         state, run_phase = self.state, self.hooks.run_phase

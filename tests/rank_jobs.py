@@ -1750,3 +1750,79 @@ async def held_past_hang_timeout(
         trainer = plain_trainer(Trainer, num_epochs=2, callbacks=[HoldOnce()])
     state = await trainer.fit()
     Path(out, f"rank{rank}.txt").write_text(str(state.global_step))
+
+
+class Replays:
+    """Numbered batches read anew each epoch, without a length (a re-iterable stream)."""
+
+    def __init__(self, batches: list[Any], taken: list[int]) -> None:
+        self.batches, self.taken = batches, taken
+
+    def __iter__(self) -> Any:
+        for number, batch in enumerate(self.batches):
+            self.taken.append(number)
+            yield batch
+
+
+async def stream_stopped(
+    rank: int, world_size: int, out: str, kind: str, accumulate: int, lag: int
+) -> None:
+    """Ranks over numbered batches without a length, rank 0 stopping the trainer as global
+    step 3 ends: each rank a generator (``kind="sync"``), an async generator (``"async"``),
+    rank 1 a re-iterable instead (``"mixed"``), or rank 0's generator 4 batches long
+    (``"short"``). Writes the numbers each rank took from its data and those it trained,
+    the steps, the weights and the warnings to ``out/rank<r>.json``."""
+    import warnings
+
+    from asynchat import BasicBatchProcessor, Callback, LoopState
+
+    taken: list[int] = []
+    trained: list[int] = []
+    count = 4 if kind == "short" and rank == 0 else 20
+    g = torch.Generator().manual_seed(rank)
+    batches = [
+        (torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+        for _ in range(count)
+    ]
+
+    def numbered() -> Any:
+        for number, batch in enumerate(batches):
+            taken.append(number)
+            yield batch
+
+    async def numbered_async() -> Any:
+        for batch in numbered():
+            await anyio.lowlevel.checkpoint()
+            yield batch
+
+    data: Any = numbered()
+    if kind == "async":
+        data = numbered_async()
+    elif kind == "mixed" and rank == 1:
+        data = Replays(batches, taken)
+
+    class Record(Callback):
+        def on_step_begin(self, state: LoopState) -> None:
+            inputs = state.batch[0]
+            trained.append(next(n for n, (x, _) in enumerate(batches) if x.equal(inputs)))
+
+        def on_step_end(self, state: LoopState) -> None:
+            if rank == 0 and state.global_step == 3:
+                state.loop.stop("rank 0 had enough")
+
+    trainer = plain_trainer(
+        data_loader=data, num_epochs=1, callbacks=[Record()], loss_fn=None, control_lag=lag,
+        batch_processor=BasicBatchProcessor(
+            torch.nn.CrossEntropyLoss(), grad_accumulation_steps=accumulate
+        ),
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = await trainer.fit()
+    result = {
+        "taken": taken, "trained": trained, "global_step": state.global_step,
+        "stop_reason": state.stop_reason,
+        "weights": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
+        "warnings": [str(w.message) for w in caught],
+    }  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))

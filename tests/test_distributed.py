@@ -762,3 +762,35 @@ def test_a_failure_before_the_checkpoints_begin_is_reported_as_itself() -> None:
     report = str(info.value)
     assert "RuntimeError: the first callback failed as the run began" in report
     assert "IndexError" not in report and "on_loop_end" not in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "accumulate", "lag"),
+    [("sync", 1, 0), ("async", 1, 1), ("mixed", 1, 0), ("sync", 2, 0), ("short", 1, 0)],
+    ids=["generators", "async-generators-lag-1", "generator-and-re-iterable",
+         "accumulate-2", "rank-0-ends-with-the-stop"],
+)  # fmt: skip
+def test_a_stop_trains_what_ranks_took_from_data_read_once(
+    tmp_path: Path, kind: str, accumulate: int, lag: int
+) -> None:
+    # The ranks agree a stop as they read the batch after the next, before the next one's
+    # step: both were taken from each rank's stream and dropped (steps 0-2 trained of 0-4).
+    # Now every rank trains them, the same steps on each, where data is read once on any.
+    launch(rank_jobs.stream_stopped, nprocs=2, args=(str(tmp_path), kind, accumulate, lag),
+           collective_timeout=timedelta(seconds=20))  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Stopped as step 3 ends (accumulating 2: the window of steps 2-3 updates first).
+    steps = {"short": 4}.get(kind, 6 if accumulate == 2 else 5)
+    assert [r["global_step"] for r in ranks] == [steps, steps]
+    assert ranks[0]["trained"] == ranks[0]["taken"] == list(range(steps))
+    if kind == "short":  # rank 1's batch read ahead as rank 0's data ended: the one lost
+        assert ranks[1]["taken"] == list(range(steps + 1))
+        assert ranks[1]["trained"] == list(range(steps))
+        assert any("rank 1's data had more batches" in w for w in ranks[1]["warnings"])
+    else:
+        assert ranks[1]["trained"] == ranks[1]["taken"] == list(range(steps))
+    assert ranks[1]["stop_reason"] == "stopped on another rank"
+    for mine, theirs in zip(ranks[0]["weights"], ranks[1]["weights"], strict=True):
+        torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs))
+    assert ranks[0]["warnings"] == []
