@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeGuard
@@ -89,7 +90,8 @@ class AsyncBatches:
     stages it with ``stage`` here; on CUDA the compute stream waits for what the read queued
     on the event loop's stream (a device-side wait). :meth:`interrupt` (from any thread)
     cancels a read in progress, or the next one, when ``interruptible()`` says so, asked on
-    the event loop while the compute thread waits for the read; ``next()`` then raises
+    the event loop while the compute thread waits for the read, ``patience`` seconds later
+    (a rank's item may be on its way: see ``LoopRun.interrupt``); ``next()`` then raises
     :class:`~asynchat._prefetch.Interrupted`.
     """
 
@@ -102,12 +104,14 @@ class AsyncBatches:
         compute: ComputeThread,
         stage: Callable[[Any], Any] | None,
         interruptible: Callable[[], bool],
+        patience: float = 0.0,
     ) -> None:
         self._iterable = iterable
         self._compute = compute
         self._cuda = compute.stream is not None
         self._stage = stage
         self._interruptible = interruptible
+        self._patience = patience
         self._iterator: AsyncIterator[Any] | None = None
         self._interrupted = False
         self._reading: anyio.CancelScope | None = None  # the read in progress, if any
@@ -161,12 +165,15 @@ class AsyncBatches:
         """The next item and, on CUDA, an event after what its read queued; on the loop."""
         if self._soon is None:
             self._soon = soon_on_this_loop()
+        deadline = math.inf
         if self._interrupted and self._interruptible():
-            return _INTERRUPTED
+            if not self._patience:
+                return _INTERRUPTED
+            deadline = anyio.current_time() + self._patience
         if self._iterator is None:
             self._iterator = aiter(self._iterable)
         reading = READING.set(True)
-        with anyio.CancelScope() as self._reading:
+        with anyio.CancelScope(deadline=deadline) as self._reading:
             try:
                 item = await anext(self._iterator)
             except StopAsyncIteration:
@@ -178,8 +185,13 @@ class AsyncBatches:
         return _INTERRUPTED
 
     def _cancel_read(self) -> None:  # on the event loop
-        if self._reading is not None and self._interruptible():
-            self._reading.cancel()
+        reading = self._reading
+        if reading is not None and self._interruptible():
+            if self._patience:
+                cut_at = anyio.current_time() + self._patience
+                reading.deadline = min(reading.deadline, cut_at)
+            else:
+                reading.cancel()
 
 
 def _read_done(item: Any) -> torch.cuda.Event | None:

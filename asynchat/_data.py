@@ -256,7 +256,9 @@ def with_last(
     agreed before its step (``agree_last(flag)`` is True if ``flag`` is on any rank), and
     whether there is a first one, so every rank ends the epoch at the same step, when the
     first runs out; an error from reading ahead is raised at once then (a rank that went
-    on alone to the item's step would meet its peers in another collective).
+    on alone to the item's step would meet its peers in another collective), and a read
+    that ``stop()`` or a cancellation ended (``Interrupted``) is agreed as the data's end
+    (the agreement carries the request that ended it: the loop ends there).
     """
     reads: EpochReads[T] = EpochReads()
     if length is not None:
@@ -321,9 +323,9 @@ def _read_ahead(
     agree_last: Callable[[bool], bool] | None,
     reads: EpochReads[T],
 ) -> Iterator[tuple[T, bool, bool]]:
-    current = _read(items)
+    current = _read_or_cut(items, agree_last)
     if agree_last is not None and agree_last(current is _END):
-        return  # some rank's epoch is empty
+        return  # some rank's epoch is empty (or a request ended its read)
     if current is _END:
         return
     count = 1
@@ -333,9 +335,9 @@ def _read_ahead(
             yield current, True, False
             return
         try:
-            following = _read(items)
-        except Interrupted:
-            reads.held = (current,)  # stop() or cancellation: the current item's step has not begun
+            following = _read_or_cut(items, agree_last)
+        except Interrupted:  # (alone) stop() or cancellation: the current item's step has not begun
+            reads.held = (current,)
             raise
         except BaseException:
             if agree_last is None:
@@ -363,6 +365,17 @@ def _read(items: Iterator[T]) -> T:
     except Exception as exc:
         add_note(exc, READ_NOTE)
         raise
+
+
+def _read_or_cut(items: Iterator[T], agree_last: Callable[[bool], bool] | None) -> T:
+    """:func:`_read`; for ranks that agree the epoch's end (``agree_last``), a read that a
+    request ended is the end of this rank's data: its peers end the epoch with it."""
+    try:
+        return _read(items)
+    except Interrupted:
+        if agree_last is None:
+            raise
+        return _END  # type: ignore[no-any-return]
 
 
 _END: Any = object()  # read past the data's end

@@ -330,9 +330,10 @@ class LoopBase(PipeBase):
         Inside a gradient-accumulation window, after the window's last step (whose update
         uses its gradients; no checkpoint holds them). Data without ``len()`` is read one
         batch ahead: where it is read once (an iterator, sync or async: a stream), the batch
-        read ahead is trained too, as the epoch's last step, rather than dropped. A read
-        that waits on the data thread or the event loop (a stream; a loop alone, outside a
-        window) is ended. Safe to call from any thread and from
+        read ahead is trained too, as the epoch's last step, rather than dropped (on ranks,
+        the batch before it too). A read that waits on the data thread or the event loop (a
+        stream; outside a window) is ended: on a rank of a group, only for data without
+        ``len()``, after 1 s, as the end of the rank's data. Safe to call from any thread and from
         any hook. Called before ``fit()``, the loop runs ``on_loop_begin`` and
         ``on_loop_end`` and no step. Once the loop is done it is a no-op.
 

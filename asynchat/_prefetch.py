@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -126,7 +127,9 @@ class Prefetcher(Generic[T]):
     themselves, in order, after the items that came before them. :meth:`interrupt` (from any
     thread) makes a waiting ``next()`` raise :class:`Interrupted` when ``interruptible()``,
     asked on the consuming thread, says so (else it waits on, and asks again at the next
-    interrupt: a loop inside a gradient-accumulation window needs the window's batches).
+    interrupt: a loop inside a gradient-accumulation window needs the window's batches),
+    once it has waited ``patience`` seconds since it learnt of the interrupt (a rank's item
+    may be on its way: see ``LoopRun.interrupt``).
 
     A data loader blocked in ``__next__`` cannot be interrupted: after ``JOIN_TIMEOUT_S``
     seconds, leaving gives up on the thread with a ``RuntimeWarning`` naming the loader. The
@@ -144,6 +147,7 @@ class Prefetcher(Generic[T]):
         name: str = "asynchat-prefetch",
         label: Callable[[], str] = lambda: "the data loader",
         interruptible: Callable[[], bool] = lambda: True,
+        patience: float = 0.0,
     ) -> None:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth!r}")
@@ -157,6 +161,7 @@ class Prefetcher(Generic[T]):
         self._wanted = False  # ahead=False: the consumer waits for an item not yet read
         self._interrupted = False
         self._interruptible = interruptible
+        self._patience = patience
         self._label = label
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._reading: Iterator[Any] | None = None  # the iterator the thread reads
@@ -207,10 +212,16 @@ class Prefetcher(Generic[T]):
             if not self._ahead and not self._items:
                 self._wanted = True
                 self._cond.notify_all()
+            cut_at = None  # (when the wait ends, interrupted)
             while not self._items:
-                if self._interrupted and self._interruptible():
+                if not (self._interrupted and self._interruptible()):
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                cut_at = now + self._patience if cut_at is None else cut_at
+                if now >= cut_at:
                     raise Interrupted
-                self._cond.wait()
+                self._cond.wait(cut_at - now)
             item = self._items.popleft()
             if len(self._items) <= self._depth // 2:
                 self._cond.notify_all()

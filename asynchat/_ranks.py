@@ -116,7 +116,7 @@ class RankGroup:
                 # all-reduce; one run inline in it (the parent decides) only the end.
                 any_rank = self.any if control.agree is None else control.agree_with
                 read_once = any(once for _, once in filter(None, facts))
-                control.agree_last = _LastAgreed(state, any_rank, read_once)
+                control.agree_last = _LastAgreed(state, control, any_rank, read_once)
             return None
         control.agree_last = None
         known = [length for length in lengths if length is not None]  # (all of them)
@@ -199,8 +199,15 @@ class _LastAgreed:
     step, True if it does on any rank (its data ran out); the rank whose data goes on says
     so, once. ``read_once``: the data is read once on some rank."""
 
-    def __init__(self, state: LoopState, any_rank: Callable[[bool], bool], read_once: bool) -> None:
+    def __init__(
+        self,
+        state: LoopState,
+        control: LoopControl,
+        any_rank: Callable[[bool], bool],
+        read_once: bool,
+    ) -> None:
         self.state = state
+        self.control = control
         self.any_rank = any_rank
         self.read_once = read_once
         self.cut_short = False
@@ -209,15 +216,23 @@ class _LastAgreed:
         agreed = self.any_rank(last)
         if agreed and not last and not self.cut_short:
             self.cut_short = True
-            warnings.warn(
-                f"{self.state.loop.name}: rank {self.state.loop.rank}'s data had more batches "
-                f"than another rank's in epoch {self.state.epoch}: every rank ends an epoch "
-                "when the first runs out, and this rank's next batch (read ahead) and any "
-                "after it were not trained. Give every rank as many",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warnings.warn(self._cut_short(), RuntimeWarning, stacklevel=2)
         return agreed
+
+    def _cut_short(self) -> str:
+        state, carried = self.state, self.control.carried
+        rank = f"{state.loop.name}: rank {state.loop.rank}"
+        if carried is not None and (carried[0] or carried[1]):  # a stop or cancellation
+            return (
+                f"{rank}'s epoch {state.epoch} ended with another rank's, whose wait for data "
+                "a stop or a cancellation ended (or whose data ran out): this rank's next "
+                "batch, read ahead, was not trained"
+            )
+        return (
+            f"{rank}'s data had more batches than another rank's in epoch {state.epoch}: "
+            "every rank ends an epoch when the first runs out, and this rank's next batch "
+            "(read ahead) and any after it were not trained. Give every rank as many"
+        )
 
 
 # The attributes that say when a callback's hooks act (and so when its collectives run):

@@ -50,6 +50,12 @@ from asynchat._worker_seeds import seeded_per_batch
 
 _LOG = logging.getLogger("asynchat.loop")
 Batches = Prefetcher[Any] | InlineBatches | AsyncBatches  # an epoch's batch source
+
+# How long a rank's read of data without a len() goes on waiting after a stop() or a
+# cancellation before it ends as the end of the rank's data (a loop alone: at once). The
+# ranks end the epoch with it; a peer's batch read ahead meanwhile is dropped, so a stream
+# whose batches come sooner ends a step later with every batch trained instead.
+RANK_READ_PATIENCE_S = 1.0
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
 # The phases inside a step after whose hooks the batch processor's own work goes on (the
 # forward, loss and backward after on_batch_begin; the update after on_before_update...).
@@ -127,9 +133,13 @@ class LoopRun:
 
     def interrupt(self) -> None:
         """Wake the compute thread if it waits for data, so a stop or cancellation needs no
-        batch. Only alone: a rank of a group must run the step its peers run, then agree."""
-        batches = self.batches
-        if batches is not None and self.control.agree is None:
+        batch. A rank of a group must run the step its peers run, then agree: only where
+        they agree the epoch's end before each step (data without a ``len()``), which takes
+        the read as the end of its data, and only after it has waited
+        :data:`RANK_READ_PATIENCE_S` (the batch may be on its way; the peers' batches read
+        meanwhile are not trained)."""
+        batches, control = self.batches, self.control
+        if batches is not None and (control.agree is None or control.agree_last is not None):
             batches.interrupt()
 
     def run(self) -> None:
@@ -345,6 +355,10 @@ class LoopRun:
                 if epoch.decision is not Decision.CONTINUE:
                     return
             waiting_since = time.perf_counter()
+        if control.carried is not None:  # agreed with a first read that found no item on
+            epoch.decision = self._decide(carried=True)  # some rank (or a request ended it)
+            if epoch.decision is not Decision.CONTINUE:
+                return
         # The data ended, unless the loop's num_steps did.
         epoch.ran_out = epoch.ran_out or limit is None or epoch.steps < limit
 
@@ -404,11 +418,11 @@ class LoopRun:
         stage = self.stager.stage if self.stager.moves else None  # (Staged items, or batches)
         # Inside an accumulation window a stop waits for the window's batches.
         interruptible = lambda: not self.state.accumulating or self.control.forcing()  # noqa: E731
+        patience = 0.0 if self.control.agree is None else RANK_READ_PATIENCE_S
         if is_async_source(source):
             assert self.hooks.compute is not None
-            return AsyncBatches(
-                source, compute=self.hooks.compute, stage=stage, interruptible=interruptible
-            )
+            return AsyncBatches(source, compute=self.hooks.compute, stage=stage,
+                                interruptible=interruptible, patience=patience)  # fmt: skip
         assert isinstance(source, Iterable)  # (checked as the loop was made)
         if how is Reading.INLINE:
             return InlineBatches(source, stage=stage)
@@ -422,4 +436,5 @@ class LoopRun:
             # every tensor (measured: +1 ms a step for 500 ready batches when built eagerly).
             label=lambda: f"{name}'s data_loader {reprlib.repr(self.data_loader)}",
             interruptible=interruptible,
+            patience=patience,
         )

@@ -1405,14 +1405,20 @@ async def fsdp_checkpointed(
 
 
 async def until_signalled(
-    rank: int, world_size: int, directory: str, handle: bool, saves_on_usr1: bool = False
+    rank: int,
+    world_size: int,
+    directory: str,
+    handle: bool,
+    saves_on_usr1: bool = False,
+    idle: bool = False,
 ) -> None:
     """A DDP job that trains until a signal ends it, checkpointing only at its end (each
     rank writes its pid first, and at the end why it stopped to ``stop_reason.<rank>``;
     rank 0 prints each step, and writes it to ``step``). ``handle``: under
     ``stop_on_signals``, whose stop is graceful on SIGTERM too. ``saves_on_usr1``: each
     rank asks for a save on SIGUSR1 (a scheduler's warning before it preempts the job),
-    and rank 0 prints ``saved <path>`` once the save it asked for is written."""
+    and rank 0 prints ``saved <path>`` once the save it asked for is written. ``idle``: the
+    data is a stream that gives 6 batches and then waits for more, forever."""
 
     from asynchat import Callback, LoopState, stop_on_signals
     from asynchat.callbacks import Checkpoint
@@ -1428,6 +1434,15 @@ async def until_signalled(
     write_pid(directory, rank)
     checkpoint = Checkpoint(Path(directory, "checkpoints"), every_n_steps=10**6)
     trainer = plain_trainer(num_epochs=10_000, callbacks=[Announce(), checkpoint])
+    if idle:
+        batches = list(torch.utils.data.DataLoader(ddp_data(), batch_size=8))[:6]
+
+        async def stream() -> Any:
+            for batch in batches:
+                yield batch
+            await anyio.sleep_forever()
+
+        trainer = plain_trainer(data_loader=stream(), num_epochs=1, callbacks=trainer.callbacks)
     if saves_on_usr1:
         import signal
 
@@ -1823,6 +1838,79 @@ async def stream_stopped(
         "taken": taken, "trained": trained, "global_step": state.global_step,
         "stop_reason": state.stop_reason,
         "weights": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
+        "warnings": [str(w.message) for w in caught],
+    }  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+async def idle_stream_stopped(rank: int, world_size: int, out: str, kind: str, who: str) -> None:
+    """Ranks whose streams give 3 batches, then wait for data that does not come (``kind``:
+    an async generator sleeping, or a generator blocked on an event that is set 5 s after
+    the stop), stopped once they wait: every rank (``who="all"``), or rank 0 while rank 1's
+    stream goes on giving batches (``"rank0"``). Writes the steps, the batches trained, the
+    seconds from the stop to the last step's end and the warnings to ``out/rank<r>.json``
+    (a generator's thread blocked in it is waited for as the epoch ends: till its event)."""
+    import threading
+    import warnings
+
+    from asynchat import Callback, LoopState
+
+    flowing = who == "rank0" and rank == 1
+    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(3)]
+    released = threading.Event()
+
+    def fed() -> Any:
+        yield from batches
+        while flowing:
+            yield batches[0]
+        released.wait()  # (data that comes too late)
+        yield batches[0]
+
+    async def fed_async() -> Any:
+        for batch in fed() if flowing else batches:
+            await anyio.sleep(0.02 if flowing else 0)
+            yield batch
+        await anyio.sleep_forever()
+
+    trained: list[int] = []
+    last_step_end = 0.0
+
+    class Record(Callback):
+        def on_step_begin(self, state: LoopState) -> None:
+            trained.append(state.global_step)
+
+        def on_step_end(self, state: LoopState) -> None:
+            nonlocal last_step_end
+            last_step_end = time.monotonic()
+
+    trainer = plain_trainer(
+        data_loader=fed_async() if kind == "async" else fed(), num_epochs=1, callbacks=[Record()]
+    )
+    stopped_at = 0.0
+
+    async def stop_once_waiting() -> None:
+        nonlocal stopped_at
+        # The third batch's step waits for the read of a fourth (is it the last?)
+        while len(trained) < 2:  # noqa: ASYNC110 (the steps run on the compute thread)
+            await anyio.sleep(0.02)
+        await anyio.sleep(0.3)
+        if who == "all" or rank == 0:
+            stopped_at = time.monotonic()
+            trainer.stop("enough")
+        await anyio.sleep(5)
+        released.set()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stop_once_waiting)
+            await trainer.fit()
+            released.set()
+            tasks.cancel_scope.cancel()
+    result = {
+        "global_step": trainer.state.global_step, "trained": trained,
+        "stop_reason": trainer.state.stop_reason,
+        "took": last_step_end - stopped_at if stopped_at else None,
         "warnings": [str(w.message) for w in caught],
     }  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

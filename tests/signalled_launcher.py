@@ -1,6 +1,7 @@
 """A launcher for the signal tests: two ranks that run until a signal ends them.
 
-python signalled_launcher.py DIRECTORY HOW [async | async-handled | async-two | beside-*]
+python signalled_launcher.py DIRECTORY HOW [async | async-handled | async-two | beside-* |
+                                            launch-idle]
     # HOW: "0" trains, "1" trains under stop_on_signals, "stubborn" ignores SIGINT,
     # "terminal" as "1", on its stdin's terminal; "usr1" as "1", and each rank asks for a
     # save on SIGUSR1 (rank 0 prints "saved <path>"); "async": launch_async in anyio.run;
@@ -8,7 +9,8 @@ python signalled_launcher.py DIRECTORY HOW [async | async-handled | async-two | 
     # "async-two": two such jobs at once, the second in DIRECTORY/second;
     # "beside-block-first", "beside-job-first": a service's two jobs, one launched and one
     # training in this process under stop_on_signals (its block opened before the launched
-    # job starts, or after it trains); the local one writes DIRECTORY/local/stop_reason
+    # job starts, or after it trains); the local one writes DIRECTORY/local/stop_reason;
+    # "launch-idle": launch, the ranks' data a stream that waits for data after 6 batches
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ if __name__ == "__main__":
     if how == "stubborn":
         job, args = rank_jobs.ignoring_ctrl_c, (directory,)
     else:
-        job, args = rank_jobs.until_signalled, (directory, how != "0", how == "usr1")
+        idle = launched == ["launch-idle"]
+        job, args = rank_jobs.until_signalled, (directory, how != "0", how == "usr1", idle)
     if launched == ["async"]:
         anyio.run(lambda: launch_async(job, nprocs=2, args=args))
     elif launched == ["async-handled"]:

@@ -787,10 +787,43 @@ def test_a_stop_trains_what_ranks_took_from_data_read_once(
     if kind == "short":  # rank 1's batch read ahead as rank 0's data ended: the one lost
         assert ranks[1]["taken"] == list(range(steps + 1))
         assert ranks[1]["trained"] == list(range(steps))
-        assert any("rank 1's data had more batches" in w for w in ranks[1]["warnings"])
+        told = "rank 1's epoch 0 ended with another rank's, whose wait for data a stop or a "
+        assert [w for w in ranks[1]["warnings"] if told in w] != []
     else:
         assert ranks[1]["trained"] == ranks[1]["taken"] == list(range(steps))
     assert ranks[1]["stop_reason"] == "stopped on another rank"
     for mine, theirs in zip(ranks[0]["weights"], ranks[1]["weights"], strict=True):
         torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs))
+    assert ranks[0]["warnings"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "who"), [("async", "all"), ("sync", "all"), ("async", "rank0"), ("sync", "rank0")],
+    ids=["async-every-rank", "sync-every-rank", "async-rank-0-beside-a-flowing-stream",
+         "sync-rank-0-beside-a-flowing-stream"],
+)  # fmt: skip
+def test_a_stop_ends_ranks_that_wait_for_data(tmp_path: Path, kind: str, who: str) -> None:
+    # Ranks whose streams waited for data could not be stopped: a stop on every rank (a
+    # launcher's Ctrl-C, SIGTERM) waited with them, until data came (if ever). A rank's
+    # wait is now ended by its stop after RANK_READ_PATIENCE_S, as the end of its data,
+    # which every rank's epoch ends with (agreed before each step). Beside a stream that
+    # still gives batches (rank 1, waiting in the agreement) the batch it read ahead is
+    # not trained, and it says why.
+    launch(rank_jobs.idle_stream_stopped, nprocs=2, args=(str(tmp_path), kind, who),
+           hang_timeout=30, collective_timeout=timedelta(seconds=30))  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = ranks[0]["global_step"]
+    assert [r["global_step"] for r in ranks] == [steps, steps]
+    assert ranks[0]["trained"] == list(range(steps))
+    if who == "all":  # none came: the three each stream gave, all trained
+        assert steps == 3
+        assert all(r["took"] < 4.5 for r in ranks), [r["took"] for r in ranks]  # not at 5 s
+        assert not any("did not return from __next__" in w for r in ranks for w in r["warnings"])
+    else:  # rank 1's stream gave more before rank 0 was stopped; its last, not trained
+        assert steps >= 3
+        assert ranks[0]["took"] < 4.5
+        told = [w for w in ranks[1]["warnings"] if "ended with another rank's" in w]
+        assert len(told) == 1 and "a stop or a cancellation ended" in told[0]
+    assert ranks[1]["stop_reason"] == ("enough" if who == "all" else "stopped on another rank")
     assert ranks[0]["warnings"] == []

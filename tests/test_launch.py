@@ -614,9 +614,11 @@ def ended(launcher: subprocess.Popen[str]) -> str:
     ("how", "handle", "launched"),
     [("ctrl-c", False, "launch"), ("ctrl-c", True, "launch"), ("SIGTERM", True, "launch"),
      ("SIGTERM-to-the-group", True, "launch"), ("SIGHUP-to-the-group", True, "launch"),
-     ("ctrl-c", True, "async"), ("SIGTERM", True, "async"), ("SIGHUP-to-the-group", True, "async")],
+     ("ctrl-c", True, "async"), ("SIGTERM", True, "async"), ("SIGHUP-to-the-group", True, "async"),
+     ("ctrl-c", False, "launch-idle"), ("SIGTERM", True, "launch-idle")],
     ids=["ctrl-c", "ctrl-c-stop-on-signals", "SIGTERM-stop-on-signals", "SIGTERM-to-the-group",
-         "SIGHUP-to-the-group", "async-ctrl-c", "async-SIGTERM", "async-SIGHUP-to-the-group"],
+         "SIGHUP-to-the-group", "async-ctrl-c", "async-SIGTERM", "async-SIGHUP-to-the-group",
+         "waiting-for-data-ctrl-c", "waiting-for-data-SIGTERM-stop-on-signals"],
 )  # fmt: skip
 def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     tmp_path: Path, short_tmp: Path, how: str, handle: bool, launched: str
@@ -630,6 +632,7 @@ def test_a_signalled_launcher_lets_its_ranks_end_with_their_final_checkpoint(
     # came from, and with it the launcher's view of them: it left at once, no checkpoint.
     # A SIGHUP to the group (a terminal closed) ended the launcher at once: no checkpoint.
     # launch_async (in anyio.run) died at once of a SIGTERM or SIGHUP, its ranks with it.
+    # Ranks whose streams waited for data ("launch-idle") waited on: nothing ended them.
     temporary = short_tmp  # (the launcher's TMPDIR)
     with launcher_script(
         "signalled_launcher.py", str(tmp_path), str(int(handle)), launched,

@@ -527,7 +527,10 @@ async def rank_run(
     with warnings.catch_warnings(record=True) as heard:
         warnings.simplefilter("always")
         if config.uneven:  # said by design: every rank runs as many steps as the shortest
-            warnings.filterwarnings("ignore", "(?s).*(different numbers of|had more) batches")
+            # (with a stop at its end: "ended with another rank's")
+            warnings.filterwarnings(
+                "ignore", "(?s).*((different numbers of|had more) batches|with another rank's)"
+            )
         # Held on rank 0 alone (one rank paused holds them all); not the straight run.
         held = holding(config) if rank == 0 and interruptions else []
         for i, (how, step) in enumerate(interruptions):
