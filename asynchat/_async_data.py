@@ -141,6 +141,11 @@ class AsyncBatches:
     def __iter__(self) -> Iterator[Any]:
         return self if self._stage is None else map(self._stage, self)
 
+    def settle(self) -> list[Any]:
+        """No read is left in progress: an interrupted one was cancelled (an async
+        generator's is closed; a memory object stream's receive takes nothing)."""
+        return []
+
     def interrupt(self) -> None:
         self._interrupted = True
         soon = self._soon

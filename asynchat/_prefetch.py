@@ -11,6 +11,7 @@ the compute of batch N.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 import warnings
@@ -79,6 +80,8 @@ class DeviceStager:
             tensor.record_stream(stream)
         return staged.batch
 
+
+_LOG = logging.getLogger("asynchat.loop")
 
 # How long leaving a Prefetcher waits for its thread to come back from the data loader.
 JOIN_TIMEOUT_S = 10.0
@@ -160,6 +163,8 @@ class Prefetcher(Generic[T]):
         self._closing = False
         self._wanted = False  # ahead=False: the consumer waits for an item not yet read
         self._interrupted = False
+        self._interrupts = 0  # (a settle() gives up at the next)
+        self._given_up = False  # settle() waited for the thread in vain: leaving does not
         self._interruptible = interruptible
         self._patience = patience
         self._label = label
@@ -180,7 +185,7 @@ class Prefetcher(Generic[T]):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(JOIN_TIMEOUT_S)
+        self._thread.join(0.0 if self._given_up else JOIN_TIMEOUT_S)
         if self._thread.is_alive():
             shutdown = _workers_shutdown(self._reading)
             if shutdown is not None:
@@ -234,7 +239,29 @@ class Prefetcher(Generic[T]):
     def interrupt(self) -> None:
         with self._cond:
             self._interrupted = True
+            self._interrupts += 1
             self._cond.notify_all()
+
+    def settle(self) -> list[T]:
+        """After ``next()`` was interrupted (one item at a time): the item the thread was
+        reading for it, once the data loader returns it, within :data:`JOIN_TIMEOUT_S` (a
+        stream's item, taken from it as the loop stopped, is then trained rather than
+        dropped); none if it ends, raises, does not return in time (leaving then waits for
+        it no more) or another interrupt comes (a second Ctrl-C)."""
+        if self._ahead:
+            return []
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        with self._cond:
+            interrupts = self._interrupts
+            while not self._items and self._wanted and self._interrupts == interrupts:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._given_up = True
+                    return []
+                self._cond.wait(left)
+            if self._items and not isinstance(self._items[0], _End):
+                return [self._items.popleft()]  # type: ignore[list-item]
+        return []
 
     def _push(self, item: T | _End) -> bool:
         with self._cond:
@@ -245,6 +272,11 @@ class Prefetcher(Generic[T]):
                 while len(self._items) > self._depth // 2 and not self._closing:
                     self._cond.wait()
             if self._closing:
+                if not isinstance(item, _End):  # (a stream's item, perhaps: lost)
+                    _LOG.warning(
+                        "%s returned a batch after the loop had left its epoch: dropped",
+                        self._label(),
+                    )
                 return False
             self._items.append(item)
             self._wanted = False
@@ -313,3 +345,7 @@ class InlineBatches:
 
     def interrupt(self) -> None:
         """Nothing to wake: the consumer is the thread that iterates."""
+
+    def settle(self) -> list[Any]:
+        """No read is left in progress (see :meth:`Prefetcher.settle`)."""
+        return []

@@ -15,7 +15,7 @@ import logging
 import reprlib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -313,17 +313,24 @@ class LoopRun:
 
     def _steps_of(self, batches: Batches, epoch: _EpochRun) -> None:
         """The epoch's steps over ``batches``, from the decision before the first; a stop
-        that leaves items of data read once read (on some rank) runs their steps too."""
+        that leaves items of data read once read (on some rank) runs their steps too, and
+        then, where it ended a read that waited (alone), the step of the item that read
+        was for if it comes in time (a stream's, taken from it as the loop stopped)."""
+        interrupted = False
         try:
             epoch.decision = self._decide()  # before the first step
             if epoch.decision is Decision.CONTINUE:
                 self._step_through(iter(batches), epoch)
         except Interrupted:  # stop() or cancellation while waiting for data (alone)
+            interrupted = True
             epoch.decision = self._decide()
         agreed = self.control.agree_last  # (ranks: agreed, so all or none run them)
         read_once = self.read_once if agreed is None else agreed.read_once
         if epoch.decision is Decision.STOP and read_once:
-            self._run_held(epoch)
+            held = epoch.reads.held if epoch.reads is not None else None
+            self._run_last(held or (), epoch)
+            if interrupted:
+                self._run_last(batches.settle(), epoch)
 
     def _step_through(self, batches: Iterator[Any], epoch: _EpochRun) -> None:
         """The epoch's steps, one per batch, each followed by the boundary's decision.
@@ -377,21 +384,17 @@ class LoopRun:
         self._run_step()
         epoch.steps += 1
 
-    def _run_held(self, epoch: _EpochRun) -> None:
-        """``stop()`` ended the steps with items read (data without ``len()`` is read one
+    def _run_last(self, items: Sequence[Any], epoch: _EpochRun) -> None:
+        """``stop()`` ended the steps with ``items`` read (data without ``len()`` is read one
         ahead) from data read once (an iterator: a stream's item read cannot be read
         again): their steps run, the last as the epoch's, rather than the items be dropped.
         A loop alone holds the item read ahead; ranks, which agree a stop as they read it,
         the item before it too (or that one only, where some rank's data ended with it),
         the same on every rank."""
-        reads = epoch.reads
-        if reads is None or reads.held is None:
-            return
-        held, reads.held = reads.held, None
         take = self._take()
-        for count, item in enumerate(held, start=1):
+        for count, item in enumerate(items, start=1):
             self.state.data_time = 0.0
-            self._step_on(item if take is None else take(item), count == len(held), epoch)
+            self._step_on(item if take is None else take(item), count == len(items), epoch)
 
     def _run_step(self) -> None:
         state, run_phase = self.state, self.hooks.run_phase

@@ -195,6 +195,48 @@ async def test_stop_while_a_generator_blocks_on_the_data_thread_trains_the_batch
     assert seen.numbers == [0, 1, 2]
 
 
+async def test_a_batch_that_comes_after_a_stop_ended_the_wait_is_trained() -> None:
+    # The data thread stays in the generator's get() after a stop ends the loop's wait: a
+    # batch put on the queue within the 10 s the loop waits for that thread was taken from
+    # it and dropped (the stream's). It is trained now, as the epoch's last step.
+    items = queue_of(numbered(3))
+    seen = Seen()
+    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
+    async with anyio.create_task_group() as group:
+        group.start_soon(trainer.fit)
+        await wait_for(lambda: trainer.state.global_step == 2)
+        await anyio.sleep(0.2)  # (the data thread waits in the queue's get)
+        trainer.stop()
+        await wait_for(lambda: trainer.state.global_step == 3)  # (the batch read ahead)
+        await anyio.sleep(0.2)
+        items.put(numbered(4)[3])
+    assert seen.numbers == [0, 1, 2, 3]
+    assert items.empty()
+
+
+async def test_a_batch_that_does_not_come_in_time_after_a_stop_is_not_waited_for_twice(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("asynchat._prefetch.JOIN_TIMEOUT_S", 2.0)
+    items = queue_of(numbered(3))
+    seen = Seen()
+    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
+    async with anyio.create_task_group() as group:
+        group.start_soon(trainer.fit)
+        await wait_for(lambda: trainer.state.global_step == 2)
+        await anyio.sleep(0.2)
+        stopped = time.monotonic()
+        trainer.stop()
+        with pytest.warns(RuntimeWarning, match="did not return from __next__ within 2 s"):
+            await wait_for(lambda: trainer.status.done)
+        took = time.monotonic() - stopped
+    assert seen.numbers == [0, 1, 2]
+    assert took < 2 + 1.5, "waited once for the thread, not again as the epoch ended"
+    with caplog.at_level("WARNING", logger="asynchat.loop"):
+        items.put(numbered(4)[3])  # (too late: the thread, left blocked, takes it)
+        await wait_for(lambda: "returned a batch after the loop had left" in caplog.text)
+
+
 async def test_cancelling_while_an_async_generator_waits_ends_at_once_and_closes_it() -> None:
     closed = anyio.Event()
 
