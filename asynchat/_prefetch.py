@@ -246,16 +246,16 @@ class Prefetcher(Generic[T]):
         """After ``next()`` was interrupted (one item at a time): the item the thread was
         reading for it, once the data loader returns it, within :data:`JOIN_TIMEOUT_S` (a
         stream's item, taken from it as the loop stopped, is then trained rather than
-        dropped); none if it ends, raises, does not return in time (leaving then waits for
-        it no more) or another interrupt comes (a second Ctrl-C)."""
+        dropped); none if it ends, raises, does not return in time or another interrupt
+        comes (a cancellation, a second Ctrl-C): leaving then waits for it no more."""
         if self._ahead:
             return []
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         with self._cond:
             interrupts = self._interrupts
-            while not self._items and self._wanted and self._interrupts == interrupts:
+            while not self._items and self._wanted:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._interrupts != interrupts:
                     self._given_up = True
                     return []
                 self._cond.wait(left)

@@ -237,6 +237,26 @@ async def test_a_batch_that_does_not_come_in_time_after_a_stop_is_not_waited_for
         await wait_for(lambda: "returned a batch after the loop had left" in caplog.text)
 
 
+async def test_a_cancellation_ends_the_wait_for_a_batch_after_a_stop() -> None:
+    # The second interrupt: the loop waits for the blocked read no more, nor as it leaves.
+    items = queue_of(numbered(3))
+    seen = Seen()
+    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
+    with pytest.warns(RuntimeWarning, match="did not return from __next__"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(trainer.fit)
+            await wait_for(lambda: trainer.state.global_step == 2)
+            await anyio.sleep(0.2)
+            trainer.stop()
+            await wait_for(lambda: trainer.state.global_step == 3)  # (then it waits)
+            cancelled = time.monotonic()
+            group.cancel_scope.cancel()
+    took = time.monotonic() - cancelled
+    items.put(None)  # (the thread left blocked returns, and ends)
+    assert seen.numbers == [0, 1, 2]
+    assert took < 5, f"took {took:.1f} s: the 10 s wait for the data thread"
+
+
 async def test_cancelling_while_an_async_generator_waits_ends_at_once_and_closes_it() -> None:
     closed = anyio.Event()
 
