@@ -164,7 +164,7 @@ class Prefetcher(Generic[T]):
         self._wanted = False  # ahead=False: the consumer waits for an item not yet read
         self._interrupted = False
         self._interrupts = 0  # (a settle() gives up at the next)
-        self._given_up = False  # settle() waited for the thread in vain: leaving does not
+        self._given_up = False  # settle() waited for the thread in vain (leaving: no more)
         self._interruptible = interruptible
         self._patience = patience
         self._label = label
@@ -272,7 +272,7 @@ class Prefetcher(Generic[T]):
                 while len(self._items) > self._depth // 2 and not self._closing:
                     self._cond.wait()
             if self._closing:
-                if not isinstance(item, _End):  # (a stream's item, perhaps: lost)
+                if not self._ahead and not isinstance(item, _End):  # (a stream's, perhaps)
                     _LOG.warning(
                         "%s returned a batch after the loop had left its epoch: dropped",
                         self._label(),

@@ -56,6 +56,7 @@ Batches = Prefetcher[Any] | InlineBatches | AsyncBatches  # an epoch's batch sou
 # ranks end the epoch with it; a peer's batch read ahead meanwhile is dropped, so a stream
 # whose batches come sooner ends a step later with every batch trained instead.
 RANK_READ_PATIENCE_S = 1.0
+
 _RUNNING = frozenset({LoopStatus.RUNNING, LoopStatus.PAUSED})
 # The phases inside a step after whose hooks the batch processor's own work goes on (the
 # forward, loss and backward after on_batch_begin; the update after on_before_update...).

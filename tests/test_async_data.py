@@ -27,6 +27,7 @@ from conftest import (
     CancelAt,
     StopAt,
     Unsized,
+    engine_threads,
     finished,
     load_example,
     make_loader,
@@ -235,6 +236,7 @@ async def test_a_batch_that_does_not_come_in_time_after_a_stop_is_not_waited_for
     with caplog.at_level("WARNING", logger="asynchat.loop"):
         items.put(numbered(4)[3])  # (too late: the thread, left blocked, takes it)
         await wait_for(lambda: "returned a batch after the loop had left" in caplog.text)
+    await wait_for(lambda: engine_threads() == [])  # (it ends, having dropped it)
 
 
 async def test_a_cancellation_ends_the_wait_for_a_batch_after_a_stop() -> None:
@@ -253,6 +255,7 @@ async def test_a_cancellation_ends_the_wait_for_a_batch_after_a_stop() -> None:
             group.cancel_scope.cancel()
     took = time.monotonic() - cancelled
     items.put(None)  # (the thread left blocked returns, and ends)
+    await wait_for(lambda: engine_threads() == [])
     assert seen.numbers == [0, 1, 2]
     assert took < 5, f"took {took:.1f} s: the 10 s wait for the data thread"
 
