@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 import torch
@@ -182,7 +183,17 @@ async def test_stop_at_a_boundary_drops_the_batch_a_re_iterable_read_ahead() -> 
     assert seen.numbers == [0, 1]
 
 
-async def test_stop_while_a_generator_blocks_on_the_data_thread_trains_the_batch_read() -> None:
+class Stopped(NamedTuple):
+    trainer: Trainer
+    items: queue.Queue[Any]
+    seen: Seen
+    group: anyio.abc.TaskGroup
+
+
+@contextlib.asynccontextmanager
+async def stopped_while_its_data_thread_waits() -> AsyncIterator[Stopped]:
+    """A trainer over a generator of a queue of 3 batches, its ``fit()`` in a task group,
+    stopped after step 2 once its data thread waits in the queue's ``get()`` for a fourth."""
     items = queue_of(numbered(3))
     seen = Seen()
     trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
@@ -191,72 +202,56 @@ async def test_stop_while_a_generator_blocks_on_the_data_thread_trains_the_batch
         await wait_for(lambda: trainer.state.global_step == 2)
         await anyio.sleep(0.2)  # (the data thread waits in the queue's get)
         trainer.stop()
-        await wait_for(lambda: trainer.state.global_step == 3)
-        items.put(None)  # (the data thread, still waiting, returns: the loop has left)
-    assert seen.numbers == [0, 1, 2]
+        yield Stopped(trainer, items, seen, group)
+
+
+async def test_stop_while_a_generator_blocks_on_the_data_thread_trains_the_batch_read() -> None:
+    async with stopped_while_its_data_thread_waits() as run:
+        await wait_for(lambda: run.trainer.state.global_step == 3)
+        run.items.put(None)  # (the data thread, still waiting, returns: the loop has left)
+    assert run.seen.numbers == [0, 1, 2]
 
 
 async def test_a_batch_that_comes_after_a_stop_ended_the_wait_is_trained() -> None:
     # The data thread stays in the generator's get() after a stop ends the loop's wait: a
     # batch put on the queue within the 10 s the loop waits for that thread was taken from
     # it and dropped (the stream's). It is trained now, as the epoch's last step.
-    items = queue_of(numbered(3))
-    seen = Seen()
-    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
-    async with anyio.create_task_group() as group:
-        group.start_soon(trainer.fit)
-        await wait_for(lambda: trainer.state.global_step == 2)
-        await anyio.sleep(0.2)  # (the data thread waits in the queue's get)
-        trainer.stop()
-        await wait_for(lambda: trainer.state.global_step == 3)  # (the batch read ahead)
+    async with stopped_while_its_data_thread_waits() as run:
+        await wait_for(lambda: run.trainer.state.global_step == 3)  # (the batch read ahead)
         await anyio.sleep(0.2)
-        items.put(numbered(4)[3])
-    assert seen.numbers == [0, 1, 2, 3]
-    assert items.empty()
+        run.items.put(numbered(4)[3])
+    assert run.seen.numbers == [0, 1, 2, 3]
+    assert run.items.empty()
 
 
 async def test_a_batch_that_does_not_come_in_time_after_a_stop_is_not_waited_for_twice(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr("asynchat._prefetch.JOIN_TIMEOUT_S", 2.0)
-    items = queue_of(numbered(3))
-    seen = Seen()
-    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
-    async with anyio.create_task_group() as group:
-        group.start_soon(trainer.fit)
-        await wait_for(lambda: trainer.state.global_step == 2)
-        await anyio.sleep(0.2)
+    async with stopped_while_its_data_thread_waits() as run:
         stopped = time.monotonic()
-        trainer.stop()
         with pytest.warns(RuntimeWarning, match="did not return from __next__ within 2 s"):
-            await wait_for(lambda: trainer.status.done)
+            await wait_for(lambda: run.trainer.status.done)
         took = time.monotonic() - stopped
-    assert seen.numbers == [0, 1, 2]
+    assert run.seen.numbers == [0, 1, 2]
     assert took < 2 + 1.5, "waited once for the thread, not again as the epoch ended"
     with caplog.at_level("WARNING", logger="asynchat.loop"):
-        items.put(numbered(4)[3])  # (too late: the thread, left blocked, takes it)
+        run.items.put(numbered(4)[3])  # (too late: the thread, left blocked, takes it)
         await wait_for(lambda: "returned a batch after the loop had left" in caplog.text)
     await wait_for(lambda: engine_threads() == [])  # (it ends, having dropped it)
 
 
 async def test_a_cancellation_ends_the_wait_for_a_batch_after_a_stop() -> None:
     # The second interrupt: the loop waits for the blocked read no more, nor as it leaves.
-    items = queue_of(numbered(3))
-    seen = Seen()
-    trainer = make_trainer(seen, loader=drained(items), num_epochs=1)
     with pytest.warns(RuntimeWarning, match="did not return from __next__"):
-        async with anyio.create_task_group() as group:
-            group.start_soon(trainer.fit)
-            await wait_for(lambda: trainer.state.global_step == 2)
-            await anyio.sleep(0.2)
-            trainer.stop()
-            await wait_for(lambda: trainer.state.global_step == 3)  # (then it waits)
+        async with stopped_while_its_data_thread_waits() as run:
+            await wait_for(lambda: run.trainer.state.global_step == 3)  # (then it waits)
             cancelled = time.monotonic()
-            group.cancel_scope.cancel()
+            run.group.cancel_scope.cancel()
     took = time.monotonic() - cancelled
-    items.put(None)  # (the thread left blocked returns, and ends)
+    run.items.put(None)  # (the thread left blocked returns, and ends)
     await wait_for(lambda: engine_threads() == [])
-    assert seen.numbers == [0, 1, 2]
+    assert run.seen.numbers == [0, 1, 2]
     assert took < 5, f"took {took:.1f} s: the 10 s wait for the data thread"
 
 
