@@ -162,8 +162,7 @@ class Prefetcher(Generic[T]):
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
         self._wanted = False  # ahead=False: the consumer waits for an item not yet read
-        self._interrupted = False
-        self._interrupts = 0  # (a settle() gives up at the next)
+        self._interrupts = 0  # interrupt() calls (a wait for an item ends after the first)
         self._given_up = False  # settle() waited for the thread in vain (leaving: no more)
         self._interruptible = interruptible
         self._patience = patience
@@ -219,7 +218,7 @@ class Prefetcher(Generic[T]):
                 self._cond.notify_all()
             cut_at = None  # (when the wait ends, interrupted)
             while not self._items:
-                if not (self._interrupted and self._interruptible()):
+                if not (self._interrupts and self._interruptible()):
                     self._cond.wait()
                     continue
                 now = time.monotonic()
@@ -238,7 +237,6 @@ class Prefetcher(Generic[T]):
 
     def interrupt(self) -> None:
         with self._cond:
-            self._interrupted = True
             self._interrupts += 1
             self._cond.notify_all()
 

@@ -106,16 +106,16 @@ class RankGroup:
         counts differ anew; None (data without a ``len()`` on some rank): agreed before each
         step instead (``control.agree_last``). A rank that stepped on alone met its peers'
         next collective with one of its own (gloo aborted the job; NCCL would hang)."""
-        facts: list[tuple[int | None, bool] | None] = [None] * self.world_size
+        facts: list[tuple[int | None, bool]] = [(None, False)] * self.world_size
         own = data_length(data_loader), is_read_once(data_loader)
         dist.all_gather_object(facts, own, group=self.group)
-        lengths = [length for length, _ in filter(None, facts)]
+        lengths = [length for length, _ in facts]
         if None in lengths:  # told as it happens: agreed before each step
             if control.agree_last is None:
                 # A loop of its own ranks agrees its boundary's requests in the same
                 # all-reduce; one run inline in it (the parent decides) only the end.
                 any_rank = self.any if control.agree is None else control.agree_with
-                read_once = any(once for _, once in filter(None, facts))
+                read_once = any(once for _, once in facts)
                 control.agree_last = _LastAgreed(state, control, any_rank, read_once)
             return None
         control.agree_last = None
